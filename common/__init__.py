@@ -1,0 +1,1 @@
+"""Code shared by every splitserve process: config, protocol, model functions, tokenizer, sampling."""

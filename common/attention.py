@@ -1,0 +1,105 @@
+"""Attention kernels: packed variable-length causal prefill, and decode over a static KV pool.
+
+Prefill picks, once, the fastest kernel the process has (DESIGN §3): the `flash-attn` package's
+varlen kernel, PyTorch's bundled FlashAttention varlen op on CUDA, else SDPA per prompt (CPU).
+Decode always uses batched matmuls over the pool's contiguous slot prefix: with multi-query
+attention `q @ kᵀ` is one batched GEMM per layer and the cache is read in place.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+# (q [T, H, D], k [T, KVH, D], v [T, KVH, D], cu_seqlens int32 [B+1], seqlens, max_seqlen, scale)
+#   -> [T, H, D]
+PrefillAttention = Callable[..., torch.Tensor]
+
+
+def sdpa_prefill(q, k, v, cu_seqlens, seqlens: list[int], max_seqlen: int, scale: float) -> torch.Tensor:
+    """One causal SDPA call per prompt: the CPU twin of the varlen kernels."""
+    out = torch.empty_like(q)  # [T, H, D]
+    gqa = k.shape[1] != q.shape[1]
+    start = 0
+    for n in seqlens:
+        end = start + n
+        o = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1),  # [H, n, D]
+            k[start:end].transpose(0, 1),  # [KVH, n, D]
+            v[start:end].transpose(0, 1),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=gqa,
+        )
+        out[start:end] = o.transpose(0, 1)
+        start = end
+    return out
+
+
+def _flash_attn_prefill() -> PrefillAttention | None:
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+
+    def prefill(q, k, v, cu_seqlens, seqlens, max_seqlen, scale):
+        # flash-attn takes fewer K/V heads than query heads natively (MQA/GQA).
+        return flash_attn_varlen_func(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=True
+        )
+
+    return prefill
+
+
+def _torch_varlen_prefill() -> PrefillAttention | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    # The op's signature changed between releases: `is_causal` before 2.12, a window later;
+    # `enable_gqa` only from 2.12 on, so older ones get K/V expanded to every head.
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    has_gqa = "enable_gqa" in params
+
+    def prefill(q, k, v, cu_seqlens, seqlens, max_seqlen, scale):
+        kwargs = dict(causal)
+        if k.shape[1] != q.shape[1]:
+            if has_gqa:
+                kwargs["enable_gqa"] = True
+            else:
+                rep = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, **kwargs)
+
+    return prefill
+
+
+def choose_prefill_attention(device: torch.device) -> tuple[str, PrefillAttention]:
+    if device.type == "cuda":
+        for name, make in (("flash-attn varlen", _flash_attn_prefill), ("torch varlen", _torch_varlen_prefill)):
+            fn = make()
+            if fn is not None:
+                log.info("prefill attention: %s", name)
+                return name, fn
+    log.info("prefill attention: sdpa per prompt")
+    return "sdpa", sdpa_prefill
+
+
+def decode_mask(positions: torch.Tensor, key_len: int, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask hiding each row's keys past its own position (the key bucket's tail).
+
+    positions [B] -> [B * KVH, 1, key_len]
+    """
+    keys = torch.arange(key_len, device=positions.device)
+    mask = torch.zeros(positions.shape[0], 1, key_len, dtype=dtype, device=positions.device)
+    mask.masked_fill_(keys > positions[:, None, None], float("-inf"))
+    if kv_heads > 1:
+        mask = mask.repeat_interleave(kv_heads, 0)
+    return mask

@@ -1,0 +1,1 @@
+"""Assets of the built-in `tiny` model and the scripts that make them."""

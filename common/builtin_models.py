@@ -1,0 +1,133 @@
+"""Built-in models, made on first use so that splitserve runs with no network and no flags.
+
+`tiny-random` is a small GPTBigCode multi-query model (the benchmarks' reference shape) whose
+weights come from a fixed seed, saved as an ordinary Hugging Face checkpoint directory under
+`$SPLITSERVE_HOME/models/`. `tiny` is the default model's name; until trained weights ship it
+names the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import expected_shapes, save_weights
+from .model_config import model_config_from_dict
+from .tokenizer import write_tokenizer_files
+
+# Bump when the recipe below changes, so existing caches are rebuilt instead of reused.
+RECIPE_VERSION = 1
+MARKER = "splitserve-builtin.json"
+
+TINY_HF_CONFIG = {
+    "architectures": ["GPTBigCodeForCausalLM"],
+    "model_type": "gpt_bigcode",
+    "vocab_size": 8192,
+    "n_positions": 2048,
+    "n_embd": 256,
+    "n_layer": 4,
+    "n_head": 8,
+    "n_inner": None,
+    "multi_query": True,
+    "activation_function": "gelu_pytorch_tanh",
+    "layer_norm_epsilon": 1e-5,
+    "scale_attn_weights": True,
+    "attention_softmax_in_fp32": True,
+    "scale_attention_softmax_in_fp32": True,
+    "tie_word_embeddings": True,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "initializer_range": 0.02,
+    "torch_dtype": "float32",
+}
+
+RANDOM_SEED = 20231125
+BUILTIN_MODELS = {"tiny-random": "tiny-random", "tiny": "tiny-random"}
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("SPLITSERVE_HOME") or Path.home() / ".cache" / "splitserve")
+
+
+def is_builtin(name: str) -> bool:
+    return name in BUILTIN_MODELS
+
+
+def resolve_model(name_or_dir: str, home: Path | None = None, progress: bool = True) -> Path:
+    """A built-in name becomes its checkpoint directory (created if needed); a path is checked."""
+    if is_builtin(name_or_dir):
+        return ensure_builtin(BUILTIN_MODELS[name_or_dir], home or default_home(), progress)
+    path = Path(name_or_dir).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model {name_or_dir!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
+            "nor an existing directory"
+        )
+    return path
+
+
+def ensure_builtin(name: str, home: Path, progress: bool = True) -> Path:
+    target = home / "models" / name
+    if _is_current(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename, so a crash or a concurrent creator never leaves
+    # a half-written checkpoint where loaders look.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        write_random_checkpoint(tmp, TINY_HF_CONFIG, RANDOM_SEED, progress)
+        (tmp / MARKER).write_text(json.dumps({"name": name, "recipe": RECIPE_VERSION}))
+        if target.exists() and not _is_current(target):
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not _is_current(target):  # not a concurrent creator's finished copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _is_current(path: Path) -> bool:
+    try:
+        return json.loads((path / MARKER).read_text()).get("recipe") == RECIPE_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def random_weights(hf_config: dict, seed: int, progress: bool = True) -> dict[str, torch.Tensor]:
+    """GPT-2 style initialisation from one seeded generator: the same tensors on every machine.
+
+    Biases and layer norms get small random values too, so that tests comparing against
+    `transformers` exercise every parameter.
+    """
+    cfg = model_config_from_dict(hf_config)
+    std = hf_config.get("initializer_range", 0.02)
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, shape in tqdm(expected_shapes(cfg).items(), desc="creating weights", disable=not progress,
+                            unit="tensor", leave=False):
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        elif name.endswith(".bias"):
+            t = 0.02 * torch.randn(shape, generator=gen)
+        elif name.endswith("c_proj.weight"):
+            t = std / (2 * cfg.n_layer) ** 0.5 * torch.randn(shape, generator=gen)
+        else:
+            t = std * torch.randn(shape, generator=gen)
+        weights[name] = t
+    return weights
+
+
+def write_random_checkpoint(out_dir: Path, hf_config: dict, seed: int, progress: bool = True) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    save_weights(random_weights(hf_config, seed, progress), out_dir)
+    write_tokenizer_files(out_dir)

@@ -1,0 +1,249 @@
+"""Load and save GPTBigCode weights as safetensors, in the Hugging Face layout.
+
+Only safetensors are read: a pickle checkpoint (`pytorch_model.bin`) can run
+arbitrary code when loaded. Tensors are read one at a time and converted to the
+serving dtype and device at once, so the process never holds a second copy of
+the model in the checkpoint's dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .model_config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PREFIX = "transformer."
+LM_HEAD = "lm_head.weight"
+
+# Below this a progress bar is noise; above it loading takes long enough to want one.
+AUTO_PROGRESS_BYTES = 256 * 2**20
+
+# Old checkpoints store the causal-mask buffers of each layer; we build our own mask.
+_MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(masked_)?bias")
+
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory we cannot load weights from."""
+
+
+@dataclass(frozen=True)
+class _Source:
+    path: Path
+    key: str  # the name as stored in the file
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical parameter names (no `transformer.` prefix) -> torch shape."""
+    e, i, qkv = config.n_embd, config.n_inner, config.n_embd + 2 * config.kv_dim
+    shapes = {"wte.weight": (config.vocab_size, e), "wpe.weight": (config.n_positions, e)}
+    for layer in range(config.n_layer):
+        p = f"h.{layer}."
+        shapes |= {
+            p + "ln_1.weight": (e,),
+            p + "ln_1.bias": (e,),
+            p + "attn.c_attn.weight": (qkv, e),  # q, then k and v of kv_dim each
+            p + "attn.c_attn.bias": (qkv,),
+            p + "attn.c_proj.weight": (e, e),
+            p + "attn.c_proj.bias": (e,),
+            p + "ln_2.weight": (e,),
+            p + "ln_2.bias": (e,),
+            p + "mlp.c_fc.weight": (i, e),
+            p + "mlp.c_fc.bias": (i,),
+            p + "mlp.c_proj.weight": (e, i),
+            p + "mlp.c_proj.bias": (e,),
+        }
+    shapes |= {"ln_f.weight": (e,), "ln_f.bias": (e,)}
+    if not config.tie_word_embeddings:
+        shapes[LM_HEAD] = (config.vocab_size, e)
+    return shapes
+
+
+def load_weights(
+    model_dir: str | Path,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    progress: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """Read the parameters of `config`'s model from `model_dir`, keyed by canonical name.
+
+    Every file header is checked (names, shapes, dtypes) before any tensor data is
+    read, so a bad checkpoint fails in seconds rather than after loading most of it.
+    """
+    if not dtype.is_floating_point:
+        raise ValueError(f"weights can only be loaded as a floating dtype, not {dtype}")
+    files = _checkpoint_files(Path(model_dir))
+    shapes = expected_shapes(config)
+    sources = _plan(files, shapes)
+    _check_complete(Path(model_dir), shapes, sources)
+
+    if progress is None:
+        progress = sum(p.stat().st_size for p in files) > AUTO_PROGRESS_BYTES
+    weights: dict[str, torch.Tensor] = {}
+    with tqdm(total=len(sources), desc="loading weights", unit="tensor", file=sys.stderr, disable=not progress) as bar:
+        for path in files:
+            names = [name for name, src in sources.items() if src.path == path]
+            if not names:
+                continue
+            with _open(path) as f:
+                for name in names:
+                    weights[name] = f.get_tensor(sources[name].key).to(device=device, dtype=dtype)
+                    bar.update()
+    return {name: weights[name] for name in shapes}
+
+
+def save_weights(weights: dict[str, torch.Tensor], model_dir: str | Path, max_shard_bytes: int | None = None) -> None:
+    """Write canonical-named `weights` as a Hugging Face safetensors checkpoint.
+
+    One `model.safetensors`, or when it would exceed `max_shard_bytes`, numbered
+    shards plus `model.safetensors.index.json`. Checkpoint files of an earlier save
+    in `model_dir` are removed first, as transformers does, so stale shards or a
+    stale single file (which loaders prefer over an index) cannot shadow this save.
+    """
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    _remove_checkpoint_files(model_dir)
+    tensors = {(k if k == LM_HEAD else PREFIX + k): v.contiguous() for k, v in weights.items()}
+    shards = _split_shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(tensors, model_dir / SINGLE_FILE, metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for n, shard in enumerate(shards, 1):
+        filename = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, model_dir / filename, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(shard, filename)
+    index = {"metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())}, "weight_map": weight_map}
+    (model_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of the checkpoint, in shard order."""
+    if not model_dir.exists():
+        raise CheckpointError(f"model directory {model_dir} does not exist")
+    if not model_dir.is_dir():
+        raise CheckpointError(f"model directory {model_dir} is not a directory")
+    # transformers prefers the single file when both are present; so do we.
+    if (model_dir / SINGLE_FILE).is_file():
+        return [model_dir / SINGLE_FILE]
+    if (model_dir / INDEX_FILE).is_file():
+        return _shards_from_index(model_dir / INDEX_FILE)
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    found = f" (found {', '.join(pickles)})" if pickles else ""
+    raise CheckpointError(
+        f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir}{found}. Only safetensors checkpoints are "
+        "loaded: .bin/pickle checkpoints can run arbitrary code when unpickled, so they are not "
+        "loaded for safety. Convert once with safetensors, e.g. in Python: "
+        "GPTBigCodeForCausalLM.from_pretrained(d).save_pretrained(d)"
+    )
+
+
+def _shards_from_index(index_path: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path} is not a valid safetensors index ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names")
+    shards = [index_path.parent / name for name in sorted(set(weight_map.values()))]
+    for shard in shards:
+        if not shard.is_file():
+            raise CheckpointError(f"{index_path} names shard {shard.name}, which is missing from {shard.parent}")
+    return shards
+
+
+@contextmanager
+def _open(path: Path) -> Iterator:
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None
+
+
+def _plan(files: list[Path], shapes: dict[str, tuple[int, ...]]) -> dict[str, _Source]:
+    """Find each expected tensor in the file headers and check its shape and dtype.
+
+    The files themselves are searched rather than trusting the index's weight_map,
+    so a stale index can only cause a clear error, never a silently wrong tensor.
+    """
+    sources: dict[str, _Source] = {}
+    for path in files:
+        with _open(path) as f:
+            for key in f.keys():
+                name = key.removeprefix(PREFIX)
+                if name not in shapes:
+                    _note_ignored(name, key, path)
+                    continue
+                if name in sources:
+                    raise CheckpointError(f"tensor {name} is stored twice: as {sources[name].key} and {key} in {path}")
+                _check_tensor(f.get_slice(key), key, path, shapes[name])
+                sources[name] = _Source(path, key)
+    return sources
+
+
+def _note_ignored(name: str, key: str, path: Path) -> None:
+    # A tied lm_head and causal-mask buffers are expected leftovers; anything else may hint at a wrong model.
+    if name != LM_HEAD and not _MASK_BUFFER.fullmatch(name):
+        log.debug("ignoring unexpected tensor %s in %s", key, path)
+
+
+def _check_tensor(tensor_slice, key: str, path: Path, expected: tuple[int, ...]) -> None:
+    shape = tuple(tensor_slice.get_shape())
+    if shape != expected:
+        raise CheckpointError(f"tensor {key} in {path} has shape {shape}, expected {expected} from config.json")
+    stored = tensor_slice.get_dtype()  # safetensors names: F32, F16, BF16, F8_E4M3, ..., I64, BOOL
+    if not (stored.startswith("F") or stored == "BF16"):
+        raise CheckpointError(f"tensor {key} in {path} has dtype {stored}; weights must be floating point")
+
+
+def _check_complete(model_dir: Path, shapes: dict[str, tuple[int, ...]], sources: dict[str, _Source]) -> None:
+    missing = [name for name in shapes if name not in sources]
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise CheckpointError(
+            f"checkpoint in {model_dir} lacks {len(missing)} of {len(shapes)} tensors the config needs: {shown}"
+        )
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _split_shards(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    """Greedy, in order; a tensor larger than max_bytes gets a shard of its own."""
+    if max_bytes is None:
+        return [tensors]
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        if shards[-1] and size + _nbytes(t) > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += _nbytes(t)
+    return shards
+
+
+def _remove_checkpoint_files(model_dir: Path) -> None:
+    for p in model_dir.iterdir():
+        if p.name in (SINGLE_FILE, INDEX_FILE) or _SHARD_NAME.fullmatch(p.name):
+            p.unlink()

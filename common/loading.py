@@ -1,0 +1,39 @@
+"""Everything one process needs to run a model: shape, weights on the device, tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_weights
+from .model import Params, prepare_params
+from .model_config import ModelConfig, load_model_config
+from .tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    path: Path
+    cfg: ModelConfig
+    params: Params
+    tokenizer: Tokenizer
+    device: torch.device
+    dtype: torch.dtype
+
+    def fingerprint(self) -> str:
+        """Identifies the model shape and vocabulary, so processes can refuse a mismatched peer."""
+        blob = json.dumps([self.cfg.fingerprint(), self.tokenizer.vocab_size], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, progress: bool | None = None) -> LoadedModel:
+    cfg = load_model_config(model_dir)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    with torch.inference_mode():
+        weights = load_weights(model_dir, cfg, dtype, device, progress)
+        params = prepare_params(weights, cfg)
+    return LoadedModel(model_dir, cfg, params, tokenizer, device, dtype)

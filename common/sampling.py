@@ -1,0 +1,357 @@
+"""Batched next-token choice: penalties, temperature, top-k / top-p / typical-p, then Gumbel-max.
+
+One call handles a whole prefill or decode batch with per-row parameters held in tensors; there
+is no Python loop over rows and no host sync inside `sample`.
+
+Randomness is counter based: the Gumbel noise of row b at vocab index v is a hash of
+(seed[b], positions[b], v). A request therefore draws the same token whether it is sampled alone,
+inside any batch, or after being resumed on another machine, as long as its logits are the same.
+Filters are expressed per row as value thresholds (never as "the first n entries of a sort"), so
+ties and unstable sorts cannot make a row's result depend on its neighbours.
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+from dataclasses import dataclass, field, fields
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+MAX_TOP_N = 5
+_SEED_LIMIT = 1 << 63
+_M32 = 0xFFFFFFFF
+_M64 = (1 << 64) - 1
+# lowbias32 (hash-prospector) multipliers. The second is > 2**31, so it is used as c - 2**32:
+# same product mod 2**32, and x * c stays inside int64 for any 32-bit x (no reliance on overflow).
+_MUL1 = 0x7FEB352D
+_MUL2 = 0x846CA68B - (1 << 32)
+_SEED_SALT = 0x9E3779B9
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's sampling settings; greedy when do_sample is False or temperature == 0."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    typical_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off
+    frequency_penalty: float = 0.0  # 0.0 = off
+    seed: int = 0
+    do_sample: bool = False
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.typical_p <= 1:
+            raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 <= self.seed < _SEED_LIMIT:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+    @classmethod
+    def of(cls, row: Any) -> SamplingParams:
+        """Accept a SamplingParams, a dict or any object with (some of) these attribute names."""
+        if isinstance(row, cls):
+            return row
+        names = [f.name for f in fields(cls)]
+        if isinstance(row, dict):
+            return cls(**{n: row[n] for n in names if n in row})
+        return cls(**{n: getattr(row, n) for n in names if hasattr(row, n)})
+
+
+# Host mirror of the per-row tensors; its field names are the tensor field names.
+_HOST_DTYPE = np.dtype(
+    [
+        ("temperature", np.float32),
+        ("top_k", np.int64),
+        ("top_p", np.float32),
+        ("typical_p", np.float32),
+        ("repetition_penalty", np.float32),
+        ("frequency_penalty", np.float32),
+        ("seed", np.int64),
+        ("greedy", np.bool_),
+    ]
+)
+
+
+def _host_row(p: SamplingParams) -> tuple:
+    # Greedy rows get neutral temperature and filters so the batched math needs no per-row branch:
+    # dividing by 1 and thresholds of -inf leave their (penalized) logits untouched.
+    if p.greedy:
+        return (1.0, 0, 1.0, 1.0, p.repetition_penalty, p.frequency_penalty, p.seed, True)
+    return (
+        p.temperature,
+        p.top_k,
+        p.top_p,
+        p.typical_p,
+        p.repetition_penalty,
+        p.frequency_penalty,
+        p.seed,
+        False,
+    )
+
+
+def _flags(host: np.ndarray) -> dict:
+    return dict(
+        all_greedy=bool(host["greedy"].all()),
+        any_top_k=bool((host["top_k"] > 0).any()),
+        max_top_k=int(host["top_k"].max(initial=0)),
+        any_top_p=bool((host["top_p"] < 1).any()),
+        any_typical=bool((host["typical_p"] < 1).any()),
+        any_penalty=bool(((host["repetition_penalty"] != 1) | (host["frequency_penalty"] != 0)).any()),
+    )
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row sampling parameters as [B] tensors on the logits' device, plus host-side flags.
+
+    The flags let `sample` skip whole stages without reading the tensors back. Greedy rows are
+    stored with temperature 1 and all filters off (see `_host_row`); `greedy` marks them.
+    """
+
+    temperature: torch.Tensor  # [B] float32
+    top_k: torch.Tensor  # [B] int64
+    top_p: torch.Tensor  # [B] float32
+    typical_p: torch.Tensor  # [B] float32
+    repetition_penalty: torch.Tensor  # [B] float32
+    frequency_penalty: torch.Tensor  # [B] float32
+    seed: torch.Tensor  # [B] int64
+    greedy: torch.Tensor  # [B] bool
+    all_greedy: bool = True
+    any_top_k: bool = False
+    max_top_k: int = 0
+    any_top_p: bool = False
+    any_typical: bool = False
+    any_penalty: bool = False
+    _host: np.ndarray = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def build(cls, rows: list, device: torch.device | str) -> SamplingTensors:
+        host = np.array([_host_row(SamplingParams.of(r)) for r in rows], dtype=_HOST_DTYPE)
+        tensors = {
+            name: torch.from_numpy(host[name].copy()).to(device)  # copy: fields are strided
+            for name in host.dtype.names
+        }
+        return cls(**tensors, **_flags(host), _host=host)
+
+    @classmethod
+    def empty(cls, n: int, device: torch.device | str) -> SamplingTensors:
+        """A pool of n greedy rows, to be filled with `set_row` as requests are admitted."""
+        return cls.build([SamplingParams()] * n, device)
+
+    def set_row(self, i: int, params: Any) -> None:
+        """Write one request's parameters into row i in place (host side: a few scalar fills)."""
+        row = _host_row(SamplingParams.of(params))
+        self._host[i] = row
+        for name, value in zip(self._host.dtype.names, row):
+            getattr(self, name)[i] = value
+        for name, value in _flags(self._host).items():
+            setattr(self, name, value)
+
+    def view(self, b: int) -> SamplingTensors:
+        """The first b rows: tensor views (no copies) with flags for just those rows."""
+        host = self._host[:b]
+        tensors = {name: getattr(self, name)[:b] for name in host.dtype.names}
+        return SamplingTensors(**tensors, **_flags(host), _host=host)
+
+
+class SampleOutput(NamedTuple):
+    tokens: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor | None = None  # [B] float32
+    top_ids: torch.Tensor | None = None  # [B, n] int64
+    top_logprobs: torch.Tensor | None = None  # [B, n] float32
+
+
+def sample(
+    logits: torch.Tensor,
+    st: SamplingTensors,
+    positions: torch.Tensor,
+    token_counts: torch.Tensor | None = None,
+    want_logprobs: bool | None = False,
+    top_n: int = 0,
+) -> SampleOutput:
+    """Choose one token per row of logits [B, V].
+
+    positions: [B] int64, absolute position of the token being chosen (seeds the noise).
+    token_counts: [B, V] counts of tokens seen so far, read only when st.any_penalty.
+    want_logprobs: Python bool, True when any row wants details; they are then computed for every
+    row. Logprobs are log-softmax of the processed logits (after penalties, temperature and
+    filters, as TGI reports them) at the chosen token; top_n (<= 5) adds the n best of those.
+    """
+    if not 0 <= top_n <= MAX_TOP_N:
+        raise ValueError(f"top_n must be in [0, {MAX_TOP_N}], got {top_n}")
+    details = bool(want_logprobs) or top_n > 0
+    if st.all_greedy and not st.any_penalty and not details:
+        return SampleOutput(logits.argmax(dim=-1))
+    scores = process_logits(logits, st, token_counts)  # [B, V] float32
+    logprobs = scores.log_softmax(dim=-1) if details else None  # [B, V]
+    if not st.all_greedy:
+        scores = _add_gumbel(scores, st, positions)
+    tokens = scores.argmax(dim=-1)  # [B]
+    return _with_details(tokens, logprobs, top_n)
+
+
+def process_logits(
+    logits: torch.Tensor, st: SamplingTensors, token_counts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Float32 logits after penalties, temperature, top-k, top-p and typical-p (filtered = -inf).
+
+    May return `logits` itself when it is float32 and nothing applies; never writes into it.
+    """
+    scores = logits.float()  # [B, V]
+    if st.any_penalty:
+        if token_counts is None:
+            raise ValueError("token_counts is required when a row has a penalty")
+        scores = _penalize(scores, st, token_counts)
+    if st.all_greedy:
+        # Greedy rows carry no temperature or filters (see _host_row).
+        return scores
+    scores = scores / st.temperature[:, None]  # a fresh tensor: the filters below work in place
+    if st.any_top_k:
+        _top_k_(scores, st.top_k, st.max_top_k)
+    if st.any_top_p:
+        _top_p_(scores, st.top_p)
+    if st.any_typical:
+        _typical_(scores, st.typical_p)
+    return scores
+
+
+def _penalize(scores: torch.Tensor, st: SamplingTensors, counts: torch.Tensor) -> torch.Tensor:
+    # Repetition penalty as transformers' RepetitionPenaltyLogitsProcessor (penalty 1 is exact
+    # identity), then frequency penalty as OpenAI's logit -= penalty * count.
+    rep = st.repetition_penalty[:, None]  # [B, 1]
+    penalized = torch.where(scores < 0, scores * rep, scores / rep)  # [B, V]
+    scores = torch.where(counts > 0, penalized, scores)
+    return scores.sub_(counts * st.frequency_penalty[:, None])
+
+
+def _top_k_(scores: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> None:
+    # One topk with the batch's largest k; each row keeps values >= its own k-th largest value
+    # (ties kept, as transformers' TopKLogitsWarper). Rows with top_k == 0 get a -inf threshold.
+    k = min(max_top_k, scores.shape[-1])
+    best = scores.topk(k, dim=-1).values  # [B, k] descending
+    kth = best.gather(1, (top_k.clamp(1, k) - 1)[:, None])  # [B, 1]
+    kth = torch.where(top_k[:, None] > 0, kth, float("-inf"))
+    scores.masked_fill_(scores < kth, float("-inf"))
+
+
+def _top_p_(scores: torch.Tensor, top_p: torch.Tensor) -> None:
+    # transformers' TopPLogitsWarper drops the ascending-sorted prefix whose cumulative mass is
+    # <= 1 - top_p, always keeping the largest. We turn that prefix into a value threshold so the
+    # (unstable) order of tied values cannot matter.
+    ascending = scores.sort(dim=-1).values  # [B, V]
+    cum = ascending.softmax(dim=-1).cumsum_(dim=-1)  # [B, V]
+    cut = torch.where(top_p < 1, 1 - top_p, -1.0)[:, None]  # [B, 1]; -1 removes nothing
+    n_drop = (cum <= cut).sum(dim=-1, keepdim=True).clamp_(max=scores.shape[-1] - 1)  # [B, 1]
+    scores.masked_fill_(scores < ascending.gather(1, n_drop), float("-inf"))
+
+
+def _typical_(scores: torch.Tensor, typical_p: torch.Tensor) -> None:
+    # transformers' TypicalLogitsWarper: rank tokens by |-log p - entropy| and keep the smallest
+    # distances until their mass reaches typical_p (at least one token). Its mask is already a
+    # threshold on that distance.
+    logp = scores.log_softmax(dim=-1)  # [B, V]
+    p = logp.exp()
+    entropy = -(logp * p).nansum(dim=-1, keepdim=True)  # [B, 1]; nansum: -inf * 0 for filtered
+    distance = logp.add_(entropy).abs_()  # [B, V] == |-log p - entropy|
+    by_distance, order = distance.sort(dim=-1)  # [B, V]
+    cum = p.gather(1, order).cumsum_(dim=-1)
+    last = (cum < typical_p[:, None]).sum(dim=-1, keepdim=True).clamp_(max=scores.shape[-1] - 1)
+    limit = by_distance.gather(1, last)  # [B, 1]
+    limit = torch.where(typical_p[:, None] < 1, limit, float("inf"))
+    scores.masked_fill_(distance > limit, float("-inf"))
+
+
+def _add_gumbel(scores: torch.Tensor, st: SamplingTensors, positions: torch.Tensor) -> torch.Tensor:
+    # argmax(scores + g) with g = -log(-log u) draws from softmax(scores) (Gumbel-max).
+    # Greedy rows get g * 0, i.e. plain argmax. Written into the noise buffer; scores is kept.
+    log_e = _neg_gumbel(st.seed, positions, scores.shape[-1])  # [B, V] == -g
+    sampled = (~st.greedy).to(scores.dtype)[:, None]  # [B, 1]
+    return torch.addcmul(scores, log_e, sampled, value=-1.0, out=log_e)
+
+
+def _neg_gumbel(seed: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """log(-log u) for u = hash(seed[b], positions[b], v) in (0, 1): [B, V] float32."""
+    h = _row_keys(seed, positions)[:, None] ^ _vocab_hash(vocab, seed.device)[None, :]  # [B, V]
+    h = _mix32_(h)
+    # 23 bits, centred: (m + 0.5) / 2**23 is exact in float32 and never 0 or 1.
+    u = (h >> 9).float().add_(0.5).mul_(2.0**-23)
+    return u.log_().neg_().log_()
+
+
+def _row_keys(seed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    # [B] 32-bit keys from the seed's two halves and the position; each step is a bijection of
+    # the running key, so different positions of one seed always get different keys.
+    key = _mix32_((seed & _M32) ^ _SEED_SALT)
+    key = _mix32_(key ^ (seed >> 32))
+    return _mix32_(key ^ (positions & _M32))
+
+
+@functools.lru_cache(maxsize=8)
+def _vocab_hash(vocab: int, device: torch.device) -> torch.Tensor:
+    # [V] distinct 32-bit values (the mix is a bijection): distinct noise inputs within a row.
+    return _mix32_(torch.arange(vocab, dtype=torch.int64, device=device))
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int64 tensors holding values in [0, 2**32), in place."""
+    x ^= x >> 16
+    x *= _MUL1
+    x &= _M32
+    x ^= x >> 15
+    x *= _MUL2
+    x &= _M32
+    x ^= x >> 16
+    return x
+
+
+def _with_details(tokens: torch.Tensor, logprobs: torch.Tensor | None, top_n: int) -> SampleOutput:
+    if logprobs is None:
+        return SampleOutput(tokens)
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)  # [B]
+    if top_n == 0:
+        return SampleOutput(tokens, chosen)
+    top_logprobs, top_ids = logprobs.topk(top_n, dim=-1)  # [B, n]
+    return SampleOutput(tokens, chosen, top_ids, top_logprobs)
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """Seed of choice `index` among a request's n choices: deterministic, 63-bit, non-negative."""
+    # splitmix64 of the pair; its finalizer is a bijection of 64 bits.
+    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return (z ^ (z >> 31)) >> 1
+
+
+def random_seed() -> int:
+    """A fresh 63-bit seed for a request that did not give one."""
+    return secrets.randbits(63)
+
+
+def init_token_counts(prompt_ids: list[int], vocab: int, device: torch.device | str) -> torch.Tensor:
+    """[V] int32 counts of one row's prompt tokens, for the penalties."""
+    ids = torch.tensor(prompt_ids, dtype=torch.int64, device=device)
+    counts = torch.zeros(vocab, dtype=torch.int32, device=device)
+    return counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+
+
+def update_token_counts(counts: torch.Tensor, rows_tokens: torch.Tensor) -> torch.Tensor:
+    """Count each row's new token: counts [B, V] += one_hot(rows_tokens [B]), in place."""
+    index = rows_tokens[:, None]  # [B, 1]
+    return counts.scatter_add_(1, index, torch.ones_like(index, dtype=counts.dtype))

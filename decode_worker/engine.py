@@ -1,0 +1,186 @@
+"""Batched decoding over the static KV pool.
+
+A step runs over the pool's contiguous prefix of slots up to the highest one in use; free slots
+inside it are rows that compute at position 0 of their own (free) slot and are ignored. Nothing
+ever moves or gathers another request's KV. Every per-row decision (next token, stop tokens,
+length limits) is a tensor op, and the step ends in exactly one host sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from splitserve.common.attention import decode_mask
+from splitserve.common.loading import LoadedModel
+from splitserve.common.model import decode_step
+from splitserve.common.request import (
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_NONE,
+    FINISH_STOP_TOKEN,
+    GenerateRequest,
+)
+from splitserve.common.sampling import SamplingParams, SamplingTensors, init_token_counts, sample, update_token_counts
+
+from .kv_pool import SlotAllocator, allocate_pool
+
+MAX_STOP_TOKENS = 8
+GREEDY = SamplingParams()
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass
+class StepOutput:
+    """Results for the rows that were active when the step began (slot order)."""
+
+    slots: list[int]
+    tokens: list[int]
+    finish: list[int]
+    logprobs: list[float] | None = None
+    top_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None
+
+
+class DecodeEngine:
+    def __init__(self, lm: LoadedModel, num_slots: int, slot_len: int, key_bucket: int = 8):
+        cfg, dev = lm.cfg, lm.device
+        if slot_len > cfg.n_positions:
+            raise ValueError(f"slot length {slot_len} exceeds the model's {cfg.n_positions} positions")
+        self.lm = lm
+        self.num_slots, self.slot_len, self.key_bucket = num_slots, slot_len, key_bucket
+        self.kv = allocate_pool(cfg, num_slots, slot_len, lm.dtype, dev)
+        self.slots = SlotAllocator(num_slots)
+        # Per-slot state, read by the step as views of the first B rows.
+        self.tokens = torch.zeros(num_slots, dtype=torch.long, device=dev)  # newest token
+        self.positions = torch.zeros(num_slots, dtype=torch.long, device=dev)  # its position
+        self.remaining = torch.zeros(num_slots, dtype=torch.long, device=dev)  # new tokens still allowed
+        self.eos = torch.full((num_slots,), -1, dtype=torch.long, device=dev)
+        self.stop_ids = torch.full((num_slots, MAX_STOP_TOKENS), -1, dtype=torch.long, device=dev)
+        self.active = torch.zeros(num_slots, dtype=torch.bool, device=dev)
+        self.sampling = SamplingTensors.empty(num_slots, dev)
+        self.token_counts: torch.Tensor | None = None  # [S, V], made when a request needs penalties
+        # Host mirrors, so that choosing B and the key bucket needs no sync.
+        self.requests: dict[int, GenerateRequest] = {}
+        self._offset: dict[int, int] = {}  # slot -> its position minus the step counter
+        self._steps = 0
+        self._details = 0  # active requests that want logprobs or top tokens
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots.free_count
+
+    def admit(self, request: GenerateRequest, kv: torch.Tensor, first_token: int) -> int:
+        """Copy a prompt's KV ([n_layer, 2, n, KVH, D]) into the lowest free slot; the slot then
+        decodes from `first_token`, which sits at position n."""
+        n = kv.shape[2]
+        if n + request.max_new_tokens > self.slot_len:
+            raise ValueError(f"{n} prompt + {request.max_new_tokens} new tokens exceed the slot length {self.slot_len}")
+        if len(request.stop_token_ids) > MAX_STOP_TOKENS:
+            raise ValueError(f"at most {MAX_STOP_TOKENS} stop token ids are supported")
+        slot = self.slots.take()
+        self.kv[:, :, slot, :, :n].copy_(kv.transpose(2, 3))
+        self.tokens[slot] = first_token
+        self.positions[slot] = n
+        # The first token already counted as one of max_new_tokens at prefill.
+        self.remaining[slot] = request.max_new_tokens - 1
+        self.eos[slot] = -1 if request.ignore_eos or self.lm.cfg.eos_token_id is None else self.lm.cfg.eos_token_id
+        self.stop_ids[slot] = -1
+        if request.stop_token_ids:
+            self.stop_ids[slot, : len(request.stop_token_ids)] = torch.tensor(request.stop_token_ids)
+        self.sampling.set_row(slot, request.sampling)
+        if self.sampling.any_penalty:
+            self._init_counts(slot, request, first_token)
+        self.active[slot] = True
+        self.requests[slot] = request
+        self._offset[slot] = n - self._steps
+        self._details += request.wants_details
+        return slot
+
+    def _init_counts(self, slot: int, request: GenerateRequest, first_token: int) -> None:
+        vocab = self.lm.cfg.vocab_size
+        if self.token_counts is None:
+            self.token_counts = torch.zeros(self.num_slots, vocab, dtype=torch.int32, device=self.lm.device)
+        ids = list(request.prompt_ids) + [first_token]
+        self.token_counts[slot] = init_token_counts(ids, vocab, self.lm.device)
+
+    def release(self, slot: int) -> None:
+        """Free a slot (finished, cancelled or stopped by a stop string)."""
+        request = self.requests.pop(slot)
+        self._offset.pop(slot)
+        self._details -= request.wants_details
+        self.active[slot] = False
+        self.tokens[slot] = 0
+        self.positions[slot] = 0
+        self.sampling.set_row(slot, GREEDY)  # so a free row never forces the sampled path
+        self.slots.give_back(slot)
+
+    def key_len(self) -> int:
+        longest = max(self._offset.values()) + self._steps + 1
+        return min(round_up(longest, self.key_bucket), self.slot_len)
+
+    def step(self) -> StepOutput:
+        if not self.requests:
+            return StepOutput([], [], [])
+        b = self.slots.prefix_len()
+        key_len = self.key_len()
+        active = self.active[:b]
+        positions = self.positions[:b]
+        tokens = self.tokens[:b]
+        mask = decode_mask(positions, key_len, self.lm.cfg.kv_heads, self.lm.dtype)
+        logits = decode_step(self.lm.params, tokens, positions, self.kv, key_len, mask)  # [B, V]
+        counts = self.token_counts[:b] if self.token_counts is not None else None
+        top_n = max((r.top_n_tokens for r in self.requests.values()), default=0) if self._details else 0
+        out = sample(logits, self.sampling.view(b), positions + 1, counts, bool(self._details), top_n)
+        new = out.tokens  # [B]
+        finish = self._finish_codes(new, b, active)
+        if counts is not None:
+            update_token_counts(counts, new)
+        still = active & (finish == FINISH_NONE)
+        self.remaining[:b] -= active.long()
+        self.tokens[:b] = new * still
+        self.positions[:b] = (positions + 1) * still
+        self.active[:b] = still
+        self._steps += 1
+        return self._collect(out, new, finish)
+
+    def _finish_codes(self, new: torch.Tensor, b: int, active: torch.Tensor) -> torch.Tensor:
+        is_eos = new == self.eos[:b]
+        is_stop = (new[:, None] == self.stop_ids[:b]).any(-1)
+        at_length = (self.remaining[:b] <= 1) | (self.positions[:b] + 2 >= self.slot_len)
+        finish = torch.where(is_eos, FINISH_EOS, torch.where(is_stop, FINISH_STOP_TOKEN, FINISH_NONE))
+        finish = torch.where((finish == FINISH_NONE) & at_length, FINISH_LENGTH, finish)
+        return finish * active
+
+    def _collect(self, out, new: torch.Tensor, finish: torch.Tensor) -> StepOutput:
+        slots = sorted(self.requests)
+        if out.logprobs is None:
+            tokens, codes = torch.stack((new, finish)).tolist()  # the step's one host sync
+            result = StepOutput(slots, [tokens[s] for s in slots], [codes[s] for s in slots])
+        else:
+            result = self._collect_details(slots, out, new, finish)
+        for s, code in zip(result.slots, result.finish):
+            if code != FINISH_NONE:
+                self.release(s)
+        return result
+
+    def _collect_details(self, slots: list[int], out, new: torch.Tensor, finish: torch.Tensor) -> StepOutput:
+        # Token ids are exact in float32 (< 2**24), so one float tensor carries everything.
+        parts = [new.float()[:, None], finish.float()[:, None], out.logprobs.float()[:, None]]
+        n = 0 if out.top_ids is None else out.top_ids.shape[1]
+        if n:
+            parts += [out.top_ids.float(), out.top_logprobs.float()]
+        rows = torch.cat(parts, 1).tolist()  # the step's one host sync
+        picked = [rows[s] for s in slots]
+        return StepOutput(
+            slots,
+            [int(r[0]) for r in picked],
+            [int(r[1]) for r in picked],
+            [r[2] for r in picked],
+            [[int(t) for t in r[3 : 3 + n]] for r in picked] if n else None,
+            [r[3 + n : 3 + 2 * n] for r in picked] if n else None,
+        )

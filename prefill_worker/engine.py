@@ -1,0 +1,115 @@
+"""Packed variable-length prefill: many prompts in one forward, the LM head only where needed.
+
+Each batch's KV lands in a staging buffer owned by this engine, ready for handoff to a decode
+slot; the first token is sampled here with each request's own parameters.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from splitserve.common.attention import PrefillAttention, choose_prefill_attention
+from splitserve.common.loading import LoadedModel
+from splitserve.common.model import prefill
+from splitserve.common.request import GenerateRequest
+from splitserve.common.sampling import SamplingTensors, init_token_counts, sample
+
+
+@dataclass
+class PrefillResult:
+    request: GenerateRequest
+    first_token: int
+    kv_offset: int  # the prompt's KV is staging[:, :, kv_offset : kv_offset + kv_len]
+    kv_len: int
+    logprob: float | None = None
+    top_tokens: list[tuple[int, float]] | None = None
+    prompt_logprobs: list[float | None] | None = None  # None for the first prompt token
+
+
+def take_batch(queue: deque, budget: int, prompt_len=lambda r: len(r.prompt_ids)) -> list:
+    """Pop requests in arrival order while their prompts fit the token budget."""
+    batch, used = [], 0
+    while queue and used + prompt_len(queue[0]) <= budget:
+        used += prompt_len(queue[0])
+        batch.append(queue.popleft())
+    return batch
+
+
+class PrefillEngine:
+    def __init__(self, lm: LoadedModel, token_budget: int, attn: PrefillAttention | None = None):
+        cfg = lm.cfg
+        self.lm = lm
+        self.token_budget = token_budget
+        self.attn_name, self.attn = ("custom", attn) if attn else choose_prefill_attention(lm.device)
+        # [n_layer, 2, budget, KVH, D]: prompts' KV packed back to back
+        self.staging = torch.empty(cfg.n_layer, 2, token_budget, cfg.kv_heads, cfg.head_dim, dtype=lm.dtype,
+                                   device=lm.device)
+
+    def run(self, batch: list[GenerateRequest], staging_offset: int = 0) -> list[PrefillResult]:
+        lens = [len(r.prompt_ids) for r in batch]
+        total = sum(lens)
+        if staging_offset + total > self.token_budget:
+            raise ValueError(f"{total} prompt tokens do not fit the staging buffer's {self.token_budget}")
+        dev = self.lm.device
+        flat = torch.tensor([t for r in batch for t in r.prompt_ids], dtype=torch.long, device=dev)
+        positions = torch.cat([torch.arange(n) for n in lens]).to(dev)
+        ends = torch.tensor(lens).cumsum(0)
+        index, last_rows = self._logit_rows(batch, lens, ends)
+        logits = prefill(self.lm.params, flat, positions, lens, self.attn,
+                         kv_out=self.staging[:, :, staging_offset:], logit_index=index)
+        last = logits if last_rows is None else logits[last_rows]  # [B, V]
+        st = SamplingTensors.build([r.sampling for r in batch], dev)
+        counts = self._prompt_counts(batch) if st.any_penalty else None
+        details = any(r.wants_details for r in batch)
+        top_n = max(r.top_n_tokens for r in batch)
+        out = sample(last, st, torch.tensor(lens, device=dev), counts, details, top_n)
+        starts = (ends - torch.tensor(lens)).tolist()
+        results = [PrefillResult(r, 0, staging_offset + s, n) for r, s, n in zip(batch, starts, lens)]
+        self._fill_tokens(results, out)
+        if last_rows is not None:
+            self._fill_prompt_logprobs(results, logits, flat, last_rows)
+        return results
+
+    def _logit_rows(self, batch, lens, ends):
+        """Rows of the packed prompts that reach the LM head: the last of each prompt, or every
+        position of a prompt whose prompt logprobs were asked for."""
+        if not any(r.prompt_logprobs for r in batch):
+            return None, None
+        rows, last_rows = [], []
+        for r, n, end in zip(batch, lens, ends.tolist()):
+            rows.extend(range(end - n, end) if r.prompt_logprobs else [end - 1])
+            last_rows.append(len(rows) - 1)
+        return torch.tensor(rows, device=self.lm.device), last_rows
+
+    def _prompt_counts(self, batch) -> torch.Tensor:
+        vocab, dev = self.lm.cfg.vocab_size, self.lm.device
+        return torch.stack([init_token_counts(list(r.prompt_ids), vocab, dev) for r in batch])
+
+    @staticmethod
+    def _fill_tokens(results: list[PrefillResult], out) -> None:
+        tokens = out.tokens.tolist()
+        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        for i, res in enumerate(results):
+            res.first_token = tokens[i]
+            if logprobs is not None and res.request.wants_details:
+                res.logprob = logprobs[i]
+                n = res.request.top_n_tokens
+                if n and top_ids is not None:
+                    res.top_tokens = list(zip(top_ids[i][:n], top_lps[i][:n]))
+
+    @staticmethod
+    def _fill_prompt_logprobs(results, logits, flat, last_rows) -> None:
+        """logprob of each prompt token given the ones before it (the first has none)."""
+        start_row = 0
+        for res, last in zip(results, last_rows):
+            if res.request.prompt_logprobs:
+                ids = flat[res.kv_offset - results[0].kv_offset :][: res.kv_len]
+                lp = torch.log_softmax(logits[start_row:last].float(), -1)  # [n-1, V]
+                picked = lp.gather(1, ids[1:, None])[:, 0].tolist()
+                res.prompt_logprobs = [None] + picked
+            start_row = last + 1

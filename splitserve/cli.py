@@ -1,0 +1,37 @@
+"""`splitserve` command line: each subcommand's module is imported only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, help); each module has `add_args(parser)` and `run(args) -> int`
+COMMANDS = {
+    "generate": ("splitserve.commands.generate", "generate text in this process (no sockets), for checks and debugging"),
+    "model-path": ("splitserve.commands.model_path", "print a model's checkpoint directory, creating a built-in one if needed"),
+    "bench": ("splitserve.commands.bench", "benchmarks: `bench engine`"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_args(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return importlib.import_module(args._module).run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"splitserve {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from splitserve.common.config import add_model_args, model_options
+from splitserve.common.request import GenerateRequest
+from splitserve.common.sampling import SamplingParams, random_seed
+from splitserve.engine import Engine, EngineOptions
+from splitserve.runtime_setup import open_model
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=None, help="sample at this temperature (greedy when no sampling flag is given)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (random when not given)")
+    p.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": "..."} of the new tokens')
+
+
+def run(args: argparse.Namespace) -> int:
+    lm = open_model(model_options(args))
+    sampled = any(v is not None for v in (args.temperature, args.top_k, args.top_p, args.seed))
+    sampling = SamplingParams(
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_k=args.top_k or 0,
+        top_p=1.0 if args.top_p is None else args.top_p,
+        seed=random_seed() if args.seed is None else args.seed,
+        do_sample=sampled,
+    )
+    prompt_ids = tuple(lm.tokenizer.encode(args.prompt))
+    engine = Engine(lm, EngineOptions(num_slots=1))
+    (result,) = engine.generate([GenerateRequest("cli", prompt_ids, args.max_new_tokens, sampling)])
+    if args.json:
+        print(json.dumps({"token_ids": result.token_ids, "text": result.text}))
+    else:
+        sys.stdout.write(args.prompt + result.text + "\n")
+    return 0

@@ -1,0 +1,60 @@
+"""Shared fixtures. Every test process uses a fixed, small number of PyTorch threads so that
+the suite is steady on a 2-core machine, and a private SPLITSERVE_HOME."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+TEST_THREADS = 1
+torch.set_num_threads(TEST_THREADS)
+
+
+@pytest.fixture(scope="session")
+def home(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("splitserve-home")
+    os.environ["SPLITSERVE_HOME"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(home) -> Path:
+    from splitserve.common.builtin_models import resolve_model
+
+    return resolve_model("tiny-random", home, progress=False)
+
+
+@pytest.fixture(scope="session")
+def mha_dir(tmp_path_factory) -> Path:
+    """A random multi-head GPTBigCode checkpoint written by transformers itself."""
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    from splitserve.common.tokenizer import write_tokenizer_files
+
+    torch.manual_seed(1234)
+    cfg = GPTBigCodeConfig(vocab_size=8192, n_positions=512, n_embd=128, n_layer=3, n_head=4, multi_query=False,
+                           bos_token_id=0, eos_token_id=0, activation_function="gelu_new")
+    model = GPTBigCodeForCausalLM(cfg)
+    with torch.no_grad():  # non-trivial biases and norms, so every parameter matters
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "ln_" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("mha-checkpoint")
+    model.save_pretrained(path)
+    write_tokenizer_files(path)
+    return path
+
+
+def load_cpu(path: Path, dtype=torch.float32):
+    from splitserve.common.loading import load_model
+
+    return load_model(path, dtype, torch.device("cpu"), progress=False)
+
+
+def hf_model(path: Path):
+    from transformers import GPTBigCodeForCausalLM
+
+    return GPTBigCodeForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

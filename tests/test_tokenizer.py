@@ -1,0 +1,168 @@
+"""The tiny model's tokenizer, its transformers-loadable copy, FIM lookup and streaming detokenization."""
+
+from __future__ import annotations
+
+import pytest
+import tokenizers
+
+from splitserve.common.builtin.train_tokenizer import corpus, stdlib_sources
+from splitserve.common.tokenizer import (
+    TINY_TOKENIZER_PATH,
+    IncrementalDetokenizer,
+    Tokenizer,
+    fim_token_ids,
+    write_tokenizer_files,
+)
+
+TEXTS = [
+    "def f(x):\n\treturn x + 1\n",
+    "class A:\n    def m(self):\n\tpass  # mixed\n  \t  indentation\n\n\n",
+    'print("🐍🎉")  # snake party\n',
+    "变量 = '日本語'\nprint(变量)\n",
+    "  leading spaces, trailing tab\t\r\n\x00\x7f control bytes",
+    "s = '<fim_prefix>' + '<|endoftext|>'\n",
+    "",
+]
+SPECIALS = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.from_file(TINY_TOKENIZER_PATH)
+
+
+def stream(tok: Tokenizer, ids: list[int], chunk: int, prompt_ids=(), skip_special_tokens=False) -> list[str]:
+    detok = IncrementalDetokenizer(tok, prompt_ids, skip_special_tokens=skip_special_tokens)
+    deltas = [detok.add(ids[i : i + chunk]) for i in range(0, len(ids), chunk)]
+    return deltas + [detok.flush()]
+
+
+def test_vocab_and_special_ids(tok):
+    assert tok.vocab_size == 8192
+    assert [tok.token_to_id(s) for s in SPECIALS] == [0, 1, 2, 3, 4]
+    assert [tok.encode(s) for s in SPECIALS] == [[0], [1], [2], [3], [4]]
+    assert tok.eos_token_id == 0
+    assert tok.id_to_token(1) == "<fim_prefix>"
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_round_trip(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_every_byte_encodes(tok):
+    text = bytes(range(256)).decode("latin-1") + "\U0001f600"
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_literal_special_tokens_in_text(tok):
+    ids = tok.encode("<fim_prefix>a<fim_suffix>b<fim_middle>")
+    assert ids[0] == 1 and ids[-1] == 2 and 3 in ids
+    assert tok.decode(ids, skip_special_tokens=True) == "ab"
+
+
+def test_from_dir_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        Tokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read"):
+        Tokenizer.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+@pytest.mark.parametrize("text", TEXTS)
+def test_detokenizer_concatenates_to_decode(tok, text, chunk):
+    ids = tok.encode(text)
+    deltas = stream(tok, ids, chunk)
+    assert "".join(deltas) == tok.decode(ids) == text
+    assert not any("\ufffd" in d for d in deltas)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_detokenizer_skips_special_tokens(tok, chunk):
+    ids = tok.encode("<fim_prefix>def f():<fim_suffix>\n<fim_middle>  return 1<|endoftext|>")
+    assert "".join(stream(tok, ids, chunk, skip_special_tokens=True)) == "def f():\n  return 1"
+
+
+def test_detokenizer_streams_leading_spaces(tok):
+    ids = tok.encode("def f")
+    assert len(ids) == 2
+    assert stream(tok, ids, 1) == ["def", " f", ""]
+
+
+def test_detokenizer_with_prompt_context(tok):
+    prompt = tok.encode("import os\nx =")
+    generated = tok.encode(" 1  # 🐍")
+    assert "".join(stream(tok, generated, 1, prompt_ids=prompt)) == " 1  # 🐍"
+
+
+def test_detokenizer_holds_back_split_character(tok):
+    ids = tok.encode("🐍")
+    assert len(ids) > 1  # byte pieces, so the character spans several tokens
+    deltas = stream(tok, ids, 1)
+    assert deltas[:-2] == [""] * (len(ids) - 1)
+    assert deltas[-2:] == ["🐍", ""]
+
+
+def test_detokenizer_flushes_incomplete_character(tok):
+    ids = tok.encode("a🐍")
+    detok = IncrementalDetokenizer(tok)
+    assert detok.add(ids[:1]) == "a"
+    assert detok.add(ids[1:2]) == ""
+    assert detok.flush() == "\ufffd"
+    assert detok.flush() == ""
+
+
+def test_detokenizer_prompt_ending_mid_character(tok):
+    ids = tok.encode("日本")
+    generated = ids[1:]
+    assert "".join(stream(tok, generated, 1, prompt_ids=ids[:1])) == tok.decode(generated)
+
+
+def test_detokenizer_window_stays_small(tok):
+    ids = tok.encode("def f(x):\n    return x\n" * 200)
+    detok = IncrementalDetokenizer(tok)
+    for i in ids:
+        detok.add([i])
+        assert len(detok._ids) <= 2
+
+
+def test_transformers_loads_written_files(tmp_path, tok):
+    transformers = pytest.importorskip("transformers")
+    write_tokenizer_files(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    code = "".join(TEXTS[:5]) + "async def main() -> None:\n\tawait asyncio.sleep(0.1)\n"
+    assert hf(code, add_special_tokens=True)["input_ids"] == tok.encode(code)
+    assert hf.eos_token == hf.bos_token == hf.unk_token == "<|endoftext|>"
+    assert hf.model_max_length == 2048
+    assert set(SPECIALS[1:]) <= set(hf.all_special_tokens)
+    assert Tokenizer.from_dir(tmp_path).encode(code) == tok.encode(code)
+
+
+def test_fim_ids_starcoder_spelling(tok):
+    assert fim_token_ids(tok) == {"prefix": 1, "middle": 2, "suffix": 3, "pad": 4}
+
+
+def _word_tokenizer(specials: list[str]) -> tokenizers.Tokenizer:
+    t = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    t.add_special_tokens(specials)
+    return t
+
+
+def test_fim_ids_santacoder_spelling():
+    t = _word_tokenizer(["<|endoftext|>", "<fim-prefix>", "<fim-middle>", "<fim-suffix>", "<fim-pad>"])
+    assert fim_token_ids(t) == {"prefix": 3, "middle": 4, "suffix": 5, "pad": 6}
+
+
+def test_fim_ids_optional_pad_and_absent():
+    assert fim_token_ids(_word_tokenizer(["<fim-prefix>", "<fim-middle>", "<fim-suffix>"]))["pad"] is None
+    assert fim_token_ids(_word_tokenizer(["<fim-prefix>"])) is None
+
+
+def test_stdlib_sources_skip_tests_and_respect_budget(tmp_path):
+    for rel in ["a.py", "b/c.py", "test/t.py", "idlelib/i.py", "pkg/tests/t.py", "site-packages/x.py", "d.txt"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(f"# {rel}\n")
+    paths = stdlib_sources(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["a.py", "b/c.py"]
+    assert list(corpus(paths, max_bytes=len("# a.py\n"))) == ["# a.py\n"]
