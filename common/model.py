@@ -139,12 +139,36 @@ def prefill(
     return F.linear(h, p.lm_head)
 
 
+class DecodeViews(NamedTuple):
+    """Per-layer views of the KV pool that one decode shape (B rows, key_len keys) reads and
+    writes. They depend only on (B, key_len), so a caller keeps them across steps."""
+
+    write: list[torch.Tensor]  # [2, S*KVH*L, D]: new K/V land at write_index
+    keys: list[torch.Tensor]  # [B*KVH, key_len, D]
+    values: list[torch.Tensor]
+
+
+def decode_views(kv: torch.Tensor, b: int, key_len: int) -> DecodeViews:
+    """kv: the pool [n_layer, 2, S, KVH, L, D]."""
+    _, _, s, kvh, length, d = kv.shape
+    write = [layer.view(2, s * kvh * length, d) for layer in kv]
+    keys = [layer[0, :b, :, :key_len].view(b * kvh, key_len, d) for layer in kv]
+    values = [layer[1, :b, :, :key_len].view(b * kvh, key_len, d) for layer in kv]
+    return DecodeViews(write, keys, values)
+
+
+def decode_write_index(positions: torch.Tensor, kv_heads: int, slot_len: int) -> torch.Tensor:
+    """Flat pool index of each row's (and head's) new K/V: [B*KVH]. Row b is slot b."""
+    rows = torch.arange(positions.shape[0] * kv_heads, device=positions.device)  # = slot*KVH + head
+    return rows * slot_len + positions.repeat_interleave(kv_heads) if kv_heads > 1 else rows * slot_len + positions
+
+
 def decode_step(
     p: Params,
     input_ids: torch.Tensor,  # [B] int64: each row's newest token
     positions: torch.Tensor,  # [B] int64: that token's position (= keys already cached)
-    kv: torch.Tensor,  # [n_layer, 2, S, KVH, L, D] static pool, B <= S, written in place
-    key_len: int,  # keys read per row: a bucket > max(positions); the tail is masked
+    views: DecodeViews,  # of the static pool, for this B and key_len; written in place
+    write_index: torch.Tensor,  # [B*KVH] from decode_write_index
     mask: torch.Tensor,  # [B*KVH, 1, key_len] additive, from attention.decode_mask
 ) -> torch.Tensor:
     """One token for each of the first B slots of the pool; returns logits [B, V]."""
@@ -152,20 +176,18 @@ def decode_step(
     e, kvh, d, eps = cfg.n_embd, cfg.kv_heads, cfg.head_dim, cfg.layer_norm_epsilon
     b = input_ids.shape[0]
     g = cfg.n_head // kvh
-    rows = torch.arange(b, device=input_ids.device)
+    scale = cfg.attn_scale
     upcast = p.upcast_softmax
     h = F.embedding(input_ids, p.wte) + F.embedding(positions, p.wpe)  # [B, E]
-    for i, (ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b) in enumerate(
-        p.layers
+    for (ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b), write, keys, values in zip(
+        p.layers, views.write, views.keys, views.values
     ):
         x = F.layer_norm(h, (e,), ln1_w, ln1_b, eps)
         qkv = F.linear(x, qkv_w, qkv_b)  # [B, E + 2*KVH*D]
-        layer_kv = kv[i]  # [2, S, KVH, L, D]
-        layer_kv[:, rows, :, positions] = qkv[:, e:].view(b, 2, kvh, d)
-        keys = layer_kv[0, :b, :, :key_len].view(b * kvh, key_len, d)
-        values = layer_kv[1, :b, :, :key_len].view(b * kvh, key_len, d)
+        new_kv = qkv[:, e:].view(b, 2, kvh * d).transpose(0, 1).reshape(2, b * kvh, d)  # [2, B*KVH, D]
+        write.index_copy_(1, write_index, new_kv)
         q = qkv[:, :e].reshape(b * kvh, g, d)
-        scores = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=cfg.attn_scale)  # [B*KVH, G, key_len]
+        scores = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=scale)  # [B*KVH, G, key_len]
         if upcast:
             probs = torch.softmax(scores, -1, dtype=torch.float32).to(scores.dtype)
         else:

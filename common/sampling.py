@@ -132,6 +132,7 @@ class SamplingTensors:
     frequency_penalty: torch.Tensor  # [B] float32
     seed: torch.Tensor  # [B] int64
     greedy: torch.Tensor  # [B] bool
+    seed_key: torch.Tensor  # [B] int64, 32-bit hash of seed: hashed once here, not every step
     all_greedy: bool = True
     any_top_k: bool = False
     max_top_k: int = 0
@@ -139,6 +140,7 @@ class SamplingTensors:
     any_typical: bool = False
     any_penalty: bool = False
     _host: np.ndarray = field(default=None, repr=False, compare=False)
+    _views: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, rows: list, device: torch.device | str) -> SamplingTensors:
@@ -147,7 +149,7 @@ class SamplingTensors:
             name: torch.from_numpy(host[name].copy()).to(device)  # copy: fields are strided
             for name in host.dtype.names
         }
-        return cls(**tensors, **_flags(host), _host=host)
+        return cls(**tensors, seed_key=_seed_keys(tensors["seed"]), **_flags(host), _host=host)
 
     @classmethod
     def empty(cls, n: int, device: torch.device | str) -> SamplingTensors:
@@ -160,14 +162,20 @@ class SamplingTensors:
         self._host[i] = row
         for name, value in zip(self._host.dtype.names, row):
             getattr(self, name)[i] = value
+        self.seed_key[i : i + 1] = _seed_keys(self.seed[i : i + 1])
         for name, value in _flags(self._host).items():
             setattr(self, name, value)
+        self._views.clear()
 
     def view(self, b: int) -> SamplingTensors:
-        """The first b rows: tensor views (no copies) with flags for just those rows."""
-        host = self._host[:b]
-        tensors = {name: getattr(self, name)[:b] for name in host.dtype.names}
-        return SamplingTensors(**tensors, **_flags(host), _host=host)
+        """The first b rows: tensor views (no copies) with flags for just those rows. Kept until
+        the next set_row, since a decode loop asks for the same b step after step."""
+        cached = self._views.get(b)
+        if cached is None:
+            host = self._host[:b]
+            tensors = {name: getattr(self, name)[:b] for name in (*host.dtype.names, "seed_key")}
+            cached = self._views[b] = SamplingTensors(**tensors, **_flags(host), _host=host)
+        return cached
 
 
 class SampleOutput(NamedTuple):
@@ -187,7 +195,7 @@ def sample(
 ) -> SampleOutput:
     """Choose one token per row of logits [B, V].
 
-    positions: [B] int64, absolute position of the token being chosen (seeds the noise).
+    positions: [B] integer, absolute position of the token being chosen (seeds the noise).
     token_counts: [B, V] counts of tokens seen so far, read only when st.any_penalty.
     want_logprobs: Python bool, True when any row wants details; they are then computed for every
     row. Logprobs are log-softmax of the processed logits (after penalties, temperature and
@@ -257,7 +265,8 @@ def _top_p_(scores: torch.Tensor, top_p: torch.Tensor) -> None:
     ascending = scores.sort(dim=-1).values  # [B, V]
     cum = ascending.softmax(dim=-1).cumsum_(dim=-1)  # [B, V]
     cut = torch.where(top_p < 1, 1 - top_p, -1.0)[:, None]  # [B, 1]; -1 removes nothing
-    n_drop = (cum <= cut).sum(dim=-1, keepdim=True).clamp_(max=scores.shape[-1] - 1)  # [B, 1]
+    # cum is non-decreasing, so a binary search counts the entries <= cut without a [B, V] pass.
+    n_drop = torch.searchsorted(cum, cut, right=True).clamp_(max=scores.shape[-1] - 1)  # [B, 1]
     scores.masked_fill_(scores < ascending.gather(1, n_drop), float("-inf"))
 
 
@@ -271,7 +280,7 @@ def _typical_(scores: torch.Tensor, typical_p: torch.Tensor) -> None:
     distance = logp.add_(entropy).abs_()  # [B, V] == |-log p - entropy|
     by_distance, order = distance.sort(dim=-1)  # [B, V]
     cum = p.gather(1, order).cumsum_(dim=-1)
-    last = (cum < typical_p[:, None]).sum(dim=-1, keepdim=True).clamp_(max=scores.shape[-1] - 1)
+    last = torch.searchsorted(cum, typical_p[:, None]).clamp_(max=scores.shape[-1] - 1)  # [B, 1]
     limit = by_distance.gather(1, last)  # [B, 1]
     limit = torch.where(typical_p[:, None] < 1, limit, float("inf"))
     scores.masked_fill_(distance > limit, float("-inf"))
@@ -280,43 +289,49 @@ def _typical_(scores: torch.Tensor, typical_p: torch.Tensor) -> None:
 def _add_gumbel(scores: torch.Tensor, st: SamplingTensors, positions: torch.Tensor) -> torch.Tensor:
     # argmax(scores + g) with g = -log(-log u) draws from softmax(scores) (Gumbel-max).
     # Greedy rows get g * 0, i.e. plain argmax. Written into the noise buffer; scores is kept.
-    log_e = _neg_gumbel(st.seed, positions, scores.shape[-1])  # [B, V] == -g
+    log_e = _neg_gumbel(st.seed_key, positions, scores.shape[-1])  # [B, V] == -g
     sampled = (~st.greedy).to(scores.dtype)[:, None]  # [B, 1]
     return torch.addcmul(scores, log_e, sampled, value=-1.0, out=log_e)
 
 
-def _neg_gumbel(seed: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+def _neg_gumbel(seed_key: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
     """log(-log u) for u = hash(seed[b], positions[b], v) in (0, 1): [B, V] float32."""
-    h = _row_keys(seed, positions)[:, None] ^ _vocab_hash(vocab, seed.device)[None, :]  # [B, V]
-    h = _mix32_(h)
+    # Mixing the position into the seed's key is a bijection, so one seed's positions never share
+    # a key; the vocab hashes are distinct too, so noise inputs never repeat within a row.
+    row_keys = _mix32_(seed_key ^ (positions.long() & _M32))  # [B]; int32 positions welcome
+    h = row_keys[:, None] ^ _vocab_hash(vocab, seed_key.device)[None, :]  # [B, V]
+    scratch = torch.empty_like(h)
+    _mix32_(h, scratch)
     # 23 bits, centred: (m + 0.5) / 2**23 is exact in float32 and never 0 or 1.
-    u = (h >> 9).float().add_(0.5).mul_(2.0**-23)
+    u = torch.bitwise_right_shift(h, 9, out=scratch).float().add_(0.5).mul_(2.0**-23)
     return u.log_().neg_().log_()
 
 
-def _row_keys(seed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    # [B] 32-bit keys from the seed's two halves and the position; each step is a bijection of
-    # the running key, so different positions of one seed always get different keys.
+def _seed_keys(seed: torch.Tensor) -> torch.Tensor:
+    """[B] 32-bit keys from both halves of 63-bit seeds."""
     key = _mix32_((seed & _M32) ^ _SEED_SALT)
-    key = _mix32_(key ^ (seed >> 32))
-    return _mix32_(key ^ (positions & _M32))
+    return _mix32_(key ^ torch.bitwise_right_shift(seed, 32))
 
 
 @functools.lru_cache(maxsize=8)
 def _vocab_hash(vocab: int, device: torch.device) -> torch.Tensor:
-    # [V] distinct 32-bit values (the mix is a bijection): distinct noise inputs within a row.
+    """[V] distinct 32-bit values."""
     return _mix32_(torch.arange(vocab, dtype=torch.int64, device=device))
 
 
-def _mix32_(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 on int64 tensors holding values in [0, 2**32), in place."""
-    x ^= x >> 16
+def _mix32_(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """lowbias32 on int64 tensors holding values in [0, 2**32), in place.
+
+    Shifts go into one reused buffer: on CPU, fresh [B, V] temporaries cost page faults.
+    """
+    scratch = torch.empty_like(x) if scratch is None else scratch
+    x ^= torch.bitwise_right_shift(x, 16, out=scratch)
     x *= _MUL1
     x &= _M32
-    x ^= x >> 15
+    x ^= torch.bitwise_right_shift(x, 15, out=scratch)
     x *= _MUL2
     x &= _M32
-    x ^= x >> 16
+    x ^= torch.bitwise_right_shift(x, 16, out=scratch)
     return x
 
 

@@ -14,7 +14,7 @@ import torch
 
 from splitserve.common.attention import decode_mask
 from splitserve.common.loading import LoadedModel
-from splitserve.common.model import decode_step
+from splitserve.common.model import decode_step, decode_views, decode_write_index
 from splitserve.common.request import (
     FINISH_EOS,
     FINISH_LENGTH,
@@ -58,9 +58,10 @@ class DecodeEngine:
         # Per-slot state, read by the step as views of the first B rows.
         self.tokens = torch.zeros(num_slots, dtype=torch.long, device=dev)  # newest token
         self.positions = torch.zeros(num_slots, dtype=torch.long, device=dev)  # its position
-        self.remaining = torch.zeros(num_slots, dtype=torch.long, device=dev)  # new tokens still allowed
-        self.eos = torch.full((num_slots,), -1, dtype=torch.long, device=dev)
-        self.stop_ids = torch.full((num_slots, MAX_STOP_TOKENS), -1, dtype=torch.long, device=dev)
+        self.end_pos = torch.zeros(num_slots, dtype=torch.long, device=dev)  # position of the last allowed token
+        # Column 0 holds the end-of-text id (-1 when ignored), the rest the request's stop ids.
+        self.stop_ids = torch.full((num_slots, 1 + MAX_STOP_TOKENS), -1, dtype=torch.long, device=dev)
+        self.stop_codes = torch.tensor([FINISH_EOS] + [FINISH_STOP_TOKEN] * MAX_STOP_TOKENS, device=dev)
         self.active = torch.zeros(num_slots, dtype=torch.bool, device=dev)
         self.sampling = SamplingTensors.empty(num_slots, dev)
         self.token_counts: torch.Tensor | None = None  # [S, V], made when a request needs penalties
@@ -69,6 +70,8 @@ class DecodeEngine:
         self._offset: dict[int, int] = {}  # slot -> its position minus the step counter
         self._steps = 0
         self._details = 0  # active requests that want logprobs or top tokens
+        self._views_key: tuple[int, int] | None = None  # (B, key_len) of the cached pool views
+        self._views = None
 
     @property
     def free_slots(self) -> int:
@@ -86,12 +89,11 @@ class DecodeEngine:
         self.kv[:, :, slot, :, :n].copy_(kv.transpose(2, 3))
         self.tokens[slot] = first_token
         self.positions[slot] = n
-        # The first token already counted as one of max_new_tokens at prefill.
-        self.remaining[slot] = request.max_new_tokens - 1
-        self.eos[slot] = -1 if request.ignore_eos or self.lm.cfg.eos_token_id is None else self.lm.cfg.eos_token_id
-        self.stop_ids[slot] = -1
-        if request.stop_token_ids:
-            self.stop_ids[slot, : len(request.stop_token_ids)] = torch.tensor(request.stop_token_ids)
+        # The first token (at position n) was the first of max_new_tokens.
+        self.end_pos[slot] = min(n + request.max_new_tokens - 1, self.slot_len - 1)
+        eos = self.lm.cfg.eos_token_id
+        stops = [-1 if request.ignore_eos or eos is None else eos, *request.stop_token_ids]
+        self.stop_ids[slot] = torch.tensor(stops + [-1] * (1 + MAX_STOP_TOKENS - len(stops)))
         self.sampling.set_row(slot, request.sampling)
         if self.sampling.any_penalty:
             self._init_counts(slot, request, first_token)
@@ -128,33 +130,33 @@ class DecodeEngine:
             return StepOutput([], [], [])
         b = self.slots.prefix_len()
         key_len = self.key_len()
+        if self._views_key != (b, key_len):
+            self._views_key, self._views = (b, key_len), decode_views(self.kv, b, key_len)
+        cfg = self.lm.cfg
         active = self.active[:b]
         positions = self.positions[:b]
-        tokens = self.tokens[:b]
-        mask = decode_mask(positions, key_len, self.lm.cfg.kv_heads, self.lm.dtype)
-        logits = decode_step(self.lm.params, tokens, positions, self.kv, key_len, mask)  # [B, V]
+        write_index = decode_write_index(positions, cfg.kv_heads, self.slot_len)
+        mask = decode_mask(positions, key_len, cfg.kv_heads, self.lm.dtype)
+        logits = decode_step(self.lm.params, self.tokens[:b], positions, self._views, write_index, mask)  # [B, V]
         counts = self.token_counts[:b] if self.token_counts is not None else None
         top_n = max((r.top_n_tokens for r in self.requests.values()), default=0) if self._details else 0
-        out = sample(logits, self.sampling.view(b), positions + 1, counts, bool(self._details), top_n)
+        next_pos = positions + 1
+        out = sample(logits, self.sampling.view(b), next_pos, counts, bool(self._details), top_n)
         new = out.tokens  # [B]
-        finish = self._finish_codes(new, b, active)
+        finish = self._finish_codes(new, next_pos, b, active)
         if counts is not None:
             update_token_counts(counts, new)
-        still = active & (finish == FINISH_NONE)
-        self.remaining[:b] -= active.long()
-        self.tokens[:b] = new * still
-        self.positions[:b] = (positions + 1) * still
-        self.active[:b] = still
+        # Free rows stay at position 0; finished rows are reset by release() after the sync.
+        self.tokens[:b] = new
+        positions.add_(active)
         self._steps += 1
         return self._collect(out, new, finish)
 
-    def _finish_codes(self, new: torch.Tensor, b: int, active: torch.Tensor) -> torch.Tensor:
-        is_eos = new == self.eos[:b]
-        is_stop = (new[:, None] == self.stop_ids[:b]).any(-1)
-        at_length = (self.remaining[:b] <= 1) | (self.positions[:b] + 2 >= self.slot_len)
-        finish = torch.where(is_eos, FINISH_EOS, torch.where(is_stop, FINISH_STOP_TOKEN, FINISH_NONE))
-        finish = torch.where((finish == FINISH_NONE) & at_length, FINISH_LENGTH, finish)
-        return finish * active
+    def _finish_codes(self, new: torch.Tensor, next_pos: torch.Tensor, b: int, active: torch.Tensor) -> torch.Tensor:
+        hit = (new[:, None] == self.stop_ids[:b]) * self.stop_codes  # [B, 1 + MAX_STOP_TOKENS]
+        stop = hit.amax(-1)
+        at_length = (next_pos >= self.end_pos[:b]) * FINISH_LENGTH
+        return torch.where(stop > 0, stop, at_length) * active
 
     def _collect(self, out, new: torch.Tensor, finish: torch.Tensor) -> StepOutput:
         slots = sorted(self.requests)

@@ -88,18 +88,16 @@ OTHER_PARAMS = [
     ],
 )
 def test_row_result_does_not_depend_on_the_batch(params):
-    gen = torch.Generator().manual_seed(0)
     steps = 50
+    row_logits = torch.randn(steps, V, generator=torch.Generator().manual_seed(0)) * 3
+    row_counts = torch.randint(0, 3, (V,), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
     for batch, slot in ((1, 0), (3, 1), (16, 13)):
-        others = [OTHER_PARAMS[i % len(OTHER_PARAMS)] for i in range(batch)]
-        others[slot] = params
-        st = st_of(*others)
-        counts = torch.randint(0, 3, (batch, V), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
-        row_counts = torch.randint(0, 3, (V,), generator=torch.Generator().manual_seed(2), dtype=torch.int32)
+        rows = [OTHER_PARAMS[i % len(OTHER_PARAMS)] for i in range(batch)]
+        rows[slot] = params
+        st = st_of(*rows)
+        counts = torch.randint(0, 3, (batch, V), dtype=torch.int32)
         counts[slot] = row_counts
         tokens, logprobs = [], []
-        gen.manual_seed(0)
-        row_logits = torch.randn(steps, V, generator=gen) * 3
         for step in range(steps):
             logits = torch.randn(batch, V) * 3
             logits[slot] = row_logits[step]
@@ -292,6 +290,17 @@ def test_set_row_and_view_share_storage_and_refresh_flags():
     pool.set_row(1, SamplingParams())
     assert pool.view(3).all_greedy and not pool.view(3).any_penalty
     assert pool.top_p[1] == 1.0
+
+
+def test_pool_rows_sample_like_freshly_built_ones():
+    rows = [SamplingParams(do_sample=True, seed=s, top_k=9, top_p=0.8) for s in (5, 1 << 50, 77)]
+    pool = SamplingTensors.empty(6, "cpu")
+    for i, params in enumerate(rows):
+        pool.set_row(i, params)
+    logits = torch.randn(3, V)
+    positions = torch.tensor([3, 40, 500], dtype=torch.int32)
+    expected = sample(logits, st_of(*rows), positions.long()).tokens
+    assert torch.equal(sample(logits, pool.view(3), positions).tokens, expected)
 
 
 def test_build_accepts_objects_and_validates():
