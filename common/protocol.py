@@ -12,7 +12,7 @@ Sockets and who speaks on them:
   worker: Register, Heartbeat, FirstToken (prefill), StepTokens (decode), Finished, Error;
   gateway: Registered, Heartbeat, Prefill (to prefill workers), Cancel, Drain.
 - KV link (decode worker ROUTER, its KV endpoint) <-> prefill DEALERs:
-  prefill: KvReady (+ KV frames on the tcp transport);  decode: KvRelease.
+  prefill: KvStaging, KvReady (+ KV frames on the tcp transport);  decode: KvRelease.
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ class Register(msgspec.Struct, **_STRUCT):
     dtype: str
     slot_len: int
     pid: int
+    pid_namespace: str  # CUDA IPC needs the peers to share one (`pid: host` in containers)
 
 
 class Registered(msgspec.Struct, **_STRUCT):
@@ -204,6 +205,13 @@ class KvReady(msgspec.Struct, **_STRUCT):
     deadline: float | None = None
 
 
+class KvStaging(msgspec.Struct, **_STRUCT):
+    """Prefill -> decode, once per connection before any KvReady: how to open its staging."""
+
+    prefill_worker: str
+    desc: dict
+
+
 class KvRelease(msgspec.Struct, **_STRUCT):
     """Decode -> prefill, after the copy out of staging has completed (or was skipped)."""
 
@@ -213,7 +221,7 @@ class KvRelease(msgspec.Struct, **_STRUCT):
     message: str = ""
 
 
-KvMessage = Union[KvReady, KvRelease]
+KvToDecode = Union[KvStaging, KvReady]
 
 
 # ---- encoding -----------------------------------------------------------------------------

@@ -39,20 +39,25 @@ def take_batch(queue: deque, budget: int, prompt_len=lambda r: len(r.prompt_ids)
 
 
 class PrefillEngine:
-    def __init__(self, lm: LoadedModel, token_budget: int, attn: PrefillAttention | None = None):
+    def __init__(self, lm: LoadedModel, token_budget: int, attn: PrefillAttention | None = None,
+                 staging: torch.Tensor | None = None):
         cfg = lm.cfg
         self.lm = lm
         self.token_budget = token_budget
         self.attn_name, self.attn = ("custom", attn) if attn else choose_prefill_attention(lm.device)
-        # [n_layer, 2, budget, KVH, D]: prompts' KV packed back to back
-        self.staging = torch.empty(cfg.n_layer, 2, token_budget, cfg.kv_heads, cfg.head_dim, dtype=lm.dtype,
-                                   device=lm.device)
+        # [n_layer, 2, >= budget, KVH, D]: prompts' KV packed back to back. A worker passes one
+        # its KV transport can export; the in-process engine owns a plain one.
+        if staging is None:
+            staging = torch.empty(cfg.n_layer, 2, token_budget, cfg.kv_heads, cfg.head_dim, dtype=lm.dtype,
+                                  device=lm.device)
+        self.staging = staging
 
     def run(self, batch: list[GenerateRequest], staging_offset: int = 0) -> list[PrefillResult]:
         lens = [len(r.prompt_ids) for r in batch]
         total = sum(lens)
-        if staging_offset + total > self.token_budget:
-            raise ValueError(f"{total} prompt tokens do not fit the staging buffer's {self.token_budget}")
+        if total > self.token_budget or staging_offset + total > self.staging.shape[2]:
+            raise ValueError(f"{total} prompt tokens at offset {staging_offset} do not fit the budget "
+                             f"({self.token_budget}) or the staging buffer ({self.staging.shape[2]})")
         dev = self.lm.device
         flat = torch.tensor([t for r in batch for t in r.prompt_ids], dtype=torch.long, device=dev)
         positions = torch.cat([torch.arange(n) for n in lens]).to(dev)

@@ -8,6 +8,10 @@ import sys
 
 # subcommand -> (module, help); each module has `add_args(parser)` and `run(args) -> int`
 COMMANDS = {
+    "serve": ("splitserve.commands.serve", "start the gateway and local prefill and decode workers, ready to use"),
+    "gateway": ("splitserve.commands.gateway", "run the gateway alone"),
+    "prefill": ("splitserve.commands.prefill", "run one prefill worker that registers with a gateway"),
+    "decode": ("splitserve.commands.decode", "run one decode worker that registers with a gateway"),
     "generate": ("splitserve.commands.generate", "generate text in this process (no sockets), for checks and debugging"),
     "model-path": ("splitserve.commands.model_path", "print a model's checkpoint directory, creating a built-in one if needed"),
     "bench": ("splitserve.commands.bench", "benchmarks: `bench engine`"),

@@ -13,19 +13,8 @@ from dataclasses import dataclass, field
 
 from splitserve.common.limits import Limits
 from splitserve.common.loading import LoadedModel
-from splitserve.common.request import (
-    FINISH_CANCELLED,
-    FINISH_EOS,
-    FINISH_LENGTH,
-    FINISH_NAMES,
-    FINISH_NONE,
-    FINISH_STOP_STRING,
-    FINISH_STOP_TOKEN,
-    GenerateRequest,
-    TokenEvent,
-)
-from splitserve.common.stopping import StopStringMatcher
-from splitserve.common.tokenizer import IncrementalDetokenizer
+from splitserve.common.request import FINISH_CANCELLED, FINISH_NAMES, FINISH_NONE, GenerateRequest, TokenEvent
+from splitserve.common.text_stream import TextStream, first_token_finish
 from splitserve.decode_worker.engine import DecodeEngine
 from splitserve.prefill_worker.engine import PrefillEngine, PrefillResult, take_batch
 
@@ -50,36 +39,6 @@ class GenerateResult:
     prompt_logprobs: list[float | None] | None = None
 
 
-class _Stream:
-    """Per-request text state: incremental detokenizer, then stop strings."""
-
-    def __init__(self, lm: LoadedModel, request: GenerateRequest):
-        self.request = request
-        self.detok = IncrementalDetokenizer(lm.tokenizer, request.prompt_ids, skip_special_tokens=True)
-        self.stops = StopStringMatcher(request.stop, request.strip_stop)
-        self.index = 0
-        self.slot: int | None = None
-
-    def event(self, token: int, finish: int, logprob=None, top=None) -> TokenEvent:
-        text, matched = self.stops.feed(self.detok.add([token]))
-        if matched:
-            finish = FINISH_STOP_STRING
-        elif finish != FINISH_NONE:
-            text += self.stops.feed(self.detok.flush())[0] + self.stops.flush()
-        ev = TokenEvent(self.request.id, self.index, token, text, finish, logprob, top)
-        self.index += 1
-        return ev
-
-
-def first_token_finish(request: GenerateRequest, token: int, eos: int | None) -> int:
-    """Token-level stop checks for the token sampled at prefill."""
-    if not request.ignore_eos and token == eos:
-        return FINISH_EOS
-    if token in request.stop_token_ids:
-        return FINISH_STOP_TOKEN
-    return FINISH_LENGTH if request.max_new_tokens <= 1 else FINISH_NONE
-
-
 class Engine:
     def __init__(self, lm: LoadedModel, opts: EngineOptions = EngineOptions()):
         self.lm = lm
@@ -88,14 +47,14 @@ class Engine:
         self.prefill = PrefillEngine(lm, self.limits.prefill_token_budget)
         self.decode = DecodeEngine(lm, opts.num_slots, self.limits.max_total_tokens, opts.key_bucket)
         self.waiting: deque[GenerateRequest] = deque()
-        self.streams: dict[str, _Stream] = {}
-        self.by_slot: dict[int, _Stream] = {}
+        self.streams: dict[str, TextStream] = {}
+        self.by_slot: dict[int, TextStream] = {}
 
     def submit(self, request: GenerateRequest) -> None:
         self.limits.check(len(request.prompt_ids), request.max_new_tokens)
         if request.id in self.streams:
             raise ValueError(f"request id {request.id!r} is already running")
-        self.streams[request.id] = _Stream(self.lm, request)
+        self.streams[request.id] = TextStream(self.lm.tokenizer, request)
         self.waiting.append(request)
 
     def cancel(self, request_id: str) -> TokenEvent | None:

@@ -1,0 +1,190 @@
+"""What the sync and async clients share: the request message, the routing of replies to
+requests, and the turning of one request's replies into events and a response."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+from uuid import uuid4
+
+import zmq
+
+from .errors import GenerationTimeout, error_from
+from .wire import Error, Generate, GenerateParams, TokenBatch
+
+MAX_MESSAGE_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One generated token. The last event of a request carries its finish reason; when the request
+    ends with no token left to carry it (e.g. cancelled), that event has `token_id` None and no text."""
+
+    token_id: int | None
+    text: str
+    logprob: float | None
+    index: int
+    finish_reason: str | None = None
+    top_tokens: list[tuple[int, float]] | None = None
+
+
+@dataclass(frozen=True)
+class Details:
+    tokens: list[StreamEvent]  # per token: logprob, and top_tokens when top_n_tokens was asked for
+    seed: int | None  # the seed the gateway sampled with (it picks one when a sampled request has none)
+    prompt_tokens: int
+    prompt_logprobs: list[float | None] | None
+
+
+@dataclass(frozen=True)
+class Response:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    details: Details | None = None  # only when details, top_n_tokens or prompt_logprobs were asked for
+
+
+def _given(value, default):
+    return default if value is None else value
+
+
+def new_generate(prompt: str | None = None, *, max_new_tokens: int = 20, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, typical_p: float | None = None,
+                 repetition_penalty: float | None = None, frequency_penalty: float | None = None,
+                 seed: int | None = None, stop: str | Sequence[str] | None = None,
+                 stop_token_ids: Sequence[int] | None = None, details: bool = False, top_n_tokens: int = 0,
+                 ignore_eos: bool = False, strip_stop: bool = False, timeout: float | None = None,
+                 prompt_ids: Sequence[int] | None = None, prompt_logprobs: bool = False,
+                 truncate: int | None = None) -> Generate:
+    """The Generate message of one request, under a fresh id. These are the options of
+    `generate` and `stream` on both clients.
+
+    Sampling happens when any of temperature, top_k, top_p, typical_p or seed is given, as in the
+    CLI, and greedy decoding otherwise; temperature 0 is greedy. `details` asks for each token's
+    logprob. `timeout` (seconds) bounds the wait on the client and is the gateway's deadline too.
+    Give `prompt_ids` instead of `prompt` to skip tokenization.
+    """
+    sampled = temperature != 0 and any(v is not None for v in (temperature, top_k, top_p, typical_p, seed))
+    params = GenerateParams(
+        max_new_tokens=max_new_tokens,
+        do_sample=sampled,
+        # a greedy request sends the default temperature, which any validator accepts
+        temperature=_given(temperature, 1.0) if sampled else 1.0,
+        top_k=_given(top_k, 0),
+        top_p=_given(top_p, 1.0),
+        typical_p=_given(typical_p, 1.0),
+        repetition_penalty=_given(repetition_penalty, 1.0),
+        frequency_penalty=_given(frequency_penalty, 0.0),
+        seed=seed,
+        stop=[stop] if isinstance(stop, str) else list(stop or ()),
+        stop_token_ids=list(stop_token_ids or ()),
+        strip_stop=strip_stop,
+        ignore_eos=ignore_eos,
+        logprobs=details,
+        top_n_tokens=top_n_tokens,
+        prompt_logprobs=prompt_logprobs,
+        truncate=truncate,
+    )
+    return Generate(uuid4().hex, prompt, None if prompt_ids is None else list(prompt_ids), params, timeout)
+
+
+def dealer(ctx: zmq.Context, endpoint: str, max_message_bytes: int) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
+
+
+Inbox = TypeVar("Inbox")
+
+
+def route(routes: dict[str, Inbox], msg: TokenBatch | Error) -> list[Inbox]:
+    """The inboxes that get `msg`. A request is forgotten with its last message, so that replies
+    after it (or for requests this client never made) are dropped."""
+    if isinstance(msg, Error) and not msg.id:  # about the connection itself: every request fails
+        inboxes = list(routes.values())
+        routes.clear()
+        return inboxes
+    last = isinstance(msg, Error) or msg.finish_reason is not None
+    inbox = routes.pop(msg.id, None) if last else routes.get(msg.id)
+    return [] if inbox is None else [inbox]
+
+
+class StreamBase:
+    """One request's replies as StreamEvents, for the sync and async streams built on it."""
+
+    def __init__(self, msg: Generate, cancel: Callable[[str], None]):
+        self.id = msg.id
+        self.events: list[StreamEvent] = []  # every event so far
+        self.finish_reason: str | None = None
+        self.seed: int | None = None
+        self.prompt_tokens = 0
+        self.prompt_logprobs: list[float | None] | None = None
+        params = msg.params
+        self._wants_details = params.logprobs or params.top_n_tokens > 0 or params.prompt_logprobs
+        self._timeout = msg.timeout_s
+        self._deadline = None if msg.timeout_s is None else time.monotonic() + msg.timeout_s
+        self._cancel = cancel
+        self._seen: set[int] = set()
+        self._ready: deque[StreamEvent] = deque()
+        self._over = False  # nothing more will come: finished, failed, timed out or closed
+
+    def close(self) -> None:
+        """Stop reading; a request still running is cancelled at the gateway."""
+        self._ready.clear()
+        if not self._over:
+            self._over = True
+            self._cancel(self.id)
+
+    def __del__(self):
+        # a loop that breaks out of the stream drops it: the gateway should stop generating too
+        self.close()
+
+    def _remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def _timed_out(self) -> GenerationTimeout:
+        self.close()
+        return GenerationTimeout(f"no complete answer within {self._timeout} s", self.id)
+
+    def _take(self, msg: TokenBatch | Error) -> None:
+        if isinstance(msg, Error):
+            self._over = True
+            raise error_from(msg)
+        self._take_batch(msg)
+
+    def _take_batch(self, batch: TokenBatch) -> None:
+        if batch.seed is not None:
+            self.seed = batch.seed
+        if batch.prompt_tokens:
+            self.prompt_tokens = batch.prompt_tokens
+        if batch.prompt_logprobs is not None:
+            self.prompt_logprobs = batch.prompt_logprobs
+        events = []
+        for t in batch.tokens:
+            if t.index in self._seen:  # the gateway de-duplicates, but a resent token must never show twice
+                continue
+            self._seen.add(t.index)
+            events.append(StreamEvent(t.token_id, t.text, t.logprob, t.index, top_tokens=t.top_tokens))
+        if batch.finish_reason is not None:
+            self._finish(batch.finish_reason, events)
+        self.events.extend(events)
+        self._ready.extend(events)
+
+    def _finish(self, reason: str, events: list[StreamEvent]) -> None:
+        self.finish_reason = reason
+        self._over = True
+        last = events.pop() if events else StreamEvent(None, "", None, len(self._seen))
+        events.append(dataclasses.replace(last, finish_reason=reason))
+
+    def _response(self) -> Response:
+        details = None
+        if self._wants_details:
+            details = Details(self.events, self.seed, self.prompt_tokens, self.prompt_logprobs)
+        token_ids = [e.token_id for e in self.events if e.token_id is not None]
+        return Response("".join(e.text for e in self.events), token_ids, self.finish_reason, details)

@@ -1,0 +1,144 @@
+"""The asyncio client: many concurrent requests over one connection, bound to one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+
+import zmq
+import zmq.asyncio
+
+from ._core import MAX_MESSAGE_BYTES, Response, StreamBase, dealer, new_generate, route
+from .errors import UnavailableError
+from .wire import Cancel, Error, Generate, decode, encode
+
+
+class AsyncStream(StreamBase):
+    """Iterates one request's StreamEvents with `async for`. Closing it (`close()`/`aclose()`,
+    leaving an `async with` block, or dropping it) cancels the request."""
+
+    def __init__(self, msg: Generate, inbox: asyncio.Queue, cancel, cancel_later):
+        super().__init__(msg, cancel)
+        self._inbox = inbox
+        self._cancel_later = cancel_later
+
+    def __del__(self):
+        # the garbage collector may run in the middle of the socket's own code, or in another
+        # thread: leave the Cancel to the loop
+        self._cancel = self._cancel_later
+        self.close()
+
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self):
+        while not self._ready:
+            if self._over:
+                raise StopAsyncIteration
+            self._take(await self._receive())
+        return self._ready.popleft()
+
+    async def _receive(self):
+        try:
+            return await asyncio.wait_for(self._inbox.get(), self._remaining())
+        except asyncio.TimeoutError:
+            raise self._timed_out() from None
+
+    async def response(self) -> Response:
+        """Wait for the end of the request; the whole of it, including events already iterated."""
+        async for _ in self:
+            pass
+        return self._response()
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """A connection to a gateway's client port for asyncio code. One reader task hands each reply
+    to the request it belongs to; it starts with the first request, on that request's loop."""
+
+    def __init__(self, endpoint: str, api_key: str | None = None, *, max_message_bytes: int = MAX_MESSAGE_BYTES):
+        self._api_key = api_key
+        self._ctx = zmq.asyncio.Context()
+        self._sock = dealer(self._ctx, endpoint, max_message_bytes)
+        self._routes: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: asyncio.Task | None = None
+        self._closed = False
+
+    async def generate(self, prompt: str | None = None, **options) -> Response:
+        """Run one request to its end. Options: see `splitserve.client._core.new_generate`."""
+        async with self.stream(prompt, **options) as stream:
+            return await stream.response()
+
+    def stream(self, prompt: str | None = None, **options) -> AsyncStream:
+        """Start one request (call it from a coroutine) and iterate its tokens with `async for`."""
+        if self._closed:
+            raise UnavailableError("the client is closed")
+        msg = new_generate(prompt, **options)
+        msg.api_key = self._api_key
+        self._start_reader()
+        inbox: asyncio.Queue = asyncio.Queue()
+        self._routes[msg.id] = inbox
+        self._send(msg.id, encode(msg))
+        return AsyncStream(msg, inbox, self._cancel, self._cancel_later)
+
+    def _start_reader(self) -> None:
+        if self._reader is None or self._reader.done():  # done: it died, and new requests need one
+            self._loop = asyncio.get_running_loop()
+            self._reader = self._loop.create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                msg = decode(await self._sock.recv_multipart())
+                if msg is not None:
+                    self._deliver(msg)
+        finally:
+            self._deliver(Error("", "unavailable", "the client was closed"))
+
+    def _deliver(self, msg) -> None:
+        for inbox in route(self._routes, msg):
+            inbox.put_nowait(msg)
+
+    def _send(self, request_id: str, frame: bytes) -> None:
+        # not awaited: the message is queued in order at once, and a stream can cancel from close()
+        self._sock.send(frame).add_done_callback(partial(self._sent, request_id))
+
+    def _sent(self, request_id: str, done: asyncio.Future) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            self._deliver(Error(request_id, "unavailable", f"could not send: {done.exception()}"))
+
+    def _cancel(self, request_id: str) -> None:
+        if self._routes.pop(request_id, None) is not None and not self._closed:  # else it has already ended
+            self._send(request_id, encode(Cancel(request_id)))
+
+    def _cancel_later(self, request_id: str) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._cancel, request_id)
+        except RuntimeError:  # the loop is closed, and its requests with it
+            pass
+
+    async def close(self) -> None:
+        """Close the connection; requests still running fail with UnavailableError."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

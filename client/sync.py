@@ -1,0 +1,204 @@
+"""The blocking client: safe to share between threads, many requests over one connection."""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+from operator import methodcaller
+
+import zmq
+
+from ._core import MAX_MESSAGE_BYTES, Response, StreamBase, dealer, new_generate, route
+from .errors import UnavailableError
+from .wire import Cancel, Error, Generate, decode, encode
+
+
+class _Mailbox:
+    """Commands for the IO thread, from any thread.
+
+    A SimpleQueue plus a socket pair to wake the thread's poller, rather than an inproc zmq
+    socket: both are safe to use from several threads at once and from `__del__` (a dropped
+    stream cancels its request), which a zmq socket is not."""
+
+    def __init__(self):
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.wake, self._waker = socket.socketpair()
+        self.wake.setblocking(False)
+        self._waker.setblocking(False)
+
+    def put(self, command: methodcaller) -> None:
+        self._commands.put(command)
+        try:
+            self._waker.send(b"\0")
+        except OSError:  # full: a wake-up is already pending; closed: the client is gone
+            pass
+
+    def take_all(self) -> list[methodcaller]:
+        # read the wake-ups before the queue, so that a command put meanwhile wakes the poller again
+        try:
+            while self.wake.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        commands = []
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def close(self) -> None:
+        self.wake.close()
+        self._waker.close()
+
+
+class _IOLoop:
+    """The IO thread: the only code that touches the DEALER socket and the table of requests."""
+
+    def __init__(self, sock: zmq.Socket, mailbox: _Mailbox):
+        self._sock = sock
+        self._mailbox = mailbox
+        self._routes: dict[str, queue.SimpleQueue] = {}
+        self._running = True
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._mailbox.wake, zmq.POLLIN)
+        try:
+            while self._running:
+                for item, _ in poller.poll():
+                    if item is self._sock:
+                        self._receive()
+                    else:
+                        for command in self._mailbox.take_all():
+                            command(self)
+        finally:
+            self._deliver(Error("", "unavailable", "the client was closed"))
+            self._sock.close(linger=0)
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            msg = decode(frames)
+            if msg is not None:
+                self._deliver(msg)
+
+    def _deliver(self, msg) -> None:
+        for inbox in route(self._routes, msg):
+            inbox.put(msg)
+
+    def _send(self, request_id: str, frame: bytes) -> None:
+        try:
+            self._sock.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            # the gateway has been unreachable long enough to fill the send queue: fail the
+            # request rather than block this thread, which every other request needs
+            self._deliver(Error(request_id, "unavailable", "the gateway is unreachable (send queue full)"))
+
+    # ---- commands (run in this thread, put by _Mailbox) ----
+
+    def start(self, request_id: str, frame: bytes, inbox: queue.SimpleQueue) -> None:
+        self._routes[request_id] = inbox
+        self._send(request_id, frame)
+
+    def cancel(self, request_id: str) -> None:
+        if self._routes.pop(request_id, None) is not None:  # else it has already ended
+            self._send(request_id, encode(Cancel(request_id)))
+
+    def stop(self) -> None:
+        self._running = False
+
+
+class Stream(StreamBase):
+    """Iterates one request's StreamEvents. Closing it (`close()`, leaving a `with` block, or
+    dropping it, as a `break` out of `for ev in client.stream(...)` does) cancels the request."""
+
+    def __init__(self, msg: Generate, inbox: queue.SimpleQueue, cancel):
+        super().__init__(msg, cancel)
+        self._inbox = inbox
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self):
+        while not self._ready:
+            if self._over:
+                raise StopIteration
+            self._take(self._receive())
+        return self._ready.popleft()
+
+    def _receive(self):
+        try:
+            return self._inbox.get(timeout=self._remaining())
+        except queue.Empty:
+            raise self._timed_out() from None
+
+    def response(self) -> Response:
+        """Wait for the end of the request; the whole of it, including events already iterated."""
+        for _ in self:
+            pass
+        return self._response()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Client:
+    """A connection to a gateway's client port, usable from many threads at once.
+
+    One background thread owns the socket (zmq sockets are not thread safe) and hands each reply
+    to the request it belongs to."""
+
+    def __init__(self, endpoint: str, api_key: str | None = None, *, max_message_bytes: int = MAX_MESSAGE_BYTES):
+        self._api_key = api_key
+        self._ctx = zmq.Context()
+        self._mailbox = _Mailbox()
+        io = _IOLoop(dealer(self._ctx, endpoint, max_message_bytes), self._mailbox)
+        self._thread = threading.Thread(target=io.run, name="splitserve-client-io", daemon=True)
+        self._thread.start()
+        self._lock = threading.Lock()  # orders close() after every start it has to fail
+        self._closed = False
+
+    def generate(self, prompt: str | None = None, **options) -> Response:
+        """Run one request to its end. Options: see `splitserve.client._core.new_generate`."""
+        with self.stream(prompt, **options) as stream:
+            return stream.response()
+
+    def stream(self, prompt: str | None = None, **options) -> Stream:
+        """Start one request and iterate its tokens as they come. Options as for `generate`."""
+        msg = new_generate(prompt, **options)
+        msg.api_key = self._api_key
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        with self._lock:
+            if self._closed:
+                raise UnavailableError("the client is closed")
+            self._mailbox.put(methodcaller("start", msg.id, encode(msg), inbox))
+        return Stream(msg, inbox, self._cancel)
+
+    def _cancel(self, request_id: str) -> None:
+        self._mailbox.put(methodcaller("cancel", request_id))
+
+    def close(self) -> None:
+        """Close the connection; requests still running fail with UnavailableError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._mailbox.put(methodcaller("stop"))
+        self._thread.join()
+        self._mailbox.close()
+        self._ctx.term()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,126 @@
+"""Typed options of the service processes, built once from CLI flags (env vars as defaults).
+
+The flag names are shared by every process kind so that a deployment reads the same way
+everywhere: --host, --port, --zmq-port, --worker-port, --advertise-host, --host-id,
+--kv-transport, --device, --threads, --metrics-port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import dataclass
+
+from .config import ModelOptions, add_model_args, model_options
+
+DEFAULT_ZMQ_PORT = 5555
+DEFAULT_WORKER_PORT = 5556
+DEFAULT_HTTP_PORT = 8080
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"SPLITSERVE_{name}", default)
+
+
+def default_host_id() -> str:
+    """Which machine this process is on: KV moves through memory only between equal host ids."""
+    try:
+        with open("/etc/machine-id") as f:
+            return f.read().strip() or socket.gethostname()
+    except OSError:
+        return socket.gethostname()
+
+
+@dataclass(frozen=True)
+class LimitOptions:
+    max_total_tokens: int
+    max_input_tokens: int
+    prefill_token_budget: int
+
+
+def add_limit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-total-tokens", type=int, default=int(_env("MAX_TOTAL_TOKENS", "0")),
+                   help="prompt + generated tokens per request, the KV slot length (0: the model's positions)")
+    p.add_argument("--max-input-tokens", type=int, default=int(_env("MAX_INPUT_TOKENS", "0")),
+                   help="longest prompt (0: max-total-tokens - 1)")
+    p.add_argument("--prefill-token-budget", type=int, default=int(_env("PREFILL_TOKEN_BUDGET", "0")),
+                   help="tokens packed into one prefill pass (at least max-total-tokens)")
+
+
+def limit_options(ns: argparse.Namespace) -> LimitOptions:
+    return LimitOptions(ns.max_total_tokens, ns.max_input_tokens, ns.prefill_token_budget)
+
+
+@dataclass(frozen=True)
+class LinkOptions:
+    heartbeat_s: float
+    heartbeat_timeout: float
+    drain_timeout: float
+
+
+def add_link_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--heartbeat-interval", type=float, default=float(_env("HEARTBEAT_INTERVAL", "0.5")))
+    p.add_argument("--heartbeat-timeout", type=float, default=float(_env("HEARTBEAT_TIMEOUT", "2.0")),
+                   help="a peer silent for this long is considered gone")
+    p.add_argument("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT", "30")),
+                   help="on SIGTERM, how long in-flight requests may run before they are ended")
+
+
+def link_options(ns: argparse.Namespace) -> LinkOptions:
+    return LinkOptions(ns.heartbeat_interval, ns.heartbeat_timeout, ns.drain_timeout)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    role: str  # prefill | decode
+    model: ModelOptions
+    limits: LimitOptions
+    link: LinkOptions
+    gateway: str  # the gateway's worker endpoint, tcp://HOST:PORT
+    host: str  # bind address of this worker's own sockets
+    advertise_host: str  # the address peers dial
+    host_id: str
+    kv_transport: str  # auto | cuda_ipc | shm | tcp
+    kv_port: int  # decode: the KV endpoint's port (0: any free)
+    metrics_port: int  # /health and /metrics (0: off)
+    worker_id: str
+    num_slots: int  # decode: most KV slots
+    kv_cache_memory_mb: int  # decode: memory budget for the pool (0: no limit besides num_slots)
+    key_bucket: int  # decode: key lengths rounded up to a multiple of this
+    staging_tokens: int  # prefill: staging buffer size (0: twice the prefill budget)
+
+
+def add_worker_args(p: argparse.ArgumentParser, role: str) -> None:
+    add_model_args(p)
+    add_limit_args(p)
+    add_link_args(p)
+    p.add_argument("--gateway", default=_env("GATEWAY", f"tcp://127.0.0.1:{DEFAULT_WORKER_PORT}"),
+                   help="the gateway's worker endpoint")
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address")
+    p.add_argument("--advertise-host", default=_env("ADVERTISE_HOST", ""),
+                   help="address other processes should dial (default: --host)")
+    p.add_argument("--host-id", default=_env("HOST_ID", ""), help="which machine this is (default: /etc/machine-id)")
+    p.add_argument("--kv-transport", default=_env("KV_TRANSPORT", "auto"), choices=["auto", "cuda_ipc", "shm", "tcp"])
+    p.add_argument("--kv-port", type=int, default=int(_env("KV_PORT", "0")), help="decode: KV endpoint port (0: any)")
+    p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "0")),
+                   help="serve /health and /metrics on this port (0: off)")
+    p.add_argument("--worker-id", default="", help="unique name (default: ROLE-HOST-PID)")
+    p.add_argument("--num-slots", type=int, default=int(_env("NUM_SLOTS", "0")),
+                   help="decode: KV slots (0: 64 on CPU, 256 on CUDA, capped by --kv-cache-memory-mb)")
+    p.add_argument("--kv-cache-memory-mb", type=int, default=int(_env("KV_CACHE_MEMORY_MB", "0")),
+                   help="decode: memory for the KV pool (0: no cap besides --num-slots)")
+    p.add_argument("--key-bucket", type=int, default=8, help="decode: key length rounding (a multiple of 8)")
+    p.add_argument("--staging-tokens", type=int, default=0, help="prefill: staging buffer tokens (0: twice the budget)")
+    p.set_defaults(role=role)
+
+
+def worker_options(ns: argparse.Namespace) -> WorkerOptions:
+    host_id = ns.host_id or default_host_id()
+    worker_id = ns.worker_id or f"{ns.role}-{socket.gethostname()}-{os.getpid()}"
+    return WorkerOptions(
+        role=ns.role, model=model_options(ns), limits=limit_options(ns), link=link_options(ns), gateway=ns.gateway,
+        host=ns.host, advertise_host=ns.advertise_host or ns.host, host_id=host_id, kv_transport=ns.kv_transport,
+        kv_port=ns.kv_port, metrics_port=ns.metrics_port, worker_id=worker_id, num_slots=ns.num_slots,
+        kv_cache_memory_mb=ns.kv_cache_memory_mb, key_bucket=ns.key_bucket, staging_tokens=ns.staging_tokens,
+    )

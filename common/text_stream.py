@@ -1,0 +1,50 @@
+"""A request's output text, token by token: incremental detokenization, then stop strings.
+
+Deterministic, so a second process can replay a token it did not emit (the decode worker
+replays the first token, which the prefill worker already sent) and arrive at the same state.
+"""
+
+from __future__ import annotations
+
+from .request import (
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_NONE,
+    FINISH_STOP_STRING,
+    FINISH_STOP_TOKEN,
+    GenerateRequest,
+    TokenEvent,
+)
+from .stopping import StopStringMatcher
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+class TextStream:
+    def __init__(self, tokenizer: Tokenizer, request: GenerateRequest):
+        self.request = request
+        self.detok = IncrementalDetokenizer(tokenizer, request.prompt_ids, skip_special_tokens=True)
+        self.stops = StopStringMatcher(request.stop, request.strip_stop)
+        self.index = 0
+        self.done = False
+        self.slot: int | None = None  # the decode slot holding its KV, once admitted
+
+    def event(self, token: int, finish: int, logprob=None, top=None) -> TokenEvent:
+        """The event for the next token; a stop string in the text overrides `finish`."""
+        text, matched = self.stops.feed(self.detok.add([token]))
+        if matched:
+            finish = FINISH_STOP_STRING
+        elif finish != FINISH_NONE:
+            text += self.stops.feed(self.detok.flush())[0] + self.stops.flush()
+        ev = TokenEvent(self.request.id, self.index, token, text, finish, logprob, top)
+        self.index += 1
+        self.done = finish != FINISH_NONE
+        return ev
+
+
+def first_token_finish(request: GenerateRequest, token: int, eos: int | None) -> int:
+    """Token-level stop checks for the token sampled at prefill."""
+    if not request.ignore_eos and token == eos:
+        return FINISH_EOS
+    if token in request.stop_token_ids:
+        return FINISH_STOP_TOKEN
+    return FINISH_LENGTH if request.max_new_tokens <= 1 else FINISH_NONE

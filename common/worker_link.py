@@ -1,0 +1,95 @@
+"""A worker's link to the gateway: register, heartbeat both ways, reconnect after silence."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import zmq
+
+from . import protocol as P
+from .zmq_util import make_socket
+
+log = logging.getLogger(__name__)
+
+
+def pid_namespace() -> str:
+    """Identifies this process's PID namespace: CUDA IPC needs both peers in the same one."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return f"pid:{os.getpid()}"
+
+
+class GatewayLink:
+    def __init__(self, ctx: zmq.Context, endpoint: str, register: P.Register, heartbeat_s: float, timeout_s: float):
+        self.ctx, self.endpoint, self.register = ctx, endpoint, register
+        self.heartbeat_s, self.timeout_s = heartbeat_s, timeout_s
+        self.decoder = P.decoder(P.GatewayToWorker)
+        self.sock: zmq.Socket | None = None
+        self.generation = 0  # bumped on every reconnect, so pollers know to pick up the new socket
+        self.registered = False
+        self.refused = ""  # the gateway's reason, when it refused this worker
+        self._last_heard = self._last_sent = 0.0
+        self.connect()
+
+    def connect(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)
+        self.sock = make_socket(self.ctx, zmq.DEALER, P.MAX_CONTROL_BYTES)
+        self.sock.connect(self.endpoint)
+        self.generation += 1
+        self.registered = False
+        self._last_heard = time.monotonic()
+        self.send(self.register)
+
+    def send(self, msg, *frames) -> None:
+        try:
+            if frames:
+                self.sock.send_multipart([P.encode(msg), *frames], copy=False, flags=zmq.NOBLOCK)
+            else:
+                self.sock.send(P.encode(msg), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("gateway link is backed up; dropped a %s", type(msg).__name__)
+        self._last_sent = time.monotonic()
+
+    def receive(self) -> list:
+        """Every message waiting on the link (never blocks); malformed frames are dropped."""
+        out = []
+        while True:
+            try:
+                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return out
+            self._last_heard = time.monotonic()
+            try:
+                msg = P.decode(self.decoder, frames[0])
+            except P.DecodeError as e:
+                log.warning("dropped a malformed frame from the gateway: %s", e)
+                continue
+            if isinstance(msg, P.Registered):
+                self._on_registered(msg)
+            elif not isinstance(msg, P.Heartbeat):
+                out.append(msg)
+
+    def _on_registered(self, msg: P.Registered) -> None:
+        if msg.ok:
+            self.registered = True
+            log.info("registered with the gateway at %s as %s", self.endpoint, self.register.worker_id)
+        else:
+            log.error("the gateway refused this worker: %s", msg.reason)
+            self.refused = msg.reason
+
+    def tick(self, load: int, draining: bool) -> None:
+        """Heartbeat when due; reconnect and register again when the gateway has gone silent."""
+        now = time.monotonic()
+        if now - self._last_heard > self.timeout_s:
+            log.warning("no word from the gateway for %.1f s; reconnecting", now - self._last_heard)
+            self.connect()
+        elif now - self._last_sent >= self.heartbeat_s:
+            self.send(P.Heartbeat(load, draining))
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)

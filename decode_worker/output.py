@@ -1,0 +1,92 @@
+"""The decode worker's output thread: overlapping the next step, it turns each step's token ids
+into text (incremental detokenization, stop strings) and sends one message per step to the
+gateway. A stop-string match is handed back to the decode loop, which frees the slot."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+import zmq
+
+from splitserve.common import protocol as P
+from splitserve.common.request import FINISH_NAMES, FINISH_NONE, GenerateRequest
+from splitserve.common.text_stream import TextStream
+from splitserve.common.tokenizer import Tokenizer
+from splitserve.common.zmq_util import make_socket
+
+from .engine import StepOutput
+
+log = logging.getLogger(__name__)
+
+
+class OutputThread:
+    """Fed in order by the decode loop: ("admit", slot, request, first_token, first_text),
+    ("step", StepOutput) and ("stop", None); releases come back on `released`."""
+
+    def __init__(self, ctx: zmq.Context, gateway: str, tokenizer: Tokenizer):
+        self.ctx, self.gateway, self.tokenizer = ctx, gateway, tokenizer
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.released: queue.SimpleQueue = queue.SimpleQueue()  # (slot, request id) to free
+        self.streams: dict[int, TextStream] = {}
+        self.thread = threading.Thread(target=self._run, name="decode-output", daemon=True)
+        self.thread.start()
+
+    def admit(self, slot: int, request: GenerateRequest, first_token: int, first_text: str) -> None:
+        self.inbox.put(("admit", slot, request, first_token, first_text))
+
+    def step(self, out: StepOutput) -> None:
+        self.inbox.put(("step", out))
+
+    def stop(self) -> None:
+        self.inbox.put(("stop",))
+        self.thread.join(timeout=10)
+
+    def _run(self) -> None:
+        # Its own socket: ZMQ sockets belong to one thread, and the gateway routes by request id.
+        sock = make_socket(self.ctx, zmq.DEALER, P.MAX_CONTROL_BYTES)
+        sock.connect(self.gateway)
+        try:
+            while True:
+                item = self.inbox.get()
+                if item[0] == "stop":
+                    return
+                if item[0] == "admit":
+                    self._admit(*item[1:])
+                else:
+                    entries = self._entries(item[1])
+                    if entries:
+                        sock.send(P.encode(P.StepTokens(entries)))
+        except Exception:
+            log.exception("the output thread failed")
+            raise
+        finally:
+            sock.close(0)
+
+    def _admit(self, slot: int, request: GenerateRequest, first_token: int, first_text: str) -> None:
+        stream = TextStream(self.tokenizer, request)
+        replayed = stream.event(first_token, FINISH_NONE)  # the prefill worker already sent it
+        if replayed.text != first_text:
+            log.warning("first-token text of %s differs between prefill and decode", request.id)
+        self.streams[slot] = stream
+
+    def _entries(self, out: StepOutput) -> list[P.StepEntry]:
+        entries = []
+        for i, slot in enumerate(out.slots):
+            stream = self.streams.get(slot)
+            if stream is None or stream.done:  # stopped by a stop string, slot not yet freed
+                continue
+            request = stream.request
+            logprob = top = None
+            if out.logprobs is not None and request.wants_details:
+                logprob = out.logprobs[i]
+                n = request.top_n_tokens
+                if n:
+                    top = list(zip(out.top_ids[i][:n], out.top_logprobs[i][:n]))
+            ev = stream.event(out.tokens[i], out.finish[i], logprob, top)
+            token = P.Token(ev.index, ev.token_id, ev.text, ev.logprob, top)
+            entries.append(P.StepEntry(request.id, token, FINISH_NAMES[ev.finish]))
+            if ev.finish != FINISH_NONE and out.finish[i] == FINISH_NONE:
+                self.released.put((slot, request.id))
+        return entries

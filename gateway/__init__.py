@@ -1,0 +1,1 @@
+"""The gateway: front ends, validation, routing with slot reservations, stream state."""

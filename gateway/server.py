@@ -1,0 +1,237 @@
+"""The gateway process: the worker link and the ZMQ client front on one asyncio (uvloop) loop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+
+from splitserve.common import protocol as P
+from splitserve.common.builtin_models import resolve_model
+from splitserve.common.config import ModelOptions, add_model_args, model_options
+from splitserve.common.limits import Limits
+from splitserve.common.loading import model_fingerprint
+from splitserve.common.model_config import load_model_config
+from splitserve.common.service_config import (
+    DEFAULT_HTTP_PORT,
+    DEFAULT_WORKER_PORT,
+    DEFAULT_ZMQ_PORT,
+    LimitOptions,
+    LinkOptions,
+    add_limit_args,
+    add_link_args,
+    limit_options,
+    link_options,
+)
+from splitserve.common.tokenizer import Tokenizer
+from splitserve.common.zmq_util import bind_endpoint, make_socket, tcp_endpoint
+
+from .core import GatewayCore
+from .workers import Expectations, Worker, WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    model: ModelOptions
+    limits: LimitOptions
+    link: LinkOptions
+    host: str
+    port: int  # HTTP and WebSocket
+    zmq_port: int
+    worker_port: int
+    kv_transport: str
+    max_concurrent_requests: int
+
+
+def add_gateway_args(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    add_model_args(p)
+    add_limit_args(p)
+    add_link_args(p)
+    p.add_argument("--host", default=env("SPLITSERVE_HOST", "127.0.0.1"), help="bind address")
+    p.add_argument("--port", type=int, default=int(env("SPLITSERVE_PORT", str(DEFAULT_HTTP_PORT))),
+                   help="HTTP and WebSocket port")
+    p.add_argument("--zmq-port", type=int, default=int(env("SPLITSERVE_ZMQ_PORT", str(DEFAULT_ZMQ_PORT))),
+                   help="the client library's port (0: any free)")
+    p.add_argument("--worker-port", type=int, default=int(env("SPLITSERVE_WORKER_PORT", str(DEFAULT_WORKER_PORT))),
+                   help="where workers register (0: any free)")
+    p.add_argument("--kv-transport", default=env("SPLITSERVE_KV_TRANSPORT", "auto"),
+                   choices=["auto", "cuda_ipc", "shm", "tcp"], help="how KV moves from prefill to decode")
+    p.add_argument("--max-concurrent-requests", type=int, default=int(env("SPLITSERVE_MAX_CONCURRENT", "512")),
+                   help="requests in flight (running or waiting); beyond it, an overload error")
+
+
+def gateway_options(ns: argparse.Namespace) -> GatewayOptions:
+    return GatewayOptions(model_options(ns), limit_options(ns), link_options(ns), ns.host, ns.port, ns.zmq_port,
+                          ns.worker_port, ns.kv_transport, ns.max_concurrent_requests)
+
+
+class Gateway:
+    def __init__(self, opts: GatewayOptions):
+        self.opts = opts
+        path = resolve_model(opts.model.model, opts.model.home)
+        cfg = load_model_config(path)
+        self.tokenizer = Tokenizer.from_dir(path)
+        lim = opts.limits
+        self.limits = Limits.derive(cfg.n_positions, lim.max_total_tokens, lim.max_input_tokens, lim.prefill_token_budget)
+        want = Expectations(model_fingerprint(cfg, self.tokenizer), self.limits.max_total_tokens)
+        self.registry = WorkerRegistry(want, opts.link.heartbeat_timeout, opts.kv_transport)
+        self.ctx = zmq.asyncio.Context()
+        self.worker_sock = make_socket(self.ctx, zmq.ROUTER, P.MAX_CONTROL_BYTES)
+        self.front = make_socket(self.ctx, zmq.ROUTER, P.MAX_CONTROL_BYTES)
+        # Replies to a client that went away must not pile up or raise.
+        self.front.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.worker_port = bind_endpoint(self.worker_sock, opts.host, opts.worker_port)
+        self.zmq_port = bind_endpoint(self.front, opts.host, opts.zmq_port)
+        self.core = GatewayCore(self.tokenizer, self.limits, self.registry, self._send_worker,
+                                opts.max_concurrent_requests)
+        self.client_ids: dict[tuple[bytes, str], str] = {}  # (client identity, its id) -> gateway id
+        self._stop = asyncio.Event()
+
+    @property
+    def worker_endpoint(self) -> str:
+        return tcp_endpoint(self.opts.host, self.worker_port)
+
+    @property
+    def zmq_endpoint(self) -> str:
+        return tcp_endpoint(self.opts.host, self.zmq_port)
+
+    def _send_worker(self, worker: Worker, msg) -> None:
+        self.worker_sock.send_multipart([worker.identity, P.encode(msg)])
+
+    # ---- loops ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        tasks = [asyncio.create_task(c) for c in (self._worker_loop(), self._front_loop(), self._tick_loop())]
+        try:
+            await self._stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.worker_sock.close(0)
+            self.front.close(0)
+            self.ctx.term()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _worker_loop(self) -> None:
+        dec = P.decoder(P.WorkerToGateway)
+        while True:
+            frames = await self.worker_sock.recv_multipart()
+            if len(frames) < 2:
+                continue
+            identity = frames[0]
+            try:
+                msg = P.decode(dec, frames[1])
+            except P.DecodeError as e:
+                log.warning("dropped a malformed frame on the worker port: %s", e)
+                continue
+            try:
+                self._on_worker(identity, msg)
+            except Exception:  # one bad message must not take the gateway down
+                log.exception("failed to handle %s", type(msg).__name__)
+
+    def _on_worker(self, identity: bytes, msg) -> None:
+        if isinstance(msg, P.Register):
+            reason = self.registry.register(identity, msg)
+            self.worker_sock.send_multipart([identity, P.encode(P.Registered(not reason, reason,
+                                                                             self.opts.link.heartbeat_s))])
+            self.core.dispatch()
+            return
+        worker = self.registry.seen(identity, msg.draining if isinstance(msg, P.Heartbeat) else None)
+        if worker is None:
+            # Output threads of decode workers have identities of their own: route by request.
+            worker = self._worker_for_request(msg)
+            if worker is None:
+                return
+        if not isinstance(msg, P.Heartbeat):
+            self.core.on_worker(worker, msg)
+
+    def _worker_for_request(self, msg) -> Worker | None:
+        if not isinstance(msg, P.StepTokens) or not msg.entries:
+            return None
+        stream = self.core.streams.get(msg.entries[0].id)
+        return None if stream is None else self.registry.workers.get(stream.decode)
+
+    async def _tick_loop(self) -> None:
+        beat = P.encode(P.Heartbeat())
+        while True:
+            await asyncio.sleep(self.opts.link.heartbeat_s)
+            for worker in list(self.registry.workers.values()):
+                self.worker_sock.send_multipart([worker.identity, beat])
+            try:
+                self.core.tick()
+            except Exception:
+                log.exception("gateway tick failed")
+
+    async def _front_loop(self) -> None:
+        dec = P.decoder(P.ClientMessage)
+        while True:
+            frames = await self.front.recv_multipart()
+            if len(frames) < 2:
+                continue
+            identity = frames[0]
+            try:
+                msg = P.decode(dec, frames[1])
+            except P.DecodeError as e:
+                log.warning("dropped a malformed frame on the client port: %s", e)
+                self._reply(identity, P.Error("", "validation", f"malformed message: {e}"))
+                continue
+            if isinstance(msg, P.Generate):
+                self._on_generate(identity, msg)
+            else:
+                gid = self.client_ids.pop((identity, msg.id), None)
+                if gid is not None:
+                    self.core.cancel(gid)
+
+    def _on_generate(self, identity: bytes, msg: P.Generate) -> None:
+        key = (identity, msg.id)
+        if key in self.client_ids:
+            self._reply(identity, P.Error(msg.id, "validation", f"request id {msg.id!r} is already in use"))
+            return
+
+        def sink(out) -> None:
+            self._reply(identity, out)
+            if isinstance(out, P.Error) or out.finish_reason is not None:
+                self.client_ids.pop(key, None)
+
+        gid = self.core.submit(msg.id, msg, sink)
+        if gid is not None and gid in self.core.streams:
+            self.client_ids[key] = gid
+
+    def _reply(self, identity: bytes, msg) -> None:
+        try:
+            self.front.send_multipart([identity, P.encode(msg)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            log.debug("could not reply to a client: %s", e)
+
+
+def run(opts: GatewayOptions) -> int:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+    async def main() -> None:
+        gw = Gateway(opts)
+        log.info("gateway: clients at %s, workers at %s", gw.zmq_endpoint, gw.worker_endpoint)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, gw.stop)
+        await gw.run()
+
+    asyncio.run(main())
+    return 0

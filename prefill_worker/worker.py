@@ -1,0 +1,283 @@
+"""The prefill worker process: queue prompts, prefill them in packed batches, send each first
+token to the gateway, and hand each prompt's KV to the decode worker the gateway named.
+
+One thread: poll the sockets, run a batch when there is work and staging room, repeat. A batch
+blocks the loop for its duration, which the heartbeat timeout comfortably allows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from splitserve.common import protocol as P
+from splitserve.common.kv_transport import allocate_staging, gpu_uuids
+from splitserve.common.limits import Limits
+from splitserve.common.loading import LoadedModel
+from splitserve.common.metrics_http import WorkerMetrics
+from splitserve.common.request import FINISH_NAMES
+from splitserve.common.runtime import DTYPE_NAMES
+from splitserve.common.service_config import WorkerOptions
+from splitserve.common.text_stream import TextStream, first_token_finish
+from splitserve.common.worker_link import GatewayLink, pid_namespace
+from splitserve.common.zmq_util import make_socket
+
+from .engine import PrefillEngine, PrefillResult, take_batch
+from .staging import RegionAllocator
+
+log = logging.getLogger(__name__)
+
+HANDOFF_TIMEOUT_S = 30.0  # a KvRelease that never comes (decode worker gone) frees staging after this
+CANCELLED_MEMORY_S = 60.0
+
+
+@dataclass
+class Handoff:
+    job: P.Prefill
+    result: PrefillResult
+    first_text: str
+    sent_at: float
+    tries: int = 1
+
+
+def token_of(ev, top) -> P.Token:
+    return P.Token(ev.index, ev.token_id, ev.text, ev.logprob, top)
+
+
+class PrefillWorker:
+    def __init__(self, opts: WorkerOptions, lm: LoadedModel, limits: Limits):
+        self.opts, self.lm, self.limits = opts, lm, limits
+        cfg = lm.cfg
+        staging_tokens = max(opts.staging_tokens or 2 * limits.prefill_token_budget, limits.prefill_token_budget)
+        kind = "cuda_ipc" if lm.device.type == "cuda" else "shm"
+        if opts.kv_transport == "tcp":
+            kind = "tcp"
+        shape = (cfg.n_layer, 2, staging_tokens, cfg.kv_heads, cfg.head_dim)
+        self.staging = allocate_staging(shape, lm.dtype, lm.device, kind, opts.worker_id)
+        self.engine = PrefillEngine(lm, limits.prefill_token_budget, staging=self.staging.tensor)
+        self.regions = RegionAllocator(staging_tokens)
+        self.queue: deque[P.Prefill] = deque()
+        self.queued_tokens = 0
+        self.handoffs: dict[str, Handoff] = {}
+        self.cancelled: dict[str, float] = {}
+        self.kv_socks: dict[str, zmq.Socket] = {}
+        self.ctx = zmq.Context()
+        transports = [kind, "tcp"] if kind != "tcp" else ["tcp"]
+        self.link = GatewayLink(self.ctx, opts.gateway, self._register(transports), opts.link.heartbeat_s,
+                                opts.link.heartbeat_timeout)
+        self.metrics = WorkerMetrics("prefill", opts.metrics_port, self._health, opts.host)
+        self.draining = False
+        self.drain_deadline = float("inf")
+
+    def _register(self, transports: list[str]) -> P.Register:
+        o, lm = self.opts, self.lm
+        return P.Register(
+            role="prefill", worker_id=o.worker_id, protocol=P.PROTOCOL_VERSION, host_id=o.host_id,
+            gpu_uuids=gpu_uuids(), device=str(lm.device), kv_endpoint="", kv_transports=transports,
+            capacity=self.limits.prefill_token_budget, model_fingerprint=lm.fingerprint(),
+            dtype=DTYPE_NAMES[lm.dtype], slot_len=self.limits.max_total_tokens, pid=os.getpid(),
+            pid_namespace=pid_namespace(),
+        )
+
+    def _health(self) -> dict:
+        return {"role": "prefill", "registered": self.link.registered, "draining": self.draining,
+                "queued_tokens": self.queued_tokens, "handoffs": len(self.handoffs),
+                "staging_free_tokens": self.regions.free_tokens}
+
+    # ---- loop ---------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self._start_drain(self.opts.link.drain_timeout))
+        poller, sockets_seen = zmq.Poller(), None
+        try:
+            while not (self.draining and self._drained()):
+                if self.link.refused:
+                    return 1
+                if sockets_seen != (self.link.generation, len(self.kv_socks)):
+                    poller, sockets_seen = self._poller(), (self.link.generation, len(self.kv_socks))
+                busy = self.queue and self.regions.largest_free() > 0
+                for sock, _ in poller.poll(0 if busy else int(self.opts.link.heartbeat_s * 500)):
+                    if sock is self.link.sock:
+                        for msg in self.link.receive():
+                            self._on_gateway(msg)
+                    else:
+                        self._on_kv(sock)
+                self._housekeeping()
+                if self.queue:
+                    self._run_batch()
+            return 0
+        finally:
+            self.close()
+
+    def _poller(self) -> zmq.Poller:
+        poller = zmq.Poller()
+        poller.register(self.link.sock, zmq.POLLIN)
+        for sock in self.kv_socks.values():
+            poller.register(sock, zmq.POLLIN)
+        return poller
+
+    def _housekeeping(self) -> None:
+        self.link.tick(self.queued_tokens, self.draining)
+        now = time.monotonic()
+        for rid, h in list(self.handoffs.items()):
+            if now - h.sent_at > HANDOFF_TIMEOUT_S:
+                self._fail_handoff(rid, "the decode worker did not take the KV in time")
+        for rid, t in list(self.cancelled.items()):
+            if now - t > CANCELLED_MEMORY_S:
+                del self.cancelled[rid]
+        if self.draining and time.monotonic() > self.drain_deadline:
+            for job in list(self.queue):
+                self._drop(job, "shutdown")
+        self.metrics.set(queued_tokens=self.queued_tokens, handoffs=len(self.handoffs))
+
+    def _drained(self) -> bool:
+        return not self.queue and not self.handoffs
+
+    def _start_drain(self, timeout_s: float) -> None:
+        if not self.draining:
+            log.info("draining: finishing %d queued prompts (up to %.0f s)", len(self.queue), timeout_s)
+            self.draining = True
+            self.drain_deadline = time.monotonic() + timeout_s
+
+    # ---- gateway messages -----------------------------------------------------------------
+
+    def _on_gateway(self, msg) -> None:
+        if isinstance(msg, P.Prefill):
+            if msg.request.id in self.cancelled:
+                self.link.send(P.Finished(msg.request.id, "cancelled"))
+            else:
+                self.queue.append(msg)
+                self.queued_tokens += len(msg.request.prompt_ids)
+        elif isinstance(msg, P.Cancel):
+            self._cancel(msg.id)
+        elif isinstance(msg, P.Drain):
+            self._start_drain(msg.timeout_s)
+
+    def _cancel(self, rid: str) -> None:
+        for job in self.queue:
+            if job.request.id == rid:
+                self._drop(job, "cancelled")
+                return
+        self.cancelled[rid] = time.monotonic()
+
+    def _drop(self, job: P.Prefill, reason: str) -> None:
+        self.queue.remove(job)
+        self.queued_tokens -= len(job.request.prompt_ids)
+        self.link.send(P.Finished(job.request.id, reason))
+
+    # ---- prefill --------------------------------------------------------------------------
+
+    def _run_batch(self) -> None:
+        now = time.time()
+        for job in [j for j in self.queue if j.deadline is not None and j.deadline < now]:
+            self._drop(job, "timeout")
+        budget = min(self.limits.prefill_token_budget, self.regions.largest_free())
+        batch = take_batch(self.queue, budget, lambda j: len(j.request.prompt_ids))
+        if not batch:
+            return
+        total = sum(len(j.request.prompt_ids) for j in batch)
+        self.queued_tokens -= total
+        offset = self.regions.alloc(total)
+        try:
+            with torch.inference_mode():
+                results = self.engine.run([j.request for j in batch], offset)
+            self.staging.record_write()
+        except Exception as e:  # a failing batch ends its requests, the worker lives on
+            log.exception("prefill batch failed")
+            self.regions.free(offset, total)
+            for job in batch:
+                self.link.send(P.WorkerError(job.request.id, f"prefill failed: {e}"))
+            return
+        self.metrics.observe_batch(len(batch), total)
+        for job, res in zip(batch, results):
+            self._after_prefill(job, res)
+
+    def _after_prefill(self, job: P.Prefill, res: PrefillResult) -> None:
+        request = job.request
+        stream = TextStream(self.lm.tokenizer, request)
+        finish = first_token_finish(request, res.first_token, self.lm.cfg.eos_token_id)
+        ev = stream.event(res.first_token, finish, res.logprob, res.top_tokens)
+        cancelled = self.cancelled.pop(request.id, None) is not None
+        reason = "cancelled" if cancelled else FINISH_NAMES[ev.finish]
+        self.link.send(P.FirstToken(request.id, token_of(ev, res.top_tokens), reason, res.prompt_logprobs))
+        if reason is not None:
+            self.regions.free(res.kv_offset, res.kv_len)
+            return
+        self.handoffs[request.id] = Handoff(job, res, ev.text, time.monotonic())
+        self._send_kv(request.id)
+
+    def _send_kv(self, rid: str) -> None:
+        h = self.handoffs[rid]
+        sock = self._kv_socket(h.job.decode_endpoint)
+        res = h.result
+        ready = P.KvReady(h.job.request, res.first_token, h.first_text,
+                          P.KvLocation(res.kv_offset, res.kv_len, self.staging.key), h.job.transport,
+                          self.opts.worker_id, h.job.deadline)
+        frames = self.staging.frames(res.kv_offset, res.kv_len) if h.job.transport == "tcp" else []
+        sock.send_multipart([P.encode(ready), *frames], copy=False)
+        h.sent_at = time.monotonic()
+
+    def _kv_socket(self, endpoint: str) -> zmq.Socket:
+        sock = self.kv_socks.get(endpoint)
+        if sock is None:
+            sock = make_socket(self.ctx, zmq.DEALER, P.MAX_CONTROL_BYTES)
+            sock.connect(endpoint)
+            # Ordered before any KvReady on this connection, so the decode side can open staging.
+            sock.send(P.encode(P.KvStaging(self.opts.worker_id, self.staging.export())))
+            self.kv_socks[endpoint] = sock
+        return sock
+
+    def _on_kv(self, sock: zmq.Socket) -> None:
+        dec = P.decoder(P.KvRelease)
+        while True:
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = P.decode(dec, frames[0])
+            except P.DecodeError as e:
+                log.warning("dropped a malformed KV-link frame: %s", e)
+                continue
+            self._on_release(msg, sock)
+
+    def _on_release(self, msg: P.KvRelease, sock: zmq.Socket) -> None:
+        h = self.handoffs.get(msg.id)
+        if h is None or h.result.kv_offset != msg.offset:
+            return
+        if msg.ok:
+            del self.handoffs[msg.id]
+            self.regions.free(h.result.kv_offset, h.result.kv_len)
+        elif h.tries < 2:  # retried once, with the staging description sent again first
+            log.warning("handoff of %s failed (%s); retrying once", msg.id, msg.message)
+            h.tries += 1
+            sock.send(P.encode(P.KvStaging(self.opts.worker_id, self.staging.export())))
+            self._send_kv(msg.id)
+        else:
+            self._fail_handoff(msg.id, f"KV handoff failed twice: {msg.message}")
+
+    def _fail_handoff(self, rid: str, message: str) -> None:
+        h = self.handoffs.pop(rid)
+        self.regions.free(h.result.kv_offset, h.result.kv_len)
+        self.link.send(P.WorkerError(rid, message))
+
+    def close(self) -> None:
+        self.link.close()
+        for sock in self.kv_socks.values():
+            sock.close(0)
+        self.staging.close()
+        self.metrics.close()
+        self.ctx.term()
+
+
+def run(opts: WorkerOptions, lm: LoadedModel) -> int:
+    limits = Limits.derive(lm.cfg.n_positions, opts.limits.max_total_tokens, opts.limits.max_input_tokens,
+                           opts.limits.prefill_token_budget)
+    return PrefillWorker(opts, lm, limits).serve()

@@ -1,0 +1,4 @@
+from splitserve.commands.worker import add_args_for, run
+
+add_args = add_args_for("decode")
+__all__ = ["add_args", "run"]

@@ -1,0 +1,170 @@
+"""`splitserve serve`: the gateway in this process and N prefill + M decode worker processes.
+
+Waits until every worker has registered, prints where to connect, and on Ctrl-C or SIGTERM
+drains: the gateway stops admitting, workers finish what they hold (up to --drain-timeout) and
+exit, and every child is gone before this process returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import glob
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from splitserve.common import protocol as P
+from splitserve.gateway.server import Gateway, add_gateway_args, gateway_options
+from splitserve.logs import setup_logging
+
+log = logging.getLogger("splitserve.serve")
+
+READY_TIMEOUT_S = 600.0
+EXIT_GRACE_S = 10.0
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    add_gateway_args(p)
+    p.add_argument("--prefill-workers", type=int, default=1)
+    p.add_argument("--decode-workers", type=int, default=1)
+    p.add_argument("--num-slots", type=int, default=0, help="decode: KV slots per worker (0: by device)")
+    p.add_argument("--kv-cache-memory-mb", type=int, default=0, help="decode: memory for each worker's KV pool")
+    p.add_argument("--key-bucket", type=int, default=8)
+
+
+def _die_with_parent() -> None:
+    """Runs in each child before exec: the kernel sends it SIGTERM if this process dies, even by
+    SIGKILL, so no worker outlives `serve`."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def worker_command(args: argparse.Namespace, role: str, index: int, gateway: str, threads: int) -> list[str]:
+    cmd = [sys.executable, "-m", "splitserve.cli", role, "--gateway", gateway, "--model", args.model,
+           "--dtype", args.dtype, "--device", args.device, "--threads", str(threads), "--home", str(args.home),
+           "--host", args.host, "--worker-id", f"{role}-{index}-{os.getpid()}",
+           "--kv-transport", args.kv_transport,
+           "--max-total-tokens", str(args.max_total_tokens), "--max-input-tokens", str(args.max_input_tokens),
+           "--prefill-token-budget", str(args.prefill_token_budget),
+           "--heartbeat-interval", str(args.heartbeat_interval), "--heartbeat-timeout", str(args.heartbeat_timeout),
+           "--drain-timeout", str(args.drain_timeout)]
+    if role == "decode":
+        cmd += ["--num-slots", str(args.num_slots), "--kv-cache-memory-mb", str(args.kv_cache_memory_mb),
+                "--key-bucket", str(args.key_bucket)]
+    return cmd
+
+
+def threads_per_worker(total: int, workers: int) -> int:
+    """Split the cores so that processes sharing the machine don't oversubscribe it."""
+    return max(1, (total or os.cpu_count() or 1) // max(1, workers))
+
+
+class Supervisor:
+    def __init__(self, args: argparse.Namespace, gw: Gateway):
+        self.args, self.gw = args, gw
+        self.children: list[subprocess.Popen] = []
+        self.stopping = False
+
+    def start_workers(self) -> None:
+        a = self.args
+        threads = threads_per_worker(a.threads, a.prefill_workers + a.decode_workers)
+        for role, count in (("prefill", a.prefill_workers), ("decode", a.decode_workers)):
+            for i in range(count):
+                cmd = worker_command(a, role, i, self.gw.worker_endpoint, threads)
+                self.children.append(subprocess.Popen(cmd, preexec_fn=_die_with_parent))
+
+    async def wait_ready(self) -> bool:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        want = {"prefill": self.args.prefill_workers, "decode": self.args.decode_workers}
+        while time.monotonic() < deadline and not self.stopping:
+            if all(len(self.gw.registry.of_role(r)) >= n for r, n in want.items()):
+                return True
+            dead = [c for c in self.children if c.poll() is not None]
+            if dead:
+                log.error("a worker exited during start-up (exit code %s)", dead[0].returncode)
+                return False
+            await asyncio.sleep(0.1)
+        return False
+
+    async def drain(self) -> None:
+        """Stop admitting, let workers finish (they exit when drained), then make sure they did."""
+        self.gw.core.draining = True
+        timeout = self.args.drain_timeout
+        for worker in list(self.gw.registry.workers.values()):
+            self.gw._send_worker(worker, P.Drain(timeout))
+        deadline = time.monotonic() + timeout + EXIT_GRACE_S
+        while time.monotonic() < deadline and any(c.poll() is None for c in self.children):
+            await asyncio.sleep(0.1)
+        self.kill_all()
+
+    def kill_all(self) -> None:
+        for c in self.children:
+            if c.poll() is None:
+                c.terminate()
+        for c in self.children:
+            try:
+                c.wait(timeout=EXIT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                c.kill()
+                c.wait()
+        remove_ipc_files(os.getpid())
+
+
+def remove_ipc_files(serve_pid: int) -> None:
+    """Staging files of workers that could not remove their own (killed hard)."""
+    for path in glob.glob(f"/dev/shm/splitserve-*-{serve_pid}-*"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging("serve")
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    return asyncio.run(_serve(args))
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    gw = Gateway(gateway_options(args))
+    sup = Supervisor(args, gw)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal() -> None:
+        sup.stopping = True
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    gateway_task = asyncio.create_task(gw.run())
+    sup.start_workers()
+    try:
+        if not await sup.wait_ready():
+            if not sup.stopping:
+                log.error("workers did not become ready")
+                return 1
+        else:
+            print(f"splitserve ready: model {args.model}, {args.prefill_workers} prefill + {args.decode_workers} "
+                  f"decode workers\n  ZMQ clients: {gw.zmq_endpoint}\n  workers register at: {gw.worker_endpoint}",
+                  flush=True)
+            await stop.wait()
+        log.info("shutting down: draining in-flight requests (up to %.0f s)", args.drain_timeout)
+        await sup.drain()
+        return 0
+    finally:
+        sup.kill_all()
+        gw.stop()
+        await gateway_task

@@ -1,0 +1,25 @@
+"""`splitserve prefill` and `splitserve decode`: one worker process each."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from splitserve.common.service_config import add_worker_args, worker_options
+from splitserve.logs import setup_logging
+from splitserve.runtime_setup import open_model
+
+
+def add_args_for(role: str):
+    def add_args(p: argparse.ArgumentParser) -> None:
+        add_worker_args(p, role)
+
+    return add_args
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = worker_options(args)
+    setup_logging(opts.role)
+    lm = open_model(opts.model)
+    module = importlib.import_module(f"splitserve.{opts.role}_worker.worker")
+    return module.run(opts, lm)

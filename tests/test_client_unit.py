@@ -1,0 +1,315 @@
+"""The client library against a scripted fake gateway (no model, no torch in the client)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Union
+
+import msgspec
+import pytest
+import zmq
+
+from splitserve.client import (AsyncClient, Client, GenerationError, GenerationTimeout, OverloadedError,
+                               SplitserveError, UnauthorizedError, UnavailableError, ValidationError, wire)
+from splitserve.common import protocol as P
+
+# ---- wire compatibility -------------------------------------------------------------------
+
+PARAMS = dict(max_new_tokens=7, do_sample=True, temperature=0.7, top_k=5, top_p=0.9, typical_p=0.8,
+              repetition_penalty=1.2, frequency_penalty=0.3, seed=11, stop=["\n\n"], stop_token_ids=[0, 3],
+              strip_stop=True, ignore_eos=True, logprobs=True, top_n_tokens=2, prompt_logprobs=True, truncate=100)
+TOKEN = dict(index=3, token_id=42, text="def", logprob=-0.25, top_tokens=[(42, -0.25), (7, -1.5)])
+
+
+def samples(m):
+    """One instance of every client-side struct, non-default wherever it can be, from module `m`."""
+    return [
+        m.GenerateParams(**PARAMS),
+        m.Generate("r1", "def f():", [1, 2], m.GenerateParams(**PARAMS), 2.5, "key"),
+        m.Generate("r2", None, None),
+        m.Cancel("r1"),
+        m.Token(**TOKEN),
+        m.TokenBatch("r1", [m.Token(**TOKEN), m.Token(4, 9, "")], "length", 12, 99, [None, -1.0]),
+        m.Error("r1", "validation", "bad"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(len(samples(wire))))
+def test_wire_structs_match_the_protocol(i):
+    ours, theirs = samples(wire)[i], samples(P)[i]
+    assert type(ours).__name__ == type(theirs).__name__
+    assert wire.encode(ours) == P.encode(theirs)
+    assert msgspec.to_builtins(msgspec.msgpack.decode(P.encode(theirs), type=type(ours))) == msgspec.to_builtins(ours)
+    assert msgspec.to_builtins(msgspec.msgpack.decode(wire.encode(ours), type=type(theirs))) == msgspec.to_builtins(theirs)
+    assert ([(f.name, f.default) for f in msgspec.structs.fields(ours)]
+            == [(f.name, f.default) for f in msgspec.structs.fields(theirs)])
+    assert config(type(ours)) == config(type(theirs))
+
+
+def config(struct_type) -> dict:
+    c = struct_type.__struct_config__
+    return {k: getattr(c, k) for k in ("tag", "tag_field", "array_like", "omit_defaults", "forbid_unknown_fields")}
+
+
+def test_the_gateway_decodes_what_the_client_sends_and_back():
+    to_gateway = P.decoder(P.ClientMessage)
+    for msg in (samples(wire)[1], samples(wire)[3]):
+        assert msgspec.to_builtins(P.decode(to_gateway, wire.encode(msg))) == msgspec.to_builtins(msg)
+    for msg in (samples(P)[5], samples(P)[6]):
+        assert msgspec.to_builtins(wire.decode([P.encode(msg)])) == msgspec.to_builtins(msg)
+
+
+def test_importing_the_client_does_not_import_torch():
+    code = ("import sys, splitserve.client; "
+            "assert 'torch' not in sys.modules; "
+            "assert not any(m.startswith('splitserve.common') for m in sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ---- a scripted gateway -------------------------------------------------------------------
+
+MANY = 8
+
+
+class FakeGateway:
+    """A ROUTER on a random local port, in a thread, answering each Generate by its prompt:
+    "hello": junk frames, then 3 tokens over 2 batches with one token sent twice;
+    "many:<i>": held until MANY arrive, then answered in reverse order, batches interleaved;
+    "hang": one token, then nothing; "error:<type>": that Error."""
+
+    def __init__(self):
+        self.received: list = []
+        self._changed = threading.Condition()
+        self._held: list[tuple[bytes, P.Generate]] = []
+        self._stop = threading.Event()
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self.endpoint = f"tcp://127.0.0.1:{self._sock.bind_to_random_port('tcp://127.0.0.1')}"
+        self._decoder = P.decoder(P.ClientMessage)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+    def wait_for(self, predicate, timeout=5.0):
+        with self._changed:
+            assert self._changed.wait_for(lambda: predicate(self.received), timeout), self.received
+
+    def cancelled(self, request_id):
+        return any(isinstance(m, P.Cancel) and m.id == request_id for m in self.received)
+
+    def generates(self, prompt):
+        return [m for m in self.received if isinstance(m, P.Generate) and m.prompt == prompt]
+
+    def _serve(self):
+        while not self._stop.is_set():
+            if self._sock.poll(20):
+                ident, frame = self._sock.recv_multipart()
+                msg = P.decode(self._decoder, frame)
+                with self._changed:
+                    self.received.append(msg)
+                    self._changed.notify_all()
+                if isinstance(msg, P.Generate):
+                    self._answer(ident, msg)
+
+    def _send(self, ident, *msgs):
+        for msg in msgs:
+            self._sock.send_multipart([ident, msg if isinstance(msg, bytes) else P.encode(msg)])
+
+    def _answer(self, ident, gen):
+        rid, prompt = gen.id, gen.prompt
+        if prompt == "hello":
+            self._send(ident, b"\xc1 not msgpack", P.encode(P.Cancel(rid)),
+                       P.TokenBatch(rid, [P.Token(0, 1, "Hel", -0.1), P.Token(1, 2, "lo", -0.2)], seed=7),
+                       P.TokenBatch(rid, [P.Token(1, 2, "lo", -0.2), P.Token(2, 3, "!", -0.5, [(3, -0.5), (4, -2.0)])],
+                                    "length", prompt_tokens=2))
+        elif prompt.startswith("many:"):
+            self._held.append((ident, gen))
+            if len(self._held) == MANY:
+                self._answer_held()
+        elif prompt == "hang":
+            self._send(ident, P.TokenBatch(rid, [P.Token(0, 1, "x")]))
+        elif prompt.startswith("error:"):
+            self._send(ident, P.Error(rid, prompt.removeprefix("error:"), "boom"))
+
+    def _answer_held(self):
+        held = self._held[::-1]
+        for ident, gen in held:
+            self._send(ident, P.TokenBatch(gen.id, [P.Token(0, 10, gen.prompt)]))
+        for ident, gen in held:
+            n = int(gen.prompt.removeprefix("many:"))
+            self._send(ident, P.TokenBatch(gen.id, [P.Token(1, n, "!")], "eos_token"))
+        self._held.clear()
+
+
+@pytest.fixture
+def gateway():
+    gw = FakeGateway()
+    yield gw
+    gw.close()
+
+
+@pytest.fixture
+def client(gateway):
+    with Client(gateway.endpoint, api_key="secret") as c:
+        yield c
+
+
+ERRORS = {"validation": ValidationError, "overloaded": OverloadedError, "timeout": GenerationTimeout,
+          "unauthorized": UnauthorizedError, "generation": GenerationError, "unavailable": UnavailableError,
+          "something-new": SplitserveError}
+
+
+# ---- sync client --------------------------------------------------------------------------
+
+
+def test_generate_returns_text_ids_and_finish_reason(client, gateway):
+    resp = client.generate("hello")
+    assert (resp.text, resp.token_ids, resp.finish_reason, resp.details) == ("Hello!", [1, 2, 3], "length", None)
+    (sent,) = gateway.generates("hello")
+    assert sent.api_key == "secret" and sent.params.do_sample is False and sent.params.logprobs is False
+
+
+def test_generate_details(client):
+    details = client.generate("hello", details=True).details
+    assert (details.seed, details.prompt_tokens) == (7, 2)
+    assert [t.logprob for t in details.tokens] == [-0.1, -0.2, -0.5]
+    assert details.tokens[2].top_tokens == [(3, -0.5), (4, -2.0)]
+
+
+@pytest.mark.parametrize("options, sampled", [
+    ({}, False), ({"temperature": 0.5}, True), ({"seed": 3}, True), ({"top_k": 5}, True), ({"temperature": 0}, False),
+])
+def test_sampling_only_when_a_sampling_option_is_given(client, gateway, options, sampled):
+    client.generate("hello", **options)
+    (sent,) = gateway.generates("hello")
+    assert sent.params.do_sample is sampled
+    assert sent.params.temperature == (options.get("temperature", 1.0) if sampled else 1.0)
+
+
+def test_options_reach_the_gateway(client, gateway):
+    client.generate("hello", max_new_tokens=5, stop="\n", stop_token_ids=[0], top_n_tokens=2, strip_stop=True,
+                    ignore_eos=True, timeout=30, repetition_penalty=1.1)
+    (sent,) = gateway.generates("hello")
+    p = sent.params
+    assert (p.max_new_tokens, p.stop, p.stop_token_ids, p.top_n_tokens, p.strip_stop, p.ignore_eos) == \
+        (5, ["\n"], [0], 2, True, True)
+    assert (p.repetition_penalty, sent.timeout_s) == (1.1, 30)
+
+
+def test_stream_yields_events_in_order_without_duplicates(client):
+    events = list(client.stream("hello"))
+    assert [(e.index, e.token_id, e.text) for e in events] == [(0, 1, "Hel"), (1, 2, "lo"), (2, 3, "!")]
+    assert [e.finish_reason for e in events] == [None, None, "length"]
+
+
+def test_concurrent_requests_from_threads_share_one_client(client):
+    with ThreadPoolExecutor(MANY) as pool:
+        responses = list(pool.map(lambda i: client.generate(f"many:{i}", timeout=10), range(MANY)))
+    assert [(r.text, r.token_ids) for r in responses] == [(f"many:{i}!", [10, i]) for i in range(MANY)]
+
+
+def test_breaking_out_of_a_stream_cancels_it(client, gateway):
+    for ev in client.stream("hang"):
+        assert ev.text == "x"
+        break
+    (sent,) = gateway.generates("hang")
+    gateway.wait_for(lambda _: gateway.cancelled(sent.id))
+
+
+def test_closing_a_stream_cancels_it(client, gateway):
+    stream = client.stream("hang")
+    assert next(stream).text == "x"
+    stream.close()
+    gateway.wait_for(lambda _: gateway.cancelled(stream.id))
+    assert list(stream) == []
+
+
+def test_a_finished_request_is_not_cancelled(client, gateway):
+    stream = client.stream("hello")
+    list(stream)
+    stream.close()
+    time.sleep(0.1)  # a Cancel would have reached the gateway by now
+    assert not gateway.cancelled(stream.id)
+
+
+@pytest.mark.parametrize("error_type", ERRORS)
+def test_errors_map_to_exceptions(client, error_type):
+    with pytest.raises(ERRORS[error_type], match="boom") as caught:
+        client.generate(f"error:{error_type}")
+    assert caught.value.request_id is not None
+    with pytest.raises(ERRORS[error_type]):
+        list(client.stream(f"error:{error_type}"))
+
+
+def test_timeout_raises_and_cancels(client, gateway):
+    start = time.monotonic()
+    with pytest.raises(GenerationTimeout):
+        client.generate("hang", timeout=0.3)
+    assert 0.25 < time.monotonic() - start < 3
+    (sent,) = gateway.generates("hang")
+    assert sent.timeout_s == 0.3
+    gateway.wait_for(lambda _: gateway.cancelled(sent.id))
+
+
+def test_closing_the_client_fails_running_requests(gateway):
+    c = Client(gateway.endpoint)
+    stream = c.stream("hang")
+    next(stream)
+    c.close()
+    with pytest.raises(UnavailableError):
+        next(stream)
+    with pytest.raises(UnavailableError):
+        c.generate("hello")
+
+
+# ---- async client -------------------------------------------------------------------------
+
+
+async def test_async_generate(gateway):
+    async with AsyncClient(gateway.endpoint) as c:
+        resp = await c.generate("hello", details=True)
+        many = await asyncio.gather(*(c.generate(f"many:{i}", timeout=10) for i in range(MANY)))
+    assert (resp.text, resp.token_ids, resp.finish_reason, resp.details.seed) == ("Hello!", [1, 2, 3], "length", 7)
+    assert [r.text for r in many] == [f"many:{i}!" for i in range(MANY)]
+
+
+async def eventually(predicate, timeout=5.0):
+    """Wait without blocking the loop, which may still have a Cancel to send."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+
+
+async def test_async_stream(gateway):
+    async with AsyncClient(gateway.endpoint) as c:
+        events = [ev async for ev in c.stream("hello")]
+        stream = c.stream("hang")
+        async for _ in stream:
+            break
+        await stream.aclose()
+        await eventually(lambda: gateway.cancelled(stream.id))
+        async for _ in c.stream("hang"):
+            break  # and the stream is dropped
+        await eventually(lambda: gateway.cancelled(gateway.generates("hang")[-1].id))
+    assert [(e.index, e.text, e.finish_reason) for e in events] == [(0, "Hel", None), (1, "lo", None), (2, "!", "length")]
+
+
+async def test_async_errors_and_timeout(gateway):
+    async with AsyncClient(gateway.endpoint) as c:
+        with pytest.raises(OverloadedError, match="boom"):
+            await c.generate("error:overloaded")
+        with pytest.raises(GenerationTimeout):
+            await c.generate("hang", timeout=0.3)
+        (sent,) = gateway.generates("hang")
+        await eventually(lambda: gateway.cancelled(sent.id))
