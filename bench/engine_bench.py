@@ -8,7 +8,8 @@ the step's weight matrix products alone, which no implementation can go below.
 What a row means:
 - decode `ms` is per step. splitserve: N steps of a `DecodeEngine` whose B slots start from random
   KV of the prompt's length (the values don't change the work). transformers:
-  (generate(N + 1 new tokens) - generate(1 new token)) / N, which leaves out its prefill.
+  (generate(N + 1 new tokens) - generate(1 new token)) / N with its default cache, which leaves
+  out its prefill.
 - decode `key_len` is the mean number of keys a step attends: prompt_len + new_tokens // 2.
 - prefill `ms`: splitserve `PrefillEngine.run` (sampling the first token included); transformers
   `generate(max_new_tokens=1)`, which also computes only the last position's logits. The mixed
@@ -16,6 +17,8 @@ What a row means:
   `prompt_len` is the total of its prompts' tokens.
 - `floor_ms`: every layer's c_attn, attn c_proj, mlp c_fc and mlp c_proj as `F.linear` on the
   step's tokens, plus the LM head on one row per sequence.
+- `ms` and `floor_ms` are medians: after a warm-up, each measurement runs at least --repeats
+  times, and more (up to MAX_RUNS) until --min-seconds have passed.
 - `peak_mem_mb`: CUDA `max_memory_allocated`, reset per measurement. On the CPU the process's
   peak RSS from `getrusage`, weights included: a running maximum, which this resets before each
   measurement through /proc/self/clear_refs where the kernel allows it.
@@ -32,6 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +52,9 @@ from splitserve.common.tokenizer import TINY_TOKENIZER_PATH, Tokenizer
 from splitserve.decode_worker.engine import DecodeEngine
 from splitserve.prefill_worker.engine import PrefillEngine
 
-SYSTEMS = ("splitserve", "transformers")
 MIXED_LENS = (32, 96, 160, 224, 288, 352, 416, 512)
 PREFILL_BATCH_PROMPT = 128
+MAX_RUNS = 200
 KEY_BUCKET = 8
 SANTACODER = dict(
     model_type="gpt_bigcode", vocab_size=49280, n_positions=2048, n_embd=2048, n_layer=24, n_head=16,
@@ -64,6 +68,7 @@ class Sweep:
     prompt_len: int
     new_tokens: int
     repeats: int
+    min_seconds: float
     key_lens: list[int]
     key_batches: list[int]
     prefill_lens: list[int]
@@ -72,13 +77,14 @@ class Sweep:
 
 def default_sweep(device: torch.device, quick: bool) -> Sweep:
     if quick:  # under a minute on 2 cores with the tiny model, batch 1 and 64 kept
-        return Sweep([1, 8, 64], 64, 8, 1, [512], [1], [32, 512], [1, 4])
+        return Sweep([1, 8, 64], 64, 8, 1, 0.2, [512], [1], [32, 512], [1, 4])
     gpu = device.type == "cuda"
     return Sweep(
         batch_sizes=[2**i for i in range(9 if gpu else 7)],
         prompt_len=64,
         new_tokens=64,
         repeats=5,
+        min_seconds=1.0,
         key_lens=[128, 512, 1024, 1920],
         key_batches=[1, 64 if gpu else 16],
         prefill_lens=[32, 128, 512, 1024],
@@ -115,6 +121,8 @@ class Point:
 
 
 def plan(sweep: Sweep, n_positions: int) -> list[Point]:
+    if sweep.new_tokens < 1 or sweep.repeats < 1:
+        raise ValueError("--new-tokens and --repeats must be at least 1")
     n, half = sweep.new_tokens, sweep.new_tokens // 2
     points = [Point("decode", "batch", (sweep.prompt_len,) * b, n) for b in sweep.batch_sizes]
     points += [Point("decode", "key_len", (k - half,) * b, n) for b in sweep.key_batches for k in sweep.key_lens]
@@ -143,9 +151,25 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def median_ms(fn, repeats: int, device: torch.device) -> float:
+@dataclass(frozen=True)
+class Repeats:
+    """Runs of one measurement: at least `runs`, and more while they have taken under `seconds`
+    (up to MAX_RUNS), so that cheap measurements get enough runs for a steady median on a
+    machine that other processes share."""
+
+    runs: int
+    seconds: float
+
+    def take(self, run: Callable[[], Any]) -> list:
+        values, start = [], time.perf_counter()
+        while len(values) < self.runs or (time.perf_counter() - start < self.seconds and len(values) < MAX_RUNS):
+            values.append(run())
+        return values
+
+
+def median_ms(fn, repeats: Repeats, device: torch.device) -> float:
     fn()  # warm-up: first-call allocations and lazy initialisation
-    return 1e3 * statistics.median(timed(fn, device) for _ in range(repeats))
+    return 1e3 * statistics.median(repeats.take(lambda: timed(fn, device)))
 
 
 def reset_peak(device: torch.device) -> None:
@@ -176,9 +200,11 @@ def load_models(path: Path | None, device: torch.device, dtype: torch.dtype):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     if path is None:
-        hf, tokenizer, path = random_santacoder(device, dtype), Tokenizer.from_file(TINY_TOKENIZER_PATH), Path("santacoder-shape")
+        hf, path = random_santacoder(device, dtype), Path("santacoder-shape")
+        tokenizer = Tokenizer.from_file(TINY_TOKENIZER_PATH)
     else:
-        hf, tokenizer = GPTBigCodeForCausalLM.from_pretrained(path, dtype=dtype).to(device), Tokenizer.from_dir(path)
+        hf = GPTBigCodeForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        tokenizer = Tokenizer.from_dir(path)
     hf.eval()
     cfg = model_config_from_dict(hf.config.to_dict())
     weights = {name.removeprefix("transformer."): t for name, t in hf.state_dict().items()}
@@ -207,7 +233,7 @@ def random_prompts(lens: tuple[int, ...], vocab: int, device: torch.device) -> l
     return [torch.randint(1, vocab, (n,), generator=gen).to(device) for n in lens]
 
 
-def floor_ms(p: Params, tokens: int, rows: int, repeats: int, device: torch.device) -> float:
+def floor_ms(p: Params, tokens: int, rows: int, repeats: Repeats, device: torch.device) -> float:
     """A forward's weight matrix products alone, back to back: each layer's four on `tokens` rows,
     the LM head on `rows` (one per sequence)."""
     x = torch.randn(tokens, p.cfg.n_embd, dtype=p.wte.dtype, device=device)  # [T, E]
@@ -227,7 +253,7 @@ def floor_ms(p: Params, tokens: int, rows: int, repeats: int, device: torch.devi
 # --- the two systems ---------------------------------------------------------------------------
 
 class SplitserveRunner:
-    def __init__(self, lm: LoadedModel, points: list[Point], repeats: int):
+    def __init__(self, lm: LoadedModel, points: list[Point], repeats: Repeats):
         self.lm, self.repeats = lm, repeats
         decode = [p for p in points if p.phase == "decode"]
         prefill = [p for p in points if p.phase == "prefill"]
@@ -244,7 +270,7 @@ class SplitserveRunner:
         kv = torch.randn(cfg.n_layer, 2, point.lens[0], cfg.kv_heads, cfg.head_dim, dtype=self.lm.dtype,
                          device=self.lm.device)
         self._decode(prompts, kv, 2)  # warm-up
-        runs = [self._decode(prompts, kv, point.new_tokens) for _ in range(self.repeats)]
+        runs = self.repeats.take(lambda: self._decode(prompts, kv, point.new_tokens))
         return 1e3 * statistics.median(runs) / point.new_tokens
 
     def _decode(self, prompts: list[torch.Tensor], kv: torch.Tensor, steps: int) -> float:
@@ -262,22 +288,23 @@ class SplitserveRunner:
             self.decode.step()
 
     def prefill_ms(self, point: Point, prompts: list[torch.Tensor]) -> float:
-        batch = [GenerateRequest(f"bench-{i}", tuple(ids.tolist()), 1, ignore_eos=True) for i, ids in enumerate(prompts)]
+        batch = [GenerateRequest(f"bench-{i}", tuple(ids.tolist()), 1, ignore_eos=True)
+                 for i, ids in enumerate(prompts)]
         return median_ms(lambda: self.prefill.run(batch), self.repeats, self.lm.device)
 
 
 class TransformersRunner:
-    def __init__(self, model, pad_id: int, repeats: int, device: torch.device):
+    def __init__(self, model, pad_id: int, repeats: Repeats, device: torch.device):
         self.model, self.pad_id, self.repeats, self.device = model, pad_id, repeats, device
 
     def decode_ms(self, point: Point, prompts: list[torch.Tensor]) -> float:
         ids, mask = self._left_padded(prompts)  # equal lengths: no padding
         n = point.new_tokens
         self._generate(ids, mask, 2)  # warm-up
-        full, one = [], []
-        for _ in range(self.repeats):  # interleaved, so that drift hits both alike
-            full.append(timed(lambda: self._generate(ids, mask, n + 1), self.device))
-            one.append(timed(lambda: self._generate(ids, mask, 1), self.device))
+        # Interleaved, so that drift hits both alike.
+        pairs = self.repeats.take(lambda: (timed(lambda: self._generate(ids, mask, n + 1), self.device),
+                                           timed(lambda: self._generate(ids, mask, 1), self.device)))
+        full, one = zip(*pairs)
         return 1e3 * (statistics.median(full) - statistics.median(one)) / n
 
     def prefill_ms(self, point: Point, prompts: list[torch.Tensor]) -> float:
@@ -301,7 +328,7 @@ class TransformersRunner:
 
 # --- the sweep ---------------------------------------------------------------------------------
 
-def measure(points: list[Point], lm: LoadedModel, runners: dict, repeats: int) -> list[dict]:
+def measure(points: list[Point], lm: LoadedModel, runners: dict, repeats: Repeats) -> list[dict]:
     floors: dict[tuple[int, int], float] = {}
     results = []
     bar = tqdm(points, desc="bench engine", unit="point", file=sys.stderr)
@@ -310,9 +337,7 @@ def measure(points: list[Point], lm: LoadedModel, runners: dict, repeats: int) -
         prompts = random_prompts(point.lens, lm.cfg.vocab_size, lm.device)
         shape = (sum(point.lens) if point.phase == "prefill" else point.batch_size, point.batch_size)
         if shape not in floors:
-            # Decode-sized products are cheap: more runs steady the floor.
-            floor_repeats = max(repeats, 10) if point.phase == "decode" else repeats
-            floors[shape] = floor_ms(lm.params, *shape, floor_repeats, lm.device)
+            floors[shape] = floor_ms(lm.params, *shape, repeats, lm.device)
         for system, runner in runners.items():
             reset_peak(lm.device)
             ms = runner.decode_ms(point, prompts) if point.phase == "decode" else runner.prefill_ms(point, prompts)
@@ -333,7 +358,8 @@ def format_table(results: list[dict]) -> str:
     """One line per point, the systems side by side; ratio = transformers_ms / splitserve_ms."""
     points: dict[tuple, dict] = {}
     for r in results:
-        key = (r["phase"], r.get("label") or r["curve"], r["batch_size"], r["prompt_len"], r["key_len"], r["new_tokens"])
+        key = (r["phase"], r.get("label") or r["curve"], r["batch_size"], r["prompt_len"], r["key_len"],
+               r["new_tokens"])
         points.setdefault(key, {"floor": r["floor_ms"]})[r["system"]] = r
     head = ("phase", "curve", "batch", "prompt", "keys", "new", "floor_ms", "splitserve_ms", "transformers_ms",
             "ratio", "ss_mem_mb", "tf_mem_mb")
@@ -384,7 +410,7 @@ def int_list(text: str) -> list[int]:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
+    add_model_args(p)  # --threads 0 (the default) means every core this process may use
     p.add_argument("--shape", choices=["santacoder"], default=None,
                    help="random weights of this model's shape instead of --model's checkpoint")
     p.add_argument("--quick", action="store_true", help="a small sweep with few repeats (under a minute, tiny model)")
@@ -392,7 +418,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     sweep.add_argument("--batch-sizes", type=int_list, help="decode batch sizes, e.g. 1,2,4")
     sweep.add_argument("--prompt-len", type=int, help="decode prompt length of the batch curve (default 64)")
     sweep.add_argument("--new-tokens", type=int, help="decode steps timed per measurement (default 64)")
-    sweep.add_argument("--repeats", type=int, help="timed runs per measurement; the median is reported")
+    sweep.add_argument("--repeats", type=int, help="timed runs per measurement at least; the median is reported")
+    sweep.add_argument("--min-seconds", type=float, help="more runs, up to %d, until a measurement has taken this long"
+                       % MAX_RUNS)
     sweep.add_argument("--key-lens", type=int_list, help="mean key lengths of the key-length curve ('' skips it)")
     sweep.add_argument("--key-batches", type=int_list, help="batch sizes of the key-length curve")
     sweep.add_argument("--prefill-lens", type=int_list, help="batch-1 prefill prompt lengths ('' skips them)")
@@ -419,11 +447,12 @@ def run(args: argparse.Namespace) -> int:
     sweep = sweep_from_args(args, device)
     hf, lm = load_models(path, device, dtype)
     points = plan(sweep, lm.cfg.n_positions)
-    runners = {"splitserve": SplitserveRunner(lm, points, sweep.repeats)}
+    repeats = Repeats(sweep.repeats, sweep.min_seconds)
+    runners = {"splitserve": SplitserveRunner(lm, points, repeats)}
     if not args.no_transformers:
-        runners["transformers"] = TransformersRunner(hf, lm.cfg.eos_token_id or 0, sweep.repeats, device)
+        runners["transformers"] = TransformersRunner(hf, lm.cfg.eos_token_id or 0, repeats, device)
     with torch.inference_mode():
-        results = measure(points, lm, runners, sweep.repeats)
+        results = measure(points, lm, runners, repeats)
     model_name = f"{args.shape}-shape (random weights)" if args.shape else args.model
     doc = {"device": describe_device(device, threads), "model": model_name, "dtype": DTYPE_NAMES[dtype],
            "threads": threads, "results": results}

@@ -69,16 +69,19 @@ def _log_axes(ax, xs: list, xlabel: str, ylabel: str) -> None:
     ax.xaxis.set_minor_locator(ticker.NullLocator())
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(ticker.FuncFormatter(_minor_label))
+    # Plain numbers; minor ticks are labelled only as densely as the axis' span allows.
+    ax.yaxis.set_major_formatter(_PlainLog())
+    ax.yaxis.set_minor_formatter(_PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.8)))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
 
 
-def _minor_label(v: float, _) -> str:
-    # 2 and 5 times a power of ten: enough to read values off without crowding the axis
-    return f"{v:g}" if f"{v:.0e}"[0] in "25" else ""
+class _PlainLog(ticker.LogFormatter):
+    """LogFormatter's choice of which ticks to label, written as 40000 rather than 4e+04."""
+
+    def __call__(self, x, pos=None):
+        return f"{x:g}" if super().__call__(x, pos) else ""
 
 
 def _mixed(ax, results: list[dict]) -> None:

@@ -25,19 +25,20 @@ PrefillAttention = Callable[..., torch.Tensor]
 def sdpa_prefill(q, k, v, cu_seqlens, seqlens: list[int], max_seqlen: int, scale: float) -> torch.Tensor:
     """One causal SDPA call per prompt: the CPU twin of the varlen kernels."""
     out = torch.empty_like(q)  # [T, H, D]
-    gqa = k.shape[1] != q.shape[1]
+    heads = q.shape[1]
     start = 0
     for n in seqlens:
         end = start + n
+        # 4-D with K/V expanded to every head (a view): on the CPU this takes SDPA's fused
+        # kernel, several times faster than its enable_gqa path for multi-query attention.
         o = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1),  # [H, n, D]
-            k[start:end].transpose(0, 1),  # [KVH, n, D]
-            v[start:end].transpose(0, 1),
+            q[start:end].transpose(0, 1)[None],  # [1, H, n, D]
+            k[start:end].transpose(0, 1)[None].expand(1, heads, n, -1),
+            v[start:end].transpose(0, 1)[None].expand(1, heads, n, -1),
             is_causal=True,
             scale=scale,
-            enable_gqa=gqa,
         )
-        out[start:end] = o.transpose(0, 1)
+        out[start:end] = o[0].transpose(0, 1)
         start = end
     return out
 

@@ -66,6 +66,15 @@ class Staging:
         return {"transport": self.transport, "key": self.key, "shape": list(self.tensor.shape),
                 "dtype": _dtype_name(self.tensor.dtype), **self._shared}
 
+    @property
+    def tcp_key(self) -> str:
+        return self.key if self.transport == "tcp" else "tcp:" + self.key
+
+    def tcp_export(self) -> dict:
+        """The description a remote decode worker needs: shape and dtype for the frames."""
+        return {"transport": "tcp", "key": self.tcp_key, "shape": list(self.tensor.shape),
+                "dtype": _dtype_name(self.tensor.dtype)}
+
     def frames(self, offset: int, length: int) -> list:
         """The region's bytes as one contiguous CPU buffer for `send(copy=False)`. Works for any
         staging, so a worker whose local peers use shm or cuda_ipc can still serve a remote one.

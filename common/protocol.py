@@ -30,6 +30,9 @@ PROTOCOL_VERSION = 1
 MAX_CONTROL_BYTES = 16 * 2**20
 MAX_KV_BYTES = 4 * 2**30
 
+# A decode worker's output thread connects with identity worker_id + OUTPUT_SUFFIX.
+OUTPUT_SUFFIX = b"/out"
+
 _STRUCT = dict(tag=True, tag_field="kind", array_like=True)
 
 

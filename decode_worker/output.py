@@ -25,8 +25,9 @@ class OutputThread:
     """Fed in order by the decode loop: ("admit", slot, request, first_token, first_text),
     ("step", StepOutput) and ("stop", None); releases come back on `released`."""
 
-    def __init__(self, ctx: zmq.Context, gateway: str, tokenizer: Tokenizer):
+    def __init__(self, ctx: zmq.Context, gateway: str, tokenizer: Tokenizer, worker_id: str):
         self.ctx, self.gateway, self.tokenizer = ctx, gateway, tokenizer
+        self.identity = worker_id.encode() + P.OUTPUT_SUFFIX
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.released: queue.SimpleQueue = queue.SimpleQueue()  # (slot, request id) to free
         self.streams: dict[int, TextStream] = {}
@@ -44,8 +45,8 @@ class OutputThread:
         self.thread.join(timeout=10)
 
     def _run(self) -> None:
-        # Its own socket: ZMQ sockets belong to one thread, and the gateway routes by request id.
-        sock = make_socket(self.ctx, zmq.DEALER, P.MAX_CONTROL_BYTES)
+        # Its own socket, since ZMQ sockets belong to one thread; its name tells the gateway whose.
+        sock = make_socket(self.ctx, zmq.DEALER, P.MAX_CONTROL_BYTES, identity=self.identity)
         sock.connect(self.gateway)
         try:
             while True:

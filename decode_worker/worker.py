@@ -52,16 +52,17 @@ class DecodeWorker:
             transports = [opts.kv_transport]
         self.link = GatewayLink(self.ctx, opts.gateway, self._register(transports, num_slots),
                                 opts.link.heartbeat_s, opts.link.heartbeat_timeout)
-        self.output = OutputThread(self.ctx, opts.gateway, lm.tokenizer)
+        self.output = OutputThread(self.ctx, opts.gateway, lm.tokenizer, opts.worker_id)
         self.slot_of: dict[str, int] = {}  # running requests
         self.rid_at: dict[int, str] = {}
         self.deadlines: dict[str, float] = {}
         self.tombstones: dict[str, float] = {}
         self.kv_decoder = P.decoder(P.KvToDecode)
-        self.metrics = WorkerMetrics("decode", opts.metrics_port, self._health, opts.host)
-        self.metrics.set(slots_total=num_slots)
+        self.admitted = 0
         self.draining = False
         self.drain_deadline = float("inf")
+        self.metrics = WorkerMetrics("decode", opts.metrics_port, self._health, opts.host)
+        self.metrics.set(slots_total=num_slots)
         log.info("decode worker %s: %d slots of %d tokens, KV endpoint %s", opts.worker_id, num_slots, slot_len,
                  self.kv_endpoint)
 
@@ -76,7 +77,8 @@ class DecodeWorker:
 
     def _health(self) -> dict:
         return {"role": "decode", "registered": self.link.registered, "draining": self.draining,
-                "slots_used": len(self.engine.requests), "slots_total": self.engine.num_slots}
+                "slots_used": len(self.engine.requests), "slots_total": self.engine.num_slots,
+                "admitted": self.admitted, "kv_endpoint": self.kv_endpoint}
 
     # ---- loop ---------------------------------------------------------------------------
 
@@ -209,6 +211,8 @@ class DecodeWorker:
         self._release(peer, rid, loc.offset)
         self.slot_of[rid] = slot
         self.rid_at[slot] = rid
+        self.admitted += 1
+        self.metrics.observe_batch(1, loc.length)
         if msg.deadline is not None:
             self.deadlines[rid] = msg.deadline
         self.output.admit(slot, msg.request, msg.first_token, msg.first_text)

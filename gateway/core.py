@@ -189,7 +189,10 @@ class GatewayCore:
             return
         if not stream.client_done:
             self._flush(stream)
-            stream.sink(P.TokenBatch(stream.client_id, [], msg.reason))
+            if msg.reason == "timeout":
+                stream.sink(P.Error(stream.client_id, "timeout", "the request's deadline passed"))
+            else:
+                stream.sink(P.TokenBatch(stream.client_id, [], msg.reason))
         self._release(msg.id)
 
     def _deliver(self, worker: Worker, gid: str, token: P.Token, finish: str | None) -> None:

@@ -33,6 +33,8 @@ from splitserve.common.service_config import (
 from splitserve.common.tokenizer import Tokenizer
 from splitserve.common.zmq_util import bind_endpoint, make_socket, tcp_endpoint
 
+from splitserve.common.protocol import OUTPUT_SUFFIX
+
 from .core import GatewayCore
 from .workers import Expectations, Worker, WorkerRegistry
 
@@ -87,6 +89,8 @@ class Gateway:
         self.registry = WorkerRegistry(want, opts.link.heartbeat_timeout, opts.kv_transport)
         self.ctx = zmq.asyncio.Context()
         self.worker_sock = make_socket(self.ctx, zmq.ROUTER, P.MAX_CONTROL_BYTES)
+        # A restarted worker reuses its output socket's name: the new connection takes it over.
+        self.worker_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.front = make_socket(self.ctx, zmq.ROUTER, P.MAX_CONTROL_BYTES)
         # Replies to a client that went away must not pile up or raise.
         self.front.setsockopt(zmq.ROUTER_MANDATORY, 0)
@@ -150,19 +154,11 @@ class Gateway:
             self.core.dispatch()
             return
         worker = self.registry.seen(identity, msg.draining if isinstance(msg, P.Heartbeat) else None)
-        if worker is None:
-            # Output threads of decode workers have identities of their own: route by request.
-            worker = self._worker_for_request(msg)
-            if worker is None:
-                return
-        if not isinstance(msg, P.Heartbeat):
+        if worker is None and identity.endswith(OUTPUT_SUFFIX):
+            # A decode worker's output thread sends on a socket of its own, named after it.
+            worker = self.registry.workers.get(identity[: -len(OUTPUT_SUFFIX)].decode(errors="replace"))
+        if worker is not None and not isinstance(msg, P.Heartbeat):
             self.core.on_worker(worker, msg)
-
-    def _worker_for_request(self, msg) -> Worker | None:
-        if not isinstance(msg, P.StepTokens) or not msg.entries:
-            return None
-        stream = self.core.streams.get(msg.entries[0].id)
-        return None if stream is None else self.registry.workers.get(stream.decode)
 
     async def _tick_loop(self) -> None:
         beat = P.encode(P.Heartbeat())

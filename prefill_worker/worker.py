@@ -72,9 +72,9 @@ class PrefillWorker:
         transports = [kind, "tcp"] if kind != "tcp" else ["tcp"]
         self.link = GatewayLink(self.ctx, opts.gateway, self._register(transports), opts.link.heartbeat_s,
                                 opts.link.heartbeat_timeout)
-        self.metrics = WorkerMetrics("prefill", opts.metrics_port, self._health, opts.host)
         self.draining = False
         self.drain_deadline = float("inf")
+        self.metrics = WorkerMetrics("prefill", opts.metrics_port, self._health, opts.host)
 
     def _register(self, transports: list[str]) -> P.Register:
         o, lm = self.opts, self.lm
@@ -89,7 +89,7 @@ class PrefillWorker:
     def _health(self) -> dict:
         return {"role": "prefill", "registered": self.link.registered, "draining": self.draining,
                 "queued_tokens": self.queued_tokens, "handoffs": len(self.handoffs),
-                "staging_free_tokens": self.regions.free_tokens}
+                "staging_free_tokens": self.regions.free_tokens, "staging_tokens": self.regions.total}
 
     # ---- loop ---------------------------------------------------------------------------
 
@@ -217,10 +217,11 @@ class PrefillWorker:
         h = self.handoffs[rid]
         sock = self._kv_socket(h.job.decode_endpoint)
         res = h.result
-        ready = P.KvReady(h.job.request, res.first_token, h.first_text,
-                          P.KvLocation(res.kv_offset, res.kv_len, self.staging.key), h.job.transport,
-                          self.opts.worker_id, h.job.deadline)
-        frames = self.staging.frames(res.kv_offset, res.kv_len) if h.job.transport == "tcp" else []
+        tcp = h.job.transport == "tcp"
+        key = self.staging.tcp_key if tcp else self.staging.key
+        ready = P.KvReady(h.job.request, res.first_token, h.first_text, P.KvLocation(res.kv_offset, res.kv_len, key),
+                          h.job.transport, self.opts.worker_id, h.job.deadline)
+        frames = self.staging.frames(res.kv_offset, res.kv_len) if tcp else []
         sock.send_multipart([P.encode(ready), *frames], copy=False)
         h.sent_at = time.monotonic()
 
@@ -229,10 +230,16 @@ class PrefillWorker:
         if sock is None:
             sock = make_socket(self.ctx, zmq.DEALER, P.MAX_CONTROL_BYTES)
             sock.connect(endpoint)
-            # Ordered before any KvReady on this connection, so the decode side can open staging.
-            sock.send(P.encode(P.KvStaging(self.opts.worker_id, self.staging.export())))
+            self._send_staging(sock)
             self.kv_socks[endpoint] = sock
         return sock
+
+    def _send_staging(self, sock: zmq.Socket) -> None:
+        """Ordered before any KvReady on the connection, so the decode side can open staging.
+        Both descriptions go: a decode worker on another host cannot open the native one (its
+        open fails and is logged there) and receives the KV as frames instead."""
+        for desc in (self.staging.export(), self.staging.tcp_export()):
+            sock.send(P.encode(P.KvStaging(self.opts.worker_id, desc)))
 
     def _on_kv(self, sock: zmq.Socket) -> None:
         dec = P.decoder(P.KvRelease)
@@ -258,7 +265,7 @@ class PrefillWorker:
         elif h.tries < 2:  # retried once, with the staging description sent again first
             log.warning("handoff of %s failed (%s); retrying once", msg.id, msg.message)
             h.tries += 1
-            sock.send(P.encode(P.KvStaging(self.opts.worker_id, self.staging.export())))
+            self._send_staging(sock)
             self._send_kv(msg.id)
         else:
             self._fail_handoff(msg.id, f"KV handoff failed twice: {msg.message}")

@@ -34,7 +34,7 @@ DECODE_CHILD = r"""
 import sys
 import msgspec, torch, zmq
 from splitserve.common.kv_transport import KvImporter
-from splitserve.common.protocol import KvLocation
+from splitserve.common.protocol import MAX_KV_BYTES, KvLocation
 
 torch.set_num_threads(1)
 port, device = int(sys.argv[1]), sys.argv[2]
@@ -45,6 +45,8 @@ sock.connect(f"tcp://127.0.0.1:{port}")
 desc = msgspec.msgpack.decode(sock.recv())
 importer = KvImporter(device, getattr(torch, desc["dtype"]))
 importer.open(desc)
+# A view held across the second open would keep a second mapping alive, were one made.
+held = importer.view("shm", desc["key"], 0, 1) if desc["transport"] == "shm" else None
 importer.open(msgspec.msgpack.decode(msgspec.msgpack.encode(desc)))
 with open("/proc/self/maps") as f:
     maps = f.read().count(desc["key"]) if desc["transport"] == "shm" else -1
@@ -78,7 +80,9 @@ class DecodeChild:
 @contextmanager
 def decode_child(device: str = "cpu"):
     sock = zmq.Context.instance().socket(zmq.PAIR)
+    # PAIR blocks sends until a peer connects: time out rather than hang if the child dies.
     sock.setsockopt(zmq.RCVTIMEO, 20000)
+    sock.setsockopt(zmq.SNDTIMEO, 20000)
     sock.setsockopt(zmq.LINGER, 0)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     child = subprocess.Popen([sys.executable, "-c", DECODE_CHILD, str(port), device])

@@ -1,0 +1,109 @@
+"""Start real splitserve processes on 127.0.0.1 for tests, and stop them without leftovers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from splitserve.common.zmq_util import free_port
+
+START_TIMEOUT_S = 120.0
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def http_json(port: int, path: str) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return json.loads(e.read())
+    except OSError:
+        return None
+
+
+class Cluster:
+    """A gateway and workers as separate processes, each with one PyTorch thread."""
+
+    def __init__(self, home: Path, model: str = "tiny-random", heartbeat_timeout: float = 2.0, **gateway_flags):
+        self.home, self.model = home, model
+        self.zmq_port, self.worker_port = free_port(), free_port()
+        self.procs: list[subprocess.Popen] = []
+        self.workers: dict[str, dict] = {}  # worker id -> {"proc", "metrics_port", "role"}
+        self.heartbeat_timeout = heartbeat_timeout
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in gateway_flags.items()]
+        self.gateway = self._spawn("gateway", "--zmq-port", str(self.zmq_port), "--worker-port", str(self.worker_port),
+                                   "--heartbeat-timeout", str(heartbeat_timeout), *flags)
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.zmq_port}"
+
+    def _spawn(self, command: str, *args: str) -> subprocess.Popen:
+        env = dict(os.environ, SPLITSERVE_HOME=str(self.home), PYTHONUNBUFFERED="1", SPLITSERVE_LOG_LEVEL="WARNING")
+        cmd = [sys.executable, "-m", "splitserve.cli", command, "--model", self.model, "--threads", "1", *args]
+        proc = subprocess.Popen(cmd, env=env)
+        self.procs.append(proc)
+        return proc
+
+    def add_worker(self, role: str, *args: str) -> str:
+        wid = f"{role}-{len(self.workers)}-{os.getpid()}"
+        port = free_port()
+        proc = self._spawn(role, "--gateway", f"tcp://127.0.0.1:{self.worker_port}", "--worker-id", wid,
+                           "--metrics-port", str(port), "--heartbeat-timeout", str(self.heartbeat_timeout), *args)
+        self.workers[wid] = {"proc": proc, "metrics_port": port, "role": role}
+        return wid
+
+    def health(self, wid: str) -> dict | None:
+        return http_json(self.workers[wid]["metrics_port"], "/health")
+
+    def wait_registered(self, *wids: str) -> None:
+        for wid in wids or list(self.workers):
+            wait_for(lambda: (self.health(wid) or {}).get("registered"), START_TIMEOUT_S, f"{wid} to register")
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Every decode slot free, every prefill staging region released."""
+
+        def idle() -> bool:
+            for wid, w in self.workers.items():
+                h = self.health(wid) or {}
+                if w["role"] == "decode" and h.get("slots_used") != 0:
+                    return False
+                if w["role"] == "prefill" and (h.get("staging_free_tokens") != h.get("staging_tokens")
+                                               or h.get("handoffs") != 0 or h.get("queued_tokens") != 0):
+                    return False
+            return True
+
+        wait_for(idle, timeout, "workers to be idle")
+
+    def stop(self) -> None:
+        """SIGTERM (workers drain and remove their staging files), SIGKILL what lingers."""
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,243 @@
+"""The served pipeline: real gateway and worker processes on 127.0.0.1, real sockets."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+import zmq
+
+from cluster import Cluster, wait_for
+from conftest import load_cpu
+from splitserve.client import Client, GenerationTimeout
+from splitserve.common.request import GenerateRequest
+from splitserve.common.sampling import SamplingParams
+from splitserve.common.zmq_util import free_port
+from splitserve.engine import Engine, EngineOptions
+
+PROMPTS = [
+    "def fibonacci(n):\n    ",
+    "import os\nimport sys\n\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n",
+    "for i in range(10):\n\tprint(i)  # 🐍\n",
+    "x = {'a': 1, 'b': [1, 2, 3]}\n",
+    "# 变量 and strings\nname = '日本語'\n",
+]
+
+
+def request_specs(n: int) -> list[dict]:
+    """n requests: greedy and seeded sampled, different prompts and lengths."""
+    specs = []
+    for i in range(n):
+        spec = {"prompt": PROMPTS[i % len(PROMPTS)] * (1 + i % 3), "max_new_tokens": 4 + (i * 7) % 13,
+                "ignore_eos": True}
+        if i % 3 == 1:
+            spec.update(temperature=0.8, top_k=50, seed=1000 + i)
+        elif i % 3 == 2:
+            spec.update(temperature=1.1, top_p=0.9, seed=2000 + i)
+        specs.append(spec)
+    return specs
+
+
+def offline(lm, specs: list[dict]) -> list[list[int]]:
+    """What the in-process Engine (`splitserve generate`) gives for the same requests."""
+    requests = []
+    for i, s in enumerate(specs):
+        sampled = "seed" in s
+        sp = SamplingParams(temperature=s.get("temperature", 1.0), top_k=s.get("top_k", 0), top_p=s.get("top_p", 1.0),
+                            seed=s.get("seed", 0), do_sample=sampled)
+        requests.append(GenerateRequest(f"r{i}", tuple(lm.tokenizer.encode(s["prompt"])), s["max_new_tokens"], sp,
+                                        ignore_eos=True))
+    engine = Engine(lm, EngineOptions(num_slots=16))
+    return [r.token_ids for r in engine.generate(requests)]
+
+
+def stream_all(endpoint: str, specs: list[dict]) -> list[list[int]]:
+    """All requests at once over one client connection, each streamed on its own thread."""
+    results: list = [None] * len(specs)
+    with Client(endpoint) as client:
+        def one(i: int) -> None:
+            results[i] = [ev.token_id for ev in client.stream(**specs[i], timeout=120)]
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(specs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return results
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_dir):
+    return load_cpu(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def cluster(home, tiny_dir):
+    with Cluster(home) as c:
+        c.add_worker("prefill")
+        c.add_worker("prefill")
+        c.add_worker("decode", "--num-slots", "32")
+        c.add_worker("decode", "--num-slots", "32")
+        c.wait_registered()
+        yield c
+
+
+def test_64_concurrent_streams_match_offline(cluster, lm):
+    specs = request_specs(64)
+    assert stream_all(cluster.endpoint, specs) == offline(lm, specs)
+    cluster.wait_idle()
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_transports_give_identical_outputs(home, tiny_dir, lm, transport):
+    specs = request_specs(12)
+    with Cluster(home, kv_transport=transport) as c:
+        c.add_worker("prefill", "--kv-transport", transport)
+        c.add_worker("decode", "--kv-transport", transport, "--num-slots", "8")
+        c.wait_registered()
+        assert stream_all(c.endpoint, specs) == offline(lm, specs)
+        c.wait_idle()
+
+
+def test_decode_worker_added_mid_run_gets_requests(home, tiny_dir):
+    with Cluster(home) as c:
+        c.add_worker("prefill")
+        c.add_worker("decode", "--num-slots", "2")
+        c.wait_registered()
+        done = threading.Event()
+        errors = []
+
+        def load() -> None:
+            with Client(c.endpoint) as client:
+                while not done.is_set():
+                    try:
+                        threads = [threading.Thread(target=client.generate, args=("def f(x):",),
+                                                    kwargs={"max_new_tokens": 24, "timeout": 60}) for _ in range(4)]
+                        for t in threads:
+                            t.start()
+                        for t in threads:
+                            t.join()
+                    except Exception as e:  # noqa: BLE001 - reported below
+                        errors.append(e)
+
+        traffic = threading.Thread(target=load)
+        traffic.start()
+        try:
+            late = c.add_worker("decode", "--num-slots", "2")
+            c.wait_registered(late)
+            wait_for(lambda: (c.health(late) or {}).get("admitted", 0) > 0, 60, "the new worker to get requests")
+        finally:
+            done.set()
+            traffic.join()
+        assert not errors
+
+
+def test_cancels_free_every_slot_and_staging_region(cluster):
+    with Client(cluster.endpoint) as client:
+        def cancel_one(i: int) -> None:
+            kind = i % 3
+            if kind == 0:  # the client closes the stream
+                stream = client.stream(PROMPTS[i % 6], max_new_tokens=200, ignore_eos=True)
+                for n, _ in enumerate(stream):
+                    if n == 2:
+                        break
+                stream.close()
+            elif kind == 1:  # a stop string ends it
+                client.generate(PROMPTS[i % 6], max_new_tokens=200, stop=[" ", "e", "a"], ignore_eos=True)
+            else:  # the deadline passes
+                with pytest.raises(GenerationTimeout):
+                    client.generate(PROMPTS[i % 6], max_new_tokens=1500, ignore_eos=True, timeout=0.3)
+
+        errors = []
+
+        def run(i: int) -> None:
+            try:
+                cancel_one(i)
+            except BaseException as e:  # noqa: BLE001 - collected and asserted below
+                errors.append(e)
+
+        for batch in range(10):
+            threads = [threading.Thread(target=run, args=(batch * 20 + i,)) for i in range(20)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert not errors, errors[:3]
+        cluster.wait_idle(timeout=60)
+        # Every reservation is back at the gateway: a full set of long requests is admitted at once.
+        specs = [{"prompt": "x = 1", "max_new_tokens": 3, "ignore_eos": True}] * 64
+        results = stream_all(cluster.endpoint, specs)
+        assert all(len(r) == 3 for r in results)
+
+
+def test_garbage_on_every_socket_is_dropped(cluster, lm):
+    ctx = zmq.Context()
+    decode = next(w for w, info in cluster.workers.items() if info["role"] == "decode")
+    kv_endpoint = cluster.health(decode)["kv_endpoint"]
+    endpoints = [cluster.endpoint, f"tcp://127.0.0.1:{cluster.worker_port}", kv_endpoint]
+    rng = random.Random(0)
+    payloads = [b"", b"\x00", b"\xff" * 64, b"\x92\xa8Generate\xc0", b"\x93\xa6Cancel\x01\x02", rng.randbytes(1000),
+                b"\x96\xa7Prefill" + rng.randbytes(200), b"\x82\xa4kind\xa8KvReady\xa1x\x01"]
+    socks = []
+    for endpoint in endpoints:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        for p in payloads:
+            sock.send_multipart([p, b"extra frame"] if p else [b"", b""])
+            sock.send(p)
+        socks.append(sock)
+    time.sleep(0.5)  # let them all arrive before the real traffic
+    specs = request_specs(8)
+    assert stream_all(cluster.endpoint, specs) == offline(lm, specs)
+    for sock in socks:
+        sock.close()
+    ctx.term()
+
+
+def live_children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid and fields[0] != "Z":
+                    out.append(int(entry))
+            except OSError:
+                continue
+    return out
+
+
+def test_serve_drains_on_sigterm_and_leaves_no_child(home, tiny_dir):
+    zmq_port = free_port()
+    env = dict(os.environ, SPLITSERVE_HOME=str(home), PYTHONUNBUFFERED="1", SPLITSERVE_LOG_LEVEL="WARNING")
+    serve = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "serve", "--model", "tiny-random",
+                              "--zmq-port", str(zmq_port), "--worker-port", "0", "--threads", "2"],
+                             env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: "ZMQ clients" in serve.stdout.readline(), 120, "serve to be ready", interval=0)
+        children = live_children(serve.pid)
+        assert len(children) == 2
+        with Client(f"tcp://127.0.0.1:{zmq_port}") as client:
+            stream = client.stream("def f(x):", max_new_tokens=300, ignore_eos=True)
+            first = next(iter(stream))
+            serve.send_signal(signal.SIGTERM)
+            rest = list(stream)
+        assert 1 + len(rest) == 300 and rest[-1].finish_reason == "length" and first.index == 0
+        assert serve.wait(timeout=60) == 0
+        assert all(not os.path.exists(f"/proc/{c}") or open(f"/proc/{c}/stat").read().split()[2] == "Z"
+                   for c in children)
+        assert not [f for f in os.listdir("/dev/shm") if f"-{serve.pid}-" in f]
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
