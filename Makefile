@@ -25,6 +25,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $@
 
+# Extra flags for `splitserve serve`, e.g. make serve SERVE_ARGS="--model /models/santacoder"
+SERVE_ARGS ?=
+
+serve: $(STAMP)
+	$(VENV)/bin/splitserve serve $(SERVE_ARGS)
+
 test: $(STAMP)
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc

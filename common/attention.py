@@ -93,14 +93,14 @@ def choose_prefill_attention(device: torch.device) -> tuple[str, PrefillAttentio
     return "sdpa", sdpa_prefill
 
 
-def decode_mask(positions: torch.Tensor, key_len: int, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+def decode_mask(positions: torch.Tensor, key_len: int, kv_heads: int, dtype: torch.dtype,
+                key_index: torch.Tensor | None = None) -> torch.Tensor:
     """Additive mask hiding each row's keys past its own position (the key bucket's tail).
 
-    positions [B] -> [B * KVH, 1, key_len]
+    positions [B] -> [B * KVH, 1, key_len]. key_index: a cached arange of at least key_len.
     """
-    keys = torch.arange(key_len, device=positions.device)
-    mask = torch.zeros(positions.shape[0], 1, key_len, dtype=dtype, device=positions.device)
-    mask.masked_fill_(keys > positions[:, None, None], float("-inf"))
-    if kv_heads > 1:
-        mask = mask.repeat_interleave(kv_heads, 0)
-    return mask
+    if key_index is None:
+        key_index = torch.arange(key_len, device=positions.device)
+    hidden = key_index[:key_len] > positions[:, None, None]  # [B, 1, key_len]
+    mask = torch.zeros(hidden.shape, dtype=dtype, device=positions.device).masked_fill_(hidden, float("-inf"))
+    return mask.repeat_interleave(kv_heads, 0) if kv_heads > 1 else mask

@@ -144,23 +144,28 @@ class DecodeViews(NamedTuple):
     writes. They depend only on (B, key_len), so a caller keeps them across steps."""
 
     write: list[torch.Tensor]  # [2, S*KVH*L, D]: new K/V land at write_index
-    keys: list[torch.Tensor]  # [B*KVH, key_len, D]
-    values: list[torch.Tensor]
+    keys_t: list[torch.Tensor]  # [B*KVH, D, key_len], transposed views for q @ kᵀ
+    values: list[torch.Tensor]  # [B*KVH, key_len, D]
 
 
 def decode_views(kv: torch.Tensor, b: int, key_len: int) -> DecodeViews:
     """kv: the pool [n_layer, 2, S, KVH, L, D]."""
     _, _, s, kvh, length, d = kv.shape
     write = [layer.view(2, s * kvh * length, d) for layer in kv]
-    keys = [layer[0, :b, :, :key_len].view(b * kvh, key_len, d) for layer in kv]
+    keys_t = [layer[0, :b, :, :key_len].view(b * kvh, key_len, d).transpose(1, 2) for layer in kv]
     values = [layer[1, :b, :, :key_len].view(b * kvh, key_len, d) for layer in kv]
-    return DecodeViews(write, keys, values)
+    return DecodeViews(write, keys_t, values)
 
 
-def decode_write_index(positions: torch.Tensor, kv_heads: int, slot_len: int) -> torch.Tensor:
+def row_offsets(num_slots: int, kv_heads: int, slot_len: int, device) -> torch.Tensor:
+    """[S*KVH]: where each (slot, head) row starts in the flat pool; made once per pool."""
+    return torch.arange(num_slots * kv_heads, device=device) * slot_len
+
+
+def decode_write_index(offsets: torch.Tensor, positions: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """Flat pool index of each row's (and head's) new K/V: [B*KVH]. Row b is slot b."""
-    rows = torch.arange(positions.shape[0] * kv_heads, device=positions.device)  # = slot*KVH + head
-    return rows * slot_len + positions.repeat_interleave(kv_heads) if kv_heads > 1 else rows * slot_len + positions
+    b = positions.shape[0]
+    return offsets[: b * kv_heads] + (positions.repeat_interleave(kv_heads) if kv_heads > 1 else positions)
 
 
 def decode_step(
@@ -170,6 +175,7 @@ def decode_step(
     views: DecodeViews,  # of the static pool, for this B and key_len; written in place
     write_index: torch.Tensor,  # [B*KVH] from decode_write_index
     mask: torch.Tensor,  # [B*KVH, 1, key_len] additive, from attention.decode_mask
+    logits_out: torch.Tensor | None = None,  # [>=B, V]
 ) -> torch.Tensor:
     """One token for each of the first B slots of the pool; returns logits [B, V]."""
     cfg = p.cfg
@@ -179,15 +185,15 @@ def decode_step(
     scale = cfg.attn_scale
     upcast = p.upcast_softmax
     h = F.embedding(input_ids, p.wte) + F.embedding(positions, p.wpe)  # [B, E]
-    for (ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b), write, keys, values in zip(
-        p.layers, views.write, views.keys, views.values
+    for (ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b), write, keys_t, values in zip(
+        p.layers, views.write, views.keys_t, views.values
     ):
         x = F.layer_norm(h, (e,), ln1_w, ln1_b, eps)
         qkv = F.linear(x, qkv_w, qkv_b)  # [B, E + 2*KVH*D]
         new_kv = qkv[:, e:].view(b, 2, kvh * d).transpose(0, 1).reshape(2, b * kvh, d)  # [2, B*KVH, D]
         write.index_copy_(1, write_index, new_kv)
         q = qkv[:, :e].reshape(b * kvh, g, d)
-        scores = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=scale)  # [B*KVH, G, key_len]
+        scores = torch.baddbmm(mask, q, keys_t, alpha=scale)  # [B*KVH, G, key_len]
         if upcast:
             probs = torch.softmax(scores, -1, dtype=torch.float32).to(scores.dtype)
         else:
@@ -197,4 +203,6 @@ def decode_step(
         x = F.layer_norm(h, (e,), ln2_w, ln2_b, eps)
         h = h + F.linear(p.act(F.linear(x, fc_w, fc_b)), out_w, out_b)
     h = F.layer_norm(h, (e,), p.lnf_w, p.lnf_b, eps)
-    return F.linear(h, p.lm_head)
+    # Into a buffer kept by the caller: a fresh [B, V] each step would be new pages from the OS
+    # (glibc maps allocations this large) and page faults on every step.
+    return torch.mm(h, p.lm_head.t(), out=logits_out[:b]) if logits_out is not None else F.linear(h, p.lm_head)

@@ -89,6 +89,7 @@ class WorkerOptions:
     kv_cache_memory_mb: int  # decode: memory budget for the pool (0: no limit besides num_slots)
     key_bucket: int  # decode: key lengths rounded up to a multiple of this
     staging_tokens: int  # prefill: staging buffer size (0: twice the prefill budget)
+    cpus: tuple[int, ...]  # CPU affinity (empty: any)
 
 
 def add_worker_args(p: argparse.ArgumentParser, role: str) -> None:
@@ -112,6 +113,7 @@ def add_worker_args(p: argparse.ArgumentParser, role: str) -> None:
                    help="decode: memory for the KV pool (0: no cap besides --num-slots)")
     p.add_argument("--key-bucket", type=int, default=8, help="decode: key length rounding (a multiple of 8)")
     p.add_argument("--staging-tokens", type=int, default=0, help="prefill: staging buffer tokens (0: twice the budget)")
+    p.add_argument("--cpus", default=_env("CPUS", ""), help="pin this process to these CPUs, e.g. 0 or 2-3,6")
     p.set_defaults(role=role)
 
 
@@ -123,4 +125,14 @@ def worker_options(ns: argparse.Namespace) -> WorkerOptions:
         host=ns.host, advertise_host=ns.advertise_host or ns.host, host_id=host_id, kv_transport=ns.kv_transport,
         kv_port=ns.kv_port, metrics_port=ns.metrics_port, worker_id=worker_id, num_slots=ns.num_slots,
         kv_cache_memory_mb=ns.kv_cache_memory_mb, key_bucket=ns.key_bucket, staging_tokens=ns.staging_tokens,
+        cpus=parse_cpus(ns.cpus),
     )
+
+
+def parse_cpus(spec: str) -> tuple[int, ...]:
+    """'0,2-3' -> (0, 2, 3)."""
+    cpus: list[int] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        lo, _, hi = part.partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return tuple(cpus)

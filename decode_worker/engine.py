@@ -14,7 +14,7 @@ import torch
 
 from splitserve.common.attention import decode_mask
 from splitserve.common.loading import LoadedModel
-from splitserve.common.model import decode_step, decode_views, decode_write_index
+from splitserve.common.model import decode_step, decode_views, decode_write_index, row_offsets
 from splitserve.common.request import (
     FINISH_EOS,
     FINISH_LENGTH,
@@ -58,7 +58,8 @@ class DecodeEngine:
         # Per-slot state, read by the step as views of the first B rows.
         self.tokens = torch.zeros(num_slots, dtype=torch.long, device=dev)  # newest token
         self.positions = torch.zeros(num_slots, dtype=torch.long, device=dev)  # its position
-        self.end_pos = torch.zeros(num_slots, dtype=torch.long, device=dev)  # position of the last allowed token
+        # Position of the last allowed token; free rows hold slot_len, so they never finish.
+        self.end_pos = torch.full((num_slots,), slot_len, dtype=torch.long, device=dev)
         # Column 0 holds the end-of-text id (-1 when ignored), the rest the request's stop ids.
         self.stop_ids = torch.full((num_slots, 1 + MAX_STOP_TOKENS), -1, dtype=torch.long, device=dev)
         self.stop_codes = torch.tensor([FINISH_EOS] + [FINISH_STOP_TOKEN] * MAX_STOP_TOKENS, device=dev)
@@ -72,6 +73,9 @@ class DecodeEngine:
         self._details = 0  # active requests that want logprobs or top tokens
         self._views_key: tuple[int, int] | None = None  # (B, key_len) of the cached pool views
         self._views = None
+        self._offsets = row_offsets(num_slots, cfg.kv_heads, slot_len, dev)
+        self._key_index = torch.arange(slot_len, device=dev)
+        self._logits = torch.empty(num_slots, cfg.vocab_size, dtype=lm.dtype, device=dev)
 
     @property
     def free_slots(self) -> int:
@@ -118,6 +122,8 @@ class DecodeEngine:
         self.active[slot] = False
         self.tokens[slot] = 0
         self.positions[slot] = 0
+        self.end_pos[slot] = self.slot_len
+        self.stop_ids[slot] = -1
         self.sampling.set_row(slot, GREEDY)  # so a free row never forces the sampled path
         self.slots.give_back(slot)
 
@@ -135,15 +141,16 @@ class DecodeEngine:
         cfg = self.lm.cfg
         active = self.active[:b]
         positions = self.positions[:b]
-        write_index = decode_write_index(positions, cfg.kv_heads, self.slot_len)
-        mask = decode_mask(positions, key_len, cfg.kv_heads, self.lm.dtype)
-        logits = decode_step(self.lm.params, self.tokens[:b], positions, self._views, write_index, mask)  # [B, V]
+        write_index = decode_write_index(self._offsets, positions, cfg.kv_heads)
+        mask = decode_mask(positions, key_len, cfg.kv_heads, self.lm.dtype, self._key_index)
+        logits = decode_step(self.lm.params, self.tokens[:b], positions, self._views, write_index, mask,
+                             self._logits)  # [B, V]
         counts = self.token_counts[:b] if self.token_counts is not None else None
         top_n = max((r.top_n_tokens for r in self.requests.values()), default=0) if self._details else 0
         next_pos = positions + 1
         out = sample(logits, self.sampling.view(b), next_pos, counts, bool(self._details), top_n)
         new = out.tokens  # [B]
-        finish = self._finish_codes(new, next_pos, b, active)
+        finish = self._finish_codes(new, next_pos, b)
         if counts is not None:
             update_token_counts(counts, new)
         # Free rows stay at position 0; finished rows are reset by release() after the sync.
@@ -152,11 +159,11 @@ class DecodeEngine:
         self._steps += 1
         return self._collect(out, new, finish)
 
-    def _finish_codes(self, new: torch.Tensor, next_pos: torch.Tensor, b: int, active: torch.Tensor) -> torch.Tensor:
-        hit = (new[:, None] == self.stop_ids[:b]) * self.stop_codes  # [B, 1 + MAX_STOP_TOKENS]
-        stop = hit.amax(-1)
-        at_length = (next_pos >= self.end_pos[:b]) * FINISH_LENGTH
-        return torch.where(stop > 0, stop, at_length) * active
+    def _finish_codes(self, new: torch.Tensor, next_pos: torch.Tensor, b: int) -> torch.Tensor:
+        """Free rows finish never: their stop ids are -1 and their end lies past the slot."""
+        stop = ((new[:, None] == self.stop_ids[:b]) * self.stop_codes).amax(-1)  # [B]
+        # Stop codes outrank FINISH_LENGTH, so the larger code is the reason.
+        return torch.maximum(stop, (next_pos >= self.end_pos[:b]) * FINISH_LENGTH)
 
     def _collect(self, out, new: torch.Tensor, finish: torch.Tensor) -> StepOutput:
         slots = sorted(self.requests)

@@ -12,7 +12,7 @@ import torch
 
 from conftest import TEST_THREADS, hf_model, load_cpu
 from splitserve.common.attention import decode_mask, sdpa_prefill
-from splitserve.common.model import decode_step, decode_views, decode_write_index, prefill
+from splitserve.common.model import decode_step, decode_views, decode_write_index, prefill, row_offsets
 from splitserve.common.model_config import ModelConfigError, model_config_from_dict
 
 CHECKPOINTS = ["tiny_dir", "mha_dir"]
@@ -80,7 +80,7 @@ def test_prefill_then_decode_equals_full_forward(checkpoint):
         positions = torch.tensor([len(s) - 1 for s in seqs] + [0])
         key_len = (int(positions.max()) + 1 + 7) // 8 * 8
         step = decode_step(lm.params, torch.cat([tokens, torch.zeros(1, dtype=torch.long)]), positions,
-                           decode_views(pool, 4, key_len), decode_write_index(positions, cfg.kv_heads, 64),
+                           decode_views(pool, 4, key_len), decode_write_index(row_offsets(4, cfg.kv_heads, 64, 'cpu'), positions, cfg.kv_heads),
                            decode_mask(positions, key_len, cfg.kv_heads, torch.float32))
         for s, row in zip(seqs, step):
             assert (row - ref(torch.tensor([s])).logits[0, -1]).abs().max() <= 1e-4

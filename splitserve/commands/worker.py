@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 
 from splitserve.common.service_config import add_worker_args, worker_options
 from splitserve.logs import setup_logging
@@ -20,6 +21,8 @@ def add_args_for(role: str):
 def run(args: argparse.Namespace) -> int:
     opts = worker_options(args)
     setup_logging(opts.role)
+    if opts.cpus:
+        os.sched_setaffinity(0, opts.cpus)
     lm = open_model(opts.model)
     module = importlib.import_module(f"splitserve.{opts.role}_worker.worker")
     return module.run(opts, lm)
