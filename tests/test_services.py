@@ -16,7 +16,7 @@ import zmq
 
 from cluster import Cluster, wait_for
 from conftest import load_cpu
-from splitserve.client import Client, GenerationTimeout
+from splitserve.client import Client, GenerationError, GenerationTimeout
 from splitserve.common.request import GenerateRequest
 from splitserve.common.sampling import SamplingParams
 from splitserve.common.zmq_util import free_port
@@ -195,7 +195,6 @@ def test_garbage_on_every_socket_is_dropped(cluster, lm):
             sock.send_multipart([p, b"extra frame"] if p else [b"", b""])
             sock.send(p)
         socks.append(sock)
-    time.sleep(0.5)  # let them all arrive before the real traffic
     specs = request_specs(8)
     assert stream_all(cluster.endpoint, specs) == offline(lm, specs)
     for sock in socks:
@@ -241,3 +240,47 @@ def test_serve_drains_on_sigterm_and_leaves_no_child(home, tiny_dir):
         if serve.poll() is None:
             serve.kill()
             serve.wait()
+
+
+def test_mismatched_worker_is_refused_with_a_clear_reason(home, tiny_dir):
+    with Cluster(home) as c:
+        wid = c.add_worker("decode", "--max-total-tokens", "512")
+        proc = c.workers[wid]["proc"]
+        assert proc.wait(timeout=120) == 1
+
+
+def test_workers_register_again_after_a_gateway_restart(home, tiny_dir):
+    with Cluster(home, heartbeat_timeout=1.0) as c:
+        c.add_worker("prefill")
+        c.add_worker("decode", "--num-slots", "4")
+        c.wait_registered()
+        c.gateway.send_signal(signal.SIGKILL)
+        c.gateway.wait()
+        wait_for(lambda: not any((c.health(w) or {}).get("registered") for w in c.workers), 30,
+                 "workers to notice the gateway is gone")
+        c.gateway = c._spawn("gateway", "--zmq-port", str(c.zmq_port), "--worker-port", str(c.worker_port),
+                             "--heartbeat-timeout", "1.0")
+        c.wait_registered()
+        with Client(c.endpoint) as client:
+            assert len(client.generate("def f(x):", max_new_tokens=5, ignore_eos=True, timeout=60).token_ids) == 5
+
+
+def test_a_silent_decode_worker_is_dropped_and_traffic_goes_on(home, tiny_dir):
+    with Cluster(home, heartbeat_timeout=1.0) as c:
+        c.add_worker("prefill")
+        stopped = c.add_worker("decode", "--num-slots", "4")
+        c.add_worker("decode", "--num-slots", "4")
+        c.wait_registered()
+        c.workers[stopped]["proc"].send_signal(signal.SIGSTOP)
+        try:
+            with Client(c.endpoint) as client:
+                def served() -> bool:
+                    try:
+                        return len(client.generate("def f(x):", max_new_tokens=5, ignore_eos=True, timeout=30).token_ids) == 5
+                    except GenerationError:  # routed to the stopped worker before the gateway noticed
+                        return False
+
+                wait_for(served, 30, "the gateway to route around the silent worker")
+                assert all(served() for _ in range(6))
+        finally:
+            c.workers[stopped]["proc"].send_signal(signal.SIGCONT)

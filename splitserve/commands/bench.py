@@ -9,6 +9,8 @@ import importlib
 BENCHES = {
     "engine": ("splitserve.bench.engine_bench",
                "splitserve's prefill and decode engines against transformers' generate, same weights"),
+    "serve": ("splitserve.bench.serve_bench",
+              "the served pipeline (gateway + worker processes) under load, against the in-process engine"),
 }
 
 
