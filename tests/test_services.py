@@ -8,10 +8,8 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
-import torch
 import zmq
 
 from cluster import Cluster, wait_for
