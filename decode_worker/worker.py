@@ -83,7 +83,8 @@ class DecodeWorker:
     # ---- loop ---------------------------------------------------------------------------
 
     def serve(self) -> int:
-        signal.signal(signal.SIGTERM, lambda *_: self._start_drain(self.opts.link.drain_timeout))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._start_drain(self.opts.link.drain_timeout))
         poller, generation = None, -1
         try:
             while not (self.draining and not self.engine.requests):

@@ -94,7 +94,8 @@ class PrefillWorker:
     # ---- loop ---------------------------------------------------------------------------
 
     def serve(self) -> int:
-        signal.signal(signal.SIGTERM, lambda *_: self._start_drain(self.opts.link.drain_timeout))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._start_drain(self.opts.link.drain_timeout))
         poller, sockets_seen = zmq.Poller(), None
         try:
             while not (self.draining and self._drained()):

@@ -78,7 +78,8 @@ class Supervisor:
         for role, count in (("prefill", a.prefill_workers), ("decode", a.decode_workers)):
             for i in range(count):
                 cmd = worker_command(a, role, i, self.gw.worker_endpoint, threads)
-                self.children.append(subprocess.Popen(cmd, preexec_fn=_die_with_parent))
+                # A session of their own: a terminal's Ctrl-C reaches `serve`, which drains them.
+                self.children.append(subprocess.Popen(cmd, preexec_fn=_die_with_parent, start_new_session=True))
 
     async def wait_ready(self) -> bool:
         deadline = time.monotonic() + READY_TIMEOUT_S
