@@ -18,7 +18,10 @@ What a row means:
   `step()`; each TokenEvent is stamped when `step()` returns it. Its PyTorch threads are the decode
   worker's (`--engine-threads` to change it; `--scenario mixed` gives it the workers' total).
 - `requests` counts finished requests; `failed` those that errored or were still running at the
-  end of the grace period. `*_cdf_ms` are quantiles at the document's `cdf_levels`, for plots.
+  end of the grace period (`errors` says why). `*_cdf_ms` are quantiles at the document's
+  `cdf_levels`, for plots. `cpu_s`: CPU seconds each process spent during the load (the client
+  is this process), which tells where the cores went, and `others`: what other processes on the
+  machine took meanwhile; well above 0, the run was noisy.
 
 `--scenario mixed`: long prompts (512-1536 tokens) arriving as a Poisson process while other
 requests decode. The engine runs each prefill between two decode steps, stalling every running
@@ -46,6 +49,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from splitserve.common.config import ModelOptions, add_model_args
+from splitserve.common.zmq_util import free_port
 
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
 CDF_LEVELS = sorted({i / 100 for i in range(101)} | {0.995, 0.999})
@@ -182,12 +186,11 @@ async def drive_pipeline(endpoint: str, load: Load, jobs: Jobs, grace: float, se
 
 
 def run_pipeline_load(endpoint: str, load: Load, jobs: Jobs, grace: float, seed: int, progress: Progress):
-    try:
-        import uvloop
-
-        return uvloop.run(drive_pipeline(endpoint, load, jobs, grace, seed, progress))
+    try:  # as the gateway does: less of the client's own overhead in the latencies
+        from uvloop import run as run_loop
     except ImportError:
-        return asyncio.run(drive_pipeline(endpoint, load, jobs, grace, seed, progress))
+        run_loop = asyncio.run
+    return run_loop(drive_pipeline(endpoint, load, jobs, grace, seed, progress))
 
 
 # --- the in-process engine -------------------------------------------------------------------
@@ -265,17 +268,14 @@ def http_json(port: int, path: str) -> dict | None:
 
 class LocalPipeline:
     """A gateway and its workers as separate processes on free ports of 127.0.0.1; their output
-    goes to log files, shown if start-up fails."""
+    goes to log files, shown when start-up fails or when they logged anything (warnings up)."""
 
     def __init__(self, args: argparse.Namespace, threads: int, cpus: dict[str, list[str]]):
-        from splitserve.common.zmq_util import free_port
-
         self.args, self.threads, self.cpus = args, threads, cpus
         self.zmq_port, self.worker_port = free_port(), free_port()
         self.log_dir = Path(tempfile.mkdtemp(prefix="splitserve-bench-"))
-        self.procs: list[subprocess.Popen] = []
+        self.procs: dict[str, subprocess.Popen] = {}  # name -> process
         self.metrics_ports: list[int] = []
-        self._free_port = free_port
 
     @property
     def endpoint(self) -> str:
@@ -289,17 +289,20 @@ class LocalPipeline:
         with open(self.log_dir / f"{name}.log", "wb") as log:
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     preexec_fn=die_with_parent)
-        self.procs.append(proc)
+        self.procs[name] = proc
         return proc
+
+    def cpu_seconds(self) -> dict[str, float]:
+        return {name: cpu_seconds(p.pid) for name, p in self.procs.items()}
 
     def start(self) -> None:
         a = self.args
         # The gateway computes nothing with PyTorch: one thread, on whichever core is free.
         self._spawn("gateway", "gateway", "--threads", "1", "--zmq-port", str(self.zmq_port),
-                    "--worker-port", str(self.worker_port))
+                    "--worker-port", str(self.worker_port), "--port", str(free_port()))
         for role, count in (("prefill", a.prefill_workers), ("decode", a.decode_workers)):
             for i in range(count):
-                port = self._free_port()
+                port = free_port()
                 self.metrics_ports.append(port)
                 flags = ["--gateway", f"tcp://127.0.0.1:{self.worker_port}", "--threads", str(self.threads),
                          "--worker-id", f"{role}-{i}-{os.getpid()}", "--metrics-port", str(port)]
@@ -314,7 +317,7 @@ class LocalPipeline:
         deadline = time.monotonic() + START_TIMEOUT_S
         pending = list(self.metrics_ports)
         while pending:
-            dead = [p for p in self.procs if p.poll() is not None]
+            dead = [p for p in self.procs.values() if p.poll() is not None]
             if dead or time.monotonic() > deadline:
                 raise RuntimeError(f"the pipeline did not start: {self._why(dead)}")
             pending = [p for p in pending if not (http_json(p, "/health") or {}).get("registered")]
@@ -335,18 +338,12 @@ class LocalPipeline:
         return "\n".join(tails)
 
     def stop(self) -> None:
-        """SIGTERM (workers drain, then remove their staging files), SIGKILL what lingers."""
+        """Workers first, then the gateway: a draining worker exits once its gateway confirms that
+        nothing more is on its way, and removes its staging files."""
         from splitserve.commands.serve import remove_ipc_files
 
-        for p in reversed(self.procs):  # workers first: the gateway outlives their goodbyes
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=EXIT_GRACE_S)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        terminate([p for name, p in self.procs.items() if name != "gateway"])
+        terminate([p for name, p in self.procs.items() if name == "gateway"])
         remove_ipc_files(os.getpid())  # the worker ids carry this process's pid
         said = self.logs()
         if said:  # a quiet server says nothing at WARNING: anything here deserves a look
@@ -363,6 +360,48 @@ class LocalPipeline:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def terminate(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM, and SIGKILL for what lingers."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=EXIT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process so far, from /proc (Linux)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    utime, stime = stat.rsplit(")", 1)[1].split()[11:13]  # after the command name, which may hold spaces
+    return (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all cores have spent on anything but idling, from /proc/stat (Linux)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds that each process of `clock()` has spent since the meter was made, and
+    `others`: what the rest of the machine spent meanwhile, which says how noisy the run was."""
+
+    def __init__(self, clock):
+        self.clock = lambda: dict(clock(), machine=machine_busy_seconds())
+        self.before = self.clock()
+
+    def spent(self) -> dict[str, float]:
+        used = {k: v - self.before[k] for k, v in self.clock().items()}
+        # /proc counts in clock ticks: a short load can come out a tick below zero
+        used["others"] = max(0.0, used.pop("machine") - sum(used.values()))
+        return {k: round(v, 2) for k, v in used.items()}
 
 
 def pin_plan(args: argparse.Namespace, threads: int) -> dict[str, list[str]]:
@@ -434,21 +473,26 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def format_table(results: list[dict], ratio_rows: list[dict]) -> str:
     head = ("system", "load", "reqs", "fail", "ttft_p50", "ttft_p90", "ttft_p99", "tpot_p50", "tpot_p99", "itl_p50",
-            "itl_p90", "itl_p99", "tok/s")
-    line = "{:<9}{:<12}{:>6}{:>5}" + "{:>10}" * 8 + "{:>9}"
+            "itl_p90", "itl_p99", "tok/s", "others")
+    line = "{:<9}{:<12}{:>6}{:>5}" + "{:>10}" * 8 + "{:>9}{:>8}"
     lines = [line.format(*head)]
     for r in results:
         label = f"c={r['concurrency']}" if r["load"] == "concurrency" else f"{r['rate']:g} req/s"
         ms = [r["ttft_ms"]["p50"], r["ttft_ms"]["p90"], r["ttft_ms"]["p99"], r["tpot_ms"]["p50"], r["tpot_ms"]["p99"],
               r["itl_ms"]["p50"], r["itl_ms"]["p90"], r["itl_ms"]["p99"]]
         lines.append(line.format(r["system"], label, r["requests"], r["failed"], *map(_num, ms),
-                                 f"{r['output_tok_s']:.0f}"))
+                                 f"{r['output_tok_s']:.0f}", _cores(r)))
     if ratio_rows:
         lines.append("\npipeline / engine    ttft_p50  itl_p99  output_tok_s")
         for q in ratio_rows:
             label = f"c={q['concurrency']}" if q["load"] == "concurrency" else f"{q['rate']:g} req/s"
             lines.append(f"{label:<20}{_num(q['ttft_p50']):>9}{_num(q['itl_p99']):>9}{_num(q['output_tok_s']):>14}")
-    return "\n".join(lines) + "\n(ms; tok/s = output tokens per second)"
+    return "\n".join(lines) + ("\n(ms; tok/s: output tokens per second; others: cores busy with other processes "
+                               "during the load, noise when well above 0)")
+
+
+def _cores(row: dict) -> str:
+    return f"{row['cpu_s']['others'] / row['duration_s']:.2f}" if row["duration_s"] else "-"
 
 
 def _num(x: float | None) -> str:
@@ -473,7 +517,7 @@ def numbers(kind):
 # flag -> (standard, mixed, quick): a flag given on the command line wins
 PRESETS = {
     "concurrency": ([1, 8, 64], None, [1, 4]),
-    "rate": (None, [3.0], None),
+    "rate": (None, [4.0], None),
     "duration": (20.0, 60.0, 10.0),
     "requests": (0, 0, 4),
     "prompt_len": ((64, 64), (512, 1536), (64, 64)),
@@ -556,14 +600,21 @@ def measure(args: argparse.Namespace, points: list[Load], jobs: Jobs, warm: Jobs
 
 
 def measure_pipeline(args, points: list[Load], jobs: Jobs, warm: Jobs, bar: tqdm) -> list[dict]:
-    def run_all(endpoint: str) -> list[dict]:
+    def run_all(endpoint: str, servers) -> list[dict]:
         bar.set_postfix_str("pipeline: warm-up", refresh=True)
         run_pipeline_load(endpoint, warmup_load(points), warm, args.grace, args.seed, Progress(bar, "warm-up"))
+
+        def clock() -> dict[str, float]:
+            # Where the CPU goes: the client (this process) competes with the server for the cores.
+            return dict(servers(), client=time.process_time())
+
         rows = []
         for load in points:
+            meter = CpuMeter(clock)
             traces, start, lags = run_pipeline_load(endpoint, load, jobs, args.grace, args.seed,
                                                     Progress(bar, f"pipeline {load.label}"))
             row = result_row("pipeline", load, traces, start, args.threads)
+            row["cpu_s"] = meter.spent()
             if lags:
                 row["send_lag_ms"] = summary([1e3 * x for x in lags])
             rows.append(row)
@@ -571,10 +622,10 @@ def measure_pipeline(args, points: list[Load], jobs: Jobs, warm: Jobs, bar: tqdm
         return rows
 
     if args.endpoint:
-        return run_all(args.endpoint)
+        return run_all(args.endpoint, dict)  # not our processes: only the client's CPU is known
     bar.set_postfix_str("starting the pipeline", refresh=True)
     with LocalPipeline(args, args.threads, pin_plan(args, args.threads)) as pipeline:
-        return run_all(pipeline.endpoint)
+        return run_all(pipeline.endpoint, pipeline.cpu_seconds)
 
 
 def measure_engine(args, points: list[Load], jobs: Jobs, warm: Jobs, bar: tqdm) -> list[dict]:
@@ -587,9 +638,12 @@ def measure_engine(args, points: list[Load], jobs: Jobs, warm: Jobs, bar: tqdm) 
     with torch.inference_mode():
         drive_engine(engine, warmup_load(points), warm, args.grace, args.seed, Progress(bar, "warm-up"))
         for load in points:
+            meter = CpuMeter(lambda: {"engine": time.process_time()})
             traces, start = drive_engine(engine, load, jobs, args.grace, args.seed,
                                          Progress(bar, f"engine {load.label}"))
-            rows.append(result_row("engine", load, traces, start, args.engine_threads))
+            row = result_row("engine", load, traces, start, args.engine_threads)
+            row["cpu_s"] = meter.spent()
+            rows.append(row)
             bar.update()
     return rows
 
@@ -597,7 +651,6 @@ def measure_engine(args, points: list[Load], jobs: Jobs, warm: Jobs, bar: tqdm) 
 def run(args: argparse.Namespace) -> int:
     from splitserve.common.builtin_models import resolve_model
     from splitserve.common.model_config import load_model_config
-
     from splitserve.common.runtime import resolve_device
 
     from .engine_bench import describe_device

@@ -53,8 +53,7 @@ def _cdf(ax, results: list[dict], levels: list[float], key: str, title: str, xla
         if pairs:
             xs, qs = zip(*pairs)
             ax.plot(xs, qs, style[_label(r)], color=COLORS[r["system"]], label=f"{r['system']} {_label(r)}")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(_PlainLog())
+    _plain_log(ax, "x")
     ax.set_yscale("logit")
     ax.set_yticks([0.1, 0.5, 0.9, 0.99, 0.999])
     ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"p{100 * v:g}"))
@@ -66,22 +65,29 @@ def _cdf(ax, results: list[dict], levels: list[float], key: str, title: str, xla
     ax.legend(fontsize=8)
 
 
+def _plain_log(ax, which: str) -> None:
+    """A log axis written in plain numbers, minor ticks labelled as densely as its span allows."""
+    getattr(ax, f"set_{which}scale")("log")
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_formatter(_PlainLog())
+    axis.set_minor_formatter(_PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.8)))
+
+
 def _percentiles(ax, results: list[dict]) -> None:
     points = _points(results)
     for system, color in COLORS.items():
         mine = {_label(r): r for r in results if r["system"] == system}
-        for metric, marker in (("ttft_ms", "o"), ("itl_ms", "s"), ("tpot_ms", "^")):
+        for metric, marker in (("ttft_ms", "o"), ("itl_ms", "s")):
             for q, style in (("p50", "-"), ("p99", "--")):
                 ys = [mine[p][metric][q] if p in mine else None for p in points]
                 ax.plot(points, [float("nan") if y is None else y for y in ys], style, marker=marker, color=color,
                         label=f"{system} {metric.removesuffix('_ms').upper()} {q}")
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(_PlainLog())
+    _plain_log(ax, "y")
     ax.set_title("latency percentiles per load")
     ax.set_xlabel("load")
     ax.set_ylabel("ms")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
 
 
 def _throughput(ax, results: list[dict]) -> None:

@@ -9,6 +9,9 @@
         resp = await client.generate("def fib(n):")
         async for ev in client.stream("def fib(n):"):
             ...
+
+WebSocketClient("ws://127.0.0.1:8080/ws") and AsyncWebSocketClient have the same API over the
+gateway's WebSocket, for networks where only HTTP gets through.
 """
 
 from ._core import Details, Response, StreamEvent
@@ -16,9 +19,10 @@ from .aio import AsyncClient, AsyncStream
 from .errors import (GenerationError, GenerationTimeout, OverloadedError, SplitserveError, UnauthorizedError,
                      UnavailableError, ValidationError)
 from .sync import Client, Stream
+from .websocket import AsyncWebSocketClient, WebSocketClient
 
 __all__ = [
-    "AsyncClient", "AsyncStream", "Client", "Details", "GenerationError", "GenerationTimeout", "OverloadedError",
-    "Response", "SplitserveError", "Stream", "StreamEvent", "UnauthorizedError", "UnavailableError",
-    "ValidationError",
+    "AsyncClient", "AsyncStream", "AsyncWebSocketClient", "Client", "Details", "GenerationError", "GenerationTimeout",
+    "OverloadedError", "Response", "SplitserveError", "Stream", "StreamEvent", "UnauthorizedError", "UnavailableError",
+    "ValidationError", "WebSocketClient",
 ]

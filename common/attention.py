@@ -59,25 +59,29 @@ def _flash_attn_prefill() -> PrefillAttention | None:
 
 
 def _torch_varlen_prefill() -> PrefillAttention | None:
+    """PyTorch's bundled FlashAttention-2 varlen kernel. Its public wrapper's signature moved
+    between releases (2.10: `is_causal` and no `scale`; 2.11: keyword `scale` and `window_size`;
+    `enable_gqa` only from 2.12, which refuses fewer K/V heads without it). Where the wrapper takes
+    `enable_gqa` it is used; otherwise the op every version wraps, called as 2.10 to 2.13 all call
+    it, whose kernel takes multi-query K/V as they are: K/V are never expanded to every head."""
+    if not hasattr(torch.ops.aten, "_flash_attention_forward"):
+        return None
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return None
-    params = inspect.signature(varlen_attn).parameters
-    # The op's signature changed between releases: `is_causal` before 2.12, a window later;
-    # `enable_gqa` only from 2.12 on, so older ones get K/V expanded to every head.
-    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-    has_gqa = "enable_gqa" in params
+        varlen_attn = None
+    if varlen_attn is not None and "enable_gqa" in inspect.signature(varlen_attn).parameters:
+
+        def prefill(q, k, v, cu_seqlens, seqlens, max_seqlen, scale):
+            return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale,
+                               window_size=(-1, 0), enable_gqa=k.shape[1] != q.shape[1])
+
+        return prefill
 
     def prefill(q, k, v, cu_seqlens, seqlens, max_seqlen, scale):
-        kwargs = dict(causal)
-        if k.shape[1] != q.shape[1]:
-            if has_gqa:
-                kwargs["enable_gqa"] = True
-            else:
-                rep = q.shape[1] // k.shape[1]
-                k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, **kwargs)
+        # (q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, return_debug_mask) -> (out, lse, ...)
+        return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                                       0.0, True, False, scale=scale)[0]
 
     return prefill
 

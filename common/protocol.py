@@ -130,7 +130,9 @@ class Registered(msgspec.Struct, **_STRUCT):
 
 
 class Heartbeat(msgspec.Struct, **_STRUCT):
-    load: int = 0  # prefill: queued prompt tokens; decode: active slots
+    # worker -> gateway: prefill: queued prompt tokens; decode: active slots.
+    # gateway -> worker: work routed to that worker and not yet done (reservations, prompts).
+    load: int = 0
     draining: bool = False
 
 

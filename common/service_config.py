@@ -90,6 +90,8 @@ class WorkerOptions:
     key_bucket: int  # decode: key lengths rounded up to a multiple of this
     staging_tokens: int  # prefill: staging buffer size (0: twice the prefill budget)
     cpus: tuple[int, ...]  # CPU affinity (empty: any)
+    cuda_graphs: bool  # decode: replay captured graphs (CUDA only)
+    graph_key_step: int  # decode: key-length bucket under graphs
 
 
 def add_worker_args(p: argparse.ArgumentParser, role: str) -> None:
@@ -114,6 +116,9 @@ def add_worker_args(p: argparse.ArgumentParser, role: str) -> None:
     p.add_argument("--key-bucket", type=int, default=8, help="decode: key length rounding (a multiple of 8)")
     p.add_argument("--staging-tokens", type=int, default=0, help="prefill: staging buffer tokens (0: twice the budget)")
     p.add_argument("--cpus", default=_env("CPUS", ""), help="pin this process to these CPUs, e.g. 0 or 2-3,6")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode: CUDA graphs at power-of-two batch sizes (ignored on CPU)")
+    p.add_argument("--graph-key-step", type=int, default=256, help="decode: key-length bucket under CUDA graphs")
     p.set_defaults(role=role)
 
 
@@ -125,7 +130,7 @@ def worker_options(ns: argparse.Namespace) -> WorkerOptions:
         host=ns.host, advertise_host=ns.advertise_host or ns.host, host_id=host_id, kv_transport=ns.kv_transport,
         kv_port=ns.kv_port, metrics_port=ns.metrics_port, worker_id=worker_id, num_slots=ns.num_slots,
         kv_cache_memory_mb=ns.kv_cache_memory_mb, key_bucket=ns.key_bucket, staging_tokens=ns.staging_tokens,
-        cpus=parse_cpus(ns.cpus),
+        cpus=parse_cpus(ns.cpus), cuda_graphs=ns.cuda_graphs, graph_key_step=ns.graph_key_step,
     )
 
 

@@ -13,6 +13,10 @@ from .zmq_util import make_socket
 
 log = logging.getLogger(__name__)
 
+# A draining worker whose gateway never confirms that nothing more is on its way exits this
+# long after its drain timeout.
+DRAIN_GRACE_S = 5.0
+
 
 def pid_namespace() -> str:
     """Identifies this process's PID namespace: CUDA IPC needs both peers in the same one."""
@@ -31,7 +35,11 @@ class GatewayLink:
         self.generation = 0  # bumped on every reconnect, so pollers know to pick up the new socket
         self.registered = False
         self.refused = ""  # the gateway's reason, when it refused this worker
-        self._last_heard = self._last_sent = 0.0
+        # Work the gateway has routed to this worker that may still be on its way (reservations,
+        # prompts not yet prefilled), and when the gateway said so: a draining worker waits for 0.
+        self.gateway_load = 0
+        self.load_heard_at = 0.0
+        self._last_heard = self._last_sent = self._last_tick = 0.0
         self.connect()
 
     def connect(self) -> None:
@@ -41,7 +49,7 @@ class GatewayLink:
         self.sock.connect(self.endpoint)
         self.generation += 1
         self.registered = False
-        self._last_heard = time.monotonic()
+        self._last_heard = self._last_tick = time.monotonic()
         self.send(self.register)
 
     def send(self, msg, *frames) -> None:
@@ -70,7 +78,9 @@ class GatewayLink:
                 continue
             if isinstance(msg, P.Registered):
                 self._on_registered(msg)
-            elif not isinstance(msg, P.Heartbeat):
+            elif isinstance(msg, P.Heartbeat):
+                self.gateway_load, self.load_heard_at = msg.load, self._last_heard
+            else:
                 out.append(msg)
 
     def _on_registered(self, msg: P.Registered) -> None:
@@ -84,11 +94,20 @@ class GatewayLink:
     def tick(self, load: int, draining: bool) -> None:
         """Heartbeat when due; reconnect and register again when the gateway has gone silent."""
         now = time.monotonic()
+        if now - self._last_tick > self.timeout_s / 2:  # our own loop was busy: not the gateway's silence
+            self._last_heard += now - self._last_tick
+        self._last_tick = now
         if now - self._last_heard > self.timeout_s:
             log.warning("no word from the gateway for %.1f s; reconnecting", now - self._last_heard)
             self.connect()
         elif now - self._last_sent >= self.heartbeat_s:
             self.send(P.Heartbeat(load, draining))
+
+    def nothing_on_the_way(self, since: float) -> bool:
+        """The gateway, in a heartbeat sent after `since`, had nothing more routed to us; or the
+        gateway is gone, and nothing more can come."""
+        gone = time.monotonic() - self._last_heard > self.timeout_s
+        return gone or (self.gateway_load == 0 and self.load_heard_at > since)
 
     def close(self) -> None:
         if self.sock is not None:

@@ -22,8 +22,16 @@ from splitserve.common.request import (
     FINISH_STOP_TOKEN,
     GenerateRequest,
 )
-from splitserve.common.sampling import SamplingParams, SamplingTensors, init_token_counts, sample, update_token_counts
+from splitserve.common.sampling import (
+    SampleOutput,
+    SamplingParams,
+    SamplingTensors,
+    init_token_counts,
+    sample,
+    update_token_counts,
+)
 
+from .cuda_graphs import GraphedDecode, batch_buckets, key_buckets
 from .kv_pool import SlotAllocator, allocate_pool
 
 MAX_STOP_TOKENS = 8
@@ -47,10 +55,13 @@ class StepOutput:
 
 
 class DecodeEngine:
-    def __init__(self, lm: LoadedModel, num_slots: int, slot_len: int, key_bucket: int = 8):
+    def __init__(self, lm: LoadedModel, num_slots: int, slot_len: int, key_bucket: int = 8, graphs: bool = False,
+                 graph_key_step: int = 256):
         cfg, dev = lm.cfg, lm.device
         if slot_len > cfg.n_positions:
             raise ValueError(f"slot length {slot_len} exceeds the model's {cfg.n_positions} positions")
+        if graphs and dev.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {dev}")
         self.lm = lm
         self.num_slots, self.slot_len, self.key_bucket = num_slots, slot_len, key_bucket
         self.kv = allocate_pool(cfg, num_slots, slot_len, lm.dtype, dev)
@@ -76,6 +87,12 @@ class DecodeEngine:
         self._offsets = row_offsets(num_slots, cfg.kv_heads, slot_len, dev)
         self._key_index = torch.arange(slot_len, device=dev)
         self._logits = torch.empty(num_slots, cfg.vocab_size, dtype=lm.dtype, device=dev)
+        # --- CUDA graphs hook: steps at bucketed shapes (decode_worker/cuda_graphs.py); None runs
+        # the exact prefix and the fine key bucket above. Captured last: graphs read the state above.
+        self.static: GraphedDecode | None = None
+        if graphs:
+            self.static = GraphedDecode(lm.params, self.kv, self.tokens, self.positions, batch_buckets(num_slots),
+                                        key_buckets(slot_len, graph_key_step), capture=True)
 
     @property
     def free_slots(self) -> int:
@@ -127,28 +144,31 @@ class DecodeEngine:
         self.sampling.set_row(slot, GREEDY)  # so a free row never forces the sampled path
         self.slots.give_back(slot)
 
+    def longest(self) -> int:
+        """Keys the longest active row attends this step (its position + 1)."""
+        return max(self._offset.values()) + self._steps + 1
+
     def key_len(self) -> int:
-        longest = max(self._offset.values()) + self._steps + 1
-        return min(round_up(longest, self.key_bucket), self.slot_len)
+        return min(round_up(self.longest(), self.key_bucket), self.slot_len)
 
     def step(self) -> StepOutput:
         if not self.requests:
             return StepOutput([], [], [])
-        b = self.slots.prefix_len()
-        key_len = self.key_len()
-        if self._views_key != (b, key_len):
-            self._views_key, self._views = (b, key_len), decode_views(self.kv, b, key_len)
-        cfg = self.lm.cfg
+        if self.static is None:
+            b = self.slots.prefix_len()
+            logits, greedy = self._logits_exact(b), None  # [B, V]
+        else:
+            b, logits, greedy = self.static.run(self.slots.prefix_len(), self.longest())
         active = self.active[:b]
         positions = self.positions[:b]
-        write_index = decode_write_index(self._offsets, positions, cfg.kv_heads)
-        mask = decode_mask(positions, key_len, cfg.kv_heads, self.lm.dtype, self._key_index)
-        logits = decode_step(self.lm.params, self.tokens[:b], positions, self._views, write_index, mask,
-                             self._logits)  # [B, V]
         counts = self.token_counts[:b] if self.token_counts is not None else None
         top_n = max((r.top_n_tokens for r in self.requests.values()), default=0) if self._details else 0
         next_pos = positions + 1
-        out = sample(logits, self.sampling.view(b), next_pos, counts, bool(self._details), top_n)
+        st = self.sampling.view(b)
+        if greedy is not None and st.all_greedy and not st.any_penalty and not self._details:
+            out = SampleOutput(greedy)  # the graph's argmax: what sample's greedy fast path computes
+        else:
+            out = sample(logits, st, next_pos, counts, bool(self._details), top_n)
         new = out.tokens  # [B]
         finish = self._finish_codes(new, next_pos, b)
         if counts is not None:
@@ -158,6 +178,16 @@ class DecodeEngine:
         positions.add_(active)
         self._steps += 1
         return self._collect(out, new, finish)
+
+    def _logits_exact(self, b: int) -> torch.Tensor:
+        key_len = self.key_len()
+        if self._views_key != (b, key_len):
+            self._views_key, self._views = (b, key_len), decode_views(self.kv, b, key_len)
+        cfg = self.lm.cfg
+        positions = self.positions[:b]
+        write_index = decode_write_index(self._offsets, positions, cfg.kv_heads)
+        mask = decode_mask(positions, key_len, cfg.kv_heads, self.lm.dtype, self._key_index)
+        return decode_step(self.lm.params, self.tokens[:b], positions, self._views, write_index, mask, self._logits)
 
     def _finish_codes(self, new: torch.Tensor, next_pos: torch.Tensor, b: int) -> torch.Tensor:
         """Free rows finish never: their stop ids are -1 and their end lies past the slot."""

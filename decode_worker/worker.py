@@ -22,7 +22,7 @@ from splitserve.common.loading import LoadedModel
 from splitserve.common.metrics_http import WorkerMetrics
 from splitserve.common.runtime import DTYPE_NAMES
 from splitserve.common.service_config import WorkerOptions
-from splitserve.common.worker_link import GatewayLink, pid_namespace
+from splitserve.common.worker_link import DRAIN_GRACE_S, GatewayLink, pid_namespace
 from splitserve.common.zmq_util import bind_endpoint, make_socket, tcp_endpoint
 
 from .engine import DecodeEngine
@@ -41,7 +41,9 @@ class DecodeWorker:
         num_slots = opts.num_slots or (256 if lm.device.type == "cuda" else 64)
         if opts.kv_cache_memory_mb:
             num_slots = slots_for_budget(lm.cfg, slot_len, lm.dtype, opts.kv_cache_memory_mb * 2**20, num_slots)
-        self.engine = DecodeEngine(lm, num_slots, slot_len, opts.key_bucket)
+        self.engine = DecodeEngine(lm, num_slots, slot_len, opts.key_bucket,
+                                   graphs=opts.cuda_graphs and lm.device.type == "cuda",
+                                   graph_key_step=opts.graph_key_step)
         self.importer = KvImporter(lm.device, lm.dtype)
         self.ctx = zmq.Context()
         self.kv_sock = make_socket(self.ctx, zmq.ROUTER, P.MAX_KV_BYTES)
@@ -60,6 +62,7 @@ class DecodeWorker:
         self.kv_decoder = P.decoder(P.KvToDecode)
         self.admitted = 0
         self.draining = False
+        self.drain_started = 0.0
         self.drain_deadline = float("inf")
         self.metrics = WorkerMetrics("decode", opts.metrics_port, self._health, opts.host)
         self.metrics.set(slots_total=num_slots)
@@ -87,7 +90,7 @@ class DecodeWorker:
             signal.signal(sig, lambda *_: self._start_drain(self.opts.link.drain_timeout))
         poller, generation = None, -1
         try:
-            while not (self.draining and not self.engine.requests):
+            while not (self.draining and self._drained()):
                 if self.link.refused:
                     return 1
                 if generation != self.link.generation:
@@ -132,11 +135,17 @@ class DecodeWorker:
                 self._end(rid, "shutdown")
         self.metrics.set(slots_used=len(self.engine.requests))
 
+    def _drained(self) -> bool:
+        """No request running and none reserved here any more (or out of time)."""
+        return not self.engine.requests and (self.link.nothing_on_the_way(self.drain_started)
+                                             or time.monotonic() > self.drain_deadline + DRAIN_GRACE_S)
+
     def _start_drain(self, timeout_s: float) -> None:
         if not self.draining:
             log.info("draining: %d requests in flight (up to %.0f s)", len(self.engine.requests), timeout_s)
             self.draining = True
-            self.drain_deadline = time.monotonic() + timeout_s
+            self.drain_started = time.monotonic()
+            self.drain_deadline = self.drain_started + timeout_s
 
     # ---- requests -------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""The gateway process: the worker link and the ZMQ client front on one asyncio (uvloop) loop."""
+"""The gateway process: the worker link, the ZMQ client front and the HTTP/WebSocket front on one
+asyncio (uvloop) loop."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import zmq
 import zmq.asyncio
@@ -35,7 +36,12 @@ from splitserve.common.zmq_util import bind_endpoint, make_socket, tcp_endpoint
 
 from splitserve.common.protocol import OUTPUT_SUFFIX
 
+from .api_context import ApiContext
+from .chat_template import load_chat_template
 from .core import GatewayCore
+from .frontdoor import FrontDoor
+from .http_app import HttpServer, build_app
+from .metrics import GatewayMetrics
 from .workers import Expectations, Worker, WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -98,6 +104,10 @@ class Gateway:
         self.zmq_port = bind_endpoint(self.front, opts.host, opts.zmq_port)
         self.core = GatewayCore(self.tokenizer, self.limits, self.registry, self._send_worker,
                                 opts.max_concurrent_requests)
+        # Every front end submits through the door, which meters each request.
+        self.door = FrontDoor(self.core, GatewayMetrics(self.core))
+        api = ApiContext(self.door, self.tokenizer, self.limits, opts.model.model, load_chat_template(path))
+        self.http = HttpServer(build_app(api), opts.host, opts.port)
         self.client_ids: dict[tuple[bytes, str], str] = {}  # (client identity, its id) -> gateway id
         self._stop = asyncio.Event()
 
@@ -109,6 +119,11 @@ class Gateway:
     def zmq_endpoint(self) -> str:
         return tcp_endpoint(self.opts.host, self.zmq_port)
 
+    @property
+    def http_url(self) -> str:
+        host = f"[{self.opts.host}]" if ":" in self.opts.host else self.opts.host
+        return f"http://{host}:{self.http.port}"
+
     def _send_worker(self, worker: Worker, msg) -> None:
         self.worker_sock.send_multipart([worker.identity, P.encode(msg)])
 
@@ -116,9 +131,11 @@ class Gateway:
 
     async def run(self) -> None:
         tasks = [asyncio.create_task(c) for c in (self._worker_loop(), self._front_loop(), self._tick_loop())]
+        http = asyncio.create_task(self.http.serve())
         try:
             await self._stop.wait()
         finally:
+            await self.http.stop(http)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -161,11 +178,18 @@ class Gateway:
             self.core.on_worker(worker, msg)
 
     async def _tick_loop(self) -> None:
-        beat = P.encode(P.Heartbeat())
+        interval = self.opts.link.heartbeat_s
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(self.opts.link.heartbeat_s)
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            if now - last > 2 * interval:  # this loop itself was stalled: that was not the workers' silence
+                self.registry.forgive(now - last - interval)
+            last = now
             for worker in list(self.registry.workers.values()):
-                self.worker_sock.send_multipart([worker.identity, beat])
+                # The load tells a draining worker whether work routed to it is still on its way.
+                beat = P.Heartbeat(len(worker.assigned) if worker.info.role == "decode" else worker.queued_tokens)
+                self.worker_sock.send_multipart([worker.identity, P.encode(beat)])
             try:
                 self.core.tick()
             except Exception:
@@ -189,7 +213,7 @@ class Gateway:
             else:
                 gid = self.client_ids.pop((identity, msg.id), None)
                 if gid is not None:
-                    self.core.cancel(gid)
+                    self.door.cancel(gid)
 
     def _on_generate(self, identity: bytes, msg: P.Generate) -> None:
         key = (identity, msg.id)
@@ -202,7 +226,7 @@ class Gateway:
             if isinstance(out, P.Error) or out.finish_reason is not None:
                 self.client_ids.pop(key, None)
 
-        gid = self.core.submit(msg.id, msg, sink)
+        gid = self.door.submit("zmq", msg, sink)
         if gid is not None and gid in self.core.streams:
             self.client_ids[key] = gid
 
@@ -223,7 +247,8 @@ def run(opts: GatewayOptions) -> int:
 
     async def main() -> None:
         gw = Gateway(opts)
-        log.info("gateway: clients at %s, workers at %s", gw.zmq_endpoint, gw.worker_endpoint)
+        log.info("gateway: clients at %s, HTTP and WebSocket at %s, workers at %s", gw.zmq_endpoint, gw.http_url,
+                 gw.worker_endpoint)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, gw.stop)

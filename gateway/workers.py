@@ -109,6 +109,11 @@ class WorkerRegistry:
                 worker.draining = draining
         return worker
 
+    def forgive(self, seconds: float) -> None:
+        """Do not count time the gateway itself was not listening as the workers' silence."""
+        for w in self.workers.values():
+            w.last_seen += seconds
+
     def expire(self) -> list[Worker]:
         """Remove and return the workers silent for longer than the heartbeat timeout."""
         now = time.monotonic()

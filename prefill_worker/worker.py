@@ -26,7 +26,7 @@ from splitserve.common.request import FINISH_NAMES
 from splitserve.common.runtime import DTYPE_NAMES
 from splitserve.common.service_config import WorkerOptions
 from splitserve.common.text_stream import TextStream, first_token_finish
-from splitserve.common.worker_link import GatewayLink, pid_namespace
+from splitserve.common.worker_link import DRAIN_GRACE_S, GatewayLink, pid_namespace
 from splitserve.common.zmq_util import make_socket
 
 from .engine import PrefillEngine, PrefillResult, take_batch
@@ -73,6 +73,7 @@ class PrefillWorker:
         self.link = GatewayLink(self.ctx, opts.gateway, self._register(transports), opts.link.heartbeat_s,
                                 opts.link.heartbeat_timeout)
         self.draining = False
+        self.drain_started = 0.0
         self.drain_deadline = float("inf")
         self.metrics = WorkerMetrics("prefill", opts.metrics_port, self._health, opts.host)
 
@@ -139,13 +140,17 @@ class PrefillWorker:
         self.metrics.set(queued_tokens=self.queued_tokens, handoffs=len(self.handoffs))
 
     def _drained(self) -> bool:
-        return not self.queue and not self.handoffs
+        """Nothing queued or held, and nothing more on its way from the gateway (or out of time)."""
+        idle = not self.queue and not self.handoffs
+        return idle and (self.link.nothing_on_the_way(self.drain_started)
+                         or time.monotonic() > self.drain_deadline + DRAIN_GRACE_S)
 
     def _start_drain(self, timeout_s: float) -> None:
         if not self.draining:
             log.info("draining: finishing %d queued prompts (up to %.0f s)", len(self.queue), timeout_s)
             self.draining = True
-            self.drain_deadline = time.monotonic() + timeout_s
+            self.drain_started = time.monotonic()
+            self.drain_deadline = self.drain_started + timeout_s
 
     # ---- gateway messages -----------------------------------------------------------------
 

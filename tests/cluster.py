@@ -42,19 +42,38 @@ class Cluster:
     def __init__(self, home: Path, model: str = "tiny-random", heartbeat_timeout: float = 2.0, **gateway_flags):
         self.home, self.model = home, model
         self.zmq_port, self.worker_port = free_port(), free_port()
+        self.port = gateway_flags.pop("port", None) or free_port()  # HTTP and WebSocket
         self.procs: list[subprocess.Popen] = []
         self.workers: dict[str, dict] = {}  # worker id -> {"proc", "metrics_port", "role"}
         self.heartbeat_timeout = heartbeat_timeout
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in gateway_flags.items()]
         self.gateway = self._spawn("gateway", "--zmq-port", str(self.zmq_port), "--worker-port", str(self.worker_port),
-                                   "--heartbeat-timeout", str(heartbeat_timeout), *flags)
+                                   "--port", str(self.port), "--heartbeat-timeout", str(heartbeat_timeout), *flags)
 
     @property
     def endpoint(self) -> str:
         return f"tcp://127.0.0.1:{self.zmq_port}"
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample of the gateway's /metrics (0 when absent), e.g. metric("splitserve_requests_total", route="/ws")."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return 0.0
+
     def _spawn(self, command: str, *args: str) -> subprocess.Popen:
-        env = dict(os.environ, SPLITSERVE_HOME=str(self.home), PYTHONUNBUFFERED="1", SPLITSERVE_LOG_LEVEL="WARNING")
+        # SPLITSERVE_PORT=0: a gateway started without --port takes any free HTTP port, not the default one
+        env = dict(os.environ, SPLITSERVE_HOME=str(self.home), PYTHONUNBUFFERED="1", SPLITSERVE_LOG_LEVEL="WARNING",
+                   SPLITSERVE_PORT="0")
         cmd = [sys.executable, "-m", "splitserve.cli", command, "--model", self.model, "--threads", "1", *args]
         proc = subprocess.Popen(cmd, env=env)
         self.procs.append(proc)
@@ -91,16 +110,19 @@ class Cluster:
         wait_for(idle, timeout, "workers to be idle")
 
     def stop(self) -> None:
-        """SIGTERM (workers drain and remove their staging files), SIGKILL what lingers."""
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        """SIGTERM (workers drain and remove their staging files), SIGKILL what lingers. Workers
+        first: a draining worker exits once its gateway confirms nothing more is on its way."""
+        workers = [w["proc"] for w in self.workers.values()]
+        for group in (workers, [p for p in self.procs if p not in workers]):
+            for p in group:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in group:
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
 
     def __enter__(self) -> Cluster:
         return self

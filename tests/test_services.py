@@ -218,7 +218,7 @@ def test_serve_drains_on_sigterm_and_leaves_no_child(home, tiny_dir):
     zmq_port = free_port()
     env = dict(os.environ, SPLITSERVE_HOME=str(home), PYTHONUNBUFFERED="1", SPLITSERVE_LOG_LEVEL="WARNING")
     serve = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "serve", "--model", "tiny-random",
-                              "--zmq-port", str(zmq_port), "--worker-port", "0", "--threads", "2"],
+                              "--zmq-port", str(zmq_port), "--worker-port", "0", "--port", "0", "--threads", "2"],
                              env=env, stdout=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: "ZMQ clients" in serve.stdout.readline(), 120, "serve to be ready", interval=0)

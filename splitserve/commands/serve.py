@@ -35,6 +35,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-slots", type=int, default=0, help="decode: KV slots per worker (0: by device)")
     p.add_argument("--kv-cache-memory-mb", type=int, default=0, help="decode: memory for each worker's KV pool")
     p.add_argument("--key-bucket", type=int, default=8)
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode: CUDA graphs at power-of-two batch sizes (ignored on CPU)")
 
 
 def _die_with_parent() -> None:
@@ -57,7 +59,7 @@ def worker_command(args: argparse.Namespace, role: str, index: int, gateway: str
            "--drain-timeout", str(args.drain_timeout)]
     if role == "decode":
         cmd += ["--num-slots", str(args.num_slots), "--kv-cache-memory-mb", str(args.kv_cache_memory_mb),
-                "--key-bucket", str(args.key_bucket)]
+                "--key-bucket", str(args.key_bucket), "--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs"]
     return cmd
 
 
@@ -159,7 +161,8 @@ async def _serve(args: argparse.Namespace) -> int:
                 return 1
         else:
             print(f"splitserve ready: model {args.model}, {args.prefill_workers} prefill + {args.decode_workers} "
-                  f"decode workers\n  ZMQ clients: {gw.zmq_endpoint}\n  workers register at: {gw.worker_endpoint}",
+                  f"decode workers\n  HTTP (TGI, OpenAI) and WebSocket: {gw.http_url}  (API docs: {gw.http_url}/docs)"
+                  f"\n  ZMQ clients: {gw.zmq_endpoint}\n  workers register at: {gw.worker_endpoint}",
                   flush=True)
             await stop.wait()
         log.info("shutting down: draining in-flight requests (up to %.0f s)", args.drain_timeout)

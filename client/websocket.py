@@ -1,0 +1,278 @@
+"""WebSocket clients with the ZMQ clients' API, for where only HTTP gets through (browsers' networks,
+proxies, load balancers): `WebSocketClient` (blocking, thread-safe) and `AsyncWebSocketClient`.
+
+    with WebSocketClient("ws://127.0.0.1:8080/ws") as client:
+        print(client.generate("def fib(n):", max_new_tokens=32).text)
+        for ev in client.stream("def fib(n):"):
+            print(ev.text, end="")
+
+Requests are multiplexed by id on one connection; messages are MessagePack binary frames, or
+JSON text with encoding="json" (the protocol: splitserve.gateway.websocket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+from typing import Union
+
+import msgspec
+from websockets.asyncio.client import connect as aconnect
+from websockets.exceptions import WebSocketException
+from websockets.sync.client import connect
+
+from ._core import MAX_MESSAGE_BYTES, Response, new_generate, route
+from .aio import AsyncStream
+from .errors import UnavailableError
+from .sync import Stream
+from .wire import Error, Generate, Token, TokenBatch
+
+
+class _Token(msgspec.Struct):
+    index: int
+    token_id: int
+    text: str
+    logprob: float | None = None
+    top_tokens: list[tuple[int, float]] | None = None
+
+
+class _Tokens(msgspec.Struct, tag="tokens", tag_field="type"):
+    id: str
+    tokens: list[_Token]
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    seed: int | None = None
+    prompt_logprobs: list[float | None] | None = None
+
+
+class _Error(msgspec.Struct, tag="error", tag_field="type"):
+    id: str
+    error_type: str
+    message: str
+
+
+_Reply = Union[_Tokens, _Error]
+_json = msgspec.json.Decoder(_Reply)
+_msgpack = msgspec.msgpack.Decoder(_Reply)
+
+
+def _frame(message: dict, binary: bool) -> bytes | str:
+    return msgspec.msgpack.encode(message) if binary else msgspec.json.encode(message).decode()
+
+
+def _generate_frame(msg: Generate, binary: bool) -> bytes | str:
+    return _frame({"type": "generate", "id": msg.id, "prompt": msg.prompt, "prompt_ids": msg.prompt_ids,
+                   "parameters": msgspec.structs.asdict(msg.params), "timeout_s": msg.timeout_s,
+                   "api_key": msg.api_key}, binary)
+
+
+def _decode(frame: bytes | str) -> TokenBatch | Error | None:
+    """The reply in a frame as the ZMQ client's message types, or None for anything malformed."""
+    try:
+        reply = _msgpack.decode(frame) if isinstance(frame, bytes) else _json.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if isinstance(reply, _Error):
+        return Error(reply.id, reply.error_type, reply.message)
+    tokens = [Token(t.index, t.token_id, t.text, t.logprob, t.top_tokens) for t in reply.tokens]
+    return TokenBatch(reply.id, tokens, reply.finish_reason, reply.prompt_tokens, reply.seed, reply.prompt_logprobs)
+
+
+def _check_encoding(encoding: str) -> bool:
+    if encoding not in ("msgpack", "json"):
+        raise ValueError(f"encoding must be 'msgpack' or 'json', got {encoding!r}")
+    return encoding == "msgpack"
+
+
+class WebSocketClient:
+    """A connection to a gateway's /ws, usable from many threads at once. A reader thread hands each
+    reply to its request; a writer thread sends, so that a stream dropped anywhere (its __del__
+    cancels it) never sends on the socket itself."""
+
+    def __init__(self, url: str, api_key: str | None = None, *, encoding: str = "msgpack",
+                 open_timeout: float = 10.0, max_message_bytes: int = MAX_MESSAGE_BYTES):
+        self._binary = _check_encoding(encoding)
+        self._api_key = api_key
+        self._stack = contextlib.ExitStack()
+        try:
+            self._conn = self._stack.enter_context(connect(url, open_timeout=open_timeout, max_size=max_message_bytes,
+                                                           compression=None, proxy=None))
+        except (OSError, WebSocketException, TimeoutError) as e:
+            raise UnavailableError(f"cannot connect to {url}: {e}") from e
+        self._routes: dict[str, queue.SimpleQueue] = {}
+        self._lock = threading.Lock()  # the routes, shared by callers and the two threads
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._threads = [threading.Thread(target=f, name=f"splitserve-ws-{f.__name__.strip('_')}", daemon=True)
+                         for f in (self._read, self._write)]
+        for t in self._threads:
+            t.start()
+
+    def generate(self, prompt: str | None = None, **options) -> Response:
+        """Run one request to its end. Options: see `splitserve.client._core.new_generate`."""
+        with self.stream(prompt, **options) as stream:
+            return stream.response()
+
+    def stream(self, prompt: str | None = None, **options) -> Stream:
+        """Start one request and iterate its tokens as they come. Options as for `generate`."""
+        msg = new_generate(prompt, **options)
+        msg.api_key = self._api_key
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        with self._lock:
+            if self._closed:
+                raise UnavailableError("the client is closed")
+            self._routes[msg.id] = inbox
+        self._outbox.put(_generate_frame(msg, self._binary))
+        return Stream(msg, inbox, self._cancel)
+
+    def _cancel(self, request_id: str) -> None:
+        # only a queue put: this runs from __del__ too, maybe while this thread holds the lock
+        self._outbox.put(("cancel", request_id))
+
+    def _read(self) -> None:
+        try:
+            for frame in self._conn:
+                msg = _decode(frame)
+                if msg is not None:
+                    self._deliver(msg)
+        except (OSError, WebSocketException):
+            pass
+        finally:
+            self._deliver(Error("", "unavailable", "the connection to the gateway closed"))
+            self._outbox.put(None)
+
+    def _deliver(self, msg) -> None:
+        with self._lock:
+            inboxes = route(self._routes, msg)
+        for inbox in inboxes:
+            inbox.put(msg)
+
+    def _write(self) -> None:
+        while (item := self._outbox.get()) is not None:
+            if isinstance(item, tuple):
+                with self._lock:
+                    running = self._routes.pop(item[1], None) is not None
+                if not running:  # it has already ended
+                    continue
+                item = _frame({"type": "cancel", "id": item[1]}, self._binary)
+            try:
+                self._conn.send(item)
+            except (OSError, WebSocketException):
+                return
+
+    def close(self) -> None:
+        """Close the connection; requests still running fail with UnavailableError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._outbox.put(None)
+        self._stack.close()
+        for t in self._threads:
+            t.join()
+
+    def __enter__(self) -> WebSocketClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncWebSocketClient:
+    """A connection to a gateway's /ws for asyncio code; `await AsyncWebSocketClient.connect(url)`
+    or `async with AsyncWebSocketClient(url) as client`."""
+
+    def __init__(self, url: str, api_key: str | None = None, *, encoding: str = "msgpack",
+                 open_timeout: float = 10.0, max_message_bytes: int = MAX_MESSAGE_BYTES):
+        self._url, self._api_key = url, api_key
+        self._binary = _check_encoding(encoding)
+        self._connect_options = dict(open_timeout=open_timeout, max_size=max_message_bytes, compression=None,
+                                     proxy=None)
+        self._stack = contextlib.AsyncExitStack()
+        self._routes: dict[str, asyncio.Queue] = {}
+        self._outbox: asyncio.Queue = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    @classmethod
+    async def connect(cls, url: str, api_key: str | None = None, **options) -> AsyncWebSocketClient:
+        client = cls(url, api_key, **options)
+        await client._open()
+        return client
+
+    async def _open(self) -> None:
+        try:
+            self._conn = await self._stack.enter_async_context(aconnect(self._url, **self._connect_options))
+        except (OSError, WebSocketException, TimeoutError) as e:
+            raise UnavailableError(f"cannot connect to {self._url}: {e}") from e
+        self._loop = asyncio.get_running_loop()
+        self._tasks = [self._loop.create_task(self._read()), self._loop.create_task(self._write())]
+
+    async def generate(self, prompt: str | None = None, **options) -> Response:
+        """Run one request to its end. Options: see `splitserve.client._core.new_generate`."""
+        async with self.stream(prompt, **options) as stream:
+            return await stream.response()
+
+    def stream(self, prompt: str | None = None, **options) -> AsyncStream:
+        """Start one request (call it from a coroutine) and iterate its tokens with `async for`."""
+        if self._closed or self._loop is None:
+            raise UnavailableError("the client is closed" if self._closed else "the client is not connected")
+        msg = new_generate(prompt, **options)
+        msg.api_key = self._api_key
+        inbox: asyncio.Queue = asyncio.Queue()
+        self._routes[msg.id] = inbox
+        self._outbox.put_nowait(_generate_frame(msg, self._binary))
+        return AsyncStream(msg, inbox, self._cancel, self._cancel_later)
+
+    def _cancel(self, request_id: str) -> None:
+        if self._routes.pop(request_id, None) is not None and not self._closed:  # else it has already ended
+            self._outbox.put_nowait(_frame({"type": "cancel", "id": request_id}, self._binary))
+
+    def _cancel_later(self, request_id: str) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._cancel, request_id)
+        except RuntimeError:  # the loop is closed, and its requests with it
+            pass
+
+    async def _read(self) -> None:
+        try:
+            async for frame in self._conn:
+                msg = _decode(frame)
+                if msg is not None:
+                    for inbox in route(self._routes, msg):
+                        inbox.put_nowait(msg)
+        except (OSError, WebSocketException):
+            pass
+        finally:
+            closed = Error("", "unavailable", "the connection to the gateway closed")
+            for inbox in route(self._routes, closed):
+                inbox.put_nowait(closed)
+
+    async def _write(self) -> None:
+        while True:
+            frame = await self._outbox.get()
+            try:
+                await self._conn.send(frame)
+            except (OSError, WebSocketException):
+                return
+
+    async def close(self) -> None:
+        """Close the connection; requests still running fail with UnavailableError."""
+        if self._closed:
+            return
+        self._closed = True
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._stack.aclose()
+
+    async def __aenter__(self) -> AsyncWebSocketClient:
+        if self._loop is None:
+            await self._open()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

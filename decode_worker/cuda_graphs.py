@@ -1,0 +1,121 @@
+"""Decode steps at a few fixed shapes, so that CUDA graphs can replay them (DESIGN §3).
+
+A step's shape is (B rows, key_len keys). Under graphs B is the slot prefix rounded up to a batch
+bucket (1, 2, 4, ... and the slot count) and key_len the longest row rounded up to a key bucket
+(multiples of a step, coarser than the eager path's 8), so one graph per (batch bucket x key
+bucket) covers every step. Rows past the prefix are free slots: like the free rows inside it,
+they compute at position 0 of their own slot and are ignored.
+
+Inputs need no copying at replay: a graph reads the engine's per-slot `tokens` and `positions`
+in place (tensors that never move), and computes the write index and the mask from them inside
+the graph. Outputs land in buffers kept here: logits [S, V] and the greedy tokens [S]. The argmax
+is part of every graph (a read of B x V logits, small beside the step), so an all-greedy batch
+samples inside the graph; any other batch runs `sample` on the logits afterwards.
+
+With `capture=False` the very same padded, static-buffer step runs eagerly: that is how the CPU
+tests check it, and what a graph replays.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Callable
+
+import torch
+
+from splitserve.common.attention import decode_mask
+from splitserve.common.model import DecodeViews, Params, decode_step, decode_views, decode_write_index, row_offsets
+
+
+def batch_buckets(num_slots: int) -> list[int]:
+    """1, 2, 4, ... below num_slots, then num_slots itself: B never exceeds the pool."""
+    sizes = [1 << i for i in range(num_slots.bit_length()) if 1 << i < num_slots]
+    return sizes + [num_slots]
+
+
+def key_buckets(slot_len: int, step: int) -> list[int]:
+    """step, 2*step, ... below slot_len, then slot_len itself."""
+    if step < 8 or step % 8:
+        raise ValueError(f"the graphs' key bucket must be a multiple of 8, got {step}")
+    return list(range(step, slot_len, step)) + [slot_len]
+
+
+class GraphedDecode:
+    def __init__(self, params: Params, kv: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+                 batch_sizes: list[int], key_lens: list[int], capture: bool):
+        """kv: the pool [n_layer, 2, S, KVH, L, D]; tokens, positions: the engine's per-slot [S]
+        state, read in place by every step."""
+        cfg, dev = params.cfg, kv.device
+        num_slots, slot_len = kv.shape[2], kv.shape[4]
+        if max(batch_sizes) > num_slots or max(key_lens) > slot_len:
+            raise ValueError(f"buckets up to {max(batch_sizes)} rows x {max(key_lens)} keys exceed the pool "
+                             f"({num_slots} slots of {slot_len})")
+        self.params, self.kv, self.tokens, self.positions = params, kv, tokens, positions
+        self.batch_sizes, self.key_lens = sorted(batch_sizes), sorted(key_lens)
+        self.logits = torch.empty(num_slots, cfg.vocab_size, dtype=kv.dtype, device=dev)
+        self.greedy = torch.zeros(num_slots, dtype=torch.long, device=dev)
+        self._offsets = row_offsets(num_slots, cfg.kv_heads, slot_len, dev)
+        self._key_index = torch.arange(slot_len, device=dev)
+        self._runs: dict[tuple[int, int], Callable[[], None]] = {}  # (B, key_len) -> a step
+        self.captured = capture
+        if capture:
+            self._capture()
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """(B, key_len) of every step made so far: once captured, all of them, largest first."""
+        return list(self._runs)
+
+    def shape(self, prefix: int, longest: int) -> tuple[int, int]:
+        """(batch bucket, key bucket) of a step over `prefix` slots whose longest row needs
+        `longest` keys."""
+        return (self.batch_sizes[bisect_left(self.batch_sizes, prefix)],
+                self.key_lens[bisect_left(self.key_lens, longest)])
+
+    def run(self, prefix: int, longest: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """One step; -> (B, logits [B, V], greedy tokens [B]), views of buffers that the next
+        step overwrites. No host sync."""
+        b, key_len = self.shape(prefix, longest)
+        run = self._runs.get((b, key_len))
+        if run is None:  # eager only: a captured runner holds every shape
+            run = self._runs[b, key_len] = self._eager(b, key_len)
+        run()
+        return b, self.logits[:b], self.greedy[:b]
+
+    def _eager(self, b: int, key_len: int) -> Callable[[], None]:
+        views = decode_views(self.kv, b, key_len)
+        return lambda: self._step(b, key_len, views)
+
+    def _step(self, b: int, key_len: int, views: DecodeViews) -> None:
+        p = self.params
+        kvh = p.cfg.kv_heads
+        positions = self.positions[:b]
+        write_index = decode_write_index(self._offsets, positions, kvh)  # [B*KVH]
+        mask = decode_mask(positions, key_len, kvh, self.kv.dtype, self._key_index)  # [B*KVH, 1, key_len]
+        logits = decode_step(p, self.tokens[:b], positions, views, write_index, mask, self.logits)  # [B, V]
+        torch.argmax(logits, -1, out=self.greedy[:b])
+
+    def _capture(self) -> None:
+        """Largest shapes first, all in one memory pool: a smaller graph's blocks fit in what the
+        larger ones freed, so the pool grows to about the largest step's working set."""
+        shapes = [(b, k) for b in reversed(self.batch_sizes) for k in reversed(self.key_lens)]
+        eager = {shape: self._eager(*shape) for shape in shapes}
+        dev = self.kv.device
+        with torch.inference_mode():
+            # Warm-up on the stream the captures use, as torch.cuda.graph asks: the first run of a
+            # shape loads its kernels, picks cuBLAS algorithms and makes the stream's cuBLAS
+            # workspace, none of which may happen mid-capture. Its K/V writes land at each slot's
+            # current position and are the values the next real step writes there.
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                for run in eager.values():
+                    run()
+            pool = torch.cuda.graph_pool_handle()
+            for shape, run in eager.items():
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=side):
+                    run()
+                self._runs[shape] = graph.replay
+            torch.cuda.current_stream(dev).wait_stream(side)
+        torch.cuda.synchronize(dev)

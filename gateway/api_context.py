@@ -1,0 +1,37 @@
+"""What the HTTP and WebSocket routes share: the way into the core, the tokenizer, the limits."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from splitserve.common.limits import Limits
+from splitserve.common.tokenizer import Tokenizer
+
+from .frontdoor import FrontDoor
+
+
+@dataclass
+class ApiContext:
+    door: FrontDoor
+    tokenizer: Tokenizer
+    limits: Limits
+    model_id: str  # the name clients see: --model as given
+    chat_template: str | None
+    started: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self):
+        # Per-token strings for details and logprobs: the same few thousand ids recur.
+        self.piece = lru_cache(maxsize=65536)(self._piece)
+        self.is_special = lru_cache(maxsize=65536)(self._is_special)
+
+    def _piece(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _is_special(self, token_id: int) -> bool:
+        return self._piece(token_id) != "" and self.tokenizer.decode([token_id], skip_special_tokens=True) == ""
+
+    @property
+    def core(self):
+        return self.door.core

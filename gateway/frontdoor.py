@@ -1,0 +1,38 @@
+"""How every front end (ZMQ, HTTP, WebSocket) reaches the core: each request it submits is
+metered from arrival to its last reply, and cancelling one records why it ended."""
+
+from __future__ import annotations
+
+from splitserve.common import protocol as P
+
+from .core import GatewayCore, Sink
+from .metrics import GatewayMetrics, Meter
+
+
+class FrontDoor:
+    def __init__(self, core: GatewayCore, metrics: GatewayMetrics):
+        self.core, self.metrics = core, metrics
+        self._meters: dict[str, Meter] = {}  # gateway id -> the meter of a request still running
+
+    def submit(self, route: str, msg: P.Generate, sink: Sink) -> str | None:
+        """As GatewayCore.submit; `route` labels the request's metrics."""
+        meter = self.metrics.meter(route)
+        gid: str | None = None
+
+        def metered(out) -> None:
+            meter.observe(out)
+            if meter.done and gid is not None:
+                self._meters.pop(gid, None)
+            sink(out)
+
+        gid = self.core.submit(msg.id, msg, metered)
+        if gid is not None and not meter.done:
+            self._meters[gid] = meter
+        return gid
+
+    def cancel(self, gid: str, reason: str | None = None) -> None:
+        """The client went away or asked to stop; `reason` is sent to it as the finish reason."""
+        meter = self._meters.pop(gid, None)
+        if meter is not None:
+            meter.finish("cancelled")
+        self.core.cancel(gid, reason)

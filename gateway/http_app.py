@@ -1,0 +1,132 @@
+"""The HTTP and WebSocket front: one FastAPI app (TGI, OpenAI, /ws, /health, /metrics) served by
+uvicorn on the gateway's own event loop, beside its ZeroMQ sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from importlib.metadata import version
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .api_context import ApiContext
+from .api_errors import ApiError, invalid, openai_error, tgi_error
+from .openai_api import openai_router
+from .tgi import tgi_router
+from .websocket import __doc__ as WEBSOCKET_DOC, websocket_router
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S = 5.0  # open connections get this long to finish once the gateway stops
+
+
+def build_app(ctx: ApiContext) -> FastAPI:
+    app = FastAPI(title="splitserve", version=version("splitserve"),
+                  description="TGI-compatible and OpenAI-compatible HTTP APIs of a splitserve gateway.\n\n"
+                              "**WebSocket** (not an OpenAPI route): " + WEBSOCKET_DOC)
+    app.include_router(tgi_router(ctx))
+    app.include_router(openai_router(ctx))
+    app.include_router(websocket_router(ctx))
+
+    @app.get("/health", tags=["Operations"], summary="200 while prefill and decode workers are registered")
+    async def health() -> JSONResponse:
+        core = ctx.core
+        counts = {f"{role}_workers": len(core.registry.of_role(role)) for role in ("prefill", "decode")}
+        ok = all(counts.values()) and not core.draining
+        status = "ok" if ok else ("draining" if core.draining else "no workers")
+        return JSONResponse({"status": status, **counts}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["Operations"], summary="Prometheus metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(ctx.door.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    def error_response(request: Request, e: ApiError) -> JSONResponse:
+        path = request.url.path
+        if not e.metered:  # refused before reaching the core
+            ctx.door.metrics.requests.labels(path, e.error_type).inc()
+        status, body = (openai_error if path.startswith("/v1/") else tgi_error)(e)
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return error_response(request, e)
+
+    @app.exception_handler(RequestValidationError)
+    async def malformed(request: Request, e: RequestValidationError) -> JSONResponse:
+        return error_response(request, invalid(_describe(e), _param(e)))
+
+    return app
+
+
+def _describe(e: RequestValidationError) -> str:
+    """Pydantic's errors as one line, e.g. `parameters.temperature`: Input should be a valid number (given 'x')."""
+    by_field: dict[str, list[str]] = {}  # field -> the union members it failed, or its one message
+    for err in e.errors():
+        field = [str(p) for p in err["loc"] if p != "body"]
+        # a union's members appear in the location as type names: fold them into one message
+        cut = next((i for i, p in enumerate(field) if i > 0 and _is_type_name(p)), None)
+        if cut is None:
+            given = f" (given {err['input']!r})" if err["type"] != "missing" else ""
+            by_field[".".join(field) or "body"] = [f"{err['msg']}{given}"]
+        else:
+            members = by_field.setdefault(".".join(field[:cut]), [])
+            if field[cut] not in members:
+                members.append(field[cut])
+    return "; ".join(f"`{field}`: {found[0] if len(found) == 1 else 'should be one of: ' + ', '.join(found)}"
+                     for field, found in by_field.items())
+
+
+def _is_type_name(part: str) -> bool:
+    return "[" in part or part in ("str", "int", "float", "bool", "dict", "list")
+
+
+def _param(e: RequestValidationError) -> str | None:
+    loc = [str(p) for p in e.errors()[0]["loc"] if p != "body"] if e.errors() else []
+    return loc[0] if loc else None
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot serve HTTP on {host}:{port} (--host, --port): {e.strerror}") from None
+    return sock
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):
+        # The gateway's process owns SIGINT/SIGTERM (serve drains on them); uvicorn must not take them.
+        yield
+
+
+class HttpServer:
+    """uvicorn on a socket bound at construction, so a taken port fails the start and port 0 works."""
+
+    def __init__(self, app: FastAPI, host: str, port: int):
+        self.socket = _bind(host, port)
+        self.port = self.socket.getsockname()[1]
+        # log_config None: uvicorn's loggers go through the process's own logging setup
+        config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S, ws_max_size=16 * 2**20)
+        self.server = _Server(config)
+
+    async def serve(self) -> None:
+        await self.server.serve(sockets=[self.socket])
+
+    async def stop(self, task: asyncio.Task) -> None:
+        self.server.should_exit = True
+        try:
+            await asyncio.wait_for(task, SHUTDOWN_GRACE_S + 2)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            log.warning("the HTTP server did not stop in time")
+        self.socket.close()

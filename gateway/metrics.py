@@ -1,0 +1,122 @@
+"""The gateway's Prometheus metrics: each request's latencies and outcome by front end, and the
+state of the queue and the workers, read from the core when scraped.
+
+Worker-side numbers (prefill and decode batch sizes, KV slots in use) are on each worker's own
+`/metrics` (`--metrics-port`); these are what only the gateway knows.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from splitserve.common import protocol as P
+
+from .core import GatewayCore
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+# Finish reasons of a request that ran to its end; any other (cancelled, shutdown) cut it short
+# and comes with no token of its own.
+NORMAL_FINISH = frozenset({"length", "eos_token", "stop_sequence"})
+
+
+class GatewayMetrics:
+    def __init__(self, core: GatewayCore):
+        # A registry of its own, so that several gateways in one process (tests) don't collide.
+        self.registry = CollectorRegistry()
+        r = self.registry
+        # route: the HTTP path, "/ws" or "zmq"; outcome: ok, cancelled, shutdown, or the error type
+        self.requests = Counter("splitserve_requests", "requests by route and outcome", ["route", "outcome"],
+                                registry=r)
+        self.ttft = Histogram("splitserve_time_to_first_token_seconds", "arrival to first token",
+                              ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("splitserve_time_per_output_token_seconds", "mean time between a finished request's "
+                              "tokens after the first", ["route"], buckets=TOKEN_BUCKETS, registry=r)
+        self.e2e = Histogram("splitserve_request_duration_seconds", "arrival to last token of finished requests",
+                             ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("splitserve_prompt_tokens", "prompt tokens of admitted requests", ["route"],
+                                     registry=r)
+        self.generated_tokens = Counter("splitserve_generated_tokens", "tokens sent to clients", ["route"],
+                                        registry=r)
+        r.register(_CoreCollector(core))
+
+    def meter(self, route: str) -> Meter:
+        return Meter(self, route)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class Meter:
+    """One request's clock: fed every reply the request gets, it records its outcome once."""
+
+    def __init__(self, metrics: GatewayMetrics, route: str):
+        self.metrics, self.route = metrics, route
+        self.start = time.monotonic()
+        self.first: float | None = None
+        self.tokens = 0
+        self.done = False
+
+    def observe(self, out: P.TokenBatch | P.Error) -> None:
+        if self.done:
+            return
+        if isinstance(out, P.Error):
+            self.finish(out.error_type)
+            return
+        m = self.metrics
+        if out.prompt_tokens:
+            m.prompt_tokens.labels(self.route).inc(out.prompt_tokens)
+        if out.tokens:
+            if self.first is None:
+                self.first = time.monotonic()
+                m.ttft.labels(self.route).observe(self.first - self.start)
+            self.tokens += len(out.tokens)
+            m.generated_tokens.labels(self.route).inc(len(out.tokens))
+        if out.finish_reason is not None:
+            self.finish("ok" if out.finish_reason in NORMAL_FINISH else out.finish_reason)
+
+    def finish(self, outcome: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        m = self.metrics
+        m.requests.labels(self.route, outcome).inc()
+        if outcome == "ok":
+            end = time.monotonic()
+            m.e2e.labels(self.route).observe(end - self.start)
+            if self.first is not None and self.tokens > 1:
+                m.tpot.labels(self.route).observe((end - self.first) / (self.tokens - 1))
+
+
+class _CoreCollector:
+    """Gauges read from the core at scrape time, so they can never drift from its own state."""
+
+    def __init__(self, core: GatewayCore):
+        self.core = core
+
+    def collect(self):
+        core = self.core
+        live = sum(not s.client_done for s in core.streams.values())
+        yield GaugeMetricFamily("splitserve_requests_in_flight", "requests admitted and not yet answered in full",
+                                value=live)
+        yield GaugeMetricFamily("splitserve_requests_waiting", "admitted requests waiting for a free decode slot",
+                                value=len(core.waiting))
+        workers = GaugeMetricFamily("splitserve_workers", "registered workers", labels=["role"])
+        reserved = GaugeMetricFamily("splitserve_decode_slots_reserved", "decode slots reserved by the gateway",
+                                     labels=["worker"])
+        capacity = GaugeMetricFamily("splitserve_decode_slots", "decode slots a worker has", labels=["worker"])
+        queued = GaugeMetricFamily("splitserve_prefill_queued_tokens", "prompt tokens sent and not yet prefilled",
+                                   labels=["worker"])
+        for role in ("prefill", "decode"):
+            workers.add_metric([role], len(core.registry.of_role(role, routable=False)))
+        for w in core.registry.workers.values():
+            if w.info.role == "decode":
+                reserved.add_metric([w.id], len(w.assigned))
+                capacity.add_metric([w.id], w.info.capacity)
+            else:
+                queued.add_metric([w.id], w.queued_tokens)
+        yield from (workers, reserved, capacity, queued)

@@ -1,0 +1,72 @@
+"""OpenAI's completions and chat completions request shapes (the fields splitserve reads;
+others are ignored, as OpenAI-compatible servers do)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field, model_validator
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """What completions and chat completions share."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data):
+        # many OpenAI clients send null for an option they leave unset
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    model: str | None = Field(None, description="accepted whatever it names: the server has one model")
+    max_tokens: int | None = Field(None, description="default 16 (completions) or what fits (chat)")
+    temperature: float = Field(1.0, description="in [0, 2]; 0 is greedy")
+    top_p: float = Field(1.0, description="in (0, 1]")
+    n: int = Field(1, description="choices per prompt, each sampled with a seed derived from `seed`")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None, description="at most 4; a matched stop is cut from the text")
+    seed: int | None = None
+    frequency_penalty: float = Field(0.0, description="in [-2, 2]")
+    presence_penalty: float = Field(0.0, description="not supported: must be 0")
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
+    user: str | None = None
+    # Extensions most OpenAI-compatible servers take.
+    top_k: int = Field(0, description="extension: top-k sampling (0 is off)")
+    repetition_penalty: float = Field(1.0, description="extension: > 0, 1 is off")
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="text, texts, token ids, or lists of token ids")
+    suffix: str | None = Field(None, description="fill-in-the-middle: the text after the cursor; the prompt is "
+                               "the text before it")
+    logprobs: int | None = Field(None, description="logprobs of each token and of its `logprobs` most likely "
+                                 "alternatives (at most 5)")
+    echo: bool = Field(False, description="prepend the prompt to the text (with logprobs: its tokens too)")
+    best_of: int | None = Field(None, description="not supported beyond 1")
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = Field(False, description="not supported on chat completions (use /v1/completions)")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    error: ErrorDetail

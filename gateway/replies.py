@@ -1,0 +1,130 @@
+"""The HTTP routes' side of the core: requests started together, their replies as one async
+iterator, gathered into whole answers, and cancelled when the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from splitserve.common import protocol as P
+
+from .api_errors import ApiError
+from .frontdoor import FrontDoor
+from .metrics import NORMAL_FINISH
+
+
+class Replies:
+    """Requests submitted together (OpenAI's `n` and prompt lists; one for TGI), their replies
+    merged in arrival order as (choice index, TokenBatch). Raises ApiError when a submission is
+    refused (the ones before it are cancelled) or a request fails."""
+
+    def __init__(self, door: FrontDoor, route: str, msgs: list[P.Generate]):
+        self.door = door
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.gids: list[str] = []
+        self.running: set[int] = set()
+        for i, msg in enumerate(msgs):
+            gid = door.submit(route, msg, lambda out, i=i: self.queue.put_nowait((i, out)))
+            if gid is None:
+                # a refusal reaches the sink before submit returns, with nothing else queued since
+                # (no await in between): it is the newest item
+                refusal = self.queue.get_nowait()[1]
+                self.close()
+                raise ApiError(refusal.error_type, refusal.message, metered=True)
+            self.gids.append(gid)
+            self.running.add(i)
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, P.TokenBatch]]:
+        while self.running:
+            i, out = await self.queue.get()
+            if i is None:  # closed while waiting
+                return
+            if isinstance(out, P.Error):
+                self.running.discard(i)
+                self.close()
+                raise ApiError(out.error_type, out.message, metered=True)
+            if out.finish_reason is not None:
+                self.running.discard(i)
+                if out.finish_reason not in NORMAL_FINISH:
+                    self.close()
+                    raise ApiError("incomplete_generation", f"the request ended unfinished: {out.finish_reason}",
+                                   metered=True)
+            yield i, out
+
+    def close(self) -> None:
+        """Cancel what is still running; idempotent."""
+        for i in sorted(self.running):
+            self.door.cancel(self.gids[i])
+        if self.running:
+            self.running.clear()
+            self.queue.put_nowait((None, None))
+
+
+@dataclass
+class Answer:
+    """One choice's replies, gathered."""
+
+    tokens: list[P.Token] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    seed: int | None = None
+    prompt_logprobs: list[float | None] | None = None
+    chars: int = 0  # length of the text so far
+
+    def add(self, batch: P.TokenBatch) -> None:
+        self.tokens.extend(batch.tokens)
+        self.chars += sum(len(t.text) for t in batch.tokens)
+        if batch.finish_reason is not None:
+            self.finish_reason = batch.finish_reason
+        if batch.prompt_tokens:
+            self.prompt_tokens = batch.prompt_tokens
+        if batch.seed is not None:
+            self.seed = batch.seed
+        if batch.prompt_logprobs is not None:
+            self.prompt_logprobs = batch.prompt_logprobs
+
+    @property
+    def text(self) -> str:
+        return "".join(t.text for t in self.tokens)
+
+
+async def gather(replies: Replies, n: int, request: Request) -> list[Answer]:
+    """Every choice to its end; the requests are cancelled if the client disconnects first."""
+    answers = [Answer() for _ in range(n)]
+    watcher = asyncio.create_task(_close_on_disconnect(request, replies))
+    try:
+        async for i, batch in replies:
+            answers[i].add(batch)
+    finally:
+        watcher.cancel()
+        replies.close()
+    return answers
+
+
+async def _close_on_disconnect(request: Request, replies: Replies) -> None:
+    # The body has been read, so the next ASGI message is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    replies.close()
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events; the requests behind them are cancelled when the client disconnects
+    (Starlette then cancels the stream) or the stream ends any other way."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[bytes], replies: Replies):
+        super().__init__(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.replies = replies
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.replies.close()

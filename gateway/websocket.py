@@ -1,0 +1,168 @@
+"""The WebSocket front, /ws: many requests multiplexed by id on one connection, each reply in
+the encoding its request came in (a JSON text message or a MessagePack binary one).
+
+    client: {"type": "generate", "id": "a", "prompt": "def f(x):", "parameters": {"max_new_tokens": 8}}
+            {"type": "cancel", "id": "a"}
+    server: {"type": "tokens", "id": "a", "tokens": [{"index": 0, "token_id": 12, "text": "\\n",
+             "logprob": null, "top_tokens": null}], "finish_reason": null, "prompt_tokens": 5, "seed": null,
+             "prompt_logprobs": null}
+            {"type": "error", "id": "a", "error_type": "validation", "message": "..."}
+
+`parameters` takes the ZMQ protocol's GenerateParams fields by name (common/protocol.py). The
+last message of a request has a `finish_reason` or is an error; a cancelled request ends with
+finish_reason "cancelled". A message that is not valid is answered with a validation error under
+its id, or under id "" (about the connection) when it has none.
+Closing the connection cancels its requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Union
+
+import msgspec
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from splitserve.common import protocol as P
+
+from .api_context import ApiContext
+from .frontdoor import FrontDoor
+
+log = logging.getLogger(__name__)
+
+
+def _by_name(cls: type[msgspec.Struct]) -> type[msgspec.Struct]:
+    """`cls` with the same fields and defaults, encoded as an object (the ZMQ wire uses arrays)."""
+    fields = []
+    for f in msgspec.structs.fields(cls):
+        default = f.default if f.default is not msgspec.NODEFAULT else msgspec.field(default_factory=f.default_factory)
+        fields.append((f.name, f.type, default))
+    return msgspec.defstruct(cls.__name__, fields, kw_only=True, forbid_unknown_fields=True)
+
+
+Parameters = _by_name(P.GenerateParams)
+
+
+class WsGenerate(msgspec.Struct, tag="generate", tag_field="type", forbid_unknown_fields=True):
+    id: str
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    parameters: Parameters = msgspec.field(default_factory=Parameters)
+    timeout_s: float | None = None
+    api_key: str | None = None
+
+
+class WsCancel(msgspec.Struct, tag="cancel", tag_field="type"):
+    id: str
+
+
+WsMessage = Union[WsGenerate, WsCancel]
+_json = msgspec.json.Decoder(WsMessage)
+_msgpack = msgspec.msgpack.Decoder(WsMessage)
+
+
+def reply(out: P.TokenBatch | P.Error) -> dict:
+    if isinstance(out, P.Error):
+        return {"type": "error", "id": out.id, "error_type": out.error_type, "message": out.message}
+    tokens = [{"index": t.index, "token_id": t.token_id, "text": t.text, "logprob": t.logprob,
+               "top_tokens": t.top_tokens} for t in out.tokens]
+    return {"type": "tokens", "id": out.id, "tokens": tokens, "finish_reason": out.finish_reason,
+            "prompt_tokens": out.prompt_tokens, "seed": out.seed, "prompt_logprobs": out.prompt_logprobs}
+
+
+def encode(message: dict, binary: bool) -> bytes | str:
+    return msgspec.msgpack.encode(message) if binary else msgspec.json.encode(message).decode()
+
+
+def _id_of(raw: bytes | str, binary: bool) -> str:
+    """The id of a message that failed validation, so that only its request fails; "" when it has none."""
+    try:
+        message = msgspec.msgpack.decode(raw) if binary else msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return ""
+    rid = message.get("id") if isinstance(message, dict) else None
+    return rid if isinstance(rid, str) else ""
+
+
+def websocket_router(ctx: ApiContext) -> APIRouter:
+    router = APIRouter()
+
+    @router.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await Session(ctx.door, websocket).run()
+
+    return router
+
+
+class Session:
+    """One connection: its requests by the client's ids, and a writer that sends replies in order."""
+
+    def __init__(self, door: FrontDoor, websocket: WebSocket):
+        self.door, self.websocket = door, websocket
+        self.gids: dict[str, str] = {}  # client's id -> gateway id, while running
+        self.outbox: asyncio.Queue = asyncio.Queue()
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self._write())
+        try:
+            while True:
+                frame = await self.websocket.receive()
+                if frame["type"] == "websocket.disconnect":
+                    return
+                binary = frame.get("bytes") is not None
+                raw = frame["bytes"] if binary else frame["text"]
+                try:
+                    msg = (_msgpack if binary else _json).decode(raw)
+                except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                    self._send(P.Error(_id_of(raw, binary), "validation", f"malformed message: {e}"), binary)
+                    continue
+                if isinstance(msg, WsGenerate):
+                    self._generate(msg, binary)
+                else:
+                    self._cancel(msg.id)
+        except WebSocketDisconnect:
+            return
+        finally:
+            for gid in list(self.gids.values()):
+                self.door.cancel(gid)
+            self.gids.clear()
+            writer.cancel()
+
+    def _generate(self, ws_msg: WsGenerate, binary: bool) -> None:
+        rid = ws_msg.id
+        if rid in self.gids:
+            self._send(P.Error(rid, "validation", f"request id {rid!r} is already in use"), binary)
+            return
+        params = P.GenerateParams(**msgspec.structs.asdict(ws_msg.parameters))
+        msg = P.Generate(rid, ws_msg.prompt, ws_msg.prompt_ids, params, ws_msg.timeout_s, ws_msg.api_key)
+
+        def sink(out) -> None:
+            self._send(out, binary)
+            if isinstance(out, P.Error) or out.finish_reason is not None:
+                self.gids.pop(rid, None)
+
+        gid = self.door.submit("/ws", msg, sink)
+        if gid is not None and gid in self.door.core.streams:
+            self.gids[rid] = gid
+
+    def _cancel(self, rid: str) -> None:
+        gid = self.gids.pop(rid, None)
+        if gid is not None:
+            self.door.cancel(gid, reason="cancelled")
+
+    def _send(self, out, binary: bool) -> None:
+        self.outbox.put_nowait(encode(reply(out), binary))
+
+    async def _write(self) -> None:
+        while True:
+            frame = await self.outbox.get()
+            try:
+                if isinstance(frame, bytes):
+                    await self.websocket.send_bytes(frame)
+                else:
+                    await self.websocket.send_text(frame)
+            except (WebSocketDisconnect, RuntimeError) as e:  # closed under us: the reader ends the session
+                log.debug("websocket send failed: %s", e)
+                return

@@ -1,0 +1,232 @@
+"""Decode at fixed shapes (decode_worker/cuda_graphs.py): the padded static-buffer step gives the
+tokens of the exact one. On the CPU the step runs eagerly, as its graphs would replay it; the
+CUDA tests capture the graphs and compare replay with eager."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from conftest import load_cpu
+from splitserve.common.loading import load_model
+from splitserve.common.request import GenerateRequest
+from splitserve.common.sampling import SamplingParams
+from splitserve.decode_worker.cuda_graphs import GraphedDecode, batch_buckets, key_buckets
+from splitserve.decode_worker.engine import DecodeEngine
+from splitserve.engine import Engine, EngineOptions, GenerateResult, add_event
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+SLOTS, SLOT_LEN, KEY_STEP = 6, 512, 64  # batch buckets 1, 2, 4, 6; key buckets 64, 128, ... 512
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_dir):
+    return load_cpu(tiny_dir)
+
+
+def prompt(n: int, seed: int) -> tuple[int, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randint(5, 8192, (n,), generator=gen).tolist())
+
+
+def req(i: int, n: int, new: int, **kw) -> GenerateRequest:
+    return GenerateRequest(f"r{i}", prompt(n, i), new, ignore_eos=True, **kw)
+
+
+def sampled(i: int, n: int, new: int, **kw) -> GenerateRequest:
+    return req(i, n, new, sampling=SamplingParams(do_sample=True, seed=50 + i, temperature=0.8, top_p=0.9), **kw)
+
+
+# Requests join and leave so that the slot prefix grows, shrinks, has holes, and crosses key
+# buckets (prompts up to 200 tokens, 60 more); slot 5 in use makes B the non-power-of-two 6.
+GREEDY_SCHEDULE = {
+    0: [req(0, 30, 40), req(1, 5, 6)],
+    3: [req(2, 120, 20), req(3, 1, 50), req(4, 60, 9)],
+    8: [req(5, 200, 30), req(6, 17, 12), req(7, 3, 25)],
+    20: [req(8, 63, 60)],
+}
+MIXED_SCHEDULE = {
+    0: [sampled(10, 40, 30), req(11, 25, 20, logprobs=True, top_n_tokens=2)],
+    4: [req(12, 90, 25, sampling=SamplingParams(repetition_penalty=1.3, frequency_penalty=0.2)), sampled(13, 7, 40)],
+    10: [req(14, 130, 15)],
+}
+
+
+def run(engine: Engine, schedule: dict[int, list[GenerateRequest]]) -> dict[str, GenerateResult]:
+    results, step = {}, 0
+    while step <= max(schedule) or engine.busy:
+        for r in schedule.get(step, []):
+            results[r.id] = GenerateResult(r.id)
+            engine.submit(r)
+        for ev in engine.step():
+            add_event(results[ev.request_id], ev)
+        step += 1
+    return results
+
+
+def engine_for(lm, static: str | None) -> Engine:
+    """static: None for the exact path, "eager" for the padded path run eagerly, "graphs" for it
+    captured (CUDA)."""
+    engine = Engine(lm, EngineOptions(num_slots=SLOTS, max_total_tokens=SLOT_LEN))
+    if static == "graphs":
+        engine.decode = DecodeEngine(lm, SLOTS, SLOT_LEN, graphs=True, graph_key_step=KEY_STEP)
+    elif static == "eager":
+        d = engine.decode
+        d.static = GraphedDecode(lm.params, d.kv, d.tokens, d.positions, batch_buckets(SLOTS),
+                                 key_buckets(SLOT_LEN, KEY_STEP), capture=False)
+    return engine
+
+
+def record_shapes(static: GraphedDecode) -> list[tuple[int, int]]:
+    """(slot prefix, batch bucket) of every step the runner takes from now on."""
+    seen, step = [], static.run
+
+    def recorded(prefix: int, longest: int):
+        out = step(prefix, longest)
+        seen.append((prefix, out[0]))
+        return out
+
+    static.run = recorded
+    return seen
+
+
+def assert_same(got: dict[str, GenerateResult], want: dict[str, GenerateResult], logprob_tol: float) -> None:
+    assert got.keys() == want.keys()
+    for rid, w in want.items():
+        g = got[rid]
+        assert g.token_ids == w.token_ids, rid
+        assert g.finish_reason == w.finish_reason == "length", rid
+        assert g.logprobs == pytest.approx(w.logprobs, abs=logprob_tol), rid
+
+
+# ---- buckets ------------------------------------------------------------------------------
+
+
+def test_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(6) == [1, 2, 4, 6]
+    assert batch_buckets(256) == [1 << i for i in range(9)]
+    assert key_buckets(512, 64) == [64 * i for i in range(1, 9)]
+    assert key_buckets(1000, 256) == [256, 512, 768, 1000]
+    assert key_buckets(100, 256) == [100]
+    with pytest.raises(ValueError, match="multiple of 8"):
+        key_buckets(512, 100)
+
+
+def test_a_step_takes_the_smallest_buckets_that_hold_it(lm):
+    d = DecodeEngine(lm, SLOTS, SLOT_LEN)
+    static = GraphedDecode(lm.params, d.kv, d.tokens, d.positions, batch_buckets(SLOTS),
+                           key_buckets(SLOT_LEN, KEY_STEP), capture=False)
+    assert static.shape(1, 1) == (1, 64)
+    assert static.shape(3, 64) == (4, 64)
+    assert static.shape(5, 65) == (6, 128)
+    assert static.shape(6, SLOT_LEN) == (6, SLOT_LEN)
+    with pytest.raises(ValueError, match="exceed the pool"):
+        GraphedDecode(lm.params, d.kv, d.tokens, d.positions, [8], [64], capture=False)
+
+
+# ---- the CPU twin: padded, static buffers, run eagerly --------------------------------------
+
+
+def admitted(lm, lens: list[int]) -> DecodeEngine:
+    """A decode engine with one request per length, each slot's KV random."""
+    cfg = lm.cfg
+    d = DecodeEngine(lm, SLOTS, SLOT_LEN)
+    gen = torch.Generator().manual_seed(0)
+    for i, n in enumerate(lens):
+        kv = torch.randn(cfg.n_layer, 2, n, cfg.kv_heads, cfg.head_dim, generator=gen)
+        d.admit(req(i, n, 8), kv, first_token=100 + i)
+    return d
+
+
+def test_padded_logits_equal_the_exact_ones(lm):
+    d = admitted(lm, [70, 3, 200, 129, 64])
+    d.release(2)  # a hole in the prefix of 5, which pads to the bucket of 6
+    exact = d._logits_exact(5).clone()  # [5, V]
+    static = GraphedDecode(lm.params, d.kv, d.tokens, d.positions, batch_buckets(SLOTS),
+                           key_buckets(SLOT_LEN, KEY_STEP), capture=False)
+    # Both write the same K/V at the same positions, so running one after the other is fair.
+    b, logits, greedy = static.run(d.slots.prefix_len(), d.longest())
+    assert b == 6 and static.shape(5, d.longest()) == (6, 192)  # 130 keys, slot 3
+    torch.testing.assert_close(logits[:5], exact, rtol=1e-5, atol=1e-5)
+    assert torch.equal(greedy[:5], exact.argmax(-1))
+
+
+def test_padded_static_step_gives_the_exact_steps_tokens(lm):
+    want = run(engine_for(lm, None), GREEDY_SCHEDULE)
+    engine = engine_for(lm, "eager")
+    shapes = record_shapes(engine.decode.static)
+    got = run(engine, GREEDY_SCHEDULE)
+    assert_same(got, want, 0)
+    assert any(b > prefix for prefix, b in shapes), "no step ran past the slot prefix"
+    assert (6, 6) in shapes or (5, 6) in shapes, "the last bucket is the slot count"
+    # Rows past the prefix are free rows: they never advanced, and every slot ended free.
+    assert not engine.decode.requests and engine.decode.positions.eq(0).all()
+
+
+def test_sampling_penalties_and_details_run_outside_the_step(lm):
+    # Rows that sample, carry penalties or want logprobs take `sample` on the padded logits.
+    want = run(engine_for(lm, None), MIXED_SCHEDULE)
+    got = run(engine_for(lm, "eager"), MIXED_SCHEDULE)
+    assert_same(got, want, 1e-4)
+
+
+def test_graphs_need_cuda(lm):
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        DecodeEngine(lm, 2, 64, graphs=True)
+
+
+# ---- CUDA: captured graphs ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lm_cuda(tiny_dir):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return {dtype: load_model(tiny_dir, dtype, torch.device("cuda"), progress=False)
+            for dtype in (torch.float32, torch.bfloat16)}
+
+
+@needs_cuda
+def test_every_shape_is_captured_largest_first_in_one_pool(lm_cuda):
+    d = DecodeEngine(lm_cuda[torch.bfloat16], SLOTS, SLOT_LEN, graphs=True, graph_key_step=KEY_STEP)
+    assert d.static.captured
+    assert d.static.shapes == [(b, k) for b in (6, 4, 2, 1) for k in range(512, 0, -64)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("schedule", [GREEDY_SCHEDULE, MIXED_SCHEDULE], ids=["greedy", "mixed"])
+def test_graph_replay_gives_the_eager_tokens(lm_cuda, schedule):
+    lm = lm_cuda[torch.bfloat16]
+    # Same shapes, same kernels: the tokens agree; logprobs to within a change of GEMM algorithm.
+    assert_same(run(engine_for(lm, "graphs"), schedule), run(engine_for(lm, "eager"), schedule), 1e-3)
+
+
+@needs_cuda
+def test_graphs_give_the_exact_paths_tokens_in_fp32(lm_cuda):
+    # Other shapes than the exact path's; fp32 (no TF32 by default) keeps argmax ties away.
+    lm = lm_cuda[torch.float32]
+    assert_same(run(engine_for(lm, "graphs"), GREEDY_SCHEDULE), run(engine_for(lm, None), GREEDY_SCHEDULE), 1e-4)
+
+
+@needs_cuda
+def test_a_graphed_step_syncs_with_the_host_once(lm_cuda):
+    engine = engine_for(lm_cuda[torch.bfloat16], "graphs")
+    for i in range(3):
+        engine.submit(req(i, 20 + i, 40))
+    engine.step()  # prefill and admission happen here; the steps below only decode
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(5):
+                engine.decode.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 5, [str(w.message) for w in syncs]

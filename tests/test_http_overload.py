@@ -1,0 +1,66 @@
+"""Limits on a live gateway: 503 before any worker registers, 429 past --max-concurrent-requests on
+every front end, and requests cancelled when their HTTP client goes away."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from cluster import Cluster, http_json, wait_for
+from splitserve.client import Client, OverloadedError, WebSocketClient
+
+PROMPT = "def fibonacci(n):\n    "
+LONG = {"max_new_tokens": 1500}  # tiny-random's greedy text runs this long without an end-of-text
+
+
+def test_unavailable_overloaded_and_disconnects(home, tiny_dir):
+    with Cluster(home, max_concurrent_requests=1) as c, httpx.Client(base_url=c.url, timeout=60) as http:
+        # no worker yet: 503, as TGI and OpenAI clients expect of a server that is not ready
+        health = wait_for(lambda: http_json(c.port, "/health"), 60, "the HTTP front")
+        assert health == {"status": "no workers", "prefill_workers": 0, "decode_workers": 0}
+        r = http.post("/generate", json={"inputs": PROMPT})
+        assert r.status_code == 503 and r.json() == {"error": "no prefill worker is available",
+                                                     "error_type": "unavailable"}
+        assert http.post("/v1/completions", json={"prompt": PROMPT}).status_code == 503
+
+        c.add_worker("prefill")
+        c.add_worker("decode", "--num-slots", "4")
+        c.wait_registered()
+        wait_for(lambda: http.get("/health").status_code == 200, 30, "the gateway to see its workers")
+
+        with Client(c.endpoint) as zmq:
+            running = zmq.stream(PROMPT, max_new_tokens=1500, ignore_eos=True, timeout=120)
+            next(iter(running))
+            r = http.post("/generate", json={"inputs": PROMPT})
+            assert r.status_code == 429 and r.json()["error_type"] == "overloaded"
+            assert "the limit is 1 (max_concurrent_requests)" in r.json()["error"]
+            r = http.post("/v1/completions", json={"prompt": PROMPT, "stream": True})
+            assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+            with WebSocketClient(c.url.replace("http", "ws") + "/ws") as ws, pytest.raises(OverloadedError):
+                ws.generate(PROMPT)
+            running.close()
+        in_flight_is_zero(c)
+        assert c.metric("splitserve_requests_total", route="/generate", outcome="overloaded") == 1
+        assert c.metric("splitserve_requests_total", route="zmq", outcome="cancelled") == 1
+
+        # a stream whose client goes away is cancelled at the gateway
+        with httpx.Client(base_url=c.url, timeout=60) as leaving:
+            with leaving.stream("POST", "/generate_stream", json={"inputs": PROMPT, "parameters": LONG}) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")
+        wait_for(lambda: c.metric("splitserve_requests_total", route="/generate_stream", outcome="cancelled") == 1,
+                 30, "the abandoned stream to be cancelled")
+        in_flight_is_zero(c)
+
+        # and so is a plain request whose client gives up waiting
+        with httpx.Client(base_url=c.url, timeout=0.5) as impatient, pytest.raises(httpx.ReadTimeout):
+            impatient.post("/generate", json={"inputs": PROMPT, "parameters": LONG})
+        wait_for(lambda: c.metric("splitserve_requests_total", route="/generate", outcome="cancelled") == 1,
+                 30, "the abandoned request to be cancelled")
+        in_flight_is_zero(c)
+        # the one place is free again
+        assert http.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 3}}).status_code == 200
+
+
+def in_flight_is_zero(c: Cluster) -> None:
+    wait_for(lambda: c.metric("splitserve_requests_in_flight") == 0, 30, "no request in flight")

@@ -1,0 +1,154 @@
+"""The WebSocket front and its clients on a live gateway: many requests interleaved on one
+connection, JSON and MessagePack, cancel messages, and a closed socket cancelling its requests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import msgspec
+import pytest
+from websockets.sync.client import connect
+
+from cluster import Cluster, wait_for
+from splitserve.client import AsyncWebSocketClient, Client, UnavailableError, ValidationError, WebSocketClient
+
+PROMPTS = ["def fibonacci(n):\n    ", "import os\nimport sys\n\n", "class Stack:\n    def __init__(self):\n",
+           "for i in range(10):\n\tprint(i)  # 🐍\n"]
+
+
+def specs(n: int) -> list[dict]:
+    """n requests: greedy and seeded sampled, different prompts and lengths."""
+    out = []
+    for i in range(n):
+        spec = {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": 3 + (i * 5) % 11, "ignore_eos": True}
+        if i % 2:
+            spec.update(temperature=0.9, top_k=40, seed=100 + i)
+        out.append(spec)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster(home, tiny_dir):
+    with Cluster(home) as c:
+        c.add_worker("prefill")
+        c.add_worker("decode", "--num-slots", "16")
+        c.wait_registered()
+        yield c
+
+
+@pytest.fixture(scope="module")
+def url(cluster) -> str:
+    return cluster.url.replace("http://", "ws://") + "/ws"
+
+
+@pytest.fixture(scope="module")
+def reference(cluster) -> list:
+    with Client(cluster.endpoint) as zmq:
+        return [zmq.generate(**s) for s in specs(16)]
+
+
+@pytest.mark.parametrize("encoding", ["msgpack", "json"])
+def test_16_interleaved_requests_on_one_connection(url, reference, encoding):
+    results: list = [None] * 16
+    with WebSocketClient(url, encoding=encoding) as ws:
+        def run(i: int) -> None:
+            stream = ws.stream(**specs(16)[i], details=True, timeout=60)
+            results[i] = stream.response()
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert [(r.text, r.token_ids, r.finish_reason) for r in results] == \
+        [(r.text, r.token_ids, r.finish_reason) for r in reference]
+    assert all(len(r.details.tokens) == len(r.token_ids) and r.details.tokens[0].logprob < 0 for r in results)
+
+
+async def test_async_client_interleaves_and_cancels(cluster, url, reference):
+    cancelled = cluster.metric("splitserve_requests_total", route="/ws", outcome="cancelled")
+    async with AsyncWebSocketClient(url) as ws:
+        results = await asyncio.gather(*(ws.generate(**s, timeout=60) for s in specs(16)))
+        assert [r.token_ids for r in results] == [r.token_ids for r in reference]
+        async with ws.stream(PROMPTS[0], max_new_tokens=1500, ignore_eos=True) as stream:
+            async for event in stream:
+                if event.index == 2:
+                    break
+        # the connection goes on serving after a cancel
+        assert (await ws.generate(**specs(1)[0])).token_ids == reference[0].token_ids
+    wait_for(lambda: cluster.metric("splitserve_requests_total", route="/ws", outcome="cancelled") == cancelled + 1,
+             30, "the gateway to cancel the request")
+    in_flight_is_zero(cluster)
+
+
+def text(message: dict) -> str:
+    """A JSON text frame (bytes would go as a binary frame, read as MessagePack)."""
+    return msgspec.json.encode(message).decode()
+
+
+def test_json_protocol_by_hand(url, reference):
+    spec = specs(1)[0]
+    with connect(url) as ws:
+        ws.send(text({"type": "generate", "id": "a", "prompt": spec["prompt"],
+                      "parameters": {"max_new_tokens": spec["max_new_tokens"], "ignore_eos": True}}))
+        replies = []
+        while not replies or replies[-1]["finish_reason"] is None:
+            frame = ws.recv()
+            assert isinstance(frame, str)  # a JSON request is answered in JSON text
+            replies.append(msgspec.json.decode(frame))
+        assert all(r["type"] == "tokens" and r["id"] == "a" for r in replies)
+        assert [t["token_id"] for r in replies for t in r["tokens"]] == reference[0].token_ids
+        assert replies[0]["prompt_tokens"] > 0 and replies[-1]["finish_reason"] == "length"
+
+        ws.send(msgspec.msgpack.encode({"type": "generate", "id": "b", "prompt": PROMPTS[1],
+                                        "parameters": {"max_new_tokens": 1500, "ignore_eos": True}}))
+        first = msgspec.msgpack.decode(ws.recv())  # MessagePack in, MessagePack out
+        assert first["id"] == "b" and first["tokens"]
+        ws.send(text({"type": "cancel", "id": "b"}))
+        last = first
+        while last["finish_reason"] is None:
+            frame = ws.recv()
+            last = msgspec.msgpack.decode(frame) if isinstance(frame, bytes) else msgspec.json.decode(frame)
+        assert last["finish_reason"] == "cancelled"
+
+        ws.send('{"type": "generate", "id": "c", "parameters": {"max_new_tokenz": 3}}')
+        error = msgspec.json.decode(ws.recv())
+        assert (error["type"], error["id"], error["error_type"]) == ("error", "c", "validation")
+        assert "max_new_tokenz" in error["message"]
+        ws.send("{not json")
+        assert msgspec.json.decode(ws.recv())["id"] == ""
+        ws.send(text({"type": "generate", "id": "d", "prompt": "x", "parameters": {"top_n_tokens": 9}}))
+        error = msgspec.json.decode(ws.recv())
+        assert (error["id"], error["error_type"]) == ("d", "validation") and "top_n_tokens" in error["message"]
+
+
+async def test_errors_reach_the_clients_as_exceptions(url):
+    with WebSocketClient(url) as ws, pytest.raises(ValidationError, match="max_total_tokens"):
+        ws.generate("x", max_new_tokens=10**6)
+    client = await AsyncWebSocketClient.connect(url, encoding="json")
+    try:
+        with pytest.raises(ValidationError, match="top_n_tokens"):
+            await client.generate("x", top_n_tokens=9)
+    finally:
+        await client.close()
+    with pytest.raises(UnavailableError):
+        WebSocketClient(url.replace("/ws", "/nowhere"))
+
+
+def test_closing_the_socket_cancels_its_requests(cluster, url):
+    cancelled = cluster.metric("splitserve_requests_total", route="/ws", outcome="cancelled")
+    with connect(url) as ws:
+        for i in range(3):
+            ws.send(msgspec.msgpack.encode({"type": "generate", "id": str(i), "prompt": PROMPTS[i],
+                                            "parameters": {"max_new_tokens": 1500, "ignore_eos": True}}))
+        started = set()
+        while len(started) < 3:
+            started.add(msgspec.msgpack.decode(ws.recv())["id"])
+    wait_for(lambda: cluster.metric("splitserve_requests_total", route="/ws", outcome="cancelled") == cancelled + 3,
+             30, "the gateway to cancel the closed socket's requests")
+    in_flight_is_zero(cluster)
+
+
+def in_flight_is_zero(c: Cluster) -> None:
+    wait_for(lambda: c.metric("splitserve_requests_in_flight") == 0, 30, "no request in flight")
