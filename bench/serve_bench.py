@@ -21,11 +21,17 @@ What a row means:
   end of the grace period (`errors` says why). `*_cdf_ms` are quantiles at the document's
   `cdf_levels`, for plots. `cpu_s`: CPU seconds each process spent during the load (the client
   is this process), which tells where the cores went, and `others`: what other processes on the
-  machine took meanwhile; well above 0, the run was noisy.
+  machine took meanwhile; well above 0, the run was noisy (with `--endpoint`, a server on this
+  machine counts among the others).
 
 `--scenario mixed`: long prompts (512-1536 tokens) arriving as a Poisson process while other
 requests decode. The engine runs each prefill between two decode steps, stalling every running
-stream; the pipeline prefills on another core. Its figure of merit is the p99 ITL.
+stream; the pipeline prefills on another core. Its figure of merit is the p99 ITL, compared at
+the same total PyTorch threads: prefill and decode worker one thread each, pinned to a core of
+their own, against an engine with two. A stall hits each running stream once, so the share of
+stalled gaps is about (streams running) / (tokens per request): the rates, 3 to 6 per second,
+span loads where that share is under and over 1%, i.e. where the stalls stay out of the
+engine's p99 and where they set it.
 """
 
 from __future__ import annotations
@@ -517,8 +523,8 @@ def numbers(kind):
 # flag -> (standard, mixed, quick): a flag given on the command line wins
 PRESETS = {
     "concurrency": ([1, 8, 64], None, [1, 4]),
-    "rate": (None, [4.0], None),
-    "duration": (20.0, 60.0, 10.0),
+    "rate": (None, [3.0, 4.0, 5.0, 6.0], None),
+    "duration": (20.0, 40.0, 10.0),
     "requests": (0, 0, 4),
     "prompt_len": ((64, 64), (512, 1536), (64, 64)),
     "new_tokens": ((64, 64), (64, 128), (16, 16)),
@@ -530,7 +536,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)  # --threads: per worker (0: the cores split between the workers)
     p.add_argument("--scenario", choices=["standard", "mixed"], default="standard",
                    help="standard: concurrency 1,8,64 of 64-token prompts and 64 new tokens; mixed: Poisson "
-                        "arrivals of 512-1536-token prompts, 64-128 new tokens, workers pinned")
+                        "arrivals (3-6 per second) of 512-1536-token prompts, 64-128 new tokens, workers pinned")
     p.add_argument("--quick", action="store_true", help="concurrency 1 and 4, 4 requests each (a smoke run)")
     load = p.add_argument_group("load (defaults from --scenario)")
     load.add_argument("--concurrency", type=numbers(int), help="clients sending back to back, e.g. 1,8,64")

@@ -87,7 +87,7 @@ def _percentiles(ax, results: list[dict]) -> None:
     ax.set_xlabel("load")
     ax.set_ylabel("ms")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    ax.legend(fontsize=7, ncol=2)
 
 
 def _throughput(ax, results: list[dict]) -> None:

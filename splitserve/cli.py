@@ -14,7 +14,7 @@ COMMANDS = {
     "decode": ("splitserve.commands.decode", "run one decode worker that registers with a gateway"),
     "generate": ("splitserve.commands.generate", "generate text in this process (no sockets), for checks and debugging"),
     "model-path": ("splitserve.commands.model_path", "print a model's checkpoint directory, creating a built-in one if needed"),
-    "bench": ("splitserve.commands.bench", "benchmarks: `bench engine`"),
+    "bench": ("splitserve.commands.bench", "benchmarks: `bench engine` (model steps vs transformers), `bench serve` (the served pipeline under load)"),
 }
 
 
