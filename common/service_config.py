@@ -13,6 +13,7 @@ import socket
 from dataclasses import dataclass
 
 from .config import ModelOptions, add_model_args, model_options
+from .limits import Limits
 
 DEFAULT_ZMQ_PORT = 5555
 DEFAULT_WORKER_PORT = 5556
@@ -50,6 +51,10 @@ def add_limit_args(p: argparse.ArgumentParser) -> None:
 
 def limit_options(ns: argparse.Namespace) -> LimitOptions:
     return LimitOptions(ns.max_total_tokens, ns.max_input_tokens, ns.prefill_token_budget)
+
+
+def derive_limits(opts: LimitOptions, n_positions: int) -> Limits:
+    return Limits.derive(n_positions, opts.max_total_tokens, opts.max_input_tokens, opts.prefill_token_budget)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from splitserve.common.limits import Limits
 from splitserve.common.loading import LoadedModel
 from splitserve.common.metrics_http import WorkerMetrics
 from splitserve.common.runtime import DTYPE_NAMES
-from splitserve.common.service_config import WorkerOptions
+from splitserve.common.service_config import WorkerOptions, derive_limits
 from splitserve.common.worker_link import DRAIN_GRACE_S, GatewayLink, pid_namespace
 from splitserve.common.zmq_util import bind_endpoint, make_socket, tcp_endpoint
 
@@ -240,6 +240,4 @@ class DecodeWorker:
 
 
 def run(opts: WorkerOptions, lm: LoadedModel) -> int:
-    limits = Limits.derive(lm.cfg.n_positions, opts.limits.max_total_tokens, opts.limits.max_input_tokens,
-                           opts.limits.prefill_token_budget)
-    return DecodeWorker(opts, lm, limits).serve()
+    return DecodeWorker(opts, lm, derive_limits(opts.limits, lm.cfg.n_positions)).serve()

@@ -17,7 +17,6 @@ import zmq.asyncio
 from splitserve.common import protocol as P
 from splitserve.common.builtin_models import resolve_model
 from splitserve.common.config import ModelOptions, add_model_args, model_options
-from splitserve.common.limits import Limits
 from splitserve.common.loading import model_fingerprint
 from splitserve.common.model_config import load_model_config
 from splitserve.common.service_config import (
@@ -28,6 +27,7 @@ from splitserve.common.service_config import (
     LinkOptions,
     add_limit_args,
     add_link_args,
+    derive_limits,
     limit_options,
     link_options,
 )
@@ -89,8 +89,7 @@ class Gateway:
         path = resolve_model(opts.model.model, opts.model.home)
         cfg = load_model_config(path)
         self.tokenizer = Tokenizer.from_dir(path)
-        lim = opts.limits
-        self.limits = Limits.derive(cfg.n_positions, lim.max_total_tokens, lim.max_input_tokens, lim.prefill_token_budget)
+        self.limits = derive_limits(opts.limits, cfg.n_positions)
         want = Expectations(model_fingerprint(cfg, self.tokenizer), self.limits.max_total_tokens)
         self.registry = WorkerRegistry(want, opts.link.heartbeat_timeout, opts.kv_transport)
         self.ctx = zmq.asyncio.Context()
@@ -146,17 +145,23 @@ class Gateway:
     def stop(self) -> None:
         self._stop.set()
 
-    async def _worker_loop(self) -> None:
-        dec = P.decoder(P.WorkerToGateway)
+    @staticmethod
+    async def _incoming(sock: zmq.asyncio.Socket, kinds, port: str):
+        """(identity, message) pairs; a malformed frame comes as its DecodeError, already logged."""
+        dec = P.decoder(kinds)
         while True:
-            frames = await self.worker_sock.recv_multipart()
+            frames = await sock.recv_multipart()
             if len(frames) < 2:
                 continue
-            identity = frames[0]
             try:
-                msg = P.decode(dec, frames[1])
+                yield frames[0], P.decode(dec, frames[1])
             except P.DecodeError as e:
-                log.warning("dropped a malformed frame on the worker port: %s", e)
+                log.warning("dropped a malformed frame on the %s port: %s", port, e)
+                yield frames[0], e
+
+    async def _worker_loop(self) -> None:
+        async for identity, msg in self._incoming(self.worker_sock, P.WorkerToGateway, "worker"):
+            if isinstance(msg, P.DecodeError):
                 continue
             try:
                 self._on_worker(identity, msg)
@@ -196,17 +201,9 @@ class Gateway:
                 log.exception("gateway tick failed")
 
     async def _front_loop(self) -> None:
-        dec = P.decoder(P.ClientMessage)
-        while True:
-            frames = await self.front.recv_multipart()
-            if len(frames) < 2:
-                continue
-            identity = frames[0]
-            try:
-                msg = P.decode(dec, frames[1])
-            except P.DecodeError as e:
-                log.warning("dropped a malformed frame on the client port: %s", e)
-                self._reply(identity, P.Error("", "validation", f"malformed message: {e}"))
+        async for identity, msg in self._incoming(self.front, P.ClientMessage, "client"):
+            if isinstance(msg, P.DecodeError):
+                self._reply(identity, P.Error("", "validation", f"malformed message: {msg}"))
                 continue
             if isinstance(msg, P.Generate):
                 self._on_generate(identity, msg)

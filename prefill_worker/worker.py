@@ -24,7 +24,7 @@ from splitserve.common.loading import LoadedModel
 from splitserve.common.metrics_http import WorkerMetrics
 from splitserve.common.request import FINISH_NAMES
 from splitserve.common.runtime import DTYPE_NAMES
-from splitserve.common.service_config import WorkerOptions
+from splitserve.common.service_config import WorkerOptions, derive_limits
 from splitserve.common.text_stream import TextStream, first_token_finish
 from splitserve.common.worker_link import DRAIN_GRACE_S, GatewayLink, pid_namespace
 from splitserve.common.zmq_util import make_socket
@@ -291,6 +291,4 @@ class PrefillWorker:
 
 
 def run(opts: WorkerOptions, lm: LoadedModel) -> int:
-    limits = Limits.derive(lm.cfg.n_positions, opts.limits.max_total_tokens, opts.limits.max_input_tokens,
-                           opts.limits.prefill_token_budget)
-    return PrefillWorker(opts, lm, limits).serve()
+    return PrefillWorker(opts, lm, derive_limits(opts.limits, lm.cfg.n_positions)).serve()
