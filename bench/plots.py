@@ -103,15 +103,20 @@ def _mixed(ax, results: list[dict]) -> None:
     ax.legend(fontsize=8)
 
 
-def main(argv: list[str] | None = None) -> int:
+def redraw(argv: list[str] | None, module: str, plot) -> int:
+    """`python -m MODULE RESULTS.json [PNG]`: draw a saved result again."""
     args = sys.argv[1:] if argv is None else argv
     if not 1 <= len(args) <= 2:
-        print("usage: python -m splitserve.bench.plots RESULTS.json [PNG]", file=sys.stderr)
+        print(f"usage: python -m {module} RESULTS.json [PNG]", file=sys.stderr)
         return 2
     src = Path(args[0])
     out = Path(args[1]) if len(args) == 2 else src.with_suffix(".png")
-    print(plot_engine(json.loads(src.read_text()), out))
+    print(plot(json.loads(src.read_text()), out))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return redraw(argv, "splitserve.bench.plots", plot_engine)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from matplotlib import ticker  # noqa: E402
 
-from .plots import _PlainLog  # noqa: E402
+from .plots import _PlainLog, redraw  # noqa: E402
 
 COLORS = {"pipeline": "C0", "engine": "C1"}
 STYLES = ("-", "--", ":", "-.")
@@ -108,14 +107,7 @@ def _throughput(ax, results: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not 1 <= len(args) <= 2:
-        print("usage: python -m splitserve.bench.serve_plots RESULTS.json [PNG]", file=sys.stderr)
-        return 2
-    src = Path(args[0])
-    out = Path(args[1]) if len(args) == 2 else src.with_suffix(".png")
-    print(plot_serve(json.loads(src.read_text()), out))
-    return 0
+    return redraw(argv, "splitserve.bench.serve_plots", plot_serve)
 
 
 if __name__ == "__main__":

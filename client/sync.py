@@ -151,7 +151,28 @@ class Stream(StreamBase):
         self.close()
 
 
-class Client:
+class SyncClientBase:
+    """generate/stream for the blocking clients; a subclass sends a request in `_start` and sets
+    `_api_key`, `_lock`, `_closed` and `_cancel`."""
+
+    def generate(self, prompt: str | None = None, **options) -> Response:
+        """Run one request to its end. Options: see `splitserve.client._core.new_generate`."""
+        with self.stream(prompt, **options) as stream:
+            return stream.response()
+
+    def stream(self, prompt: str | None = None, **options) -> Stream:
+        """Start one request and iterate its tokens as they come. Options as for `generate`."""
+        msg = new_generate(prompt, **options)
+        msg.api_key = self._api_key
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        with self._lock:
+            if self._closed:
+                raise UnavailableError("the client is closed")
+            self._start(msg, inbox)
+        return Stream(msg, inbox, self._cancel)
+
+
+class Client(SyncClientBase):
     """A connection to a gateway's client port, usable from many threads at once.
 
     One background thread owns the socket (zmq sockets are not thread safe) and hands each reply
@@ -167,21 +188,8 @@ class Client:
         self._lock = threading.Lock()  # orders close() after every start it has to fail
         self._closed = False
 
-    def generate(self, prompt: str | None = None, **options) -> Response:
-        """Run one request to its end. Options: see `splitserve.client._core.new_generate`."""
-        with self.stream(prompt, **options) as stream:
-            return stream.response()
-
-    def stream(self, prompt: str | None = None, **options) -> Stream:
-        """Start one request and iterate its tokens as they come. Options as for `generate`."""
-        msg = new_generate(prompt, **options)
-        msg.api_key = self._api_key
-        inbox: queue.SimpleQueue = queue.SimpleQueue()
-        with self._lock:
-            if self._closed:
-                raise UnavailableError("the client is closed")
-            self._mailbox.put(methodcaller("start", msg.id, encode(msg), inbox))
-        return Stream(msg, inbox, self._cancel)
+    def _start(self, msg: Generate, inbox: queue.SimpleQueue) -> None:
+        self._mailbox.put(methodcaller("start", msg.id, encode(msg), inbox))
 
     def _cancel(self, request_id: str) -> None:
         self._mailbox.put(methodcaller("cancel", request_id))

@@ -26,7 +26,7 @@ from websockets.sync.client import connect
 from ._core import MAX_MESSAGE_BYTES, Response, new_generate, route
 from .aio import AsyncStream
 from .errors import UnavailableError
-from .sync import Stream
+from .sync import SyncClientBase
 from .wire import Error, Generate, Token, TokenBatch
 
 
@@ -86,7 +86,7 @@ def _check_encoding(encoding: str) -> bool:
     return encoding == "msgpack"
 
 
-class WebSocketClient:
+class WebSocketClient(SyncClientBase):
     """A connection to a gateway's /ws, usable from many threads at once. A reader thread hands each
     reply to its request; a writer thread sends, so that a stream dropped anywhere (its __del__
     cancels it) never sends on the socket itself."""
@@ -110,22 +110,9 @@ class WebSocketClient:
         for t in self._threads:
             t.start()
 
-    def generate(self, prompt: str | None = None, **options) -> Response:
-        """Run one request to its end. Options: see `splitserve.client._core.new_generate`."""
-        with self.stream(prompt, **options) as stream:
-            return stream.response()
-
-    def stream(self, prompt: str | None = None, **options) -> Stream:
-        """Start one request and iterate its tokens as they come. Options as for `generate`."""
-        msg = new_generate(prompt, **options)
-        msg.api_key = self._api_key
-        inbox: queue.SimpleQueue = queue.SimpleQueue()
-        with self._lock:
-            if self._closed:
-                raise UnavailableError("the client is closed")
-            self._routes[msg.id] = inbox
+    def _start(self, msg: Generate, inbox: queue.SimpleQueue) -> None:
+        self._routes[msg.id] = inbox
         self._outbox.put(_generate_frame(msg, self._binary))
-        return Stream(msg, inbox, self._cancel)
 
     def _cancel(self, request_id: str) -> None:
         # only a queue put: this runs from __del__ too, maybe while this thread holds the lock
