@@ -4,7 +4,8 @@ copies out of it, and each side writes only its own memory.
 - `cuda_ipc`: the staging storage is exported once as a CUDA IPC handle (the bytes and ints of
   `UntypedStorage._share_cuda_()`, never a pickled tensor) and opened once by each decode worker;
   an interprocess CUDA event orders the prefill's writes before the decode's read.
-- `shm`: a file in /dev/shm that each side maps once.
+- `shm`: a file in /dev/shm that each side maps once. Its creator holds an exclusive flock on it
+  for life, so anyone can tell a file whose worker died (SIGKILL skips the cleanup) and remove it.
 - `tcp`: a region's bytes travel as one ZMQ frame.
 
 `Staging.export()` describes a staging buffer with str/int/bool/bytes/lists only, so it travels
@@ -14,6 +15,7 @@ as MessagePack. Importing this module never touches CUDA.
 from __future__ import annotations
 
 import atexit
+import fcntl
 import math
 import mmap
 import os
@@ -21,6 +23,7 @@ import re
 import secrets
 import socket
 import tempfile
+import time
 
 import torch
 
@@ -55,12 +58,13 @@ class Staging:
     """The prefill worker's staging buffer and what a decode worker needs to open it."""
 
     def __init__(self, tensor: torch.Tensor, transport: str, key: str, shared: dict | None = None,
-                 event=None):
+                 event=None, lock_fd: int | None = None):
         self.tensor = tensor  # [n_layer, 2, budget, KVH, D]
         self.transport = transport
         self.key = key  # what KvLocation.staging carries
         self._shared = shared or {}  # the transport's own export fields
         self._event = event  # cuda_ipc: interprocess event recorded after each prefill write
+        self._lock_fd = lock_fd  # shm: holds the file's flock while this worker lives
 
     def export(self) -> dict:
         return {"transport": self.transport, "key": self.key, "shape": list(self.tensor.shape),
@@ -96,6 +100,9 @@ class Staging:
     def close(self) -> None:
         if self.transport == "shm":
             _unlink(self.key)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
         self.tensor = None
         self._event = None
 
@@ -119,19 +126,52 @@ def allocate_staging(shape, dtype: torch.dtype, device, transport: str, name: st
 
 def _shm_staging(shape: tuple, dtype: torch.dtype, name: str) -> Staging:
     numel = math.prod(shape)
-    path = os.path.join(_SHM_DIR, f"splitserve-kv-{_safe(name)}-{os.getpid()}-{secrets.token_hex(4)}")
+    path = os.path.join(_SHM_DIR, f"{SHM_PREFIX}{_safe(name)}-{os.getpid()}-{secrets.token_hex(4)}")
     # O_EXCL: never adopt a file that another process left behind
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     _owned_files[path] = os.getpid()
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         _reserve(fd, numel * dtype.itemsize)
         tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
     except BaseException:
         _unlink(path)
-        raise
-    finally:
         os.close(fd)
-    return Staging(tensor, "shm", path)
+        raise
+    return Staging(tensor, "shm", path, lock_fd=fd)
+
+
+SHM_PREFIX = "splitserve-kv-"
+# A file this young may be one whose creator has not taken its lock yet.
+_ORPHAN_MIN_AGE_S = 10.0
+
+
+def owner_gone(path: str, min_age_s: float = _ORPHAN_MIN_AGE_S) -> bool:
+    """Whether the worker that created this staging file has exited (or the file is gone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        if time.time() - os.fstat(fd).st_ctime < min_age_s:
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # releases the lock, if we got it
+
+
+def sweep_orphan_staging(directory: str = _SHM_DIR, min_age_s: float = _ORPHAN_MIN_AGE_S) -> int:
+    """Remove the shm staging files of dead workers; returns how many."""
+    removed = 0
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if name.startswith(SHM_PREFIX) and path not in _owned_files and owner_gone(path, min_age_s):
+            _unlink(path)
+            removed += 1
+    return removed
 
 
 def _reserve(fd: int, nbytes: int) -> None:
@@ -218,6 +258,14 @@ class KvImporter:
     def drop(self, key: str) -> None:
         """Forget a staging whose prefill worker has gone (unmaps it once no view is left)."""
         self._opened.pop(key, None)
+
+    def drop_orphans(self, min_age_s: float = _ORPHAN_MIN_AGE_S) -> list[str]:
+        """Unmap (and remove) the shm stagings whose prefill worker died; returns their keys."""
+        dead = [k for k, o in self._opened.items() if o.transport == "shm" and owner_gone(k, min_age_s)]
+        for key in dead:
+            _unlink(key)
+            self.drop(key)
+        return dead
 
     def close(self) -> None:
         # Unmapping happens when the last tensor over a mapping goes; the files are not ours.

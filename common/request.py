@@ -32,6 +32,10 @@ class GenerateRequest:
     logprobs: bool = False  # logprob of each generated token
     top_n_tokens: int = 0  # alternatives per generated token, at most 5
     prompt_logprobs: bool = False
+    # A resumed request (its worker died or shut down): the last `resumed` prompt ids are the
+    # tokens an earlier attempt generated and the client already has; output indices continue
+    # from there and `max_new_tokens` counts what is left.
+    resumed: int = 0
 
     @property
     def wants_details(self) -> bool:

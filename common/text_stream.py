@@ -2,6 +2,8 @@
 
 Deterministic, so a second process can replay a token it did not emit (the decode worker
 replays the first token, which the prefill worker already sent) and arrive at the same state.
+A resumed request replays the tokens its earlier attempt generated the same way, so its text
+(held-back characters, a stop string spanning the break) continues as if nothing happened.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from .tokenizer import IncrementalDetokenizer, Tokenizer
 class TextStream:
     def __init__(self, tokenizer: Tokenizer, request: GenerateRequest):
         self.request = request
-        self.detok = IncrementalDetokenizer(tokenizer, request.prompt_ids, skip_special_tokens=True)
+        original_prompt = request.prompt_ids[:len(request.prompt_ids) - request.resumed]
+        self.detok = IncrementalDetokenizer(tokenizer, original_prompt, skip_special_tokens=True)
         self.stops = StopStringMatcher(request.stop, request.strip_stop)
         self.index = 0
         self.done = False
         self.slot: int | None = None  # the decode slot holding its KV, once admitted
+        for token in request.prompt_ids[len(original_prompt):]:
+            self.event(token, FINISH_NONE)
 
     def event(self, token: int, finish: int, logprob=None, top=None) -> TokenEvent:
         """The event for the next token; a stop string in the text overrides `finish`."""

@@ -6,6 +6,12 @@ Every request ends with exactly one terminal message from a worker: the prefill 
 the request never reaches decode (finished at the first token, cancelled in its queue, failed),
 otherwise the decode worker's. The reservation is held until then, so a slot is never promised
 twice, even while a cancelled request's slot is still being freed.
+
+A worker that dies (or hands its work back when its drain times out) costs no request its
+output: each affected request is resumed as a new attempt, under a new worker-facing id, by
+prefilling its prompt plus the tokens the client already has. Sampling noise depends only on the
+seed and the position, so the resumed attempt draws the tokens the lost one would have, and
+messages still in flight for the old id are simply unknown.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from splitserve.common import protocol as P
@@ -29,25 +35,40 @@ log = logging.getLogger(__name__)
 
 Sink = Callable[[object], None]  # receives P.TokenBatch and P.Error for one request
 CLOSING_GRACE_S = 120.0  # how long a stream ended at the gateway waits for its worker's terminal
+# A request that keeps losing its workers is likely what kills them: give up on it after this many.
+MAX_ATTEMPTS = 3
+HANDED_BACK = "shutdown"  # a draining worker's terminal for work it could not finish in time
 
 
 @dataclass
 class Stream:
+    gid: str  # the id front ends know; `request.id` is the current attempt's
     client_id: str
-    request: GenerateRequest
+    original: GenerateRequest
     sink: Sink
     deadline: float | None  # time.time()
+    request: GenerateRequest = None  # the current attempt
     prefill: str | None = None
     decode: str | None = None
     awaiting_first: bool = True  # its prompt tokens count in the prefill worker's queue
     next_index: int = 0
     pending: dict[int, tuple[P.Token, str | None]] = field(default_factory=dict)
+    generated: list[int] = field(default_factory=list)  # token ids the client has, in order
     client_done: bool = False  # the client has its final message; only the worker's terminal is awaited
     closed_at: float = 0.0
     prompt_logprobs: list | None = None
+    attempts: int = 1
+
+    def __post_init__(self):
+        self.request = self.request or self.original
 
     @property
     def prompt_tokens(self) -> int:
+        return len(self.original.prompt_ids)
+
+    @property
+    def queued_tokens(self) -> int:
+        """What the current attempt puts in a prefill worker's queue."""
         return len(self.request.prompt_ids)
 
 
@@ -57,8 +78,9 @@ class GatewayCore:
         self.tokenizer, self.limits, self.registry = tokenizer, limits, registry
         self.send = send
         self.max_concurrent = max_concurrent
-        self.streams: dict[str, Stream] = {}
-        self.waiting: deque[str] = deque()  # admitted, waiting for a free decode slot
+        self.streams: dict[str, Stream] = {}  # by the current attempt's id
+        self.attempt_of: dict[str, str] = {}  # gateway id -> current attempt's id
+        self.waiting: deque[str] = deque()  # attempts admitted, waiting for a free decode slot
         self.draining = False
         self._ids = itertools.count()
 
@@ -77,10 +99,15 @@ class GatewayCore:
             sink(P.Error(client_id, "validation", str(e)))
             return None
         deadline = time.time() + msg.timeout_s if msg.timeout_s else None
-        self.streams[gid] = Stream(client_id, request, sink, deadline)
+        self.streams[gid] = Stream(gid, client_id, request, sink, deadline)
+        self.attempt_of[gid] = gid
         self.waiting.append(gid)
         self.dispatch()
         return gid
+
+    def running(self, gid: str) -> bool:
+        """Whether the request is still in the core (not answered in full, not refused)."""
+        return gid in self.attempt_of
 
     def _rejection(self) -> tuple[str, str] | None:
         if self.draining:
@@ -101,7 +128,7 @@ class GatewayCore:
                 return
             stream = self.streams[self.waiting.popleft()]
             decode.assigned.add(stream.request.id)  # the reservation, before any prefill work
-            prefill.queued_tokens += stream.prompt_tokens
+            prefill.queued_tokens += stream.queued_tokens
             stream.decode, stream.prefill = decode.id, prefill.id
             transport = self.registry.transport(prefill, decode)
             self.send(prefill, P.Prefill(stream.request, decode.id, decode.info.kv_endpoint, transport,
@@ -111,7 +138,8 @@ class GatewayCore:
 
     def cancel(self, gid: str, reason: str | None = None, error: P.Error | None = None) -> None:
         """End a request from the gateway side (client gone, deadline); workers are told to stop."""
-        stream = self.streams.get(gid)
+        wid = self.attempt_of.get(gid)
+        stream = self.streams.get(wid)
         if stream is None or stream.client_done:
             return
         if error is not None:
@@ -120,36 +148,61 @@ class GatewayCore:
             stream.sink(P.TokenBatch(stream.client_id, [], reason))
         stream.client_done, stream.closed_at = True, time.monotonic()
         if stream.decode is None:  # never dispatched: nothing holds a reservation
-            self.waiting.remove(gid)
-            del self.streams[gid]
+            self.waiting.remove(wid)
+            self._release(wid)
             return
-        for wid in (stream.prefill, stream.decode):
-            worker = self.registry.workers.get(wid)
+        self._cancel_at_workers(stream)
+
+    def _cancel_at_workers(self, stream: Stream) -> None:
+        for worker_id in (stream.prefill, stream.decode):
+            worker = self.registry.workers.get(worker_id)
             if worker is not None:
-                self.send(worker, P.Cancel(gid))
+                self.send(worker, P.Cancel(stream.request.id))
 
     def tick(self) -> None:
         """Periodic: dead workers, deadlines, streams whose worker terminal never came."""
         for worker in self.registry.expire():
-            self._worker_gone(worker)
+            self.worker_left(worker)
         now, mono = time.time(), time.monotonic()
-        for gid, s in list(self.streams.items()):
+        for wid, s in list(self.streams.items()):
             if s.client_done and mono - s.closed_at > CLOSING_GRACE_S:
-                self._release(gid)
+                self._release(wid)
             elif not s.client_done and s.deadline is not None and s.deadline < now:
-                self.cancel(gid, error=P.Error(s.client_id, "timeout", "the request's deadline passed"))
+                self.cancel(s.gid, error=P.Error(s.client_id, "timeout", "the request's deadline passed"))
         self.dispatch()
 
-    def _worker_gone(self, worker: Worker) -> None:
-        for gid, s in list(self.streams.items()):
-            lost = s.decode == worker.id or (s.prefill == worker.id and s.awaiting_first)
-            if lost:
-                if not s.client_done:
-                    s.sink(P.Error(s.client_id, "generation", f"{worker.info.role} worker {worker.id} stopped responding"))
-                self._release(gid)
-                other = self.registry.workers.get(s.prefill if s.decode == worker.id else s.decode)
-                if other is not None:
-                    self.send(other, P.Cancel(gid))
+    def worker_left(self, worker: Worker) -> None:
+        """A worker is gone (silent past its heartbeat timeout, or said goodbye): resume its work."""
+        for wid, s in list(self.streams.items()):
+            if s.decode == worker.id or (s.prefill == worker.id and s.awaiting_first):
+                self._resume(wid, f"{worker.info.role} worker {worker.id} stopped responding")
+
+    def _resume(self, wid: str, why: str) -> None:
+        """Run the rest of a request as a new attempt: its prompt plus the tokens the client has,
+        prefilled again, then decoded wherever a slot is free."""
+        stream = self.streams.get(wid)
+        if stream is None:
+            return
+        self._cancel_at_workers(stream)  # the survivor of the pair frees what it holds
+        if stream.client_done:
+            self._release(wid)
+            return
+        role_left = all(self.registry.of_role(role) for role in ("prefill", "decode"))
+        if not role_left or stream.attempts >= MAX_ATTEMPTS:
+            detail = "no worker is left to resume it" if not role_left else f"given up after {stream.attempts} attempts"
+            stream.sink(P.Error(stream.client_id, "generation", f"{why}; {detail}"))
+            self._release(wid)
+            return
+        log.warning("%s: resuming %s after %d tokens", why, stream.gid, stream.next_index)
+        self._free_reservation(stream)
+        del self.streams[wid]
+        stream.attempts += 1
+        stream.pending.clear()
+        stream.awaiting_first, stream.prefill, stream.decode = True, None, None
+        stream.request = resumed_request(stream.original, f"{stream.gid}.{stream.attempts}", stream.generated)
+        self.streams[stream.request.id] = stream
+        self.attempt_of[stream.gid] = stream.request.id
+        self.waiting.appendleft(stream.request.id)  # it was admitted long ago: first in line
 
     # ---- worker events ------------------------------------------------------------------
 
@@ -181,11 +234,15 @@ class GatewayCore:
             stream.awaiting_first = False
             prefill = self.registry.workers.get(stream.prefill)
             if prefill is not None:
-                prefill.queued_tokens -= stream.prompt_tokens
+                prefill.queued_tokens -= stream.queued_tokens
 
     def _on_finished(self, msg: P.Finished) -> None:
         stream = self.streams.get(msg.id)
         if stream is None:
+            return
+        if msg.reason == HANDED_BACK:
+            self._resume(msg.id, "a worker shut down before finishing it")
+            self.dispatch()
             return
         if not stream.client_done:
             self._flush(stream)
@@ -195,20 +252,20 @@ class GatewayCore:
                 stream.sink(P.TokenBatch(stream.client_id, [], msg.reason))
         self._release(msg.id)
 
-    def _deliver(self, worker: Worker, gid: str, token: P.Token, finish: str | None) -> None:
-        stream = self.streams.get(gid)
+    def _deliver(self, worker: Worker, wid: str, token: P.Token, finish: str | None) -> None:
+        stream = self.streams.get(wid)
         if stream is None:
             if worker.info.role == "decode":  # a request we no longer know: free its slot
-                self.send(worker, P.Cancel(gid))
+                self.send(worker, P.Cancel(wid))
             return
         if stream.client_done:
             if finish is not None:
-                self._release(gid)
+                self._release(wid)
             return
         if token.index >= stream.next_index and token.index not in stream.pending:
             stream.pending[token.index] = (token, finish)
         if self._flush(stream):
-            self._release(gid)
+            self._release(wid)
 
     def _flush(self, stream: Stream) -> bool:
         """Send the tokens that are next in order; True once the final one has gone out."""
@@ -218,6 +275,7 @@ class GatewayCore:
             tokens.append(token)
             stream.next_index += 1
         if tokens:
+            stream.generated.extend(t.token_id for t in tokens)
             first = tokens[0].index == 0
             stream.sink(P.TokenBatch(
                 stream.client_id, tokens, finish, prompt_tokens=stream.prompt_tokens if first else 0,
@@ -228,12 +286,26 @@ class GatewayCore:
             stream.client_done = True
         return finish is not None
 
-    def _release(self, gid: str) -> None:
-        stream = self.streams.pop(gid, None)
+    def _release(self, wid: str) -> None:
+        stream = self.streams.pop(wid, None)
         if stream is None:
             return
+        self.attempt_of.pop(stream.gid, None)
+        self._free_reservation(stream)
+        self.dispatch()
+
+    def _free_reservation(self, stream: Stream) -> None:
         self._prefilled(stream)
         decode = self.registry.workers.get(stream.decode)
         if decode is not None:
-            decode.assigned.discard(gid)
-        self.dispatch()
+            decode.assigned.discard(stream.request.id)
+
+
+def resumed_request(original: GenerateRequest, attempt_id: str, generated: list[int]) -> GenerateRequest:
+    """The rest of `original` after the client received `generated`. The prompt may now exceed
+    max_input_tokens; that is fine, as the request's total was checked against max_total_tokens."""
+    if not generated:
+        return replace(original, id=attempt_id)
+    return replace(original, id=attempt_id, prompt_ids=original.prompt_ids + tuple(generated),
+                   max_new_tokens=original.max_new_tokens - len(generated), prompt_logprobs=False,
+                   resumed=len(generated))

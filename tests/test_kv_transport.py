@@ -19,6 +19,8 @@ from splitserve.common.kv_transport import (
     choose_transport,
     gpu_uuids,
     host_id_default,
+    owner_gone,
+    sweep_orphan_staging,
 )
 from splitserve.common.protocol import KvLocation
 
@@ -149,6 +151,49 @@ def test_shm_file_is_unlinked_when_the_prefill_process_exits_without_close():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=20, check=True)
     path = out.stdout.strip()
     assert path and not os.path.exists(path)
+
+
+def test_a_killed_prefill_workers_shm_staging_is_found_and_removed():
+    script = ("import sys, torch; from splitserve.common.kv_transport import allocate_staging; "
+              "print(allocate_staging((1, 2, 4, 1, 8), torch.float32, 'cpu', 'shm', 'p').key, flush=True); "
+              "sys.stdin.read()")
+    owners = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True) for _ in range(2)]
+    paths = [p.stdout.readline().strip() for p in owners]
+    importer = KvImporter("cpu", torch.float32)
+    try:
+        for path in paths:
+            importer.open({"transport": "shm", "key": path, "shape": [1, 2, 4, 1, 8], "dtype": "float32"})
+        assert not any(owner_gone(p, min_age_s=0) for p in paths)  # alive: their locks are held
+        assert owner_gone(paths[0]) is False  # and a fresh file is never judged, whoever holds it
+        for p in owners:
+            p.kill()
+            p.wait()
+        assert importer.drop_orphans(min_age_s=0) == [paths[0], paths[1]]
+        assert not any(os.path.exists(p) for p in paths)
+    finally:
+        for p in owners:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for path in paths:
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def test_sweep_removes_only_files_whose_owner_died():
+    live = allocate_staging((1, 2, 4, 1, 8), torch.float32, "cpu", "shm", "live")
+    script = ("import os, torch; from splitserve.common.kv_transport import allocate_staging; "
+              "print(allocate_staging((1, 2, 4, 1, 8), torch.float32, 'cpu', 'shm', 'dead').key, flush=True); "
+              "os._exit(0)")  # like SIGKILL: no atexit cleanup
+    dead = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=20,
+                          check=True).stdout.strip()
+    try:
+        assert os.path.exists(dead)
+        assert sweep_orphan_staging(os.path.dirname(dead), min_age_s=0) >= 1
+        assert not os.path.exists(dead) and os.path.exists(live.key)
+    finally:
+        live.close()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -24,12 +24,12 @@ SKIPPED_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-pa
 DEFAULT_OUT = Path(__file__).parent / "tiny"
 
 
-def stdlib_sources(root: Path) -> list[Path]:
+def stdlib_sources(root: Path, skipped_dirs: set[str] = SKIPPED_DIRS) -> list[Path]:
     """The stdlib's .py files in a fixed order, so the same interpreter always yields the same corpus."""
     return sorted(
         path
         for path in root.rglob("*.py")
-        if not SKIPPED_DIRS.intersection(path.relative_to(root).parts[:-1])
+        if not skipped_dirs.intersection(path.relative_to(root).parts[:-1])
     )
 
 
