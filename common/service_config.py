@@ -13,6 +13,7 @@ import socket
 from dataclasses import dataclass
 
 from .config import ModelOptions, add_model_args, model_options
+from .curve import CurveKeys, load_keypair, load_public_key, load_public_keys, require_curve
 from .limits import Limits
 
 DEFAULT_ZMQ_PORT = 5555
@@ -62,18 +63,47 @@ class LinkOptions:
     heartbeat_s: float
     heartbeat_timeout: float
     drain_timeout: float
+    curve: CurveKeys | None = None  # CURVE on the worker link (gateway: server, worker: client)
 
 
-def add_link_args(p: argparse.ArgumentParser) -> None:
+def add_link_args(p: argparse.ArgumentParser, server: bool) -> None:
+    """`server`: the gateway's side of the worker link; else a worker's."""
     p.add_argument("--heartbeat-interval", type=float, default=float(_env("HEARTBEAT_INTERVAL", "0.5")))
     p.add_argument("--heartbeat-timeout", type=float, default=float(_env("HEARTBEAT_TIMEOUT", "2.0")),
                    help="a peer silent for this long is considered gone")
     p.add_argument("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT", "30")),
                    help="on SIGTERM, how long in-flight requests may run before they are ended")
+    p.add_argument("--curve-secret-file", default=_env("CURVE_SECRET_FILE", ""),
+                   help="encrypt and authenticate the worker link with CURVE: this process's NAME.key_secret "
+                        "(from `splitserve keygen`)")
+    if server:
+        p.add_argument("--curve-clients", default=_env("CURVE_CLIENTS", ""),
+                       help="with --curve-secret-file: a directory of the public keys (*.key) of the workers "
+                            "let in (default: any worker that knows this gateway's public key)")
+    else:
+        p.add_argument("--curve-server-key", default=_env("CURVE_SERVER_KEY", ""),
+                       help="with --curve-secret-file: the gateway's public key, its NAME.key file or Z85 text")
+    p.set_defaults(link_server=server)
 
 
 def link_options(ns: argparse.Namespace) -> LinkOptions:
-    return LinkOptions(ns.heartbeat_interval, ns.heartbeat_timeout, ns.drain_timeout)
+    return LinkOptions(ns.heartbeat_interval, ns.heartbeat_timeout, ns.drain_timeout, _curve_keys(ns))
+
+
+def _curve_keys(ns: argparse.Namespace) -> CurveKeys | None:
+    trusted = ns.curve_clients if ns.link_server else ns.curve_server_key
+    flag = "--curve-clients" if ns.link_server else "--curve-server-key"
+    if not ns.curve_secret_file:
+        if trusted:
+            raise ValueError(f"{flag} needs --curve-secret-file")
+        return None
+    require_curve()
+    public, secret = load_keypair(ns.curve_secret_file)
+    if ns.link_server:
+        return CurveKeys(public, secret, clients=load_public_keys(trusted) if trusted else None)
+    if not trusted:
+        raise ValueError("--curve-secret-file needs --curve-server-key: the gateway's public key")
+    return CurveKeys(public, secret, server=load_public_key(trusted))
 
 
 @dataclass(frozen=True)
@@ -102,7 +132,7 @@ class WorkerOptions:
 def add_worker_args(p: argparse.ArgumentParser, role: str) -> None:
     add_model_args(p)
     add_limit_args(p)
-    add_link_args(p)
+    add_link_args(p, server=False)
     p.add_argument("--gateway", default=_env("GATEWAY", f"tcp://127.0.0.1:{DEFAULT_WORKER_PORT}"),
                    help="the gateway's worker endpoint")
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address")

@@ -9,6 +9,7 @@ import time
 import zmq
 
 from . import protocol as P
+from .curve import CurveKeys
 from .zmq_util import make_socket
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,9 @@ def pid_namespace() -> str:
 
 
 class GatewayLink:
-    def __init__(self, ctx: zmq.Context, endpoint: str, register: P.Register, heartbeat_s: float, timeout_s: float):
-        self.ctx, self.endpoint, self.register = ctx, endpoint, register
+    def __init__(self, ctx: zmq.Context, endpoint: str, register: P.Register, heartbeat_s: float, timeout_s: float,
+                 curve: CurveKeys | None = None):
+        self.ctx, self.endpoint, self.register, self.curve = ctx, endpoint, register, curve
         self.heartbeat_s, self.timeout_s = heartbeat_s, timeout_s
         self.decoder = P.decoder(P.GatewayToWorker)
         self.sock: zmq.Socket | None = None
@@ -45,7 +47,7 @@ class GatewayLink:
     def connect(self) -> None:
         if self.sock is not None:
             self.sock.close(0)
-        self.sock = make_socket(self.ctx, zmq.DEALER, P.MAX_CONTROL_BYTES)
+        self.sock = make_socket(self.ctx, zmq.DEALER, P.MAX_CONTROL_BYTES, curve=self.curve)
         self.sock.connect(self.endpoint)
         self.generation += 1
         self.registered = False

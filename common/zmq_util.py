@@ -6,14 +6,20 @@ import socket
 
 import zmq
 
+from .curve import CurveKeys, secure
 
-def make_socket(ctx: zmq.Context, kind: int, max_bytes: int, identity: bytes | None = None) -> zmq.Socket:
+
+def make_socket(ctx: zmq.Context, kind: int, max_bytes: int, identity: bytes | None = None,
+                curve: CurveKeys | None = None) -> zmq.Socket:
+    """`curve`: encrypt and authenticate this socket's connections (see curve.py)."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     # A peer that sends more than this is disconnected by ZMQ before we read a byte of it.
     sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity)
+    if curve is not None:
+        secure(sock, curve)
     return sock
 
 

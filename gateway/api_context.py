@@ -9,6 +9,7 @@ from functools import lru_cache
 from splitserve.common.limits import Limits
 from splitserve.common.tokenizer import Tokenizer
 
+from .auth import ApiKey
 from .frontdoor import FrontDoor
 
 
@@ -19,6 +20,7 @@ class ApiContext:
     limits: Limits
     model_id: str  # the name clients see: --model as given
     chat_template: str | None
+    api_key: ApiKey | None = None  # required of clients when set
     started: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 # error_type -> HTTP status, as TGI answers (its clients map the status and `error_type` to exceptions).
 TGI_STATUS = {"validation": 422, "overloaded": 429, "generation": 424, "incomplete_generation": 500,
-              "unavailable": 503, "timeout": 504, "unauthorized": 401}
+              "unavailable": 503, "timeout": 504, "unauthorized": 401, "payload_too_large": 413}
 
 # error_type -> (HTTP status, OpenAI error type); the `openai` client picks its exception by status.
 OPENAI_STATUS = {"validation": (400, "invalid_request_error"), "overloaded": (429, "rate_limit_error"),
                  "generation": (500, "server_error"), "incomplete_generation": (500, "server_error"),
                  "unavailable": (503, "service_unavailable"), "timeout": (504, "timeout"),
-                 "unauthorized": (401, "authentication_error")}
+                 "unauthorized": (401, "authentication_error"),
+                 "payload_too_large": (413, "invalid_request_error")}
 
 
 class ApiError(Exception):

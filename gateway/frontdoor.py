@@ -30,6 +30,10 @@ class FrontDoor:
             self._meters[gid] = meter
         return gid
 
+    def refuse(self, route: str, error_type: str) -> None:
+        """Count a request refused before it reached the core (e.g. without the API key)."""
+        self.metrics.requests.labels(route, error_type).inc()
+
     def cancel(self, gid: str, reason: str | None = None) -> None:
         """The client went away or asked to stop; `reason` is sent to it as the finish reason."""
         meter = self._meters.pop(gid, None)

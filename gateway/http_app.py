@@ -15,8 +15,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from splitserve.common import protocol as P
+
 from .api_context import ApiContext
 from .api_errors import ApiError, invalid, openai_error, tgi_error
+from .http_guard import HttpGuard
 from .openai_api import openai_router
 from .tgi import tgi_router
 from .websocket import __doc__ as WEBSOCKET_DOC, websocket_router
@@ -24,6 +27,8 @@ from .websocket import __doc__ as WEBSOCKET_DOC, websocket_router
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 5.0  # open connections get this long to finish once the gateway stops
+# A request body or WebSocket message is a control message, as on the ZMQ front.
+MAX_BODY_BYTES = P.MAX_CONTROL_BYTES
 
 
 def build_app(ctx: ApiContext) -> FastAPI:
@@ -46,21 +51,23 @@ def build_app(ctx: ApiContext) -> FastAPI:
     async def metrics() -> Response:
         return Response(ctx.door.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    def error_response(request: Request, e: ApiError) -> JSONResponse:
-        path = request.url.path
-        if not e.metered:  # refused before reaching the core
-            ctx.door.metrics.requests.labels(path, e.error_type).inc()
+    def error_response(path: str, e: ApiError) -> JSONResponse:
+        # refused before reaching the core; a path that is no route is no request to count
+        if not e.metered and path in paths:
+            ctx.door.refuse(path, e.error_type)
         status, body = (openai_error if path.startswith("/v1/") else tgi_error)(e)
         return JSONResponse(body, status_code=status)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
-        return error_response(request, e)
+        return error_response(request.url.path, e)
 
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, e: RequestValidationError) -> JSONResponse:
-        return error_response(request, invalid(_describe(e), _param(e)))
+        return error_response(request.url.path, invalid(_describe(e), _param(e)))
 
+    paths = frozenset(app.openapi()["paths"])
+    app.add_middleware(HttpGuard, api_key=ctx.api_key, max_body_bytes=MAX_BODY_BYTES, refuse=error_response)
     return app
 
 
@@ -117,7 +124,7 @@ class HttpServer:
         self.port = self.socket.getsockname()[1]
         # log_config None: uvicorn's loggers go through the process's own logging setup
         config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S, ws_max_size=16 * 2**20)
+                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S, ws_max_size=MAX_BODY_BYTES)
         self.server = _Server(config)
 
     async def serve(self) -> None:

@@ -18,6 +18,7 @@ from splitserve.common import protocol as P
 from splitserve.common.builtin_models import resolve_model
 from splitserve.common.config import ModelOptions, add_model_args, model_options
 from splitserve.common.loading import model_fingerprint
+from splitserve.common.curve import guard_clients
 from splitserve.common.model_config import load_model_config
 from splitserve.common.service_config import (
     DEFAULT_HTTP_PORT,
@@ -38,6 +39,7 @@ from splitserve.common.protocol import OUTPUT_SUFFIX
 
 from .api_context import ApiContext
 from .chat_template import load_chat_template
+from .auth import UNAUTHORIZED, ApiKey, add_api_key_args, admits, api_key_option
 from .core import GatewayCore
 from .frontdoor import FrontDoor
 from .http_app import HttpServer, build_app
@@ -59,12 +61,13 @@ class GatewayOptions:
     kv_transport: str
     max_concurrent_requests: int
 
+    api_key: ApiKey | None  # required of HTTP, WebSocket and ZMQ clients when set (auth.py)
 
 def add_gateway_args(p: argparse.ArgumentParser) -> None:
     env = os.environ.get
     add_model_args(p)
     add_limit_args(p)
-    add_link_args(p)
+    add_link_args(p, server=True)
     p.add_argument("--host", default=env("SPLITSERVE_HOST", "127.0.0.1"), help="bind address")
     p.add_argument("--port", type=int, default=int(env("SPLITSERVE_PORT", str(DEFAULT_HTTP_PORT))),
                    help="HTTP and WebSocket port")
@@ -77,10 +80,11 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent-requests", type=int, default=int(env("SPLITSERVE_MAX_CONCURRENT", "512")),
                    help="requests in flight (running or waiting); beyond it, an overload error")
 
+    add_api_key_args(p)
 
 def gateway_options(ns: argparse.Namespace) -> GatewayOptions:
     return GatewayOptions(model_options(ns), limit_options(ns), link_options(ns), ns.host, ns.port, ns.zmq_port,
-                          ns.worker_port, ns.kv_transport, ns.max_concurrent_requests)
+                          ns.worker_port, ns.kv_transport, ns.max_concurrent_requests, api_key_option(ns))
 
 
 class Gateway:
@@ -93,7 +97,9 @@ class Gateway:
         want = Expectations(model_fingerprint(cfg, self.tokenizer), self.limits.max_total_tokens)
         self.registry = WorkerRegistry(want, opts.link.heartbeat_timeout, opts.kv_transport)
         self.ctx = zmq.asyncio.Context()
-        self.worker_sock = make_socket(self.ctx, zmq.ROUTER, P.MAX_CONTROL_BYTES)
+        curve = opts.link.curve
+        self.zap = guard_clients(self.ctx, curve) if curve is not None else None  # before the socket binds
+        self.worker_sock = make_socket(self.ctx, zmq.ROUTER, P.MAX_CONTROL_BYTES, curve=curve)
         # A restarted worker reuses its output socket's name: the new connection takes it over.
         self.worker_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.front = make_socket(self.ctx, zmq.ROUTER, P.MAX_CONTROL_BYTES)
@@ -105,7 +111,8 @@ class Gateway:
                                 opts.max_concurrent_requests)
         # Every front end submits through the door, which meters each request.
         self.door = FrontDoor(self.core, GatewayMetrics(self.core))
-        api = ApiContext(self.door, self.tokenizer, self.limits, opts.model.model, load_chat_template(path))
+        api = ApiContext(self.door, self.tokenizer, self.limits, opts.model.model, load_chat_template(path),
+                         opts.api_key)
         self.http = HttpServer(build_app(api), opts.host, opts.port)
         self.client_ids: dict[tuple[bytes, str], str] = {}  # (client identity, its id) -> gateway id
         self._stop = asyncio.Event()
@@ -142,6 +149,8 @@ class Gateway:
             self.front.close(0)
             self.ctx.term()
 
+            if self.zap is not None:
+                self.zap.stop()
     def stop(self) -> None:
         self._stop.set()
 
@@ -218,6 +227,10 @@ class Gateway:
             self._reply(identity, P.Error(msg.id, "validation", f"request id {msg.id!r} is already in use"))
             return
 
+        if not admits(self.opts.api_key, msg.api_key):
+            self.door.refuse("zmq", "unauthorized")
+            self._reply(identity, P.Error(msg.id, "unauthorized", UNAUTHORIZED))
+            return
         def sink(out) -> None:
             self._reply(identity, out)
             if isinstance(out, P.Error) or out.finish_reason is not None:

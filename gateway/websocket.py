@@ -13,6 +13,10 @@ last message of a request has a `finish_reason` or is an error; a cancelled requ
 finish_reason "cancelled". A message that is not valid is answered with a validation error under
 its id, or under id "" (about the connection) when it has none.
 Closing the connection cancels its requests.
+When the gateway has an API key, the upgrade carries it (`Authorization: Bearer KEY`, or
+`?api_key=KEY` where a browser cannot set headers; a wrong one is refused with 403), or else each
+generate message carries it in `api_key` (the client library does); a message without it is
+answered with an error of type "unauthorized".
 """
 
 from __future__ import annotations
@@ -27,9 +31,12 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from splitserve.common import protocol as P
 
 from .api_context import ApiContext
+from .auth import UNAUTHORIZED, ApiKey, admits, bearer
 from .frontdoor import FrontDoor
 
 log = logging.getLogger(__name__)
+
+POLICY_VIOLATION = 1008  # RFC 6455; a wrong API key
 
 
 def _by_name(cls: type[msgspec.Struct]) -> type[msgspec.Struct]:
@@ -90,8 +97,13 @@ def websocket_router(ctx: ApiContext) -> APIRouter:
 
     @router.websocket("/ws")
     async def ws(websocket: WebSocket) -> None:
+        given = bearer(websocket.headers.get("authorization")) or websocket.query_params.get("api_key")
+        if given is not None and not admits(ctx.api_key, given):
+            await websocket.close(code=POLICY_VIOLATION)  # before accepting: the upgrade is refused (403)
+            return
         await websocket.accept()
-        await Session(ctx.door, websocket).run()
+        # a connection that showed the key on its upgrade needs it in no message
+        await Session(ctx.door, websocket, None if given is not None else ctx.api_key).run()
 
     return router
 
@@ -99,8 +111,9 @@ def websocket_router(ctx: ApiContext) -> APIRouter:
 class Session:
     """One connection: its requests by the client's ids, and a writer that sends replies in order."""
 
-    def __init__(self, door: FrontDoor, websocket: WebSocket):
+    def __init__(self, door: FrontDoor, websocket: WebSocket, api_key: ApiKey | None):
         self.door, self.websocket = door, websocket
+        self.api_key = api_key  # each generate message must carry it (None: none needs to)
         self.gids: dict[str, str] = {}  # client's id -> gateway id, while running
         self.outbox: asyncio.Queue = asyncio.Queue()
 
@@ -138,6 +151,10 @@ class Session:
         params = P.GenerateParams(**msgspec.structs.asdict(ws_msg.parameters))
         msg = P.Generate(rid, ws_msg.prompt, ws_msg.prompt_ids, params, ws_msg.timeout_s, ws_msg.api_key)
 
+        if not admits(self.api_key, ws_msg.api_key):
+            self.door.refuse("/ws", "unauthorized")
+            self._send(P.Error(rid, "unauthorized", UNAUTHORIZED), binary)
+            return
         def sink(out) -> None:
             self._send(out, binary)
             if isinstance(out, P.Error) or out.finish_reason is not None:

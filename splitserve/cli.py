@@ -13,6 +13,7 @@ COMMANDS = {
     "prefill": ("splitserve.commands.prefill", "run one prefill worker that registers with a gateway"),
     "decode": ("splitserve.commands.decode", "run one decode worker that registers with a gateway"),
     "generate": ("splitserve.commands.generate", "generate text in this process (no sockets), for checks and debugging"),
+    "keygen": ("splitserve.commands.keygen", "write a CURVE key pair that encrypts and authenticates the worker link across hosts"),
     "model-path": ("splitserve.commands.model_path", "print a model's checkpoint directory, creating a built-in one if needed"),
     "bench": ("splitserve.commands.bench", "benchmarks: `bench engine` (model steps vs transformers), `bench serve` (the served pipeline under load)"),
 }

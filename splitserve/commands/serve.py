@@ -19,6 +19,7 @@ import sys
 import time
 
 from splitserve.common import protocol as P
+from splitserve.common.curve import load_keypair
 from splitserve.gateway.server import Gateway, add_gateway_args, gateway_options
 from splitserve.logs import setup_logging
 
@@ -57,6 +58,10 @@ def worker_command(args: argparse.Namespace, role: str, index: int, gateway: str
            "--prefill-token-budget", str(args.prefill_token_budget),
            "--heartbeat-interval", str(args.heartbeat_interval), "--heartbeat-timeout", str(args.heartbeat_timeout),
            "--drain-timeout", str(args.drain_timeout)]
+    if args.curve_secret_file:
+        # The local workers use the gateway's own key pair, which the gateway always lets in.
+        public, _ = load_keypair(args.curve_secret_file)
+        cmd += ["--curve-secret-file", args.curve_secret_file, "--curve-server-key", public.decode()]
     if role == "decode":
         cmd += ["--num-slots", str(args.num_slots), "--kv-cache-memory-mb", str(args.kv_cache_memory_mb),
                 "--key-bucket", str(args.key_bucket), "--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs"]
