@@ -11,20 +11,28 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 
+# Every piece of memory a worker holds for a request, so that a leak shows on a dashboard.
+GAUGES = {
+    "prefill": {
+        "queued_tokens": "prompt tokens waiting for prefill",
+        "handoffs": "KV handoffs waiting for the decode side's release",
+        "staging_used_tokens": "staging buffer tokens held by prefilled KV not yet released by decode",
+        "staging_tokens": "staging buffer size in tokens",
+    },
+    "decode": {
+        "slots_used": "KV slots in use",
+        "slots_total": "KV slots in the pool",
+    },
+}
+
+
 class WorkerMetrics:
     """Gauges and histograms of one worker process; served over HTTP when a port is given."""
 
     def __init__(self, role: str, port: int, health: Callable[[], dict], host: str = "127.0.0.1"):
         self.registry = CollectorRegistry()
-        self.gauges = {
-            name: Gauge(f"splitserve_{role}_{name}", help_text, registry=self.registry)
-            for name, help_text in {
-                "queued_tokens": "prompt tokens waiting for prefill",
-                "handoffs": "KV handoffs waiting for the decode side's release",
-                "slots_used": "KV slots in use",
-                "slots_total": "KV slots in the pool",
-            }.items()
-        }
+        self.gauges = {name: Gauge(f"splitserve_{role}_{name}", help_text, registry=self.registry)
+                       for name, help_text in GAUGES[role].items()}
         self.batch_size = Histogram(f"splitserve_{role}_batch_size", "requests per batch", registry=self.registry,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.batch_tokens = Counter(f"splitserve_{role}_tokens", "tokens processed", registry=self.registry)

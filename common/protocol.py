@@ -10,7 +10,7 @@ Sockets and who speaks on them:
   client: Generate, Cancel;  gateway: Token (batched per request as TokenBatch), Error.
 - worker link (gateway ROUTER, `--worker-port`) <-> each worker's DEALER:
   worker: Register, Heartbeat, FirstToken (prefill), StepTokens (decode), Finished, Error;
-  gateway: Registered, Heartbeat, Prefill (to prefill workers), Cancel, Drain.
+  gateway: Registered, Reregister, Heartbeat, Prefill (to prefill workers), Cancel, Drain.
 - KV link (decode worker ROUTER, its KV endpoint) <-> prefill DEALERs:
   prefill: KvStaging, KvReady (+ KV frames on the tcp transport);  decode: KvRelease.
 """
@@ -127,6 +127,11 @@ class Registered(msgspec.Struct, **_STRUCT):
     ok: bool
     reason: str = ""
     heartbeat_s: float = 0.5
+    gateway_id: str = ""  # new for each gateway process: a worker that sees it change drops old work
+
+
+class Reregister(msgspec.Struct, **_STRUCT):
+    """Gateway -> a link it does not know (the gateway restarted): register again."""
 
 
 class Heartbeat(msgspec.Struct, **_STRUCT):
@@ -186,7 +191,7 @@ class Drain(msgspec.Struct, **_STRUCT):
 
 
 WorkerToGateway = Union[Register, Heartbeat, FirstToken, StepTokens, Finished, WorkerError]
-GatewayToWorker = Union[Registered, Heartbeat, Prefill, Cancel, Drain]
+GatewayToWorker = Union[Registered, Reregister, Heartbeat, Prefill, Cancel, Drain]
 
 
 # ---- KV link ------------------------------------------------------------------------------

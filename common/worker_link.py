@@ -37,6 +37,8 @@ class GatewayLink:
         self.generation = 0  # bumped on every reconnect, so pollers know to pick up the new socket
         self.registered = False
         self.refused = ""  # the gateway's reason, when it refused this worker
+        self.gateway_id = ""  # the gateway process this worker registered with
+        self.new_gateway = False  # set when that changes: the worker drops work the old one routed
         # Work the gateway has routed to this worker that may still be on its way (reservations,
         # prompts not yet prefilled), and when the gateway said so: a draining worker waits for 0.
         self.gateway_load = 0
@@ -80,6 +82,10 @@ class GatewayLink:
                 continue
             if isinstance(msg, P.Registered):
                 self._on_registered(msg)
+            elif isinstance(msg, P.Reregister):
+                log.warning("the gateway does not know this worker (restarted?); registering again")
+                self.registered = False
+                self.send(self.register)
             elif isinstance(msg, P.Heartbeat):
                 self.gateway_load, self.load_heard_at = msg.load, self._last_heard
             else:
@@ -88,6 +94,9 @@ class GatewayLink:
     def _on_registered(self, msg: P.Registered) -> None:
         if msg.ok:
             self.registered = True
+            if self.gateway_id and msg.gateway_id != self.gateway_id:
+                self.new_gateway = True
+            self.gateway_id = msg.gateway_id
             log.info("registered with the gateway at %s as %s", self.endpoint, self.register.worker_id)
         else:
             log.error("the gateway refused this worker: %s", msg.reason)
@@ -104,6 +113,11 @@ class GatewayLink:
             self.connect()
         elif now - self._last_sent >= self.heartbeat_s:
             self.send(P.Heartbeat(load, draining))
+
+    def take_new_gateway(self) -> bool:
+        """True once after registering with a different gateway process than before."""
+        changed, self.new_gateway = self.new_gateway, False
+        return changed
 
     def nothing_on_the_way(self, since: float) -> bool:
         """The gateway, in a heartbeat sent after `since`, had nothing more routed to us; or the

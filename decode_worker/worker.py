@@ -32,6 +32,7 @@ from .output import OutputThread
 log = logging.getLogger(__name__)
 
 TOMBSTONE_S = 120.0  # a Cancel that arrived before its KvReady is remembered this long
+ORPHAN_CHECK_S = 5.0  # how often to look for stagings whose prefill worker died
 
 
 class DecodeWorker:
@@ -59,6 +60,7 @@ class DecodeWorker:
         self.rid_at: dict[int, str] = {}
         self.deadlines: dict[str, float] = {}
         self.tombstones: dict[str, float] = {}
+        self.orphans_checked = 0.0
         self.kv_decoder = P.decoder(P.KvToDecode)
         self.admitted = 0
         self.draining = False
@@ -123,7 +125,13 @@ class DecodeWorker:
 
     def _housekeeping(self) -> None:
         self.link.tick(len(self.engine.requests), self.draining)
+        if self.link.take_new_gateway():
+            self._abandon("the gateway restarted")
         now_mono, now = time.monotonic(), time.time()
+        if now_mono - self.orphans_checked > ORPHAN_CHECK_S:
+            self.orphans_checked = now_mono
+            for key in self.importer.drop_orphans():
+                log.warning("the prefill worker of staging %s died: unmapped and removed it", key)
         for rid, t in list(self.tombstones.items()):
             if now_mono - t > TOMBSTONE_S:
                 del self.tombstones[rid]
@@ -168,6 +176,15 @@ class DecodeWorker:
         """End a running request that produced no final token (cancel, deadline, shutdown)."""
         self.engine.release(self._forget(rid))
         self.link.send(P.Finished(rid, reason))
+
+    def _abandon(self, why: str) -> None:
+        """Free every slot and forget every cancel without telling the gateway: the one that routed
+        this work is gone."""
+        if self.slot_of:
+            log.error("%s: ended the %d requests in flight here", why, len(self.slot_of))
+        for rid in list(self.slot_of):
+            self.engine.release(self._forget(rid))
+        self.tombstones.clear()
 
     def _apply_releases(self) -> None:
         """Free the slots the output thread stopped on a stop string (if still theirs)."""

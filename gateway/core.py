@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -82,7 +83,10 @@ class GatewayCore:
         self.attempt_of: dict[str, str] = {}  # gateway id -> current attempt's id
         self.waiting: deque[str] = deque()  # attempts admitted, waiting for a free decode slot
         self.draining = False
+        # Ids differ across gateway processes, so a worker still holding an earlier process's
+        # request (or its cancel) can never mistake it for a new one.
         self._ids = itertools.count()
+        self._id_prefix = f"g{secrets.token_hex(3)}-"
 
     # ---- admission ----------------------------------------------------------------------
 
@@ -92,7 +96,7 @@ class GatewayCore:
         if reject:
             sink(P.Error(client_id, *reject))
             return None
-        gid = f"g{next(self._ids)}"
+        gid = f"{self._id_prefix}{next(self._ids)}"
         try:
             request = build_request(gid, msg, self.tokenizer, self.limits)
         except ValidationError as e:

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import time
 from dataclasses import dataclass
@@ -17,8 +18,8 @@ import zmq.asyncio
 from splitserve.common import protocol as P
 from splitserve.common.builtin_models import resolve_model
 from splitserve.common.config import ModelOptions, add_model_args, model_options
-from splitserve.common.loading import model_fingerprint
 from splitserve.common.curve import guard_clients
+from splitserve.common.loading import model_fingerprint
 from splitserve.common.model_config import load_model_config
 from splitserve.common.service_config import (
     DEFAULT_HTTP_PORT,
@@ -38,8 +39,8 @@ from splitserve.common.zmq_util import bind_endpoint, make_socket, tcp_endpoint
 from splitserve.common.protocol import OUTPUT_SUFFIX
 
 from .api_context import ApiContext
-from .chat_template import load_chat_template
 from .auth import UNAUTHORIZED, ApiKey, add_api_key_args, admits, api_key_option
+from .chat_template import load_chat_template
 from .core import GatewayCore
 from .frontdoor import FrontDoor
 from .http_app import HttpServer, build_app
@@ -60,8 +61,8 @@ class GatewayOptions:
     worker_port: int
     kv_transport: str
     max_concurrent_requests: int
-
     api_key: ApiKey | None  # required of HTTP, WebSocket and ZMQ clients when set (auth.py)
+
 
 def add_gateway_args(p: argparse.ArgumentParser) -> None:
     env = os.environ.get
@@ -79,8 +80,8 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
                    choices=["auto", "cuda_ipc", "shm", "tcp"], help="how KV moves from prefill to decode")
     p.add_argument("--max-concurrent-requests", type=int, default=int(env("SPLITSERVE_MAX_CONCURRENT", "512")),
                    help="requests in flight (running or waiting); beyond it, an overload error")
-
     add_api_key_args(p)
+
 
 def gateway_options(ns: argparse.Namespace) -> GatewayOptions:
     return GatewayOptions(model_options(ns), limit_options(ns), link_options(ns), ns.host, ns.port, ns.zmq_port,
@@ -115,6 +116,7 @@ class Gateway:
                          opts.api_key)
         self.http = HttpServer(build_app(api), opts.host, opts.port)
         self.client_ids: dict[tuple[bytes, str], str] = {}  # (client identity, its id) -> gateway id
+        self.instance = secrets.token_hex(8)  # tells workers whether they talk to the gateway they registered with
         self._stop = asyncio.Event()
 
     @property
@@ -147,10 +149,10 @@ class Gateway:
             await asyncio.gather(*tasks, return_exceptions=True)
             self.worker_sock.close(0)
             self.front.close(0)
-            self.ctx.term()
-
             if self.zap is not None:
                 self.zap.stop()
+            self.ctx.term()
+
     def stop(self) -> None:
         self._stop.set()
 
@@ -181,13 +183,16 @@ class Gateway:
         if isinstance(msg, P.Register):
             reason = self.registry.register(identity, msg)
             self.worker_sock.send_multipart([identity, P.encode(P.Registered(not reason, reason,
-                                                                             self.opts.link.heartbeat_s))])
+                                                                             self.opts.link.heartbeat_s, self.instance))])
             self.core.dispatch()
             return
         worker = self.registry.seen(identity, msg.draining if isinstance(msg, P.Heartbeat) else None)
         if worker is None and identity.endswith(OUTPUT_SUFFIX):
             # A decode worker's output thread sends on a socket of its own, named after it.
             worker = self.registry.workers.get(identity[: -len(OUTPUT_SUFFIX)].decode(errors="replace"))
+        elif worker is None and isinstance(msg, P.Heartbeat):
+            # A worker of an earlier gateway process (or one expired as silent) is still beating.
+            self.worker_sock.send_multipart([identity, P.encode(P.Reregister())])
         if worker is not None and not isinstance(msg, P.Heartbeat):
             self.core.on_worker(worker, msg)
 
@@ -222,22 +227,22 @@ class Gateway:
                     self.door.cancel(gid)
 
     def _on_generate(self, identity: bytes, msg: P.Generate) -> None:
+        if not admits(self.opts.api_key, msg.api_key):
+            self.door.refuse("zmq", "unauthorized")
+            self._reply(identity, P.Error(msg.id, "unauthorized", UNAUTHORIZED))
+            return
         key = (identity, msg.id)
         if key in self.client_ids:
             self._reply(identity, P.Error(msg.id, "validation", f"request id {msg.id!r} is already in use"))
             return
 
-        if not admits(self.opts.api_key, msg.api_key):
-            self.door.refuse("zmq", "unauthorized")
-            self._reply(identity, P.Error(msg.id, "unauthorized", UNAUTHORIZED))
-            return
         def sink(out) -> None:
             self._reply(identity, out)
             if isinstance(out, P.Error) or out.finish_reason is not None:
                 self.client_ids.pop(key, None)
 
         gid = self.door.submit("zmq", msg, sink)
-        if gid is not None and gid in self.core.streams:
+        if gid is not None and self.core.running(gid):
             self.client_ids[key] = gid
 
     def _reply(self, identity: bytes, msg) -> None:

@@ -12,7 +12,9 @@ the encoding its request came in (a JSON text message or a MessagePack binary on
 last message of a request has a `finish_reason` or is an error; a cancelled request ends with
 finish_reason "cancelled". A message that is not valid is answered with a validation error under
 its id, or under id "" (about the connection) when it has none.
-Closing the connection cancels its requests.
+Closing the connection cancels its requests. A client that leaves more than OUTBOX_LIMIT_BYTES
+of replies unread is closed with code 1013 (try again later) and its requests are cancelled:
+the replies would otherwise pile up in the gateway without bound.
 When the gateway has an API key, the upgrade carries it (`Authorization: Bearer KEY`, or
 `?api_key=KEY` where a browser cannot set headers; a wrong one is refused with 403), or else each
 generate message carries it in `api_key` (the client library does); a message without it is
@@ -36,6 +38,8 @@ from .frontdoor import FrontDoor
 
 log = logging.getLogger(__name__)
 
+OUTBOX_LIMIT_BYTES = 8 * 2**20
+SLOW_READER_CODE = 1013  # RFC 6455 "try again later"
 POLICY_VIOLATION = 1008  # RFC 6455; a wrong API key
 
 
@@ -116,9 +120,13 @@ class Session:
         self.api_key = api_key  # each generate message must carry it (None: none needs to)
         self.gids: dict[str, str] = {}  # client's id -> gateway id, while running
         self.outbox: asyncio.Queue = asyncio.Queue()
+        self.backlog = 0  # bytes in the outbox
+        self.writer: asyncio.Task | None = None
+        self.dropped = False
+        self.closing: asyncio.Task | None = None
 
     async def run(self) -> None:
-        writer = asyncio.create_task(self._write())
+        self.writer = asyncio.create_task(self._write())
         try:
             while True:
                 frame = await self.websocket.receive()
@@ -131,6 +139,8 @@ class Session:
                 except (msgspec.DecodeError, msgspec.ValidationError) as e:
                     self._send(P.Error(_id_of(raw, binary), "validation", f"malformed message: {e}"), binary)
                     continue
+                if self.dropped:  # closing: what a slow reader still sends is not taken
+                    continue
                 if isinstance(msg, WsGenerate):
                     self._generate(msg, binary)
                 else:
@@ -141,27 +151,27 @@ class Session:
             for gid in list(self.gids.values()):
                 self.door.cancel(gid)
             self.gids.clear()
-            writer.cancel()
+            self.writer.cancel()
 
     def _generate(self, ws_msg: WsGenerate, binary: bool) -> None:
         rid = ws_msg.id
+        if not admits(self.api_key, ws_msg.api_key):
+            self.door.refuse("/ws", "unauthorized")
+            self._send(P.Error(rid, "unauthorized", UNAUTHORIZED), binary)
+            return
         if rid in self.gids:
             self._send(P.Error(rid, "validation", f"request id {rid!r} is already in use"), binary)
             return
         params = P.GenerateParams(**msgspec.structs.asdict(ws_msg.parameters))
         msg = P.Generate(rid, ws_msg.prompt, ws_msg.prompt_ids, params, ws_msg.timeout_s, ws_msg.api_key)
 
-        if not admits(self.api_key, ws_msg.api_key):
-            self.door.refuse("/ws", "unauthorized")
-            self._send(P.Error(rid, "unauthorized", UNAUTHORIZED), binary)
-            return
         def sink(out) -> None:
             self._send(out, binary)
             if isinstance(out, P.Error) or out.finish_reason is not None:
                 self.gids.pop(rid, None)
 
         gid = self.door.submit("/ws", msg, sink)
-        if gid is not None and gid in self.door.core.streams:
+        if gid is not None and self.door.core.running(gid):
             self.gids[rid] = gid
 
     def _cancel(self, rid: str) -> None:
@@ -170,11 +180,36 @@ class Session:
             self.door.cancel(gid, reason="cancelled")
 
     def _send(self, out, binary: bool) -> None:
-        self.outbox.put_nowait(encode(reply(out), binary))
+        if self.dropped:
+            return
+        frame = encode(reply(out), binary)
+        self.backlog += len(frame)
+        if self.backlog > OUTBOX_LIMIT_BYTES:
+            self._drop_slow_reader()
+        else:
+            self.outbox.put_nowait(frame)
+
+    def _drop_slow_reader(self) -> None:
+        log.warning("a WebSocket client left %d bytes of replies unread: closing it", self.backlog)
+        self.dropped = True
+        for gid in list(self.gids.values()):
+            self.door.cancel(gid)
+        self.gids.clear()
+        self.writer.cancel()  # it is stuck in a send that the client does not read
+        self.outbox = asyncio.Queue()  # the unread replies go now
+        self.closing = asyncio.get_running_loop().create_task(
+            self._close(SLOW_READER_CODE, "replies left unread past the limit"))
+
+    async def _close(self, code: int, reason: str) -> None:
+        try:
+            await self.websocket.close(code, reason)
+        except (WebSocketDisconnect, RuntimeError) as e:  # already closed: the reader ends the session
+            log.debug("websocket close failed: %s", e)
 
     async def _write(self) -> None:
         while True:
             frame = await self.outbox.get()
+            self.backlog -= len(frame)
             try:
                 if isinstance(frame, bytes):
                     await self.websocket.send_bytes(frame)

@@ -15,6 +15,10 @@ class RegionAllocator:
     def free_tokens(self) -> int:
         return sum(n for _, n in self._free)
 
+    @property
+    def used_tokens(self) -> int:
+        return self.total - self.free_tokens
+
     def largest_free(self) -> int:
         return max((n for _, n in self._free), default=0)
 

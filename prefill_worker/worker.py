@@ -18,7 +18,7 @@ import torch
 import zmq
 
 from splitserve.common import protocol as P
-from splitserve.common.kv_transport import allocate_staging, gpu_uuids
+from splitserve.common.kv_transport import allocate_staging, gpu_uuids, sweep_orphan_staging
 from splitserve.common.limits import Limits
 from splitserve.common.loading import LoadedModel
 from splitserve.common.metrics_http import WorkerMetrics
@@ -60,6 +60,8 @@ class PrefillWorker:
         if opts.kv_transport == "tcp":
             kind = "tcp"
         shape = (cfg.n_layer, 2, staging_tokens, cfg.kv_heads, cfg.head_dim)
+        if kind == "shm" and (removed := sweep_orphan_staging()):
+            log.warning("removed %d shm staging files left by workers that died", removed)
         self.staging = allocate_staging(shape, lm.dtype, lm.device, kind, opts.worker_id)
         self.engine = PrefillEngine(lm, limits.prefill_token_budget, staging=self.staging.tensor)
         self.regions = RegionAllocator(staging_tokens)
@@ -127,6 +129,13 @@ class PrefillWorker:
 
     def _housekeeping(self) -> None:
         self.link.tick(self.queued_tokens, self.draining)
+        if self.link.take_new_gateway():
+            # The gateway that queued these is gone; the new one knows nothing of them.
+            if self.queue:
+                log.error("the gateway restarted: dropped the %d prompts queued here", len(self.queue))
+            self.queue.clear()
+            self.queued_tokens = 0
+            self.cancelled.clear()
         now = time.monotonic()
         for rid, h in list(self.handoffs.items()):
             if now - h.sent_at > HANDOFF_TIMEOUT_S:
@@ -137,7 +146,8 @@ class PrefillWorker:
         if self.draining and time.monotonic() > self.drain_deadline:
             for job in list(self.queue):
                 self._drop(job, "shutdown")
-        self.metrics.set(queued_tokens=self.queued_tokens, handoffs=len(self.handoffs))
+        self.metrics.set(queued_tokens=self.queued_tokens, handoffs=len(self.handoffs),
+                         staging_used_tokens=self.regions.used_tokens, staging_tokens=self.regions.total)
 
     def _drained(self) -> bool:
         """Nothing queued or held, and nothing more on its way from the gateway (or out of time)."""

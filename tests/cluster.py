@@ -72,7 +72,7 @@ class Cluster:
 
     def _spawn(self, command: str, *args: str) -> subprocess.Popen:
         # SPLITSERVE_PORT=0: a gateway started without --port takes any free HTTP port, not the default one
-        env = dict(os.environ, SPLITSERVE_HOME=str(self.home), PYTHONUNBUFFERED="1", SPLITSERVE_LOG_LEVEL="WARNING",
+        env = dict(os.environ, SPLITSERVE_HOME=str(self.home), PYTHONUNBUFFERED="1", SPLITSERVE_LOG_LEVEL=os.environ.get("SPLITSERVE_LOG_LEVEL", "WARNING"),
                    SPLITSERVE_PORT="0")
         cmd = [sys.executable, "-m", "splitserve.cli", command, "--model", self.model, "--threads", "1", *args]
         proc = subprocess.Popen(cmd, env=env)
@@ -95,10 +95,12 @@ class Cluster:
             wait_for(lambda: (self.health(wid) or {}).get("registered"), START_TIMEOUT_S, f"{wid} to register")
 
     def wait_idle(self, timeout: float = 30.0) -> None:
-        """Every decode slot free, every prefill staging region released."""
+        """Every decode slot free, every prefill staging region released (on workers still running)."""
 
         def idle() -> bool:
             for wid, w in self.workers.items():
+                if w["proc"].poll() is not None:  # killed or stopped by the test
+                    continue
                 h = self.health(wid) or {}
                 if w["role"] == "decode" and h.get("slots_used") != 0:
                     return False
