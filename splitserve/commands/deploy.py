@@ -1,0 +1,67 @@
+"""`splitserve deploy compose`: write the docker-compose file for one node, for any prefill/decode split."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from splitserve.compose import Plan, compose_file, cpu_plan, gpu_plan
+
+DEFAULTS = {"model": "tiny", "threads": 2, "bind": "127.0.0.1", "prefill_workers": 1, "decode_workers": 1}
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="target", required=True, metavar="TARGET")
+    c = sub.add_parser("compose", help="docker-compose file for one node",
+                       description="Write a docker-compose file: the gateway, and one container per worker.")
+    c.add_argument("--prefill-gpus", help="GPUs of the prefill workers, one worker each: e.g. 0,1 or 0-1")
+    c.add_argument("--decode-gpus", help="GPUs of the decode workers, one worker each: e.g. 2-7")
+    c.add_argument("--cpu", action="store_true",
+                   help="no GPUs (a laptop): --prefill-workers and --decode-workers CPU workers")
+    c.add_argument("--prefill-workers", type=int, default=DEFAULTS["prefill_workers"], help="with --cpu")
+    c.add_argument("--decode-workers", type=int, default=DEFAULTS["decode_workers"], help="with --cpu")
+    c.add_argument("--model", default=DEFAULTS["model"],
+                   help="a built-in model (in the image) or a checkpoint directory on the host, mounted read-only")
+    c.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="PyTorch threads per worker")
+    c.add_argument("--bind", default=DEFAULTS["bind"], help="host address the gateway's ports are published on")
+    c.add_argument("-o", "--output", default="-", help="file to write (default: standard output)")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = None if args.output == "-" else Path(args.output)
+    doc = compose_file(plan_of(args), out.resolve().parent if out else Path.cwd())
+    text = f"# Written by `{command_line(args)}`:\n# change the split with that command rather than by hand.\n"
+    text += yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=120)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
+    return 0
+
+
+def plan_of(args: argparse.Namespace) -> Plan:
+    if args.cpu:
+        if args.prefill_gpus or args.decode_gpus:
+            raise ValueError("--cpu takes --prefill-workers and --decode-workers, not GPU lists")
+        return cpu_plan(args.prefill_workers, args.decode_workers, args.model, args.threads, args.bind)
+    if not (args.prefill_gpus and args.decode_gpus):
+        raise ValueError("give both --prefill-gpus and --decode-gpus (e.g. --prefill-gpus 0,1 --decode-gpus 2-7), "
+                         "or --cpu")
+    return gpu_plan(args.prefill_gpus, args.decode_gpus, args.model, args.threads, args.bind)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that writes this file again (the output path aside)."""
+    words = ["splitserve deploy compose"]
+    if args.cpu:
+        words.append("--cpu")
+    else:
+        words += [f"--prefill-gpus {args.prefill_gpus}", f"--decode-gpus {args.decode_gpus}"]
+    for name, default in DEFAULTS.items():
+        value = getattr(args, name)
+        if value != default and (args.cpu or not name.endswith("_workers")):
+            words.append(f"--{name.replace('_', '-')} {value}")
+    return " ".join(words)

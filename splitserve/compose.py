@@ -1,0 +1,146 @@
+"""The docker-compose file for one node: a gateway and one container per prefill or decode worker.
+
+Every worker container sees every GPU of the node and picks its own with `--device cuda:N`:
+a CUDA IPC handle can only be opened by a process that sees the GPU it came from. `ipc: host`
+and `pid: host` let CUDA IPC (and, on CPU, the /dev/shm staging) work across containers, and
+all workers claim one `--host-id`, so the gateway treats the containers as one machine.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from splitserve.common.builtin_models import is_builtin
+
+IMAGE = "splitserve:latest"
+CPU_IMAGE = "splitserve:cpu"
+HTTP_PORT, ZMQ_PORT, WORKER_PORT, METRICS_PORT = 8080, 5555, 5556, 9090
+HOST_ID = "compose-node"  # one node: every container claims the same machine
+MODELS_DIR = "/models"  # where a checkpoint from the host is mounted, read-only
+# The CPU profile's image: Ubuntu without CUDA, and PyTorch's CPU wheels (a tenth of the size).
+CPU_BUILD_ARGS = {"BUILD_BASE": "ubuntu:24.04", "RUNTIME_BASE": "ubuntu:24.04",
+                  "TORCH_INDEX_URL": "https://download.pytorch.org/whl/cpu"}
+# The repository root when running from a checkout; an installed package has no Dockerfile beside it.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Plan:
+    prefill: tuple[str, ...]  # one --device per prefill worker: cuda:N, or cpu
+    decode: tuple[str, ...]
+    model: str  # a built-in name, or a checkpoint directory on the host
+    threads: int  # PyTorch threads per worker
+    bind: str  # host address the gateway's ports are published on
+
+
+def parse_gpus(spec: str, flag: str) -> tuple[int, ...]:
+    """'0,1' or '2-7' or '0,2-3' -> GPU indices, each once, in the order given."""
+    gpus: list[int] = []
+    for part in (p.strip() for p in spec.split(",")):
+        lo, dash, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi) if dash else int(lo)
+        except ValueError:
+            raise ValueError(f"{flag} {spec!r}: {part!r} is not a GPU index or a range like 2-7") from None
+        if first < 0 or last < first:
+            raise ValueError(f"{flag} {spec!r}: {part!r} is not a range of GPU indices (first <= last, from 0)")
+        gpus.extend(range(first, last + 1))
+    repeated = sorted({g for g in gpus if gpus.count(g) > 1})
+    if repeated:
+        raise ValueError(f"{flag} {spec!r} names GPU {', '.join(map(str, repeated))} more than once")
+    return tuple(gpus)
+
+
+def gpu_plan(prefill_spec: str, decode_spec: str, model: str, threads: int, bind: str) -> Plan:
+    prefill = parse_gpus(prefill_spec, "--prefill-gpus")
+    decode = parse_gpus(decode_spec, "--decode-gpus")
+    shared = sorted(set(prefill) & set(decode))
+    if shared:
+        raise ValueError(f"GPU {', '.join(map(str, shared))} is in both --prefill-gpus and --decode-gpus: "
+                         "each worker owns its GPU")
+    return Plan(tuple(f"cuda:{g}" for g in prefill), tuple(f"cuda:{g}" for g in decode), model, threads, bind)
+
+
+def cpu_plan(prefill_workers: int, decode_workers: int, model: str, threads: int, bind: str) -> Plan:
+    if prefill_workers < 1 or decode_workers < 1:
+        raise ValueError("the CPU profile needs at least one prefill and one decode worker")
+    return Plan(("cpu",) * prefill_workers, ("cpu",) * decode_workers, model, threads, bind)
+
+
+def compose_file(plan: Plan, out_dir: Path) -> dict:
+    """The compose document; `out_dir` is where it will be written (build paths are relative to it)."""
+    cpu = plan.prefill[0] == "cpu"
+    model_arg, volumes = _model(plan.model)
+    services = {"gateway": _gateway(model_arg, volumes, plan.bind)}
+    for role, devices in (("prefill", plan.prefill), ("decode", plan.decode)):
+        for i, device in enumerate(devices):
+            # a GPU worker is named by its GPU, so that the file reads like the node
+            name = f"{role}-{device.removeprefix('cuda:') if device.startswith('cuda:') else i}"
+            services[name] = _worker(role, name, device, model_arg, volumes, plan.threads)
+    # Every service builds the same image (Docker's layer cache makes the repeats free), so that
+    # `up` works with nothing built beforehand and no registry.
+    for name, service in services.items():
+        # a new build dict each: PyYAML writes one shared by two services as an anchor and an alias
+        build = _build(out_dir, cpu)
+        services[name] = {"image": CPU_IMAGE if cpu else IMAGE, **({"build": build} if build else {}), **service}
+    return {"name": "splitserve-cpu" if cpu else "splitserve", "services": services}
+
+
+def _model(model: str) -> tuple[str, list[str]]:
+    """The --model value inside the containers, and the read-only mount that provides it."""
+    if is_builtin(model):
+        return model, []  # created in the image at build time
+    host_dir = Path(model).expanduser().resolve()
+    if not host_dir.is_dir():
+        raise ValueError(f"--model {model!r} is neither a built-in model nor a directory on this host")
+    inside = f"{MODELS_DIR}/{host_dir.name}"
+    return inside, [f"{host_dir}:{inside}:ro"]
+
+
+def _gateway(model: str, volumes: list[str], bind: str) -> dict:
+    return {
+        "command": ["gateway", "--model", model, "--host", "0.0.0.0", "--port", str(HTTP_PORT),
+                    "--zmq-port", str(ZMQ_PORT), "--worker-port", str(WORKER_PORT)],
+        "ports": [f"{bind}:{HTTP_PORT}:{HTTP_PORT}", f"{bind}:{ZMQ_PORT}:{ZMQ_PORT}"],
+        **_common(HTTP_PORT, volumes),
+    }
+
+
+def _worker(role: str, name: str, device: str, model: str, volumes: list[str], threads: int) -> dict:
+    service = {
+        "command": [role, "--model", model, "--device", device, "--threads", str(threads),
+                    "--gateway", f"tcp://gateway:{WORKER_PORT}", "--host", "0.0.0.0", "--advertise-host", name,
+                    "--host-id", HOST_ID, "--worker-id", name, "--metrics-port", str(METRICS_PORT)],
+        "ipc": "host",
+        "depends_on": {"gateway": {"condition": "service_started"}},
+        **_common(METRICS_PORT, volumes),
+    }
+    if device != "cpu":
+        service["pid"] = "host"  # CUDA IPC needs both processes in one PID namespace
+        service["deploy"] = {"resources": {"reservations": {"devices": [
+            {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]}}}
+    return service
+
+
+def _common(health_port: int, volumes: list[str]) -> dict:
+    common = {
+        "healthcheck": {"test": ["CMD", "python", "/opt/splitserve/healthcheck.py", str(health_port)],
+                        "interval": "10s", "timeout": "3s", "retries": 3, "start_period": "300s"},
+        "restart": "unless-stopped",
+        # SIGTERM drains (up to --drain-timeout, 30 s): Docker's default 10 s would cut it short
+        "stop_grace_period": "45s",
+    }
+    if volumes:
+        common["volumes"] = list(volumes)
+    return common
+
+
+def _build(out_dir: Path, cpu: bool) -> dict | None:
+    if not (REPO_ROOT / "deploy" / "Dockerfile").is_file():
+        return None
+    build = {"context": os.path.relpath(REPO_ROOT, out_dir.resolve()), "dockerfile": "deploy/Dockerfile"}
+    if cpu:
+        build["args"] = dict(CPU_BUILD_ARGS)
+    return build

