@@ -241,8 +241,8 @@ def test_gpu_overlay_mounts_models_read_only_and_scales_on_adapter_metrics():
     wanted = {m[m["type"].lower()]["metric"]["name"] for h in hpas.values() for m in h["spec"]["metrics"]}
     adapter = yaml.safe_load((K8S / "prometheus-adapter.yaml").read_text())
     served = {rule["name"]["as"] for rule in adapter["rules"] + adapter["externalRules"]}
-    assert wanted == served == {"splitserve_prefill_queued_tokens", "splitserve_decode_kv_usage",
-                                "splitserve_requests_waiting"}
+    assert wanted == served == {"splitserve_prefill_queued_tokens", "splitserve_prefill_kv_usage",
+                                "splitserve_decode_kv_usage", "splitserve_requests_waiting"}
 
 
 def normalized(objects: list[dict]) -> list[str]:

@@ -121,7 +121,8 @@ def test_workers_on_two_hosts_move_kv_over_tcp_and_match_one_host(home, tiny_dir
 
             # what the HPA rules read, and what the containers' health check sees
             assert "splitserve_requests_waiting" in metric_names(c.port)
-            assert "splitserve_prefill_queued_tokens" in metric_names(c.workers[prefill]["metrics_port"])
+            assert {"splitserve_prefill_queued_tokens", "splitserve_prefill_staging_used_tokens",
+                    "splitserve_prefill_staging_tokens"} <= metric_names(c.workers[prefill]["metrics_port"])
             assert {"splitserve_decode_slots_used", "splitserve_decode_slots_total"} <= metric_names(
                 c.workers[remote]["metrics_port"])
             check = healthcheck()
