@@ -149,6 +149,9 @@ class Prefill(msgspec.Struct, **_STRUCT):
     decode_endpoint: str
     transport: str
     deadline: float | None = None  # time.time() after which the work is dropped
+    # Requests with the same prompt (OpenAI's `n`): one prefill, a first token sampled for each
+    # with its own parameters, the one KV region handed to each.
+    forks: list[GenerateRequest] = msgspec.field(default_factory=list)
 
 
 class FirstToken(msgspec.Struct, **_STRUCT):

@@ -59,6 +59,11 @@ class Stream:
     closed_at: float = 0.0
     prompt_logprobs: list | None = None
     attempts: int = 1
+    # OpenAI's `n`: choices with one prompt share one prefill. While waiting, the first holds the
+    # others' attempt ids and each of those names it; once dispatched, the others hold no queue share.
+    forks: list[str] = field(default_factory=list)
+    fork_of: str | None = None
+    shares_prefill: bool = False
 
     def __post_init__(self):
         self.request = self.request or self.original
@@ -70,7 +75,7 @@ class Stream:
     @property
     def queued_tokens(self) -> int:
         """What the current attempt puts in a prefill worker's queue."""
-        return len(self.request.prompt_ids)
+        return 0 if self.shares_prefill else len(self.request.prompt_ids)
 
 
 class GatewayCore:
@@ -90,8 +95,12 @@ class GatewayCore:
 
     # ---- admission ----------------------------------------------------------------------
 
-    def submit(self, client_id: str, msg: P.Generate, sink: Sink) -> str | None:
-        """Validate and queue a request; errors go to the sink. Returns the gateway's id."""
+    def submit(self, client_id: str, msg: P.Generate, sink: Sink, fork_of: str | None = None,
+               dispatch: bool = True) -> str | None:
+        """Validate and queue a request; errors go to the sink. Returns the gateway's id.
+
+        `fork_of`: the id of a request submitted just before with `dispatch=False`; when both
+        have the same prompt, they share its prefill."""
         reject = self._rejection()
         if reject:
             sink(P.Error(client_id, *reject))
@@ -103,11 +112,22 @@ class GatewayCore:
             sink(P.Error(client_id, "validation", str(e)))
             return None
         deadline = time.time() + msg.timeout_s if msg.timeout_s else None
-        self.streams[gid] = Stream(gid, client_id, request, sink, deadline)
+        stream = self.streams[gid] = Stream(gid, client_id, request, sink, deadline)
         self.attempt_of[gid] = gid
-        self.waiting.append(gid)
-        self.dispatch()
+        leader = self.streams.get(self.attempt_of.get(fork_of, ""))
+        if leader is not None and leader.decode is None and leader.fork_of is None \
+                and leader.request.prompt_ids == request.prompt_ids and len(leader.forks) + 2 <= self._largest_pool():
+            leader.forks.append(gid)
+            stream.fork_of = leader.request.id
+        else:
+            self.waiting.append(gid)
+        if dispatch:
+            self.dispatch()
         return gid
+
+    def _largest_pool(self) -> int:
+        """A group must fit one decode worker's slots, or it would wait forever."""
+        return max((w.info.capacity for w in self.registry.of_role("decode")), default=0)
 
     def running(self, gid: str) -> bool:
         """Whether the request is still in the core (not answered in full, not refused)."""
@@ -130,13 +150,19 @@ class GatewayCore:
             decode, prefill = self.registry.pick_decode(), self.registry.pick_prefill()
             if decode is None or prefill is None:
                 return
-            stream = self.streams[self.waiting.popleft()]
-            decode.assigned.add(stream.request.id)  # the reservation, before any prefill work
+            stream = self.streams[self.waiting[0]]
+            if decode.free_slots < 1 + len(stream.forks):
+                return
+            self.waiting.popleft()
+            forks = [self.streams[wid] for wid in stream.forks]
+            stream.forks = []
             prefill.queued_tokens += stream.queued_tokens
-            stream.decode, stream.prefill = decode.id, prefill.id
+            for s in (stream, *forks):
+                decode.assigned.add(s.request.id)  # the reservation, before any prefill work
+                s.decode, s.prefill, s.fork_of, s.shares_prefill = decode.id, prefill.id, None, s is not stream
             transport = self.registry.transport(prefill, decode)
             self.send(prefill, P.Prefill(stream.request, decode.id, decode.info.kv_endpoint, transport,
-                                         stream.deadline))
+                                         stream.deadline, [f.request for f in forks]))
 
     # ---- cancellation and deadlines -----------------------------------------------------
 
@@ -152,10 +178,26 @@ class GatewayCore:
             stream.sink(P.TokenBatch(stream.client_id, [], reason))
         stream.client_done, stream.closed_at = True, time.monotonic()
         if stream.decode is None:  # never dispatched: nothing holds a reservation
-            self.waiting.remove(wid)
+            self._leave_queue(stream)
             self._release(wid)
             return
         self._cancel_at_workers(stream)
+
+    def _leave_queue(self, stream: Stream) -> None:
+        """Take a waiting request out of line; its first fork, if any, takes its place."""
+        wid = stream.request.id
+        if stream.fork_of is not None:
+            self.streams[stream.fork_of].forks.remove(wid)
+            return
+        place = self.waiting.index(wid)
+        if not stream.forks:
+            del self.waiting[place]
+            return
+        heir = self.streams[stream.forks[0]]
+        heir.fork_of, heir.forks = None, stream.forks[1:]
+        for other in heir.forks:
+            self.streams[other].fork_of = heir.request.id
+        self.waiting[place] = heir.request.id
 
     def _cancel_at_workers(self, stream: Stream) -> None:
         for worker_id in (stream.prefill, stream.decode):
@@ -202,7 +244,7 @@ class GatewayCore:
         del self.streams[wid]
         stream.attempts += 1
         stream.pending.clear()
-        stream.awaiting_first, stream.prefill, stream.decode = True, None, None
+        stream.awaiting_first, stream.prefill, stream.decode, stream.shares_prefill = True, None, None, False
         stream.request = resumed_request(stream.original, f"{stream.gid}.{stream.attempts}", stream.generated)
         self.streams[stream.request.id] = stream
         self.attempt_of[stream.gid] = stream.request.id

@@ -14,7 +14,8 @@ class FrontDoor:
         self.core, self.metrics = core, metrics
         self._meters: dict[str, Meter] = {}  # gateway id -> the meter of a request still running
 
-    def submit(self, route: str, msg: P.Generate, sink: Sink) -> str | None:
+    def submit(self, route: str, msg: P.Generate, sink: Sink, fork_of: str | None = None,
+               dispatch: bool = True) -> str | None:
         """As GatewayCore.submit; `route` labels the request's metrics."""
         meter = self.metrics.meter(route)
         gid: str | None = None
@@ -25,7 +26,7 @@ class FrontDoor:
                 self._meters.pop(gid, None)
             sink(out)
 
-        gid = self.core.submit(msg.id, msg, metered)
+        gid = self.core.submit(msg.id, msg, metered, fork_of, dispatch)
         if gid is not None and not meter.done:
             self._meters[gid] = meter
         return gid
@@ -40,3 +41,7 @@ class FrontDoor:
         if meter is not None:
             meter.finish("cancelled")
         self.core.cancel(gid, reason)
+
+    def dispatch(self) -> None:
+        """Start what was submitted with `dispatch=False`."""
+        self.core.dispatch()

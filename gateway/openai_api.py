@@ -2,8 +2,8 @@
 (when the checkpoint ships a chat template), /v1/models. A matched stop string is cut from the
 text, as OpenAI does.
 
-`n` choices run as n requests (each prompt's n copies are prefilled separately, not forked
-from one prefill); each samples with its own seed, derived from the request's.
+`n` choices run as n requests that share one prefill of their prompt: its KV is copied into n
+decode slots, and each choice samples with its own seed, derived from the request's.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ class Shape:
 
 
 async def _respond(ctx: ApiContext, body: SamplingFields, request: Request, plan: Plan, shape: Shape):
-    replies = Replies(ctx.door, shape.route, plan.msgs)  # a refusal is an HTTP error, before any stream starts
+    replies = Replies(ctx.door, shape.route, plan.msgs, plan.n)  # a refusal is an HTTP error, before any stream starts
     rid, created = f"{shape.id_prefix}-{uuid4().hex}", int(time.time())
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage

@@ -23,13 +23,15 @@ class Replies:
     merged in arrival order as (choice index, TokenBatch). Raises ApiError when a submission is
     refused (the ones before it are cancelled) or a request fails."""
 
-    def __init__(self, door: FrontDoor, route: str, msgs: list[P.Generate]):
+    def __init__(self, door: FrontDoor, route: str, msgs: list[P.Generate], same_prompt: int = 1):
+        """`same_prompt`: consecutive requests in groups of this many share a prompt, and so a prefill."""
         self.door = door
         self.queue: asyncio.Queue = asyncio.Queue()
         self.gids: list[str] = []
         self.running: set[int] = set()
         for i, msg in enumerate(msgs):
-            gid = door.submit(route, msg, lambda out, i=i: self.queue.put_nowait((i, out)))
+            fork_of = self.gids[i - i % same_prompt] if i % same_prompt else None
+            gid = door.submit(route, msg, lambda out, i=i: self.queue.put_nowait((i, out)), fork_of, dispatch=False)
             if gid is None:
                 # a refusal reaches the sink before submit returns, with nothing else queued since
                 # (no await in between): it is the newest item
@@ -38,6 +40,7 @@ class Replies:
                 raise ApiError(refusal.error_type, refusal.message, metered=True)
             self.gids.append(gid)
             self.running.add(i)
+        door.dispatch()
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, P.TokenBatch]]:
         while self.running:

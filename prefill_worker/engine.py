@@ -52,7 +52,10 @@ class PrefillEngine:
                                   device=lm.device)
         self.staging = staging
 
-    def run(self, batch: list[GenerateRequest], staging_offset: int = 0) -> list[PrefillResult]:
+    def run(self, batch: list[GenerateRequest], staging_offset: int = 0,
+            forks: list[list[GenerateRequest]] | None = None) -> list[PrefillResult]:
+        """Results in batch order, each prompt's forks (same prompt, own sampling) right after it;
+        a fork's result shares its prompt's KV region."""
         lens = [len(r.prompt_ids) for r in batch]
         total = sum(lens)
         if total > self.token_budget or staging_offset + total > self.staging.shape[2]:
@@ -66,16 +69,24 @@ class PrefillEngine:
         logits = prefill(self.lm.params, flat, positions, lens, self.attn,
                          kv_out=self.staging[:, :, staging_offset:], logit_index=index)
         last = logits if last_rows is None else logits[last_rows]  # [B, V]
-        st = SamplingTensors.build([r.sampling for r in batch], dev)
-        counts = self._prompt_counts(batch) if st.any_penalty else None
-        details = any(r.wants_details for r in batch)
-        top_n = max(r.top_n_tokens for r in batch)
-        out = sample(last, st, torch.tensor(lens, device=dev), counts, details, top_n)
+        # one sampled row per request: a prompt's row repeated for each of its forks
+        group = [i for i, fs in enumerate(forks or [[]] * len(batch)) for _ in range(1 + len(fs))]
+        rows = [req for i, leader in enumerate(batch) for req in (leader, *(forks[i] if forks else ()))]
+        if len(rows) > len(batch):
+            last = last[group]  # [R, V]
+        st = SamplingTensors.build([r.sampling for r in rows], dev)
+        counts = self._prompt_counts(rows) if st.any_penalty else None
+        details = any(r.wants_details for r in rows)
+        top_n = max(r.top_n_tokens for r in rows)
+        out = sample(last, st, torch.tensor([lens[i] for i in group], device=dev), counts, details, top_n)
         starts = (ends - torch.tensor(lens)).tolist()
-        results = [PrefillResult(r, 0, staging_offset + s, n) for r, s, n in zip(batch, starts, lens)]
+        results = [PrefillResult(r, 0, staging_offset + starts[i], lens[i]) for r, i in zip(rows, group)]
         self._fill_tokens(results, out)
         if last_rows is not None:
-            self._fill_prompt_logprobs(results, logits, flat, last_rows)
+            leaders = [k for k, i in enumerate(group) if k == 0 or group[k - 1] != i]
+            self._fill_prompt_logprobs([results[k] for k in leaders], logits, flat, last_rows)
+            for res, i in zip(results, group):
+                res.prompt_logprobs = results[leaders[i]].prompt_logprobs if res.request.prompt_logprobs else None
         return results
 
     def _logit_rows(self, batch, lens, ends):

@@ -66,6 +66,7 @@ class PrefillWorker:
         self.engine = PrefillEngine(lm, limits.prefill_token_budget, staging=self.staging.tensor)
         self.regions = RegionAllocator(staging_tokens)
         self.queue: deque[P.Prefill] = deque()
+        self.region_users: dict[int, int] = {}  # KV region offset -> requests sharing it (forks), when > 1
         self.queued_tokens = 0
         self.handoffs: dict[str, Handoff] = {}
         self.cancelled: dict[str, float] = {}
@@ -167,7 +168,7 @@ class PrefillWorker:
     def _on_gateway(self, msg) -> None:
         if isinstance(msg, P.Prefill):
             if msg.request.id in self.cancelled:
-                self.link.send(P.Finished(msg.request.id, "cancelled"))
+                self._finish_all(msg, "cancelled")
             else:
                 self.queue.append(msg)
                 self.queued_tokens += len(msg.request.prompt_ids)
@@ -181,12 +182,21 @@ class PrefillWorker:
             if job.request.id == rid:
                 self._drop(job, "cancelled")
                 return
+            fork = next((f for f in job.forks if f.id == rid), None)
+            if fork is not None:
+                job.forks.remove(fork)
+                self.link.send(P.Finished(rid, "cancelled"))
+                return
         self.cancelled[rid] = time.monotonic()
 
     def _drop(self, job: P.Prefill, reason: str) -> None:
         self.queue.remove(job)
         self.queued_tokens -= len(job.request.prompt_ids)
-        self.link.send(P.Finished(job.request.id, reason))
+        self._finish_all(job, reason)
+
+    def _finish_all(self, job: P.Prefill, reason: str) -> None:
+        for request in (job.request, *job.forks):
+            self.link.send(P.Finished(request.id, reason))
 
     # ---- prefill --------------------------------------------------------------------------
 
@@ -203,20 +213,34 @@ class PrefillWorker:
         offset = self.regions.alloc(total)
         try:
             with torch.inference_mode():
-                results = self.engine.run([j.request for j in batch], offset)
+                results = self.engine.run([j.request for j in batch], offset, [j.forks for j in batch])
             self.staging.record_write()
         except Exception as e:  # a failing batch ends its requests, the worker lives on
             log.exception("prefill batch failed")
             self.regions.free(offset, total)
             for job in batch:
-                self.link.send(P.WorkerError(job.request.id, f"prefill failed: {e}"))
+                for request in (job.request, *job.forks):
+                    self.link.send(P.WorkerError(request.id, f"prefill failed: {e}"))
             return
         self.metrics.observe_batch(len(batch), total)
-        for job, res in zip(batch, results):
+        jobs = [j for j in batch for _ in range(1 + len(j.forks))]
+        for job in batch:
+            if job.forks:
+                self.region_users[offset] = 1 + len(job.forks)
+            offset += len(job.request.prompt_ids)
+        for job, res in zip(jobs, results):
             self._after_prefill(job, res)
 
+    def _release_region(self, res: PrefillResult) -> None:
+        """A request is done with its KV region; the region is free once its forks are too."""
+        users = self.region_users.pop(res.kv_offset, 1) - 1
+        if users:
+            self.region_users[res.kv_offset] = users
+        else:
+            self.regions.free(res.kv_offset, res.kv_len)
+
     def _after_prefill(self, job: P.Prefill, res: PrefillResult) -> None:
-        request = job.request
+        request = res.request
         stream = TextStream(self.lm.tokenizer, request)
         finish = first_token_finish(request, res.first_token, self.lm.cfg.eos_token_id)
         ev = stream.event(res.first_token, finish, res.logprob, res.top_tokens)
@@ -224,7 +248,7 @@ class PrefillWorker:
         reason = "cancelled" if cancelled else FINISH_NAMES[ev.finish]
         self.link.send(P.FirstToken(request.id, token_of(ev, res.top_tokens), reason, res.prompt_logprobs))
         if reason is not None:
-            self.regions.free(res.kv_offset, res.kv_len)
+            self._release_region(res)
             return
         self.handoffs[request.id] = Handoff(job, res, ev.text, time.monotonic())
         self._send_kv(request.id)
@@ -235,7 +259,7 @@ class PrefillWorker:
         res = h.result
         tcp = h.job.transport == "tcp"
         key = self.staging.tcp_key if tcp else self.staging.key
-        ready = P.KvReady(h.job.request, res.first_token, h.first_text, P.KvLocation(res.kv_offset, res.kv_len, key),
+        ready = P.KvReady(res.request, res.first_token, h.first_text, P.KvLocation(res.kv_offset, res.kv_len, key),
                           h.job.transport, self.opts.worker_id, h.job.deadline)
         frames = self.staging.frames(res.kv_offset, res.kv_len) if tcp else []
         sock.send_multipart([P.encode(ready), *frames], copy=False)
@@ -277,7 +301,7 @@ class PrefillWorker:
             return
         if msg.ok:
             del self.handoffs[msg.id]
-            self.regions.free(h.result.kv_offset, h.result.kv_len)
+            self._release_region(h.result)
         elif h.tries < 2:  # retried once, with the staging description sent again first
             log.warning("handoff of %s failed (%s); retrying once", msg.id, msg.message)
             h.tries += 1
@@ -288,7 +312,7 @@ class PrefillWorker:
 
     def _fail_handoff(self, rid: str, message: str) -> None:
         h = self.handoffs.pop(rid)
-        self.regions.free(h.result.kv_offset, h.result.kv_len)
+        self._release_region(h.result)
         self.link.send(P.WorkerError(rid, message))
 
     def close(self) -> None:

@@ -194,3 +194,24 @@ def test_decode_step_never_copies_the_cache(lm):
     allocations = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
     assert allocations, "the profiler recorded no allocations"
     assert max(allocations) < layer_keys
+
+
+def test_prefill_forks_sample_as_their_own_requests_over_one_kv(lm):
+    from dataclasses import replace
+
+    from splitserve.prefill_worker.engine import PrefillEngine
+
+    base = req(0, 40, 8, sampling=SamplingParams(temperature=0.9, seed=1, do_sample=True), prompt_logprobs=True)
+    forks = [replace(base, id=f"f{s}", sampling=SamplingParams(temperature=0.9, seed=s, do_sample=True))
+             for s in (2, 3)]
+    other = req(1, 17, 8)
+    engine = PrefillEngine(lm, 512)
+    with torch.inference_mode():
+        shared = engine.run([base, other], 0, [forks, []])
+        staged = engine.staging[:, :, :57].clone()
+        alone_runs = [engine.run([r], 100 + 50 * i)[0] for i, r in enumerate((base, *forks, other))]
+    assert [r.request.id for r in shared] == ["r0", "f2", "f3", "r1"]
+    assert [r.first_token for r in shared] == [r.first_token for r in alone_runs]
+    assert [(r.kv_offset, r.kv_len) for r in shared] == [(0, 40), (0, 40), (0, 40), (40, 17)]
+    assert torch.equal(staged[:, :, :40], engine.staging[:, :, 100:140])
+    assert shared[1].prompt_logprobs == shared[0].prompt_logprobs == alone_runs[0].prompt_logprobs

@@ -221,6 +221,28 @@ def test_fim_too_long_is_cut_at_the_far_ends(http, tokenizer):
     assert r.json()["choices"][0]["logprobs"]["tokens"][: len(expected)] == [tokenizer.decode([i]) for i in expected]
 
 
+def worker_metric(cluster, role: str, name: str) -> float:
+    import urllib.request
+
+    (wid,) = [w for w, info in cluster.workers.items() if info["role"] == role]
+    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.workers[wid]['metrics_port']}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+def test_n_choices_share_one_prefill(cluster, http, tokenizer):
+    before = worker_metric(cluster, "prefill", "splitserve_prefill_tokens_total")
+    body = {"prompt": PROMPT, "max_tokens": 5, "temperature": 0.8, "seed": 5, "n": 4, "echo": True, "logprobs": 1}
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert worker_metric(cluster, "prefill", "splitserve_prefill_tokens_total") - before == len(tokenizer.encode(PROMPT))
+    choices = r.json()["choices"]
+    assert len({c["text"] for c in choices}) > 1  # own seeds: the choices differ
+    prompt_lps = [c["logprobs"]["token_logprobs"][: len(tokenizer.encode(PROMPT))] for c in choices]
+    assert all(lp == prompt_lps[0] for lp in prompt_lps)  # every choice echoes the one prefill's prompt logprobs
+    cluster.wait_idle()
+
+
 def test_n_choices_and_prompt_lists_sample_with_derived_seeds(http, zmq):
     prompts = [PROMPT, "import os\n"]
     r = http.post("/v1/completions", json={"prompt": prompts, "max_tokens": 6, "temperature": 0.8, "seed": 11, "n": 3})
