@@ -13,6 +13,10 @@ OPENAI_STATUS = {"validation": (400, "invalid_request_error"), "overloaded": (42
                  "unauthorized": (401, "authentication_error"),
                  "payload_too_large": (413, "invalid_request_error")}
 
+# Seconds a refused client should wait (Retry-After on 429). Places free as fast as requests
+# finish, which is sub-second for most; a second is a short wait that still sheds a retry storm.
+RETRY_AFTER_S = 1
+
 
 class ApiError(Exception):
     """A request refused or failed; `message` says what was wrong and, for a limit, what the limit is.
@@ -25,6 +29,10 @@ class ApiError(Exception):
 
 def invalid(message: str, param: str | None = None) -> ApiError:
     return ApiError("validation", message, param)
+
+
+def retry_headers(e: ApiError) -> dict[str, str]:
+    return {"Retry-After": str(RETRY_AFTER_S)} if e.error_type == "overloaded" else {}
 
 
 def tgi_error(e: ApiError) -> tuple[int, dict]:

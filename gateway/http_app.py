@@ -18,7 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from splitserve.common import protocol as P
 
 from .api_context import ApiContext
-from .api_errors import ApiError, invalid, openai_error, tgi_error
+from .api_errors import ApiError, invalid, openai_error, retry_headers, tgi_error
 from .http_guard import HttpGuard
 from .openai_api import openai_router
 from .tgi import tgi_router
@@ -56,7 +56,7 @@ def build_app(ctx: ApiContext) -> FastAPI:
         if not e.metered and path in paths:
             ctx.door.refuse(path, e.error_type)
         status, body = (openai_error if path.startswith("/v1/") else tgi_error)(e)
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=retry_headers(e))
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:

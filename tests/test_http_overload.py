@@ -1,5 +1,5 @@
-"""Limits on a live gateway: 503 before any worker registers, 429 past --max-concurrent-requests on
-every front end, and requests cancelled when their HTTP client goes away."""
+"""Limits on a live gateway: 503 before any worker registers, 429 (with Retry-After) past
+--max-concurrent-requests on every front end, and requests cancelled when their HTTP client goes away."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ def test_unavailable_overloaded_and_disconnects(home, tiny_dir):
         r = http.post("/generate", json={"inputs": PROMPT})
         assert r.status_code == 503 and r.json() == {"error": "no prefill worker is available",
                                                      "error_type": "unavailable"}
+        assert "retry-after" not in r.headers  # only an overload says when to come back
         assert http.post("/v1/completions", json={"prompt": PROMPT}).status_code == 503
 
         c.add_worker("prefill")
@@ -34,13 +35,21 @@ def test_unavailable_overloaded_and_disconnects(home, tiny_dir):
             r = http.post("/generate", json={"inputs": PROMPT})
             assert r.status_code == 429 and r.json()["error_type"] == "overloaded"
             assert "the limit is 1 (max_concurrent_requests)" in r.json()["error"]
+            assert r.headers["retry-after"] == "1"  # seconds, as RFC 9110 has it; clients back off that long
+            r = http.post("/generate_stream", json={"inputs": PROMPT})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
             r = http.post("/v1/completions", json={"prompt": PROMPT, "stream": True})
             assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+            assert r.headers["retry-after"] == "1"
+            assert http.post("/v1/completions", json={"prompt": PROMPT}).headers["retry-after"] == "1"
             with WebSocketClient(c.url.replace("http", "ws") + "/ws") as ws, pytest.raises(OverloadedError):
                 ws.generate(PROMPT)
+            with Client(c.endpoint) as other, pytest.raises(OverloadedError):
+                other.generate(PROMPT)
             running.close()
         in_flight_is_zero(c)
         assert c.metric("splitserve_requests_total", route="/generate", outcome="overloaded") == 1
+        assert c.metric("splitserve_requests_total", route="zmq", outcome="overloaded") == 1
         assert c.metric("splitserve_requests_total", route="zmq", outcome="cancelled") == 1
 
         # a stream whose client goes away is cancelled at the gateway
