@@ -218,7 +218,7 @@ class GatewayCore:
         self.dispatch()
 
     def worker_left(self, worker: Worker) -> None:
-        """A worker is gone (silent past its heartbeat timeout, or said goodbye): resume its work."""
+        """A worker is gone (silent past its heartbeat timeout): resume its unfinished work."""
         for wid, s in list(self.streams.items()):
             if s.decode == worker.id or (s.prefill == worker.id and s.awaiting_first):
                 self._resume(wid, f"{worker.info.role} worker {worker.id} stopped responding")

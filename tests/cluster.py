@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -14,6 +15,13 @@ from pathlib import Path
 from splitserve.common.zmq_util import free_port
 
 START_TIMEOUT_S = 120.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the test process exits, however that happens,
+    so a test that fails before its cleanup leaves no server behind."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
@@ -75,7 +83,7 @@ class Cluster:
         env = dict(os.environ, SPLITSERVE_HOME=str(self.home), PYTHONUNBUFFERED="1", SPLITSERVE_LOG_LEVEL=os.environ.get("SPLITSERVE_LOG_LEVEL", "WARNING"),
                    SPLITSERVE_PORT="0")
         cmd = [sys.executable, "-m", "splitserve.cli", command, "--model", self.model, "--threads", "1", *args]
-        proc = subprocess.Popen(cmd, env=env)
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
         self.procs.append(proc)
         return proc
 

@@ -83,7 +83,11 @@ def _cluster(home, decode_workers: int, prefill_workers: int = 1, *decode_args: 
     for _ in range(prefill_workers):
         c.add_worker("prefill")
     decodes = [c.add_worker("decode", "--num-slots", "4", *decode_args) for _ in range(decode_workers)]
-    c.wait_registered()
+    try:
+        c.wait_registered()
+    except BaseException:
+        c.stop()
+        raise
     return c, decodes
 
 
