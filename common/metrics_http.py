@@ -36,6 +36,10 @@ class WorkerMetrics:
         self.batch_size = Histogram(f"splitserve_{role}_batch_size", "requests per batch", registry=self.registry,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.batch_tokens = Counter(f"splitserve_{role}_tokens", "tokens processed", registry=self.registry)
+        # prefill: KvReady sent -> KvRelease back (the whole handoff); decode: KV received -> in its slot
+        self.handoff_seconds = Histogram(f"splitserve_{role}_handoff_seconds", "KV handoff time", registry=self.registry,
+                                         buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0))
+        self.handoff_bytes = Counter(f"splitserve_{role}_handoff_bytes", "KV bytes handed off", registry=self.registry)
         self.health = health
         self.server = None
         if port:
@@ -49,6 +53,10 @@ class WorkerMetrics:
     def observe_batch(self, size: int, tokens: int) -> None:
         self.batch_size.observe(size)
         self.batch_tokens.inc(tokens)
+
+    def observe_handoff(self, nbytes: int, seconds: float) -> None:
+        self.handoff_bytes.inc(nbytes)
+        self.handoff_seconds.observe(seconds)
 
     def _handler(self):
         metrics = self

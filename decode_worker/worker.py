@@ -110,6 +110,7 @@ class DecodeWorker:
                     with torch.inference_mode():
                         out = self.engine.step()
                     self.output.step(out)
+                    self.metrics.observe_batch(len(out.slots), len(out.slots))
                     for slot, code in zip(out.slots, out.finish):
                         if code:  # the engine has freed the slot already
                             self._forget(self.rid_at[slot])
@@ -225,6 +226,7 @@ class DecodeWorker:
             self._release(peer, rid, loc.offset)
             self.link.send(P.Finished(rid, "cancelled"))
             return
+        received = time.perf_counter()
         try:
             kv = self.importer.view(msg.transport, loc.staging, loc.offset, loc.length,
                                     [f.buffer for f in frames] if frames else None)
@@ -239,7 +241,7 @@ class DecodeWorker:
         self.slot_of[rid] = slot
         self.rid_at[slot] = rid
         self.admitted += 1
-        self.metrics.observe_batch(1, loc.length)
+        self.metrics.observe_handoff(kv.numel() * kv.element_size(), time.perf_counter() - received)
         if msg.deadline is not None:
             self.deadlines[rid] = msg.deadline
         self.output.admit(slot, msg.request, msg.first_token, msg.first_text)

@@ -64,6 +64,7 @@ class PrefillWorker:
             log.warning("removed %d shm staging files left by workers that died", removed)
         self.staging = allocate_staging(shape, lm.dtype, lm.device, kind, opts.worker_id)
         self.engine = PrefillEngine(lm, limits.prefill_token_budget, staging=self.staging.tensor)
+        self.kv_token_bytes = self.staging.tensor[:, :, :1].numel() * self.staging.tensor.element_size()
         self.regions = RegionAllocator(staging_tokens)
         self.queue: deque[P.Prefill] = deque()
         self.region_users: dict[int, int] = {}  # KV region offset -> requests sharing it (forks), when > 1
@@ -301,6 +302,7 @@ class PrefillWorker:
             return
         if msg.ok:
             del self.handoffs[msg.id]
+            self.metrics.observe_handoff(h.result.kv_len * self.kv_token_bytes, time.monotonic() - h.sent_at)
             self._release_region(h.result)
         elif h.tries < 2:  # retried once, with the staging description sent again first
             log.warning("handoff of %s failed (%s); retrying once", msg.id, msg.message)

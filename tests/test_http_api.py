@@ -243,6 +243,19 @@ def test_n_choices_share_one_prefill(cluster, http, tokenizer):
     cluster.wait_idle()
 
 
+def test_workers_meter_batches_and_handoffs(cluster, zmq, tokenizer):
+    names = {("decode", "splitserve_decode_batch_size_count"), ("decode", "splitserve_decode_handoff_bytes_total"),
+             ("decode", "splitserve_decode_handoff_seconds_count"), ("prefill", "splitserve_prefill_batch_size_count"),
+             ("prefill", "splitserve_prefill_handoff_bytes_total"), ("prefill", "splitserve_prefill_handoff_seconds_count")}
+    before = {n: worker_metric(cluster, *n) for n in names}
+    zmq.generate(PROMPT, max_new_tokens=4, ignore_eos=True)
+    # the prefill side counts a handoff when the decode side's release arrives, after the tokens
+    wait_for(lambda: all(worker_metric(cluster, *n) > before[n] for n in names), 30, "every worker metric to move")
+    kv_bytes = worker_metric(cluster, "decode", "splitserve_decode_handoff_bytes_total") - \
+        before[("decode", "splitserve_decode_handoff_bytes_total")]
+    assert kv_bytes > 0 and kv_bytes % len(tokenizer.encode(PROMPT)) == 0  # whole tokens of KV
+
+
 def test_n_choices_and_prompt_lists_sample_with_derived_seeds(http, zmq):
     prompts = [PROMPT, "import os\n"]
     r = http.post("/v1/completions", json={"prompt": prompts, "max_tokens": 6, "temperature": 0.8, "seed": 11, "n": 3})
