@@ -257,5 +257,6 @@ def decoder(kinds) -> msgspec.msgpack.Decoder:
 def decode(dec: msgspec.msgpack.Decoder, frame: bytes | memoryview):
     try:
         return dec.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError, TypeError, ValueError) as e:
+    # RecursionError: a frame nested past msgspec's depth limit where a field is untyped (KvStaging.desc)
+    except (msgspec.DecodeError, msgspec.ValidationError, TypeError, ValueError, RecursionError) as e:
         raise DecodeError(str(e)) from None

@@ -11,9 +11,11 @@ from importlib.metadata import version
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
 
 from splitserve.common import protocol as P
 
@@ -21,6 +23,7 @@ from .api_context import ApiContext
 from .api_errors import ApiError, invalid, openai_error, retry_headers, tgi_error
 from .http_guard import HttpGuard
 from .openai_api import openai_router
+from .replies import Json
 from .tgi import tgi_router
 from .websocket import __doc__ as WEBSOCKET_DOC, websocket_router
 
@@ -32,7 +35,7 @@ MAX_BODY_BYTES = P.MAX_CONTROL_BYTES
 
 
 def build_app(ctx: ApiContext) -> FastAPI:
-    app = FastAPI(title="splitserve", version=version("splitserve"),
+    app = FastAPI(title="splitserve", version=version("splitserve"), default_response_class=Json,
                   description="TGI-compatible and OpenAI-compatible HTTP APIs of a splitserve gateway.\n\n"
                               "**WebSocket** (not an OpenAPI route): " + WEBSOCKET_DOC)
     app.include_router(tgi_router(ctx))
@@ -40,31 +43,37 @@ def build_app(ctx: ApiContext) -> FastAPI:
     app.include_router(websocket_router(ctx))
 
     @app.get("/health", tags=["Operations"], summary="200 while prefill and decode workers are registered")
-    async def health() -> JSONResponse:
+    async def health() -> Json:
         core = ctx.core
         counts = {f"{role}_workers": len(core.registry.of_role(role)) for role in ("prefill", "decode")}
         ok = all(counts.values()) and not core.draining
         status = "ok" if ok else ("draining" if core.draining else "no workers")
-        return JSONResponse({"status": status, **counts}, status_code=200 if ok else 503)
+        return Json({"status": status, **counts}, status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["Operations"], summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:
         return Response(ctx.door.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    def error_response(path: str, e: ApiError) -> JSONResponse:
+    def error_response(path: str, e: ApiError) -> Json:
         # refused before reaching the core; a path that is no route is no request to count
         if not e.metered and path in paths:
             ctx.door.refuse(path, e.error_type)
         status, body = (openai_error if path.startswith("/v1/") else tgi_error)(e)
-        return JSONResponse(body, status_code=status, headers=retry_headers(e))
+        return Json(body, status_code=status, headers=retry_headers(e))
 
     @app.exception_handler(ApiError)
-    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+    async def api_error(request: Request, e: ApiError) -> Json:
         return error_response(request.url.path, e)
 
     @app.exception_handler(RequestValidationError)
-    async def malformed(request: Request, e: RequestValidationError) -> JSONResponse:
+    async def malformed(request: Request, e: RequestValidationError) -> Json:
         return error_response(request.url.path, invalid(_describe(e), _param(e)))
+
+    @app.exception_handler(HTTPException)
+    async def unparsable(request: Request, e: HTTPException) -> Response:
+        if e.status_code == 400:  # a body FastAPI could not read as JSON (not UTF-8, say): the API's own error
+            return error_response(request.url.path, invalid(f"the request body is not valid JSON ({e.detail})"))
+        return await http_exception_handler(request, e)
 
     paths = frozenset(app.openapi()["paths"])
     app.add_middleware(HttpGuard, api_key=ctx.api_key, max_body_bytes=MAX_BODY_BYTES, refuse=error_response)
@@ -79,7 +88,7 @@ def _describe(e: RequestValidationError) -> str:
         # a union's members appear in the location as type names: fold them into one message
         cut = next((i for i, p in enumerate(field) if i > 0 and _is_type_name(p)), None)
         if cut is None:
-            given = f" (given {err['input']!r})" if err["type"] != "missing" else ""
+            given = f" (given {_short(repr(err['input']))})" if err["type"] != "missing" else ""
             by_field[".".join(field) or "body"] = [f"{err['msg']}{given}"]
         else:
             members = by_field.setdefault(".".join(field[:cut]), [])
@@ -87,6 +96,11 @@ def _describe(e: RequestValidationError) -> str:
                 members.append(field[cut])
     return "; ".join(f"`{field}`: {found[0] if len(found) == 1 else 'should be one of: ' + ', '.join(found)}"
                      for field, found in by_field.items())
+
+
+def _short(text: str, limit: int = 200) -> str:
+    """A client's value quoted in an error: never the whole of a large body back to it."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _is_type_name(part: str) -> bool:

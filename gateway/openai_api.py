@@ -17,17 +17,18 @@ import msgspec
 from fastapi import APIRouter, Request
 
 from splitserve.common import protocol as P
+from splitserve.common.limits import ValidationError
 from splitserve.common.sampling import MAX_TOP_N, derive_seed, random_seed
 
 from .api_context import ApiContext
 from .api_errors import ApiError, invalid, openai_error
 from .chat_template import render_chat
 from .fim import fim_prompt
-from .openai_schema import ChatRequest, CompletionRequest, OpenAIError, SamplingFields
+from .openai_schema import MAX_N, ChatRequest, CompletionRequest, OpenAIError, SamplingFields
 from .replies import Answer, EventStream, Replies, gather
+from .validation import check_prompt_ids
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's, for completions
-MAX_N = 128
 FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 ERRORS = {status: {"model": OpenAIError} for status in (400, 429, 503)}
 
@@ -137,9 +138,14 @@ def _prompt_ids(ctx: ApiContext, prompt) -> list[list[int]]:
         return [ctx.tokenizer.encode(prompt)]
     if not prompt:
         raise invalid("`prompt` is an empty list", "prompt")
-    if isinstance(prompt[0], int):
-        return [list(prompt)]
-    return [ctx.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+    prompts = [list(prompt)] if isinstance(prompt[0], int) else [
+        ctx.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+    try:
+        for ids in prompts:  # token ids are echoed and decoded before the core would check them
+            check_prompt_ids(ids, ctx.tokenizer.vocab_size)
+    except ValidationError as e:
+        raise invalid(str(e)) from None
+    return prompts
 
 
 def _messages(body: SamplingFields, prompts: list[list[int]], max_tokens: int, *, logprobs: bool = False,

@@ -1,11 +1,31 @@
 """OpenAI's completions and chat completions request shapes (the fields splitserve reads;
-others are ignored, as OpenAI-compatible servers do)."""
+others are ignored, as OpenAI-compatible servers do). The documented ranges (`schema`) are what
+openai_api.py checks, with its own messages; they are in the OpenAPI schema for clients and for the
+fuzz tests that draw from it."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, WithJsonSchema, model_validator
+
+from splitserve.common.sampling import MAX_TOP_N
+
+from .validation import MAX_STOP_SEQUENCES, MAX_TOP_K, require_unicode
+
+MAX_N = 128
+
+
+def schema(**constraints) -> dict:
+    """JSON-schema constraints of a field, documented only: the route checks them itself."""
+    return {"json_schema_extra": constraints}
+
+
+# A prompt: text, texts, token ids, or lists of token ids; never empty.
+Text = Annotated[str, WithJsonSchema({"type": "string", "minLength": 1})]
+TokenIds = Annotated[list[int], WithJsonSchema({"type": "array", "minItems": 1,
+                                                "items": {"type": "integer", "minimum": 0}})]
+Prompt = Annotated[Text | list[Text] | TokenIds | list[TokenIds], Field(json_schema_extra={"minItems": 1})]
 
 
 class StreamOptions(BaseModel):
@@ -21,33 +41,41 @@ class SamplingFields(BaseModel):
         # many OpenAI clients send null for an option they leave unset
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data):
+        require_unicode(data)
+        return data
+
     model: str | None = Field(None, description="accepted whatever it names: the server has one model")
-    max_tokens: int | None = Field(None, description="default 16 (completions) or what fits (chat)")
-    temperature: float = Field(1.0, description="in [0, 2]; 0 is greedy")
-    top_p: float = Field(1.0, description="in (0, 1]")
-    n: int = Field(1, description="choices per prompt, each sampled with a seed derived from `seed`")
+    max_tokens: int | None = Field(None, description="default 16 (completions) or what fits (chat)",
+                                   **schema(minimum=1))
+    temperature: float = Field(1.0, description="in [0, 2]; 0 is greedy", **schema(minimum=0, maximum=2))
+    top_p: float = Field(1.0, description="in (0, 1]", **schema(exclusiveMinimum=0, maximum=1))
+    n: int = Field(1, description="choices per prompt, each sampled with a seed derived from `seed`",
+                   **schema(minimum=1, maximum=MAX_N))
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, description="at most 4; a matched stop is cut from the text")
-    seed: int | None = None
-    frequency_penalty: float = Field(0.0, description="in [-2, 2]")
-    presence_penalty: float = Field(0.0, description="not supported: must be 0")
+    stop: str | list[str] | None = Field(None, description="at most 4; a matched stop is cut from the text",
+                                         **schema(maxItems=MAX_STOP_SEQUENCES))
+    seed: int | None = Field(None, **schema(minimum=0, maximum=2**63 - 1))
+    frequency_penalty: float = Field(0.0, description="in [-2, 2]", **schema(minimum=-2, maximum=2))
+    presence_penalty: float = Field(0.0, description="not supported: must be 0", **schema(minimum=0, maximum=0))
     logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
     user: str | None = None
     # Extensions most OpenAI-compatible servers take.
-    top_k: int = Field(0, description="extension: top-k sampling (0 is off)")
-    repetition_penalty: float = Field(1.0, description="extension: > 0, 1 is off")
+    top_k: int = Field(0, description="extension: top-k sampling (0 is off)", **schema(minimum=0, maximum=MAX_TOP_K))
+    repetition_penalty: float = Field(1.0, description="extension: > 0, 1 is off", **schema(exclusiveMinimum=0))
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="text, texts, token ids, or lists of token ids")
+    prompt: Prompt = Field(description="text, texts, token ids, or lists of token ids")
     suffix: str | None = Field(None, description="fill-in-the-middle: the text after the cursor; the prompt is "
                                "the text before it")
     logprobs: int | None = Field(None, description="logprobs of each token and of its `logprobs` most likely "
-                                 "alternatives (at most 5)")
+                                 "alternatives (at most 5)", **schema(minimum=0, maximum=MAX_TOP_N))
     echo: bool = Field(False, description="prepend the prompt to the text (with logprobs: its tokens too)")
-    best_of: int | None = Field(None, description="not supported beyond 1")
+    best_of: int | None = Field(None, description="not supported beyond `n`", **schema(minimum=1))
 
 
 class ChatMessage(BaseModel):

@@ -7,8 +7,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import msgspec
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from splitserve.common import protocol as P
@@ -114,6 +115,14 @@ async def _close_on_disconnect(request: Request, replies: Replies) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
     replies.close()
+
+
+class Json(JSONResponse):
+    """JSON as the event streams write it (msgspec): a number that is not finite, such as the -inf
+    logprob of an alternative a top-k filter removed, is null, where Python's encoder would fail."""
+
+    def render(self, content) -> bytes:
+        return msgspec.json.encode(content)
 
 
 class EventStream(StreamingResponse):

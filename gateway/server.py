@@ -219,12 +219,16 @@ class Gateway:
             if isinstance(msg, P.DecodeError):
                 self._reply(identity, P.Error("", "validation", f"malformed message: {msg}"))
                 continue
-            if isinstance(msg, P.Generate):
-                self._on_generate(identity, msg)
-            else:
-                gid = self.client_ids.pop((identity, msg.id), None)
-                if gid is not None:
-                    self.door.cancel(gid)
+            try:
+                if isinstance(msg, P.Generate):
+                    self._on_generate(identity, msg)
+                else:
+                    gid = self.client_ids.pop((identity, msg.id), None)
+                    if gid is not None:
+                        self.door.cancel(gid)
+            except Exception as e:  # one bad request must not end the front for every client
+                log.exception("failed to handle a client's %s", type(msg).__name__)
+                self._reply(identity, P.Error(msg.id, "generation", f"the gateway could not handle it: {e}"))
 
     def _on_generate(self, identity: bytes, msg: P.Generate) -> None:
         if not admits(self.opts.api_key, msg.api_key):

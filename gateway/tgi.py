@@ -8,14 +8,13 @@ from uuid import uuid4
 
 import msgspec
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 
 from splitserve.common import protocol as P
 from splitserve.common.sampling import MAX_TOP_N
 
 from .api_context import ApiContext
 from .api_errors import ApiError, invalid, tgi_error
-from .replies import Answer, EventStream, Replies, gather
+from .replies import Answer, EventStream, Json, Replies, gather
 from .tgi_schema import TgiCompatRequest, TgiError, TgiInfo, TgiParameters, TgiRequest, TgiResponse, TgiStreamEvent
 from .validation import MAX_STOP_SEQUENCES
 
@@ -38,8 +37,8 @@ def tgi_router(ctx: ApiContext) -> APIRouter:
     router = APIRouter(tags=["TGI"])
 
     @router.post("/generate", summary="Generate text", responses={200: {"model": TgiResponse}, **ERRORS})
-    async def generate(body: TgiRequest, request: Request) -> JSONResponse:
-        return JSONResponse(await _answer(ctx, body, request, "/generate"))
+    async def generate(body: TgiRequest, request: Request) -> Json:
+        return Json(await _answer(ctx, body, request, "/generate"))
 
     @router.post("/generate_stream", summary="Generate text, streamed as server-sent events",
                  responses={**STREAM_DOC, **ERRORS})
@@ -51,7 +50,7 @@ def tgi_router(ctx: ApiContext) -> APIRouter:
     async def compat(body: TgiCompatRequest, request: Request):
         if body.stream:
             return _stream(ctx, body, "/")
-        return JSONResponse([await _answer(ctx, body, request, "/")])
+        return Json([await _answer(ctx, body, request, "/")])
 
     @router.get("/info", summary="Model and limits", response_model=TgiInfo)
     async def info(request: Request) -> TgiInfo:

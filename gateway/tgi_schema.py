@@ -2,7 +2,8 @@
 
 Every parameter TGI accepts is accepted here, unknown fields are ignored as TGI ignores them,
 and features splitserve does not have are refused only when set to something other than their
-default (see tgi.py).
+default (see tgi.py). The documented ranges (`schema`) are what tgi.py checks, with TGI's own
+messages; they are in the OpenAPI schema for clients and for the fuzz tests that draw from it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
+
+from splitserve.common.sampling import MAX_TOP_N
+
+from .validation import MAX_STOP_SEQUENCES, MAX_TOP_K, require_unicode
+
+
+def schema(**constraints) -> dict:
+    """JSON-schema constraints of a field, documented only: the route checks them itself."""
+    return {"json_schema_extra": constraints}
 
 
 class TgiParameters(BaseModel):
@@ -20,29 +30,40 @@ class TgiParameters(BaseModel):
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     adapter_id: str | None = Field(None, description="LoRA adapter; not supported (422 when set)")
-    best_of: int | None = Field(None, description="only 1 is supported")
+    best_of: int | None = Field(None, description="only 1 is supported", **schema(minimum=1, maximum=1))
     decoder_input_details: bool = Field(False, description="return the prompt tokens with their logprobs in "
                                         "`details.prefill` (not with streaming)")
     details: bool = Field(True, description="return `details`: finish reason, tokens with logprobs, seed")
     do_sample: bool = Field(False, description="sample; also implied by temperature, top_k, top_p or typical_p")
-    frequency_penalty: float | None = Field(None, description="in [-2, 2]: subtracted per earlier occurrence")
+    frequency_penalty: float | None = Field(None, description="in [-2, 2]: subtracted per earlier occurrence",
+                                            **schema(minimum=-2, maximum=2))
     grammar: Any = Field(None, description="constrained decoding; not supported (422 when set)")
-    max_new_tokens: int | None = Field(None, description="default: 100, or what fits in max_total_tokens")
-    repetition_penalty: float | None = Field(None, description="> 0; 1 is off")
+    max_new_tokens: int | None = Field(None, description="default: 100, or what fits in max_total_tokens",
+                                       **schema(minimum=1))
+    repetition_penalty: float | None = Field(None, description="> 0; 1 is off", **schema(exclusiveMinimum=0))
     return_full_text: bool | None = Field(False, description="prepend the inputs to `generated_text`")
-    seed: int | None = Field(None, description="sampling seed; one is chosen and returned when not given")
-    stop: list[str] = Field([], description="stop sequences (at most 4); they stay in the output")
-    temperature: float | None = Field(None, description="> 0")
-    top_k: int | None = Field(None, description="> 0")
-    top_n_tokens: int | None = Field(None, description="alternatives per token in `top_tokens`, at most 5")
-    top_p: float | None = Field(None, description="in (0, 1]")
-    truncate: int | None = Field(None, description="keep only the last `truncate` prompt tokens")
-    typical_p: float | None = Field(None, description="in (0, 1]")
+    seed: int | None = Field(None, description="sampling seed; one is chosen and returned when not given",
+                             **schema(minimum=0, maximum=2**63 - 1))
+    stop: list[str] = Field([], description="stop sequences (at most 4); they stay in the output",
+                            **schema(maxItems=MAX_STOP_SEQUENCES))
+    temperature: float | None = Field(None, description="> 0", **schema(exclusiveMinimum=0))
+    top_k: int | None = Field(None, description="> 0", **schema(minimum=1, maximum=MAX_TOP_K))
+    top_n_tokens: int | None = Field(None, description="alternatives per token in `top_tokens`, at most 5",
+                                     **schema(minimum=0, maximum=MAX_TOP_N))
+    top_p: float | None = Field(None, description="in (0, 1]", **schema(exclusiveMinimum=0, maximum=1))
+    truncate: int | None = Field(None, description="keep only the last `truncate` prompt tokens", **schema(minimum=1))
+    typical_p: float | None = Field(None, description="in (0, 1]", **schema(exclusiveMinimum=0, maximum=1))
     watermark: bool = Field(False, description="not supported (422 when true)")
 
 
 class TgiRequest(BaseModel):
-    inputs: str
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data):
+        require_unicode(data)
+        return data
+
+    inputs: str = Field(**schema(minLength=1))
     parameters: TgiParameters = Field(default_factory=TgiParameters)
 
 

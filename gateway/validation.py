@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from splitserve.common import protocol as P
 from splitserve.common.limits import Limits, ValidationError
 from splitserve.common.request import GenerateRequest
@@ -10,14 +12,23 @@ from splitserve.common.tokenizer import Tokenizer
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_TOKEN_IDS = 8
+# Sampling parameters live in float32 and int64 tensors on the workers: what does not fit there
+# is refused here, where the client hears why, not on a worker mid-batch.
+FLOAT32_MAX = 3.4028234663852886e38
+MIN_TEMPERATURE = 1e-5
+MAX_TOP_K = 2**31 - 1
+FLOAT_PARAMS = ("temperature", "top_p", "typical_p", "repetition_penalty", "frequency_penalty")
+
+
+def check_prompt_ids(ids: list[int], vocab: int) -> None:
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ValidationError(f"prompt_ids must be in [0, {vocab}); got {bad[:3]}")
 
 
 def tokenize_prompt(msg: P.Generate, tokenizer: Tokenizer) -> list[int]:
     if msg.prompt_ids is not None:
-        vocab = tokenizer.vocab_size
-        bad = [t for t in msg.prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValidationError(f"prompt_ids must be in [0, {vocab}); got {bad[:3]}")
+        check_prompt_ids(msg.prompt_ids, tokenizer.vocab_size)
         return list(msg.prompt_ids)
     if msg.prompt is None:
         raise ValidationError("give a prompt (text) or prompt_ids")
@@ -25,19 +36,56 @@ def tokenize_prompt(msg: P.Generate, tokenizer: Tokenizer) -> list[int]:
 
 
 def sampling_params(p: P.GenerateParams) -> SamplingParams:
+    # A temperature this close to 0 divides logits past float32's range: greedy is its limit.
+    do_sample = p.do_sample and not 0 <= p.temperature < MIN_TEMPERATURE
     # As TGI does: a sampled request without a seed gets one, so its output is reproducible
     # from the seed reported back (and a resumed request continues identically).
-    seed = p.seed if p.seed is not None else (random_seed() if p.do_sample else 0)
+    seed = p.seed if p.seed is not None else (random_seed() if do_sample else 0)
     try:
         return SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, typical_p=p.typical_p,
                               repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty,
-                              seed=seed, do_sample=p.do_sample)
+                              seed=seed, do_sample=do_sample)
     except ValueError as e:
         raise ValidationError(str(e)) from None
 
 
+def require_unicode(data) -> None:
+    """Raise ValueError if a string anywhere in decoded JSON is not valid Unicode: Python's JSON
+    parser (the HTTP routes') takes a lone surrogate escape such as "\\ud800", which no tokenizer
+    or encoder downstream can. Iterative, as the nesting depth is the client's."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("text must be valid Unicode: a \\uD800-\\uDFFF escape needs its pair") from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def check_numbers(msg: P.Generate, vocab: int) -> None:
+    p = msg.params
+    for name in FLOAT_PARAMS:
+        value = getattr(p, name)
+        if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            raise ValidationError(f"{name} must be a finite number of at most {FLOAT32_MAX:.4g} in size, got {value}")
+    if not 0 <= p.top_k <= MAX_TOP_K:
+        raise ValidationError(f"top_k must be in [0, {MAX_TOP_K}], got {p.top_k}")
+    bad = [t for t in p.stop_token_ids if not 0 <= t < vocab]
+    if bad:
+        raise ValidationError(f"stop_token_ids must be in [0, {vocab}); got {bad[:3]}")
+    if msg.timeout_s is not None and not (math.isfinite(msg.timeout_s) and msg.timeout_s >= 0):
+        raise ValidationError(f"timeout_s must be a number of seconds >= 0 (0: none), got {msg.timeout_s}")
+
+
 def build_request(rid: str, msg: P.Generate, tokenizer: Tokenizer, limits: Limits) -> GenerateRequest:
     p = msg.params
+    check_numbers(msg, tokenizer.vocab_size)
     ids = tokenize_prompt(msg, tokenizer)
     if p.truncate is not None:
         if p.truncate < 1:

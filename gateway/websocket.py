@@ -86,14 +86,28 @@ def encode(message: dict, binary: bool) -> bytes | str:
     return msgspec.msgpack.encode(message) if binary else msgspec.json.encode(message).decode()
 
 
+class _Id(msgspec.Struct):
+    id: str = ""
+
+
+_json_id = msgspec.json.Decoder(_Id)
+_msgpack_id = msgspec.msgpack.Decoder(_Id)
+# What a frame that fails to decode may raise besides msgspec's own errors: UnicodeDecodeError (a
+# ValueError) on a MessagePack string that is not UTF-8, RecursionError past msgspec's depth limit.
+MALFORMED = (ValueError, RecursionError)
+
+
+def read_frame(raw: bytes | str, binary: bool) -> WsGenerate | WsCancel:
+    """The message in a frame; raises one of MALFORMED when there is none."""
+    return (_msgpack if binary else _json).decode(raw)
+
+
 def _id_of(raw: bytes | str, binary: bool) -> str:
     """The id of a message that failed validation, so that only its request fails; "" when it has none."""
     try:
-        message = msgspec.msgpack.decode(raw) if binary else msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+        return (_msgpack_id if binary else _json_id).decode(raw).id
+    except MALFORMED:
         return ""
-    rid = message.get("id") if isinstance(message, dict) else None
-    return rid if isinstance(rid, str) else ""
 
 
 def websocket_router(ctx: ApiContext) -> APIRouter:
@@ -135,8 +149,8 @@ class Session:
                 binary = frame.get("bytes") is not None
                 raw = frame["bytes"] if binary else frame["text"]
                 try:
-                    msg = (_msgpack if binary else _json).decode(raw)
-                except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                    msg = read_frame(raw, binary)
+                except MALFORMED as e:
                     self._send(P.Error(_id_of(raw, binary), "validation", f"malformed message: {e}"), binary)
                     continue
                 if self.dropped:  # closing: what a slow reader still sends is not taken

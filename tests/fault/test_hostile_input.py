@@ -1,0 +1,142 @@
+"""Pickles and oversized messages on every socket a splitserve cluster listens on: the gateway's
+ZMQ front, its worker port, the decode worker's KV port, the HTTP routes and the WebSocket. Each is
+refused (a typed error, a 4xx, a dropped frame or connection) and nothing is ever unpickled: the
+pickles here would create a directory if anything loaded them. Every process keeps serving."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import httpx
+import msgspec
+import pytest
+import zmq
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from cluster import Cluster
+from splitserve.client import Client, WebSocketClient
+from splitserve.common import protocol as P
+
+PROMPT = "def fibonacci(n):\n    "
+TOO_BIG = P.MAX_CONTROL_BYTES + 1
+HTTP_ROUTES = ("/generate", "/generate_stream", "/", "/v1/completions", "/v1/chat/completions")
+
+
+class Boom:
+    """Unpickling this makes a directory: proof, if it ever exists, that something unpickled."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+@pytest.fixture(scope="module")
+def cluster(home, tiny_dir):
+    with Cluster(home) as c:
+        c.add_worker("prefill")
+        c.add_worker("decode", "--num-slots", "8")
+        c.wait_registered()
+        yield c
+
+
+@pytest.fixture()
+def pickles(tmp_path) -> tuple[list[bytes], str]:
+    marker = str(tmp_path / "unpickled")
+    payloads = [pickle.dumps(Boom(marker), protocol=p) for p in (0, 2, pickle.HIGHEST_PROTOCOL)]
+    payloads.append(pickle.dumps({"kind": "Generate", "id": "x", "prompt": PROMPT}))
+    payloads.append(pickle.dumps(P.Generate("x", PROMPT)))  # a real message, pickled instead of packed
+    return payloads, marker
+
+
+def test_pickles_are_refused_everywhere(cluster, pickles):
+    payloads, marker = pickles
+    ctx = zmq.Context()
+    try:
+        front = dealer(ctx, cluster.endpoint)
+        for p in payloads:
+            front.send(p)
+        for _ in payloads:  # each is answered with a typed error about the connection
+            assert front.poll(30_000), "no answer from the client front"
+            error = P.decode(P.decoder(P.GatewayToClient), front.recv_multipart()[0])
+            assert isinstance(error, P.Error) and error.error_type == "validation" and error.id == ""
+        for endpoint in (f"tcp://127.0.0.1:{cluster.worker_port}", kv_endpoint(cluster)):  # dropped, unanswered
+            sock = dealer(ctx, endpoint)
+            for p in payloads:
+                sock.send(p)
+                sock.send_multipart([p, p])
+        with httpx.Client(base_url=cluster.url, timeout=60) as http:
+            for route in HTTP_ROUTES:
+                for content_type in ("application/json", "application/octet-stream", "application/python-pickle"):
+                    for p in payloads:
+                        r = http.post(route, content=p, headers={"Content-Type": content_type})
+                        assert r.status_code in (400, 422), (route, content_type, r.status_code, r.text)
+                        assert "error" in r.json()
+        with connect(ws_url(cluster)) as ws:
+            for p in payloads:
+                ws.send(p)  # binary: taken as MessagePack
+                reply = msgspec.msgpack.decode(ws.recv(timeout=30))
+                assert reply["type"] == "error" and reply["error_type"] == "validation"
+            ws.send(payloads[0].decode("latin-1"))  # protocol 0 is text: taken as JSON
+            assert msgspec.json.decode(ws.recv(timeout=30))["error_type"] == "validation"
+        still_serving(cluster)
+        assert not os.path.exists(marker)
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_oversized_messages_are_refused_everywhere(cluster):
+    big = b"x" * TOO_BIG
+    ctx = zmq.Context()
+    try:
+        # ZMQ drops the connection of a peer that sends past ZMQ_MAXMSGSIZE before the gateway reads it
+        for endpoint in (cluster.endpoint, f"tcp://127.0.0.1:{cluster.worker_port}", kv_endpoint(cluster)):
+            dealer(ctx, endpoint).send(big)
+        with httpx.Client(base_url=cluster.url, timeout=60) as http:
+            r = http.post("/generate", content=big, headers={"Content-Type": "application/json"})
+            assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large"
+
+            def chunks():  # no Content-Length: the limit counts what arrives
+                for _ in range(TOO_BIG // 2**20 + 1):
+                    yield b" " * 2**20
+
+            r = http.post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+            assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+        with connect(ws_url(cluster), max_size=None) as ws:
+            ws.send(big)
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=30)
+            assert closed.value.rcvd.code == 1009  # message too big
+        still_serving(cluster)
+    finally:
+        ctx.destroy(linger=0)
+
+
+def dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
+
+
+def kv_endpoint(cluster: Cluster) -> str:
+    decode = next(w for w, info in cluster.workers.items() if info["role"] == "decode")
+    return cluster.health(decode)["kv_endpoint"]
+
+
+def ws_url(cluster: Cluster) -> str:
+    return cluster.url.replace("http://", "ws://") + "/ws"
+
+
+def still_serving(cluster: Cluster) -> None:
+    """Every process alive, and a request served on every front end."""
+    assert all(p.poll() is None for p in cluster.procs)
+    with Client(cluster.endpoint) as client:
+        assert len(client.generate(PROMPT, max_new_tokens=4, ignore_eos=True).token_ids) == 4
+    with WebSocketClient(ws_url(cluster)) as ws:
+        assert len(ws.generate(PROMPT, max_new_tokens=4, ignore_eos=True).token_ids) == 4
+    r = httpx.post(f"{cluster.url}/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 4}}, timeout=60)
+    assert r.status_code == 200
