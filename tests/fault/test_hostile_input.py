@@ -1,4 +1,4 @@
-"""Pickles and oversized messages on every socket a splitserve cluster listens on: the gateway's
+"""Pickles, oversized messages and frames nested past the decoders' depth on every socket a splitserve cluster listens on: the gateway's
 ZMQ front, its worker port, the decode worker's KV port, the HTTP routes and the WebSocket. Each is
 refused (a typed error, a 4xx, a dropped frame or connection) and nothing is ever unpickled: the
 pickles here would create a directory if anything loaded them. Every process keeps serving."""
@@ -84,6 +84,34 @@ def test_pickles_are_refused_everywhere(cluster, pickles):
             assert msgspec.json.decode(ws.recv(timeout=30))["error_type"] == "validation"
         still_serving(cluster)
         assert not os.path.exists(marker)
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_frames_nested_past_the_decoders_depth_are_dropped(cluster):
+    # {"k": {"k": ... null}} 100,000 deep, as MessagePack (no encoder writes it): where a field is
+    # untyped (the KV link's staging description) the decoder recurses into it
+    deep = b"\x81\xa1k" * 100_000 + b"\xc0"
+    pack = msgspec.msgpack.encode
+    payloads = [b"\x91" * 100_000 + b"\xc0", b"\x93" + pack("KvStaging") + pack("prefill-x") + deep,
+                b"\x95" + pack("Generate") + pack("x") + pack("p") + b"\xc0\x91" + deep]
+    ctx = zmq.Context()
+    try:
+        front = dealer(ctx, cluster.endpoint)
+        for p in payloads:
+            front.send(p)
+            assert front.poll(30_000), "no answer from the client front"
+            error = P.decode(P.decoder(P.GatewayToClient), front.recv_multipart()[0])
+            assert isinstance(error, P.Error) and error.error_type == "validation"
+        for endpoint in (f"tcp://127.0.0.1:{cluster.worker_port}", kv_endpoint(cluster)):
+            sock = dealer(ctx, endpoint)
+            for p in payloads:
+                sock.send(p)
+        with connect(ws_url(cluster)) as ws:
+            for p in payloads:
+                ws.send(p)
+                assert msgspec.msgpack.decode(ws.recv(timeout=30))["error_type"] == "validation"
+        still_serving(cluster)
     finally:
         ctx.destroy(linger=0)
 
