@@ -276,12 +276,13 @@ class LocalPipeline:
     """A gateway and its workers as separate processes on free ports of 127.0.0.1; their output
     goes to log files, shown when start-up fails or when they logged anything (warnings up)."""
 
-    def __init__(self, args: argparse.Namespace, threads: int, cpus: dict[str, list[str]]):
-        self.args, self.threads, self.cpus = args, threads, cpus
-        self.zmq_port, self.worker_port = free_port(), free_port()
+    def __init__(self, args: argparse.Namespace, threads: int, cpus: dict[str, list[str]],
+                 gateway_flags: tuple[str, ...] = ()):
+        self.args, self.threads, self.cpus, self.gateway_flags = args, threads, cpus, gateway_flags
+        self.zmq_port, self.worker_port, self.http_port = free_port(), free_port(), free_port()
         self.log_dir = Path(tempfile.mkdtemp(prefix="splitserve-bench-"))
         self.procs: dict[str, subprocess.Popen] = {}  # name -> process
-        self.metrics_ports: list[int] = []
+        self.metrics_ports: dict[str, int] = {}  # worker name -> its /metrics port
 
     @property
     def endpoint(self) -> str:
@@ -305,11 +306,11 @@ class LocalPipeline:
         a = self.args
         # The gateway computes nothing with PyTorch: one thread, on whichever core is free.
         self._spawn("gateway", "gateway", "--threads", "1", "--zmq-port", str(self.zmq_port),
-                    "--worker-port", str(self.worker_port), "--port", str(free_port()))
+                    "--worker-port", str(self.worker_port), "--port", str(self.http_port), *self.gateway_flags)
         for role, count in (("prefill", a.prefill_workers), ("decode", a.decode_workers)):
             for i in range(count):
                 port = free_port()
-                self.metrics_ports.append(port)
+                self.metrics_ports[f"{role}-{i}"] = port
                 flags = ["--gateway", f"tcp://127.0.0.1:{self.worker_port}", "--threads", str(self.threads),
                          "--worker-id", f"{role}-{i}-{os.getpid()}", "--metrics-port", str(port)]
                 if role == "decode":
@@ -321,7 +322,7 @@ class LocalPipeline:
 
     def _wait_registered(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
-        pending = list(self.metrics_ports)
+        pending = list(self.metrics_ports.values())
         while pending:
             dead = [p for p in self.procs.values() if p.poll() is not None]
             if dead or time.monotonic() > deadline:

@@ -31,6 +31,10 @@ class FrontDoor:
             self._meters[gid] = meter
         return gid
 
+    def rejection(self) -> tuple[str, str] | None:
+        """(error type, message) of the refusal a request arriving now would get, or None."""
+        return self.core._rejection()
+
     def refuse(self, route: str, error_type: str) -> None:
         """Count a request refused before it reached the core (e.g. without the API key)."""
         self.metrics.requests.labels(route, error_type).inc()

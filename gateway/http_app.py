@@ -22,6 +22,7 @@ from splitserve.common import protocol as P
 from .api_context import ApiContext
 from .api_errors import ApiError, invalid, openai_error, retry_headers, tgi_error
 from .http_guard import HttpGuard
+from .load_shed import LoadShed
 from .openai_api import openai_router
 from .replies import Json
 from .tgi import tgi_router
@@ -76,6 +77,7 @@ def build_app(ctx: ApiContext) -> FastAPI:
         return await http_exception_handler(request, e)
 
     paths = frozenset(app.openapi()["paths"])
+    app.add_middleware(LoadShed, rejection=ctx.door.rejection, refuse=error_response)  # inside the guard: keys first
     app.add_middleware(HttpGuard, api_key=ctx.api_key, max_body_bytes=MAX_BODY_BYTES, refuse=error_response)
     return app
 

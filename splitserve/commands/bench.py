@@ -11,6 +11,9 @@ BENCHES = {
                "splitserve's prefill and decode engines against transformers' generate, same weights"),
     "serve": ("splitserve.bench.serve_bench",
               "the served pipeline (gateway + worker processes) under load, against the in-process engine"),
+    "soak": ("splitserve.bench.soak",
+             "a bounded soak of a local pipeline over every front end: latency and memory over time, "
+             "leftovers, and admitted requests' latency under overload"),
 }
 
 
