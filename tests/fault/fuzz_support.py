@@ -69,9 +69,9 @@ class GoodTraffic:
         except BaseException as e:  # noqa: BLE001 - reported by check()
             self.error = e
 
-    def check(self, at_least: int = 2) -> None:
-        """Every stream so far whole and identical, and some ran during the fuzzing."""
+    def check(self) -> None:
+        """Once stopped: every stream whole and identical, and more than the first, which ended
+        before the fuzzing began."""
         assert self.error is None, repr(self.error)
-        wait_for(lambda: len(self.streams) >= at_least or self.error, 120, "good streams beside the fuzzing")
-        assert self.error is None, repr(self.error)
+        assert len(self.streams) >= 2, "no good stream ran beside the fuzzing"
         assert all(s == self.streams[0] for s in self.streams), "a good stream changed under the fuzzing"
