@@ -21,7 +21,7 @@ from fuzz_support import MAX_TOTAL_TOKENS, PROMPT, GoodTraffic, fuzz_cluster, fu
 from splitserve.common import protocol as P
 from splitserve.gateway import websocket as W
 
-EXAMPLES = 300
+EXAMPLES = 200
 # What a request may end with: a refusal of what the client sent, or the state of the server.
 CLIENT_ERRORS = {"validation", "overloaded", "unavailable", "timeout", "unauthorized"}
 REPLY_TIMEOUT_S = 60
