@@ -14,6 +14,7 @@ from splitserve.common import protocol as P
 from splitserve.common.request import FINISH_NAMES, FINISH_NONE, GenerateRequest
 from splitserve.common.text_stream import TextStream
 from splitserve.common.tokenizer import Tokenizer
+from splitserve.common.curve import CurveKeys
 from splitserve.common.zmq_util import make_socket
 
 from .engine import StepOutput
@@ -25,8 +26,9 @@ class OutputThread:
     """Fed in order by the decode loop: ("admit", slot, request, first_token, first_text),
     ("step", StepOutput) and ("stop", None); releases come back on `released`."""
 
-    def __init__(self, ctx: zmq.Context, gateway: str, tokenizer: Tokenizer, worker_id: str):
-        self.ctx, self.gateway, self.tokenizer = ctx, gateway, tokenizer
+    def __init__(self, ctx: zmq.Context, gateway: str, tokenizer: Tokenizer, worker_id: str,
+                 curve: CurveKeys | None = None):
+        self.ctx, self.gateway, self.tokenizer, self.curve = ctx, gateway, tokenizer, curve
         self.identity = worker_id.encode() + P.OUTPUT_SUFFIX
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.released: queue.SimpleQueue = queue.SimpleQueue()  # (slot, request id) to free
@@ -46,7 +48,7 @@ class OutputThread:
 
     def _run(self) -> None:
         # Its own socket, since ZMQ sockets belong to one thread; its name tells the gateway whose.
-        sock = make_socket(self.ctx, zmq.DEALER, P.MAX_CONTROL_BYTES, identity=self.identity)
+        sock = make_socket(self.ctx, zmq.DEALER, P.MAX_CONTROL_BYTES, identity=self.identity, curve=self.curve)
         sock.connect(self.gateway)
         try:
             while True:

@@ -54,8 +54,8 @@ class DecodeWorker:
         if opts.kv_transport != "auto":
             transports = [opts.kv_transport]
         self.link = GatewayLink(self.ctx, opts.gateway, self._register(transports, num_slots),
-                                opts.link.heartbeat_s, opts.link.heartbeat_timeout)
-        self.output = OutputThread(self.ctx, opts.gateway, lm.tokenizer, opts.worker_id)
+                                opts.link.heartbeat_s, opts.link.heartbeat_timeout, curve=opts.link.curve)
+        self.output = OutputThread(self.ctx, opts.gateway, lm.tokenizer, opts.worker_id, curve=opts.link.curve)
         self.slot_of: dict[str, int] = {}  # running requests
         self.rid_at: dict[int, str] = {}
         self.deadlines: dict[str, float] = {}

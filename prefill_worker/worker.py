@@ -75,7 +75,7 @@ class PrefillWorker:
         self.ctx = zmq.Context()
         transports = [kind, "tcp"] if kind != "tcp" else ["tcp"]
         self.link = GatewayLink(self.ctx, opts.gateway, self._register(transports), opts.link.heartbeat_s,
-                                opts.link.heartbeat_timeout)
+                                opts.link.heartbeat_timeout, curve=opts.link.curve)
         self.draining = False
         self.drain_started = 0.0
         self.drain_deadline = float("inf")

@@ -5,7 +5,6 @@ front keeps serving in the clear."""
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import stat
 import time
@@ -19,7 +18,6 @@ from splitserve.common import protocol as P
 from splitserve.common.curve import load_keypair, write_keypair
 from splitserve.common.service_config import add_link_args, link_options
 from splitserve.common.worker_link import GatewayLink
-from splitserve.decode_worker.output import OutputThread
 
 SILENCE_S = 3.0  # how long a link that should get no answer is watched, after a good one got its answer
 
@@ -81,8 +79,6 @@ def test_only_workers_with_the_right_keys_are_answered(home, tiny_dir, keys):
             ctx.term()
 
 
-@pytest.mark.skipif("curve" not in inspect.signature(OutputThread).parameters,
-                    reason="the workers do not pass opts.link.curve to GatewayLink and OutputThread yet")
 def test_workers_with_curve_keys_serve_and_a_worker_with_the_wrong_key_never_registers(home, tiny_dir, keys):
     with Cluster(home, curve_secret_file=keys["gateway"], curve_clients=keys["workers.dir"]) as c:
         wids = [c.add_worker(role, "--curve-secret-file", keys["workers"], "--curve-server-key", keys["gateway.pub"])
