@@ -15,6 +15,7 @@ COMMANDS = {
     "generate": ("splitserve.commands.generate", "generate text in this process (no sockets), for checks and debugging"),
     "keygen": ("splitserve.commands.keygen", "write a CURVE key pair that encrypts and authenticates the worker link across hosts"),
     "model-path": ("splitserve.commands.model_path", "print a model's checkpoint directory, creating a built-in one if needed"),
+    "train-tiny": ("splitserve.commands.train_tiny", "train the built-in tiny model on the standard library's Python source (CPU)"),
     "deploy": ("splitserve.commands.deploy", "deployment files: `deploy compose` writes a docker-compose file for any prefill/decode GPU split"),
     "bench": ("splitserve.commands.bench", "benchmarks: `bench engine` (model steps vs transformers), `bench serve` (the served pipeline under load)"),
 }
