@@ -101,7 +101,7 @@ class GatewayCore:
 
         `fork_of`: the id of a request submitted just before with `dispatch=False`; when both
         have the same prompt, they share its prefill."""
-        reject = self._rejection()
+        reject = self.rejection()
         if reject:
             sink(P.Error(client_id, *reject))
             return None
@@ -133,7 +133,8 @@ class GatewayCore:
         """Whether the request is still in the core (not answered in full, not refused)."""
         return gid in self.attempt_of
 
-    def _rejection(self) -> tuple[str, str] | None:
+    def rejection(self) -> tuple[str, str] | None:
+        """(error type, message) of the refusal a request arriving now would get, or None."""
         if self.draining:
             return "unavailable", "the server is shutting down"
         for role in ("prefill", "decode"):

@@ -33,7 +33,7 @@ class FrontDoor:
 
     def rejection(self) -> tuple[str, str] | None:
         """(error type, message) of the refusal a request arriving now would get, or None."""
-        return self.core._rejection()
+        return self.core.rejection()
 
     def refuse(self, route: str, error_type: str) -> None:
         """Count a request refused before it reached the core (e.g. without the API key)."""

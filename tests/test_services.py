@@ -14,20 +14,12 @@ import zmq
 
 from cluster import Cluster, wait_for
 from conftest import load_cpu
+from splitserve.bench.traffic import PROMPTS
 from splitserve.client import Client, GenerationError, GenerationTimeout
 from splitserve.common.request import GenerateRequest
 from splitserve.common.sampling import SamplingParams
 from splitserve.common.zmq_util import free_port
 from splitserve.engine import Engine, EngineOptions
-
-PROMPTS = [
-    "def fibonacci(n):\n    ",
-    "import os\nimport sys\n\n",
-    "class Stack:\n    def __init__(self):\n        self.items = []\n",
-    "for i in range(10):\n\tprint(i)  # 🐍\n",
-    "x = {'a': 1, 'b': [1, 2, 3]}\n",
-    "# 变量 and strings\nname = '日本語'\n",
-]
 
 
 def request_specs(n: int) -> list[dict]:
