@@ -157,7 +157,13 @@ def add_worker_args(p: argparse.ArgumentParser, role: str) -> None:
     p.set_defaults(role=role)
 
 
+WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]", "*"}
+
+
 def worker_options(ns: argparse.Namespace) -> WorkerOptions:
+    if not ns.advertise_host and ns.host in WILDCARD_HOSTS:
+        # Peers would be told to dial 0.0.0.0, which reaches only themselves.
+        raise ValueError(f"--host {ns.host} binds every interface; give --advertise-host, the address peers dial")
     host_id = ns.host_id or default_host_id()
     worker_id = ns.worker_id or f"{ns.role}-{socket.gethostname()}-{os.getpid()}"
     return WorkerOptions(

@@ -275,3 +275,10 @@ def test_k8s_schema_check_is_not_vacuous():
     container(deployment)["readynessProbe"] = {}  # a misspelt key
     with pytest.raises(pytest.fail.Exception, match="readynessProbe"):
         k8s_valid(deployment)
+
+
+def test_a_worker_bound_to_every_interface_must_say_what_peers_dial(capsys):
+    from splitserve.cli import main
+
+    assert main(["decode", "--host", "0.0.0.0", "--gateway", "tcp://127.0.0.1:1"]) == 2
+    assert "--advertise-host" in capsys.readouterr().err
