@@ -86,6 +86,9 @@ def _check_encoding(encoding: str) -> bool:
     return encoding == "msgpack"
 
 
+CONNECTION_LOST = "the connection to the gateway closed"
+
+
 class WebSocketClient(SyncClientBase):
     """A connection to a gateway's /ws, usable from many threads at once. A reader thread hands each
     reply to its request; a writer thread sends, so that a stream dropped anywhere (its __del__
@@ -105,12 +108,17 @@ class WebSocketClient(SyncClientBase):
         self._lock = threading.Lock()  # the routes, shared by callers and the two threads
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
+        self._lost = False  # the connection is gone: later requests fail at once
         self._threads = [threading.Thread(target=f, name=f"splitserve-ws-{f.__name__.strip('_')}", daemon=True)
                          for f in (self._read, self._write)]
         for t in self._threads:
             t.start()
 
     def _start(self, msg: Generate, inbox: queue.SimpleQueue) -> None:
+        # the caller holds the lock, so the reader's end cannot slip between the check and the route
+        if self._lost:
+            inbox.put(Error(msg.id, "unavailable", CONNECTION_LOST))
+            return
         self._routes[msg.id] = inbox
         self._outbox.put(_generate_frame(msg, self._binary))
 
@@ -127,7 +135,9 @@ class WebSocketClient(SyncClientBase):
         except (OSError, WebSocketException):
             pass
         finally:
-            self._deliver(Error("", "unavailable", "the connection to the gateway closed"))
+            with self._lock:
+                self._lost = True
+            self._deliver(Error("", "unavailable", CONNECTION_LOST))
             self._outbox.put(None)
 
     def _deliver(self, msg) -> None:
@@ -183,6 +193,7 @@ class AsyncWebSocketClient:
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._lost = False  # the connection is gone: later requests fail at once
 
     @classmethod
     async def connect(cls, url: str, api_key: str | None = None, **options) -> AsyncWebSocketClient:
@@ -210,8 +221,11 @@ class AsyncWebSocketClient:
         msg = new_generate(prompt, **options)
         msg.api_key = self._api_key
         inbox: asyncio.Queue = asyncio.Queue()
-        self._routes[msg.id] = inbox
-        self._outbox.put_nowait(_generate_frame(msg, self._binary))
+        if self._lost:
+            inbox.put_nowait(Error(msg.id, "unavailable", CONNECTION_LOST))
+        else:
+            self._routes[msg.id] = inbox
+            self._outbox.put_nowait(_generate_frame(msg, self._binary))
         return AsyncStream(msg, inbox, self._cancel, self._cancel_later)
 
     def _cancel(self, request_id: str) -> None:
@@ -234,7 +248,8 @@ class AsyncWebSocketClient:
         except (OSError, WebSocketException):
             pass
         finally:
-            closed = Error("", "unavailable", "the connection to the gateway closed")
+            self._lost = True
+            closed = Error("", "unavailable", CONNECTION_LOST)
             for inbox in route(self._routes, closed):
                 inbox.put_nowait(closed)
 

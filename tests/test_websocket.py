@@ -10,7 +10,7 @@ import msgspec
 import pytest
 from websockets.sync.client import connect
 
-from cluster import Cluster, wait_for
+from cluster import Cluster, http_json, wait_for
 from splitserve.client import AsyncWebSocketClient, Client, UnavailableError, ValidationError, WebSocketClient
 
 PROMPTS = ["def fibonacci(n):\n    ", "import os\nimport sys\n\n", "class Stack:\n    def __init__(self):\n",
@@ -152,3 +152,30 @@ def test_closing_the_socket_cancels_its_requests(cluster, url):
 
 def in_flight_is_zero(c: Cluster) -> None:
     wait_for(lambda: c.metric("splitserve_requests_in_flight") == 0, 30, "no request in flight")
+
+
+def test_requests_after_the_connection_died_fail_at_once(home, tiny_dir):
+    """Whether a request starts before or after the reader sees the close, it fails with
+    UnavailableError, not after its own timeout."""
+    with Cluster(home) as c:
+        wait_for(lambda: http_json(c.port, "/health"), 60, "the HTTP front")
+        ws_url = c.url.replace("http", "ws") + "/ws"
+        with WebSocketClient(ws_url) as client:
+            c.gateway.kill()
+            c.gateway.wait()
+            for _ in range(2):  # the second surely after the close was seen
+                with pytest.raises(UnavailableError):
+                    client.generate("def f():", max_new_tokens=2, timeout=600)
+
+        async def run_async() -> None:
+            c.gateway = c._spawn("gateway", "--zmq-port", str(c.zmq_port), "--worker-port", str(c.worker_port),
+                                 "--port", str(c.port))
+            wait_for(lambda: http_json(c.port, "/health"), 60, "the HTTP front")
+            async with AsyncWebSocketClient(ws_url) as client:
+                c.gateway.kill()
+                c.gateway.wait()
+                for _ in range(2):
+                    with pytest.raises(UnavailableError):
+                        await client.generate("def f():", max_new_tokens=2, timeout=600)
+
+        asyncio.run(asyncio.wait_for(run_async(), 120))
