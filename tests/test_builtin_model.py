@@ -1,4 +1,4 @@
-"""The built-in tiny model: made once from a fixed seed, a normal Hugging Face checkpoint."""
+"""The built-in tiny-random model: made once from a fixed seed, a normal Hugging Face checkpoint."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def test_tiny_has_the_reference_shape(tiny_dir):
 
 def test_second_call_reuses_the_checkpoint(tiny_dir, home):
     stamp = (tiny_dir / "model.safetensors").stat().st_mtime_ns
-    assert resolve_model("tiny", home) == tiny_dir
+    assert resolve_model("tiny-random", home) == tiny_dir
     assert (tiny_dir / "model.safetensors").stat().st_mtime_ns == stamp
 
 
@@ -42,7 +42,7 @@ def test_transformers_loads_it(tiny_dir):
 
 
 def test_model_path_command_prints_the_directory(tiny_dir, home):
-    out = subprocess.run([sys.executable, "-m", "splitserve.cli", "model-path", "tiny", "--home", str(home)],
+    out = subprocess.run([sys.executable, "-m", "splitserve.cli", "model-path", "tiny-random", "--home", str(home)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(tiny_dir)
