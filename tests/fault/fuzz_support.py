@@ -4,12 +4,10 @@ a client that streams good requests for as long as the fuzzing runs and checks e
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
-from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, settings
 
-from cluster import Cluster, wait_for
+from cluster import wait_for
 from splitserve.client import Client
 
 MAX_TOTAL_TOKENS = 96  # an accepted fuzz request generates at most this many tokens
@@ -26,16 +24,6 @@ FUZZ_SETTINGS = dict(derandomize=True, database=None, deadline=None, print_blob=
 
 def fuzz_settings(max_examples: int) -> settings:
     return settings(max_examples=max_examples, **FUZZ_SETTINGS)
-
-
-@contextmanager
-def fuzz_cluster(home: Path):
-    with Cluster(home, max_total_tokens=MAX_TOTAL_TOKENS, max_concurrent_requests=MAX_CONCURRENT) as c:
-        limit = ("--max-total-tokens", str(MAX_TOTAL_TOKENS))
-        c.add_worker("prefill", *limit)
-        c.add_worker("decode", "--num-slots", "16", *limit)
-        c.wait_registered()
-        yield c
 
 
 class GoodTraffic:

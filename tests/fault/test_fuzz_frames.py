@@ -11,13 +11,12 @@ import itertools
 import math
 
 import msgspec
-import pytest
 import zmq
 from hypothesis import given
 from hypothesis import strategies as st
 from websockets.sync.client import connect
 
-from fuzz_support import MAX_TOTAL_TOKENS, PROMPT, GoodTraffic, fuzz_cluster, fuzz_settings
+from fuzz_support import MAX_TOTAL_TOKENS, PROMPT, fuzz_settings
 from splitserve.common import protocol as P
 from splitserve.gateway import websocket as W
 
@@ -233,21 +232,8 @@ def _probe_frame(front, n: int) -> bytes | str:
     return msgspec.json.encode(probe).decode()
 
 
-@pytest.fixture(scope="module")
-def cluster(home, tiny_dir):
-    with fuzz_cluster(home) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def traffic(cluster):
-    with GoodTraffic(cluster.endpoint) as t:
-        yield t
-    t.check()
-
-
-def test_zmq_front_answers_every_frame(cluster, traffic):
-    front, probes = ZmqFront(cluster.endpoint), itertools.count()
+def test_zmq_front_answers_every_frame(fuzzed_cluster, good_traffic):
+    front, probes = ZmqFront(fuzzed_cluster.endpoint), itertools.count()
     decoder = P.decoder(P.ClientMessage)
 
     @fuzz_settings(EXAMPLES)
@@ -264,12 +250,12 @@ def test_zmq_front_answers_every_frame(cluster, traffic):
         fuzz()
     finally:
         front.close()
-    assert all(p.poll() is None for p in cluster.procs)
+    assert all(p.poll() is None for p in fuzzed_cluster.procs)
 
 
-def test_websocket_answers_every_frame(cluster, traffic):
+def test_websocket_answers_every_frame(fuzzed_cluster, good_traffic):
     probes = itertools.count()
-    with connect(cluster.url.replace("http://", "ws://") + "/ws", max_size=None) as ws:
+    with connect(fuzzed_cluster.url.replace("http://", "ws://") + "/ws", max_size=None) as ws:
         front = WsFront(ws)
 
         @fuzz_settings(EXAMPLES)
@@ -279,16 +265,16 @@ def test_websocket_answers_every_frame(cluster, traffic):
             answer(front, ws_read(frame), next(probes))
 
         fuzz()
-    assert all(p.poll() is None for p in cluster.procs)
+    assert all(p.poll() is None for p in fuzzed_cluster.procs)
 
 
 NUMBERS = [name for name, (_, edge) in PARAMS.items() if edge in (edge_ints, edge_floats)]
 
 
-def test_every_number_at_the_edges(cluster, traffic):
+def test_every_number_at_the_edges(fuzzed_cluster, good_traffic):
     """Each numeric parameter at each edge of its type, on a sampled request that is otherwise
     sound: refused with a validation error, or run to its end; never a worker's failure."""
-    front, probes = ZmqFront(cluster.endpoint), itertools.count()
+    front, probes = ZmqFront(fuzzed_cluster.endpoint), itertools.count()
     try:
         for name in NUMBERS:
             for value in EDGE_FLOATS if PARAMS[name][1] is edge_floats else EDGE_INTS:

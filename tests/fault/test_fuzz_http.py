@@ -12,28 +12,15 @@ from hypothesis import given
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 
-from fuzz_support import GoodTraffic, fuzz_cluster, fuzz_settings
+from fuzz_support import fuzz_settings
 
 EXAMPLES_PER_ROUTE = 30
 OPEN_ROUTES = {"/health", "/metrics"}  # not JSON APIs: 503 while no worker is a state, not an error
 
 
 @pytest.fixture(scope="module")
-def cluster(home, tiny_dir):
-    with fuzz_cluster(home) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def traffic(cluster):
-    with GoodTraffic(cluster.endpoint) as t:
-        yield t
-    t.check()
-
-
-@pytest.fixture(scope="module")
-def api_schema(cluster, traffic):
-    return schemathesis.openapi.from_url(f"{cluster.url}/openapi.json")
+def api_schema(fuzzed_cluster, good_traffic):
+    return schemathesis.openapi.from_url(f"{fuzzed_cluster.url}/openapi.json")
 
 
 def errors_are_typed(ctx, response, case) -> bool | None:
