@@ -100,12 +100,16 @@ def chat_plan(ctx: ApiContext, body: ChatRequest) -> Plan:
         raise invalid("this model's tokenizer has no chat template (chat_template.jinja, or `chat_template` in "
                       "tokenizer_config.json), so chat completions are not available; use /v1/completions",
                       "messages")
-    if body.logprobs:
-        raise invalid("`logprobs` is not supported on chat completions; use /v1/completions", "logprobs")
+    top = body.top_logprobs
+    if top is not None and not body.logprobs:
+        raise invalid("`top_logprobs` needs `logprobs` set to true", "top_logprobs")
+    if top is not None and not 0 <= top <= MAX_TOP_N:
+        raise invalid(f"`top_logprobs` must be in [0, {MAX_TOP_N}]. Given: {top}", "top_logprobs")
     messages = [{"role": m.role, "content": _content_text(m.content)} for m in body.messages]
     ids = ctx.tokenizer.encode(render_chat(ctx.chat_template, messages))
     max_tokens = body.max_completion_tokens or body.max_tokens or max(1, ctx.limits.max_total_tokens - len(ids))
-    return Plan(_messages(body, [ids], max_tokens), [ids], body.n)
+    msgs = _messages(body, [ids], max_tokens, logprobs=body.logprobs, top_n=top or 0)
+    return Plan(msgs, [ids], body.n, logprobs=(top or 0) if body.logprobs else None)
 
 
 def _content_text(content) -> str:
@@ -265,13 +269,27 @@ def _logprobs(ctx: ApiContext, tokens: list[P.Token], start: int, echo_ids: list
 
 
 def _chat_choice(ctx: ApiContext, plan: Plan, k: int, answer: Answer) -> dict:
-    return {"index": k, "message": {"role": "assistant", "content": answer.text}, "logprobs": None,
-            "finish_reason": FINISH.get(answer.finish_reason)}
+    return {"index": k, "message": {"role": "assistant", "content": answer.text},
+            "logprobs": _chat_logprobs(ctx, plan, answer.tokens), "finish_reason": FINISH.get(answer.finish_reason)}
 
 
 def _chat_delta(ctx: ApiContext, plan: Plan, k: int, batch: P.TokenBatch, first: bool, offset: int) -> dict:
     text = "".join(t.text for t in batch.tokens)
-    return {"delta": {"role": "assistant", "content": text} if first else {"content": text}, "logprobs": None}
+    return {"delta": {"role": "assistant", "content": text} if first else {"content": text},
+            "logprobs": _chat_logprobs(ctx, plan, batch.tokens)}
+
+
+def _chat_logprobs(ctx: ApiContext, plan: Plan, tokens: list[P.Token]) -> dict | None:
+    """OpenAI's chat logprobs: each token with its logprob, bytes and top alternatives."""
+    if plan.logprobs is None:
+        return None
+
+    def entry(token_id: int, logprob: float | None) -> dict:
+        piece = ctx.piece(token_id)
+        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+
+    return {"content": [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top_tokens or ()]}
+                        for t in tokens]}
 
 
 COMPLETION = Shape("/v1/completions", "cmpl", "text_completion", "text_completion", _completion_choice,

@@ -86,7 +86,9 @@ class ChatMessage(BaseModel):
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
-    logprobs: bool = Field(False, description="not supported on chat completions (use /v1/completions)")
+    logprobs: bool = Field(False, description="logprob of each generated token, in `choices[].logprobs.content`")
+    top_logprobs: int | None = Field(None, description="with `logprobs`: this many most likely alternatives per "
+                                     "token (at most 5)", **schema(minimum=0, maximum=MAX_TOP_N))
 
 
 class ErrorDetail(BaseModel):

@@ -410,3 +410,38 @@ def test_metrics_parse_as_prometheus_text_and_move_with_traffic(cluster, http):
     (slots,) = families["splitserve_decode_slots"].samples
     assert slots.value == 16 and slots.labels["worker"].startswith("decode-")
     assert families["splitserve_requests_in_flight"].samples[0].value == 0
+
+
+def test_chat_completions_with_logprobs(home, tiny_dir, tmp_path):
+    import shutil
+
+    chat_dir = tmp_path / "chat-model"
+    shutil.copytree(tiny_dir, chat_dir)
+    (chat_dir / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    with Cluster(home, model=str(chat_dir)) as c, httpx.Client(base_url=c.url, timeout=60) as http:
+        c.add_worker("prefill")
+        c.add_worker("decode", "--num-slots", "4")
+        c.wait_registered()
+        wait_for(lambda: (http_json(c.port, "/health") or {}).get("status") == "ok", 60, "the HTTP front")
+        body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 5, "temperature": 0,
+                "logprobs": True, "top_logprobs": 2}
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        content = choice["logprobs"]["content"]
+        assert len(content) == 5 and "".join(e["token"] for e in content) == choice["message"]["content"]
+        for e in content:  # greedy: the chosen token is the most likely one
+            assert len(e["top_logprobs"]) == 2 and e["top_logprobs"][0]["logprob"] == pytest.approx(e["logprob"])
+            assert bytes(e["bytes"]) == e["token"].encode()
+        # the same prompt through the completions API: the same tokens and logprobs
+        prompt = PROMPT + "\n"
+        ref = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 5, "temperature": 0,
+                                                 "logprobs": 0}).json()["choices"][0]["logprobs"]
+        assert [e["logprob"] for e in content] == pytest.approx(ref["token_logprobs"])
+        streamed = sse(http.post("/v1/chat/completions", json={**body, "stream": True}))
+        tokens = [e for chunk in streamed[:-1] for ch in chunk["choices"] if ch["logprobs"]
+                  for e in ch["logprobs"]["content"]]
+        assert [e["token"] for e in tokens] == [e["token"] for e in content]
+        r = http.post("/v1/chat/completions", json={**body, "logprobs": False})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+        assert http.post("/v1/chat/completions", json={**body, "top_logprobs": 6}).status_code == 400
