@@ -58,3 +58,27 @@ def hf_model(path: Path):
     from transformers import GPTBigCodeForCausalLM
 
     return GPTBigCodeForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+# The fuzz tests' pipeline and the good streams running beside the fuzzing (tests/fault). They
+# live here because a second conftest.py would shadow this one's `from conftest import ...`.
+@pytest.fixture(scope="module")
+def fuzzed_cluster(home, tiny_dir):
+    from cluster import Cluster
+    from fuzz_support import MAX_CONCURRENT, MAX_TOTAL_TOKENS
+
+    with Cluster(home, max_total_tokens=MAX_TOTAL_TOKENS, max_concurrent_requests=MAX_CONCURRENT) as c:
+        limit = ("--max-total-tokens", str(MAX_TOTAL_TOKENS))
+        c.add_worker("prefill", *limit)
+        c.add_worker("decode", "--num-slots", "16", *limit)
+        c.wait_registered()
+        yield c
+
+
+@pytest.fixture(scope="module")
+def good_traffic(fuzzed_cluster):
+    from fuzz_support import GoodTraffic
+
+    with GoodTraffic(fuzzed_cluster.endpoint) as t:
+        yield t
+    t.check()
