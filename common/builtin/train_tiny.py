@@ -288,6 +288,8 @@ def train(opts: TrainOptions) -> TrainResult:
         torch.nn.utils.clip_grad_norm_(list(w.values()), 1.0)
         optimizer.step()
         step += 1
+        elapsed = time.perf_counter() - start
+        bar.update(1)
         if step == 1:
             calib_start = time.perf_counter()  # the first step is slower (allocator warm-up)
         if step == opts.calibration_steps and not opts.steps:
@@ -295,9 +297,8 @@ def train(opts: TrainOptions) -> TrainResult:
             total = max(int(opts.minutes * 60 / per_step), opts.warmup_steps + 1)
             bar.reset(total=total)
             bar.update(step)
-            print(f"\n{per_step:.2f} s/step: {total} steps fit in {opts.minutes:g} minutes (--steps {total} repeats this run)")
-        elapsed = time.perf_counter() - start
-        bar.update(1)
+            bar.write(f"{per_step:.2f} s/step: {total} steps fit in {opts.minutes:g} minutes "
+                      f"(--steps {total} repeats this run)")
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{step * batch.numel() / elapsed:,.0f}")
         if step % opts.eval_every == 0 or step == total:
             held_loss = mean_loss(w, cfg, held, opts.batch)
