@@ -95,6 +95,15 @@ class Cluster:
         self.workers[wid] = {"proc": proc, "metrics_port": port, "role": role}
         return wid
 
+    def start_pipeline(self, num_slots: int, *worker_args: str) -> None:
+        """One prefill and one decode worker (`worker_args` to both), registered and seen by the
+        gateway's HTTP front."""
+        self.add_worker("prefill", *worker_args)
+        self.add_worker("decode", "--num-slots", str(num_slots), *worker_args)
+        self.wait_registered()
+        wait_for(lambda: (http_json(self.port, "/health") or {}).get("status") == "ok", START_TIMEOUT_S,
+                 "the gateway to see its workers")
+
     def health(self, wid: str) -> dict | None:
         return http_json(self.workers[wid]["metrics_port"], "/health")
 

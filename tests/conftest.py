@@ -54,6 +54,19 @@ def load_cpu(path: Path, dtype=torch.float32):
     return load_model(path, dtype, torch.device("cpu"), progress=False)
 
 
+def prompt(n: int, seed: int) -> tuple[int, ...]:
+    """n random token ids (none of the special ones) from a seed."""
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randint(5, 8192, (n,), generator=gen).tolist())
+
+
+def req(i: int, n: int, new: int, **kw):
+    """Request r{i}: an n-token random prompt, `new` tokens, end-of-text ignored unless asked."""
+    from splitserve.common.request import GenerateRequest
+
+    return GenerateRequest(f"r{i}", prompt(n, i), new, ignore_eos=kw.pop("ignore_eos", True), **kw)
+
+
 def hf_model(path: Path):
     from transformers import GPTBigCodeForCausalLM
 
@@ -69,9 +82,7 @@ def fuzzed_cluster(home, tiny_dir):
 
     with Cluster(home, max_total_tokens=MAX_TOTAL_TOKENS, max_concurrent_requests=MAX_CONCURRENT) as c:
         limit = ("--max-total-tokens", str(MAX_TOTAL_TOKENS))
-        c.add_worker("prefill", *limit)
-        c.add_worker("decode", "--num-slots", "16", *limit)
-        c.wait_registered()
+        c.start_pipeline(16, *limit)
         yield c
 
 

@@ -13,7 +13,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from cluster import Cluster, wait_for
+from cluster import Cluster
 from splitserve.client import Client, UnauthorizedError, WebSocketClient
 from splitserve.gateway.auth import ApiKey, add_api_key_args, api_key_option, bearer
 
@@ -27,10 +27,7 @@ def cluster(home, tiny_dir, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("auth") / "api-key"
     key_file.write_text(KEY + "\n")
     with Cluster(home, api_key_file=str(key_file)) as c:
-        c.add_worker("prefill")
-        c.add_worker("decode", "--num-slots", "8")
-        c.wait_registered()
-        wait_for(lambda: httpx.get(f"{c.url}/health").status_code == 200, 30, "the gateway to see its workers")
+        c.start_pipeline(8)
         yield c
 
 

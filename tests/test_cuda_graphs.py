@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import load_cpu
+from conftest import load_cpu, req
 from splitserve.common.loading import load_model
 from splitserve.common.request import GenerateRequest
 from splitserve.common.sampling import SamplingParams
@@ -25,15 +25,6 @@ SLOTS, SLOT_LEN, KEY_STEP = 6, 512, 64  # batch buckets 1, 2, 4, 6; key buckets 
 @pytest.fixture(scope="module")
 def lm(tiny_dir):
     return load_cpu(tiny_dir)
-
-
-def prompt(n: int, seed: int) -> tuple[int, ...]:
-    gen = torch.Generator().manual_seed(seed)
-    return tuple(torch.randint(5, 8192, (n,), generator=gen).tolist())
-
-
-def req(i: int, n: int, new: int, **kw) -> GenerateRequest:
-    return GenerateRequest(f"r{i}", prompt(n, i), new, ignore_eos=True, **kw)
 
 
 def sampled(i: int, n: int, new: int, **kw) -> GenerateRequest:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import hf_model, load_cpu
+from conftest import hf_model, load_cpu, prompt, req
 from splitserve.common.limits import ValidationError
 from splitserve.common.request import FINISH_CANCELLED, GenerateRequest
 from splitserve.common.sampling import SamplingParams
@@ -15,15 +15,6 @@ from splitserve.engine import Engine, EngineOptions, GenerateResult, add_event
 @pytest.fixture(scope="module")
 def lm(tiny_dir):
     return load_cpu(tiny_dir)
-
-
-def prompt(n: int, seed: int) -> tuple[int, ...]:
-    gen = torch.Generator().manual_seed(seed)
-    return tuple(torch.randint(5, 8192, (n,), generator=gen).tolist())
-
-
-def req(i: int, n: int, new: int, **kw) -> GenerateRequest:
-    return GenerateRequest(f"r{i}", prompt(n, i), new, ignore_eos=kw.pop("ignore_eos", True), **kw)
 
 
 def alone(lm, request: GenerateRequest) -> GenerateResult:

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster import Cluster, http_json, wait_for
+from cluster import Cluster, wait_for
 from splitserve.client import Client
 from splitserve.common.sampling import derive_seed
 from splitserve.common.tokenizer import Tokenizer, fim_token_ids
@@ -22,10 +22,7 @@ MAX_TOTAL, MAX_INPUT = 2048, 2047  # tiny-random's defaults
 @pytest.fixture(scope="module")
 def cluster(home, tiny_dir):
     with Cluster(home) as c:
-        c.add_worker("prefill")
-        c.add_worker("decode", "--num-slots", "16")
-        c.wait_registered()
-        wait_for(lambda: (http_json(c.port, "/health") or {}).get("status") == "ok", 60, "the HTTP front")
+        c.start_pipeline(16)
         yield c
 
 
@@ -419,10 +416,7 @@ def test_chat_completions_with_logprobs(home, tiny_dir, tmp_path):
     shutil.copytree(tiny_dir, chat_dir)
     (chat_dir / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
     with Cluster(home, model=str(chat_dir)) as c, httpx.Client(base_url=c.url, timeout=60) as http:
-        c.add_worker("prefill")
-        c.add_worker("decode", "--num-slots", "4")
-        c.wait_registered()
-        wait_for(lambda: (http_json(c.port, "/health") or {}).get("status") == "ok", 60, "the HTTP front")
+        c.start_pipeline(4)
         body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 5, "temperature": 0,
                 "logprobs": True, "top_logprobs": 2}
         r = http.post("/v1/chat/completions", json=body)

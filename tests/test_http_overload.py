@@ -24,10 +24,7 @@ def test_unavailable_overloaded_and_disconnects(home, tiny_dir):
         assert "retry-after" not in r.headers  # only an overload says when to come back
         assert http.post("/v1/completions", json={"prompt": PROMPT}).status_code == 503
 
-        c.add_worker("prefill")
-        c.add_worker("decode", "--num-slots", "4")
-        c.wait_registered()
-        wait_for(lambda: http.get("/health").status_code == 200, 30, "the gateway to see its workers")
+        c.start_pipeline(4)
 
         with Client(c.endpoint) as zmq:
             running = zmq.stream(PROMPT, max_new_tokens=1500, ignore_eos=True, timeout=120)

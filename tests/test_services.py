@@ -99,9 +99,7 @@ def test_transports_give_identical_outputs(home, tiny_dir, lm, transport):
 
 def test_decode_worker_added_mid_run_gets_requests(home, tiny_dir):
     with Cluster(home) as c:
-        c.add_worker("prefill")
-        c.add_worker("decode", "--num-slots", "2")
-        c.wait_registered()
+        c.start_pipeline(2)
         done = threading.Event()
         errors = []
 
@@ -241,9 +239,7 @@ def test_mismatched_worker_is_refused_with_a_clear_reason(home, tiny_dir):
 
 def test_workers_register_again_after_a_gateway_restart(home, tiny_dir):
     with Cluster(home, heartbeat_timeout=1.0) as c:
-        c.add_worker("prefill")
-        c.add_worker("decode", "--num-slots", "4")
-        c.wait_registered()
+        c.start_pipeline(4)
         c.gateway.send_signal(signal.SIGKILL)
         c.gateway.wait()
         wait_for(lambda: not any((c.health(w) or {}).get("registered") for w in c.workers), 30,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from cluster import Cluster, http_json, wait_for
+from cluster import Cluster
 from conftest import hf_model, load_cpu
 from splitserve.common.attention import sdpa_prefill
 from splitserve.common.builtin_models import SHIPPED_TINY, resolve_model
@@ -67,10 +67,7 @@ def test_readme_completions_are_the_servers_greedy_outputs(home):
     examples = readme_examples()
     assert {name for name, *_ in examples} >= {"generate", "fim"}
     with Cluster(home, model="tiny") as c, httpx.Client(base_url=c.url, timeout=120) as http:
-        c.add_worker("prefill")
-        c.add_worker("decode", "--num-slots", "4")
-        c.wait_registered()
-        wait_for(lambda: (http_json(c.port, "/health") or {}).get("status") == "ok", 60, "the HTTP front")
+        c.start_pipeline(4)
         for name, route, body, expected in examples:
             got = http.post(route, json=body).json()
             if "choices" in expected:

@@ -31,9 +31,7 @@ def specs(n: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def cluster(home, tiny_dir):
     with Cluster(home) as c:
-        c.add_worker("prefill")
-        c.add_worker("decode", "--num-slots", "16")
-        c.wait_registered()
+        c.start_pipeline(16)
         yield c
 
 

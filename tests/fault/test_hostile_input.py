@@ -37,9 +37,7 @@ class Boom:
 @pytest.fixture(scope="module")
 def cluster(home, tiny_dir):
     with Cluster(home) as c:
-        c.add_worker("prefill")
-        c.add_worker("decode", "--num-slots", "8")
-        c.wait_registered()
+        c.start_pipeline(8)
         yield c
 
 

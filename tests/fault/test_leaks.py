@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from cluster import Cluster, http_json, wait_for
+from cluster import Cluster
 from splitserve.bench.server_state import rss_kib, wait_all_free
 from splitserve.bench.traffic import ENDINGS, FRONTS, GOOD, Clients, plan, run_all
 
@@ -36,10 +36,7 @@ def assert_all_free(c: Cluster) -> None:
 
 def test_a_thousand_mixed_requests_leave_nothing_held(home, tiny_dir):
     with Cluster(home) as c:
-        c.add_worker("prefill")
-        c.add_worker("decode", "--num-slots", "32")
-        c.wait_registered()
-        wait_for(lambda: (http_json(c.port, "/health") or {}).get("status") == "ok", 30, "the gateway's workers")
+        c.start_pipeline(32)
         procs = {"gateway": c.gateway, **{wid: w["proc"] for wid, w in c.workers.items()}}
 
         # The first tenth warms every path up (batch shapes, connections, caches); memory is then
