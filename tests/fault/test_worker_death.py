@@ -159,7 +159,7 @@ def test_gateway_restart_frees_the_work_it_routed(home, tiny_dir):
             c.gateway.wait()
         c.gateway = c._spawn("gateway", "--zmq-port", str(c.zmq_port), "--worker-port", str(c.worker_port),
                              "--port", str(c.port), "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT))
-        wait_for(lambda: (http_json(c.port, "/health") or {}).get("decode_workers") == 1, 60,
+        wait_for(lambda: (http_json(c.port, "/health") or {}).get("status") == "ok", 60,
                  "the workers to register with the new gateway")
         c.wait_idle()  # the slots the old gateway's requests held are free
         with Client(c.endpoint) as client:
