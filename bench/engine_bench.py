@@ -15,7 +15,7 @@ What a row means:
   `generate(max_new_tokens=1)`, which also computes only the last position's logits. The mixed
   batch is packed for splitserve and left-padded to its longest prompt for transformers; its
   `prompt_len` is the total of its prompts' tokens.
-- `floor_ms`: every layer's c_attn, attn c_proj, mlp c_fc and mlp c_proj as `F.linear` on the
+- `floor_ms`: every layer's c_attn, attn c_proj, mlp c_fc and mlp c_proj as one `addmm` each on the
   step's tokens, plus the LM head on one row per sequence.
 - `ms` and `floor_ms` are medians: after a warm-up, each measurement runs at least --repeats
   times, and more (up to MAX_RUNS) until --min-seconds have passed.
@@ -35,10 +35,9 @@ import sys
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from splitserve.common.builtin_models import resolve_model
@@ -167,9 +166,41 @@ class Repeats:
         return values
 
 
-def median_ms(fn, repeats: Repeats, device: torch.device) -> float:
+class Measurement(NamedTuple):
+    """One system's timing of one point, warmed up: `sample()` is one timed run (seconds, or what
+    `ms` expects) and `ms(samples)` sums a list of them up as milliseconds."""
+
+    sample: Callable[[], Any]
+    ms: Callable[[list], float]
+
+
+def median_ms(samples: list[float]) -> float:
+    return 1e3 * statistics.median(samples)
+
+
+def timing(fn, device: torch.device) -> Measurement:
     fn()  # warm-up: first-call allocations and lazy initialisation
-    return 1e3 * statistics.median(repeats.take(lambda: timed(fn, device)))
+    return Measurement(lambda: timed(fn, device), median_ms)
+
+
+def alone(m: Measurement, repeats: Repeats) -> float:
+    return m.ms(repeats.take(m.sample))
+
+
+def interleaved(jobs: dict[str, Measurement], repeats: Repeats, device: torch.device) -> dict[str, tuple[float, float]]:
+    """Rounds of one sample of every job in turn, so that a shared machine's slow and fast spells
+    fall on all of them alike (their ratios are what the benchmark reports). -> name: (ms, peak MB)."""
+    samples: dict[str, list] = {name: [] for name in jobs}
+    peaks = dict.fromkeys(jobs, 0.0)
+
+    def one_round() -> None:
+        for name, job in jobs.items():
+            reset_peak(device)
+            samples[name].append(job.sample())
+            peaks[name] = max(peaks[name], peak_mb(device))
+
+    repeats.take(one_round)
+    return {name: (job.ms(samples[name]), peaks[name]) for name, job in jobs.items()}
 
 
 def reset_peak(device: torch.device) -> None:
@@ -233,21 +264,28 @@ def random_prompts(lens: tuple[int, ...], vocab: int, device: torch.device) -> l
     return [torch.randint(1, vocab, (n,), generator=gen).to(device) for n in lens]
 
 
-def floor_ms(p: Params, tokens: int, rows: int, repeats: Repeats, device: torch.device) -> float:
+def floor(p: Params, tokens: int, rows: int, device: torch.device, times: int = 1) -> Measurement:
     """A forward's weight matrix products alone, back to back: each layer's four on `tokens` rows,
-    the LM head on `rows` (one per sequence)."""
+    the LM head on `rows` (one per sequence). A sample runs them `times` over, as a decode sample
+    runs its steps: one short run alone would find the weights evicted by the other systems."""
     x = torch.randn(tokens, p.cfg.n_embd, dtype=p.wte.dtype, device=device)  # [T, E]
     inner = torch.randn(tokens, p.cfg.n_inner, dtype=p.wte.dtype, device=device)  # [T, n_inner]
 
     def products():
-        for layer in p.layers:
-            F.linear(x, layer.qkv_w, layer.qkv_b)
-            F.linear(x, layer.proj_w, layer.proj_b)
-            F.linear(x, layer.fc_w, layer.fc_b)
-            F.linear(inner, layer.out_w, layer.out_b)
-        F.linear(x[:rows], p.lm_head)
+        for _ in range(times):
+            for layer in p.layers:
+                torch.addmm(layer.qkv_b, x, layer.qkv_wt)
+                torch.addmm(layer.proj_b, x, layer.proj_wt)
+                torch.addmm(layer.fc_b, x, layer.fc_wt)
+                torch.addmm(layer.out_b, inner, layer.out_wt)
+            torch.mm(x[:rows], p.lm_head_t)
 
-    return median_ms(products, repeats, device)
+    m = timing(products, device)
+    return m._replace(ms=lambda runs: m.ms(runs) / times)
+
+
+def floor_ms(p: Params, tokens: int, rows: int, repeats: Repeats, device: torch.device) -> float:
+    return alone(floor(p, tokens, rows, device), repeats)
 
 
 # --- the two systems ---------------------------------------------------------------------------
@@ -261,55 +299,70 @@ class SplitserveRunner:
         # the longest sequence; a step reads only its first B slots and its keys up to the bucket.
         longest = max((p.positions for p in decode), default=0)
         slot_len = min(-(-longest // KEY_BUCKET) * KEY_BUCKET, lm.cfg.n_positions)
-        self.decode = DecodeEngine(lm, max(p.batch_size for p in decode), slot_len, KEY_BUCKET) if decode else None
-        self.prefill = PrefillEngine(lm, max(sum(p.lens) for p in prefill)) if prefill else None
+        self.decode_engine = DecodeEngine(lm, max(p.batch_size for p in decode), slot_len, KEY_BUCKET) if decode else None
+        self.prefill_engine = PrefillEngine(lm, max(sum(p.lens) for p in prefill)) if prefill else None
 
-    def decode_ms(self, point: Point, prompts: list[torch.Tensor]) -> float:
+    def decode(self, point: Point, prompts: list[torch.Tensor]) -> Measurement:
         cfg = self.lm.cfg
         # [n_layer, 2, P, KVH, D]: every slot starts from the same random prompt KV
         kv = torch.randn(cfg.n_layer, 2, point.lens[0], cfg.kv_heads, cfg.head_dim, dtype=self.lm.dtype,
                          device=self.lm.device)
         self._decode(prompts, kv, 2)  # warm-up
-        runs = self.repeats.take(lambda: self._decode(prompts, kv, point.new_tokens))
-        return 1e3 * statistics.median(runs) / point.new_tokens
+        n = point.new_tokens
+        return Measurement(lambda: self._decode(prompts, kv, n), lambda runs: median_ms(runs) / n)
+
+    def decode_ms(self, point: Point, prompts: list[torch.Tensor]) -> float:
+        return alone(self.decode(point, prompts), self.repeats)
 
     def _decode(self, prompts: list[torch.Tensor], kv: torch.Tensor, steps: int) -> float:
         """Admit every prompt (untimed), then time `steps` steps, on the last of which all finish."""
         for i, ids in enumerate(prompts):
             request = GenerateRequest(f"bench-{i}", tuple(ids.tolist()), steps + 1, ignore_eos=True)
-            self.decode.admit(request, kv, first_token=int(ids[-1]))
+            self.decode_engine.admit(request, kv, first_token=int(ids[-1]))
         elapsed = timed(lambda: self._steps(steps), self.lm.device)
-        if self.decode.requests:
+        if self.decode_engine.requests:
             raise RuntimeError("decode requests outlived their max_new_tokens")
         return elapsed
 
     def _steps(self, n: int) -> None:
         for _ in range(n):
-            self.decode.step()
+            self.decode_engine.step()
 
-    def prefill_ms(self, point: Point, prompts: list[torch.Tensor]) -> float:
+    def prefill(self, point: Point, prompts: list[torch.Tensor]) -> Measurement:
         batch = [GenerateRequest(f"bench-{i}", tuple(ids.tolist()), 1, ignore_eos=True)
                  for i, ids in enumerate(prompts)]
-        return median_ms(lambda: self.prefill.run(batch), self.repeats, self.lm.device)
+        return timing(lambda: self.prefill_engine.run(batch), self.lm.device)
+
+    def prefill_ms(self, point: Point, prompts: list[torch.Tensor]) -> float:
+        return alone(self.prefill(point, prompts), self.repeats)
 
 
 class TransformersRunner:
     def __init__(self, model, pad_id: int, repeats: Repeats, device: torch.device):
         self.model, self.pad_id, self.repeats, self.device = model, pad_id, repeats, device
 
-    def decode_ms(self, point: Point, prompts: list[torch.Tensor]) -> float:
+    def decode(self, point: Point, prompts: list[torch.Tensor]) -> Measurement:
         ids, mask = self._left_padded(prompts)  # equal lengths: no padding
         n = point.new_tokens
         self._generate(ids, mask, 2)  # warm-up
-        # Interleaved, so that drift hits both alike.
-        pairs = self.repeats.take(lambda: (timed(lambda: self._generate(ids, mask, n + 1), self.device),
-                                           timed(lambda: self._generate(ids, mask, 1), self.device)))
-        full, one = zip(*pairs)
-        return 1e3 * (statistics.median(full) - statistics.median(one)) / n
+
+        def ms(pairs: list[tuple[float, float]]) -> float:
+            full, one = zip(*pairs)
+            return (median_ms(full) - median_ms(one)) / n
+
+        # A sample is a pair, so that drift hits both runs alike.
+        return Measurement(lambda: (timed(lambda: self._generate(ids, mask, n + 1), self.device),
+                                    timed(lambda: self._generate(ids, mask, 1), self.device)), ms)
+
+    def prefill(self, point: Point, prompts: list[torch.Tensor]) -> Measurement:
+        ids, mask = self._left_padded(prompts)
+        return timing(lambda: self._generate(ids, mask, 1), self.device)
+
+    def decode_ms(self, point: Point, prompts: list[torch.Tensor]) -> float:
+        return alone(self.decode(point, prompts), self.repeats)
 
     def prefill_ms(self, point: Point, prompts: list[torch.Tensor]) -> float:
-        ids, mask = self._left_padded(prompts)
-        return median_ms(lambda: self._generate(ids, mask, 1), self.repeats, self.device)
+        return alone(self.prefill(point, prompts), self.repeats)
 
     def _left_padded(self, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(p) for p in prompts)
@@ -329,19 +382,18 @@ class TransformersRunner:
 # --- the sweep ---------------------------------------------------------------------------------
 
 def measure(points: list[Point], lm: LoadedModel, runners: dict, repeats: Repeats) -> list[dict]:
-    floors: dict[tuple[int, int], float] = {}
     results = []
     bar = tqdm(points, desc="bench engine", unit="point", file=sys.stderr)
     for point in bar:
         bar.set_postfix_str(f"{point.phase} {point.label or point.curve} B={point.batch_size} P={point.prompt_len}")
         prompts = random_prompts(point.lens, lm.cfg.vocab_size, lm.device)
-        shape = (sum(point.lens) if point.phase == "prefill" else point.batch_size, point.batch_size)
-        if shape not in floors:
-            floors[shape] = floor_ms(lm.params, *shape, repeats, lm.device)
+        tokens = sum(point.lens) if point.phase == "prefill" else point.batch_size
+        jobs = {"floor": floor(lm.params, tokens, point.batch_size, lm.device, point.new_tokens)}
         for system, runner in runners.items():
-            reset_peak(lm.device)
-            ms = runner.decode_ms(point, prompts) if point.phase == "decode" else runner.prefill_ms(point, prompts)
-            results.append(result_row(system, point, ms, floors[shape], peak_mb(lm.device)))
+            jobs[system] = runner.decode(point, prompts) if point.phase == "decode" else runner.prefill(point, prompts)
+        got = interleaved(jobs, repeats, lm.device)
+        floor_ms_, _ = got.pop("floor")
+        results += [result_row(system, point, ms, floor_ms_, mem) for system, (ms, mem) in got.items()]
     return results
 
 

@@ -8,7 +8,8 @@ they compute at position 0 of their own slot and are ignored.
 
 Inputs need no copying at replay: a graph reads the engine's per-slot `tokens` and `positions`
 in place (tensors that never move), and computes the write index and the mask from them inside
-the graph. Outputs land in buffers kept here: logits [S, V] and the greedy tokens [S]. The argmax
+the graph. Outputs land in buffers kept here: logits [B, V] in the step's scratch buffer (shared
+by every shape, as the graphs replay one at a time) and the greedy tokens [S]. The argmax
 is part of every graph (a read of B x V logits, small beside the step), so an all-greedy batch
 samples inside the graph; any other batch runs `sample` on the logits afterwards.
 
@@ -24,7 +25,7 @@ from typing import Callable
 import torch
 
 from splitserve.common.attention import decode_mask
-from splitserve.common.model import DecodeViews, Params, decode_step, decode_views, decode_write_index, row_offsets
+from splitserve.common.model import DecodeBuffers, Params, decode_buffers, decode_scratch, decode_step, decode_write_index, row_offsets
 
 
 def batch_buckets(num_slots: int) -> list[int]:
@@ -52,11 +53,12 @@ class GraphedDecode:
                              f"({num_slots} slots of {slot_len})")
         self.params, self.kv, self.tokens, self.positions = params, kv, tokens, positions
         self.batch_sizes, self.key_lens = sorted(batch_sizes), sorted(key_lens)
-        self.logits = torch.empty(num_slots, cfg.vocab_size, dtype=kv.dtype, device=dev)
+        self.scratch = decode_scratch(cfg, kv)  # every shape's intermediates and logits, shared
         self.greedy = torch.zeros(num_slots, dtype=torch.long, device=dev)
         self._offsets = row_offsets(num_slots, cfg.kv_heads, slot_len, dev)
         self._key_index = torch.arange(slot_len, device=dev)
-        self._runs: dict[tuple[int, int], Callable[[], None]] = {}  # (B, key_len) -> a step
+        # (B, key_len) -> (a step, the logits it writes)
+        self._runs: dict[tuple[int, int], tuple[Callable[[], None], torch.Tensor]] = {}
         self.captured = capture
         if capture:
             self._capture()
@@ -76,23 +78,25 @@ class GraphedDecode:
         """One step; -> (B, logits [B, V], greedy tokens [B]), views of buffers that the next
         step overwrites. No host sync."""
         b, key_len = self.shape(prefix, longest)
-        run = self._runs.get((b, key_len))
-        if run is None:  # eager only: a captured runner holds every shape
-            run = self._runs[b, key_len] = self._eager(b, key_len)
+        got = self._runs.get((b, key_len))
+        if got is None:  # eager only: a captured runner holds every shape
+            got = self._runs[b, key_len] = self._eager(b, key_len)
+        run, logits = got
         run()
-        return b, self.logits[:b], self.greedy[:b]
+        return b, logits, self.greedy[:b]
 
-    def _eager(self, b: int, key_len: int) -> Callable[[], None]:
-        views = decode_views(self.kv, b, key_len)
-        return lambda: self._step(b, key_len, views)
+    def _eager(self, b: int, key_len: int) -> tuple[Callable[[], None], torch.Tensor]:
+        """A step at this shape, and the logits [B, V] it writes."""
+        bufs = decode_buffers(self.params.cfg, self.kv, self.scratch, b, key_len)
+        return (lambda: self._step(b, key_len, bufs)), bufs.logits
 
-    def _step(self, b: int, key_len: int, views: DecodeViews) -> None:
+    def _step(self, b: int, key_len: int, bufs: DecodeBuffers) -> None:
         p = self.params
         kvh = p.cfg.kv_heads
         positions = self.positions[:b]
         write_index = decode_write_index(self._offsets, positions, kvh)  # [B*KVH]
         mask = decode_mask(positions, key_len, kvh, self.kv.dtype, self._key_index)  # [B*KVH, 1, key_len]
-        logits = decode_step(p, self.tokens[:b], positions, views, write_index, mask, self.logits)  # [B, V]
+        logits = decode_step(p, self.tokens[:b], positions, bufs, write_index, mask)  # [B, V]
         torch.argmax(logits, -1, out=self.greedy[:b])
 
     def _capture(self) -> None:
@@ -109,13 +113,13 @@ class GraphedDecode:
             side = torch.cuda.Stream(dev)
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
-                for run in eager.values():
+                for run, _ in eager.values():
                     run()
             pool = torch.cuda.graph_pool_handle()
-            for shape, run in eager.items():
+            for shape, (run, logits) in eager.items():
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=side):
                     run()
-                self._runs[shape] = graph.replay
+                self._runs[shape] = graph.replay, logits
             torch.cuda.current_stream(dev).wait_stream(side)
         torch.cuda.synchronize(dev)

@@ -14,7 +14,7 @@ import torch
 
 from splitserve.common.attention import decode_mask
 from splitserve.common.loading import LoadedModel
-from splitserve.common.model import decode_step, decode_views, decode_write_index, row_offsets
+from splitserve.common.model import decode_buffers, decode_scratch, decode_step, decode_write_index, row_offsets
 from splitserve.common.request import (
     FINISH_EOS,
     FINISH_LENGTH,
@@ -74,7 +74,7 @@ class DecodeEngine:
         # Column 0 holds the end-of-text id (-1 when ignored), the rest the request's stop ids.
         self.stop_ids = torch.full((num_slots, 1 + MAX_STOP_TOKENS), -1, dtype=torch.long, device=dev)
         self.stop_codes = torch.tensor([FINISH_EOS] + [FINISH_STOP_TOKEN] * MAX_STOP_TOKENS, device=dev)
-        self.active = torch.zeros(num_slots, dtype=torch.bool, device=dev)
+        self.active = torch.zeros(num_slots, dtype=torch.long, device=dev)  # 0/1: added to positions
         self.sampling = SamplingTensors.empty(num_slots, dev)
         self.token_counts: torch.Tensor | None = None  # [S, V], made when a request needs penalties
         # Host mirrors, so that choosing B and the key bucket needs no sync.
@@ -82,11 +82,11 @@ class DecodeEngine:
         self._offset: dict[int, int] = {}  # slot -> its position minus the step counter
         self._steps = 0
         self._details = 0  # active requests that want logprobs or top tokens
-        self._views_key: tuple[int, int] | None = None  # (B, key_len) of the cached pool views
-        self._views = None
+        self._bufs_key: tuple[int, int] | None = None  # (B, key_len) of the cached step buffers
+        self._bufs = None
         self._offsets = row_offsets(num_slots, cfg.kv_heads, slot_len, dev)
         self._key_index = torch.arange(slot_len, device=dev)
-        self._logits = torch.empty(num_slots, cfg.vocab_size, dtype=lm.dtype, device=dev)
+        self._scratch = None if graphs else decode_scratch(cfg, self.kv)
         # --- CUDA graphs hook: steps at bucketed shapes (decode_worker/cuda_graphs.py); None runs
         # the exact prefix and the fine key bucket above. Captured last: graphs read the state above.
         self.static: GraphedDecode | None = None
@@ -118,7 +118,7 @@ class DecodeEngine:
         self.sampling.set_row(slot, request.sampling)
         if self.sampling.any_penalty:
             self._init_counts(slot, request, first_token)
-        self.active[slot] = True
+        self.active[slot] = 1
         self.requests[slot] = request
         self._offset[slot] = n - self._steps
         self._details += request.wants_details
@@ -136,7 +136,7 @@ class DecodeEngine:
         request = self.requests.pop(slot)
         self._offset.pop(slot)
         self._details -= request.wants_details
-        self.active[slot] = False
+        self.active[slot] = 0
         self.tokens[slot] = 0
         self.positions[slot] = 0
         self.end_pos[slot] = self.slot_len
@@ -181,13 +181,13 @@ class DecodeEngine:
 
     def _logits_exact(self, b: int) -> torch.Tensor:
         key_len = self.key_len()
-        if self._views_key != (b, key_len):
-            self._views_key, self._views = (b, key_len), decode_views(self.kv, b, key_len)
         cfg = self.lm.cfg
+        if self._bufs_key != (b, key_len):
+            self._bufs_key, self._bufs = (b, key_len), decode_buffers(cfg, self.kv, self._scratch, b, key_len)
         positions = self.positions[:b]
         write_index = decode_write_index(self._offsets, positions, cfg.kv_heads)
         mask = decode_mask(positions, key_len, cfg.kv_heads, self.lm.dtype, self._key_index)
-        return decode_step(self.lm.params, self.tokens[:b], positions, self._views, write_index, mask, self._logits)
+        return decode_step(self.lm.params, self.tokens[:b], positions, self._bufs, write_index, mask)
 
     def _finish_codes(self, new: torch.Tensor, next_pos: torch.Tensor, b: int) -> torch.Tensor:
         """Free rows finish never: their stop ids are -1 and their end lies past the slot."""

@@ -12,7 +12,7 @@ import torch
 
 from conftest import TEST_THREADS, hf_model, load_cpu
 from splitserve.common.attention import decode_mask, sdpa_prefill
-from splitserve.common.model import decode_step, decode_views, decode_write_index, prefill, row_offsets
+from splitserve.common.model import decode_buffers, decode_scratch, decode_step, decode_write_index, prefill, row_offsets
 from splitserve.common.model_config import ModelConfigError, model_config_from_dict
 
 CHECKPOINTS = ["tiny_dir", "mha_dir"]
@@ -59,8 +59,16 @@ def test_packed_batch_equals_each_prompt_alone(checkpoint):
         assert (last[i] - alone[0]).abs().max() <= 1e-5
 
 
+@pytest.fixture(params=[TEST_THREADS, 2])
+def threads(request):
+    """With two, decode runs its small attention on one thread and must hand the second back."""
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(TEST_THREADS)
+
+
 @torch.inference_mode()
-def test_prefill_then_decode_equals_full_forward(checkpoint):
+def test_prefill_then_decode_equals_full_forward(checkpoint, threads):
     lm, ref = load_cpu(checkpoint), hf_model(checkpoint)
     cfg = lm.cfg
     prompts = random_prompts(cfg.vocab_size, [9, 30, 2], seed=2)
@@ -68,6 +76,7 @@ def test_prefill_then_decode_equals_full_forward(checkpoint):
     staging = torch.zeros(cfg.n_layer, 2, len(flat), cfg.kv_heads, cfg.head_dim)
     logits = prefill(lm.params, flat, pos, lens, sdpa_prefill, kv_out=staging)
     pool = torch.zeros(cfg.n_layer, 2, 4, cfg.kv_heads, 64, cfg.head_dim)
+    scratch = decode_scratch(cfg, pool)
     start = 0
     for slot, n in enumerate(lens):  # slot 3 stays free: a masked row inside the prefix
         pool[:, :, slot, :, :n] = staging[:, :, start : start + n].transpose(2, 3)
@@ -80,8 +89,9 @@ def test_prefill_then_decode_equals_full_forward(checkpoint):
         positions = torch.tensor([len(s) - 1 for s in seqs] + [0])
         key_len = (int(positions.max()) + 1 + 7) // 8 * 8
         step = decode_step(lm.params, torch.cat([tokens, torch.zeros(1, dtype=torch.long)]), positions,
-                           decode_views(pool, 4, key_len), decode_write_index(row_offsets(4, cfg.kv_heads, 64, 'cpu'), positions, cfg.kv_heads),
+                           decode_buffers(cfg, pool, scratch, 4, key_len), decode_write_index(row_offsets(4, cfg.kv_heads, 64, 'cpu'), positions, cfg.kv_heads),
                            decode_mask(positions, key_len, cfg.kv_heads, torch.float32))
+        assert torch.get_num_threads() == threads
         for s, row in zip(seqs, step):
             assert (row - ref(torch.tensor([s])).logits[0, -1]).abs().max() <= 1e-4
         tokens = step[:3].argmax(-1)

@@ -132,7 +132,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: Repea
 def weight_bytes(p: Params) -> int:
     """Bytes a decode step reads of the weights: every layer, ln_f and the LM head (the embedding
     tables only at B rows, which the bound leaves out)."""
-    tensors = [t for layer in p.layers for t in layer] + [p.lnf_w, p.lnf_b, p.lm_head]
+    tensors = [t for layer in p.layers for t in layer] + [p.lnf_w, p.lnf_b, p.lm_head_t]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -203,13 +203,13 @@ class GraphRunner(SplitserveRunner):
         slot_len = min(-(-longest // KEY_BUCKET) * KEY_BUCKET, lm.cfg.n_positions)
         cuda = lm.device.type == "cuda"
         start = time.perf_counter()
-        self.decode = DecodeEngine(lm, max(p.batch_size for p in decode_points), slot_len, KEY_BUCKET,
-                                   graphs=cuda, graph_key_step=key_step)
+        self.decode_engine = DecodeEngine(lm, max(p.batch_size for p in decode_points), slot_len, KEY_BUCKET,
+                                          graphs=cuda, graph_key_step=key_step)
         self.capture_s = time.perf_counter() - start
-        self._static = self.decode.static
+        self._static = self.decode_engine.static
 
     def graphs(self, on: bool) -> None:
-        self.decode.static = self._static if on else None
+        self.decode_engine.static = self._static if on else None
 
 
 def measure_block(block: Block, lm: LoadedModel, hf, limits: Limits, repeats: Repeats, args, deadline: float,
@@ -222,10 +222,10 @@ def measure_block(block: Block, lm: LoadedModel, hf, limits: Limits, repeats: Re
     points = [j.point for j in block.jobs]
     cuda = lm.device.type == "cuda"
     ours = GraphRunner(lm, points, repeats, args.graph_key_step)
-    if ours.decode is not None:
+    if ours.decode_engine is not None:
         sink.engine(block.name, ours)
-    if ours.prefill is not None:
-        sink.doc["prefill_attention"] = ours.prefill.attn_name
+    if ours.prefill_engine is not None:
+        sink.doc["prefill_attention"] = ours.prefill_engine.attn_name
     theirs = TransformersRunner(hf, lm.cfg.eos_token_id or 0, repeats, lm.device)
     floors: dict[tuple[int, int], float] = {}
     for job in block.jobs:
@@ -285,7 +285,7 @@ class Sink:
         self.save()
 
     def engine(self, block: str, runner: GraphRunner) -> None:
-        d = runner.decode
+        d = runner.decode_engine
         graphs = len(d.static.shapes) if d.static is not None else 0
         self.doc["engines"].append(dict(block=block, num_slots=d.num_slots, slot_len=d.slot_len, graphs=graphs,
                                         capture_s=round(runner.capture_s, 2)))
