@@ -17,11 +17,14 @@ What a row means:
   `prompt_len` is the total of its prompts' tokens.
 - `floor_ms`: every layer's c_attn, attn c_proj, mlp c_fc and mlp c_proj as one `addmm` each on the
   step's tokens, plus the LM head on one row per sequence.
-- `ms` and `floor_ms` are medians: after a warm-up, each measurement runs at least --repeats
-  times, and more (up to MAX_RUNS) until --min-seconds have passed.
-- `peak_mem_mb`: CUDA `max_memory_allocated`, reset per measurement. On the CPU the process's
-  peak RSS from `getrusage`, weights included: a running maximum, which this resets before each
-  measurement through /proc/self/clear_refs where the kernel allows it.
+- `ms` and `floor_ms` are medians: after a warm-up, a point runs rounds of one floor, one
+  splitserve and one transformers sample in turn (so that a shared machine's slow spells fall on
+  all three alike), at least --repeats rounds and more (up to MAX_RUNS) until --min-seconds have
+  passed.
+- `peak_mem_mb`: of a system's warm-up and one run, taken before the next system runs. CUDA
+  `max_memory_allocated`, reset per measurement. On the CPU the process's peak RSS from
+  `getrusage`, weights included: a running maximum, which this resets before each measurement
+  through /proc/self/clear_refs where the kernel allows it.
 """
 
 from __future__ import annotations
@@ -187,20 +190,17 @@ def alone(m: Measurement, repeats: Repeats) -> float:
     return m.ms(repeats.take(m.sample))
 
 
-def interleaved(jobs: dict[str, Measurement], repeats: Repeats, device: torch.device) -> dict[str, tuple[float, float]]:
+def interleaved(jobs: dict[str, Measurement], repeats: Repeats) -> dict[str, float]:
     """Rounds of one sample of every job in turn, so that a shared machine's slow and fast spells
-    fall on all of them alike (their ratios are what the benchmark reports). -> name: (ms, peak MB)."""
+    fall on all of them alike (their ratios are what the benchmark reports). -> name: ms."""
     samples: dict[str, list] = {name: [] for name in jobs}
-    peaks = dict.fromkeys(jobs, 0.0)
 
     def one_round() -> None:
         for name, job in jobs.items():
-            reset_peak(device)
             samples[name].append(job.sample())
-            peaks[name] = max(peaks[name], peak_mb(device))
 
     repeats.take(one_round)
-    return {name: (job.ms(samples[name]), peaks[name]) for name, job in jobs.items()}
+    return {name: job.ms(samples[name]) for name, job in jobs.items()}
 
 
 def reset_peak(device: torch.device) -> None:
@@ -389,11 +389,17 @@ def measure(points: list[Point], lm: LoadedModel, runners: dict, repeats: Repeat
         prompts = random_prompts(point.lens, lm.cfg.vocab_size, lm.device)
         tokens = sum(point.lens) if point.phase == "prefill" else point.batch_size
         jobs = {"floor": floor(lm.params, tokens, point.batch_size, lm.device, point.new_tokens)}
+        peaks = {}
         for system, runner in runners.items():
+            # Each system's memory before the next runs at all: on the CPU the peak is the
+            # process's RSS, which keeps what an earlier system's allocator held on to.
+            reset_peak(lm.device)
             jobs[system] = runner.decode(point, prompts) if point.phase == "decode" else runner.prefill(point, prompts)
-        got = interleaved(jobs, repeats, lm.device)
-        floor_ms_, _ = got.pop("floor")
-        results += [result_row(system, point, ms, floor_ms_, mem) for system, (ms, mem) in got.items()]
+            jobs[system].sample()  # after the warm-up: one full run
+            peaks[system] = peak_mb(lm.device)
+        got = interleaved(jobs, repeats)
+        floor_ms_ = got.pop("floor")
+        results += [result_row(system, point, ms, floor_ms_, peaks[system]) for system, ms in got.items()]
     return results
 
 
