@@ -30,7 +30,6 @@ What a row means:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -53,6 +52,8 @@ from splitserve.common.runtime import DTYPE_NAMES, resolve_device, resolve_dtype
 from splitserve.common.tokenizer import TINY_TOKENIZER_PATH, Tokenizer
 from splitserve.decode_worker.engine import DecodeEngine
 from splitserve.prefill_worker.engine import PrefillEngine
+
+from .output import save
 
 MIXED_LENS = (32, 96, 160, 224, 288, 352, 416, 512)
 PREFILL_BATCH_PROMPT = 128
@@ -515,10 +516,5 @@ def run(args: argparse.Namespace) -> int:
     doc = {"device": describe_device(device, threads), "model": model_name, "dtype": DTYPE_NAMES[dtype],
            "threads": threads, "results": results}
     print(format_table(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=1) + "\n")
-    stem = args.json.stem if args.json else f"engine-{device.type}-{args.shape or Path(args.model).name}"
-    args.plot_dir.mkdir(parents=True, exist_ok=True)
-    print(f"plot: {plot_engine(doc, args.plot_dir / f'{stem}.png')}", file=sys.stderr)
+    save(doc, args.json, args.plot_dir, f"engine-{device.type}-{args.shape or Path(args.model).name}", plot_engine)
     return 0

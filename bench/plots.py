@@ -58,11 +58,11 @@ def _panel(ax, results: list[dict], phase: str, curve: str, x: str, title: str, 
                 ax.plot(*zip(*line), marker=marker, color=color, label=system + suffix)
         floor = sorted({(r[x], r["floor_ms"]) for r in mine})
         ax.plot(*zip(*floor), "--", marker=marker, color=FLOOR_COLOR, markersize=4, label="floor (matmuls)" + suffix)
-    _log_axes(ax, sorted({r[x] for r in rows}), x.replace("_", " "), ylabel)
+    log_axes(ax, sorted({r[x] for r in rows}), x.replace("_", " "), ylabel)
     ax.legend(fontsize=8)
 
 
-def _log_axes(ax, xs: list, xlabel: str, ylabel: str) -> None:
+def log_axes(ax, xs: list, xlabel: str, ylabel: str) -> None:
     """log2 x ticked at the measured values, log y; plain numbers, not powers, on both."""
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs)
@@ -99,7 +99,7 @@ def _mixed(ax, results: list[dict]) -> None:
                    label=f"{r['system']} mixed-8 ({tokens} tok)")
     ax.scatter(rows[0]["batch_size"], rows[0]["floor_ms"], marker="*", s=80, color=FLOOR_COLOR, zorder=3,
                label=f"floor mixed-8 ({tokens} tok)")
-    _log_axes(ax, sorted(ticks | {rows[0]["batch_size"]}), "batch size", "ms")
+    log_axes(ax, sorted(ticks | {rows[0]["batch_size"]}), "batch size", "ms")
     ax.legend(fontsize=8)
 
 

@@ -57,6 +57,8 @@ from tqdm import tqdm
 from splitserve.common.config import ModelOptions, add_model_args
 from splitserve.common.zmq_util import free_port
 
+from .output import save
+
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
 CDF_LEVELS = sorted({i / 100 for i in range(101)} | {0.995, 0.999})
 START_TIMEOUT_S = 180.0
@@ -678,10 +680,5 @@ def run(args: argparse.Namespace) -> int:
         "results": results, "ratios": ratio_rows,
     }
     print(format_table(results, ratio_rows))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=1) + "\n")
-    stem = args.json.stem if args.json else f"serve-cpu-{Path(args.model).name}-{args.scenario}"
-    args.plot_dir.mkdir(parents=True, exist_ok=True)
-    print(f"plot: {plot_serve(doc, args.plot_dir / f'{stem}.png')}", file=sys.stderr)
+    save(doc, args.json, args.plot_dir, f"serve-cpu-{Path(args.model).name}-{args.scenario}", plot_serve)
     return 0

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import statistics
@@ -42,6 +41,7 @@ from tqdm import tqdm
 
 from splitserve.common.config import add_model_args
 
+from .output import save
 from .server_state import rss_kib, wait_all_free
 from .serve_bench import CpuMeter, LocalPipeline, span, summary
 from .traffic import STREAMED, Clients, Plan, Trace, plan, run_all, tgi_stream_light
@@ -368,11 +368,6 @@ def run(args: argparse.Namespace) -> int:
     doc = {"device": describe_device(resolve_device(args.device), args.threads), "model": args.model,
            "threads": args.threads, "config": config, **measure(args)}
     print(format_table(doc))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=1) + "\n")
-    stem = args.json.stem if args.json else f"soak-cpu-{Path(args.model).name}"
-    args.plot_dir.mkdir(parents=True, exist_ok=True)
-    print(f"plot: {plot_soak(doc, args.plot_dir / f'{stem}.png')}", file=sys.stderr)
+    save(doc, args.json, args.plot_dir, f"soak-cpu-{Path(args.model).name}", plot_soak)
     failed = doc["soak"]["failed"] + doc["overload"]["at_limit"]["failed"] + doc["overload"]["overloaded"]["failed"]
     return 1 if failed or doc["soak"]["held_after"] or doc["overload"]["overloaded"]["held_after"] else 0

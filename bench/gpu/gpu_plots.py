@@ -13,7 +13,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-from matplotlib import ticker  # noqa: E402
+
+from splitserve.bench.plots import log_axes  # noqa: E402
 
 # (color, style) of each row label's line
 LINES = {"graphs": ("C0", "-"), "eager": ("C0", ":"), "splitserve": ("C0", "-"), "transformers": ("C1", "-")}
@@ -64,7 +65,7 @@ def _lines(ax, rows: list[dict], x: str, batches: list, title: str, ylabel: str)
         bound = sorted({(r[x], r["bound_ms"]) for r in mine})
         ax.plot(*zip(*bound), BOUND[1], color=BOUND[0], marker=marker, markersize=3,
                 label=f"{mine[0]['bound']} bound{suffix}")
-    _log_axes(ax, sorted({r[x] for r in rows}), x.replace("_", " "), ylabel)
+    log_axes(ax, sorted({r[x] for r in rows}), x.replace("_", " "), ylabel)
     ax.legend(fontsize=8)
 
 
@@ -76,21 +77,9 @@ def _ratios(ax, rows: list[dict]) -> None:
         if line:
             ax.plot(*zip(*line), style, marker="o", color=color, label=name)
     if rows:
-        _log_axes(ax, sorted({r["batch_size"] for r in rows}), "batch size", "x bound")
+        log_axes(ax, sorted({r["batch_size"] for r in rows}), "batch size", "x bound")
         ax.axhline(1.0, color=BOUND[0], linestyle=BOUND[1])
         ax.legend(fontsize=8)
-
-
-def _log_axes(ax, xs: list, xlabel: str, ylabel: str) -> None:
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(xs)
-    ax.xaxis.set_minor_locator(ticker.NullLocator())
-    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, which="both", alpha=0.3)
 
 
 def main(argv: list[str]) -> int:
