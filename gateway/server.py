@@ -104,8 +104,9 @@ class Gateway:
         # A restarted worker reuses its output socket's name: the new connection takes it over.
         self.worker_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.front = make_socket(self.ctx, zmq.ROUTER, P.MAX_CONTROL_BYTES)
-        # Replies to a client that went away must not pile up or raise.
-        self.front.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        # A reply to a client whose connection closed fails (EHOSTUNREACH) instead of vanishing:
+        # that is how the gateway learns the client is gone and stops its requests.
+        self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.worker_port = bind_endpoint(self.worker_sock, opts.host, opts.worker_port)
         self.zmq_port = bind_endpoint(self.front, opts.host, opts.zmq_port)
         self.core = GatewayCore(self.tokenizer, self.limits, self.registry, self._send_worker,
@@ -250,10 +251,23 @@ class Gateway:
             self.client_ids[key] = gid
 
     def _reply(self, identity: bytes, msg) -> None:
-        try:
-            self.front.send_multipart([identity, P.encode(msg)], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as e:
+        # NOBLOCK: a reply to a client 1,000 messages behind is dropped (that client times out)
+        # rather than stalling every other stream. An asyncio socket reports a failed send in the
+        # future it returns.
+        sent = self.front.send_multipart([identity, P.encode(msg)], flags=zmq.NOBLOCK)
+        sent.add_done_callback(lambda f: self._after_reply(identity, f))
+
+    def _after_reply(self, identity: bytes, sent: asyncio.Future) -> None:
+        e = None if sent.cancelled() else sent.exception()
+        if isinstance(e, zmq.ZMQError) and e.errno == zmq.EHOSTUNREACH:
+            self._client_gone(identity)
+        elif e is not None:
             log.debug("could not reply to a client: %s", e)
+
+    def _client_gone(self, identity: bytes) -> None:
+        """Its connection closed: nobody reads the rest, so its requests stop and free their slots."""
+        for key in [key for key in self.client_ids if key[0] == identity]:
+            self.door.cancel(self.client_ids.pop(key))
 
 
 def run(opts: GatewayOptions) -> int:

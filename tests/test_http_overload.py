@@ -1,13 +1,16 @@
 """Limits on a live gateway: 503 before any worker registers, 429 (with Retry-After) past
---max-concurrent-requests on every front end, and requests cancelled when their HTTP client goes away."""
+--max-concurrent-requests on every front end, and requests cancelled when their client goes away (HTTP, or
+a ZMQ connection that closes)."""
 
 from __future__ import annotations
 
 import httpx
 import pytest
+import zmq
 
 from cluster import Cluster, http_json, wait_for
 from splitserve.client import Client, OverloadedError, WebSocketClient
+from splitserve.common import protocol as P
 
 PROMPT = "def fibonacci(n):\n    "
 LONG = {"max_new_tokens": 1500}  # tiny-random's greedy text runs this long without an end-of-text
@@ -64,8 +67,25 @@ def test_unavailable_overloaded_and_disconnects(home, tiny_dir):
         wait_for(lambda: c.metric("splitserve_requests_total", route="/generate", outcome="cancelled") == 1,
                  30, "the abandoned request to be cancelled")
         in_flight_is_zero(c)
+        # and so is a ZMQ request whose client's connection closes without a Cancel
+        gone_client_streams_until_closed(c.endpoint)
+        wait_for(lambda: c.metric("splitserve_requests_total", route="zmq", outcome="cancelled") == 2,
+                 30, "the vanished ZMQ client's request to be cancelled")
+        in_flight_is_zero(c)
         # the one place is free again
         assert http.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 3}}).status_code == 200
+
+
+def gone_client_streams_until_closed(endpoint: str) -> None:
+    """A bare DEALER: one long request, its first reply, then the socket closes mid-stream."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(endpoint)
+    sock.send(P.encode(P.Generate("gone", PROMPT, params=P.GenerateParams(max_new_tokens=1500, ignore_eos=True))))
+    assert sock.poll(60_000), "no reply to the request"
+    assert isinstance(P.decode(P.decoder(P.GatewayToClient), sock.recv()), P.TokenBatch)
+    sock.close(linger=0)
+    ctx.term()
 
 
 def in_flight_is_zero(c: Cluster) -> None:
