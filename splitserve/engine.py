@@ -26,6 +26,8 @@ class EngineOptions:
     max_input_tokens: int = 0  # 0: max_total_tokens - 1
     prefill_token_budget: int = 0  # 0: max_total_tokens
     key_bucket: int = 8
+    cuda_graphs: bool = True  # decode replays captured graphs; ignored off CUDA, as by the decode worker
+    graph_key_step: int = 256
 
 
 @dataclass
@@ -45,7 +47,9 @@ class Engine:
         self.limits = Limits.derive(lm.cfg.n_positions, opts.max_total_tokens, opts.max_input_tokens,
                                     opts.prefill_token_budget)
         self.prefill = PrefillEngine(lm, self.limits.prefill_token_budget)
-        self.decode = DecodeEngine(lm, opts.num_slots, self.limits.max_total_tokens, opts.key_bucket)
+        self.decode = DecodeEngine(lm, opts.num_slots, self.limits.max_total_tokens, opts.key_bucket,
+                                   graphs=opts.cuda_graphs and lm.device.type == "cuda",
+                                   graph_key_step=opts.graph_key_step)
         self.waiting: deque[GenerateRequest] = deque()
         self.streams: dict[str, TextStream] = {}
         self.by_slot: dict[int, TextStream] = {}

@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
         do_sample=sampled,
     )
     prompt_ids = tuple(lm.tokenizer.encode(args.prompt))
-    engine = Engine(lm, EngineOptions(num_slots=1))
+    # One short request: capturing CUDA graphs would take longer than it saves.
+    engine = Engine(lm, EngineOptions(num_slots=1, cuda_graphs=False))
     (result,) = engine.generate([GenerateRequest("cli", prompt_ids, args.max_new_tokens, sampling)])
     if args.json:
         print(json.dumps({"token_ids": result.token_ids, "text": result.text}))
