@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import socket
 from importlib.metadata import version
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 5.0  # open connections get this long to finish once the gateway stops
 # A request body or WebSocket message is a control message, as on the ZMQ front.
 MAX_BODY_BYTES = P.MAX_CONTROL_BYTES
+FILES_BESIDES_CONNECTIONS = 256  # ZeroMQ sockets and their connections, logs, model files
 
 
 def build_app(ctx: ApiContext) -> FastAPI:
@@ -125,6 +127,19 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _allow_open_files(connections: int) -> None:
+    """Raise the soft open-file limit so that the connection limit, not it, is what binds (the
+    usual soft limit of 1024 would otherwise fail accept() first)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + FILES_BESIDES_CONNECTIONS
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            log.warning("open files are limited to %d, below --max-connections %d + %d", new, connections,
+                        FILES_BESIDES_CONNECTIONS)
+
+
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self):
@@ -135,12 +150,17 @@ class _Server(uvicorn.Server):
 class HttpServer:
     """uvicorn on a socket bound at construction, so a taken port fails the start and port 0 works."""
 
-    def __init__(self, app: FastAPI, host: str, port: int):
+    def __init__(self, app: FastAPI, host: str, port: int, max_connections: int):
         self.socket = _bind(host, port)
         self.port = self.socket.getsockname()[1]
-        # log_config None: uvicorn's loggers go through the process's own logging setup
+        _allow_open_files(max_connections)
+        # log_config None: uvicorn's loggers go through the process's own logging setup.
+        # limit_concurrency: past it uvicorn answers 503 and closes, so that idle or slow
+        # connections cannot take every file descriptor (and with them the ZeroMQ sockets). It
+        # counts the asking connection too, hence + 1: max_connections open ones are all served.
         config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S, ws_max_size=MAX_BODY_BYTES)
+                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S, ws_max_size=MAX_BODY_BYTES,
+                                limit_concurrency=max_connections + 1)
         self.server = _Server(config)
 
     async def serve(self) -> None:

@@ -61,6 +61,7 @@ class GatewayOptions:
     worker_port: int
     kv_transport: str
     max_concurrent_requests: int
+    max_connections: int  # HTTP and WebSocket
     api_key: ApiKey | None  # required of HTTP, WebSocket and ZMQ clients when set (auth.py)
 
 
@@ -80,12 +81,15 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
                    choices=["auto", "cuda_ipc", "shm", "tcp"], help="how KV moves from prefill to decode")
     p.add_argument("--max-concurrent-requests", type=int, default=int(env("SPLITSERVE_MAX_CONCURRENT", "512")),
                    help="requests in flight (running or waiting); beyond it, an overload error")
+    p.add_argument("--max-connections", type=int, default=int(env("SPLITSERVE_MAX_CONNECTIONS", "1024")),
+                   help="open HTTP and WebSocket connections; a request on one more gets 503 and its connection closed")
     add_api_key_args(p)
 
 
 def gateway_options(ns: argparse.Namespace) -> GatewayOptions:
     return GatewayOptions(model_options(ns), limit_options(ns), link_options(ns), ns.host, ns.port, ns.zmq_port,
-                          ns.worker_port, ns.kv_transport, ns.max_concurrent_requests, api_key_option(ns))
+                          ns.worker_port, ns.kv_transport, ns.max_concurrent_requests, ns.max_connections,
+                          api_key_option(ns))
 
 
 class Gateway:
@@ -115,7 +119,7 @@ class Gateway:
         self.door = FrontDoor(self.core, GatewayMetrics(self.core))
         api = ApiContext(self.door, self.tokenizer, self.limits, opts.model.model, load_chat_template(path),
                          opts.api_key)
-        self.http = HttpServer(build_app(api), opts.host, opts.port)
+        self.http = HttpServer(build_app(api), opts.host, opts.port, opts.max_connections)
         self.client_ids: dict[tuple[bytes, str], str] = {}  # (client identity, its id) -> gateway id
         self.instance = secrets.token_hex(8)  # tells workers whether they talk to the gateway they registered with
         self._stop = asyncio.Event()

@@ -4,6 +4,8 @@ a ZMQ connection that closes)."""
 
 from __future__ import annotations
 
+import socket
+
 import httpx
 import pytest
 import zmq
@@ -90,3 +92,16 @@ def gone_client_streams_until_closed(endpoint: str) -> None:
 
 def in_flight_is_zero(c: Cluster) -> None:
     wait_for(lambda: c.metric("splitserve_requests_in_flight") == 0, 30, "no request in flight")
+
+
+def test_connections_past_the_limit_get_503_until_one_closes(home, tiny_dir):
+    with Cluster(home, max_connections=2) as c:
+        wait_for(lambda: http_json(c.port, "/health"), 60, "the HTTP front")
+        idle = [socket.create_connection(("127.0.0.1", c.port)) for _ in range(2)]
+        # each call opens a connection of its own; the idle two are accepted in the meantime
+        refused = wait_for(lambda: (r := httpx.get(f"{c.url}/metrics")).status_code == 503 and r, 30,
+                           "a request past the connection limit to be refused")
+        assert refused.headers["connection"] == "close"
+        idle.pop().close()  # one idle and the asking one: two, at the limit
+        wait_for(lambda: httpx.get(f"{c.url}/metrics").status_code == 200, 30, "a connection to be free again")
+        idle.pop().close()
