@@ -121,6 +121,9 @@ class Register(msgspec.Struct, **_STRUCT):
     slot_len: int
     pid: int
     pid_namespace: str  # CUDA IPC needs the peers to share one (`pid: host` in containers)
+    # decode: the CURVE public key (Z85) of its KV endpoint, when the worker link uses CURVE: KV
+    # then travels encrypted and only to whoever the gateway gave the key; "" otherwise
+    kv_public_key: str = ""
 
 
 class Registered(msgspec.Struct, **_STRUCT):
@@ -152,6 +155,7 @@ class Prefill(msgspec.Struct, **_STRUCT):
     # Requests with the same prompt (OpenAI's `n`): one prefill, a first token sampled for each
     # with its own parameters, the one KV region handed to each.
     forks: list[GenerateRequest] = msgspec.field(default_factory=list)
+    decode_key: str = ""  # the decode worker's kv_public_key: "" means its KV endpoint is plain
 
 
 class FirstToken(msgspec.Struct, **_STRUCT):

@@ -16,6 +16,7 @@ import torch
 import zmq
 
 from splitserve.common import protocol as P
+from splitserve.common.curve import CurveKeys
 from splitserve.common.kv_transport import KvImporter, gpu_uuids
 from splitserve.common.limits import Limits
 from splitserve.common.loading import LoadedModel
@@ -47,7 +48,11 @@ class DecodeWorker:
                                    graph_key_step=opts.graph_key_step)
         self.importer = KvImporter(lm.device, lm.dtype)
         self.ctx = zmq.Context()
-        self.kv_sock = make_socket(self.ctx, zmq.ROUTER, P.MAX_KV_BYTES)
+        curve = opts.link.curve
+        # With CURVE on the worker link the KV link is encrypted too: this worker serves it with
+        # its own key pair, whose public half reaches prefill workers only through the gateway.
+        self.kv_curve = CurveKeys(curve.public, curve.secret) if curve is not None else None
+        self.kv_sock = make_socket(self.ctx, zmq.ROUTER, P.MAX_KV_BYTES, curve=self.kv_curve)
         port = bind_endpoint(self.kv_sock, opts.host, opts.kv_port)
         self.kv_endpoint = tcp_endpoint(opts.advertise_host, port)
         transports = ["cuda_ipc", "tcp"] if lm.device.type == "cuda" else ["shm", "tcp"]
@@ -78,12 +83,13 @@ class DecodeWorker:
             gpu_uuids=gpu_uuids(), device=str(lm.device), kv_endpoint=self.kv_endpoint, kv_transports=transports,
             capacity=num_slots, model_fingerprint=lm.fingerprint(), dtype=DTYPE_NAMES[lm.dtype],
             slot_len=self.limits.max_total_tokens, pid=os.getpid(), pid_namespace=pid_namespace(),
+            kv_public_key=self.kv_curve.public.decode() if self.kv_curve is not None else "",
         )
 
     def _health(self) -> dict:
         return {"role": "decode", "registered": self.link.registered, "draining": self.draining,
                 "slots_used": len(self.engine.requests), "slots_total": self.engine.num_slots,
-                "admitted": self.admitted, "kv_endpoint": self.kv_endpoint}
+                "admitted": self.admitted, "kv_endpoint": self.kv_endpoint, "kv_encrypted": self.kv_curve is not None}
 
     # ---- loop ---------------------------------------------------------------------------
 

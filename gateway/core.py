@@ -163,7 +163,7 @@ class GatewayCore:
                 s.decode, s.prefill, s.fork_of, s.shares_prefill = decode.id, prefill.id, None, s is not stream
             transport = self.registry.transport(prefill, decode)
             self.send(prefill, P.Prefill(stream.request, decode.id, decode.info.kv_endpoint, transport,
-                                         stream.deadline, [f.request for f in forks]))
+                                         stream.deadline, [f.request for f in forks], decode.info.kv_public_key))
 
     # ---- cancellation and deadlines -----------------------------------------------------
 

@@ -18,6 +18,7 @@ import torch
 import zmq
 
 from splitserve.common import protocol as P
+from splitserve.common.curve import CurveKeys
 from splitserve.common.kv_transport import allocate_staging, gpu_uuids, sweep_orphan_staging
 from splitserve.common.limits import Limits
 from splitserve.common.loading import LoadedModel
@@ -71,7 +72,8 @@ class PrefillWorker:
         self.queued_tokens = 0
         self.handoffs: dict[str, Handoff] = {}
         self.cancelled: dict[str, float] = {}
-        self.kv_socks: dict[str, zmq.Socket] = {}
+        self.kv_socks: dict[str, tuple[str, zmq.Socket]] = {}  # decode endpoint -> (its key, our socket)
+        self.kv_socks_made = 0  # so that the poller follows a socket replaced at the same endpoint
         self.ctx = zmq.Context()
         transports = [kind, "tcp"] if kind != "tcp" else ["tcp"]
         self.link = GatewayLink(self.ctx, opts.gateway, self._register(transports), opts.link.heartbeat_s,
@@ -106,8 +108,8 @@ class PrefillWorker:
             while not (self.draining and self._drained()):
                 if self.link.refused:
                     return 1
-                if sockets_seen != (self.link.generation, len(self.kv_socks)):
-                    poller, sockets_seen = self._poller(), (self.link.generation, len(self.kv_socks))
+                if sockets_seen != (self.link.generation, self.kv_socks_made):
+                    poller, sockets_seen = self._poller(), (self.link.generation, self.kv_socks_made)
                 busy = self.queue and self.regions.largest_free() > 0
                 for sock, _ in poller.poll(0 if busy else int(self.opts.link.heartbeat_s * 500)):
                     if sock is self.link.sock:
@@ -125,7 +127,7 @@ class PrefillWorker:
     def _poller(self) -> zmq.Poller:
         poller = zmq.Poller()
         poller.register(self.link.sock, zmq.POLLIN)
-        for sock in self.kv_socks.values():
+        for _, sock in self.kv_socks.values():
             poller.register(sock, zmq.POLLIN)
         return poller
 
@@ -256,7 +258,7 @@ class PrefillWorker:
 
     def _send_kv(self, rid: str) -> None:
         h = self.handoffs[rid]
-        sock = self._kv_socket(h.job.decode_endpoint)
+        sock = self._kv_socket(h.job.decode_endpoint, h.job.decode_key)
         res = h.result
         tcp = h.job.transport == "tcp"
         key = self.staging.tcp_key if tcp else self.staging.key
@@ -266,13 +268,25 @@ class PrefillWorker:
         sock.send_multipart([P.encode(ready), *frames], copy=False)
         h.sent_at = time.monotonic()
 
-    def _kv_socket(self, endpoint: str) -> zmq.Socket:
-        sock = self.kv_socks.get(endpoint)
-        if sock is None:
-            sock = make_socket(self.ctx, zmq.DEALER, P.MAX_CONTROL_BYTES)
-            sock.connect(endpoint)
-            self._send_staging(sock)
-            self.kv_socks[endpoint] = sock
+    def _kv_socket(self, endpoint: str, server_key: str) -> zmq.Socket:
+        """One socket per decode worker, CURVE-encrypted when the worker gave a key. A worker
+        restarted at the same address with a new key gets a new socket (the old one could never
+        complete a handshake again)."""
+        known = self.kv_socks.get(endpoint)
+        if known is not None and known[0] == server_key:
+            return known[1]
+        if known is not None:
+            known[1].close(0)
+        curve = None
+        if server_key:
+            mine = self.opts.link.curve
+            public, secret = (mine.public, mine.secret) if mine is not None else zmq.curve_keypair()
+            curve = CurveKeys(public, secret, server=server_key.encode())
+        sock = make_socket(self.ctx, zmq.DEALER, P.MAX_CONTROL_BYTES, curve=curve)
+        sock.connect(endpoint)
+        self._send_staging(sock)
+        self.kv_socks[endpoint] = server_key, sock
+        self.kv_socks_made += 1
         return sock
 
     def _send_staging(self, sock: zmq.Socket) -> None:
@@ -319,7 +333,7 @@ class PrefillWorker:
 
     def close(self) -> None:
         self.link.close()
-        for sock in self.kv_socks.values():
+        for _, sock in self.kv_socks.values():
             sock.close(0)
         self.staging.close()
         self.metrics.close()

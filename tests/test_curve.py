@@ -1,6 +1,6 @@
 """CURVE on the worker link: a gateway with a key pair answers only workers that know its public
 key and hold a key it lets in; everything else never gets a word from it, while its client
-front keeps serving in the clear."""
+front keeps serving in the clear. The KV link between the workers is then encrypted too."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 
 import pytest
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from cluster import Cluster, wait_for
 from splitserve.client import Client, UnavailableError
@@ -81,14 +82,38 @@ def test_only_workers_with_the_right_keys_are_answered(home, tiny_dir, keys):
 
 def test_workers_with_curve_keys_serve_and_a_worker_with_the_wrong_key_never_registers(home, tiny_dir, keys):
     with Cluster(home, curve_secret_file=keys["gateway"], curve_clients=keys["workers.dir"]) as c:
-        wids = [c.add_worker(role, "--curve-secret-file", keys["workers"], "--curve-server-key", keys["gateway.pub"])
-                for role in ("prefill", "decode")]
+        # KV as frames over the decode worker's socket, as between hosts: with CURVE it is encrypted too
+        wids = [c.add_worker(role, "--curve-secret-file", keys["workers"], "--curve-server-key", keys["gateway.pub"],
+                             "--kv-transport", "tcp") for role in ("prefill", "decode")]
         fooled = c.add_worker("prefill", "--curve-secret-file", keys["workers"], "--curve-server-key",
                               keys["impostor.pub"])
         c.wait_registered(*wids)
         with Client(c.endpoint) as client:
             assert len(client.generate("def f(x):", max_new_tokens=4, ignore_eos=True).token_ids) == 4
         assert not (c.health(fooled) or {}).get("registered")
+
+        decode = c.health(wids[1])
+        assert decode["kv_encrypted"]
+        assert handshake(decode["kv_endpoint"]) == "refused"  # nothing in the clear reaches the KV port
+        assert handshake(c.endpoint) == "done"  # while the client front is plain, as it should be
+
+
+def handshake(endpoint: str) -> str:
+    """How a plain (unencrypted) ZMQ peer's handshake with `endpoint` ends."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+    try:
+        sock.connect(endpoint)
+        assert monitor.poll(10_000), f"no handshake with {endpoint}"
+        event = recv_monitor_message(monitor)["event"]
+        return "done" if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else "refused"
+    finally:
+        sock.disable_monitor()
+        monitor.close(0)
+        sock.close(0)
+        ctx.term()
 
 
 def test_keys_and_options(tmp_path, keys):
