@@ -292,8 +292,8 @@ def floor_ms(p: Params, tokens: int, rows: int, repeats: Repeats, device: torch.
 # --- the two systems ---------------------------------------------------------------------------
 
 class SplitserveRunner:
-    def __init__(self, lm: LoadedModel, points: list[Point], repeats: Repeats):
-        self.lm, self.repeats = lm, repeats
+    def __init__(self, lm: LoadedModel, points: list[Point]):
+        self.lm = lm
         decode = [p for p in points if p.phase == "decode"]
         prefill = [p for p in points if p.phase == "prefill"]
         # One pool for the sweep, as a server has: slots for the largest batch, each as long as
@@ -311,9 +311,6 @@ class SplitserveRunner:
         self._decode(prompts, kv, 2)  # warm-up
         n = point.new_tokens
         return Measurement(lambda: self._decode(prompts, kv, n), lambda runs: median_ms(runs) / n)
-
-    def decode_ms(self, point: Point, prompts: list[torch.Tensor]) -> float:
-        return alone(self.decode(point, prompts), self.repeats)
 
     def _decode(self, prompts: list[torch.Tensor], kv: torch.Tensor, steps: int) -> float:
         """Admit every prompt (untimed), then time `steps` steps, on the last of which all finish."""
@@ -334,13 +331,10 @@ class SplitserveRunner:
                  for i, ids in enumerate(prompts)]
         return timing(lambda: self.prefill_engine.run(batch), self.lm.device)
 
-    def prefill_ms(self, point: Point, prompts: list[torch.Tensor]) -> float:
-        return alone(self.prefill(point, prompts), self.repeats)
-
 
 class TransformersRunner:
-    def __init__(self, model, pad_id: int, repeats: Repeats, device: torch.device):
-        self.model, self.pad_id, self.repeats, self.device = model, pad_id, repeats, device
+    def __init__(self, model, pad_id: int, device: torch.device):
+        self.model, self.pad_id, self.device = model, pad_id, device
 
     def decode(self, point: Point, prompts: list[torch.Tensor]) -> Measurement:
         ids, mask = self._left_padded(prompts)  # equal lengths: no padding
@@ -359,12 +353,6 @@ class TransformersRunner:
         ids, mask = self._left_padded(prompts)
         return timing(lambda: self._generate(ids, mask, 1), self.device)
 
-    def decode_ms(self, point: Point, prompts: list[torch.Tensor]) -> float:
-        return alone(self.decode(point, prompts), self.repeats)
-
-    def prefill_ms(self, point: Point, prompts: list[torch.Tensor]) -> float:
-        return alone(self.prefill(point, prompts), self.repeats)
-
     def _left_padded(self, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=self.device)  # [B, W]
@@ -382,6 +370,11 @@ class TransformersRunner:
 
 # --- the sweep ---------------------------------------------------------------------------------
 
+def measurement(runner, point: Point, prompts: list[torch.Tensor]) -> Measurement:
+    """A system's measurement of one point, warmed up."""
+    return runner.decode(point, prompts) if point.phase == "decode" else runner.prefill(point, prompts)
+
+
 def measure(points: list[Point], lm: LoadedModel, runners: dict, repeats: Repeats) -> list[dict]:
     results = []
     bar = tqdm(points, desc="bench engine", unit="point", file=sys.stderr)
@@ -395,12 +388,12 @@ def measure(points: list[Point], lm: LoadedModel, runners: dict, repeats: Repeat
             # Each system's memory before the next runs at all: on the CPU the peak is the
             # process's RSS, which keeps what an earlier system's allocator held on to.
             reset_peak(lm.device)
-            jobs[system] = runner.decode(point, prompts) if point.phase == "decode" else runner.prefill(point, prompts)
+            jobs[system] = measurement(runner, point, prompts)
             jobs[system].sample()  # after the warm-up: one full run
             peaks[system] = peak_mb(lm.device)
         got = interleaved(jobs, repeats)
-        floor_ms_ = got.pop("floor")
-        results += [result_row(system, point, ms, floor_ms_, peaks[system]) for system, ms in got.items()]
+        floor_time = got.pop("floor")
+        results += [result_row(system, point, ms, floor_time, peaks[system]) for system, ms in got.items()]
     return results
 
 
@@ -507,9 +500,9 @@ def run(args: argparse.Namespace) -> int:
     hf, lm = load_models(path, device, dtype)
     points = plan(sweep, lm.cfg.n_positions)
     repeats = Repeats(sweep.repeats, sweep.min_seconds)
-    runners = {"splitserve": SplitserveRunner(lm, points, repeats)}
+    runners = {"splitserve": SplitserveRunner(lm, points)}
     if not args.no_transformers:
-        runners["transformers"] = TransformersRunner(hf, lm.cfg.eos_token_id or 0, repeats, device)
+        runners["transformers"] = TransformersRunner(hf, lm.cfg.eos_token_id or 0, device)
     with torch.inference_mode():
         results = measure(points, lm, runners, repeats)
     model_name = f"{args.shape}-shape (random weights)" if args.shape else args.model

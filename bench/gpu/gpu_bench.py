@@ -38,7 +38,9 @@ from splitserve.bench.engine_bench import (
     Repeats,
     SplitserveRunner,
     TransformersRunner,
+    alone,
     floor_ms,
+    measurement,
     peak_mb,
     random_prompts,
     reset_peak,
@@ -193,8 +195,8 @@ class GraphRunner(SplitserveRunner):
     """engine_bench's splitserve runner, whose decode engine captures CUDA graphs; `graphs(False)`
     runs the same engine (and KV pool) eagerly, on exact shapes."""
 
-    def __init__(self, lm: LoadedModel, points: list[Point], repeats: Repeats, key_step: int):
-        super().__init__(lm, [p for p in points if p.phase == "prefill"], repeats)
+    def __init__(self, lm: LoadedModel, points: list[Point], key_step: int):
+        super().__init__(lm, [p for p in points if p.phase == "prefill"])
         decode_points = [p for p in points if p.phase == "decode"]
         self.capture_s = 0.0
         if not decode_points:
@@ -221,12 +223,12 @@ def measure_block(block: Block, lm: LoadedModel, hf, limits: Limits, repeats: Re
         return
     points = [j.point for j in block.jobs]
     cuda = lm.device.type == "cuda"
-    ours = GraphRunner(lm, points, repeats, args.graph_key_step)
+    ours = GraphRunner(lm, points, args.graph_key_step)
     if ours.decode_engine is not None:
         sink.engine(block.name, ours)
     if ours.prefill_engine is not None:
         sink.doc["prefill_attention"] = ours.prefill_engine.attn_name
-    theirs = TransformersRunner(hf, lm.cfg.eos_token_id or 0, repeats, lm.device)
+    theirs = TransformersRunner(hf, lm.cfg.eos_token_id or 0, lm.device)
     floors: dict[tuple[int, int], float] = {}
     for job in block.jobs:
         point = job.point
@@ -240,7 +242,7 @@ def measure_block(block: Block, lm: LoadedModel, hf, limits: Limits, repeats: Re
                 continue
             if shape not in floors:
                 floors[shape] = floor_ms(lm.params, *shape, repeats, lm.device)
-            ms = run_one(system, point, prompts, ours, theirs)
+            ms = run_one(system, point, prompts, ours, theirs, repeats)
             bound, kind = limits.bound_ms(lm.cfg, point)
             row = result_row("transformers" if system == "transformers" else "splitserve", point, ms, floors[shape],
                              peak_mb(lm.device))
@@ -252,14 +254,12 @@ def measure_block(block: Block, lm: LoadedModel, hf, limits: Limits, repeats: Re
 
 
 def run_one(system: str, point: Point, prompts: list[torch.Tensor], ours: GraphRunner,
-            theirs: TransformersRunner) -> float:
+            theirs: TransformersRunner, repeats: Repeats) -> float:
+    """One system alone: on a dedicated GPU there are no neighbours' spells to interleave against."""
     reset_peak(prompts[0].device)
-    if system == "transformers":
-        return theirs.decode_ms(point, prompts) if point.phase == "decode" else theirs.prefill_ms(point, prompts)
-    if point.phase == "prefill":
-        return ours.prefill_ms(point, prompts)
-    ours.graphs(system == "graphs")
-    return ours.decode_ms(point, prompts)
+    if system != "transformers" and point.phase == "decode":
+        ours.graphs(system == "graphs")
+    return alone(measurement(theirs if system == "transformers" else ours, point, prompts), repeats)
 
 
 # --- results ---------------------------------------------------------------------------------
