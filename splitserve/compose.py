@@ -4,12 +4,16 @@ Every worker container sees every GPU of the node and picks its own with `--devi
 a CUDA IPC handle can only be opened by a process that sees the GPU it came from. `ipc: host`
 and `pid: host` let CUDA IPC (and, on CPU, the /dev/shm staging) work across containers, and
 all workers claim one `--host-id`, so the gateway treats the containers as one machine.
+
+An API key file and CURVE key pairs reach the containers as compose secrets (read-only bind
+mounts under /run/secrets), each container getting only the files it reads: a worker holding
+the gateway's secret key could pose as the gateway.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from splitserve.common.builtin_models import is_builtin
@@ -24,6 +28,11 @@ CPU_BUILD_ARGS = {"BUILD_BASE": "ubuntu:24.04", "RUNTIME_BASE": "ubuntu:24.04",
                   "TORCH_INDEX_URL": "https://download.pytorch.org/whl/cpu"}
 # The repository root when running from a checkout; an installed package has no Dockerfile beside it.
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SECRETS_DIR = "/run/secrets"  # where compose mounts a service's secrets
+# --curve-dir: a pair for the gateway and one the workers share, as `splitserve keygen` writes them
+CURVE_FILES = ("gateway.key", "gateway.key_secret", "worker.key", "worker.key_secret")
+API_KEY = "api-key"  # the API key's secret, and its file under SECRETS_DIR
+CURVE_CLIENTS = "curve-clients"  # the gateway's --curve-clients: a directory holding worker.key alone
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,8 @@ class Plan:
     model: str  # a built-in name, or a checkpoint directory on the host
     threads: int  # PyTorch threads per worker
     bind: str  # host address the gateway's ports are published on
+    api_key_file: Path | None = None  # on the host: the key the gateway asks every client for
+    curve_dir: Path | None = None  # on the host: CURVE_FILES, for the worker link
 
 
 def parse_gpus(spec: str, flag: str) -> tuple[int, ...]:
@@ -69,23 +80,45 @@ def cpu_plan(prefill_workers: int, decode_workers: int, model: str, threads: int
     return Plan(("cpu",) * prefill_workers, ("cpu",) * decode_workers, model, threads, bind)
 
 
+def secured(plan: Plan, api_key_file: str, curve_dir: str) -> Plan:
+    """`plan` with the API key and the CURVE keys that are given ("": none), checked on the host."""
+    api_key = Path(api_key_file).expanduser().resolve() if api_key_file else None
+    if api_key and not api_key.is_file():
+        raise ValueError(f"--api-key-file {api_key_file!r} is not a file")
+    return replace(plan, api_key_file=api_key, curve_dir=_curve_dir(curve_dir) if curve_dir else None)
+
+
+def _curve_dir(spec: str) -> Path:
+    directory = Path(spec).expanduser().resolve()
+    missing = [name for name in CURVE_FILES if not (directory / name).is_file()]
+    if missing:
+        raise ValueError(f"--curve-dir {spec!r} lacks {', '.join(missing)}: write them with "
+                         f"`splitserve keygen {spec} --name gateway` and `splitserve keygen {spec} --name worker`")
+    return directory
+
+
 def compose_file(plan: Plan, out_dir: Path) -> dict:
     """The compose document; `out_dir` is where it will be written (build paths are relative to it)."""
     cpu = plan.prefill[0] == "cpu"
     model_arg, volumes = _model(plan.model)
-    services = {"gateway": _gateway(model_arg, volumes, plan.bind)}
+    services = {"gateway": _with_secrets(_gateway(model_arg, volumes, plan.bind), *_gateway_secrets(plan))}
     for role, devices in (("prefill", plan.prefill), ("decode", plan.decode)):
         for i, device in enumerate(devices):
             # a GPU worker is named by its GPU, so that the file reads like the node
             name = f"{role}-{device.removeprefix('cuda:') if device.startswith('cuda:') else i}"
-            services[name] = _worker(role, name, device, model_arg, volumes, plan.threads)
+            services[name] = _with_secrets(_worker(role, name, device, model_arg, volumes, plan.threads),
+                                           *_worker_secrets(plan))
     # Every service builds the same image (Docker's layer cache makes the repeats free), so that
     # `up` works with nothing built beforehand and no registry.
     for name, service in services.items():
         # a new build dict each: PyYAML writes one shared by two services as an anchor and an alias
         build = _build(out_dir, cpu)
         services[name] = {"image": CPU_IMAGE if cpu else IMAGE, **({"build": build} if build else {}), **service}
-    return {"name": "splitserve-cpu" if cpu else "splitserve", "services": services}
+    doc = {"name": "splitserve-cpu" if cpu else "splitserve", "services": services}
+    secrets = _secret_files(plan)
+    if secrets:
+        doc["secrets"] = secrets
+    return doc
 
 
 def _model(model: str) -> tuple[str, list[str]]:
@@ -121,6 +154,44 @@ def _worker(role: str, name: str, device: str, model: str, volumes: list[str], t
         service["pid"] = "host"  # CUDA IPC needs both processes in one PID namespace
         service["deploy"] = {"resources": {"reservations": {"devices": [
             {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]}}}
+    return service
+
+
+def _secret_files(plan: Plan) -> dict:
+    """The top-level secrets: each host file by the name services mount it by."""
+    files = {API_KEY: plan.api_key_file} if plan.api_key_file else {}
+    if plan.curve_dir:
+        files |= {name: plan.curve_dir / name for name in CURVE_FILES}
+    return {name: {"file": str(path)} for name, path in files.items()}
+
+
+def _gateway_secrets(plan: Plan) -> tuple[list[str], list]:
+    """The gateway's flags that name its secrets, and those secrets."""
+    flags, secrets = [], []
+    if plan.api_key_file:
+        flags += ["--api-key-file", f"{SECRETS_DIR}/{API_KEY}"]
+        secrets.append(API_KEY)
+    if plan.curve_dir:
+        # --curve-clients reads every *.key of a directory: one holding worker.key lets in only the workers
+        flags += ["--curve-secret-file", f"{SECRETS_DIR}/gateway.key_secret",
+                  "--curve-clients", f"{SECRETS_DIR}/{CURVE_CLIENTS}"]
+        secrets += ["gateway.key_secret", {"source": "worker.key", "target": f"{CURVE_CLIENTS}/worker.key"}]
+    return flags, secrets
+
+
+def _worker_secrets(plan: Plan) -> tuple[list[str], list]:
+    """A worker's flags that name its secrets, and those secrets (the API key is the gateway's alone)."""
+    if not plan.curve_dir:
+        return [], []
+    return (["--curve-secret-file", f"{SECRETS_DIR}/worker.key_secret",
+             "--curve-server-key", f"{SECRETS_DIR}/gateway.key"], ["worker.key_secret", "gateway.key"])
+
+
+def _with_secrets(service: dict, flags: list[str], secrets: list) -> dict:
+    """`service` with `secrets` mounted and its command given `flags`, which name them."""
+    if secrets:
+        service["command"] += flags
+        service["secrets"] = secrets
     return service
 
 

