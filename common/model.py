@@ -248,26 +248,30 @@ def decode_step(
     threads = torch.get_num_threads()
     serial = threads > 1 and scores.is_cpu and scores.numel() < SERIAL_ATTENTION_SCORES
     torch.add(torch.embedding(p.wte, input_ids), torch.embedding(p.wpe, positions), out=h)  # [B, E]
-    for (ln1_w, ln1_b, qkv_wt, qkv_b, proj_wt, proj_b, ln2_w, ln2_b, fc_wt, fc_b, out_wt, out_b), write, keys_t, values in zip(
-        p.layers, bufs.write, bufs.keys_t, bufs.values
-    ):
-        x = torch.layer_norm(h, (e,), ln1_w, ln1_b, eps)
-        torch.addmm(qkv_b, x, qkv_wt, out=qkv)  # [B, E + 2*KVH*D]
-        if bufs.q is None:
-            q, new_kv = split_qkv(qkv, cfg)
-        write.index_copy_(1, write_index, new_kv)
-        if serial:
-            torch.set_num_threads(1)
-        torch.baddbmm(mask, q, keys_t, alpha=scale, out=scores)  # [B*KVH, G, key_len]
-        if upcast:
-            probs = torch.softmax(scores, -1, dtype=torch.float32).to(scores.dtype)
-        else:
-            probs = torch.softmax(scores, -1)
-        torch.bmm(probs, values, out=attn)  # [B*KVH, G, D]
+    try:
+        for (ln1_w, ln1_b, qkv_wt, qkv_b, proj_wt, proj_b, ln2_w, ln2_b, fc_wt, fc_b, out_wt, out_b), write, keys_t, values in zip(
+            p.layers, bufs.write, bufs.keys_t, bufs.values
+        ):
+            x = torch.layer_norm(h, (e,), ln1_w, ln1_b, eps)
+            torch.addmm(qkv_b, x, qkv_wt, out=qkv)  # [B, E + 2*KVH*D]
+            if bufs.q is None:
+                q, new_kv = split_qkv(qkv, cfg)
+            write.index_copy_(1, write_index, new_kv)
+            if serial:
+                torch.set_num_threads(1)
+            torch.baddbmm(mask, q, keys_t, alpha=scale, out=scores)  # [B*KVH, G, key_len]
+            if upcast:
+                probs = torch.softmax(scores, -1, dtype=torch.float32).to(scores.dtype)
+            else:
+                probs = torch.softmax(scores, -1)
+            torch.bmm(probs, values, out=attn)  # [B*KVH, G, D]
+            if serial:
+                torch.set_num_threads(threads)
+            h.add_(torch.addmm(proj_b, bufs.attn_rows, proj_wt, out=out))
+            x = torch.layer_norm(h, (e,), ln2_w, ln2_b, eps)
+            h.add_(torch.addmm(out_b, p.act(torch.addmm(fc_b, x, fc_wt, out=inner)), out_wt, out=out))
+    finally:  # a failed step must not leave the process on one thread
         if serial:
             torch.set_num_threads(threads)
-        h.add_(torch.addmm(proj_b, bufs.attn_rows, proj_wt, out=out))
-        x = torch.layer_norm(h, (e,), ln2_w, ln2_b, eps)
-        h.add_(torch.addmm(out_b, p.act(torch.addmm(fc_b, x, fc_wt, out=inner)), out_wt, out=out))
     x = torch.layer_norm(h, (e,), p.lnf_w, p.lnf_b, eps)
     return torch.mm(x, p.lm_head_t, out=bufs.logits)

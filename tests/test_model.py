@@ -95,6 +95,12 @@ def test_prefill_then_decode_equals_full_forward(checkpoint, threads):
         for s, row in zip(seqs, step):
             assert (row - ref(torch.tensor([s])).logits[0, -1]).abs().max() <= 1e-4
         tokens = step[:3].argmax(-1)
+    # a step that fails inside its attention still hands the threads back
+    bad_mask = torch.zeros(4 * cfg.kv_heads, 1, key_len + 1)
+    with pytest.raises(RuntimeError):
+        decode_step(lm.params, tokens.new_zeros(4), positions, decode_buffers(cfg, pool, scratch, 4, key_len),
+                    decode_write_index(row_offsets(4, cfg.kv_heads, 64, 'cpu'), positions, cfg.kv_heads), bad_mask)
+    assert torch.get_num_threads() == threads
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
