@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import shutil
@@ -47,17 +46,18 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
+from splitserve.common.child_process import die_with_parent
 from splitserve.common.config import ModelOptions, add_model_args
 from splitserve.common.zmq_util import free_port
 
 from .output import save
+from .server_state import http_json
 
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
 CDF_LEVELS = sorted({i / 100 for i in range(101)} | {0.995, 0.999})
@@ -258,20 +258,6 @@ def open_engine(opts: ModelOptions, num_slots: int):
 
 # --- the pipeline's processes ------------------------------------------------------------------
 
-def die_with_parent() -> None:
-    """In each child before exec: the kernel sends it SIGTERM if the benchmark dies, even by
-    SIGKILL, so no worker outlives it."""
-    from splitserve.commands.serve import _die_with_parent
-
-    _die_with_parent()
-
-
-def http_json(port: int, path: str) -> dict | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
-            return json.loads(r.read())
-    except (OSError, ValueError):
-        return None
 
 
 class LocalPipeline:
@@ -297,7 +283,7 @@ class LocalPipeline:
         env = dict(os.environ, PYTHONUNBUFFERED="1", SPLITSERVE_LOG_LEVEL="WARNING")
         with open(self.log_dir / f"{name}.log", "wb") as log:
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    preexec_fn=die_with_parent)
+                                    preexec_fn=die_with_parent())
         self.procs[name] = proc
         return proc
 

@@ -4,7 +4,9 @@ and each process's resident memory."""
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -18,6 +20,21 @@ WORKER_HELD = {
                 "splitserve_prefill_staging_used_tokens"),
     "decode": ("splitserve_decode_slots_used",),
 }
+
+
+def http_json(port: int, path: str) -> dict | None:
+    """A JSON page at 127.0.0.1:port, an error status's JSON body too (/health is 503 until the
+    workers register); None when nothing (or no JSON) answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            return json.loads(e.read())
+        except ValueError:
+            return None
+    except (OSError, ValueError):
+        return None
 
 
 def gauges(port: int, names) -> dict[str, float]:

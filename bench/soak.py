@@ -55,7 +55,7 @@ ITL_TARGET = 1.5
 PRESETS = {
     "duration": (120.0, 3.0),
     "max_requests": (50_000, 150),
-    # with room above the soak's clients: requests whose ZMQ client vanished run on to their end
+    # with room above the soak's clients: a vanished client's requests hold their places until its next reply fails
     "concurrency": (12, 4),
     "max_concurrent_requests": (24, 8),
     "overload_duration": (30.0, 2.0),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import json
 import os
 import signal
 import subprocess
@@ -12,18 +10,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from splitserve.bench.server_state import http_json
+from splitserve.common.child_process import die_with_parent
 from splitserve.common.zmq_util import free_port
 
 START_TIMEOUT_S = 120.0
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL it when the test process exits, however that happens,
-    so a test that fails before its cleanup leaves no server behind."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -32,16 +23,6 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def http_json(port: int, path: str) -> dict | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return json.loads(e.read())
-    except OSError:
-        return None
 
 
 class Cluster:
@@ -83,7 +64,8 @@ class Cluster:
         env = dict(os.environ, SPLITSERVE_HOME=str(self.home), PYTHONUNBUFFERED="1", SPLITSERVE_LOG_LEVEL=os.environ.get("SPLITSERVE_LOG_LEVEL", "WARNING"),
                    SPLITSERVE_PORT="0")
         cmd = [sys.executable, "-m", "splitserve.cli", command, "--model", self.model, "--threads", "1", *args]
-        proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+        # SIGKILL when the test process exits, however: a test failing before its cleanup leaves no server
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent(signal.SIGKILL))
         self.procs.append(proc)
         return proc
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import glob
 import logging
 import os
@@ -19,6 +18,7 @@ import sys
 import time
 
 from splitserve.common import protocol as P
+from splitserve.common.child_process import die_with_parent
 from splitserve.common.curve import load_keypair
 from splitserve.gateway.server import Gateway, add_gateway_args, gateway_options
 from splitserve.logs import setup_logging
@@ -38,15 +38,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key-bucket", type=int, default=8)
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="decode: CUDA graphs at power-of-two batch sizes (ignored on CPU)")
-
-
-def _die_with_parent() -> None:
-    """Runs in each child before exec: the kernel sends it SIGTERM if this process dies, even by
-    SIGKILL, so no worker outlives `serve`."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def worker_command(args: argparse.Namespace, role: str, index: int, gateway: str, threads: int) -> list[str]:
@@ -86,7 +77,7 @@ class Supervisor:
             for i in range(count):
                 cmd = worker_command(a, role, i, self.gw.worker_endpoint, threads)
                 # A session of their own: a terminal's Ctrl-C reaches `serve`, which drains them.
-                self.children.append(subprocess.Popen(cmd, preexec_fn=_die_with_parent, start_new_session=True))
+                self.children.append(subprocess.Popen(cmd, preexec_fn=die_with_parent(), start_new_session=True))
 
     async def wait_ready(self) -> bool:
         deadline = time.monotonic() + READY_TIMEOUT_S
