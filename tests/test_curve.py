@@ -5,6 +5,7 @@ front keeps serving in the clear. The KV link between the workers is then encryp
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import stat
 import time
@@ -19,6 +20,7 @@ from splitserve.common import protocol as P
 from splitserve.common.curve import load_keypair, write_keypair
 from splitserve.common.service_config import add_link_args, link_options
 from splitserve.common.worker_link import GatewayLink
+from splitserve.commands.serve import curve_worker_args
 
 SILENCE_S = 3.0  # how long a link that should get no answer is watched, after a good one got its answer
 
@@ -43,7 +45,7 @@ def register(worker_id: str) -> P.Register:
 def worker_keys(secret: str, server_key: str):
     p = argparse.ArgumentParser()
     add_link_args(p, server=False)
-    return link_options(p.parse_args(["--curve-secret-file", secret, "--curve-server-key", server_key])).curve
+    return link_options(p.parse_args(["--curve-secret-file", secret, f"--curve-server-key={server_key}"])).curve
 
 
 def heard(link: GatewayLink) -> bool:
@@ -114,6 +116,15 @@ def handshake(endpoint: str) -> str:
         monitor.close(0)
         sock.close(0)
         ctx.term()
+
+
+def test_serve_gives_its_workers_a_public_key_that_begins_like_a_flag(tmp_path):
+    for i in itertools.count():  # Z85 text begins with '-' about once in 85 keys
+        public, secret = write_keypair(tmp_path, f"pair{i}")
+        if load_keypair(secret)[0].startswith(b"-"):
+            break
+    argv = curve_worker_args(str(secret))
+    assert link_options(_parse(argv, server=False)).curve.server == load_keypair(secret)[0]
 
 
 def test_keys_and_options(tmp_path, keys):

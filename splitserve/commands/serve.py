@@ -40,6 +40,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="decode: CUDA graphs at power-of-two batch sizes (ignored on CPU)")
 
 
+def curve_worker_args(secret_file: str) -> list[str]:
+    """The local workers use the gateway's own key pair, which the gateway always lets in. Its
+    public key goes as `--flag=KEY`: Z85 text may begin with '-', which argparse takes for a flag."""
+    public, _ = load_keypair(secret_file)
+    return ["--curve-secret-file", secret_file, f"--curve-server-key={public.decode()}"]
+
+
 def worker_command(args: argparse.Namespace, role: str, index: int, gateway: str, threads: int) -> list[str]:
     cmd = [sys.executable, "-m", "splitserve.cli", role, "--gateway", gateway, "--model", args.model,
            "--dtype", args.dtype, "--device", args.device, "--threads", str(threads), "--home", str(args.home),
@@ -50,9 +57,7 @@ def worker_command(args: argparse.Namespace, role: str, index: int, gateway: str
            "--heartbeat-interval", str(args.heartbeat_interval), "--heartbeat-timeout", str(args.heartbeat_timeout),
            "--drain-timeout", str(args.drain_timeout)]
     if args.curve_secret_file:
-        # The local workers use the gateway's own key pair, which the gateway always lets in.
-        public, _ = load_keypair(args.curve_secret_file)
-        cmd += ["--curve-secret-file", args.curve_secret_file, "--curve-server-key", public.decode()]
+        cmd += curve_worker_args(args.curve_secret_file)
     if role == "decode":
         cmd += ["--num-slots", str(args.num_slots), "--kv-cache-memory-mb", str(args.kv_cache_memory_mb),
                 "--key-bucket", str(args.key_bucket), "--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs"]
