@@ -82,7 +82,8 @@ def add_link_args(p: argparse.ArgumentParser, server: bool) -> None:
                             "let in (default: any worker that knows this gateway's public key)")
     else:
         p.add_argument("--curve-server-key", default=_env("CURVE_SERVER_KEY", ""),
-                       help="with --curve-secret-file: the gateway's public key, its NAME.key file or Z85 text")
+                       help="with --curve-secret-file: the gateway's public key, its NAME.key file or Z85 text "
+                            "(written --curve-server-key=TEXT, since the text may begin with '-')")
     p.set_defaults(link_server=server)
 
 
