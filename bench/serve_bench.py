@@ -205,7 +205,7 @@ def run_pipeline_load(endpoint: str, load: Load, jobs: Jobs, grace: float, seed:
 
 def drive_engine(engine, load: Load, jobs: Jobs, grace: float, seed: int, progress: Progress):
     """The same load through `engine.step()`: arrived requests are submitted before each step."""
-    from splitserve.common.request import FINISH_NAMES, GenerateRequest
+    from splitserve.common.request import GenerateRequest
 
     traces: dict[str, Trace] = {}
     start = time.perf_counter()
@@ -242,7 +242,7 @@ def drive_engine(engine, load: Load, jobs: Jobs, grace: float, seed: int, progre
             if ev.token_id >= 0:
                 trace.times.append(stamp)
             if ev.finish:
-                trace.end(FINISH_NAMES[ev.finish])
+                trace.end(ev.finish.reason)
                 progress.finished_one()
                 if load.kind == "concurrency" and may_start(load, len(traces), stamp - start):
                     submit(stamp)  # its client sends the next request at once

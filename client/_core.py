@@ -13,8 +13,10 @@ from uuid import uuid4
 
 import zmq
 
+from splitserve.common import protocol as P
+from splitserve.common.protocol import Error, Generate, GenerateParams, TokenBatch
+
 from .errors import GenerationTimeout, error_from
-from .wire import Error, Generate, GenerateParams, TokenBatch
 
 MAX_MESSAGE_BYTES = 64 * 2**20
 
@@ -98,6 +100,20 @@ def dealer(ctx: zmq.Context, endpoint: str, max_message_bytes: int) -> zmq.Socke
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     return sock
+
+
+_replies = P.decoder(P.GatewayToClient)
+
+
+def decode_reply(frames: list) -> TokenBatch | Error | None:
+    """The reply in a multipart frame list, or None for anything malformed (dropped, never fatal).
+    The message is the last frame, so a gateway that puts an empty delimiter first still works."""
+    if not frames:
+        return None
+    try:
+        return P.decode(_replies, frames[-1])
+    except P.DecodeError:
+        return None
 
 
 Inbox = TypeVar("Inbox")

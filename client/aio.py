@@ -8,9 +8,10 @@ from functools import partial
 import zmq
 import zmq.asyncio
 
-from ._core import MAX_MESSAGE_BYTES, Response, StreamBase, dealer, new_generate, route
+from splitserve.common.protocol import Cancel, Error, Generate, encode
+
+from ._core import MAX_MESSAGE_BYTES, Response, StreamBase, dealer, decode_reply, new_generate, route
 from .errors import UnavailableError
-from .wire import Cancel, Error, Generate, decode, encode
 
 
 class AsyncStream(StreamBase):
@@ -98,7 +99,7 @@ class AsyncClient:
     async def _read(self) -> None:
         try:
             while True:
-                msg = decode(await self._sock.recv_multipart())
+                msg = decode_reply(await self._sock.recv_multipart())
                 if msg is not None:
                     self._deliver(msg)
         finally:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .wire import Error
+from splitserve.common.protocol import Error
 
 
 class SplitserveError(Exception):

@@ -9,9 +9,10 @@ from operator import methodcaller
 
 import zmq
 
-from ._core import MAX_MESSAGE_BYTES, Response, StreamBase, dealer, new_generate, route
+from splitserve.common.protocol import Cancel, Error, Generate, encode
+
+from ._core import MAX_MESSAGE_BYTES, Response, StreamBase, dealer, decode_reply, new_generate, route
 from .errors import UnavailableError
-from .wire import Cancel, Error, Generate, decode, encode
 
 
 class _Mailbox:
@@ -84,7 +85,7 @@ class _IOLoop:
                 frames = self._sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            msg = decode(frames)
+            msg = decode_reply(frames)
             if msg is not None:
                 self._deliver(msg)
 

@@ -7,7 +7,7 @@ proxies, load balancers): `WebSocketClient` (blocking, thread-safe) and `AsyncWe
             print(ev.text, end="")
 
 Requests are multiplexed by id on one connection; messages are MessagePack binary frames, or
-JSON text with encoding="json" (the protocol: splitserve.gateway.websocket).
+JSON text with encoding="json" (the messages: WsGenerate ... WsError in splitserve.common.protocol).
 """
 
 from __future__ import annotations
@@ -16,56 +16,27 @@ import asyncio
 import contextlib
 import queue
 import threading
-from typing import Union
 
 import msgspec
 from websockets.asyncio.client import connect as aconnect
 from websockets.exceptions import WebSocketException
 from websockets.sync.client import connect
 
+from splitserve.common import protocol as P
+from splitserve.common.protocol import Error, Generate, TokenBatch
+
 from ._core import MAX_MESSAGE_BYTES, Response, new_generate, route
 from .aio import AsyncStream
 from .errors import UnavailableError
 from .sync import SyncClientBase
-from .wire import Error, Generate, Token, TokenBatch
 
 
-class _Token(msgspec.Struct):
-    index: int
-    token_id: int
-    text: str
-    logprob: float | None = None
-    top_tokens: list[tuple[int, float]] | None = None
+_json = msgspec.json.Decoder(P.WsReply)
+_msgpack = msgspec.msgpack.Decoder(P.WsReply)
 
 
-class _Tokens(msgspec.Struct, tag="tokens", tag_field="type"):
-    id: str
-    tokens: list[_Token]
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    seed: int | None = None
-    prompt_logprobs: list[float | None] | None = None
-
-
-class _Error(msgspec.Struct, tag="error", tag_field="type"):
-    id: str
-    error_type: str
-    message: str
-
-
-_Reply = Union[_Tokens, _Error]
-_json = msgspec.json.Decoder(_Reply)
-_msgpack = msgspec.msgpack.Decoder(_Reply)
-
-
-def _frame(message: dict, binary: bool) -> bytes | str:
+def _frame(message: msgspec.Struct, binary: bool) -> bytes | str:
     return msgspec.msgpack.encode(message) if binary else msgspec.json.encode(message).decode()
-
-
-def _generate_frame(msg: Generate, binary: bool) -> bytes | str:
-    return _frame({"type": "generate", "id": msg.id, "prompt": msg.prompt, "prompt_ids": msg.prompt_ids,
-                   "parameters": msgspec.structs.asdict(msg.params), "timeout_s": msg.timeout_s,
-                   "api_key": msg.api_key}, binary)
 
 
 def _decode(frame: bytes | str) -> TokenBatch | Error | None:
@@ -74,10 +45,7 @@ def _decode(frame: bytes | str) -> TokenBatch | Error | None:
         reply = _msgpack.decode(frame) if isinstance(frame, bytes) else _json.decode(frame)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
-    if isinstance(reply, _Error):
-        return Error(reply.id, reply.error_type, reply.message)
-    tokens = [Token(t.index, t.token_id, t.text, t.logprob, t.top_tokens) for t in reply.tokens]
-    return TokenBatch(reply.id, tokens, reply.finish_reason, reply.prompt_tokens, reply.seed, reply.prompt_logprobs)
+    return P.from_ws_reply(reply)
 
 
 def _check_encoding(encoding: str) -> bool:
@@ -120,7 +88,7 @@ class WebSocketClient(SyncClientBase):
             inbox.put(Error(msg.id, "unavailable", CONNECTION_LOST))
             return
         self._routes[msg.id] = inbox
-        self._outbox.put(_generate_frame(msg, self._binary))
+        self._outbox.put(_frame(P.WsGenerate.of(msg), self._binary))
 
     def _cancel(self, request_id: str) -> None:
         # only a queue put: this runs from __del__ too, maybe while this thread holds the lock
@@ -153,7 +121,7 @@ class WebSocketClient(SyncClientBase):
                     running = self._routes.pop(item[1], None) is not None
                 if not running:  # it has already ended
                     continue
-                item = _frame({"type": "cancel", "id": item[1]}, self._binary)
+                item = _frame(P.WsCancel(item[1]), self._binary)
             try:
                 self._conn.send(item)
             except (OSError, WebSocketException):
@@ -225,12 +193,12 @@ class AsyncWebSocketClient:
             inbox.put_nowait(Error(msg.id, "unavailable", CONNECTION_LOST))
         else:
             self._routes[msg.id] = inbox
-            self._outbox.put_nowait(_generate_frame(msg, self._binary))
+            self._outbox.put_nowait(_frame(P.WsGenerate.of(msg), self._binary))
         return AsyncStream(msg, inbox, self._cancel, self._cancel_later)
 
     def _cancel(self, request_id: str) -> None:
         if self._routes.pop(request_id, None) is not None and not self._closed:  # else it has already ended
-            self._outbox.put_nowait(_frame({"type": "cancel", "id": request_id}, self._binary))
+            self._outbox.put_nowait(_frame(P.WsCancel(request_id), self._binary))
 
     def _cancel_later(self, request_id: str) -> None:
         try:

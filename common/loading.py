@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +23,7 @@ class LoadedModel:
     dtype: torch.dtype
 
     def fingerprint(self) -> str:
-        return model_fingerprint(self.cfg, self.tokenizer)
-
-
-def model_fingerprint(cfg: ModelConfig, tokenizer: Tokenizer) -> str:
-    """Identifies the model shape and vocabulary, so processes can refuse a mismatched peer."""
-    blob = json.dumps([cfg.fingerprint(), tokenizer.vocab_size], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return self.cfg.fingerprint(self.tokenizer.vocab_size)
 
 
 def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, progress: bool | None = None) -> LoadedModel:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,8 +61,11 @@ class ModelConfig:
         head = 0 if self.tie_word_embeddings else self.vocab_size * e
         return (self.vocab_size + self.n_positions) * e + self.n_layer * per_layer + 2 * e + head
 
-    def fingerprint(self) -> dict:
-        return asdict(self)
+    def fingerprint(self, vocab_size: int) -> str:
+        """Identifies the model shape and the tokenizer's vocabulary, so that processes can refuse a
+        mismatched peer."""
+        blob = json.dumps([asdict(self), vocab_size], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def model_config_from_dict(raw: dict) -> ModelConfig:

@@ -1,4 +1,5 @@
-"""The wire protocol: MessagePack via msgspec typed structs, never pickle (DESIGN §4).
+"""The wire protocol: MessagePack via msgspec typed structs. Never pickle: unpickling a frame runs
+whatever code its sender put in it.
 
 Every message is a tagged, array-like struct: the first element of the encoded array is the
 type tag, so a peer decodes with one typed decoder and unknown or malformed frames fail
@@ -8,6 +9,8 @@ after the message frame.
 Sockets and who speaks on them:
 - client front (gateway ROUTER, `--zmq-port`) <-> client DEALER:
   client: Generate, Cancel;  gateway: Token (batched per request as TokenBatch), Error.
+- WebSocket (/ws on the gateway's HTTP port): the same as objects, WsGenerate, WsCancel;
+  WsTokens, WsError.
 - worker link (gateway ROUTER, `--worker-port`) <-> each worker's DEALER:
   worker: Register, Heartbeat, FirstToken (prefill), StepTokens (decode), Finished, Error;
   gateway: Registered, Reregister, Heartbeat, Prefill (to prefill workers), Cancel, Drain.
@@ -17,10 +20,11 @@ Sockets and who speaks on them:
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Literal, Union, get_args
 
 import msgspec
 
+from .params import FinishReason
 from .request import GenerateRequest
 
 PROTOCOL_VERSION = 1
@@ -34,6 +38,16 @@ MAX_KV_BYTES = 4 * 2**30
 OUTPUT_SUFFIX = b"/out"
 
 _STRUCT = dict(tag=True, tag_field="kind", array_like=True)
+
+# Why a request failed, as clients see it: the client library raises one exception class per type,
+# the HTTP APIs answer with a status per type.
+ErrorType = Literal["validation", "overloaded", "timeout", "unauthorized", "generation", "unavailable"]
+
+# How KV moves from a prefill worker to a decode worker, fastest first: CUDA IPC between GPUs of one
+# node, a /dev/shm file between CPU workers of one host, ZMQ frames between hosts.
+Transport = Literal["cuda_ipc", "shm", "tcp"]
+TRANSPORTS: tuple[Transport, ...] = get_args(Transport)
+TransportChoice = Literal["auto", "cuda_ipc", "shm", "tcp"]  # the --kv-transport flag
 
 
 # ---- client <-> gateway -------------------------------------------------------------------
@@ -87,6 +101,9 @@ class TokenBatch(msgspec.Struct, **_STRUCT):
 
     id: str
     tokens: list[Token]
+    # A FinishReason, or an ErrorType for Error: plain strings on the messages clients read, so that
+    # a client older than its gateway still reads a value it does not know (its library raises
+    # the base error class for an unknown error type).
     finish_reason: str | None = None
     prompt_tokens: int = 0
     seed: int | None = None
@@ -95,7 +112,7 @@ class TokenBatch(msgspec.Struct, **_STRUCT):
 
 class Error(msgspec.Struct, **_STRUCT):
     id: str  # the request's id ("" for an error about the connection itself)
-    error_type: str  # validation | overloaded | timeout | unauthorized | generation | unavailable
+    error_type: str
     message: str
 
 
@@ -103,18 +120,101 @@ ClientMessage = Union[Generate, Cancel]
 GatewayToClient = Union[TokenBatch, Error]
 
 
+# ---- client <-> gateway over WebSocket (/ws) -----------------------------------------------
+# The same requests and replies as objects tagged by "type" (JSON text or MessagePack binary
+# frames), for clients that speak JSON; the ZMQ messages above are arrays, cheaper to encode.
+
+
+def _by_name(cls: type[msgspec.Struct]) -> type[msgspec.Struct]:
+    """`cls` with the same fields and defaults, encoded as an object."""
+    fields = []
+    for f in msgspec.structs.fields(cls):
+        default = f.default if f.default is not msgspec.NODEFAULT else msgspec.field(default_factory=f.default_factory)
+        fields.append((f.name, f.type, default))
+    return msgspec.defstruct(cls.__name__, fields, kw_only=True, forbid_unknown_fields=True)
+
+
+WsParameters = _by_name(GenerateParams)
+
+
+class WsGenerate(msgspec.Struct, tag="generate", tag_field="type", forbid_unknown_fields=True):
+    id: str
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    parameters: WsParameters = msgspec.field(default_factory=WsParameters)
+    timeout_s: float | None = None
+    api_key: str | None = None
+
+    def generate(self) -> Generate:
+        params = GenerateParams(**msgspec.structs.asdict(self.parameters))
+        return Generate(self.id, self.prompt, self.prompt_ids, params, self.timeout_s, self.api_key)
+
+    @classmethod
+    def of(cls, msg: Generate) -> WsGenerate:
+        return cls(msg.id, msg.prompt, msg.prompt_ids, WsParameters(**msgspec.structs.asdict(msg.params)),
+                   msg.timeout_s, msg.api_key)
+
+
+class WsCancel(msgspec.Struct, tag="cancel", tag_field="type"):
+    id: str
+
+
+class WsToken(msgspec.Struct):
+    index: int
+    token_id: int
+    text: str
+    logprob: float | None = None
+    top_tokens: list[tuple[int, float]] | None = None
+
+
+class WsTokens(msgspec.Struct, tag="tokens", tag_field="type"):
+    id: str
+    tokens: list[WsToken]
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    seed: int | None = None
+    prompt_logprobs: list[float | None] | None = None
+
+
+class WsError(msgspec.Struct, tag="error", tag_field="type"):
+    id: str
+    error_type: str
+    message: str
+
+
+WsRequest = Union[WsGenerate, WsCancel]
+WsReply = Union[WsTokens, WsError]
+
+
+def ws_reply(out: TokenBatch | Error) -> WsTokens | WsError:
+    if isinstance(out, Error):
+        return WsError(out.id, out.error_type, out.message)
+    tokens = [WsToken(t.index, t.token_id, t.text, t.logprob, t.top_tokens) for t in out.tokens]
+    return WsTokens(out.id, tokens, out.finish_reason, out.prompt_tokens, out.seed, out.prompt_logprobs)
+
+
+def from_ws_reply(reply: WsTokens | WsError) -> TokenBatch | Error:
+    if isinstance(reply, WsError):
+        return Error(reply.id, reply.error_type, reply.message)
+    tokens = [Token(t.index, t.token_id, t.text, t.logprob, t.top_tokens) for t in reply.tokens]
+    return TokenBatch(reply.id, tokens, reply.finish_reason, reply.prompt_tokens, reply.seed, reply.prompt_logprobs)
+
+
 # ---- workers <-> gateway ------------------------------------------------------------------
 
 
+Role = Literal["prefill", "decode"]
+
+
 class Register(msgspec.Struct, **_STRUCT):
-    role: str  # "prefill" | "decode"
+    role: Role
     worker_id: str
     protocol: int
     host_id: str
     gpu_uuids: list[str]
     device: str
     kv_endpoint: str  # decode: where prefill workers dial for KV; prefill: ""
-    kv_transports: list[str]  # what this worker can do, in order of preference
+    kv_transports: list[Transport]  # what this worker can do, in order of preference
     capacity: int  # decode: KV slots; prefill: token budget
     model_fingerprint: str
     dtype: str
@@ -150,7 +250,7 @@ class Prefill(msgspec.Struct, **_STRUCT):
     request: GenerateRequest
     decode_worker: str
     decode_endpoint: str
-    transport: str
+    transport: Transport
     deadline: float | None = None  # time.time() after which the work is dropped
     # Requests with the same prompt (OpenAI's `n`): one prefill, a first token sampled for each
     # with its own parameters, the one KV region handed to each.
@@ -163,14 +263,14 @@ class FirstToken(msgspec.Struct, **_STRUCT):
 
     id: str
     token: Token
-    finish_reason: str | None = None  # set when the request ends here (never handed off)
+    finish_reason: FinishReason | None = None  # set when the request ends here (never handed off)
     prompt_logprobs: list[float | None] | None = None
 
 
 class StepEntry(msgspec.Struct, array_like=True):
     id: str
     token: Token
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
 
 
 class StepTokens(msgspec.Struct, **_STRUCT):
@@ -183,7 +283,7 @@ class Finished(msgspec.Struct, **_STRUCT):
     """A request ended without a token to carry the reason (cancelled, dropped, expired)."""
 
     id: str
-    reason: str
+    reason: FinishReason
 
 
 class WorkerError(msgspec.Struct, **_STRUCT):
@@ -217,7 +317,7 @@ class KvReady(msgspec.Struct, **_STRUCT):
     first_token: int
     first_text: str  # what the prefill worker emitted for it (replayed by the decode side)
     location: KvLocation
-    transport: str
+    transport: Transport
     prefill_worker: str
     deadline: float | None = None
 

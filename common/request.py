@@ -4,19 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .sampling import SamplingParams
-
-# Why a sequence ended. Codes travel in tensors and on the wire; names reach clients.
-FINISH_NONE, FINISH_LENGTH, FINISH_EOS, FINISH_STOP_TOKEN, FINISH_STOP_STRING, FINISH_CANCELLED, FINISH_ERROR = range(7)
-FINISH_NAMES = {
-    FINISH_NONE: None,
-    FINISH_LENGTH: "length",
-    FINISH_EOS: "eos_token",
-    FINISH_STOP_TOKEN: "stop_sequence",
-    FINISH_STOP_STRING: "stop_sequence",
-    FINISH_CANCELLED: "cancelled",
-    FINISH_ERROR: "error",
-}
+from .params import Finish, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -30,7 +18,7 @@ class GenerateRequest:
     strip_stop: bool = False  # OpenAI strips a matched stop string; TGI keeps it
     ignore_eos: bool = False
     logprobs: bool = False  # logprob of each generated token
-    top_n_tokens: int = 0  # alternatives per generated token, at most 5
+    top_n_tokens: int = 0  # alternatives per generated token, at most MAX_TOP_N
     prompt_logprobs: bool = False
     # A resumed request (its worker died or shut down): the last `resumed` prompt ids are the
     # tokens an earlier attempt generated and the client already has; output indices continue
@@ -50,7 +38,7 @@ class TokenEvent:
     index: int
     token_id: int
     text: str  # the text this token completes; may be empty while a character or stop string is pending
-    finish: int = FINISH_NONE
+    finish: Finish = Finish.NONE
     logprob: float | None = None
     top_tokens: list[tuple[int, float]] | None = None
     prompt_logprobs: list[float | None] | None = None  # on a request's first event, when asked

@@ -13,64 +13,20 @@ ties and unstable sorts cannot make a row's result depend on its neighbours.
 from __future__ import annotations
 
 import functools
-import secrets
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-MAX_TOP_N = 5
-_SEED_LIMIT = 1 << 63
+from .params import MAX_TOP_N, SamplingParams
+
 _M32 = 0xFFFFFFFF
-_M64 = (1 << 64) - 1
 # lowbias32 (hash-prospector) multipliers. The second is > 2**31, so it is used as c - 2**32:
 # same product mod 2**32, and x * c stays inside int64 for any 32-bit x (no reliance on overflow).
 _MUL1 = 0x7FEB352D
 _MUL2 = 0x846CA68B - (1 << 32)
 _SEED_SALT = 0x9E3779B9
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """One request's sampling settings; greedy when do_sample is False or temperature == 0."""
-
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
-    typical_p: float = 1.0  # 1.0 = off
-    repetition_penalty: float = 1.0  # 1.0 = off
-    frequency_penalty: float = 0.0  # 0.0 = off
-    seed: int = 0
-    do_sample: bool = False
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 < self.typical_p <= 1:
-            raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if not 0 <= self.seed < _SEED_LIMIT:
-            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
-
-    @property
-    def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0
-
-    @classmethod
-    def of(cls, row: Any) -> SamplingParams:
-        """Accept a SamplingParams, a dict or any object with (some of) these attribute names."""
-        if isinstance(row, cls):
-            return row
-        names = [f.name for f in fields(cls)]
-        if isinstance(row, dict):
-            return cls(**{n: row[n] for n in names if n in row})
-        return cls(**{n: getattr(row, n) for n in names if hasattr(row, n)})
 
 
 # Host mirror of the per-row tensors; its field names are the tensor field names.
@@ -343,20 +299,6 @@ def _with_details(tokens: torch.Tensor, logprobs: torch.Tensor | None, top_n: in
         return SampleOutput(tokens, chosen)
     top_logprobs, top_ids = logprobs.topk(top_n, dim=-1)  # [B, n]
     return SampleOutput(tokens, chosen, top_ids, top_logprobs)
-
-
-def derive_seed(seed: int, index: int) -> int:
-    """Seed of choice `index` among a request's n choices: deterministic, 63-bit, non-negative."""
-    # splitmix64 of the pair; its finalizer is a bijection of 64 bits.
-    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return (z ^ (z >> 31)) >> 1
-
-
-def random_seed() -> int:
-    """A fresh 63-bit seed for a request that did not give one."""
-    return secrets.randbits(63)
 
 
 def init_token_counts(prompt_ids: list[int], vocab: int, device: torch.device | str) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .config import ModelOptions, add_model_args, model_options
 from .curve import CurveKeys, load_keypair, load_public_key, load_public_keys, require_curve
-from .limits import Limits
+from .params import Limits
 
 DEFAULT_ZMQ_PORT = 5555
 DEFAULT_WORKER_PORT = 5556

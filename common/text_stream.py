@@ -8,15 +8,8 @@ A resumed request replays the tokens its earlier attempt generated the same way,
 
 from __future__ import annotations
 
-from .request import (
-    FINISH_EOS,
-    FINISH_LENGTH,
-    FINISH_NONE,
-    FINISH_STOP_STRING,
-    FINISH_STOP_TOKEN,
-    GenerateRequest,
-    TokenEvent,
-)
+from .params import Finish
+from .request import GenerateRequest, TokenEvent
 from .stopping import StopStringMatcher
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -31,25 +24,29 @@ class TextStream:
         self.done = False
         self.slot: int | None = None  # the decode slot holding its KV, once admitted
         for token in request.prompt_ids[len(original_prompt):]:
-            self.event(token, FINISH_NONE)
+            self.event(token, Finish.NONE)
 
     def event(self, token: int, finish: int, logprob=None, top=None) -> TokenEvent:
-        """The event for the next token; a stop string in the text overrides `finish`."""
+        """The event for the next token; a stop string in the text overrides `finish` (a Finish
+        code, or its int as an engine's step reports it)."""
         text, matched = self.stops.feed(self.detok.add([token]))
         if matched:
-            finish = FINISH_STOP_STRING
-        elif finish != FINISH_NONE:
+            finish = Finish.STOP_STRING
+        elif finish:
+            finish = Finish(finish)
             text += self.stops.feed(self.detok.flush())[0] + self.stops.flush()
+        else:
+            finish = Finish.NONE
         ev = TokenEvent(self.request.id, self.index, token, text, finish, logprob, top)
         self.index += 1
-        self.done = finish != FINISH_NONE
+        self.done = finish != Finish.NONE
         return ev
 
 
-def first_token_finish(request: GenerateRequest, token: int, eos: int | None) -> int:
+def first_token_finish(request: GenerateRequest, token: int, eos: int | None) -> Finish:
     """Token-level stop checks for the token sampled at prefill."""
     if not request.ignore_eos and token == eos:
-        return FINISH_EOS
+        return Finish.EOS
     if token in request.stop_token_ids:
-        return FINISH_STOP_TOKEN
-    return FINISH_LENGTH if request.max_new_tokens <= 1 else FINISH_NONE
+        return Finish.STOP_TOKEN
+    return Finish.LENGTH if request.max_new_tokens <= 1 else Finish.NONE

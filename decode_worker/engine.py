@@ -15,16 +15,10 @@ import torch
 from splitserve.common.attention import decode_mask
 from splitserve.common.loading import LoadedModel
 from splitserve.common.model import decode_buffers, decode_scratch, decode_step, decode_write_index, row_offsets
-from splitserve.common.request import (
-    FINISH_EOS,
-    FINISH_LENGTH,
-    FINISH_NONE,
-    FINISH_STOP_TOKEN,
-    GenerateRequest,
-)
+from splitserve.common.params import MAX_STOP_TOKEN_IDS, Finish, SamplingParams
+from splitserve.common.request import GenerateRequest
 from splitserve.common.sampling import (
     SampleOutput,
-    SamplingParams,
     SamplingTensors,
     init_token_counts,
     sample,
@@ -34,7 +28,6 @@ from splitserve.common.sampling import (
 from .cuda_graphs import GraphedDecode, batch_buckets, key_buckets
 from .kv_pool import SlotAllocator, allocate_pool
 
-MAX_STOP_TOKENS = 8
 GREEDY = SamplingParams()
 
 
@@ -72,8 +65,8 @@ class DecodeEngine:
         # Position of the last allowed token; free rows hold slot_len, so they never finish.
         self.end_pos = torch.full((num_slots,), slot_len, dtype=torch.long, device=dev)
         # Column 0 holds the end-of-text id (-1 when ignored), the rest the request's stop ids.
-        self.stop_ids = torch.full((num_slots, 1 + MAX_STOP_TOKENS), -1, dtype=torch.long, device=dev)
-        self.stop_codes = torch.tensor([FINISH_EOS] + [FINISH_STOP_TOKEN] * MAX_STOP_TOKENS, device=dev)
+        self.stop_ids = torch.full((num_slots, 1 + MAX_STOP_TOKEN_IDS), -1, dtype=torch.long, device=dev)
+        self.stop_codes = torch.tensor([Finish.EOS] + [Finish.STOP_TOKEN] * MAX_STOP_TOKEN_IDS, device=dev)
         self.active = torch.zeros(num_slots, dtype=torch.long, device=dev)  # 0/1: added to positions
         self.sampling = SamplingTensors.empty(num_slots, dev)
         self.token_counts: torch.Tensor | None = None  # [S, V], made when a request needs penalties
@@ -104,8 +97,8 @@ class DecodeEngine:
         n = kv.shape[2]
         if n + request.max_new_tokens > self.slot_len:
             raise ValueError(f"{n} prompt + {request.max_new_tokens} new tokens exceed the slot length {self.slot_len}")
-        if len(request.stop_token_ids) > MAX_STOP_TOKENS:
-            raise ValueError(f"at most {MAX_STOP_TOKENS} stop token ids are supported")
+        if len(request.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop token ids are supported")
         slot = self.slots.take()
         self.kv[:, :, slot, :, :n].copy_(kv.transpose(2, 3))
         self.tokens[slot] = first_token
@@ -114,7 +107,7 @@ class DecodeEngine:
         self.end_pos[slot] = min(n + request.max_new_tokens - 1, self.slot_len - 1)
         eos = self.lm.cfg.eos_token_id
         stops = [-1 if request.ignore_eos or eos is None else eos, *request.stop_token_ids]
-        self.stop_ids[slot] = torch.tensor(stops + [-1] * (1 + MAX_STOP_TOKENS - len(stops)))
+        self.stop_ids[slot] = torch.tensor(stops + [-1] * (1 + MAX_STOP_TOKEN_IDS - len(stops)))
         self.sampling.set_row(slot, request.sampling)
         if self.sampling.any_penalty:
             self._init_counts(slot, request, first_token)
@@ -192,8 +185,8 @@ class DecodeEngine:
     def _finish_codes(self, new: torch.Tensor, next_pos: torch.Tensor, b: int) -> torch.Tensor:
         """Free rows finish never: their stop ids are -1 and their end lies past the slot."""
         stop = ((new[:, None] == self.stop_ids[:b]) * self.stop_codes).amax(-1)  # [B]
-        # Stop codes outrank FINISH_LENGTH, so the larger code is the reason.
-        return torch.maximum(stop, (next_pos >= self.end_pos[:b]) * FINISH_LENGTH)
+        # Stop codes outrank Finish.LENGTH, so the larger code is the reason.
+        return torch.maximum(stop, (next_pos >= self.end_pos[:b]) * Finish.LENGTH)
 
     def _collect(self, out, new: torch.Tensor, finish: torch.Tensor) -> StepOutput:
         slots = sorted(self.requests)
@@ -203,7 +196,7 @@ class DecodeEngine:
         else:
             result = self._collect_details(slots, out, new, finish)
         for s, code in zip(result.slots, result.finish):
-            if code != FINISH_NONE:
+            if code != Finish.NONE:
                 self.release(s)
         return result
 

@@ -11,7 +11,8 @@ import threading
 import zmq
 
 from splitserve.common import protocol as P
-from splitserve.common.request import FINISH_NAMES, FINISH_NONE, GenerateRequest
+from splitserve.common.params import Finish
+from splitserve.common.request import GenerateRequest
 from splitserve.common.text_stream import TextStream
 from splitserve.common.tokenizer import Tokenizer
 from splitserve.common.curve import CurveKeys
@@ -69,7 +70,7 @@ class OutputThread:
 
     def _admit(self, slot: int, request: GenerateRequest, first_token: int, first_text: str) -> None:
         stream = TextStream(self.tokenizer, request)
-        replayed = stream.event(first_token, FINISH_NONE)  # the prefill worker already sent it
+        replayed = stream.event(first_token, Finish.NONE)  # the prefill worker already sent it
         if replayed.text != first_text:
             log.warning("first-token text of %s differs between prefill and decode", request.id)
         self.streams[slot] = stream
@@ -89,7 +90,7 @@ class OutputThread:
                     top = list(zip(out.top_ids[i][:n], out.top_logprobs[i][:n]))
             ev = stream.event(out.tokens[i], out.finish[i], logprob, top)
             token = P.Token(ev.index, ev.token_id, ev.text, ev.logprob, top)
-            entries.append(P.StepEntry(request.id, token, FINISH_NAMES[ev.finish]))
-            if ev.finish != FINISH_NONE and out.finish[i] == FINISH_NONE:
+            entries.append(P.StepEntry(request.id, token, ev.finish.reason))
+            if ev.finish != Finish.NONE and out.finish[i] == Finish.NONE:
                 self.released.put((slot, request.id))
         return entries

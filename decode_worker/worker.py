@@ -18,7 +18,7 @@ import zmq
 from splitserve.common import protocol as P
 from splitserve.common.curve import CurveKeys
 from splitserve.common.kv_transport import KvImporter, gpu_uuids
-from splitserve.common.limits import Limits
+from splitserve.common.params import Limits
 from splitserve.common.loading import LoadedModel
 from splitserve.common.metrics_http import WorkerMetrics
 from splitserve.common.runtime import DTYPE_NAMES

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from splitserve.common.limits import Limits
+from splitserve.common.params import Limits
 from splitserve.common.tokenizer import Tokenizer
 
 from .auth import ApiKey

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from splitserve.common import protocol as P
-from splitserve.common.limits import Limits, ValidationError
+from splitserve.common.params import Limits, ValidationError
 from splitserve.common.request import GenerateRequest
 from splitserve.common.tokenizer import Tokenizer
 

@@ -17,8 +17,7 @@ import msgspec
 from fastapi import APIRouter, Request
 
 from splitserve.common import protocol as P
-from splitserve.common.limits import ValidationError
-from splitserve.common.sampling import MAX_TOP_N, derive_seed, random_seed
+from splitserve.common.params import MAX_TOP_N, SEED_LIMIT, ValidationError, derive_seed, random_seed
 
 from .api_context import ApiContext
 from .api_errors import ApiError, invalid, openai_error
@@ -128,7 +127,7 @@ def _check_sampling(body: SamplingFields) -> None:
         ("presence_penalty", body.presence_penalty, lambda v: v == 0,
          "is not supported by this server (use frequency_penalty or repetition_penalty); it must be 0"),
         ("logit_bias", body.logit_bias, lambda v: not v, "is not supported by this server; it must be empty"),
-        ("seed", body.seed, lambda v: 0 <= v < 2**63, "must be in [0, 2**63)"),
+        ("seed", body.seed, lambda v: 0 <= v < SEED_LIMIT, "must be in [0, 2**63)"),
         ("top_k", body.top_k, lambda v: v >= 0, "must be >= 0"),
         ("repetition_penalty", body.repetition_penalty, lambda v: v > 0, "must be > 0"),
     ]

@@ -9,9 +9,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, WithJsonSchema, model_validator
 
-from splitserve.common.sampling import MAX_TOP_N
+from splitserve.common.params import MAX_STOP_SEQUENCES, MAX_TOP_K, MAX_TOP_N, SEED_LIMIT
 
-from .validation import MAX_STOP_SEQUENCES, MAX_TOP_K, require_unicode
+from .validation import require_unicode
 
 MAX_N = 128
 
@@ -58,7 +58,7 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="at most 4; a matched stop is cut from the text",
                                          **schema(maxItems=MAX_STOP_SEQUENCES))
-    seed: int | None = Field(None, **schema(minimum=0, maximum=2**63 - 1))
+    seed: int | None = Field(None, **schema(minimum=0, maximum=SEED_LIMIT - 1))
     frequency_penalty: float = Field(0.0, description="in [-2, 2]", **schema(minimum=-2, maximum=2))
     presence_penalty: float = Field(0.0, description="not supported: must be 0", **schema(minimum=0, maximum=0))
     logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")

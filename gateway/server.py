@@ -19,7 +19,6 @@ from splitserve.common import protocol as P
 from splitserve.common.builtin_models import resolve_model
 from splitserve.common.config import ModelOptions, add_model_args, model_options
 from splitserve.common.curve import guard_clients
-from splitserve.common.loading import model_fingerprint
 from splitserve.common.model_config import load_model_config
 from splitserve.common.service_config import (
     DEFAULT_HTTP_PORT,
@@ -99,7 +98,7 @@ class Gateway:
         cfg = load_model_config(path)
         self.tokenizer = Tokenizer.from_dir(path)
         self.limits = derive_limits(opts.limits, cfg.n_positions)
-        want = Expectations(model_fingerprint(cfg, self.tokenizer), self.limits.max_total_tokens)
+        want = Expectations(cfg.fingerprint(self.tokenizer.vocab_size), self.limits.max_total_tokens)
         self.registry = WorkerRegistry(want, opts.link.heartbeat_timeout, opts.kv_transport)
         self.ctx = zmq.asyncio.Context()
         curve = opts.link.curve

@@ -10,13 +10,12 @@ import msgspec
 from fastapi import APIRouter, Request
 
 from splitserve.common import protocol as P
-from splitserve.common.sampling import MAX_TOP_N
+from splitserve.common.params import MAX_STOP_SEQUENCES, MAX_TOP_N, SEED_LIMIT
 
 from .api_context import ApiContext
 from .api_errors import ApiError, invalid, tgi_error
 from .replies import Answer, EventStream, Json, Replies, gather
 from .tgi_schema import TgiCompatRequest, TgiError, TgiInfo, TgiParameters, TgiRequest, TgiResponse, TgiStreamEvent
-from .validation import MAX_STOP_SEQUENCES
 
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default
 
@@ -191,7 +190,7 @@ def _check_ranges(p: TgiParameters) -> None:
         ("top_p", p.top_p, lambda v: 0 < v <= 1, "must be > 0.0 and <= 1.0"),
         ("typical_p", p.typical_p, lambda v: 0 < v <= 1, "must be > 0.0 and <= 1.0"),
         ("top_n_tokens", p.top_n_tokens, lambda v: 0 <= v <= MAX_TOP_N, f"must be >= 0 and <= {MAX_TOP_N}"),
-        ("seed", p.seed, lambda v: 0 <= v < 2**63, "must be >= 0 and < 2**63"),
+        ("seed", p.seed, lambda v: 0 <= v < SEED_LIMIT, "must be >= 0 and < 2**63"),
         ("stop", p.stop, lambda v: len(v) <= MAX_STOP_SEQUENCES, f"supports up to {MAX_STOP_SEQUENCES} stop sequences"),
     ]
     for name, value, ok, rule in checks:

@@ -12,9 +12,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
 
-from splitserve.common.sampling import MAX_TOP_N
+from splitserve.common.params import MAX_STOP_SEQUENCES, MAX_TOP_K, MAX_TOP_N, SEED_LIMIT
 
-from .validation import MAX_STOP_SEQUENCES, MAX_TOP_K, require_unicode
+from .validation import require_unicode
 
 
 def schema(**constraints) -> dict:
@@ -43,7 +43,7 @@ class TgiParameters(BaseModel):
     repetition_penalty: float | None = Field(None, description="> 0; 1 is off", **schema(exclusiveMinimum=0))
     return_full_text: bool | None = Field(False, description="prepend the inputs to `generated_text`")
     seed: int | None = Field(None, description="sampling seed; one is chosen and returned when not given",
-                             **schema(minimum=0, maximum=2**63 - 1))
+                             **schema(minimum=0, maximum=SEED_LIMIT - 1))
     stop: list[str] = Field([], description="stop sequences (at most 4); they stay in the output",
                             **schema(maxItems=MAX_STOP_SEQUENCES))
     temperature: float | None = Field(None, description="> 0", **schema(exclusiveMinimum=0))

@@ -5,18 +5,11 @@ from __future__ import annotations
 import math
 
 from splitserve.common import protocol as P
-from splitserve.common.limits import Limits, ValidationError
+from splitserve.common.params import (FLOAT32_MAX, MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS, MAX_TOP_K, MAX_TOP_N,
+                                      MIN_TEMPERATURE, Limits, SamplingParams, ValidationError, random_seed)
 from splitserve.common.request import GenerateRequest
-from splitserve.common.sampling import MAX_TOP_N, SamplingParams, random_seed
 from splitserve.common.tokenizer import Tokenizer
 
-MAX_STOP_SEQUENCES = 4
-MAX_STOP_TOKEN_IDS = 8
-# Sampling parameters live in float32 and int64 tensors on the workers: what does not fit there
-# is refused here, where the client hears why, not on a worker mid-batch.
-FLOAT32_MAX = 3.4028234663852886e38
-MIN_TEMPERATURE = 1e-5
-MAX_TOP_K = 2**31 - 1
 FLOAT_PARAMS = ("temperature", "top_p", "typical_p", "repetition_penalty", "frequency_penalty")
 
 

@@ -8,7 +8,7 @@ the encoding its request came in (a JSON text message or a MessagePack binary on
              "prompt_logprobs": null}
             {"type": "error", "id": "a", "error_type": "validation", "message": "..."}
 
-`parameters` takes the ZMQ protocol's GenerateParams fields by name (common/protocol.py). The
+`parameters` takes the ZMQ protocol's GenerateParams fields by name (P.WsGenerate). The
 last message of a request has a `finish_reason` or is an error; a cancelled request ends with
 finish_reason "cancelled". A message that is not valid is answered with a validation error under
 its id, or under id "" (about the connection) when it has none.
@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Union
-
 import msgspec
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
@@ -43,46 +41,11 @@ SLOW_READER_CODE = 1013  # RFC 6455 "try again later"
 POLICY_VIOLATION = 1008  # RFC 6455; a wrong API key
 
 
-def _by_name(cls: type[msgspec.Struct]) -> type[msgspec.Struct]:
-    """`cls` with the same fields and defaults, encoded as an object (the ZMQ wire uses arrays)."""
-    fields = []
-    for f in msgspec.structs.fields(cls):
-        default = f.default if f.default is not msgspec.NODEFAULT else msgspec.field(default_factory=f.default_factory)
-        fields.append((f.name, f.type, default))
-    return msgspec.defstruct(cls.__name__, fields, kw_only=True, forbid_unknown_fields=True)
+_json = msgspec.json.Decoder(P.WsRequest)
+_msgpack = msgspec.msgpack.Decoder(P.WsRequest)
 
 
-Parameters = _by_name(P.GenerateParams)
-
-
-class WsGenerate(msgspec.Struct, tag="generate", tag_field="type", forbid_unknown_fields=True):
-    id: str
-    prompt: str | None = None
-    prompt_ids: list[int] | None = None
-    parameters: Parameters = msgspec.field(default_factory=Parameters)
-    timeout_s: float | None = None
-    api_key: str | None = None
-
-
-class WsCancel(msgspec.Struct, tag="cancel", tag_field="type"):
-    id: str
-
-
-WsMessage = Union[WsGenerate, WsCancel]
-_json = msgspec.json.Decoder(WsMessage)
-_msgpack = msgspec.msgpack.Decoder(WsMessage)
-
-
-def reply(out: P.TokenBatch | P.Error) -> dict:
-    if isinstance(out, P.Error):
-        return {"type": "error", "id": out.id, "error_type": out.error_type, "message": out.message}
-    tokens = [{"index": t.index, "token_id": t.token_id, "text": t.text, "logprob": t.logprob,
-               "top_tokens": t.top_tokens} for t in out.tokens]
-    return {"type": "tokens", "id": out.id, "tokens": tokens, "finish_reason": out.finish_reason,
-            "prompt_tokens": out.prompt_tokens, "seed": out.seed, "prompt_logprobs": out.prompt_logprobs}
-
-
-def encode(message: dict, binary: bool) -> bytes | str:
+def encode(message: msgspec.Struct, binary: bool) -> bytes | str:
     return msgspec.msgpack.encode(message) if binary else msgspec.json.encode(message).decode()
 
 
@@ -97,7 +60,7 @@ _msgpack_id = msgspec.msgpack.Decoder(_Id)
 MALFORMED = (ValueError, RecursionError)
 
 
-def read_frame(raw: bytes | str, binary: bool) -> WsGenerate | WsCancel:
+def read_frame(raw: bytes | str, binary: bool) -> P.WsGenerate | P.WsCancel:
     """The message in a frame; raises one of MALFORMED when there is none."""
     return (_msgpack if binary else _json).decode(raw)
 
@@ -155,7 +118,7 @@ class Session:
                     continue
                 if self.dropped:  # closing: what a slow reader still sends is not taken
                     continue
-                if isinstance(msg, WsGenerate):
+                if isinstance(msg, P.WsGenerate):
                     self._generate(msg, binary)
                 else:
                     self._cancel(msg.id)
@@ -167,7 +130,7 @@ class Session:
             self.gids.clear()
             self.writer.cancel()
 
-    def _generate(self, ws_msg: WsGenerate, binary: bool) -> None:
+    def _generate(self, ws_msg: P.WsGenerate, binary: bool) -> None:
         rid = ws_msg.id
         if not admits(self.api_key, ws_msg.api_key):
             self.door.refuse("/ws", "unauthorized")
@@ -176,8 +139,7 @@ class Session:
         if rid in self.gids:
             self._send(P.Error(rid, "validation", f"request id {rid!r} is already in use"), binary)
             return
-        params = P.GenerateParams(**msgspec.structs.asdict(ws_msg.parameters))
-        msg = P.Generate(rid, ws_msg.prompt, ws_msg.prompt_ids, params, ws_msg.timeout_s, ws_msg.api_key)
+        msg = ws_msg.generate()
 
         def sink(out) -> None:
             self._send(out, binary)
@@ -196,7 +158,7 @@ class Session:
     def _send(self, out, binary: bool) -> None:
         if self.dropped:
             return
-        frame = encode(reply(out), binary)
+        frame = encode(P.ws_reply(out), binary)
         self.backlog += len(frame)
         if self.backlog > OUTBOX_LIMIT_BYTES:
             self._drop_slow_reader()

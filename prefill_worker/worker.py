@@ -20,10 +20,9 @@ import zmq
 from splitserve.common import protocol as P
 from splitserve.common.curve import CurveKeys
 from splitserve.common.kv_transport import allocate_staging, gpu_uuids, sweep_orphan_staging
-from splitserve.common.limits import Limits
+from splitserve.common.params import Limits
 from splitserve.common.loading import LoadedModel
 from splitserve.common.metrics_http import WorkerMetrics
-from splitserve.common.request import FINISH_NAMES
 from splitserve.common.runtime import DTYPE_NAMES
 from splitserve.common.service_config import WorkerOptions, derive_limits
 from splitserve.common.text_stream import TextStream, first_token_finish
@@ -248,7 +247,7 @@ class PrefillWorker:
         finish = first_token_finish(request, res.first_token, self.lm.cfg.eos_token_id)
         ev = stream.event(res.first_token, finish, res.logprob, res.top_tokens)
         cancelled = self.cancelled.pop(request.id, None) is not None
-        reason = "cancelled" if cancelled else FINISH_NAMES[ev.finish]
+        reason = "cancelled" if cancelled else ev.finish.reason
         self.link.send(P.FirstToken(request.id, token_of(ev, res.top_tokens), reason, res.prompt_logprobs))
         if reason is not None:
             self._release_region(res)

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from splitserve.common.limits import Limits
+from splitserve.common.params import Finish, Limits
 from splitserve.common.loading import LoadedModel
-from splitserve.common.request import FINISH_CANCELLED, FINISH_NAMES, FINISH_NONE, GenerateRequest, TokenEvent
+from splitserve.common.request import GenerateRequest, TokenEvent
 from splitserve.common.text_stream import TextStream, first_token_finish
 from splitserve.decode_worker.engine import DecodeEngine
 from splitserve.prefill_worker.engine import PrefillEngine, PrefillResult, take_batch
@@ -70,7 +70,7 @@ class Engine:
             del self.by_slot[stream.slot]
         else:
             self.waiting.remove(stream.request)
-        return TokenEvent(request_id, stream.index, -1, "", FINISH_CANCELLED)
+        return TokenEvent(request_id, stream.index, -1, "", Finish.CANCELLED)
 
     @property
     def busy(self) -> bool:
@@ -97,7 +97,7 @@ class Engine:
         finish = first_token_finish(request, res.first_token, self.lm.cfg.eos_token_id)
         ev = stream.event(res.first_token, finish, res.logprob, res.top_tokens)
         ev.prompt_logprobs = res.prompt_logprobs
-        if ev.finish == FINISH_NONE:
+        if ev.finish == Finish.NONE:
             kv = self.prefill.staging[:, :, res.kv_offset : res.kv_offset + res.kv_len]
             stream.slot = self.decode.admit(request, kv, res.first_token)
             self.by_slot[stream.slot] = stream
@@ -117,8 +117,8 @@ class Engine:
                 if request.top_n_tokens:
                     top = list(zip(out.top_ids[i][: request.top_n_tokens], out.top_logprobs[i][: request.top_n_tokens]))
             ev = stream.event(out.tokens[i], out.finish[i], logprob, top)
-            if ev.finish != FINISH_NONE:
-                if out.finish[i] == FINISH_NONE:  # a stop string: the engine still holds the slot
+            if ev.finish != Finish.NONE:
+                if out.finish[i] == Finish.NONE:  # a stop string: the engine still holds the slot
                     self.decode.release(slot)
                 del self.by_slot[slot], self.streams[request.id]
             events.append(ev)
@@ -144,5 +144,5 @@ def add_event(result: GenerateResult, ev: TokenEvent) -> None:
         result.logprobs.append(ev.logprob)
     if ev.top_tokens is not None:
         result.top_tokens.append(ev.top_tokens)
-    if ev.finish != FINISH_NONE:
-        result.finish_reason = FINISH_NAMES[ev.finish]
+    if ev.finish != Finish.NONE:
+        result.finish_reason = ev.finish.reason

@@ -12,7 +12,7 @@ import torch
 from conftest import load_cpu, req
 from splitserve.common.loading import load_model
 from splitserve.common.request import GenerateRequest
-from splitserve.common.sampling import SamplingParams
+from splitserve.common.params import SamplingParams
 from splitserve.decode_worker.cuda_graphs import GraphedDecode, batch_buckets, key_buckets
 from splitserve.decode_worker.engine import DecodeEngine
 from splitserve.engine import Engine, EngineOptions, GenerateResult, add_event

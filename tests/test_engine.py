@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from conftest import hf_model, load_cpu, prompt, req
-from splitserve.common.limits import ValidationError
-from splitserve.common.request import FINISH_CANCELLED, GenerateRequest
-from splitserve.common.sampling import SamplingParams
+from splitserve.common.params import Finish, SamplingParams, ValidationError
+from splitserve.common.request import GenerateRequest
 from splitserve.engine import Engine, EngineOptions, GenerateResult, add_event
 
 
@@ -121,7 +120,7 @@ def test_cancel_frees_the_slot(lm):
     engine.step()
     engine.step()
     assert engine.decode.free_slots == 0
-    assert engine.cancel("r1").finish == FINISH_CANCELLED
+    assert engine.cancel("r1").finish == Finish.CANCELLED
     assert engine.decode.free_slots == 1
     results = {}
     while engine.busy:

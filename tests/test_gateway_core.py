@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from splitserve.common import protocol as P
-from splitserve.common.limits import Limits
+from splitserve.common.params import Limits
 from splitserve.common.tokenizer import Tokenizer
 from splitserve.gateway.core import GatewayCore
 from splitserve.gateway.workers import Expectations, WorkerRegistry

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster import Cluster, wait_for
 from splitserve.client import Client
-from splitserve.common.sampling import derive_seed
+from splitserve.common.params import derive_seed
 from splitserve.common.tokenizer import Tokenizer, fim_token_ids
 from tgi_client import run_in_tgi_env, tgi_python
 

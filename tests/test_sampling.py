@@ -11,13 +11,11 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
+from splitserve.common.params import SamplingParams, derive_seed, random_seed
 from splitserve.common.sampling import (
-    SamplingParams,
     SamplingTensors,
-    derive_seed,
     init_token_counts,
     process_logits,
-    random_seed,
     sample,
     update_token_counts,
 )

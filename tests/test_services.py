@@ -17,7 +17,7 @@ from conftest import load_cpu
 from splitserve.bench.traffic import PROMPTS
 from splitserve.client import Client, GenerationError, GenerationTimeout
 from splitserve.common.request import GenerateRequest
-from splitserve.common.sampling import SamplingParams
+from splitserve.common.params import SamplingParams
 from splitserve.common.zmq_util import free_port
 from splitserve.engine import Engine, EngineOptions
 

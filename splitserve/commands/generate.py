@@ -6,7 +6,7 @@ import sys
 
 from splitserve.common.config import add_model_args, model_options
 from splitserve.common.request import GenerateRequest
-from splitserve.common.sampling import SamplingParams, random_seed
+from splitserve.common.params import SamplingParams, random_seed
 from splitserve.engine import Engine, EngineOptions
 from splitserve.runtime_setup import open_model
 
