@@ -21,13 +21,11 @@ import mmap
 import os
 import re
 import secrets
-import socket
 import tempfile
 import time
 
 import torch
 
-TRANSPORTS = ("cuda_ipc", "shm", "tcp")  # also the order of preference
 
 _SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
@@ -121,7 +119,7 @@ def allocate_staging(shape, dtype: torch.dtype, device, transport: str, name: st
         return _cuda_ipc_staging(tuple(shape), dtype, device, name)
     if transport == "tcp":
         return Staging(torch.empty(shape, dtype=dtype, device=device), "tcp", f"tcp:{name}")
-    raise ValueError(f"unknown KV transport {transport!r}; expected one of {TRANSPORTS}")
+    raise ValueError(f"unknown KV transport {transport!r}")
 
 
 def _shm_staging(shape: tuple, dtype: torch.dtype, name: str) -> Staging:
@@ -324,47 +322,7 @@ def _open_cuda_ipc(desc: dict) -> _Opened:
 _OPENERS = {"shm": _open_shm, "cuda_ipc": _open_cuda_ipc, "tcp": _Opened}
 
 
-# ---- choosing a transport -----------------------------------------------------------------
-
-
-def choose_transport(flag: str, prefill_host_id: str, decode_host_id: str, prefill_gpu_uuid: str | None,
-                     decode_visible_uuids: list[str], same_pid_namespace: bool) -> str:
-    """`flag` is "auto" or one of TRANSPORTS; `prefill_gpu_uuid` is None for CPU staging.
-    "auto" picks the first possible in TRANSPORTS; an explicit flag that cannot work raises
-    ValueError saying why."""
-    obstacles = {
-        "cuda_ipc": _cuda_ipc_obstacle(prefill_host_id, decode_host_id, prefill_gpu_uuid, decode_visible_uuids,
-                                       same_pid_namespace),
-        "shm": _shm_obstacle(prefill_host_id, decode_host_id, prefill_gpu_uuid),
-        "tcp": None,
-    }
-    if flag == "auto":
-        return next(t for t in TRANSPORTS if obstacles[t] is None)
-    if flag not in obstacles:
-        raise ValueError(f"unknown KV transport {flag!r}; expected auto or one of {TRANSPORTS}")
-    if obstacles[flag] is not None:
-        raise ValueError(f"KV transport {flag} cannot work here: {obstacles[flag]}")
-    return flag
-
-
-def _cuda_ipc_obstacle(prefill_host, decode_host, prefill_uuid, decode_uuids, same_pid_namespace) -> str | None:
-    if prefill_host != decode_host:
-        return f"prefill and decode run on different hosts ({prefill_host} vs {decode_host})"
-    if prefill_uuid is None:
-        return "the prefill staging is in CPU memory"
-    if prefill_uuid not in decode_uuids:
-        return f"the decode process cannot see the prefill GPU {prefill_uuid}"
-    if not same_pid_namespace:
-        return "prefill and decode do not share a PID namespace (containers need pid: host)"
-    return None
-
-
-def _shm_obstacle(prefill_host, decode_host, prefill_uuid) -> str | None:
-    if prefill_host != decode_host:
-        return f"prefill and decode run on different hosts ({prefill_host} vs {decode_host})"
-    if prefill_uuid is not None:
-        return "the prefill staging is in GPU memory; shm carries CPU tensors"
-    return None
+# ---- identity ---------------------------------------------------------------------------
 
 
 def gpu_uuids() -> list[str]:
@@ -372,15 +330,6 @@ def gpu_uuids() -> list[str]:
     if not torch.cuda.is_available():
         return []
     return [_uuid(i) for i in range(torch.cuda.device_count())]
-
-
-def host_id_default() -> str:
-    try:
-        with open("/etc/machine-id") as f:
-            machine_id = f.read().strip()
-    except OSError:
-        machine_id = ""
-    return machine_id or socket.gethostname()
 
 
 # ---- helpers ------------------------------------------------------------------------------

@@ -8,13 +8,17 @@ everywhere: --host, --port, --zmq-port, --worker-port, --advertise-host, --host-
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import get_args
 
 from .config import ModelOptions, add_model_args, model_options
 from .curve import CurveKeys, load_keypair, load_public_key, load_public_keys, require_curve
 from .params import Limits
+from .protocol import TransportChoice
 
 DEFAULT_ZMQ_PORT = 5555
 DEFAULT_WORKER_PORT = 5556
@@ -56,6 +60,16 @@ def limit_options(ns: argparse.Namespace) -> LimitOptions:
 
 def derive_limits(opts: LimitOptions, n_positions: int) -> Limits:
     return Limits.derive(n_positions, opts.max_total_tokens, opts.max_input_tokens, opts.prefill_token_budget)
+
+
+def add_host_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address")
+
+
+def add_kv_transport_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-transport", default=_env("KV_TRANSPORT", "auto"), choices=get_args(TransportChoice),
+                   help="how KV moves from prefill to decode workers: auto chooses the fastest that works "
+                        "between the two; a transport named here that cannot work between them is refused")
 
 
 @dataclass(frozen=True)
@@ -117,7 +131,7 @@ class WorkerOptions:
     host: str  # bind address of this worker's own sockets
     advertise_host: str  # the address peers dial
     host_id: str
-    kv_transport: str  # auto | cuda_ipc | shm | tcp
+    kv_transport: TransportChoice
     kv_port: int  # decode: the KV endpoint's port (0: any free)
     metrics_port: int  # /health and /metrics (0: off)
     worker_id: str
@@ -136,26 +150,31 @@ def add_worker_args(p: argparse.ArgumentParser, role: str) -> None:
     add_link_args(p, server=False)
     p.add_argument("--gateway", default=_env("GATEWAY", f"tcp://127.0.0.1:{DEFAULT_WORKER_PORT}"),
                    help="the gateway's worker endpoint")
-    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address")
+    add_host_arg(p)
     p.add_argument("--advertise-host", default=_env("ADVERTISE_HOST", ""),
                    help="address other processes should dial (default: --host)")
     p.add_argument("--host-id", default=_env("HOST_ID", ""), help="which machine this is (default: /etc/machine-id)")
-    p.add_argument("--kv-transport", default=_env("KV_TRANSPORT", "auto"), choices=["auto", "cuda_ipc", "shm", "tcp"])
+    add_kv_transport_arg(p)
     p.add_argument("--kv-port", type=int, default=int(_env("KV_PORT", "0")), help="decode: KV endpoint port (0: any)")
     p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "0")),
                    help="serve /health and /metrics on this port (0: off)")
     p.add_argument("--worker-id", default="", help="unique name (default: ROLE-HOST-PID)")
+    p.add_argument("--cpus", default=_env("CPUS", ""), help="pin this process to these CPUs, e.g. 0 or 2-3,6")
+    add_engine_args(p)
+    p.set_defaults(role=role)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """How the workers' engines are sized and run (`serve` takes them too, for its workers)."""
     p.add_argument("--num-slots", type=int, default=int(_env("NUM_SLOTS", "0")),
                    help="decode: KV slots (0: 64 on CPU, 256 on CUDA, capped by --kv-cache-memory-mb)")
     p.add_argument("--kv-cache-memory-mb", type=int, default=int(_env("KV_CACHE_MEMORY_MB", "0")),
                    help="decode: memory for the KV pool (0: no cap besides --num-slots)")
     p.add_argument("--key-bucket", type=int, default=8, help="decode: key length rounding (a multiple of 8)")
     p.add_argument("--staging-tokens", type=int, default=0, help="prefill: staging buffer tokens (0: twice the budget)")
-    p.add_argument("--cpus", default=_env("CPUS", ""), help="pin this process to these CPUs, e.g. 0 or 2-3,6")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="decode: CUDA graphs at power-of-two batch sizes (ignored on CPU)")
     p.add_argument("--graph-key-step", type=int, default=256, help="decode: key-length bucket under CUDA graphs")
-    p.set_defaults(role=role)
 
 
 WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]", "*"}
@@ -174,6 +193,40 @@ def worker_options(ns: argparse.Namespace) -> WorkerOptions:
         kv_cache_memory_mb=ns.kv_cache_memory_mb, key_bucket=ns.key_bucket, staging_tokens=ns.staging_tokens,
         cpus=parse_cpus(ns.cpus), cuda_graphs=ns.cuda_graphs, graph_key_step=ns.graph_key_step,
     )
+
+
+@functools.cache
+def worker_parser(role: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"splitserve {role}")
+    add_worker_args(parser, role)
+    return parser
+
+
+def worker_argv(role: str, values: Mapping[str, object]) -> list[str]:
+    """The flags of `splitserve ROLE` that set `values` (flag destinations, e.g. num_slots), every
+    other flag keeping its default: how `serve` starts its workers and `deploy compose` writes them."""
+    return flags_argv(worker_parser(role), values)
+
+
+def flags_argv(parser: argparse.ArgumentParser, values: Mapping[str, object]) -> list[str]:
+    """Command-line words that make `parser` parse `values` (by destination) into its namespace."""
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    argv: list[str] = []
+    for dest, value in values.items():
+        action = actions[dest]
+        flag = next(s for s in action.option_strings if s.startswith("--"))
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if value else "--no-" + flag.removeprefix("--"))
+            continue
+        text = str(value)
+        # `--flag=TEXT` where TEXT begins with '-' (Z85 keys may): argparse would take it for a flag
+        argv += [f"{flag}={text}"] if text.startswith("-") else [flag, text]
+    return argv
+
+
+def worker_flag_names(role: str) -> frozenset[str]:
+    """The destinations of every flag `splitserve ROLE` takes."""
+    return frozenset(a.dest for a in worker_parser(role)._actions if a.option_strings and a.dest != "help")
 
 
 def parse_cpus(spec: str) -> tuple[int, ...]:

@@ -30,7 +30,7 @@ from splitserve.common.request import GenerateRequest
 from splitserve.common.tokenizer import Tokenizer
 
 from .validation import build_request
-from .workers import Worker, WorkerRegistry
+from .workers import NoTransport, Worker, WorkerRegistry
 
 log = logging.getLogger(__name__)
 
@@ -148,22 +148,28 @@ class GatewayCore:
     def dispatch(self) -> None:
         """Send waiting requests to prefill while some decode worker has a free slot."""
         while self.waiting:
-            decode, prefill = self.registry.pick_decode(), self.registry.pick_prefill()
-            if decode is None or prefill is None:
-                return
             stream = self.streams[self.waiting[0]]
-            if decode.free_slots < 1 + len(stream.forks):
+            forks = [self.streams[wid] for wid in stream.forks]
+            try:
+                route = self.registry.route(1 + len(forks))
+            except NoTransport as e:  # the workers that have room cannot hand KV to each other
+                log.error("%s", e)
+                self.waiting.popleft()
+                for s in (stream, *forks):
+                    s.sink(P.Error(s.client_id, "unavailable", str(e)))
+                    del self.streams[s.request.id], self.attempt_of[s.gid]
+                continue
+            if route is None:
                 return
             self.waiting.popleft()
-            forks = [self.streams[wid] for wid in stream.forks]
             stream.forks = []
-            prefill.queued_tokens += stream.queued_tokens
+            route.prefill.queued_tokens += stream.queued_tokens
             for s in (stream, *forks):
-                decode.assigned.add(s.request.id)  # the reservation, before any prefill work
-                s.decode, s.prefill, s.fork_of, s.shares_prefill = decode.id, prefill.id, None, s is not stream
-            transport = self.registry.transport(prefill, decode)
-            self.send(prefill, P.Prefill(stream.request, decode.id, decode.info.kv_endpoint, transport,
-                                         stream.deadline, [f.request for f in forks], decode.info.kv_public_key))
+                route.decode.assigned.add(s.request.id)  # the reservation, before any prefill work
+                s.decode, s.prefill, s.fork_of, s.shares_prefill = route.decode.id, route.prefill.id, None, s is not stream
+            decode = route.decode.info
+            self.send(route.prefill, P.Prefill(stream.request, decode.worker_id, decode.kv_endpoint, route.transport,
+                                               stream.deadline, [f.request for f in forks], decode.kv_public_key))
 
     # ---- cancellation and deadlines -----------------------------------------------------
 

@@ -3,92 +3,36 @@ asyncio (uvloop) loop."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import os
 import secrets
 import signal
 import time
-from dataclasses import dataclass
 
 import zmq
 import zmq.asyncio
 
 from splitserve.common import protocol as P
 from splitserve.common.builtin_models import resolve_model
-from splitserve.common.config import ModelOptions, add_model_args, model_options
 from splitserve.common.curve import guard_clients
 from splitserve.common.model_config import load_model_config
-from splitserve.common.service_config import (
-    DEFAULT_HTTP_PORT,
-    DEFAULT_WORKER_PORT,
-    DEFAULT_ZMQ_PORT,
-    LimitOptions,
-    LinkOptions,
-    add_limit_args,
-    add_link_args,
-    derive_limits,
-    limit_options,
-    link_options,
-)
+from splitserve.common.service_config import derive_limits
 from splitserve.common.tokenizer import Tokenizer
 from splitserve.common.zmq_util import bind_endpoint, make_socket, tcp_endpoint
 
 from splitserve.common.protocol import OUTPUT_SUFFIX
 
 from .api_context import ApiContext
-from .auth import UNAUTHORIZED, ApiKey, add_api_key_args, admits, api_key_option
+from .auth import UNAUTHORIZED, admits
 from .chat_template import load_chat_template
 from .core import GatewayCore
 from .frontdoor import FrontDoor
 from .http_app import HttpServer, build_app
 from .metrics import GatewayMetrics
+from .options import GatewayOptions
 from .workers import Expectations, Worker, WorkerRegistry
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GatewayOptions:
-    model: ModelOptions
-    limits: LimitOptions
-    link: LinkOptions
-    host: str
-    port: int  # HTTP and WebSocket
-    zmq_port: int
-    worker_port: int
-    kv_transport: str
-    max_concurrent_requests: int
-    max_connections: int  # HTTP and WebSocket
-    api_key: ApiKey | None  # required of HTTP, WebSocket and ZMQ clients when set (auth.py)
-
-
-def add_gateway_args(p: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    add_model_args(p)
-    add_limit_args(p)
-    add_link_args(p, server=True)
-    p.add_argument("--host", default=env("SPLITSERVE_HOST", "127.0.0.1"), help="bind address")
-    p.add_argument("--port", type=int, default=int(env("SPLITSERVE_PORT", str(DEFAULT_HTTP_PORT))),
-                   help="HTTP and WebSocket port")
-    p.add_argument("--zmq-port", type=int, default=int(env("SPLITSERVE_ZMQ_PORT", str(DEFAULT_ZMQ_PORT))),
-                   help="the client library's port (0: any free)")
-    p.add_argument("--worker-port", type=int, default=int(env("SPLITSERVE_WORKER_PORT", str(DEFAULT_WORKER_PORT))),
-                   help="where workers register (0: any free)")
-    p.add_argument("--kv-transport", default=env("SPLITSERVE_KV_TRANSPORT", "auto"),
-                   choices=["auto", "cuda_ipc", "shm", "tcp"], help="how KV moves from prefill to decode")
-    p.add_argument("--max-concurrent-requests", type=int, default=int(env("SPLITSERVE_MAX_CONCURRENT", "512")),
-                   help="requests in flight (running or waiting); beyond it, an overload error")
-    p.add_argument("--max-connections", type=int, default=int(env("SPLITSERVE_MAX_CONNECTIONS", "1024")),
-                   help="open HTTP and WebSocket connections; a request on one more gets 503 and its connection closed")
-    add_api_key_args(p)
-
-
-def gateway_options(ns: argparse.Namespace) -> GatewayOptions:
-    return GatewayOptions(model_options(ns), limit_options(ns), link_options(ns), ns.host, ns.port, ns.zmq_port,
-                          ns.worker_port, ns.kv_transport, ns.max_concurrent_requests, ns.max_connections,
-                          api_key_option(ns))
 
 
 class Gateway:
@@ -159,6 +103,13 @@ class Gateway:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def drain(self, timeout_s: float) -> None:
+        """Admit nothing more, and tell every worker to finish what it holds (for up to `timeout_s`)
+        and exit; what a worker has not finished by then it hands back."""
+        self.core.draining = True
+        for worker in list(self.registry.workers.values()):
+            self._send_worker(worker, P.Drain(timeout_s))
 
     @staticmethod
     async def _incoming(sock: zmq.asyncio.Socket, kinds, port: str):

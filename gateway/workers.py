@@ -30,6 +30,13 @@ class Worker:
 
 
 @dataclass(frozen=True)
+class Route:
+    prefill: Worker
+    decode: Worker
+    transport: P.Transport
+
+
+@dataclass(frozen=True)
 class Expectations:
     """What every worker must agree on with the gateway."""
 
@@ -41,8 +48,6 @@ def refusal(reg: P.Register, want: Expectations, dtype: str | None) -> str:
     """Why a registering worker cannot join, or "" when it can."""
     if reg.protocol != P.PROTOCOL_VERSION:
         return f"protocol version {reg.protocol}, the gateway speaks {P.PROTOCOL_VERSION}"
-    if reg.role not in ("prefill", "decode"):
-        return f"unknown role {reg.role!r}"
     if reg.model_fingerprint != want.fingerprint:
         return f"model fingerprint {reg.model_fingerprint} differs from the gateway's {want.fingerprint} (another model?)"
     if dtype is not None and reg.dtype != dtype:
@@ -54,24 +59,41 @@ def refusal(reg: P.Register, want: Expectations, dtype: str | None) -> str:
     return ""
 
 
-def choose_transport(flag: str, prefill: P.Register, decode: P.Register) -> str:
-    """The fastest transport both sides offer and the topology allows (DESIGN §2)."""
-    same_host = prefill.host_id == decode.host_id
-    candidates = [flag] if flag != "auto" else ["cuda_ipc", "shm", "tcp"]
-    for t in candidates:
-        if t not in prefill.kv_transports or t not in decode.kv_transports:
-            continue
-        if t == "cuda_ipc" and not (same_host and prefill.pid_namespace == decode.pid_namespace
-                                    and _prefill_gpu_visible(prefill, decode)):
-            continue
-        if t == "shm" and not same_host:
-            continue
-        return t
-    return "tcp"
+class NoTransport(ValueError):
+    """No transport that may be used can carry KV between two workers; the message names them."""
 
 
-def _prefill_gpu_visible(prefill: P.Register, decode: P.Register) -> bool:
-    return bool(prefill.gpu_uuids) and prefill.gpu_uuids[0] in decode.gpu_uuids
+def transport_between(flag: P.TransportChoice, prefill: P.Register, decode: P.Register) -> P.Transport:
+    """The transport KV takes from `prefill` to `decode`: with "auto" the fastest that works between
+    the two, else `flag` if it works. An explicit transport that cannot work is never silently
+    replaced by another: NoTransport says why."""
+    candidates = P.TRANSPORTS if flag == "auto" else (flag,)
+    reasons = {t: transport_obstacle(t, prefill, decode) for t in candidates}
+    chosen = next((t for t in candidates if reasons[t] is None), None)
+    if chosen is None:
+        why = "; ".join(f"{t}: {reason}" for t, reason in reasons.items())
+        raise NoTransport(f"KV cannot move from prefill worker {prefill.worker_id} to decode worker "
+                          f"{decode.worker_id} ({why})")
+    return chosen
+
+
+def transport_obstacle(transport: P.Transport, prefill: P.Register, decode: P.Register) -> str | None:
+    """Why `transport` cannot carry KV from `prefill` to `decode`, or None when it can. cuda_ipc
+    needs one host, the prefill GPU visible to the decode process and one PID namespace; shm one
+    host; tcp only that both offer it."""
+    for worker in (prefill, decode):
+        if transport not in worker.kv_transports:
+            return f"the {worker.role} worker offers {', '.join(worker.kv_transports) or 'nothing'}"
+    if transport == "tcp":
+        return None
+    if prefill.host_id != decode.host_id:
+        return f"they run on different hosts ({prefill.host_id} and {decode.host_id})"
+    if transport == "cuda_ipc":
+        if not prefill.gpu_uuids or prefill.gpu_uuids[0] not in decode.gpu_uuids:
+            return "the decode process cannot see the prefill worker's GPU"
+        if prefill.pid_namespace != decode.pid_namespace:
+            return "they do not share a PID namespace (containers need `pid: host`)"
+    return None
 
 
 class WorkerRegistry:
@@ -127,12 +149,20 @@ class WorkerRegistry:
     def of_role(self, role: str, routable: bool = True) -> list[Worker]:
         return [w for w in self.workers.values() if w.info.role == role and not (routable and w.draining)]
 
-    def pick_decode(self) -> Worker | None:
-        candidates = [w for w in self.of_role("decode") if w.free_slots > 0]
-        return max(candidates, key=lambda w: w.free_slots, default=None)
-
-    def pick_prefill(self) -> Worker | None:
-        return min(self.of_role("prefill"), key=lambda w: w.queued_tokens, default=None)
-
-    def transport(self, prefill: Worker, decode: Worker) -> str:
-        return choose_transport(self.transport_flag, prefill.info, decode.info)
+    def route(self, slots: int) -> Route | None:
+        """Where a prompt goes: the decode worker with the most free slots (at least `slots`) and the
+        prefill worker with the fewest queued tokens among those that can hand KV to it. None while
+        every decode worker is full or a role has no worker; NoTransport when workers with room
+        exist but no pair of them has a transport that may be used."""
+        decodes = sorted((w for w in self.of_role("decode") if w.free_slots >= slots), key=lambda w: -w.free_slots)
+        prefills = sorted(self.of_role("prefill"), key=lambda w: w.queued_tokens)
+        if not decodes or not prefills:
+            return None
+        refusals = []
+        for decode in decodes:
+            for prefill in prefills:
+                try:
+                    return Route(prefill, decode, transport_between(self.transport_flag, prefill.info, decode.info))
+                except NoTransport as e:
+                    refusals.append(str(e))
+        raise NoTransport("; ".join(refusals))

@@ -17,6 +17,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from splitserve.common.builtin_models import is_builtin
+from splitserve.common.service_config import worker_argv
+from splitserve.gateway.options import gateway_argv
 
 IMAGE = "splitserve:latest"
 CPU_IMAGE = "splitserve:cpu"
@@ -107,7 +109,7 @@ def compose_file(plan: Plan, out_dir: Path) -> dict:
             # a GPU worker is named by its GPU, so that the file reads like the node
             name = f"{role}-{device.removeprefix('cuda:') if device.startswith('cuda:') else i}"
             services[name] = _with_secrets(_worker(role, name, device, model_arg, volumes, plan.threads),
-                                           *_worker_secrets(plan))
+                                           *_worker_secrets(plan, role))
     # Every service builds the same image (Docker's layer cache makes the repeats free), so that
     # `up` works with nothing built beforehand and no registry.
     for name, service in services.items():
@@ -133,19 +135,20 @@ def _model(model: str) -> tuple[str, list[str]]:
 
 
 def _gateway(model: str, volumes: list[str], bind: str) -> dict:
+    flags = {"model": model, "host": "0.0.0.0", "port": HTTP_PORT, "zmq_port": ZMQ_PORT, "worker_port": WORKER_PORT}
     return {
-        "command": ["gateway", "--model", model, "--host", "0.0.0.0", "--port", str(HTTP_PORT),
-                    "--zmq-port", str(ZMQ_PORT), "--worker-port", str(WORKER_PORT)],
+        "command": ["gateway", *gateway_argv(flags)],
         "ports": [f"{bind}:{HTTP_PORT}:{HTTP_PORT}", f"{bind}:{ZMQ_PORT}:{ZMQ_PORT}"],
         **_common(HTTP_PORT, volumes),
     }
 
 
 def _worker(role: str, name: str, device: str, model: str, volumes: list[str], threads: int) -> dict:
+    flags = {"model": model, "device": device, "threads": threads, "gateway": f"tcp://gateway:{WORKER_PORT}",
+             "host": "0.0.0.0", "advertise_host": name, "host_id": HOST_ID, "worker_id": name,
+             "metrics_port": METRICS_PORT}
     service = {
-        "command": [role, "--model", model, "--device", device, "--threads", str(threads),
-                    "--gateway", f"tcp://gateway:{WORKER_PORT}", "--host", "0.0.0.0", "--advertise-host", name,
-                    "--host-id", HOST_ID, "--worker-id", name, "--metrics-port", str(METRICS_PORT)],
+        "command": [role, *worker_argv(role, flags)],
         "ipc": "host",
         "depends_on": {"gateway": {"condition": "service_started"}},
         **_common(METRICS_PORT, volumes),
@@ -167,24 +170,24 @@ def _secret_files(plan: Plan) -> dict:
 
 def _gateway_secrets(plan: Plan) -> tuple[list[str], list]:
     """The gateway's flags that name its secrets, and those secrets."""
-    flags, secrets = [], []
+    flags, secrets = {}, []
     if plan.api_key_file:
-        flags += ["--api-key-file", f"{SECRETS_DIR}/{API_KEY}"]
+        flags["api_key_file"] = f"{SECRETS_DIR}/{API_KEY}"
         secrets.append(API_KEY)
     if plan.curve_dir:
         # --curve-clients reads every *.key of a directory: one holding worker.key lets in only the workers
-        flags += ["--curve-secret-file", f"{SECRETS_DIR}/gateway.key_secret",
-                  "--curve-clients", f"{SECRETS_DIR}/{CURVE_CLIENTS}"]
+        flags |= {"curve_secret_file": f"{SECRETS_DIR}/gateway.key_secret",
+                  "curve_clients": f"{SECRETS_DIR}/{CURVE_CLIENTS}"}
         secrets += ["gateway.key_secret", {"source": "worker.key", "target": f"{CURVE_CLIENTS}/worker.key"}]
-    return flags, secrets
+    return gateway_argv(flags), secrets
 
 
-def _worker_secrets(plan: Plan) -> tuple[list[str], list]:
+def _worker_secrets(plan: Plan, role: str) -> tuple[list[str], list]:
     """A worker's flags that name its secrets, and those secrets (the API key is the gateway's alone)."""
     if not plan.curve_dir:
         return [], []
-    return (["--curve-secret-file", f"{SECRETS_DIR}/worker.key_secret",
-             "--curve-server-key", f"{SECRETS_DIR}/gateway.key"], ["worker.key_secret", "gateway.key"])
+    flags = {"curve_secret_file": f"{SECRETS_DIR}/worker.key_secret", "curve_server_key": f"{SECRETS_DIR}/gateway.key"}
+    return worker_argv(role, flags), ["worker.key_secret", "gateway.key"]
 
 
 def _with_secrets(service: dict, flags: list[str], secrets: list) -> dict:

@@ -20,7 +20,8 @@ from splitserve.common import protocol as P
 from splitserve.common.curve import load_keypair, write_keypair
 from splitserve.common.service_config import add_link_args, link_options
 from splitserve.common.worker_link import GatewayLink
-from splitserve.commands.serve import curve_worker_args
+from splitserve.commands.serve import curve_worker_flags
+from splitserve.common.service_config import worker_argv
 
 SILENCE_S = 3.0  # how long a link that should get no answer is watched, after a good one got its answer
 
@@ -123,7 +124,7 @@ def test_serve_gives_its_workers_a_public_key_that_begins_like_a_flag(tmp_path):
         public, secret = write_keypair(tmp_path, f"pair{i}")
         if load_keypair(secret)[0].startswith(b"-"):
             break
-    argv = curve_worker_args(str(secret))
+    argv = worker_argv("decode", curve_worker_flags(str(secret)))
     assert link_options(_parse(argv, server=False)).curve.server == load_keypair(secret)[0]
 
 

@@ -9,14 +9,19 @@ from splitserve.common import protocol as P
 from splitserve.common.params import Limits
 from splitserve.common.tokenizer import Tokenizer
 from splitserve.gateway.core import GatewayCore
-from splitserve.gateway.workers import Expectations, WorkerRegistry
+from splitserve.gateway.workers import Expectations, NoTransport, WorkerRegistry, transport_between
 
 
-def register(registry: WorkerRegistry, role: str, wid: str, capacity: int) -> None:
-    reg = P.Register(role=role, worker_id=wid, protocol=P.PROTOCOL_VERSION, host_id="h", gpu_uuids=[], device="cpu",
-                     kv_endpoint=f"tcp://127.0.0.1:1/{wid}", kv_transports=["shm", "tcp"], capacity=capacity,
-                     model_fingerprint="fp", dtype="float32", slot_len=64, pid=1, pid_namespace="ns")
-    assert registry.register(wid.encode(), reg) == ""
+def registration(role: str, wid: str, capacity: int = 4, host: str = "h", gpus: tuple[str, ...] = (),
+                 transports: tuple[str, ...] = ("shm", "tcp"), pid_namespace: str = "ns") -> P.Register:
+    return P.Register(role=role, worker_id=wid, protocol=P.PROTOCOL_VERSION, host_id=host, gpu_uuids=list(gpus),
+                      device="cuda" if gpus else "cpu", kv_endpoint=f"tcp://127.0.0.1:1/{wid}",
+                      kv_transports=list(transports), capacity=capacity, model_fingerprint="fp", dtype="float32",
+                      slot_len=64, pid=1, pid_namespace=pid_namespace)
+
+
+def register(registry: WorkerRegistry, role: str, wid: str, capacity: int, **kw) -> None:
+    assert registry.register(wid.encode(), registration(role, wid, capacity, **kw)) == ""
 
 
 @pytest.fixture
@@ -94,3 +99,57 @@ def test_a_request_whose_decode_worker_died_resumes_with_what_the_client_has(cor
     assert resumed.request.max_new_tokens == 6 and resumed.request.sampling.seed == 9
     core.cancel(gid, "cancelled")  # the client's id still reaches the resumed attempt
     assert core.sent[-2:] == [("p", P.Cancel(resumed.request.id)), ("d2", P.Cancel(resumed.request.id))]
+
+
+# ---- how KV moves between two workers ---------------------------------------------------------
+
+GPU_A, GPU_B = "uuid-a", "uuid-b"
+CUDA, CPU = ("cuda_ipc", "tcp"), ("shm", "tcp")
+
+
+@pytest.mark.parametrize("prefill, decode, want", [
+    (dict(gpus=(GPU_A,), transports=CUDA), dict(gpus=(GPU_A, GPU_B), transports=CUDA), "cuda_ipc"),
+    (dict(gpus=(GPU_A,), transports=CUDA), dict(gpus=(GPU_B,), transports=CUDA), "tcp"),  # GPU not visible
+    (dict(gpus=(GPU_A,), transports=CUDA), dict(gpus=(GPU_A,), transports=CUDA, pid_namespace="other"), "tcp"),
+    (dict(gpus=(GPU_A,), transports=CUDA, host="h2"), dict(gpus=(GPU_A,), transports=CUDA), "tcp"),
+    (dict(), dict(), "shm"),
+    (dict(), dict(pid_namespace="other"), "shm"),  # CPU workers: the PID namespace does not matter
+    (dict(host="h2"), dict(), "tcp"),
+])
+def test_auto_takes_the_fastest_transport_that_works(prefill, decode, want):
+    assert transport_between("auto", registration("prefill", "p", **prefill), registration("decode", "d", **decode)) == want
+
+
+@pytest.mark.parametrize("flag, prefill, decode, reason", [
+    ("shm", dict(host="h2"), dict(), "different hosts"),
+    ("shm", dict(gpus=(GPU_A,), transports=CUDA), dict(), "the prefill worker offers cuda_ipc, tcp"),
+    ("cuda_ipc", dict(gpus=(GPU_A,), transports=CUDA, host="h2"), dict(gpus=(GPU_A,), transports=CUDA),
+     "different hosts"),
+    ("cuda_ipc", dict(gpus=(GPU_A,), transports=CUDA), dict(gpus=(GPU_B,), transports=CUDA), "cannot see"),
+    ("cuda_ipc", dict(gpus=(GPU_A,), transports=CUDA), dict(gpus=(GPU_A,), transports=CUDA, pid_namespace="x"),
+     "PID namespace"),
+    ("tcp", dict(), dict(transports=("shm",)), "the decode worker offers shm"),
+])
+def test_an_explicit_transport_that_cannot_work_is_refused_naming_the_pair(flag, prefill, decode, reason):
+    with pytest.raises(NoTransport, match=f"prefill worker p to decode worker d .*{reason}"):
+        transport_between(flag, registration("prefill", "p", **prefill), registration("decode", "d", **decode))
+
+
+def test_an_explicit_transport_that_works_is_honoured():
+    assert transport_between("tcp", registration("prefill", "p"), registration("decode", "d")) == "tcp"
+
+
+def test_requests_go_only_to_pairs_that_can_hand_over_and_fail_clearly_when_none_can(core):
+    core.registry.transport_flag = "shm"
+    register(core.registry, "prefill", "p-far", 2048, host="h2")
+    register(core.registry, "decode", "d", 4)
+    out: list = []
+    core.submit("c1", generate(1), out.append)
+    assert not core.sent and not core.streams and not core.waiting  # no silent fallback to tcp
+    (error,) = out
+    assert error.error_type == "unavailable" and "prefill worker p-far to decode worker d" in error.message
+    register(core.registry, "prefill", "p-near", 2048)  # busier, but on the decode worker's host
+    core.registry.workers["p-near"].queued_tokens = 10_000
+    core.submit("c2", generate(2), out.append)
+    ((worker, msg),) = core.sent
+    assert worker == "p-near" and msg.transport == "shm"

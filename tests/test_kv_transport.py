@@ -16,9 +16,7 @@ import zmq
 from splitserve.common.kv_transport import (
     KvImporter,
     allocate_staging,
-    choose_transport,
     gpu_uuids,
-    host_id_default,
     owner_gone,
     sweep_orphan_staging,
 )
@@ -269,45 +267,6 @@ def test_allocate_refuses_a_device_the_transport_cannot_carry():
         allocate_staging(SHAPE, torch.float32, "cpu", "rdma", "w")
 
 
-# ---- choosing ------------------------------------------------------------------------------
-
-GPU_A, GPU_B = "uuid-a", "uuid-b"
-
-
-@pytest.mark.parametrize("prefill_host, prefill_gpu, decode_gpus, same_pid, want", [
-    ("h1", GPU_A, [GPU_A, GPU_B], True, "cuda_ipc"),
-    ("h1", GPU_A, [GPU_B], True, "tcp"),  # decode cannot see the prefill GPU
-    ("h1", GPU_A, [GPU_A], False, "tcp"),  # separate PID namespaces
-    ("h2", GPU_A, [GPU_A], True, "tcp"),  # another host with an equal UUID list
-    ("h1", None, [], True, "shm"),
-    ("h1", None, [GPU_A], False, "shm"),  # CPU prefill; the PID namespace does not matter
-    ("h2", None, [], True, "tcp"),
-])
-def test_auto_choice(prefill_host, prefill_gpu, decode_gpus, same_pid, want):
-    assert choose_transport("auto", prefill_host, "h1", prefill_gpu, decode_gpus, same_pid) == want
-
-
-@pytest.mark.parametrize("flag, prefill_host, prefill_gpu, decode_gpus, same_pid, reason", [
-    ("shm", "h2", None, [], True, "different hosts"),
-    ("shm", "h1", GPU_A, [GPU_A], True, "GPU memory"),
-    ("cuda_ipc", "h2", GPU_A, [GPU_A], True, "different hosts"),
-    ("cuda_ipc", "h1", None, [GPU_A], True, "CPU memory"),
-    ("cuda_ipc", "h1", GPU_A, [GPU_B], True, "cannot see"),
-    ("cuda_ipc", "h1", GPU_A, [GPU_A], False, "PID namespace"),
-    ("rdma", "h1", None, [], True, "unknown"),
-])
-def test_explicit_flag_that_cannot_work_is_refused(flag, prefill_host, prefill_gpu, decode_gpus, same_pid, reason):
-    with pytest.raises(ValueError, match=reason):
-        choose_transport(flag, prefill_host, "h1", prefill_gpu, decode_gpus, same_pid)
-
-
-def test_explicit_flag_that_works_is_honoured():
-    assert choose_transport("tcp", "h1", "h1", GPU_A, [GPU_A], True) == "tcp"
-    assert choose_transport("shm", "h1", "h1", None, [], False) == "shm"
-    assert choose_transport("cuda_ipc", "h1", "h1", GPU_A, [GPU_A], True) == "cuda_ipc"
-
-
-def test_host_and_gpu_identity():
-    assert host_id_default() and host_id_default() == host_id_default()
+def test_gpu_identity():
     if not torch.cuda.is_available():
         assert gpu_uuids() == []

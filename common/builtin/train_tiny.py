@@ -32,6 +32,7 @@ from ..builtin_models import TINY_HF_CONFIG
 from ..checkpoint import expected_shapes, save_weights
 from ..model_config import ModelConfig, model_config_from_dict
 from ..tokenizer import FIM_SPELLINGS, Tokenizer, write_tokenizer_files
+from .train_options import TrainOptions
 from .train_tokenizer import stdlib_sources
 
 HELD_OUT_PERCENT = 3
@@ -42,27 +43,6 @@ FIM = FIM_SPELLINGS[0]
 # Python code the model never sees in training, for the cross-entropy check in the model card:
 # a package the project depends on, so it is installed wherever splitserve is.
 UNSEEN_PACKAGE = "tqdm"
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    out: Path
-    minutes: float = 55.0
-    steps: int = 0  # 0: chosen from `minutes`
-    seed: int = 0
-    threads: int = 2
-    seq_len: int = 512
-    batch: int = 8
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.05
-    warmup_steps: int = 200
-    weight_decay: float = 0.1
-    fim_rate: float = 0.5
-    eval_every: int = 500
-    eval_windows: int = 48
-    calibration_steps: int = 6
-    max_files: int = 0  # 0: every training file; fewer for quick checks
-    bf16: bool = True  # bf16 matmuls under autocast, fp32 weights and optimizer state
 
 
 def bf16_supported() -> bool:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import argparse
 
-from splitserve.gateway.server import add_gateway_args, gateway_options, run as run_gateway
+from splitserve.gateway.options import add_gateway_args, gateway_options
 from splitserve.logs import setup_logging
 
 
@@ -11,5 +11,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from splitserve.gateway.server import run as run_gateway
+
     setup_logging("gateway")
     return run_gateway(gateway_options(args))

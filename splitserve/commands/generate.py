@@ -5,10 +5,8 @@ import json
 import sys
 
 from splitserve.common.config import add_model_args, model_options
-from splitserve.common.request import GenerateRequest
 from splitserve.common.params import SamplingParams, random_seed
-from splitserve.engine import Engine, EngineOptions
-from splitserve.runtime_setup import open_model
+from splitserve.common.request import GenerateRequest
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -23,6 +21,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from splitserve.engine import Engine, EngineOptions
+    from splitserve.runtime_setup import open_model
+
     lm = open_model(model_options(args))
     sampled = any(v is not None for v in (args.temperature, args.top_k, args.top_p, args.seed))
     sampling = SamplingParams(

@@ -16,12 +16,16 @@ import signal
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
-from splitserve.common import protocol as P
 from splitserve.common.child_process import die_with_parent
 from splitserve.common.curve import load_keypair
-from splitserve.gateway.server import Gateway, add_gateway_args, gateway_options
+from splitserve.common.service_config import add_engine_args, worker_argv, worker_flag_names
+from splitserve.gateway.options import add_gateway_args, gateway_options
 from splitserve.logs import setup_logging
+
+if TYPE_CHECKING:
+    from splitserve.gateway.server import Gateway
 
 log = logging.getLogger("splitserve.serve")
 
@@ -31,37 +35,26 @@ EXIT_GRACE_S = 10.0
 
 def add_args(p: argparse.ArgumentParser) -> None:
     add_gateway_args(p)
+    add_engine_args(p)
     p.add_argument("--prefill-workers", type=int, default=1)
     p.add_argument("--decode-workers", type=int, default=1)
-    p.add_argument("--num-slots", type=int, default=0, help="decode: KV slots per worker (0: by device)")
-    p.add_argument("--kv-cache-memory-mb", type=int, default=0, help="decode: memory for each worker's KV pool")
-    p.add_argument("--key-bucket", type=int, default=8)
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
-                   help="decode: CUDA graphs at power-of-two batch sizes (ignored on CPU)")
 
 
-def curve_worker_args(secret_file: str) -> list[str]:
-    """The local workers use the gateway's own key pair, which the gateway always lets in. Its
-    public key goes as `--flag=KEY`: Z85 text may begin with '-', which argparse takes for a flag."""
+def curve_worker_flags(secret_file: str) -> dict[str, str]:
+    """The local workers use the gateway's own key pair, which the gateway always lets in."""
     public, _ = load_keypair(secret_file)
-    return ["--curve-secret-file", secret_file, f"--curve-server-key={public.decode()}"]
+    return {"curve_secret_file": secret_file, "curve_server_key": public.decode()}
 
 
 def worker_command(args: argparse.Namespace, role: str, index: int, gateway: str, threads: int) -> list[str]:
-    cmd = [sys.executable, "-m", "splitserve.cli", role, "--gateway", gateway, "--model", args.model,
-           "--dtype", args.dtype, "--device", args.device, "--threads", str(threads), "--home", str(args.home),
-           "--host", args.host, "--worker-id", f"{role}-{index}-{os.getpid()}",
-           "--kv-transport", args.kv_transport,
-           "--max-total-tokens", str(args.max_total_tokens), "--max-input-tokens", str(args.max_input_tokens),
-           "--prefill-token-budget", str(args.prefill_token_budget),
-           "--heartbeat-interval", str(args.heartbeat_interval), "--heartbeat-timeout", str(args.heartbeat_timeout),
-           "--drain-timeout", str(args.drain_timeout)]
+    """Every flag of serve's that a worker takes too (model, limits, link, engine, ...) passes on;
+    the gateway, the threads, the worker's name and its CURVE keys are set here."""
+    names = worker_flag_names(role)
+    values = {name: value for name, value in vars(args).items() if name in names}
+    values |= {"gateway": gateway, "threads": threads, "worker_id": f"{role}-{index}-{os.getpid()}"}
     if args.curve_secret_file:
-        cmd += curve_worker_args(args.curve_secret_file)
-    if role == "decode":
-        cmd += ["--num-slots", str(args.num_slots), "--kv-cache-memory-mb", str(args.kv_cache_memory_mb),
-                "--key-bucket", str(args.key_bucket), "--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs"]
-    return cmd
+        values |= curve_worker_flags(args.curve_secret_file)
+    return [sys.executable, "-m", "splitserve.cli", role, *worker_argv(role, values)]
 
 
 def threads_per_worker(total: int, workers: int) -> int:
@@ -99,10 +92,8 @@ class Supervisor:
 
     async def drain(self) -> None:
         """Stop admitting, let workers finish (they exit when drained), then make sure they did."""
-        self.gw.core.draining = True
         timeout = self.args.drain_timeout
-        for worker in list(self.gw.registry.workers.values()):
-            self.gw._send_worker(worker, P.Drain(timeout))
+        self.gw.drain(timeout)
         deadline = time.monotonic() + timeout + EXIT_GRACE_S
         while time.monotonic() < deadline and any(c.poll() is None for c in self.children):
             await asyncio.sleep(0.1)
@@ -142,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from splitserve.gateway.server import Gateway  # the server, torch-free but not light
+
     gw = Gateway(gateway_options(args))
     sup = Supervisor(args, gw)
     loop = asyncio.get_running_loop()

@@ -8,7 +8,6 @@ import os
 
 from splitserve.common.service_config import add_worker_args, worker_options
 from splitserve.logs import setup_logging
-from splitserve.runtime_setup import open_model
 
 
 def add_args_for(role: str):
@@ -23,6 +22,8 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(opts.role)
     if opts.cpus:
         os.sched_setaffinity(0, opts.cpus)
+    from splitserve.runtime_setup import open_model  # PyTorch, after the flags were read
+
     lm = open_model(opts.model)
     module = importlib.import_module(f"splitserve.{opts.role}_worker.worker")
     return module.run(opts, lm)
