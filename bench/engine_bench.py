@@ -45,7 +45,7 @@ from tqdm import tqdm
 from splitserve.common.builtin_models import resolve_model
 from splitserve.common.config import add_model_args
 from splitserve.common.loading import LoadedModel
-from splitserve.common.model import Params, prepare_params
+from splitserve.common.model import ModelWeights, prepare_weights
 from splitserve.common.model_config import model_config_from_dict
 from splitserve.common.request import GenerateRequest
 from splitserve.common.runtime import DTYPE_NAMES, resolve_device, resolve_dtype, set_threads
@@ -240,7 +240,7 @@ def load_models(path: Path | None, device: torch.device, dtype: torch.dtype):
     hf.eval()
     cfg = model_config_from_dict(hf.config.to_dict())
     weights = {name.removeprefix("transformer."): t for name, t in hf.state_dict().items()}
-    return hf, LoadedModel(path, cfg, prepare_params(weights, cfg), tokenizer, device, dtype)
+    return hf, LoadedModel(path, cfg, prepare_weights(weights, cfg), tokenizer, device, dtype)
 
 
 def random_santacoder(device: torch.device, dtype: torch.dtype):
@@ -265,7 +265,7 @@ def random_prompts(lens: tuple[int, ...], vocab: int, device: torch.device) -> l
     return [torch.randint(1, vocab, (n,), generator=gen).to(device) for n in lens]
 
 
-def floor(p: Params, tokens: int, rows: int, device: torch.device, times: int = 1) -> Measurement:
+def floor(p: ModelWeights, tokens: int, rows: int, device: torch.device, times: int = 1) -> Measurement:
     """A forward's weight matrix products alone, back to back: each layer's four on `tokens` rows,
     the LM head on `rows` (one per sequence). A sample runs them `times` over, as a decode sample
     runs its steps: one short run alone would find the weights evicted by the other systems."""
@@ -285,7 +285,7 @@ def floor(p: Params, tokens: int, rows: int, device: torch.device, times: int = 
     return m._replace(ms=lambda runs: m.ms(runs) / times)
 
 
-def floor_ms(p: Params, tokens: int, rows: int, repeats: Repeats, device: torch.device) -> float:
+def floor_ms(p: ModelWeights, tokens: int, rows: int, repeats: Repeats, device: torch.device) -> float:
     return alone(floor(p, tokens, rows, device), repeats)
 
 
@@ -382,7 +382,7 @@ def measure(points: list[Point], lm: LoadedModel, runners: dict, repeats: Repeat
         bar.set_postfix_str(f"{point.phase} {point.label or point.curve} B={point.batch_size} P={point.prompt_len}")
         prompts = random_prompts(point.lens, lm.cfg.vocab_size, lm.device)
         tokens = sum(point.lens) if point.phase == "prefill" else point.batch_size
-        jobs = {"floor": floor(lm.params, tokens, point.batch_size, lm.device, point.new_tokens)}
+        jobs = {"floor": floor(lm.weights, tokens, point.batch_size, lm.device, point.new_tokens)}
         peaks = {}
         for system, runner in runners.items():
             # Each system's memory before the next runs at all: on the CPU the peak is the

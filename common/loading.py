@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_weights
-from .model import Params, prepare_params
+from .model import ModelWeights, prepare_weights
 from .model_config import ModelConfig, load_model_config
 from .tokenizer import Tokenizer
 
@@ -17,7 +17,7 @@ from .tokenizer import Tokenizer
 class LoadedModel:
     path: Path
     cfg: ModelConfig
-    params: Params
+    weights: ModelWeights
     tokenizer: Tokenizer
     device: torch.device
     dtype: torch.dtype
@@ -31,5 +31,5 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, progre
     tokenizer = Tokenizer.from_dir(model_dir)
     with torch.inference_mode():
         weights = load_weights(model_dir, cfg, dtype, device, progress)
-        params = prepare_params(weights, cfg)
-    return LoadedModel(model_dir, cfg, params, tokenizer, device, dtype)
+        prepared = prepare_weights(weights, cfg)
+    return LoadedModel(model_dir, cfg, prepared, tokenizer, device, dtype)

@@ -36,7 +36,7 @@ class Layer(NamedTuple):
     out_b: torch.Tensor
 
 
-class Params(NamedTuple):
+class ModelWeights(NamedTuple):
     cfg: ModelConfig
     wte: torch.Tensor  # [V, E]
     wpe: torch.Tensor  # [n_positions, E]
@@ -67,7 +67,7 @@ def _heads_first_qkv(w: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return w.reshape(h, 3, d, *rest).transpose(0, 1).reshape(3 * h * d, *rest).contiguous()
 
 
-def prepare_params(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> Params:
+def prepare_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> ModelWeights:
     """Turn loader names (`h.0.attn.c_attn.weight`, ...) into the tuples the forward uses."""
     layers = []
     for i in range(cfg.n_layer):
@@ -89,7 +89,7 @@ def prepare_params(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> Params
             )
         )
     wte = weights["wte.weight"]
-    return Params(
+    return ModelWeights(
         cfg=cfg,
         wte=wte,
         wpe=weights["wpe.weight"],
@@ -103,7 +103,7 @@ def prepare_params(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> Params
 
 
 def prefill(
-    p: Params,
+    w: ModelWeights,
     input_ids: torch.Tensor,  # [T] int64, prompts packed back to back
     positions: torch.Tensor,  # [T] int64
     seqlens: list[int],
@@ -116,15 +116,15 @@ def prefill(
     Returns logits [B, V] for each prompt's last token, or [R, V] for `logit_index` (prompt
     logprobs ask for every position of some prompts). Other positions never reach the LM head.
     """
-    cfg = p.cfg
+    cfg = w.cfg
     e, kvd, kvh, d, eps = cfg.n_embd, cfg.kv_dim, cfg.kv_heads, cfg.head_dim, cfg.layer_norm_epsilon
     t = input_ids.shape[0]
     seq_ends = torch.tensor(seqlens, dtype=torch.int32).cumsum(0)
     cu_seqlens = F.pad(seq_ends, (1, 0)).to(input_ids.device, torch.int32)  # [B+1]
     max_seqlen = max(seqlens)
-    h = torch.embedding(p.wte, input_ids) + torch.embedding(p.wpe, positions)  # [T, E]
+    h = torch.embedding(w.wte, input_ids) + torch.embedding(w.wpe, positions)  # [T, E]
     for i, (ln1_w, ln1_b, qkv_wt, qkv_b, proj_wt, proj_b, ln2_w, ln2_b, fc_wt, fc_b, out_wt, out_b) in enumerate(
-        p.layers
+        w.layers
     ):
         x = torch.layer_norm(h, (e,), ln1_w, ln1_b, eps)
         qkv = torch.addmm(qkv_b, x, qkv_wt)  # [T, E + 2*KVH*D]
@@ -136,11 +136,11 @@ def prefill(
         a = attn(q, k, v, cu_seqlens, seqlens, max_seqlen, cfg.attn_scale)  # [T, H, D]
         h = h + torch.addmm(proj_b, a.reshape(t, e), proj_wt)
         x = torch.layer_norm(h, (e,), ln2_w, ln2_b, eps)
-        h = h + torch.addmm(out_b, p.act(torch.addmm(fc_b, x, fc_wt)), out_wt)
+        h = h + torch.addmm(out_b, w.act(torch.addmm(fc_b, x, fc_wt)), out_wt)
     # Gather before ln_f and the LM head, so unwanted positions cost nothing there.
     h = h[cu_seqlens[1:].long() - 1 if logit_index is None else logit_index]  # [B or R, E]
-    h = torch.layer_norm(h, (e,), p.lnf_w, p.lnf_b, eps)
-    return torch.mm(h, p.lm_head_t)
+    h = torch.layer_norm(h, (e,), w.lnf_w, w.lnf_b, eps)
+    return torch.mm(h, w.lm_head_t)
 
 
 # Decode attention over fewer scores than this runs on one CPU thread: MKL's batched GEMM and the
@@ -229,7 +229,7 @@ def decode_write_index(offsets: torch.Tensor, positions: torch.Tensor, kv_heads:
 
 
 def decode_step(
-    p: Params,
+    w: ModelWeights,
     input_ids: torch.Tensor,  # [B] int64: each row's newest token
     positions: torch.Tensor,  # [B] int64: that token's position (= keys already cached)
     bufs: DecodeBuffers,  # for this B and key_len; the pool is written in place
@@ -241,16 +241,16 @@ def decode_step(
     Every op on the hot path is a direct ATen call, most with `out=`: at a small model's batch 1
     the Python wrappers, views and allocations cost as much as the layers' matrix products.
     """
-    cfg = p.cfg
-    e, eps, scale, upcast = cfg.n_embd, cfg.layer_norm_epsilon, cfg.attn_scale, p.upcast_softmax
+    cfg = w.cfg
+    e, eps, scale, upcast = cfg.n_embd, cfg.layer_norm_epsilon, cfg.attn_scale, w.upcast_softmax
     h, qkv, q, new_kv, scores, attn, inner, out = (bufs.h, bufs.qkv, bufs.q, bufs.new_kv, bufs.scores, bufs.attn,
                                                    bufs.inner, bufs.out)
     threads = torch.get_num_threads()
     serial = threads > 1 and scores.is_cpu and scores.numel() < SERIAL_ATTENTION_SCORES
-    torch.add(torch.embedding(p.wte, input_ids), torch.embedding(p.wpe, positions), out=h)  # [B, E]
+    torch.add(torch.embedding(w.wte, input_ids), torch.embedding(w.wpe, positions), out=h)  # [B, E]
     try:
         for (ln1_w, ln1_b, qkv_wt, qkv_b, proj_wt, proj_b, ln2_w, ln2_b, fc_wt, fc_b, out_wt, out_b), write, keys_t, values in zip(
-            p.layers, bufs.write, bufs.keys_t, bufs.values
+            w.layers, bufs.write, bufs.keys_t, bufs.values
         ):
             x = torch.layer_norm(h, (e,), ln1_w, ln1_b, eps)
             torch.addmm(qkv_b, x, qkv_wt, out=qkv)  # [B, E + 2*KVH*D]
@@ -269,9 +269,9 @@ def decode_step(
                 torch.set_num_threads(threads)
             h.add_(torch.addmm(proj_b, bufs.attn_rows, proj_wt, out=out))
             x = torch.layer_norm(h, (e,), ln2_w, ln2_b, eps)
-            h.add_(torch.addmm(out_b, p.act(torch.addmm(fc_b, x, fc_wt, out=inner)), out_wt, out=out))
+            h.add_(torch.addmm(out_b, w.act(torch.addmm(fc_b, x, fc_wt, out=inner)), out_wt, out=out))
     finally:  # a failed step must not leave the process on one thread
         if serial:
             torch.set_num_threads(threads)
-    x = torch.layer_norm(h, (e,), p.lnf_w, p.lnf_b, eps)
-    return torch.mm(x, p.lm_head_t, out=bufs.logits)
+    x = torch.layer_norm(h, (e,), w.lnf_w, w.lnf_b, eps)
+    return torch.mm(x, w.lm_head_t, out=bufs.logits)

@@ -12,9 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from splitserve.common.attention import decode_mask
 from splitserve.common.loading import LoadedModel
-from splitserve.common.model import decode_buffers, decode_scratch, decode_step, decode_write_index, row_offsets
 from splitserve.common.params import MAX_STOP_TOKEN_IDS, Finish, SamplingParams
 from splitserve.common.request import GenerateRequest
 from splitserve.common.sampling import (
@@ -25,14 +23,10 @@ from splitserve.common.sampling import (
     update_token_counts,
 )
 
-from .cuda_graphs import GraphedDecode, batch_buckets, key_buckets
 from .kv_pool import SlotAllocator, allocate_pool
+from .step_runner import StepRunner
 
 GREEDY = SamplingParams()
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 @dataclass
@@ -40,6 +34,7 @@ class StepOutput:
     """Results for the rows that were active when the step began (slot order)."""
 
     slots: list[int]
+    ids: list[str]  # their requests
     tokens: list[int]
     finish: list[int]
     logprobs: list[float] | None = None
@@ -48,16 +43,16 @@ class StepOutput:
 
 
 class DecodeEngine:
-    def __init__(self, lm: LoadedModel, num_slots: int, slot_len: int, key_bucket: int = 8, graphs: bool = False,
+    def __init__(self, model: LoadedModel, num_slots: int, slot_len: int, key_bucket: int = 8, graphs: bool = False,
                  graph_key_step: int = 256):
-        cfg, dev = lm.cfg, lm.device
+        cfg, dev = model.cfg, model.device
         if slot_len > cfg.n_positions:
             raise ValueError(f"slot length {slot_len} exceeds the model's {cfg.n_positions} positions")
         if graphs and dev.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {dev}")
-        self.lm = lm
+        self.model = model
         self.num_slots, self.slot_len, self.key_bucket = num_slots, slot_len, key_bucket
-        self.kv = allocate_pool(cfg, num_slots, slot_len, lm.dtype, dev)
+        self.kv = allocate_pool(cfg, num_slots, slot_len, model.dtype, dev)
         self.slots = SlotAllocator(num_slots)
         # Per-slot state, read by the step as views of the first B rows.
         self.tokens = torch.zeros(num_slots, dtype=torch.long, device=dev)  # newest token
@@ -75,17 +70,16 @@ class DecodeEngine:
         self._offset: dict[int, int] = {}  # slot -> its position minus the step counter
         self._steps = 0
         self._details = 0  # active requests that want logprobs or top tokens
-        self._bufs_key: tuple[int, int] | None = None  # (B, key_len) of the cached step buffers
-        self._bufs = None
-        self._offsets = row_offsets(num_slots, cfg.kv_heads, slot_len, dev)
-        self._key_index = torch.arange(slot_len, device=dev)
-        self._scratch = None if graphs else decode_scratch(cfg, self.kv)
-        # --- CUDA graphs hook: steps at bucketed shapes (decode_worker/cuda_graphs.py); None runs
-        # the exact prefix and the fine key bucket above. Captured last: graphs read the state above.
-        self.static: GraphedDecode | None = None
-        if graphs:
-            self.static = GraphedDecode(lm.params, self.kv, self.tokens, self.positions, batch_buckets(num_slots),
-                                        key_buckets(slot_len, graph_key_step), capture=True)
+        # Made last: CUDA graphs capture steps that read the state above.
+        self.runner = self.make_runner(graph_key_step if graphs else None)
+
+    def make_runner(self, graph_key_step: int | None) -> StepRunner:
+        """Steps over this engine's pool and state: CUDA graphs at bucketed shapes with keys in
+        multiples of `graph_key_step`, or (None) eager steps over the exact slot prefix."""
+        w = self.model.weights
+        if graph_key_step is None:
+            return StepRunner.exact(w, self.kv, self.tokens, self.positions, self.key_bucket)
+        return StepRunner.graphs(w, self.kv, self.tokens, self.positions, graph_key_step)
 
     @property
     def free_slots(self) -> int:
@@ -105,7 +99,7 @@ class DecodeEngine:
         self.positions[slot] = n
         # The first token (at position n) was the first of max_new_tokens.
         self.end_pos[slot] = min(n + request.max_new_tokens - 1, self.slot_len - 1)
-        eos = self.lm.cfg.eos_token_id
+        eos = self.model.cfg.eos_token_id
         stops = [-1 if request.ignore_eos or eos is None else eos, *request.stop_token_ids]
         self.stop_ids[slot] = torch.tensor(stops + [-1] * (1 + MAX_STOP_TOKEN_IDS - len(stops)))
         self.sampling.set_row(slot, request.sampling)
@@ -118,11 +112,11 @@ class DecodeEngine:
         return slot
 
     def _init_counts(self, slot: int, request: GenerateRequest, first_token: int) -> None:
-        vocab = self.lm.cfg.vocab_size
+        vocab = self.model.cfg.vocab_size
         if self.token_counts is None:
-            self.token_counts = torch.zeros(self.num_slots, vocab, dtype=torch.int32, device=self.lm.device)
+            self.token_counts = torch.zeros(self.num_slots, vocab, dtype=torch.int32, device=self.model.device)
         ids = list(request.prompt_ids) + [first_token]
-        self.token_counts[slot] = init_token_counts(ids, vocab, self.lm.device)
+        self.token_counts[slot] = init_token_counts(ids, vocab, self.model.device)
 
     def release(self, slot: int) -> None:
         """Free a slot (finished, cancelled or stopped by a stop string)."""
@@ -141,17 +135,10 @@ class DecodeEngine:
         """Keys the longest active row attends this step (its position + 1)."""
         return max(self._offset.values()) + self._steps + 1
 
-    def key_len(self) -> int:
-        return min(round_up(self.longest(), self.key_bucket), self.slot_len)
-
     def step(self) -> StepOutput:
         if not self.requests:
-            return StepOutput([], [], [])
-        if self.static is None:
-            b = self.slots.prefix_len()
-            logits, greedy = self._logits_exact(b), None  # [B, V]
-        else:
-            b, logits, greedy = self.static.run(self.slots.prefix_len(), self.longest())
+            return StepOutput([], [], [], [])
+        b, logits, greedy = self.runner.run(self.slots.prefix_len(), self.longest())  # [B, V], [B] or None
         active = self.active[:b]
         positions = self.positions[:b]
         counts = self.token_counts[:b] if self.token_counts is not None else None
@@ -172,16 +159,6 @@ class DecodeEngine:
         self._steps += 1
         return self._collect(out, new, finish)
 
-    def _logits_exact(self, b: int) -> torch.Tensor:
-        key_len = self.key_len()
-        cfg = self.lm.cfg
-        if self._bufs_key != (b, key_len):
-            self._bufs_key, self._bufs = (b, key_len), decode_buffers(cfg, self.kv, self._scratch, b, key_len)
-        positions = self.positions[:b]
-        write_index = decode_write_index(self._offsets, positions, cfg.kv_heads)
-        mask = decode_mask(positions, key_len, cfg.kv_heads, self.lm.dtype, self._key_index)
-        return decode_step(self.lm.params, self.tokens[:b], positions, self._bufs, write_index, mask)
-
     def _finish_codes(self, new: torch.Tensor, next_pos: torch.Tensor, b: int) -> torch.Tensor:
         """Free rows finish never: their stop ids are -1 and their end lies past the slot."""
         stop = ((new[:, None] == self.stop_ids[:b]) * self.stop_codes).amax(-1)  # [B]
@@ -192,7 +169,8 @@ class DecodeEngine:
         slots = sorted(self.requests)
         if out.logprobs is None:
             tokens, codes = torch.stack((new, finish)).tolist()  # the step's one host sync
-            result = StepOutput(slots, [tokens[s] for s in slots], [codes[s] for s in slots])
+            result = StepOutput(slots, [self.requests[s].id for s in slots], [tokens[s] for s in slots],
+                                [codes[s] for s in slots])
         else:
             result = self._collect_details(slots, out, new, finish)
         for s, code in zip(result.slots, result.finish):
@@ -210,6 +188,7 @@ class DecodeEngine:
         picked = [rows[s] for s in slots]
         return StepOutput(
             slots,
+            [self.requests[s].id for s in slots],
             [int(r[0]) for r in picked],
             [int(r[1]) for r in picked],
             [r[2] for r in picked],

@@ -39,17 +39,17 @@ def take_batch(queue: deque, budget: int, prompt_len=lambda r: len(r.prompt_ids)
 
 
 class PrefillEngine:
-    def __init__(self, lm: LoadedModel, token_budget: int, attn: PrefillAttention | None = None,
+    def __init__(self, model: LoadedModel, token_budget: int, attn: PrefillAttention | None = None,
                  staging: torch.Tensor | None = None):
-        cfg = lm.cfg
-        self.lm = lm
+        cfg = model.cfg
+        self.model = model
         self.token_budget = token_budget
-        self.attn_name, self.attn = ("custom", attn) if attn else choose_prefill_attention(lm.device)
+        self.attn_name, self.attn = ("custom", attn) if attn else choose_prefill_attention(model.device)
         # [n_layer, 2, >= budget, KVH, D]: prompts' KV packed back to back. A worker passes one
         # its KV transport can export; the in-process engine owns a plain one.
         if staging is None:
-            staging = torch.empty(cfg.n_layer, 2, token_budget, cfg.kv_heads, cfg.head_dim, dtype=lm.dtype,
-                                  device=lm.device)
+            staging = torch.empty(cfg.n_layer, 2, token_budget, cfg.kv_heads, cfg.head_dim, dtype=model.dtype,
+                                  device=model.device)
         self.staging = staging
 
     def run(self, batch: list[GenerateRequest], staging_offset: int = 0,
@@ -61,12 +61,12 @@ class PrefillEngine:
         if total > self.token_budget or staging_offset + total > self.staging.shape[2]:
             raise ValueError(f"{total} prompt tokens at offset {staging_offset} do not fit the budget "
                              f"({self.token_budget}) or the staging buffer ({self.staging.shape[2]})")
-        dev = self.lm.device
+        dev = self.model.device
         flat = torch.tensor([t for r in batch for t in r.prompt_ids], dtype=torch.long, device=dev)
         positions = torch.cat([torch.arange(n) for n in lens]).to(dev)
         ends = torch.tensor(lens).cumsum(0)
         index, last_rows = self._logit_rows(batch, lens, ends)
-        logits = prefill(self.lm.params, flat, positions, lens, self.attn,
+        logits = prefill(self.model.weights, flat, positions, lens, self.attn,
                          kv_out=self.staging[:, :, staging_offset:], logit_index=index)
         last = logits if last_rows is None else logits[last_rows]  # [B, V]
         # one sampled row per request: a prompt's row repeated for each of its forks
@@ -98,10 +98,10 @@ class PrefillEngine:
         for r, n, end in zip(batch, lens, ends.tolist()):
             rows.extend(range(end - n, end) if r.prompt_logprobs else [end - 1])
             last_rows.append(len(rows) - 1)
-        return torch.tensor(rows, device=self.lm.device), last_rows
+        return torch.tensor(rows, device=self.model.device), last_rows
 
     def _prompt_counts(self, batch) -> torch.Tensor:
-        vocab, dev = self.lm.cfg.vocab_size, self.lm.device
+        vocab, dev = self.model.cfg.vocab_size, self.model.device
         return torch.stack([init_token_counts(list(r.prompt_ids), vocab, dev) for r in batch])
 
     @staticmethod

@@ -42,13 +42,13 @@ class GenerateResult:
 
 
 class Engine:
-    def __init__(self, lm: LoadedModel, opts: EngineOptions = EngineOptions()):
-        self.lm = lm
-        self.limits = Limits.derive(lm.cfg.n_positions, opts.max_total_tokens, opts.max_input_tokens,
+    def __init__(self, model: LoadedModel, opts: EngineOptions = EngineOptions()):
+        self.model = model
+        self.limits = Limits.derive(model.cfg.n_positions, opts.max_total_tokens, opts.max_input_tokens,
                                     opts.prefill_token_budget)
-        self.prefill = PrefillEngine(lm, self.limits.prefill_token_budget)
-        self.decode = DecodeEngine(lm, opts.num_slots, self.limits.max_total_tokens, opts.key_bucket,
-                                   graphs=opts.cuda_graphs and lm.device.type == "cuda",
+        self.prefill = PrefillEngine(model, self.limits.prefill_token_budget)
+        self.decode = DecodeEngine(model, opts.num_slots, self.limits.max_total_tokens, opts.key_bucket,
+                                   graphs=opts.cuda_graphs and model.device.type == "cuda",
                                    graph_key_step=opts.graph_key_step)
         self.waiting: deque[GenerateRequest] = deque()
         self.streams: dict[str, TextStream] = {}
@@ -58,7 +58,7 @@ class Engine:
         self.limits.check(len(request.prompt_ids), request.max_new_tokens)
         if request.id in self.streams:
             raise ValueError(f"request id {request.id!r} is already running")
-        self.streams[request.id] = TextStream(self.lm.tokenizer, request)
+        self.streams[request.id] = TextStream(self.model.tokenizer, request)
         self.waiting.append(request)
 
     def cancel(self, request_id: str) -> TokenEvent | None:
@@ -94,7 +94,7 @@ class Engine:
 
     def _first_token(self, res: PrefillResult) -> TokenEvent:
         request, stream = res.request, self.streams[res.request.id]
-        finish = first_token_finish(request, res.first_token, self.lm.cfg.eos_token_id)
+        finish = first_token_finish(request, res.first_token, self.model.cfg.eos_token_id)
         ev = stream.event(res.first_token, finish, res.logprob, res.top_tokens)
         ev.prompt_logprobs = res.prompt_logprobs
         if ev.finish == Finish.NONE:

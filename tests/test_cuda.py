@@ -84,8 +84,8 @@ def test_model_prefill_with_the_chosen_kernel_matches_sdpa(tiny_dir):
     positions = torch.cat([torch.arange(n) for n in SEQLENS]).cuda()
     _, attn = choose_prefill_attention(lm.device)
     with torch.inference_mode():
-        got = prefill(lm.params, ids, positions, SEQLENS, attn)  # [B, V]
-        want = prefill(lm.params, ids, positions, SEQLENS, sdpa_prefill)
+        got = prefill(lm.weights, ids, positions, SEQLENS, attn)  # [B, V]
+        want = prefill(lm.weights, ids, positions, SEQLENS, sdpa_prefill)
     torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 

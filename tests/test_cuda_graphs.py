@@ -1,4 +1,4 @@
-"""Decode at fixed shapes (decode_worker/cuda_graphs.py): the padded static-buffer step gives the
+"""Decode at fixed shapes (decode_worker/step_runner.py): the padded static-buffer step gives the
 tokens of the exact one. On the CPU the step runs eagerly, as its graphs would replay it; the
 CUDA tests capture the graphs and compare replay with eager."""
 
@@ -13,7 +13,7 @@ from conftest import load_cpu, req
 from splitserve.common.loading import load_model
 from splitserve.common.request import GenerateRequest
 from splitserve.common.params import SamplingParams
-from splitserve.decode_worker.cuda_graphs import GraphedDecode, batch_buckets, key_buckets
+from splitserve.decode_worker.step_runner import StepRunner, batch_buckets, key_buckets
 from splitserve.decode_worker.engine import DecodeEngine
 from splitserve.engine import Engine, EngineOptions, GenerateResult, add_event
 
@@ -58,29 +58,28 @@ def run(engine: Engine, schedule: dict[int, list[GenerateRequest]]) -> dict[str,
     return results
 
 
-def engine_for(lm, static: str | None) -> Engine:
-    """static: None for the exact path, "eager" for the padded path run eagerly, "graphs" for it
+def engine_for(lm, steps: str) -> Engine:
+    """steps: "exact" for the exact path, "eager" for the padded path run eagerly, "graphs" for it
     captured (CUDA)."""
     engine = Engine(lm, EngineOptions(num_slots=SLOTS, max_total_tokens=SLOT_LEN))
-    if static == "graphs":
+    if steps == "graphs":
         engine.decode = DecodeEngine(lm, SLOTS, SLOT_LEN, graphs=True, graph_key_step=KEY_STEP)
-    elif static == "eager":
+    elif steps == "eager":
         d = engine.decode
-        d.static = GraphedDecode(lm.params, d.kv, d.tokens, d.positions, batch_buckets(SLOTS),
-                                 key_buckets(SLOT_LEN, KEY_STEP), capture=False)
+        d.runner = StepRunner.graphs(lm.weights, d.kv, d.tokens, d.positions, KEY_STEP, capture=False)
     return engine
 
 
-def record_shapes(static: GraphedDecode) -> list[tuple[int, int]]:
+def record_shapes(runner: StepRunner) -> list[tuple[int, int]]:
     """(slot prefix, batch bucket) of every step the runner takes from now on."""
-    seen, step = [], static.run
+    seen, step = [], runner.run
 
     def recorded(prefix: int, longest: int):
         out = step(prefix, longest)
         seen.append((prefix, out[0]))
         return out
 
-    static.run = recorded
+    runner.run = recorded
     return seen
 
 
@@ -110,14 +109,15 @@ def test_buckets():
 
 def test_a_step_takes_the_smallest_buckets_that_hold_it(lm):
     d = DecodeEngine(lm, SLOTS, SLOT_LEN)
-    static = GraphedDecode(lm.params, d.kv, d.tokens, d.positions, batch_buckets(SLOTS),
-                           key_buckets(SLOT_LEN, KEY_STEP), capture=False)
-    assert static.shape(1, 1) == (1, 64)
-    assert static.shape(3, 64) == (4, 64)
-    assert static.shape(5, 65) == (6, 128)
-    assert static.shape(6, SLOT_LEN) == (6, SLOT_LEN)
+    padded = StepRunner.graphs(lm.weights, d.kv, d.tokens, d.positions, KEY_STEP, capture=False)
+    assert padded.shape(1, 1) == (1, 64)
+    assert padded.shape(3, 64) == (4, 64)
+    assert padded.shape(5, 65) == (6, 128)
+    assert padded.shape(6, SLOT_LEN) == (6, SLOT_LEN)
+    exact = StepRunner.exact(lm.weights, d.kv, d.tokens, d.positions, 8)
+    assert exact.shape(3, 64) == (3, 64) and exact.shape(5, 65) == (5, 72)
     with pytest.raises(ValueError, match="exceed the pool"):
-        GraphedDecode(lm.params, d.kv, d.tokens, d.positions, [8], [64], capture=False)
+        StepRunner(lm.weights, d.kv, d.tokens, d.positions, [8], [64])
 
 
 # ---- the CPU twin: padded, static buffers, run eagerly --------------------------------------
@@ -137,20 +137,21 @@ def admitted(lm, lens: list[int]) -> DecodeEngine:
 def test_padded_logits_equal_the_exact_ones(lm):
     d = admitted(lm, [70, 3, 200, 129, 64])
     d.release(2)  # a hole in the prefix of 5, which pads to the bucket of 6
-    exact = d._logits_exact(5).clone()  # [5, V]
-    static = GraphedDecode(lm.params, d.kv, d.tokens, d.positions, batch_buckets(SLOTS),
-                           key_buckets(SLOT_LEN, KEY_STEP), capture=False)
+    b, exact, greedy = d.runner.run(d.slots.prefix_len(), d.longest())
+    assert b == 5 and greedy is None  # eager steps leave the argmax to sampling
+    exact = exact.clone()  # [5, V]
+    padded = StepRunner.graphs(lm.weights, d.kv, d.tokens, d.positions, KEY_STEP, capture=False)
     # Both write the same K/V at the same positions, so running one after the other is fair.
-    b, logits, greedy = static.run(d.slots.prefix_len(), d.longest())
-    assert b == 6 and static.shape(5, d.longest()) == (6, 192)  # 130 keys, slot 3
+    b, logits, greedy = padded.run(d.slots.prefix_len(), d.longest())
+    assert b == 6 and padded.shape(5, d.longest()) == (6, 192)  # 130 keys, slot 3
     torch.testing.assert_close(logits[:5], exact, rtol=1e-5, atol=1e-5)
     assert torch.equal(greedy[:5], exact.argmax(-1))
 
 
 def test_padded_static_step_gives_the_exact_steps_tokens(lm):
-    want = run(engine_for(lm, None), GREEDY_SCHEDULE)
+    want = run(engine_for(lm, "exact"), GREEDY_SCHEDULE)
     engine = engine_for(lm, "eager")
-    shapes = record_shapes(engine.decode.static)
+    shapes = record_shapes(engine.decode.runner)
     got = run(engine, GREEDY_SCHEDULE)
     assert_same(got, want, 0)
     assert any(b > prefix for prefix, b in shapes), "no step ran past the slot prefix"
@@ -161,7 +162,7 @@ def test_padded_static_step_gives_the_exact_steps_tokens(lm):
 
 def test_sampling_penalties_and_details_run_outside_the_step(lm):
     # Rows that sample, carry penalties or want logprobs take `sample` on the padded logits.
-    want = run(engine_for(lm, None), MIXED_SCHEDULE)
+    want = run(engine_for(lm, "exact"), MIXED_SCHEDULE)
     got = run(engine_for(lm, "eager"), MIXED_SCHEDULE)
     assert_same(got, want, 1e-4)
 
@@ -185,8 +186,8 @@ def lm_cuda(tiny_dir):
 @needs_cuda
 def test_every_shape_is_captured_largest_first_in_one_pool(lm_cuda):
     d = DecodeEngine(lm_cuda[torch.bfloat16], SLOTS, SLOT_LEN, graphs=True, graph_key_step=KEY_STEP)
-    assert d.static.captured
-    assert d.static.shapes == [(b, k) for b in (6, 4, 2, 1) for k in range(512, 0, -64)]
+    assert d.runner.captured
+    assert d.runner.shapes == [(b, k) for b in (6, 4, 2, 1) for k in range(512, 0, -64)]
 
 
 @needs_cuda

@@ -40,7 +40,7 @@ def test_logits_match_transformers(checkpoint):
     lm, ref = load_cpu(checkpoint), hf_model(checkpoint)
     prompts = random_prompts(lm.cfg.vocab_size, [37, 5, 120, 1])
     flat, pos, lens = packed(prompts)
-    every = prefill(lm.params, flat, pos, lens, sdpa_prefill, logit_index=torch.arange(len(flat)))
+    every = prefill(lm.weights, flat, pos, lens, sdpa_prefill, logit_index=torch.arange(len(flat)))
     start = 0
     for p in prompts:
         expected = ref(p[None]).logits[0]
@@ -52,10 +52,10 @@ def test_logits_match_transformers(checkpoint):
 def test_packed_batch_equals_each_prompt_alone(checkpoint):
     lm = load_cpu(checkpoint)
     prompts = random_prompts(lm.cfg.vocab_size, [64, 3, 200, 17, 1], seed=1)
-    last = prefill(lm.params, *packed(prompts), sdpa_prefill)
+    last = prefill(lm.weights, *packed(prompts), sdpa_prefill)
     assert last.shape == (len(prompts), lm.cfg.vocab_size)
     for i, p in enumerate(prompts):
-        alone = prefill(lm.params, *packed([p]), sdpa_prefill)
+        alone = prefill(lm.weights, *packed([p]), sdpa_prefill)
         assert (last[i] - alone[0]).abs().max() <= 1e-5
 
 
@@ -74,7 +74,7 @@ def test_prefill_then_decode_equals_full_forward(checkpoint, threads):
     prompts = random_prompts(cfg.vocab_size, [9, 30, 2], seed=2)
     flat, pos, lens = packed(prompts)
     staging = torch.zeros(cfg.n_layer, 2, len(flat), cfg.kv_heads, cfg.head_dim)
-    logits = prefill(lm.params, flat, pos, lens, sdpa_prefill, kv_out=staging)
+    logits = prefill(lm.weights, flat, pos, lens, sdpa_prefill, kv_out=staging)
     pool = torch.zeros(cfg.n_layer, 2, 4, cfg.kv_heads, 64, cfg.head_dim)
     scratch = decode_scratch(cfg, pool)
     start = 0
@@ -88,7 +88,7 @@ def test_prefill_then_decode_equals_full_forward(checkpoint, threads):
             s.append(t)
         positions = torch.tensor([len(s) - 1 for s in seqs] + [0])
         key_len = (int(positions.max()) + 1 + 7) // 8 * 8
-        step = decode_step(lm.params, torch.cat([tokens, torch.zeros(1, dtype=torch.long)]), positions,
+        step = decode_step(lm.weights, torch.cat([tokens, torch.zeros(1, dtype=torch.long)]), positions,
                            decode_buffers(cfg, pool, scratch, 4, key_len), decode_write_index(row_offsets(4, cfg.kv_heads, 64, 'cpu'), positions, cfg.kv_heads),
                            decode_mask(positions, key_len, cfg.kv_heads, torch.float32))
         assert torch.get_num_threads() == threads
@@ -98,7 +98,7 @@ def test_prefill_then_decode_equals_full_forward(checkpoint, threads):
     # a step that fails inside its attention still hands the threads back
     bad_mask = torch.zeros(4 * cfg.kv_heads, 1, key_len + 1)
     with pytest.raises(RuntimeError):
-        decode_step(lm.params, tokens.new_zeros(4), positions, decode_buffers(cfg, pool, scratch, 4, key_len),
+        decode_step(lm.weights, tokens.new_zeros(4), positions, decode_buffers(cfg, pool, scratch, 4, key_len),
                     decode_write_index(row_offsets(4, cfg.kv_heads, 64, 'cpu'), positions, cfg.kv_heads), bad_mask)
     assert torch.get_num_threads() == threads
 
@@ -108,8 +108,8 @@ def test_prefill_then_decode_equals_full_forward(checkpoint, threads):
 def test_half_precision_close_to_fp32(tiny_dir, dtype):
     ref, half = load_cpu(tiny_dir), load_cpu(tiny_dir, dtype)
     prompts = random_prompts(ref.cfg.vocab_size, [50, 7], seed=3)
-    a = prefill(ref.params, *packed(prompts), sdpa_prefill)
-    b = prefill(half.params, *packed(prompts), sdpa_prefill)
+    a = prefill(ref.weights, *packed(prompts), sdpa_prefill)
+    b = prefill(half.weights, *packed(prompts), sdpa_prefill)
     assert b.dtype == dtype
     assert (a - b.float()).abs().max() < 0.05 * a.abs().max()
 

@@ -52,7 +52,7 @@ def test_shipped_tiny_matches_transformers():
     lm = load_cpu(path)
     ids = torch.tensor(lm.tokenizer.encode("import os\n\ndef main():\n    print("))
     n = len(ids)
-    ours = prefill(lm.params, ids, torch.arange(n), [n], sdpa_prefill, logit_index=torch.arange(n))
+    ours = prefill(lm.weights, ids, torch.arange(n), [n], sdpa_prefill, logit_index=torch.arange(n))
     assert (ours - hf_model(path)(ids[None]).logits[0]).abs().max() <= 1e-4
 
 

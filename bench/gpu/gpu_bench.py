@@ -49,7 +49,7 @@ from splitserve.bench.engine_bench import (
 )
 from splitserve.common.builtin_models import TINY_HF_CONFIG
 from splitserve.common.loading import LoadedModel
-from splitserve.common.model import Params, prepare_params
+from splitserve.common.model import ModelWeights, prepare_weights
 from splitserve.common.model_config import ModelConfig, model_config_from_dict
 from splitserve.common.runtime import DTYPE_NAMES, DTYPES
 from splitserve.common.tokenizer import TINY_TOKENIZER_PATH, Tokenizer
@@ -131,7 +131,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: Repea
     return 2 * n**3 / seconds / 1e12
 
 
-def weight_bytes(p: Params) -> int:
+def weight_bytes(p: ModelWeights) -> int:
     """Bytes a decode step reads of the weights: every layer, ln_f and the LM head (the embedding
     tables only at B rows, which the bound leaves out)."""
     tensors = [t for layer in p.layers for t in layer] + [p.lnf_w, p.lnf_b, p.lm_head_t]
@@ -186,7 +186,7 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype):
     weights = {name.removeprefix("transformer."): t for name, t in hf.state_dict().items()}
     # Only shapes matter to the timings: random token ids, the tiny tokenizer standing in.
     tokenizer = Tokenizer.from_file(TINY_TOKENIZER_PATH)
-    return hf, LoadedModel(Path(f"{shape}-shape"), cfg, prepare_params(weights, cfg), tokenizer, device, dtype)
+    return hf, LoadedModel(Path(f"{shape}-shape"), cfg, prepare_weights(weights, cfg), tokenizer, device, dtype)
 
 
 # --- runners -----------------------------------------------------------------------------------
@@ -208,10 +208,10 @@ class GraphRunner(SplitserveRunner):
         self.decode_engine = DecodeEngine(lm, max(p.batch_size for p in decode_points), slot_len, KEY_BUCKET,
                                           graphs=cuda, graph_key_step=key_step)
         self.capture_s = time.perf_counter() - start
-        self._static = self.decode_engine.static
+        self._graphed, self._eager = self.decode_engine.runner, self.decode_engine.make_runner(None)
 
     def graphs(self, on: bool) -> None:
-        self.decode_engine.static = self._static if on else None
+        self.decode_engine.runner = self._graphed if on else self._eager
 
 
 def measure_block(block: Block, lm: LoadedModel, hf, limits: Limits, repeats: Repeats, args, deadline: float,
@@ -241,7 +241,7 @@ def measure_block(block: Block, lm: LoadedModel, hf, limits: Limits, repeats: Re
                 sink.skip(system, point)
                 continue
             if shape not in floors:
-                floors[shape] = floor_ms(lm.params, *shape, repeats, lm.device)
+                floors[shape] = floor_ms(lm.weights, *shape, repeats, lm.device)
             ms = run_one(system, point, prompts, ours, theirs, repeats)
             bound, kind = limits.bound_ms(lm.cfg, point)
             row = result_row("transformers" if system == "transformers" else "splitserve", point, ms, floors[shape],
@@ -286,7 +286,7 @@ class Sink:
 
     def engine(self, block: str, runner: GraphRunner) -> None:
         d = runner.decode_engine
-        graphs = len(d.static.shapes) if d.static is not None else 0
+        graphs = len(d.runner.shapes) if d.runner.captured else 0
         self.doc["engines"].append(dict(block=block, num_slots=d.num_slots, slot_len=d.slot_len, graphs=graphs,
                                         capture_s=round(runner.capture_s, 2)))
         print(f"{block}: {d.num_slots} slots of {d.slot_len}, {graphs} graphs captured in {runner.capture_s:.1f} s",
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = Repeats(1 if args.quick else args.repeats, 0.0 if args.quick else args.min_seconds)
     hf, lm = random_model(args.shape, device, dtype)
     limits = Limits(copy_bandwidth(device, args.copy_mib * 2**20, repeats),
-                    matmul_rate(device, dtype, args.matmul_n, repeats), weight_bytes(lm.params),
+                    matmul_rate(device, dtype, args.matmul_n, repeats), weight_bytes(lm.weights),
                     kv_bytes_per_token(lm.cfg, dtype))
     slug = device_slug(device)
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from splitserve.engine import Engine, EngineOptions
     from splitserve.runtime_setup import open_model
 
-    lm = open_model(model_options(args))
+    model = open_model(model_options(args))
     sampled = any(v is not None for v in (args.temperature, args.top_k, args.top_p, args.seed))
     sampling = SamplingParams(
         temperature=1.0 if args.temperature is None else args.temperature,
@@ -33,9 +33,9 @@ def run(args: argparse.Namespace) -> int:
         seed=random_seed() if args.seed is None else args.seed,
         do_sample=sampled,
     )
-    prompt_ids = tuple(lm.tokenizer.encode(args.prompt))
+    prompt_ids = tuple(model.tokenizer.encode(args.prompt))
     # One short request: capturing CUDA graphs would take longer than it saves.
-    engine = Engine(lm, EngineOptions(num_slots=1, cuda_graphs=False))
+    engine = Engine(model, EngineOptions(num_slots=1, cuda_graphs=False))
     (result,) = engine.generate([GenerateRequest("cli", prompt_ids, args.max_new_tokens, sampling)])
     if args.json:
         print(json.dumps({"token_ids": result.token_ids, "text": result.text}))

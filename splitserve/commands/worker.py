@@ -24,6 +24,6 @@ def run(args: argparse.Namespace) -> int:
         os.sched_setaffinity(0, opts.cpus)
     from splitserve.runtime_setup import open_model  # PyTorch, after the flags were read
 
-    lm = open_model(opts.model)
+    model = open_model(opts.model)
     module = importlib.import_module(f"splitserve.{opts.role}_worker.worker")
-    return module.run(opts, lm)
+    return module.run(opts, model)

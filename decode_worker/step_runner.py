@@ -1,20 +1,22 @@
-"""Decode steps at a few fixed shapes, so that CUDA graphs can replay them (DESIGN §3).
+"""One decode step at the shape chosen for it, assembled in one place for the eager path and for
+CUDA graphs, which replay a step only at the shapes they were captured at.
 
-A step's shape is (B rows, key_len keys). Under graphs B is the slot prefix rounded up to a batch
-bucket (1, 2, 4, ... and the slot count) and key_len the longest row rounded up to a key bucket
-(multiples of a step, coarser than the eager path's 8), so one graph per (batch bucket x key
-bucket) covers every step. Rows past the prefix are free slots: like the free rows inside it,
-they compute at position 0 of their own slot and are ignored.
+A step's shape is (B rows, key_len keys): B covers the pool's slot prefix up to the highest slot in
+use, key_len the longest row's keys. Eagerly B is the prefix itself and key_len a multiple of the
+key bucket (8); under graphs B is the prefix rounded up to a batch bucket (1, 2, 4, ... and the slot
+count) and key_len a coarser key bucket, so that one graph per (batch bucket x key bucket) covers
+every step. Rows past the prefix, like free rows inside it, are free slots that compute at
+position 0 of their own slot and are ignored.
 
-Inputs need no copying at replay: a graph reads the engine's per-slot `tokens` and `positions`
-in place (tensors that never move), and computes the write index and the mask from them inside
-the graph. Outputs land in buffers kept here: logits [B, V] in the step's scratch buffer (shared
-by every shape, as the graphs replay one at a time) and the greedy tokens [S]. The argmax
-is part of every graph (a read of B x V logits, small beside the step), so an all-greedy batch
-samples inside the graph; any other batch runs `sample` on the logits afterwards.
+Inputs need no copying: a step reads the engine's per-slot `tokens` and `positions` in place
+(tensors that never move) and computes the write index and the mask from them, inside the graph.
+Outputs land in buffers kept here: logits [B, V] in the step's scratch buffer (shared by every
+shape, as steps run one at a time) and, under graphs, the greedy tokens [S]: the argmax is part
+of every graph (a read of B x V logits, small beside the step), so an all-greedy batch samples
+inside the graph; any other batch runs `sample` on the logits afterwards.
 
-With `capture=False` the very same padded, static-buffer step runs eagerly: that is how the CPU
-tests check it, and what a graph replays.
+With `capture=False` a bucketed runner runs the very same padded step eagerly: that is how the
+CPU tests check what a graph replays.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from typing import Callable
 import torch
 
 from splitserve.common.attention import decode_mask
-from splitserve.common.model import DecodeBuffers, Params, decode_buffers, decode_scratch, decode_step, decode_write_index, row_offsets
+from splitserve.common.model import (DecodeBuffers, ModelWeights, decode_buffers, decode_scratch, decode_step,
+                                     decode_write_index, row_offsets)
 
 
 def batch_buckets(num_slots: int) -> list[int]:
@@ -37,35 +40,53 @@ def batch_buckets(num_slots: int) -> list[int]:
 def key_buckets(slot_len: int, step: int) -> list[int]:
     """step, 2*step, ... below slot_len, then slot_len itself."""
     if step < 8 or step % 8:
-        raise ValueError(f"the graphs' key bucket must be a multiple of 8, got {step}")
+        raise ValueError(f"a key bucket must be a multiple of 8, got {step}")
     return list(range(step, slot_len, step)) + [slot_len]
 
 
-class GraphedDecode:
-    def __init__(self, params: Params, kv: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-                 batch_sizes: list[int], key_lens: list[int], capture: bool):
+class StepRunner:
+    def __init__(self, weights: ModelWeights, kv: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+                 batch_sizes: list[int], key_lens: list[int], capture: bool = False, argmax: bool = False):
         """kv: the pool [n_layer, 2, S, KVH, L, D]; tokens, positions: the engine's per-slot [S]
-        state, read in place by every step."""
-        cfg, dev = params.cfg, kv.device
+        state, read in place by every step. `capture`: CUDA graphs of every shape; `argmax`: each
+        step also writes the greedy tokens (always under graphs)."""
+        cfg, dev = weights.cfg, kv.device
         num_slots, slot_len = kv.shape[2], kv.shape[4]
         if max(batch_sizes) > num_slots or max(key_lens) > slot_len:
             raise ValueError(f"buckets up to {max(batch_sizes)} rows x {max(key_lens)} keys exceed the pool "
                              f"({num_slots} slots of {slot_len})")
-        self.params, self.kv, self.tokens, self.positions = params, kv, tokens, positions
+        self.weights, self.kv, self.tokens, self.positions = weights, kv, tokens, positions
         self.batch_sizes, self.key_lens = sorted(batch_sizes), sorted(key_lens)
+        self.argmax = argmax or capture
         self.scratch = decode_scratch(cfg, kv)  # every shape's intermediates and logits, shared
         self.greedy = torch.zeros(num_slots, dtype=torch.long, device=dev)
         self._offsets = row_offsets(num_slots, cfg.kv_heads, slot_len, dev)
         self._key_index = torch.arange(slot_len, device=dev)
-        # (B, key_len) -> (a step, the logits it writes)
+        # (B, key_len) -> (a step, the logits it writes): every shape once captured; eagerly only
+        # the latest, whose views a run of steps at one shape reuses
         self._runs: dict[tuple[int, int], tuple[Callable[[], None], torch.Tensor]] = {}
         self.captured = capture
         if capture:
             self._capture()
 
+    @classmethod
+    def exact(cls, weights: ModelWeights, kv: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+              key_bucket: int) -> StepRunner:
+        """Eager steps over the exact slot prefix, keys rounded up to `key_bucket`."""
+        num_slots, slot_len = kv.shape[2], kv.shape[4]
+        return cls(weights, kv, tokens, positions, list(range(1, num_slots + 1)), key_buckets(slot_len, key_bucket))
+
+    @classmethod
+    def graphs(cls, weights: ModelWeights, kv: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+               key_step: int, capture: bool = True) -> StepRunner:
+        """Steps at power-of-two batch buckets and keys in multiples of `key_step`, as CUDA graphs."""
+        num_slots, slot_len = kv.shape[2], kv.shape[4]
+        return cls(weights, kv, tokens, positions, batch_buckets(num_slots), key_buckets(slot_len, key_step),
+                   capture=capture, argmax=True)
+
     @property
     def shapes(self) -> list[tuple[int, int]]:
-        """(B, key_len) of every step made so far: once captured, all of them, largest first."""
+        """(B, key_len) of the steps kept: once captured, all of them, largest first."""
         return list(self._runs)
 
     def shape(self, prefix: int, longest: int) -> tuple[int, int]:
@@ -74,30 +95,32 @@ class GraphedDecode:
         return (self.batch_sizes[bisect_left(self.batch_sizes, prefix)],
                 self.key_lens[bisect_left(self.key_lens, longest)])
 
-    def run(self, prefix: int, longest: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """One step; -> (B, logits [B, V], greedy tokens [B]), views of buffers that the next
+    def run(self, prefix: int, longest: int) -> tuple[int, torch.Tensor, torch.Tensor | None]:
+        """One step; -> (B, logits [B, V], greedy tokens [B] or None), views of buffers that the next
         step overwrites. No host sync."""
         b, key_len = self.shape(prefix, longest)
         got = self._runs.get((b, key_len))
         if got is None:  # eager only: a captured runner holds every shape
+            self._runs.clear()
             got = self._runs[b, key_len] = self._eager(b, key_len)
         run, logits = got
         run()
-        return b, logits, self.greedy[:b]
+        return b, logits, self.greedy[:b] if self.argmax else None
 
     def _eager(self, b: int, key_len: int) -> tuple[Callable[[], None], torch.Tensor]:
         """A step at this shape, and the logits [B, V] it writes."""
-        bufs = decode_buffers(self.params.cfg, self.kv, self.scratch, b, key_len)
+        bufs = decode_buffers(self.weights.cfg, self.kv, self.scratch, b, key_len)
         return (lambda: self._step(b, key_len, bufs)), bufs.logits
 
     def _step(self, b: int, key_len: int, bufs: DecodeBuffers) -> None:
-        p = self.params
-        kvh = p.cfg.kv_heads
+        w = self.weights
+        kvh = w.cfg.kv_heads
         positions = self.positions[:b]
         write_index = decode_write_index(self._offsets, positions, kvh)  # [B*KVH]
         mask = decode_mask(positions, key_len, kvh, self.kv.dtype, self._key_index)  # [B*KVH, 1, key_len]
-        logits = decode_step(p, self.tokens[:b], positions, bufs, write_index, mask)  # [B, V]
-        torch.argmax(logits, -1, out=self.greedy[:b])
+        logits = decode_step(w, self.tokens[:b], positions, bufs, write_index, mask)  # [B, V]
+        if self.argmax:
+            torch.argmax(logits, -1, out=self.greedy[:b])
 
     def _capture(self) -> None:
         """Largest shapes first, all in one memory pool: a smaller graph's blocks fit in what the

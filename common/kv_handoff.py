@@ -1,0 +1,295 @@
+"""The KV handoff from a prefill worker to a decode worker: its sender and its receiver side.
+
+Each side writes only its own memory. The sender (prefill worker) computes each batch's KV into a
+region of its staging buffer and sends KvReady to the decode worker the gateway named, over one
+DEALER per decode worker; the receiver (decode worker, a ROUTER at its KV endpoint) copies the
+region into a slot and answers KvRelease once the copy has completed, and only then is the region
+free again. The gateway reserved the slot before prefill began, so a copy never waits for room and
+a region is held for the length of one copy. How the bytes move (a CUDA IPC handle, a /dev/shm
+file, ZMQ frames) is kv_transport.py's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from . import protocol as P
+from .curve import CurveKeys
+from .kv_transport import KvImporter, Staging
+from .zmq_util import bind_endpoint, make_socket, tcp_endpoint
+
+log = logging.getLogger(__name__)
+
+# A KvRelease that never comes (its decode worker gone) frees the region after this long.
+HANDOFF_TIMEOUT_S = 30.0
+# A failed copy is tried again once, with the staging's description sent first.
+HANDOFF_TRIES = 2
+
+
+def offered_transports(flag: P.TransportChoice, device: torch.device) -> list[P.Transport]:
+    """What a worker registers as able to do, fastest first: with --kv-transport auto its device's
+    local transport and tcp, otherwise the one named (the gateway never replaces it)."""
+    local: P.Transport = "cuda_ipc" if device.type == "cuda" else "shm"
+    if flag == "auto":
+        return [local, "tcp"]
+    if flag != "tcp" and flag != local:
+        raise ValueError(f"--kv-transport {flag} cannot carry KV from {device.type} memory; use {local} or tcp")
+    return [flag]
+
+
+# ---- sender (prefill worker) ---------------------------------------------------------------------
+
+
+class StagingRegions:
+    """First-fit token ranges [offset, offset + n) of the staging buffer, each held from prefill
+    until every request sharing it (OpenAI's `n` choices share one prompt's KV) is done with it."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self._free: list[tuple[int, int]] = [(0, total)]  # sorted, coalesced (offset, length)
+        self._users: dict[int, int] = {}  # offset -> requests sharing that region, when more than one
+
+    @property
+    def free_tokens(self) -> int:
+        return sum(n for _, n in self._free)
+
+    @property
+    def used_tokens(self) -> int:
+        return self.total - self.free_tokens
+
+    def largest_free(self) -> int:
+        return max((n for _, n in self._free), default=0)
+
+    def alloc(self, n: int) -> int | None:
+        for i, (off, length) in enumerate(self._free):
+            if length >= n:
+                if length == n:
+                    del self._free[i]
+                else:
+                    self._free[i] = (off + n, length - n)
+                return off
+        return None
+
+    def share(self, offset: int, users: int) -> None:
+        """The region at `offset` is released once by each of `users` requests."""
+        if users > 1:
+            self._users[offset] = users
+
+    def release(self, offset: int, n: int) -> None:
+        """One request is done with the region; it is free once every sharer is."""
+        users = self._users.pop(offset, 1) - 1
+        if users:
+            self._users[offset] = users
+        else:
+            self.free(offset, n)
+
+    def free(self, offset: int, n: int) -> None:
+        if n <= 0:
+            return
+        regions = sorted(self._free + [(offset, n)])
+        merged = [regions[0]]
+        for off, length in regions[1:]:
+            last_off, last_len = merged[-1]
+            if off < last_off + last_len:
+                raise ValueError(f"region [{offset}, {offset + n}) freed twice")
+            if off == last_off + last_len:
+                merged[-1] = (last_off, last_len + length)
+            else:
+                merged.append((off, length))
+        self._free = merged
+
+
+@dataclass
+class Handoff:
+    ready: P.KvReady
+    decode_endpoint: str
+    decode_key: str
+    sent_at: float = 0.0
+    tries: int = 0
+
+
+class KvSender:
+    """Hands prefilled KV to decode workers and frees each staging region when it is released.
+
+    Failures come back from `receive` and `expire` as (request id, message) for the worker to report:
+    a copy that failed twice, or a release that never came."""
+
+    def __init__(self, ctx: zmq.Context, staging: Staging, worker_id: str, curve: CurveKeys | None):
+        self.ctx, self.staging, self.worker_id, self.curve = ctx, staging, worker_id, curve
+        self.regions = StagingRegions(staging.tensor.shape[2])
+        self.token_bytes = staging.tensor[:, :, :1].numel() * staging.tensor.element_size()
+        self.handoffs: dict[str, Handoff] = {}
+        self._socks: dict[str, tuple[str, zmq.Socket]] = {}  # decode endpoint -> (its key, our socket)
+        self.sockets_made = 0  # so that a poller follows a socket replaced at the same endpoint
+        self._decoder = P.decoder(P.KvRelease)
+
+    @property
+    def sockets(self) -> list[zmq.Socket]:
+        return [sock for _, sock in self._socks.values()]
+
+    def send(self, job: P.Prefill, request, first_token: int, first_text: str, offset: int, length: int) -> None:
+        """Hand the KV of `request` (staging[offset : offset + length]) to the job's decode worker."""
+        key = self.staging.tcp_key if job.transport == "tcp" else self.staging.key
+        ready = P.KvReady(request, first_token, first_text, P.KvLocation(offset, length, key), job.transport,
+                          self.worker_id, job.deadline)
+        self.handoffs[request.id] = h = Handoff(ready, job.decode_endpoint, job.decode_key)
+        self._send(h)
+
+    def _send(self, h: Handoff) -> None:
+        sock = self._socket(h.decode_endpoint, h.decode_key)
+        loc = h.ready.location
+        frames = self.staging.frames(loc.offset, loc.length) if h.ready.transport == "tcp" else []
+        sock.send_multipart([P.encode(h.ready), *frames], copy=False)
+        h.sent_at, h.tries = time.monotonic(), h.tries + 1
+
+    def _socket(self, endpoint: str, server_key: str) -> zmq.Socket:
+        """One socket per decode worker, CURVE-encrypted when the worker gave a key. A worker
+        restarted at the same address with a new key gets a new socket (the old one could never
+        complete a handshake again)."""
+        known = self._socks.get(endpoint)
+        if known is not None and known[0] == server_key:
+            return known[1]
+        if known is not None:
+            known[1].close(0)
+        curve = None
+        if server_key:
+            # a socket of ours needs a key pair of its own to be a CURVE client
+            public, secret = (self.curve.public, self.curve.secret) if self.curve is not None else zmq.curve_keypair()
+            curve = CurveKeys(public, secret, server=server_key.encode())
+        sock = make_socket(self.ctx, zmq.DEALER, P.MAX_CONTROL_BYTES, curve=curve)
+        sock.connect(endpoint)
+        self._send_staging(sock)
+        self._socks[endpoint] = server_key, sock
+        self.sockets_made += 1
+        return sock
+
+    def _send_staging(self, sock: zmq.Socket) -> None:
+        """Ordered before any KvReady on the connection, so the decode side can open staging.
+        Both descriptions go: a decode worker on another host cannot open the native one (its
+        open fails and is logged there) and receives the KV as frames instead."""
+        for desc in (self.staging.export(), self.staging.tcp_export()):
+            sock.send(P.encode(P.KvStaging(self.worker_id, desc)))
+
+    def receive(self, sock: zmq.Socket) -> tuple[list[tuple[str, str]], list[tuple[int, float]]]:
+        """Every release waiting on `sock`: (failed handoffs as (request id, message), completed
+        ones as (bytes, seconds))."""
+        failed, done = [], []
+        while True:
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return failed, done
+            try:
+                msg = P.decode(self._decoder, frames[0])
+            except P.DecodeError as e:
+                log.warning("dropped a malformed KV-link frame: %s", e)
+                continue
+            h = self.handoffs.get(msg.id)
+            if h is None or h.ready.location.offset != msg.offset:
+                continue
+            if msg.ok:
+                done.append((h.ready.location.length * self.token_bytes, time.monotonic() - h.sent_at))
+                self._end(msg.id)
+            elif h.tries < HANDOFF_TRIES:
+                log.warning("handoff of %s failed (%s); retrying once", msg.id, msg.message)
+                self._send_staging(sock)
+                self._send(h)
+            else:
+                failed.append((msg.id, f"KV handoff failed twice: {msg.message}"))
+                self._end(msg.id)
+
+    def expire(self) -> list[tuple[str, str]]:
+        """End the handoffs whose release is overdue (the decode worker is gone)."""
+        now = time.monotonic()
+        late = [rid for rid, h in self.handoffs.items() if now - h.sent_at > HANDOFF_TIMEOUT_S]
+        for rid in late:
+            self._end(rid)
+        return [(rid, "the decode worker did not take the KV in time") for rid in late]
+
+    def _end(self, rid: str) -> None:
+        loc = self.handoffs.pop(rid).ready.location
+        self.regions.release(loc.offset, loc.length)
+
+    def close(self) -> None:
+        for _, sock in self._socks.values():
+            sock.close(0)
+        self.staging.close()
+
+
+# ---- receiver (decode worker) ----------------------------------------------------------------------
+
+
+@dataclass
+class Arrival:
+    """A prompt's KV, ready to copy into a slot; answer it with KvReceiver.release."""
+
+    peer: bytes  # the sender's socket
+    ready: P.KvReady
+    frames: list  # the KV itself on tcp
+
+
+class KvReceiver:
+    """The decode worker's KV endpoint: opens each sender's staging once and hands out the KV of one
+    prompt at a time. On cuda_ipc the copy out of staging is asynchronous: `release` waits for it."""
+
+    def __init__(self, ctx: zmq.Context, host: str, port: int, advertise_host: str, curve: CurveKeys | None,
+                 device: torch.device, dtype: torch.dtype):
+        self.device = device
+        self.importer = KvImporter(device, dtype)
+        self.curve = curve
+        self.sock = make_socket(ctx, zmq.ROUTER, P.MAX_KV_BYTES, curve=curve)
+        self.endpoint = tcp_endpoint(advertise_host, bind_endpoint(self.sock, host, port))
+        self._decoder = P.decoder(P.KvToDecode)
+
+    @property
+    def public_key(self) -> str:
+        """What senders need to reach this endpoint under CURVE ("": it is plain)."""
+        return self.curve.public.decode() if self.curve is not None else ""
+
+    def receive(self) -> list[Arrival]:
+        arrivals = []
+        while True:
+            try:
+                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return arrivals
+            if len(frames) < 2:
+                continue
+            try:
+                msg = P.decode(self._decoder, frames[1].buffer)
+            except P.DecodeError as e:
+                log.warning("dropped a malformed KV-link frame: %s", e)
+                continue
+            if isinstance(msg, P.KvStaging):
+                try:
+                    self.importer.open(msg.desc)
+                except Exception as e:  # a bad description fails the handoffs that use it, nothing else
+                    log.warning("could not open the staging of %s: %s", msg.prefill_worker, e)
+            else:
+                arrivals.append(Arrival(frames[0].bytes, msg, [f.buffer for f in frames[2:]]))
+
+    def kv(self, arrival: Arrival) -> torch.Tensor:
+        """The prompt's KV [n_layer, 2, n, KVH, D]: a view of the sender's staging (valid until
+        released), or a tensor over the frames on tcp."""
+        ready, loc = arrival.ready, arrival.ready.location
+        return self.importer.view(ready.transport, loc.staging, loc.offset, loc.length, arrival.frames or None)
+
+    def release(self, arrival: Arrival, ok: bool = True, message: str = "") -> None:
+        """Tell the sender its region is free: after the copy out of it has completed."""
+        if ok and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        self.sock.send_multipart([arrival.peer, P.encode(P.KvRelease(arrival.ready.request.id,
+                                                                     arrival.ready.location.offset, ok, message))])
+
+    def drop_orphans(self) -> list[str]:
+        """Unmap the stagings of senders that died; their keys."""
+        return self.importer.drop_orphans()
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.importer.close()

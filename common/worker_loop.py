@@ -1,0 +1,162 @@
+"""What the prefill and the decode worker share: registration over the gateway link, the poll
+loop, heartbeats, draining, a restarted gateway, metrics and closing. A worker fills in its own
+sockets, messages and work (the methods that raise NotImplementedError)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import zmq
+
+from . import protocol as P
+from .kv_transport import gpu_uuids
+from .loading import LoadedModel
+from .metrics_http import WorkerMetrics
+from .params import Limits
+from .runtime import DTYPE_NAMES
+from .service_config import WorkerOptions
+from .worker_link import DRAIN_GRACE_S, GatewayLink, pid_namespace
+
+log = logging.getLogger(__name__)
+
+
+class WorkerLoop:
+    role: P.Role
+
+    def __init__(self, opts: WorkerOptions, model: LoadedModel, limits: Limits):
+        self.opts, self.model, self.limits = opts, model, limits
+        self.ctx = zmq.Context()
+        self.metrics = WorkerMetrics(self.role, opts.metrics_port, self.health, opts.host)
+        self.draining = False
+        self.drain_started = 0.0
+        self.drain_deadline = float("inf")
+        self.link: GatewayLink | None = None  # connected by start(), once the worker's own sockets exist
+
+    def start(self, kv_transports: list[P.Transport], capacity: int, kv_endpoint: str = "",
+              kv_public_key: str = "") -> None:
+        """Register with the gateway: what this worker can do and hold."""
+        o, m = self.opts, self.model
+        register = P.Register(
+            role=self.role, worker_id=o.worker_id, protocol=P.PROTOCOL_VERSION, host_id=o.host_id,
+            gpu_uuids=gpu_uuids(), device=str(m.device), kv_endpoint=kv_endpoint, kv_transports=kv_transports,
+            capacity=capacity, model_fingerprint=m.fingerprint(), dtype=DTYPE_NAMES[m.dtype],
+            slot_len=self.limits.max_total_tokens, pid=os.getpid(), pid_namespace=pid_namespace(),
+            kv_public_key=kv_public_key,
+        )
+        self.link = GatewayLink(self.ctx, o.gateway, register, o.link.heartbeat_s, o.link.heartbeat_timeout,
+                                curve=o.link.curve)
+
+    # ---- what each worker fills in ---------------------------------------------------------
+
+    def sockets(self) -> list[zmq.Socket]:
+        """The worker's own sockets to poll besides the gateway link."""
+        raise NotImplementedError
+
+    def sockets_version(self) -> object:
+        """Changes whenever `sockets()` would return other sockets."""
+        return None
+
+    def on_gateway(self, msg) -> None:
+        """A message from the gateway (Drain is handled here)."""
+        raise NotImplementedError
+
+    def on_socket(self, sock: zmq.Socket) -> None:
+        raise NotImplementedError
+
+    def busy(self) -> bool:
+        """Work is waiting: poll without sleeping."""
+        raise NotImplementedError
+
+    def load(self) -> int:
+        """What the heartbeat reports: prefill, queued prompt tokens; decode, active slots."""
+        raise NotImplementedError
+
+    def idle(self) -> bool:
+        """Nothing queued, running or held for the gateway's requests."""
+        raise NotImplementedError
+
+    def housekeeping(self) -> None:
+        """Periodic: deadlines, timeouts, gauges. Runs every loop turn."""
+        raise NotImplementedError
+
+    def work(self) -> None:
+        """One unit of work: a prefill batch or a decode step."""
+        raise NotImplementedError
+
+    def abandon(self, why: str) -> None:
+        """Drop everything the gateway routed here without telling it: that gateway is gone."""
+        raise NotImplementedError
+
+    def end_unfinished(self) -> None:
+        """The drain timed out: hand back what is left (Finished "shutdown"), for the gateway to
+        resume elsewhere."""
+        raise NotImplementedError
+
+    def health(self) -> dict:
+        return {"role": self.role, "registered": self.link is not None and self.link.registered,
+                "draining": self.draining}
+
+    def close_own(self) -> None:
+        """Close what the worker opened itself."""
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.start_drain(self.opts.link.drain_timeout))
+        link = self.link
+        poller, polled = zmq.Poller(), None
+        try:
+            while not (self.draining and self._drained()):
+                if link.refused:
+                    return 1
+                if polled != (link.generation, self.sockets_version()):
+                    poller, polled = self._poller(), (link.generation, self.sockets_version())
+                wait_ms = 0 if self.busy() else int(self.opts.link.heartbeat_s * 500)
+                for sock, _ in poller.poll(wait_ms):
+                    if sock is link.sock:
+                        for msg in link.receive():
+                            if isinstance(msg, P.Drain):
+                                self.start_drain(msg.timeout_s)
+                            else:
+                                self.on_gateway(msg)
+                    else:
+                        self.on_socket(sock)
+                link.tick(self.load(), self.draining)
+                if link.take_new_gateway():
+                    self.abandon("the gateway restarted")
+                if self.draining and time.monotonic() > self.drain_deadline:
+                    self.end_unfinished()
+                self.housekeeping()
+                self.work()
+            return 0
+        finally:
+            self.close()
+
+    def _poller(self) -> zmq.Poller:
+        poller = zmq.Poller()
+        for sock in (self.link.sock, *self.sockets()):
+            poller.register(sock, zmq.POLLIN)
+        return poller
+
+    def start_drain(self, timeout_s: float) -> None:
+        if not self.draining:
+            log.info("draining: finishing what is queued and running (up to %.0f s)", timeout_s)
+            self.draining = True
+            self.drain_started = time.monotonic()
+            self.drain_deadline = self.drain_started + timeout_s
+
+    def _drained(self) -> bool:
+        """Nothing held here, and nothing more on its way from the gateway (or out of time)."""
+        return self.idle() and (self.link.nothing_on_the_way(self.drain_started)
+                                or time.monotonic() > self.drain_deadline + DRAIN_GRACE_S)
+
+    def close(self) -> None:
+        self.close_own()
+        if self.link is not None:
+            self.link.close()
+        self.metrics.close()
+        self.ctx.term()
