@@ -44,7 +44,7 @@ from splitserve.common.config import add_model_args
 from .output import save
 from .server_state import rss_kib, wait_all_free
 from .serve_bench import CpuMeter, LocalPipeline, span, summary
-from .traffic import STREAMED, Clients, Plan, Trace, plan, run_all, tgi_stream_light
+from .traffic import STREAMED, Clients, Script, Trace, run_all, script, tgi_stream_light
 
 FREE_TIMEOUT_S = 60.0
 GRACE_S = 60.0  # past a phase's end, what still runs is cancelled
@@ -97,22 +97,22 @@ class RssSampler:
 # --- the phases -------------------------------------------------------------------------------
 
 async def soak(clients: Clients, args, start: float, on_done) -> list[Trace]:
-    plans = (plan(i, args.seed, args.new_tokens) for i in range(args.max_requests))
-    return await _bounded(run_all(clients, plans, args.concurrency, on_done, until=start + args.duration),
+    scripts = (script(i, args.seed, args.new_tokens) for i in range(args.max_requests))
+    return await _bounded(run_all(clients, scripts, args.concurrency, on_done, until=start + args.duration),
                           args.duration)
 
 
 class LightClients:
-    """What run_all needs of a client: one request per plan, here a TGI stream on a raw connection."""
+    """What run_all needs of a client: one request per script, here a TGI stream on a raw connection."""
 
     def __init__(self, port: int):
         self.port = port
 
-    async def run(self, job: Plan) -> Trace:
+    async def run(self, job: Script) -> Trace:
         return await tgi_stream_light("127.0.0.1", self.port, job)
 
 
-async def at_limit(clients, args, job: Plan, seconds: float, on_done) -> tuple[list[Trace], float]:
+async def at_limit(clients, args, job: Script, seconds: float, on_done) -> tuple[list[Trace], float]:
     start = time.perf_counter()
     jobs = (job for _ in range(args.max_requests))
     traces = await _bounded(run_all(clients, jobs, args.max_concurrent_requests, on_done, until=start + seconds),
@@ -120,7 +120,7 @@ async def at_limit(clients, args, job: Plan, seconds: float, on_done) -> tuple[l
     return traces, time.perf_counter() - start
 
 
-async def overload(clients, args, job: Plan, seconds: float, rate: float, seed: int,
+async def overload(clients, args, job: Script, seconds: float, rate: float, seed: int,
                    on_done) -> tuple[list[Trace], float]:
     rng = random.Random(seed)
     start = time.perf_counter()
@@ -139,7 +139,7 @@ async def overload(clients, args, job: Plan, seconds: float, rate: float, seed: 
     return traces, time.perf_counter() - start
 
 
-async def limit_and_overload(args, port: int, job: Plan, clock, on_done) -> dict:
+async def limit_and_overload(args, port: int, job: Script, clock, on_done) -> dict:
     """Phases 3 and 4, alternating; the overload's rate is set by the first at-limit round."""
     clients, rounds = LightClients(port), args.rounds
     runs = {"at_limit": [[], 0.0, {}], "overloaded": [[], 0.0, {}]}  # traces, seconds, CPU seconds
@@ -242,7 +242,7 @@ def _phases(args, pipeline: LocalPipeline, bar: tqdm) -> dict:
     workers = {name: (name.split("-")[0], port) for name, port in pipeline.metrics_ports.items()}
     pids = {name: p.pid for name, p in pipeline.procs.items()}
     clock = lambda: dict(pipeline.cpu_seconds(), client=time.process_time())  # noqa: E731
-    job = Plan("tgi_stream", "full", LIMIT_PROMPT, args.new_tokens[1], 0, None)
+    job = Script("tgi_stream", "full", LIMIT_PROMPT, args.new_tokens[1], 0, None)
     done = Counter()
 
     def on_done(trace: Trace) -> None:
@@ -252,7 +252,7 @@ def _phases(args, pipeline: LocalPipeline, bar: tqdm) -> dict:
 
     async def run() -> dict:
         async with Clients(pipeline.endpoint, url, connections=2 * args.concurrency) as clients:
-            warm = [plan(i, args.seed + 1, args.new_tokens) for i in range(4 * args.concurrency)]
+            warm = [script(i, args.seed + 1, args.new_tokens) for i in range(4 * args.concurrency)]
             await run_all(clients, warm, args.concurrency)
             bar.update()
             start = time.perf_counter()
@@ -281,9 +281,9 @@ def _phases(args, pipeline: LocalPipeline, bar: tqdm) -> dict:
 
 
 def soak_report(args, traces: list[Trace], start: float, seconds: float, rss_samples) -> dict:
-    streamed = [t for t in traces if t.plan.front in STREAMED]
+    streamed = [t for t in traces if t.script.front in STREAMED]
     return {"seconds": round(seconds, 2), "requests": len(traces), "outcomes": dict(Counter(t.outcome for t in traces)),
-            "by_front": dict(Counter(t.plan.front for t in traces)), "failed": sum(t.failed for t in traces),
+            "by_front": dict(Counter(t.script.front for t in traces)), "failed": sum(t.failed for t in traces),
             "ttft_ms": summary(ttft_ms(streamed)), "itl_ms": summary(itl_ms(streamed)),
             "buckets": buckets(streamed, start, args.bucket, seconds), "rss_growth_pct": rss_growth(rss_samples, seconds)}
 

@@ -38,7 +38,7 @@ IMPATIENCE_S = 0.01
 
 
 @dataclass(frozen=True)
-class Plan:
+class Script:
     front: str
     ending: str
     prompt: str
@@ -47,19 +47,19 @@ class Plan:
     seed: int | None  # sampled when set, greedy otherwise
 
 
-def plan(i: int, seed: int, max_new_tokens: tuple[int, int] = (2, 12), fronts=FRONTS, endings=ENDINGS) -> Plan:
+def script(i: int, seed: int, max_new_tokens: tuple[int, int] = (2, 12), fronts=FRONTS, endings=ENDINGS) -> Script:
     rng = random.Random(seed * 1_000_003 + i)
     ending = rng.choice(endings)
     lo, hi = max_new_tokens
     if ending in ("cancel", "disconnect"):
         lo = hi = 3 * hi  # long enough to be cut short
-    return Plan(rng.choice(fronts), ending, rng.choice(PROMPTS), rng.randint(lo, hi), rng.randint(0, 3),
+    return Script(rng.choice(fronts), ending, rng.choice(PROMPTS), rng.randint(lo, hi), rng.randint(0, 3),
                 rng.randrange(2**31) if rng.random() < 0.5 else None)
 
 
 @dataclass
 class Trace:
-    plan: Plan
+    script: Script
     sent: float
     times: list[float] = field(default_factory=list)  # each token's arrival (streamed fronts)
     outcome: str = ""  # one of GOOD, "overloaded", or what went wrong
@@ -93,7 +93,7 @@ class Clients:
     async def __aexit__(self, *exc) -> None:
         await self.stack.aclose()
 
-    async def run(self, p: Plan) -> Trace:
+    async def run(self, p: Script) -> Trace:
         trace = Trace(p, time.perf_counter())
         try:
             if p.front in ("zmq", "ws"):
@@ -111,7 +111,7 @@ class Clients:
 
     # ---- ZMQ and WebSocket: the client library -------------------------------------------------
 
-    async def _client_stream(self, p: Plan, trace: Trace) -> None:
+    async def _client_stream(self, p: Script, trace: Trace) -> None:
         from splitserve.client import AsyncClient, AsyncWebSocketClient
 
         options = dict(max_new_tokens=p.max_new_tokens, stop=STOP if p.ending == "stop" else None,
@@ -131,7 +131,7 @@ class Clients:
 
     # ---- HTTP -----------------------------------------------------------------------------------
 
-    async def _http_stream(self, p: Plan, trace: Trace) -> None:
+    async def _http_stream(self, p: Script, trace: Trace) -> None:
         path, body = _http_request(p, stream=True)
         async with self.http.stream("POST", path, json=body) as r:
             if r.status_code != 200:
@@ -152,7 +152,7 @@ class Clients:
                         return
         trace.outcome = "ok"
 
-    async def _http(self, p: Plan, trace: Trace) -> None:
+    async def _http(self, p: Script, trace: Trace) -> None:
         path, body = _http_request(p, stream=False)
         if p.ending in ("cancel", "disconnect"):
             # an impatient client: it gives up and closes the connection, unless the answer came first
@@ -166,7 +166,7 @@ class Clients:
         trace.outcome = "ok" if r.status_code == 200 else _refused(r)
 
 
-async def _read(stream: AsyncIterator, p: Plan, trace: Trace) -> None:
+async def _read(stream: AsyncIterator, p: Script, trace: Trace) -> None:
     """Read the stream's tokens, or only `p.read` of them when its client leaves early."""
     leaves = p.ending in ("cancel", "disconnect")
     async for ev in stream:
@@ -181,7 +181,7 @@ async def _read(stream: AsyncIterator, p: Plan, trace: Trace) -> None:
     trace.outcome = trace.outcome or "no finish reason"
 
 
-def _http_request(p: Plan, stream: bool) -> tuple[str, dict]:
+def _http_request(p: Script, stream: bool) -> tuple[str, dict]:
     stop = STOP if p.ending == "stop" else None
     if p.front.startswith("tgi"):
         params = {"max_new_tokens": p.max_new_tokens, "stop": stop or [], "details": False}
@@ -199,7 +199,7 @@ def _refused(r: httpx.Response) -> str:
     return f"HTTP {r.status_code}: {r.text[:200]}"
 
 
-async def tgi_stream_light(host: str, port: int, p: Plan) -> Trace:
+async def tgi_stream_light(host: str, port: int, p: Script) -> Trace:
     """One TGI stream (/generate_stream, greedy) on a raw connection of its own. A client this light
     can offer a few hundred requests a second on a small machine without becoming the bottleneck
     of what it measures, as httpx would."""
@@ -249,12 +249,12 @@ async def _until_closed(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
         yield data
 
 
-async def run_all(clients: Clients, plans: Iterable[Plan], concurrency: int, on_done=None,
+async def run_all(clients: Clients, scripts: Iterable[Script], concurrency: int, on_done=None,
                   until: float | None = None) -> list[Trace]:
-    """The plans, `concurrency` at a time: each client takes the next plan as soon as its last one
-    ended, until the plans run out or, with `until` (a time.perf_counter() value), time does."""
+    """The scripts, `concurrency` at a time: each client takes the next script as soon as its last one
+    ended, until the scripts run out or, with `until` (a time.perf_counter() value), time does."""
     traces: list[Trace] = []
-    queue = iter(plans)
+    queue = iter(scripts)
 
     async def worker() -> None:
         for p in queue:

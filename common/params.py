@@ -73,6 +73,8 @@ class Limits:
 # What clients and the protocol see. "timeout" and "shutdown" come from workers (a deadline that
 # passed; work a draining worker hands back), never from the engines.
 FinishReason = Literal["length", "eos_token", "stop_sequence", "cancelled", "timeout", "shutdown", "error"]
+# A request that ended with one of these ran to its end; any other reason cut it short.
+NORMAL_FINISH: frozenset[FinishReason] = frozenset({"length", "eos_token", "stop_sequence"})
 
 
 class Finish(IntEnum):

@@ -38,7 +38,6 @@ Sink = Callable[[object], None]  # receives P.TokenBatch and P.Error for one req
 CLOSING_GRACE_S = 120.0  # how long a stream ended at the gateway waits for its worker's terminal
 # A request that keeps losing its workers is likely what kills them: give up on it after this many.
 MAX_ATTEMPTS = 3
-HANDED_BACK = "shutdown"  # a draining worker's terminal for work it could not finish in time
 
 
 @dataclass
@@ -149,7 +148,7 @@ class GatewayCore:
         """Send waiting requests to prefill while some decode worker has a free slot."""
         while self.waiting:
             stream = self.streams[self.waiting[0]]
-            forks = [self.streams[wid] for wid in stream.forks]
+            forks = [self.streams[attempt] for attempt in stream.forks]
             try:
                 route = self.registry.route(1 + len(forks))
             except NoTransport as e:  # the workers that have room cannot hand KV to each other
@@ -175,8 +174,8 @@ class GatewayCore:
 
     def cancel(self, gid: str, reason: str | None = None, error: P.Error | None = None) -> None:
         """End a request from the gateway side (client gone, deadline); workers are told to stop."""
-        wid = self.attempt_of.get(gid)
-        stream = self.streams.get(wid)
+        attempt = self.attempt_of.get(gid)
+        stream = self.streams.get(attempt)
         if stream is None or stream.client_done:
             return
         if error is not None:
@@ -186,17 +185,17 @@ class GatewayCore:
         stream.client_done, stream.closed_at = True, time.monotonic()
         if stream.decode is None:  # never dispatched: nothing holds a reservation
             self._leave_queue(stream)
-            self._release(wid)
+            self._release(attempt)
             return
         self._cancel_at_workers(stream)
 
     def _leave_queue(self, stream: Stream) -> None:
         """Take a waiting request out of line; its first fork, if any, takes its place."""
-        wid = stream.request.id
+        attempt = stream.request.id
         if stream.fork_of is not None:
-            self.streams[stream.fork_of].forks.remove(wid)
+            self.streams[stream.fork_of].forks.remove(attempt)
             return
-        place = self.waiting.index(wid)
+        place = self.waiting.index(attempt)
         if not stream.forks:
             del self.waiting[place]
             return
@@ -217,38 +216,38 @@ class GatewayCore:
         for worker in self.registry.expire():
             self.worker_left(worker)
         now, mono = time.time(), time.monotonic()
-        for wid, s in list(self.streams.items()):
+        for attempt, s in list(self.streams.items()):
             if s.client_done and mono - s.closed_at > CLOSING_GRACE_S:
-                self._release(wid)
+                self._release(attempt)
             elif not s.client_done and s.deadline is not None and s.deadline < now:
                 self.cancel(s.gid, error=P.Error(s.client_id, "timeout", "the request's deadline passed"))
         self.dispatch()
 
     def worker_left(self, worker: Worker) -> None:
         """A worker is gone (silent past its heartbeat timeout): resume its unfinished work."""
-        for wid, s in list(self.streams.items()):
+        for attempt, s in list(self.streams.items()):
             if s.decode == worker.id or (s.prefill == worker.id and s.awaiting_first):
-                self._resume(wid, f"{worker.info.role} worker {worker.id} stopped responding")
+                self._resume(attempt, f"{worker.info.role} worker {worker.id} stopped responding")
 
-    def _resume(self, wid: str, why: str) -> None:
+    def _resume(self, attempt: str, why: str) -> None:
         """Run the rest of a request as a new attempt: its prompt plus the tokens the client has,
         prefilled again, then decoded wherever a slot is free."""
-        stream = self.streams.get(wid)
+        stream = self.streams.get(attempt)
         if stream is None:
             return
         self._cancel_at_workers(stream)  # the survivor of the pair frees what it holds
         if stream.client_done:
-            self._release(wid)
+            self._release(attempt)
             return
         role_left = all(self.registry.of_role(role) for role in ("prefill", "decode"))
         if not role_left or stream.attempts >= MAX_ATTEMPTS:
             detail = "no worker is left to resume it" if not role_left else f"given up after {stream.attempts} attempts"
             stream.sink(P.Error(stream.client_id, "generation", f"{why}; {detail}"))
-            self._release(wid)
+            self._release(attempt)
             return
         log.warning("%s: resuming %s after %d tokens", why, stream.gid, stream.next_index)
         self._free_reservation(stream)
-        del self.streams[wid]
+        del self.streams[attempt]
         stream.attempts += 1
         stream.pending.clear()
         stream.awaiting_first, stream.prefill, stream.decode, stream.shares_prefill = True, None, None, False
@@ -293,7 +292,7 @@ class GatewayCore:
         stream = self.streams.get(msg.id)
         if stream is None:
             return
-        if msg.reason == HANDED_BACK:
+        if msg.reason == "shutdown":  # a draining worker hands back what it could not finish in time
             self._resume(msg.id, "a worker shut down before finishing it")
             self.dispatch()
             return
@@ -305,20 +304,20 @@ class GatewayCore:
                 stream.sink(P.TokenBatch(stream.client_id, [], msg.reason))
         self._release(msg.id)
 
-    def _deliver(self, worker: Worker, wid: str, token: P.Token, finish: str | None) -> None:
-        stream = self.streams.get(wid)
+    def _deliver(self, worker: Worker, attempt: str, token: P.Token, finish: str | None) -> None:
+        stream = self.streams.get(attempt)
         if stream is None:
             if worker.info.role == "decode":  # a request we no longer know: free its slot
-                self.send(worker, P.Cancel(wid))
+                self.send(worker, P.Cancel(attempt))
             return
         if stream.client_done:
             if finish is not None:
-                self._release(wid)
+                self._release(attempt)
             return
         if token.index >= stream.next_index and token.index not in stream.pending:
             stream.pending[token.index] = (token, finish)
         if self._flush(stream):
-            self._release(wid)
+            self._release(attempt)
 
     def _flush(self, stream: Stream) -> bool:
         """Send the tokens that are next in order; True once the final one has gone out."""
@@ -339,8 +338,8 @@ class GatewayCore:
             stream.client_done = True
         return finish is not None
 
-    def _release(self, wid: str) -> None:
-        stream = self.streams.pop(wid, None)
+    def _release(self, attempt: str) -> None:
+        stream = self.streams.pop(attempt, None)
         if stream is None:
             return
         self.attempt_of.pop(stream.gid, None)

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 
 from splitserve.common import protocol as P
+from splitserve.common.params import NORMAL_FINISH
 
 from .core import GatewayCore
 
@@ -21,7 +22,6 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 
 
 # Finish reasons of a request that ran to its end; any other (cancelled, shutdown) cut it short
 # and comes with no token of its own.
-NORMAL_FINISH = frozenset({"length", "eos_token", "stop_sequence"})
 
 
 class GatewayMetrics:

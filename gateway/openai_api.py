@@ -33,7 +33,7 @@ ERRORS = {status: {"model": OpenAIError} for status in (400, 429, 503)}
 
 
 @dataclass(frozen=True)
-class Plan:
+class Fanout:
     """One OpenAI request as requests for the core: choice k answers prompt k // n."""
 
     msgs: list[P.Generate]
@@ -54,12 +54,12 @@ def openai_router(ctx: ApiContext) -> APIRouter:
 
     @router.post("/completions", summary="Complete a prompt; `suffix` makes it fill-in-the-middle", responses=ERRORS)
     async def completions(body: CompletionRequest, request: Request):
-        return await _respond(ctx, body, request, completion_plan(ctx, body), COMPLETION)
+        return await _respond(ctx, body, request, completion_fanout(ctx, body), COMPLETION)
 
     @router.post("/chat/completions", summary="Chat, when the model's tokenizer ships a chat template",
                  responses=ERRORS)
     async def chat_completions(body: ChatRequest, request: Request):
-        return await _respond(ctx, body, request, chat_plan(ctx, body), CHAT)
+        return await _respond(ctx, body, request, chat_fanout(ctx, body), CHAT)
 
     @router.get("/models", summary="The model served")
     async def models() -> dict:
@@ -73,7 +73,7 @@ def openai_router(ctx: ApiContext) -> APIRouter:
 # ---- requests -------------------------------------------------------------------------------
 
 
-def completion_plan(ctx: ApiContext, body: CompletionRequest) -> Plan:
+def completion_fanout(ctx: ApiContext, body: CompletionRequest) -> Fanout:
     _check_sampling(body)
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_N:
         raise invalid(f"`logprobs` must be in [0, {MAX_TOP_N}]. Given: {body.logprobs}", "logprobs")
@@ -90,10 +90,10 @@ def completion_plan(ctx: ApiContext, body: CompletionRequest) -> Plan:
     msgs = _messages(body, prompts, max_tokens, logprobs=logprobs is not None, top_n=logprobs or 0,
                      prompt_logprobs=body.echo and logprobs is not None)
     echo_texts = [ctx.tokenizer.decode(ids) for ids in prompts] if body.echo else None
-    return Plan(msgs, prompts, body.n, echo_texts, logprobs)
+    return Fanout(msgs, prompts, body.n, echo_texts, logprobs)
 
 
-def chat_plan(ctx: ApiContext, body: ChatRequest) -> Plan:
+def chat_fanout(ctx: ApiContext, body: ChatRequest) -> Fanout:
     _check_sampling(body)
     if ctx.chat_template is None:
         raise invalid("this model's tokenizer has no chat template (chat_template.jinja, or `chat_template` in "
@@ -108,7 +108,7 @@ def chat_plan(ctx: ApiContext, body: ChatRequest) -> Plan:
     ids = ctx.tokenizer.encode(render_chat(ctx.chat_template, messages))
     max_tokens = body.max_completion_tokens or body.max_tokens or max(1, ctx.limits.max_total_tokens - len(ids))
     msgs = _messages(body, [ids], max_tokens, logprobs=body.logprobs, top_n=top or 0)
-    return Plan(msgs, [ids], body.n, logprobs=(top or 0) if body.logprobs else None)
+    return Fanout(msgs, [ids], body.n, logprobs=(top or 0) if body.logprobs else None)
 
 
 def _content_text(content) -> str:
@@ -181,35 +181,35 @@ class Shape:
     id_prefix: str
     object: str
     chunk_object: str
-    choice: Callable  # (ctx, plan, k, Answer) -> the choice's dict
-    delta: Callable  # (ctx, plan, k, TokenBatch, first, offset) -> the chunk choice's fields
+    choice: Callable  # (ctx, fanout, k, Answer) -> the choice's dict
+    delta: Callable  # (ctx, fanout, k, TokenBatch, first, offset) -> the chunk choice's fields
 
 
-async def _respond(ctx: ApiContext, body: SamplingFields, request: Request, plan: Plan, shape: Shape):
-    replies = Replies(ctx.door, shape.route, plan.msgs, plan.n)  # a refusal is an HTTP error, before any stream starts
+async def _respond(ctx: ApiContext, body: SamplingFields, request: Request, fanout: Fanout, shape: Shape):
+    replies = Replies(ctx.door, shape.route, fanout.msgs, fanout.n)  # a refusal is an HTTP error, before any stream starts
     rid, created = f"{shape.id_prefix}-{uuid4().hex}", int(time.time())
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         head = {"id": rid, "object": shape.chunk_object, "created": created, "model": ctx.model_id}
-        return EventStream(_chunks(ctx, plan, replies, head, usage, shape), replies)
-    answers = await gather(replies, len(plan.msgs), request)
+        return EventStream(_chunks(ctx, fanout, replies, head, usage, shape), replies)
+    answers = await gather(replies, len(fanout.msgs), request)
     return {"id": rid, "object": shape.object, "created": created, "model": ctx.model_id,
-            "choices": [shape.choice(ctx, plan, k, a) for k, a in enumerate(answers)], "usage": _usage(plan, answers)}
+            "choices": [shape.choice(ctx, fanout, k, a) for k, a in enumerate(answers)], "usage": _usage(fanout, answers)}
 
 
-async def _chunks(ctx: ApiContext, plan: Plan, replies: Replies, head: dict, include_usage: bool,
+async def _chunks(ctx: ApiContext, fanout: Fanout, replies: Replies, head: dict, include_usage: bool,
                   shape: Shape) -> AsyncIterator[bytes]:
     extra = {"usage": None} if include_usage else {}
-    answers = [Answer() for _ in plan.msgs]
+    answers = [Answer() for _ in fanout.msgs]
     try:
         async for k, batch in replies:
             first, offset = not answers[k].tokens, answers[k].chars
             answers[k].add(batch)
-            choice = {"index": k, **shape.delta(ctx, plan, k, batch, first, offset),
+            choice = {"index": k, **shape.delta(ctx, fanout, k, batch, first, offset),
                       "finish_reason": FINISH.get(batch.finish_reason)}
             yield _sse({**head, "choices": [choice], **extra})
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(plan, answers)})
+            yield _sse({**head, "choices": [], "usage": _usage(fanout, answers)})
     except ApiError as e:
         yield _sse(openai_error(e)[1])
     yield b"data: [DONE]\n\n"
@@ -219,27 +219,27 @@ def _sse(data: dict) -> bytes:
     return b"data: " + msgspec.json.encode(data) + b"\n\n"
 
 
-def _usage(plan: Plan, answers: list[Answer]) -> dict:
-    prompt = sum(len(ids) for ids in plan.prompts)
+def _usage(fanout: Fanout, answers: list[Answer]) -> dict:
+    prompt = sum(len(ids) for ids in fanout.prompts)
     completion = sum(len(a.tokens) for a in answers)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _completion_choice(ctx: ApiContext, plan: Plan, k: int, answer: Answer) -> dict:
-    echo = plan.echo_text(k)
+def _completion_choice(ctx: ApiContext, fanout: Fanout, k: int, answer: Answer) -> dict:
+    echo = fanout.echo_text(k)
     logprobs = None
-    if plan.logprobs is not None:
-        logprobs = _logprobs(ctx, answer.tokens, len(echo), plan.echo_ids(k), answer.prompt_logprobs)
+    if fanout.logprobs is not None:
+        logprobs = _logprobs(ctx, answer.tokens, len(echo), fanout.echo_ids(k), answer.prompt_logprobs)
     return {"index": k, "text": echo + answer.text, "logprobs": logprobs,
             "finish_reason": FINISH.get(answer.finish_reason)}
 
 
-def _completion_delta(ctx: ApiContext, plan: Plan, k: int, batch: P.TokenBatch, first: bool, offset: int) -> dict:
+def _completion_delta(ctx: ApiContext, fanout: Fanout, k: int, batch: P.TokenBatch, first: bool, offset: int) -> dict:
     """`offset`: how much of the choice's generated text came before this batch."""
-    echo = plan.echo_text(k)
+    echo = fanout.echo_text(k)
     logprobs = None
-    if plan.logprobs is not None:
-        logprobs = _logprobs(ctx, batch.tokens, len(echo) + offset, plan.echo_ids(k) if first else None,
+    if fanout.logprobs is not None:
+        logprobs = _logprobs(ctx, batch.tokens, len(echo) + offset, fanout.echo_ids(k) if first else None,
                              batch.prompt_logprobs)
     return {"text": (echo if first else "") + "".join(t.text for t in batch.tokens), "logprobs": logprobs}
 
@@ -267,20 +267,20 @@ def _logprobs(ctx: ApiContext, tokens: list[P.Token], start: int, echo_ids: list
     return out
 
 
-def _chat_choice(ctx: ApiContext, plan: Plan, k: int, answer: Answer) -> dict:
+def _chat_choice(ctx: ApiContext, fanout: Fanout, k: int, answer: Answer) -> dict:
     return {"index": k, "message": {"role": "assistant", "content": answer.text},
-            "logprobs": _chat_logprobs(ctx, plan, answer.tokens), "finish_reason": FINISH.get(answer.finish_reason)}
+            "logprobs": _chat_logprobs(ctx, fanout, answer.tokens), "finish_reason": FINISH.get(answer.finish_reason)}
 
 
-def _chat_delta(ctx: ApiContext, plan: Plan, k: int, batch: P.TokenBatch, first: bool, offset: int) -> dict:
+def _chat_delta(ctx: ApiContext, fanout: Fanout, k: int, batch: P.TokenBatch, first: bool, offset: int) -> dict:
     text = "".join(t.text for t in batch.tokens)
     return {"delta": {"role": "assistant", "content": text} if first else {"content": text},
-            "logprobs": _chat_logprobs(ctx, plan, batch.tokens)}
+            "logprobs": _chat_logprobs(ctx, fanout, batch.tokens)}
 
 
-def _chat_logprobs(ctx: ApiContext, plan: Plan, tokens: list[P.Token]) -> dict | None:
+def _chat_logprobs(ctx: ApiContext, fanout: Fanout, tokens: list[P.Token]) -> dict | None:
     """OpenAI's chat logprobs: each token with its logprob, bytes and top alternatives."""
-    if plan.logprobs is None:
+    if fanout.logprobs is None:
         return None
 
     def entry(token_id: int, logprob: float | None) -> dict:

@@ -13,10 +13,10 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from splitserve.common import protocol as P
+from splitserve.common.params import NORMAL_FINISH
 
 from .api_errors import ApiError
 from .frontdoor import FrontDoor
-from .metrics import NORMAL_FINISH
 
 
 class Replies:

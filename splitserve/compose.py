@@ -38,7 +38,7 @@ CURVE_CLIENTS = "curve-clients"  # the gateway's --curve-clients: a directory ho
 
 
 @dataclass(frozen=True)
-class Plan:
+class NodeLayout:
     prefill: tuple[str, ...]  # one --device per prefill worker: cuda:N, or cpu
     decode: tuple[str, ...]
     model: str  # a built-in name, or a checkpoint directory on the host
@@ -66,28 +66,28 @@ def parse_gpus(spec: str, flag: str) -> tuple[int, ...]:
     return tuple(gpus)
 
 
-def gpu_plan(prefill_spec: str, decode_spec: str, model: str, threads: int, bind: str) -> Plan:
+def gpu_layout(prefill_spec: str, decode_spec: str, model: str, threads: int, bind: str) -> NodeLayout:
     prefill = parse_gpus(prefill_spec, "--prefill-gpus")
     decode = parse_gpus(decode_spec, "--decode-gpus")
     shared = sorted(set(prefill) & set(decode))
     if shared:
         raise ValueError(f"GPU {', '.join(map(str, shared))} is in both --prefill-gpus and --decode-gpus: "
                          "each worker owns its GPU")
-    return Plan(tuple(f"cuda:{g}" for g in prefill), tuple(f"cuda:{g}" for g in decode), model, threads, bind)
+    return NodeLayout(tuple(f"cuda:{g}" for g in prefill), tuple(f"cuda:{g}" for g in decode), model, threads, bind)
 
 
-def cpu_plan(prefill_workers: int, decode_workers: int, model: str, threads: int, bind: str) -> Plan:
+def cpu_layout(prefill_workers: int, decode_workers: int, model: str, threads: int, bind: str) -> NodeLayout:
     if prefill_workers < 1 or decode_workers < 1:
         raise ValueError("the CPU profile needs at least one prefill and one decode worker")
-    return Plan(("cpu",) * prefill_workers, ("cpu",) * decode_workers, model, threads, bind)
+    return NodeLayout(("cpu",) * prefill_workers, ("cpu",) * decode_workers, model, threads, bind)
 
 
-def secured(plan: Plan, api_key_file: str, curve_dir: str) -> Plan:
-    """`plan` with the API key and the CURVE keys that are given ("": none), checked on the host."""
+def secured(layout: NodeLayout, api_key_file: str, curve_dir: str) -> NodeLayout:
+    """`layout` with the API key and the CURVE keys that are given ("": none), checked on the host."""
     api_key = Path(api_key_file).expanduser().resolve() if api_key_file else None
     if api_key and not api_key.is_file():
         raise ValueError(f"--api-key-file {api_key_file!r} is not a file")
-    return replace(plan, api_key_file=api_key, curve_dir=_curve_dir(curve_dir) if curve_dir else None)
+    return replace(layout, api_key_file=api_key, curve_dir=_curve_dir(curve_dir) if curve_dir else None)
 
 
 def _curve_dir(spec: str) -> Path:
@@ -99,17 +99,17 @@ def _curve_dir(spec: str) -> Path:
     return directory
 
 
-def compose_file(plan: Plan, out_dir: Path) -> dict:
+def compose_file(layout: NodeLayout, out_dir: Path) -> dict:
     """The compose document; `out_dir` is where it will be written (build paths are relative to it)."""
-    cpu = plan.prefill[0] == "cpu"
-    model_arg, volumes = _model(plan.model)
-    services = {"gateway": _with_secrets(_gateway(model_arg, volumes, plan.bind), *_gateway_secrets(plan))}
-    for role, devices in (("prefill", plan.prefill), ("decode", plan.decode)):
+    cpu = layout.prefill[0] == "cpu"
+    model_arg, volumes = _model(layout.model)
+    services = {"gateway": _with_secrets(_gateway(model_arg, volumes, layout.bind), *_gateway_secrets(layout))}
+    for role, devices in (("prefill", layout.prefill), ("decode", layout.decode)):
         for i, device in enumerate(devices):
             # a GPU worker is named by its GPU, so that the file reads like the node
             name = f"{role}-{device.removeprefix('cuda:') if device.startswith('cuda:') else i}"
-            services[name] = _with_secrets(_worker(role, name, device, model_arg, volumes, plan.threads),
-                                           *_worker_secrets(plan, role))
+            services[name] = _with_secrets(_worker(role, name, device, model_arg, volumes, layout.threads),
+                                           *_worker_secrets(layout, role))
     # Every service builds the same image (Docker's layer cache makes the repeats free), so that
     # `up` works with nothing built beforehand and no registry.
     for name, service in services.items():
@@ -117,7 +117,7 @@ def compose_file(plan: Plan, out_dir: Path) -> dict:
         build = _build(out_dir, cpu)
         services[name] = {"image": CPU_IMAGE if cpu else IMAGE, **({"build": build} if build else {}), **service}
     doc = {"name": "splitserve-cpu" if cpu else "splitserve", "services": services}
-    secrets = _secret_files(plan)
+    secrets = _secret_files(layout)
     if secrets:
         doc["secrets"] = secrets
     return doc
@@ -160,21 +160,21 @@ def _worker(role: str, name: str, device: str, model: str, volumes: list[str], t
     return service
 
 
-def _secret_files(plan: Plan) -> dict:
+def _secret_files(layout: NodeLayout) -> dict:
     """The top-level secrets: each host file by the name services mount it by."""
-    files = {API_KEY: plan.api_key_file} if plan.api_key_file else {}
-    if plan.curve_dir:
-        files |= {name: plan.curve_dir / name for name in CURVE_FILES}
+    files = {API_KEY: layout.api_key_file} if layout.api_key_file else {}
+    if layout.curve_dir:
+        files |= {name: layout.curve_dir / name for name in CURVE_FILES}
     return {name: {"file": str(path)} for name, path in files.items()}
 
 
-def _gateway_secrets(plan: Plan) -> tuple[list[str], list]:
+def _gateway_secrets(layout: NodeLayout) -> tuple[list[str], list]:
     """The gateway's flags that name its secrets, and those secrets."""
     flags, secrets = {}, []
-    if plan.api_key_file:
+    if layout.api_key_file:
         flags["api_key_file"] = f"{SECRETS_DIR}/{API_KEY}"
         secrets.append(API_KEY)
-    if plan.curve_dir:
+    if layout.curve_dir:
         # --curve-clients reads every *.key of a directory: one holding worker.key lets in only the workers
         flags |= {"curve_secret_file": f"{SECRETS_DIR}/gateway.key_secret",
                   "curve_clients": f"{SECRETS_DIR}/{CURVE_CLIENTS}"}
@@ -182,9 +182,9 @@ def _gateway_secrets(plan: Plan) -> tuple[list[str], list]:
     return gateway_argv(flags), secrets
 
 
-def _worker_secrets(plan: Plan, role: str) -> tuple[list[str], list]:
+def _worker_secrets(layout: NodeLayout, role: str) -> tuple[list[str], list]:
     """A worker's flags that name its secrets, and those secrets (the API key is the gateway's alone)."""
-    if not plan.curve_dir:
+    if not layout.curve_dir:
         return [], []
     flags = {"curve_secret_file": f"{SECRETS_DIR}/worker.key_secret", "curve_server_key": f"{SECRETS_DIR}/gateway.key"}
     return worker_argv(role, flags), ["worker.key_secret", "gateway.key"]

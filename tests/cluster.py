@@ -70,12 +70,12 @@ class Cluster:
         return proc
 
     def add_worker(self, role: str, *args: str) -> str:
-        wid = f"{role}-{len(self.workers)}-{os.getpid()}"
+        worker_id = f"{role}-{len(self.workers)}-{os.getpid()}"
         port = free_port()
-        proc = self._spawn(role, "--gateway", f"tcp://127.0.0.1:{self.worker_port}", "--worker-id", wid,
+        proc = self._spawn(role, "--gateway", f"tcp://127.0.0.1:{self.worker_port}", "--worker-id", worker_id,
                            "--metrics-port", str(port), "--heartbeat-timeout", str(self.heartbeat_timeout), *args)
-        self.workers[wid] = {"proc": proc, "metrics_port": port, "role": role}
-        return wid
+        self.workers[worker_id] = {"proc": proc, "metrics_port": port, "role": role}
+        return worker_id
 
     def start_pipeline(self, num_slots: int, *worker_args: str) -> None:
         """One prefill and one decode worker (`worker_args` to both), registered and seen by the
@@ -86,21 +86,21 @@ class Cluster:
         wait_for(lambda: (http_json(self.port, "/health") or {}).get("status") == "ok", START_TIMEOUT_S,
                  "the gateway to see its workers")
 
-    def health(self, wid: str) -> dict | None:
-        return http_json(self.workers[wid]["metrics_port"], "/health")
+    def health(self, worker_id: str) -> dict | None:
+        return http_json(self.workers[worker_id]["metrics_port"], "/health")
 
     def wait_registered(self, *wids: str) -> None:
-        for wid in wids or list(self.workers):
-            wait_for(lambda: (self.health(wid) or {}).get("registered"), START_TIMEOUT_S, f"{wid} to register")
+        for worker_id in wids or list(self.workers):
+            wait_for(lambda: (self.health(worker_id) or {}).get("registered"), START_TIMEOUT_S, f"{worker_id} to register")
 
     def wait_idle(self, timeout: float = 30.0) -> None:
         """Every decode slot free, every prefill staging region released (on workers still running)."""
 
         def idle() -> bool:
-            for wid, w in self.workers.items():
+            for worker_id, w in self.workers.items():
                 if w["proc"].poll() is not None:  # killed or stopped by the test
                     continue
-                h = self.health(wid) or {}
+                h = self.health(worker_id) or {}
                 if w["role"] == "decode" and h.get("slots_used") != 0:
                     return False
                 if w["role"] == "prefill" and (h.get("staging_free_tokens") != h.get("staging_tokens")

@@ -20,7 +20,7 @@ import yaml
 
 from kustomize_lite import MERGE_KEYS, render
 from splitserve.cli import build_parser, main
-from splitserve.commands.deploy import plan_of
+from splitserve.commands.deploy import layout_of
 from splitserve.common.curve import load_keypair
 from splitserve.common.service_config import link_options
 from splitserve.compose import compose_file, parse_gpus
@@ -170,7 +170,7 @@ def test_generated_compose_gives_each_process_its_keys(tmp_path, parser, keys):
     text = out.read_text()
     doc = yaml.safe_load(text)
     check_compose(doc, parser)
-    assert doc == compose_file(plan_of(parses(parser, header_command(text).split()[1:])), tmp_path)
+    assert doc == compose_file(layout_of(parses(parser, header_command(text).split()[1:])), tmp_path)
     assert sorted(doc["services"]) == ["decode-1", "decode-2", "gateway", "prefill-0"]
     for name, s in doc["services"].items():
         assert "volumes" not in s  # the keys arrive as secrets alone
@@ -209,7 +209,7 @@ def test_committed_compose_files_are_what_the_command_writes(parser):
         text = (DEPLOY / name).read_text()
         command = header_command(text)
         args = parses(parser, command.split()[1:])
-        assert yaml.safe_load(text) == compose_file(plan_of(args), DEPLOY), f"{name}: run `{command} -o deploy/{name}`"
+        assert yaml.safe_load(text) == compose_file(layout_of(args), DEPLOY), f"{name}: run `{command} -o deploy/{name}`"
     gpu = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     assert sorted(workers(gpu)) == ["decode-2", "decode-3", "decode-4", "decode-5", "decode-6", "decode-7",
                                     "prefill-0", "prefill-1"]

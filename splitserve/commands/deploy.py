@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from splitserve.compose import Plan, compose_file, cpu_plan, gpu_plan, secured
+from splitserve.compose import NodeLayout, compose_file, cpu_layout, gpu_layout, secured
 
 DEFAULTS = {"model": "tiny", "threads": 2, "bind": "127.0.0.1", "prefill_workers": 1, "decode_workers": 1,
             "api_key_file": "", "curve_dir": ""}
@@ -41,10 +41,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = None if args.output == "-" else Path(args.output)
-    plan = plan_of(args)
-    doc = compose_file(plan, out.resolve().parent if out else Path.cwd())
+    layout = layout_of(args)
+    doc = compose_file(layout, out.resolve().parent if out else Path.cwd())
     text = f"# Written by `{command_line(args)}`:\n# change the split with that command rather than by hand.\n"
-    if plan.api_key_file or plan.curve_dir:
+    if layout.api_key_file or layout.curve_dir:
         text += SECRETS_NOTE
     text += yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=120)
     if out is None:
@@ -54,19 +54,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def plan_of(args: argparse.Namespace) -> Plan:
+def layout_of(args: argparse.Namespace) -> NodeLayout:
     return secured(split_of(args), args.api_key_file, args.curve_dir)
 
 
-def split_of(args: argparse.Namespace) -> Plan:
+def split_of(args: argparse.Namespace) -> NodeLayout:
     if args.cpu:
         if args.prefill_gpus or args.decode_gpus:
             raise ValueError("--cpu takes --prefill-workers and --decode-workers, not GPU lists")
-        return cpu_plan(args.prefill_workers, args.decode_workers, args.model, args.threads, args.bind)
+        return cpu_layout(args.prefill_workers, args.decode_workers, args.model, args.threads, args.bind)
     if not (args.prefill_gpus and args.decode_gpus):
         raise ValueError("give both --prefill-gpus and --decode-gpus (e.g. --prefill-gpus 0,1 --decode-gpus 2-7), "
                          "or --cpu")
-    return gpu_plan(args.prefill_gpus, args.decode_gpus, args.model, args.threads, args.bind)
+    return gpu_layout(args.prefill_gpus, args.decode_gpus, args.model, args.threads, args.bind)
 
 
 def command_line(args: argparse.Namespace) -> str:

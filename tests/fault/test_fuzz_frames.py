@@ -203,10 +203,10 @@ def ws_read(frame: bytes | str):
 def answer(front, message, probe: int) -> None:
     """Check what one fuzz frame gets (`message`: what the gateway reads from it), then that the
     front still answers: a probe request, refused at once, gets its error."""
-    expected = message.id if isinstance(message, (P.Generate, W.WsGenerate)) else None
+    expected = message.id if isinstance(message, (P.Generate, P.WsGenerate)) else None
     front.send(_probe_frame(front, probe))
     probe_id, seen_probe = f"probe{probe}", False
-    done = not isinstance(message, (P.Generate, W.WsGenerate, P.DecodeError))  # a cancel gets no answer
+    done = not isinstance(message, (P.Generate, P.WsGenerate, P.DecodeError))  # a cancel gets no answer
     while not (seen_probe and done):
         reply = front.receive()
         if reply.id == probe_id:

@@ -11,7 +11,7 @@ from collections import Counter
 
 from cluster import Cluster
 from splitserve.bench.server_state import rss_kib, wait_all_free
-from splitserve.bench.traffic import ENDINGS, FRONTS, GOOD, Clients, plan, run_all
+from splitserve.bench.traffic import ENDINGS, FRONTS, GOOD, Clients, run_all, script
 
 REQUESTS = 1000
 CONCURRENCY = 24
@@ -23,13 +23,13 @@ FREE_TIMEOUT_S = 30.0
 def run_phase(c: Cluster, first: int, last: int) -> list:
     async def drive():
         async with Clients(c.endpoint, c.url, CONCURRENCY) as clients:
-            return await run_all(clients, [plan(i, SEED) for i in range(first, last)], CONCURRENCY)
+            return await run_all(clients, [script(i, SEED) for i in range(first, last)], CONCURRENCY)
 
     return asyncio.run(drive())
 
 
 def assert_all_free(c: Cluster) -> None:
-    workers = {wid: (w["role"], w["metrics_port"]) for wid, w in c.workers.items()}
+    workers = {worker_id: (w["role"], w["metrics_port"]) for worker_id, w in c.workers.items()}
     left = wait_all_free(c.port, workers, FREE_TIMEOUT_S)
     assert not left, f"still held {FREE_TIMEOUT_S:.0f} s after the last request: {left}"
 
@@ -37,7 +37,7 @@ def assert_all_free(c: Cluster) -> None:
 def test_a_thousand_mixed_requests_leave_nothing_held(home, tiny_dir):
     with Cluster(home) as c:
         c.start_pipeline(32)
-        procs = {"gateway": c.gateway, **{wid: w["proc"] for wid, w in c.workers.items()}}
+        procs = {"gateway": c.gateway, **{worker_id: w["proc"] for worker_id, w in c.workers.items()}}
 
         # The first tenth warms every path up (batch shapes, connections, caches); memory is then
         # measured against the end of the run.
@@ -51,7 +51,7 @@ def test_a_thousand_mixed_requests_leave_nothing_held(home, tiny_dir):
     failed = Counter(t.outcome for t in traces if t.outcome not in GOOD)
     assert not failed, failed.most_common(5)
     assert len(traces) == REQUESTS
-    mix = Counter((t.plan.front, t.plan.ending) for t in traces)
+    mix = Counter((t.script.front, t.script.ending) for t in traces)
     assert set(mix) == {(f, e) for f in FRONTS for e in ENDINGS}, "the mix lacks some front end or ending"
     ended = Counter(t.outcome for t in traces)
     assert ended["cancelled"] and ended["disconnected"], ended
