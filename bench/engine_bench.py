@@ -1,7 +1,7 @@
 """`splitserve bench engine`: splitserve's engines against transformers' `generate`, on the very
 same weight tensors, dtype, device and threads, in one process.
 
-The seed's curves: decode time per step against batch size and against key length, prefill time
+The curves that show where time goes: decode time per step against batch size and against key length, prefill time
 against prompt length and batch size (plus a packed mixed batch), each with a floor: the time of
 the step's weight matrix products alone, which no implementation can go below.
 

@@ -1,6 +1,6 @@
 """Attention kernels: packed variable-length causal prefill, and decode over a static KV pool.
 
-Prefill picks, once, the fastest kernel the process has (DESIGN §3): the `flash-attn` package's
+Prefill picks, once, the fastest kernel the process has: the `flash-attn` package's
 varlen kernel, PyTorch's bundled FlashAttention varlen op on CUDA, else SDPA per prompt (CPU).
 Decode always uses batched matmuls over the pool's contiguous slot prefix: with multi-query
 attention `q @ kᵀ` is one batched GEMM per layer and the cache is read in place.

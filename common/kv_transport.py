@@ -1,4 +1,5 @@
-"""KV handoff transports (DESIGN §2): the prefill worker owns a staging buffer, the decode worker
+"""How KV bytes move from a prefill worker's staging buffer to a decode worker (the handoff's
+protocol is kv_handoff.py's): the prefill worker owns the staging buffer, the decode worker
 copies out of it, and each side writes only its own memory.
 
 - `cuda_ipc`: the staging storage is exported once as a CUDA IPC handle (the bytes and ints of

@@ -1,6 +1,6 @@
 """GPTBigCode forward passes as plain functions over a tuple of weight tensors.
 
-No `nn.Module` on the call path (the seed's finding 7): module `__call__` hooks and attribute
+No `nn.Module` on the call path: module `__call__` hooks and attribute
 lookups cost more than the matrix products of a small model's decode step. Shapes:
 T packed prompt tokens, B decode rows, E = n_embd, H heads, KVH key/value heads (1 for
 multi-query), D head dim, S slots, L slot length, V vocabulary.

@@ -22,8 +22,7 @@ from splitserve.common import protocol as P
 
 from .api_context import ApiContext
 from .api_errors import ApiError, invalid, openai_error, retry_headers, tgi_error
-from .http_guard import HttpGuard
-from .load_shed import LoadShed
+from .http_guard import HttpGuard, LoadShed
 from .openai_api import openai_router
 from .replies import Json
 from .tgi import tgi_router

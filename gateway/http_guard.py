@@ -1,7 +1,14 @@
-"""The HTTP front's gate, an ASGI middleware: a request is refused before any route reads it when
-it lacks the API key on a protected path (401), or when its body is past the limit (413), so
-that an unauthenticated or oversized client costs no parsing and no more memory than the limit.
-WebSocket connections pass through: /ws checks its key itself (websocket.py)."""
+"""The HTTP front's gates, ASGI middlewares that refuse a request before any route reads it.
+
+HttpGuard: a request that lacks the API key on a protected path (401), or whose body is past the
+limit (413), so that an unauthenticated or oversized client costs no parsing and no more memory
+than the limit. WebSocket connections pass through: /ws checks its key itself (websocket.py).
+
+LoadShed: a generation request the core would refuse anyway (overloaded, draining, no workers).
+Under overload refusals are most of the traffic; read, parsed, validated and tokenized first, each
+would take CPU from the admitted requests' tokens. The core refuses in the same order, before it
+validates.
+"""
 
 from __future__ import annotations
 
@@ -57,6 +64,22 @@ class HttpGuard:
     async def _too_large(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
         e = ApiError("payload_too_large", f"the request body is larger than {self.max_body_bytes} bytes")
         await self.refuse(path, e)(scope, receive, send)
+
+
+GENERATE_PATHS = frozenset({"/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"})
+
+
+class LoadShed:
+    def __init__(self, app: ASGIApp, rejection: Callable[[], tuple[str, str] | None], refuse: Refuse):
+        self.app, self.rejection, self.refuse = app, rejection, refuse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in GENERATE_PATHS:
+            reject = self.rejection()
+            if reject is not None:
+                await self.refuse(scope["path"], ApiError(*reject))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -67,10 +67,36 @@ def req(i: int, n: int, new: int, **kw):
     return GenerateRequest(f"r{i}", prompt(n, i), new, ignore_eos=kw.pop("ignore_eos", True), **kw)
 
 
+def run_staggered(engine, schedule: dict[int, list]) -> dict:
+    """Submit each list of requests just before the given step number, then run to the end:
+    request id -> its GenerateResult."""
+    from splitserve.engine import GenerateResult, add_event
+
+    results, step = {}, 0
+    while step <= max(schedule) or engine.busy:
+        for r in schedule.get(step, []):
+            results[r.id] = GenerateResult(r.id)
+            engine.submit(r)
+        for ev in engine.step():
+            add_event(results[ev.request_id], ev)
+        step += 1
+    return results
+
+
 def hf_model(path: Path):
     from transformers import GPTBigCodeForCausalLM
 
     return GPTBigCodeForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def pipeline(home, tiny_dir):
+    """A gateway with one prefill and one decode worker of 16 slots on tiny-random, per module."""
+    from cluster import Cluster
+
+    with Cluster(home) as c:
+        c.start_pipeline(16)
+        yield c
 
 
 # The fuzz tests' pipeline and the good streams running beside the fuzzing (tests/fault). They

@@ -6,14 +6,12 @@ cuda_ipc KV handoff between a prefill and a decode process, bytes and timing.
 from __future__ import annotations
 
 import statistics
-import subprocess
-import sys
 import time
-from contextlib import contextmanager
 
 import pytest
 import torch
 
+from pair_child import pair_child
 from splitserve.common.attention import (
     _flash_attn_prefill,
     _torch_varlen_prefill,
@@ -145,27 +143,6 @@ def checksum(t: torch.Tensor) -> int:
     return int(t.view(torch.int16).to(torch.int64).sum())
 
 
-@contextmanager
-def decode_child(device: str):
-    import zmq
-
-    sock = zmq.Context.instance().socket(zmq.PAIR)
-    sock.setsockopt(zmq.RCVTIMEO, 60000)
-    sock.setsockopt(zmq.SNDTIMEO, 60000)
-    sock.setsockopt(zmq.LINGER, 0)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    child = subprocess.Popen([sys.executable, "-c", DECODE_CHILD, str(port), device])
-    try:
-        yield sock
-        sock.send(b"")
-        assert child.wait(timeout=60) == 0
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        sock.close()
-
-
 def decode_devices() -> list:
     two = torch.cuda.is_available() and torch.cuda.device_count() > 1
     return ["cuda:0", pytest.param("cuda:1", marks=pytest.mark.skipif(not two, reason="needs two GPUs"))]
@@ -180,7 +157,7 @@ def test_cuda_ipc_handoff_of_a_1024_token_prompt(decode_device):
     staging = allocate_staging(SANTACODER_KV, torch.bfloat16, "cuda:0", "cuda_ipc", "prefill-gpu")
     region = staging.tensor[:, :, 512 : 512 + PROMPT]  # not at offset 0: offsets must be honoured
     nbytes = region.numel() * region.element_size()
-    with decode_child(decode_device) as sock:
+    with pair_child(DECODE_CHILD, decode_device, timeout_s=60) as sock:
         sock.send(msgspec.msgpack.encode(staging.export()))
         assert sock.recv() == b"opened"
 

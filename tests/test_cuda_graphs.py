@@ -9,13 +9,13 @@ import warnings
 import pytest
 import torch
 
-from conftest import load_cpu, req
+from conftest import load_cpu, req, run_staggered
 from splitserve.common.loading import load_model
 from splitserve.common.request import GenerateRequest
 from splitserve.common.params import SamplingParams
 from splitserve.decode_worker.step_runner import StepRunner, batch_buckets, key_buckets
 from splitserve.decode_worker.engine import DecodeEngine
-from splitserve.engine import Engine, EngineOptions, GenerateResult, add_event
+from splitserve.engine import Engine, EngineOptions, GenerateResult
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -44,18 +44,6 @@ MIXED_SCHEDULE = {
     4: [req(12, 90, 25, sampling=SamplingParams(repetition_penalty=1.3, frequency_penalty=0.2)), sampled(13, 7, 40)],
     10: [req(14, 130, 15)],
 }
-
-
-def run(engine: Engine, schedule: dict[int, list[GenerateRequest]]) -> dict[str, GenerateResult]:
-    results, step = {}, 0
-    while step <= max(schedule) or engine.busy:
-        for r in schedule.get(step, []):
-            results[r.id] = GenerateResult(r.id)
-            engine.submit(r)
-        for ev in engine.step():
-            add_event(results[ev.request_id], ev)
-        step += 1
-    return results
 
 
 def engine_for(lm, steps: str) -> Engine:
@@ -149,10 +137,10 @@ def test_padded_logits_equal_the_exact_ones(lm):
 
 
 def test_padded_static_step_gives_the_exact_steps_tokens(lm):
-    want = run(engine_for(lm, "exact"), GREEDY_SCHEDULE)
+    want = run_staggered(engine_for(lm, "exact"), GREEDY_SCHEDULE)
     engine = engine_for(lm, "eager")
     shapes = record_shapes(engine.decode.runner)
-    got = run(engine, GREEDY_SCHEDULE)
+    got = run_staggered(engine, GREEDY_SCHEDULE)
     assert_same(got, want, 0)
     assert any(b > prefix for prefix, b in shapes), "no step ran past the slot prefix"
     assert (6, 6) in shapes or (5, 6) in shapes, "the last bucket is the slot count"
@@ -162,8 +150,8 @@ def test_padded_static_step_gives_the_exact_steps_tokens(lm):
 
 def test_sampling_penalties_and_details_run_outside_the_step(lm):
     # Rows that sample, carry penalties or want logprobs take `sample` on the padded logits.
-    want = run(engine_for(lm, "exact"), MIXED_SCHEDULE)
-    got = run(engine_for(lm, "eager"), MIXED_SCHEDULE)
+    want = run_staggered(engine_for(lm, "exact"), MIXED_SCHEDULE)
+    got = run_staggered(engine_for(lm, "eager"), MIXED_SCHEDULE)
     assert_same(got, want, 1e-4)
 
 
@@ -195,14 +183,14 @@ def test_every_shape_is_captured_largest_first_in_one_pool(lm_cuda):
 def test_graph_replay_gives_the_eager_tokens(lm_cuda, schedule):
     lm = lm_cuda[torch.bfloat16]
     # Same shapes, same kernels: the tokens agree; logprobs to within a change of GEMM algorithm.
-    assert_same(run(engine_for(lm, "graphs"), schedule), run(engine_for(lm, "eager"), schedule), 1e-3)
+    assert_same(run_staggered(engine_for(lm, "graphs"), schedule), run_staggered(engine_for(lm, "eager"), schedule), 1e-3)
 
 
 @needs_cuda
 def test_graphs_give_the_exact_paths_tokens_in_fp32(lm_cuda):
     # Other shapes than the exact path's; fp32 (no TF32 by default) keeps argmax ties away.
     lm = lm_cuda[torch.float32]
-    assert_same(run(engine_for(lm, "graphs"), GREEDY_SCHEDULE), run(engine_for(lm, None), GREEDY_SCHEDULE), 1e-4)
+    assert_same(run_staggered(engine_for(lm, "graphs"), GREEDY_SCHEDULE), run_staggered(engine_for(lm, "exact"), GREEDY_SCHEDULE), 1e-4)
 
 
 @needs_cuda

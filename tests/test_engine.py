@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import hf_model, load_cpu, prompt, req
+from conftest import hf_model, load_cpu, prompt, req, run_staggered
 from splitserve.common.params import Finish, SamplingParams, ValidationError
 from splitserve.common.request import GenerateRequest
-from splitserve.engine import Engine, EngineOptions, GenerateResult, add_event
+from splitserve.engine import Engine, EngineOptions, GenerateResult
 
 
 @pytest.fixture(scope="module")
@@ -18,19 +18,6 @@ def lm(tiny_dir):
 
 def alone(lm, request: GenerateRequest) -> GenerateResult:
     return Engine(lm, EngineOptions(num_slots=1, max_total_tokens=512)).generate([request])[0]
-
-
-def run_staggered(engine: Engine, schedule: dict[int, list[GenerateRequest]]) -> dict[str, GenerateResult]:
-    """Submit each list of requests just before the given step number, then run to the end."""
-    results, step = {}, 0
-    while step <= max(schedule) or engine.busy:
-        for r in schedule.get(step, []):
-            results[r.id] = GenerateResult(r.id)
-            engine.submit(r)
-        for ev in engine.step():
-            add_event(results[ev.request_id], ev)
-        step += 1
-    return results
 
 
 def test_requests_joining_and_leaving_get_their_solo_tokens(lm):

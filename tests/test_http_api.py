@@ -20,21 +20,14 @@ MAX_TOTAL, MAX_INPUT = 2048, 2047  # tiny-random's defaults
 
 
 @pytest.fixture(scope="module")
-def cluster(home, tiny_dir):
-    with Cluster(home) as c:
-        c.start_pipeline(16)
-        yield c
-
-
-@pytest.fixture(scope="module")
-def zmq(cluster):
-    with Client(cluster.endpoint) as client:
+def zmq(pipeline):
+    with Client(pipeline.endpoint) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
-def http(cluster):
-    with httpx.Client(base_url=cluster.url, timeout=60) as client:
+def http(pipeline):
+    with httpx.Client(base_url=pipeline.url, timeout=60) as client:
         yield client
 
 
@@ -81,11 +74,11 @@ print(json.dumps({
 """
 
 
-def test_text_generation_client_gets_what_the_zmq_client_gets(cluster, zmq, tokenizer):
+def test_text_generation_client_gets_what_the_zmq_client_gets(pipeline, zmq, tokenizer):
     python, why = tgi_python()
     if python is None:
         pytest.skip(f"cannot make the text-generation client's environment (.venv-tgi-client): {why}")
-    out = run_in_tgi_env(python, TGI_SCRIPT, cluster.url, PROMPT)
+    out = run_in_tgi_env(python, TGI_SCRIPT, pipeline.url, PROMPT)
     ref = zmq.generate(PROMPT, max_new_tokens=12)
     assert out["text"] == out["stream_text"] == out["stream_final"] == ref.text
     assert out["ids"] == out["stream_ids"] == ref.token_ids
@@ -96,10 +89,10 @@ def test_text_generation_client_gets_what_the_zmq_client_gets(cluster, zmq, toke
     assert "max_total_tokens" in out["refused"]
 
 
-def test_openai_client_gets_what_the_zmq_client_gets(cluster, zmq, tokenizer):
+def test_openai_client_gets_what_the_zmq_client_gets(pipeline, zmq, tokenizer):
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
+    client = OpenAI(base_url=f"{pipeline.url}/v1", api_key="unused", max_retries=0)
     ref = zmq.generate(PROMPT, max_new_tokens=12)
     done = client.completions.create(model="tiny-random", prompt=PROMPT, max_tokens=12, temperature=0)
     assert done.choices[0].text == ref.text and done.choices[0].finish_reason == "length"
@@ -218,37 +211,37 @@ def test_fim_too_long_is_cut_at_the_far_ends(http, tokenizer):
     assert r.json()["choices"][0]["logprobs"]["tokens"][: len(expected)] == [tokenizer.decode([i]) for i in expected]
 
 
-def worker_metric(cluster, role: str, name: str) -> float:
+def worker_metric(pipeline, role: str, name: str) -> float:
     import urllib.request
 
-    (wid,) = [w for w, info in cluster.workers.items() if info["role"] == role]
-    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.workers[wid]['metrics_port']}/metrics", timeout=5) as r:
+    (wid,) = [w for w, info in pipeline.workers.items() if info["role"] == role]
+    with urllib.request.urlopen(f"http://127.0.0.1:{pipeline.workers[wid]['metrics_port']}/metrics", timeout=5) as r:
         text = r.read().decode()
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
 
 
-def test_n_choices_share_one_prefill(cluster, http, tokenizer):
-    before = worker_metric(cluster, "prefill", "splitserve_prefill_tokens_total")
+def test_n_choices_share_one_prefill(pipeline, http, tokenizer):
+    before = worker_metric(pipeline, "prefill", "splitserve_prefill_tokens_total")
     body = {"prompt": PROMPT, "max_tokens": 5, "temperature": 0.8, "seed": 5, "n": 4, "echo": True, "logprobs": 1}
     r = http.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
-    assert worker_metric(cluster, "prefill", "splitserve_prefill_tokens_total") - before == len(tokenizer.encode(PROMPT))
+    assert worker_metric(pipeline, "prefill", "splitserve_prefill_tokens_total") - before == len(tokenizer.encode(PROMPT))
     choices = r.json()["choices"]
     assert len({c["text"] for c in choices}) > 1  # own seeds: the choices differ
     prompt_lps = [c["logprobs"]["token_logprobs"][: len(tokenizer.encode(PROMPT))] for c in choices]
     assert all(lp == prompt_lps[0] for lp in prompt_lps)  # every choice echoes the one prefill's prompt logprobs
-    cluster.wait_idle()
+    pipeline.wait_idle()
 
 
-def test_workers_meter_batches_and_handoffs(cluster, zmq, tokenizer):
+def test_workers_meter_batches_and_handoffs(pipeline, zmq, tokenizer):
     names = {("decode", "splitserve_decode_batch_size_count"), ("decode", "splitserve_decode_handoff_bytes_total"),
              ("decode", "splitserve_decode_handoff_seconds_count"), ("prefill", "splitserve_prefill_batch_size_count"),
              ("prefill", "splitserve_prefill_handoff_bytes_total"), ("prefill", "splitserve_prefill_handoff_seconds_count")}
-    before = {n: worker_metric(cluster, *n) for n in names}
+    before = {n: worker_metric(pipeline, *n) for n in names}
     zmq.generate(PROMPT, max_new_tokens=4, ignore_eos=True)
     # the prefill side counts a handoff when the decode side's release arrives, after the tokens
-    wait_for(lambda: all(worker_metric(cluster, *n) > before[n] for n in names), 30, "every worker metric to move")
-    kv_bytes = worker_metric(cluster, "decode", "splitserve_decode_handoff_bytes_total") - \
+    wait_for(lambda: all(worker_metric(pipeline, *n) > before[n] for n in names), 30, "every worker metric to move")
+    kv_bytes = worker_metric(pipeline, "decode", "splitserve_decode_handoff_bytes_total") - \
         before[("decode", "splitserve_decode_handoff_bytes_total")]
     assert kv_bytes > 0 and kv_bytes % len(tokenizer.encode(PROMPT)) == 0  # whole tokens of KV
 
@@ -379,9 +372,9 @@ def test_chat_without_a_chat_template_is_a_clear_400(http):
 # ---- metrics ----------------------------------------------------------------------------------
 
 
-def test_metrics_parse_as_prometheus_text_and_move_with_traffic(cluster, http):
+def test_metrics_parse_as_prometheus_text_and_move_with_traffic(pipeline, http):
     def sample(name, **labels):
-        return cluster.metric(name, **labels)
+        return pipeline.metric(name, **labels)
 
     before = {
         "ok": sample("splitserve_requests_total", route="/generate", outcome="ok"),

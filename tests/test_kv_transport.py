@@ -13,6 +13,7 @@ import pytest
 import torch
 import zmq
 
+from pair_child import pair_child
 from splitserve.common.kv_transport import (
     KvImporter,
     allocate_staging,
@@ -79,22 +80,8 @@ class DecodeChild:
 
 @contextmanager
 def decode_child(device: str = "cpu"):
-    sock = zmq.Context.instance().socket(zmq.PAIR)
-    # PAIR blocks sends until a peer connects: time out rather than hang if the child dies.
-    sock.setsockopt(zmq.RCVTIMEO, 20000)
-    sock.setsockopt(zmq.SNDTIMEO, 20000)
-    sock.setsockopt(zmq.LINGER, 0)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    child = subprocess.Popen([sys.executable, "-c", DECODE_CHILD, str(port), device])
-    try:
+    with pair_child(DECODE_CHILD, device) as sock:
         yield DecodeChild(sock)
-        sock.send(b"")
-        assert child.wait(timeout=20) == 0
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        sock.close()
 
 
 def as_bytes(t: torch.Tensor) -> bytes:

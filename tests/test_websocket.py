@@ -29,20 +29,13 @@ def specs(n: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def cluster(home, tiny_dir):
-    with Cluster(home) as c:
-        c.start_pipeline(16)
-        yield c
+def url(pipeline) -> str:
+    return pipeline.url.replace("http://", "ws://") + "/ws"
 
 
 @pytest.fixture(scope="module")
-def url(cluster) -> str:
-    return cluster.url.replace("http://", "ws://") + "/ws"
-
-
-@pytest.fixture(scope="module")
-def reference(cluster) -> list:
-    with Client(cluster.endpoint) as zmq:
+def reference(pipeline) -> list:
+    with Client(pipeline.endpoint) as zmq:
         return [zmq.generate(**s) for s in specs(16)]
 
 
@@ -64,8 +57,8 @@ def test_16_interleaved_requests_on_one_connection(url, reference, encoding):
     assert all(len(r.details.tokens) == len(r.token_ids) and r.details.tokens[0].logprob < 0 for r in results)
 
 
-async def test_async_client_interleaves_and_cancels(cluster, url, reference):
-    cancelled = cluster.metric("splitserve_requests_total", route="/ws", outcome="cancelled")
+async def test_async_client_interleaves_and_cancels(pipeline, url, reference):
+    cancelled = pipeline.metric("splitserve_requests_total", route="/ws", outcome="cancelled")
     async with AsyncWebSocketClient(url) as ws:
         results = await asyncio.gather(*(ws.generate(**s, timeout=60) for s in specs(16)))
         assert [r.token_ids for r in results] == [r.token_ids for r in reference]
@@ -75,9 +68,9 @@ async def test_async_client_interleaves_and_cancels(cluster, url, reference):
                     break
         # the connection goes on serving after a cancel
         assert (await ws.generate(**specs(1)[0])).token_ids == reference[0].token_ids
-    wait_for(lambda: cluster.metric("splitserve_requests_total", route="/ws", outcome="cancelled") == cancelled + 1,
+    wait_for(lambda: pipeline.metric("splitserve_requests_total", route="/ws", outcome="cancelled") == cancelled + 1,
              30, "the gateway to cancel the request")
-    in_flight_is_zero(cluster)
+    in_flight_is_zero(pipeline)
 
 
 def text(message: dict) -> str:
@@ -134,8 +127,8 @@ async def test_errors_reach_the_clients_as_exceptions(url):
         WebSocketClient(url.replace("/ws", "/nowhere"))
 
 
-def test_closing_the_socket_cancels_its_requests(cluster, url):
-    cancelled = cluster.metric("splitserve_requests_total", route="/ws", outcome="cancelled")
+def test_closing_the_socket_cancels_its_requests(pipeline, url):
+    cancelled = pipeline.metric("splitserve_requests_total", route="/ws", outcome="cancelled")
     with connect(url) as ws:
         for i in range(3):
             ws.send(msgspec.msgpack.encode({"type": "generate", "id": str(i), "prompt": PROMPTS[i],
@@ -143,9 +136,9 @@ def test_closing_the_socket_cancels_its_requests(cluster, url):
         started = set()
         while len(started) < 3:
             started.add(msgspec.msgpack.decode(ws.recv())["id"])
-    wait_for(lambda: cluster.metric("splitserve_requests_total", route="/ws", outcome="cancelled") == cancelled + 3,
+    wait_for(lambda: pipeline.metric("splitserve_requests_total", route="/ws", outcome="cancelled") == cancelled + 3,
              30, "the gateway to cancel the closed socket's requests")
-    in_flight_is_zero(cluster)
+    in_flight_is_zero(pipeline)
 
 
 def in_flight_is_zero(c: Cluster) -> None:

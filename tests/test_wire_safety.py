@@ -1,5 +1,6 @@
-"""Rules over the project's own source (DESIGN §4): nothing deserializes with pickle, and every
-ZeroMQ socket is made where a maximum message size is set on it."""
+"""Rules over the project's own source: nothing deserializes with pickle (unpickling a frame runs
+whatever code its sender put in it), and every ZeroMQ socket is made where a maximum message size
+is set on it (so that no peer can make a process buffer without bound)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The GPU benchmark of issue 7: splitserve with CUDA graphs, splitserve eager and transformers'
+"""The GPU benchmark: splitserve with CUDA graphs, splitserve eager and transformers'
 `generate`, on random bf16 weights of SantaCoder's or StarCoder's shape, against the bounds of
 the card they run on, all measured in one process.
 
@@ -12,7 +12,7 @@ to every row:
   forward's FLOPs (matrix products and causal attention) / the rate of a large bf16 matrix
   product measured in this run. `bound` says which.
 The document also holds the measured `bandwidth_gb_s`, `matmul_tflop_s`, each decode engine's graph
-capture time, and `targets`: issue 7's targets with the measured values.
+capture time, and `targets`: the GPU targets (`targets()` below) with the measured values.
 
 Points run in order of importance (the targets' first). Each one is written to the JSON as soon as
 it is measured, and a point that would start after --deadline seconds is listed under `skipped`
@@ -302,7 +302,7 @@ def find(results: list[dict], **match) -> dict | None:
 
 
 def targets(shape: str, results: list[dict]) -> list[dict]:
-    """Issue 7's targets (H100; the same ratios on H200) with what this run measured."""
+    """The GPU targets (H100; the same ratios on H200) with what this run measured."""
     def decode_row(b: int, system: str, graphs: bool):
         return find(results, phase="decode", curve="batch", batch_size=b, system=system, graphs=graphs)
 

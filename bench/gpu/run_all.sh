@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU validation of issue 7, for a fresh H100/H200 machine with PyTorch 2.11, transformers and
+# The GPU validation, for a fresh H100/H200 machine with PyTorch 2.11, transformers and
 # no network. Each STEP fits one 10-minute device command and sets itself up, so it also runs on
 # a machine that was handed back and started anew in between (docs/gpu.md):
 #
