@@ -14,9 +14,11 @@ from typing import Any, Literal
 
 MAX_TOP_N = 5  # alternatives per generated token (top_n_tokens, OpenAI's logprobs)
 MAX_STOP_SEQUENCES = 4  # stop strings, as TGI allows
-# Stop token ids of one request: the decode worker keeps a fixed table of this many per slot, so
-# that stop checks are one tensor comparison per step.
+# Stop token ids a client may give; the server may add its own (a fill-in-the-middle format's end
+# tokens) up to STOP_IDS_PER_REQUEST. The decode worker keeps a fixed table of that many per slot,
+# beside the model's end-of-sequence ids, so that stop checks are one tensor comparison per step.
 MAX_STOP_TOKEN_IDS = 8
+STOP_IDS_PER_REQUEST = 16
 # Seeds are int64 on the workers and must stay non-negative: [0, 2**63).
 SEED_LIMIT = 1 << 63
 # Sampling parameters are float32 and int64 tensors on the workers; what does not fit there is
