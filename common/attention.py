@@ -2,8 +2,12 @@
 
 Prefill picks, once, the fastest kernel the process has: the `flash-attn` package's
 varlen kernel, PyTorch's bundled FlashAttention varlen op on CUDA, else SDPA per prompt (CPU).
-Decode always uses batched matmuls over the pool's contiguous slot prefix: with multi-query
-attention `q @ kᵀ` is one batched GEMM per layer and the cache is read in place.
+Decode always uses batched matmuls over the pool's contiguous slot prefix: the G query heads of
+each key/value head make one row block, so `q @ kᵀ` is one batched GEMM per layer and the cache
+is read in place, without repeating K/V per query head.
+
+A sliding window of W keys (StarCoder2, Mistral, some Qwen layers) lets a token at position p
+attend keys p - W + 1 ... p; window 0 means every earlier key.
 """
 
 from __future__ import annotations
@@ -17,30 +21,46 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-# (q [T, H, D], k [T, KVH, D], v [T, KVH, D], cu_seqlens int32 [B+1], seqlens, max_seqlen, scale)
-#   -> [T, H, D]
+# (q [T, H, D], k [T, KVH, D], v [T, KVH, D], cu_seqlens int32 [B+1], seqlens, max_seqlen, scale,
+#  window) -> [T, H, D]
 PrefillAttention = Callable[..., torch.Tensor]
 
 
-def sdpa_prefill(q, k, v, cu_seqlens, seqlens: list[int], max_seqlen: int, scale: float) -> torch.Tensor:
+def sdpa_prefill(q, k, v, cu_seqlens, seqlens: list[int], max_seqlen: int, scale: float,
+                 window: int = 0) -> torch.Tensor:
     """One causal SDPA call per prompt: the CPU twin of the varlen kernels."""
     out = torch.empty_like(q)  # [T, H, D]
     heads = q.shape[1]
     start = 0
     for n in seqlens:
         end = start + n
-        # 4-D with K/V expanded to every head (a view): on the CPU this takes SDPA's fused
-        # kernel, several times faster than its enable_gqa path for multi-query attention.
+        # 4-D with K/V repeated for every query head of a group (a view for multi-query): on the
+        # CPU this takes SDPA's fused kernel, several times faster than its enable_gqa path.
         o = F.scaled_dot_product_attention(
             q[start:end].transpose(0, 1)[None],  # [1, H, n, D]
-            k[start:end].transpose(0, 1)[None].expand(1, heads, n, -1),
-            v[start:end].transpose(0, 1)[None].expand(1, heads, n, -1),
-            is_causal=True,
+            _per_query_head(k[start:end], heads),
+            _per_query_head(v[start:end], heads),
+            attn_mask=window_mask(n, window, q.device) if 0 < window < n else None,
+            is_causal=not 0 < window < n,
             scale=scale,
         )
         out[start:end] = o[0].transpose(0, 1)
         start = end
     return out
+
+
+def _per_query_head(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[n, KVH, D] -> [1, H, n, D]: each key/value head repeated for the G query heads it serves."""
+    n, kv_heads, d = x.shape
+    x = x.transpose(0, 1)[:, None].expand(kv_heads, heads // kv_heads, n, d)  # [KVH, G, n, D]
+    return x.reshape(1, heads, n, d) if kv_heads > 1 else x.view(1, heads, n, d)
+
+
+def window_mask(n: int, window: int, device) -> torch.Tensor:
+    """[n, n] bool, True where query i may attend key j: j <= i and i - j < window."""
+    i = torch.arange(n, device=device)
+    distance = i[:, None] - i[None, :]
+    return (distance >= 0) & (distance < window)
 
 
 def _flash_attn_prefill() -> PrefillAttention | None:
@@ -49,10 +69,11 @@ def _flash_attn_prefill() -> PrefillAttention | None:
     except ImportError:
         return None
 
-    def prefill(q, k, v, cu_seqlens, seqlens, max_seqlen, scale):
+    def prefill(q, k, v, cu_seqlens, seqlens, max_seqlen, scale, window=0):
         # flash-attn takes fewer K/V heads than query heads natively (MQA/GQA).
         return flash_attn_varlen_func(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=True
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=True,
+            window_size=(window - 1 if window else -1, 0),
         )
 
     return prefill
@@ -72,16 +93,18 @@ def _torch_varlen_prefill() -> PrefillAttention | None:
         varlen_attn = None
     if varlen_attn is not None and "enable_gqa" in inspect.signature(varlen_attn).parameters:
 
-        def prefill(q, k, v, cu_seqlens, seqlens, max_seqlen, scale):
+        def prefill(q, k, v, cu_seqlens, seqlens, max_seqlen, scale, window=0):
             return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale,
-                               window_size=(-1, 0), enable_gqa=k.shape[1] != q.shape[1])
+                               window_size=(window - 1 if window else -1, 0), enable_gqa=k.shape[1] != q.shape[1])
 
         return prefill
 
-    def prefill(q, k, v, cu_seqlens, seqlens, max_seqlen, scale):
+    def prefill(q, k, v, cu_seqlens, seqlens, max_seqlen, scale, window=0):
         # (q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, return_debug_mask) -> (out, lse, ...)
         return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                                       0.0, True, False, scale=scale)[0]
+                                                       0.0, True, False, scale=scale,
+                                                       window_size_left=window - 1 if window else -1,
+                                                       window_size_right=0)[0]
 
     return prefill
 
@@ -98,13 +121,24 @@ def choose_prefill_attention(device: torch.device) -> tuple[str, PrefillAttentio
 
 
 def decode_mask(positions: torch.Tensor, key_len: int, kv_heads: int, dtype: torch.dtype,
-                key_index: torch.Tensor | None = None) -> torch.Tensor:
-    """Additive mask hiding each row's keys past its own position (the key bucket's tail).
+                key_index: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
+    """Additive mask hiding each row's keys past its own position (the key bucket's tail) and, with
+    a window, those W or more positions back.
 
     positions [B] -> [B * KVH, 1, key_len]. key_index: a cached arange of at least key_len.
     """
     if key_index is None:
         key_index = torch.arange(key_len, device=positions.device)
-    hidden = key_index[:key_len] > positions[:, None, None]  # [B, 1, key_len]
+    keys, at = key_index[:key_len], positions[:, None, None]
+    hidden = keys > at  # [B, 1, key_len]
+    if window:
+        hidden |= keys <= at - window
     mask = torch.zeros(hidden.shape, dtype=dtype, device=positions.device).masked_fill_(hidden, float("-inf"))
     return mask.repeat_interleave(kv_heads, 0) if kv_heads > 1 else mask
+
+
+def decode_masks(positions: torch.Tensor, key_len: int, kv_heads: int, dtype: torch.dtype, key_index: torch.Tensor,
+                 windows: tuple[int, ...]) -> list[torch.Tensor]:
+    """decode_mask for each layer's window, each distinct window made once."""
+    made = {window: decode_mask(positions, key_len, kv_heads, dtype, key_index, window) for window in set(windows)}
+    return [made[window] for window in windows]

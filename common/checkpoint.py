@@ -1,4 +1,4 @@
-"""Load and save GPTBigCode weights as safetensors, in the Hugging Face layout.
+"""Load and save model weights as safetensors, in the Hugging Face layout of each family.
 
 Only safetensors are read: a pickle checkpoint (`pytorch_model.bin`) can run
 arbitrary code when loaded. Tensors are read one at a time and converted to the
@@ -22,20 +22,21 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from .families import checkpoint_shapes, family_of
 from .model_config import ModelConfig
 
 log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-PREFIX = "transformer."
-LM_HEAD = "lm_head.weight"
+LM_HEAD = "lm_head.weight"  # outside the base model's prefix in every family
 
 # Below this a progress bar is noise; above it loading takes long enough to want one.
 AUTO_PROGRESS_BYTES = 256 * 2**20
 
-# Old checkpoints store the causal-mask buffers of each layer; we build our own mask.
-_MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(masked_)?bias")
+# Buffers some checkpoints store beside the weights, which we compute ourselves: GPTBigCode's
+# causal masks, old Llama-shaped checkpoints' rotary frequencies.
+_BUFFER = re.compile(r"h\.\d+\.attn\.(masked_)?bias|layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
@@ -48,32 +49,6 @@ class CheckpointError(ValueError):
 class _Source:
     path: Path
     key: str  # the name as stored in the file
-
-
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Canonical parameter names (no `transformer.` prefix) -> torch shape."""
-    e, i, qkv = config.n_embd, config.n_inner, config.n_embd + 2 * config.kv_dim
-    shapes = {"wte.weight": (config.vocab_size, e), "wpe.weight": (config.n_positions, e)}
-    for layer in range(config.n_layer):
-        p = f"h.{layer}."
-        shapes |= {
-            p + "ln_1.weight": (e,),
-            p + "ln_1.bias": (e,),
-            p + "attn.c_attn.weight": (qkv, e),  # q, then k and v of kv_dim each
-            p + "attn.c_attn.bias": (qkv,),
-            p + "attn.c_proj.weight": (e, e),
-            p + "attn.c_proj.bias": (e,),
-            p + "ln_2.weight": (e,),
-            p + "ln_2.bias": (e,),
-            p + "mlp.c_fc.weight": (i, e),
-            p + "mlp.c_fc.bias": (i,),
-            p + "mlp.c_proj.weight": (e, i),
-            p + "mlp.c_proj.bias": (e,),
-        }
-    shapes |= {"ln_f.weight": (e,), "ln_f.bias": (e,)}
-    if not config.tie_word_embeddings:
-        shapes[LM_HEAD] = (config.vocab_size, e)
-    return shapes
 
 
 def load_weights(
@@ -91,8 +66,8 @@ def load_weights(
     if not dtype.is_floating_point:
         raise ValueError(f"weights can only be loaded as a floating dtype, not {dtype}")
     files = _checkpoint_files(Path(model_dir))
-    shapes = expected_shapes(config)
-    sources = _plan(files, shapes)
+    shapes = checkpoint_shapes(config)
+    sources = _plan(files, shapes, family_of(config.model_type).PREFIX)
     _check_complete(Path(model_dir), shapes, sources)
 
     if progress is None:
@@ -110,8 +85,10 @@ def load_weights(
     return {name: weights[name] for name in shapes}
 
 
-def save_weights(weights: dict[str, torch.Tensor], model_dir: str | Path, max_shard_bytes: int | None = None) -> None:
-    """Write canonical-named `weights` as a Hugging Face safetensors checkpoint.
+def save_weights(weights: dict[str, torch.Tensor], model_dir: str | Path, prefix: str,
+                 max_shard_bytes: int | None = None) -> None:
+    """Write canonical-named `weights` as a Hugging Face safetensors checkpoint, the base model's
+    tensors under `prefix` (the family's: "transformer." for GPTBigCode).
 
     One `model.safetensors`, or when it would exceed `max_shard_bytes`, numbered
     shards plus `model.safetensors.index.json`. Checkpoint files of an earlier save
@@ -121,7 +98,7 @@ def save_weights(weights: dict[str, torch.Tensor], model_dir: str | Path, max_sh
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     _remove_checkpoint_files(model_dir)
-    tensors = {(k if k == LM_HEAD else PREFIX + k): v.contiguous() for k, v in weights.items()}
+    tensors = {(k if k == LM_HEAD else prefix + k): v.contiguous() for k, v in weights.items()}
     shards = _split_shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         save_file(tensors, model_dir / SINGLE_FILE, metadata={"format": "pt"})
@@ -152,7 +129,7 @@ def _checkpoint_files(model_dir: Path) -> list[Path]:
         f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir}{found}. Only safetensors checkpoints are "
         "loaded: .bin/pickle checkpoints can run arbitrary code when unpickled, so they are not "
         "loaded for safety. Convert once with safetensors, e.g. in Python: "
-        "GPTBigCodeForCausalLM.from_pretrained(d).save_pretrained(d)"
+        "AutoModelForCausalLM.from_pretrained(d).save_pretrained(d)"
     )
 
 
@@ -179,7 +156,7 @@ def _open(path: Path) -> Iterator:
         raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None
 
 
-def _plan(files: list[Path], shapes: dict[str, tuple[int, ...]]) -> dict[str, _Source]:
+def _plan(files: list[Path], shapes: dict[str, tuple[int, ...]], prefix: str) -> dict[str, _Source]:
     """Find each expected tensor in the file headers and check its shape and dtype.
 
     The files themselves are searched rather than trusting the index's weight_map,
@@ -189,7 +166,7 @@ def _plan(files: list[Path], shapes: dict[str, tuple[int, ...]]) -> dict[str, _S
     for path in files:
         with _open(path) as f:
             for key in f.keys():
-                name = key.removeprefix(PREFIX)
+                name = key.removeprefix(prefix)
                 if name not in shapes:
                     _note_ignored(name, key, path)
                     continue
@@ -202,7 +179,7 @@ def _plan(files: list[Path], shapes: dict[str, tuple[int, ...]]) -> dict[str, _S
 
 def _note_ignored(name: str, key: str, path: Path) -> None:
     # A tied lm_head and causal-mask buffers are expected leftovers; anything else may hint at a wrong model.
-    if name != LM_HEAD and not _MASK_BUFFER.fullmatch(name):
+    if name != LM_HEAD and not _BUFFER.fullmatch(name):
         log.debug("ignoring unexpected tensor %s in %s", key, path)
 
 

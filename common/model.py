@@ -1,9 +1,12 @@
-"""GPTBigCode forward passes as plain functions over a tuple of weight tensors.
+"""Every family's forward pass, as plain functions over one weights structure.
 
-No `nn.Module` on the call path: module `__call__` hooks and attribute
-lookups cost more than the matrix products of a small model's decode step. Shapes:
-T packed prompt tokens, B decode rows, E = n_embd, H heads, KVH key/value heads (1 for
-multi-query), D head dim, S slots, L slot length, V vocabulary.
+No `nn.Module` on the call path: module `__call__` hooks and attribute lookups cost more than the
+matrix products of a small model's decode step. A family (common/families/) decides which blocks a
+layer has: LayerNorm or RMSNorm, learned positions or rotary ones, multi-query, grouped-query or
+multi-head attention with an optional sliding window, q/k norms, a plain or a gated MLP, biases.
+Shapes: T packed prompt tokens, B decode rows, E = n_embd, H query heads, KVH key/value heads,
+G = H / KVH, D head dim, Q = H * D, KV = KVH * D, I the MLP width, S slots, L slot length,
+V vocabulary.
 """
 
 from __future__ import annotations
@@ -15,91 +18,83 @@ import torch
 import torch.nn.functional as F
 
 from .attention import PrefillAttention
+from .blocks import ACTIVATION_FNS, norm, rope_tables, rotate
+from .families import layer_tensors, top_tensors
 from .model_config import ModelConfig
 
 
 class Layer(NamedTuple):
     """Linear weights are held transposed ([in, out] views of the checkpoint's [out, in]), so
-    `torch.addmm(b, x, w_t)` is F.linear(x, w, b) without the per-call transpose and wrapper."""
+    `torch.addmm(b, x, w_t)` is F.linear(x, w, b) without the per-call transpose and wrapper.
+    A bias or norm a family does not have is None."""
 
-    ln1_w: torch.Tensor
-    ln1_b: torch.Tensor
-    qkv_wt: torch.Tensor  # [E, E + 2*KVH*D], columns ordered q heads | k heads | v heads
-    qkv_b: torch.Tensor
-    proj_wt: torch.Tensor  # [E, E]
-    proj_b: torch.Tensor
-    ln2_w: torch.Tensor
-    ln2_b: torch.Tensor
-    fc_wt: torch.Tensor  # [E, n_inner]
-    fc_b: torch.Tensor
-    out_wt: torch.Tensor  # [n_inner, E]
-    out_b: torch.Tensor
+    norm1_w: torch.Tensor
+    norm1_b: torch.Tensor | None  # LayerNorm's; RMSNorm has none
+    qkv_wt: torch.Tensor  # [E, Q + 2*KV], columns q heads | k heads | v heads
+    qkv_b: torch.Tensor | None
+    q_norm_w: torch.Tensor | None  # [D], RMSNorm over each query head (Qwen3)
+    k_norm_w: torch.Tensor | None
+    out_wt: torch.Tensor  # [Q, E]
+    out_b: torch.Tensor | None
+    norm2_w: torch.Tensor
+    norm2_b: torch.Tensor | None
+    up_wt: torch.Tensor  # [E, I], or [E, 2*I] with columns gate | up for a gated MLP
+    up_b: torch.Tensor | None
+    down_wt: torch.Tensor  # [I, E]
+    down_b: torch.Tensor | None
+    window: int  # attend only the last `window` keys; 0: every key
 
 
 class ModelWeights(NamedTuple):
     cfg: ModelConfig
     wte: torch.Tensor  # [V, E]
-    wpe: torch.Tensor  # [n_positions, E]
+    wpe: torch.Tensor | None  # [n_positions, E], learned positions (GPTBigCode)
     layers: tuple[Layer, ...]
-    lnf_w: torch.Tensor
-    lnf_b: torch.Tensor
+    normf_w: torch.Tensor
+    normf_b: torch.Tensor | None
     lm_head_t: torch.Tensor  # [E, V]; a view of wte when tied
     act: Callable[[torch.Tensor], torch.Tensor]
     upcast_softmax: bool  # half precision scores are softmaxed in fp32, as transformers does
-
-
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-ACT_FNS = {"gelu_tanh": _gelu_tanh, "gelu": F.gelu, "relu": F.relu}
-
-
-def _heads_first_qkv(w: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """Multi-head c_attn interleaves [q_h, k_h, v_h] per head; regroup rows as q | k | v.
-
-    Done once at load so that one split serves multi-query and multi-head alike.
-    """
-    if cfg.multi_query:
-        return w
-    h, d = cfg.n_head, cfg.head_dim
-    rest = w.shape[1:]
-    return w.reshape(h, 3, d, *rest).transpose(0, 1).reshape(3 * h * d, *rest).contiguous()
+    rope_cos: torch.Tensor | None  # [n_positions, D / 2], rotary embeddings
+    rope_sin: torch.Tensor | None
 
 
 def prepare_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> ModelWeights:
-    """Turn loader names (`h.0.attn.c_attn.weight`, ...) into the tuples the forward uses."""
+    """Turn a checkpoint's tensors (names less the family's prefix) into what the forward uses:
+    q/k/v and gate/up fused, linear weights transposed, rotary tables made."""
+    get = weights.__getitem__
     layers = []
     for i in range(cfg.n_layer):
-        p = f"h.{i}."
-        layers.append(
-            Layer(
-                weights[p + "ln_1.weight"],
-                weights[p + "ln_1.bias"],
-                _heads_first_qkv(weights[p + "attn.c_attn.weight"], cfg).t(),
-                _heads_first_qkv(weights[p + "attn.c_attn.bias"], cfg),
-                weights[p + "attn.c_proj.weight"].t(),
-                weights[p + "attn.c_proj.bias"],
-                weights[p + "ln_2.weight"],
-                weights[p + "ln_2.bias"],
-                weights[p + "mlp.c_fc.weight"].t(),
-                weights[p + "mlp.c_fc.bias"],
-                weights[p + "mlp.c_proj.weight"].t(),
-                weights[p + "mlp.c_proj.bias"],
-            )
-        )
-    wte = weights["wte.weight"]
+        t = layer_tensors(get, cfg, i)
+        layers.append(Layer(
+            *t["norm1"], t["qkv"][0].t(), t["qkv"][1], t["q_norm"], t["k_norm"], t["out"][0].t(), t["out"][1],
+            *t["norm2"], t["up"][0].t(), t["up"][1], t["down"][0].t(), t["down"][1], cfg.windows[i],
+        ))
+    top = top_tensors(get, cfg)
+    wte = top["embed"]
+    tables = rope_tables(cfg, wte.dtype, wte.device)
     return ModelWeights(
-        cfg=cfg,
-        wte=wte,
-        wpe=weights["wpe.weight"],
-        layers=tuple(layers),
-        lnf_w=weights["ln_f.weight"],
-        lnf_b=weights["ln_f.bias"],
-        lm_head_t=(wte if cfg.tie_word_embeddings else weights["lm_head.weight"]).t(),
-        act=ACT_FNS[cfg.activation],
-        upcast_softmax=wte.dtype != torch.float32,
+        cfg=cfg, wte=wte, wpe=top["positions"], layers=tuple(layers), normf_w=top["final_norm"][0],
+        normf_b=top["final_norm"][1], lm_head_t=top["lm_head"].t(), act=ACTIVATION_FNS[cfg.activation],
+        upcast_softmax=wte.dtype != torch.float32, rope_cos=tables[0] if tables else None,
+        rope_sin=tables[1] if tables else None,
     )
+
+
+def linear(x: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.mm(x, wt, out=out) if b is None else torch.addmm(b, x, wt, out=out)
+
+
+def mlp(w: ModelWeights, layer: Layer, x: torch.Tensor, up: torch.Tensor | None = None,
+        inner: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, E] -> [N, E]; `up` [N, I or 2*I], `inner` [N, I] and `out` [N, E]: buffers to write."""
+    hidden = linear(x, layer.up_wt, layer.up_b, out=up)
+    if w.cfg.mlp == "gated":
+        n = w.cfg.n_inner
+        hidden = torch.mul(w.act(hidden[:, :n]), hidden[:, n:], out=inner)
+    else:
+        hidden = w.act(hidden)
+    return linear(hidden, layer.down_wt, layer.down_b, out=out)
 
 
 def prefill(
@@ -117,30 +112,36 @@ def prefill(
     logprobs ask for every position of some prompts). Other positions never reach the LM head.
     """
     cfg = w.cfg
-    e, kvd, kvh, d, eps = cfg.n_embd, cfg.kv_dim, cfg.kv_heads, cfg.head_dim, cfg.layer_norm_epsilon
+    q_dim, kv_dim, kvh, d, eps = cfg.q_dim, cfg.kv_dim, cfg.kv_heads, cfg.head_dim, cfg.layer_norm_epsilon
     t = input_ids.shape[0]
     seq_ends = torch.tensor(seqlens, dtype=torch.int32).cumsum(0)
     cu_seqlens = F.pad(seq_ends, (1, 0)).to(input_ids.device, torch.int32)  # [B+1]
     max_seqlen = max(seqlens)
-    h = torch.embedding(w.wte, input_ids) + torch.embedding(w.wpe, positions)  # [T, E]
-    for i, (ln1_w, ln1_b, qkv_wt, qkv_b, proj_wt, proj_b, ln2_w, ln2_b, fc_wt, fc_b, out_wt, out_b) in enumerate(
-        w.layers
-    ):
-        x = torch.layer_norm(h, (e,), ln1_w, ln1_b, eps)
-        qkv = torch.addmm(qkv_b, x, qkv_wt)  # [T, E + 2*KVH*D]
-        q = qkv[:, :e].view(t, cfg.n_head, d)
-        k = qkv[:, e : e + kvd].view(t, kvh, d)
-        v = qkv[:, e + kvd :].view(t, kvh, d)
+    h = torch.embedding(w.wte, input_ids)  # [T, E]
+    if w.wpe is not None:
+        h = h + torch.embedding(w.wpe, positions)
+    rope = w.rope_cos is not None
+    if rope:
+        cos, sin = w.rope_cos[positions][:, None], w.rope_sin[positions][:, None]  # [T, 1, D/2]
+    for i, layer in enumerate(w.layers):
+        x = norm(h, layer.norm1_w, layer.norm1_b, eps)
+        qkv = linear(x, layer.qkv_wt, layer.qkv_b)  # [T, Q + 2*KV]
+        q = qkv[:, :q_dim].view(t, cfg.n_head, d)
+        k = qkv[:, q_dim : q_dim + kv_dim].view(t, kvh, d)
+        v = qkv[:, q_dim + kv_dim :].view(t, kvh, d)
+        if layer.q_norm_w is not None:
+            q, k = torch.rms_norm(q, (d,), layer.q_norm_w, eps), torch.rms_norm(k, (d,), layer.k_norm_w, eps)
+        if rope:
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if kv_out is not None:
-            kv_out[i, :, :t] = qkv[:, e:].view(t, 2, kvh, d).transpose(0, 1)
-        a = attn(q, k, v, cu_seqlens, seqlens, max_seqlen, cfg.attn_scale)  # [T, H, D]
-        h = h + torch.addmm(proj_b, a.reshape(t, e), proj_wt)
-        x = torch.layer_norm(h, (e,), ln2_w, ln2_b, eps)
-        h = h + torch.addmm(out_b, w.act(torch.addmm(fc_b, x, fc_wt)), out_wt)
-    # Gather before ln_f and the LM head, so unwanted positions cost nothing there.
+            kv_out[i, 0, :t] = k
+            kv_out[i, 1, :t] = v
+        a = attn(q, k, v, cu_seqlens, seqlens, max_seqlen, cfg.attn_scale, layer.window)  # [T, H, D]
+        h = h + linear(a.reshape(t, q_dim), layer.out_wt, layer.out_b)
+        h = h + mlp(w, layer, norm(h, layer.norm2_w, layer.norm2_b, eps))
+    # Gather before the final norm and the LM head, so unwanted positions cost nothing there.
     h = h[cu_seqlens[1:].long() - 1 if logit_index is None else logit_index]  # [B or R, E]
-    h = torch.layer_norm(h, (e,), w.lnf_w, w.lnf_b, eps)
-    return torch.mm(h, w.lm_head_t)
+    return torch.mm(norm(h, w.normf_w, w.normf_b, eps), w.lm_head_t)
 
 
 # Decode attention over fewer scores than this runs on one CPU thread: MKL's batched GEMM and the
@@ -160,22 +161,26 @@ class DecodeBuffers(NamedTuple):
     keys_t: list[torch.Tensor]  # per layer [B*KVH, D, key_len], transposed views for q @ kᵀ
     values: list[torch.Tensor]  # per layer [B*KVH, key_len, D]
     h: torch.Tensor  # [B, E], the residual stream
-    qkv: torch.Tensor  # [B, E + 2*KVH*D]
-    q: torch.Tensor | None  # [B*KVH, G, D], a view of qkv; None where it cannot be one (KVH > 1)
-    new_kv: torch.Tensor | None  # [2, B*KVH, D], a view of qkv; likewise
+    qkv: torch.Tensor  # [B, Q + 2*KV]
+    # [B*KVH, G, D] and the new K/V [2, B*KVH, D]: with rotary embeddings, buffers they are rotated
+    # into; without, views of qkv where those can be (multi-query), else None (split per layer).
+    q: torch.Tensor | None
+    new_kv: torch.Tensor | None
     scores: torch.Tensor  # [B*KVH, G, key_len]
     attn: torch.Tensor  # [B*KVH, G, D]
-    attn_rows: torch.Tensor  # [B, E]: attn's memory
-    inner: torch.Tensor  # [B, n_inner]
+    attn_rows: torch.Tensor  # [B, Q]: attn's memory
+    up: torch.Tensor  # [B, I] or [B, 2*I]
+    inner: torch.Tensor  # [B, I]: a gated MLP's product
     out: torch.Tensor  # [B, E]: each sublayer's output before it joins h
     logits: torch.Tensor  # [B, V]
 
 
 def _scratch_widths(cfg: ModelConfig, slot_len: int) -> tuple[int, ...]:
-    """Elements per row of each scratch piece, in DecodeBuffers' order from h on (q, new_kv and
-    attn_rows are views of other pieces)."""
-    e = cfg.n_embd
-    return e, e + 2 * cfg.kv_dim, cfg.n_head * slot_len, e, cfg.n_inner, e, cfg.vocab_size
+    """Elements per row of each scratch piece: h, qkv, rotated q, new K/V, scores, attn, up, inner,
+    out, logits."""
+    e, q, kv, i = cfg.n_embd, cfg.q_dim, cfg.kv_dim, cfg.n_inner
+    gated = cfg.mlp == "gated"
+    return e, q + 2 * kv, q, 2 * kv, cfg.n_head * slot_len, q, (2 if gated else 1) * i, i if gated else 0, e, cfg.vocab_size
 
 
 def decode_scratch(cfg: ModelConfig, kv: torch.Tensor) -> torch.Tensor:
@@ -196,24 +201,31 @@ def decode_buffers(cfg: ModelConfig, kv: torch.Tensor, scratch: torch.Tensor, b:
     write = [layer.view(2, s * kvh * length, d) for layer in kv]
     keys_t = [layer[0, :b, :, :key_len].view(b * kvh, key_len, d).transpose(1, 2) for layer in kv]
     values = [layer[1, :b, :, :key_len].view(b * kvh, key_len, d) for layer in kv]
-    e, g = cfg.n_embd, cfg.n_head // kvh
-    shapes = ((b, e), (b, e + 2 * cfg.kv_dim), (b * kvh, g, key_len), (b * kvh, g, d), (b, cfg.n_inner), (b, e),
-              (b, cfg.vocab_size))
+    e, g, i = cfg.n_embd, cfg.n_head // kvh, cfg.n_inner
+    shapes = ((b, e), (b, cfg.q_dim + 2 * cfg.kv_dim), (b * kvh, g, d), (2, b * kvh, d), (b * kvh, g, key_len),
+              (b * kvh, g, d), (b, (2 if cfg.mlp == "gated" else 1) * i), (b, i if cfg.mlp == "gated" else 0),
+              (b, e), (b, cfg.vocab_size))
     pieces, start = [], 0
     for width, shape in zip(_scratch_widths(cfg, length), shapes):
         pieces.append(scratch[start : start + math.prod(shape)].view(shape))
         start += _aligned(s * width)
-    h, qkv, scores, attn, inner, out, logits = pieces
-    q, new_kv = split_qkv(qkv, cfg) if kvh == 1 else (None, None)
-    return DecodeBuffers(write, keys_t, values, h, qkv, q, new_kv, scores, attn, attn.view(b, e), inner, out, logits)
+    h, qkv, q_rot, new_kv, scores, attn, up, inner, out, logits = pieces
+    if cfg.rope is not None:
+        q, new_kv = q_rot, new_kv
+    elif kvh == 1:
+        q, new_kv = split_qkv(qkv, cfg)
+    else:
+        q = new_kv = None
+    return DecodeBuffers(write, keys_t, values, h, qkv, q, new_kv, scores, attn, attn.view(b, cfg.q_dim), up, inner,
+                         out, logits)
 
 
 def split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """qkv [B, E + 2*KVH*D] -> q [B*KVH, G, D] and the new K/V [2, B*KVH, D]: views of qkv for
+    """qkv [B, Q + 2*KV] -> q [B*KVH, G, D] and the new K/V [2, B*KVH, D]: views of qkv for
     multi-query attention, copies otherwise."""
-    b, e, kvh, d = qkv.shape[0], cfg.n_embd, cfg.kv_heads, cfg.head_dim
-    q = qkv[:, :e].reshape(b * kvh, cfg.n_head // kvh, d)
-    new_kv = qkv[:, e:].view(b, 2, kvh * d).transpose(0, 1).reshape(2, b * kvh, d)
+    b, q_dim, kvh, d = qkv.shape[0], cfg.q_dim, cfg.kv_heads, cfg.head_dim
+    q = qkv[:, :q_dim].reshape(b * kvh, cfg.n_head // kvh, d)
+    new_kv = qkv[:, q_dim:].view(b, 2, kvh * d).transpose(0, 1).reshape(2, b * kvh, d)
     return q, new_kv
 
 
@@ -234,7 +246,7 @@ def decode_step(
     positions: torch.Tensor,  # [B] int64: that token's position (= keys already cached)
     bufs: DecodeBuffers,  # for this B and key_len; the pool is written in place
     write_index: torch.Tensor,  # [B*KVH] from decode_write_index
-    mask: torch.Tensor,  # [B*KVH, 1, key_len] additive, from attention.decode_mask
+    masks: list[torch.Tensor],  # per layer [B*KVH, 1, key_len] additive, from attention.decode_masks
 ) -> torch.Tensor:
     """One token for each of the first B slots of the pool; returns logits [B, V] (bufs.logits).
 
@@ -242,19 +254,34 @@ def decode_step(
     the Python wrappers, views and allocations cost as much as the layers' matrix products.
     """
     cfg = w.cfg
-    e, eps, scale, upcast = cfg.n_embd, cfg.layer_norm_epsilon, cfg.attn_scale, w.upcast_softmax
-    h, qkv, q, new_kv, scores, attn, inner, out = (bufs.h, bufs.qkv, bufs.q, bufs.new_kv, bufs.scores, bufs.attn,
-                                                   bufs.inner, bufs.out)
+    eps, scale, upcast = cfg.layer_norm_epsilon, cfg.attn_scale, w.upcast_softmax
+    b, q_dim, kv_dim, d = input_ids.shape[0], cfg.q_dim, cfg.kv_dim, cfg.head_dim
+    h, qkv, q, new_kv, scores, attn, out = bufs.h, bufs.qkv, bufs.q, bufs.new_kv, bufs.scores, bufs.attn, bufs.out
     threads = torch.get_num_threads()
     serial = threads > 1 and scores.is_cpu and scores.numel() < SERIAL_ATTENTION_SCORES
-    torch.add(torch.embedding(w.wte, input_ids), torch.embedding(w.wpe, positions), out=h)  # [B, E]
+    torch.index_select(w.wte, 0, input_ids, out=h)  # [B, E]
+    rope = w.rope_cos is not None
+    if rope:
+        cos, sin = w.rope_cos[positions][:, None], w.rope_sin[positions][:, None]  # [B, 1, D/2]
+        q_rot, k_rot = q.view(b, cfg.n_head, d), new_kv[0].view(b, cfg.kv_heads, d)
+        v_new = new_kv[1].view(b, cfg.kv_heads, d)
+    else:
+        if w.wpe is not None:
+            h.add_(torch.embedding(w.wpe, positions))
     try:
-        for (ln1_w, ln1_b, qkv_wt, qkv_b, proj_wt, proj_b, ln2_w, ln2_b, fc_wt, fc_b, out_wt, out_b), write, keys_t, values in zip(
-            w.layers, bufs.write, bufs.keys_t, bufs.values
-        ):
-            x = torch.layer_norm(h, (e,), ln1_w, ln1_b, eps)
-            torch.addmm(qkv_b, x, qkv_wt, out=qkv)  # [B, E + 2*KVH*D]
-            if bufs.q is None:
+        for layer, write, keys_t, values, mask in zip(w.layers, bufs.write, bufs.keys_t, bufs.values, masks):
+            x = norm(h, layer.norm1_w, layer.norm1_b, eps)
+            linear(x, layer.qkv_wt, layer.qkv_b, out=qkv)  # [B, Q + 2*KV]
+            if rope:
+                q_new = qkv[:, :q_dim].view(b, cfg.n_head, d)
+                k_new = qkv[:, q_dim : q_dim + kv_dim].view(b, cfg.kv_heads, d)
+                if layer.q_norm_w is not None:
+                    q_new = torch.rms_norm(q_new, (d,), layer.q_norm_w, eps)
+                    k_new = torch.rms_norm(k_new, (d,), layer.k_norm_w, eps)
+                rotate(q_new, cos, sin, out=q_rot)
+                rotate(k_new, cos, sin, out=k_rot)
+                v_new.copy_(qkv[:, q_dim + kv_dim :].view(b, cfg.kv_heads, d))
+            elif bufs.q is None:
                 q, new_kv = split_qkv(qkv, cfg)
             write.index_copy_(1, write_index, new_kv)
             if serial:
@@ -267,11 +294,10 @@ def decode_step(
             torch.bmm(probs, values, out=attn)  # [B*KVH, G, D]
             if serial:
                 torch.set_num_threads(threads)
-            h.add_(torch.addmm(proj_b, bufs.attn_rows, proj_wt, out=out))
-            x = torch.layer_norm(h, (e,), ln2_w, ln2_b, eps)
-            h.add_(torch.addmm(out_b, w.act(torch.addmm(fc_b, x, fc_wt, out=inner)), out_wt, out=out))
+            h.add_(linear(bufs.attn_rows, layer.out_wt, layer.out_b, out=out))
+            x = norm(h, layer.norm2_w, layer.norm2_b, eps)
+            h.add_(mlp(w, layer, x, up=bufs.up, inner=bufs.inner, out=out))
     finally:  # a failed step must not leave the process on one thread
         if serial:
             torch.set_num_threads(threads)
-    x = torch.layer_norm(h, (e,), w.lnf_w, w.lnf_b, eps)
-    return torch.mm(x, w.lm_head_t, out=bufs.logits)
+    return torch.mm(norm(h, w.normf_w, w.normf_b, eps), w.lm_head_t, out=bufs.logits)

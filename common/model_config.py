@@ -1,119 +1,157 @@
-"""The shape of a GPTBigCode model, read from a Hugging Face `config.json`."""
+"""The shape of a model, read from a Hugging Face checkpoint's `config.json` (and the end-of-sequence
+ids of its `generation_config.json`). One ModelConfig describes every supported family; the family
+modules (common/families/) read their own fields, with transformers' defaults for the
+fields a config leaves out. Imports no torch: the gateway reads configs too.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-
-SUPPORTED_MODEL_TYPES = ("gpt_bigcode",)
-
-# Names transformers' ACT2FN accepts for GPTBigCode checkpoints, mapped to our kernels.
-ACTIVATIONS = {
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu_new": "gelu_tanh",
-    "gelu_fast": "gelu_tanh",
-    "gelu": "gelu",
-    "relu": "relu",
-}
+from typing import Literal
 
 
 class ModelConfigError(ValueError):
     """A config.json that does not describe a model we can run."""
 
 
+# transformers' activation names, as families spell them, mapped to our kernels.
+ACTIVATIONS = {
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu": "gelu",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+}
+
+
+@dataclass(frozen=True)
+class Rope:
+    """Rotary position embeddings: the frequencies of one scaling (`rope_type`) and its parameters,
+    as transformers' ROPE_INIT_FUNCTIONS compute them (common/blocks.py rope_tables)."""
+
+    rope_type: Literal["default", "linear", "dynamic", "llama3", "yarn"]
+    theta: float
+    factor: float = 1.0
+    original_max_positions: int = 0  # llama3, yarn, dynamic: the pretraining length
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn: the cos/sin scale; None: from factor and mscale
+    mscale: float = 0.0  # yarn
+    mscale_all_dim: float = 0.0  # yarn
+    truncate: bool = True  # yarn: round the correction range to whole dimensions
+
+
 @dataclass(frozen=True)
 class ModelConfig:
+    model_type: str
     vocab_size: int
-    n_positions: int
+    n_positions: int  # the longest sequence the model serves
     n_embd: int
     n_layer: int
     n_head: int
-    n_inner: int
-    multi_query: bool
-    activation: str  # one of ACTIVATIONS' values
+    kv_heads: int  # 1: multi-query; n_head: multi-head; between: grouped-query
+    head_dim: int
+    n_inner: int  # the MLP's hidden width
+    norm: Literal["layer", "rms"]  # LayerNorm with a bias, or RMSNorm
     layer_norm_epsilon: float
-    scale_attn_weights: bool
+    mlp: Literal["plain", "gated"]  # act(x W_fc) W_proj, or act(x W_gate) * (x W_up) W_down
+    activation: str  # one of ACTIVATIONS' values
+    qkv_bias: bool
+    out_bias: bool  # the attention output projection's
+    mlp_bias: bool
+    qk_norm: bool  # RMSNorm over each query and key head (Qwen3)
+    rope: Rope | None  # None: learned absolute positions (GPTBigCode)
+    windows: tuple[int, ...]  # per layer: attend only the last W keys (0: every key)
     tie_word_embeddings: bool
-    bos_token_id: int | None
-    eos_token_id: int | None
+    scale_attn_weights: bool = True
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()  # any of them ends a sequence
 
     @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def kv_heads(self) -> int:
-        return 1 if self.multi_query else self.n_head
+    def q_dim(self) -> int:
+        return self.n_head * self.head_dim
 
     @property
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
 
     @property
+    def multi_query(self) -> bool:
+        return self.kv_heads == 1
+
+    @property
     def attn_scale(self) -> float:
         return self.head_dim**-0.5 if self.scale_attn_weights else 1.0
 
     def num_params(self) -> int:
-        e, i = self.n_embd, self.n_inner
-        per_layer = 4 * e + (e + 1) * (e + 2 * self.kv_dim) + (e + 1) * e + (e + 1) * i + (i + 1) * e
+        e, i, q, kv = self.n_embd, self.n_inner, self.q_dim, self.kv_dim
+        norms = (2 if self.norm == "layer" else 1) * e
+        attn = e * (q + 2 * kv) + self.qkv_bias * (q + 2 * kv) + q * e + self.out_bias * e
+        mlp = (2 if self.mlp == "gated" else 1) * (e * i + self.mlp_bias * i) + i * e + self.mlp_bias * e
+        per_layer = 2 * norms + attn + mlp + self.qk_norm * 2 * self.head_dim
+        positions = self.n_positions * e if self.rope is None else 0
         head = 0 if self.tie_word_embeddings else self.vocab_size * e
-        return (self.vocab_size + self.n_positions) * e + self.n_layer * per_layer + 2 * e + head
+        return self.vocab_size * e + positions + self.n_layer * per_layer + norms + head
 
     def fingerprint(self, vocab_size: int) -> str:
         """Identifies the model shape and the tokenizer's vocabulary, so that processes can refuse a
         mismatched peer."""
-        blob = json.dumps([asdict(self), vocab_size], sort_keys=True)
+        blob = json.dumps([asdict(self), vocab_size], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def model_config_from_dict(raw: dict) -> ModelConfig:
-    model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelConfigError(
-            f"unsupported model_type {model_type!r}: splitserve runs {', '.join(SUPPORTED_MODEL_TYPES)} "
-            "checkpoints (SantaCoder, StarCoder and their relatives)"
-        )
-    if raw.get("add_cross_attention"):
-        raise ModelConfigError("GPTBigCode with cross-attention is not supported")
+def eos_ids(*values) -> tuple[int, ...]:
+    """The end-of-sequence ids named by config fields (an int, a list of ints, or None), each once."""
+    ids: list[int] = []
+    for value in values:
+        for i in value if isinstance(value, list) else [] if value is None else [value]:
+            if int(i) not in ids:
+                ids.append(int(i))
+    return tuple(ids)
+
+
+def model_config_from_dict(raw: dict, generation: dict | None = None) -> ModelConfig:
+    """`raw`: config.json; `generation`: generation_config.json, whose end-of-sequence ids stop a
+    sequence too."""
+    from .families import family_of  # the family table imports this module
+
+    if raw.get("quantization_config"):
+        method = raw["quantization_config"].get("quant_method", "?")
+        raise ModelConfigError(f"quantized checkpoints ({method}) are not supported: serve the unquantized weights "
+                               "(fp32, fp16 or bf16)")
+    family = family_of(raw.get("model_type"))
     try:
-        n_embd, n_head = int(raw["n_embd"]), int(raw["n_head"])
-        activation = raw.get("activation_function", "gelu_pytorch_tanh")
-        if activation not in ACTIVATIONS:
-            raise ModelConfigError(
-                f"unsupported activation_function {activation!r}; supported: {', '.join(ACTIVATIONS)}"
-            )
-        if n_embd % n_head:
-            raise ModelConfigError(f"n_embd ({n_embd}) is not divisible by n_head ({n_head})")
-        eos = raw.get("eos_token_id")
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
-        return ModelConfig(
-            vocab_size=int(raw["vocab_size"]),
-            n_positions=int(raw["n_positions"]),
-            n_embd=n_embd,
-            n_layer=int(raw["n_layer"]),
-            n_head=n_head,
-            n_inner=int(raw.get("n_inner") or 4 * n_embd),
-            multi_query=bool(raw.get("multi_query", True)),
-            activation=ACTIVATIONS[activation],
-            layer_norm_epsilon=float(raw.get("layer_norm_epsilon", 1e-5)),
-            scale_attn_weights=bool(raw.get("scale_attn_weights", True)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_id=eos,
-        )
+        cfg = family.config(raw)
     except KeyError as e:
         raise ModelConfigError(f"config.json lacks the field {e.args[0]!r}") from None
+    if cfg.n_head % cfg.kv_heads:
+        raise ModelConfigError(f"{cfg.n_head} attention heads are not divisible by {cfg.kv_heads} key/value heads")
+    eos = eos_ids(raw.get("eos_token_id"), (generation or {}).get("eos_token_id"))
+    return replace(cfg, eos_token_ids=eos, bos_token_id=raw.get("bos_token_id"))
 
 
 def load_model_config(model_dir: str | Path) -> ModelConfig:
-    path = Path(model_dir) / "config.json"
+    model_dir = Path(model_dir)
+    return model_config_from_dict(_read_json(model_dir / "config.json", required=True),
+                                  _read_json(model_dir / "generation_config.json", required=False))
+
+
+def _read_json(path: Path, required: bool) -> dict | None:
     if not path.is_file():
-        raise ModelConfigError(f"no config.json in {model_dir}")
+        if required:
+            raise ModelConfigError(f"no {path.name} in {path.parent}")
+        return None
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelConfigError(f"{path} is not valid JSON: {e}") from None
-    return model_config_from_dict(raw)
+    if not isinstance(raw, dict):
+        raise ModelConfigError(f"{path} holds no JSON object")
+    return raw

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import expected_shapes, save_weights
+from .checkpoint import save_weights
+from .families import checkpoint_shapes, gpt_bigcode
 from .model_config import model_config_from_dict
 from .tokenizer import write_tokenizer_files
 
@@ -23,7 +24,7 @@ def random_weights(hf_config: dict, seed: int, progress: bool = True) -> dict[st
     std = hf_config.get("initializer_range", 0.02)
     gen = torch.Generator().manual_seed(seed)
     weights = {}
-    for name, shape in tqdm(expected_shapes(cfg).items(), desc="creating weights", disable=not progress,
+    for name, shape in tqdm(checkpoint_shapes(cfg).items(), desc="creating weights", disable=not progress,
                             unit="tensor", leave=False):
         if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
             t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
@@ -40,5 +41,5 @@ def random_weights(hf_config: dict, seed: int, progress: bool = True) -> dict[st
 def write_random_checkpoint(out_dir: Path, hf_config: dict, seed: int, progress: bool = True) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    save_weights(random_weights(hf_config, seed, progress), out_dir)
+    save_weights(random_weights(hf_config, seed, progress), out_dir, gpt_bigcode.PREFIX)
     write_tokenizer_files(out_dir)

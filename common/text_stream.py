@@ -43,9 +43,9 @@ class TextStream:
         return ev
 
 
-def first_token_finish(request: GenerateRequest, token: int, eos: int | None) -> Finish:
-    """Token-level stop checks for the token sampled at prefill."""
-    if not request.ignore_eos and token == eos:
+def first_token_finish(request: GenerateRequest, token: int, eos: tuple[int, ...]) -> Finish:
+    """Token-level stop checks for the token sampled at prefill; `eos`: the model's end ids."""
+    if not request.ignore_eos and token in eos:
         return Finish.EOS
     if token in request.stop_token_ids:
         return Finish.STOP_TOKEN

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from splitserve.common.loading import LoadedModel
-from splitserve.common.params import MAX_STOP_TOKEN_IDS, Finish, SamplingParams
+from splitserve.common.params import STOP_IDS_PER_REQUEST, Finish, SamplingParams
 from splitserve.common.request import GenerateRequest
 from splitserve.common.sampling import (
     SampleOutput,
@@ -59,9 +59,11 @@ class DecodeEngine:
         self.positions = torch.zeros(num_slots, dtype=torch.long, device=dev)  # its position
         # Position of the last allowed token; free rows hold slot_len, so they never finish.
         self.end_pos = torch.full((num_slots,), slot_len, dtype=torch.long, device=dev)
-        # Column 0 holds the end-of-text id (-1 when ignored), the rest the request's stop ids.
-        self.stop_ids = torch.full((num_slots, 1 + MAX_STOP_TOKEN_IDS), -1, dtype=torch.long, device=dev)
-        self.stop_codes = torch.tensor([Finish.EOS] + [Finish.STOP_TOKEN] * MAX_STOP_TOKEN_IDS, device=dev)
+        # The first columns hold the model's end-of-sequence ids (-1 when ignored), the rest the
+        # request's stop ids; -1 pads.
+        eos = len(cfg.eos_token_ids)
+        self.stop_ids = torch.full((num_slots, eos + STOP_IDS_PER_REQUEST), -1, dtype=torch.long, device=dev)
+        self.stop_codes = torch.tensor([Finish.EOS] * eos + [Finish.STOP_TOKEN] * STOP_IDS_PER_REQUEST, device=dev)
         self.active = torch.zeros(num_slots, dtype=torch.long, device=dev)  # 0/1: added to positions
         self.sampling = SamplingTensors.empty(num_slots, dev)
         self.token_counts: torch.Tensor | None = None  # [S, V], made when a request needs penalties
@@ -91,17 +93,17 @@ class DecodeEngine:
         n = kv.shape[2]
         if n + request.max_new_tokens > self.slot_len:
             raise ValueError(f"{n} prompt + {request.max_new_tokens} new tokens exceed the slot length {self.slot_len}")
-        if len(request.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-            raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop token ids are supported")
+        if len(request.stop_token_ids) > STOP_IDS_PER_REQUEST:
+            raise ValueError(f"at most {STOP_IDS_PER_REQUEST} stop token ids are supported")
         slot = self.slots.take()
         self.kv[:, :, slot, :, :n].copy_(kv.transpose(2, 3))
         self.tokens[slot] = first_token
         self.positions[slot] = n
         # The first token (at position n) was the first of max_new_tokens.
         self.end_pos[slot] = min(n + request.max_new_tokens - 1, self.slot_len - 1)
-        eos = self.model.cfg.eos_token_id
-        stops = [-1 if request.ignore_eos or eos is None else eos, *request.stop_token_ids]
-        self.stop_ids[slot] = torch.tensor(stops + [-1] * (1 + MAX_STOP_TOKEN_IDS - len(stops)))
+        eos = self.model.cfg.eos_token_ids
+        stops = [*([-1] * len(eos) if request.ignore_eos else eos), *request.stop_token_ids]
+        self.stop_ids[slot] = torch.tensor(stops + [-1] * (self.stop_ids.shape[1] - len(stops)))
         self.sampling.set_row(slot, request.sampling)
         if self.sampling.any_penalty:
             self._init_counts(slot, request, first_token)

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from splitserve.common.attention import decode_mask
+from splitserve.common.attention import decode_masks
 from splitserve.common.model import (DecodeBuffers, ModelWeights, decode_buffers, decode_scratch, decode_step,
                                      decode_write_index, row_offsets)
 
@@ -117,8 +117,9 @@ class StepRunner:
         kvh = w.cfg.kv_heads
         positions = self.positions[:b]
         write_index = decode_write_index(self._offsets, positions, kvh)  # [B*KVH]
-        mask = decode_mask(positions, key_len, kvh, self.kv.dtype, self._key_index)  # [B*KVH, 1, key_len]
-        logits = decode_step(w, self.tokens[:b], positions, bufs, write_index, mask)  # [B, V]
+        # per layer [B*KVH, 1, key_len]
+        masks = decode_masks(positions, key_len, kvh, self.kv.dtype, self._key_index, w.cfg.windows)
+        logits = decode_step(w, self.tokens[:b], positions, bufs, write_index, masks)  # [B, V]
         if self.argmax:
             torch.argmax(logits, -1, out=self.greedy[:b])
 

@@ -177,7 +177,7 @@ class PrefillWorker(WorkerLoop):
         unless the request ended here."""
         request = res.request
         ev = TextStream(self.model.tokenizer, request).event(
-            res.first_token, first_token_finish(request, res.first_token, self.model.cfg.eos_token_id),
+            res.first_token, first_token_finish(request, res.first_token, self.model.cfg.eos_token_ids),
             res.logprob, res.top_tokens)
         reason = "cancelled" if self.cancelled.pop(request.id, None) is not None else ev.finish.reason
         token = P.Token(ev.index, ev.token_id, ev.text, ev.logprob, res.top_tokens)

@@ -94,7 +94,7 @@ class Engine:
 
     def _first_token(self, res: PrefillResult) -> TokenEvent:
         request, stream = res.request, self.streams[res.request.id]
-        finish = first_token_finish(request, res.first_token, self.model.cfg.eos_token_id)
+        finish = first_token_finish(request, res.first_token, self.model.cfg.eos_token_ids)
         ev = stream.event(res.first_token, finish, res.logprob, res.top_tokens)
         ev.prompt_logprobs = res.prompt_logprobs
         if ev.finish == Finish.NONE:

@@ -74,7 +74,7 @@ def test_sharded_transformers_checkpoint(tmp_path):
 def test_save_weights_round_trip_through_transformers(tmp_path, tie):
     model = tiny_model(multi_query=False, tie=tie)
     model.config.save_pretrained(tmp_path)
-    save_weights(canonical_state(model), tmp_path, max_shard_bytes=20_000)
+    save_weights(canonical_state(model), tmp_path, "transformer.", max_shard_bytes=20_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert ("lm_head.weight" in index["weight_map"]) == (not tie)
@@ -91,8 +91,8 @@ def test_save_weights_round_trip_through_transformers(tmp_path, tie):
 def test_save_weights_replaces_earlier_shards(tmp_path):
     model = tiny_model()
     model.config.save_pretrained(tmp_path)
-    save_weights(canonical_state(model), tmp_path, max_shard_bytes=20_000)
-    save_weights(canonical_state(model), tmp_path)
+    save_weights(canonical_state(model), tmp_path, "transformer.", max_shard_bytes=20_000)
+    save_weights(canonical_state(model), tmp_path, "transformer.")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     assert_same(load(tmp_path), canonical_state(model))
 

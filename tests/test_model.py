@@ -90,7 +90,7 @@ def test_prefill_then_decode_equals_full_forward(checkpoint, threads):
         key_len = (int(positions.max()) + 1 + 7) // 8 * 8
         step = decode_step(lm.weights, torch.cat([tokens, torch.zeros(1, dtype=torch.long)]), positions,
                            decode_buffers(cfg, pool, scratch, 4, key_len), decode_write_index(row_offsets(4, cfg.kv_heads, 64, 'cpu'), positions, cfg.kv_heads),
-                           decode_mask(positions, key_len, cfg.kv_heads, torch.float32))
+                           [decode_mask(positions, key_len, cfg.kv_heads, torch.float32)] * cfg.n_layer)
         assert torch.get_num_threads() == threads
         for s, row in zip(seqs, step):
             assert (row - ref(torch.tensor([s])).logits[0, -1]).abs().max() <= 1e-4
@@ -99,7 +99,8 @@ def test_prefill_then_decode_equals_full_forward(checkpoint, threads):
     bad_mask = torch.zeros(4 * cfg.kv_heads, 1, key_len + 1)
     with pytest.raises(RuntimeError):
         decode_step(lm.weights, tokens.new_zeros(4), positions, decode_buffers(cfg, pool, scratch, 4, key_len),
-                    decode_write_index(row_offsets(4, cfg.kv_heads, 64, 'cpu'), positions, cfg.kv_heads), bad_mask)
+                    decode_write_index(row_offsets(4, cfg.kv_heads, 64, 'cpu'), positions, cfg.kv_heads),
+                    [bad_mask] * cfg.n_layer)
     assert torch.get_num_threads() == threads
 
 
@@ -115,8 +116,8 @@ def test_half_precision_close_to_fp32(tiny_dir, dtype):
 
 
 def test_other_architectures_are_refused():
-    with pytest.raises(ModelConfigError, match="unsupported model_type 'llama'.*gpt_bigcode"):
-        model_config_from_dict({"model_type": "llama", "hidden_size": 8})
+    with pytest.raises(ModelConfigError, match="unsupported model_type 'mixtral'.*gpt_bigcode, llama, mistral"):
+        model_config_from_dict({"model_type": "mixtral", "hidden_size": 8})
 
 
 def run_cli(*args: str) -> str:

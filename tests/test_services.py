@@ -12,56 +12,11 @@ import threading
 import pytest
 import zmq
 
-from cluster import Cluster, wait_for
+from cluster import Cluster, offline, request_specs, stream_all, wait_for
 from conftest import load_cpu
 from splitserve.bench.traffic import PROMPTS
 from splitserve.client import Client, GenerationError, GenerationTimeout
-from splitserve.common.request import GenerateRequest
-from splitserve.common.params import SamplingParams
 from splitserve.common.zmq_util import free_port
-from splitserve.engine import Engine, EngineOptions
-
-
-def request_specs(n: int) -> list[dict]:
-    """n requests: greedy and seeded sampled, different prompts and lengths."""
-    specs = []
-    for i in range(n):
-        spec = {"prompt": PROMPTS[i % len(PROMPTS)] * (1 + i % 3), "max_new_tokens": 4 + (i * 7) % 13,
-                "ignore_eos": True}
-        if i % 3 == 1:
-            spec.update(temperature=0.8, top_k=50, seed=1000 + i)
-        elif i % 3 == 2:
-            spec.update(temperature=1.1, top_p=0.9, seed=2000 + i)
-        specs.append(spec)
-    return specs
-
-
-def offline(lm, specs: list[dict]) -> list[list[int]]:
-    """What the in-process Engine (`splitserve generate`) gives for the same requests."""
-    requests = []
-    for i, s in enumerate(specs):
-        sampled = "seed" in s
-        sp = SamplingParams(temperature=s.get("temperature", 1.0), top_k=s.get("top_k", 0), top_p=s.get("top_p", 1.0),
-                            seed=s.get("seed", 0), do_sample=sampled)
-        requests.append(GenerateRequest(f"r{i}", tuple(lm.tokenizer.encode(s["prompt"])), s["max_new_tokens"], sp,
-                                        ignore_eos=True))
-    engine = Engine(lm, EngineOptions(num_slots=16))
-    return [r.token_ids for r in engine.generate(requests)]
-
-
-def stream_all(endpoint: str, specs: list[dict]) -> list[list[int]]:
-    """All requests at once over one client connection, each streamed on its own thread."""
-    results: list = [None] * len(specs)
-    with Client(endpoint) as client:
-        def one(i: int) -> None:
-            results[i] = [ev.token_id for ev in client.stream(**specs[i], timeout=120)]
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(specs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    return results
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..builtin_models import TINY_HF_CONFIG
-from ..checkpoint import expected_shapes, save_weights
+from ..checkpoint import save_weights
+from ..families import checkpoint_shapes, gpt_bigcode
 from ..model_config import ModelConfig, model_config_from_dict
 from ..tokenizer import FIM_SPELLINGS, Tokenizer, write_tokenizer_files
 from .train_options import TrainOptions
@@ -142,7 +143,7 @@ def init_weights(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     """GPT-2 initialisation in the Hugging Face GPTBigCode layout, from one seeded generator."""
     gen = torch.Generator().manual_seed(seed)
     weights = {}
-    for name, shape in expected_shapes(cfg).items():
+    for name, shape in checkpoint_shapes(cfg).items():
         if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
             t = torch.ones(shape)
         elif name.endswith(".bias"):
@@ -303,7 +304,7 @@ def save_checkpoint(w: dict[str, torch.Tensor], opts: TrainOptions, result: Trai
     opts.out.mkdir(parents=True, exist_ok=True)
     config = dict(TINY_HF_CONFIG, torch_dtype="float16")
     (opts.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_weights({k: v.detach().half().contiguous() for k, v in w.items()}, opts.out)
+    save_weights({k: v.detach().half().contiguous() for k, v in w.items()}, opts.out, gpt_bigcode.PREFIX)
     write_tokenizer_files(opts.out)
     record = {"options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
               "result": asdict(result), "torch": torch.__version__, "python": platform.python_version(),
@@ -316,7 +317,7 @@ def write_model_card(model_dir: Path) -> None:
     """README.md beside the weights, from the run's training.json."""
     rec = json.loads((model_dir / "training.json").read_text())
     o, r = rec["options"], rec["result"]
-    n_params = sum(math.prod(shape) for shape in expected_shapes(model_config_from_dict(TINY_HF_CONFIG)).values())
+    n_params = sum(math.prod(shape) for shape in checkpoint_shapes(model_config_from_dict(TINY_HF_CONFIG)).values())
     card = f"""# tiny: splitserve's built-in Python model
 
 A {n_params / 1e6:.1f}M-parameter GPTBigCode (multi-query) model with the benchmarks' reference shape

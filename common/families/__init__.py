@@ -1,0 +1,142 @@
+"""The supported model families, one module per family, chosen by config.json's `model_type`.
+
+A family module says how its checkpoints are laid out and read: `config(raw)` reads config.json
+into a ModelConfig (with transformers' defaults for the fields a config leaves out), and name
+tables map the roles of the shared forward (common/model.py) to the checkpoint's tensor names.
+Everything else (shapes, fusing q/k/v and gate/up, the forward itself) is shared.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Callable
+
+from ..model_config import ModelConfig, ModelConfigError
+from . import gpt_bigcode, llama, mistral, qwen2, qwen3, starcoder2
+
+FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (gpt_bigcode, llama, mistral, qwen2, qwen3, starcoder2)}
+# Each family module has:
+#   MODEL_TYPE, config(raw: dict) -> ModelConfig
+#   PREFIX: what the base model's tensor names begin with in a checkpoint ("model.", "transformer.")
+#   TOP: {"embed", "positions", "final_norm"} -> name (positions: None without learned positions)
+#   LAYER: the name of layer i's tensors, "layers.{i}.", and LAYER_ROLES: role -> name after it, roles
+#   among norm1, qkv (fused) or q/k/v, q_norm, k_norm, out, norm2, up (the plain MLP's first
+#   projection) or gate/up, down
+# and may have regroup_qkv(weight_or_bias, cfg) for a fused qkv whose rows are not q | k | v.
+
+
+def family_of(model_type) -> ModuleType:
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise ModelConfigError(f"unsupported model_type {model_type!r}: splitserve runs {', '.join(FAMILIES)} "
+                               "checkpoints (mixture-of-experts models are not supported)")
+    return family
+
+
+def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the forward needs: its name in the checkpoint (less PREFIX) -> shape."""
+    family = family_of(cfg.model_type)
+    e, v = cfg.n_embd, cfg.vocab_size
+    shapes = {_name(family.TOP["embed"], "weight"): (v, e)}
+    if cfg.rope is None:
+        shapes[_name(family.TOP["positions"], "weight")] = (cfg.n_positions, e)
+    for i in range(cfg.n_layer):
+        prefix = family.LAYER.format(i=i)
+        roles = _layer_shapes(cfg, family.LAYER_ROLES)
+        for role in (role for role in family.LAYER_ROLES if role in roles):  # in the checkpoint's order
+            out_dim, in_dim, bias = roles[role]
+            name = prefix + family.LAYER_ROLES[role]
+            shapes[_name(name, "weight")] = (out_dim, in_dim) if in_dim else (out_dim,)
+            if bias:
+                shapes[_name(name, "bias")] = (out_dim,)
+    shapes |= _norm_shapes(cfg, family.TOP["final_norm"])
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, e)
+    return shapes
+
+
+def _layer_shapes(cfg: ModelConfig, roles: dict[str, str]) -> dict[str, tuple[int, int, bool]]:
+    """role -> (output width, input width or 0 for a norm's vector, has a bias)."""
+    e, i, q, kv, d = cfg.n_embd, cfg.n_inner, cfg.q_dim, cfg.kv_dim, cfg.head_dim
+    layer_norm = cfg.norm == "layer"
+    shapes = {"norm1": (e, 0, layer_norm), "out": (e, q, cfg.out_bias), "norm2": (e, 0, layer_norm),
+              "up": (i, e, cfg.mlp_bias), "down": (e, i, cfg.mlp_bias)}
+    if "qkv" in roles:
+        shapes["qkv"] = (q + 2 * kv, e, cfg.qkv_bias)
+    else:
+        shapes |= {"q": (q, e, cfg.qkv_bias), "k": (kv, e, cfg.qkv_bias), "v": (kv, e, cfg.qkv_bias)}
+    if cfg.mlp == "gated":
+        shapes["gate"] = (i, e, cfg.mlp_bias)
+    if cfg.qk_norm:
+        shapes |= {"q_norm": (d, 0, False), "k_norm": (d, 0, False)}
+    return shapes
+
+
+def _norm_shapes(cfg: ModelConfig, name: str) -> dict[str, tuple[int, ...]]:
+    shapes = {_name(name, "weight"): (cfg.n_embd,)}
+    if cfg.norm == "layer":
+        shapes[_name(name, "bias")] = (cfg.n_embd,)
+    return shapes
+
+
+def _name(base: str, kind: str) -> str:
+    return f"{base}.{kind}"
+
+
+Get = Callable[[str], object]  # canonical name -> tensor
+
+
+def layer_tensors(get: Get, cfg: ModelConfig, i: int) -> dict:
+    """Layer i's tensors by role, as the checkpoint stores them ([out, in]); q/k/v fused into qkv
+    (rows q | k | v) and gate/up into up (rows gate | up). Missing biases are None."""
+    import torch  # the gateway reads configs through this package, without torch
+
+    family = family_of(cfg.model_type)
+    prefix, roles = family.LAYER.format(i=i), family.LAYER_ROLES
+
+    def tensor(role: str, kind: str = "weight"):
+        name = _name(prefix + roles[role], kind)
+        return get(name) if kind == "weight" or _has_bias(cfg, role) else None
+
+    def fused(parts: tuple[str, ...], kind: str):
+        pieces = [tensor(role, kind) for role in parts]
+        return None if pieces[0] is None else torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    qkv_parts = ("qkv",) if "qkv" in roles else ("q", "k", "v")
+    up_parts = ("gate", "up") if cfg.mlp == "gated" else ("up",)
+    regroup = getattr(family, "regroup_qkv", lambda t, cfg: t)
+    qkv_w, qkv_b = fused(qkv_parts, "weight"), fused(qkv_parts, "bias")
+    return {
+        "norm1": (tensor("norm1"), tensor("norm1", "bias")),
+        "qkv": (regroup(qkv_w, cfg), None if qkv_b is None else regroup(qkv_b, cfg)),
+        "q_norm": tensor("q_norm") if cfg.qk_norm else None,
+        "k_norm": tensor("k_norm") if cfg.qk_norm else None,
+        "out": (tensor("out"), tensor("out", "bias")),
+        "norm2": (tensor("norm2"), tensor("norm2", "bias")),
+        "up": (fused(up_parts, "weight"), fused(up_parts, "bias")),
+        "down": (tensor("down"), tensor("down", "bias")),
+    }
+
+
+def _has_bias(cfg: ModelConfig, role: str) -> bool:
+    if role in ("norm1", "norm2"):
+        return cfg.norm == "layer"
+    if role in ("qkv", "q", "k", "v"):
+        return cfg.qkv_bias
+    if role == "out":
+        return cfg.out_bias
+    return role in ("gate", "up", "down") and cfg.mlp_bias
+
+
+def top_tensors(get: Get, cfg: ModelConfig) -> dict:
+    """The embeddings, the final norm (weight, bias or None) and the LM head [V, E] (the embedding
+    when tied)."""
+    top = family_of(cfg.model_type).TOP
+    embed = get(_name(top["embed"], "weight"))
+    final = top["final_norm"]
+    return {
+        "embed": embed,
+        "positions": get(_name(top["positions"], "weight")) if cfg.rope is None else None,
+        "final_norm": (get(_name(final, "weight")), get(_name(final, "bias")) if cfg.norm == "layer" else None),
+        "lm_head": embed if cfg.tie_word_embeddings else get("lm_head.weight"),
+    }

@@ -1,0 +1,210 @@
+"""Every model family against transformers on random fp32 checkpoints that transformers itself makes:
+logits within 1e-4, greedy tokens equal (a divergence only where the reference's top two logits
+are within 1e-4), prefill + decode equal to a full forward, packed prompts equal to each alone,
+a resumed request continuing exactly; GQA, sliding windows shorter than the prompt, rotary
+scalings, tied and untied heads, q/k/v biases and q/k norms among the variants."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster import Cluster, offline, request_specs, stream_all
+from conftest import TEST_THREADS
+from splitserve.common.attention import sdpa_prefill
+from splitserve.common.loading import load_model
+from splitserve.common.model import prefill
+from splitserve.common.model_config import ModelConfigError, load_model_config
+from splitserve.common.params import SamplingParams
+from splitserve.common.request import GenerateRequest
+from splitserve.common.tokenizer import write_tokenizer_files
+from splitserve.engine import Engine, EngineOptions
+
+torch.set_num_threads(TEST_THREADS)
+
+VOCAB = 8192  # the tiny tokenizer's, written beside each checkpoint
+SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8,
+             num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+WINDOW = 24  # shorter than the long prompts below
+
+# name -> (model_type, config fields beyond SHAPE)
+VARIANTS = {
+    "llama": ("llama", {}),
+    "llama-bias-tied-linear": ("llama", dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
+                                             rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                              "rope_theta": 500.0})),
+    "llama-mha-llama3": ("llama", dict(num_key_value_heads=8, rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32, "rope_theta": 10000.0})),
+    "llama-mqa-yarn": ("llama", dict(num_key_value_heads=1, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0})),
+    "llama-dynamic": ("llama", dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})),
+    "mistral-window-head-dim": ("mistral", dict(sliding_window=WINDOW, head_dim=16)),
+    "qwen2-bias-tied-window": ("qwen2", dict(tie_word_embeddings=True, use_sliding_window=True,
+                                             sliding_window=WINDOW, max_window_layers=1)),
+    "qwen3-qk-norm": ("qwen3", dict(head_dim=32)),
+    "qwen3-bias-window": ("qwen3", dict(head_dim=16, attention_bias=True, use_sliding_window=True,
+                                        sliding_window=WINDOW, max_window_layers=0)),
+    "starcoder2-window": ("starcoder2", dict(sliding_window=WINDOW, norm_epsilon=1e-5)),
+}
+
+
+def make_checkpoint(path: Path, model_type: str, fields: dict) -> Path:
+    """A random checkpoint as transformers writes it, weights scaled up so that greedy paths are not flat."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(sum(map(ord, path.name)))
+    config = AutoConfig.for_model(model_type, **{**SHAPE, **fields})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.mul_(4)
+            else:  # norms and biases off their initial values, so that each one matters
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    write_tokenizer_files(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def checkpoint(request, tmp_path_factory) -> Path:
+    model_type, fields = VARIANTS[request.param]
+    return make_checkpoint(tmp_path_factory.mktemp(request.param), model_type, fields)
+
+
+def reference(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def prompts(lens: list[int], seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in lens]
+
+
+def packed(batch: list[list[int]]):
+    flat = torch.tensor([t for p in batch for t in p])
+    positions = torch.cat([torch.arange(len(p)) for p in batch])
+    return flat, positions, [len(p) for p in batch]
+
+
+def assert_greedy(ours: list[int], prompt: list[int], ref) -> None:
+    """Our greedy continuation is the reference's: at each step our token is its argmax, or one of
+    two candidates whose logits it has within 1e-4 of each other (a near-tie either may break)."""
+    with torch.inference_mode():
+        logits = ref(torch.tensor([prompt + ours])).logits[0, len(prompt) - 1 : -1]  # [N, V]
+    top2 = logits.topk(2, dim=-1)
+    for i, token in enumerate(ours):
+        best, second = top2.values[i].tolist()
+        if token != top2.indices[i, 0]:
+            assert best - second < 1e-4 and token == top2.indices[i, 1], f"step {i}: {token} vs {top2.indices[i, 0]}"
+
+
+@torch.inference_mode()
+def test_logits_match_transformers(checkpoint):
+    model, ref = load_model(checkpoint, torch.float32, torch.device("cpu")), reference(checkpoint)
+    for prompt in prompts([60, 5]):  # 60 tokens: longer than the sliding windows
+        ours = prefill(model.weights, *packed([prompt]), sdpa_prefill, logit_index=torch.arange(len(prompt)))
+        theirs = ref(torch.tensor([prompt])).logits[0]
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_packed_batch_equals_each_prompt_alone(checkpoint):
+    model = load_model(checkpoint, torch.float32, torch.device("cpu"))
+    batch = prompts([40, 3, 70, 17], seed=1)
+    together = prefill(model.weights, *packed(batch), sdpa_prefill)  # [4, V]
+    for row, prompt in zip(together, batch):
+        torch.testing.assert_close(row, prefill(model.weights, *packed([prompt]), sdpa_prefill)[0], rtol=0, atol=1e-5)
+
+
+def generate(model, requests: list[GenerateRequest]) -> list[list[int]]:
+    engine = Engine(model, EngineOptions(num_slots=4))
+    return [r.token_ids for r in engine.generate(requests)]
+
+
+@torch.inference_mode()
+def test_prefill_then_decode_is_the_references_greedy_path_and_resumes_exactly(checkpoint):
+    """The in-process engine (packed prefill, staged KV handoff, batched decode over the slot pool)
+    generates what transformers' full forward predicts at every step; a request resumed after some
+    of its tokens (as on another worker) continues with the same ones."""
+    model, ref = load_model(checkpoint, torch.float32, torch.device("cpu")), reference(checkpoint)
+    batch = prompts([50, 7, 33], seed=2)
+    requests = [GenerateRequest(f"r{i}", tuple(p), 40, ignore_eos=True) for i, p in enumerate(batch)]
+    outputs = generate(model, requests)
+    for prompt, ours in zip(batch, outputs):
+        assert len(ours) == 40
+        assert_greedy(ours, prompt, ref)
+    prompt, first = batch[0], outputs[0]
+    resumed = GenerateRequest("again", tuple(prompt + first[:15]), 25, ignore_eos=True, resumed=15)
+    assert generate(model, [resumed])[0] == first[15:]
+
+
+@torch.inference_mode()
+def test_seeded_sampling_resumes_exactly(checkpoint):
+    model = load_model(checkpoint, torch.float32, torch.device("cpu"))
+    prompt = prompts([30], seed=3)[0]
+    sampling = SamplingParams(do_sample=True, temperature=0.9, top_p=0.95, seed=7)
+    whole = generate(model, [GenerateRequest("s", tuple(prompt), 30, sampling, ignore_eos=True)])[0]
+    rest = generate(model, [GenerateRequest("t", tuple(prompt + whole[:12]), 18, sampling, ignore_eos=True,
+                                            resumed=12)])[0]
+    assert rest == whole[12:]
+
+
+def test_old_and_new_rope_fields_read_alike(tmp_path):
+    """transformers 5 writes `rope_parameters`; configs on the hub carry `rope_theta` and
+    `rope_scaling` (with `type` or `rope_type`)."""
+    path = make_checkpoint(tmp_path / "llama3", "llama", VARIANTS["llama-mha-llama3"][1])
+    new = load_model_config(path)
+    raw = json.loads((path / "config.json").read_text())
+    params = raw.pop("rope_parameters")
+    raw["rope_theta"] = params.pop("rope_theta")
+    raw["rope_scaling"] = {"type" if k == "rope_type" else k: v for k, v in params.items()}
+    (path / "config.json").write_text(json.dumps(raw))
+    assert load_model_config(path) == new and new.rope.rope_type == "llama3" and new.rope.factor == 8.0
+
+
+def test_eos_ids_are_config_and_generation_config_together(tmp_path):
+    path = make_checkpoint(tmp_path / "qwen", "qwen2", dict(eos_token_id=[2, 5]))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 9], "bos_token_id": 1}))
+    assert load_model_config(path).eos_token_ids == (2, 5, 9)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "unsupported rope_type 'longrope'"),
+    ({"quantization_config": {"quant_method": "gptq"}}, "quantized checkpoints \\(gptq\\)"),
+    ({"num_key_value_heads": 3}, "8 attention heads are not divisible by 3 key/value heads"),
+    ({"model_type": "qwen3_moe"}, "unsupported model_type 'qwen3_moe'.*mixture-of-experts"),
+])
+def test_bad_configs_get_clear_errors(tmp_path, fields, message):
+    raw = {"model_type": "llama", **SHAPE, **fields}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelConfigError, match=message):
+        load_model_config(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def served_checkpoint(tmp_path_factory) -> Path:
+    """Qwen2-shaped: grouped-query, q/k/v biases, a tied head, a window on its later layers."""
+    model_type, fields = VARIANTS["qwen2-bias-tied-window"]
+    return make_checkpoint(tmp_path_factory.mktemp("served-qwen2"), model_type, fields)
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_a_served_llama_shaped_model_equals_the_engine(home, served_checkpoint, transport):
+    """Gateway and worker processes on a Llama-shaped checkpoint: several KV heads cross the
+    handoff (the multi-query `tiny` would hide a layout mistake), windows and rotary positions
+    hold in the decode worker; greedy and seeded sampled requests equal the in-process engine's."""
+    specs = request_specs(9)
+    model = load_model(served_checkpoint, torch.float32, torch.device("cpu"))
+    with Cluster(home, model=str(served_checkpoint), kv_transport=transport) as c:
+        c.add_worker("prefill", "--kv-transport", transport)
+        c.add_worker("decode", "--kv-transport", transport, "--num-slots", "8")
+        c.wait_registered()
+        assert stream_all(c.endpoint, specs) == offline(model, specs)
+        c.wait_idle()
