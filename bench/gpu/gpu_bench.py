@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from splitserve.bench.engine_bench import (
-    KEY_BUCKET,
-    SANTACODER,
+from splitserve.bench.engine_bench import KEY_BUCKET
+from splitserve.bench.engine_bench import SHAPES as ENGINE_SHAPES
+from splitserve.bench.engine_runs import (
     Point,
     Repeats,
     SplitserveRunner,
@@ -44,13 +44,15 @@ from splitserve.bench.engine_bench import (
     peak_mb,
     random_prompts,
     reset_peak,
+    random_model as random_hf_model,
+    model_over,
     result_row,
     timed,
 )
 from splitserve.common.builtin_models import TINY_HF_CONFIG
 from splitserve.common.loading import LoadedModel
-from splitserve.common.model import ModelWeights, prepare_weights
-from splitserve.common.model_config import ModelConfig, model_config_from_dict
+from splitserve.common.model import ModelWeights
+from splitserve.common.model_config import ModelConfig
 from splitserve.common.runtime import DTYPE_NAMES, DTYPES
 from splitserve.common.tokenizer import TINY_TOKENIZER_PATH, Tokenizer
 from splitserve.decode_worker.engine import DecodeEngine
@@ -62,7 +64,7 @@ STARCODER = dict(
     n_inner=24576, multi_query=True, activation_function="gelu_pytorch_tanh", bos_token_id=0, eos_token_id=0,
 )
 TINY = {k: v for k, v in TINY_HF_CONFIG.items() if k not in ("architectures", "torch_dtype")}
-SHAPES = {"santacoder": SANTACODER, "starcoder": STARCODER, "tiny": TINY}
+SHAPES = {"santacoder": ENGINE_SHAPES["santacoder"], "starcoder": STARCODER, "tiny": TINY}
 
 ALL = ("graphs", "eager", "transformers")
 OURS = ("graphs", "eager")
@@ -131,11 +133,11 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: Repea
     return 2 * n**3 / seconds / 1e12
 
 
-def weight_bytes(p: ModelWeights) -> int:
-    """Bytes a decode step reads of the weights: every layer, ln_f and the LM head (the embedding
-    tables only at B rows, which the bound leaves out)."""
-    tensors = [t for layer in p.layers for t in layer] + [p.lnf_w, p.lnf_b, p.lm_head_t]
-    return sum(t.numel() * t.element_size() for t in tensors)
+def weight_bytes(w: ModelWeights) -> int:
+    """Bytes a decode step reads of the weights: every layer, the final norm and the LM head (the
+    embedding tables only at B rows, which the bound leaves out)."""
+    tensors = [t for layer in w.layers for t in layer] + [w.normf_w, w.normf_b, w.lm_head_t]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
@@ -144,9 +146,10 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
 
 def prefill_flops(cfg: ModelConfig, lens: tuple[int, ...]) -> float:
     """Matrix products on every token, the LM head on one per prompt, causal attention."""
-    e, i, kvd = cfg.n_embd, cfg.n_inner, cfg.kv_dim
-    per_token = cfg.n_layer * (e * (e + 2 * kvd) + e * e + 2 * e * i)
-    attention = sum(cfg.n_layer * 2 * 2 * cfg.n_embd * n * (n + 1) / 2 for n in lens)  # q @ kᵀ, p @ v
+    e, i, q, kv = cfg.n_embd, cfg.n_inner, cfg.q_dim, cfg.kv_dim
+    mlp = (3 if cfg.mlp == "gated" else 2) * e * i
+    per_token = cfg.n_layer * (e * (q + 2 * kv) + q * e + mlp)
+    attention = sum(cfg.n_layer * 2 * 2 * q * n * (n + 1) / 2 for n in lens)  # q @ kᵀ, p @ v
     return 2 * per_token * sum(lens) + 2 * len(lens) * e * cfg.vocab_size + attention
 
 
@@ -168,25 +171,13 @@ class Limits:
 
 def random_model(shape: str, device: torch.device, dtype: torch.dtype):
     """transformers' model of the shape with random weights, and splitserve's `LoadedModel` over
-    the very same tensors (as engine_bench.load_models does for SantaCoder)."""
-    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
-    from transformers.initialization import no_init_weights
+    the very same tensors (as the engine benchmark makes them)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    with torch.device(device), no_init_weights():
-        hf = GPTBigCodeForCausalLM._from_config(GPTBigCodeConfig(**SHAPES[shape]), dtype=dtype)
-    hf.tie_weights()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.normal_(1.0 if ".ln_" in name and name.endswith("weight") else 0.0, 0.02)
-    hf.eval()
-    cfg = model_config_from_dict(hf.config.to_dict())
-    weights = {name.removeprefix("transformer."): t for name, t in hf.state_dict().items()}
+    hf = random_hf_model(SHAPES[shape], device, dtype).eval()
     # Only shapes matter to the timings: random token ids, the tiny tokenizer standing in.
-    tokenizer = Tokenizer.from_file(TINY_TOKENIZER_PATH)
-    return hf, LoadedModel(Path(f"{shape}-shape"), cfg, prepare_weights(weights, cfg), tokenizer, device, dtype)
+    return hf, model_over(hf, Path(f"{shape}-shape"), Tokenizer.from_file(TINY_TOKENIZER_PATH), device, dtype)
 
 
 # --- runners -----------------------------------------------------------------------------------
@@ -195,17 +186,17 @@ class GraphRunner(SplitserveRunner):
     """engine_bench's splitserve runner, whose decode engine captures CUDA graphs; `graphs(False)`
     runs the same engine (and KV pool) eagerly, on exact shapes."""
 
-    def __init__(self, lm: LoadedModel, points: list[Point], key_step: int):
-        super().__init__(lm, [p for p in points if p.phase == "prefill"])
+    def __init__(self, model: LoadedModel, points: list[Point], key_step: int):
+        super().__init__(model, [p for p in points if p.phase == "prefill"])
         decode_points = [p for p in points if p.phase == "decode"]
         self.capture_s = 0.0
         if not decode_points:
             return
         longest = max(p.positions for p in decode_points)
-        slot_len = min(-(-longest // KEY_BUCKET) * KEY_BUCKET, lm.cfg.n_positions)
-        cuda = lm.device.type == "cuda"
+        slot_len = min(-(-longest // KEY_BUCKET) * KEY_BUCKET, model.cfg.n_positions)
+        cuda = model.device.type == "cuda"
         start = time.perf_counter()
-        self.decode_engine = DecodeEngine(lm, max(p.batch_size for p in decode_points), slot_len, KEY_BUCKET,
+        self.decode_engine = DecodeEngine(model, max(p.batch_size for p in decode_points), slot_len, KEY_BUCKET,
                                           graphs=cuda, graph_key_step=key_step)
         self.capture_s = time.perf_counter() - start
         self._graphed, self._eager = self.decode_engine.runner, self.decode_engine.make_runner(None)
@@ -214,7 +205,7 @@ class GraphRunner(SplitserveRunner):
         self.decode_engine.runner = self._graphed if on else self._eager
 
 
-def measure_block(block: Block, lm: LoadedModel, hf, limits: Limits, repeats: Repeats, args, deadline: float,
+def measure_block(block: Block, model: LoadedModel, hf, limits: Limits, repeats: Repeats, args, deadline: float,
                   sink: Sink) -> None:
     if time.monotonic() > deadline:  # not even the engine: capturing graphs takes seconds
         for job in block.jobs:
@@ -222,17 +213,17 @@ def measure_block(block: Block, lm: LoadedModel, hf, limits: Limits, repeats: Re
                 sink.skip(system, job.point)
         return
     points = [j.point for j in block.jobs]
-    cuda = lm.device.type == "cuda"
-    ours = GraphRunner(lm, points, args.graph_key_step)
+    cuda = model.device.type == "cuda"
+    ours = GraphRunner(model, points, args.graph_key_step)
     if ours.decode_engine is not None:
         sink.engine(block.name, ours)
     if ours.prefill_engine is not None:
         sink.doc["prefill_attention"] = ours.prefill_engine.attn_name
-    theirs = TransformersRunner(hf, lm.cfg.eos_token_id or 0, lm.device)
+    theirs = TransformersRunner(hf, (model.cfg.eos_token_ids or (0,))[0], model.device)
     floors: dict[tuple[int, int], float] = {}
     for job in block.jobs:
         point = job.point
-        prompts = random_prompts(point.lens, lm.cfg.vocab_size, lm.device)
+        prompts = random_prompts(point.lens, model.cfg.vocab_size, model.device)
         shape = (sum(point.lens) if point.phase == "prefill" else point.batch_size, point.batch_size)
         for system in job.systems:
             if system == "graphs" and not cuda or system == "transformers" and args.no_transformers:
@@ -241,11 +232,11 @@ def measure_block(block: Block, lm: LoadedModel, hf, limits: Limits, repeats: Re
                 sink.skip(system, point)
                 continue
             if shape not in floors:
-                floors[shape] = floor_ms(lm.weights, *shape, repeats, lm.device)
+                floors[shape] = floor_ms(model.weights, *shape, repeats, model.device)
             ms = run_one(system, point, prompts, ours, theirs, repeats)
-            bound, kind = limits.bound_ms(lm.cfg, point)
+            bound, kind = limits.bound_ms(model.cfg, point)
             row = result_row("transformers" if system == "transformers" else "splitserve", point, ms, floors[shape],
-                             peak_mb(lm.device))
+                             peak_mb(model.device))
             sink.row(dict(row, graphs=system == "graphs" and point.phase == "decode", bound_ms=round(bound, 4),
                           bound=kind))
     del ours  # its KV pool and graphs, before the next block's
@@ -359,10 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + args.deadline
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     repeats = Repeats(1 if args.quick else args.repeats, 0.0 if args.quick else args.min_seconds)
-    hf, lm = random_model(args.shape, device, dtype)
+    hf, model = random_model(args.shape, device, dtype)
     limits = Limits(copy_bandwidth(device, args.copy_mib * 2**20, repeats),
-                    matmul_rate(device, dtype, args.matmul_n, repeats), weight_bytes(lm.weights),
-                    kv_bytes_per_token(lm.cfg, dtype))
+                    matmul_rate(device, dtype, args.matmul_n, repeats), weight_bytes(model.weights),
+                    kv_bytes_per_token(model.cfg, dtype))
     slug = device_slug(device)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"gpu-{slug}-{args.shape}{'-quick' if args.quick else ''}"
@@ -376,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     sink = Sink(doc, args.out_dir / f"{stem}.json")
     with torch.inference_mode():
         for block in plan(args.shape, args.quick):
-            measure_block(block, lm, hf, limits, repeats, args, deadline, sink)
+            measure_block(block, model, hf, limits, repeats, args, deadline, sink)
     doc["targets"] = targets(args.shape, doc["results"])
     sink.save()
     for t in doc["targets"]:
