@@ -1,1 +1,1 @@
-"""splitserve: disaggregated prefill/decode serving for GPTBigCode code models."""
+"""splitserve: disaggregated prefill/decode serving for code LLMs."""
