@@ -14,38 +14,60 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-# (q [T, H, D], k [T, KVH, D], v [T, KVH, D], cu_seqlens int32 [B+1], seqlens, max_seqlen, scale,
-#  window) -> [T, H, D]
+class Packed(NamedTuple):
+    """Prompts packed back to back for one prefill: the queries are the tokens computed now, the keys
+    those plus each prompt's cached prefix before them (`past`), so a prompt's queries sit at the
+    end of its keys (bottom-right causal alignment)."""
+
+    cu_q: torch.Tensor  # int32 [B+1], where each prompt's queries start in the packed q
+    cu_k: torch.Tensor  # int32 [B+1], where its keys start in the packed k, v
+    seqlens_q: list[int]
+    seqlens_k: list[int]
+    max_q: int
+    max_k: int
+
+
+def packing(seqlens: list[int], past: list[int] | None, device) -> Packed:
+    """Prompts of `seqlens` new tokens, each after `past` cached ones (None: none)."""
+    lens_k = seqlens if past is None else [n + p for n, p in zip(seqlens, past)]
+
+    def cumulative(lens: list[int]) -> torch.Tensor:
+        return F.pad(torch.tensor(lens, dtype=torch.int32).cumsum(0), (1, 0)).to(device, torch.int32)
+
+    cu_q = cumulative(seqlens)
+    return Packed(cu_q, cu_q if past is None else cumulative(lens_k), seqlens, lens_k, max(seqlens), max(lens_k))
+
+
+# (q [Tq, H, D], k [Tk, KVH, D], v [Tk, KVH, D], Packed, scale, window) -> [Tq, H, D]
 PrefillAttention = Callable[..., torch.Tensor]
 
 
-def sdpa_prefill(q, k, v, cu_seqlens, seqlens: list[int], max_seqlen: int, scale: float,
-                 window: int = 0) -> torch.Tensor:
+def sdpa_prefill(q, k, v, packed: Packed, scale: float, window: int = 0) -> torch.Tensor:
     """One causal SDPA call per prompt: the CPU twin of the varlen kernels."""
-    out = torch.empty_like(q)  # [T, H, D]
+    out = torch.empty_like(q)  # [Tq, H, D]
     heads = q.shape[1]
-    start = 0
-    for n in seqlens:
-        end = start + n
+    q_start = k_start = 0
+    for n, m in zip(packed.seqlens_q, packed.seqlens_k):
+        plain = n == m and not 0 < window < n  # causal from the top left is causal from the bottom right
         # 4-D with K/V repeated for every query head of a group (a view for multi-query): on the
         # CPU this takes SDPA's fused kernel, several times faster than its enable_gqa path.
         o = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1)[None],  # [1, H, n, D]
-            _per_query_head(k[start:end], heads),
-            _per_query_head(v[start:end], heads),
-            attn_mask=window_mask(n, window, q.device) if 0 < window < n else None,
-            is_causal=not 0 < window < n,
+            q[q_start : q_start + n].transpose(0, 1)[None],  # [1, H, n, D]
+            _per_query_head(k[k_start : k_start + m], heads),  # [1, H, m, D]
+            _per_query_head(v[k_start : k_start + m], heads),
+            attn_mask=None if plain else causal_mask(n, m, window, q.device),
+            is_causal=plain,
             scale=scale,
         )
-        out[start:end] = o[0].transpose(0, 1)
-        start = end
+        out[q_start : q_start + n] = o[0].transpose(0, 1)
+        q_start, k_start = q_start + n, k_start + m
     return out
 
 
@@ -56,11 +78,12 @@ def _per_query_head(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.reshape(1, heads, n, d) if kv_heads > 1 else x.view(1, heads, n, d)
 
 
-def window_mask(n: int, window: int, device) -> torch.Tensor:
-    """[n, n] bool, True where query i may attend key j: j <= i and i - j < window."""
-    i = torch.arange(n, device=device)
-    distance = i[:, None] - i[None, :]
-    return (distance >= 0) & (distance < window)
+def causal_mask(n: int, m: int, window: int, device) -> torch.Tensor:
+    """[n, m] bool, True where query i (the last n of m positions) may attend key j: j <= its
+    position and, with a window, its position - j < window."""
+    distance = torch.arange(m - n, m, device=device)[:, None] - torch.arange(m, device=device)[None, :]
+    allowed = distance >= 0
+    return allowed & (distance < window) if window else allowed
 
 
 def _flash_attn_prefill() -> PrefillAttention | None:
@@ -69,10 +92,11 @@ def _flash_attn_prefill() -> PrefillAttention | None:
     except ImportError:
         return None
 
-    def prefill(q, k, v, cu_seqlens, seqlens, max_seqlen, scale, window=0):
-        # flash-attn takes fewer K/V heads than query heads natively (MQA/GQA).
+    def prefill(q, k, v, packed: Packed, scale, window=0):
+        # flash-attn takes fewer K/V heads than query heads natively (MQA/GQA), and aligns causal
+        # attention to the bottom right when a prompt has more keys than queries (a cached prefix).
         return flash_attn_varlen_func(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=True,
+            q, k, v, packed.cu_q, packed.cu_k, packed.max_q, packed.max_k, softmax_scale=scale, causal=True,
             window_size=(window - 1 if window else -1, 0),
         )
 
@@ -93,15 +117,15 @@ def _torch_varlen_prefill() -> PrefillAttention | None:
         varlen_attn = None
     if varlen_attn is not None and "enable_gqa" in inspect.signature(varlen_attn).parameters:
 
-        def prefill(q, k, v, cu_seqlens, seqlens, max_seqlen, scale, window=0):
-            return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale,
+        def prefill(q, k, v, packed: Packed, scale, window=0):
+            return varlen_attn(q, k, v, packed.cu_q, packed.cu_k, packed.max_q, packed.max_k, scale=scale,
                                window_size=(window - 1 if window else -1, 0), enable_gqa=k.shape[1] != q.shape[1])
 
         return prefill
 
-    def prefill(q, k, v, cu_seqlens, seqlens, max_seqlen, scale, window=0):
+    def prefill(q, k, v, packed: Packed, scale, window=0):
         # (q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, return_debug_mask) -> (out, lse, ...)
-        return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+        return torch.ops.aten._flash_attention_forward(q, k, v, packed.cu_q, packed.cu_k, packed.max_q, packed.max_k,
                                                        0.0, True, False, scale=scale,
                                                        window_size_left=window - 1 if window else -1,
                                                        window_size_right=0)[0]

@@ -15,9 +15,8 @@ import math
 from typing import Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from .attention import PrefillAttention
+from .attention import PrefillAttention, packing
 from .blocks import ACTIVATION_FNS, norm, rope_tables, rotate
 from .families import layer_tensors, top_tensors
 from .model_config import ModelConfig
@@ -103,20 +102,28 @@ def prefill(
     positions: torch.Tensor,  # [T] int64
     seqlens: list[int],
     attn: PrefillAttention,
-    kv_out: torch.Tensor | None = None,  # [n_layer, 2, >=T, KVH, D]: each layer's K and V land here
+    kv_out: torch.Tensor | None = None,  # [n_layer, 2, >=K, KVH, D]: each layer's K and V land here
     logit_index: torch.Tensor | None = None,  # [R] packed positions whose logits are wanted
+    past: list[int] | None = None,  # per prompt, the tokens of a cached prefix whose K/V are in kv_out
 ) -> torch.Tensor:
-    """Packed causal forward over several prompts.
+    """Packed causal forward over several prompts' new tokens (`seqlens` of them each).
 
-    Returns logits [B, V] for each prompt's last token, or [R, V] for `logit_index` (prompt
-    logprobs ask for every position of some prompts). Other positions never reach the LM head.
+    A prompt with a cached prefix has its `past` tokens' K/V at the start of its region of
+    kv_out already (the regions packed back to back, K = sum of past + seqlens tokens); its new
+    tokens' positions count them, and their K/V land after them. Returns logits [B, V] for each
+    prompt's last token, or [R, V] for `logit_index` (prompt logprobs ask for every position of
+    some prompts). Other positions never reach the LM head.
     """
     cfg = w.cfg
     q_dim, kv_dim, kvh, d, eps = cfg.q_dim, cfg.kv_dim, cfg.kv_heads, cfg.head_dim, cfg.layer_norm_epsilon
     t = input_ids.shape[0]
-    seq_ends = torch.tensor(seqlens, dtype=torch.int32).cumsum(0)
-    cu_seqlens = F.pad(seq_ends, (1, 0)).to(input_ids.device, torch.int32)  # [B+1]
-    max_seqlen = max(seqlens)
+    packed = packing(seqlens, past if past and any(past) else None, input_ids.device)
+    if packed.cu_k is not packed.cu_q:
+        if kv_out is None:
+            raise ValueError("a cached prefix's K/V are read from kv_out")
+        # [T]: where each new token's K/V go in kv_out, after its prompt's cached prefix
+        dest = torch.cat([torch.arange(s + p, s + p + n) for s, p, n in zip(packed.cu_k.tolist(), past, seqlens)])
+        dest, keys = dest.to(input_ids.device), sum(packed.seqlens_k)
     h = torch.embedding(w.wte, input_ids)  # [T, E]
     if w.wpe is not None:
         h = h + torch.embedding(w.wpe, positions)
@@ -133,14 +140,18 @@ def prefill(
             q, k = torch.rms_norm(q, (d,), layer.q_norm_w, eps), torch.rms_norm(k, (d,), layer.k_norm_w, eps)
         if rope:
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        if kv_out is not None:
+        if packed.cu_k is not packed.cu_q:  # the prompts' keys: cached prefixes and new tokens together
+            kv_out[i, 0].index_copy_(0, dest, k)
+            kv_out[i, 1].index_copy_(0, dest, v)
+            k, v = kv_out[i, 0, :keys], kv_out[i, 1, :keys]  # [K, KVH, D]
+        elif kv_out is not None:
             kv_out[i, 0, :t] = k
             kv_out[i, 1, :t] = v
-        a = attn(q, k, v, cu_seqlens, seqlens, max_seqlen, cfg.attn_scale, layer.window)  # [T, H, D]
+        a = attn(q, k, v, packed, cfg.attn_scale, layer.window)  # [T, H, D]
         h = h + linear(a.reshape(t, q_dim), layer.out_wt, layer.out_b)
         h = h + mlp(w, layer, norm(h, layer.norm2_w, layer.norm2_b, eps))
     # Gather before the final norm and the LM head, so unwanted positions cost nothing there.
-    h = h[cu_seqlens[1:].long() - 1 if logit_index is None else logit_index]  # [B or R, E]
+    h = h[packed.cu_q[1:].long() - 1 if logit_index is None else logit_index]  # [B or R, E]
     return torch.mm(norm(h, w.normf_w, w.normf_b, eps), w.lm_head_t)
 
 

@@ -1,7 +1,7 @@
 """CUDA-only checks (skipped without a GPU): the varlen prefill kernels against SDPA, and the
 cuda_ipc KV handoff between a prefill and a decode process, bytes and timing.
 
-`bench/gpu/run_all.sh` runs this file with -s, so the handoff timings reach its log."""
+The device pass runs this file with -s, so the handoff timings reach its log."""
 
 from __future__ import annotations
 
@@ -16,21 +16,24 @@ from splitserve.common.attention import (
     _flash_attn_prefill,
     _torch_varlen_prefill,
     choose_prefill_attention,
+    packing,
     sdpa_prefill,
 )
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 SEQLENS = [1, 7, 64, 300, 1000]  # packed back to back: T = 1372
-HEADS = [(16, 1, 128), (48, 1, 128), (4, 4, 64)]  # (H, KVH, D): SantaCoder's, StarCoder's, multi-head
+PAST = [0, 40, 8, 0, 333]  # cached prefixes before them, for the bottom-right causal case
+# (H, KVH, D): SantaCoder's, StarCoder's, multi-head, Qwen2.5-Coder-7B's grouped-query
+HEADS = [(16, 1, 128), (48, 1, 128), (4, 4, 64), (28, 4, 128)]
 
 
-def packed(h: int, kvh: int, d: int, dtype=torch.bfloat16):
+def packed(h: int, kvh: int, d: int, past: list[int] | None = None, dtype=torch.bfloat16):
     gen = torch.Generator(device="cuda").manual_seed(h * 1000 + kvh * 10 + d)
-    t = sum(SEQLENS)
-    q, k, v = (torch.randn(t, n, d, generator=gen, device="cuda", dtype=dtype) for n in (h, kvh, kvh))
-    cu = torch.tensor([0] + SEQLENS, device="cuda").cumsum(0).to(torch.int32)  # [B+1]
-    return q, k, v, cu
+    pk = packing(SEQLENS, past, "cuda")
+    q = torch.randn(sum(pk.seqlens_q), h, d, generator=gen, device="cuda", dtype=dtype)
+    k, v = (torch.randn(sum(pk.seqlens_k), kvh, d, generator=gen, device="cuda", dtype=dtype) for _ in range(2))
+    return q, k, v, pk
 
 
 def kernels() -> list:
@@ -50,12 +53,14 @@ def test_a_cuda_kernel_is_chosen():
 
 @pytest.mark.parametrize("attn", kernels())
 @pytest.mark.parametrize("h, kvh, d", HEADS)
-def test_varlen_prefill_matches_sdpa_on_a_packed_batch(attn, h, kvh, d):
-    q, k, v, cu = packed(h, kvh, d)
+@pytest.mark.parametrize("past, window", [(None, 0), (None, 100), (PAST, 0), (PAST, 100)],
+                         ids=["causal", "window", "cached-prefix", "cached-prefix-window"])
+def test_varlen_prefill_matches_sdpa_on_a_packed_batch(attn, h, kvh, d, past, window):
+    q, k, v, pk = packed(h, kvh, d, past)
     scale = d**-0.5
-    got = attn(q, k, v, cu, SEQLENS, max(SEQLENS), scale)  # [T, H, D]
+    got = attn(q, k, v, pk, scale, window)  # [T, H, D]
     # The reference sees the same bf16 inputs, computed in fp32.
-    want = sdpa_prefill(q.float(), k.float(), v.float(), cu, SEQLENS, max(SEQLENS), scale)
+    want = sdpa_prefill(q.float(), k.float(), v.float(), pk, scale, window)
     assert got.shape == q.shape and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
@@ -63,8 +68,8 @@ def test_varlen_prefill_matches_sdpa_on_a_packed_batch(attn, h, kvh, d):
 def test_torchs_flash_op_takes_multi_query_kv_as_it_is():
     # What 2.11's path relies on: the op that varlen_attn wraps, given one K/V head for 16 query
     # heads, computes what it computes on K/V expanded to every head.
-    q, k, v, cu = packed(16, 1, 128)
-    n = max(SEQLENS)
+    q, k, v, pk = packed(16, 1, 128)
+    cu, n = pk.cu_q, max(SEQLENS)
 
     def op(k, v):
         return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, n, n, 0.0, True, False, scale=0.125)[0]

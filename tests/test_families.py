@@ -123,6 +123,30 @@ def test_packed_batch_equals_each_prompt_alone(checkpoint):
         torch.testing.assert_close(row, prefill(model.weights, *packed([prompt]), sdpa_prefill)[0], rtol=0, atol=1e-5)
 
 
+@torch.inference_mode()
+def test_a_prefill_after_a_cached_prefix_equals_the_whole_prompts(checkpoint):
+    """A prompt whose first tokens' K/V are already staged (a prefix cache hit) computes only the
+    rest: rotary positions continue from the prefix, windows reach back into it, and its logits and
+    K/V are the whole prompt's. Packed with a prompt that has no cached prefix."""
+    model = load_model(checkpoint, torch.float32, torch.device("cpu"))
+    cfg = model.cfg
+    a, b = prompts([70, 30], seed=4)
+
+    def staging(n: int) -> torch.Tensor:
+        return torch.zeros(cfg.n_layer, 2, n, cfg.kv_heads, cfg.head_dim)
+
+    whole = staging(100)
+    want = prefill(model.weights, *packed([a, b]), sdpa_prefill, kv_out=whole)
+    cached = 48  # of a's 70 tokens; b has none
+    kv = staging(100)
+    kv[:, :, :cached] = whole[:, :, :cached]
+    ids = torch.tensor(a[cached:] + b)
+    positions = torch.cat([torch.arange(cached, len(a)), torch.arange(len(b))])
+    got = prefill(model.weights, ids, positions, [len(a) - cached, len(b)], sdpa_prefill, kv_out=kv, past=[cached, 0])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    torch.testing.assert_close(kv, whole, rtol=0, atol=1e-5)
+
+
 def generate(model, requests: list[GenerateRequest]) -> list[list[int]]:
     engine = Engine(model, EngineOptions(num_slots=4))
     return [r.token_ids for r in engine.generate(requests)]
