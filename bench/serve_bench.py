@@ -648,7 +648,7 @@ def run(args: argparse.Namespace) -> int:
     from splitserve.common.model_config import load_model_config
     from splitserve.common.runtime import resolve_device
 
-    from .engine_bench import describe_device
+    from .engine_runs import describe_device
     from .serve_plots import plot_serve  # matplotlib only when a benchmark runs
 
     args = resolve(args)

@@ -359,7 +359,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     from splitserve.common.runtime import resolve_device
 
-    from .engine_bench import describe_device
+    from .engine_runs import describe_device
     from .soak_plots import plot_soak  # matplotlib only when a benchmark runs
 
     args = resolve(args)

@@ -18,6 +18,7 @@ GAUGES = {
         "handoffs": "KV handoffs waiting for the decode side's release",
         "staging_used_tokens": "staging buffer tokens held by prefilled KV not yet released by decode",
         "staging_tokens": "staging buffer size in tokens",
+        "prefix_cache_bytes": "memory the prefix cache holds K/V in",
     },
     "decode": {
         "slots_used": "KV slots in use",
@@ -40,6 +41,10 @@ class WorkerMetrics:
         self.handoff_seconds = Histogram(f"splitserve_{role}_handoff_seconds", "KV handoff time", registry=self.registry,
                                          buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0))
         self.handoff_bytes = Counter(f"splitserve_{role}_handoff_bytes", "KV bytes handed off", registry=self.registry)
+        # prefill: prompt tokens looked up in the prefix cache, and found there (not computed)
+        self.prefix_tokens = {kind: Counter(f"splitserve_{role}_prefix_{kind}_tokens", f"prompt tokens {kind} in the "
+                                            "prefix cache", registry=self.registry) for kind in ("lookup", "hit")}
+        self._prefix_counted = {"lookup": 0, "hit": 0}
         self.health = health
         self.server = None
         if port:
@@ -53,6 +58,13 @@ class WorkerMetrics:
     def observe_batch(self, size: int, tokens: int) -> None:
         self.batch_size.observe(size)
         self.batch_tokens.inc(tokens)
+
+    def observe_prefix_cache(self, looked_up: int, found: int, nbytes: int) -> None:
+        """The cache's running totals of tokens looked up and found, and the bytes it holds."""
+        for kind, total in (("lookup", looked_up), ("hit", found)):
+            self.prefix_tokens[kind].inc(total - self._prefix_counted[kind])
+            self._prefix_counted[kind] = total
+        self.set(prefix_cache_bytes=nbytes)
 
     def observe_handoff(self, nbytes: int, seconds: float) -> None:
         self.handoff_bytes.inc(nbytes)

@@ -27,7 +27,7 @@ import msgspec
 from .params import FinishReason
 from .request import GenerateRequest
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # Maximum message sizes per socket kind (ZMQ_MAXMSGSIZE): control traffic is small; a KV frame
 # over tcp carries a whole prompt's cache.
@@ -108,6 +108,7 @@ class TokenBatch(msgspec.Struct, **_STRUCT):
     prompt_tokens: int = 0
     seed: int | None = None
     prompt_logprobs: list[float | None] | None = None
+    cached_tokens: int = 0  # on the first batch: prompt tokens the prefix cache spared computing
 
 
 class Error(msgspec.Struct, **_STRUCT):
@@ -174,6 +175,7 @@ class WsTokens(msgspec.Struct, tag="tokens", tag_field="type"):
     prompt_tokens: int = 0
     seed: int | None = None
     prompt_logprobs: list[float | None] | None = None
+    cached_tokens: int = 0
 
 
 class WsError(msgspec.Struct, tag="error", tag_field="type"):
@@ -190,14 +192,16 @@ def ws_reply(out: TokenBatch | Error) -> WsTokens | WsError:
     if isinstance(out, Error):
         return WsError(out.id, out.error_type, out.message)
     tokens = [WsToken(t.index, t.token_id, t.text, t.logprob, t.top_tokens) for t in out.tokens]
-    return WsTokens(out.id, tokens, out.finish_reason, out.prompt_tokens, out.seed, out.prompt_logprobs)
+    return WsTokens(out.id, tokens, out.finish_reason, out.prompt_tokens, out.seed, out.prompt_logprobs,
+                    out.cached_tokens)
 
 
 def from_ws_reply(reply: WsTokens | WsError) -> TokenBatch | Error:
     if isinstance(reply, WsError):
         return Error(reply.id, reply.error_type, reply.message)
     tokens = [Token(t.index, t.token_id, t.text, t.logprob, t.top_tokens) for t in reply.tokens]
-    return TokenBatch(reply.id, tokens, reply.finish_reason, reply.prompt_tokens, reply.seed, reply.prompt_logprobs)
+    return TokenBatch(reply.id, tokens, reply.finish_reason, reply.prompt_tokens, reply.seed, reply.prompt_logprobs,
+                      reply.cached_tokens)
 
 
 # ---- workers <-> gateway ------------------------------------------------------------------
@@ -224,6 +228,10 @@ class Register(msgspec.Struct, **_STRUCT):
     # decode: the CURVE public key (Z85) of its KV endpoint, when the worker link uses CURVE: KV
     # then travels encrypted and only to whoever the gateway gave the key; "" otherwise
     kv_public_key: str = ""
+    # prefill: its prefix cache, in blocks of prefix_block_tokens (0: none), for the gateway to
+    # send a prompt where its start is likely cached
+    prefix_blocks: int = 0
+    prefix_block_tokens: int = 0
 
 
 class Registered(msgspec.Struct, **_STRUCT):
@@ -265,6 +273,7 @@ class FirstToken(msgspec.Struct, **_STRUCT):
     token: Token
     finish_reason: FinishReason | None = None  # set when the request ends here (never handed off)
     prompt_logprobs: list[float | None] | None = None
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
 
 class StepEntry(msgspec.Struct, array_like=True):

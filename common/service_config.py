@@ -18,6 +18,7 @@ from typing import get_args
 from .config import ModelOptions, add_model_args, model_options
 from .curve import CurveKeys, load_keypair, load_public_key, load_public_keys, require_curve
 from .params import Limits
+from .prefix_blocks import DEFAULT_BLOCK_TOKENS
 from .protocol import TransportChoice
 
 DEFAULT_ZMQ_PORT = 5555
@@ -139,6 +140,8 @@ class WorkerOptions:
     kv_cache_memory_mb: int  # decode: memory budget for the pool (0: no limit besides num_slots)
     key_bucket: int  # decode: key lengths rounded up to a multiple of this
     staging_tokens: int  # prefill: staging buffer size (0: twice the prefill budget)
+    prefix_cache_mb: int  # prefill: memory for the prefix cache (0: off; -1: 1 GiB on CPU, up to 8 GiB on a GPU)
+    prefix_block_tokens: int  # prefill: tokens per prefix-cache block
     cpus: tuple[int, ...]  # CPU affinity (empty: any)
     cuda_graphs: bool  # decode: replay captured graphs (CUDA only)
     graph_key_step: int  # decode: key-length bucket under graphs
@@ -172,6 +175,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="decode: memory for the KV pool (0: no cap besides --num-slots)")
     p.add_argument("--key-bucket", type=int, default=8, help="decode: key length rounding (a multiple of 8)")
     p.add_argument("--staging-tokens", type=int, default=0, help="prefill: staging buffer tokens (0: twice the budget)")
+    p.add_argument("--prefix-cache-mb", type=int, default=int(_env("PREFIX_CACHE_MB", "-1")),
+                   help="prefill: memory for the K/V of recent prompts, which later prompts that start alike reuse "
+                        "(0: off; -1: 1024 on the CPU, on a GPU up to 8192 of what the model and staging leave free)")
+    p.add_argument("--prefix-block-tokens", type=int, default=DEFAULT_BLOCK_TOKENS,
+                   help="prefill: the prefix cache keeps and finds prompts in blocks of this many tokens")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="decode: CUDA graphs at power-of-two batch sizes (ignored on CPU)")
     p.add_argument("--graph-key-step", type=int, default=256, help="decode: key-length bucket under CUDA graphs")
@@ -191,6 +199,7 @@ def worker_options(ns: argparse.Namespace) -> WorkerOptions:
         host=ns.host, advertise_host=ns.advertise_host or ns.host, host_id=host_id, kv_transport=ns.kv_transport,
         kv_port=ns.kv_port, metrics_port=ns.metrics_port, worker_id=worker_id, num_slots=ns.num_slots,
         kv_cache_memory_mb=ns.kv_cache_memory_mb, key_bucket=ns.key_bucket, staging_tokens=ns.staging_tokens,
+        prefix_cache_mb=ns.prefix_cache_mb, prefix_block_tokens=ns.prefix_block_tokens,
         cpus=parse_cpus(ns.cpus), cuda_graphs=ns.cuda_graphs, graph_key_step=ns.graph_key_step,
     )
 

@@ -36,7 +36,7 @@ class WorkerLoop:
         self.link: GatewayLink | None = None  # connected by start(), once the worker's own sockets exist
 
     def start(self, kv_transports: list[P.Transport], capacity: int, kv_endpoint: str = "",
-              kv_public_key: str = "") -> None:
+              kv_public_key: str = "", prefix_blocks: int = 0, prefix_block_tokens: int = 0) -> None:
         """Register with the gateway: what this worker can do and hold."""
         o, m = self.opts, self.model
         register = P.Register(
@@ -44,7 +44,7 @@ class WorkerLoop:
             gpu_uuids=gpu_uuids(), device=str(m.device), kv_endpoint=kv_endpoint, kv_transports=kv_transports,
             capacity=capacity, model_fingerprint=m.fingerprint(), dtype=DTYPE_NAMES[m.dtype],
             slot_len=self.limits.max_total_tokens, pid=os.getpid(), pid_namespace=pid_namespace(),
-            kv_public_key=kv_public_key,
+            kv_public_key=kv_public_key, prefix_blocks=prefix_blocks, prefix_block_tokens=prefix_block_tokens,
         )
         self.link = GatewayLink(self.ctx, o.gateway, register, o.link.heartbeat_s, o.link.heartbeat_timeout,
                                 curve=o.link.curve)

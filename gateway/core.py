@@ -26,6 +26,7 @@ from typing import Callable
 
 from splitserve.common import protocol as P
 from splitserve.common.params import Limits, ValidationError
+from splitserve.common.prefix_blocks import block_hashes
 from splitserve.common.request import GenerateRequest
 from splitserve.common.tokenizer import Tokenizer
 
@@ -62,7 +63,9 @@ class Stream:
     # others' attempt ids and each of those names it; once dispatched, the others hold no queue share.
     forks: list[str] = field(default_factory=list)
     fork_of: str | None = None
-    shares_prefill: bool = False
+    queued_tokens: int = 0  # what the current attempt adds to its prefill worker's queue (0 for a fork)
+    cached_tokens: int = 0  # of the prompt, what the prefill worker's prefix cache held
+    hashes: dict[int, list[bytes]] = field(default_factory=dict)  # the attempt's blocks, by block size
 
     def __post_init__(self):
         self.request = self.request or self.original
@@ -71,10 +74,10 @@ class Stream:
     def prompt_tokens(self) -> int:
         return len(self.original.prompt_ids)
 
-    @property
-    def queued_tokens(self) -> int:
-        """What the current attempt puts in a prefill worker's queue."""
-        return 0 if self.shares_prefill else len(self.request.prompt_ids)
+    def block_hashes(self, block_tokens: int) -> list[bytes]:
+        if block_tokens not in self.hashes:
+            self.hashes[block_tokens] = block_hashes(self.request.prompt_ids, block_tokens)
+        return self.hashes[block_tokens]
 
 
 class GatewayCore:
@@ -150,7 +153,9 @@ class GatewayCore:
             stream = self.streams[self.waiting[0]]
             forks = [self.streams[attempt] for attempt in stream.forks]
             try:
-                route = self.registry.route(1 + len(forks))
+                # prompt logprobs need every position computed: such a prompt meets no cached prefix
+                hashes = (lambda _: []) if stream.request.prompt_logprobs else stream.block_hashes
+                route = self.registry.route(1 + len(forks), len(stream.request.prompt_ids), hashes)
             except NoTransport as e:  # the workers that have room cannot hand KV to each other
                 log.error("%s", e)
                 self.waiting.popleft()
@@ -162,10 +167,12 @@ class GatewayCore:
                 return
             self.waiting.popleft()
             stream.forks = []
-            route.prefill.queued_tokens += stream.queued_tokens
+            stream.queued_tokens = route.compute
+            route.prefill.queued_tokens += route.compute
+            route.prefill.remember(route.hashes)
             for s in (stream, *forks):
                 route.decode.assigned.add(s.request.id)  # the reservation, before any prefill work
-                s.decode, s.prefill, s.fork_of, s.shares_prefill = route.decode.id, route.prefill.id, None, s is not stream
+                s.decode, s.prefill, s.fork_of = route.decode.id, route.prefill.id, None
             decode = route.decode.info
             self.send(route.prefill, P.Prefill(stream.request, decode.worker_id, decode.kv_endpoint, route.transport,
                                                stream.deadline, [f.request for f in forks], decode.kv_public_key))
@@ -250,8 +257,9 @@ class GatewayCore:
         del self.streams[attempt]
         stream.attempts += 1
         stream.pending.clear()
-        stream.awaiting_first, stream.prefill, stream.decode, stream.shares_prefill = True, None, None, False
+        stream.awaiting_first, stream.prefill, stream.decode, stream.queued_tokens = True, None, None, 0
         stream.request = resumed_request(stream.original, f"{stream.gid}.{stream.attempts}", stream.generated)
+        stream.hashes.clear()
         self.streams[stream.request.id] = stream
         self.attempt_of[stream.gid] = stream.request.id
         self.waiting.appendleft(stream.request.id)  # it was admitted long ago: first in line
@@ -279,6 +287,7 @@ class GatewayCore:
             return
         self._prefilled(stream)
         stream.prompt_logprobs = msg.prompt_logprobs
+        stream.cached_tokens = msg.cached_tokens
         self._deliver(worker, msg.id, msg.token, msg.finish_reason)
 
     def _prefilled(self, stream: Stream) -> None:
@@ -333,6 +342,7 @@ class GatewayCore:
                 stream.client_id, tokens, finish, prompt_tokens=stream.prompt_tokens if first else 0,
                 seed=stream.request.sampling.seed if stream.request.sampling.do_sample else None,
                 prompt_logprobs=stream.prompt_logprobs if first else None,
+                cached_tokens=stream.cached_tokens if first else 0,
             ))
         if finish is not None:
             stream.client_done = True

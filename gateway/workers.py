@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from splitserve.common import protocol as P
@@ -18,7 +20,10 @@ class Worker:
     last_seen: float
     draining: bool = False
     assigned: set[str] = field(default_factory=set)  # decode: requests holding a reservation
-    queued_tokens: int = 0  # prefill: prompt tokens sent and not yet prefilled
+    queued_tokens: int = 0  # prefill: prompt tokens sent and not yet prefilled, to compute
+    # prefill: the block hashes of the prompts sent here, most recent last, as many as its prefix
+    # cache holds: what it likely has cached (its own cache evicts in the same order)
+    prefixes: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
 
     @property
     def id(self) -> str:
@@ -28,12 +33,35 @@ class Worker:
     def free_slots(self) -> int:
         return self.info.capacity - len(self.assigned)
 
+    def cached_tokens(self, hashes: list[bytes]) -> int:
+        """Of a prompt with these block hashes, the tokens this worker's prefix cache likely holds."""
+        blocks = 0
+        for h in hashes:
+            if h not in self.prefixes:
+                break
+            blocks += 1
+        return blocks * self.info.prefix_block_tokens
+
+    def remember(self, hashes: list[bytes]) -> None:
+        """A prompt was sent here: its blocks are now the most recently used, its prefix last."""
+        for h in reversed(hashes):
+            self.prefixes[h] = None
+            self.prefixes.move_to_end(h)
+        while len(self.prefixes) > self.info.prefix_blocks:
+            self.prefixes.popitem(last=False)
+
 
 @dataclass(frozen=True)
 class Route:
     prefill: Worker
     decode: Worker
     transport: P.Transport
+    compute: int  # prompt tokens the prefill worker will compute (those it likely has cached left out)
+    hashes: list[bytes]  # the prompt's blocks, in the prefill worker's block size
+
+
+# (block tokens) -> the prompt's block hashes in that size, computed once per size
+Hashes = Callable[[int], list[bytes]]
 
 
 @dataclass(frozen=True)
@@ -114,6 +142,8 @@ class WorkerRegistry:
         self.dtype = reg.dtype
         known = self.workers.get(reg.worker_id)
         if known is not None:  # a reconnect: keep its reservations
+            if reg.pid != known.info.pid or reg.prefix_blocks != known.info.prefix_blocks:
+                known.prefixes.clear()  # a new process under the old name: its cache starts empty
             self.by_identity.pop(known.identity, None)
             known.identity, known.info, known.last_seen = identity, reg, time.monotonic()
             self.by_identity[identity] = known
@@ -149,20 +179,29 @@ class WorkerRegistry:
     def of_role(self, role: str, routable: bool = True) -> list[Worker]:
         return [w for w in self.workers.values() if w.info.role == role and not (routable and w.draining)]
 
-    def route(self, slots: int) -> Route | None:
-        """Where a prompt goes: the decode worker with the most free slots (at least `slots`) and the
-        prefill worker with the fewest queued tokens among those that can hand KV to it. None while
-        every decode worker is full or a role has no worker; NoTransport when workers with room
-        exist but no pair of them has a transport that may be used."""
+    def route(self, slots: int, prompt_len: int, hashes: Hashes) -> Route | None:
+        """Where a prompt goes: the decode worker with the most free slots (at least `slots`), and
+        among the prefill workers that can hand KV to it the one with the least work: its queued
+        tokens plus the prompt's tokens it would compute (those its prefix cache likely holds left
+        out), so that prompts meet their cached prefixes without one hot file piling up on one
+        worker. None while every decode worker is full or a role has no worker; NoTransport when
+        workers with room exist but no pair of them has a transport that may be used."""
         decodes = sorted((w for w in self.of_role("decode") if w.free_slots >= slots), key=lambda w: -w.free_slots)
-        prefills = sorted(self.of_role("prefill"), key=lambda w: w.queued_tokens)
-        if not decodes or not prefills:
+        candidates = []
+        for w in self.of_role("prefill"):
+            mine = hashes(w.info.prefix_block_tokens) if w.info.prefix_blocks else []
+            compute = prompt_len - min(w.cached_tokens(mine), prompt_len - 1)
+            candidates.append((w.queued_tokens + compute, compute, mine, w))
+        candidates.sort(key=lambda c: c[0])
+        if not decodes or not candidates:
             return None
         refusals = []
         for decode in decodes:
-            for prefill in prefills:
+            for _, compute, mine, prefill in candidates:
                 try:
-                    return Route(prefill, decode, transport_between(self.transport_flag, prefill.info, decode.info))
+                    transport = transport_between(self.transport_flag, prefill.info, decode.info)
                 except NoTransport as e:
                     refusals.append(str(e))
+                    continue
+                return Route(prefill, decode, transport, compute, mine)
         raise NoTransport("; ".join(refusals))

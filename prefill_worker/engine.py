@@ -24,6 +24,7 @@ class PrefillResult:
     first_token: int
     kv_offset: int  # the prompt's KV is staging[:, :, kv_offset : kv_offset + kv_len]
     kv_len: int
+    cached: int = 0  # of its tokens, how many came from the prefix cache (not computed)
     logprob: float | None = None
     top_tokens: list[tuple[int, float]] | None = None
     prompt_logprobs: list[float | None] | None = None  # None for the first prompt token
@@ -53,21 +54,26 @@ class PrefillEngine:
         self.staging = staging
 
     def run(self, batch: list[GenerateRequest], staging_offset: int = 0,
-            forks: list[list[GenerateRequest]] | None = None) -> list[PrefillResult]:
+            forks: list[list[GenerateRequest]] | None = None, past: list[int] | None = None) -> list[PrefillResult]:
         """Results in batch order, each prompt's forks (same prompt, own sampling) right after it;
-        a fork's result shares its prompt's KV region."""
+        a fork's result shares its prompt's KV region. `past`: per prompt, the tokens of a cached
+        prefix whose K/V are already at the start of its staging region (from the prefix cache):
+        only the rest is computed. A prompt that asks for prompt logprobs has none."""
         lens = [len(r.prompt_ids) for r in batch]
+        past = past or [0] * len(batch)
+        if any(p and r.prompt_logprobs for r, p in zip(batch, past)):
+            raise ValueError("prompt logprobs need every prompt token computed: no cached prefix")
+        new = [n - p for n, p in zip(lens, past)]  # the tokens computed now
         total = sum(lens)
-        if total > self.token_budget or staging_offset + total > self.staging.shape[2]:
-            raise ValueError(f"{total} prompt tokens at offset {staging_offset} do not fit the budget "
-                             f"({self.token_budget}) or the staging buffer ({self.staging.shape[2]})")
+        if sum(new) > self.token_budget or staging_offset + total > self.staging.shape[2]:
+            raise ValueError(f"{sum(new)} prompt tokens to compute ({total} in all) at offset {staging_offset} do not "
+                             f"fit the budget ({self.token_budget}) or the staging buffer ({self.staging.shape[2]})")
         dev = self.model.device
-        flat = torch.tensor([t for r in batch for t in r.prompt_ids], dtype=torch.long, device=dev)
-        positions = torch.cat([torch.arange(n) for n in lens]).to(dev)
-        ends = torch.tensor(lens).cumsum(0)
-        index, last_rows = self._logit_rows(batch, lens, ends)
-        logits = prefill(self.model.weights, flat, positions, lens, self.attn,
-                         kv_out=self.staging[:, :, staging_offset:], logit_index=index)
+        flat = torch.tensor([t for r, p in zip(batch, past) for t in r.prompt_ids[p:]], dtype=torch.long, device=dev)
+        positions = torch.cat([torch.arange(p, n) for n, p in zip(lens, past)]).to(dev)
+        index, last_rows = self._logit_rows(batch, new)
+        logits = prefill(self.model.weights, flat, positions, new, self.attn,
+                         kv_out=self.staging[:, :, staging_offset:], logit_index=index, past=past)
         last = logits if last_rows is None else logits[last_rows]  # [B, V]
         # one sampled row per request: a prompt's row repeated for each of its forks
         group = [i for i, fs in enumerate(forks or [[]] * len(batch)) for _ in range(1 + len(fs))]
@@ -79,23 +85,24 @@ class PrefillEngine:
         details = any(r.wants_details for r in rows)
         top_n = max(r.top_n_tokens for r in rows)
         out = sample(last, st, torch.tensor([lens[i] for i in group], device=dev), counts, details, top_n)
-        starts = (ends - torch.tensor(lens)).tolist()
-        results = [PrefillResult(r, 0, staging_offset + starts[i], lens[i]) for r, i in zip(rows, group)]
+        starts = (torch.tensor(lens).cumsum(0) - torch.tensor(lens)).tolist()
+        results = [PrefillResult(r, 0, staging_offset + starts[i], lens[i], past[i]) for r, i in zip(rows, group)]
         self._fill_tokens(results, out)
         if last_rows is not None:
             leaders = [k for k, i in enumerate(group) if k == 0 or group[k - 1] != i]
-            self._fill_prompt_logprobs([results[k] for k in leaders], logits, flat, last_rows)
+            self._fill_prompt_logprobs([results[k] for k in leaders], logits, last_rows)
             for res, i in zip(results, group):
                 res.prompt_logprobs = results[leaders[i]].prompt_logprobs if res.request.prompt_logprobs else None
         return results
 
-    def _logit_rows(self, batch, lens, ends):
-        """Rows of the packed prompts that reach the LM head: the last of each prompt, or every
+    def _logit_rows(self, batch, new: list[int]):
+        """Rows of the packed new tokens that reach the LM head: the last of each prompt, or every
         position of a prompt whose prompt logprobs were asked for."""
         if not any(r.prompt_logprobs for r in batch):
             return None, None
-        rows, last_rows = [], []
-        for r, n, end in zip(batch, lens, ends.tolist()):
+        rows, last_rows, end = [], [], 0
+        for r, n in zip(batch, new):
+            end += n
             rows.extend(range(end - n, end) if r.prompt_logprobs else [end - 1])
             last_rows.append(len(rows) - 1)
         return torch.tensor(rows, device=self.model.device), last_rows
@@ -119,13 +126,13 @@ class PrefillEngine:
                     res.top_tokens = list(zip(top_ids[i][:n], top_lps[i][:n]))
 
     @staticmethod
-    def _fill_prompt_logprobs(results, logits, flat, last_rows) -> None:
+    def _fill_prompt_logprobs(results, logits, last_rows) -> None:
         """logprob of each prompt token given the ones before it (the first has none)."""
         start_row = 0
         for res, last in zip(results, last_rows):
             if res.request.prompt_logprobs:
-                ids = flat[res.kv_offset - results[0].kv_offset :][: res.kv_len]
+                ids = torch.tensor(res.request.prompt_ids[1:], device=logits.device)
                 lp = torch.log_softmax(logits[start_row:last].float(), -1)  # [n-1, V]
-                picked = lp.gather(1, ids[1:, None])[:, 0].tolist()
+                picked = lp.gather(1, ids[:, None])[:, 0].tolist()
                 res.prompt_logprobs = [None] + picked
             start_row = last + 1

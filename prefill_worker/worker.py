@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 import zmq
@@ -23,12 +24,21 @@ from splitserve.common.service_config import WorkerOptions, derive_limits
 from splitserve.common.text_stream import TextStream, first_token_finish
 from splitserve.common.worker_loop import WorkerLoop
 
-from .engine import PrefillEngine, PrefillResult, take_batch
+from .engine import PrefillEngine, PrefillResult
+from .prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
 # A Cancel that arrived before its prompt is remembered this long.
 CANCELLED_MEMORY_S = 60.0
+# --prefix-cache-mb -1: this much on the CPU; on a GPU up to GPU_CACHE_MB of what is free
+CPU_CACHE_MB, GPU_CACHE_MB, GPU_FREE_SHARE = 1024, 8192, 0.8
+
+
+@dataclass
+class Queued:
+    job: P.Prefill
+    compute: int  # prompt tokens to compute, those the prefix cache held when it came left out
 
 
 class PrefillWorker(WorkerLoop):
@@ -45,15 +55,19 @@ class PrefillWorker(WorkerLoop):
         staging = allocate_staging(shape, model.dtype, model.device, transports[0], opts.worker_id)
         self.kv = KvSender(self.ctx, staging, opts.worker_id, opts.link.curve)
         self.engine = PrefillEngine(model, limits.prefill_token_budget, staging=staging.tensor)
-        self.queue: deque[P.Prefill] = deque()
-        self.queued_tokens = 0
+        self.cache = prefix_cache(opts, model)
+        self.queue: deque[Queued] = deque()
+        self.queued_tokens = 0  # to compute
         self.cancelled: dict[str, float] = {}  # request id -> when its Cancel came, before the prompt did
-        self.start(transports, capacity=limits.prefill_token_budget)
+        blocks = self.cache.capacity if self.cache else 0
+        self.start(transports, capacity=limits.prefill_token_budget, prefix_blocks=blocks,
+                   prefix_block_tokens=opts.prefix_block_tokens if blocks else 0)
 
     def health(self) -> dict:
         return super().health() | {"queued_tokens": self.queued_tokens, "handoffs": len(self.kv.handoffs),
                                    "staging_free_tokens": self.kv.regions.free_tokens,
-                                   "staging_tokens": self.kv.regions.total}
+                                   "staging_tokens": self.kv.regions.total,
+                                   "prefix_cache_blocks": self.cache.used_blocks if self.cache else 0}
 
     # ---- the loop's parts ---------------------------------------------------------------------
 
@@ -82,6 +96,9 @@ class PrefillWorker(WorkerLoop):
         regions = self.kv.regions
         self.metrics.set(queued_tokens=self.queued_tokens, handoffs=len(self.kv.handoffs),
                          staging_used_tokens=regions.used_tokens, staging_tokens=regions.total)
+        if self.cache:
+            self.metrics.observe_prefix_cache(self.cache.looked_up, self.cache.found,
+                                              self.cache.used_blocks * self.cache.block_bytes())
 
     def abandon(self, why: str) -> None:
         if self.queue:
@@ -91,8 +108,8 @@ class PrefillWorker(WorkerLoop):
         self.cancelled.clear()
 
     def end_unfinished(self) -> None:
-        for job in list(self.queue):
-            self._drop(job, "shutdown")
+        for queued in list(self.queue):
+            self._drop(queued, "shutdown")
 
     def close_own(self) -> None:
         self.kv.close()
@@ -104,8 +121,9 @@ class PrefillWorker(WorkerLoop):
             if msg.request.id in self.cancelled:
                 self._finish_all(msg, "cancelled")
             else:
-                self.queue.append(msg)
-                self.queued_tokens += len(msg.request.prompt_ids)
+                queued = Queued(msg, len(msg.request.prompt_ids) - self._cached(msg.request))
+                self.queue.append(queued)
+                self.queued_tokens += queued.compute
         elif isinstance(msg, P.Cancel):
             self._cancel(msg.id)
 
@@ -117,9 +135,10 @@ class PrefillWorker(WorkerLoop):
             self.metrics.observe_handoff(nbytes, seconds)
 
     def _cancel(self, rid: str) -> None:
-        for job in self.queue:
+        for queued in self.queue:
+            job = queued.job
             if job.request.id == rid:
-                self._drop(job, "cancelled")
+                self._drop(queued, "cancelled")
                 return
             fork = next((f for f in job.forks if f.id == rid), None)
             if fork is not None:
@@ -128,10 +147,10 @@ class PrefillWorker(WorkerLoop):
                 return
         self.cancelled[rid] = time.monotonic()
 
-    def _drop(self, job: P.Prefill, reason: P.FinishReason) -> None:
-        self.queue.remove(job)
-        self.queued_tokens -= len(job.request.prompt_ids)
-        self._finish_all(job, reason)
+    def _drop(self, queued: Queued, reason: P.FinishReason) -> None:
+        self.queue.remove(queued)
+        self.queued_tokens -= queued.compute
+        self._finish_all(queued.job, reason)
 
     def _finish_all(self, job: P.Prefill, reason: P.FinishReason) -> None:
         for request in (job.request, *job.forks):
@@ -143,19 +162,20 @@ class PrefillWorker(WorkerLoop):
         if not self.queue:
             return
         now = time.time()
-        for job in [j for j in self.queue if j.deadline is not None and j.deadline < now]:
-            self._drop(job, "timeout")
-        regions = self.kv.regions
-        batch = take_batch(self.queue, min(self.limits.prefill_token_budget, regions.largest_free()),
-                           lambda j: len(j.request.prompt_ids))
+        for queued in [q for q in self.queue if q.job.deadline is not None and q.job.deadline < now]:
+            self._drop(queued, "timeout")
+        batch, found = self._take_batch()
         if not batch:
             return
         total = sum(len(j.request.prompt_ids) for j in batch)
-        self.queued_tokens -= total
+        regions = self.kv.regions
         offset = regions.alloc(total)
+        past = [0] * len(batch)
         try:
             with torch.inference_mode():
-                results = self.engine.run([j.request for j in batch], offset, [j.forks for j in batch])
+                past = self._stage_cached(batch, found, offset)
+                results = self.engine.run([j.request for j in batch], offset, [j.forks for j in batch], past)
+                self._keep_prompts(batch, offset)
             self.kv.staging.record_write()
         except Exception as e:  # a failing batch ends its requests, the worker lives on
             log.exception("prefill batch failed")
@@ -164,7 +184,7 @@ class PrefillWorker(WorkerLoop):
                 for request in (job.request, *job.forks):
                     self.link.send(P.WorkerError(request.id, f"prefill failed: {e}"))
             return
-        self.metrics.observe_batch(len(batch), total)
+        self.metrics.observe_batch(len(batch), total - sum(past))
         for job in batch:
             regions.share(offset, 1 + len(job.forks))
             offset += len(job.request.prompt_ids)
@@ -181,11 +201,76 @@ class PrefillWorker(WorkerLoop):
             res.logprob, res.top_tokens)
         reason = "cancelled" if self.cancelled.pop(request.id, None) is not None else ev.finish.reason
         token = P.Token(ev.index, ev.token_id, ev.text, ev.logprob, res.top_tokens)
-        self.link.send(P.FirstToken(request.id, token, reason, res.prompt_logprobs))
+        self.link.send(P.FirstToken(request.id, token, reason, res.prompt_logprobs, res.cached))
         if reason is None:
             self.kv.send(job, request, res.first_token, ev.text, res.kv_offset, res.kv_len)
         else:
             self.kv.regions.release(res.kv_offset, res.kv_len)
+
+
+    # ---- the prefix cache -------------------------------------------------------------------------
+
+    def _cached(self, request) -> int:
+        """Prompt tokens the prefix cache holds for `request` now (none for a request whose prompt
+        logprobs need every position computed)."""
+        if self.cache is None or request.prompt_logprobs:
+            return 0
+        return len(self.cache.match(request.prompt_ids)[0]) * self.cache.block_tokens
+
+    def _take_batch(self) -> tuple[list[P.Prefill], list[list[int]]]:
+        """Prompts in arrival order while the tokens they compute fit the prefill budget and their
+        whole K/V the largest free staging region; each prompt's cached blocks, looked up now."""
+        batch, found, compute, total = [], [], 0, 0
+        room = self.kv.regions.largest_free()
+        while self.queue:
+            queued = self.queue[0]
+            request = queued.job.request
+            blocks = self.cache.lookup(request.prompt_ids) if self.cache and not request.prompt_logprobs else []
+            need = len(request.prompt_ids) - len(blocks) * (self.cache.block_tokens if self.cache else 0)
+            if compute + need > self.limits.prefill_token_budget or total + len(request.prompt_ids) > room:
+                break
+            self.queue.popleft()
+            self.queued_tokens -= queued.compute
+            batch.append(queued.job)
+            found.append(blocks)
+            compute, total = compute + need, total + len(request.prompt_ids)
+        return batch, found
+
+    def _stage_cached(self, batch: list[P.Prefill], found: list[list[int]], offset: int) -> list[int]:
+        """Copy each prompt's cached blocks to the start of its staging region; -> cached tokens each."""
+        past = []
+        for job, blocks in zip(batch, found):
+            n = len(job.request.prompt_ids)
+            if blocks:
+                self.cache.copy_out(blocks, self.kv.staging.tensor[:, :, offset : offset + n])
+            past.append(len(blocks) * (self.cache.block_tokens if self.cache else 0))
+            offset += n
+        return past
+
+    def _keep_prompts(self, batch: list[P.Prefill], offset: int) -> None:
+        """Put the batch's prompts into the prefix cache, from the K/V just staged."""
+        for job in batch:
+            n = len(job.request.prompt_ids)
+            if self.cache is not None:
+                self.cache.insert(job.request.prompt_ids, self.kv.staging.tensor[:, :, offset : offset + n])
+            offset += n
+
+
+def prefix_cache(opts: WorkerOptions, model: LoadedModel) -> PrefixCache | None:
+    """The prefix cache --prefix-cache-mb gives room for, or None."""
+    cfg, block = model.cfg, opts.prefix_block_tokens
+    block_bytes = cfg.n_layer * 2 * block * cfg.kv_dim * model.dtype.itemsize
+    mb = opts.prefix_cache_mb
+    if mb < 0:
+        mb = CPU_CACHE_MB
+        if model.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(model.device)
+            mb = min(GPU_CACHE_MB, int(free * GPU_FREE_SHARE) // 2**20)
+    blocks = mb * 2**20 // block_bytes
+    if blocks < 1:
+        return None
+    log.info("prefix cache: %d blocks of %d tokens (%d MiB)", blocks, block, blocks * block_bytes // 2**20)
+    return PrefixCache(cfg.n_layer, cfg.kv_heads, cfg.head_dim, block, blocks, model.dtype, model.device)
 
 
 def run(opts: WorkerOptions, model: LoadedModel) -> int:

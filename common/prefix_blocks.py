@@ -1,0 +1,24 @@
+"""Prompts cut into fixed blocks of token ids, each named by a hash of every id up to its end: the
+keys of the prefill workers' prefix caches, and of the gateway's index of what each worker holds.
+Stable across processes and machines (blake2b over the ids as little-endian int32, never Python's
+salted `hash()`); imports no torch."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+
+DEFAULT_BLOCK_TOKENS = 32
+_DIGEST = 16
+
+
+def block_hashes(ids: Sequence[int], block_tokens: int) -> list[bytes]:
+    """The hash of each full block of `ids`: block i's covers ids[: (i + 1) * block_tokens], as
+    the hash of block i - 1's and the block's own ids. A trailing partial block has none."""
+    hashes, previous = [], b""
+    pack = struct.Struct(f"<{block_tokens}i").pack
+    for end in range(block_tokens, len(ids) + 1, block_tokens):
+        previous = hashlib.blake2b(previous + pack(*ids[end - block_tokens : end]), digest_size=_DIGEST).digest()
+        hashes.append(previous)
+    return hashes
