@@ -65,7 +65,7 @@ def window_mask(n: int, window: int, device) -> torch.Tensor:
 
 def _flash_attn_prefill() -> PrefillAttention | None:
     try:
-        from flash_attn import flash_attn_varlen_func
+        from flash_attn import flash_attn_varlen_func  # pyright: ignore[reportMissingImports]  # optional, CUDA only
     except ImportError:
         return None
 
