@@ -88,7 +88,7 @@ def causal_mask(n: int, m: int, window: int, device) -> torch.Tensor:
 
 def _flash_attn_prefill() -> PrefillAttention | None:
     try:
-        from flash_attn import flash_attn_varlen_func
+        from flash_attn import flash_attn_varlen_func  # pyright: ignore[reportMissingImports]  # optional, CUDA only
     except ImportError:
         return None
 

@@ -1,9 +1,18 @@
 """Shared fixtures. Every test process uses a fixed, small number of PyTorch threads so that
-the suite is steady on a 2-core machine, and a private SPLITSERVE_HOME."""
+the suite is steady on a 2-core machine, and a private SPLITSERVE_HOME.
+
+Tests that start OS processes carry the `processes` marker, so that `pytest -m "not processes"`
+runs the rest in seconds. The hook below gives it to every test whose own code, or the code of a
+fixture it uses, starts one, following the functions and classes of tests/ that it calls (a
+Cluster, pair_child, a helper of the test module); `@pytest.mark.processes` marks by hand what it
+cannot see, such as a process started inside the project's own code."""
 
 from __future__ import annotations
 
+import inspect
 import os
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -11,6 +20,57 @@ import torch
 
 TEST_THREADS = 1
 torch.set_num_threads(TEST_THREADS)
+
+
+# Names whose use starts an OS process (subprocess.run/Popen, multiprocessing, os.fork, ...)
+SPAWNS = frozenset({"subprocess", "Popen", "multiprocessing", "create_subprocess_exec", "create_subprocess_shell",
+                    "fork", "forkpty", "posix_spawn", "posix_spawnp"})
+TESTS = Path(__file__).resolve().parent
+
+
+def _defined_in_tests() -> dict[str, list]:
+    """The functions and classes that the modules of tests/ define, by name."""
+    found: dict[str, list] = {}
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if file and Path(file).resolve().is_relative_to(TESTS):
+            for name, obj in vars(module).items():
+                if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == module.__name__:
+                    found.setdefault(name, []).append(obj)
+    return found
+
+
+def _codes(obj) -> list[types.CodeType]:
+    if inspect.isclass(obj):
+        return [c for member in vars(obj).values() for c in _codes(getattr(member, "__func__", member))]
+    obj = inspect.unwrap(obj)  # through @contextmanager and other functools.wraps decorators
+    return [obj.__code__] if hasattr(obj, "__code__") else []
+
+
+def _starts_processes(code: types.CodeType, defined: dict[str, list], seen: set) -> bool:
+    """Whether `code` names one of SPAWNS, itself or through what it calls (by name) of tests/."""
+    if code in seen:
+        return False
+    seen.add(code)
+    if SPAWNS.intersection(code.co_names):
+        return True
+    inner = [k for k in code.co_consts if isinstance(k, types.CodeType)]  # nested functions, lambdas
+    called = [c for name in code.co_names for obj in defined.get(name, ()) for c in _codes(obj)]
+    return any(_starts_processes(c, defined, seen) for c in inner + called)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items):
+    defined = _defined_in_tests()
+    for item in items:
+        funcs = [getattr(item, "function", None)]
+        fixtures = getattr(item, "_fixtureinfo", None)  # the fixtures it uses, directly or not
+        if fixtures is not None:
+            funcs += [d.func for name in item.fixturenames for d in fixtures.name2fixturedefs.get(name, ())]
+        codes = [c for f in funcs if f is not None for c in _codes(f)]
+        seen: set = set()
+        if any(Path(c.co_filename).resolve().is_relative_to(TESTS) and _starts_processes(c, defined, seen) for c in codes):
+            item.add_marker(pytest.mark.processes)
 
 
 @pytest.fixture(scope="session")
