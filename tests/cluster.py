@@ -53,17 +53,16 @@ class Cluster:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def metric(self, name: str, **labels: str) -> float:
-        """A sample of the gateway's /metrics (0 when absent), e.g. metric("splitserve_requests_total", route="/ws")."""
+    def metric(self, name: str, worker_id: str | None = None, **labels: str) -> float:
+        """A sample of the gateway's /metrics, or a worker's (0 when absent), e.g.
+        metric("splitserve_requests_total", route="/ws"); a worker's samples of that name summed."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as r:
+        port = self.port if worker_id is None else self.workers[worker_id]["metrics_port"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             text = r.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    return sample.value
-        return 0.0
+        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                   if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
 
     def _spawn(self, command: str, *args: str) -> subprocess.Popen:
         # SPLITSERVE_PORT=0: a gateway started without --port takes any free HTTP port, not the default one

@@ -212,12 +212,8 @@ def test_fim_too_long_is_cut_at_the_far_ends(http, tokenizer):
 
 
 def worker_metric(pipeline, role: str, name: str) -> float:
-    import urllib.request
-
-    (wid,) = [w for w, info in pipeline.workers.items() if info["role"] == role]
-    with urllib.request.urlopen(f"http://127.0.0.1:{pipeline.workers[wid]['metrics_port']}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+    (worker_id,) = [w for w, info in pipeline.workers.items() if info["role"] == role]
+    return pipeline.metric(name, worker_id)
 
 
 def test_n_choices_share_one_prefill(pipeline, http, tokenizer):

@@ -16,7 +16,6 @@ import sys
 import sysconfig
 from pathlib import Path
 
-import pytest
 
 if sys.version_info >= (3, 11):
     import tomllib
