@@ -126,16 +126,21 @@ GatewayToClient = Union[TokenBatch, Error]
 # frames), for clients that speak JSON; the ZMQ messages above are arrays, cheaper to encode.
 
 
-def _by_name(cls: type[msgspec.Struct]) -> type[msgspec.Struct]:
-    """`cls` with the same fields and defaults, encoded as an object."""
+def _by_name(cls: type[msgspec.Struct], tag: str | None = None, strict: bool = False,
+             **types) -> type[msgspec.Struct]:
+    """`cls` with the same fields and defaults, encoded as an object (tagged by "type" when `tag` is
+    given); `types` replaces some fields' types. `strict`: unknown fields are refused (requests: a
+    misspelt parameter is an error, not a default), else ignored (replies: an older client reads a
+    newer gateway's)."""
     fields = []
     for f in msgspec.structs.fields(cls):
         default = f.default if f.default is not msgspec.NODEFAULT else msgspec.field(default_factory=f.default_factory)
-        fields.append((f.name, f.type, default))
-    return msgspec.defstruct(cls.__name__, fields, kw_only=True, forbid_unknown_fields=True)
+        fields.append((f.name, types.get(f.name, f.type), default))
+    return msgspec.defstruct(f"Ws{cls.__name__}", fields, kw_only=True, forbid_unknown_fields=strict, tag=tag,
+                             tag_field="type" if tag else None)
 
 
-WsParameters = _by_name(GenerateParams)
+WsParameters = _by_name(GenerateParams, strict=True)
 
 
 class WsGenerate(msgspec.Struct, tag="generate", tag_field="type", forbid_unknown_fields=True):
@@ -160,48 +165,27 @@ class WsCancel(msgspec.Struct, tag="cancel", tag_field="type"):
     id: str
 
 
-class WsToken(msgspec.Struct):
-    index: int
-    token_id: int
-    text: str
-    logprob: float | None = None
-    top_tokens: list[tuple[int, float]] | None = None
-
-
-class WsTokens(msgspec.Struct, tag="tokens", tag_field="type"):
-    id: str
-    tokens: list[WsToken]
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    seed: int | None = None
-    prompt_logprobs: list[float | None] | None = None
-    cached_tokens: int = 0
-
-
-class WsError(msgspec.Struct, tag="error", tag_field="type"):
-    id: str
-    error_type: str
-    message: str
-
-
+WsToken = _by_name(Token)
+WsTokens = _by_name(TokenBatch, tag="tokens", tokens=list[WsToken])
+WsError = _by_name(Error, tag="error")
 WsRequest = Union[WsGenerate, WsCancel]
 WsReply = Union[WsTokens, WsError]
 
 
-def ws_reply(out: TokenBatch | Error) -> WsTokens | WsError:
+def ws_reply(out: TokenBatch | Error) -> msgspec.Struct:
+    """The WebSocket form (WsTokens or WsError) of a reply."""
+    fields = msgspec.structs.asdict(out)
     if isinstance(out, Error):
-        return WsError(out.id, out.error_type, out.message)
-    tokens = [WsToken(t.index, t.token_id, t.text, t.logprob, t.top_tokens) for t in out.tokens]
-    return WsTokens(out.id, tokens, out.finish_reason, out.prompt_tokens, out.seed, out.prompt_logprobs,
-                    out.cached_tokens)
+        return WsError(**fields)
+    return WsTokens(**fields | {"tokens": [WsToken(**msgspec.structs.asdict(t)) for t in out.tokens]})
 
 
-def from_ws_reply(reply: WsTokens | WsError) -> TokenBatch | Error:
+def from_ws_reply(reply) -> TokenBatch | Error:
+    """The reply a WsTokens or WsError carries."""
+    fields = msgspec.structs.asdict(reply)
     if isinstance(reply, WsError):
-        return Error(reply.id, reply.error_type, reply.message)
-    tokens = [Token(t.index, t.token_id, t.text, t.logprob, t.top_tokens) for t in reply.tokens]
-    return TokenBatch(reply.id, tokens, reply.finish_reason, reply.prompt_tokens, reply.seed, reply.prompt_logprobs,
-                      reply.cached_tokens)
+        return Error(**fields)
+    return TokenBatch(**fields | {"tokens": [Token(**msgspec.structs.asdict(t)) for t in reply.tokens]})
 
 
 # ---- workers <-> gateway ------------------------------------------------------------------

@@ -5,7 +5,7 @@ the encoding its request came in (a JSON text message or a MessagePack binary on
             {"type": "cancel", "id": "a"}
     server: {"type": "tokens", "id": "a", "tokens": [{"index": 0, "token_id": 12, "text": "\\n",
              "logprob": null, "top_tokens": null}], "finish_reason": null, "prompt_tokens": 5, "seed": null,
-             "prompt_logprobs": null}
+             "prompt_logprobs": null, "cached_tokens": 0}
             {"type": "error", "id": "a", "error_type": "validation", "message": "..."}
 
 `parameters` takes the ZMQ protocol's GenerateParams fields by name (P.WsGenerate). The
