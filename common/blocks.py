@@ -110,14 +110,22 @@ def rope_tables(cfg: ModelConfig, dtype: torch.dtype, device) -> tuple[torch.Ten
     return (angles.cos() * scale).to(device, dtype), (angles.sin() * scale).to(device, dtype)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The rotary embedding of x [..., heads, D] at the positions of cos, sin [..., 1, D / 2]:
-    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) over the two halves of D, transformers'
-    rotate_half convention. Into `out` (shaped like x) when given."""
+def halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two halves of x's last dimension, which transformers' rotate_half convention pairs."""
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    out = torch.empty_like(x) if out is None else out
-    o1, o2 = out[..., :half], out[..., half:]
+    return x[..., :half], x[..., half:]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding of x [..., heads, D] at the positions of cos, sin [..., 1, D / 2]."""
+    out = torch.empty_like(x)
+    rotate_halves(*halves(x), cos, sin, *halves(out))
+    return out
+
+
+def rotate_halves(x1: torch.Tensor, x2: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, o1: torch.Tensor,
+                  o2: torch.Tensor) -> None:
+    """(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) into (o1, o2): a decode step passes views it
+    keeps, so that rotating makes no views per layer."""
     torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
     torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
-    return out

@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .attention import PrefillAttention, packing
-from .blocks import ACTIVATION_FNS, norm, rope_tables, rotate
+from .blocks import ACTIVATION_FNS, halves, norm, rope_tables, rotate, rotate_halves
 from .families import layer_tensors, top_tensors
 from .model_config import ModelConfig
 
@@ -161,6 +161,17 @@ def prefill(
 SERIAL_ATTENTION_SCORES = 32768
 
 
+class RopeViews(NamedTuple):
+    """Where a decode step reads q, k and v from qkv and writes them rotated, made once per shape."""
+
+    q: tuple[torch.Tensor, torch.Tensor]  # qkv's q [B, H, D] in halves
+    k: tuple[torch.Tensor, torch.Tensor]  # qkv's k [B, KVH, D] in halves
+    v: torch.Tensor  # qkv's v [B, KVH, D]
+    q_out: tuple[torch.Tensor, torch.Tensor]  # the rotated q buffer, as [B, H, D], in halves
+    k_out: tuple[torch.Tensor, torch.Tensor]  # new_kv[0] as [B, KVH, D], in halves
+    v_out: torch.Tensor  # new_kv[1] as [B, KVH, D]
+
+
 class DecodeBuffers(NamedTuple):
     """What one decode shape (B rows, key_len keys) reads and writes: views of the KV pool, and
     views of a scratch buffer (`decode_scratch`) that the step's ops write into with `out=`.
@@ -184,6 +195,7 @@ class DecodeBuffers(NamedTuple):
     inner: torch.Tensor  # [B, I]: a gated MLP's product
     out: torch.Tensor  # [B, E]: each sublayer's output before it joins h
     logits: torch.Tensor  # [B, V]
+    rope: RopeViews | None  # with rotary embeddings
 
 
 def _scratch_widths(cfg: ModelConfig, slot_len: int) -> tuple[int, ...]:
@@ -191,7 +203,8 @@ def _scratch_widths(cfg: ModelConfig, slot_len: int) -> tuple[int, ...]:
     out, logits."""
     e, q, kv, i = cfg.n_embd, cfg.q_dim, cfg.kv_dim, cfg.n_inner
     gated = cfg.mlp == "gated"
-    return e, q + 2 * kv, q, 2 * kv, cfg.n_head * slot_len, q, (2 if gated else 1) * i, i if gated else 0, e, cfg.vocab_size
+    return (e, q + 2 * kv, q, 2 * kv, cfg.n_head * slot_len, q, (2 if gated else 1) * i, i if gated else 0, e,
+            cfg.vocab_size)
 
 
 def decode_scratch(cfg: ModelConfig, kv: torch.Tensor) -> torch.Tensor:
@@ -221,14 +234,19 @@ def decode_buffers(cfg: ModelConfig, kv: torch.Tensor, scratch: torch.Tensor, b:
         pieces.append(scratch[start : start + math.prod(shape)].view(shape))
         start += _aligned(s * width)
     h, qkv, q_rot, new_kv, scores, attn, up, inner, out, logits = pieces
+    rope = None
     if cfg.rope is not None:
-        q, new_kv = q_rot, new_kv
+        q_dim, kv_dim, heads = cfg.q_dim, cfg.kv_dim, cfg.n_head
+        q_in, k_in, v_in = qkv[:, :q_dim], qkv[:, q_dim : q_dim + kv_dim], qkv[:, q_dim + kv_dim :]
+        rope = RopeViews(halves(q_in.view(b, heads, d)), halves(k_in.view(b, kvh, d)), v_in.view(b, kvh, d),
+                         halves(q_rot.view(b, heads, d)), halves(new_kv[0].view(b, kvh, d)), new_kv[1].view(b, kvh, d))
+        q = q_rot
     elif kvh == 1:
         q, new_kv = split_qkv(qkv, cfg)
     else:
         q = new_kv = None
     return DecodeBuffers(write, keys_t, values, h, qkv, q, new_kv, scores, attn, attn.view(b, cfg.q_dim), up, inner,
-                         out, logits)
+                         out, logits, rope)
 
 
 def split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,27 +289,24 @@ def decode_step(
     threads = torch.get_num_threads()
     serial = threads > 1 and scores.is_cpu and scores.numel() < SERIAL_ATTENTION_SCORES
     torch.index_select(w.wte, 0, input_ids, out=h)  # [B, E]
-    rope = w.rope_cos is not None
-    if rope:
+    rope = bufs.rope
+    if rope is not None:
         cos, sin = w.rope_cos[positions][:, None], w.rope_sin[positions][:, None]  # [B, 1, D/2]
-        q_rot, k_rot = q.view(b, cfg.n_head, d), new_kv[0].view(b, cfg.kv_heads, d)
-        v_new = new_kv[1].view(b, cfg.kv_heads, d)
-    else:
-        if w.wpe is not None:
-            h.add_(torch.embedding(w.wpe, positions))
+    elif w.wpe is not None:
+        h.add_(torch.embedding(w.wpe, positions))
     try:
         for layer, write, keys_t, values, mask in zip(w.layers, bufs.write, bufs.keys_t, bufs.values, masks):
             x = norm(h, layer.norm1_w, layer.norm1_b, eps)
             linear(x, layer.qkv_wt, layer.qkv_b, out=qkv)  # [B, Q + 2*KV]
-            if rope:
-                q_new = qkv[:, :q_dim].view(b, cfg.n_head, d)
-                k_new = qkv[:, q_dim : q_dim + kv_dim].view(b, cfg.kv_heads, d)
+            if rope is not None:
+                q_in, k_in = rope.q, rope.k
                 if layer.q_norm_w is not None:
-                    q_new = torch.rms_norm(q_new, (d,), layer.q_norm_w, eps)
-                    k_new = torch.rms_norm(k_new, (d,), layer.k_norm_w, eps)
-                rotate(q_new, cos, sin, out=q_rot)
-                rotate(k_new, cos, sin, out=k_rot)
-                v_new.copy_(qkv[:, q_dim + kv_dim :].view(b, cfg.kv_heads, d))
+                    q_in = halves(torch.rms_norm(qkv[:, :q_dim].view(b, cfg.n_head, d), (d,), layer.q_norm_w, eps))
+                    k_in = halves(torch.rms_norm(qkv[:, q_dim : q_dim + kv_dim].view(b, cfg.kv_heads, d), (d,),
+                                                 layer.k_norm_w, eps))
+                rotate_halves(*q_in, cos, sin, *rope.q_out)
+                rotate_halves(*k_in, cos, sin, *rope.k_out)
+                rope.v_out.copy_(rope.v)
             elif bufs.q is None:
                 q, new_kv = split_qkv(qkv, cfg)
             write.index_copy_(1, write_index, new_kv)

@@ -21,7 +21,8 @@ class Group(NamedTuple):
 
 
 COMMANDS: dict[str, Union[Command, Group]] = {
-    "serve": Command("splitserve.commands.serve", "start the gateway and local prefill and decode workers, ready to use"),
+    "serve": Command("splitserve.commands.serve",
+                     "start the gateway and local prefill and decode workers, ready to use"),
     "gateway": Command("splitserve.commands.gateway", "run the gateway alone"),
     "prefill": Command("splitserve.commands.prefill", "run one prefill worker that registers with a gateway"),
     "decode": Command("splitserve.commands.decode", "run one decode worker that registers with a gateway"),
@@ -33,8 +34,8 @@ COMMANDS: dict[str, Union[Command, Group]] = {
                           "print a model's checkpoint directory, creating a built-in one if needed"),
     "train-tiny": Command("splitserve.commands.train_tiny",
                           "train the built-in tiny model on the standard library's Python source (CPU)"),
-    "deploy": Command("splitserve.commands.deploy",
-                      "deployment files: `deploy compose` writes a docker-compose file for any prefill/decode GPU split"),
+    "deploy": Command("splitserve.commands.deploy", "deployment files: `deploy compose` writes a docker-compose "
+                      "file for any prefill/decode GPU split"),
     "bench": Group("benchmarks: `bench engine` (model steps vs transformers), `bench serve` (the served pipeline "
                    "under load), `bench soak`", {
         "engine": Command("splitserve.bench.engine_bench",

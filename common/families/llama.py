@@ -24,7 +24,8 @@ ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 def config(raw: dict) -> ModelConfig:
     bias = _field(raw, DEFAULTS, "attention_bias")
-    return llama_shaped(raw, DEFAULTS, MODEL_TYPE, qkv_bias=bias, out_bias=bias, mlp_bias=_field(raw, DEFAULTS, "mlp_bias"))
+    return llama_shaped(raw, DEFAULTS, MODEL_TYPE, qkv_bias=bias, out_bias=bias,
+                        mlp_bias=_field(raw, DEFAULTS, "mlp_bias"))
 
 
 def llama_shaped(raw: dict, defaults: dict, model_type: str, *, qkv_bias: bool, out_bias: bool, mlp_bias: bool = False,
