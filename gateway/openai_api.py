@@ -105,7 +105,9 @@ def chat_fanout(ctx: ApiContext, body: ChatRequest) -> Fanout:
     if top is not None and not 0 <= top <= MAX_TOP_N:
         raise invalid(f"`top_logprobs` must be in [0, {MAX_TOP_N}]. Given: {top}", "top_logprobs")
     messages = [{"role": m.role, "content": _content_text(m.content)} for m in body.messages]
-    ids = ctx.tokenizer.encode(render_chat(ctx.chat_template, messages))
+    # As transformers' apply_chat_template: templates write the BOS themselves, so none is added.
+    text = render_chat(ctx.chat_template, messages, ctx.tokenizer.special_tokens)
+    ids = ctx.tokenizer.encode(text, add_special_tokens=False)
     max_tokens = body.max_completion_tokens or body.max_tokens or max(1, ctx.limits.max_total_tokens - len(ids))
     msgs = _messages(body, [ids], max_tokens, logprobs=body.logprobs, top_n=top or 0)
     return Fanout(msgs, [ids], body.n, logprobs=(top or 0) if body.logprobs else None)

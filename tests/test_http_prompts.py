@@ -5,11 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
+from tokenizer_families import FAMILIES
 
+from splitserve.common.params import Limits
 from splitserve.common.tokenizer import Tokenizer, fim_token_ids
+from splitserve.gateway.api_context import ApiContext
 from splitserve.gateway.api_errors import ApiError
 from splitserve.gateway.chat_template import load_chat_template, render_chat
 from splitserve.gateway.fim import MARKERS, fim_prompt, split_room
+from splitserve.gateway.openai_api import chat_fanout
+from splitserve.gateway.openai_schema import ChatRequest
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort a list <s> in Python."}]
 
 
 class Vocab:
@@ -20,6 +27,11 @@ class Vocab:
 
     def token_to_id(self, token: str) -> int | None:
         return self.ids.get(token)
+
+
+def api(model_dir, chat_template: str | None = None) -> ApiContext:
+    """What the OpenAI routes need to build requests; no core behind it."""
+    return ApiContext(None, Tokenizer.from_dir(model_dir), Limits.derive(512), "m", chat_template)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +85,20 @@ def test_chat_template_is_found_and_rendered_as_transformers_does(tmp_path):
     (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('no system role') }}")
     assert "raise_exception" in load_chat_template(tmp_path)  # the .jinja file wins
     messages = [{"role": "user", "content": "hi"}]
-    assert render_chat(template, messages) == "<|user|>hi<|endoftext|>\n<|assistant|>"
+    assert render_chat(template, messages, {"eos_token": "</s>"}) == "<|user|>hi</s>\n<|assistant|>"
     with pytest.raises(ApiError, match="no system role"):
-        render_chat(load_chat_template(tmp_path), messages)
+        render_chat(load_chat_template(tmp_path), messages, {})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chat_prompt_is_transformers_apply_chat_template(family_dirs, family):
+    """The template gets the checkpoint's own BOS and EOS strings (none where it sets none, as Qwen),
+    and its text is encoded without adding a BOS again."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(family_dirs[family])
+    ctx = api(family_dirs[family], load_chat_template(family_dirs[family]))
+    text = render_chat(ctx.chat_template, MESSAGES, ctx.tokenizer.special_tokens)
+    assert text == hf.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert text.startswith(hf.bos_token or "<|system|>") and f"Be brief.{hf.eos_token}" in text
+    fanout = chat_fanout(ctx, ChatRequest(messages=MESSAGES, max_tokens=4))
+    assert fanout.prompts == [hf.apply_chat_template(MESSAGES, add_generation_prompt=True)["input_ids"]]
