@@ -23,34 +23,12 @@ MODEL_MAX_LENGTH = 2048  # the tiny model's context; written into tokenizer_conf
 
 # Prompt tokens the detokenizer decodes ahead of the first generated token, as TGI and vLLM do.
 PROMPT_CONTEXT_TOKENS = 5
-# The chat template's default BOS and EOS; fill-in-the-middle markers: StarCoder's spelling, then SantaCoder's.
-EOS_TOKEN = TINY_EOS
-FIM_SPELLINGS = (
-    {"prefix": "<fim_prefix>", "middle": "<fim_middle>", "suffix": "<fim_suffix>", "pad": "<fim_pad>"},
-    {"prefix": "<fim-prefix>", "middle": "<fim-middle>", "suffix": "<fim-suffix>", "pad": "<fim-pad>"},
-)
 # Slow (Python) tokenizers' files, from which transformers can write a tokenizer.json.
 SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
 
 
-class _TokenLookup(Protocol):
-    def token_to_id(self, token: str) -> int | None: ...
-
-
 class _Decoder(Protocol):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
-
-
-def fim_token_ids(tok: _TokenLookup) -> dict[str, int | None] | None:
-    """Ids of the FIM markers in whichever spelling `tok` knows; None if it knows neither.
-
-    prefix, middle and suffix are required for a spelling to count; pad is optional.
-    """
-    for spelling in FIM_SPELLINGS:
-        ids = {role: tok.token_to_id(token) for role, token in spelling.items()}
-        if all(ids[role] is not None for role in ("prefix", "middle", "suffix")):
-            return ids
-    return None
 
 
 class Tokenizer:

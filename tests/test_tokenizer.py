@@ -9,13 +9,7 @@ import pytest
 import tokenizers
 
 from splitserve.common.builtin.train_tokenizer import corpus, stdlib_sources
-from splitserve.common.tokenizer import (
-    TINY_TOKENIZER_PATH,
-    IncrementalDetokenizer,
-    Tokenizer,
-    fim_token_ids,
-    write_tokenizer_files,
-)
+from splitserve.common.tokenizer import TINY_TOKENIZER_PATH, IncrementalDetokenizer, Tokenizer, write_tokenizer_files
 from splitserve.common.tokenizer_files import transformers_class
 from tokenizer_families import FAMILIES
 
@@ -158,26 +152,6 @@ def test_transformers_loads_written_files(tmp_path, tok):
     assert hf.model_max_length == 2048
     assert set(SPECIALS[1:]) <= set(hf.all_special_tokens)
     assert Tokenizer.from_dir(tmp_path).encode(code) == tok.encode(code)
-
-
-def test_fim_ids_starcoder_spelling(tok):
-    assert fim_token_ids(tok) == {"prefix": 1, "middle": 2, "suffix": 3, "pad": 4}
-
-
-def _word_tokenizer(specials: list[str]) -> tokenizers.Tokenizer:
-    t = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
-    t.add_special_tokens(specials)
-    return t
-
-
-def test_fim_ids_santacoder_spelling():
-    t = _word_tokenizer(["<|endoftext|>", "<fim-prefix>", "<fim-middle>", "<fim-suffix>", "<fim-pad>"])
-    assert fim_token_ids(t) == {"prefix": 3, "middle": 4, "suffix": 5, "pad": 6}
-
-
-def test_fim_ids_optional_pad_and_absent():
-    assert fim_token_ids(_word_tokenizer(["<fim-prefix>", "<fim-middle>", "<fim-suffix>"]))["pad"] is None
-    assert fim_token_ids(_word_tokenizer(["<fim-prefix>"])) is None
 
 
 def test_stdlib_sources_skip_tests_and_respect_budget(tmp_path):
