@@ -7,13 +7,14 @@ import json
 import pytest
 
 from splitserve.common.fim import find_fim
-from splitserve.common.params import Limits
+from splitserve.common.params import MAX_STOP_TOKEN_IDS, STOP_IDS_PER_REQUEST, Limits, ValidationError
 from splitserve.common.tokenizer import Tokenizer
 from splitserve.gateway.api_context import ApiContext
 from splitserve.gateway.api_errors import ApiError
 from splitserve.gateway.chat_template import load_chat_template, render_chat
 from splitserve.gateway.openai_api import chat_fanout, completion_fanout
 from splitserve.gateway.openai_schema import ChatRequest, CompletionRequest
+from splitserve.gateway.validation import check_stop_token_ids
 from tokenizer_families import FAMILIES
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort a list <s> in Python."}]
@@ -60,6 +61,15 @@ def test_fim_without_fim_tokens_is_a_clear_400(family_dirs):
     with pytest.raises(ApiError) as e:
         completion_fanout(api(family_dirs["llama"]), CompletionRequest(prompt="a", suffix="b"))
     assert e.value.error_type == "validation" and e.value.param == "suffix" and "FIM tokens" in e.value.message
+
+
+def test_stop_ids_a_client_gives_and_the_servers_own():
+    server = {7, 8, 9}
+    check_stop_token_ids(list(range(MAX_STOP_TOKEN_IDS)) + [7, 8, 9], server)  # the client's 8 and the server's
+    with pytest.raises(ValidationError, match=f"at most {MAX_STOP_TOKEN_IDS} stop token ids"):
+        check_stop_token_ids(list(range(10, 11 + MAX_STOP_TOKEN_IDS)), server)
+    with pytest.raises(ValidationError, match=f"at most {STOP_IDS_PER_REQUEST} stop token ids .* server's own"):
+        check_stop_token_ids([7] * (STOP_IDS_PER_REQUEST + 1), server)
 
 
 def test_chat_template_is_found_and_rendered_as_transformers_does(tmp_path):
