@@ -156,8 +156,8 @@ def write_tokenizer_files(model_dir: str | Path) -> None:
     special = {"bos_token": TINY_EOS, "eos_token": TINY_EOS, "unk_token": TINY_EOS,
                "additional_special_tokens": list(TINY_FIM)}
     config = {
-        # The generic fast class takes tokenizer.json verbatim in transformers 4 and 5 alike,
-        # with no model-specific rebuilding of the pipeline that could drift from our ids.
+        # The generic fast class takes tokenizer.json verbatim in transformers 4 and 5 alike (but for
+        # model types whose own class transformers 5 prefers, qwen2's: Tokenizer.from_dir follows it).
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": MODEL_MAX_LENGTH,
         "add_prefix_space": False,
