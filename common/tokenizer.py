@@ -1,69 +1,63 @@
-"""Tokenizer access (a `tokenizer.json` read with the `tokenizers` library) and streaming detokenization."""
+"""Tokenizer access (a checkpoint's tokenizer.json, read with the `tokenizers` library the way
+transformers 5 reads it) and streaming detokenization."""
 
 from __future__ import annotations
 
 import json
 import shutil
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
 import tokenizers
 
+from .tokenizer_files import apply_config, read_config
+
 TINY_TOKENIZER_PATH = Path(__file__).parent / "builtin" / "tiny" / "tokenizer.json"
-
-EOS_TOKEN = "<|endoftext|>"
-
-# Fill-in-the-middle markers: StarCoder's spelling, then SantaCoder's.
-FIM_SPELLINGS = (
-    {"prefix": "<fim_prefix>", "middle": "<fim_middle>", "suffix": "<fim_suffix>", "pad": "<fim_pad>"},
-    {"prefix": "<fim-prefix>", "middle": "<fim-middle>", "suffix": "<fim-suffix>", "pad": "<fim-pad>"},
-)
+# The tiny tokenizer's special tokens (builtin/train_tokenizer.py): StarCoder's end of text and FIM markers.
+TINY_EOS = "<|endoftext|>"
+TINY_FIM = ("<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>")
 
 MODEL_MAX_LENGTH = 2048  # the tiny model's context; written into tokenizer_config.json
 
 # Prompt tokens the detokenizer decodes ahead of the first generated token, as TGI and vLLM do.
 PROMPT_CONTEXT_TOKENS = 5
-
-
-class _TokenLookup(Protocol):
-    def token_to_id(self, token: str) -> int | None: ...
+# Slow (Python) tokenizers' files, from which transformers can write a tokenizer.json.
+SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
 
 
 class _Decoder(Protocol):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
 
 
-def fim_token_ids(tok: _TokenLookup) -> dict[str, int | None] | None:
-    """Ids of the FIM markers in whichever spelling `tok` knows; None if it knows neither.
-
-    prefix, middle and suffix are required for a spelling to count; pad is optional.
-    """
-    for spelling in FIM_SPELLINGS:
-        ids = {role: tok.token_to_id(token) for role, token in spelling.items()}
-        if all(ids[role] is not None for role in ("prefix", "middle", "suffix")):
-            return ids
-    return None
-
-
 class Tokenizer:
-    """A thin wrapper over `tokenizers.Tokenizer` with the defaults an inference server wants."""
+    """A checkpoint's tokenizer: `encode` gives the ids transformers' AutoTokenizer gives."""
 
-    def __init__(self, tok: tokenizers.Tokenizer):
+    def __init__(self, tok: tokenizers.Tokenizer, special_tokens: dict[str, str] | None = None):
+        """`tok` as the checkpoint's tokenizer class builds it; `special_tokens`: the strings of
+        bos_token, eos_token, unk_token and pad_token, those the checkpoint sets."""
         self._tok = tok
+        self.special_tokens = dict(special_tokens or {})
+        # What encode() puts before the text: the BOS of the tokenizers that add one.
+        with_special, plain = tok.encode("a").ids, tok.encode("a", add_special_tokens=False).ids
+        start = next((i for i in range(len(with_special)) if with_special[i:i + len(plain)] == plain), 0)
+        self.leading_special_ids: tuple[int, ...] = tuple(with_special[:start])
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
+        """tokenizer.json at `path`, with the tokenizer_config.json (and config.json) beside it."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"tokenizer file not found: {path} (splitserve needs a fast tokenizer's tokenizer.json; "
-                "transformers' AutoTokenizer.from_pretrained(...).save_pretrained(dir) writes one)"
-            )
+            raise FileNotFoundError(_missing_tokenizer_message(path))
         try:
-            return cls(tokenizers.Tokenizer.from_file(str(path)))
+            text = path.read_text(encoding="utf-8")
+            tok = tokenizers.Tokenizer.from_str(text)
         except Exception as exc:  # tokenizers raises a bare Exception for malformed files
             raise ValueError(f"cannot read tokenizer file {path}: {exc}") from exc
+        config = read_config(path.parent, text)
+        apply_config(tok, config)
+        return cls(tok, config.special_tokens)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
@@ -74,12 +68,33 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     @property
-    def eos_token_id(self) -> int | None:
-        return self._tok.token_to_id(EOS_TOKEN)
+    def bos_token(self) -> str | None:
+        return self.special_tokens.get("bos_token")
 
-    def encode(self, text: str) -> list[int]:
-        """Ids for `text`; special tokens written literally in it (e.g. "<fim_prefix>") become their single id."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+    @property
+    def eos_token(self) -> str | None:
+        return self.special_tokens.get("eos_token")
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._id_of(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._id_of(self.eos_token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Ids for `text`: those of `AutoTokenizer.from_pretrained(dir)(text).input_ids`, BOS included
+        where the checkpoint's tokenizer adds one. Special tokens written in `text` (e.g. "<fim_prefix>")
+        become their single id. `add_special_tokens=False` for a piece of a prompt, or a prompt that
+        writes its own BOS (a chat template's): no BOS is added."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids for `text` as the continuation of a text, as SentencePiece's encoders do for an infill's
+        suffix: no special tokens, and no dummy prefix (the ▁ that Llama-style tokenizers put before a
+        text's first word). The same as encode(text, add_special_tokens=False) for byte-level tokenizers."""
+        return self._continuation.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -90,6 +105,47 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
+    def _id_of(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+    @cached_property
+    def _continuation(self) -> tokenizers.Tokenizer:
+        """A copy of the tokenizer without its dummy prefix: a normalizer's Prepend("▁") removed, a
+        Metaspace pre-tokenizer told never to prepend."""
+        text = self._tok.to_str()
+        if '"Prepend"' not in text and '"Metaspace"' not in text:
+            return self._tok
+        spec = json.loads(text)
+        spec["normalizer"] = _without_dummy_prefix(spec["normalizer"])
+        spec["pre_tokenizer"] = _without_dummy_prefix(spec["pre_tokenizer"])
+        return tokenizers.Tokenizer.from_str(json.dumps(spec))
+
+
+def _without_dummy_prefix(spec):
+    """A normalizer or pre-tokenizer as tokenizer.json writes it, with any Prepend("▁") dropped and
+    any Metaspace told never to prepend."""
+    if isinstance(spec, list):
+        return [_without_dummy_prefix(s) for s in spec if not (isinstance(s, dict) and s.get("type") == "Prepend")]
+    if not isinstance(spec, dict):
+        return spec
+    if spec.get("type") == "Prepend":
+        return None
+    spec = {key: _without_dummy_prefix(value) for key, value in spec.items()}
+    return spec | {"prepend_scheme": "never"} if spec.get("type") == "Metaspace" else spec
+
+
+def _missing_tokenizer_message(path: Path) -> str:
+    model_dir = path.parent
+    slow = [name for name in SLOW_TOKENIZER_FILES if (model_dir / name).is_file()]
+    if slow:
+        how = (f"it has a slow tokenizer's files ({', '.join(slow)}), from which transformers writes one: "
+               f"python -c \"from transformers import AutoTokenizer as T; T.from_pretrained('{model_dir}')"
+               f".save_pretrained('{model_dir}')\"")
+    else:
+        how = "copy it from the model's repository, or write it with transformers' AutoTokenizer.from_pretrained(" \
+              "...).save_pretrained(dir)"
+    return f"{model_dir} has no tokenizer.json, the fast tokenizer file splitserve reads: {how}"
+
 
 def write_tokenizer_files(model_dir: str | Path) -> None:
     """Put the tiny tokenizer into `model_dir` so both `Tokenizer.from_dir` and transformers'
@@ -97,11 +153,11 @@ def write_tokenizer_files(model_dir: str | Path) -> None:
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(TINY_TOKENIZER_PATH, model_dir / "tokenizer.json")
-    fim = list(FIM_SPELLINGS[0].values())
-    special = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "additional_special_tokens": fim}
+    special = {"bos_token": TINY_EOS, "eos_token": TINY_EOS, "unk_token": TINY_EOS,
+               "additional_special_tokens": list(TINY_FIM)}
     config = {
-        # The generic fast class takes tokenizer.json verbatim in transformers 4 and 5 alike,
-        # with no model-specific rebuilding of the pipeline that could drift from our ids.
+        # The generic fast class takes tokenizer.json verbatim in transformers 4 and 5 alike (but for
+        # model types whose own class transformers 5 prefers, qwen2's: Tokenizer.from_dir follows it).
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": MODEL_MAX_LENGTH,
         "add_prefix_space": False,

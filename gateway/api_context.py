@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from splitserve.common.fim import Fim, find_fim
 from splitserve.common.params import Limits
 from splitserve.common.tokenizer import Tokenizer
 
@@ -22,8 +23,10 @@ class ApiContext:
     chat_template: str | None
     api_key: ApiKey | None = None  # required of clients when set
     started: int = field(default_factory=lambda: int(time.time()))
+    fim: Fim | None = field(init=False)  # the tokenizer's fill-in-the-middle layout, if it has one
 
     def __post_init__(self):
+        self.fim = find_fim(self.tokenizer)
         # Per-token strings for details and logprobs: the same few thousand ids recur.
         self.piece = lru_cache(maxsize=65536)(self._piece)
         self.is_special = lru_cache(maxsize=65536)(self._is_special)

@@ -4,10 +4,9 @@ does (a sandboxed Jinja environment), so a chat prompt reads the same as with th
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-
-from splitserve.common.tokenizer import EOS_TOKEN
 
 from .api_errors import invalid
 
@@ -27,12 +26,14 @@ def load_chat_template(model_dir: Path) -> str | None:
     return template
 
 
-def render_chat(template: str, messages: list[dict], bos_token: str = EOS_TOKEN, eos_token: str = EOS_TOKEN) -> str:
+def render_chat(template: str, messages: list[dict], special_tokens: Mapping[str, str]) -> str:
+    """The prompt text, ending with the assistant's turn opened. `special_tokens` (bos_token,
+    eos_token, ... as tokenizer_config.json names them) are the template's variables of those names,
+    as transformers passes them; one the checkpoint leaves unset renders empty."""
     from jinja2 import TemplateError
 
     try:
-        return _compiled(template).render(messages=messages, add_generation_prompt=True, bos_token=bos_token,
-                                          eos_token=eos_token)
+        return _compiled(template).render(messages=messages, add_generation_prompt=True, **special_tokens)
     except TemplateError as e:
         raise invalid(f"the chat template refused these messages: {e}", "messages") from None
 

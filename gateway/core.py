@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from splitserve.common import protocol as P
+from splitserve.common.fim import find_fim
 from splitserve.common.params import Limits, ValidationError
 from splitserve.common.prefix_blocks import block_hashes
 from splitserve.common.request import GenerateRequest
@@ -84,6 +85,9 @@ class GatewayCore:
     def __init__(self, tokenizer: Tokenizer, limits: Limits, registry: WorkerRegistry,
                  send: Callable[[Worker, object], None], max_concurrent: int):
         self.tokenizer, self.limits, self.registry = tokenizer, limits, registry
+        fim = find_fim(tokenizer)
+        # A fill-in-the-middle prompt's request also stops at its layout's end tokens.
+        self.server_stop_ids = frozenset(fim.end_ids if fim is not None else ())
         self.send = send
         self.max_concurrent = max_concurrent
         self.streams: dict[str, Stream] = {}  # by the current attempt's id
@@ -109,7 +113,7 @@ class GatewayCore:
             return None
         gid = f"{self._id_prefix}{next(self._ids)}"
         try:
-            request = build_request(gid, msg, self.tokenizer, self.limits)
+            request = build_request(gid, msg, self.tokenizer, self.limits, self.server_stop_ids)
         except ValidationError as e:
             sink(P.Error(client_id, "validation", str(e)))
             return None

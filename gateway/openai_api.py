@@ -17,12 +17,12 @@ import msgspec
 from fastapi import APIRouter, Request
 
 from splitserve.common import protocol as P
+from splitserve.common.fim import Fim
 from splitserve.common.params import MAX_TOP_N, SEED_LIMIT, ValidationError, derive_seed, random_seed
 
 from .api_context import ApiContext
 from .api_errors import ApiError, invalid, openai_error
 from .chat_template import render_chat
-from .fim import fim_prompt
 from .openai_schema import MAX_N, ChatRequest, CompletionRequest, OpenAIError, SamplingFields
 from .replies import Answer, EventStream, Replies, gather
 from .validation import check_prompt_ids
@@ -81,14 +81,18 @@ def completion_fanout(ctx: ApiContext, body: CompletionRequest) -> Fanout:
         raise invalid(f"`best_of` ({body.best_of}) > `n` ({body.n}) is not supported: this server does not "
                       "rank sequences", "best_of")
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-    prompts = _prompt_ids(ctx, body.prompt)
-    if body.suffix is not None:
+    stop_ids: tuple[int, ...] = ()
+    if body.suffix is None:
+        prompts = _prompt_ids(ctx, body.prompt, ctx.tokenizer.encode)
+    else:
+        fim = _fim(ctx)
         room = min(ctx.limits.max_input_tokens, ctx.limits.max_total_tokens - max_tokens)
-        suffix = ctx.tokenizer.encode(body.suffix)
-        prompts = [fim_prompt(ctx.tokenizer, ids, suffix, room) for ids in prompts]
+        suffix = fim.suffix_ids(body.suffix)
+        prompts = [fim.prompt(ids, suffix, room) for ids in _prompt_ids(ctx, body.prompt, fim.prefix_ids)]
+        stop_ids = fim.end_ids  # the layout's own end tokens end the middle, beside the model's end of text
     logprobs = body.logprobs
     msgs = _messages(body, prompts, max_tokens, logprobs=logprobs is not None, top_n=logprobs or 0,
-                     prompt_logprobs=body.echo and logprobs is not None)
+                     prompt_logprobs=body.echo and logprobs is not None, stop_token_ids=stop_ids)
     echo_texts = [ctx.tokenizer.decode(ids) for ids in prompts] if body.echo else None
     return Fanout(msgs, prompts, body.n, echo_texts, logprobs)
 
@@ -105,7 +109,9 @@ def chat_fanout(ctx: ApiContext, body: ChatRequest) -> Fanout:
     if top is not None and not 0 <= top <= MAX_TOP_N:
         raise invalid(f"`top_logprobs` must be in [0, {MAX_TOP_N}]. Given: {top}", "top_logprobs")
     messages = [{"role": m.role, "content": _content_text(m.content)} for m in body.messages]
-    ids = ctx.tokenizer.encode(render_chat(ctx.chat_template, messages))
+    # As transformers' apply_chat_template: templates write the BOS themselves, so none is added.
+    text = render_chat(ctx.chat_template, messages, ctx.tokenizer.special_tokens)
+    ids = ctx.tokenizer.encode(text, add_special_tokens=False)
     max_tokens = body.max_completion_tokens or body.max_tokens or max(1, ctx.limits.max_total_tokens - len(ids))
     msgs = _messages(body, [ids], max_tokens, logprobs=body.logprobs, top_n=top or 0)
     return Fanout(msgs, [ids], body.n, logprobs=(top or 0) if body.logprobs else None)
@@ -136,13 +142,22 @@ def _check_sampling(body: SamplingFields) -> None:
             raise invalid(f"`{name}` {rule}. Given: {value}", name)
 
 
-def _prompt_ids(ctx: ApiContext, prompt) -> list[list[int]]:
+def _fim(ctx: ApiContext) -> Fim:
+    if ctx.fim is None:
+        raise invalid("`suffix` (fill-in-the-middle) needs a tokenizer with FIM tokens (StarCoder's <fim_prefix>, "
+                      "<fim_suffix>, <fim_middle>, or those of SantaCoder, Qwen2.5-Coder, DeepSeek-Coder, CodeLlama "
+                      "or Codestral); this model's has none", "suffix")
+    return ctx.fim
+
+
+def _prompt_ids(ctx: ApiContext, prompt, encode: Callable[[str], list[int]]) -> list[list[int]]:
+    """The prompt's token ids as given, its texts encoded with `encode`."""
     if isinstance(prompt, str):
-        return [ctx.tokenizer.encode(prompt)]
+        return [encode(prompt)]
     if not prompt:
         raise invalid("`prompt` is an empty list", "prompt")
     prompts = [list(prompt)] if isinstance(prompt[0], int) else [
-        ctx.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+        encode(p) if isinstance(p, str) else list(p) for p in prompt]
     try:
         for ids in prompts:  # token ids are echoed and decoded before the core would check them
             check_prompt_ids(ids, ctx.tokenizer.vocab_size)
@@ -152,7 +167,7 @@ def _prompt_ids(ctx: ApiContext, prompt) -> list[list[int]]:
 
 
 def _messages(body: SamplingFields, prompts: list[list[int]], max_tokens: int, *, logprobs: bool = False,
-              top_n: int = 0, prompt_logprobs: bool = False) -> list[P.Generate]:
+              top_n: int = 0, prompt_logprobs: bool = False, stop_token_ids: tuple[int, ...] = ()) -> list[P.Generate]:
     sampled = body.temperature > 0
     base = body.seed if body.seed is not None or not sampled else random_seed()
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
@@ -164,7 +179,8 @@ def _messages(body: SamplingFields, prompts: list[list[int]], max_tokens: int, *
             params = P.GenerateParams(
                 max_new_tokens=max_tokens, do_sample=sampled, temperature=body.temperature if sampled else 1.0,
                 top_k=body.top_k, top_p=body.top_p, repetition_penalty=body.repetition_penalty,
-                frequency_penalty=body.frequency_penalty, seed=seed, stop=stop, strip_stop=True, logprobs=logprobs,
+                frequency_penalty=body.frequency_penalty, seed=seed, stop=stop, stop_token_ids=list(stop_token_ids),
+                strip_stop=True, logprobs=logprobs,
                 top_n_tokens=top_n, prompt_logprobs=prompt_logprobs)
             msgs.append(P.Generate(uuid4().hex, prompt_ids=ids, params=params))
     return msgs

@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 from splitserve.common import protocol as P
-from splitserve.common.params import (FLOAT32_MAX, MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS, MAX_TOP_K, MAX_TOP_N,
-                                      MIN_TEMPERATURE, Limits, SamplingParams, ValidationError, random_seed)
+from splitserve.common.params import (
+    FLOAT32_MAX,
+    MAX_STOP_SEQUENCES,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOP_K,
+    MAX_TOP_N,
+    MIN_TEMPERATURE,
+    STOP_IDS_PER_REQUEST,
+    Limits,
+    SamplingParams,
+    ValidationError,
+    random_seed,
+)
 from splitserve.common.request import GenerateRequest
 from splitserve.common.tokenizer import Tokenizer
 
@@ -76,7 +88,21 @@ def check_numbers(msg: P.Generate, vocab: int) -> None:
         raise ValidationError(f"timeout_s must be a number of seconds >= 0 (0: none), got {msg.timeout_s}")
 
 
-def build_request(rid: str, msg: P.Generate, tokenizer: Tokenizer, limits: Limits) -> GenerateRequest:
+def check_stop_token_ids(ids: list[int], server_ids: Collection[int]) -> None:
+    """The client's own stop ids are at most MAX_STOP_TOKEN_IDS; the server's (`server_ids`: the
+    tokenizer's fill-in-the-middle end tokens, which a FIM prompt's request carries) come on top,
+    STOP_IDS_PER_REQUEST in all."""
+    own = sum(t not in server_ids for t in ids)
+    if own > MAX_STOP_TOKEN_IDS:
+        raise ValidationError(f"at most {MAX_STOP_TOKEN_IDS} stop token ids are allowed, got {own}")
+    if len(ids) > STOP_IDS_PER_REQUEST:
+        raise ValidationError(f"at most {STOP_IDS_PER_REQUEST} stop token ids are allowed with the server's own, "
+                              f"got {len(ids)}")
+
+
+def build_request(rid: str, msg: P.Generate, tokenizer: Tokenizer, limits: Limits,
+                  server_stop_ids: Collection[int] = ()) -> GenerateRequest:
+    """`server_stop_ids`: stop ids the server itself adds to some requests (see check_stop_token_ids)."""
     p = msg.params
     check_numbers(msg, tokenizer.vocab_size)
     ids = tokenize_prompt(msg, tokenizer)
@@ -86,8 +112,7 @@ def build_request(rid: str, msg: P.Generate, tokenizer: Tokenizer, limits: Limit
         ids = ids[-p.truncate :]
     if len(p.stop) > MAX_STOP_SEQUENCES:
         raise ValidationError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(p.stop)}")
-    if len(p.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-        raise ValidationError(f"at most {MAX_STOP_TOKEN_IDS} stop token ids are allowed, got {len(p.stop_token_ids)}")
+    check_stop_token_ids(p.stop_token_ids, server_stop_ids)
     if not 0 <= p.top_n_tokens <= MAX_TOP_N:
         raise ValidationError(f"top_n_tokens must be in [0, {MAX_TOP_N}], got {p.top_n_tokens}")
     limits.check(len(ids), p.max_new_tokens)

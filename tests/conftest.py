@@ -88,6 +88,15 @@ def tiny_dir(home) -> Path:
 
 
 @pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Each code-model family's tokenizer files (tokenizer_families.py), trained and written once."""
+    from tokenizer_families import FAMILIES, write
+
+    root = tmp_path_factory.mktemp("tokenizer-families")
+    return {name: write(name, root / name) for name in FAMILIES}
+
+
+@pytest.fixture(scope="session")
 def mha_dir(tmp_path_factory) -> Path:
     """A random multi-head GPTBigCode checkpoint written by transformers itself."""
     from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM

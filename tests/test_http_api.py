@@ -11,8 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster import Cluster, wait_for
 from splitserve.client import Client
+from splitserve.common.fim import find_fim
 from splitserve.common.params import derive_seed
-from splitserve.common.tokenizer import Tokenizer, fim_token_ids
+from splitserve.common.tokenizer import Tokenizer
 from tgi_client import run_in_tgi_env, tgi_python
 
 PROMPT = "def fibonacci(n):\n    "
@@ -186,8 +187,8 @@ def test_info_health_models_and_openapi(http):
 
 def test_fim_request_builds_prefix_suffix_middle_exactly(http, zmq, tokenizer):
     prefix, suffix = "def add(a, b):\n    ", "\n    return c\n"
-    fim = fim_token_ids(tokenizer)
-    expected = [fim["prefix"], *tokenizer.encode(prefix), fim["suffix"], *tokenizer.encode(suffix), fim["middle"]]
+    fim = find_fim(tokenizer)
+    expected = [fim.prefix_id, *tokenizer.encode(prefix), fim.suffix_id, *tokenizer.encode(suffix), fim.middle_id]
     r = http.post("/v1/completions", json={"prompt": prefix, "suffix": suffix, "max_tokens": 6, "temperature": 0,
                                            "echo": True, "logprobs": 0})
     assert r.status_code == 200, r.text
@@ -203,10 +204,10 @@ def test_fim_too_long_is_cut_at_the_far_ends(http, tokenizer):
     r = http.post("/v1/completions", json={"prompt": prefix, "suffix": suffix, "max_tokens": 16, "temperature": 0,
                                            "echo": True, "logprobs": 0})
     assert r.status_code == 200, r.text
-    fim = fim_token_ids(tokenizer)
+    fim = find_fim(tokenizer)
     room = MAX_TOTAL - 16 - 3  # prompt + max_tokens fit max_total_tokens; 3 markers
     p, s = tokenizer.encode(prefix), tokenizer.encode(suffix)
-    expected = [fim["prefix"], *p[len(p) - (room - room // 2):], fim["suffix"], *s[: room // 2], fim["middle"]]
+    expected = [fim.prefix_id, *p[len(p) - (room - room // 2):], fim.suffix_id, *s[: room // 2], fim.middle_id]
     assert r.json()["usage"]["prompt_tokens"] == MAX_TOTAL - 16
     assert r.json()["choices"][0]["logprobs"]["tokens"][: len(expected)] == [tokenizer.decode([i]) for i in expected]
 

@@ -1,18 +1,17 @@
-"""The tiny model's tokenizer, its transformers-loadable copy, FIM lookup and streaming detokenization."""
+"""The tiny model's tokenizer and its transformers-loadable copy, each code-model family's ids
+against transformers' AutoTokenizer, and streaming detokenization."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import tokenizers
 
 from splitserve.common.builtin.train_tokenizer import corpus, stdlib_sources
-from splitserve.common.tokenizer import (
-    TINY_TOKENIZER_PATH,
-    IncrementalDetokenizer,
-    Tokenizer,
-    fim_token_ids,
-    write_tokenizer_files,
-)
+from splitserve.common.tokenizer import TINY_TOKENIZER_PATH, IncrementalDetokenizer, Tokenizer, write_tokenizer_files
+from splitserve.common.tokenizer_files import transformers_class
+from tokenizer_families import FAMILIES
 
 TEXTS = [
     "def f(x):\n\treturn x + 1\n",
@@ -62,11 +61,27 @@ def test_literal_special_tokens_in_text(tok):
 
 
 def test_from_dir_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path} has no tokenizer.json.*copy it from the model's"):
+        Tokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(b"")  # a slow (SentencePiece) tokenizer only
+    with pytest.raises(FileNotFoundError, match=r"slow tokenizer's files \(tokenizer.model\).*"
+                                                r"AutoTokenizer as T; T.from_pretrained\('.*'\).save_pretrained"):
         Tokenizer.from_dir(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot read"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_tiny_ids_are_its_tokenizer_json_s(tok, tiny_dir):
+    raw = tokenizers.Tokenizer.from_file(str(TINY_TOKENIZER_PATH))
+    for text in TEXTS:
+        assert tok.encode(text) == tok.encode(text, add_special_tokens=False) == raw.encode(text).ids
+        assert Tokenizer.from_dir(tiny_dir).encode(text) == raw.encode(text).ids
+    ids = [484, 804, 12, 69, 16, 311, 312, 270, 346, 275, 482, 311, 203]
+    assert tok.encode("def add(a, b):\n    return a + b\n") == ids
+    assert tok.leading_special_ids == ()
+    assert tok.special_tokens == {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                                  "unk_token": "<|endoftext|>"}
 
 
 @pytest.mark.parametrize("chunk", [1, 3])
@@ -139,26 +154,6 @@ def test_transformers_loads_written_files(tmp_path, tok):
     assert Tokenizer.from_dir(tmp_path).encode(code) == tok.encode(code)
 
 
-def test_fim_ids_starcoder_spelling(tok):
-    assert fim_token_ids(tok) == {"prefix": 1, "middle": 2, "suffix": 3, "pad": 4}
-
-
-def _word_tokenizer(specials: list[str]) -> tokenizers.Tokenizer:
-    t = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
-    t.add_special_tokens(specials)
-    return t
-
-
-def test_fim_ids_santacoder_spelling():
-    t = _word_tokenizer(["<|endoftext|>", "<fim-prefix>", "<fim-middle>", "<fim-suffix>", "<fim-pad>"])
-    assert fim_token_ids(t) == {"prefix": 3, "middle": 4, "suffix": 5, "pad": 6}
-
-
-def test_fim_ids_optional_pad_and_absent():
-    assert fim_token_ids(_word_tokenizer(["<fim-prefix>", "<fim-middle>", "<fim-suffix>"]))["pad"] is None
-    assert fim_token_ids(_word_tokenizer(["<fim-prefix>"])) is None
-
-
 def test_stdlib_sources_skip_tests_and_respect_budget(tmp_path):
     for rel in ["a.py", "b/c.py", "test/t.py", "idlelib/i.py", "pkg/tests/t.py", "site-packages/x.py", "d.txt"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -166,3 +161,84 @@ def test_stdlib_sources_skip_tests_and_respect_budget(tmp_path):
     paths = stdlib_sources(tmp_path)
     assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["a.py", "b/c.py"]
     assert list(corpus(paths, max_bytes=len("# a.py\n"))) == ["# a.py\n"]
+
+
+# ---- the code-model families, against transformers -------------------------------------------
+
+# Code with indentation, unicode, special tokens of each family written literally, leading spaces.
+FAMILY_TEXTS = TEXTS + [
+    " x", "  two leading", "a  b\n\n", "\n    0.5 + 10\n", "x = [\n    1,\n    22,\n]\n",
+    "<s>x</s> y", "hello <s> world", "[PREFIX]a[SUFFIX] b", "<|im_start|>user\nhi<|im_end|>\n",
+    "▁<PRE> x ▁<SUF>", "<｜fim▁begin｜>a<｜fim▁hole｜>b<｜fim▁end｜>", "<fim_prefix>x<fim_suffix>y<fim_middle>",
+    "e\u0301 caf\u00e9 ﬁ", "\t\tdeep\n\t\t\tdeeper", "<|endoftext|>",
+]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ids_are_autotokenizers(family_dirs, family):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(family_dirs[family])
+    tok = Tokenizer.from_dir(family_dirs[family])
+    for text in FAMILY_TEXTS:
+        assert tok.encode(text) == hf(text).input_ids, text
+        assert tok.encode(text, add_special_tokens=False) == hf(text, add_special_tokens=False).input_ids, text
+        assert tok.decode(tok.encode(text)) == hf.decode(hf(text).input_ids), text
+    assert tok.leading_special_ids == tuple(hf("").input_ids)  # the BOS, where the family adds one
+    assert tok.bos_token == hf.bos_token and tok.eos_token == hf.eos_token and tok.bos_token_id == hf.bos_token_id
+    assert tok.special_tokens == {k: v for k, v in hf.special_tokens_map.items() if k in tok.special_tokens}
+    assert tok.eos_token_id == hf.eos_token_id is not None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_detokenizer_streams_each_family(family_dirs, family):
+    tok = Tokenizer.from_dir(family_dirs[family])
+    prompt = tok.encode("def f(x):\n")
+    generated = tok.encode("    return x + 1  # 🐍 日本\n", add_special_tokens=False)
+    whole = tok.decode(prompt + generated)[len(tok.decode(prompt)):]
+    assert "".join(stream(tok, generated, 1, prompt_ids=prompt)) == whole
+
+
+@pytest.mark.parametrize("family", ["llama", "codellama", "starcoder2"])
+def test_transformers_rebuilds_these_families_pipelines(family_dirs, family):
+    """transformers 5 replaces tokenizer.json's normalizer and pre-tokenizer for these classes, so the
+    file taken as it is would give other ids (the test above would catch a missed rebuild)."""
+    raw = tokenizers.Tokenizer.from_file(str(family_dirs[family] / "tokenizer.json"))
+    tok = Tokenizer.from_dir(family_dirs[family])
+    assert any(tok.encode(text) != raw.encode(text).ids for text in FAMILY_TEXTS)
+
+
+def test_bos_comes_from_the_families_that_add_it(family_dirs):
+    bos_first = {name for name in FAMILIES if Tokenizer.from_dir(family_dirs[name]).leading_special_ids}
+    assert bos_first == {"llama", "codellama", "mistral", "codestral", "deepseek-coder"}
+
+
+@pytest.mark.parametrize("declared, model_type, byte_level, built", [
+    ("PreTrainedTokenizerFast", "gpt_bigcode", True, ""),  # the tiny model: the model type's TokenizersBackend
+    ("PreTrainedTokenizerFast", "starcoder2", True, "PreTrainedTokenizer"),  # a class that rebuilds nothing
+    ("GPT2Tokenizer", "gpt_bigcode", True, ""),  # StarCoder, likewise
+    ("GPT2Tokenizer", "starcoder2", True, "GPT2Tokenizer"),
+    ("LlamaTokenizerFast", "llama", False, "LlamaTokenizer"),
+    ("LlamaTokenizerFast", "llama", True, ""),  # DeepSeek-Coder: byte-level under Llama's name
+    ("LlamaTokenizer", "mistral", False, ""),
+    ("CodeLlamaTokenizer", "llama", False, "CodeLlamaTokenizer"),
+    ("PreTrainedTokenizerFast", "qwen2", True, "Qwen2Tokenizer"),  # Qwen2's class wins over any
+    ("Qwen2TokenizerFast", "qwen3", True, "Qwen2Tokenizer"),
+    (None, "starcoder2", True, "GPT2Tokenizer"),
+    (None, None, True, ""),
+])
+def test_transformers_class(declared, model_type, byte_level, built):
+    assert transformers_class(declared, model_type, byte_level) == built
+
+
+def test_special_tokens_as_strings_or_added_tokens(tmp_path):
+    write_tokenizer_files(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["eos_token"] = {"__type": "AddedToken", "content": "<fim_pad>", "lstrip": False, "special": True}
+    config["pad_token"] = None
+    del config["unk_token"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    # special_tokens_map.json has the last word where tokenizer_config.json has no added_tokens_decoder
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"unk_token": "<fim_middle>"}))
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.special_tokens == {"bos_token": "<|endoftext|>", "eos_token": "<fim_pad>", "unk_token": "<fim_middle>"}
+    assert (tok.eos_token, tok.eos_token_id, tok.bos_token_id) == ("<fim_pad>", 4, 0)

@@ -31,8 +31,9 @@ from tqdm import tqdm
 from ..builtin_models import TINY_HF_CONFIG
 from ..checkpoint import save_weights
 from ..families import checkpoint_shapes, gpt_bigcode
+from ..fim import find_fim
 from ..model_config import ModelConfig, model_config_from_dict
-from ..tokenizer import FIM_SPELLINGS, Tokenizer, write_tokenizer_files
+from ..tokenizer import Tokenizer, write_tokenizer_files
 from .train_options import TrainOptions
 from .train_tokenizer import stdlib_sources
 
@@ -40,7 +41,6 @@ HELD_OUT_PERCENT = 3
 # Unlike the tokenizer's corpus, tests are in: they are real Python and triple the data. Installed
 # packages vary per machine; pydoc_data is one huge string table, not code.
 SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", "pydoc_data"}
-FIM = FIM_SPELLINGS[0]
 # Python code the model never sees in training, for the cross-entropy check in the model card:
 # a package the project depends on, so it is installed wherever splitserve is.
 UNSEEN_PACKAGE = "tqdm"
@@ -233,7 +233,8 @@ def train(opts: TrainOptions) -> TrainResult:
     cfg = model_config_from_dict(TINY_HF_CONFIG)
     tok = Tokenizer.from_file(Path(__file__).parent / "tiny" / "tokenizer.json")
     eos = tok.eos_token_id
-    markers = {k: tok.token_to_id(v) for k, v in FIM.items()}
+    fim = find_fim(tok)  # StarCoder's markers, as the gateway's fill-in-the-middle prompts use them
+    markers = {"prefix": fim.prefix_id, "suffix": fim.suffix_id, "middle": fim.middle_id}
 
     root = Path(sysconfig.get_paths()["stdlib"])
     train_paths, held_paths = split_files(stdlib_sources(root, SKIPPED_DIRS), root)
