@@ -28,15 +28,18 @@ class TextStream:
 
     def event(self, token: int, finish: int, logprob=None, top=None) -> TokenEvent:
         """The event for the next token; a stop string in the text overrides `finish` (a Finish
-        code, or its int as an engine's step reports it)."""
-        text, matched = self.stops.feed(self.detok.add([token]))
+        code, or its int as an engine's step reports it). A token that ends the answer as an
+        end-of-sequence or stop token adds no text: a fill-in-the-middle format's end tokens
+        (`<|fim_pad|>`, `<file_sep>`, ...) are plain added tokens that would otherwise show."""
+        finish = Finish(finish) if finish else Finish.NONE
+        if finish in (Finish.EOS, Finish.STOP_TOKEN):
+            text, matched = "", False
+        else:
+            text, matched = self.stops.feed(self.detok.add([token]))
         if matched:
             finish = Finish.STOP_STRING
         elif finish:
-            finish = Finish(finish)
             text += self.stops.feed(self.detok.flush())[0] + self.stops.flush()
-        else:
-            finish = Finish.NONE
         ev = TokenEvent(self.request.id, self.index, token, text, finish, logprob, top)
         self.index += 1
         self.done = finish != Finish.NONE
