@@ -238,7 +238,9 @@ def _sse(data: dict) -> bytes:
 def _usage(fanout: Fanout, answers: list[Answer]) -> dict:
     prompt = sum(len(ids) for ids in fanout.prompts)
     completion = sum(len(a.tokens) for a in answers)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum(a.cached_tokens for a in answers[:: fanout.n])  # a prompt's choices share its prefill
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _completion_choice(ctx: ApiContext, fanout: Fanout, k: int, answer: Answer) -> dict:

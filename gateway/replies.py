@@ -78,6 +78,7 @@ class Answer:
     prompt_tokens: int = 0
     seed: int | None = None
     prompt_logprobs: list[float | None] | None = None
+    cached_tokens: int = 0  # prompt tokens the prefix cache spared computing
     chars: int = 0  # length of the text so far
 
     def add(self, batch: P.TokenBatch) -> None:
@@ -91,6 +92,8 @@ class Answer:
             self.seed = batch.seed
         if batch.prompt_logprobs is not None:
             self.prompt_logprobs = batch.prompt_logprobs
+        if batch.cached_tokens:
+            self.cached_tokens = batch.cached_tokens
 
     @property
     def text(self) -> str:

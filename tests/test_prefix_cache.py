@@ -133,3 +133,14 @@ def test_typing_speed_requests_each_cancelling_the_last_leave_nothing_held(home,
         assert len(last.token_ids) == 12
         c.wait_idle()
         wait_for(lambda: c.metric("splitserve_requests_in_flight") == 0, 10, "the gateway to hold nothing")
+
+
+def test_openai_usage_reports_the_cached_prompt_tokens(home, tiny_dir):
+    import httpx
+
+    with Cluster(home) as c:
+        c.start_pipeline(4)
+        body = {"prompt": list(FILE) + [5], "max_tokens": 2, "temperature": 0}
+        usage = [httpx.post(f"{c.url}/v1/completions", json=body, timeout=60).json()["usage"] for _ in range(2)]
+        assert [u["prompt_tokens_details"]["cached_tokens"] for u in usage] == [0, 576]
+        assert usage[0]["prompt_tokens"] == usage[1]["prompt_tokens"] == 601
