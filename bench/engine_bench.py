@@ -72,6 +72,7 @@ class Sweep:
     key_batches: list[int]
     prefill_lens: list[int]
     prefill_batches: list[int]
+    mixed: bool = True  # the packed batch of MIXED_LENS prompts
 
 
 def default_sweep(gpu: bool, quick: bool) -> Sweep:
@@ -113,6 +114,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     sweep.add_argument("--prefill-lens", type=int_list, help="batch-1 prefill prompt lengths ('' skips them)")
     sweep.add_argument("--prefill-batches", type=int_list,
                        help=f"prefill batch sizes of {PREFILL_BATCH_PROMPT}-token prompts ('' skips them)")
+    sweep.add_argument("--mixed", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"the prefill of {len(MIXED_LENS)} mixed-length prompts packed (default: on)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--plot-dir", type=Path, default=Path("bench/results"), help="where the PNG goes")

@@ -62,7 +62,8 @@ def plan(sweep: Sweep, n_positions: int) -> list[Point]:
     points += [Point("decode", "key_len", (k - half,) * b, n) for b in sweep.key_batches for k in sweep.key_lens]
     points += [Point("prefill", "prompt_len", (p,), 1) for p in sweep.prefill_lens]
     points += [Point("prefill", "prefill_batch", (PREFILL_BATCH_PROMPT,) * b, 1) for b in sweep.prefill_batches]
-    points.append(Point("prefill", "mixed", MIXED_LENS, 1, "mixed-8"))
+    if sweep.mixed:
+        points.append(Point("prefill", "mixed", MIXED_LENS, 1, "mixed-8"))
     for p in points:
         if min(p.lens) < 1 or p.positions > n_positions:
             raise ValueError(f"{p.phase} {p.curve} point with prompts of {max(p.lens)} tokens and {p.new_tokens} "
