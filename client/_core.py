@@ -8,7 +8,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Generic, TypeVar
 from uuid import uuid4
 
 import zmq
@@ -119,16 +119,51 @@ def decode_reply(frames: list) -> TokenBatch | Error | None:
 Inbox = TypeVar("Inbox")
 
 
-def route(routes: dict[str, Inbox], msg: TokenBatch | Error) -> list[Inbox]:
-    """The inboxes that get `msg`. A request is forgotten with its last message, so that replies
-    after it (or for requests this client never made) are dropped."""
-    if isinstance(msg, Error) and not msg.id:  # about the connection itself: every request fails
-        inboxes = list(routes.values())
-        routes.clear()
-        return inboxes
-    last = isinstance(msg, Error) or msg.finish_reason is not None
-    inbox = routes.pop(msg.id, None) if last else routes.get(msg.id)
-    return [] if inbox is None else [inbox]
+def endpoints(endpoint: str | Sequence[str]) -> list[str]:
+    """One endpoint, or several: a gateway's frontends, each with a client port of its own."""
+    found = [endpoint] if isinstance(endpoint, str) else list(endpoint)
+    if not found:
+        raise ValueError("give at least one endpoint")
+    return found
+
+
+class Routes(Generic[Inbox]):
+    """The requests in flight: each one's inbox and the connection it went over. With several
+    connections (a gateway's frontends) a new request takes the one with the fewest in flight,
+    and its cancel follows it there."""
+
+    def __init__(self, connections: int = 1):
+        self._requests: dict[str, tuple[Inbox, int]] = {}
+        self._load = [0] * connections
+
+    def add(self, request_id: str, inbox: Inbox) -> int:
+        """Route a new request; -> the connection to send it over."""
+        connection = min(range(len(self._load)), key=self._load.__getitem__)
+        self._load[connection] += 1
+        self._requests[request_id] = inbox, connection
+        return connection
+
+    def pop(self, request_id: str) -> int | None:
+        """Forget a request; -> its connection, or None if it had already ended."""
+        found = self._requests.pop(request_id, None)
+        if found is None:
+            return None
+        self._load[found[1]] -= 1
+        return found[1]
+
+    def deliver(self, msg: TokenBatch | Error, connection: int | None = None) -> list[Inbox]:
+        """The inboxes that get `msg`, which came over `connection` (None: every one). A request is
+        forgotten with its last message, so that replies after it (or for requests this client
+        never made) are dropped."""
+        if isinstance(msg, Error) and not msg.id:  # about the connection itself: its requests fail
+            ended = [rid for rid, (_, c) in self._requests.items() if connection is None or c == connection]
+            return [self._requests[rid][0] for rid in ended if self.pop(rid) is not None]
+        found = self._requests.get(msg.id)
+        if found is None:
+            return []
+        if isinstance(msg, Error) or msg.finish_reason is not None:
+            self.pop(msg.id)
+        return [found[0]]
 
 
 class StreamBase:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from functools import partial
 
 import zmq
@@ -10,7 +11,7 @@ import zmq.asyncio
 
 from splitserve.common.protocol import Cancel, Error, Generate, encode
 
-from ._core import MAX_MESSAGE_BYTES, Response, StreamBase, dealer, decode_reply, new_generate, route
+from ._core import MAX_MESSAGE_BYTES, Response, Routes, StreamBase, dealer, decode_reply, endpoints, new_generate
 from .errors import UnavailableError
 
 
@@ -62,16 +63,19 @@ class AsyncStream(StreamBase):
 
 
 class AsyncClient:
-    """A connection to a gateway's client port for asyncio code. One reader task hands each reply
-    to the request it belongs to; it starts with the first request, on that request's loop."""
+    """A connection to a gateway's client port for asyncio code, or to several (a gateway's
+    frontends each have one), over which requests are spread. One reader task per connection
+    hands each reply to the request it belongs to; they start with the first request, on that
+    request's loop."""
 
-    def __init__(self, endpoint: str, api_key: str | None = None, *, max_message_bytes: int = MAX_MESSAGE_BYTES):
+    def __init__(self, endpoint: str | Sequence[str], api_key: str | None = None, *,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES):
         self._api_key = api_key
         self._ctx = zmq.asyncio.Context()
-        self._sock = dealer(self._ctx, endpoint, max_message_bytes)
-        self._routes: dict[str, asyncio.Queue] = {}
+        self._socks = [dealer(self._ctx, e, max_message_bytes) for e in endpoints(endpoint)]
+        self._routes: Routes[asyncio.Queue] = Routes(len(self._socks))
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reader: asyncio.Task | None = None
+        self._readers: list[asyncio.Task] = []
         self._closed = False
 
     async def generate(self, prompt: str | None = None, **options) -> Response:
@@ -85,41 +89,44 @@ class AsyncClient:
             raise UnavailableError("the client is closed")
         msg = new_generate(prompt, **options)
         msg.api_key = self._api_key
-        self._start_reader()
+        self._start_readers()
         inbox: asyncio.Queue = asyncio.Queue()
-        self._routes[msg.id] = inbox
-        self._send(msg.id, encode(msg))
+        self._send(msg.id, encode(msg), self._routes.add(msg.id, inbox))
         return AsyncStream(msg, inbox, self._cancel, self._cancel_later)
 
-    def _start_reader(self) -> None:
-        if self._reader is None or self._reader.done():  # done: it died, and new requests need one
+    def _start_readers(self) -> None:
+        if not self._readers or any(r.done() for r in self._readers):  # done: one died; new requests need it
             self._loop = asyncio.get_running_loop()
-            self._reader = self._loop.create_task(self._read())
+            for r in self._readers:
+                r.cancel()
+            self._readers = [self._loop.create_task(self._read(i)) for i in range(len(self._socks))]
 
-    async def _read(self) -> None:
+    async def _read(self, connection: int) -> None:
         try:
             while True:
-                msg = decode_reply(await self._sock.recv_multipart())
+                msg = decode_reply(await self._socks[connection].recv_multipart())
                 if msg is not None:
-                    self._deliver(msg)
+                    self._deliver(msg, connection)
         finally:
-            self._deliver(Error("", "unavailable", "the client was closed"))
+            self._deliver(Error("", "unavailable", "the client was closed"), connection)
 
-    def _deliver(self, msg) -> None:
-        for inbox in route(self._routes, msg):
+    def _deliver(self, msg, connection: int) -> None:
+        for inbox in self._routes.deliver(msg, connection):
             inbox.put_nowait(msg)
 
-    def _send(self, request_id: str, frame: bytes) -> None:
+    def _send(self, request_id: str, frame: bytes, connection: int) -> None:
         # not awaited: the message is queued in order at once, and a stream can cancel from close()
-        self._sock.send(frame).add_done_callback(partial(self._sent, request_id))
+        sent = self._socks[connection].send(frame)
+        sent.add_done_callback(partial(self._sent, request_id, connection))
 
-    def _sent(self, request_id: str, done: asyncio.Future) -> None:
+    def _sent(self, request_id: str, connection: int, done: asyncio.Future) -> None:
         if not done.cancelled() and done.exception() is not None:
-            self._deliver(Error(request_id, "unavailable", f"could not send: {done.exception()}"))
+            self._deliver(Error(request_id, "unavailable", f"could not send: {done.exception()}"), connection)
 
     def _cancel(self, request_id: str) -> None:
-        if self._routes.pop(request_id, None) is not None and not self._closed:  # else it has already ended
-            self._send(request_id, encode(Cancel(request_id)))
+        connection = self._routes.pop(request_id)
+        if connection is not None and not self._closed:  # else it has already ended
+            self._send(request_id, encode(Cancel(request_id)), connection)
 
     def _cancel_later(self, request_id: str) -> None:
         try:
@@ -132,10 +139,11 @@ class AsyncClient:
         if self._closed:
             return
         self._closed = True
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-        self._sock.close(linger=0)
+        for r in self._readers:
+            r.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+        for sock in self._socks:
+            sock.close(linger=0)
         self._ctx.term()
 
     async def __aenter__(self) -> AsyncClient:

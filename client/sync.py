@@ -5,13 +5,14 @@ from __future__ import annotations
 import queue
 import socket
 import threading
+from collections.abc import Sequence
 from operator import methodcaller
 
 import zmq
 
 from splitserve.common.protocol import Cancel, Error, Generate, encode
 
-from ._core import MAX_MESSAGE_BYTES, Response, StreamBase, dealer, decode_reply, new_generate, route
+from ._core import MAX_MESSAGE_BYTES, Response, Routes, StreamBase, dealer, decode_reply, endpoints, new_generate
 from .errors import UnavailableError
 
 
@@ -55,47 +56,50 @@ class _Mailbox:
 
 
 class _IOLoop:
-    """The IO thread: the only code that touches the DEALER socket and the table of requests."""
+    """The IO thread: the only code that touches the DEALER sockets (one per endpoint) and the
+    table of requests."""
 
-    def __init__(self, sock: zmq.Socket, mailbox: _Mailbox):
-        self._sock = sock
+    def __init__(self, socks: list[zmq.Socket], mailbox: _Mailbox):
+        self._socks = socks
         self._mailbox = mailbox
-        self._routes: dict[str, queue.SimpleQueue] = {}
+        self._routes: Routes[queue.SimpleQueue] = Routes(len(socks))
         self._running = True
 
     def run(self) -> None:
         poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
+        for sock in self._socks:
+            poller.register(sock, zmq.POLLIN)
         poller.register(self._mailbox.wake, zmq.POLLIN)
         try:
             while self._running:
                 for item, _ in poller.poll():
-                    if item is self._sock:
-                        self._receive()
-                    else:
+                    if item is self._mailbox.wake:
                         for command in self._mailbox.take_all():
                             command(self)
+                    else:
+                        self._receive(self._socks.index(item))
         finally:
             self._deliver(Error("", "unavailable", "the client was closed"))
-            self._sock.close(linger=0)
+            for sock in self._socks:
+                sock.close(linger=0)
 
-    def _receive(self) -> None:
+    def _receive(self, connection: int) -> None:
         while True:
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                frames = self._socks[connection].recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             msg = decode_reply(frames)
             if msg is not None:
-                self._deliver(msg)
+                self._deliver(msg, connection)
 
-    def _deliver(self, msg) -> None:
-        for inbox in route(self._routes, msg):
+    def _deliver(self, msg, connection: int | None = None) -> None:
+        for inbox in self._routes.deliver(msg, connection):
             inbox.put(msg)
 
-    def _send(self, request_id: str, frame: bytes) -> None:
+    def _send(self, request_id: str, frame: bytes, connection: int) -> None:
         try:
-            self._sock.send(frame, zmq.NOBLOCK)
+            self._socks[connection].send(frame, zmq.NOBLOCK)
         except zmq.Again:
             # the gateway has been unreachable long enough to fill the send queue: fail the
             # request rather than block this thread, which every other request needs
@@ -104,12 +108,12 @@ class _IOLoop:
     # ---- commands (run in this thread, put by _Mailbox) ----
 
     def start(self, request_id: str, frame: bytes, inbox: queue.SimpleQueue) -> None:
-        self._routes[request_id] = inbox
-        self._send(request_id, frame)
+        self._send(request_id, frame, self._routes.add(request_id, inbox))
 
     def cancel(self, request_id: str) -> None:
-        if self._routes.pop(request_id, None) is not None:  # else it has already ended
-            self._send(request_id, encode(Cancel(request_id)))
+        connection = self._routes.pop(request_id)
+        if connection is not None:  # else it has already ended
+            self._send(request_id, encode(Cancel(request_id)), connection)
 
     def stop(self) -> None:
         self._running = False
@@ -174,16 +178,18 @@ class SyncClientBase:
 
 
 class Client(SyncClientBase):
-    """A connection to a gateway's client port, usable from many threads at once.
+    """A connection to a gateway's client port, usable from many threads at once; or to several
+    (a gateway's frontends each have one), over which requests are spread.
 
-    One background thread owns the socket (zmq sockets are not thread safe) and hands each reply
+    One background thread owns the sockets (zmq sockets are not thread safe) and hands each reply
     to the request it belongs to."""
 
-    def __init__(self, endpoint: str, api_key: str | None = None, *, max_message_bytes: int = MAX_MESSAGE_BYTES):
+    def __init__(self, endpoint: str | Sequence[str], api_key: str | None = None, *,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES):
         self._api_key = api_key
         self._ctx = zmq.Context()
         self._mailbox = _Mailbox()
-        io = _IOLoop(dealer(self._ctx, endpoint, max_message_bytes), self._mailbox)
+        io = _IOLoop([dealer(self._ctx, e, max_message_bytes) for e in endpoints(endpoint)], self._mailbox)
         self._thread = threading.Thread(target=io.run, name="splitserve-client-io", daemon=True)
         self._thread.start()
         self._lock = threading.Lock()  # orders close() after every start it has to fail

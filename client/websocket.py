@@ -25,7 +25,7 @@ from websockets.sync.client import connect
 from splitserve.common import protocol as P
 from splitserve.common.protocol import Error, Generate, TokenBatch
 
-from ._core import MAX_MESSAGE_BYTES, Response, new_generate, route
+from ._core import MAX_MESSAGE_BYTES, Response, Routes, new_generate
 from .aio import AsyncStream
 from .errors import UnavailableError
 from .sync import SyncClientBase
@@ -72,7 +72,7 @@ class WebSocketClient(SyncClientBase):
                                                            compression=None, proxy=None))
         except (OSError, WebSocketException, TimeoutError) as e:
             raise UnavailableError(f"cannot connect to {url}: {e}") from e
-        self._routes: dict[str, queue.SimpleQueue] = {}
+        self._routes: Routes[queue.SimpleQueue] = Routes()
         self._lock = threading.Lock()  # the routes, shared by callers and the two threads
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
@@ -87,7 +87,7 @@ class WebSocketClient(SyncClientBase):
         if self._lost:
             inbox.put(Error(msg.id, "unavailable", CONNECTION_LOST))
             return
-        self._routes[msg.id] = inbox
+        self._routes.add(msg.id, inbox)
         self._outbox.put(_frame(P.WsGenerate.of(msg), self._binary))
 
     def _cancel(self, request_id: str) -> None:
@@ -110,7 +110,7 @@ class WebSocketClient(SyncClientBase):
 
     def _deliver(self, msg) -> None:
         with self._lock:
-            inboxes = route(self._routes, msg)
+            inboxes = self._routes.deliver(msg)
         for inbox in inboxes:
             inbox.put(msg)
 
@@ -118,7 +118,7 @@ class WebSocketClient(SyncClientBase):
         while (item := self._outbox.get()) is not None:
             if isinstance(item, tuple):
                 with self._lock:
-                    running = self._routes.pop(item[1], None) is not None
+                    running = self._routes.pop(item[1]) is not None
                 if not running:  # it has already ended
                     continue
                 item = _frame(P.WsCancel(item[1]), self._binary)
@@ -156,7 +156,7 @@ class AsyncWebSocketClient:
         self._connect_options = dict(open_timeout=open_timeout, max_size=max_message_bytes, compression=None,
                                      proxy=None)
         self._stack = contextlib.AsyncExitStack()
-        self._routes: dict[str, asyncio.Queue] = {}
+        self._routes: Routes[asyncio.Queue] = Routes()
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -192,12 +192,12 @@ class AsyncWebSocketClient:
         if self._lost:
             inbox.put_nowait(Error(msg.id, "unavailable", CONNECTION_LOST))
         else:
-            self._routes[msg.id] = inbox
+            self._routes.add(msg.id, inbox)
             self._outbox.put_nowait(_frame(P.WsGenerate.of(msg), self._binary))
         return AsyncStream(msg, inbox, self._cancel, self._cancel_later)
 
     def _cancel(self, request_id: str) -> None:
-        if self._routes.pop(request_id, None) is not None and not self._closed:  # else it has already ended
+        if self._routes.pop(request_id) is not None and not self._closed:  # else it has already ended
             self._outbox.put_nowait(_frame(P.WsCancel(request_id), self._binary))
 
     def _cancel_later(self, request_id: str) -> None:
@@ -211,14 +211,14 @@ class AsyncWebSocketClient:
             async for frame in self._conn:
                 msg = _decode(frame)
                 if msg is not None:
-                    for inbox in route(self._routes, msg):
+                    for inbox in self._routes.deliver(msg):
                         inbox.put_nowait(msg)
         except (OSError, WebSocketException):
             pass
         finally:
             self._lost = True
             closed = Error("", "unavailable", CONNECTION_LOST)
-            for inbox in route(self._routes, closed):
+            for inbox in self._routes.deliver(closed):
                 inbox.put_nowait(closed)
 
     async def _write(self) -> None:
