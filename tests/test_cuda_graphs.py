@@ -49,7 +49,8 @@ MIXED_SCHEDULE = {
 def engine_for(lm, steps: str) -> Engine:
     """steps: "exact" for the exact path, "eager" for the padded path run eagerly, "graphs" for it
     captured (CUDA)."""
-    engine = Engine(lm, EngineOptions(num_slots=SLOTS, max_total_tokens=SLOT_LEN))
+    # cuda_graphs=False: the Engine's own decode is the exact path on CUDA too (it captures by default)
+    engine = Engine(lm, EngineOptions(num_slots=SLOTS, max_total_tokens=SLOT_LEN, cuda_graphs=False))
     if steps == "graphs":
         engine.decode = DecodeEngine(lm, SLOTS, SLOT_LEN, graphs=True, graph_key_step=KEY_STEP)
     elif steps == "eager":
