@@ -111,7 +111,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         log.record(stage, "stage", status, rc=rc, seconds=round(time.time() - start, 1), limit_s=round(limit))
     records = log.read()[first:]
     plots(args.out_dir, records)
-    summary = summarize(records, args.out_dir)
+    summary = summarize(records, args.out_dir, args.device)
     (args.out_dir / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
     print(format_summary(summary), flush=True)
     return 0 if summary["clean"] else 1
@@ -125,9 +125,15 @@ def run_stage(stage: str, limit: float, args: argparse.Namespace) -> int | None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--run-stage", stage, "--device", args.device,
            "--out-dir", str(args.out_dir), "--threads", str(args.threads), "--graph-key-step", str(args.graph_key_step),
            "--deadline", str(max(limit - GRACE_S, limit / 2))] + (["--tiny"] if args.tiny else [])
-    # Its own process group, so the kill reaches the processes it starts (the handoff's child);
-    # dying with this process, so none outlives a pass killed from outside.
-    child = subprocess.Popen(cmd, cwd=ROOT, process_group=0, preexec_fn=die_with_parent(9))
+    arm = die_with_parent(9)
+
+    def own_group_dying_with_parent() -> None:
+        # Its own process group, so the kill reaches the processes it starts (the handoff's child);
+        # dying with this process, so none outlives a pass killed from outside.
+        os.setpgid(0, 0)  # Popen(process_group=0) from Python 3.11 only
+        arm()
+
+    child = subprocess.Popen(cmd, cwd=ROOT, preexec_fn=own_group_dying_with_parent)
     try:
         return child.wait(timeout=limit)
     except subprocess.TimeoutExpired:
@@ -155,7 +161,7 @@ def plots(out_dir: Path, records: list[dict]) -> None:
             print(f"plot of {name} failed: {e!r}", flush=True)
 
 
-def summarize(records: list[dict], out_dir: Path) -> dict:
+def summarize(records: list[dict], out_dir: Path, device_flag: str) -> dict:
     stages = {r["stage"]: r for r in records if r["item"] == "stage"}
     env = next((r for r in records if r["item"] == "env"), {})
     tests = [r for r in records if r["stage"] == "correctness" and r["item"].startswith("tests/")]
@@ -175,7 +181,7 @@ def summarize(records: list[dict], out_dir: Path) -> dict:
             rows[r["stage"]] = dict(measured=len(doc["results"]), skipped=len(doc["skipped"]),
                                     failed=len(doc.get("failed", ())))
     rerun = [s for s, r in stages.items() if s != "setup" and (r["status"] != "ok" or any(f["stage"] == s for f in failed))]
-    device = env.get("device_name") or env.get("device") or next((d["device"] for d in docs), None)
+    device = env.get("device_name") or env.get("device") or next((d["device"] for d in docs), device_flag)
     return dict(
         device=device, torch=env.get("torch") or next((d["torch"] for d in docs), None),
         seconds=max((r["t"] for r in records), default=0),
@@ -187,7 +193,8 @@ def summarize(records: list[dict], out_dir: Path) -> dict:
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"== device pass: {s['device']}, torch {s['torch']}, {s['seconds']:.0f} s =="]
+    torch = f", torch {s['torch']}" if s["torch"] else ""
+    lines = [f"== device pass: {s['device']}{torch}, {s['seconds']:.0f} s =="]
     for stage, st in s["stages"].items():
         extra = ""
         if stage == "correctness" and st["status"] != "skipped":
