@@ -83,9 +83,13 @@ class Log:
         return rec
 
     def read(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in self.path.read_text().splitlines() if self.path.exists() else ():
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # a line cut short: the summary goes on without it
+                pass
+        return records
 
 
 # --- the parent: stages under their limits, then the summary ----------------------------------

@@ -19,6 +19,8 @@ WHEELS=${WHEELS:-.whl}
 SITE=${SITE:-/tmp/site}
 OUT=${OUT:-/tmp/device-pass}  # the device tool sets OUT
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+# Nothing outside the device machine can be reached: no lookup should wait on a network there.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export SPLITSERVE_HOME=${SPLITSERVE_HOME:-/tmp/splitserve-home}
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT"
