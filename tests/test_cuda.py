@@ -1,7 +1,10 @@
-"""CUDA-only checks (skipped without a GPU): the varlen prefill kernels against SDPA, and the
-cuda_ipc KV handoff between a prefill and a decode process, bytes and timing.
+"""CUDA checks (skipped without a GPU): the varlen prefill kernels against SDPA, multi-query and
+grouped-query, with and without a sliding window or a cached prefix, and the cuda_ipc KV handoff
+between a prefill and a decode process, bytes and timing; the handoff's protocol runs over shm on
+the CPU too.
 
-The device pass runs this file with -s, so the handoff timings reach its log."""
+The device pass (bench/gpu/device_pass.py) runs this file; what the tests measure reaches its
+records through `record_property`."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import time
 import pytest
 import torch
 
+from conftest import TEST_THREADS
 from pair_child import pair_child
 from splitserve.common.attention import (
     _flash_attn_prefill,
@@ -20,12 +24,14 @@ from splitserve.common.attention import (
     sdpa_prefill,
 )
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                                    reason="needs two GPUs")
 
 SEQLENS = [1, 7, 64, 300, 1000]  # packed back to back: T = 1372
 PAST = [0, 40, 8, 0, 333]  # cached prefixes before them, for the bottom-right causal case
-# (H, KVH, D): SantaCoder's, StarCoder's, multi-head, Qwen2.5-Coder-7B's grouped-query
-HEADS = [(16, 1, 128), (48, 1, 128), (4, 4, 64), (28, 4, 128)]
+# (H, KVH, D): SantaCoder's, StarCoder's, multi-head, grouped-query (Llama-like), Qwen2.5-Coder-7B's
+HEADS = [(16, 1, 128), (48, 1, 128), (4, 4, 64), (8, 2, 128), (28, 4, 128)]
 
 
 def packed(h: int, kvh: int, d: int, past: list[int] | None = None, dtype=torch.bfloat16):
@@ -45,39 +51,48 @@ def kernels() -> list:
 # ---- prefill attention --------------------------------------------------------------------
 
 
-def test_a_cuda_kernel_is_chosen():
+@needs_cuda
+def test_a_cuda_kernel_is_chosen(record_property):
     name, _ = choose_prefill_attention(torch.device("cuda"))
+    record_property("kernel", name)
     assert name != "sdpa"
     print(f"\nprefill attention on torch {torch.__version__}: {name}")
 
 
+@needs_cuda
 @pytest.mark.parametrize("attn", kernels())
 @pytest.mark.parametrize("h, kvh, d", HEADS)
 @pytest.mark.parametrize("past, window", [(None, 0), (None, 100), (PAST, 0), (PAST, 100)],
                          ids=["causal", "window", "cached-prefix", "cached-prefix-window"])
-def test_varlen_prefill_matches_sdpa_on_a_packed_batch(attn, h, kvh, d, past, window):
+def test_varlen_prefill_matches_sdpa_on_a_packed_batch(attn, h, kvh, d, past, window, record_property):
     q, k, v, pk = packed(h, kvh, d, past)
     scale = d**-0.5
     got = attn(q, k, v, pk, scale, window)  # [T, H, D]
-    # The reference sees the same bf16 inputs, computed in fp32.
+    # The reference sees the same bf16 inputs, computed in fp32, K/V repeated for every query head.
     want = sdpa_prefill(q.float(), k.float(), v.float(), pk, scale, window)
     assert got.shape == q.shape and got.dtype == torch.bfloat16
+    record_property("max_abs_diff", (got.float() - want).abs().max().item())
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 
-def test_torchs_flash_op_takes_multi_query_kv_as_it_is():
-    # What 2.11's path relies on: the op that varlen_attn wraps, given one K/V head for 16 query
-    # heads, computes what it computes on K/V expanded to every head.
-    q, k, v, pk = packed(16, 1, 128)
+@needs_cuda
+@pytest.mark.parametrize("h, kvh", [(16, 1), (8, 2)])
+def test_torchs_flash_op_takes_fewer_kv_heads_as_they_are(h, kvh, record_property):
+    # What 2.11's path relies on: the op that varlen_attn wraps, given fewer K/V heads than query
+    # heads, computes what it computes on K/V repeated for every query head of a group.
+    q, k, v, pk = packed(h, kvh, 128)
     cu, n = pk.cu_q, max(SEQLENS)
 
     def op(k, v):
         return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, n, n, 0.0, True, False, scale=0.125)[0]
 
-    torch.testing.assert_close(op(k, v), op(k.expand(-1, 16, -1), v.expand(-1, 16, -1)), atol=0, rtol=0)
+    got, want = op(k, v), op(k.repeat_interleave(h // kvh, 1), v.repeat_interleave(h // kvh, 1))
+    record_property("max_abs_diff", (got.float() - want.float()).abs().max().item())
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-def test_model_prefill_with_the_chosen_kernel_matches_sdpa(tiny_dir):
+@needs_cuda
+def test_model_prefill_with_the_chosen_kernel_matches_sdpa(tiny_dir, record_property):
     from splitserve.common.loading import load_model
     from splitserve.common.model import prefill
 
@@ -89,15 +104,16 @@ def test_model_prefill_with_the_chosen_kernel_matches_sdpa(tiny_dir):
     with torch.inference_mode():
         got = prefill(lm.weights, ids, positions, SEQLENS, attn)  # [B, V]
         want = prefill(lm.weights, ids, positions, SEQLENS, sdpa_prefill)
+    record_property("max_abs_diff", (got.float() - want.float()).abs().max().item())
     torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
-# ---- cuda_ipc handoff between processes ---------------------------------------------------
+# ---- the KV handoff between processes: cuda_ipc, and its protocol over shm ------------------
 
 SANTACODER_KV = (24, 2, 2048, 1, 128)  # staging [n_layer, 2, budget, KVH, D]
 PROMPT = 1024
-RUNS = 20
+RUNS = {"cuda_ipc": 20, "shm": 3}  # timed handoffs: shm runs for its protocol on the CPU, not its time
 
 # The decode side: open the staging once, then for each location copy the region into a slot of
 # its own pool as DecodeEngine.admit does ([.., slot, KVH, L, D] <- [.., n, KVH, D]), synchronize,
@@ -107,7 +123,9 @@ import sys, time
 import msgspec, torch, zmq
 from splitserve.common.kv_transport import KvImporter
 
-port, device = int(sys.argv[1]), sys.argv[2]
+port, device, threads = int(sys.argv[1]), torch.device(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(threads)
+sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
 sock = zmq.Context().socket(zmq.PAIR)
 sock.setsockopt(zmq.RCVTIMEO, 60000)
 sock.connect(f"tcp://127.0.0.1:{port}")
@@ -128,13 +146,13 @@ while True:
     if not msg:
         break
     offset, length, want_bytes = msgspec.msgpack.decode(msg)
-    torch.cuda.synchronize(device)
+    sync(device)
     start = time.perf_counter()
     importer.open(desc)  # cached: a second open costs a dict lookup
-    kv = importer.view("cuda_ipc", desc["key"], offset, length)
+    kv = importer.view(desc["transport"], desc["key"], offset, length)
     slot = pool[:, :, 0, :, :length]
     slot.copy_(kv.transpose(2, 3))
-    torch.cuda.synchronize(device)
+    sync(device)
     elapsed = time.perf_counter() - start
     region = slot.transpose(2, 3).contiguous()
     answer = region.cpu().view(torch.uint8).numpy().tobytes() if want_bytes else checksum(region)
@@ -148,50 +166,62 @@ def checksum(t: torch.Tensor) -> int:
     return int(t.view(torch.int16).to(torch.int64).sum())
 
 
-def decode_devices() -> list:
-    two = torch.cuda.is_available() and torch.cuda.device_count() > 1
-    return ["cuda:0", pytest.param("cuda:1", marks=pytest.mark.skipif(not two, reason="needs two GPUs"))]
+# (transport, staging device, decode device)
+HANDOFFS = [pytest.param("shm", "cpu", "cpu", id="shm"),
+            pytest.param("cuda_ipc", "cuda:0", "cuda:0", id="cuda_ipc-cuda:0", marks=needs_cuda),
+            pytest.param("cuda_ipc", "cuda:0", "cuda:1", id="cuda_ipc-cuda:1", marks=needs_two_gpus)]
 
 
-@pytest.mark.parametrize("decode_device", decode_devices())
-def test_cuda_ipc_handoff_of_a_1024_token_prompt(decode_device):
+@pytest.mark.parametrize("transport, source, decode_device", HANDOFFS)
+def test_kv_handoff_of_a_1024_token_prompt(transport, source, decode_device, record_property):
     import msgspec
 
     from splitserve.common.kv_transport import allocate_staging
 
-    staging = allocate_staging(SANTACODER_KV, torch.bfloat16, "cuda:0", "cuda_ipc", "prefill-gpu")
+    cuda = transport == "cuda_ipc"
+    staging = allocate_staging(SANTACODER_KV, torch.bfloat16, source, transport, "prefill-gpu")
     region = staging.tensor[:, :, 512 : 512 + PROMPT]  # not at offset 0: offsets must be honoured
     nbytes = region.numel() * region.element_size()
-    with pair_child(DECODE_CHILD, decode_device, timeout_s=60) as sock:
-        sock.send(msgspec.msgpack.encode(staging.export()))
-        assert sock.recv() == b"opened"
+    try:
+        with pair_child(DECODE_CHILD, decode_device, str(TEST_THREADS), timeout_s=60) as sock:
+            sock.send(msgspec.msgpack.encode(staging.export()))
+            assert sock.recv() == b"opened"
 
-        def handoff(want_bytes: bool):
-            sock.send(msgspec.msgpack.encode([512, PROMPT, want_bytes]))
-            return msgspec.msgpack.decode(sock.recv())
+            def handoff(want_bytes: bool):
+                sock.send(msgspec.msgpack.encode([512, PROMPT, want_bytes]))
+                return msgspec.msgpack.decode(sock.recv())
 
-        # Ordering: the write is still queued behind a ~0.1 s kernel when the location is sent;
-        # only the interprocess event keeps the child from reading the old bytes.
-        region.zero_()
-        torch.cuda.synchronize()
-        torch.cuda._sleep(200_000_000)
-        region.normal_()
-        staging.record_write()
-        _, got = handoff(True)
-        assert got == region.contiguous().cpu().view(torch.uint8).numpy().tobytes()
-
-        child_s, round_trip_s = [], []
-        for _ in range(RUNS):
+            if cuda:
+                # Ordering: the write is still queued behind a ~0.1 s kernel when the location is
+                # sent; only the interprocess event keeps the child from reading the old bytes.
+                region.zero_()
+                torch.cuda.synchronize()
+                torch.cuda._sleep(200_000_000)
             region.normal_()
             staging.record_write()
-            torch.cuda.synchronize()  # time the handoff, not the write
-            start = time.perf_counter()
-            elapsed, sum_ = handoff(False)
-            round_trip_s.append(time.perf_counter() - start)
-            child_s.append(elapsed)
-            assert sum_ == checksum(region)
-    staging.close()
-    print(f"\ncuda_ipc handoff cuda:0 -> {decode_device}, {PROMPT} tokens of SantaCoder KV "
-          f"({nbytes / 2**20:.1f} MiB): copy {1e3 * statistics.median(child_s):.3f} ms median "
-          f"({nbytes / statistics.median(child_s) / 1e9:.0f} GB/s), with the ZMQ round trip "
-          f"{1e3 * statistics.median(round_trip_s):.3f} ms, over {RUNS} handoffs")
+            _, got = handoff(True)
+            bytes_equal = got == region.contiguous().cpu().view(torch.uint8).numpy().tobytes()
+            record_property("bytes_equal", bytes_equal)
+            assert bytes_equal
+
+            child_s, round_trip_s = [], []
+            for _ in range(RUNS[transport]):
+                region.normal_()
+                staging.record_write()
+                if cuda:
+                    torch.cuda.synchronize()  # time the handoff, not the write
+                start = time.perf_counter()
+                elapsed, sum_ = handoff(False)
+                round_trip_s.append(time.perf_counter() - start)
+                child_s.append(elapsed)
+                assert sum_ == checksum(region)
+    finally:
+        staging.close()
+    copy_s = statistics.median(child_s)
+    record_property("mib", round(nbytes / 2**20, 1))
+    record_property("copy_ms", round(1e3 * copy_s, 4))
+    record_property("copy_gb_s", round(nbytes / copy_s / 1e9, 1))
+    record_property("round_trip_ms", round(1e3 * statistics.median(round_trip_s), 4))
+    print(f"\n{transport} handoff {source} -> {decode_device}, {PROMPT} tokens of SantaCoder KV "
+          f"({nbytes / 2**20:.1f} MiB): copy {1e3 * copy_s:.3f} ms median ({nbytes / copy_s / 1e9:.0f} GB/s), "
+          f"with the ZMQ round trip {1e3 * statistics.median(round_trip_s):.3f} ms, over {RUNS[transport]} handoffs")

@@ -1,16 +1,20 @@
 """Decode at fixed shapes (decode_worker/step_runner.py): the padded static-buffer step gives the
 tokens of the exact one. On the CPU the step runs eagerly, as its graphs would replay it; the
-CUDA tests capture the graphs and compare replay with eager."""
+CUDA tests capture the graphs and compare replay with eager. The device pass
+(bench/gpu/device_pass.py) runs the CUDA tests and their CPU twins, their `record_property`
+numbers in its records."""
 
 from __future__ import annotations
 
+import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import load_cpu, req, run_staggered
-from splitserve.common.loading import load_model
+from splitserve.common.loading import LoadedModel, load_model
 from splitserve.common.request import GenerateRequest
 from splitserve.common.params import SamplingParams
 from splitserve.decode_worker.step_runner import StepRunner, batch_buckets, key_buckets
@@ -25,6 +29,32 @@ SLOTS, SLOT_LEN, KEY_STEP = 6, 512, 64  # batch buckets 1, 2, 4, 6; key buckets 
 @pytest.fixture(scope="module")
 def lm(tiny_dir):
     return load_cpu(tiny_dir)
+
+
+def gqa_model(device: str, dtype: torch.dtype) -> LoadedModel:
+    """The grouped-query, rotary families' path: random weights of engine_bench's llama-tiny shape
+    (8 query and 2 KV heads), large enough that the logits are not flat."""
+    from splitserve.bench.engine_bench import SHAPES
+    from splitserve.common.families import checkpoint_shapes
+    from splitserve.common.model import prepare_weights
+    from splitserve.common.model_config import model_config_from_dict
+    from splitserve.common.tokenizer import TINY_TOKENIZER_PATH, Tokenizer
+
+    cfg = model_config_from_dict(SHAPES["llama-tiny"])
+    gen = torch.Generator().manual_seed(7)
+    weights = {name: (0.08 * torch.randn(shape, generator=gen) if len(shape) == 2  # norms near 1
+                      else 1 + 0.1 * torch.randn(shape, generator=gen)).to(device, dtype)
+               for name, shape in checkpoint_shapes(cfg).items()}
+    with torch.inference_mode():
+        prepared = prepare_weights(weights, cfg)
+    tokenizer = Tokenizer.from_file(TINY_TOKENIZER_PATH)
+    return LoadedModel(Path("llama-tiny-shape"), cfg, prepared, tokenizer, torch.device(device), dtype)
+
+
+@pytest.fixture(scope="module", params=["gpt_bigcode", "llama-gqa"])
+def lm_family(request, tiny_dir):
+    """fp32 on the CPU: the tiny multi-query model, and the grouped-query rotary one."""
+    return load_cpu(tiny_dir) if request.param == "gpt_bigcode" else gqa_model("cpu", torch.float32)
 
 
 def sampled(i: int, n: int, new: int, **kw) -> GenerateRequest:
@@ -49,7 +79,8 @@ MIXED_SCHEDULE = {
 def engine_for(lm, steps: str) -> Engine:
     """steps: "exact" for the exact path, "eager" for the padded path run eagerly, "graphs" for it
     captured (CUDA)."""
-    engine = Engine(lm, EngineOptions(num_slots=SLOTS, max_total_tokens=SLOT_LEN))
+    # cuda_graphs=False: the Engine's own decode is the exact path on CUDA too (it captures by default)
+    engine = Engine(lm, EngineOptions(num_slots=SLOTS, max_total_tokens=SLOT_LEN, cuda_graphs=False))
     if steps == "graphs":
         engine.decode = DecodeEngine(lm, SLOTS, SLOT_LEN, graphs=True, graph_key_step=KEY_STEP)
     elif steps == "eager":
@@ -71,8 +102,14 @@ def record_shapes(runner: StepRunner) -> list[tuple[int, int]]:
     return seen
 
 
-def assert_same(got: dict[str, GenerateResult], want: dict[str, GenerateResult], logprob_tol: float) -> None:
+def assert_same(got: dict[str, GenerateResult], want: dict[str, GenerateResult], logprob_tol: float,
+                record_property=None) -> None:
     assert got.keys() == want.keys()
+    if record_property is not None:  # the numbers, before any assertion can stop the test
+        record_property("tokens", sum(len(w.token_ids) for w in want.values()))
+        record_property("tokens_differing", sum(g != w for r in want for g, w in zip(got[r].token_ids, want[r].token_ids)))
+        diffs = [abs(g - w) for r in want for g, w in zip(got[r].logprobs or (), want[r].logprobs or ())]
+        record_property("max_logprob_diff", max(diffs, default=0.0))
     for rid, w in want.items():
         g = got[rid]
         assert g.token_ids == w.token_ids, rid
@@ -122,7 +159,8 @@ def admitted(lm, lens: list[int]) -> DecodeEngine:
     return d
 
 
-def test_padded_logits_equal_the_exact_ones(lm):
+def test_padded_logits_equal_the_exact_ones(lm_family, record_property):
+    lm = lm_family
     d = admitted(lm, [70, 3, 200, 129, 64])
     d.release(2)  # a hole in the prefix of 5, which pads to the bucket of 6
     b, exact, greedy = d.runner.run(d.slots.prefix_len(), d.longest())
@@ -132,6 +170,7 @@ def test_padded_logits_equal_the_exact_ones(lm):
     # Both write the same K/V at the same positions, so running one after the other is fair.
     b, logits, greedy = padded.run(d.slots.prefix_len(), d.longest())
     assert b == 6 and padded.shape(5, d.longest()) == (6, 192)  # 130 keys, slot 3
+    record_property("max_abs_diff", (logits[:5] - exact).abs().max().item())
     torch.testing.assert_close(logits[:5], exact, rtol=1e-5, atol=1e-5)
     assert torch.equal(greedy[:5], exact.argmax(-1))
 
@@ -167,46 +206,91 @@ def test_graphs_need_cuda(lm):
 def lm_cuda(tiny_dir):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    return {dtype: load_model(tiny_dir, dtype, torch.device("cuda"), progress=False)
-            for dtype in (torch.float32, torch.bfloat16)}
+    models = {dtype: load_model(tiny_dir, dtype, torch.device("cuda"), progress=False)
+              for dtype in (torch.float32, torch.bfloat16)}
+    models["llama-gqa"] = gqa_model("cuda", torch.bfloat16)
+    return models
 
 
 @needs_cuda
-def test_every_shape_is_captured_largest_first_in_one_pool(lm_cuda):
-    d = DecodeEngine(lm_cuda[torch.bfloat16], SLOTS, SLOT_LEN, graphs=True, graph_key_step=KEY_STEP)
+def test_every_shape_is_captured_largest_first_in_one_pool(lm_cuda, record_property):
+    lm = lm_cuda[torch.bfloat16]
+    torch.cuda.synchronize()
+    free = torch.cuda.mem_get_info()[0]
+    start = time.perf_counter()
+    d = DecodeEngine(lm, SLOTS, SLOT_LEN, graphs=True, graph_key_step=KEY_STEP)
+    record_property("capture_s", round(time.perf_counter() - start, 3))
+    record_property("graphs", len(d.runner.shapes))
+    record_property("pool_and_graphs_mib", round((free - torch.cuda.mem_get_info()[0]) / 2**20, 1))
     assert d.runner.captured
     assert d.runner.shapes == [(b, k) for b in (6, 4, 2, 1) for k in range(512, 0, -64)]
 
 
 @needs_cuda
+@pytest.mark.parametrize("family", [torch.bfloat16, "llama-gqa"], ids=["gpt_bigcode", "llama-gqa"])
 @pytest.mark.parametrize("schedule", [GREEDY_SCHEDULE, MIXED_SCHEDULE], ids=["greedy", "mixed"])
-def test_graph_replay_gives_the_eager_tokens(lm_cuda, schedule):
-    lm = lm_cuda[torch.bfloat16]
+def test_graph_replay_gives_the_eager_tokens(lm_cuda, family, schedule, record_property):
+    lm = lm_cuda[family]
     # Same shapes, same kernels: the tokens agree; logprobs to within a change of GEMM algorithm.
-    assert_same(run_staggered(engine_for(lm, "graphs"), schedule), run_staggered(engine_for(lm, "eager"), schedule), 1e-3)
+    assert_same(run_staggered(engine_for(lm, "graphs"), schedule), run_staggered(engine_for(lm, "eager"), schedule),
+                1e-3, record_property)
 
 
 @needs_cuda
-def test_graphs_give_the_exact_paths_tokens_in_fp32(lm_cuda):
+def test_graphs_give_the_exact_paths_tokens_in_fp32(lm_cuda, record_property):
     # Other shapes than the exact path's; fp32 (no TF32 by default) keeps argmax ties away.
     lm = lm_cuda[torch.float32]
-    assert_same(run_staggered(engine_for(lm, "graphs"), GREEDY_SCHEDULE), run_staggered(engine_for(lm, "exact"), GREEDY_SCHEDULE), 1e-4)
+    assert_same(run_staggered(engine_for(lm, "graphs"), GREEDY_SCHEDULE),
+                run_staggered(engine_for(lm, "exact"), GREEDY_SCHEDULE), 1e-4, record_property)
 
 
-@needs_cuda
-def test_a_graphed_step_syncs_with_the_host_once(lm_cuda):
-    engine = engine_for(lm_cuda[torch.bfloat16], "graphs")
+HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
+
+
+def count_host_reads(monkeypatch) -> list[str]:
+    """The calls that read a tensor's values on the host (each a sync with a GPU), from now on:
+    a count that needs no GPU."""
+    calls = []
+    for name in HOST_READS:
+        method = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _method=method, _name=name, **kwargs):
+            calls.append(_name)
+            return _method(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("steps", ["eager", pytest.param("graphs", marks=needs_cuda)])
+def test_a_decode_step_syncs_with_the_host_once(request, steps, monkeypatch, record_property):
+    """Counted twice on CUDA: the synchronizing operations that torch's sync debug mode reports,
+    and the host reads of tensor values; on the CPU (the padded steps run eagerly) the latter."""
+    cuda = torch.cuda.is_available()
+    model = request.getfixturevalue("lm_cuda")[torch.bfloat16] if cuda else request.getfixturevalue("lm")
+    engine = engine_for(model, steps)
     for i in range(3):
         engine.submit(req(i, 20 + i, 40))
     engine.step()  # prefill and admission happen here; the steps below only decode
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
+    n = 5
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
+        reads = count_host_reads(monkeypatch)
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
         try:
-            for _ in range(5):
+            for _ in range(n):
                 engine.decode.step()
         finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) == 5, [str(w.message) for w in syncs]
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+            monkeypatch.undo()
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    record_property("steps", n)
+    record_property("host_reads", len(reads))
+    if cuda:
+        record_property("cuda_syncs", len(syncs))
+        assert len(syncs) == n, syncs
+    assert reads == ["tolist"] * n

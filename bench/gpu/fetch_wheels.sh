@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Wheels the GPU machine lacks, into .whl/ (git-ignored), for run_all.sh: run where pip reaches
-# PyPI, then name .whl in the device command's carry. That machine's image has Python 3.12 and
-# already holds PyTorch, transformers, tokenizers, safetensors, numpy, tqdm, prometheus-client,
-# msgpack, uvloop, matplotlib and pytest (with pytest-timeout); msgspec and pyzmq are missing.
+# The wheels the GPU machine lacks (bench/gpu/wheels.txt), into .whl/ (git-ignored), for
+# device_pass.sh: run where pip reaches PyPI, then name .whl in the device command's carry. The
+# machine's image (image-packages.txt) has Python 3.12, PyTorch, transformers and the rest.
+#
+#   bash bench/gpu/fetch_wheels.sh [PYTHON_VERSION]   # 3.12 unless given
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python3}
-$PY -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl msgspec==0.22.0 pyzmq==27.3.0
+VERSION=${1:-3.12}
+rm -rf .whl  # one version of each: two would stop the install there
+mapfile -t pins < <(grep -v '^#' bench/gpu/wheels.txt | grep .)
+$PY -m pip download -q --no-deps --only-binary=:all: --python-version "$VERSION" --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_26_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "${pins[@]}"
 ls -l .whl

@@ -1,4 +1,5 @@
-"""Plots of a gpu_bench.py document: splitserve with graphs, eager, transformers and the bound.
+"""Plots of a device-pass benchmark document (gpu_bench.py's): splitserve with graphs, eager,
+transformers and the bound.
 
     python bench/gpu/gpu_plots.py RESULTS.json [PNG]   # redraws a saved run
 """
