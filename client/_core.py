@@ -156,8 +156,10 @@ class Routes(Generic[Inbox]):
         forgotten with its last message, so that replies after it (or for requests this client
         never made) are dropped."""
         if isinstance(msg, Error) and not msg.id:  # about the connection itself: its requests fail
-            ended = [rid for rid, (_, c) in self._requests.items() if connection is None or c == connection]
-            return [self._requests[rid][0] for rid in ended if self.pop(rid) is not None]
+            ended = [(rid, inbox) for rid, (inbox, c) in self._requests.items() if connection is None or c == connection]
+            for rid, _ in ended:
+                self.pop(rid)
+            return [inbox for _, inbox in ended]
         found = self._requests.get(msg.id)
         if found is None:
             return []

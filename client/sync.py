@@ -69,11 +69,12 @@ class _IOLoop:
         poller = zmq.Poller()
         for sock in self._socks:
             poller.register(sock, zmq.POLLIN)
-        poller.register(self._mailbox.wake, zmq.POLLIN)
+        wake = self._mailbox.wake.fileno()  # a plain socket comes back from poll() as its fd
+        poller.register(wake, zmq.POLLIN)
         try:
             while self._running:
                 for item, _ in poller.poll():
-                    if item is self._mailbox.wake:
+                    if item == wake:
                         for command in self._mailbox.take_all():
                             command(self)
                     else:

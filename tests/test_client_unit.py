@@ -295,3 +295,41 @@ async def test_async_errors_and_timeout(gateway):
             await c.generate("hang", timeout=0.3)
         (sent,) = gateway.generates("hang")
         await eventually(lambda: gateway.cancelled(sent.id))
+
+
+# ---- several endpoints (a gateway's frontends) ------------------------------------------------
+
+
+@pytest.fixture
+def two_gateways():
+    gateways = [FakeGateway(), FakeGateway()]
+    yield gateways
+    for g in gateways:
+        g.close()
+
+
+def test_requests_spread_over_endpoints_and_cancels_follow_them(two_gateways):
+    a, b = two_gateways
+    with Client([a.endpoint, b.endpoint]) as c:
+        hanging = [c.stream("hang") for _ in range(4)]
+        for s in hanging:
+            next(s)
+        assert len(a.generates("hang")) == len(b.generates("hang")) == 2  # fewest in flight first
+        for s in hanging:
+            s.close()
+        for g in (a, b):
+            g.wait_for(lambda _, g=g: all(g.cancelled(m.id) for m in g.generates("hang")))
+        assert c.generate("hello").text == "Hello!"
+
+
+async def test_async_requests_spread_over_endpoints(two_gateways):
+    a, b = two_gateways
+    async with AsyncClient([a.endpoint, b.endpoint]) as c:
+        # each gateway holds its "many:" requests until MANY arrive: only an even spread answers
+        many = await asyncio.gather(*(c.generate(f"many:{i}", timeout=10) for i in range(2 * MANY)))
+        stream = c.stream("hang")
+        await stream.__anext__()
+        await stream.aclose()
+        owner = a if a.generates("hang") else b
+        await eventually(lambda: owner.cancelled(stream.id))
+    assert [r.text for r in many] == [f"many:{i}!" for i in range(2 * MANY)]
