@@ -172,9 +172,13 @@ class DecodeWorker(WorkerLoop):
             log.warning("handoff of %s over %s failed: %s", rid, ready.transport, e)
             if getattr(e, "slot_unsafe", False):
                 log.error("a NIXL read into a slot could not be cancelled: that slot is retired")
-            if getattr(e, "disconnected", False):
-                self.kv.forget(arrival)
             self.kv.release(arrival, ok=False, message=str(e))
+            if getattr(e, "disconnected", False):
+                # The sender is gone (its agent disconnected): no retry will come, and the gateway,
+                # which has the first token already, would not resume the request for a prefill
+                # worker's death. Hand it back, as a draining worker does, to be resumed elsewhere.
+                self.kv.forget(arrival)
+                self.link.send(P.Finished(rid, "shutdown"))
             return
         self.kv.release(arrival)  # after the copy into the slot has completed
         self.running[rid] = Running(slot, ready.deadline)

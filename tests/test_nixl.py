@@ -31,6 +31,7 @@ from splitserve.common.kv_transport import KvImporter, allocate_staging, nixl_ru
 from splitserve.common.loading import load_model
 from splitserve.common.request import GenerateRequest
 from splitserve.common.service_config import NIXL_MISSING, NIXL_UNENCRYPTED, check_kv_transport, nixl_modules
+from splitserve.common.zmq_util import free_port
 from splitserve.gateway.workers import NoTransport, transport_between
 
 torch.set_num_threads(1)
@@ -241,3 +242,185 @@ def test_a_failed_nixl_read_is_retried_over_tcp_then_fails_and_staging_is_freed(
         sender.close()
         decode.close(0)
         ctx.term()
+
+
+# ---- served: gateway and worker processes -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gqa_checkpoint(tmp_path_factory) -> Path:
+    """Qwen2-shaped, grouped-query: several KV heads cross the handoff."""
+    from test_families import VARIANTS, make_checkpoint
+
+    model_type, fields = VARIANTS["qwen2-bias-tied-window"]
+    return make_checkpoint(tmp_path_factory.mktemp("nixl-qwen2"), model_type, fields)
+
+
+def kv_bytes_of(checkpoint: Path, specs: list[dict]) -> int:
+    from splitserve.common.model_config import load_model_config
+    from splitserve.common.tokenizer import Tokenizer
+
+    cfg, tokenizer = load_model_config(checkpoint), Tokenizer.from_dir(checkpoint)
+    tokens = sum(len(tokenizer.encode(s["prompt"])) for s in specs)
+    return tokens * cfg.n_layer * 2 * cfg.kv_heads * cfg.head_dim * 4
+
+
+def handoff_bytes(c: Cluster, worker_id: str) -> dict[str, float]:
+    role = c.workers[worker_id]["role"]
+    return {t: c.metric(f"splitserve_{role}_handoff_bytes_total", worker_id, transport=t) for t in P.TRANSPORTS}
+
+
+@needs_nixl
+def test_nixl_gives_exactly_the_outputs_of_shm_and_tcp(home, gqa_checkpoint):
+    """Greedy and seeded sampled requests over each transport; the handoff metrics show the KV went
+    over the transport asked for and no other, so a silent fallback cannot pass."""
+    specs = request_specs(9)
+    want_bytes = kv_bytes_of(gqa_checkpoint, specs)
+    outputs = {}
+    for transport in ("nixl", "shm", "tcp"):
+        with Cluster(home, model=str(gqa_checkpoint), kv_transport=transport) as c:
+            prefill = c.add_worker("prefill", "--kv-transport", transport)
+            decode = c.add_worker("decode", "--kv-transport", transport, "--num-slots", "8")
+            c.wait_registered()
+            outputs[transport] = stream_all(c.endpoint, specs)
+            c.wait_idle()
+            for worker in (prefill, decode):
+                moved = handoff_bytes(c, worker)
+                assert moved == {t: want_bytes if t == transport else 0 for t in P.TRANSPORTS}, (worker, moved)
+    model = load_model(gqa_checkpoint, torch.float32, torch.device("cpu"))
+    assert outputs["nixl"] == outputs["shm"] == outputs["tcp"] == offline(model, specs)
+
+
+@needs_nixl
+def test_two_host_rehearsal_moves_kv_over_nixl_with_auto(home, gqa_checkpoint):
+    """Workers claiming different hosts, everything on auto: the gateway picks nixl (both have it,
+    CURVE is off). The decode worker's KV endpoint is reached through a relay that counts bytes:
+    only the handoff's control messages cross it, the KV itself is read over NIXL."""
+    from test_multihost import Relay
+
+    specs = request_specs(6)
+    want_bytes = kv_bytes_of(gqa_checkpoint, specs)
+    port = free_port()
+    relay = Relay(("127.0.0.2", port), ("127.0.0.1", port))
+    try:
+        with Cluster(home, model=str(gqa_checkpoint)) as c:
+            prefill = c.add_worker("prefill", "--host-id", "host-a")
+            decode = c.add_worker("decode", "--host-id", "host-b", "--num-slots", "8", "--kv-port", str(port),
+                                  "--advertise-host", "127.0.0.2")
+            c.wait_registered()
+            got = stream_all(c.endpoint, specs)
+            c.wait_idle()
+            for worker in (prefill, decode):
+                assert handoff_bytes(c, worker) == {t: want_bytes if t == "nixl" else 0 for t in P.TRANSPORTS}
+            assert 0 < relay.forwarded < want_bytes / 4
+    finally:
+        relay.close()
+    assert got == offline(load_model(gqa_checkpoint, torch.float32, torch.device("cpu")), specs)
+
+
+@needs_nixl
+def test_agent_creation_failure_is_a_clear_error(home, tiny_dir, monkeypatch):
+    """NIXL without its UCX plugin: --kv-transport nixl refuses to start and says why; auto starts
+    without nixl (and so keeps tcp across hosts)."""
+    env = dict(os.environ, NIXL_PLUGIN_DIR="/nonexistent", SPLITSERVE_HOME=str(home))
+    cmd = [sys.executable, "-m", "splitserve.cli", "prefill", "--model", "tiny-random", "--threads", "1",
+           "--gateway", f"tcp://127.0.0.1:{free_port()}"]
+    out = subprocess.run([*cmd, "--kv-transport", "nixl"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "could not create a NIXL agent" in out.stderr and "UCX" in out.stderr, out.stderr
+    monkeypatch.setenv("NIXL_PLUGIN_DIR", "/nonexistent")
+    with Cluster(home) as c:
+        prefill = c.add_worker("prefill", "--host-id", "host-a")
+        decode = c.add_worker("decode", "--host-id", "host-b", "--num-slots", "2")
+        c.wait_registered()
+        assert stream_all(c.endpoint, request_specs(1))
+        assert handoff_bytes(c, decode)["tcp"] > 0 and handoff_bytes(c, prefill)["nixl"] == 0
+
+
+def stop(c: Cluster, worker_id: str, sig: int = signal.SIGSTOP) -> None:
+    c.workers[worker_id]["proc"].send_signal(sig)
+
+
+def in_handoff(c: Cluster, prefill: str) -> None:
+    """Wait until the prefill worker has sent a KvReady that is not released yet."""
+    wait_for(lambda: (c.health(prefill) or {}).get("handoffs") == 1, 60, "the KvReady to be sent")
+
+
+@needs_nixl
+def test_a_read_past_its_deadline_is_retried_over_tcp(home, tiny_dir, monkeypatch):
+    """Over UCX's tcp transport a read needs the sender's progress: with the prefill worker
+    stopped, the decode worker's read runs past its deadline. The handoff then goes over tcp,
+    the request ends as if nothing happened, and the staging region is released."""
+    monkeypatch.setenv("UCX_TLS", "tcp")
+    monkeypatch.setenv("SPLITSERVE_NIXL_READ_TIMEOUT_S", "1")
+    spec = request_specs(2)
+    with Cluster(home, heartbeat_timeout=8.0, kv_transport="nixl") as c:
+        prefill = c.add_worker("prefill", "--kv-transport", "nixl")
+        decode = c.add_worker("decode", "--kv-transport", "nixl", "--num-slots", "2")
+        c.wait_registered()
+        want = stream_all(c.endpoint, spec[:1])  # undisturbed; also connects the agents
+        stop(c, decode)
+        result: list = []
+        thread = threading.Thread(target=lambda: result.extend(stream_all(c.endpoint, spec[:1])))
+        thread.start()
+        try:
+            in_handoff(c, prefill)
+            stop(c, prefill)
+        finally:
+            stop(c, decode, signal.SIGCONT)
+        time.sleep(2.5)  # the read's deadline passes, the failed release waits for the prefill worker
+        stop(c, prefill, signal.SIGCONT)
+        thread.join(timeout=60)
+        assert result == want
+        c.wait_idle()
+        assert handoff_bytes(c, decode)["tcp"] > 0 and handoff_bytes(c, prefill)["tcp"] > 0
+
+
+@needs_nixl
+def test_a_sender_that_dies_mid_read_costs_nothing_but_time(home, tiny_dir):
+    """The prefill worker is killed between sending KvReady and the decode worker's read: the read
+    fails (the agent is gone), the decode worker frees the slot and unloads the agent, and the
+    gateway resumes the request on the other prefill worker; the client sees the same tokens."""
+    spec = request_specs(1)
+    with Cluster(home, heartbeat_timeout=4.0, kv_transport="nixl") as c:
+        first = c.add_worker("prefill", "--kv-transport", "nixl")
+        decode = c.add_worker("decode", "--kv-transport", "nixl", "--num-slots", "2")
+        c.wait_registered()
+        want = stream_all(c.endpoint, spec)
+        second = c.add_worker("prefill", "--kv-transport", "nixl")
+        c.wait_registered(second)
+        stop(c, decode)
+        result: list = []
+        thread = threading.Thread(target=lambda: result.extend(stream_all(c.endpoint, spec)))
+        thread.start()
+        try:
+            victim = wait_for(lambda: next((p for p in (first, second) if (c.health(p) or {}).get("handoffs")), None),
+                              60, "a KvReady to be sent")
+            stop(c, victim, signal.SIGKILL)
+            c.workers[victim]["proc"].wait()
+        finally:
+            stop(c, decode, signal.SIGCONT)
+        thread.join(timeout=90)
+        assert result == want
+        c.workers.pop(victim)
+        c.wait_idle()
+        assert (c.health(decode) or {}).get("registered")
+
+
+@needs_nixl
+def test_a_restarted_prefill_workers_new_agent_replaces_its_stale_one(home, tiny_dir):
+    """A prefill worker restarted under the same id (as compose and Kubernetes do) has a new agent
+    and new staging memory: its description replaces the old one on the decode worker (the stale
+    agent unloaded), and reads go to the new agent at once: no tcp retry."""
+    spec = request_specs(3)
+    with Cluster(home, kv_transport="nixl") as c:
+        old = c.add_worker("prefill", "--kv-transport", "nixl", "--worker-id", "prefill-same")
+        decode = c.add_worker("decode", "--kv-transport", "nixl", "--num-slots", "4")
+        c.wait_registered()
+        want = stream_all(c.endpoint, spec)
+        stop(c, old, signal.SIGKILL)
+        c.workers.pop(old)["proc"].wait()
+        new = c.add_worker("prefill", "--kv-transport", "nixl", "--worker-id", "prefill-same")
+        c.wait_registered(new)
+        assert stream_all(c.endpoint, spec) == want
+        c.wait_idle()
+        assert handoff_bytes(c, decode)["tcp"] == 0 and handoff_bytes(c, new)["nixl"] > 0
