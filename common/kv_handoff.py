@@ -69,7 +69,8 @@ def nixl_agent_for(opts: WorkerOptions, register: Callable[[NixlAgent], None]) -
     name = f"{opts.worker_id}-{os.getpid()}-{os.urandom(4).hex()}"
     agent = None
     try:
-        agent = NixlAgent(name, host)
+        # only the side read from needs UCX progressed for it; a reader progresses its own reads
+        agent = NixlAgent(name, host, progress_thread=opts.role == "prefill")
         register(agent)
         return agent
     except NixlUnavailable as e:

@@ -300,6 +300,7 @@ class _Opened:
         self.event = event  # cuda_ipc: the prefill's write event
         self.nixl: NixlStaging | None = None  # nixl: where the staging lives, in the sender's agent
         self.peer = ""  # nixl: the sender's agent, as loaded into ours
+        self.runs: np.ndarray | None = None  # nixl: the descriptors of the staging's runs at offset 0
 
 
 class NixlStaging(msgspec.Struct):
@@ -329,6 +330,7 @@ class KvImporter:
         self.dtype = dtype
         self.nixl = nixl  # this worker's agent, its KV pool registered: can read nixl stagings
         self._opened: dict[str, _Opened] = {}
+        self._runs: dict[tuple, np.ndarray] = {}  # nixl: a slot view's descriptors, by its address and strides
 
     def open(self, desc: dict) -> None:
         """Idempotent; a changed description under a known key (a restarted tcp or nixl peer)
@@ -389,11 +391,27 @@ class KvImporter:
             raise ValueError(f"a read of {length} tokens lands in [{n_layer}, {two}, {kvh}, {length}, {d}] "
                              f"{opened.dtype}, not {list(dst.shape)} {dst.dtype}")
         isz = opened.dtype.itemsize
-        # the sender's head-major storage: run (l, c, h) starts at ((l*2 + c)*KVH + h)*budget*D + offset*D
-        src = nixl_runs(opened.nixl.address + offset * d * isz, (n_layer, two, kvh),
-                        (two * kvh * budget * d * isz, kvh * budget * d * isz, budget * d * isz),
-                        length * d * isz, opened.nixl.device)
-        return self.nixl.read(opened.peer, tensor_runs(dst), src, opened.nixl.memory, timeout_s)
+        if opened.runs is None:
+            # the sender's head-major storage: run (l, c, h) starts at ((l*2 + c)*KVH + h)*budget*D,
+            # plus offset*D; made once per staging, as the slots' are once per slot
+            opened.runs = nixl_runs(opened.nixl.address, (n_layer, two, kvh), (two * kvh * budget * d * isz,
+                                    kvh * budget * d * isz, budget * d * isz), 0, opened.nixl.device)
+        src = opened.runs.copy()
+        src[:, 0] += np.uint64(offset * d * isz)
+        src[:, 1] = length * d * isz
+        return self.nixl.read(opened.peer, self._slot_runs(dst), src, opened.nixl.memory, timeout_s)
+
+    def _slot_runs(self, dst: torch.Tensor) -> np.ndarray:
+        """tensor_runs(dst), from a cache of each slot's run starts (a slot is a fixed place in the pool)."""
+        key = (dst.data_ptr(), dst.stride(), tuple(dst.shape[:-2]))
+        runs = self._runs.get(key)
+        if runs is None:
+            if len(self._runs) > 4096:
+                self._runs.clear()
+            runs = self._runs[key] = tensor_runs(dst)
+        runs = runs.copy()
+        runs[:, 1] = dst.shape[-2] * dst.shape[-1] * dst.element_size()
+        return runs
 
     def view(self, transport: str, key: str, offset: int, length: int, frames: list | None = None) -> torch.Tensor:
         """[n_layer, 2, length, KVH, D]. shm, cuda_ipc: a view into the prefill worker's
@@ -544,14 +562,15 @@ def nixl_bindings():
 
 class NixlAgent:
     """One NIXL agent with the UCX backend: registers this process's memory (staging or KV pool),
-    loads peers' metadata and reads from them. Used from one thread; the backend's own progress
-    thread serves the reads of others (needed where UCX emulates one-sided reads, as over TCP).
+    loads peers' metadata and reads from them. Used from one thread. `progress_thread`: the
+    backend's own thread that serves the reads of others, needed on the side read from (where UCX
+    emulates one-sided reads, as over TCP); a reader progresses its own reads while it waits.
 
     `host`: the address this worker binds (--host, or --advertise-host where --host is a
     wildcard): UCX's network transports use the interface holding it (UCX_NET_DEVICES, with the
     RDMA devices kept), unless UCX_NET_DEVICES is set already."""
 
-    def __init__(self, name: str, host: str = ""):
+    def __init__(self, name: str, host: str = "", progress_thread: bool = True):
         B = self._b = nixl_bindings()
         self.name = name
         if host and "UCX_NET_DEVICES" not in os.environ:
@@ -561,7 +580,7 @@ class NixlAgent:
             else:
                 log.warning("no network interface holds %s: UCX may use every interface", host)
         cfg = B.nixlAgentConfig()
-        cfg.useProgThread, cfg.useListenThread = True, False  # NIXL's listener speaks pickle: never
+        cfg.useProgThread, cfg.useListenThread = progress_thread, False  # NIXL's listener speaks pickle: never
         cfg.syncMode = B.NIXL_THREAD_SYNC_NONE
         cfg.pthrDelay, cfg.captureTelemetry = PROGRESS_DELAY_US, False
         try:
