@@ -424,3 +424,20 @@ def test_a_restarted_prefill_workers_new_agent_replaces_its_stale_one(home, tiny
         assert stream_all(c.endpoint, spec) == want
         c.wait_idle()
         assert handoff_bytes(c, decode)["tcp"] == 0 and handoff_bytes(c, new)["nixl"] > 0
+
+
+def test_handoff_bench_writes_json_and_plot(tmp_path):
+    """`splitserve bench handoff`, quick: the real sender and receiver, every transport installed."""
+    import json
+
+    out = tmp_path / "h.json"
+    cmd = [sys.executable, "-m", "splitserve.cli", "bench", "handoff", "--lengths", "16,64", "--repeats", "3",
+           "--warmup", "1", "--transports", "nixl,tcp,shm", "--json", str(out), "--plot-dir", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(out.read_text())
+    want = {"tcp", "shm"} | ({"nixl"} if nixl_modules() else set())
+    assert {(r["transport"], r["tokens"]) for r in doc["results"]} == {(t, n) for t in want for n in (16, 64)}
+    assert all(r["ms"] > 0 and r["bytes"] == r["tokens"] * doc["kv_layout"]["bytes_per_token"] for r in doc["results"])
+    assert set(doc["targets"]) == ({"16", "64"} if nixl_modules() else set())
+    assert (tmp_path / "h.png").stat().st_size > 0
