@@ -367,12 +367,19 @@ class KvImporter:
         if opened.nixl.nbytes != budget_bytes or opened.nixl.memory not in ("DRAM", "VRAM"):
             raise ValueError(f"nixl staging {desc['key']!r}: {opened.nixl.nbytes} bytes of {opened.nixl.memory}, "
                              f"its shape needs {budget_bytes}")
-        opened.peer = self.nixl.add_peer(opened.nixl.metadata)
-        if opened.peer != opened.nixl.agent:
-            self.nixl.remove_peer(opened.peer)
-            raise ValueError(f"nixl staging {desc['key']!r} names agent {opened.nixl.agent!r}, its metadata "
-                             f"{opened.peer!r}")
+        # The agent is loaded (and connected to) at the first read from it: with auto, a worker on
+        # the same host reads over shm and never needs it, and opening stays quick.
         return opened
+
+    def _load_peer(self, opened: _Opened) -> str:
+        if not opened.peer:
+            peer = self.nixl.add_peer(opened.nixl.metadata)
+            if peer != opened.nixl.agent:
+                self.nixl.remove_peer(peer)
+                raise ValueError(f"nixl staging {opened.desc['key']!r} names agent {opened.nixl.agent!r}, its "
+                                 f"metadata {peer!r}")
+            opened.peer = peer
+        return opened.peer
 
     def read(self, key: str, offset: int, length: int, dst: torch.Tensor, timeout_s: float) -> int:
         """nixl: read staging[offset : offset + length] of the sender's staging straight into `dst`,
@@ -399,7 +406,7 @@ class KvImporter:
         src = opened.runs.copy()
         src[:, 0] += np.uint64(offset * d * isz)
         src[:, 1] = length * d * isz
-        return self.nixl.read(opened.peer, self._slot_runs(dst), src, opened.nixl.memory, timeout_s)
+        return self.nixl.read(self._load_peer(opened), self._slot_runs(dst), src, opened.nixl.memory, timeout_s)
 
     def _slot_runs(self, dst: torch.Tensor) -> np.ndarray:
         """tensor_runs(dst), from a cache of each slot's run starts (a slot is a fixed place in the pool)."""
