@@ -315,6 +315,8 @@ class KvReceiver:
                 log.warning("dropped a malformed KV-link frame: %s", e)
                 continue
             if isinstance(msg, P.KvStaging):
+                if msg.desc.get("transport") == "nixl" and self.importer.nixl is None:
+                    continue  # this worker does not read over nixl: the gateway never routes it so
                 try:
                     self.importer.open(msg.desc)
                 except Exception as e:  # a bad description fails the handoffs that use it, nothing else
