@@ -8,6 +8,9 @@ LINKS := $(VENV)/splitserve-links
 # With no NVIDIA GPU the CPU build of PyTorch is installed first, so that nothing pulls a CUDA
 # build of several GB. Point TORCH_CPU / PIP_EXTRA_INDEX_URL elsewhere where that pin differs.
 TORCH_CPU ?= torch==2.13.0
+# The NIXL wheel for --kv-transport nixl, installed where pip can (tests that need it skip elsewhere):
+# nixl-cu13 on the CPU and CUDA 13, nixl-cu12 for CUDA 12; empty for none.
+NIXL_EXTRA ?= nixl-cu13
 PYTEST_ARGS ?=
 
 .PHONY: test serve install clean
@@ -28,6 +31,8 @@ $(STAMP): pyproject.toml
 	  fi; \
 	fi
 	$(PY) -m pip install -q -e ".[dev]"
+	@if [ -n "$(NIXL_EXTRA)" ]; then $(PY) -m pip install -q -e ".[dev,$(NIXL_EXTRA)]" \
+	  || echo "NIXL ($(NIXL_EXTRA)) did not install here: the tests that need it will skip"; fi
 	@touch $@
 
 # The editable install above is setuptools' default one: an import hook that maps

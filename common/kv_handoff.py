@@ -6,13 +6,19 @@ DEALER per decode worker; the receiver (decode worker, a ROUTER at its KV endpoi
 region into a slot and answers KvRelease once the copy has completed, and only then is the region
 free again. The gateway reserved the slot before prefill began, so a copy never waits for room and
 a region is held for the length of one copy. How the bytes move (a CUDA IPC handle, a /dev/shm
-file, ZMQ frames) is kv_transport.py's.
+file, a one-sided NIXL read, ZMQ frames) is kv_transport.py's.
+
+On nixl the decode worker reads the region straight into the slot, within NIXL_READ_TIMEOUT_S; a
+read that fails or runs late is answered with a failed KvRelease, and the sender retries that
+handoff once over tcp, then reports the request failed. Staging is released on every path.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,26 +26,60 @@ import zmq
 
 from . import protocol as P
 from .curve import CurveKeys
-from .kv_transport import KvImporter, Staging
+from .service_config import WILDCARD_HOSTS, WorkerOptions
+from .kv_transport import KvImporter, NixlAgent, NixlUnavailable, Staging
 from .zmq_util import bind_endpoint, make_socket, tcp_endpoint
 
 log = logging.getLogger(__name__)
 
 # A KvRelease that never comes (its decode worker gone) frees the region after this long.
 HANDOFF_TIMEOUT_S = 30.0
-# A failed copy is tried again once, with the staging's description sent first.
+# A failed copy is tried again once, with the staging's description sent first (a failed nixl read
+# over tcp).
 HANDOFF_TRIES = 2
+# A NIXL read of one prompt's KV that takes longer fails (and the handoff is retried over tcp).
+NIXL_READ_TIMEOUT_S = float(os.environ.get("SPLITSERVE_NIXL_READ_TIMEOUT_S", "5"))
 
 
-def offered_transports(flag: P.TransportChoice, device: torch.device) -> list[P.Transport]:
+def offered_transports(flag: P.TransportChoice, device: torch.device, nixl: bool = False) -> list[P.Transport]:
     """What a worker registers as able to do, fastest first: with --kv-transport auto its device's
-    local transport and tcp, otherwise the one named (the gateway never replaces it)."""
+    local transport, nixl when it has an agent (`nixl`), and tcp; otherwise the one named (the
+    gateway never replaces it)."""
     local: P.Transport = "cuda_ipc" if device.type == "cuda" else "shm"
     if flag == "auto":
-        return [local, "tcp"]
-    if flag != "tcp" and flag != local:
-        raise ValueError(f"--kv-transport {flag} cannot carry KV from {device.type} memory; use {local} or tcp")
+        return [local, *(["nixl"] if nixl else []), "tcp"]
+    if flag == "nixl" and not nixl:
+        raise ValueError("--kv-transport nixl: this worker has no NIXL agent")
+    if flag not in ("tcp", "nixl", local):
+        raise ValueError(f"--kv-transport {flag} cannot carry KV from {device.type} memory; use {local}, nixl or tcp")
     return [flag]
+
+
+def nixl_agent_for(opts: WorkerOptions, register: Callable[[NixlAgent], None]) -> NixlAgent | None:
+    """The worker's NIXL agent with its memory registered by `register`, or None where it will not
+    use nixl: a transport other than nixl or auto named, CURVE on (NIXL does not encrypt), or (with
+    auto) NIXL missing or failing to start, which is logged. With --kv-transport nixl a failure is
+    an error (NixlUnavailable) that says why. UCX carries the traffic where --host says (or
+    --advertise-host, when --host binds every interface)."""
+    flag = opts.kv_transport
+    if flag not in ("auto", "nixl") or opts.link.curve is not None:
+        return None
+    host = opts.advertise_host if opts.host in WILDCARD_HOSTS else opts.host
+    # a new name for each process: a restarted worker's agent is a new one, its metadata replaces the old
+    name = f"{opts.worker_id}-{os.getpid()}-{os.urandom(4).hex()}"
+    agent = None
+    try:
+        # only the side read from needs UCX progressed for it; a reader progresses its own reads
+        agent = NixlAgent(name, host, progress_thread=opts.role == "prefill")
+        register(agent)
+        return agent
+    except NixlUnavailable as e:
+        if agent is not None:
+            agent.close()
+        if flag == "nixl":
+            raise
+        log.info("KV over nixl is off: %s", e)
+        return None
 
 
 # ---- sender (prefill worker) ---------------------------------------------------------------------
@@ -134,7 +174,7 @@ class KvSender:
 
     def send(self, job: P.Prefill, request, first_token: int, first_text: str, offset: int, length: int) -> None:
         """Hand the KV of `request` (staging[offset : offset + length]) to the job's decode worker."""
-        key = self.staging.tcp_key if job.transport == "tcp" else self.staging.key
+        key = self.staging.key_for(job.transport)
         ready = P.KvReady(request, first_token, first_text, P.KvLocation(offset, length, key), job.transport,
                           self.worker_id, job.deadline)
         self.handoffs[request.id] = h = Handoff(ready, job.decode_endpoint, job.decode_key)
@@ -170,14 +210,15 @@ class KvSender:
 
     def _send_staging(self, sock: zmq.Socket) -> None:
         """Ordered before any KvReady on the connection, so the decode side can open staging.
-        Both descriptions go: a decode worker on another host cannot open the native one (its
-        open fails and is logged there) and receives the KV as frames instead."""
-        for desc in (self.staging.export(), self.staging.tcp_export()):
+        Every description goes (native, nixl, tcp): a decode worker on another host cannot open
+        the native one (its open fails and is logged there) and reads over nixl or receives the
+        KV as frames instead."""
+        for desc in self.staging.exports():
             sock.send(P.encode(P.KvStaging(self.worker_id, desc)))
 
-    def receive(self, sock: zmq.Socket) -> tuple[list[tuple[str, str]], list[tuple[int, float]]]:
+    def receive(self, sock: zmq.Socket) -> tuple[list[tuple[str, str]], list[tuple[int, float, str]]]:
         """Every release waiting on `sock`: (failed handoffs as (request id, message), completed
-        ones as (bytes, seconds))."""
+        ones as (bytes, seconds, transport))."""
         failed, done = [], []
         while True:
             try:
@@ -193,10 +234,17 @@ class KvSender:
             if h is None or h.ready.location.offset != msg.offset:
                 continue
             if msg.ok:
-                done.append((h.ready.location.length * self.token_bytes, time.monotonic() - h.sent_at))
+                done.append((h.ready.location.length * self.token_bytes, time.monotonic() - h.sent_at,
+                             h.ready.transport))
                 self._end(msg.id)
             elif h.tries < HANDOFF_TRIES:
-                log.warning("handoff of %s failed (%s); retrying once", msg.id, msg.message)
+                if h.ready.transport == "nixl":  # a failed or late read: the frames go over the KV link instead
+                    log.warning("nixl handoff of %s failed (%s); retrying once over tcp", msg.id, msg.message)
+                    loc = h.ready.location
+                    h.ready.transport, h.ready.location = "tcp", P.KvLocation(loc.offset, loc.length,
+                                                                               self.staging.tcp_key)
+                else:
+                    log.warning("handoff of %s failed (%s); retrying once", msg.id, msg.message)
                 self._send_staging(sock)
                 self._send(h)
             else:
@@ -238,9 +286,10 @@ class KvReceiver:
     prompt at a time. On cuda_ipc the copy out of staging is asynchronous: `release` waits for it."""
 
     def __init__(self, ctx: zmq.Context, host: str, port: int, advertise_host: str, curve: CurveKeys | None,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, nixl: NixlAgent | None = None):
+        """`nixl`: this worker's agent, its KV pool registered already, for reads over nixl."""
         self.device = device
-        self.importer = KvImporter(device, dtype)
+        self.importer = KvImporter(device, dtype, nixl)
         self.curve = curve
         self.sock = make_socket(ctx, zmq.ROUTER, P.MAX_KV_BYTES, curve=curve)
         self.endpoint = tcp_endpoint(advertise_host, bind_endpoint(self.sock, host, port))
@@ -266,6 +315,8 @@ class KvReceiver:
                 log.warning("dropped a malformed KV-link frame: %s", e)
                 continue
             if isinstance(msg, P.KvStaging):
+                if msg.desc.get("transport") == "nixl" and self.importer.nixl is None:
+                    continue  # this worker does not read over nixl: the gateway never routes it so
                 try:
                     self.importer.open(msg.desc)
                 except Exception as e:  # a bad description fails the handoffs that use it, nothing else
@@ -279,6 +330,18 @@ class KvReceiver:
         ready, loc = arrival.ready, arrival.ready.location
         return self.importer.view(ready.transport, loc.staging, loc.offset, loc.length, arrival.frames or None)
 
+    def filler(self, arrival: Arrival) -> Callable[[torch.Tensor], None]:
+        """What puts the prompt's KV into a slot, given the slot's [n_layer, 2, KVH, n, D] view:
+        a NIXL read straight into it (nixl), else a copy from `kv` (head-major runs both sides)."""
+        ready, loc = arrival.ready, arrival.ready.location
+        if ready.transport == "nixl":
+            if self.device.type == "cuda":
+                # the slot may be a free row of a step still running; the read does not queue behind it
+                torch.cuda.current_stream(self.device).synchronize()
+            return lambda dst: self.importer.read(loc.staging, loc.offset, loc.length, dst, NIXL_READ_TIMEOUT_S)
+        kv = self.kv(arrival)
+        return lambda dst: dst.copy_(kv.transpose(2, 3))
+
     def release(self, arrival: Arrival, ok: bool = True, message: str = "") -> None:
         """Tell the sender its region is free: after the copy out of it has completed."""
         if ok and self.device.type == "cuda":
@@ -289,6 +352,11 @@ class KvReceiver:
     def drop_orphans(self) -> list[str]:
         """Unmap the stagings of senders that died; their keys."""
         return self.importer.drop_orphans()
+
+    def forget(self, arrival: Arrival) -> None:
+        """The sender of `arrival` is gone (its NIXL agent disconnected): unload its agent. Should it
+        be alive after all, its retry sends the description again first."""
+        self.importer.drop(arrival.ready.location.staging)
 
     def close(self) -> None:
         self.sock.close(0)

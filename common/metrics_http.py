@@ -37,10 +37,13 @@ class WorkerMetrics:
         self.batch_size = Histogram(f"splitserve_{role}_batch_size", "requests per batch", registry=self.registry,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.batch_tokens = Counter(f"splitserve_{role}_tokens", "tokens processed", registry=self.registry)
-        # prefill: KvReady sent -> KvRelease back (the whole handoff); decode: KV received -> in its slot
-        self.handoff_seconds = Histogram(f"splitserve_{role}_handoff_seconds", "KV handoff time", registry=self.registry,
+        # prefill: KvReady sent -> KvRelease back (the whole handoff); decode: KV received -> in its slot.
+        # Labelled by the transport that carried the KV (a nixl handoff retried over tcp counts as tcp).
+        self.handoff_seconds = Histogram(f"splitserve_{role}_handoff_seconds", "KV handoff time", ["transport"],
+                                         registry=self.registry,
                                          buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0))
-        self.handoff_bytes = Counter(f"splitserve_{role}_handoff_bytes", "KV bytes handed off", registry=self.registry)
+        self.handoff_bytes = Counter(f"splitserve_{role}_handoff_bytes", "KV bytes handed off", ["transport"],
+                                     registry=self.registry)
         # prefill: prompt tokens looked up in the prefix cache, and found there (not computed)
         self.prefix_tokens = {kind: Counter(f"splitserve_{role}_prefix_{kind}_tokens", f"prompt tokens {kind} in the "
                                             "prefix cache", registry=self.registry) for kind in ("lookup", "hit")}
@@ -66,9 +69,9 @@ class WorkerMetrics:
             self._prefix_counted[kind] = total
         self.set(prefix_cache_bytes=nbytes)
 
-    def observe_handoff(self, nbytes: int, seconds: float) -> None:
-        self.handoff_bytes.inc(nbytes)
-        self.handoff_seconds.observe(seconds)
+    def observe_handoff(self, nbytes: int, seconds: float, transport: str) -> None:
+        self.handoff_bytes.labels(transport).inc(nbytes)
+        self.handoff_seconds.labels(transport).observe(seconds)
 
     def _handler(self):
         metrics = self

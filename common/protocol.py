@@ -15,7 +15,9 @@ Sockets and who speaks on them:
   worker: Register, Heartbeat, FirstToken (prefill), StepTokens (decode), Finished, Error;
   gateway: Registered, Reregister, Heartbeat, Prefill (to prefill workers), Cancel, Drain.
 - KV link (decode worker ROUTER, its KV endpoint) <-> prefill DEALERs:
-  prefill: KvStaging, KvReady (+ KV frames on the tcp transport);  decode: KvRelease.
+  prefill: KvStaging, KvReady (+ KV frames on the tcp transport);  decode: KvRelease. On nixl the
+  KV itself moves outside ZMQ: the decode worker reads it from the prefill worker's registered
+  staging (the agent metadata and integers to do so came in KvStaging).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ import msgspec
 from .params import FinishReason
 from .request import GenerateRequest
 
-PROTOCOL_VERSION = 2
+# 3: staging is head-major (a region is one run of tokens per layer, K/V and KV head, as in a decode
+# slot), tcp frames with it; "nixl" joined the transports.
+PROTOCOL_VERSION = 3
 
 # Maximum message sizes per socket kind (ZMQ_MAXMSGSIZE): control traffic is small; a KV frame
 # over tcp carries a whole prompt's cache.
@@ -44,10 +48,11 @@ _STRUCT = dict(tag=True, tag_field="kind", array_like=True)
 ErrorType = Literal["validation", "overloaded", "timeout", "unauthorized", "generation", "unavailable"]
 
 # How KV moves from a prefill worker to a decode worker, fastest first: CUDA IPC between GPUs of one
-# node, a /dev/shm file between CPU workers of one host, ZMQ frames between hosts.
-Transport = Literal["cuda_ipc", "shm", "tcp"]
+# node, a /dev/shm file between CPU workers of one host, a one-sided NIXL read (UCX: RDMA, NVLink,
+# TCP, shared memory) or ZMQ frames between hosts.
+Transport = Literal["cuda_ipc", "shm", "nixl", "tcp"]
 TRANSPORTS: tuple[Transport, ...] = get_args(Transport)
-TransportChoice = Literal["auto", "cuda_ipc", "shm", "tcp"]  # the --kv-transport flag
+TransportChoice = Literal["auto", "cuda_ipc", "shm", "nixl", "tcp"]  # the --kv-transport flag
 
 
 # ---- client <-> gateway -------------------------------------------------------------------
@@ -302,7 +307,7 @@ class KvLocation(msgspec.Struct, array_like=True):
 
     offset: int  # token offset in staging
     length: int  # tokens
-    staging: str  # shm: the file path; cuda_ipc: the handle key; tcp: ""
+    staging: str  # the key of the staging's description (KvStaging) for the handoff's transport
 
 
 class KvReady(msgspec.Struct, **_STRUCT):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import os
 import socket
 from collections.abc import Mapping
@@ -70,7 +71,30 @@ def add_host_arg(p: argparse.ArgumentParser) -> None:
 def add_kv_transport_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-transport", default=_env("KV_TRANSPORT", "auto"), choices=get_args(TransportChoice),
                    help="how KV moves from prefill to decode workers: auto chooses the fastest that works "
-                        "between the two; a transport named here that cannot work between them is refused")
+                        "between the two (across hosts nixl where both workers have NIXL and CURVE is off, else "
+                        "tcp); a transport named here that cannot work between them is refused")
+
+
+# The NIXL wheels, by the CUDA major version their UCX was built for (both run on the CPU too).
+NIXL_WHEELS = ("nixl_cu13", "nixl_cu12")
+NIXL_MISSING = ("--kv-transport nixl needs NIXL, which is not installed: pip install 'splitserve[nixl-cu13]' "
+                "(CPU, or CUDA 13) or 'splitserve[nixl-cu12]' (CUDA 12)")
+NIXL_UNENCRYPTED = ("--kv-transport nixl moves KV unencrypted, and --curve-secret-file asks for encrypted worker and "
+                    "KV links: use --kv-transport tcp (encrypted under CURVE) or auto, or leave CURVE off")
+
+
+def nixl_modules() -> list[str]:
+    """The NIXL wheels installed (found without importing them, which loads UCX)."""
+    return [name for name in NIXL_WHEELS if importlib.util.find_spec(name) is not None]
+
+
+def check_kv_transport(flag: str, curve: bool, needs_library: bool) -> None:
+    """Refuse a --kv-transport that cannot work here: nixl under CURVE (NIXL does not encrypt) or,
+    where this process moves KV itself (`needs_library`), without NIXL installed."""
+    if flag == "nixl" and curve:
+        raise ValueError(NIXL_UNENCRYPTED)
+    if flag == "nixl" and needs_library and not nixl_modules():
+        raise ValueError(NIXL_MISSING)
 
 
 @dataclass(frozen=True)
@@ -103,7 +127,10 @@ def add_link_args(p: argparse.ArgumentParser, server: bool) -> None:
 
 
 def link_options(ns: argparse.Namespace) -> LinkOptions:
-    return LinkOptions(ns.heartbeat_interval, ns.heartbeat_timeout, ns.drain_timeout, _curve_keys(ns))
+    curve = _curve_keys(ns)
+    # the gateway moves no KV: it routes for workers that may have NIXL where it does not
+    check_kv_transport(getattr(ns, "kv_transport", "auto"), curve is not None, needs_library=not ns.link_server)
+    return LinkOptions(ns.heartbeat_interval, ns.heartbeat_timeout, ns.drain_timeout, curve)
 
 
 def _curve_keys(ns: argparse.Namespace) -> CurveKeys | None:

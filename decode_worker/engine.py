@@ -90,13 +90,24 @@ class DecodeEngine:
     def admit(self, request: GenerateRequest, kv: torch.Tensor, first_token: int) -> int:
         """Copy a prompt's KV ([n_layer, 2, n, KVH, D]) into the lowest free slot; the slot then
         decodes from `first_token`, which sits at position n."""
-        n = kv.shape[2]
+        return self.admit_with(request, kv.shape[2], first_token, lambda dst: dst.copy_(kv.transpose(2, 3)))
+
+    def admit_with(self, request: GenerateRequest, n: int, first_token: int, fill) -> int:
+        """As `admit`, the KV of the prompt's n tokens written by `fill(dst)` into the slot's
+        [n_layer, 2, KVH, n, D] view (a NIXL read lands there directly). A fill that raises gives
+        the slot back, unless the error says the slot may still be written to (`slot_unsafe`): such
+        a slot is never handed out again."""
         if n + request.max_new_tokens > self.slot_len:
             raise ValueError(f"{n} prompt + {request.max_new_tokens} new tokens exceed the slot length {self.slot_len}")
         if len(request.stop_token_ids) > STOP_IDS_PER_REQUEST:
             raise ValueError(f"at most {STOP_IDS_PER_REQUEST} stop token ids are supported")
         slot = self.slots.take()
-        self.kv[:, :, slot, :, :n].copy_(kv.transpose(2, 3))
+        try:
+            fill(self.kv[:, :, slot, :, :n])
+        except BaseException as e:
+            if not getattr(e, "slot_unsafe", False):
+                self.slots.give_back(slot)
+            raise
         self.tokens[slot] = first_token
         self.positions[slot] = n
         # The first token (at position n) was the first of max_new_tokens.

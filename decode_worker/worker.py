@@ -16,7 +16,7 @@ import zmq
 
 from splitserve.common import protocol as P
 from splitserve.common.curve import CurveKeys
-from splitserve.common.kv_handoff import Arrival, KvReceiver, offered_transports
+from splitserve.common.kv_handoff import Arrival, KvReceiver, nixl_agent_for, offered_transports
 from splitserve.common.loading import LoadedModel
 from splitserve.common.params import Limits
 from splitserve.common.service_config import WorkerOptions, derive_limits
@@ -55,17 +55,21 @@ class DecodeWorker(WorkerLoop):
         # With CURVE on the worker link the KV link is encrypted too: this worker serves it with its
         # own key pair, whose public half reaches prefill workers only through the gateway.
         curve = opts.link.curve
+        # nixl: prefill workers' KV is read straight into the pool, registered once here
+        nixl = nixl_agent_for(opts, lambda agent: agent.register_pool(self.engine.kv))
         self.kv = KvReceiver(self.ctx, opts.host, opts.kv_port, opts.advertise_host,
                              CurveKeys(curve.public, curve.secret) if curve is not None else None,
-                             model.device, model.dtype)
+                             model.device, model.dtype, nixl)
         self.output = OutputThread(self.ctx, opts.gateway, model.tokenizer, opts.worker_id, curve=curve)
         self.running: dict[str, Running] = {}  # by request id
         self.tombstones: dict[str, float] = {}  # request id -> when its Cancel came, before its KV did
         self.orphans_checked = 0.0
         self.admitted = 0
         self.metrics.set(slots_total=num_slots)
-        self.start(offered_transports(opts.kv_transport, model.device), num_slots, self.kv.endpoint,
-                   self.kv.public_key)
+        kv = self.engine.kv
+        self.token_bytes = kv.shape[0] * kv.shape[1] * kv.shape[3] * kv.shape[5] * kv.element_size()
+        self.start(offered_transports(opts.kv_transport, model.device, nixl is not None), num_slots,
+                   self.kv.endpoint, self.kv.public_key)
         log.info("decode worker %s: %d slots of %d tokens, KV endpoint %s", opts.worker_id, num_slots, slot_len,
                  self.kv.endpoint)
 
@@ -161,17 +165,25 @@ class DecodeWorker(WorkerLoop):
             self.link.send(P.Finished(rid, "cancelled"))
             return
         received = time.perf_counter()
+        n = ready.location.length
         try:
-            kv = self.kv.kv(arrival)
-            slot = self.engine.admit(ready.request, kv, ready.first_token)
+            slot = self.engine.admit_with(ready.request, n, ready.first_token, self.kv.filler(arrival))
         except Exception as e:
-            log.warning("handoff of %s failed: %s", rid, e)
+            log.warning("handoff of %s over %s failed: %s", rid, ready.transport, e)
+            if getattr(e, "slot_unsafe", False):
+                log.error("a NIXL read into a slot could not be cancelled: that slot is retired")
             self.kv.release(arrival, ok=False, message=str(e))
+            if getattr(e, "disconnected", False):
+                # The sender is gone (its agent disconnected): no retry will come, and the gateway,
+                # which has the first token already, would not resume the request for a prefill
+                # worker's death. Hand it back, as a draining worker does, to be resumed elsewhere.
+                self.kv.forget(arrival)
+                self.link.send(P.Finished(rid, "shutdown"))
             return
         self.kv.release(arrival)  # after the copy into the slot has completed
         self.running[rid] = Running(slot, ready.deadline)
         self.admitted += 1
-        self.metrics.observe_handoff(kv.numel() * kv.element_size(), time.perf_counter() - received)
+        self.metrics.observe_handoff(n * self.token_bytes, time.perf_counter() - received, ready.transport)
         self.output.admit(slot, ready.request, ready.first_token, ready.first_text)
 
 

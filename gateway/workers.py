@@ -108,11 +108,16 @@ def transport_between(flag: P.TransportChoice, prefill: P.Register, decode: P.Re
 def transport_obstacle(transport: P.Transport, prefill: P.Register, decode: P.Register) -> str | None:
     """Why `transport` cannot carry KV from `prefill` to `decode`, or None when it can. cuda_ipc
     needs one host, the prefill GPU visible to the decode process and one PID namespace; shm one
-    host; tcp only that both offer it."""
+    host; nixl a KV link without CURVE (NIXL does not encrypt); tcp only that both offer it."""
     for worker in (prefill, decode):
         if transport not in worker.kv_transports:
             return f"the {worker.role} worker offers {', '.join(worker.kv_transports) or 'nothing'}"
     if transport == "tcp":
+        return None
+    if transport == "nixl":
+        # workers under CURVE never offer nixl; this holds for any that would
+        if decode.kv_public_key:
+            return "the KV link is encrypted (CURVE) and NIXL traffic is not"
         return None
     if prefill.host_id != decode.host_id:
         return f"they run on different hosts ({prefill.host_id} and {decode.host_id})"

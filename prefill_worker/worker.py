@@ -16,7 +16,7 @@ import torch
 import zmq
 
 from splitserve.common import protocol as P
-from splitserve.common.kv_handoff import KvSender, offered_transports
+from splitserve.common.kv_handoff import KvSender, nixl_agent_for, offered_transports
 from splitserve.common.kv_transport import allocate_staging, sweep_orphan_staging
 from splitserve.common.loading import LoadedModel
 from splitserve.common.params import Limits
@@ -47,12 +47,19 @@ class PrefillWorker(WorkerLoop):
     def __init__(self, opts: WorkerOptions, model: LoadedModel, limits: Limits):
         super().__init__(opts, model, limits)
         cfg = model.cfg
-        transports = offered_transports(opts.kv_transport, model.device)
+        native = offered_transports(opts.kv_transport, model.device, nixl=True)[0]  # what staging is made for
         staging_tokens = max(opts.staging_tokens or 2 * limits.prefill_token_budget, limits.prefill_token_budget)
-        if transports[0] == "shm" and (removed := sweep_orphan_staging()):
+        if native == "shm" and (removed := sweep_orphan_staging()):
             log.warning("removed %d shm staging files left by workers that died", removed)
         shape = (cfg.n_layer, 2, staging_tokens, cfg.kv_heads, cfg.head_dim)
-        staging = allocate_staging(shape, model.dtype, model.device, transports[0], opts.worker_id)
+        staging = allocate_staging(shape, model.dtype, model.device, native, opts.worker_id)
+        # nixl: decode workers read the staging memory, registered once here, whatever its kind
+        try:
+            nixl = nixl_agent_for(opts, staging.register_nixl)
+        except BaseException:
+            staging.close()
+            raise
+        transports = offered_transports(opts.kv_transport, model.device, nixl is not None)
         self.kv = KvSender(self.ctx, staging, opts.worker_id, opts.link.curve)
         self.engine = PrefillEngine(model, limits.prefill_token_budget, staging=staging.tensor)
         self.cache = prefix_cache(opts, model)
@@ -131,8 +138,8 @@ class PrefillWorker(WorkerLoop):
         failed, done = self.kv.receive(sock)
         for rid, message in failed:
             self.link.send(P.WorkerError(rid, message))
-        for nbytes, seconds in done:
-            self.metrics.observe_handoff(nbytes, seconds)
+        for nbytes, seconds, transport in done:
+            self.metrics.observe_handoff(nbytes, seconds, transport)
 
     def _cancel(self, rid: str) -> None:
         for queued in self.queue:

@@ -37,11 +37,14 @@ COMMANDS: dict[str, Union[Command, Group]] = {
     "deploy": Command("splitserve.commands.deploy", "deployment files: `deploy compose` writes a docker-compose "
                       "file for any prefill/decode GPU split"),
     "bench": Group("benchmarks: `bench engine` (model steps vs transformers), `bench serve` (the served pipeline "
-                   "under load), `bench soak`", {
+                   "under load), `bench soak`, `bench handoff` (KV transports)", {
         "engine": Command("splitserve.bench.engine_bench",
                           "splitserve's prefill and decode engines against transformers' generate, same weights"),
         "serve": Command("splitserve.bench.serve_bench",
                          "the served pipeline (gateway + worker processes) under load, against the in-process engine"),
+        "handoff": Command("splitserve.bench.handoff_bench",
+                           "the KV handoff alone (nixl, tcp, shm) over prompt lengths, synthetic KV in a model's "
+                           "layout, no forward pass"),
         "soak": Command("splitserve.bench.soak",
                         "a bounded soak of a local pipeline over every front end: latency and memory over time, "
                         "leftovers, and admitted requests' latency under overload"),

@@ -148,7 +148,8 @@ def test_a_killed_prefill_workers_shm_staging_is_found_and_removed():
     importer = KvImporter("cpu", torch.float32)
     try:
         for path in paths:
-            importer.open({"transport": "shm", "key": path, "shape": [1, 2, 4, 1, 8], "dtype": "float32"})
+            importer.open({"transport": "shm", "key": path, "shape": [1, 2, 4, 1, 8], "dtype": "float32",
+                           "layout": "head_major"})
         assert not any(owner_gone(p, min_age_s=0) for p in paths)  # alive: their locks are held
         assert owner_gone(paths[0]) is False  # and a fresh file is never judged, whoever holds it
         for p in owners:

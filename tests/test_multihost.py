@@ -104,8 +104,9 @@ def test_workers_on_two_hosts_move_kv_over_tcp_and_match_one_host(home, tiny_dir
             # takes every request until it is gone.
             single = c.add_worker("decode", "--host-id", "host-a", "--num-slots", "8", "--kv-port", str(same_port),
                                   "--advertise-host", "127.0.0.3")
+            # --kv-transport tcp: with NIXL installed, auto would read the KV over nixl (tests/test_nixl.py)
             remote = c.add_worker("decode", "--host-id", "host-b", "--num-slots", "1", "--kv-port", str(other_port),
-                                  "--advertise-host", "127.0.0.2")
+                                  "--advertise-host", "127.0.0.2", "--kv-transport", "tcp")
             c.wait_registered()
 
             one_host = generate_all(c.endpoint)
