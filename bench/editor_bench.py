@@ -271,16 +271,19 @@ def measure(args: argparse.Namespace, sessions: Sessions, bar) -> tuple[list[Pha
             round_sessions = sessions.make(args.seed * 1000 + r, args.editors)
             for c in order:
                 bar.set_postfix_str(f"round {r + 1}, cache {c}", refresh=True)
-                phases.append(one_phase(pipelines[c], c, r, round_sessions, args))
+                phases.append(one_phase(pipelines, c, r, round_sessions, args))
                 bar.update()
         bar.set_postfix_str("replay", refresh=True)
         replay = replay_answers(pipelines, phases, args.replay)
     return phases, replay
 
 
-def one_phase(pipeline: LocalPipeline, condition: str, r: int, sessions: list[Session], args) -> Phase:
+def one_phase(pipelines: dict[str, LocalPipeline], condition: str, r: int, sessions: list[Session], args) -> Phase:
+    pipeline = pipelines[condition]
     before = prefill_counters(pipeline)
-    meter = CpuMeter(lambda: dict(pipeline.cpu_seconds(), client=time.process_time()))
+    # both pipelines' processes (the idle one's heartbeats are not noise) and this client
+    meter = CpuMeter(lambda: {f"{c} {name}": s for c, p in pipelines.items() for name, s in p.cpu_seconds().items()}
+                     | {"client": time.process_time()})
     start = time.perf_counter()
     traces = run_phase(pipeline.http_port, sessions, args, args.phase)
     seconds = time.perf_counter() - start
