@@ -265,8 +265,9 @@ class LocalPipeline:
     goes to log files, shown when start-up fails or when they logged anything (warnings up)."""
 
     def __init__(self, args: argparse.Namespace, threads: int, cpus: dict[str, list[str]],
-                 gateway_flags: tuple[str, ...] = ()):
-        self.args, self.threads, self.cpus, self.gateway_flags = args, threads, cpus, gateway_flags
+                 gateway_flags: tuple[str, ...] = (), worker_flags: tuple[str, ...] = ()):
+        self.args, self.threads, self.cpus = args, threads, cpus
+        self.gateway_flags, self.worker_flags = gateway_flags, worker_flags
         self.zmq_port, self.worker_port, self.http_port = free_port(), free_port(), free_port()
         self.log_dir = Path(tempfile.mkdtemp(prefix="splitserve-bench-"))
         self.procs: dict[str, subprocess.Popen] = {}  # name -> process
@@ -300,7 +301,7 @@ class LocalPipeline:
                 port = free_port()
                 self.metrics_ports[f"{role}-{i}"] = port
                 flags = ["--gateway", f"tcp://127.0.0.1:{self.worker_port}", "--threads", str(self.threads),
-                         "--worker-id", f"{role}-{i}-{os.getpid()}", "--metrics-port", str(port)]
+                         "--worker-id", f"{role}-{i}-{os.getpid()}", "--metrics-port", str(port), *self.worker_flags]
                 if role == "decode":
                     flags += ["--num-slots", str(a.num_slots)]
                 if self.cpus[role]:

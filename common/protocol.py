@@ -78,6 +78,9 @@ class GenerateParams(msgspec.Struct, array_like=True, kw_only=True):
     top_n_tokens: int = 0
     prompt_logprobs: bool = False
     truncate: int | None = None
+    # false: compute every prompt token, none taken from the prefill workers' prefix cache (llama.cpp's
+    # `cache_prompt`); the answer is the same either way
+    cache_prompt: bool = True
 
 
 class Generate(msgspec.Struct, **_STRUCT):

@@ -24,6 +24,7 @@ class GenerateRequest:
     # tokens an earlier attempt generated and the client already has; output indices continue
     # from there and `max_new_tokens` counts what is left.
     resumed: int = 0
+    cache_prompt: bool = True  # false: the prefill worker computes every prompt token, finding none cached
 
     @property
     def wants_details(self) -> bool:

@@ -157,9 +157,11 @@ class GatewayCore:
             stream = self.streams[self.waiting[0]]
             forks = [self.streams[attempt] for attempt in stream.forks]
             try:
-                # prompt logprobs need every position computed: such a prompt meets no cached prefix
-                hashes = (lambda _: []) if stream.request.prompt_logprobs else stream.block_hashes
-                route = self.registry.route(1 + len(forks), len(stream.request.prompt_ids), hashes)
+                # a prompt whose logprobs need every position computed, or whose client asked for no
+                # cached prefix (cache_prompt), meets none: no worker holds it
+                request = stream.request
+                hashes = (lambda _: []) if request.prompt_logprobs or not request.cache_prompt else stream.block_hashes
+                route = self.registry.route(1 + len(forks), len(request.prompt_ids), hashes)
             except NoTransport as e:  # the workers that have room cannot hand KV to each other
                 log.error("%s", e)
                 self.waiting.popleft()

@@ -23,6 +23,7 @@ from splitserve.common import protocol as P
 from .api_context import ApiContext
 from .api_errors import ApiError, invalid, openai_error, retry_headers, tgi_error
 from .http_guard import HttpGuard, LoadShed
+from .infill import INFILL_PATH, infill_error, infill_router
 from .openai_api import openai_router
 from .replies import Json
 from .tgi import tgi_router
@@ -38,10 +39,12 @@ FILES_BESIDES_CONNECTIONS = 256  # ZeroMQ sockets and their connections, logs, m
 
 def build_app(ctx: ApiContext) -> FastAPI:
     app = FastAPI(title="splitserve", version=version("splitserve"), default_response_class=Json,
-                  description="TGI-compatible and OpenAI-compatible HTTP APIs of a splitserve gateway.\n\n"
+                  description="TGI-compatible, OpenAI-compatible and llama.cpp-compatible (/infill) HTTP APIs "
+                              "of a splitserve gateway.\n\n"
                               "**WebSocket** (not an OpenAPI route): " + WEBSOCKET_DOC)
     app.include_router(tgi_router(ctx))
     app.include_router(openai_router(ctx))
+    app.include_router(infill_router(ctx))
     app.include_router(websocket_router(ctx))
 
     @app.get("/health", tags=["Operations"], summary="200 while prefill and decode workers are registered")
@@ -60,7 +63,8 @@ def build_app(ctx: ApiContext) -> FastAPI:
         # refused before reaching the core; a path that is no route is no request to count
         if not e.metered and path in paths:
             ctx.door.refuse(path, e.error_type)
-        status, body = (openai_error if path.startswith("/v1/") else tgi_error)(e)
+        shape = openai_error if path.startswith("/v1/") else infill_error if path == INFILL_PATH else tgi_error
+        status, body = shape(e)
         return Json(body, status_code=status, headers=retry_headers(e))
 
     @app.exception_handler(ApiError)

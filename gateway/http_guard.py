@@ -66,7 +66,8 @@ class HttpGuard:
         await self.refuse(path, e)(scope, receive, send)
 
 
-GENERATE_PATHS = frozenset({"/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"})
+GENERATE_PATHS = frozenset({"/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions",
+                            "/infill"})
 
 
 class LoadShed:

@@ -120,5 +120,5 @@ def build_request(rid: str, msg: P.Generate, tokenizer: Tokenizer, limits: Limit
         id=rid, prompt_ids=tuple(ids), max_new_tokens=p.max_new_tokens, sampling=sampling_params(p),
         stop_token_ids=tuple(p.stop_token_ids), stop=tuple(p.stop), strip_stop=p.strip_stop,
         ignore_eos=p.ignore_eos, logprobs=p.logprobs, top_n_tokens=p.top_n_tokens,
-        prompt_logprobs=p.prompt_logprobs,
+        prompt_logprobs=p.prompt_logprobs, cache_prompt=p.cache_prompt,
     )

@@ -217,10 +217,14 @@ class PrefillWorker(WorkerLoop):
 
     # ---- the prefix cache -------------------------------------------------------------------------
 
+    def _looks_up(self, request) -> bool:
+        """Whether `request` may take its prompt's start from the prefix cache: not when its prompt
+        logprobs need every position computed, nor when its client asked for none (cache_prompt)."""
+        return self.cache is not None and request.cache_prompt and not request.prompt_logprobs
+
     def _cached(self, request) -> int:
-        """Prompt tokens the prefix cache holds for `request` now (none for a request whose prompt
-        logprobs need every position computed)."""
-        if self.cache is None or request.prompt_logprobs:
+        """Prompt tokens the prefix cache holds for `request` now."""
+        if not self._looks_up(request):
             return 0
         return len(self.cache.match(request.prompt_ids)[0]) * self.cache.block_tokens
 
@@ -232,7 +236,7 @@ class PrefillWorker(WorkerLoop):
         while self.queue:
             queued = self.queue[0]
             request = queued.job.request
-            blocks = self.cache.lookup(request.prompt_ids) if self.cache and not request.prompt_logprobs else []
+            blocks = self.cache.lookup(request.prompt_ids) if self._looks_up(request) else []
             need = len(request.prompt_ids) - len(blocks) * (self.cache.block_tokens if self.cache else 0)
             if compute + need > self.limits.prefill_token_budget or total + len(request.prompt_ids) > room:
                 break

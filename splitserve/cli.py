@@ -37,7 +37,8 @@ COMMANDS: dict[str, Union[Command, Group]] = {
     "deploy": Command("splitserve.commands.deploy", "deployment files: `deploy compose` writes a docker-compose "
                       "file for any prefill/decode GPU split"),
     "bench": Group("benchmarks: `bench engine` (model steps vs transformers), `bench serve` (the served pipeline "
-                   "under load), `bench soak`, `bench handoff` (KV transports)", {
+                   "under load), `bench soak`, `bench handoff` (KV transports), `bench editor` (editors typing, the "
+                   "prefix cache on and off)", {
         "engine": Command("splitserve.bench.engine_bench",
                           "splitserve's prefill and decode engines against transformers' generate, same weights"),
         "serve": Command("splitserve.bench.serve_bench",
@@ -48,6 +49,9 @@ COMMANDS: dict[str, Union[Command, Group]] = {
         "soak": Command("splitserve.bench.soak",
                         "a bounded soak of a local pipeline over every front end: latency and memory over time, "
                         "leftovers, and admitted requests' latency under overload"),
+        "editor": Command("splitserve.bench.editor_bench",
+                          "editors typing: /infill requests at typing speed, each cancelling the last, against "
+                          "pipelines with the prefill workers' prefix cache on and off"),
     }),
 }
 

@@ -77,6 +77,7 @@ PARAMS = {
     "top_n_tokens": (st.integers(0, 5), edge_ints),
     "prompt_logprobs": (st.booleans(), st.booleans()),
     "truncate": (st.one_of(st.none(), st.integers(1, 200)), edge_ints),
+    "cache_prompt": (st.booleans(), st.booleans()),
 }
 assert list(PARAMS) == [f.name for f in msgspec.structs.fields(P.GenerateParams)]
 DEFAULTS = msgspec.structs.asdict(P.GenerateParams())

@@ -21,7 +21,7 @@ from splitserve.common import protocol as P
 
 PROMPT = "def fibonacci(n):\n    "
 TOO_BIG = P.MAX_CONTROL_BYTES + 1
-HTTP_ROUTES = ("/generate", "/generate_stream", "/", "/v1/completions", "/v1/chat/completions")
+HTTP_ROUTES = ("/generate", "/generate_stream", "/", "/v1/completions", "/v1/chat/completions", "/infill")
 
 
 class Boom:

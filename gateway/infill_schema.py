@@ -1,0 +1,69 @@
+"""llama.cpp's /infill request, as its server reads it and the llama.vim and llama.vscode plug-ins
+send it. Defaults are llama.cpp's; null means unset and unknown fields are ignored, as there. Fields
+llama.cpp takes that change nothing here are accepted and ignored: `t_max_prompt_ms` (a TODO in
+llama.cpp too), `id_slot` (splitserve has no slots), `n_cmpl` (one completion is answered),
+`model`, `lora`, `min_p`, `dry_*`, `xtc_*` and the rest."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, model_validator
+
+from .openai_schema import schema
+from .validation import require_unicode
+
+
+class ExtraChunk(BaseModel):
+    """A piece of repository context: another file's text (llama.vim adds `time`, ignored)."""
+
+    text: str
+    filename: str = "tmp"
+
+
+class InfillRequest(BaseModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data):
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data):
+        require_unicode(data)
+        return data
+
+    input_prefix: str = Field(description="the code before the cursor's line")
+    input_suffix: str = Field(description="the code after the cursor")
+    input_extra: list[ExtraChunk] = Field([], description="repository context: other files' text, farthest first")
+    prompt: str = Field("", description="the cursor's line up to the cursor (it follows input_prefix)")
+    n_predict: int = Field(-1, description="tokens to generate: -1 as many as fit, 0 none (the prompt only fills "
+                           "the prefix cache)", **schema(minimum=-1))
+    temperature: float = Field(0.8, description="<= 0 is greedy")
+    top_k: int = Field(40, description="<= 0 is off")
+    top_p: float = Field(0.95, description=">= 1 is off", **schema(exclusiveMinimum=0))
+    typical_p: float = Field(1.0, description=">= 1 is off", **schema(exclusiveMinimum=0))
+    repeat_penalty: float = Field(1.0, description="1 is off", **schema(exclusiveMinimum=0))
+    frequency_penalty: float = 0.0
+    samplers: list[str] | str | None = Field(None, description="which of the sampling settings apply: names "
+                                             "(top_k, typ_p, top_p, temperature, penalties) or their letters "
+                                             "(kypte); others are ignored; default: all")
+    seed: int = Field(-1, description="-1: random")
+    stop: list[str] = Field([], description="stop strings, at most 4; a matched one is cut from the content")
+    n_indent: int = Field(0, description="stop at a line indented less than this (the line's start is kept)",
+                          **schema(minimum=0))
+    t_max_predict_ms: int = Field(-1, description="once this long after the first token, stop at the next new line")
+    t_max_prompt_ms: int = Field(-1, description="accepted and ignored, as llama.cpp does")
+    cache_prompt: bool = Field(True, description="false: compute every prompt token, none from the prefix cache")
+    stream: bool = Field(False, description="server-sent events, one per decode step, then the final answer")
+    response_fields: list[str] = Field([], description="answer only these fields of the final answer, `a/b` for "
+                                       "a nested one, each under its path")
+    return_tokens: bool = Field(False, description="the generated token ids in `tokens`")
+
+
+class ErrorDetail(BaseModel):
+    code: int
+    message: str
+    type: str
+
+
+class InfillError(BaseModel):
+    error: ErrorDetail

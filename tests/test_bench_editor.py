@@ -1,0 +1,41 @@
+"""`splitserve bench editor --quick` starts two pipelines (prefix cache on and off), types on both,
+replays requests greedy on both, writes its JSON and plot, and leaves no process behind. The
+targets are not checked here: a few seconds on a shared machine say little about them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import TEST_THREADS
+from test_bench_serve import processes_mentioning
+
+
+def test_quick_editor_bench(tiny_dir, home, tmp_path):
+    out = tmp_path / "editor.json"
+    cmd = [sys.executable, "-m", "splitserve.cli", "bench", "editor", "--quick", "--threads", str(TEST_THREADS),
+           "--json", str(out), "--plot-dir", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)  # SPLITSERVE_HOME from `home`
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "prefill_tokens_per_request" in done.stdout
+    assert not processes_mentioning(str(home)), "a pipeline process outlived the benchmark"
+
+    doc = json.loads(out.read_text())
+    assert doc["model"] == "tiny-random" and doc["threads"] == TEST_THREADS
+    on, off = doc["conditions"]["on"], doc["conditions"]["off"]
+    for c in (on, off):  # the same sessions typed on both: as many requests, of the same prompts
+        assert c["requests"] == on["requests"] > 0 and c["errors"] == 0 and c["prefilled"] > 0
+        assert c["prompt_tokens"] is None or 1000 < c["prompt_tokens"] < 1800  # None: none answered in full
+    assert off["cache_hit_rate"] == 0 and off["prefill_tokens_per_request"] > 1000
+    assert 0 < on["cache_hit_rate"] < 1 and on["prefill_tokens_per_request"] < off["prefill_tokens_per_request"]
+    assert [p["condition"] for p in doc["phases"]] == ["on", "off"]
+    replay = doc["replay"]
+    assert replay["requests"] == 4 and replay["differing"] == 0 and replay["cached_share"] > 0.5
+    assert set(doc["ratios"]) == set(doc["targets"]) == {"ttft_p50", "prefill_tokens_per_request"}
+    assert (tmp_path / "editor.png").stat().st_size > 0
+
+
+def test_the_command_loads_without_torch():
+    code = "import sys, splitserve.bench.editor_bench; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
