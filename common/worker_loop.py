@@ -96,8 +96,14 @@ class WorkerLoop:
         raise NotImplementedError
 
     def health(self) -> dict:
-        return {"role": self.role, "registered": self.link is not None and self.link.registered,
-                "draining": self.draining}
+        # the probe's HTTP server runs from __init__: the worker's own state exists once it started
+        started = self.link is not None
+        return {"role": self.role, "registered": started and self.link.registered,
+                "draining": self.draining} | (self.details() if started else {"starting": True})
+
+    def details(self) -> dict:
+        """What /health adds for this kind of worker once it has started."""
+        return {}
 
     def close_own(self) -> None:
         """Close what the worker opened itself."""

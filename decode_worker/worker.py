@@ -73,10 +73,10 @@ class DecodeWorker(WorkerLoop):
         log.info("decode worker %s: %d slots of %d tokens, KV endpoint %s", opts.worker_id, num_slots, slot_len,
                  self.kv.endpoint)
 
-    def health(self) -> dict:
-        return super().health() | {"slots_used": len(self.running), "slots_total": self.engine.num_slots,
-                                   "admitted": self.admitted, "kv_endpoint": self.kv.endpoint,
-                                   "kv_encrypted": self.kv.curve is not None}
+    def details(self) -> dict:
+        return {"slots_used": len(self.running), "slots_total": self.engine.num_slots,
+                "admitted": self.admitted, "kv_endpoint": self.kv.endpoint,
+                "kv_encrypted": self.kv.curve is not None}
 
     # ---- the loop's parts ---------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from .api_context import ApiContext
 from .api_errors import ApiError, invalid
 from .infill_prompt import InfillPrompts
 from .infill_schema import InfillError, InfillRequest
-from .replies import EventStream, Json, Replies, _close_on_disconnect  # what gather() watches with
+from .replies import EventStream, Json, Replies, close_on_disconnect
 
 INFILL_PATH = "/infill"
 ERRORS = {status: {"model": InfillError} for status in (400, 429, 503)}
@@ -263,7 +263,7 @@ def select(answer: dict, paths: list[str]) -> dict:
 async def _complete(completion: Completion, replies: Replies, request: Request) -> None:
     """The request to its end (or to where a check of completion's stops it); cancelled if the
     client disconnects first."""
-    watcher = asyncio.create_task(_close_on_disconnect(request, replies))
+    watcher = asyncio.create_task(close_on_disconnect(request, replies))
     try:
         async for _, batch in replies:
             completion.add(batch)

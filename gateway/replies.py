@@ -103,7 +103,7 @@ class Answer:
 async def gather(replies: Replies, n: int, request: Request) -> list[Answer]:
     """Every choice to its end; the requests are cancelled if the client disconnects first."""
     answers = [Answer() for _ in range(n)]
-    watcher = asyncio.create_task(_close_on_disconnect(request, replies))
+    watcher = asyncio.create_task(close_on_disconnect(request, replies))
     try:
         async for i, batch in replies:
             answers[i].add(batch)
@@ -113,8 +113,9 @@ async def gather(replies: Replies, n: int, request: Request) -> list[Answer]:
     return answers
 
 
-async def _close_on_disconnect(request: Request, replies: Replies) -> None:
-    # The body has been read, so the next ASGI message is the disconnect.
+async def close_on_disconnect(request: Request, replies: Replies) -> None:
+    """Close `replies` (cancelling its requests) when the HTTP client goes away; the body has
+    been read, so the next ASGI message is the disconnect."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
     replies.close()

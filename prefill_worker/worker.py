@@ -70,11 +70,11 @@ class PrefillWorker(WorkerLoop):
         self.start(transports, capacity=limits.prefill_token_budget, prefix_blocks=blocks,
                    prefix_block_tokens=opts.prefix_block_tokens if blocks else 0)
 
-    def health(self) -> dict:
-        return super().health() | {"queued_tokens": self.queued_tokens, "handoffs": len(self.kv.handoffs),
-                                   "staging_free_tokens": self.kv.regions.free_tokens,
-                                   "staging_tokens": self.kv.regions.total,
-                                   "prefix_cache_blocks": self.cache.used_blocks if self.cache else 0}
+    def details(self) -> dict:
+        return {"queued_tokens": self.queued_tokens, "handoffs": len(self.kv.handoffs),
+                "staging_free_tokens": self.kv.regions.free_tokens,
+                "staging_tokens": self.kv.regions.total,
+                "prefix_cache_blocks": self.cache.used_blocks if self.cache else 0}
 
     # ---- the loop's parts ---------------------------------------------------------------------
 

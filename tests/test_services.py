@@ -225,3 +225,14 @@ def test_a_silent_decode_worker_is_dropped_and_traffic_goes_on(home, tiny_dir):
                 assert all(served() for _ in range(6))
         finally:
             c.workers[stopped]["proc"].send_signal(signal.SIGCONT)
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_health_while_a_worker_starts_says_so(role):
+    # the probe's HTTP server answers from the worker's __init__, before its own state exists
+    from splitserve.decode_worker.worker import DecodeWorker
+    from splitserve.prefill_worker.worker import PrefillWorker
+
+    worker = object.__new__({"prefill": PrefillWorker, "decode": DecodeWorker}[role])
+    worker.link, worker.draining = None, False
+    assert worker.health() == {"role": role, "registered": False, "draining": False, "starting": True}
