@@ -39,11 +39,13 @@ class FrontDoor:
         """Count a request refused before it reached the core (e.g. without the API key)."""
         self.metrics.requests.labels(route, error_type).inc()
 
-    def cancel(self, gid: str, reason: str | None = None) -> None:
-        """The client went away or asked to stop; `reason` is sent to it as the finish reason."""
+    def cancel(self, gid: str, reason: str | None = None, outcome: str = "cancelled") -> None:
+        """The client went away or asked to stop; `reason` is sent to it as the finish reason.
+        `outcome` labels the request's metrics: "ok" where a front end stops a request because
+        its answer is complete (/infill's n_indent and t_max_predict_ms)."""
         meter = self._meters.pop(gid, None)
         if meter is not None:
-            meter.finish("cancelled")
+            meter.finish(outcome)
         self.core.cancel(gid, reason)
 
     def dispatch(self) -> None:

@@ -268,6 +268,7 @@ async def _complete(completion: Completion, replies: Replies, request: Request) 
         async for _, batch in replies:
             completion.add(batch)
             if completion.done:
+                replies.close("ok")  # stopped by a check of completion's: the answer is complete
                 break
     finally:
         watcher.cancel()
@@ -281,6 +282,7 @@ async def _events(ctx: ApiContext, completion: Completion, replies: Replies):
             if not completion.prefill_only:
                 yield _sse(completion.partial(text, ids))
             if completion.done:
+                replies.close("ok")
                 break
         yield _sse(completion.final(ctx, stream=True))
     except ApiError as e:

@@ -60,10 +60,10 @@ class Replies:
                                    metered=True)
             yield i, out
 
-    def close(self) -> None:
-        """Cancel what is still running; idempotent."""
+    def close(self, outcome: str = "cancelled") -> None:
+        """Cancel what is still running; idempotent. `outcome`: as for FrontDoor.cancel."""
         for i in sorted(self.running):
-            self.door.cancel(self.gids[i])
+            self.door.cancel(self.gids[i], outcome=outcome)
         if self.running:
             self.running.clear()
             self.queue.put_nowait((None, None))

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster import Cluster
+from cluster import Cluster, wait_for
 from splitserve.common import protocol as P
 from splitserve.common.builtin_models import SHIPPED_TINY
 from splitserve.common.fim import find_fim
@@ -249,11 +249,15 @@ def test_n_indent_and_t_max_predict_ms_end_the_answer_at_a_line(tiny):
     first = full.index("\n") + 1
     assert "\n" in full[first:], full  # the answer goes on past its first line: the checks below cut it
     cut = first + len(full[first:]) - len(full[first:].lstrip(" \t"))
+    ok = tiny.metric("splitserve_requests_total", route="/infill", outcome="ok")
     d = answer(tiny, {**GREEDY, "n_indent": 100})
     assert (d["content"], d["stop_type"]) == (full[:cut], "limit") and d["tokens_predicted"] < 64
     d = answer(tiny, {**GREEDY, "t_max_predict_ms": 1})
     assert full.startswith(d["content"]) and d["content"].endswith("\n") and d["stop_type"] == "limit"
     assert d["tokens_predicted"] < 64 and d["has_new_line"] is True
+    # complete answers, though their requests were cancelled at the workers
+    wait_for(lambda: tiny.metric("splitserve_requests_total", route="/infill", outcome="ok") == ok + 2, 10,
+             "both counted ok")
 
 
 def test_stop_strings_are_cut_from_the_content(tiny):
