@@ -1,5 +1,5 @@
 """What the prefill and the decode worker share: registration over the gateway link, the poll
-loop, heartbeats, draining, a restarted gateway, metrics and closing. A worker fills in its own
+loop, heartbeats, draining, token links to frontends, metrics and closing. A worker fills in its own
 sockets, messages and work (the methods that raise NotImplementedError)."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import zmq
 from . import protocol as P
 from .kv_transport import gpu_uuids
 from .loading import LoadedModel
+from .frontend_links import FrontendLinks
 from .metrics_http import WorkerMetrics
 from .params import Limits
 from .runtime import DTYPE_NAMES
@@ -34,6 +35,7 @@ class WorkerLoop:
         self.drain_started = 0.0
         self.drain_deadline = float("inf")
         self.link: GatewayLink | None = None  # connected by start(), once the worker's own sockets exist
+        self.frontends = FrontendLinks(self.ctx, opts.link.curve)  # the loop thread's token links
 
     def start(self, kv_transports: list[P.Transport], capacity: int, kv_endpoint: str = "",
               kv_public_key: str = "", prefix_blocks: int = 0, prefix_block_tokens: int = 0) -> None:
@@ -46,8 +48,8 @@ class WorkerLoop:
             slot_len=self.limits.max_total_tokens, pid=os.getpid(), pid_namespace=pid_namespace(),
             kv_public_key=kv_public_key, prefix_blocks=prefix_blocks, prefix_block_tokens=prefix_block_tokens,
         )
-        self.link = GatewayLink(self.ctx, o.gateway, register, o.link.heartbeat_s, o.link.heartbeat_timeout,
-                                curve=o.link.curve)
+        self.link = GatewayLink(self.ctx, o.gateway, register, self.holding, o.link.heartbeat_s,
+                                o.link.heartbeat_timeout, curve=o.link.curve)
 
     # ---- what each worker fills in ---------------------------------------------------------
 
@@ -86,8 +88,8 @@ class WorkerLoop:
         """One unit of work: a prefill batch or a decode step."""
         raise NotImplementedError
 
-    def abandon(self, why: str) -> None:
-        """Drop everything the gateway routed here without telling it: that gateway is gone."""
+    def holding(self) -> list[P.Held]:
+        """The requests held here, for a (re)registration: a restarted router adopts them."""
         raise NotImplementedError
 
     def end_unfinished(self) -> None:
@@ -132,8 +134,6 @@ class WorkerLoop:
                     else:
                         self.on_socket(sock)
                 link.tick(self.load(), self.draining)
-                if link.take_new_gateway():
-                    self.abandon("the gateway restarted")
                 if self.draining and time.monotonic() > self.drain_deadline:
                     self.end_unfinished()
                 self.housekeeping()
@@ -162,6 +162,7 @@ class WorkerLoop:
 
     def close(self) -> None:
         self.close_own()
+        self.frontends.close()
         if self.link is not None:
             self.link.close()
         self.metrics.close()

@@ -1,8 +1,9 @@
-"""The gateway's Prometheus metrics: each request's latencies and outcome by front end, and the
-state of the queue and the workers, read from the core when scraped.
+"""A frontend's Prometheus metrics: each request's latencies and outcome by front end (route),
+and the streams it holds, read from its core when scraped. The router's books (queue, workers,
+reservations) are in router_metrics.py; the gateway process serves both on one /metrics.
 
 Worker-side numbers (prefill and decode batch sizes, KV slots in use) are on each worker's own
-`/metrics` (`--metrics-port`); these are what only the gateway knows.
+`/metrics` (`--metrics-port`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from splitserve.common import protocol as P
 from splitserve.common.params import NORMAL_FINISH
 
-from .core import GatewayCore
+from .frontend_core import FrontendCore
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
@@ -25,7 +26,7 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 
 
 
 class GatewayMetrics:
-    def __init__(self, core: GatewayCore):
+    def __init__(self, core: FrontendCore):
         # A registry of its own, so that several gateways in one process (tests) don't collide.
         self.registry = CollectorRegistry()
         r = self.registry
@@ -42,7 +43,7 @@ class GatewayMetrics:
                                      registry=r)
         self.generated_tokens = Counter("splitserve_generated_tokens", "tokens sent to clients", ["route"],
                                         registry=r)
-        r.register(_CoreCollector(core))
+        r.register(_StreamsCollector(core))
 
     def meter(self, route: str) -> Meter:
         return Meter(self, route)
@@ -92,31 +93,11 @@ class Meter:
                 m.tpot.labels(self.route).observe((end - self.first) / (self.tokens - 1))
 
 
-class _CoreCollector:
-    """Gauges read from the core at scrape time, so they can never drift from its own state."""
+class _StreamsCollector:
+    """Read at scrape time, so it can never drift from the core's own state."""
 
-    def __init__(self, core: GatewayCore):
+    def __init__(self, core: FrontendCore):
         self.core = core
 
     def collect(self):
-        core = self.core
-        live = sum(not s.client_done for s in core.streams.values())
-        yield GaugeMetricFamily("splitserve_requests_in_flight", "requests admitted and not yet answered in full",
-                                value=live)
-        yield GaugeMetricFamily("splitserve_requests_waiting", "admitted requests waiting for a free decode slot",
-                                value=len(core.waiting))
-        workers = GaugeMetricFamily("splitserve_workers", "registered workers", labels=["role"])
-        reserved = GaugeMetricFamily("splitserve_decode_slots_reserved", "decode slots reserved by the gateway",
-                                     labels=["worker"])
-        capacity = GaugeMetricFamily("splitserve_decode_slots", "decode slots a worker has", labels=["worker"])
-        queued = GaugeMetricFamily("splitserve_prefill_queued_tokens", "prompt tokens sent and not yet prefilled",
-                                   labels=["worker"])
-        for role in ("prefill", "decode"):
-            workers.add_metric([role], len(core.registry.of_role(role, routable=False)))
-        for w in core.registry.workers.values():
-            if w.info.role == "decode":
-                reserved.add_metric([w.id], len(w.assigned))
-                capacity.add_metric([w.id], w.info.capacity)
-            else:
-                queued.add_metric([w.id], w.queued_tokens)
-        yield from (workers, reserved, capacity, queued)
+        yield GaugeMetricFamily("splitserve_frontend_streams", "requests this frontend streams", value=self.core.live())

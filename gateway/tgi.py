@@ -53,13 +53,12 @@ def tgi_router(ctx: ApiContext) -> APIRouter:
 
     @router.get("/info", summary="Model and limits", response_model=TgiInfo)
     async def info(request: Request) -> TgiInfo:
-        registry = ctx.core.registry
-        device = next((w.info.device for w in registry.workers.values()), None)
-        return TgiInfo(model_id=ctx.model_id, model_dtype=registry.dtype,
-                       model_device_type=device.split(":")[0] if device else None,
+        fleet = ctx.core.fleet or P.Fleet()
+        return TgiInfo(model_id=ctx.model_id, model_dtype=fleet.dtype,
+                       model_device_type=fleet.device.split(":")[0] if fleet.device else None,
                        max_concurrent_requests=ctx.core.max_concurrent, max_stop_sequences=MAX_STOP_SEQUENCES,
                        max_input_tokens=ctx.limits.max_input_tokens, max_total_tokens=ctx.limits.max_total_tokens,
-                       max_top_n_tokens=MAX_TOP_N, version=request.app.version)
+                       max_top_n_tokens=MAX_TOP_N, version=request.app.version, zmq_endpoints=fleet.zmq_endpoints)
 
     return router
 

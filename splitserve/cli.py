@@ -23,7 +23,11 @@ class Group(NamedTuple):
 COMMANDS: dict[str, Union[Command, Group]] = {
     "serve": Command("splitserve.commands.serve",
                      "start the gateway and local prefill and decode workers, ready to use"),
-    "gateway": Command("splitserve.commands.gateway", "run the gateway alone"),
+    "gateway": Command("splitserve.commands.gateway", "run the gateway alone: a router and one frontend in one process"),
+    "router": Command("splitserve.commands.router", "run the router alone: the fleet's books, for frontends and workers "
+                      "in other processes"),
+    "frontend": Command("splitserve.commands.frontend", "run one frontend (HTTP, WebSocket, ZMQ clients) that joins a "
+                        "router with --router"),
     "prefill": Command("splitserve.commands.prefill", "run one prefill worker that registers with a gateway"),
     "decode": Command("splitserve.commands.decode", "run one decode worker that registers with a gateway"),
     "generate": Command("splitserve.commands.generate",
