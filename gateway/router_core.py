@@ -153,7 +153,7 @@ class RouterCore:
             self.claims.pop(a.id, None)
         # a group must fit one decode worker's slots, or it would wait forever
         largest = max((w.info.capacity for w in self.registry.of_role("decode")), default=0)
-        groups = [attempts] if len(attempts) <= largest else [[a] for a in attempts]
+        groups = [attempts[i:i + largest] for i in range(0, len(attempts), max(largest, 1))]
         for group in groups if not msg.resume else reversed(groups):
             group[0].forks = [a.id for a in group[1:]]
             (self.waiting.appendleft if msg.resume else self.waiting.append)(group[0].id)
