@@ -196,10 +196,10 @@ class FrontendCore:
                 stream = self.streams.get(attempt)
                 if stream is None:
                     continue
-                message = msg.message
-                if stream.lost_why and msg.error_type == "unavailable":
-                    message = f"{stream.lost_why}; no worker is left to resume it ({msg.message})"
-                self._fail(stream, msg.error_type, message)
+                if stream.lost_why and msg.error_type == "unavailable":  # it was running: a generation error
+                    self._fail(stream, "generation", f"{stream.lost_why}; no worker is left to resume it")
+                else:
+                    self._fail(stream, msg.error_type, msg.message)
         elif isinstance(msg, P.Lost):
             self._resume(msg.id, msg.why)
         elif isinstance(msg, P.Finished):
