@@ -5,7 +5,10 @@ does not stop the streams already on live workers; a frontend joins at run time.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import urllib.request
 
@@ -15,6 +18,7 @@ from cluster import SplitCluster, offline, request_specs, stream_all, wait_for
 from conftest import load_cpu
 from splitserve.bench.server_state import http_json
 from splitserve.client import Client, GenerationError
+from splitserve.common.zmq_util import free_port
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +130,28 @@ def test_streams_keep_flowing_while_the_router_restarts(home, tiny_dir, lm):
                  "workers and the frontend to join the new router")
         wait_for(lambda: c.metric("splitserve_decode_slots_reserved") == 0, 30, "the adopted slots to be freed")
         assert stream_all(c.endpoints, specs) == want
+
+
+def test_serve_with_two_frontends_shares_the_http_port_and_lists_both_zmq_ports(home, tiny_dir):
+    zmq_port = free_port()
+    env = dict(os.environ, SPLITSERVE_HOME=str(home), PYTHONUNBUFFERED="1", SPLITSERVE_LOG_LEVEL="WARNING")
+    serve = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "serve", "--model", "tiny-random",
+                              "--frontends", "2", "--zmq-port", str(zmq_port), "--worker-port", "0", "--port", "0",
+                              "--threads", "2"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        lines: list[str] = []
+        wait_for(lambda: lines.append(serve.stdout.readline()) or "ZMQ clients" in lines[-1], 180,
+                 "serve to be ready", interval=0)
+        listed = lines[-1].split("ZMQ clients:")[1].strip().split(", ")
+        assert sorted(listed) == [f"tcp://127.0.0.1:{zmq_port}", f"tcp://127.0.0.1:{zmq_port + 1}"]
+        port = int(next(line for line in lines if "HTTP" in line).split("127.0.0.1:")[1].split()[0])
+        assert http_json(port, "/info")["zmq_endpoints"] == sorted(listed)
+        with Client(listed) as client:
+            outs = [client.generate("def f(x):", max_new_tokens=4, ignore_eos=True, timeout=60) for _ in range(4)]
+        assert len({tuple(o.token_ids) for o in outs}) == 1
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(timeout=60) == 0
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
