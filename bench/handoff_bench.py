@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from .output import add_output_args
+
 SHAPES = {
     # n_layer, KV heads, head dim
     "santacoder": (24, 1, 128),
@@ -46,8 +48,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="of nixl, nixl-tcp, tcp, shm (nixl ones are left out where NIXL is not installed)")
     p.add_argument("--repeats", type=int, default=30, help="handoffs measured per transport and length")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--json", type=Path, default=None, help="write the results here")
-    p.add_argument("--plot-dir", type=Path, default=RESULTS, help="where the PNG goes")
+    add_output_args(p, plot_dir=RESULTS)
 
 
 def run(args: argparse.Namespace) -> int:
