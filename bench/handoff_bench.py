@@ -130,9 +130,8 @@ def print_table(doc: dict) -> None:
 
 
 def plot(doc: dict, path: Path) -> Path:
-    import matplotlib
+    from .plots import finish  # first: it picks the Agg backend (matplotlib only when a plot is drawn)
 
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -150,11 +149,7 @@ def plot(doc: dict, path: Path) -> Path:
     left.set_yscale("log")
     left.set_ylabel("handoff ms (median, p10-p90)")
     right.set_ylabel("GB/s")
-    fig.suptitle(f"KV handoff, {doc['shape']} layout, {doc['dtype']}, {doc['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return finish(fig, path, f"KV handoff, {doc['shape']} layout, {doc['dtype']}, {doc['device']}")
 
 
 class Pair:
