@@ -1,0 +1,57 @@
+"""Plots of `splitserve bench gateway` results (matplotlib, Agg).
+
+`python -m splitserve.bench.gateway_plots RESULTS.json [PNG]` redraws a saved run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+from .plots import redraw  # noqa: E402
+
+
+def plot_gateway(doc: dict, path: Path) -> Path:
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
+    results = doc["results"]
+    transports = list(dict.fromkeys(r["transport"] for r in results))
+    loads = list(dict.fromkeys((r["concurrency"], r["new_tokens"]) for r in results))
+    width = 0.8 / max(1, len(loads) * len(doc["servers"]))
+    for k, (load, server) in enumerate((load, s) for load in loads for s in doc["servers"]):
+        row = {r["transport"]: r for r in results if (r["concurrency"], r["new_tokens"]) == load}
+        xs = [i + (k - (len(loads) * len(doc["servers"]) - 1) / 2) * width for i in range(len(transports))]
+        label = f"{server}, {load[0]} x {load[1]} tokens"
+        axes[0].bar(xs, [row[t]["us_per_token"][server] if t in row else 0 for t in transports], width, label=label)
+        axes[1].bar(xs, [row[t]["tokens_per_s"] if t in row else 0 for t in transports], width, label=label)
+        for stat, marker in (("p50", "o"), ("p99", "^")):
+            axes[2].scatter(xs, [(row[t]["delay_us"][stat] or 0) / 1e3 if t in row else 0 for t in transports],
+                            marker=marker, color=f"C{k}", label=f"{stat}, {load[0]} x {load[1]}")
+    for i, t in enumerate(transports):
+        target = doc["targets_us"].get(t)
+        if target is not None:
+            axes[0].hlines(target, i - 0.45, i + 0.45, colors="k", linestyles="dashed",
+                           label="target at 64 x 200" if i == 0 else None)
+    titles = ("CPU per token relayed (µs)", "tokens relayed per second", "token delay, worker -> client (ms)")
+    for ax, title in zip(axes, titles):
+        ax.set_xticks(range(len(transports)), transports)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"gateway relay cost: synthetic workers (a step every {doc['step_ms']:g} ms), {doc['concurrency']} "
+                 f"streaming clients per transport, {doc['cpus']} CPUs; WebSocket in {doc['ws_encoding']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    return redraw(argv, "splitserve.bench.gateway_plots", plot_gateway)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
