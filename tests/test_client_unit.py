@@ -333,3 +333,16 @@ async def test_async_requests_spread_over_endpoints(two_gateways):
         owner = a if a.generates("hang") else b
         await eventually(lambda: owner.cancelled(stream.id))
     assert [r.text for r in many] == [f"many:{i}!" for i in range(2 * MANY)]
+
+
+def test_the_websocket_fast_path_writes_what_the_protocol_does():
+    """The gateway's WebSocket replies skip P.ws_reply's per-token dicts: every field, set, must still come out."""
+    from splitserve.gateway.websocket import encode, ws_reply
+
+    batch = P.TokenBatch("a", [P.Token(3, 7, "x", -0.5, [(7, -0.5), (9, -1.0)]), P.Token(4, 8, "y")], "length",
+                         prompt_tokens=5, seed=11, prompt_logprobs=[None, -1.5], cached_tokens=2)
+    for binary in (True, False):
+        assert encode(ws_reply(batch), binary) == encode(P.ws_reply(batch), binary)
+    assert {f.name for f in msgspec.structs.fields(P.TokenBatch)} == {"id", "tokens", "finish_reason", "prompt_tokens",
+                                                                      "seed", "prompt_logprobs", "cached_tokens"}, \
+        "a new TokenBatch field: gateway/websocket.py's ws_reply must carry it"
