@@ -8,7 +8,8 @@ after the message frame.
 
 Sockets and who speaks on them:
 - client front (gateway ROUTER, `--zmq-port`) <-> client DEALER:
-  client: Generate, Cancel;  gateway: Token (batched per request as TokenBatch), Error.
+  client: Generate, Cancel;  gateway: Token (batched per request as TokenBatch), Error; to a client
+  that asks (Generate.batched_replies), the replies ready together as the frames of one message.
 - WebSocket (/ws on the gateway's HTTP port): the same as objects, WsGenerate, WsCancel;
   WsTokens, WsError.
 - worker link (gateway ROUTER, `--worker-port`) <-> each worker's DEALER:
@@ -90,6 +91,9 @@ class Generate(msgspec.Struct, **_STRUCT):
     params: GenerateParams = msgspec.field(default_factory=GenerateParams)
     timeout_s: float | None = None  # deadline, relative to arrival at the gateway
     api_key: str | None = None
+    # the client reads every frame of a reply message: replies to its requests that are ready
+    # together (one decode step's) come as the frames of one message
+    batched_replies: bool = False
 
 
 class Cancel(msgspec.Struct, **_STRUCT):

@@ -31,6 +31,7 @@ from .http_app import HttpServer, build_app
 from .metrics import GatewayMetrics
 from .options import GatewayOptions
 from .workers import Expectations, Worker, WorkerRegistry
+from .zmq_replies import ZmqReplies
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class Gateway:
         self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.worker_port = bind_endpoint(self.worker_sock, opts.host, opts.worker_port)
         self.zmq_port = bind_endpoint(self.front, opts.host, opts.zmq_port)
+        self.replies = ZmqReplies(self.front, self._client_gone)
         self.core = GatewayCore(self.tokenizer, self.limits, self.registry, self._send_worker,
                                 opts.max_concurrent_requests)
         # Every front end submits through the door, which meters each request.
@@ -196,7 +198,7 @@ class Gateway:
             return
 
         def sink(out) -> None:
-            self._reply(identity, out)
+            self.replies.send(identity, out, msg.batched_replies)
             if isinstance(out, P.Error) or out.finish_reason is not None:
                 self.client_ids.pop(key, None)
 
@@ -205,21 +207,7 @@ class Gateway:
             self.client_ids[key] = gid
 
     def _reply(self, identity: bytes, msg) -> None:
-        # NOBLOCK: a reply to a client 1,000 messages behind is dropped (that client times out)
-        # rather than stalling every other stream. An asyncio socket reports a failed send in the
-        # future it returns, done at once under NOBLOCK: read there, with no callback per reply.
-        sent = self.front.send_multipart([identity, P.encode(msg)], flags=zmq.NOBLOCK)
-        if sent.done():
-            self._after_reply(identity, sent)
-        else:
-            sent.add_done_callback(lambda f: self._after_reply(identity, f))
-
-    def _after_reply(self, identity: bytes, sent: asyncio.Future) -> None:
-        e = None if sent.cancelled() else sent.exception()
-        if isinstance(e, zmq.ZMQError) and e.errno == zmq.EHOSTUNREACH:
-            self._client_gone(identity)
-        elif e is not None:
-            log.debug("could not reply to a client: %s", e)
+        self.replies.send(identity, msg)
 
     def _client_gone(self, identity: bytes) -> None:
         """Its connection closed: nobody reads the rest, so its requests stop and free their slots.

@@ -15,7 +15,7 @@ import zmq
 
 from splitserve.client import (AsyncClient, Client, GenerationError, GenerationTimeout, OverloadedError,
                                SplitserveError, UnauthorizedError, UnavailableError, ValidationError)
-from splitserve.client._core import decode_reply
+from splitserve.client._core import decode_replies
 from splitserve.common import protocol as P
 
 # ---- the wire ----------------------------------------------------------------------------
@@ -28,11 +28,13 @@ TOKEN = dict(index=3, token_id=42, text="def", logprob=-0.25, top_tokens=[(42, -
 
 def test_the_client_reads_what_the_gateway_sends_and_drops_the_rest():
     batch = P.TokenBatch("r1", [P.Token(**TOKEN), P.Token(4, 9, "")], "length", 12, 99, [None, -1.0])
-    for msg in (batch, P.Error("r1", "validation", "bad")):
-        assert decode_reply([b"", P.encode(msg)]) == msg
-    assert decode_reply([]) is None
-    assert decode_reply([P.encode(P.Cancel("r1"))]) is None  # a client message, not a reply
-    assert decode_reply([b"\xc1"]) is None
+    error = P.Error("r1", "validation", "bad")
+    for msg in (batch, error):
+        assert decode_replies([b"", P.encode(msg)]) == [msg]
+    assert decode_replies([P.encode(batch), P.encode(error)]) == [batch, error]  # a step's replies in one message
+    assert decode_replies([]) == []
+    assert decode_replies([P.encode(P.Cancel("r1"))]) == []  # a client message, not a reply
+    assert decode_replies([b"\xc1", P.encode(error)]) == [error]
 
 
 def test_websocket_messages_carry_the_zmq_ones_by_name():
