@@ -11,7 +11,7 @@ import zmq.asyncio
 
 from splitserve.common.protocol import Cancel, Error, Generate, encode
 
-from ._core import MAX_MESSAGE_BYTES, Response, Routes, StreamBase, dealer, decode_reply, endpoints, new_generate
+from ._core import MAX_MESSAGE_BYTES, Response, Routes, StreamBase, dealer, decode_replies, endpoints, new_generate
 from .errors import UnavailableError
 
 
@@ -135,8 +135,7 @@ class AsyncClient(AsyncClientBase):
     async def _read(self, connection: int) -> None:
         try:
             while True:
-                msg = decode_reply(await self._socks[connection].recv_multipart())
-                if msg is not None:
+                for msg in decode_replies(await self._socks[connection].recv_multipart()):
                     self._deliver(msg, connection)
         finally:
             self._deliver(Error("", "unavailable", "the client was closed"), connection)
