@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import random
 import statistics
 import sys
@@ -53,7 +52,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from splitserve.common.config import add_model_args
 
-from .output import save
+from .output import add_output_args, num, save
+from .presets import resolve_presets
 from .serve_bench import CDF_LEVELS, CpuMeter, LocalPipeline, quantiles, summary
 from .traffic import _chunks, _until_closed
 
@@ -367,15 +367,15 @@ def format_table(doc: dict) -> str:
                          "prefill_tok/req", "hit_rate", "prompt", "others")]
     for c, s in doc["conditions"].items():
         low, high = s["ttft_p50_bounds_ms"]
-        bounds = f"{_num(low)}-{'inf' if high is None else _num(high)}"
+        bounds = f"{num(low)}-{'inf' if high is None else num(high)}"
         lines.append(line.format(c, s["requests"], s["answered"], bounds,
-                                 *(_num(s["ttft_ms"][q]) for q in ("p50", "p90", "p99")),
-                                 _num(s["prefill_tokens_per_request"]), f"{s['cache_hit_rate']:.3f}",
-                                 _num(s["prompt_tokens"]), _num(s["others"])))
+                                 *(num(s["ttft_ms"][q]) for q in ("p50", "p90", "p99")),
+                                 num(s["prefill_tokens_per_request"]), f"{s['cache_hit_rate']:.3f}",
+                                 num(s["prompt_tokens"]), num(s["others"])))
     lines.append(f"\n{'on / off':<28}ratio  target")
     for k, v in doc["ratios"].items():
         verdict = "met" if v is not None and v <= TARGETS[k] else "MISSED"
-        lines.append(f"{k:<28}{_num(v):>5}  <= {TARGETS[k]}  {verdict}")
+        lines.append(f"{k:<28}{num(v):>5}  <= {TARGETS[k]}  {verdict}")
     rp = doc["replay"]
     lines.append(f"\nreplayed greedy on both: {rp['requests']} requests, {rp['differing']} answers differing, "
                  f"{rp['cached_share']:.0%} of the prompt tokens cached on the cache-on pipeline")
@@ -383,10 +383,6 @@ def format_table(doc: dict) -> str:
                                "cancelled before their first token hide it; ttft_p50..p99: over the answered ones; "
                                "ttft_p50 ratio: on's upper bound / off's lower bound; prompt: mean prompt tokens; "
                                "others: cores busy with other processes, noise when well above 0)")
-
-
-def _num(x) -> str:
-    return "-" if x is None else f"{x:.3g}" if x < 10 else f"{x:.1f}"
 
 
 # --- command line --------------------------------------------------------------------------------
@@ -406,20 +402,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snippet-tokens", type=int, default=280, help="each of the two input_extra snippets (tokens)")
     p.add_argument("--num-slots", type=int, default=16, help="KV slots of each decode worker")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, help="write the results here")
-    p.add_argument("--plot-dir", type=Path, default=Path("bench/results"), help="where the PNG goes")
+    add_output_args(p)
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    column = 1 if args.quick else 0
-    for name, values in PRESETS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, values[column])
-    if args.quick and args.model == "tiny":
-        args.model = "tiny-random"
-    if not args.threads:
-        args.threads = max(1, len(os.sched_getaffinity(0)) // 2)
-    return args
+    return resolve_presets(args, PRESETS, workers=2)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,8 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from .plots import redraw  # noqa: E402
-from .serve_plots import _plain_log  # noqa: E402
+from .plots import finish, label_axes, plain_log, redraw  # noqa: E402
 
 COLORS = {"on": "C0", "off": "C1"}
 
@@ -25,15 +24,12 @@ def plot_editor(doc: dict, path: Path) -> Path:
     _per_phase(axes[1], doc["phases"])
     _prefill(axes[2], doc["conditions"])
     cfg, r = doc["config"], doc["ratios"]
-    fig.suptitle(f"editors typing, /infill with the prefix cache on and off: {doc['model']}, {doc['device']}\n"
-                 f"{cfg['editors']} editors at {cfg['cps']:g} chars/s, a request every {cfg['every']} chars; on/off: "
-                 f"TTFT p50 {_num(r['ttft_p50'])} (target <= {doc['targets']['ttft_p50']}), prefill tokens/request "
-                 f"{_num(r['prefill_tokens_per_request'])} (<= {doc['targets']['prefill_tokens_per_request']}); "
-                 f"replayed answers differing: {doc['replay']['differing']} of {doc['replay']['requests']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return finish(fig, path,
+                  f"editors typing, /infill with the prefix cache on and off: {doc['model']}, {doc['device']}\n"
+                  f"{cfg['editors']} editors at {cfg['cps']:g} chars/s, a request every {cfg['every']} chars; on/off: "
+                  f"TTFT p50 {_num(r['ttft_p50'])} (target <= {doc['targets']['ttft_p50']}), prefill tokens/request "
+                  f"{_num(r['prefill_tokens_per_request'])} (<= {doc['targets']['prefill_tokens_per_request']}); "
+                  f"replayed answers differing: {doc['replay']['differing']} of {doc['replay']['requests']}")
 
 
 def _ttft_cdf(ax, doc: dict) -> None:
@@ -41,12 +37,8 @@ def _ttft_cdf(ax, doc: dict) -> None:
         if s["ttft_cdf_ms"]:
             ax.plot(s["ttft_cdf_ms"], doc["cdf_levels"], color=COLORS[c],
                     label=f"cache {c}: {s['answered']} of {s['requests']} answered before cancelled")
-    _plain_log(ax, "x")
-    ax.set_title("time to first token (CDF, answered requests)")
-    ax.set_xlabel("ms")
-    ax.set_ylabel("fraction at or below")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    plain_log(ax, "x")
+    label_axes(ax, "time to first token (CDF, answered requests)", "ms", "fraction at or below")
 
 
 def _per_phase(ax, phases: list[dict]) -> None:
@@ -61,11 +53,7 @@ def _per_phase(ax, phases: list[dict]) -> None:
         if high:
             ax.plot(*zip(*high), "o", color=color, fillstyle="none", markersize=10, label=f"cache {c}, at most")
     ax.set_yscale("log")
-    ax.set_title("TTFT p50 of all requests, per phase in the order run")
-    ax.set_xlabel("phase")
-    ax.set_ylabel("ms")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    label_axes(ax, "TTFT p50 of all requests, per phase in the order run", "phase", "ms")
 
 
 def _prefill(ax, by: dict) -> None:
@@ -77,10 +65,7 @@ def _prefill(ax, by: dict) -> None:
     bars = ax.bar([x + 0.2 for x in xs], computed, 0.4, color=[COLORS[c] for c in names], label="computed")
     ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_xticks(list(xs), [f"cache {c}" for c in names])
-    ax.set_title("prefill tokens per request")
-    ax.set_ylabel("tokens")
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    label_axes(ax, "prefill tokens per request", None, "tokens", grid="y")
 
 
 def _num(x) -> str:

@@ -35,6 +35,8 @@ from pathlib import Path
 
 from splitserve.common.config import add_model_args
 
+from .output import add_output_args
+
 MIXED_LENS = (32, 96, 160, 224, 288, 352, 416, 512)
 PREFILL_BATCH_PROMPT = 128
 MAX_RUNS = 200
@@ -117,8 +119,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     sweep.add_argument("--mixed", action=argparse.BooleanOptionalAction, default=None,
                        help=f"the prefill of {len(MIXED_LENS)} mixed-length prompts packed (default: on)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
-    p.add_argument("--json", type=Path, help="write the results here")
-    p.add_argument("--plot-dir", type=Path, default=Path("bench/results"), help="where the PNG goes")
+    add_output_args(p)
 
 
 def sweep_from_args(args: argparse.Namespace, gpu: bool) -> Sweep:

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from .output import add_output_args
+
 SHAPES = {
     # n_layer, KV heads, head dim
     "santacoder": (24, 1, 128),
@@ -46,8 +48,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="of nixl, nixl-tcp, tcp, shm (nixl ones are left out where NIXL is not installed)")
     p.add_argument("--repeats", type=int, default=30, help="handoffs measured per transport and length")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--json", type=Path, default=None, help="write the results here")
-    p.add_argument("--plot-dir", type=Path, default=RESULTS, help="where the PNG goes")
+    add_output_args(p, plot_dir=RESULTS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,9 +130,8 @@ def print_table(doc: dict) -> None:
 
 
 def plot(doc: dict, path: Path) -> Path:
-    import matplotlib
+    from .plots import finish  # first: it picks the Agg backend (matplotlib only when a plot is drawn)
 
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -149,11 +149,7 @@ def plot(doc: dict, path: Path) -> Path:
     left.set_yscale("log")
     left.set_ylabel("handoff ms (median, p10-p90)")
     right.set_ylabel("GB/s")
-    fig.suptitle(f"KV handoff, {doc['shape']} layout, {doc['dtype']}, {doc['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return finish(fig, path, f"KV handoff, {doc['shape']} layout, {doc['dtype']}, {doc['device']}")
 
 
 class Pair:

@@ -33,11 +33,30 @@ def plot_engine(doc: dict, path: Path) -> Path:
     for ax, panel in zip(axes.flat, ENGINE_PANELS):
         _panel(ax, doc["results"], *panel)
     _mixed(axes[1, 1], doc["results"])
-    fig.suptitle(f"engine benchmark: {doc['model']}, {doc['dtype']}, {doc['device']}")
+    return finish(fig, path, f"engine benchmark: {doc['model']}, {doc['dtype']}, {doc['device']}")
+
+
+def finish(fig, path: Path, title: str) -> Path:
+    """Title the figure, lay it out and write it to `path` (closed after); returns `path`."""
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def label_axes(ax, title: str, xlabel: str | None, ylabel: str, grid: str = "both", **legend) -> None:
+    """A panel's title, axis labels, grid and legend (fontsize 8 unless `legend` says otherwise).
+    grid: "both", lines at the minor ticks too; "major"; "y", the major ones across (bar charts)."""
+    ax.set_title(title)
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if grid == "y":
+        ax.grid(True, axis="y", alpha=0.3)
+    else:
+        ax.grid(True, which=grid, alpha=0.3)
+    ax.legend(**{"fontsize": 8, **legend})
 
 
 def _panel(ax, results: list[dict], phase: str, curve: str, x: str, title: str, ylabel: str) -> None:
@@ -68,13 +87,18 @@ def log_axes(ax, xs: list, xlabel: str, ylabel: str) -> None:
     ax.set_xticks(xs)
     ax.xaxis.set_minor_locator(ticker.NullLocator())
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.set_yscale("log")
-    # Plain numbers; minor ticks are labelled only as densely as the axis' span allows.
-    ax.yaxis.set_major_formatter(_PlainLog())
-    ax.yaxis.set_minor_formatter(_PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.8)))
+    plain_log(ax, "y")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
+
+
+def plain_log(ax, which: str) -> None:
+    """A log axis ("x" or "y") written in plain numbers, minor ticks labelled as densely as its span allows."""
+    getattr(ax, f"set_{which}scale")("log")
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_formatter(_PlainLog())
+    axis.set_minor_formatter(_PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.8)))
 
 
 class _PlainLog(ticker.LogFormatter):

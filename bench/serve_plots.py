@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from matplotlib import ticker  # noqa: E402
 
-from .plots import _PlainLog, redraw  # noqa: E402
+from .plots import finish, label_axes, plain_log, redraw  # noqa: E402
 
 COLORS = {"pipeline": "C0", "engine": "C1"}
 STYLES = ("-", "--", ":", "-.")
@@ -29,11 +29,7 @@ def plot_serve(doc: dict, path: Path) -> Path:
     _throughput(axes[1, 1], results)
     threads = f"{doc['threads']} thread(s) per worker{', pinned' if doc.get('pinned') else ''}; " \
               f"engine {doc['engine_threads']} thread(s)"
-    fig.suptitle(f"serving benchmark ({doc['scenario']}): {doc['model']}, {doc['device']}\n{threads}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return finish(fig, path, f"serving benchmark ({doc['scenario']}): {doc['model']}, {doc['device']}\n{threads}")
 
 
 def _label(r: dict) -> str:
@@ -52,24 +48,12 @@ def _cdf(ax, results: list[dict], levels: list[float], key: str, title: str, xla
         if pairs:
             xs, qs = zip(*pairs)
             ax.plot(xs, qs, style[_label(r)], color=COLORS[r["system"]], label=f"{r['system']} {_label(r)}")
-    _plain_log(ax, "x")
+    plain_log(ax, "x")
     ax.set_yscale("logit")
     ax.set_yticks([0.1, 0.5, 0.9, 0.99, 0.999])
     ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"p{100 * v:g}"))
     ax.yaxis.set_minor_formatter(ticker.NullFormatter())
-    ax.set_title(f"{title} (CDF)")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("fraction at or below")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-
-
-def _plain_log(ax, which: str) -> None:
-    """A log axis written in plain numbers, minor ticks labelled as densely as its span allows."""
-    getattr(ax, f"set_{which}scale")("log")
-    axis = getattr(ax, f"{which}axis")
-    axis.set_major_formatter(_PlainLog())
-    axis.set_minor_formatter(_PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.8)))
+    label_axes(ax, f"{title} (CDF)", xlabel, "fraction at or below")
 
 
 def _percentiles(ax, results: list[dict]) -> None:
@@ -81,12 +65,8 @@ def _percentiles(ax, results: list[dict]) -> None:
                 ys = [mine[p][metric][q] if p in mine else None for p in points]
                 ax.plot(points, [float("nan") if y is None else y for y in ys], style, marker=marker, color=color,
                         label=f"{system} {metric.removesuffix('_ms').upper()} {q}")
-    _plain_log(ax, "y")
-    ax.set_title("latency percentiles per load")
-    ax.set_xlabel("load")
-    ax.set_ylabel("ms")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    plain_log(ax, "y")
+    label_axes(ax, "latency percentiles per load", "load", "ms", fontsize=7, ncol=2)
 
 
 def _throughput(ax, results: list[dict]) -> None:
@@ -99,11 +79,7 @@ def _throughput(ax, results: list[dict]) -> None:
         bars = ax.bar(xs, ys, width, color=color, label=system)
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_xticks(range(len(points)), points)
-    ax.set_title("output tokens per second")
-    ax.set_xlabel("load")
-    ax.set_ylabel("tokens/s")
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    label_axes(ax, "output tokens per second", "load", "tokens/s", grid="y")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import statistics
 import sys
@@ -41,7 +40,8 @@ from tqdm import tqdm
 
 from splitserve.common.config import add_model_args
 
-from .output import save
+from .output import add_output_args, num, save
+from .presets import resolve_presets
 from .server_state import rss_kib, wait_all_free
 from .serve_bench import CpuMeter, LocalPipeline, span, summary
 from .traffic import STREAMED, Clients, Script, Trace, run_all, script, tgi_stream_light
@@ -295,7 +295,7 @@ def format_table(doc: dict) -> str:
              f"{'t (s)':>7}{'reqs':>7}{'ttft_p50':>10}{'ttft_p99':>10}{'itl_p50':>10}{'itl_p99':>10}"]
     for b in s["buckets"]:
         lines.append(f"{b['t_s']:>7.0f}{b['requests']:>7}" + "".join(
-            f"{_num(b[k][q]):>10}" for k in ("ttft_ms", "itl_ms") for q in ("p50", "p99")))
+            f"{num(b[k][q]):>10}" for k in ("ttft_ms", "itl_ms") for q in ("p50", "p99")))
     rss = doc["rss"]
     lines.append(f"\n{'process':<12}{'RSS start':>12}{'RSS end':>12}{'growth':>9}  (MiB; growth: last tenth "
                  "vs second tenth of the soak)")
@@ -308,15 +308,11 @@ def format_table(doc: dict) -> str:
     for name, row in (("at limit", o["at_limit"]), ("overloaded", o["overloaded"])):
         offered = row.get("offered_req_s", "-")
         lines.append(f"{name:<12}{offered:>10}{row['req_s']:>7}{row['admitted_ok']:>6}{row['refused']:>6}"
-                     f"{row['failed']:>6}{_num(row['itl_ms']['p50']):>10}{_num(row['itl_ms']['p99']):>10}")
-    lines.append(f"p99 ITL overloaded / at limit: {_num(o['itl_p99_ratio'])} (target <= {o['target']})")
+                     f"{row['failed']:>6}{num(row['itl_ms']['p50']):>10}{num(row['itl_ms']['p99']):>10}")
+    lines.append(f"p99 ITL overloaded / at limit: {num(o['itl_p99_ratio'])} (target <= {o['target']})")
     others = {phase: f"{row['cpu_s']['others']:.0f}" for phase, row in
               (("soak", s), ("at limit", o["at_limit"]), ("overloaded", o["overloaded"]))}
     return "\n".join(lines) + f"\n(ms; others: CPU seconds other processes took per phase, noise: {others})"
-
-
-def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3g}" if x < 10 else f"{x:.1f}"
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -339,21 +335,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bucket", type=float, help="seconds per latency bucket (default 10)")
     p.add_argument("--num-slots", type=int, default=32, help="KV slots of the decode worker")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, help="write the results here")
-    p.add_argument("--plot-dir", type=Path, default=Path("bench/results"), help="where the PNG goes")
+    add_output_args(p)
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    column = 1 if args.quick else 0
-    for name, values in PRESETS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, values[column])
-    if args.quick and args.model == "tiny":
-        args.model = "tiny-random"
     args.prefill_workers = args.decode_workers = 1  # what LocalPipeline starts
-    if not args.threads:
-        args.threads = max(1, len(os.sched_getaffinity(0)) // 2)
-    return args
+    return resolve_presets(args, PRESETS, workers=2)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,8 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from .plots import redraw  # noqa: E402
-from .serve_plots import _plain_log  # noqa: E402
+from .plots import finish, label_axes, plain_log, redraw  # noqa: E402
 
 
 def plot_soak(doc: dict, path: Path) -> Path:
@@ -25,13 +24,10 @@ def plot_soak(doc: dict, path: Path) -> Path:
     _rss(axes[1, 0], doc["rss"], soak)
     _overload(axes[1, 1], doc["overload"])
     cfg = doc["config"]
-    fig.suptitle(f"soak: {doc['model']}, {doc['device']}, {soak['requests']} requests in {soak['seconds']:.0f} s "
-                 f"at concurrency {cfg['concurrency']}\nmax_concurrent_requests {cfg['max_concurrent_requests']}, "
-                 f"failed {soak['failed']}, held after: {'nothing' if not soak['held_after'] else soak['held_after']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return finish(fig, path, f"soak: {doc['model']}, {doc['device']}, {soak['requests']} requests in "
+                  f"{soak['seconds']:.0f} s at concurrency {cfg['concurrency']}\nmax_concurrent_requests "
+                  f"{cfg['max_concurrent_requests']}, failed {soak['failed']}, held after: "
+                  f"{'nothing' if not soak['held_after'] else soak['held_after']}")
 
 
 def _over_time(ax, buckets: list[dict], key: str, title: str) -> None:
@@ -39,12 +35,8 @@ def _over_time(ax, buckets: list[dict], key: str, title: str) -> None:
     for q, style in (("p50", "-"), ("p99", "--")):
         ys = [b[key][q] for b in buckets]
         ax.plot(ts, [float("nan") if y is None else y for y in ys], style, marker="o", color="C0", label=q)
-    _plain_log(ax, "y")
-    ax.set_title(title)
-    ax.set_xlabel("s since the soak began (bucket start)")
-    ax.set_ylabel("ms")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    plain_log(ax, "y")
+    label_axes(ax, title, "s since the soak began (bucket start)", "ms")
 
 
 def _rss(ax, rss: dict, soak: dict) -> None:
@@ -52,11 +44,7 @@ def _rss(ax, rss: dict, soak: dict) -> None:
         ax.plot(rss["t_s"], [k / 1024 for k in kib], color=f"C{i}",
                 label=f"{name} ({soak['rss_growth_pct'][name]:+.2f}% over the soak)")
     ax.axvspan(0, soak["seconds"], color="0.9", zorder=0, label="soak (then at-limit and overload phases)")
-    ax.set_title("resident memory per process")
-    ax.set_xlabel("s since the soak began")
-    ax.set_ylabel("MiB")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    label_axes(ax, "resident memory per process", "s since the soak began", "MiB", grid="major")
 
 
 def _overload(ax, over: dict) -> None:
@@ -72,11 +60,8 @@ def _overload(ax, over: dict) -> None:
               f"{loaded['refused']} got 429"]
     ax.set_xticks(range(len(rows)), labels)
     ratio = over["itl_p99_ratio"]
-    ax.set_title(f"admitted requests' inter-token latency: p99 ratio {ratio if ratio is not None else '-'} "
-                 f"(target <= {over['target']})")
-    ax.set_ylabel("ms")
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    label_axes(ax, f"admitted requests' inter-token latency: p99 ratio {ratio if ratio is not None else '-'} "
+               f"(target <= {over['target']})", None, "ms", grid="y")
 
 
 def main(argv: list[str] | None = None) -> int:

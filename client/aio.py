@@ -11,7 +11,7 @@ import zmq.asyncio
 
 from splitserve.common.protocol import Cancel, Error, Generate, encode
 
-from ._core import MAX_MESSAGE_BYTES, Response, Routes, StreamBase, dealer, decode_reply, endpoints, new_generate
+from ._core import MAX_MESSAGE_BYTES, Response, Routes, StreamBase, dealer, decode_replies, endpoints, new_generate
 from .errors import UnavailableError
 
 
@@ -62,7 +62,50 @@ class AsyncStream(StreamBase):
         self.close()
 
 
-class AsyncClient:
+class AsyncClientBase:
+    """generate/stream/close for the asyncio clients, as SyncClientBase is for the blocking ones; a
+    subclass sends a request in `_start`, cancels one in `_cancel`, lets go of its connection in
+    `_release`, and sets `_api_key`, `_loop`, `_tasks` (its background tasks) and `_closed`."""
+
+    async def generate(self, prompt: str | None = None, **options) -> Response:
+        """Run one request to its end. Options: see `splitserve.client._core.new_generate`."""
+        async with self.stream(prompt, **options) as stream:
+            return await stream.response()
+
+    def stream(self, prompt: str | None = None, **options) -> AsyncStream:
+        """Start one request (call it from a coroutine) and iterate its tokens with `async for`."""
+        self._check_open()
+        msg = new_generate(prompt, **options)
+        msg.api_key = self._api_key
+        inbox: asyncio.Queue = asyncio.Queue()
+        self._start(msg, inbox)
+        return AsyncStream(msg, inbox, self._cancel, self._cancel_later)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UnavailableError("the client is closed")
+
+    def _cancel_later(self, request_id: str) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._cancel, request_id)
+        except RuntimeError:  # the loop is closed, and its requests with it
+            pass
+
+    async def close(self) -> None:
+        """Close the connection; requests still running fail with UnavailableError."""
+        if self._closed:
+            return
+        self._closed = True
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._release()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+class AsyncClient(AsyncClientBase):
     """A connection to a gateway's client port for asyncio code, or to several (a gateway's
     frontends each have one), over which requests are spread. One reader task per connection
     hands each reply to the request it belongs to; they start with the first request, on that
@@ -75,37 +118,24 @@ class AsyncClient:
         self._socks = [dealer(self._ctx, e, max_message_bytes) for e in endpoints(endpoint)]
         self._routes: Routes[asyncio.Queue] = Routes(len(self._socks))
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._readers: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task] = []  # a reader per connection
         self._closed = False
 
-    async def generate(self, prompt: str | None = None, **options) -> Response:
-        """Run one request to its end. Options: see `splitserve.client._core.new_generate`."""
-        async with self.stream(prompt, **options) as stream:
-            return await stream.response()
-
-    def stream(self, prompt: str | None = None, **options) -> AsyncStream:
-        """Start one request (call it from a coroutine) and iterate its tokens with `async for`."""
-        if self._closed:
-            raise UnavailableError("the client is closed")
-        msg = new_generate(prompt, **options)
-        msg.api_key = self._api_key
+    def _start(self, msg: Generate, inbox: asyncio.Queue) -> None:
         self._start_readers()
-        inbox: asyncio.Queue = asyncio.Queue()
         self._send(msg.id, encode(msg), self._routes.add(msg.id, inbox))
-        return AsyncStream(msg, inbox, self._cancel, self._cancel_later)
 
     def _start_readers(self) -> None:
-        if not self._readers or any(r.done() for r in self._readers):  # done: one died; new requests need it
+        if not self._tasks or any(r.done() for r in self._tasks):  # done: one died; new requests need it
             self._loop = asyncio.get_running_loop()
-            for r in self._readers:
+            for r in self._tasks:
                 r.cancel()
-            self._readers = [self._loop.create_task(self._read(i)) for i in range(len(self._socks))]
+            self._tasks = [self._loop.create_task(self._read(i)) for i in range(len(self._socks))]
 
     async def _read(self, connection: int) -> None:
         try:
             while True:
-                msg = decode_reply(await self._socks[connection].recv_multipart())
-                if msg is not None:
+                for msg in decode_replies(await self._socks[connection].recv_multipart()):
                     self._deliver(msg, connection)
         finally:
             self._deliver(Error("", "unavailable", "the client was closed"), connection)
@@ -128,26 +158,10 @@ class AsyncClient:
         if connection is not None and not self._closed:  # else it has already ended
             self._send(request_id, encode(Cancel(request_id)), connection)
 
-    def _cancel_later(self, request_id: str) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._cancel, request_id)
-        except RuntimeError:  # the loop is closed, and its requests with it
-            pass
-
-    async def close(self) -> None:
-        """Close the connection; requests still running fail with UnavailableError."""
-        if self._closed:
-            return
-        self._closed = True
-        for r in self._readers:
-            r.cancel()
-        await asyncio.gather(*self._readers, return_exceptions=True)
+    async def _release(self) -> None:
         for sock in self._socks:
             sock.close(linger=0)
         self._ctx.term()
 
     async def __aenter__(self) -> AsyncClient:
         return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.close()

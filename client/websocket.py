@@ -25,8 +25,8 @@ from websockets.sync.client import connect
 from splitserve.common import protocol as P
 from splitserve.common.protocol import Error, Generate, TokenBatch
 
-from ._core import MAX_MESSAGE_BYTES, Response, Routes, new_generate
-from .aio import AsyncStream
+from ._core import MAX_MESSAGE_BYTES, Routes
+from .aio import AsyncClientBase
 from .errors import UnavailableError
 from .sync import SyncClientBase
 
@@ -145,7 +145,7 @@ class WebSocketClient(SyncClientBase):
         self.close()
 
 
-class AsyncWebSocketClient:
+class AsyncWebSocketClient(AsyncClientBase):
     """A connection to a gateway's /ws for asyncio code; `await AsyncWebSocketClient.connect(url)`
     or `async with AsyncWebSocketClient(url) as client`."""
 
@@ -177,34 +177,21 @@ class AsyncWebSocketClient:
         self._loop = asyncio.get_running_loop()
         self._tasks = [self._loop.create_task(self._read()), self._loop.create_task(self._write())]
 
-    async def generate(self, prompt: str | None = None, **options) -> Response:
-        """Run one request to its end. Options: see `splitserve.client._core.new_generate`."""
-        async with self.stream(prompt, **options) as stream:
-            return await stream.response()
+    def _check_open(self) -> None:
+        super()._check_open()
+        if self._loop is None:
+            raise UnavailableError("the client is not connected")
 
-    def stream(self, prompt: str | None = None, **options) -> AsyncStream:
-        """Start one request (call it from a coroutine) and iterate its tokens with `async for`."""
-        if self._closed or self._loop is None:
-            raise UnavailableError("the client is closed" if self._closed else "the client is not connected")
-        msg = new_generate(prompt, **options)
-        msg.api_key = self._api_key
-        inbox: asyncio.Queue = asyncio.Queue()
+    def _start(self, msg: Generate, inbox: asyncio.Queue) -> None:
         if self._lost:
             inbox.put_nowait(Error(msg.id, "unavailable", CONNECTION_LOST))
         else:
             self._routes.add(msg.id, inbox)
             self._outbox.put_nowait(_frame(P.WsGenerate.of(msg), self._binary))
-        return AsyncStream(msg, inbox, self._cancel, self._cancel_later)
 
     def _cancel(self, request_id: str) -> None:
         if self._routes.pop(request_id) is not None and not self._closed:  # else it has already ended
             self._outbox.put_nowait(_frame(P.WsCancel(request_id), self._binary))
-
-    def _cancel_later(self, request_id: str) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._cancel, request_id)
-        except RuntimeError:  # the loop is closed, and its requests with it
-            pass
 
     async def _read(self) -> None:
         try:
@@ -229,20 +216,10 @@ class AsyncWebSocketClient:
             except (OSError, WebSocketException):
                 return
 
-    async def close(self) -> None:
-        """Close the connection; requests still running fail with UnavailableError."""
-        if self._closed:
-            return
-        self._closed = True
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def _release(self) -> None:
         await self._stack.aclose()
 
     async def __aenter__(self) -> AsyncWebSocketClient:
         if self._loop is None:
             await self._open()
         return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.close()

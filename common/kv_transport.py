@@ -438,22 +438,6 @@ class KvImporter:
                 stream.wait_event(opened.event)
         return kv
 
-    def view(self, transport: str, key: str, offset: int, length: int, frames: list | None = None) -> torch.Tensor:
-        """[n_layer, 2, length, KVH, D]. shm, cuda_ipc: a view into the prefill worker's
-        staging, valid until KvRelease; tcp: a tensor over the frames, on this worker's device."""
-        opened = self._opened.get(key)
-        if opened is None:
-            raise ValueError(f"KV staging {key!r} was never opened")
-        if transport == "tcp":
-            return self._from_frames(opened, length, frames)
-        if transport != opened.transport:
-            raise ValueError(f"staging {key!r} was opened for {opened.transport}, not {transport}")
-        kv = _region(opened.tensor, offset, length)
-        if opened.event is not None:
-            for stream in self._copy_streams(kv.device):
-                stream.wait_event(opened.event)
-        return kv
-
     def drop(self, key: str) -> None:
         """Forget a staging whose prefill worker has gone (unmaps it once no view is left; nixl:
         unloads its agent)."""

@@ -12,7 +12,8 @@ receive their requests' tokens straight from the workers.
 
 Sockets and who speaks on them:
 - client front (a frontend's ROUTER, `--zmq-port`) <-> client DEALER:
-  client: Generate, Cancel;  frontend: Token (batched per request as TokenBatch), Error.
+  client: Generate, Cancel;  frontend: Token (batched per request as TokenBatch), Error; to a client
+  that asks (Generate.batched_replies), the replies ready together as the frames of one message.
 - WebSocket (/ws on the frontends' HTTP port): the same as objects, WsGenerate, WsCancel;
   WsTokens, WsError.
 - worker link (router ROUTER, `--worker-port`) <-> each worker's DEALER:
@@ -98,6 +99,9 @@ class Generate(msgspec.Struct, **_STRUCT):
     params: GenerateParams = msgspec.field(default_factory=GenerateParams)
     timeout_s: float | None = None  # deadline, relative to arrival at the gateway
     api_key: str | None = None
+    # the client reads every frame of a reply message: replies to its requests that are ready
+    # together (one decode step's) come as the frames of one message
+    batched_replies: bool = False
 
 
 class Cancel(msgspec.Struct, **_STRUCT):

@@ -31,6 +31,7 @@ from .http_app import HttpServer, build_app
 from .metrics import GatewayMetrics
 from .options import FrontendOptions
 from .router import incoming
+from .zmq_replies import ZmqReplies
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class Frontend:
         # that is how the frontend learns the client is gone and stops its requests.
         self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.zmq_port = bind_endpoint(self.front, opts.host, opts.zmq_port)
+        self.replies = ZmqReplies(self.front, self._client_gone)
         self.token_endpoint = tcp_endpoint(opts.advertise_host, self.token_port)
         self.core = FrontendCore(self.tokenizer, self.limits, self._send_router, self.token_endpoint, 0)
         # Every front end submits through the door, which meters each request.
@@ -227,7 +229,7 @@ class Frontend:
             return
 
         def sink(out) -> None:
-            self._reply(identity, out)
+            self.replies.send(identity, out, msg.batched_replies)
             if isinstance(out, P.Error) or out.finish_reason is not None:
                 self.client_ids.pop(key, None)
 
@@ -236,21 +238,7 @@ class Frontend:
             self.client_ids[key] = gid
 
     def _reply(self, identity: bytes, msg) -> None:
-        # NOBLOCK: a reply to a client 1,000 messages behind is dropped (that client times out)
-        # rather than stalling every other stream. An asyncio socket reports a failed send in the
-        # future it returns, done at once under NOBLOCK: read there, with no callback per reply.
-        sent = self.front.send_multipart([identity, P.encode(msg)], flags=zmq.NOBLOCK)
-        if sent.done():
-            self._after_reply(identity, sent)
-        else:
-            sent.add_done_callback(lambda f: self._after_reply(identity, f))
-
-    def _after_reply(self, identity: bytes, sent: asyncio.Future) -> None:
-        e = None if sent.cancelled() else sent.exception()
-        if isinstance(e, zmq.ZMQError) and e.errno == zmq.EHOSTUNREACH:
-            self._client_gone(identity)
-        elif e is not None:
-            log.debug("could not reply to a client: %s", e)
+        self.replies.send(identity, msg)
 
     def _client_gone(self, identity: bytes) -> None:
         """Its connection closed: nobody reads the rest, so its requests stop and free their slots.

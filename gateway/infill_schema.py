@@ -6,10 +6,9 @@ llama.cpp too), `id_slot` (splitserve has no slots), `n_cmpl` (one completion is
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 
-from .openai_schema import schema
-from .validation import require_unicode
+from .validation import ClientBody, schema
 
 
 class ExtraChunk(BaseModel):
@@ -19,18 +18,7 @@ class ExtraChunk(BaseModel):
     filename: str = "tmp"
 
 
-class InfillRequest(BaseModel):
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_unset(cls, data):
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
-
-    @model_validator(mode="before")
-    @classmethod
-    def _unicode(cls, data):
-        require_unicode(data)
-        return data
-
+class InfillRequest(ClientBody):
     input_prefix: str = Field(description="the code before the cursor's line")
     input_suffix: str = Field(description="the code after the cursor")
     input_extra: list[ExtraChunk] = Field([], description="repository context: other files' text, farthest first")

@@ -44,19 +44,36 @@ class GatewayMetrics:
         self.generated_tokens = Counter("splitserve_generated_tokens", "tokens sent to clients", ["route"],
                                         registry=r)
         r.register(_StreamsCollector(core))
+        self._routes: dict[str, RouteMetrics] = {}
 
     def meter(self, route: str) -> Meter:
-        return Meter(self, route)
+        found = self._routes.get(route)
+        if found is None:
+            found = self._routes[route] = RouteMetrics(self, route)
+        return Meter(found)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
 
-class Meter:
-    """One request's clock: fed every reply the request gets, it records its outcome once."""
+class RouteMetrics:
+    """One route's labelled children, looked up once: `labels()` per reply would cost a lock and a
+    dict lookup for every token batch."""
 
-    def __init__(self, metrics: GatewayMetrics, route: str):
-        self.metrics, self.route = metrics, route
+    def __init__(self, m: GatewayMetrics, route: str):
+        self.metrics, self.route = m, route
+        self.ttft, self.tpot, self.e2e = (h.labels(route) for h in (m.ttft, m.tpot, m.e2e))
+        self.prompt_tokens, self.generated_tokens = m.prompt_tokens.labels(route), m.generated_tokens.labels(route)
+
+
+class Meter:
+    """One request's clock: fed every reply the request gets (a batch of tokens at a time), it
+    records its outcome once."""
+
+    __slots__ = ("m", "start", "first", "tokens", "done")
+
+    def __init__(self, route: RouteMetrics):
+        self.m = route
         self.start = time.monotonic()
         self.first: float | None = None
         self.tokens = 0
@@ -68,15 +85,16 @@ class Meter:
         if isinstance(out, P.Error):
             self.finish(out.error_type)
             return
-        m = self.metrics
+        m = self.m
         if out.prompt_tokens:
-            m.prompt_tokens.labels(self.route).inc(out.prompt_tokens)
-        if out.tokens:
+            m.prompt_tokens.inc(out.prompt_tokens)
+        n = len(out.tokens)
+        if n:
             if self.first is None:
                 self.first = time.monotonic()
-                m.ttft.labels(self.route).observe(self.first - self.start)
-            self.tokens += len(out.tokens)
-            m.generated_tokens.labels(self.route).inc(len(out.tokens))
+                m.ttft.observe(self.first - self.start)
+            self.tokens += n
+            m.generated_tokens.inc(n)
         if out.finish_reason is not None:
             self.finish("ok" if out.finish_reason in NORMAL_FINISH else out.finish_reason)
 
@@ -84,13 +102,13 @@ class Meter:
         if self.done:
             return
         self.done = True
-        m = self.metrics
-        m.requests.labels(self.route, outcome).inc()
+        m = self.m
+        m.metrics.requests.labels(m.route, outcome).inc()
         if outcome == "ok":
             end = time.monotonic()
-            m.e2e.labels(self.route).observe(end - self.start)
+            m.e2e.observe(end - self.start)
             if self.first is not None and self.tokens > 1:
-                m.tpot.labels(self.route).observe((end - self.first) / (self.tokens - 1))
+                m.tpot.observe((end - self.first) / (self.tokens - 1))
 
 
 class _StreamsCollector:

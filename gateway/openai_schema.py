@@ -7,18 +7,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, WithJsonSchema, model_validator
+from pydantic import BaseModel, Field, WithJsonSchema
 
 from splitserve.common.params import MAX_STOP_SEQUENCES, MAX_TOP_K, MAX_TOP_N, SEED_LIMIT
 
-from .validation import require_unicode
+from .validation import ClientBody, schema
 
 MAX_N = 128
-
-
-def schema(**constraints) -> dict:
-    """JSON-schema constraints of a field, documented only: the route checks them itself."""
-    return {"json_schema_extra": constraints}
 
 
 # A prompt: text, texts, token ids, or lists of token ids; never empty.
@@ -32,20 +27,8 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(ClientBody):  # ClientBody: many OpenAI clients send null for an option they leave unset
     """What completions and chat completions share."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_unset(cls, data):
-        # many OpenAI clients send null for an option they leave unset
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
-
-    @model_validator(mode="before")
-    @classmethod
-    def _unicode(cls, data):
-        require_unicode(data)
-        return data
 
     model: str | None = Field(None, description="accepted whatever it names: the server has one model")
     max_tokens: int | None = Field(None, description="default 16 (completions) or what fits (chat)",

@@ -10,25 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 
 from splitserve.common.params import MAX_STOP_SEQUENCES, MAX_TOP_K, MAX_TOP_N, SEED_LIMIT
 
-from .validation import require_unicode
+from .validation import NullIsUnset, UnicodeOnly, schema
 
 
-def schema(**constraints) -> dict:
-    """JSON-schema constraints of a field, documented only: the route checks them itself."""
-    return {"json_schema_extra": constraints}
-
-
-class TgiParameters(BaseModel):
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_unset(cls, data):
-        # TGI takes null for any option (`stop` included) as unset
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
-
+class TgiParameters(NullIsUnset):  # TGI takes null for any option (`stop` included) as unset
     adapter_id: str | None = Field(None, description="LoRA adapter; not supported (422 when set)")
     best_of: int | None = Field(None, description="only 1 is supported", **schema(minimum=1, maximum=1))
     decoder_input_details: bool = Field(False, description="return the prompt tokens with their logprobs in "
@@ -56,13 +45,7 @@ class TgiParameters(BaseModel):
     watermark: bool = Field(False, description="not supported (422 when true)")
 
 
-class TgiRequest(BaseModel):
-    @model_validator(mode="before")
-    @classmethod
-    def _unicode(cls, data):
-        require_unicode(data)
-        return data
-
+class TgiRequest(UnicodeOnly):
     inputs: str = Field(**schema(minLength=1))
     parameters: TgiParameters = Field(default_factory=TgiParameters)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 
+from pydantic import BaseModel, model_validator
+
 from splitserve.common import protocol as P
 from splitserve.common.params import (
     FLOAT32_MAX,
@@ -71,6 +73,36 @@ def require_unicode(data) -> None:
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
+
+
+def schema(**constraints) -> dict:
+    """JSON-schema constraints of a field, documented only: the route checks them itself."""
+    return {"json_schema_extra": constraints}
+
+
+class UnicodeOnly(BaseModel):
+    """A request body whose strings must all be valid Unicode (see require_unicode)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data):
+        require_unicode(data)
+        return data
+
+
+class NullIsUnset(BaseModel):
+    """A request body in which null stands for an option left unset, as many clients send it (TGI,
+    OpenAI's and llama.cpp's servers all take it so)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data):
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class ClientBody(UnicodeOnly, NullIsUnset):
+    """Both: the Unicode check first (the first base's validator runs first), so a broken string is
+    refused even where its value is null."""
 
 
 def check_numbers(msg: P.Generate, vocab: int) -> None:

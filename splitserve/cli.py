@@ -42,7 +42,7 @@ COMMANDS: dict[str, Union[Command, Group]] = {
                       "file for any prefill/decode GPU split"),
     "bench": Group("benchmarks: `bench engine` (model steps vs transformers), `bench serve` (the served pipeline "
                    "under load), `bench soak`, `bench handoff` (KV transports), `bench editor` (editors typing, the "
-                   "prefix cache on and off)", {
+                   "prefix cache on and off), `bench gateway` (the gateway's CPU per relayed token)", {
         "engine": Command("splitserve.bench.engine_bench",
                           "splitserve's prefill and decode engines against transformers' generate, same weights"),
         "serve": Command("splitserve.bench.serve_bench",
@@ -56,6 +56,9 @@ COMMANDS: dict[str, Union[Command, Group]] = {
         "editor": Command("splitserve.bench.editor_bench",
                           "editors typing: /infill requests at typing speed, each cancelling the last, against "
                           "pipelines with the prefill workers' prefix cache on and off"),
+        "gateway": Command("splitserve.bench.gateway_bench",
+                           "the gateway relaying tokens of synthetic workers (no model) to streaming clients over SSE, "
+                           "WebSocket and ZMQ: its CPU per token, tokens/s, and the delay it adds"),
     }),
 }
 

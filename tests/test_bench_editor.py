@@ -4,24 +4,15 @@ targets are not checked here: a few seconds on a shared machine say little about
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
+from bench_support import run_quick_bench
 from conftest import TEST_THREADS
-from test_bench_serve import processes_mentioning
 
 
 def test_quick_editor_bench(tiny_dir, home, tmp_path):
-    out = tmp_path / "editor.json"
-    cmd = [sys.executable, "-m", "splitserve.cli", "bench", "editor", "--quick", "--threads", str(TEST_THREADS),
-           "--json", str(out), "--plot-dir", str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)  # SPLITSERVE_HOME from `home`
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "prefill_tokens_per_request" in done.stdout
-    assert not processes_mentioning(str(home)), "a pipeline process outlived the benchmark"
-
-    doc = json.loads(out.read_text())
+    doc = run_quick_bench("editor", home, tmp_path, "prefill_tokens_per_request", timeout=120)
     assert doc["model"] == "tiny-random" and doc["threads"] == TEST_THREADS
     on, off = doc["conditions"]["on"], doc["conditions"]["off"]
     for c in (on, off):  # the same sessions typed on both: as many requests, of the same prompts

@@ -3,27 +3,10 @@ writes its JSON and plot, and leaves no process behind."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
+from bench_support import run_quick_bench
 from conftest import TEST_THREADS
 
 QUANTILE_KEYS = {"p50", "p90", "p99"}
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live splitserve processes that contain `text`."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().decode(errors="replace").split("\0")
-        except OSError:  # gone meanwhile
-            continue
-        if "splitserve.cli" in args and any(text in a for a in args):
-            found.append(" ".join(args))
-    return found
 
 
 def check_row(row: dict) -> None:
@@ -37,15 +20,7 @@ def check_row(row: dict) -> None:
 
 
 def test_quick_serve_bench(tiny_dir, home, tmp_path):
-    out = tmp_path / "serve.json"
-    cmd = [sys.executable, "-m", "splitserve.cli", "bench", "serve", "--quick", "--threads", str(TEST_THREADS),
-           "--json", str(out), "--plot-dir", str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)  # SPLITSERVE_HOME from `home`
-    assert done.returncode == 0, done.stderr
-    assert "pipeline / engine" in done.stdout
-    assert not processes_mentioning(str(home)), "a pipeline process outlived the benchmark"
-
-    doc = json.loads(out.read_text())
+    doc = run_quick_bench("serve", home, tmp_path, "pipeline / engine", timeout=60)
     assert {"device", "model", "threads", "results"} <= set(doc)
     assert doc["model"] == "tiny-random" and doc["threads"] == TEST_THREADS and doc["device"].startswith("cpu")
     assert {(r["system"], r["concurrency"]) for r in doc["results"]} == {

@@ -3,24 +3,12 @@ JSON and plot, finds nothing held afterwards, and leaves no process behind."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
+from bench_support import run_quick_bench
 from conftest import TEST_THREADS
-from test_bench_serve import processes_mentioning
 
 
 def test_quick_soak(tiny_dir, home, tmp_path):
-    out = tmp_path / "soak.json"
-    cmd = [sys.executable, "-m", "splitserve.cli", "bench", "soak", "--quick", "--threads", str(TEST_THREADS),
-           "--json", str(out), "--plot-dir", str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)  # SPLITSERVE_HOME from `home`
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "p99 ITL overloaded / at limit" in done.stdout
-    assert not processes_mentioning(str(home)), "a pipeline process outlived the benchmark"
-
-    doc = json.loads(out.read_text())
+    doc = run_quick_bench("soak", home, tmp_path, "p99 ITL overloaded / at limit", timeout=120)
     assert doc["model"] == "tiny-random" and doc["threads"] == TEST_THREADS
     soak = doc["soak"]
     assert soak["requests"] > 0 and soak["failed"] == 0 and soak["held_after"] == {}

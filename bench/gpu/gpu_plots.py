@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from splitserve.bench.plots import log_axes  # noqa: E402
+from splitserve.bench.plots import finish, log_axes  # noqa: E402
 
 # (color, style) of each row label's line
 LINES = {"graphs": ("C0", "-"), "eager": ("C0", ":"), "splitserve": ("C0", "-"), "transformers": ("C1", "-")}
@@ -43,11 +43,7 @@ def plot_gpu(doc: dict, path: Path) -> Path:
     _lines(axes[1, 0], prefill, "prompt_len", [None], "prefill vs prompt length (batch 1)", "ms")
     _ratios(axes[1, 1], batch)
     bound = f"bound: copy {doc['bandwidth_gb_s']:.0f} GB/s, matmul {doc['matmul_tflop_s']:.0f} TFLOP/s"
-    fig.suptitle(f"{doc['model']}, {doc['dtype']}, {doc['device']}, torch {doc['torch']}\n{bound}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return finish(fig, path, f"{doc['model']}, {doc['dtype']}, {doc['device']}, torch {doc['torch']}\n{bound}")
 
 
 def _lines(ax, rows: list[dict], x: str, batches: list, title: str, ylabel: str) -> None:
