@@ -23,7 +23,7 @@ Sockets and who speaks on them:
   StepTokens (decode: one message per step per frontend). A request names its frontend's
   endpoint (GenerateRequest.reply_to).
 - frontend link (router ROUTER, `--frontend-port`) <-> each frontend's DEALER:
-  frontend: Hello, Heartbeat, Admit, Cancel;  router: Welcome, Fleet (also its heartbeat),
+  frontend: Hello, Heartbeat, Admit, Cancel, Done;  router: Welcome, Fleet (also its heartbeat),
   Refused, Lost, Finished / WorkerError (ends that carry no token).
 - KV link (decode worker ROUTER, its KV endpoint) <-> prefill DEALERs:
   prefill: KvStaging, KvReady (+ KV frames on the tcp transport);  decode: KvRelease. On nixl the
@@ -393,6 +393,13 @@ class Refused(msgspec.Struct, **_STRUCT):
     message: str
 
 
+class Done(msgspec.Struct, **_STRUCT):
+    """Frontend -> router: the attempt's client has its last token. It no longer counts against
+    the concurrency limit; its slot stays reserved until its worker's end arrives."""
+
+    id: str
+
+
 class Lost(msgspec.Struct, **_STRUCT):
     """Router -> frontend: the attempt's worker died or handed it back; the frontend resumes it."""
 
@@ -400,7 +407,7 @@ class Lost(msgspec.Struct, **_STRUCT):
     why: str
 
 
-FrontendToRouter = Union[Hello, Heartbeat, Admit, Cancel]
+FrontendToRouter = Union[Hello, Heartbeat, Admit, Cancel, Done]
 RouterToFrontend = Union[Welcome, Fleet, Refused, Lost, Finished, WorkerError, Reregister]
 
 

@@ -263,6 +263,7 @@ class FrontendCore:
             stream.pending[token.index] = (token, finish)
         if self._flush(stream):
             self._end(stream)
+            self.send_router(P.Done(attempt))
 
     def _flush(self, stream: Stream) -> bool:
         """Send the tokens that are next in order; True once the final one has gone out."""

@@ -160,6 +160,8 @@ class Router:
             self.core.admit(front, msg)
         elif isinstance(msg, P.Cancel):
             self.core.cancel(msg.id)
+        elif isinstance(msg, P.Done):
+            self.core.done(msg.id)
 
     # ---- time ---------------------------------------------------------------------------------
 

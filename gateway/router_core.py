@@ -205,6 +205,12 @@ class RouterCore:
 
     # ---- ends -----------------------------------------------------------------------------
 
+    def done(self, attempt_id: str) -> None:
+        """Its client has the last token: only the worker's end is awaited (it may have come already)."""
+        attempt = self.attempts.get(attempt_id)
+        if attempt is not None and not attempt.closed_at:
+            attempt.closed_at = time.monotonic()
+
     def cancel(self, attempt_id: str) -> None:
         """The frontend let go (its client left, a deadline passed): workers are told to stop, and
         the reservation is held until their end arrives."""

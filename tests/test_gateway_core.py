@@ -53,6 +53,8 @@ class Books:
             self.router.admit(front, msg)
         elif isinstance(msg, P.Cancel):
             self.router.cancel(msg.id)
+        elif isinstance(msg, P.Done):
+            self.router.done(msg.id)
 
     def register(self, role: str, wid: str, capacity: int, holding: tuple[P.Held, ...] = (), **kw) -> None:
         assert self.registry.register(wid.encode(), registration(role, wid, capacity, **kw)) == ""
@@ -149,6 +151,7 @@ def test_the_router_frees_a_slot_at_the_workers_end_and_never_sees_a_token(books
     books.worker("d", P.StepTokens([P.StepEntry(gid, P.Token(1, 12, "b"), "length")]))
     assert out[-1].finish_reason == "length" and not books.frontend.streams
     assert books.registry.workers["d"].assigned == {gid}  # until the worker says its slot is free
+    assert books.router.live() == 0  # but it no longer counts against the concurrency limit
     books.worker("d", P.Finished(gid, "length"))
     assert not books.registry.workers["d"].assigned and not books.router.attempts
 

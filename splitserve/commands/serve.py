@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from splitserve.common.child_process import die_with_parent
 from splitserve.common.curve import load_keypair
-from splitserve.common.service_config import add_engine_args, worker_argv, worker_flag_names
+from splitserve.common.service_config import WILDCARD_HOSTS, add_engine_args, worker_argv, worker_flag_names
 from splitserve.common.zmq_util import free_port
 from splitserve.gateway.options import (
     add_gateway_args,
@@ -81,12 +81,24 @@ def threads_per_worker(total: int, workers: int) -> int:
     return max(1, (total or os.cpu_count() or 1) // max(1, workers))
 
 
-def frontend_command(args: argparse.Namespace, index: int, router: str) -> list[str]:
+def frontend_zmq_ports(first: int, count: int, taken: set[int]) -> list[int]:
+    """`first`, `first + 1`, ... skipping the router's own ports (the defaults, 5555 and 5556,
+    are neighbours); 0 stays 0 (any free port)."""
+    if not first:
+        return [0] * count
+    ports, port = [], first
+    while len(ports) < count:
+        if port not in taken:
+            ports.append(port)
+        port += 1
+    return ports
+
+
+def frontend_command(args: argparse.Namespace, index: int, router: str, zmq_port: int) -> list[str]:
     """Every flag of serve's that a frontend takes passes on; its router, name and client port are set here."""
     names = frontend_flag_names()
     values = {name: value for name, value in vars(args).items() if name in names}
-    values |= {"router": router, "frontend_id": f"frontend-{index}-{os.getpid()}",
-               "zmq_port": args.zmq_port + index if args.zmq_port else 0}
+    values |= {"router": router, "frontend_id": f"frontend-{index}-{os.getpid()}", "zmq_port": zmq_port}
     return [sys.executable, "-m", "splitserve.cli", "frontend", *frontend_argv(values)]
 
 
@@ -105,8 +117,10 @@ class Supervisor:
                 # A session of their own: a terminal's Ctrl-C reaches `serve`, which drains them.
                 self.children.append(subprocess.Popen(cmd, preexec_fn=die_with_parent(), start_new_session=True))
         if a.frontends > 1:
-            for i in range(a.frontends):
-                cmd = frontend_command(a, i, self.gw.router.frontend_endpoint)
+            router = self.gw.router
+            ports = frontend_zmq_ports(a.zmq_port, a.frontends, {router.worker_port, router.frontend_port})
+            for i, port in enumerate(ports):
+                cmd = frontend_command(a, i, router.frontend_endpoint, port)
                 self.children.append(subprocess.Popen(cmd, preexec_fn=die_with_parent(), start_new_session=True))
 
     async def wait_ready(self) -> bool:
@@ -172,6 +186,8 @@ async def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--frontends must be at least 1, got {args.frontends}")
     if args.frontends > 1 and not args.port:  # the frontends must share one port: choose it here
         args.port = free_port(args.host)
+    if args.host in WILDCARD_HOSTS and not args.advertise_host:
+        args.advertise_host = "127.0.0.1"  # every process of serve's is on this host
     gw = Gateway(gateway_options(args)) if args.frontends == 1 else RouterServer(router_options(args))
     sup = Supervisor(args, gw)
     loop = asyncio.get_running_loop()
