@@ -343,6 +343,20 @@ def test_dockerfile_serves_the_compose_files():
     assert "\nUSER 10001" in text and 'VOLUME ["/models"]' in text and "HEALTHCHECK" in text
 
 
+def test_dockerfile_default_command_runs_with_its_host(monkeypatch):
+    """`docker run IMAGE`: `serve` under the image's SPLITSERVE_HOST=0.0.0.0, which alone (no
+    --advertise-host) its options refuse."""
+    from splitserve.gateway.options import gateway_options
+
+    text = (DEPLOY / "Dockerfile").read_text()
+    (cmd,) = [json.loads(line.removeprefix("CMD ")) for line in text.splitlines() if line.startswith("CMD ")]
+    assert "SPLITSERVE_HOST=0.0.0.0" in text
+    monkeypatch.setenv("SPLITSERVE_HOST", "0.0.0.0")
+    ns = build_parser().parse_args(cmd)
+    assert (ns.command, ns.host) == ("serve", "0.0.0.0")
+    assert gateway_options(ns).frontend.advertise_host == "127.0.0.1"  # every part is in the one container
+
+
 # ---- Kubernetes ---------------------------------------------------------------------------------
 
 
