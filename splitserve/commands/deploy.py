@@ -10,6 +10,7 @@ import yaml
 
 from splitserve.compose import (
     MAX_FRONTENDS,
+    ZMQ_PORT,
     NodeLayout,
     compose_file,
     cpu_layout,
@@ -20,6 +21,9 @@ from splitserve.compose import (
 
 DEFAULTS = {"model": "tiny", "threads": 2, "bind": "127.0.0.1", "prefill_workers": 1, "decode_workers": 1,
             "frontends": 1, "api_key_file": "", "curve_dir": ""}
+FRONTENDS_NOTE = ("# frontend-0 .. frontend-{last} share the network namespace of `frontend`, which only holds it and\n"
+                  "# publishes its ports: HTTP and WebSocket on 8080 for all (the kernel spreads the connections),\n"
+                  "# frontend i's ZMQ client port 5555 + i (5555 to {zmq_last}): give a client every one of them.\n")
 SECRETS_NOTE = ("# The secret files keep their owner and mode from the host, and the containers run as 10001:10001:\n"
                 "# let that group read them, e.g. `sudo chgrp 10001 FILES && chmod 640 FILES`.\n")
 
@@ -57,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     text = f"# Written by `{command_line(args)}`:\n# change the split with that command rather than by hand.\n"
     if layout.api_key_file or layout.curve_dir:
         text += SECRETS_NOTE
+    if layout.frontends > 1:
+        text += FRONTENDS_NOTE.format(last=layout.frontends - 1, zmq_last=ZMQ_PORT + layout.frontends - 1)
     text += yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=120)
     if out is None:
         sys.stdout.write(text)
