@@ -185,16 +185,14 @@ def _frontends(layout: NodeLayout, model: str, volumes: list[str]) -> dict[str, 
                  # workers dial the token port by the name of the service whose network it is on
                  "advertise_host": FRONTENDS, "port": HTTP_PORT, "zmq_port": ZMQ_PORT + i,
                  "token_port": TOKEN_PORT + i}
-        service = {"command": ["frontend", *frontend_argv(flags)]}
+        service = {"command": ["frontend", *frontend_argv(flags)], "depends_on": {"router": {"condition": "service_started"}}}
         if k == 1:
             service["ports"] = ports
         else:
             service["network_mode"] = f"service:{FRONTENDS}"
-        # the same health check in each: with K > 1 it reaches whichever frontend the kernel picks
-        service["depends_on"] = {"router": {"condition": "service_started"}}
-        if k > 1:
-            # `restart`: a holder restarted by compose takes the namespace the frontends were in
+            # `restart`: a holder that compose restarts takes with it the namespace the frontends were in
             service["depends_on"][FRONTENDS] = {"condition": "service_started", "restart": True}
+        # with K > 1 the health check reaches whichever frontend the kernel gives the connection
         services[name] = _with_secrets(service | _common(HTTP_PORT, volumes), key_flags, list(secrets))
     if k > 1:
         holder = {"entrypoint": ["sleep", "infinity"], "init": True, "ports": ports, **_common(HTTP_PORT, [])}
