@@ -137,6 +137,10 @@ class AsyncClient(AsyncClientBase):
             while True:
                 for msg in decode_replies(await self._socks[connection].recv_multipart()):
                     self._deliver(msg, connection)
+                    # A reply already queued on the socket completes the next receive at once, without
+                    # passing through the loop: a reader behind by a step would read every reply queued
+                    # before any stream ran, and hand each stream two tokens at once, the first late.
+                    await asyncio.sleep(0)
         finally:
             self._deliver(Error("", "unavailable", "the client was closed"), connection)
 
