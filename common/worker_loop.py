@@ -1,5 +1,5 @@
 """What the prefill and the decode worker share: registration over the gateway link, the poll
-loop, heartbeats, draining, token links to frontends, metrics and closing. A worker fills in its own
+loop, heartbeats, draining, metrics and closing. A worker fills in its own
 sockets, messages and work (the methods that raise NotImplementedError)."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import zmq
 from . import protocol as P
 from .kv_transport import gpu_uuids
 from .loading import LoadedModel
-from .frontend_links import FrontendLinks
 from .metrics_http import WorkerMetrics
 from .params import Limits
 from .runtime import DTYPE_NAMES
@@ -35,7 +34,6 @@ class WorkerLoop:
         self.drain_started = 0.0
         self.drain_deadline = float("inf")
         self.link: GatewayLink | None = None  # connected by start(), once the worker's own sockets exist
-        self.frontends = FrontendLinks(self.ctx, opts.link.curve)  # the loop thread's token links
 
     def start(self, kv_transports: list[P.Transport], capacity: int, kv_endpoint: str = "",
               kv_public_key: str = "", prefix_blocks: int = 0, prefix_block_tokens: int = 0) -> None:
@@ -162,7 +160,6 @@ class WorkerLoop:
 
     def close(self) -> None:
         self.close_own()
-        self.frontends.close()
         if self.link is not None:
             self.link.close()
         self.metrics.close()

@@ -70,6 +70,7 @@ class Frontend:
         self.router_id = ""
         self.refused = ""  # the router's reason, when it refused this frontend
         self._router_heard = 0.0
+        self._joined = asyncio.Event()  # set by the router's first Fleet: HTTP is served from then on
         self._stop = asyncio.Event()
 
     @property
@@ -84,7 +85,13 @@ class Frontend:
     # ---- loops ----------------------------------------------------------------------------
 
     def loops(self) -> list:
-        return [self._token_loop(), self._router_loop(), self._front_loop(), self._tick_loop(), self.http.serve()]
+        return [self._token_loop(), self._router_loop(), self._front_loop(), self._tick_loop(), self._serve_http()]
+
+    async def _serve_http(self) -> None:
+        # Not before the router has told the fleet's state: until then every answer, /health's
+        # included, would say "no router" about a router that is one message away.
+        await self._joined.wait()
+        await self.http.serve()
 
     async def run(self) -> None:
         """This frontend alone in its process (the gateway runs its loops beside its router's)."""
@@ -99,7 +106,11 @@ class Frontend:
         self._stop.set()
 
     async def close(self, tasks: list[asyncio.Task]) -> None:
-        await self.http.stop(tasks[-1])
+        if self._joined.is_set():
+            await self.http.stop(tasks[-1])
+        else:
+            tasks[-1].cancel()
+            self.http.socket.close()
         for t in tasks[:-1]:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -177,6 +188,8 @@ class Frontend:
             self._hello()
         else:
             self.core.on_router(msg)
+            if isinstance(msg, P.Fleet):
+                self._joined.set()
 
     async def _tick_loop(self) -> None:
         interval, timeout = self.opts.link.heartbeat_s, self.opts.link.heartbeat_timeout

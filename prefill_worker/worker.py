@@ -17,6 +17,7 @@ import torch
 import zmq
 
 from splitserve.common import protocol as P
+from splitserve.common.frontend_links import FrontendLinks
 from splitserve.common.kv_handoff import KvSender, nixl_agent_for, offered_transports
 from splitserve.common.kv_transport import allocate_staging, sweep_orphan_staging
 from splitserve.common.loading import LoadedModel
@@ -62,6 +63,7 @@ class PrefillWorker(WorkerLoop):
             raise
         transports = offered_transports(opts.kv_transport, model.device, nixl is not None)
         self.kv = KvSender(self.ctx, staging, opts.worker_id, opts.link.curve)
+        self.frontends = FrontendLinks(self.ctx, opts.link.curve)  # first tokens, straight to each request's frontend
         self.engine = PrefillEngine(model, limits.prefill_token_budget, staging=staging.tensor)
         self.cache = prefix_cache(opts, model)
         self.queue: deque[Queued] = deque()
@@ -123,6 +125,7 @@ class PrefillWorker(WorkerLoop):
 
     def close_own(self) -> None:
         self.kv.close()
+        self.frontends.close()
 
     # ---- messages -------------------------------------------------------------------------------
 

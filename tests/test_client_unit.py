@@ -46,7 +46,8 @@ def test_websocket_messages_carry_the_zmq_ones_by_name():
     assert P.from_ws_reply(msgspec.json.decode(msgspec.json.encode(P.ws_reply(batch)), type=P.WsReply)) == batch
 
 
-@pytest.mark.parametrize("module", ["splitserve.client", "splitserve.common.protocol", "splitserve.gateway.server"])
+@pytest.mark.parametrize("module", ["splitserve.client", "splitserve.common.protocol", "splitserve.gateway.server",
+                                    "splitserve.gateway.frontend", "splitserve.gateway.router"])
 def test_light_modules_import_no_torch(module):
     """The client, the wire protocol and the gateway (which only tokenizes and routes) start
     without PyTorch: a client machine need not have it, and the gateway starts in a fraction of
