@@ -107,17 +107,20 @@ _replies = P.decoder(P.GatewayToClient)
 
 
 def decode_replies(frames: list) -> list[TokenBatch | Error]:
-    """The replies in a multipart message, one a frame (the gateway sends the replies to this
-    client's requests that are ready together as one message, since the client asks with
-    `batched_replies`). Empty frames (a delimiter some gateways put first) and malformed ones are
-    dropped, never fatal."""
+    """The replies in a message: one, or several in a Replies (the gateway sends the replies to this
+    client's requests that are ready together as one, since the client asks with `batched_replies`).
+    Empty frames (a delimiter some gateways put first) and malformed ones are dropped, never fatal."""
     out = []
     for frame in frames:
         if len(frame):
             try:
-                out.append(P.decode(_replies, frame))
+                msg = P.decode(_replies, frame)
             except P.DecodeError:
-                pass
+                continue
+            if isinstance(msg, P.Replies):
+                out += msg.replies
+            else:
+                out.append(msg)
     return out
 
 

@@ -13,7 +13,7 @@ receive their requests' tokens straight from the workers.
 Sockets and who speaks on them:
 - client front (a frontend's ROUTER, `--zmq-port`) <-> client DEALER:
   client: Generate, Cancel;  frontend: Token (batched per request as TokenBatch), Error; to a client
-  that asks (Generate.batched_replies), the replies ready together as the frames of one message.
+  that asks (Generate.batched_replies), the replies ready together as one Replies.
 - WebSocket (/ws on the frontends' HTTP port): the same as objects, WsGenerate, WsCancel;
   WsTokens, WsError.
 - worker link (router ROUTER, `--worker-port`) <-> each worker's DEALER:
@@ -99,8 +99,8 @@ class Generate(msgspec.Struct, **_STRUCT):
     params: GenerateParams = msgspec.field(default_factory=GenerateParams)
     timeout_s: float | None = None  # deadline, relative to arrival at the gateway
     api_key: str | None = None
-    # the client reads every frame of a reply message: replies to its requests that are ready
-    # together (one decode step's) come as the frames of one message
+    # the client reads Replies: replies to its requests that are ready together (one decode
+    # step's) come as one message, encoded at once
     batched_replies: bool = False
 
 
@@ -138,7 +138,13 @@ class Error(msgspec.Struct, **_STRUCT):
 
 
 ClientMessage = Union[Generate, Cancel]
-GatewayToClient = Union[TokenBatch, Error]
+class Replies(msgspec.Struct, **_STRUCT):
+    """Replies to one client connection's requests that are ready together, in order."""
+
+    replies: list[Union[TokenBatch, Error]]
+
+
+GatewayToClient = Union[TokenBatch, Error, Replies]
 
 
 # ---- client <-> gateway over WebSocket (/ws) -----------------------------------------------

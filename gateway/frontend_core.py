@@ -206,9 +206,10 @@ class FrontendCore:
             stream = self.streams.get(msg.id)
             if stream is None:
                 return
-            # the worker's last tokens, sent before its end, are delivered first where still in flight
-            self._flush(stream)
-            if msg.reason == "timeout":
+            # what is in order of the worker's last tokens goes out first; one of them may be the end
+            if self._flush(stream) is not None:
+                self._end(stream)
+            elif msg.reason == "timeout":
                 self._fail(stream, "timeout", "the request's deadline passed")
             else:
                 stream.sink(P.TokenBatch(stream.client_id, [], msg.reason))
@@ -259,29 +260,38 @@ class FrontendCore:
         stream = self.streams.get(attempt)
         if stream is None:  # ended here already, or an attempt resumed since
             return
-        if token.index >= stream.next_index and token.index not in stream.pending:
-            stream.pending[token.index] = (token, finish)
-        if self._flush(stream):
+        if token.index == stream.next_index and not stream.pending:  # in order, as nearly always
+            stream.next_index += 1
+            stream.generated.append(token.token_id)
+            self._emit(stream, [token], finish)
+        else:
+            if token.index >= stream.next_index and token.index not in stream.pending:
+                stream.pending[token.index] = (token, finish)
+            finish = self._flush(stream)
+        if finish is not None:
             self._end(stream)
             self.send_router(P.Done(attempt))
 
-    def _flush(self, stream: Stream) -> bool:
-        """Send the tokens that are next in order; True once the final one has gone out."""
+    def _flush(self, stream: Stream) -> str | None:
+        """Send the tokens that are next in order; the finish reason once the final one has gone out."""
         tokens, finish = [], None
         while stream.next_index in stream.pending and finish is None:
             token, finish = stream.pending.pop(stream.next_index)
             tokens.append(token)
             stream.next_index += 1
+            stream.generated.append(token.token_id)
         if tokens:
-            stream.generated.extend(t.token_id for t in tokens)
-            first = tokens[0].index == 0
-            stream.sink(P.TokenBatch(
-                stream.client_id, tokens, finish, prompt_tokens=stream.prompt_tokens if first else 0,
-                seed=stream.request.sampling.seed if stream.request.sampling.do_sample else None,
-                prompt_logprobs=stream.prompt_logprobs if first else None,
-                cached_tokens=stream.cached_tokens if first else 0,
-            ))
-        return finish is not None
+            self._emit(stream, tokens, finish)
+        return finish
+
+    @staticmethod
+    def _emit(stream: Stream, tokens: list[P.Token], finish: str | None) -> None:
+        seed = stream.request.sampling.seed if stream.request.sampling.do_sample else None
+        if tokens[0].index:
+            stream.sink(P.TokenBatch(stream.client_id, tokens, finish, 0, seed))
+        else:  # the first batch says what the request's prompt was
+            stream.sink(P.TokenBatch(stream.client_id, tokens, finish, stream.prompt_tokens, seed,
+                                     stream.prompt_logprobs, stream.cached_tokens))
 
 
 def resumed_request(original: GenerateRequest, attempt_id: str, generated: list[int]) -> GenerateRequest:

@@ -41,7 +41,7 @@ class GatewayMetrics:
                              ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("splitserve_prompt_tokens", "prompt tokens of admitted requests", ["route"],
                                      registry=r)
-        self.generated_tokens = Counter("splitserve_generated_tokens", "tokens sent to clients", ["route"],
+        self.generated_tokens = Counter("splitserve_generated_tokens", "tokens sent to clients (counted as each request ends)", ["route"],
                                         registry=r)
         r.register(_StreamsCollector(core))
         self._routes: dict[str, RouteMetrics] = {}
@@ -94,7 +94,6 @@ class Meter:
                 self.first = time.monotonic()
                 m.ttft.observe(self.first - self.start)
             self.tokens += n
-            m.generated_tokens.inc(n)
         if out.finish_reason is not None:
             self.finish("ok" if out.finish_reason in NORMAL_FINISH else out.finish_reason)
 
@@ -104,6 +103,8 @@ class Meter:
         self.done = True
         m = self.m
         m.metrics.requests.labels(m.route, outcome).inc()
+        if self.tokens:  # counted once a request ends, not per token: a counter update costs a lock
+            m.generated_tokens.inc(self.tokens)
         if outcome == "ok":
             end = time.monotonic()
             m.e2e.observe(end - self.start)

@@ -1,6 +1,6 @@
 """Replies to ZMQ clients, one message per client connection per loop turn: the replies of every
 request a connection has in flight that became ready together (a decode step's tokens) leave as
-the frames of one multipart message, so a step costs a connection one send, not one per request.
+one Replies message, encoded at once, so a step costs a connection one send, not one per request.
 A client asks for this with `Generate.batched_replies`; replies to requests without it go one
 message each, as older clients read only one reply per message.
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class ZmqReplies:
     def __init__(self, sock: zmq.asyncio.Socket, gone: Callable[[bytes], None]):
         self.sock, self.gone = sock, gone
-        self.pending: dict[bytes, list[bytes]] = {}  # client identity -> encoded replies not yet sent
+        self.pending: dict[bytes, list] = {}  # client identity -> replies not yet sent
         self.flush_scheduled = False
 
     def send(self, identity: bytes, reply: P.TokenBatch | P.Error, batched: bool = False) -> None:
@@ -34,10 +34,10 @@ class ZmqReplies:
         if not batched:
             self._send([identity, P.encode(reply)])
             return
-        frames = self.pending.get(identity)
-        if frames is None:
-            frames = self.pending[identity] = [identity]
-        frames.append(P.encode(reply))
+        replies = self.pending.get(identity)
+        if replies is None:
+            replies = self.pending[identity] = []
+        replies.append(reply)
         if not self.flush_scheduled:
             self.flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
@@ -45,8 +45,10 @@ class ZmqReplies:
     def flush(self) -> None:
         self.flush_scheduled = False
         pending, self.pending = self.pending, {}
-        for frames in pending.values():
-            self._send(frames)
+        for identity, replies in pending.items():
+            # one message and one encoding for them all: per reply, a frame of its own cost a send
+            # and an encode call each
+            self._send([identity, P.encode(P.Replies(replies))])
 
     def _send(self, frames: list[bytes]) -> None:
         # An asyncio socket reports a failed send in the future it returns, done at once under
