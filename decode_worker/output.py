@@ -1,15 +1,7 @@
-"""The decode worker's output thread: overlapping the next step (on CUDA), it turns each step's
-token ids into text (incremental detokenization, stop strings) and sends one message per step to
-each frontend that owns some of the step's requests. A stop-string match is handed back to the
-decode loop, which frees the slot.
-
-On a CPU the decode loop waits for each step's message to be sent before it starts the next step
-(`wait`). Its step is Python and PyTorch calls that hold the GIL all but a few microseconds at a
-time, so a thread that wants the GIL gets it only by winning a race against those short releases:
-the output thread lost it for one step or more, then sent the steps it had fallen behind on back
-to back, and a stream's tokens reached the frontend in pairs. The thread's work is Python too, so
-waiting for it costs the loop no more than losing the GIL to it would. On CUDA the loop spends its
-step in the host sync with the GIL released, and the thread works meanwhile: no wait there."""
+"""The decode worker's output thread: overlapping the next step, it turns each step's token ids
+into text (incremental detokenization, stop strings) and sends one message per step to each
+frontend that owns some of the step's requests. A stop-string match is handed back to the decode
+loop, which frees the slot."""
 
 from __future__ import annotations
 
@@ -34,17 +26,14 @@ log = logging.getLogger(__name__)
 
 class OutputThread:
     """Fed in order by the decode loop: ("admit", slot, request, first_token, first_text),
-    ("step", StepOutput) and ("stop", None); releases come back on `released`. With `wait`,
-    `step()` returns once that step's message is sent (see the module's doc)."""
+    ("step", StepOutput) and ("stop", None); releases come back on `released`."""
 
-    def __init__(self, ctx: zmq.Context, tokenizer: Tokenizer, curve: CurveKeys | None = None, wait: bool = False):
+    def __init__(self, ctx: zmq.Context, tokenizer: Tokenizer, curve: CurveKeys | None = None):
         self.ctx, self.tokenizer, self.curve = ctx, tokenizer, curve
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         # (slot, request id, finish reason) to free
         self.released: queue.SimpleQueue = queue.SimpleQueue()
         self.streams: dict[int, TextStream] = {}
-        self.wait = wait
-        self.sent = threading.Semaphore(0)  # one release per step handled, when waited for
         self.thread = threading.Thread(target=self._run, name="decode-output", daemon=True)
         self.thread.start()
 
@@ -53,11 +42,6 @@ class OutputThread:
 
     def step(self, out: StepOutput) -> None:
         self.inbox.put(("step", out))
-        if not self.wait:
-            return
-        # A thread that failed has logged why; the steps go on unsent, as they do without `wait`.
-        while self.thread.is_alive() and not self.sent.acquire(timeout=1.0):
-            pass
 
     def stop(self) -> None:
         self.inbox.put(("stop",))
@@ -76,8 +60,6 @@ class OutputThread:
                 else:
                     for endpoint, entries in self._entries(item[1]).items():
                         links.send(endpoint, P.StepTokens(entries))
-                    if self.wait:
-                        self.sent.release()
         except Exception:
             log.exception("the output thread failed")
             raise

@@ -61,7 +61,7 @@ class DecodeWorker(WorkerLoop):
         self.kv = KvReceiver(self.ctx, opts.host, opts.kv_port, opts.advertise_host,
                              CurveKeys(curve.public, curve.secret) if curve is not None else None,
                              model.device, model.dtype, nixl)
-        self.output = OutputThread(self.ctx, model.tokenizer, curve=curve, wait=model.device.type == "cpu")
+        self.output = OutputThread(self.ctx, model.tokenizer, curve=curve)
         self.running: dict[str, Running] = {}  # by request id
         self.tombstones: dict[str, float] = {}  # request id -> when its Cancel came, before its KV did
         self.orphans_checked = 0.0
