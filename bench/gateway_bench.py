@@ -46,7 +46,7 @@ from splitserve.common.zmq_util import free_port
 from .gateway_clients import open_connections
 from .output import save
 from .serve_bench import CpuMeter, cpu_seconds, summary, terminate
-from .server_state import http_json
+from .server_state import http_json, log_tails
 
 TRANSPORTS = ("sse", "ws", "zmq")
 # CPU per token the gateway should spend at 64 streams x 200 tokens (issue 16), by transport
@@ -129,12 +129,7 @@ class Fleet:
             time.sleep(0.1)
 
     def logs(self) -> str:
-        tails = []
-        for path in sorted(self.log_dir.glob("*.log")):
-            text = path.read_text(errors="replace").strip()
-            if text:
-                tails.append(f"--- {path.stem}\n{text[-3000:]}")
-        return "\n".join(tails)
+        return log_tails(self.log_dir)
 
     def __exit__(self, *exc) -> None:
         terminate([p for name, p in self.procs.items() if name not in self.servers])

@@ -259,7 +259,6 @@ class Registered(msgspec.Struct, **_STRUCT):
     ok: bool
     reason: str = ""
     heartbeat_s: float = 0.5
-    router_id: str = ""  # new for each router process
 
 
 class Reregister(msgspec.Struct, **_STRUCT):
@@ -376,7 +375,6 @@ class Fleet(msgspec.Struct, **_STRUCT):
     block_sizes: list[int] = msgspec.field(default_factory=list)  # the prefill workers' prefix blocks
     dtype: str | None = None
     device: str | None = None
-    router_id: str = ""
 
 
 class Admit(msgspec.Struct, **_STRUCT):

@@ -61,7 +61,7 @@ class Router:
         self.frontend_port = bind_endpoint(self.frontend_sock, opts.host, opts.frontend_port)
         self.core = RouterCore(self.registry, self._send_worker, self._send_frontend, opts.max_concurrent_requests,
                                opts.link.heartbeat_timeout, fingerprint)
-        self.instance = secrets.token_hex(8)  # tells workers and frontends whether this is the router they joined
+        self.instance = secrets.token_hex(8)  # tells a frontend whether this is the router it joined
 
     @property
     def worker_endpoint(self) -> str:
@@ -97,12 +97,7 @@ class Router:
 
     def _tell_frontends(self) -> None:
         for front in list(self.core.frontends.values()):
-            self._send_frontend(front, self._fleet(front))
-
-    def _fleet(self, front: Frontend) -> P.Fleet:
-        fleet = self.core.fleet(front)
-        fleet.router_id = self.instance
-        return fleet
+            self._send_frontend(front, self.core.fleet(front))
 
     # ---- workers --------------------------------------------------------------------------------
 
@@ -119,7 +114,7 @@ class Router:
         if isinstance(msg, P.Register):
             reason = self.registry.register(identity, msg)
             self.worker_sock.send_multipart([identity, P.encode(P.Registered(not reason, reason,
-                                                                             self.opts.link.heartbeat_s, self.instance))])
+                                                                             self.opts.link.heartbeat_s))])
             if not reason:
                 self.core.registered(self.registry.workers[msg.worker_id], msg.holding)
                 self._tell_frontends()

@@ -123,7 +123,7 @@ class RouterCore:
             zmq_endpoints=sorted(f.zmq_endpoint for f in self.frontends.values()),
             block_sizes=sorted({w.info.prefix_block_tokens for w in self.registry.of_role("prefill")
                                 if w.info.prefix_blocks}),
-            dtype=self.registry.dtype, device=next((w.info.device for w in workers), None), router_id="")
+            dtype=self.registry.dtype, device=next((w.info.device for w in workers), None))
 
     # ---- admission ----------------------------------------------------------------------
 

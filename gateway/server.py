@@ -54,11 +54,7 @@ class Gateway:
             await self._stop.wait()
         finally:
             await self.frontend.close(tasks[: len(tasks) - 3])
-            for t in tasks[-3:]:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            self.router.close()
-            self.ctx.term()
+            await _end(tasks, self.router)
 
     def stop(self) -> None:
         self._stop.set()
@@ -90,17 +86,22 @@ class RouterServer:
         finally:
             if self.http is not None:
                 await self.http.stop(served)
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            self.router.close()
-            self.ctx.term()
+            await _end(tasks, self.router)
 
     def stop(self) -> None:
         self._stop.set()
 
     def drain(self, timeout_s: float) -> None:
         self.router.drain(timeout_s)
+
+
+async def _end(tasks: list[asyncio.Task], router: Router) -> None:
+    """Cancel what still runs, then close the router and the sockets' context."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    router.close()
+    router.ctx.term()
 
 
 def router_app(router: Router, model_id: str) -> FastAPI:
