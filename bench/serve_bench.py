@@ -57,7 +57,7 @@ from splitserve.common.config import ModelOptions, add_model_args
 from splitserve.common.zmq_util import free_port
 
 from .output import save
-from .server_state import http_json
+from .server_state import http_json, log_tails
 
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
 CDF_LEVELS = sorted({i / 100 for i in range(101)} | {0.995, 0.999})
@@ -325,13 +325,7 @@ class LocalPipeline:
         return f"`splitserve {dead[0].args[3]}` exited with code {dead[0].returncode}\n{self.logs()}"
 
     def logs(self) -> str:
-        """What the processes said (warnings and errors only): the tail of each log."""
-        tails = []
-        for path in sorted(self.log_dir.glob("*.log")):
-            text = path.read_text(errors="replace").strip()
-            if text:
-                tails.append(f"--- {path.stem}\n{text[-3000:]}")
-        return "\n".join(tails)
+        return log_tails(self.log_dir)
 
     def stop(self) -> None:
         """Workers first, then the gateway: a draining worker exits once its gateway confirms that

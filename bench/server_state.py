@@ -22,6 +22,16 @@ WORKER_HELD = {
 }
 
 
+def log_tails(log_dir: Path) -> str:
+    """What the processes said (warnings and errors only): the tail of each log in `log_dir`."""
+    tails = []
+    for path in sorted(log_dir.glob("*.log")):
+        text = path.read_text(errors="replace").strip()
+        if text:
+            tails.append(f"--- {path.stem}\n{text[-3000:]}")
+    return "\n".join(tails)
+
+
 def http_json(port: int, path: str) -> dict | None:
     """A JSON page at 127.0.0.1:port, an error status's JSON body too (/health is 503 until the
     workers register); None when nothing (or no JSON) answers."""

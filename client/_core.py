@@ -91,7 +91,8 @@ def new_generate(prompt: str | None = None, *, max_new_tokens: int = 20, tempera
         prompt_logprobs=prompt_logprobs,
         truncate=truncate,
     )
-    return Generate(uuid4().hex, prompt, None if prompt_ids is None else list(prompt_ids), params, timeout)
+    return Generate(uuid4().hex, prompt, None if prompt_ids is None else list(prompt_ids), params, timeout,
+                    batched_replies=True)
 
 
 def dealer(ctx: zmq.Context, endpoint: str, max_message_bytes: int) -> zmq.Socket:
@@ -105,15 +106,22 @@ def dealer(ctx: zmq.Context, endpoint: str, max_message_bytes: int) -> zmq.Socke
 _replies = P.decoder(P.GatewayToClient)
 
 
-def decode_reply(frames: list) -> TokenBatch | Error | None:
-    """The reply in a multipart frame list, or None for anything malformed (dropped, never fatal).
-    The message is the last frame, so a gateway that puts an empty delimiter first still works."""
-    if not frames:
-        return None
-    try:
-        return P.decode(_replies, frames[-1])
-    except P.DecodeError:
-        return None
+def decode_replies(frames: list) -> list[TokenBatch | Error]:
+    """The replies in a message: one, or several in a Replies (the gateway sends the replies to this
+    client's requests that are ready together as one, since the client asks with `batched_replies`).
+    Empty frames (a delimiter some gateways put first) and malformed ones are dropped, never fatal."""
+    out = []
+    for frame in frames:
+        if len(frame):
+            try:
+                msg = P.decode(_replies, frame)
+            except P.DecodeError:
+                continue
+            if isinstance(msg, P.Replies):
+                out += msg.replies
+            else:
+                out.append(msg)
+    return out
 
 
 Inbox = TypeVar("Inbox")

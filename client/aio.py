@@ -11,7 +11,7 @@ import zmq.asyncio
 
 from splitserve.common.protocol import Cancel, Error, Generate, encode
 
-from ._core import MAX_MESSAGE_BYTES, Response, Routes, StreamBase, dealer, decode_reply, endpoints, new_generate
+from ._core import MAX_MESSAGE_BYTES, Response, Routes, StreamBase, dealer, decode_replies, endpoints, new_generate
 from .errors import UnavailableError
 
 
@@ -135,9 +135,12 @@ class AsyncClient(AsyncClientBase):
     async def _read(self, connection: int) -> None:
         try:
             while True:
-                msg = decode_reply(await self._socks[connection].recv_multipart())
-                if msg is not None:
+                for msg in decode_replies(await self._socks[connection].recv_multipart()):
                     self._deliver(msg, connection)
+                    # A reply already queued on the socket completes the next receive at once, without
+                    # passing through the loop: a reader behind by a step would read every reply queued
+                    # before any stream ran, and hand each stream two tokens at once, the first late.
+                    await asyncio.sleep(0)
         finally:
             self._deliver(Error("", "unavailable", "the client was closed"), connection)
 

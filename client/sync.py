@@ -12,7 +12,7 @@ import zmq
 
 from splitserve.common.protocol import Cancel, Error, Generate, encode
 
-from ._core import MAX_MESSAGE_BYTES, Response, Routes, StreamBase, dealer, decode_reply, endpoints, new_generate
+from ._core import MAX_MESSAGE_BYTES, Response, Routes, StreamBase, dealer, decode_replies, endpoints, new_generate
 from .errors import UnavailableError
 
 
@@ -90,8 +90,7 @@ class _IOLoop:
                 frames = self._socks[connection].recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            msg = decode_reply(frames)
-            if msg is not None:
+            for msg in decode_replies(frames):
                 self._deliver(msg, connection)
 
     def _deliver(self, msg, connection: int | None = None) -> None:

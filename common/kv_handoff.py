@@ -147,6 +147,7 @@ class StagingRegions:
 @dataclass
 class Handoff:
     ready: P.KvReady
+    decode_worker: str  # its id, for a restarted router's books (Held)
     decode_endpoint: str
     decode_key: str
     sent_at: float = 0.0
@@ -177,7 +178,7 @@ class KvSender:
         key = self.staging.key_for(job.transport)
         ready = P.KvReady(request, first_token, first_text, P.KvLocation(offset, length, key), job.transport,
                           self.worker_id, job.deadline)
-        self.handoffs[request.id] = h = Handoff(ready, job.decode_endpoint, job.decode_key)
+        self.handoffs[request.id] = h = Handoff(ready, job.decode_worker, job.decode_endpoint, job.decode_key)
         self._send(h)
 
     def _send(self, h: Handoff) -> None:

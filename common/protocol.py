@@ -6,14 +6,25 @@ type tag, so a peer decodes with one typed decoder and unknown or malformed fram
 decoding (and are dropped) instead of crashing a process. Tensors travel as raw extra frames
 after the message frame.
 
+The gateway is one router and N frontends. The router keeps the fleet's books (workers,
+reservations, routing, resume, drain) and never sees a token; frontends own the clients and
+receive their requests' tokens straight from the workers.
+
 Sockets and who speaks on them:
-- client front (gateway ROUTER, `--zmq-port`) <-> client DEALER:
-  client: Generate, Cancel;  gateway: Token (batched per request as TokenBatch), Error.
-- WebSocket (/ws on the gateway's HTTP port): the same as objects, WsGenerate, WsCancel;
+- client front (a frontend's ROUTER, `--zmq-port`) <-> client DEALER:
+  client: Generate, Cancel;  frontend: Token (batched per request as TokenBatch), Error; to a client
+  that asks (Generate.batched_replies), the replies ready together as one Replies.
+- WebSocket (/ws on the frontends' HTTP port): the same as objects, WsGenerate, WsCancel;
   WsTokens, WsError.
-- worker link (gateway ROUTER, `--worker-port`) <-> each worker's DEALER:
-  worker: Register, Heartbeat, FirstToken (prefill), StepTokens (decode), Finished, Error;
-  gateway: Registered, Reregister, Heartbeat, Prefill (to prefill workers), Cancel, Drain.
+- worker link (router ROUTER, `--worker-port`) <-> each worker's DEALER:
+  worker: Register, Heartbeat, Prefilled (prefill), Finished (every end), WorkerError;
+  router: Registered, Reregister, Heartbeat, Prefill (to prefill workers), Cancel, Drain.
+- token link (a frontend's PULL, its token endpoint) <- workers' PUSH: FirstToken (prefill),
+  StepTokens (decode: one message per step per frontend). A request names its frontend's
+  endpoint (GenerateRequest.reply_to).
+- frontend link (router ROUTER, `--frontend-port`) <-> each frontend's DEALER:
+  frontend: Hello, Heartbeat, Admit, Cancel, Done;  router: Welcome, Fleet (also its heartbeat),
+  Refused, Lost, Finished / WorkerError (ends that carry no token).
 - KV link (decode worker ROUTER, its KV endpoint) <-> prefill DEALERs:
   prefill: KvStaging, KvReady (+ KV frames on the tcp transport);  decode: KvRelease. On nixl the
   KV itself moves outside ZMQ: the decode worker reads it from the prefill worker's registered
@@ -29,17 +40,15 @@ import msgspec
 from .params import FinishReason
 from .request import GenerateRequest
 
-# 3: staging is head-major (a region is one run of tokens per layer, K/V and KV head, as in a decode
-# slot), tcp frames with it; "nixl" joined the transports.
-PROTOCOL_VERSION = 3
+# 4: router and frontends: tokens go from workers to the request's frontend (reply_to), the worker
+# link carries per-request events only (Prefilled, Finished for every end) and a registering worker
+# lists what it holds (a restarted router adopts it).
+PROTOCOL_VERSION = 4
 
 # Maximum message sizes per socket kind (ZMQ_MAXMSGSIZE): control traffic is small; a KV frame
 # over tcp carries a whole prompt's cache.
 MAX_CONTROL_BYTES = 16 * 2**20
 MAX_KV_BYTES = 4 * 2**30
-
-# A decode worker's output thread connects with identity worker_id + OUTPUT_SUFFIX.
-OUTPUT_SUFFIX = b"/out"
 
 _STRUCT = dict(tag=True, tag_field="kind", array_like=True)
 
@@ -90,6 +99,9 @@ class Generate(msgspec.Struct, **_STRUCT):
     params: GenerateParams = msgspec.field(default_factory=GenerateParams)
     timeout_s: float | None = None  # deadline, relative to arrival at the gateway
     api_key: str | None = None
+    # the client reads Replies: replies to its requests that are ready together (one decode
+    # step's) come as one message, encoded at once
+    batched_replies: bool = False
 
 
 class Cancel(msgspec.Struct, **_STRUCT):
@@ -126,7 +138,13 @@ class Error(msgspec.Struct, **_STRUCT):
 
 
 ClientMessage = Union[Generate, Cancel]
-GatewayToClient = Union[TokenBatch, Error]
+class Replies(msgspec.Struct, **_STRUCT):
+    """Replies to one client connection's requests that are ready together, in order."""
+
+    replies: list[Union[TokenBatch, Error]]
+
+
+GatewayToClient = Union[TokenBatch, Error, Replies]
 
 
 # ---- client <-> gateway over WebSocket (/ws) -----------------------------------------------
@@ -202,6 +220,16 @@ def from_ws_reply(reply) -> TokenBatch | Error:
 Role = Literal["prefill", "decode"]
 
 
+class Held(msgspec.Struct, array_like=True):
+    """A request a worker holds, listed when it registers: a restarted router rebuilds its books
+    from these (the reservation on `decode_worker`, the prompt tokens queued for prefill)."""
+
+    id: str
+    decode_worker: str  # where its KV goes or is
+    queued_tokens: int = 0  # prefill: prompt tokens still to compute
+    prefilled: bool = True  # false while it waits in a prefill worker's queue
+
+
 class Register(msgspec.Struct, **_STRUCT):
     role: Role
     worker_id: str
@@ -224,13 +252,13 @@ class Register(msgspec.Struct, **_STRUCT):
     # send a prompt where its start is likely cached
     prefix_blocks: int = 0
     prefix_block_tokens: int = 0
+    holding: list[Held] = msgspec.field(default_factory=list)
 
 
 class Registered(msgspec.Struct, **_STRUCT):
     ok: bool
     reason: str = ""
     heartbeat_s: float = 0.5
-    gateway_id: str = ""  # new for each gateway process: a worker that sees it change drops old work
 
 
 class Reregister(msgspec.Struct, **_STRUCT):
@@ -259,7 +287,7 @@ class Prefill(msgspec.Struct, **_STRUCT):
 
 
 class FirstToken(msgspec.Struct, **_STRUCT):
-    """Prefill worker -> gateway, straight after sampling: this is the time to first token."""
+    """Prefill worker -> frontend, straight after sampling: this is the time to first token."""
 
     id: str
     token: Token
@@ -275,13 +303,22 @@ class StepEntry(msgspec.Struct, array_like=True):
 
 
 class StepTokens(msgspec.Struct, **_STRUCT):
-    """Decode worker -> gateway: one message per step with every active request's token."""
+    """Decode worker -> frontend: one message per step with the token of each of its requests."""
 
     entries: list[StepEntry]
 
 
+class Prefilled(msgspec.Struct, **_STRUCT):
+    """Prefill worker -> router: a request's prompt is done (its queue share is free); with a
+    finish reason when the request ended at its first token."""
+
+    id: str
+    finish_reason: FinishReason | None = None
+
+
 class Finished(msgspec.Struct, **_STRUCT):
-    """A request ended without a token to carry the reason (cancelled, dropped, expired)."""
+    """Worker -> router, for every end of a request on a worker (its slot is free); the router
+    passes the ends that carry no token (cancelled, timeout) on to the request's frontend."""
 
     id: str
     reason: FinishReason
@@ -298,8 +335,84 @@ class Drain(msgspec.Struct, **_STRUCT):
     timeout_s: float
 
 
-WorkerToGateway = Union[Register, Heartbeat, FirstToken, StepTokens, Finished, WorkerError]
+WorkerToGateway = Union[Register, Heartbeat, Prefilled, Finished, WorkerError]
 GatewayToWorker = Union[Registered, Reregister, Heartbeat, Prefill, Cancel, Drain]
+WorkerToFrontend = Union[FirstToken, StepTokens]
+
+
+# ---- frontends <-> router -----------------------------------------------------------------
+
+
+class Hello(msgspec.Struct, **_STRUCT):
+    """Frontend -> router, on connecting and whenever the router does not know it: who it is and
+    the attempts it still streams (a restarted router re-attaches the work its workers hold)."""
+
+    frontend_id: str
+    protocol: int
+    model_fingerprint: str
+    token_endpoint: str
+    zmq_endpoint: str  # its client port, for /info's list
+    live: list[str] = msgspec.field(default_factory=list)
+
+
+class Welcome(msgspec.Struct, **_STRUCT):
+    ok: bool
+    reason: str = ""
+    router_id: str = ""
+    heartbeat_s: float = 0.5
+
+
+class Fleet(msgspec.Struct, **_STRUCT):
+    """Router -> every frontend, each heartbeat and on changes: what the frontends' health, /info
+    and refusals read."""
+
+    prefill_workers: int = 0
+    decode_workers: int = 0
+    draining: bool = False
+    in_flight: int = 0
+    max_concurrent: int = 0
+    zmq_endpoints: list[str] = msgspec.field(default_factory=list)
+    block_sizes: list[int] = msgspec.field(default_factory=list)  # the prefill workers' prefix blocks
+    dtype: str | None = None
+    device: str | None = None
+
+
+class Admit(msgspec.Struct, **_STRUCT):
+    """Frontend -> router: requests to route (several: OpenAI's `n` choices of one prompt, sharing
+    its prefill). `resume`: attempts of requests whose worker was lost, first in line."""
+
+    requests: list[GenerateRequest]
+    deadline: float | None = None
+    resume: bool = False
+    # the prompt's block hashes per prefix block size the fleet uses (Fleet.block_sizes), computed
+    # here so that the router's per-request work stays small
+    hashes: dict[int, list[bytes]] = msgspec.field(default_factory=dict)
+
+
+class Refused(msgspec.Struct, **_STRUCT):
+    """Router -> frontend: these attempts were not admitted."""
+
+    ids: list[str]
+    error_type: str
+    message: str
+
+
+class Done(msgspec.Struct, **_STRUCT):
+    """Frontend -> router: the attempt's client has its last token. It no longer counts against
+    the concurrency limit; its slot stays reserved until its worker's end arrives."""
+
+    id: str
+
+
+class Lost(msgspec.Struct, **_STRUCT):
+    """Router -> frontend: the attempt's worker died or handed it back; the frontend resumes it."""
+
+    id: str
+    why: str
+
+
+FrontendToRouter = Union[Hello, Heartbeat, Admit, Cancel, Done]
+RouterToFrontend = Union[Welcome, Fleet, Refused, Lost, Finished, WorkerError, Reregister]
 
 
 # ---- KV link ------------------------------------------------------------------------------

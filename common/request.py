@@ -25,6 +25,8 @@ class GenerateRequest:
     # from there and `max_new_tokens` counts what is left.
     resumed: int = 0
     cache_prompt: bool = True  # false: the prefill worker computes every prompt token, finding none cached
+    # where workers send this request's tokens: the token endpoint of the frontend that owns it
+    reply_to: str = ""
 
     @property
     def wants_details(self) -> bool:

@@ -25,6 +25,7 @@ from .protocol import TransportChoice
 DEFAULT_ZMQ_PORT = 5555
 DEFAULT_WORKER_PORT = 5556
 DEFAULT_HTTP_PORT = 8080
+DEFAULT_FRONTEND_PORT = 5557  # the router's port for frontends
 
 
 def _env(name: str, default: str) -> str:

@@ -1,11 +1,17 @@
-"""A worker's link to the gateway: register, heartbeat both ways, reconnect after silence."""
+"""A worker's link to the gateway's router: register, heartbeat both ways, reconnect after silence.
+
+A router that restarts (or that lost this worker) gets the worker's registration again, with the
+requests it holds: the new router rebuilds its books from them, and their tokens, which go to the
+frontends directly, keep flowing meanwhile."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
+from collections.abc import Callable
 
+import msgspec
 import zmq
 
 from . import protocol as P
@@ -28,17 +34,15 @@ def pid_namespace() -> str:
 
 
 class GatewayLink:
-    def __init__(self, ctx: zmq.Context, endpoint: str, register: P.Register, heartbeat_s: float, timeout_s: float,
-                 curve: CurveKeys | None = None):
-        self.ctx, self.endpoint, self.register, self.curve = ctx, endpoint, register, curve
+    def __init__(self, ctx: zmq.Context, endpoint: str, register: P.Register, holding: Callable[[], list[P.Held]],
+                 heartbeat_s: float, timeout_s: float, curve: CurveKeys | None = None):
+        self.ctx, self.endpoint, self.register, self.holding, self.curve = ctx, endpoint, register, holding, curve
         self.heartbeat_s, self.timeout_s = heartbeat_s, timeout_s
         self.decoder = P.decoder(P.GatewayToWorker)
         self.sock: zmq.Socket | None = None
         self.generation = 0  # bumped on every reconnect, so pollers know to pick up the new socket
         self.registered = False
-        self.refused = ""  # the gateway's reason, when it refused this worker
-        self.gateway_id = ""  # the gateway process this worker registered with
-        self.new_gateway = False  # set when that changes: the worker drops work the old one routed
+        self.refused = ""  # the router's reason, when it refused this worker
         # Work the gateway has routed to this worker that may still be on its way (reservations,
         # prompts not yet prefilled), and when the gateway said so: a draining worker waits for 0.
         self.gateway_load = 0
@@ -54,7 +58,10 @@ class GatewayLink:
         self.generation += 1
         self.registered = False
         self._last_heard = self._last_tick = time.monotonic()
-        self.send(self.register)
+        self._register()
+
+    def _register(self) -> None:
+        self.send(msgspec.structs.replace(self.register, holding=self.holding()))
 
     def send(self, msg, *frames) -> None:
         try:
@@ -85,7 +92,7 @@ class GatewayLink:
             elif isinstance(msg, P.Reregister):
                 log.warning("the gateway does not know this worker (restarted?); registering again")
                 self.registered = False
-                self.send(self.register)
+                self._register()
             elif isinstance(msg, P.Heartbeat):
                 self.gateway_load, self.load_heard_at = msg.load, self._last_heard
             else:
@@ -94,9 +101,6 @@ class GatewayLink:
     def _on_registered(self, msg: P.Registered) -> None:
         if msg.ok:
             self.registered = True
-            if self.gateway_id and msg.gateway_id != self.gateway_id:
-                self.new_gateway = True
-            self.gateway_id = msg.gateway_id
             log.info("registered with the gateway at %s as %s", self.endpoint, self.register.worker_id)
         else:
             log.error("the gateway refused this worker: %s", msg.reason)
@@ -113,11 +117,6 @@ class GatewayLink:
             self.connect()
         elif now - self._last_sent >= self.heartbeat_s:
             self.send(P.Heartbeat(load, draining))
-
-    def take_new_gateway(self) -> bool:
-        """True once after registering with a different gateway process than before."""
-        changed, self.new_gateway = self.new_gateway, False
-        return changed
 
     def nothing_on_the_way(self, since: float) -> bool:
         """The gateway, in a heartbeat sent after `since`, had nothing more routed to us; or the

@@ -1,5 +1,5 @@
 """What the prefill and the decode worker share: registration over the gateway link, the poll
-loop, heartbeats, draining, a restarted gateway, metrics and closing. A worker fills in its own
+loop, heartbeats, draining, metrics and closing. A worker fills in its own
 sockets, messages and work (the methods that raise NotImplementedError)."""
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ class WorkerLoop:
             slot_len=self.limits.max_total_tokens, pid=os.getpid(), pid_namespace=pid_namespace(),
             kv_public_key=kv_public_key, prefix_blocks=prefix_blocks, prefix_block_tokens=prefix_block_tokens,
         )
-        self.link = GatewayLink(self.ctx, o.gateway, register, o.link.heartbeat_s, o.link.heartbeat_timeout,
-                                curve=o.link.curve)
+        self.link = GatewayLink(self.ctx, o.gateway, register, self.holding, o.link.heartbeat_s,
+                                o.link.heartbeat_timeout, curve=o.link.curve)
 
     # ---- what each worker fills in ---------------------------------------------------------
 
@@ -86,8 +86,8 @@ class WorkerLoop:
         """One unit of work: a prefill batch or a decode step."""
         raise NotImplementedError
 
-    def abandon(self, why: str) -> None:
-        """Drop everything the gateway routed here without telling it: that gateway is gone."""
+    def holding(self) -> list[P.Held]:
+        """The requests held here, for a (re)registration: a restarted router adopts them."""
         raise NotImplementedError
 
     def end_unfinished(self) -> None:
@@ -132,8 +132,6 @@ class WorkerLoop:
                     else:
                         self.on_socket(sock)
                 link.tick(self.load(), self.draining)
-                if link.take_new_gateway():
-                    self.abandon("the gateway restarted")
                 if self.draining and time.monotonic() > self.drain_deadline:
                     self.end_unfinished()
                 self.housekeeping()

@@ -1,6 +1,7 @@
 """The decode worker's output thread: overlapping the next step, it turns each step's token ids
-into text (incremental detokenization, stop strings) and sends one message per step to the
-gateway. A stop-string match is handed back to the decode loop, which frees the slot."""
+into text (incremental detokenization, stop strings) and sends one message per step to each
+frontend that owns some of the step's requests. A stop-string match is handed back to the decode
+loop, which frees the slot."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from splitserve.common.request import GenerateRequest
 from splitserve.common.text_stream import TextStream
 from splitserve.common.tokenizer import Tokenizer
 from splitserve.common.curve import CurveKeys
-from splitserve.common.zmq_util import make_socket
+from splitserve.common.frontend_links import FrontendLinks
 
 from .engine import StepOutput
 
@@ -27,12 +28,11 @@ class OutputThread:
     """Fed in order by the decode loop: ("admit", slot, request, first_token, first_text),
     ("step", StepOutput) and ("stop", None); releases come back on `released`."""
 
-    def __init__(self, ctx: zmq.Context, gateway: str, tokenizer: Tokenizer, worker_id: str,
-                 curve: CurveKeys | None = None):
-        self.ctx, self.gateway, self.tokenizer, self.curve = ctx, gateway, tokenizer, curve
-        self.identity = worker_id.encode() + P.OUTPUT_SUFFIX
+    def __init__(self, ctx: zmq.Context, tokenizer: Tokenizer, curve: CurveKeys | None = None):
+        self.ctx, self.tokenizer, self.curve = ctx, tokenizer, curve
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.released: queue.SimpleQueue = queue.SimpleQueue()  # (slot, request id) to free
+        # (slot, request id, finish reason) to free
+        self.released: queue.SimpleQueue = queue.SimpleQueue()
         self.streams: dict[int, TextStream] = {}
         self.thread = threading.Thread(target=self._run, name="decode-output", daemon=True)
         self.thread.start()
@@ -48,9 +48,8 @@ class OutputThread:
         self.thread.join(timeout=10)
 
     def _run(self) -> None:
-        # Its own socket, since ZMQ sockets belong to one thread; its name tells the gateway whose.
-        sock = make_socket(self.ctx, zmq.DEALER, P.MAX_CONTROL_BYTES, identity=self.identity, curve=self.curve)
-        sock.connect(self.gateway)
+        # Sockets of its own, since ZMQ sockets belong to one thread.
+        links = FrontendLinks(self.ctx, self.curve)
         try:
             while True:
                 item = self.inbox.get()
@@ -59,14 +58,13 @@ class OutputThread:
                 if item[0] == "admit":
                     self._admit(*item[1:])
                 else:
-                    entries = self._entries(item[1])
-                    if entries:
-                        sock.send(P.encode(P.StepTokens(entries)))
+                    for endpoint, entries in self._entries(item[1]).items():
+                        links.send(endpoint, P.StepTokens(entries))
         except Exception:
             log.exception("the output thread failed")
             raise
         finally:
-            sock.close(0)
+            links.close()
 
     def _admit(self, slot: int, request: GenerateRequest, first_token: int, first_text: str) -> None:
         stream = TextStream(self.tokenizer, request)
@@ -75,8 +73,9 @@ class OutputThread:
             log.warning("first-token text of %s differs between prefill and decode", request.id)
         self.streams[slot] = stream
 
-    def _entries(self, out: StepOutput) -> list[P.StepEntry]:
-        entries = []
+    def _entries(self, out: StepOutput) -> dict[str, list[P.StepEntry]]:
+        """The step's tokens by the frontend endpoint they go to."""
+        entries: dict[str, list[P.StepEntry]] = {}
         for i, slot in enumerate(out.slots):
             stream = self.streams.get(slot)
             if stream is None or stream.done:  # stopped by a stop string, slot not yet freed
@@ -90,7 +89,11 @@ class OutputThread:
                     top = list(zip(out.top_ids[i][:n], out.top_logprobs[i][:n]))
             ev = stream.event(out.tokens[i], out.finish[i], logprob, top)
             token = P.Token(ev.index, ev.token_id, ev.text, ev.logprob, top)
-            entries.append(P.StepEntry(request.id, token, ev.finish.reason))
+            entry = P.StepEntry(request.id, token, ev.finish.reason)
+            if request.reply_to in entries:
+                entries[request.reply_to].append(entry)
+            else:
+                entries[request.reply_to] = [entry]
             if ev.finish != Finish.NONE and out.finish[i] == Finish.NONE:
-                self.released.put((slot, request.id))
+                self.released.put((slot, request.id, ev.finish.reason))
         return entries

@@ -1,5 +1,6 @@
 """The decode worker process: admit handed-off KV into slots, decode step after step, and let the
-output thread stream the tokens to the gateway.
+output thread stream the tokens to each request's frontend. The router hears of every end
+(Finished), never of a token.
 
 The loop thread owns the engine and the sockets it reads (gateway link, KV endpoint). Between
 steps it takes in everything that arrived: handoffs, cancels, releases from the output thread.
@@ -18,7 +19,7 @@ from splitserve.common import protocol as P
 from splitserve.common.curve import CurveKeys
 from splitserve.common.kv_handoff import Arrival, KvReceiver, nixl_agent_for, offered_transports
 from splitserve.common.loading import LoadedModel
-from splitserve.common.params import Limits
+from splitserve.common.params import Finish, Limits
 from splitserve.common.service_config import WorkerOptions, derive_limits
 from splitserve.common.worker_loop import WorkerLoop
 
@@ -60,7 +61,7 @@ class DecodeWorker(WorkerLoop):
         self.kv = KvReceiver(self.ctx, opts.host, opts.kv_port, opts.advertise_host,
                              CurveKeys(curve.public, curve.secret) if curve is not None else None,
                              model.device, model.dtype, nixl)
-        self.output = OutputThread(self.ctx, opts.gateway, model.tokenizer, opts.worker_id, curve=curve)
+        self.output = OutputThread(self.ctx, model.tokenizer, curve=curve)
         self.running: dict[str, Running] = {}  # by request id
         self.tombstones: dict[str, float] = {}  # request id -> when its Cancel came, before its KV did
         self.orphans_checked = 0.0
@@ -94,9 +95,10 @@ class DecodeWorker(WorkerLoop):
 
     def housekeeping(self) -> None:
         while not self.output.released.empty():  # slots the output thread stopped on a stop string
-            slot, rid = self.output.released.get()
+            slot, rid, reason = self.output.released.get()
             if rid in self.running and self.running[rid].slot == slot:
                 self._forget(rid)
+                self.link.send(P.Finished(rid, reason))
         now_mono, now = time.monotonic(), time.time()
         if now_mono - self.orphans_checked > ORPHAN_CHECK_S:
             self.orphans_checked = now_mono
@@ -120,13 +122,10 @@ class DecodeWorker(WorkerLoop):
         for rid, code in zip(out.ids, out.finish):
             if code:  # the engine has freed the slot already
                 del self.running[rid]
+                self.link.send(P.Finished(rid, Finish(code).reason))
 
-    def abandon(self, why: str) -> None:
-        if self.running:
-            log.error("%s: ended the %d requests in flight here", why, len(self.running))
-        for rid in list(self.running):
-            self._forget(rid)
-        self.tombstones.clear()
+    def holding(self) -> list[P.Held]:
+        return [P.Held(rid, self.opts.worker_id) for rid in self.running]
 
     def end_unfinished(self) -> None:
         for rid in list(self.running):

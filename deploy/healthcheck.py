@@ -1,8 +1,8 @@
 """Container health check: exit 0 when a splitserve process here answers 200 on /health.
 
-`python healthcheck.py PORT...` tries the given ports. With none it tries the gateway's HTTP
-port ($SPLITSERVE_PORT, default 8080) and a worker's metrics port ($SPLITSERVE_METRICS_PORT,
-default 9090): the same image runs either, and only one of them listens in a container.
+`python healthcheck.py PORT...` tries the given ports. With none it tries a frontend's (or the
+gateway's) HTTP port ($SPLITSERVE_PORT, default 8080) and a worker's or the router's metrics port
+($SPLITSERVE_METRICS_PORT, default 9090): the same image runs each, and one of them listens.
 Standard library only, so a check every few seconds costs no torch import.
 """
 

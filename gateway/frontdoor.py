@@ -1,22 +1,22 @@
-"""How every front end (ZMQ, HTTP, WebSocket) reaches the core: each request it submits is
-metered from arrival to its last reply, and cancelling one records why it ended."""
+"""How every front end (ZMQ, HTTP, WebSocket) reaches the frontend's core: each request it
+submits is metered from arrival to its last reply, and cancelling one records why it ended."""
 
 from __future__ import annotations
 
 from splitserve.common import protocol as P
 
-from .core import GatewayCore, Sink
+from .frontend_core import FrontendCore, Sink
 from .metrics import GatewayMetrics, Meter
 
 
 class FrontDoor:
-    def __init__(self, core: GatewayCore, metrics: GatewayMetrics):
+    def __init__(self, core: FrontendCore, metrics: GatewayMetrics):
         self.core, self.metrics = core, metrics
         self._meters: dict[str, Meter] = {}  # gateway id -> the meter of a request still running
 
     def submit(self, route: str, msg: P.Generate, sink: Sink, fork_of: str | None = None,
                dispatch: bool = True) -> str | None:
-        """As GatewayCore.submit; `route` labels the request's metrics."""
+        """As FrontendCore.submit; `route` labels the request's metrics."""
         meter = self.metrics.meter(route)
         gid: str | None = None
 

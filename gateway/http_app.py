@@ -49,10 +49,12 @@ def build_app(ctx: ApiContext) -> FastAPI:
 
     @app.get("/health", tags=["Operations"], summary="200 while prefill and decode workers are registered")
     async def health() -> Json:
-        core = ctx.core
-        counts = {f"{role}_workers": len(core.registry.of_role(role)) for role in ("prefill", "decode")}
-        ok = all(counts.values()) and not core.draining
-        status = "ok" if ok else ("draining" if core.draining else "no workers")
+        fleet = ctx.core.fleet
+        if fleet is None:
+            return Json({"status": "no router", "prefill_workers": 0, "decode_workers": 0}, status_code=503)
+        counts = {"prefill_workers": fleet.prefill_workers, "decode_workers": fleet.decode_workers}
+        ok = all(counts.values()) and not fleet.draining
+        status = "ok" if ok else ("draining" if fleet.draining else "no workers")
         return Json({"status": status, **counts}, status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["Operations"], summary="Prometheus metrics", response_class=Response)
@@ -119,9 +121,11 @@ def _param(e: RequestValidationError) -> str | None:
     return loc[0] if loc else None
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:  # frontends on one host serve one port; the kernel spreads the connections
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
@@ -153,8 +157,8 @@ class _Server(uvicorn.Server):
 class HttpServer:
     """uvicorn on a socket bound at construction, so a taken port fails the start and port 0 works."""
 
-    def __init__(self, app: FastAPI, host: str, port: int, max_connections: int):
-        self.socket = _bind(host, port)
+    def __init__(self, app: FastAPI, host: str, port: int, max_connections: int, reuse_port: bool = False):
+        self.socket = _bind(host, port, reuse_port)
         self.port = self.socket.getsockname()[1]
         _allow_open_files(max_connections)
         # log_config None: uvicorn's loggers go through the process's own logging setup.

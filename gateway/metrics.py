@@ -1,8 +1,9 @@
-"""The gateway's Prometheus metrics: each request's latencies and outcome by front end, and the
-state of the queue and the workers, read from the core when scraped.
+"""A frontend's Prometheus metrics: each request's latencies and outcome by front end (route),
+and the streams it holds, read from its core when scraped. The router's books (queue, workers,
+reservations) are in router_metrics.py; the gateway process serves both on one /metrics.
 
 Worker-side numbers (prefill and decode batch sizes, KV slots in use) are on each worker's own
-`/metrics` (`--metrics-port`); these are what only the gateway knows.
+`/metrics` (`--metrics-port`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from splitserve.common import protocol as P
 from splitserve.common.params import NORMAL_FINISH
 
-from .core import GatewayCore
+from .frontend_core import FrontendCore
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
@@ -25,7 +26,7 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 
 
 
 class GatewayMetrics:
-    def __init__(self, core: GatewayCore):
+    def __init__(self, core: FrontendCore):
         # A registry of its own, so that several gateways in one process (tests) don't collide.
         self.registry = CollectorRegistry()
         r = self.registry
@@ -40,22 +41,39 @@ class GatewayMetrics:
                              ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("splitserve_prompt_tokens", "prompt tokens of admitted requests", ["route"],
                                      registry=r)
-        self.generated_tokens = Counter("splitserve_generated_tokens", "tokens sent to clients", ["route"],
+        self.generated_tokens = Counter("splitserve_generated_tokens", "tokens sent to clients (counted as each request ends)", ["route"],
                                         registry=r)
-        r.register(_CoreCollector(core))
+        r.register(_StreamsCollector(core))
+        self._routes: dict[str, RouteMetrics] = {}
 
     def meter(self, route: str) -> Meter:
-        return Meter(self, route)
+        found = self._routes.get(route)
+        if found is None:
+            found = self._routes[route] = RouteMetrics(self, route)
+        return Meter(found)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
 
-class Meter:
-    """One request's clock: fed every reply the request gets, it records its outcome once."""
+class RouteMetrics:
+    """One route's labelled children, looked up once: `labels()` per reply would cost a lock and a
+    dict lookup for every token batch."""
 
-    def __init__(self, metrics: GatewayMetrics, route: str):
-        self.metrics, self.route = metrics, route
+    def __init__(self, m: GatewayMetrics, route: str):
+        self.metrics, self.route = m, route
+        self.ttft, self.tpot, self.e2e = (h.labels(route) for h in (m.ttft, m.tpot, m.e2e))
+        self.prompt_tokens, self.generated_tokens = m.prompt_tokens.labels(route), m.generated_tokens.labels(route)
+
+
+class Meter:
+    """One request's clock: fed every reply the request gets (a batch of tokens at a time), it
+    records its outcome once."""
+
+    __slots__ = ("m", "start", "first", "tokens", "done")
+
+    def __init__(self, route: RouteMetrics):
+        self.m = route
         self.start = time.monotonic()
         self.first: float | None = None
         self.tokens = 0
@@ -67,15 +85,15 @@ class Meter:
         if isinstance(out, P.Error):
             self.finish(out.error_type)
             return
-        m = self.metrics
+        m = self.m
         if out.prompt_tokens:
-            m.prompt_tokens.labels(self.route).inc(out.prompt_tokens)
-        if out.tokens:
+            m.prompt_tokens.inc(out.prompt_tokens)
+        n = len(out.tokens)
+        if n:
             if self.first is None:
                 self.first = time.monotonic()
-                m.ttft.labels(self.route).observe(self.first - self.start)
-            self.tokens += len(out.tokens)
-            m.generated_tokens.labels(self.route).inc(len(out.tokens))
+                m.ttft.observe(self.first - self.start)
+            self.tokens += n
         if out.finish_reason is not None:
             self.finish("ok" if out.finish_reason in NORMAL_FINISH else out.finish_reason)
 
@@ -83,40 +101,22 @@ class Meter:
         if self.done:
             return
         self.done = True
-        m = self.metrics
-        m.requests.labels(self.route, outcome).inc()
+        m = self.m
+        m.metrics.requests.labels(m.route, outcome).inc()
+        if self.tokens:  # counted once a request ends, not per token: a counter update costs a lock
+            m.generated_tokens.inc(self.tokens)
         if outcome == "ok":
             end = time.monotonic()
-            m.e2e.labels(self.route).observe(end - self.start)
+            m.e2e.observe(end - self.start)
             if self.first is not None and self.tokens > 1:
-                m.tpot.labels(self.route).observe((end - self.first) / (self.tokens - 1))
+                m.tpot.observe((end - self.first) / (self.tokens - 1))
 
 
-class _CoreCollector:
-    """Gauges read from the core at scrape time, so they can never drift from its own state."""
+class _StreamsCollector:
+    """Read at scrape time, so it can never drift from the core's own state."""
 
-    def __init__(self, core: GatewayCore):
+    def __init__(self, core: FrontendCore):
         self.core = core
 
     def collect(self):
-        core = self.core
-        live = sum(not s.client_done for s in core.streams.values())
-        yield GaugeMetricFamily("splitserve_requests_in_flight", "requests admitted and not yet answered in full",
-                                value=live)
-        yield GaugeMetricFamily("splitserve_requests_waiting", "admitted requests waiting for a free decode slot",
-                                value=len(core.waiting))
-        workers = GaugeMetricFamily("splitserve_workers", "registered workers", labels=["role"])
-        reserved = GaugeMetricFamily("splitserve_decode_slots_reserved", "decode slots reserved by the gateway",
-                                     labels=["worker"])
-        capacity = GaugeMetricFamily("splitserve_decode_slots", "decode slots a worker has", labels=["worker"])
-        queued = GaugeMetricFamily("splitserve_prefill_queued_tokens", "prompt tokens sent and not yet prefilled",
-                                   labels=["worker"])
-        for role in ("prefill", "decode"):
-            workers.add_metric([role], len(core.registry.of_role(role, routable=False)))
-        for w in core.registry.workers.values():
-            if w.info.role == "decode":
-                reserved.add_metric([w.id], len(w.assigned))
-                capacity.add_metric([w.id], w.info.capacity)
-            else:
-                queued.add_metric([w.id], w.queued_tokens)
-        yield from (workers, reserved, capacity, queued)
+        yield GaugeMetricFamily("splitserve_frontend_streams", "requests this frontend streams", value=self.core.live())

@@ -1,36 +1,25 @@
-"""The gateway process: the worker link, the ZMQ client front and the HTTP/WebSocket front on one
-asyncio (uvloop) loop."""
+"""The gateway's processes: `splitserve gateway` (a router and one frontend on one asyncio loop,
+joined over loopback as separate processes would be), `splitserve router` and `splitserve
+frontend`; and the router's own small HTTP server (/health, /metrics, /info)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import signal
-import time
+from dataclasses import replace
 
-import zmq
 import zmq.asyncio
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from splitserve.common import protocol as P
-from splitserve.common.builtin_models import resolve_model
-from splitserve.common.curve import guard_clients
-from splitserve.common.model_config import load_model_config
-from splitserve.common.service_config import derive_limits
-from splitserve.common.tokenizer import Tokenizer
-from splitserve.common.zmq_util import bind_endpoint, make_socket, tcp_endpoint
+from splitserve.common.zmq_util import tcp_endpoint
 
-from splitserve.common.protocol import OUTPUT_SUFFIX
-
-from .api_context import ApiContext
-from .auth import UNAUTHORIZED, admits
-from .chat_template import load_chat_template
-from .core import GatewayCore
-from .frontdoor import FrontDoor
-from .http_app import HttpServer, build_app
-from .metrics import GatewayMetrics
-from .options import GatewayOptions
-from .workers import Expectations, Worker, WorkerRegistry
+from .frontend import Frontend
+from .http_app import HttpServer, Json
+from .options import FrontendOptions, GatewayOptions, RouterOptions
+from .router import Router
+from .router_metrics import RouterCollector
 
 log = logging.getLogger(__name__)
 
@@ -38,214 +27,158 @@ log = logging.getLogger(__name__)
 class Gateway:
     def __init__(self, opts: GatewayOptions):
         self.opts = opts
-        path = resolve_model(opts.model.model, opts.model.home)
-        cfg = load_model_config(path)
-        self.tokenizer = Tokenizer.from_dir(path)
-        self.limits = derive_limits(opts.limits, cfg.n_positions)
-        want = Expectations(cfg.fingerprint(self.tokenizer.vocab_size), self.limits.max_total_tokens)
-        self.registry = WorkerRegistry(want, opts.link.heartbeat_timeout, opts.kv_transport)
         self.ctx = zmq.asyncio.Context()
-        curve = opts.link.curve
-        self.zap = guard_clients(self.ctx, curve) if curve is not None else None  # before the socket binds
-        self.worker_sock = make_socket(self.ctx, zmq.ROUTER, P.MAX_CONTROL_BYTES, curve=curve)
-        # A restarted worker reuses its output socket's name: the new connection takes it over.
-        self.worker_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.front = make_socket(self.ctx, zmq.ROUTER, P.MAX_CONTROL_BYTES)
-        # A reply to a client whose connection closed fails (EHOSTUNREACH) instead of vanishing:
-        # that is how the gateway learns the client is gone and stops its requests.
-        self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.worker_port = bind_endpoint(self.worker_sock, opts.host, opts.worker_port)
-        self.zmq_port = bind_endpoint(self.front, opts.host, opts.zmq_port)
-        self.core = GatewayCore(self.tokenizer, self.limits, self.registry, self._send_worker,
-                                opts.max_concurrent_requests)
-        # Every front end submits through the door, which meters each request.
-        self.door = FrontDoor(self.core, GatewayMetrics(self.core))
-        api = ApiContext(self.door, self.tokenizer, self.limits, opts.model.model, load_chat_template(path),
-                         opts.api_key)
-        self.http = HttpServer(build_app(api), opts.host, opts.port, opts.max_connections)
-        self.client_ids: dict[tuple[bytes, str], str] = {}  # (client identity, its id) -> gateway id
-        self.instance = secrets.token_hex(8)  # tells workers whether they talk to the gateway they registered with
+        self.router = Router(opts.router, self.ctx)
+        loopback = tcp_endpoint("127.0.0.1" if ":" not in opts.router.host else "::1", self.router.frontend_port)
+        self.frontend = Frontend(replace(opts.frontend, router=loopback), self.ctx, guard=False, reuse_port=False)
+        # one /metrics for both: the frontend's requests and the router's books
+        self.frontend.door.metrics.registry.register(RouterCollector(self.router.core))
+        self.registry = self.router.registry
         self._stop = asyncio.Event()
 
     @property
     def worker_endpoint(self) -> str:
-        return tcp_endpoint(self.opts.host, self.worker_port)
+        return self.router.worker_endpoint
 
     @property
     def zmq_endpoint(self) -> str:
-        return tcp_endpoint(self.opts.host, self.zmq_port)
+        return self.frontend.zmq_endpoint
 
     @property
     def http_url(self) -> str:
-        host = f"[{self.opts.host}]" if ":" in self.opts.host else self.opts.host
-        return f"http://{host}:{self.http.port}"
-
-    def _send_worker(self, worker: Worker, msg) -> None:
-        self.worker_sock.send_multipart([worker.identity, P.encode(msg)])
-
-    # ---- loops ----------------------------------------------------------------------------
+        return self.frontend.http_url
 
     async def run(self) -> None:
-        tasks = [asyncio.create_task(c) for c in (self._worker_loop(), self._front_loop(), self._tick_loop())]
-        http = asyncio.create_task(self.http.serve())
+        tasks = [asyncio.create_task(c) for c in (*self.frontend.loops(), *self.router.loops())]
         try:
             await self._stop.wait()
         finally:
-            await self.http.stop(http)
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            self.worker_sock.close(0)
-            self.front.close(0)
-            if self.zap is not None:
-                self.zap.stop()
-            self.ctx.term()
+            await self.frontend.close(tasks[: len(tasks) - 3])
+            await _end(tasks, self.router)
 
     def stop(self) -> None:
         self._stop.set()
 
     def drain(self, timeout_s: float) -> None:
-        """Admit nothing more, and tell every worker to finish what it holds (for up to `timeout_s`)
-        and exit; what a worker has not finished by then it hands back."""
-        self.core.draining = True
-        for worker in list(self.registry.workers.values()):
-            self._send_worker(worker, P.Drain(timeout_s))
-
-    @staticmethod
-    async def _incoming(sock: zmq.asyncio.Socket, kinds, port: str):
-        """(identity, message) pairs; a malformed frame comes as its DecodeError, already logged."""
-        dec = P.decoder(kinds)
-        while True:
-            frames = await sock.recv_multipart()
-            if len(frames) < 2:
-                continue
-            try:
-                yield frames[0], P.decode(dec, frames[1])
-            except P.DecodeError as e:
-                log.warning("dropped a malformed frame on the %s port: %s", port, e)
-                yield frames[0], e
-
-    async def _worker_loop(self) -> None:
-        async for identity, msg in self._incoming(self.worker_sock, P.WorkerToGateway, "worker"):
-            if isinstance(msg, P.DecodeError):
-                continue
-            try:
-                self._on_worker(identity, msg)
-            except Exception:  # one bad message must not take the gateway down
-                log.exception("failed to handle %s", type(msg).__name__)
-
-    def _on_worker(self, identity: bytes, msg) -> None:
-        if isinstance(msg, P.Register):
-            reason = self.registry.register(identity, msg)
-            self.worker_sock.send_multipart([identity, P.encode(P.Registered(not reason, reason,
-                                                                             self.opts.link.heartbeat_s, self.instance))])
-            self.core.dispatch()
-            return
-        worker = self.registry.seen(identity, msg.draining if isinstance(msg, P.Heartbeat) else None)
-        if worker is None and identity.endswith(OUTPUT_SUFFIX):
-            # A decode worker's output thread sends on a socket of its own, named after it.
-            worker = self.registry.workers.get(identity[: -len(OUTPUT_SUFFIX)].decode(errors="replace"))
-        elif worker is None and isinstance(msg, P.Heartbeat):
-            # A worker of an earlier gateway process (or one expired as silent) is still beating.
-            self.worker_sock.send_multipart([identity, P.encode(P.Reregister())])
-        if worker is not None and not isinstance(msg, P.Heartbeat):
-            self.core.on_worker(worker, msg)
-
-    async def _tick_loop(self) -> None:
-        interval = self.opts.link.heartbeat_s
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(interval)
-            now = time.monotonic()
-            if now - last > 2 * interval:  # this loop itself was stalled: that was not the workers' silence
-                self.registry.forgive(now - last - interval)
-            last = now
-            for worker in list(self.registry.workers.values()):
-                # The load tells a draining worker whether work routed to it is still on its way.
-                beat = P.Heartbeat(len(worker.assigned) if worker.info.role == "decode" else worker.queued_tokens)
-                self.worker_sock.send_multipart([worker.identity, P.encode(beat)])
-            try:
-                self.core.tick()
-            except Exception:
-                log.exception("gateway tick failed")
-
-    async def _front_loop(self) -> None:
-        async for identity, msg in self._incoming(self.front, P.ClientMessage, "client"):
-            if isinstance(msg, P.DecodeError):
-                self._reply(identity, P.Error("", "validation", f"malformed message: {msg}"))
-                continue
-            try:
-                if isinstance(msg, P.Generate):
-                    self._on_generate(identity, msg)
-                else:
-                    gid = self.client_ids.pop((identity, msg.id), None)
-                    if gid is not None:
-                        self.door.cancel(gid)
-            except Exception as e:  # one bad request must not end the front for every client
-                log.exception("failed to handle a client's %s", type(msg).__name__)
-                self._reply(identity, P.Error(msg.id, "generation", f"the gateway could not handle it: {e}"))
-
-    def _on_generate(self, identity: bytes, msg: P.Generate) -> None:
-        if not admits(self.opts.api_key, msg.api_key):
-            self.door.refuse("zmq", "unauthorized")
-            self._reply(identity, P.Error(msg.id, "unauthorized", UNAUTHORIZED))
-            return
-        key = (identity, msg.id)
-        if key in self.client_ids:
-            self._reply(identity, P.Error(msg.id, "validation", f"request id {msg.id!r} is already in use"))
-            return
-
-        def sink(out) -> None:
-            self._reply(identity, out)
-            if isinstance(out, P.Error) or out.finish_reason is not None:
-                self.client_ids.pop(key, None)
-
-        gid = self.door.submit("zmq", msg, sink)
-        if gid is not None and self.core.running(gid):
-            self.client_ids[key] = gid
-
-    def _reply(self, identity: bytes, msg) -> None:
-        # NOBLOCK: a reply to a client 1,000 messages behind is dropped (that client times out)
-        # rather than stalling every other stream. An asyncio socket reports a failed send in the
-        # future it returns, done at once under NOBLOCK: read there, with no callback per reply.
-        sent = self.front.send_multipart([identity, P.encode(msg)], flags=zmq.NOBLOCK)
-        if sent.done():
-            self._after_reply(identity, sent)
-        else:
-            sent.add_done_callback(lambda f: self._after_reply(identity, f))
-
-    def _after_reply(self, identity: bytes, sent: asyncio.Future) -> None:
-        e = None if sent.cancelled() else sent.exception()
-        if isinstance(e, zmq.ZMQError) and e.errno == zmq.EHOSTUNREACH:
-            self._client_gone(identity)
-        elif e is not None:
-            log.debug("could not reply to a client: %s", e)
-
-    def _client_gone(self, identity: bytes) -> None:
-        """Its connection closed: nobody reads the rest, so its requests stop and free their slots.
-        A cancel's own reply fails the same way and lands here again, so each id is taken once."""
-        for key in [key for key in self.client_ids if key[0] == identity]:
-            gid = self.client_ids.pop(key, None)
-            if gid is not None:
-                self.door.cancel(gid)
+        self.router.drain(timeout_s)
 
 
-def run(opts: GatewayOptions) -> int:
+class RouterServer:
+    """The router alone in its process (`splitserve router`, and `serve` with several frontends)."""
+
+    def __init__(self, opts: RouterOptions):
+        self.ctx = zmq.asyncio.Context()
+        self.router = Router(opts, self.ctx)
+        self.registry = self.router.registry
+        self.http = HttpServer(router_app(self.router, opts.model.model), opts.host, opts.metrics_port, 64) \
+            if opts.metrics_port else None
+        self._stop = asyncio.Event()
+
+    @property
+    def worker_endpoint(self) -> str:
+        return self.router.worker_endpoint
+
+    async def run(self) -> None:
+        tasks = [asyncio.create_task(c) for c in self.router.loops()]
+        served = asyncio.create_task(self.http.serve()) if self.http else None
+        try:
+            await self._stop.wait()
+        finally:
+            if self.http is not None:
+                await self.http.stop(served)
+            await _end(tasks, self.router)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def drain(self, timeout_s: float) -> None:
+        self.router.drain(timeout_s)
+
+
+async def _end(tasks: list[asyncio.Task], router: Router) -> None:
+    """Cancel what still runs, then close the router and the sockets' context."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    router.close()
+    router.ctx.term()
+
+
+def router_app(router: Router, model_id: str) -> FastAPI:
+    """The router's /health, /metrics and /info (`--metrics-port`)."""
+    app = FastAPI(title="splitserve router", docs_url=None, redoc_url=None, openapi_url=None)
+    registry = CollectorRegistry()
+    registry.register(RouterCollector(router.core))
+
+    @app.get("/health")
+    async def health() -> Json:
+        core = router.core
+        counts = {f"{role}_workers": len(core.registry.of_role(role)) for role in ("prefill", "decode")}
+        ok = all(counts.values()) and not core.draining
+        status = "ok" if ok else ("draining" if core.draining else "no workers")
+        return Json({"status": status, **counts, "frontends": len(core.frontends)}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/info")
+    async def info() -> Json:
+        core = router.core
+        return Json({"model_id": model_id, "max_concurrent_requests": core.max_concurrent,
+                     "zmq_endpoints": sorted(f.zmq_endpoint for f in core.frontends.values()),
+                     "frontends": sorted(core.frontends)})
+
+    return app
+
+
+def _serve(main) -> int:
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
+    asyncio.run(main())
+    return 0
 
+
+def _on_signals(stop) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+
+
+def run_gateway(opts: GatewayOptions) -> int:
     async def main() -> None:
         gw = Gateway(opts)
         log.info("gateway: clients at %s, HTTP and WebSocket at %s, workers at %s", gw.zmq_endpoint, gw.http_url,
                  gw.worker_endpoint)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, gw.stop)
+        _on_signals(gw.stop)
         await gw.run()
 
-    asyncio.run(main())
-    return 0
+    return _serve(main)
+
+
+def run_router(opts: RouterOptions) -> int:
+    async def main() -> None:
+        server = RouterServer(opts)
+        log.info("router: workers at %s, frontends at %s%s", server.worker_endpoint, server.router.frontend_endpoint,
+                 f", /health and /metrics on port {server.http.port}" if server.http else "")
+        _on_signals(server.stop)
+        await server.run()
+
+    return _serve(main)
+
+
+def run_frontend(opts: FrontendOptions) -> int:
+    async def main() -> None:
+        frontend = Frontend(opts, zmq.asyncio.Context())
+        log.info("frontend %s: clients at %s, HTTP and WebSocket at %s, tokens at %s, router at %s", frontend.id,
+                 frontend.zmq_endpoint, frontend.http_url, frontend.token_endpoint, opts.router)
+        _on_signals(frontend.stop)
+        await frontend.run()
+        if frontend.refused:
+            raise SystemExit(1)
+
+    return _serve(main)

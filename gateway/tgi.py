@@ -53,13 +53,12 @@ def tgi_router(ctx: ApiContext) -> APIRouter:
 
     @router.get("/info", summary="Model and limits", response_model=TgiInfo)
     async def info(request: Request) -> TgiInfo:
-        registry = ctx.core.registry
-        device = next((w.info.device for w in registry.workers.values()), None)
-        return TgiInfo(model_id=ctx.model_id, model_dtype=registry.dtype,
-                       model_device_type=device.split(":")[0] if device else None,
+        fleet = ctx.core.fleet or P.Fleet()
+        return TgiInfo(model_id=ctx.model_id, model_dtype=fleet.dtype,
+                       model_device_type=fleet.device.split(":")[0] if fleet.device else None,
                        max_concurrent_requests=ctx.core.max_concurrent, max_stop_sequences=MAX_STOP_SEQUENCES,
                        max_input_tokens=ctx.limits.max_input_tokens, max_total_tokens=ctx.limits.max_total_tokens,
-                       max_top_n_tokens=MAX_TOP_N, version=request.app.version)
+                       max_top_n_tokens=MAX_TOP_N, version=request.app.version, zmq_endpoints=fleet.zmq_endpoints)
 
     return router
 
@@ -83,9 +82,7 @@ def _stream(ctx: ApiContext, body: TgiRequest, route: str) -> EventStream:
         try:
             async for _, batch in replies:
                 answer.add(batch)
-                for j, token in enumerate(batch.tokens):
-                    last = batch.finish_reason is not None and j == len(batch.tokens) - 1
-                    yield _sse(_event(ctx, job, answer, token, last))
+                yield _batch_events(ctx, job, answer, batch)
         except ApiError as e:
             yield _sse(tgi_error(e)[1])
 
@@ -96,18 +93,51 @@ def _sse(data: dict) -> bytes:
     return b"data: " + msgspec.json.encode(data) + b"\n\n"
 
 
-def _event(ctx: ApiContext, job: TgiJob, answer: Answer, token: P.Token, last: bool) -> dict:
+# A stream event as TGI writes it, its keys in TGI's order; structs encode without a dict per token.
+class _TgiToken(msgspec.Struct):
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+
+
+class _SseEvent(msgspec.Struct):
+    index: int
+    token: _TgiToken
+    generated_text: str | None = None
+    details: dict | None = None
+
+
+class _SseEventTop(msgspec.Struct):  # with `top_tokens`, only when they were asked for
+    index: int
+    token: _TgiToken
+    top_tokens: list[_TgiToken]
+    generated_text: str | None = None
+    details: dict | None = None
+
+
+_json = msgspec.json.Encoder()
+
+
+def _batch_events(ctx: ApiContext, job: TgiJob, answer: Answer, batch: P.TokenBatch) -> bytes:
+    """One chunk with an event per token of the batch: the tokens that came together are written
+    together."""
+    top, is_special = job.params.top_n_tokens, ctx.is_special
+    events = [_SseEventTop(t.index + 1, _TgiToken(t.token_id, t.text, t.logprob, is_special(t.token_id)),
+                           _top_tokens(ctx, t)) if top else
+              _SseEvent(t.index + 1, _TgiToken(t.token_id, t.text, t.logprob, is_special(t.token_id)))
+              for t in batch.tokens]
+    if batch.finish_reason is not None and events:
+        _finish(events[-1], job, answer)
+    return b"".join([b"data: " + _json.encode(e) + b"\n\n" for e in events])
+
+
+def _finish(event: _SseEvent | _SseEventTop, job: TgiJob, answer: Answer) -> None:
     p = job.params
-    event = {"index": token.index + 1, "token": _token(ctx, token.token_id, token.text, token.logprob)}
-    if p.top_n_tokens:
-        event["top_tokens"] = _top_tokens(ctx, token)
-    event["generated_text"] = event["details"] = None
-    if last:
-        event["generated_text"] = job.inputs + answer.text if p.return_full_text else answer.text
-        if p.details:
-            event["details"] = {"finish_reason": answer.finish_reason, "generated_tokens": len(answer.tokens),
-                                "seed": answer.seed, "input_length": answer.prompt_tokens}
-    return event
+    event.generated_text = job.inputs + answer.text if p.return_full_text else answer.text
+    if p.details:
+        event.details = {"finish_reason": answer.finish_reason, "generated_tokens": len(answer.tokens),
+                         "seed": answer.seed, "input_length": answer.prompt_tokens}
 
 
 def _details(ctx: ApiContext, job: TgiJob, answer: Answer) -> dict:
@@ -128,8 +158,8 @@ def _token(ctx: ApiContext, token_id: int, text: str, logprob: float | None) -> 
     return {"id": token_id, "text": text, "logprob": logprob, "special": ctx.is_special(token_id)}
 
 
-def _top_tokens(ctx: ApiContext, token: P.Token) -> list[dict]:
-    return [_token(ctx, i, ctx.piece(i), lp) for i, lp in token.top_tokens or ()]
+def _top_tokens(ctx: ApiContext, token: P.Token) -> list[_TgiToken]:
+    return [_TgiToken(i, ctx.piece(i), lp, ctx.is_special(i)) for i, lp in token.top_tokens or ()]
 
 
 def _prefill(ctx: ApiContext, ids: list[int], logprobs: list[float | None] | None) -> list[dict]:

@@ -120,4 +120,6 @@ class TgiInfo(BaseModel):
     router: str = "splitserve"
     version: str
     sha: str | None = None
+    # splitserve's own: every frontend's ZeroMQ client port, for Client / AsyncClient to spread over
+    zmq_endpoints: list[str] = []
     docker_label: str | None = None

@@ -133,8 +133,9 @@ def check_stop_token_ids(ids: list[int], server_ids: Collection[int]) -> None:
 
 
 def build_request(rid: str, msg: P.Generate, tokenizer: Tokenizer, limits: Limits,
-                  server_stop_ids: Collection[int] = ()) -> GenerateRequest:
-    """`server_stop_ids`: stop ids the server itself adds to some requests (see check_stop_token_ids)."""
+                  server_stop_ids: Collection[int] = (), reply_to: str = "") -> GenerateRequest:
+    """`server_stop_ids`: stop ids the server itself adds to some requests (see check_stop_token_ids);
+    `reply_to`: the token endpoint of the frontend that streams it."""
     p = msg.params
     check_numbers(msg, tokenizer.vocab_size)
     ids = tokenize_prompt(msg, tokenizer)
@@ -152,5 +153,5 @@ def build_request(rid: str, msg: P.Generate, tokenizer: Tokenizer, limits: Limit
         id=rid, prompt_ids=tuple(ids), max_new_tokens=p.max_new_tokens, sampling=sampling_params(p),
         stop_token_ids=tuple(p.stop_token_ids), stop=tuple(p.stop), strip_stop=p.strip_stop,
         ignore_eos=p.ignore_eos, logprobs=p.logprobs, top_n_tokens=p.top_n_tokens,
-        prompt_logprobs=p.prompt_logprobs, cache_prompt=p.cache_prompt,
+        prompt_logprobs=p.prompt_logprobs, cache_prompt=p.cache_prompt, reply_to=reply_to,
     )

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
+
 import msgspec
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
@@ -45,8 +47,22 @@ _json = msgspec.json.Decoder(P.WsRequest)
 _msgpack = msgspec.msgpack.Decoder(P.WsRequest)
 
 
+_to_msgpack, _to_json = msgspec.msgpack.Encoder(), msgspec.json.Encoder()
+
+
 def encode(message: msgspec.Struct, binary: bool) -> bytes | str:
-    return msgspec.msgpack.encode(message) if binary else msgspec.json.encode(message).decode()
+    return _to_msgpack.encode(message) if binary else _to_json.encode(message).decode()
+
+
+def ws_reply(out: P.TokenBatch | P.Error) -> msgspec.Struct:
+    """As P.ws_reply, without a dict per token: a reply per request per step is the hot path."""
+    if isinstance(out, P.Error):
+        return P.ws_reply(out)
+    return P.WsTokens(
+        id=out.id, finish_reason=out.finish_reason, prompt_tokens=out.prompt_tokens, seed=out.seed,
+        prompt_logprobs=out.prompt_logprobs, cached_tokens=out.cached_tokens,
+        tokens=[P.WsToken(index=t.index, token_id=t.token_id, text=t.text, logprob=t.logprob, top_tokens=t.top_tokens)
+                for t in out.tokens])
 
 
 class _Id(msgspec.Struct):
@@ -96,7 +112,10 @@ class Session:
         self.door, self.websocket = door, websocket
         self.api_key = api_key  # each generate message must carry it (None: none needs to)
         self.gids: dict[str, str] = {}  # client's id -> gateway id, while running
-        self.outbox: asyncio.Queue = asyncio.Queue()
+        # Frames the writer has yet to send; it waits on `wake` only while this is empty, so a
+        # frame costs an append, not a queue's bookkeeping and a wake-up each.
+        self.outbox: deque[bytes | str] = deque()
+        self.wake: asyncio.Future | None = None
         self.backlog = 0  # bytes in the outbox
         self.writer: asyncio.Task | None = None
         self.dropped = False
@@ -158,12 +177,14 @@ class Session:
     def _send(self, out, binary: bool) -> None:
         if self.dropped:
             return
-        frame = encode(P.ws_reply(out), binary)
+        frame = encode(ws_reply(out), binary)
         self.backlog += len(frame)
         if self.backlog > OUTBOX_LIMIT_BYTES:
             self._drop_slow_reader()
-        else:
-            self.outbox.put_nowait(frame)
+            return
+        self.outbox.append(frame)
+        if self.wake is not None and not self.wake.done():
+            self.wake.set_result(None)
 
     def _drop_slow_reader(self) -> None:
         log.warning("a WebSocket client left %d bytes of replies unread: closing it", self.backlog)
@@ -172,7 +193,7 @@ class Session:
             self.door.cancel(gid)
         self.gids.clear()
         self.writer.cancel()  # it is stuck in a send that the client does not read
-        self.outbox = asyncio.Queue()  # the unread replies go now
+        self.outbox.clear()  # the unread replies go now
         self.closing = asyncio.get_running_loop().create_task(
             self._close(SLOW_READER_CODE, "replies left unread past the limit"))
 
@@ -183,8 +204,12 @@ class Session:
             log.debug("websocket close failed: %s", e)
 
     async def _write(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            frame = await self.outbox.get()
+            while not self.outbox:
+                self.wake = loop.create_future()
+                await self.wake
+            frame = self.outbox.popleft()
             self.backlog -= len(frame)
             try:
                 if isinstance(frame, bytes):

@@ -1,5 +1,6 @@
 """The prefill worker process: queue prompts, prefill them in packed batches, send each first
-token to the gateway, and hand each prompt's KV to the decode worker the gateway named.
+token to its request's frontend (and a Prefilled to the router), and hand each prompt's KV to the
+decode worker the router named.
 
 One thread: poll the sockets, run a batch when there is work and staging room, repeat. A batch
 blocks the loop for its duration, which the heartbeat timeout comfortably allows.
@@ -16,6 +17,7 @@ import torch
 import zmq
 
 from splitserve.common import protocol as P
+from splitserve.common.frontend_links import FrontendLinks
 from splitserve.common.kv_handoff import KvSender, nixl_agent_for, offered_transports
 from splitserve.common.kv_transport import allocate_staging, sweep_orphan_staging
 from splitserve.common.loading import LoadedModel
@@ -61,6 +63,7 @@ class PrefillWorker(WorkerLoop):
             raise
         transports = offered_transports(opts.kv_transport, model.device, nixl is not None)
         self.kv = KvSender(self.ctx, staging, opts.worker_id, opts.link.curve)
+        self.frontends = FrontendLinks(self.ctx, opts.link.curve)  # first tokens, straight to each request's frontend
         self.engine = PrefillEngine(model, limits.prefill_token_budget, staging=staging.tensor)
         self.cache = prefix_cache(opts, model)
         self.queue: deque[Queued] = deque()
@@ -107,12 +110,14 @@ class PrefillWorker(WorkerLoop):
             self.metrics.observe_prefix_cache(self.cache.looked_up, self.cache.found,
                                               self.cache.used_blocks * self.cache.block_bytes())
 
-    def abandon(self, why: str) -> None:
-        if self.queue:
-            log.error("%s: dropped the %d prompts queued here", why, len(self.queue))
-        self.queue.clear()
-        self.queued_tokens = 0
-        self.cancelled.clear()
+    def holding(self) -> list[P.Held]:
+        held = []
+        for queued in self.queue:
+            job = queued.job
+            held.append(P.Held(job.request.id, job.decode_worker, queued.compute, prefilled=False))
+            held += [P.Held(f.id, job.decode_worker, 0, prefilled=False) for f in job.forks]
+        held += [P.Held(rid, h.decode_worker) for rid, h in self.kv.handoffs.items()]
+        return held
 
     def end_unfinished(self) -> None:
         for queued in list(self.queue):
@@ -120,6 +125,7 @@ class PrefillWorker(WorkerLoop):
 
     def close_own(self) -> None:
         self.kv.close()
+        self.frontends.close()
 
     # ---- messages -------------------------------------------------------------------------------
 
@@ -200,7 +206,7 @@ class PrefillWorker(WorkerLoop):
             self._after_prefill(job, res)
 
     def _after_prefill(self, job: P.Prefill, res: PrefillResult) -> None:
-        """The first token goes to the gateway at once (time to first token); the KV to decode,
+        """The first token goes to the frontend at once (time to first token); the KV to decode,
         unless the request ended here."""
         request = res.request
         ev = TextStream(self.model.tokenizer, request).event(
@@ -208,7 +214,8 @@ class PrefillWorker(WorkerLoop):
             res.logprob, res.top_tokens)
         reason = "cancelled" if self.cancelled.pop(request.id, None) is not None else ev.finish.reason
         token = P.Token(ev.index, ev.token_id, ev.text, ev.logprob, res.top_tokens)
-        self.link.send(P.FirstToken(request.id, token, reason, res.prompt_logprobs, res.cached))
+        self.frontends.send(request.reply_to, P.FirstToken(request.id, token, reason, res.prompt_logprobs, res.cached))
+        self.link.send(P.Prefilled(request.id, reason))
         if reason is None:
             self.kv.send(job, request, res.first_token, ev.text, res.kv_offset, res.kv_len)
         else:

@@ -23,7 +23,11 @@ class Group(NamedTuple):
 COMMANDS: dict[str, Union[Command, Group]] = {
     "serve": Command("splitserve.commands.serve",
                      "start the gateway and local prefill and decode workers, ready to use"),
-    "gateway": Command("splitserve.commands.gateway", "run the gateway alone"),
+    "gateway": Command("splitserve.commands.gateway", "run the gateway alone: a router and one frontend in one process"),
+    "router": Command("splitserve.commands.router", "run the router alone: the fleet's books, for frontends and workers "
+                      "in other processes"),
+    "frontend": Command("splitserve.commands.frontend", "run one frontend (HTTP, WebSocket, ZMQ clients) that joins a "
+                        "router with --router"),
     "prefill": Command("splitserve.commands.prefill", "run one prefill worker that registers with a gateway"),
     "decode": Command("splitserve.commands.decode", "run one decode worker that registers with a gateway"),
     "generate": Command("splitserve.commands.generate",
@@ -38,7 +42,7 @@ COMMANDS: dict[str, Union[Command, Group]] = {
                       "file for any prefill/decode GPU split"),
     "bench": Group("benchmarks: `bench engine` (model steps vs transformers), `bench serve` (the served pipeline "
                    "under load), `bench soak`, `bench handoff` (KV transports), `bench editor` (editors typing, the "
-                   "prefix cache on and off)", {
+                   "prefix cache on and off), `bench gateway` (the gateway's CPU per relayed token)", {
         "engine": Command("splitserve.bench.engine_bench",
                           "splitserve's prefill and decode engines against transformers' generate, same weights"),
         "serve": Command("splitserve.bench.serve_bench",
@@ -52,6 +56,9 @@ COMMANDS: dict[str, Union[Command, Group]] = {
         "editor": Command("splitserve.bench.editor_bench",
                           "editors typing: /infill requests at typing speed, each cancelling the last, against "
                           "pipelines with the prefill workers' prefix cache on and off"),
+        "gateway": Command("splitserve.bench.gateway_bench",
+                           "the gateway relaying tokens of synthetic workers (no model) to streaming clients over SSE, "
+                           "WebSocket and ZMQ: its CPU per token, tokens/s, and the delay it adds"),
     }),
 }
 

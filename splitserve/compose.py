@@ -1,13 +1,26 @@
-"""The docker-compose file for one node: a gateway and one container per prefill or decode worker.
+"""The docker-compose file for one node: a router, the frontends, and one container per prefill or
+decode worker.
+
+The router keeps the fleet's books and publishes nothing on the host. The frontends own the
+clients: HTTP and WebSocket on one shared port (SO_REUSEPORT), each its own ZMQ client port
+(ZMQ_PORT + i) and its own token port (TOKEN_PORT + i), which workers dial at `frontend`. With one
+frontend, the `frontend` service is that frontend. With K > 1 the frontends share one network
+namespace, as the containers of a Kubernetes pod do: the `frontend` service holds it and publishes
+its ports (a process that only sleeps, the pod's pause container, so that a frontend's crash never
+takes the namespace from the others), and frontend-0 .. frontend-K-1 join it (`network_mode:
+service:frontend`) and share its HTTP port as processes on one host do. Separate containers
+could not share one published host port; `docker compose up --scale` would need a proxy in front.
 
 Every worker container sees every GPU of the node and picks its own with `--device cuda:N`:
 a CUDA IPC handle can only be opened by a process that sees the GPU it came from. `ipc: host`
 and `pid: host` let CUDA IPC (and, on CPU, the /dev/shm staging) work across containers, and
-all workers claim one `--host-id`, so the gateway treats the containers as one machine.
+all workers claim one `--host-id`, so the router treats the containers as one machine.
 
 An API key file and CURVE key pairs reach the containers as compose secrets (read-only bind
-mounts under /run/secrets), each container getting only the files it reads: a worker holding
-the gateway's secret key could pose as the gateway.
+mounts under /run/secrets), each container getting only the files it reads: the frontends the
+API key, the router and the frontends the router's key pair (`gateway.key*`: frontends serve
+workers with it) and the workers' public key, a worker its own pair and the router's public key.
+A worker holding the router's secret key could pose as the router.
 """
 
 from __future__ import annotations
@@ -18,11 +31,14 @@ from pathlib import Path
 
 from splitserve.common.builtin_models import is_builtin
 from splitserve.common.service_config import worker_argv
-from splitserve.gateway.options import gateway_argv
+from splitserve.gateway.options import frontend_argv, router_argv
 
 IMAGE = "splitserve:latest"
 CPU_IMAGE = "splitserve:cpu"
-HTTP_PORT, ZMQ_PORT, WORKER_PORT, METRICS_PORT = 8080, 5555, 5556, 9090
+HTTP_PORT, ZMQ_PORT, WORKER_PORT, FRONTEND_PORT, METRICS_PORT = 8080, 5555, 5556, 5557, 9090
+TOKEN_PORT = 5600  # frontend i's token port is TOKEN_PORT + i, its ZMQ client port ZMQ_PORT + i
+MAX_FRONTENDS = 32  # so that the ZMQ client ports stay below the token ports
+FRONTENDS = "frontend"  # the service whose network namespace the frontends share, and whose ports it publishes
 HOST_ID = "compose-node"  # one node: every container claims the same machine
 MODELS_DIR = "/models"  # where a checkpoint from the host is mounted, read-only
 # The CPU profile's image: Ubuntu without CUDA, and PyTorch's CPU wheels (a tenth of the size).
@@ -31,10 +47,11 @@ CPU_BUILD_ARGS = {"BUILD_BASE": "ubuntu:24.04", "RUNTIME_BASE": "ubuntu:24.04",
 # The repository root when running from a checkout; an installed package has no Dockerfile beside it.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECRETS_DIR = "/run/secrets"  # where compose mounts a service's secrets
-# --curve-dir: a pair for the gateway and one the workers share, as `splitserve keygen` writes them
+# --curve-dir: a pair for the router (which its frontends serve with too) and one the workers share,
+# as `splitserve keygen` writes them
 CURVE_FILES = ("gateway.key", "gateway.key_secret", "worker.key", "worker.key_secret")
 API_KEY = "api-key"  # the API key's secret, and its file under SECRETS_DIR
-CURVE_CLIENTS = "curve-clients"  # the gateway's --curve-clients: a directory holding worker.key alone
+CURVE_CLIENTS = "curve-clients"  # --curve-clients of the router and frontends: a directory holding worker.key alone
 
 
 @dataclass(frozen=True)
@@ -43,9 +60,10 @@ class NodeLayout:
     decode: tuple[str, ...]
     model: str  # a built-in name, or a checkpoint directory on the host
     threads: int  # PyTorch threads per worker
-    bind: str  # host address the gateway's ports are published on
-    api_key_file: Path | None = None  # on the host: the key the gateway asks every client for
-    curve_dir: Path | None = None  # on the host: CURVE_FILES, for the worker link
+    bind: str  # host address the frontends' ports are published on
+    api_key_file: Path | None = None  # on the host: the key the frontends ask every client for
+    curve_dir: Path | None = None  # on the host: CURVE_FILES, for the links to and from workers
+    frontends: int = 1  # frontend processes, one container each
 
 
 def parse_gpus(spec: str, flag: str) -> tuple[int, ...]:
@@ -82,6 +100,12 @@ def cpu_layout(prefill_workers: int, decode_workers: int, model: str, threads: i
     return NodeLayout(("cpu",) * prefill_workers, ("cpu",) * decode_workers, model, threads, bind)
 
 
+def with_frontends(layout: NodeLayout, frontends: int) -> NodeLayout:
+    if not 1 <= frontends <= MAX_FRONTENDS:
+        raise ValueError(f"--frontends {frontends}: give 1 to {MAX_FRONTENDS}")
+    return replace(layout, frontends=frontends)
+
+
 def secured(layout: NodeLayout, api_key_file: str, curve_dir: str) -> NodeLayout:
     """`layout` with the API key and the CURVE keys that are given ("": none), checked on the host."""
     api_key = Path(api_key_file).expanduser().resolve() if api_key_file else None
@@ -103,7 +127,9 @@ def compose_file(layout: NodeLayout, out_dir: Path) -> dict:
     """The compose document; `out_dir` is where it will be written (build paths are relative to it)."""
     cpu = layout.prefill[0] == "cpu"
     model_arg, volumes = _model(layout.model)
-    services = {"gateway": _with_secrets(_gateway(model_arg, volumes, layout.bind), *_gateway_secrets(layout))}
+    router_flags, router_secrets = _router_secrets(layout)
+    services = {"router": _with_secrets(_router(model_arg, volumes), router_flags, router_secrets)}
+    services |= _frontends(layout, model_arg, volumes)
     for role, devices in (("prefill", layout.prefill), ("decode", layout.decode)):
         for i, device in enumerate(devices):
             # a GPU worker is named by its GPU, so that the file reads like the node
@@ -134,23 +160,55 @@ def _model(model: str) -> tuple[str, list[str]]:
     return inside, [f"{host_dir}:{inside}:ro"]
 
 
-def _gateway(model: str, volumes: list[str], bind: str) -> dict:
-    flags = {"model": model, "host": "0.0.0.0", "port": HTTP_PORT, "zmq_port": ZMQ_PORT, "worker_port": WORKER_PORT}
-    return {
-        "command": ["gateway", *gateway_argv(flags)],
-        "ports": [f"{bind}:{HTTP_PORT}:{HTTP_PORT}", f"{bind}:{ZMQ_PORT}:{ZMQ_PORT}"],
-        **_common(HTTP_PORT, volumes),
-    }
+def _router(model: str, volumes: list[str]) -> dict:
+    """The router: no port on the host; workers and frontends reach it on the compose network,
+    its /health, /metrics and /info answer on METRICS_PORT."""
+    flags = {"model": model, "host": "0.0.0.0", "worker_port": WORKER_PORT, "frontend_port": FRONTEND_PORT,
+             "metrics_port": METRICS_PORT}
+    return {"command": ["router", *router_argv(flags)], **_common(METRICS_PORT, volumes)}
+
+
+def frontend_names(frontends: int) -> list[str]:
+    """The services that run a frontend, in the order of their ports."""
+    return [FRONTENDS] if frontends == 1 else [f"{FRONTENDS}-{i}" for i in range(frontends)]
+
+
+def _frontends(layout: NodeLayout, model: str, volumes: list[str]) -> dict[str, dict]:
+    k = layout.frontends
+    # every frontend's HTTP port is the one shared port; ZMQ ports and token ports are one each
+    ports = [f"{layout.bind}:{HTTP_PORT}:{HTTP_PORT}"]
+    ports += [f"{layout.bind}:{ZMQ_PORT + i}:{ZMQ_PORT + i}" for i in range(k)]
+    key_flags, secrets = _frontend_secrets(layout)
+    services = {}
+    for i, name in enumerate(frontend_names(k)):
+        flags = {"model": model, "router": f"tcp://router:{FRONTEND_PORT}", "host": "0.0.0.0",
+                 # workers dial the token port by the name of the service whose network it is on
+                 "advertise_host": FRONTENDS, "port": HTTP_PORT, "zmq_port": ZMQ_PORT + i,
+                 "token_port": TOKEN_PORT + i}
+        service = {"command": ["frontend", *frontend_argv(flags)], "depends_on": {"router": {"condition": "service_started"}}}
+        if k == 1:
+            service["ports"] = ports
+        else:
+            service["network_mode"] = f"service:{FRONTENDS}"
+            # `restart`: a holder that compose restarts takes with it the namespace the frontends were in
+            service["depends_on"][FRONTENDS] = {"condition": "service_started", "restart": True}
+        # with K > 1 the health check reaches whichever frontend the kernel gives the connection
+        services[name] = _with_secrets(service | _common(HTTP_PORT, volumes), key_flags, list(secrets))
+    if k > 1:
+        holder = {"entrypoint": ["sleep", "infinity"], "init": True, "ports": ports, **_common(HTTP_PORT, [])}
+        holder["stop_grace_period"] = "5s"  # it holds no request: compose stops the frontends first
+        services = {FRONTENDS: holder, **services}
+    return services
 
 
 def _worker(role: str, name: str, device: str, model: str, volumes: list[str], threads: int) -> dict:
-    flags = {"model": model, "device": device, "threads": threads, "gateway": f"tcp://gateway:{WORKER_PORT}",
+    flags = {"model": model, "device": device, "threads": threads, "gateway": f"tcp://router:{WORKER_PORT}",
              "host": "0.0.0.0", "advertise_host": name, "host_id": HOST_ID, "worker_id": name,
              "metrics_port": METRICS_PORT}
     service = {
         "command": [role, *worker_argv(role, flags)],
         "ipc": "host",
-        "depends_on": {"gateway": {"condition": "service_started"}},
+        "depends_on": {"router": {"condition": "service_started"}},
         **_common(METRICS_PORT, volumes),
     }
     if device != "cpu":
@@ -168,22 +226,33 @@ def _secret_files(layout: NodeLayout) -> dict:
     return {name: {"file": str(path)} for name, path in files.items()}
 
 
-def _gateway_secrets(layout: NodeLayout) -> tuple[list[str], list]:
-    """The gateway's flags that name its secrets, and those secrets."""
-    flags, secrets = {}, []
+def _curve_server_secrets(layout: NodeLayout) -> tuple[dict, list]:
+    """The router's key pair and the workers' public key, for the router and the frontends alike."""
+    if not layout.curve_dir:
+        return {}, []
+    # --curve-clients reads every *.key of a directory: one holding worker.key lets in only the
+    # workers (and the router's own key, always: the frontends join the router with it)
+    flags = {"curve_secret_file": f"{SECRETS_DIR}/gateway.key_secret", "curve_clients": f"{SECRETS_DIR}/{CURVE_CLIENTS}"}
+    return flags, ["gateway.key_secret", {"source": "worker.key", "target": f"{CURVE_CLIENTS}/worker.key"}]
+
+
+def _router_secrets(layout: NodeLayout) -> tuple[list[str], list]:
+    """The router's flags that name its secrets, and those secrets (no API key: it has no clients)."""
+    flags, secrets = _curve_server_secrets(layout)
+    return router_argv(flags), secrets
+
+
+def _frontend_secrets(layout: NodeLayout) -> tuple[list[str], list]:
+    """A frontend's flags that name its secrets, and those secrets."""
+    flags, secrets = _curve_server_secrets(layout)
     if layout.api_key_file:
-        flags["api_key_file"] = f"{SECRETS_DIR}/{API_KEY}"
-        secrets.append(API_KEY)
-    if layout.curve_dir:
-        # --curve-clients reads every *.key of a directory: one holding worker.key lets in only the workers
-        flags |= {"curve_secret_file": f"{SECRETS_DIR}/gateway.key_secret",
-                  "curve_clients": f"{SECRETS_DIR}/{CURVE_CLIENTS}"}
-        secrets += ["gateway.key_secret", {"source": "worker.key", "target": f"{CURVE_CLIENTS}/worker.key"}]
-    return gateway_argv(flags), secrets
+        flags = {"api_key_file": f"{SECRETS_DIR}/{API_KEY}", **flags}
+        secrets = [API_KEY, *secrets]
+    return frontend_argv(flags), secrets
 
 
 def _worker_secrets(layout: NodeLayout, role: str) -> tuple[list[str], list]:
-    """A worker's flags that name its secrets, and those secrets (the API key is the gateway's alone)."""
+    """A worker's flags that name its secrets, and those secrets (the API key is the frontends' alone)."""
     if not layout.curve_dir:
         return [], []
     flags = {"curve_secret_file": f"{SECRETS_DIR}/worker.key_secret", "curve_server_key": f"{SECRETS_DIR}/gateway.key"}

@@ -11,15 +11,15 @@ from pathlib import Path
 from conftest import TEST_THREADS
 
 
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live splitserve processes that contain `text`."""
+def processes_mentioning(text: str, program: str = "splitserve.cli") -> list[str]:
+    """Command lines of live processes of `program` (a module run with -m) that contain `text`."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             args = cmdline.read_bytes().decode(errors="replace").split("\0")
         except OSError:  # gone meanwhile
             continue
-        if "splitserve.cli" in args and any(text in a for a in args):
+        if program in args and any(text in a for a in args):
             found.append(" ".join(args))
     return found
 

@@ -137,6 +137,60 @@ class Cluster:
         self.stop()
 
 
+class SplitCluster(Cluster):
+    """A router, `frontends` frontend processes sharing one HTTP port (each its own ZMQ port) and
+    workers, each a process of its own."""
+
+    def __init__(self, home: Path, frontends: int = 2, model: str = "tiny-random", heartbeat_timeout: float = 2.0):
+        self.home, self.model, self.heartbeat_timeout = home, model, heartbeat_timeout
+        self.procs, self.workers = [], {}
+        self.worker_port, self.frontend_port, self.router_port, self.port = (free_port() for _ in range(4))
+        self.router = self.start_router()
+        self.frontends: list[tuple[subprocess.Popen, int]] = []  # (process, its ZMQ port)
+        for _ in range(frontends):
+            self.add_frontend()
+        self.zmq_port = self.frontends[0][1]
+
+    def start_router(self) -> subprocess.Popen:
+        self.router = self._spawn("router", "--worker-port", str(self.worker_port), "--frontend-port",
+                                  str(self.frontend_port), "--metrics-port", str(self.router_port),
+                                  "--heartbeat-timeout", str(self.heartbeat_timeout))
+        return self.router
+
+    def add_frontend(self) -> int:
+        zmq_port = free_port()
+        proc = self._spawn("frontend", "--router", f"tcp://127.0.0.1:{self.frontend_port}", "--port", str(self.port),
+                           "--zmq-port", str(zmq_port), "--heartbeat-timeout", str(self.heartbeat_timeout))
+        self.frontends.append((proc, zmq_port))
+        return zmq_port
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [f"tcp://127.0.0.1:{port}" for proc, port in self.frontends if proc.poll() is None]
+
+    def router_state(self, path: str = "/health") -> dict:
+        return http_json(self.router_port, path) or {}
+
+    def metric(self, name: str, worker_id: str | None = None, **labels: str) -> float:
+        """As Cluster.metric; without a worker, the router's /metrics."""
+        if worker_id is not None:
+            return super().metric(name, worker_id, **labels)
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.router_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                   if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+    def start_pipeline(self, num_slots: int, *worker_args: str) -> None:
+        self.add_worker("prefill", *worker_args)
+        self.add_worker("decode", "--num-slots", str(num_slots), *worker_args)
+        self.wait_registered()
+        want = sum(p.poll() is None for p, _ in self.frontends)
+        wait_for(lambda: self.router_state().get("status") == "ok" and self.router_state().get("frontends") == want,
+                 START_TIMEOUT_S, "the router to see its workers and frontends")
+
+
 # ---- what a served pipeline answers, and what the in-process engine does -------------------------
 
 

@@ -15,7 +15,7 @@ import zmq
 
 from splitserve.client import (AsyncClient, Client, GenerationError, GenerationTimeout, OverloadedError,
                                SplitserveError, UnauthorizedError, UnavailableError, ValidationError)
-from splitserve.client._core import decode_reply
+from splitserve.client._core import decode_replies
 from splitserve.common import protocol as P
 
 # ---- the wire ----------------------------------------------------------------------------
@@ -28,11 +28,13 @@ TOKEN = dict(index=3, token_id=42, text="def", logprob=-0.25, top_tokens=[(42, -
 
 def test_the_client_reads_what_the_gateway_sends_and_drops_the_rest():
     batch = P.TokenBatch("r1", [P.Token(**TOKEN), P.Token(4, 9, "")], "length", 12, 99, [None, -1.0])
-    for msg in (batch, P.Error("r1", "validation", "bad")):
-        assert decode_reply([b"", P.encode(msg)]) == msg
-    assert decode_reply([]) is None
-    assert decode_reply([P.encode(P.Cancel("r1"))]) is None  # a client message, not a reply
-    assert decode_reply([b"\xc1"]) is None
+    error = P.Error("r1", "validation", "bad")
+    for msg in (batch, error):
+        assert decode_replies([b"", P.encode(msg)]) == [msg]
+    assert decode_replies([P.encode(batch), P.encode(error)]) == [batch, error]  # a step's replies in one message
+    assert decode_replies([]) == []
+    assert decode_replies([P.encode(P.Cancel("r1"))]) == []  # a client message, not a reply
+    assert decode_replies([b"\xc1", P.encode(error)]) == [error]
 
 
 def test_websocket_messages_carry_the_zmq_ones_by_name():
@@ -44,7 +46,8 @@ def test_websocket_messages_carry_the_zmq_ones_by_name():
     assert P.from_ws_reply(msgspec.json.decode(msgspec.json.encode(P.ws_reply(batch)), type=P.WsReply)) == batch
 
 
-@pytest.mark.parametrize("module", ["splitserve.client", "splitserve.common.protocol", "splitserve.gateway.server"])
+@pytest.mark.parametrize("module", ["splitserve.client", "splitserve.common.protocol", "splitserve.gateway.server",
+                                    "splitserve.gateway.frontend", "splitserve.gateway.router"])
 def test_light_modules_import_no_torch(module):
     """The client, the wire protocol and the gateway (which only tokenizes and routes) start
     without PyTorch: a client machine need not have it, and the gateway starts in a fraction of
@@ -333,3 +336,16 @@ async def test_async_requests_spread_over_endpoints(two_gateways):
         owner = a if a.generates("hang") else b
         await eventually(lambda: owner.cancelled(stream.id))
     assert [r.text for r in many] == [f"many:{i}!" for i in range(2 * MANY)]
+
+
+def test_the_websocket_fast_path_writes_what_the_protocol_does():
+    """The gateway's WebSocket replies skip P.ws_reply's per-token dicts: every field, set, must still come out."""
+    from splitserve.gateway.websocket import encode, ws_reply
+
+    batch = P.TokenBatch("a", [P.Token(3, 7, "x", -0.5, [(7, -0.5), (9, -1.0)]), P.Token(4, 8, "y")], "length",
+                         prompt_tokens=5, seed=11, prompt_logprobs=[None, -1.5], cached_tokens=2)
+    for binary in (True, False):
+        assert encode(ws_reply(batch), binary) == encode(P.ws_reply(batch), binary)
+    assert {f.name for f in msgspec.structs.fields(P.TokenBatch)} == {"id", "tokens", "finish_reason", "prompt_tokens",
+                                                                      "seed", "prompt_logprobs", "cached_tokens"}, \
+        "a new TokenBatch field: gateway/websocket.py's ws_reply must carry it"

@@ -58,14 +58,14 @@ def test_only_workers_with_the_right_keys_are_answered(home, tiny_dir, keys):
     ctx = zmq.Context()
     with Cluster(home, curve_secret_file=keys["gateway"], curve_clients=keys["workers.dir"]) as c:
         endpoint = f"tcp://127.0.0.1:{c.worker_port}"
-        good = GatewayLink(ctx, endpoint, register("good"), 0.5, 60,
+        good = GatewayLink(ctx, endpoint, register("good"), list, 0.5, 60,
                            curve=worker_keys(keys["workers"], keys["gateway.pub"]))
         others = {
-            "wrong server key": GatewayLink(ctx, endpoint, register("a"), 0.5, 60,
+            "wrong server key": GatewayLink(ctx, endpoint, register("a"), list, 0.5, 60,
                                             curve=worker_keys(keys["workers"], keys["impostor.pub"])),
-            "key not let in": GatewayLink(ctx, endpoint, register("b"), 0.5, 60,
+            "key not let in": GatewayLink(ctx, endpoint, register("b"), list, 0.5, 60,
                                           curve=worker_keys(keys["stranger"], keys["gateway.pub"])),
-            "no CURVE": GatewayLink(ctx, endpoint, register("c"), 0.5, 60),
+            "no CURVE": GatewayLink(ctx, endpoint, register("c"), list, 0.5, 60),
         }
         try:
             wait_for(lambda: heard(good), 60, "the gateway to answer the worker with the right keys")

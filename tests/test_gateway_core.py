@@ -1,5 +1,6 @@
-"""The gateway core's bookkeeping, driven directly with worker messages: shared prefills for
-OpenAI's `n`, a waiting group losing its first member, a request resumed after its worker died."""
+"""The router's and a frontend's books, wired to each other in one process and driven directly
+with worker messages: shared prefills for OpenAI's `n`, a waiting group losing its first member,
+a request resumed after its worker died, a frontend's death, a router's restart."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 from splitserve.common import protocol as P
 from splitserve.common.params import Limits
 from splitserve.common.tokenizer import Tokenizer
-from splitserve.gateway.core import GatewayCore
+from splitserve.gateway.frontend_core import FrontendCore
+from splitserve.gateway.router_core import RouterCore
 from splitserve.gateway.workers import Expectations, NoTransport, WorkerRegistry, transport_between
 
 
@@ -20,85 +22,215 @@ def registration(role: str, wid: str, capacity: int = 4, host: str = "h", gpus: 
                       slot_len=64, pid=1, pid_namespace=pid_namespace)
 
 
-def register(registry: WorkerRegistry, role: str, wid: str, capacity: int, **kw) -> None:
-    assert registry.register(wid.encode(), registration(role, wid, capacity, **kw)) == ""
+class Books:
+    """A router and one frontend whose messages to each other are delivered at once; what goes to
+    workers is collected in `sent` as (worker id, message)."""
+
+    def __init__(self, tokenizer: Tokenizer, router: RouterCore | None = None):
+        self.sent: list = []
+        self.registry = WorkerRegistry(Expectations("fp", 64), heartbeat_timeout=60) if router is None \
+            else router.registry
+        self.router = router or RouterCore(self.registry, lambda w, msg: self.sent.append((w.id, msg)),
+                                           self._to_frontend, 16, 60.0, "fp")
+        self.frontend = FrontendCore(tokenizer, Limits.derive(2048, 64), self._to_router, "tcp://front:1", 16)
+        self.join()
+
+    def join(self, live: tuple[str, ...] = ()) -> None:
+        hello = P.Hello("f1", P.PROTOCOL_VERSION, "fp", "tcp://front:1", "tcp://front:2", list(live))
+        assert self.router.hello(b"f1", hello) == ""
+        self.sync()
+
+    def sync(self) -> None:
+        if "f1" in self.router.frontends:
+            self.frontend.on_router(self.router.fleet(self.router.frontends["f1"]))
+
+    def _to_frontend(self, front, msg) -> None:
+        self.frontend.on_router(msg)
+
+    def _to_router(self, msg) -> None:
+        front = self.router.frontends["f1"]
+        if isinstance(msg, P.Admit):
+            self.router.admit(front, msg)
+        elif isinstance(msg, P.Cancel):
+            self.router.cancel(msg.id)
+        elif isinstance(msg, P.Done):
+            self.router.done(msg.id)
+
+    def register(self, role: str, wid: str, capacity: int, holding: tuple[P.Held, ...] = (), **kw) -> None:
+        assert self.registry.register(wid.encode(), registration(role, wid, capacity, **kw)) == ""
+        self.router.registered(self.registry.workers[wid], list(holding))
+        self.sync()
+
+    def worker(self, wid: str, msg) -> None:
+        """A worker's message: tokens to the frontend, the rest to the router."""
+        if isinstance(msg, (P.FirstToken, P.StepTokens)):
+            self.frontend.on_tokens(msg)
+        else:
+            self.router.on_worker(self.registry.workers[wid], msg)
 
 
 @pytest.fixture
-def core(tiny_dir):
-    registry = WorkerRegistry(Expectations("fp", 64), heartbeat_timeout=60)
-    sent: list = []
-    core = GatewayCore(Tokenizer.from_dir(tiny_dir), Limits.derive(2048, 64), registry,
-                       lambda worker, msg: sent.append((worker.id, msg)), max_concurrent=16)
-    core.sent = sent
-    return core
+def books(tiny_dir):
+    return Books(Tokenizer.from_dir(tiny_dir))
 
 
 def generate(seed: int, prompt: str = "def f(x):") -> P.Generate:
     return P.Generate(f"c{seed}", prompt, params=P.GenerateParams(max_new_tokens=8, do_sample=True, seed=seed))
 
 
-def submit_group(core, n: int, out: list) -> list[str]:
+def submit_group(books: Books, n: int, out: list) -> list[str]:
     gids = []
     for i in range(n):
-        gids.append(core.submit(f"c{i}", generate(i), out.append, gids[0] if i else None, dispatch=False))
-    core.dispatch()
+        gids.append(books.frontend.submit(f"c{i}", generate(i), out.append, gids[0] if i else None, dispatch=False))
+    books.frontend.dispatch()
     return gids
 
 
-def test_choices_with_one_prompt_share_one_prefill(core):
-    register(core.registry, "prefill", "p", 2048)
-    register(core.registry, "decode", "d", 4)
-    gids = submit_group(core, 3, [])
-    (worker, msg), = core.sent
+def test_choices_with_one_prompt_share_one_prefill(books):
+    books.register("prefill", "p", 2048)
+    books.register("decode", "d", 4)
+    gids = submit_group(books, 3, [])
+    (worker, msg), = books.sent
     assert worker == "p" and msg.request.id == gids[0] and [f.id for f in msg.forks] == gids[1:]
     assert [f.sampling.seed for f in msg.forks] == [1, 2]
-    assert core.registry.workers["d"].assigned == set(gids)
+    assert books.registry.workers["d"].assigned == set(gids)
     # the shared prompt is queued once
-    assert core.registry.workers["p"].queued_tokens == len(msg.request.prompt_ids)
+    assert books.registry.workers["p"].queued_tokens == len(msg.request.prompt_ids)
 
 
-def test_a_group_too_big_for_any_decode_worker_runs_as_separate_requests(core):
-    register(core.registry, "prefill", "p", 2048)
-    register(core.registry, "decode", "d", 2)
-    submit_group(core, 3, [])
-    assert [len(m.forks) for _, m in core.sent] == [1]  # two fit in one pool; the third waits alone
-    assert len(core.waiting) == 1
+def test_a_group_too_big_for_any_decode_worker_runs_as_separate_requests(books):
+    books.register("prefill", "p", 2048)
+    books.register("decode", "d", 2)
+    submit_group(books, 3, [])
+    assert [len(m.forks) for _, m in books.sent] == [1]  # two fit in one pool; the third waits alone
+    assert len(books.router.waiting) == 1
 
 
-def test_the_first_of_a_waiting_group_leaving_hands_the_group_on(core):
-    register(core.registry, "prefill", "p", 2048)
-    register(core.registry, "decode", "d", 4)
-    core.registry.workers["d"].assigned.update({"x1", "x2", "x3", "x4"})  # full: the group waits
-    gids = submit_group(core, 3, [])
-    core.cancel(gids[0], "cancelled")
-    assert list(core.waiting) == [gids[1]]
-    core.registry.workers["d"].assigned.clear()
-    core.dispatch()
-    (_, msg), = core.sent
+def test_the_first_of_a_waiting_group_leaving_hands_the_group_on(books):
+    books.register("prefill", "p", 2048)
+    books.register("decode", "d", 4)
+    books.registry.workers["d"].assigned.update({"x1", "x2", "x3", "x4"})  # full: the group waits
+    gids = submit_group(books, 3, [])
+    books.frontend.cancel(gids[0], "cancelled")
+    assert list(books.router.waiting) == [gids[1]]
+    books.registry.workers["d"].assigned.clear()
+    books.router.dispatch()
+    (_, msg), = books.sent
     assert msg.request.id == gids[1] and [f.id for f in msg.forks] == [gids[2]]
 
 
-def test_a_request_whose_decode_worker_died_resumes_with_what_the_client_has(core):
-    register(core.registry, "prefill", "p", 2048)
-    register(core.registry, "decode", "d1", 4)
+def test_a_request_whose_decode_worker_died_resumes_with_what_the_client_has(books):
+    books.register("prefill", "p", 2048)
+    books.register("decode", "d1", 4)
     out: list = []
-    gid = core.submit("c", generate(9), out.append)
-    prompt = core.sent[0][1].request.prompt_ids
-    core.on_worker(core.registry.workers["p"], P.FirstToken(gid, P.Token(0, 11, "a")))
-    core.on_worker(core.registry.workers["d1"], P.StepTokens([P.StepEntry(gid, P.Token(1, 12, "b")),
-                                                              P.StepEntry(gid, P.Token(3, 14, "d"))]))
-    register(core.registry, "decode", "d2", 4)
-    dead = core.registry.workers.pop("d1")
-    core.worker_left(dead)
-    core.dispatch()
-    resumed = core.sent[-1][1]
+    gid = books.frontend.submit("c", generate(9), out.append)
+    prompt = books.sent[0][1].request.prompt_ids
+    books.worker("p", P.FirstToken(gid, P.Token(0, 11, "a")))
+    books.worker("d1", P.StepTokens([P.StepEntry(gid, P.Token(1, 12, "b")), P.StepEntry(gid, P.Token(3, 14, "d"))]))
+    books.register("decode", "d2", 4)
+    dead = books.registry.workers.pop("d1")
+    books.router.worker_left(dead)
+    books.router.dispatch()
+    resumed = books.sent[-1][1]
     assert resumed.decode_worker == "d2" and resumed.request.id != gid
     # token 3 arrived out of order and never reached the client: it is generated again
     assert resumed.request.prompt_ids == (*prompt, 11, 12) and resumed.request.resumed == 2
     assert resumed.request.max_new_tokens == 6 and resumed.request.sampling.seed == 9
-    core.cancel(gid, "cancelled")  # the client's id still reaches the resumed attempt
-    assert core.sent[-2:] == [("p", P.Cancel(resumed.request.id)), ("d2", P.Cancel(resumed.request.id))]
+    books.frontend.cancel(gid, "cancelled")  # the client's id still reaches the resumed attempt
+    assert books.sent[-2:] == [("p", P.Cancel(resumed.request.id)), ("d2", P.Cancel(resumed.request.id))]
+
+
+def test_the_router_frees_a_slot_at_the_workers_end_and_never_sees_a_token(books):
+    books.register("prefill", "p", 2048)
+    books.register("decode", "d", 4)
+    out: list = []
+    gid = books.frontend.submit("c", generate(3), out.append)
+    books.worker("p", P.FirstToken(gid, P.Token(0, 11, "a")))
+    books.worker("p", P.Prefilled(gid))
+    assert books.registry.workers["p"].queued_tokens == 0 and books.registry.workers["d"].assigned == {gid}
+    books.worker("d", P.StepTokens([P.StepEntry(gid, P.Token(1, 12, "b"), "length")]))
+    assert out[-1].finish_reason == "length" and not books.frontend.streams
+    assert books.registry.workers["d"].assigned == {gid}  # until the worker says its slot is free
+    assert books.router.live() == 0  # but it no longer counts against the concurrency limit
+    books.worker("d", P.Finished(gid, "length"))
+    assert not books.registry.workers["d"].assigned and not books.router.attempts
+
+
+def test_a_deadline_at_the_worker_reaches_the_client_as_a_timeout(books):
+    books.register("prefill", "p", 2048)
+    books.register("decode", "d", 4)
+    out: list = []
+    gid = books.frontend.submit("c", generate(3), out.append)
+    books.worker("p", P.FirstToken(gid, P.Token(0, 11, "a")))
+    books.worker("d", P.Finished(gid, "timeout"))
+    assert out[-1].error_type == "timeout" and not books.frontend.streams and not books.router.attempts
+
+
+def test_a_dead_frontends_requests_are_cancelled_at_the_workers(books):
+    books.register("prefill", "p", 2048)
+    books.register("decode", "d", 4)
+    gids = [books.frontend.submit(f"c{i}", generate(i), [].append) for i in range(2)]
+    books.worker("p", P.Prefilled(gids[0]))
+    books.sent.clear()
+    books.router.frontend_left(books.router.frontends["f1"])
+    assert sorted((w, m.id) for w, m in books.sent) == sorted([("p", gids[0]), ("d", gids[0]),
+                                                               ("p", gids[1]), ("d", gids[1])])
+    for gid in gids:  # the workers' ends free the reservations
+        books.worker("d", P.Finished(gid, "cancelled"))
+    assert not books.registry.workers["d"].assigned and not books.router.attempts
+
+
+def test_a_restarted_router_adopts_what_workers_hold_and_frontends_stream(books, tiny_dir):
+    books.register("prefill", "p", 2048)
+    books.register("decode", "d", 4)
+    out: list = []
+    streaming = books.frontend.submit("c1", generate(1), out.append)
+    queued = books.frontend.submit("c2", generate(2), out.append)
+    books.worker("p", P.FirstToken(streaming, P.Token(0, 11, "a")))
+    # a new router: empty books; the decode worker holds one request, the prefill worker the other
+    fresh = Books.__new__(Books)
+    fresh.sent = []
+    fresh.registry = WorkerRegistry(Expectations("fp", 64), heartbeat_timeout=60)
+    fresh.router = RouterCore(fresh.registry, lambda w, msg: fresh.sent.append((w.id, msg)), fresh._to_frontend, 16,
+                              60.0, "fp")
+    fresh.frontend = books.frontend
+    books.frontend.send_router = fresh._to_router
+    fresh.register("decode", "d", 4, holding=(P.Held(streaming, "d"),))
+    fresh.register("prefill", "p", 2048, holding=(P.Held(queued, "d", 5, prefilled=False),))
+    fresh.join(live=tuple(books.frontend.streams))
+    assert fresh.registry.workers["d"].assigned == {streaming, queued}
+    assert fresh.registry.workers["p"].queued_tokens == 5
+    assert {a.frontend for a in fresh.router.attempts.values()} == {"f1"}
+    # its tokens keep flowing to the frontend, and its end frees the adopted slot
+    fresh.worker("d", P.StepTokens([P.StepEntry(streaming, P.Token(1, 12, "b"), "length")]))
+    fresh.worker("d", P.Finished(streaming, "length"))
+    assert out[-1].finish_reason == "length" and fresh.registry.workers["d"].assigned == {queued}
+    # a cancel reaches the workers that hold the adopted request
+    books.frontend.cancel(queued, "cancelled")
+    assert sorted(w for w, m in fresh.sent if isinstance(m, P.Cancel)) == ["d", "p"]
+
+
+def test_adopted_work_no_frontend_claims_is_cancelled_and_claims_no_worker_holds_are_lost(books, monkeypatch):
+    books.register("prefill", "p", 2048)
+    books.register("decode", "d", 4, holding=(P.Held("orphan", "d"),))
+    out: list = []
+    gid = books.frontend.submit("c", generate(1), out.append)
+    books.frontend.streams[gid].admitted = True
+    books.router.attempts.pop(gid)  # as if the router had restarted before any worker took it
+    books.registry.workers["d"].assigned.discard(gid)
+    books.router.waiting.clear()
+    books.join(live=(gid,))
+    books.sent.clear()
+    import time as _time
+    later = _time.monotonic() + 1000
+    monkeypatch.setattr("splitserve.gateway.router_core.time.monotonic", lambda: later)
+    for peer in (books.router.frontends["f1"], *books.registry.workers.values()):
+        peer.last_seen = later
+    books.router.tick()
+    assert ("d", P.Cancel("orphan")) in books.sent
+    # the claimed request was resumed as a new attempt and dispatched
+    resumed = [m for _, m in books.sent if isinstance(m, P.Prefill)]
+    assert [m.request.id for m in resumed] == [f"{gid}.2"]
 
 
 # ---- how KV moves between two workers ---------------------------------------------------------
@@ -139,17 +271,17 @@ def test_an_explicit_transport_that_works_is_honoured():
     assert transport_between("tcp", registration("prefill", "p"), registration("decode", "d")) == "tcp"
 
 
-def test_requests_go_only_to_pairs_that_can_hand_over_and_fail_clearly_when_none_can(core):
-    core.registry.transport_flag = "shm"
-    register(core.registry, "prefill", "p-far", 2048, host="h2")
-    register(core.registry, "decode", "d", 4)
+def test_requests_go_only_to_pairs_that_can_hand_over_and_fail_clearly_when_none_can(books):
+    books.registry.transport_flag = "shm"
+    books.register("prefill", "p-far", 2048, host="h2")
+    books.register("decode", "d", 4)
     out: list = []
-    core.submit("c1", generate(1), out.append)
-    assert not core.sent and not core.streams and not core.waiting  # no silent fallback to tcp
+    books.frontend.submit("c1", generate(1), out.append)
+    assert not books.sent and not books.frontend.streams and not books.router.waiting  # no silent fallback to tcp
     (error,) = out
     assert error.error_type == "unavailable" and "prefill worker p-far to decode worker d" in error.message
-    register(core.registry, "prefill", "p-near", 2048)  # busier, but on the decode worker's host
-    core.registry.workers["p-near"].queued_tokens = 10_000
-    core.submit("c2", generate(2), out.append)
-    ((worker, msg),) = core.sent
+    books.register("prefill", "p-near", 2048)  # busier, but on the decode worker's host
+    books.registry.workers["p-near"].queued_tokens = 10_000
+    books.frontend.submit("c2", generate(2), out.append)
+    ((worker, msg),) = books.sent
     assert worker == "p-near" and msg.transport == "shm"

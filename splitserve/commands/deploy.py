@@ -8,10 +8,22 @@ from pathlib import Path
 
 import yaml
 
-from splitserve.compose import NodeLayout, compose_file, cpu_layout, gpu_layout, secured
+from splitserve.compose import (
+    MAX_FRONTENDS,
+    ZMQ_PORT,
+    NodeLayout,
+    compose_file,
+    cpu_layout,
+    gpu_layout,
+    secured,
+    with_frontends,
+)
 
 DEFAULTS = {"model": "tiny", "threads": 2, "bind": "127.0.0.1", "prefill_workers": 1, "decode_workers": 1,
-            "api_key_file": "", "curve_dir": ""}
+            "frontends": 1, "api_key_file": "", "curve_dir": ""}
+FRONTENDS_NOTE = ("# frontend-0 .. frontend-{last} share the network namespace of `frontend`, which only holds it and\n"
+                  "# publishes its ports: HTTP and WebSocket on 8080 for all (the kernel spreads the connections),\n"
+                  "# frontend i's ZMQ client port 5555 + i (5555 to {zmq_last}): give a client every one of them.\n")
 SECRETS_NOTE = ("# The secret files keep their owner and mode from the host, and the containers run as 10001:10001:\n"
                 "# let that group read them, e.g. `sudo chgrp 10001 FILES && chmod 640 FILES`.\n")
 
@@ -19,7 +31,7 @@ SECRETS_NOTE = ("# The secret files keep their owner and mode from the host, and
 def add_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="target", required=True, metavar="TARGET")
     c = sub.add_parser("compose", help="docker-compose file for one node",
-                       description="Write a docker-compose file: the gateway, and one container per worker.")
+                       description="Write a docker-compose file: the router, the frontends, and one container per worker.")
     c.add_argument("--prefill-gpus", help="GPUs of the prefill workers, one worker each: e.g. 0,1 or 0-1")
     c.add_argument("--decode-gpus", help="GPUs of the decode workers, one worker each: e.g. 2-7")
     c.add_argument("--cpu", action="store_true",
@@ -29,13 +41,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--model", default=DEFAULTS["model"],
                    help="a built-in model (in the image) or a checkpoint directory on the host, mounted read-only")
     c.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="PyTorch threads per worker")
-    c.add_argument("--bind", default=DEFAULTS["bind"], help="host address the gateway's ports are published on")
+    c.add_argument("--frontends", type=int, default=DEFAULTS["frontends"],
+                   help=f"frontend processes (1 to {MAX_FRONTENDS}), one container each, sharing the HTTP port; "
+                        "frontend i's ZMQ client port is 5555 + i")
+    c.add_argument("--bind", default=DEFAULTS["bind"], help="host address the frontends' ports are published on")
     c.add_argument("--api-key-file", default=DEFAULTS["api_key_file"],
-                   help="a file on the host holding the API key the gateway asks every client for")
+                   help="a file on the host holding the API key the frontends ask every client for")
     c.add_argument("--curve-dir", default=DEFAULTS["curve_dir"],
                    help="a directory on the host with gateway.key, gateway.key_secret, worker.key and "
                         "worker.key_secret (`splitserve keygen DIR --name gateway`, then --name worker): "
-                        "the worker link under CURVE")
+                        "the links to and from workers under CURVE")
     c.add_argument("-o", "--output", default="-", help="file to write (default: standard output)")
 
 
@@ -46,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     text = f"# Written by `{command_line(args)}`:\n# change the split with that command rather than by hand.\n"
     if layout.api_key_file or layout.curve_dir:
         text += SECRETS_NOTE
+    if layout.frontends > 1:
+        text += FRONTENDS_NOTE.format(last=layout.frontends - 1, zmq_last=ZMQ_PORT + layout.frontends - 1)
     text += yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=120)
     if out is None:
         sys.stdout.write(text)
@@ -55,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def layout_of(args: argparse.Namespace) -> NodeLayout:
-    return secured(split_of(args), args.api_key_file, args.curve_dir)
+    return secured(with_frontends(split_of(args), args.frontends), args.api_key_file, args.curve_dir)
 
 
 def split_of(args: argparse.Namespace) -> NodeLayout:

@@ -11,7 +11,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from splitserve.gateway.server import run as run_gateway
+    from splitserve.gateway.server import run_gateway
 
     setup_logging("gateway")
     return run_gateway(gateway_options(args))

@@ -1,4 +1,6 @@
 """`splitserve serve`: the gateway in this process and N prefill + M decode worker processes.
+With `--frontends K` above 1 this process runs the router alone and K frontend processes share
+the HTTP port (each its own ZMQ client port: --zmq-port + i).
 
 Waits until every worker has registered, prints where to connect, and on Ctrl-C or SIGTERM
 drains: the gateway stops admitting, workers finish what they hold (up to --drain-timeout) and
@@ -20,12 +22,19 @@ from typing import TYPE_CHECKING
 
 from splitserve.common.child_process import die_with_parent
 from splitserve.common.curve import load_keypair
-from splitserve.common.service_config import add_engine_args, worker_argv, worker_flag_names
-from splitserve.gateway.options import add_gateway_args, gateway_options
+from splitserve.common.service_config import WILDCARD_HOSTS, add_engine_args, worker_argv, worker_flag_names
+from splitserve.common.zmq_util import free_port
+from splitserve.gateway.options import (
+    add_gateway_args,
+    frontend_argv,
+    frontend_flag_names,
+    gateway_options,
+    router_options,
+)
 from splitserve.logs import setup_logging
 
 if TYPE_CHECKING:
-    from splitserve.gateway.server import Gateway
+    from splitserve.gateway.server import Gateway, RouterServer
 
 log = logging.getLogger("splitserve.serve")
 
@@ -38,6 +47,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
     p.add_argument("--prefill-workers", type=int, default=1)
     p.add_argument("--decode-workers", type=int, default=1)
+    p.add_argument("--frontends", type=int, default=default_frontends(),
+                   help="frontend processes sharing the HTTP port (default: 1 below 8 cores, else cores // 8, at "
+                        "most 8)")
+
+
+def default_frontends(cores: int | None = None) -> int:
+    """One frontend relays tens of thousands of tokens per second on one core; past 8 cores, the
+    workers' tokens can outrun it."""
+    cores = cores or os.cpu_count() or 1
+    return 1 if cores < 8 else min(8, cores // 8)
 
 
 def curve_worker_flags(secret_file: str) -> dict[str, str]:
@@ -62,8 +81,29 @@ def threads_per_worker(total: int, workers: int) -> int:
     return max(1, (total or os.cpu_count() or 1) // max(1, workers))
 
 
+def frontend_zmq_ports(first: int, count: int, taken: set[int]) -> list[int]:
+    """`first`, `first + 1`, ... skipping the router's own ports (the defaults, 5555 and 5556,
+    are neighbours); 0 stays 0 (any free port)."""
+    if not first:
+        return [0] * count
+    ports, port = [], first
+    while len(ports) < count:
+        if port not in taken:
+            ports.append(port)
+        port += 1
+    return ports
+
+
+def frontend_command(args: argparse.Namespace, index: int, router: str, zmq_port: int) -> list[str]:
+    """Every flag of serve's that a frontend takes passes on; its router, name and client port are set here."""
+    names = frontend_flag_names()
+    values = {name: value for name, value in vars(args).items() if name in names}
+    values |= {"router": router, "frontend_id": f"frontend-{index}-{os.getpid()}", "zmq_port": zmq_port}
+    return [sys.executable, "-m", "splitserve.cli", "frontend", *frontend_argv(values)]
+
+
 class Supervisor:
-    def __init__(self, args: argparse.Namespace, gw: Gateway):
+    def __init__(self, args: argparse.Namespace, gw: Gateway | RouterServer):
         self.args, self.gw = args, gw
         self.children: list[subprocess.Popen] = []
         self.stopping = False
@@ -76,12 +116,19 @@ class Supervisor:
                 cmd = worker_command(a, role, i, self.gw.worker_endpoint, threads)
                 # A session of their own: a terminal's Ctrl-C reaches `serve`, which drains them.
                 self.children.append(subprocess.Popen(cmd, preexec_fn=die_with_parent(), start_new_session=True))
+        if a.frontends > 1:
+            router = self.gw.router
+            ports = frontend_zmq_ports(a.zmq_port, a.frontends, {router.worker_port, router.frontend_port})
+            for i, port in enumerate(ports):
+                cmd = frontend_command(a, i, router.frontend_endpoint, port)
+                self.children.append(subprocess.Popen(cmd, preexec_fn=die_with_parent(), start_new_session=True))
 
     async def wait_ready(self) -> bool:
         deadline = time.monotonic() + READY_TIMEOUT_S
         want = {"prefill": self.args.prefill_workers, "decode": self.args.decode_workers}
         while time.monotonic() < deadline and not self.stopping:
-            if all(len(self.gw.registry.of_role(r)) >= n for r, n in want.items()):
+            if all(len(self.gw.registry.of_role(r)) >= n for r, n in want.items()) \
+                    and len(self.gw.router.core.frontends) >= self.args.frontends:
                 return True
             dead = [c for c in self.children if c.poll() is not None]
             if dead:
@@ -133,9 +180,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from splitserve.gateway.server import Gateway  # the server, torch-free but not light
+    from splitserve.gateway.server import Gateway, RouterServer  # the server, torch-free but not light
 
-    gw = Gateway(gateway_options(args))
+    if args.frontends < 1:
+        raise ValueError(f"--frontends must be at least 1, got {args.frontends}")
+    if args.frontends > 1 and not args.port:  # the frontends must share one port: choose it here
+        args.port = free_port(args.host)
+    if args.host in WILDCARD_HOSTS and not args.advertise_host:
+        args.advertise_host = "127.0.0.1"  # every process of serve's is on this host
+    gw = Gateway(gateway_options(args)) if args.frontends == 1 else RouterServer(router_options(args))
     sup = Supervisor(args, gw)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -154,10 +207,12 @@ async def _serve(args: argparse.Namespace) -> int:
                 log.error("workers did not become ready")
                 return 1
         else:
+            http = gw.http_url if args.frontends == 1 else f"http://{args.host}:{args.port}"
+            zmq_endpoints = ", ".join(sorted(f.zmq_endpoint for f in gw.router.core.frontends.values()))
             print(f"splitserve ready: model {args.model}, {args.prefill_workers} prefill + {args.decode_workers} "
-                  f"decode workers\n  HTTP (TGI, OpenAI) and WebSocket: {gw.http_url}  (API docs: {gw.http_url}/docs)"
-                  f"\n  ZMQ clients: {gw.zmq_endpoint}\n  workers register at: {gw.worker_endpoint}",
-                  flush=True)
+                  f"decode workers, {args.frontends} frontend(s)\n  HTTP (TGI, OpenAI) and WebSocket: {http}  "
+                  f"(API docs: {http}/docs)\n  ZMQ clients: {zmq_endpoints}\n  workers register at: "
+                  f"{gw.worker_endpoint}", flush=True)
             await stop.wait()
         log.info("shutting down: draining in-flight requests (up to %.0f s)", args.drain_timeout)
         await sup.drain()

@@ -154,7 +154,9 @@ def test_gateway_restart_frees_the_work_it_routed(home, tiny_dir):
             running = [client.stream(prompt, max_new_tokens=1800, ignore_eos=True) for prompt, _ in REQUESTS]
             for stream in running:
                 next(iter(stream))
-            assert c.health(decode)["slots_used"] > 0
+            # the first token comes from the prefill worker, straight to the frontend: the decode
+            # worker takes the request a moment later
+            wait_for(lambda: c.health(decode)["slots_used"] > 0, 30, "the decode worker to hold the requests")
             c.gateway.send_signal(signal.SIGKILL)
             c.gateway.wait()
         c.gateway = c._spawn("gateway", "--zmq-port", str(c.zmq_port), "--worker-port", str(c.worker_port),

@@ -1,0 +1,182 @@
+"""The router: the worker link and the frontend link on one asyncio loop, around the books
+(router_core.py). It sees per-request events only; tokens go from workers to frontends."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+
+import zmq
+import zmq.asyncio
+
+from splitserve.common import protocol as P
+from splitserve.common.builtin_models import resolve_model
+from splitserve.common.curve import guard_clients
+from splitserve.common.model_config import load_model_config
+from splitserve.common.service_config import derive_limits
+from splitserve.common.tokenizer import Tokenizer
+from splitserve.common.zmq_util import bind_endpoint, make_socket, tcp_endpoint
+
+from .options import RouterOptions
+from .router_core import Frontend, RouterCore
+from .workers import Expectations, Worker, WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+
+async def incoming(sock: zmq.asyncio.Socket, kinds, port: str):
+    """(identity, message) pairs of a ROUTER socket; a malformed frame comes as its DecodeError,
+    already logged."""
+    dec = P.decoder(kinds)
+    while True:
+        frames = await sock.recv_multipart()
+        if len(frames) < 2:
+            continue
+        try:
+            yield frames[0], P.decode(dec, frames[1])
+        except P.DecodeError as e:
+            log.warning("dropped a malformed frame on the %s port: %s", port, e)
+            yield frames[0], e
+
+
+class Router:
+    def __init__(self, opts: RouterOptions, ctx: zmq.asyncio.Context):
+        self.opts, self.ctx = opts, ctx
+        path = resolve_model(opts.model.model, opts.model.home)
+        cfg = load_model_config(path)
+        fingerprint = cfg.fingerprint(Tokenizer.from_dir(path).vocab_size)
+        self.limits = derive_limits(opts.limits, cfg.n_positions)
+        self.registry = WorkerRegistry(Expectations(fingerprint, self.limits.max_total_tokens),
+                                       opts.link.heartbeat_timeout, opts.kv_transport)
+        curve = opts.link.curve
+        self.zap = guard_clients(ctx, curve) if curve is not None else None  # before the sockets bind
+        self.worker_sock = make_socket(ctx, zmq.ROUTER, P.MAX_CONTROL_BYTES, curve=curve)
+        # A restarted worker reuses its link's name: the new connection takes it over.
+        self.worker_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.frontend_sock = make_socket(ctx, zmq.ROUTER, P.MAX_CONTROL_BYTES, curve=curve)
+        self.frontend_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.worker_port = bind_endpoint(self.worker_sock, opts.host, opts.worker_port)
+        self.frontend_port = bind_endpoint(self.frontend_sock, opts.host, opts.frontend_port)
+        self.core = RouterCore(self.registry, self._send_worker, self._send_frontend, opts.max_concurrent_requests,
+                               opts.link.heartbeat_timeout, fingerprint)
+        self.instance = secrets.token_hex(8)  # tells a frontend whether this is the router it joined
+
+    @property
+    def worker_endpoint(self) -> str:
+        return tcp_endpoint(self.opts.host, self.worker_port)
+
+    @property
+    def frontend_endpoint(self) -> str:
+        return tcp_endpoint(self.opts.host, self.frontend_port)
+
+    def _send_worker(self, worker: Worker, msg) -> None:
+        self.worker_sock.send_multipart([worker.identity, P.encode(msg)])
+
+    def _send_frontend(self, front: Frontend, msg) -> None:
+        # NOBLOCK: a frontend that stopped reading must not stall the books for everyone else
+        self.frontend_sock.send_multipart([front.identity, P.encode(msg)], flags=zmq.NOBLOCK)
+
+    def loops(self) -> list:
+        return [self._worker_loop(), self._frontend_loop(), self._tick_loop()]
+
+    def close(self) -> None:
+        self.worker_sock.close(0)
+        self.frontend_sock.close(0)
+        if self.zap is not None:
+            self.zap.stop()
+
+    def drain(self, timeout_s: float) -> None:
+        """Admit nothing more, and tell every worker to finish what it holds (for up to `timeout_s`)
+        and exit; what a worker has not finished by then it hands back."""
+        self.core.draining = True
+        for worker in list(self.registry.workers.values()):
+            self._send_worker(worker, P.Drain(timeout_s))
+        self._tell_frontends()
+
+    def _tell_frontends(self) -> None:
+        for front in list(self.core.frontends.values()):
+            self._send_frontend(front, self.core.fleet(front))
+
+    # ---- workers --------------------------------------------------------------------------------
+
+    async def _worker_loop(self) -> None:
+        async for identity, msg in incoming(self.worker_sock, P.WorkerToGateway, "worker"):
+            if isinstance(msg, P.DecodeError):
+                continue
+            try:
+                self._on_worker(identity, msg)
+            except Exception:  # one bad message must not take the router down
+                log.exception("failed to handle %s", type(msg).__name__)
+
+    def _on_worker(self, identity: bytes, msg) -> None:
+        if isinstance(msg, P.Register):
+            reason = self.registry.register(identity, msg)
+            self.worker_sock.send_multipart([identity, P.encode(P.Registered(not reason, reason,
+                                                                             self.opts.link.heartbeat_s))])
+            if not reason:
+                self.core.registered(self.registry.workers[msg.worker_id], msg.holding)
+                self._tell_frontends()
+            return
+        worker = self.registry.seen(identity, msg.draining if isinstance(msg, P.Heartbeat) else None)
+        if worker is None and isinstance(msg, P.Heartbeat):
+            # A worker of an earlier router process (or one expired as silent) is still beating.
+            self.worker_sock.send_multipart([identity, P.encode(P.Reregister())])
+        elif worker is not None and not isinstance(msg, P.Heartbeat):
+            self.core.on_worker(worker, msg)
+
+    # ---- frontends ----------------------------------------------------------------------------
+
+    async def _frontend_loop(self) -> None:
+        async for identity, msg in incoming(self.frontend_sock, P.FrontendToRouter, "frontend"):
+            if isinstance(msg, P.DecodeError):
+                continue
+            try:
+                self._on_frontend(identity, msg)
+            except Exception:
+                log.exception("failed to handle a frontend's %s", type(msg).__name__)
+
+    def _on_frontend(self, identity: bytes, msg) -> None:
+        if isinstance(msg, P.Hello):
+            reason = self.core.hello(identity, msg)
+            if reason:
+                log.error("refused frontend %s: %s", msg.frontend_id, reason)
+            welcome = P.Welcome(not reason, reason, self.instance, self.opts.link.heartbeat_s)
+            self.frontend_sock.send_multipart([identity, P.encode(welcome)], flags=zmq.NOBLOCK)
+            if not reason:
+                self._tell_frontends()  # the list of client ports changed
+            return
+        front = self.core.seen_frontend(identity)
+        if front is None:
+            # a frontend of an earlier router process, or one expired as silent: it says hello again
+            self.frontend_sock.send_multipart([identity, P.encode(P.Reregister())], flags=zmq.NOBLOCK)
+        elif isinstance(msg, P.Admit):
+            self.core.admit(front, msg)
+        elif isinstance(msg, P.Cancel):
+            self.core.cancel(msg.id)
+        elif isinstance(msg, P.Done):
+            self.core.done(msg.id)
+
+    # ---- time ---------------------------------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        interval = self.opts.link.heartbeat_s
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            if now - last > 2 * interval:  # this loop itself was stalled: that was not the peers' silence
+                self.registry.forgive(now - last - interval)
+                for front in self.core.frontends.values():
+                    front.last_seen += now - last - interval
+            last = now
+            for worker in list(self.registry.workers.values()):
+                # The load tells a draining worker whether work routed to it is still on its way.
+                beat = P.Heartbeat(len(worker.assigned) if worker.info.role == "decode" else worker.queued_tokens)
+                self.worker_sock.send_multipart([worker.identity, P.encode(beat)])
+            try:
+                self.core.tick()
+            except Exception:
+                log.exception("router tick failed")
+            self._tell_frontends()  # also the frontends' heartbeat

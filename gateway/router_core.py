@@ -1,0 +1,347 @@
+"""The router's books, independent of sockets: the frontends and workers it knows, the attempts it
+admitted, decode slot reservations made before any prefill work, routing, and every path that
+frees a reservation (a worker's end, a cancel, a worker's or a frontend's death).
+
+The router never sees a token. Frontends admit attempts and cancel them; workers report each
+attempt's end (Prefilled, Finished, WorkerError) and stream its tokens to the frontend it names.
+An attempt whose worker dies is freed here and reported Lost to its frontend, which knows what its
+client already has and admits the rest as a new attempt.
+
+A restarted router starts with empty books and rebuilds them: workers register with what they
+hold (adopted here), frontends say hello with the attempts they still stream (claimed). Adopted
+work that no frontend claims is cancelled; claimed work that no worker holds is reported Lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from splitserve.common import protocol as P
+from splitserve.common.prefix_blocks import block_hashes
+from splitserve.common.request import GenerateRequest
+
+from .workers import NoTransport, Worker, WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+CLOSING_GRACE_S = 120.0  # how long a cancelled attempt waits for its worker's end before it is freed
+# Ends that carry no token: the router tells the attempt's frontend (the others come with the last token).
+TOKENLESS_ENDS = frozenset({"cancelled", "timeout"})
+
+
+@dataclass
+class Frontend:
+    id: str
+    identity: bytes  # its link's ROUTER identity
+    token_endpoint: str
+    zmq_endpoint: str
+    last_seen: float
+
+
+@dataclass
+class Attempt:
+    id: str
+    frontend: str | None  # None: adopted from a worker and not yet claimed by a frontend
+    request: GenerateRequest | None  # None when adopted: it is never dispatched again
+    deadline: float | None = None
+    prefill: str | None = None
+    decode: str | None = None
+    awaiting_first: bool = True  # its prompt tokens count in the prefill worker's queue
+    queued_tokens: int = 0  # what it adds to that queue (0 for a fork)
+    # OpenAI's `n`: attempts with one prompt share one prefill; while waiting the leader holds the others
+    forks: list[str] = field(default_factory=list)
+    hashes: dict[int, list[bytes]] = field(default_factory=dict)  # the prompt's blocks by block size
+    closed_at: float = 0.0  # when its frontend let go (cancel, death): only the worker's end is awaited
+    adopted_at: float = 0.0
+
+    def block_hashes(self, block_tokens: int) -> list[bytes]:
+        if block_tokens not in self.hashes:
+            self.hashes[block_tokens] = block_hashes(self.request.prompt_ids, block_tokens)
+        return self.hashes[block_tokens]
+
+
+class RouterCore:
+    def __init__(self, registry: WorkerRegistry, send_worker: Callable[[Worker, object], None],
+                 send_frontend: Callable[[Frontend, object], None], max_concurrent: int, heartbeat_timeout: float,
+                 fingerprint: str):
+        self.registry, self.send_worker, self.send_frontend = registry, send_worker, send_frontend
+        self.max_concurrent, self.timeout, self.fingerprint = max_concurrent, heartbeat_timeout, fingerprint
+        self.frontends: dict[str, Frontend] = {}
+        self.attempts: dict[str, Attempt] = {}
+        self.waiting: deque[str] = deque()  # leaders admitted, waiting for a free decode slot
+        self.claims: dict[str, tuple[str, float]] = {}  # attempt -> (frontend, when): streamed, not (yet) held
+        self.draining = False
+        self.started = time.monotonic()
+
+    # ---- frontends ----------------------------------------------------------------------
+
+    def hello(self, identity: bytes, msg: P.Hello) -> str:
+        """A frontend joins (or joins again); returns the reason for refusing it, or ""."""
+        if msg.protocol != P.PROTOCOL_VERSION:
+            return f"protocol version {msg.protocol}, the router speaks {P.PROTOCOL_VERSION}"
+        if msg.model_fingerprint != self.fingerprint:
+            return f"model fingerprint {msg.model_fingerprint} differs from the router's {self.fingerprint}"
+        self.frontends[msg.frontend_id] = Frontend(msg.frontend_id, identity, msg.token_endpoint, msg.zmq_endpoint,
+                                                   time.monotonic())
+        now = time.monotonic()
+        for attempt_id in msg.live:
+            attempt = self.attempts.get(attempt_id)
+            if attempt is None:
+                self.claims[attempt_id] = (msg.frontend_id, now)
+            elif attempt.frontend is None:
+                attempt.frontend = msg.frontend_id
+        log.info("frontend %s joined (clients at %s)", msg.frontend_id, msg.zmq_endpoint)
+        return ""
+
+    def seen_frontend(self, identity: bytes) -> Frontend | None:
+        front = next((f for f in self.frontends.values() if f.identity == identity), None)
+        if front is not None:
+            front.last_seen = time.monotonic()
+        return front
+
+    def frontend_left(self, front: Frontend) -> None:
+        """Its clients are gone with it: their attempts stop and free what they hold."""
+        self.frontends.pop(front.id, None)
+        for attempt in [a for a in self.attempts.values() if a.frontend == front.id]:
+            self.cancel(attempt.id)
+
+    def live(self, frontend: str | None = None) -> int:
+        """Attempts admitted and not let go (of one frontend, or of all)."""
+        return sum(not a.closed_at and a.frontend is not None and (frontend is None or a.frontend == frontend)
+                   for a in self.attempts.values())
+
+    def fleet(self, front: Frontend) -> P.Fleet:
+        """What `front` reads: in_flight counts the other frontends' attempts (it knows its own)."""
+        workers = self.registry.workers.values()
+        return P.Fleet(
+            prefill_workers=len(self.registry.of_role("prefill")), decode_workers=len(self.registry.of_role("decode")),
+            draining=self.draining, in_flight=self.live() - self.live(front.id), max_concurrent=self.max_concurrent,
+            zmq_endpoints=sorted(f.zmq_endpoint for f in self.frontends.values()),
+            block_sizes=sorted({w.info.prefix_block_tokens for w in self.registry.of_role("prefill")
+                                if w.info.prefix_blocks}),
+            dtype=self.registry.dtype, device=next((w.info.device for w in workers), None))
+
+    # ---- admission ----------------------------------------------------------------------
+
+    def rejection(self, extra: int = 0, resume: bool = False) -> tuple[str, str] | None:
+        """(error type, message) of the refusal `extra` more attempts would get now, or None. A
+        resumed attempt was admitted long ago: only a missing worker stops it."""
+        if self.draining and not resume:
+            return "unavailable", "the server is shutting down"
+        for role in ("prefill", "decode"):
+            if not self.registry.of_role(role):
+                return "unavailable", f"no {role} worker is available"
+        live = self.live()
+        if not resume and live + extra > self.max_concurrent:
+            return "overloaded", f"{live} requests in flight; the limit is {self.max_concurrent} (max_concurrent_requests)"
+        return None
+
+    def admit(self, front: Frontend, msg: P.Admit) -> None:
+        ids = [r.id for r in msg.requests]
+        reject = self.rejection(len(ids), msg.resume) if ids else None
+        if reject:
+            self.send_frontend(front, P.Refused(ids, *reject))
+            return
+        attempts = [Attempt(r.id, front.id, r, msg.deadline, hashes=msg.hashes) for r in msg.requests
+                    if r.id not in self.attempts]
+        for a in attempts:
+            self.attempts[a.id] = a
+            self.claims.pop(a.id, None)
+        # a group must fit one decode worker's slots, or it would wait forever
+        largest = max((w.info.capacity for w in self.registry.of_role("decode")), default=0)
+        groups = [attempts[i:i + largest] for i in range(0, len(attempts), max(largest, 1))]
+        for group in groups if not msg.resume else reversed(groups):
+            group[0].forks = [a.id for a in group[1:]]
+            (self.waiting.appendleft if msg.resume else self.waiting.append)(group[0].id)
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """Send waiting attempts to prefill while some decode worker has a free slot."""
+        while self.waiting:
+            leader = self.attempts.get(self.waiting[0])
+            if leader is None:
+                self.waiting.popleft()
+                continue
+            group = [leader, *(self.attempts[a] for a in leader.forks if a in self.attempts)]
+            request = leader.request
+            try:
+                # a prompt whose logprobs need every position computed, or whose client asked for no
+                # cached prefix (cache_prompt), meets none: no worker holds it
+                hashes = (lambda _: []) if request.prompt_logprobs or not request.cache_prompt else leader.block_hashes
+                route = self.registry.route(len(group), len(request.prompt_ids), hashes)
+            except NoTransport as e:  # the workers that have room cannot hand KV to each other
+                log.error("%s", e)
+                self.waiting.popleft()
+                self._refuse(group, "unavailable", str(e))
+                continue
+            if route is None:
+                return
+            self.waiting.popleft()
+            leader.forks = []
+            leader.queued_tokens = route.compute
+            route.prefill.queued_tokens += route.compute
+            route.prefill.remember(route.hashes)
+            for a in group:
+                route.decode.assigned.add(a.id)  # the reservation, before any prefill work
+                a.decode, a.prefill = route.decode.id, route.prefill.id
+            decode = route.decode.info
+            self.send_worker(route.prefill, P.Prefill(request, decode.worker_id, decode.kv_endpoint, route.transport,
+                                                      leader.deadline, [a.request for a in group[1:]],
+                                                      decode.kv_public_key))
+
+    def _refuse(self, attempts: list[Attempt], error_type: str, message: str) -> None:
+        for a in attempts:
+            del self.attempts[a.id]
+        by_front: dict[str, list[str]] = {}
+        for a in attempts:
+            by_front.setdefault(a.frontend, []).append(a.id)
+        for fid, ids in by_front.items():
+            if fid in self.frontends:
+                self.send_frontend(self.frontends[fid], P.Refused(ids, error_type, message))
+
+    # ---- ends -----------------------------------------------------------------------------
+
+    def done(self, attempt_id: str) -> None:
+        """Its client has the last token: only the worker's end is awaited (it may have come already)."""
+        attempt = self.attempts.get(attempt_id)
+        if attempt is not None and not attempt.closed_at:
+            attempt.closed_at = time.monotonic()
+
+    def cancel(self, attempt_id: str) -> None:
+        """The frontend let go (its client left, a deadline passed): workers are told to stop, and
+        the reservation is held until their end arrives."""
+        attempt = self.attempts.get(attempt_id)
+        if attempt is None or attempt.closed_at:
+            return
+        if attempt.decode is None:  # still waiting: nothing holds a reservation
+            self._leave_queue(attempt)
+            del self.attempts[attempt_id]
+            return
+        attempt.closed_at = time.monotonic()
+        self._cancel_at_workers(attempt)
+
+    def _leave_queue(self, attempt: Attempt) -> None:
+        """Take a waiting attempt out of line; its first fork, if any, takes its place."""
+        if attempt.id not in self.waiting:  # a fork: its leader holds it
+            for leader in self.attempts.values():
+                if attempt.id in leader.forks:
+                    leader.forks.remove(attempt.id)
+            return
+        place = self.waiting.index(attempt.id)
+        if not attempt.forks:
+            del self.waiting[place]
+            return
+        heir = self.attempts[attempt.forks[0]]
+        heir.forks = attempt.forks[1:]
+        self.waiting[place] = heir.id
+
+    def _cancel_at_workers(self, attempt: Attempt) -> None:
+        for worker_id in (attempt.prefill, attempt.decode):
+            worker = self.registry.workers.get(worker_id)
+            if worker is not None:
+                self.send_worker(worker, P.Cancel(attempt.id))
+
+    def on_worker(self, worker: Worker, msg) -> None:
+        attempt = self.attempts.get(msg.id)
+        if attempt is None:  # freed already (its worker was taken for dead, a cancel's grace ran out)
+            return
+        front = self.frontends.get(attempt.frontend) if not attempt.closed_at else None
+        if isinstance(msg, P.Prefilled):
+            self._prefilled(attempt)
+            if msg.finish_reason is not None:
+                self.release(msg.id)
+        elif isinstance(msg, P.Finished):
+            if msg.reason == "shutdown":  # a draining worker hands back what it could not finish in time
+                self.lost(msg.id, "a worker shut down before finishing it")
+                return
+            if front is not None and msg.reason in TOKENLESS_ENDS:
+                self.send_frontend(front, msg)
+            self.release(msg.id)
+        elif isinstance(msg, P.WorkerError):
+            if front is not None:
+                self.send_frontend(front, msg)
+            self.release(msg.id)
+
+    def _prefilled(self, attempt: Attempt) -> None:
+        if attempt.awaiting_first:
+            attempt.awaiting_first = False
+            prefill = self.registry.workers.get(attempt.prefill)
+            if prefill is not None:
+                prefill.queued_tokens -= attempt.queued_tokens
+
+    def release(self, attempt_id: str) -> None:
+        attempt = self.attempts.pop(attempt_id, None)
+        if attempt is None:
+            return
+        self._prefilled(attempt)
+        decode = self.registry.workers.get(attempt.decode)
+        if decode is not None:
+            decode.assigned.discard(attempt_id)
+        self.dispatch()
+
+    def lost(self, attempt_id: str, why: str) -> None:
+        """Its worker is gone: the survivor of the pair frees what it holds, the frontend resumes it."""
+        attempt = self.attempts.get(attempt_id)
+        if attempt is None:
+            return
+        self._cancel_at_workers(attempt)
+        front = self.frontends.get(attempt.frontend) if not attempt.closed_at else None
+        self.release(attempt_id)
+        if front is not None:
+            self.send_frontend(front, P.Lost(attempt_id, why))
+
+    # ---- workers ------------------------------------------------------------------------------
+
+    def registered(self, worker: Worker, holding: list[P.Held]) -> None:
+        """A worker (re)joined: its reservations stand, and what it holds that these books do not
+        (a restarted router, a worker that was taken for dead) is adopted."""
+        now = time.monotonic()
+        if worker.info.role == "decode":
+            worker.assigned.update(a.id for a in self.attempts.values() if a.decode == worker.id)
+        for held in holding:
+            attempt = self.attempts.get(held.id)
+            if attempt is None:
+                claim = self.claims.pop(held.id, None)
+                attempt = self.attempts[held.id] = Attempt(held.id, claim[0] if claim else None, None,
+                                                           decode=held.decode_worker, adopted_at=now)
+                attempt.awaiting_first = False
+            if worker.info.role == "prefill" and not held.prefilled and not attempt.awaiting_first:
+                attempt.prefill, attempt.awaiting_first, attempt.queued_tokens = worker.id, True, held.queued_tokens
+                worker.queued_tokens += held.queued_tokens
+            decode = self.registry.workers.get(held.decode_worker)
+            if decode is not None:
+                decode.assigned.add(held.id)
+        self.dispatch()
+
+    def worker_left(self, worker: Worker) -> None:
+        """A worker is gone (silent past its heartbeat timeout): its unfinished work is lost."""
+        for attempt in list(self.attempts.values()):
+            if attempt.decode == worker.id or (attempt.prefill == worker.id and attempt.awaiting_first):
+                self.lost(attempt.id, f"{worker.info.role} worker {worker.id} stopped responding")
+
+    # ---- time -----------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Periodic: dead workers and frontends, unclaimed adoptions, unheld claims, stale cancels."""
+        for worker in self.registry.expire():
+            self.worker_left(worker)
+        now = time.monotonic()
+        for front in [f for f in self.frontends.values() if now - f.last_seen > self.timeout]:
+            log.warning("frontend %s silent for %.1f s: its requests are cancelled", front.id, now - front.last_seen)
+            self.frontend_left(front)
+        settle = 2 * self.timeout  # long enough for every worker and frontend to come back to a new router
+        for attempt in list(self.attempts.values()):
+            if attempt.closed_at and now - attempt.closed_at > CLOSING_GRACE_S:
+                self.release(attempt.id)
+            elif attempt.frontend is None and not attempt.closed_at and now - attempt.adopted_at > settle:
+                self.cancel(attempt.id)  # no frontend streams it: nobody reads its tokens
+        for attempt_id, (fid, since) in list(self.claims.items()):
+            if now - since > settle:
+                del self.claims[attempt_id]
+                if fid in self.frontends:
+                    self.send_frontend(self.frontends[fid], P.Lost(attempt_id, "the router restarted"))
+        self.dispatch()

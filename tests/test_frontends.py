@@ -1,0 +1,157 @@
+"""A router and several frontend processes: tokens go from the workers straight to the frontend
+that owns each request; a frontend's death costs only its own clients' requests; a router restart
+does not stop the streams already on live workers; a frontend joins at run time."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+
+import pytest
+
+from cluster import SplitCluster, offline, request_specs, stream_all, wait_for
+from conftest import load_cpu
+from splitserve.bench.server_state import http_json
+from splitserve.client import Client, SplitserveError
+from splitserve.common.zmq_util import free_port
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_dir):
+    return load_cpu(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def split(home, tiny_dir):
+    with SplitCluster(home, frontends=2) as c:
+        c.start_pipeline(16)
+        yield c
+
+
+def sse_tokens(port: int, spec: dict) -> list[int]:
+    body = {"inputs": spec["prompt"], "parameters": {"max_new_tokens": spec["max_new_tokens"], "details": True,
+                                                     **{k: v for k, v in spec.items() if k not in ("prompt", "max_new_tokens")}}}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return [t["id"] for t in json.load(r)["details"]["tokens"]]
+
+
+def test_every_front_end_of_two_frontends_matches_offline(split, lm):
+    specs = request_specs(12)
+    want = offline(lm, specs)
+    # ZMQ: one client spread over both frontends' ports, as /info lists them
+    info = http_json(split.port, "/info")
+    assert sorted(info["zmq_endpoints"]) == sorted(split.endpoints)
+    assert stream_all(info["zmq_endpoints"], specs) == want
+    # HTTP: both frontends serve the one port; the kernel spreads the connections
+    assert [sse_tokens(split.port, s) for s in specs] == want
+    for proc, port in split.frontends:
+        assert Client(f"tcp://127.0.0.1:{port}").generate("def f(x):", max_new_tokens=3).token_ids
+    split.wait_idle()
+    assert split.metric("splitserve_decode_slots_reserved") == 0
+
+
+def test_a_dead_frontend_frees_its_slots_and_the_other_streams_on(home, tiny_dir, lm):
+    with SplitCluster(home, frontends=2) as c:
+        c.start_pipeline(16)
+        doomed, survivor = c.endpoints
+        specs = request_specs(6)
+        for s in specs:
+            s["max_new_tokens"] = 200
+        started = threading.Event()
+
+        def doomed_streams() -> None:
+            with Client(doomed) as client:
+                streams = [client.stream(**s, timeout=60) for s in specs]
+                next(iter(streams[0]))
+                started.set()
+                try:
+                    for st in streams:
+                        list(st)
+                except SplitserveError:  # its frontend is gone: an error or a timeout
+                    pass
+
+        t = threading.Thread(target=doomed_streams, daemon=True)
+        t.start()
+        assert started.wait(60)
+        wait_for(lambda: c.metric("splitserve_decode_slots_reserved") >= len(specs), 30, "the doomed streams to run")
+        c.frontends[0][0].send_signal(signal.SIGKILL)
+        # the survivor's clients are served meanwhile, exactly
+        short = request_specs(4)
+        assert stream_all([survivor], short) == offline(lm, short)
+        # the dead frontend's reservations are freed by the router (heartbeat), and its workers' slots
+        wait_for(lambda: c.metric("splitserve_decode_slots_reserved") == 0, 30, "the dead frontend's slots to be freed")
+        wait_for(lambda: c.router_state().get("frontends") == 1, 30, "the router to forget the dead frontend")
+        c.wait_idle()
+        # a new frontend joins at run time and serves
+        port = c.add_frontend()
+        wait_for(lambda: c.router_state().get("frontends") == 2, 60, "the new frontend to join")
+        wait_for(lambda: (http_json(c.port, "/health") or {}).get("status") == "ok", 60, "the frontends' health")
+        assert stream_all([f"tcp://127.0.0.1:{port}"], short) == offline(lm, short)
+
+
+def test_streams_keep_flowing_while_the_router_restarts(home, tiny_dir, lm):
+    with SplitCluster(home, frontends=1) as c:
+        c.start_pipeline(16)
+        specs = request_specs(4)
+        for s in specs:
+            s["max_new_tokens"] = 120
+        want = offline(lm, specs)
+        results: list = [None] * len(specs)
+        first: list[threading.Event] = [threading.Event() for _ in specs]
+
+        with Client(c.endpoints) as client:
+            def one(i: int) -> None:
+                tokens = []
+                for ev in client.stream(**specs[i], timeout=120):
+                    tokens.append(ev.token_id)
+                    first[i].set()
+                results[i] = tokens
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(len(specs))]
+            for t in threads:
+                t.start()
+            for e in first:
+                assert e.wait(60)
+            c.router.send_signal(signal.SIGKILL)
+            c.router.wait()
+            c.start_router()
+            for t in threads:
+                t.join(120)
+        assert results == want
+        # the new router has the workers and the frontend again, and nothing left reserved
+        wait_for(lambda: c.router_state().get("status") == "ok" and c.router_state().get("frontends") == 1, 60,
+                 "workers and the frontend to join the new router")
+        wait_for(lambda: c.metric("splitserve_decode_slots_reserved") == 0, 30, "the adopted slots to be freed")
+        assert stream_all(c.endpoints, specs) == want
+
+
+def test_serve_with_two_frontends_shares_the_http_port_and_lists_both_zmq_ports(home, tiny_dir):
+    zmq_port = free_port()
+    env = dict(os.environ, SPLITSERVE_HOME=str(home), PYTHONUNBUFFERED="1", SPLITSERVE_LOG_LEVEL="WARNING")
+    serve = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "serve", "--model", "tiny-random",
+                              "--frontends", "2", "--zmq-port", str(zmq_port), "--worker-port", "0", "--port", "0",
+                              "--threads", "2"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        lines: list[str] = []
+        wait_for(lambda: lines.append(serve.stdout.readline()) or "ZMQ clients" in lines[-1], 180,
+                 "serve to be ready", interval=0)
+        listed = lines[-1].split("ZMQ clients:")[1].strip().split(", ")
+        assert sorted(listed) == [f"tcp://127.0.0.1:{zmq_port}", f"tcp://127.0.0.1:{zmq_port + 1}"]
+        port = int(next(line for line in lines if "HTTP" in line).split("127.0.0.1:")[1].split()[0])
+        assert http_json(port, "/info")["zmq_endpoints"] == sorted(listed)
+        with Client(listed) as client:
+            outs = [client.generate("def f(x):", max_new_tokens=4, ignore_eos=True, timeout=60) for _ in range(4)]
+        assert len({tuple(o.token_ids) for o in outs}) == 1
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(timeout=60) == 0
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
