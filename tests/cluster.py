@@ -141,8 +141,10 @@ class SplitCluster(Cluster):
     """A router, `frontends` frontend processes sharing one HTTP port (each its own ZMQ port) and
     workers, each a process of its own."""
 
-    def __init__(self, home: Path, frontends: int = 2, model: str = "tiny-random", heartbeat_timeout: float = 2.0):
-        self.home, self.model, self.heartbeat_timeout = home, model, heartbeat_timeout
+    def __init__(self, home: Path, frontends: int = 2, model: str = "tiny-random", heartbeat_timeout: float = 2.0,
+                 *flags: str):
+        """`flags`: given to the router and to every frontend (e.g. the CURVE ones)."""
+        self.home, self.model, self.heartbeat_timeout, self.flags = home, model, heartbeat_timeout, flags
         self.procs, self.workers = [], {}
         self.worker_port, self.frontend_port, self.router_port, self.port = (free_port() for _ in range(4))
         self.router = self.start_router()
@@ -154,13 +156,14 @@ class SplitCluster(Cluster):
     def start_router(self) -> subprocess.Popen:
         self.router = self._spawn("router", "--worker-port", str(self.worker_port), "--frontend-port",
                                   str(self.frontend_port), "--metrics-port", str(self.router_port),
-                                  "--heartbeat-timeout", str(self.heartbeat_timeout))
+                                  "--heartbeat-timeout", str(self.heartbeat_timeout), *self.flags)
         return self.router
 
     def add_frontend(self) -> int:
         zmq_port = free_port()
         proc = self._spawn("frontend", "--router", f"tcp://127.0.0.1:{self.frontend_port}", "--port", str(self.port),
-                           "--zmq-port", str(zmq_port), "--heartbeat-timeout", str(self.heartbeat_timeout))
+                           "--zmq-port", str(zmq_port), "--heartbeat-timeout", str(self.heartbeat_timeout),
+                           *self.flags)
         self.frontends.append((proc, zmq_port))
         return zmq_port
 
@@ -185,6 +188,10 @@ class SplitCluster(Cluster):
     def start_pipeline(self, num_slots: int, *worker_args: str) -> None:
         self.add_worker("prefill", *worker_args)
         self.add_worker("decode", "--num-slots", str(num_slots), *worker_args)
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Every worker registered, and the router sees them and every live frontend."""
         self.wait_registered()
         want = sum(p.poll() is None for p, _ in self.frontends)
         wait_for(lambda: self.router_state().get("status") == "ok" and self.router_state().get("frontends") == want,

@@ -14,7 +14,7 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from cluster import Cluster, wait_for
+from cluster import Cluster, SplitCluster, wait_for
 from splitserve.client import Client, UnavailableError
 from splitserve.common import protocol as P
 from splitserve.common.curve import load_keypair, write_keypair
@@ -99,6 +99,20 @@ def test_workers_with_curve_keys_serve_and_a_worker_with_the_wrong_key_never_reg
         assert decode["kv_encrypted"]
         assert handshake(decode["kv_endpoint"]) == "refused"  # nothing in the clear reaches the KV port
         assert handshake(c.endpoint) == "done"  # while the client front is plain, as it should be
+
+
+def test_a_router_and_a_frontend_of_their_own_under_curve(home, tiny_dir, keys):
+    """The frontend joins the router with the router's own key pair, serves its token port with it,
+    and workers holding a key the router lets in send it tokens."""
+    curve = ("--curve-secret-file", keys["gateway"], "--curve-clients", keys["workers.dir"])
+    with SplitCluster(home, 1, "tiny-random", 2.0, *curve) as c:
+        for role in ("prefill", "decode"):
+            c.add_worker(role, "--curve-secret-file", keys["workers"], "--curve-server-key", keys["gateway.pub"],
+                         "--kv-transport", "tcp")
+        c.wait_ready()
+        with Client(c.endpoints) as client:
+            assert len(client.generate("def f(x):", max_new_tokens=4, ignore_eos=True).token_ids) == 4
+        assert handshake(f"tcp://127.0.0.1:{c.frontend_port}") == "refused"  # the router's frontend port
 
 
 def handshake(endpoint: str) -> str:
