@@ -59,7 +59,7 @@ class Frontend:
         self.zmq_port = bind_endpoint(self.front, opts.host, opts.zmq_port)
         self.replies = ZmqReplies(self.front, self._client_gone)
         self.token_endpoint = tcp_endpoint(opts.advertise_host, self.token_port)
-        self.core = FrontendCore(self.tokenizer, self.limits, self._send_router, self.token_endpoint, 0)
+        self.core = FrontendCore(self.tokenizer, self.limits, self._send_router, self.token_endpoint)
         # Every front end submits through the door, which meters each request.
         self.door = FrontDoor(self.core, GatewayMetrics(self.core))
         api = ApiContext(self.door, self.tokenizer, self.limits, opts.model.model, load_chat_template(path),

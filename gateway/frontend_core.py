@@ -64,7 +64,7 @@ class Stream:
 
 class FrontendCore:
     def __init__(self, tokenizer: Tokenizer, limits: Limits, send_router: Callable[[object], None],
-                 token_endpoint: str, max_concurrent: int):
+                 token_endpoint: str):
         self.tokenizer, self.limits, self.send_router = tokenizer, limits, send_router
         self.token_endpoint = token_endpoint
         fim = find_fim(tokenizer)
@@ -74,7 +74,6 @@ class FrontendCore:
         self.attempt_of: dict[str, str] = {}  # gateway id -> current attempt's id
         self.unsent: list[str] = []  # submitted with dispatch=False, admitted by the next dispatch()
         self.fleet: P.Fleet | None = None  # None while the router is out of reach
-        self.max_concurrent = max_concurrent  # until the router says
         # Ids differ across frontend processes, so a worker or router still holding an earlier
         # process's attempt (or its cancel) can never mistake it for a new one.
         self._ids = itertools.count()
@@ -190,7 +189,6 @@ class FrontendCore:
     def on_router(self, msg) -> None:
         if isinstance(msg, P.Fleet):
             self.fleet = msg
-            self.max_concurrent = msg.max_concurrent
         elif isinstance(msg, P.Refused):
             for attempt in msg.ids:
                 stream = self.streams.get(attempt)

@@ -79,7 +79,18 @@ class Router:
         self.frontend_sock.send_multipart([front.identity, P.encode(msg)], flags=zmq.NOBLOCK)
 
     def loops(self) -> list:
-        return [self._worker_loop(), self._frontend_loop(), self._tick_loop()]
+        return [self._serve(self.worker_sock, P.WorkerToGateway, "worker", self._on_worker),
+                self._serve(self.frontend_sock, P.FrontendToRouter, "frontend", self._on_frontend), self._tick_loop()]
+
+    @staticmethod
+    async def _serve(sock: zmq.asyncio.Socket, kinds, port: str, handle) -> None:
+        async for identity, msg in incoming(sock, kinds, port):
+            if isinstance(msg, P.DecodeError):
+                continue
+            try:
+                handle(identity, msg)
+            except Exception:  # one bad message must not take the router down
+                log.exception("failed to handle a %s message %s", port, type(msg).__name__)
 
     def close(self) -> None:
         self.worker_sock.close(0)
@@ -101,15 +112,6 @@ class Router:
 
     # ---- workers --------------------------------------------------------------------------------
 
-    async def _worker_loop(self) -> None:
-        async for identity, msg in incoming(self.worker_sock, P.WorkerToGateway, "worker"):
-            if isinstance(msg, P.DecodeError):
-                continue
-            try:
-                self._on_worker(identity, msg)
-            except Exception:  # one bad message must not take the router down
-                log.exception("failed to handle %s", type(msg).__name__)
-
     def _on_worker(self, identity: bytes, msg) -> None:
         if isinstance(msg, P.Register):
             reason = self.registry.register(identity, msg)
@@ -128,15 +130,6 @@ class Router:
 
     # ---- frontends ----------------------------------------------------------------------------
 
-    async def _frontend_loop(self) -> None:
-        async for identity, msg in incoming(self.frontend_sock, P.FrontendToRouter, "frontend"):
-            if isinstance(msg, P.DecodeError):
-                continue
-            try:
-                self._on_frontend(identity, msg)
-            except Exception:
-                log.exception("failed to handle a frontend's %s", type(msg).__name__)
-
     def _on_frontend(self, identity: bytes, msg) -> None:
         if isinstance(msg, P.Hello):
             reason = self.core.hello(identity, msg)
@@ -151,12 +144,8 @@ class Router:
         if front is None:
             # a frontend of an earlier router process, or one expired as silent: it says hello again
             self.frontend_sock.send_multipart([identity, P.encode(P.Reregister())], flags=zmq.NOBLOCK)
-        elif isinstance(msg, P.Admit):
-            self.core.admit(front, msg)
-        elif isinstance(msg, P.Cancel):
-            self.core.cancel(msg.id)
-        elif isinstance(msg, P.Done):
-            self.core.done(msg.id)
+        else:
+            self.core.on_frontend(front, msg)
 
     # ---- time ---------------------------------------------------------------------------------
 

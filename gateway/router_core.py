@@ -205,6 +205,15 @@ class RouterCore:
 
     # ---- ends -----------------------------------------------------------------------------
 
+    def on_frontend(self, front: Frontend, msg) -> None:
+        """A joined frontend's Admit, Cancel or Done."""
+        if isinstance(msg, P.Admit):
+            self.admit(front, msg)
+        elif isinstance(msg, P.Cancel):
+            self.cancel(msg.id)
+        elif isinstance(msg, P.Done):
+            self.done(msg.id)
+
     def done(self, attempt_id: str) -> None:
         """Its client has the last token: only the worker's end is awaited (it may have come already)."""
         attempt = self.attempts.get(attempt_id)

@@ -56,7 +56,7 @@ def tgi_router(ctx: ApiContext) -> APIRouter:
         fleet = ctx.core.fleet or P.Fleet()
         return TgiInfo(model_id=ctx.model_id, model_dtype=fleet.dtype,
                        model_device_type=fleet.device.split(":")[0] if fleet.device else None,
-                       max_concurrent_requests=ctx.core.max_concurrent, max_stop_sequences=MAX_STOP_SEQUENCES,
+                       max_concurrent_requests=fleet.max_concurrent, max_stop_sequences=MAX_STOP_SEQUENCES,
                        max_input_tokens=ctx.limits.max_input_tokens, max_total_tokens=ctx.limits.max_total_tokens,
                        max_top_n_tokens=MAX_TOP_N, version=request.app.version, zmq_endpoints=fleet.zmq_endpoints)
 

@@ -32,7 +32,7 @@ class Books:
             else router.registry
         self.router = router or RouterCore(self.registry, lambda w, msg: self.sent.append((w.id, msg)),
                                            self._to_frontend, 16, 60.0, "fp")
-        self.frontend = FrontendCore(tokenizer, Limits.derive(2048, 64), self._to_router, "tcp://front:1", 16)
+        self.frontend = FrontendCore(tokenizer, Limits.derive(2048, 64), self._to_router, "tcp://front:1")
         self.join()
 
     def join(self, live: tuple[str, ...] = ()) -> None:
@@ -48,13 +48,7 @@ class Books:
         self.frontend.on_router(msg)
 
     def _to_router(self, msg) -> None:
-        front = self.router.frontends["f1"]
-        if isinstance(msg, P.Admit):
-            self.router.admit(front, msg)
-        elif isinstance(msg, P.Cancel):
-            self.router.cancel(msg.id)
-        elif isinstance(msg, P.Done):
-            self.router.done(msg.id)
+        self.router.on_frontend(self.router.frontends["f1"], msg)
 
     def register(self, role: str, wid: str, capacity: int, holding: tuple[P.Held, ...] = (), **kw) -> None:
         assert self.registry.register(wid.encode(), registration(role, wid, capacity, **kw)) == ""
