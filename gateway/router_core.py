@@ -75,7 +75,6 @@ class RouterCore:
         self.waiting: deque[str] = deque()  # leaders admitted, waiting for a free decode slot
         self.claims: dict[str, tuple[str, float]] = {}  # attempt -> (frontend, when): streamed, not (yet) held
         self.draining = False
-        self.started = time.monotonic()
 
     # ---- frontends ----------------------------------------------------------------------
 
