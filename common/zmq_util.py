@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 
 import zmq
@@ -35,7 +36,31 @@ def bind_endpoint(sock: zmq.Socket, host: str, port: int) -> int:
     return sock.bind_to_random_port(f"tcp://{host}")
 
 
+FIXED_PORTS_FROM = 10_000  # free_port's ports start here (below: well-known and commonly registered ones)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now, for another process to bind. It is chosen below the kernel's ephemeral
+    range: the kernel hands ports of that range to every bind to port 0 and every outgoing
+    connection, so a port taken from it could be handed to another socket before its process
+    binds it (tests start many processes that bind port 0)."""
+    low = _ephemeral_low()
+    if low > FIXED_PORTS_FROM + 1000:
+        for port in random.sample(range(FIXED_PORTS_FROM, low), 200):
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
