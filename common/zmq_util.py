@@ -37,6 +37,7 @@ def bind_endpoint(sock: zmq.Socket, host: str, port: int) -> int:
 
 
 FIXED_PORTS_FROM = 10_000  # free_port's ports start here (below: well-known and commonly registered ones)
+_handed_out: set[int] = set()  # a process never gets one twice (the kernel's own choices rotate likewise)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -47,12 +48,15 @@ def free_port(host: str = "127.0.0.1") -> int:
     low = _ephemeral_low()
     if low > FIXED_PORTS_FROM + 1000:
         for port in random.sample(range(FIXED_PORTS_FROM, low), 200):
+            if port in _handed_out:  # free again, perhaps, but maybe not yet bound by whoever got it
+                continue
             with socket.socket() as s:
                 try:
                     s.bind((host, port))
                 except OSError:
                     continue
-                return port
+            _handed_out.add(port)
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
