@@ -12,6 +12,7 @@ import time
 import zmq
 
 from . import protocol as P
+from .heap import freeze_startup_heap
 from .kv_transport import gpu_uuids
 from .loading import LoadedModel
 from .metrics_http import WorkerMetrics
@@ -115,6 +116,7 @@ class WorkerLoop:
             signal.signal(sig, lambda *_: self.start_drain(self.opts.link.drain_timeout))
         link = self.link
         poller, polled = zmq.Poller(), None
+        freeze_startup_heap()
         try:
             while not (self.draining and self._drained()):
                 if link.refused:

@@ -1,7 +1,16 @@
-"""The decode worker's output thread: overlapping the next step, it turns each step's token ids
-into text (incremental detokenization, stop strings) and sends one message per step to each
-frontend that owns some of the step's requests. A stop-string match is handed back to the decode
-loop, which frees the slot."""
+"""The decode worker's output: it turns each step's token ids into text (incremental
+detokenization, stop strings) and sends one message per step to each frontend that owns some of
+the step's requests. A stop-string match is handed back to the decode loop, which frees the slot.
+
+On CUDA a thread does this, overlapping the next step: the loop spends its step in the host sync
+with the GIL released. On a CPU the loop does it itself (`inline`), right after the step. There
+the step is Python and PyTorch calls that hold the GIL all but a few microseconds at a time, and
+a waiting thread takes the GIL only by winning a race against those short releases (CPython's
+forced switch never comes: each re-acquisition counts as a switch). The thread lost that race for
+a step or more, then sent the steps it had fallen behind on back to back, so tokens left in bursts;
+while it did win, the two threads took turns on the GIL and a step after an admission (its
+text stream's replay) ran ~2x slower. Inline, the same work costs the loop no more than the GIL
+it would have lost, and each step's tokens leave as it ends."""
 
 from __future__ import annotations
 
@@ -24,28 +33,43 @@ from .engine import StepOutput
 log = logging.getLogger(__name__)
 
 
-class OutputThread:
-    """Fed in order by the decode loop: ("admit", slot, request, first_token, first_text),
-    ("step", StepOutput) and ("stop", None); releases come back on `released`."""
+class Output:
+    """Fed in order by the decode loop: `admit` each request, then `step` after each step;
+    releases come back on `released`. `inline`: the caller's thread does the work (see the
+    module's doc), else a thread of its own."""
 
-    def __init__(self, ctx: zmq.Context, tokenizer: Tokenizer, curve: CurveKeys | None = None):
+    def __init__(self, ctx: zmq.Context, tokenizer: Tokenizer, curve: CurveKeys | None = None, inline: bool = False):
         self.ctx, self.tokenizer, self.curve = ctx, tokenizer, curve
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         # (slot, request id, finish reason) to free
         self.released: queue.SimpleQueue = queue.SimpleQueue()
         self.streams: dict[int, TextStream] = {}
-        self.thread = threading.Thread(target=self._run, name="decode-output", daemon=True)
-        self.thread.start()
+        self.inbox: queue.SimpleQueue | None = None
+        self.thread: threading.Thread | None = None
+        if inline:
+            self.links = FrontendLinks(ctx, curve)
+        else:
+            self.inbox = queue.SimpleQueue()
+            self.thread = threading.Thread(target=self._run, name="decode-output", daemon=True)
+            self.thread.start()
 
     def admit(self, slot: int, request: GenerateRequest, first_token: int, first_text: str) -> None:
-        self.inbox.put(("admit", slot, request, first_token, first_text))
+        if self.inbox is None:
+            self._admit(slot, request, first_token, first_text)
+        else:
+            self.inbox.put(("admit", slot, request, first_token, first_text))
 
     def step(self, out: StepOutput) -> None:
-        self.inbox.put(("step", out))
+        if self.inbox is None:
+            self._send(self.links, out)
+        else:
+            self.inbox.put(("step", out))
 
     def stop(self) -> None:
-        self.inbox.put(("stop",))
-        self.thread.join(timeout=10)
+        if self.inbox is None:
+            self.links.close()
+        else:
+            self.inbox.put(("stop",))
+            self.thread.join(timeout=10)
 
     def _run(self) -> None:
         # Sockets of its own, since ZMQ sockets belong to one thread.
@@ -58,13 +82,16 @@ class OutputThread:
                 if item[0] == "admit":
                     self._admit(*item[1:])
                 else:
-                    for endpoint, entries in self._entries(item[1]).items():
-                        links.send(endpoint, P.StepTokens(entries))
+                    self._send(links, item[1])
         except Exception:
             log.exception("the output thread failed")
             raise
         finally:
             links.close()
+
+    def _send(self, links: FrontendLinks, out: StepOutput) -> None:
+        for endpoint, entries in self._entries(out).items():
+            links.send(endpoint, P.StepTokens(entries))
 
     def _admit(self, slot: int, request: GenerateRequest, first_token: int, first_text: str) -> None:
         stream = TextStream(self.tokenizer, request)

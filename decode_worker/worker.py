@@ -1,9 +1,9 @@
 """The decode worker process: admit handed-off KV into slots, decode step after step, and let the
-output thread stream the tokens to each request's frontend. The router hears of every end
+output stream the tokens to each request's frontend. The router hears of every end
 (Finished), never of a token.
 
 The loop thread owns the engine and the sockets it reads (gateway link, KV endpoint). Between
-steps it takes in everything that arrived: handoffs, cancels, releases from the output thread.
+steps it takes in everything that arrived: handoffs, cancels, releases from the output.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from splitserve.common.worker_loop import WorkerLoop
 
 from .engine import DecodeEngine
 from .kv_pool import slots_for_budget
-from .output import OutputThread
+from .output import Output
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class DecodeWorker(WorkerLoop):
         self.kv = KvReceiver(self.ctx, opts.host, opts.kv_port, opts.advertise_host,
                              CurveKeys(curve.public, curve.secret) if curve is not None else None,
                              model.device, model.dtype, nixl)
-        self.output = OutputThread(self.ctx, model.tokenizer, curve=curve)
+        self.output = Output(self.ctx, model.tokenizer, curve=curve, inline=model.device.type != "cuda")
         self.running: dict[str, Running] = {}  # by request id
         self.tombstones: dict[str, float] = {}  # request id -> when its Cancel came, before its KV did
         self.orphans_checked = 0.0
@@ -94,7 +94,7 @@ class DecodeWorker(WorkerLoop):
         return not self.running
 
     def housekeeping(self) -> None:
-        while not self.output.released.empty():  # slots the output thread stopped on a stop string
+        while not self.output.released.empty():  # slots the output stopped on a stop string
             slot, rid, reason = self.output.released.get()
             if rid in self.running and self.running[rid].slot == slot:
                 self._forget(rid)

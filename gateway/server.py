@@ -13,6 +13,7 @@ import zmq.asyncio
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from splitserve.common.heap import freeze_startup_heap
 from splitserve.common.zmq_util import tcp_endpoint
 
 from .frontend import Frontend
@@ -155,6 +156,7 @@ def run_gateway(opts: GatewayOptions) -> int:
         log.info("gateway: clients at %s, HTTP and WebSocket at %s, workers at %s", gw.zmq_endpoint, gw.http_url,
                  gw.worker_endpoint)
         _on_signals(gw.stop)
+        freeze_startup_heap()
         await gw.run()
 
     return _serve(main)
@@ -166,6 +168,7 @@ def run_router(opts: RouterOptions) -> int:
         log.info("router: workers at %s, frontends at %s%s", server.worker_endpoint, server.router.frontend_endpoint,
                  f", /health and /metrics on port {server.http.port}" if server.http else "")
         _on_signals(server.stop)
+        freeze_startup_heap()
         await server.run()
 
     return _serve(main)
@@ -177,6 +180,7 @@ def run_frontend(opts: FrontendOptions) -> int:
         log.info("frontend %s: clients at %s, HTTP and WebSocket at %s, tokens at %s, router at %s", frontend.id,
                  frontend.zmq_endpoint, frontend.http_url, frontend.token_endpoint, opts.router)
         _on_signals(frontend.stop)
+        freeze_startup_heap()
         await frontend.run()
         if frontend.refused:
             raise SystemExit(1)

@@ -1,0 +1,20 @@
+"""The garbage collector in long-running processes.
+
+A full collection walks every tracked object: in a worker (PyTorch, the model's modules, the
+tokenizer) or a frontend (FastAPI, pydantic's schemas, the tokenizer) that is hundreds of thousands
+of objects made at start-up and never freed, 20-50 ms on this machine's cores, and it comes every
+few seconds under load, stalling every stream of the process at once: it set the pipeline's p99
+inter-token latency. Frozen once start-up is over, those objects are never walked again; a
+collection then costs what the requests in flight allocated. vLLM's engine core does the same.
+"""
+
+from __future__ import annotations
+
+import gc
+
+
+def freeze_startup_heap() -> None:
+    """Collect what start-up left behind, then move every surviving object out of the collector's
+    reach. Call once, when the process is about to serve."""
+    gc.collect()
+    gc.freeze()
