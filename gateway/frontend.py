@@ -30,7 +30,7 @@ from .frontend_core import FrontendCore
 from .http_app import HttpServer, build_app
 from .metrics import GatewayMetrics
 from .options import FrontendOptions
-from .router import incoming
+from .zmq_drain import DrainedSocket
 from .zmq_replies import ZmqReplies
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,9 @@ class Frontend:
         # that is how the frontend learns the client is gone and stops its requests.
         self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.zmq_port = bind_endpoint(self.front, opts.host, opts.zmq_port)
-        self.replies = ZmqReplies(self.front, self._client_gone)
+        self.front_port = DrainedSocket(self.front, self._on_client, multipart=True)
+        self.replies = ZmqReplies(self.front_port.send_multipart, self._client_gone)
+        self._client_decoder = P.decoder(P.ClientMessage)
         self.token_endpoint = tcp_endpoint(opts.advertise_host, self.token_port)
         self.core = FrontendCore(self.tokenizer, self.limits, self._send_router, self.token_endpoint)
         # Every front end submits through the door, which meters each request.
@@ -124,18 +126,20 @@ class Frontend:
 
     async def _token_loop(self) -> None:
         dec = P.decoder(P.WorkerToFrontend)
-        sock, core = self.token_sock, self.core
-        while True:
-            frame = await sock.recv(copy=False)
+        core = self.core
+
+        def handle(frame: zmq.Frame) -> None:
             try:
                 msg = P.decode(dec, frame.buffer)
             except P.DecodeError as e:
                 log.warning("dropped a malformed frame on the token port: %s", e)
-                continue
+                return
             try:
                 core.on_tokens(msg)
             except Exception:  # one bad message must not stop every stream
                 log.exception("failed to handle %s", type(msg).__name__)
+
+        await DrainedSocket(self.token_sock, handle).serve()
 
     # ---- the router ---------------------------------------------------------------------------
 
@@ -216,20 +220,28 @@ class Frontend:
     # ---- ZMQ clients --------------------------------------------------------------------------
 
     async def _front_loop(self) -> None:
-        async for identity, msg in incoming(self.front, P.ClientMessage, "client"):
-            if isinstance(msg, P.DecodeError):
-                self._reply(identity, P.Error("", "validation", f"malformed message: {msg}"))
-                continue
-            try:
-                if isinstance(msg, P.Generate):
-                    self._on_generate(identity, msg)
-                else:
-                    gid = self.client_ids.pop((identity, msg.id), None)
-                    if gid is not None:
-                        self.door.cancel(gid)
-            except Exception as e:  # one bad request must not end the front for every client
-                log.exception("failed to handle a client's %s", type(msg).__name__)
-                self._reply(identity, P.Error(msg.id, "generation", f"the gateway could not handle it: {e}"))
+        await self.front_port.serve()
+
+    def _on_client(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            return
+        identity = frames[0]
+        try:
+            msg = P.decode(self._client_decoder, frames[1])
+        except P.DecodeError as e:
+            log.warning("dropped a malformed frame on the client port: %s", e)
+            self._reply(identity, P.Error("", "validation", f"malformed message: {e}"))
+            return
+        try:
+            if isinstance(msg, P.Generate):
+                self._on_generate(identity, msg)
+            else:
+                gid = self.client_ids.pop((identity, msg.id), None)
+                if gid is not None:
+                    self.door.cancel(gid)
+        except Exception as e:  # one bad request must not end the front for every client
+            log.exception("failed to handle a client's %s", type(msg).__name__)
+            self._reply(identity, P.Error(msg.id, "generation", f"the gateway could not handle it: {e}"))
 
     def _on_generate(self, identity: bytes, msg: P.Generate) -> None:
         if not admits(self.opts.api_key, msg.api_key):

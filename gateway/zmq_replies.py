@@ -16,7 +16,6 @@ import logging
 from collections.abc import Callable
 
 import zmq
-import zmq.asyncio
 
 from splitserve.common import protocol as P
 
@@ -24,8 +23,10 @@ log = logging.getLogger(__name__)
 
 
 class ZmqReplies:
-    def __init__(self, sock: zmq.asyncio.Socket, gone: Callable[[bytes], None]):
-        self.sock, self.gone = sock, gone
+    """`send`: sends a message's frames at once without blocking, raising zmq.ZMQError when it cannot."""
+
+    def __init__(self, send: Callable[[list[bytes]], None], gone: Callable[[bytes], None]):
+        self.send_frames, self.gone = send, gone
         self.pending: dict[bytes, list] = {}  # client identity -> replies not yet sent
         self.flush_scheduled = False
 
@@ -51,17 +52,10 @@ class ZmqReplies:
             self._send([identity, P.encode(P.Replies(replies))])
 
     def _send(self, frames: list[bytes]) -> None:
-        # An asyncio socket reports a failed send in the future it returns, done at once under
-        # NOBLOCK: read there, with no callback per reply.
-        sent = self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
-        if sent.done():
-            self._after(frames[0], sent)
-        else:
-            sent.add_done_callback(lambda f: self._after(frames[0], f))
-
-    def _after(self, identity: bytes, sent: asyncio.Future) -> None:
-        e = None if sent.cancelled() else sent.exception()
-        if isinstance(e, zmq.ZMQError) and e.errno == zmq.EHOSTUNREACH:
-            self.gone(identity)
-        elif e is not None:
-            log.debug("could not reply to a client: %s", e)
+        try:
+            self.send_frames(frames)
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH:
+                self.gone(frames[0])
+            else:
+                log.debug("could not reply to a client: %s", e)
