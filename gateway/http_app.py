@@ -25,7 +25,7 @@ from .api_errors import ApiError, invalid, openai_error, retry_headers, tgi_erro
 from .http_guard import HttpGuard, LoadShed
 from .infill import INFILL_PATH, infill_error, infill_router
 from .openai_api import openai_router
-from .replies import Json
+from .replies import Json, with_raw_send
 from .tgi import tgi_router
 from .websocket import __doc__ as WEBSOCKET_DOC, websocket_router
 
@@ -165,7 +165,7 @@ class HttpServer:
         # limit_concurrency: past it uvicorn answers 503 and closes, so that idle or slow
         # connections cannot take every file descriptor (and with them the ZeroMQ sockets). It
         # counts the asking connection too, hence + 1: max_connections open ones are all served.
-        config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off",
+        config = uvicorn.Config(with_raw_send(app), log_config=None, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S, ws_max_size=MAX_BODY_BYTES,
                                 limit_concurrency=max_connections + 1)
         self.server = _Server(config)

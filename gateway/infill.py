@@ -263,7 +263,7 @@ def select(answer: dict, paths: list[str]) -> dict:
 async def _complete(completion: Completion, replies: Replies, request: Request) -> None:
     """The request to its end (or to where a check of completion's stops it); cancelled if the
     client disconnects first."""
-    watcher = asyncio.create_task(close_on_disconnect(request, replies))
+    watcher = asyncio.create_task(close_on_disconnect(request.receive, replies))
     try:
         async for _, batch in replies:
             completion.add(batch)

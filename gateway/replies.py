@@ -4,13 +4,14 @@ iterator, gathered into whole answers, and cancelled when the client goes away."
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from splitserve.common import protocol as P
 from splitserve.common.params import NORMAL_FINISH
@@ -27,25 +28,38 @@ class Replies:
     def __init__(self, door: FrontDoor, route: str, msgs: list[P.Generate], same_prompt: int = 1):
         """`same_prompt`: consecutive requests in groups of this many share a prompt, and so a prefill."""
         self.door = door
-        self.queue: asyncio.Queue = asyncio.Queue()
+        # (choice, reply) in arrival order; the reader waits on `wake` only while this is empty,
+        # so a reply costs an append, not a queue's bookkeeping and a wake-up each
+        self.ready: deque[tuple[int | None, object]] = deque()
+        self.wake: asyncio.Future | None = None
         self.gids: list[str] = []
         self.running: set[int] = set()
         for i, msg in enumerate(msgs):
             fork_of = self.gids[i - i % same_prompt] if i % same_prompt else None
-            gid = door.submit(route, msg, lambda out, i=i: self.queue.put_nowait((i, out)), fork_of, dispatch=False)
+            gid = door.submit(route, msg, lambda out, i=i: self._put(i, out), fork_of, dispatch=False)
             if gid is None:
                 # a refusal reaches the sink before submit returns, with nothing else queued since
                 # (no await in between): it is the newest item
-                refusal = self.queue.get_nowait()[1]
+                refusal = self.ready.pop()[1]
                 self.close()
                 raise ApiError(refusal.error_type, refusal.message, metered=True)
             self.gids.append(gid)
             self.running.add(i)
         door.dispatch()
 
+    def _put(self, i: int | None, out) -> None:
+        self.ready.append((i, out))
+        wake = self.wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
     async def __aiter__(self) -> AsyncIterator[tuple[int, P.TokenBatch]]:
+        ready = self.ready
         while self.running:
-            i, out = await self.queue.get()
+            while not ready:
+                self.wake = asyncio.get_running_loop().create_future()
+                await self.wake
+            i, out = ready.popleft()
             if i is None:  # closed while waiting
                 return
             if isinstance(out, P.Error):
@@ -66,7 +80,7 @@ class Replies:
             self.door.cancel(self.gids[i], outcome=outcome)
         if self.running:
             self.running.clear()
-            self.queue.put_nowait((None, None))
+            self._put(None, None)
 
 
 @dataclass
@@ -103,7 +117,7 @@ class Answer:
 async def gather(replies: Replies, n: int, request: Request) -> list[Answer]:
     """Every choice to its end; the requests are cancelled if the client disconnects first."""
     answers = [Answer() for _ in range(n)]
-    watcher = asyncio.create_task(close_on_disconnect(request, replies))
+    watcher = asyncio.create_task(close_on_disconnect(request.receive, replies))
     try:
         async for i, batch in replies:
             answers[i].add(batch)
@@ -113,10 +127,10 @@ async def gather(replies: Replies, n: int, request: Request) -> list[Answer]:
     return answers
 
 
-async def close_on_disconnect(request: Request, replies: Replies) -> None:
+async def close_on_disconnect(receive: Receive, replies: Replies) -> None:
     """Close `replies` (cancelling its requests) when the HTTP client goes away; the body has
     been read, so the next ASGI message is the disconnect."""
-    while (await request.receive())["type"] != "http.disconnect":
+    while (await receive())["type"] != "http.disconnect":
         pass
     replies.close()
 
@@ -129,18 +143,46 @@ class Json(JSONResponse):
         return msgspec.json.encode(content)
 
 
-class EventStream(StreamingResponse):
+RAW_SEND = "splitserve.raw_send"  # the scope key under which `with_raw_send` leaves the server's send
+
+
+def with_raw_send(app: ASGIApp) -> ASGIApp:
+    """`app` with the server's own `send` in every scope, for EventStream's events."""
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        scope[RAW_SEND] = send
+        await app(scope, receive, send)
+
+    return asgi
+
+
+class EventStream(Response):
     """Server-sent events; the requests behind them are cancelled when the client disconnects
-    (Starlette then cancels the stream) or the stream ends any other way."""
+    or the stream ends any other way.
+
+    The response's start goes through the middlewares' `send` (they learn that the response has
+    started), the events through the server's own (`with_raw_send`): each middleware wraps `send`
+    in a coroutine of its own, a hop per event per stream for nothing."""
 
     media_type = "text/event-stream"
 
     def __init__(self, events: AsyncIterator[bytes], replies: Replies):
-        super().__init__(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.replies = replies
+        # no Response.__init__: it would render an empty body and declare its length, 0
+        self.status_code, self.background = 200, None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.events, self.replies = events, replies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = scope.get(RAW_SEND, send)
+        # uvicorn (ASGI 2.3) drops what is sent after a disconnect: the disconnect is heard on receive
+        watcher = asyncio.create_task(close_on_disconnect(receive, self.replies))
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.events:
+                await raw({"type": "http.response.body", "body": chunk, "more_body": True})
+            await raw({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # a server whose send raises on a disconnect (ASGI 2.4)
+            pass
         finally:
+            watcher.cancel()
             self.replies.close()
