@@ -165,8 +165,11 @@ class HttpServer:
         # limit_concurrency: past it uvicorn answers 503 and closes, so that idle or slow
         # connections cannot take every file descriptor (and with them the ZeroMQ sockets). It
         # counts the asking connection too, hence + 1: max_connections open ones are all served.
+        # ws_per_message_deflate off: a browser offers compression by default, and deflating each
+        # token's frame (~100-200 bytes) would cost more CPU per token than the bytes it saves.
         config = uvicorn.Config(with_raw_send(app), log_config=None, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S, ws_max_size=MAX_BODY_BYTES,
+                                ws_per_message_deflate=False,
                                 limit_concurrency=max_connections + 1)
         self.server = _Server(config)
 

@@ -35,6 +35,7 @@ from splitserve.common import protocol as P
 from .api_context import ApiContext
 from .auth import UNAUTHORIZED, ApiKey, admits, bearer
 from .frontdoor import FrontDoor
+from .replies import RAW_SEND
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,10 @@ class Session:
 
     async def _write(self) -> None:
         loop = asyncio.get_running_loop()
+        # Frames go through the server's own send: Starlette's adds a state check and each
+        # middleware's wrapper a coroutine hop, per frame. The accept and the close still take
+        # Starlette's path, so its state stays right.
+        send = self.websocket.scope.get(RAW_SEND, self.websocket.send)
         while True:
             while not self.outbox:
                 self.wake = loop.create_future()
@@ -212,10 +217,9 @@ class Session:
             frame = self.outbox.popleft()
             self.backlog -= len(frame)
             try:
-                if isinstance(frame, bytes):
-                    await self.websocket.send_bytes(frame)
-                else:
-                    await self.websocket.send_text(frame)
-            except (WebSocketDisconnect, RuntimeError) as e:  # closed under us: the reader ends the session
+                await send({"type": "websocket.send", "bytes": frame} if isinstance(frame, bytes)
+                           else {"type": "websocket.send", "text": frame})
+            # closed under us (uvicorn raises ClientDisconnected, an OSError): the reader ends the session
+            except (OSError, WebSocketDisconnect, RuntimeError) as e:
                 log.debug("websocket send failed: %s", e)
                 return

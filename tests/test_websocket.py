@@ -170,3 +170,14 @@ def test_requests_after_the_connection_died_fail_at_once(home, tiny_dir):
                         await client.generate("def f():", max_new_tokens=2, timeout=600)
 
         asyncio.run(asyncio.wait_for(run_async(), 120))
+
+
+def test_frames_are_not_compressed_even_when_the_client_offers_it(url):
+    """A browser offers permessage-deflate; deflating every token's small frame would cost the
+    frontend more CPU per token than the bytes save, so the server declines it."""
+    with connect(url, compression="deflate") as ws:  # websockets' default offer, as a browser's
+        assert ws.protocol.extensions == []
+        ws.send(msgspec.json.encode({"type": "generate", "id": "a", "prompt": "x",
+                                     "parameters": {"max_new_tokens": 2}}).decode())
+        reply = msgspec.json.decode(ws.recv())
+        assert reply["id"] == "a" and reply["type"] == "tokens"
