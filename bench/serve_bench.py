@@ -12,7 +12,10 @@ What a row means:
   lag behind the Poisson schedule is reported apart, as `send_lag_ms`). Engine: from the
   request's arrival, so the step it waits behind counts, as it does for a server.
 - `tpot_ms`: per request, (last token - first token) / (tokens - 1).
-- `itl_ms`: every gap between consecutive tokens of a request.
+- `itl_ms`: every gap between consecutive tokens of a request. `itl_rest_ms`: the same without each
+  request's first gap, which in the pipeline is the KV handoff to the decode worker (with 64 new
+  tokens, one gap in 63: enough to set the p99 alone); the engine's is its first decode step.
+  `short_gap_share`: the share of gaps under 0.1 ms, tokens that arrived in a burst.
 - `output_tok_s`: output tokens of finished requests / (last token - start of the load).
 - The engine is driven in this process by a loop that admits arrived requests and calls
   `step()`; each TokenEvent is stamped when `step()` returns it. Its PyTorch threads are the decode
@@ -61,6 +64,7 @@ from .server_state import http_json, log_tails
 
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
 CDF_LEVELS = sorted({i / 100 for i in range(101)} | {0.995, 0.999})
+SHORT_GAP_MS = 0.1  # a gap this short between two tokens of a stream: they came in a burst
 START_TIMEOUT_S = 180.0
 EXIT_GRACE_S = 15.0
 PROGRESS_EVERY_S = 1.0
@@ -427,6 +431,7 @@ def result_row(system: str, load: Load, traces: list[Trace], start: float, threa
     ttft = [1e3 * (t.times[0] - t.sent) for t in done]
     tpot = [1e3 * (t.times[-1] - t.times[0]) / (len(t.times) - 1) for t in done if len(t.times) > 1]
     itl = [1e3 * (b - a) for t in done for a, b in zip(t.times, t.times[1:])]
+    itl_rest = [1e3 * (b - a) for t in done for a, b in zip(t.times[1:], t.times[2:])]
     end = max((t.times[-1] for t in done), default=start)
     tokens = sum(len(t.times) for t in done)
     prompt = [len(t.job.prompt_ids) for t in traces]
@@ -435,7 +440,8 @@ def result_row(system: str, load: Load, traces: list[Trace], start: float, threa
         system=system, load=load.kind, concurrency=load.concurrency, rate=load.rate, requests=len(done),
         failed=len(traces) - len(done), prompt_len=[min(prompt, default=0), max(prompt, default=0)],
         new_tokens=[min(new, default=0), max(new, default=0)], ttft_ms=summary(ttft), tpot_ms=summary(tpot),
-        itl_ms=summary(itl), output_tok_s=round(tokens / (end - start), 2) if end > start else 0.0,
+        itl_ms=summary(itl), itl_rest_ms=summary(itl_rest),
+        short_gap_share=round(sum(g < SHORT_GAP_MS for g in itl) / len(itl), 4) if itl else None, output_tok_s=round(tokens / (end - start), 2) if end > start else 0.0,
         duration_s=round(end - start, 3), threads=threads,
         errors=dict(Counter(t.error or "unfinished" for t in traces if not t.finished)),
         ttft_cdf_ms=quantiles(ttft, CDF_LEVELS), itl_cdf_ms=quantiles(itl, CDF_LEVELS),
@@ -453,6 +459,7 @@ def ratios(results: list[dict]) -> list[dict]:
         out.append(dict(load=point[0], concurrency=point[1], rate=point[2],
                         ttft_p50=_ratio(pipe["ttft_ms"]["p50"], eng["ttft_ms"]["p50"]),
                         itl_p99=_ratio(pipe["itl_ms"]["p99"], eng["itl_ms"]["p99"]),
+                        itl_rest_p99=_ratio(pipe["itl_rest_ms"]["p99"], eng["itl_rest_ms"]["p99"]),
                         output_tok_s=_ratio(pipe["output_tok_s"], eng["output_tok_s"])))
     return out
 
@@ -463,22 +470,25 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def format_table(results: list[dict], ratio_rows: list[dict]) -> str:
     head = ("system", "load", "reqs", "fail", "ttft_p50", "ttft_p90", "ttft_p99", "tpot_p50", "tpot_p99", "itl_p50",
-            "itl_p90", "itl_p99", "tok/s", "others")
-    line = "{:<9}{:<12}{:>6}{:>5}" + "{:>10}" * 8 + "{:>9}{:>8}"
+            "itl_p90", "itl_p99", "rest_p99", "<0.1ms", "tok/s", "others")
+    line = "{:<9}{:<12}{:>6}{:>5}" + "{:>10}" * 9 + "{:>8}{:>9}{:>8}"
     lines = [line.format(*head)]
     for r in results:
         label = f"c={r['concurrency']}" if r["load"] == "concurrency" else f"{r['rate']:g} req/s"
         ms = [r["ttft_ms"]["p50"], r["ttft_ms"]["p90"], r["ttft_ms"]["p99"], r["tpot_ms"]["p50"], r["tpot_ms"]["p99"],
-              r["itl_ms"]["p50"], r["itl_ms"]["p90"], r["itl_ms"]["p99"]]
-        lines.append(line.format(r["system"], label, r["requests"], r["failed"], *map(_num, ms),
+              r["itl_ms"]["p50"], r["itl_ms"]["p90"], r["itl_ms"]["p99"], r["itl_rest_ms"]["p99"]]
+        short = "-" if r["short_gap_share"] is None else f"{100 * r['short_gap_share']:.1f}%"
+        lines.append(line.format(r["system"], label, r["requests"], r["failed"], *map(_num, ms), short,
                                  f"{r['output_tok_s']:.0f}", _cores(r)))
     if ratio_rows:
-        lines.append("\npipeline / engine    ttft_p50  itl_p99  output_tok_s")
+        lines.append("\npipeline / engine    ttft_p50  itl_p99  rest_p99  output_tok_s")
         for q in ratio_rows:
             label = f"c={q['concurrency']}" if q["load"] == "concurrency" else f"{q['rate']:g} req/s"
-            lines.append(f"{label:<20}{_num(q['ttft_p50']):>9}{_num(q['itl_p99']):>9}{_num(q['output_tok_s']):>14}")
-    return "\n".join(lines) + ("\n(ms; tok/s: output tokens per second; others: cores busy with other processes "
-                               "during the load, noise when well above 0)")
+            lines.append(f"{label:<20}{_num(q['ttft_p50']):>9}{_num(q['itl_p99']):>9}{_num(q['itl_rest_p99']):>10}"
+                         f"{_num(q['output_tok_s']):>14}")
+    return "\n".join(lines) + ("\n(ms; rest_p99: p99 of the gaps after each request's first; <0.1ms: share of gaps "
+                               "that short, tokens in a burst; tok/s: output tokens per second; others: cores busy with "
+                               "other processes during the load, noise when well above 0)")
 
 
 def _cores(row: dict) -> str:

@@ -13,9 +13,10 @@ def check_row(row: dict) -> None:
     assert row["system"] in ("pipeline", "engine") and row["load"] == "concurrency" and row["rate"] is None
     assert isinstance(row["concurrency"], int) and row["requests"] == 4 and row["failed"] == 0, row
     assert row["prompt_len"] == [64, 64] and row["new_tokens"] == [16, 16]
-    for key in ("ttft_ms", "tpot_ms", "itl_ms"):
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "itl_rest_ms"):
         assert set(row[key]) == QUANTILE_KEYS
         assert 0 < row[key]["p50"] <= row[key]["p90"] <= row[key]["p99"], (key, row[key])
+    assert 0 <= row["short_gap_share"] <= 1
     assert isinstance(row["output_tok_s"], float) and row["output_tok_s"] > 0
 
 
