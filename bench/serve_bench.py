@@ -5,7 +5,9 @@ Loads: C clients each sending requests back to back (`--concurrency`), or Poisso
 (`--rate`). Every load is bounded in time (`--duration`: no request starts after it; requests
 still running `--grace` seconds later are cancelled and counted as unfinished) and, with
 `--requests`, in count. The i-th request of a load is the same for both systems (seeded random
-token ids, lengths uniform in `--prompt-len` and `--new-tokens`, EOS ignored).
+token ids, lengths uniform in `--prompt-len` and `--new-tokens`, EOS ignored), and no prompt comes
+back in another load: the pipeline's prefix cache would answer a later load's prompts from an
+earlier one's, which the engine, with no such cache, could not.
 
 What a row means:
 - `ttft_ms`: request sent -> its first token. Pipeline: from the client's send (the client's own
@@ -64,6 +66,7 @@ from .server_state import http_json, log_tails
 
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
 CDF_LEVELS = sorted({i / 100 for i in range(101)} | {0.995, 0.999})
+LOAD_SEED_STEP = 7919  # seeds of successive loads' requests lie this far apart (the warm-up's is seed + 1)
 SHORT_GAP_MS = 0.1  # a gap this short between two tokens of a stream: they came in a burst
 START_TIMEOUT_S = 180.0
 EXIT_GRACE_S = 15.0
@@ -96,6 +99,10 @@ class Jobs:
 
     def __init__(self, prompt_len: tuple[int, int], new_tokens: tuple[int, int], vocab: int, seed: int):
         self.prompt_len, self.new_tokens, self.vocab, self.seed = prompt_len, new_tokens, vocab, seed
+
+    def for_load(self, k: int) -> Jobs:
+        """The requests of the k-th load: prompts of their own."""
+        return Jobs(self.prompt_len, self.new_tokens, self.vocab, self.seed + LOAD_SEED_STEP * (k + 1))
 
     def __getitem__(self, i: int) -> Job:
         rng = random.Random(self.seed * 1_000_003 + i)
@@ -609,9 +616,9 @@ def measure_pipeline(args, points: list[Load], jobs: Jobs, warm: Jobs, bar: tqdm
             return dict(servers(), client=time.process_time())
 
         rows = []
-        for load in points:
+        for k, load in enumerate(points):
             meter = CpuMeter(clock)
-            traces, start, lags = run_pipeline_load(endpoint, load, jobs, args.grace, args.seed,
+            traces, start, lags = run_pipeline_load(endpoint, load, jobs.for_load(k), args.grace, args.seed,
                                                     Progress(bar, f"pipeline {load.label}"))
             row = result_row("pipeline", load, traces, start, args.threads)
             row["cpu_s"] = meter.spent()
@@ -637,9 +644,9 @@ def measure_engine(args, points: list[Load], jobs: Jobs, warm: Jobs, bar: tqdm) 
     rows = []
     with torch.inference_mode():
         drive_engine(engine, warmup_load(points), warm, args.grace, args.seed, Progress(bar, "warm-up"))
-        for load in points:
+        for k, load in enumerate(points):
             meter = CpuMeter(lambda: {"engine": time.process_time()})
-            traces, start = drive_engine(engine, load, jobs, args.grace, args.seed,
+            traces, start = drive_engine(engine, load, jobs.for_load(k), args.grace, args.seed,
                                          Progress(bar, f"engine {load.label}"))
             row = result_row("engine", load, traces, start, args.engine_threads)
             row["cpu_s"] = meter.spent()
