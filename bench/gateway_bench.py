@@ -21,7 +21,11 @@ the last token received):
   lengths (e.g. 64 x 20 against 64 x 200 tokens): what admitting and answering a request costs
   apart from what each of its tokens does. The router's per-token part should be nil: it sees
   no token.
-- `checks`: the router's CPU per request at long against short requests, and per transport the
+- `idle_cpu_per_s`: each server process's CPU per second with the fleet up and no load (heartbeats,
+  timers), measured for `--idle` seconds before the loads.
+- `checks`: the router's CPU per request at long against short requests, its idle CPU over each
+  window taken out (heartbeats are neither per request nor per token, and fewer, longer requests
+  would otherwise each carry more of them), and per transport the
   two frontends' CPU per token together against one frontend's (1.0: the work divides, at no
   cost of its own). Together, because the kernel spreads HTTP connections over the frontends
   unevenly and no client knows which frontend holds its connection.
@@ -80,8 +84,10 @@ class Fleet:
                  frontends: int):
         self.http_port, self.worker_port, self.frontend_port, self.router_http = (free_port() for _ in range(4))
         self.zmq_ports = [free_port() for _ in range(frontends)]
+        self.idle_s = args.idle
         self.log_dir = Path(tempfile.mkdtemp(prefix="splitserve-bench-gateway-"))
         self.procs: dict[str, subprocess.Popen] = {}
+        self.idle_per_s: dict[str, float] = {}
         common = ["--model", args.model, "--home", str(args.home), "--threads", "1"]
         self.commands = {"router": ["-m", "splitserve.cli", "router", *common, "--worker-port", str(self.worker_port),
                                     "--frontend-port", str(self.frontend_port), "--metrics-port", str(self.router_http),
@@ -116,6 +122,10 @@ class Fleet:
                                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                                         preexec_fn=die_with_parent())
             self._wait_ready()
+            before = self.cpu_seconds()
+            time.sleep(self.idle_s)
+            after = self.cpu_seconds()
+            self.idle_per_s = {name: round((after[name] - before[name]) / self.idle_s, 6) for name in self.servers}
         except BaseException:
             self.__exit__()
             raise
@@ -206,7 +216,8 @@ def run_point(fleet: Fleet, transport: str, concurrency: int, new_tokens: int, d
         "frontends": len(fleet.zmq_ports), "transport": transport, "concurrency": concurrency, "new_tokens": new_tokens, "requests": tally.requests,
         "tokens": tally.tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tally.tokens / seconds, 1),
         "us_per_token": {name: round(1e6 * cpu[name] / tokens, 2) for name in fleet.servers},
-        "delay_us": summary(tally.delays_us), "cpu_s": cpu, "errors": len(tally.errors),
+        "delay_us": summary(tally.delays_us), "cpu_s": cpu, "idle_cpu_per_s": fleet.idle_per_s,
+        "errors": len(tally.errors),
         "error_examples": sorted(set(tally.errors))[:3],
     }
 
@@ -228,7 +239,7 @@ def medians(runs: list[dict]) -> list[dict]:
         rows.append({**dict(zip(keys, point)),
                      **{k: median([r[k] for r in mine]) for k in ("requests", "tokens", "seconds", "tokens_per_s")},
                      **{k: {name: median([r[k][name] for r in mine]) for name in mine[0][k]}
-                        for k in ("us_per_token", "delay_us", "cpu_s")},
+                        for k in ("us_per_token", "delay_us", "cpu_s", "idle_cpu_per_s")},
                      "errors": sum(r["errors"] for r in mine),
                      "error_examples": sorted({e for r in mine for e in r["error_examples"]})[:3],
                      "runs": len(mine)})
@@ -264,8 +275,8 @@ def checks(results: list[dict], c: int, n: int) -> dict:
                 if (r["frontends"], r["transport"], r["concurrency"]) == (frontends, transport, c) and r["requests"]}
         if len(mine) >= 2:
             short, long = mine[min(mine)], mine[max(mine)]
-            per_request = {n: 1e6 * r["cpu_s"]["router"] / r["requests"] for n, r in ((min(mine), short),
-                                                                                     (max(mine), long))}
+            per_request = {n: 1e6 * (r["cpu_s"]["router"] - r["idle_cpu_per_s"]["router"] * r["seconds"]) / r["requests"]
+                           for n, r in ((min(mine), short), (max(mine), long))}
             out["router_us_per_request"].append({
                 "frontends": frontends, "transport": transport,
                 **{f"{n}_tokens": round(v, 1) for n, v in per_request.items()},
@@ -297,9 +308,12 @@ def format_table(doc: dict) -> str:
         lines += ["", f"{'fronts':>6} {'transport':<9} {'process':<11} {'us/request':>10} {'us/token':>9}"]
         lines += [f"{s['frontends']:>6} {s['transport']:<9} {s['process']:<11} {s['us_per_request']:>10.0f} "
                   f"{s['us_per_token']:>9.1f}" for s in doc["split"]]
+    idle = {r["frontends"]: r["idle_cpu_per_s"] for r in doc["results"]}
+    for frontends, rates in idle.items():
+        lines.append(f"idle, {frontends} frontend(s): " + ", ".join(f"{name} {1e3 * v:.2f} ms/s" for name, v in rates.items()))
     for row in doc["checks"]["router_us_per_request"]:
         lines.append(f"router, {row['frontends']} frontend(s), {row['transport']}: CPU per request at long/short "
-                     f"requests {row['ratio']:.2f}x (target within 10%)")
+                     f"requests {row['ratio']:.2f}x, idle CPU taken out (target within 10%)")
     for row in doc["checks"]["frontend_us_per_token"]:
         lines.append(f"frontends, {row['transport']}: two together at {row['ratio']:.2f}x one's CPU per token "
                      f"(target within 10%)")
@@ -331,6 +345,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per request, one load point each (two or more give the per-request/per-token split)")
     p.add_argument("--duration", type=float, default=4.0, help="seconds during which requests start, per point")
     p.add_argument("--warmup", type=float, default=1.0, help="untimed seconds of load before each transport")
+    p.add_argument("--idle", type=float, default=3.0, help="seconds of each fleet's idle CPU, measured before its loads")
     p.add_argument("--repeat", type=int, default=1, help="run every fleet this many times, in turn; report medians")
     p.add_argument("--step-ms", type=float, default=5.0, help="the synthetic decode worker's time per step")
     p.add_argument("--ws-encoding", choices=["msgpack", "json"], default="msgpack")
@@ -348,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
     from .gateway_plots import plot_gateway
 
     if args.quick:
-        args.concurrency, args.new_tokens, args.duration, args.warmup = 8, [4, 16], 0.5, 0.3
+        args.concurrency, args.new_tokens, args.duration, args.warmup, args.idle = 8, [4, 16], 0.5, 0.3, 0.3
     bad = set(args.transports) - set(TRANSPORTS)
     if bad:
         raise SystemExit(f"--transports: unknown {', '.join(sorted(bad))} (choose from {', '.join(TRANSPORTS)})")

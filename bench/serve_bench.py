@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import shutil
@@ -377,7 +378,20 @@ def terminate(procs: list[subprocess.Popen]) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a live process so far, from /proc (Linux)."""
+    """CPU time of a live process so far (Linux): the sum of its threads' run times, which the
+    scheduler keeps in nanoseconds (/proc/PID/task/*/schedstat), where /proc/PID/stat counts 10 ms
+    ticks, too coarse for a process that spends a few ms a second. A thread that ended takes its
+    time with it: fine for servers, whose threads live as long as they do. Without schedstat, the
+    ticks."""
+    total, found = 0, False
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+            found = True
+        except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+            pass  # a thread that ended meanwhile, or a kernel without schedstat
+    if found:
+        return total / 1e9
     stat = Path(f"/proc/{pid}/stat").read_text()
     utime, stime = stat.rsplit(")", 1)[1].split()[11:13]  # after the command name, which may hold spaces
     return (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
@@ -594,20 +608,35 @@ def warmup_load(points: list[Load]) -> Load:
 
 
 def measure(args: argparse.Namespace, points: list[Load], jobs: Jobs, warm: Jobs) -> list[dict]:
+    """Each load on the pipeline, then at once on the engine: a shared machine's speed drifts by
+    tens of percent over minutes, and a ratio is only as good as the time between its two runs."""
     systems = ["pipeline"] + ([] if args.no_engine else ["engine"])
     bar = tqdm(total=len(systems) * len(points), desc="bench serve", unit="load", file=sys.stderr)
-    results = []
+    rows: dict[str, list[dict]] = {system: [] for system in systems}
     try:
-        results += measure_pipeline(args, points, jobs, warm, bar)
-        if not args.no_engine:
-            results += measure_engine(args, points, jobs, warm, bar)
+        with contextlib.ExitStack() as stack:
+            runs = {"pipeline": stack.enter_context(pipeline_runs(args, points, warm, bar))}
+            if not args.no_engine:
+                runs["engine"] = engine_runs(args, points, warm, bar)
+            for k, load in enumerate(points):
+                for system in systems:
+                    rows[system].append(runs[system](load, jobs.for_load(k)))
+                    bar.update()
     finally:
         bar.close()
-    return results
+    return [row for system in systems for row in rows[system]]
 
 
-def measure_pipeline(args, points: list[Load], jobs: Jobs, warm: Jobs, bar: tqdm) -> list[dict]:
-    def run_all(endpoint: str, servers) -> list[dict]:
+@contextlib.contextmanager
+def pipeline_runs(args, points: list[Load], warm: Jobs, bar: tqdm):
+    """A function that runs one load on the pipeline (started here and warmed up) -> its row."""
+    with contextlib.ExitStack() as stack:
+        if args.endpoint:
+            endpoint, servers = args.endpoint, dict  # not our processes: only the client's CPU is known
+        else:
+            bar.set_postfix_str("starting the pipeline", refresh=True)
+            pipeline = stack.enter_context(LocalPipeline(args, args.threads, pin_plan(args, args.threads)))
+            endpoint, servers = pipeline.endpoint, pipeline.cpu_seconds
         bar.set_postfix_str("pipeline: warm-up", refresh=True)
         run_pipeline_load(endpoint, warmup_load(points), warm, args.grace, args.seed, Progress(bar, "warm-up"))
 
@@ -615,44 +644,38 @@ def measure_pipeline(args, points: list[Load], jobs: Jobs, warm: Jobs, bar: tqdm
             # Where the CPU goes: the client (this process) competes with the server for the cores.
             return dict(servers(), client=time.process_time())
 
-        rows = []
-        for k, load in enumerate(points):
+        def run_load(load: Load, jobs: Jobs) -> dict:
             meter = CpuMeter(clock)
-            traces, start, lags = run_pipeline_load(endpoint, load, jobs.for_load(k), args.grace, args.seed,
+            traces, start, lags = run_pipeline_load(endpoint, load, jobs, args.grace, args.seed,
                                                     Progress(bar, f"pipeline {load.label}"))
             row = result_row("pipeline", load, traces, start, args.threads)
             row["cpu_s"] = meter.spent()
             if lags:
                 row["send_lag_ms"] = summary([1e3 * x for x in lags])
-            rows.append(row)
-            bar.update()
-        return rows
+            return row
 
-    if args.endpoint:
-        return run_all(args.endpoint, dict)  # not our processes: only the client's CPU is known
-    bar.set_postfix_str("starting the pipeline", refresh=True)
-    with LocalPipeline(args, args.threads, pin_plan(args, args.threads)) as pipeline:
-        return run_all(pipeline.endpoint, pipeline.cpu_seconds)
+        yield run_load
 
 
-def measure_engine(args, points: list[Load], jobs: Jobs, warm: Jobs, bar: tqdm) -> list[dict]:
+def engine_runs(args, points: list[Load], warm: Jobs, bar: tqdm):
+    """A function that runs one load on the in-process engine (loaded here and warmed up) -> its row."""
     import torch
 
     opts = ModelOptions(args.model, args.dtype, args.device, args.engine_threads, args.home)
     bar.set_postfix_str("engine: loading", refresh=True)
     engine = open_engine(opts, args.num_slots)
-    rows = []
     with torch.inference_mode():
         drive_engine(engine, warmup_load(points), warm, args.grace, args.seed, Progress(bar, "warm-up"))
-        for k, load in enumerate(points):
-            meter = CpuMeter(lambda: {"engine": time.process_time()})
-            traces, start = drive_engine(engine, load, jobs.for_load(k), args.grace, args.seed,
-                                         Progress(bar, f"engine {load.label}"))
-            row = result_row("engine", load, traces, start, args.engine_threads)
-            row["cpu_s"] = meter.spent()
-            rows.append(row)
-            bar.update()
-    return rows
+
+    def run_load(load: Load, jobs: Jobs) -> dict:
+        meter = CpuMeter(lambda: {"engine": time.process_time()})
+        with torch.inference_mode():
+            traces, start = drive_engine(engine, load, jobs, args.grace, args.seed, Progress(bar, f"engine {load.label}"))
+        row = result_row("engine", load, traces, start, args.engine_threads)
+        row["cpu_s"] = meter.spent()
+        return row
+
+    return run_load
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,23 +22,9 @@ from splitserve.common.zmq_util import bind_endpoint, make_socket, tcp_endpoint
 from .options import RouterOptions
 from .router_core import Frontend, RouterCore
 from .workers import Expectations, Worker, WorkerRegistry
+from .zmq_drain import DrainedSocket
 
 log = logging.getLogger(__name__)
-
-
-async def incoming(sock: zmq.asyncio.Socket, kinds, port: str):
-    """(identity, message) pairs of a ROUTER socket; a malformed frame comes as its DecodeError,
-    already logged."""
-    dec = P.decoder(kinds)
-    while True:
-        frames = await sock.recv_multipart()
-        if len(frames) < 2:
-            continue
-        try:
-            yield frames[0], P.decode(dec, frames[1])
-        except P.DecodeError as e:
-            log.warning("dropped a malformed frame on the %s port: %s", port, e)
-            yield frames[0], e
 
 
 class Router:
@@ -59,6 +45,10 @@ class Router:
         self.frontend_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.worker_port = bind_endpoint(self.worker_sock, opts.host, opts.worker_port)
         self.frontend_port = bind_endpoint(self.frontend_sock, opts.host, opts.frontend_port)
+        self.workers_link = DrainedSocket(self.worker_sock, _receiver(P.WorkerToGateway, "worker", self._on_worker),
+                                          multipart=True)
+        self.frontends_link = DrainedSocket(self.frontend_sock,
+                                            _receiver(P.FrontendToRouter, "frontend", self._on_frontend), multipart=True)
         self.core = RouterCore(self.registry, self._send_worker, self._send_frontend, opts.max_concurrent_requests,
                                opts.link.heartbeat_timeout, fingerprint)
         self.instance = secrets.token_hex(8)  # tells a frontend whether this is the router it joined
@@ -72,25 +62,19 @@ class Router:
         return tcp_endpoint(self.opts.host, self.frontend_port)
 
     def _send_worker(self, worker: Worker, msg) -> None:
-        self.worker_sock.send_multipart([worker.identity, P.encode(msg)])
+        self._to_worker(worker.identity, msg)
+
+    def _to_worker(self, identity: bytes, msg) -> None:
+        _send(self.workers_link, identity, msg)
 
     def _send_frontend(self, front: Frontend, msg) -> None:
-        # NOBLOCK: a frontend that stopped reading must not stall the books for everyone else
-        self.frontend_sock.send_multipart([front.identity, P.encode(msg)], flags=zmq.NOBLOCK)
+        self._to_frontend(front.identity, msg)
+
+    def _to_frontend(self, identity: bytes, msg) -> None:
+        _send(self.frontends_link, identity, msg)
 
     def loops(self) -> list:
-        return [self._serve(self.worker_sock, P.WorkerToGateway, "worker", self._on_worker),
-                self._serve(self.frontend_sock, P.FrontendToRouter, "frontend", self._on_frontend), self._tick_loop()]
-
-    @staticmethod
-    async def _serve(sock: zmq.asyncio.Socket, kinds, port: str, handle) -> None:
-        async for identity, msg in incoming(sock, kinds, port):
-            if isinstance(msg, P.DecodeError):
-                continue
-            try:
-                handle(identity, msg)
-            except Exception:  # one bad message must not take the router down
-                log.exception("failed to handle a %s message %s", port, type(msg).__name__)
+        return [self.workers_link.serve(), self.frontends_link.serve(), self._tick_loop()]
 
     def close(self) -> None:
         self.worker_sock.close(0)
@@ -115,8 +99,7 @@ class Router:
     def _on_worker(self, identity: bytes, msg) -> None:
         if isinstance(msg, P.Register):
             reason = self.registry.register(identity, msg)
-            self.worker_sock.send_multipart([identity, P.encode(P.Registered(not reason, reason,
-                                                                             self.opts.link.heartbeat_s))])
+            self._to_worker(identity, P.Registered(not reason, reason, self.opts.link.heartbeat_s))
             if not reason:
                 self.core.registered(self.registry.workers[msg.worker_id], msg.holding)
                 self._tell_frontends()
@@ -124,7 +107,7 @@ class Router:
         worker = self.registry.seen(identity, msg.draining if isinstance(msg, P.Heartbeat) else None)
         if worker is None and isinstance(msg, P.Heartbeat):
             # A worker of an earlier router process (or one expired as silent) is still beating.
-            self.worker_sock.send_multipart([identity, P.encode(P.Reregister())])
+            self._to_worker(identity, P.Reregister())
         elif worker is not None and not isinstance(msg, P.Heartbeat):
             self.core.on_worker(worker, msg)
 
@@ -136,14 +119,14 @@ class Router:
             if reason:
                 log.error("refused frontend %s: %s", msg.frontend_id, reason)
             welcome = P.Welcome(not reason, reason, self.instance, self.opts.link.heartbeat_s)
-            self.frontend_sock.send_multipart([identity, P.encode(welcome)], flags=zmq.NOBLOCK)
+            self._to_frontend(identity, welcome)
             if not reason:
                 self._tell_frontends()  # the list of client ports changed
             return
         front = self.core.seen_frontend(identity)
         if front is None:
             # a frontend of an earlier router process, or one expired as silent: it says hello again
-            self.frontend_sock.send_multipart([identity, P.encode(P.Reregister())], flags=zmq.NOBLOCK)
+            self._to_frontend(identity, P.Reregister())
         else:
             self.core.on_frontend(front, msg)
 
@@ -163,9 +146,39 @@ class Router:
             for worker in list(self.registry.workers.values()):
                 # The load tells a draining worker whether work routed to it is still on its way.
                 beat = P.Heartbeat(len(worker.assigned) if worker.info.role == "decode" else worker.queued_tokens)
-                self.worker_sock.send_multipart([worker.identity, P.encode(beat)])
+                self._send_worker(worker, beat)
             try:
                 self.core.tick()
             except Exception:
                 log.exception("router tick failed")
             self._tell_frontends()  # also the frontends' heartbeat
+
+
+def _receiver(kinds, port: str, handle):
+    """A DrainedSocket's handler for a ROUTER socket's messages of `kinds`: (identity, message) to
+    `handle`; a malformed frame is logged and dropped, and a failing handler takes nothing down."""
+    dec = P.decoder(kinds)
+
+    def receive(frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            return
+        try:
+            msg = P.decode(dec, frames[1])
+        except P.DecodeError as e:
+            log.warning("dropped a malformed frame on the %s port: %s", port, e)
+            return
+        try:
+            handle(frames[0], msg)
+        except Exception:  # one bad message must not take the router down
+            log.exception("failed to handle a %s message %s", port, type(msg).__name__)
+
+    return receive
+
+
+def _send(link: DrainedSocket, identity: bytes, msg) -> None:
+    """Never blocks: a ROUTER socket drops what a peer that stopped reading has no room for, and
+    the peer's heartbeat timeout deals with it; the books go on for everyone else."""
+    try:
+        link.send_multipart([identity, P.encode(msg)])
+    except zmq.ZMQError as e:
+        log.debug("could not send a %s: %s", type(msg).__name__, e)
