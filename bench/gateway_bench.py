@@ -230,7 +230,7 @@ def medians(runs: list[dict]) -> list[dict]:
 
     def median(values):
         values = [v for v in values if v is not None]
-        return round(statistics.median(values), 3) if values else None
+        return round(statistics.median(values), 6) if values else None
 
     keys = ("frontends", "transport", "concurrency", "new_tokens")
     rows = []
