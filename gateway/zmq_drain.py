@@ -46,6 +46,7 @@ class DrainedSocket:
             await self.loop.create_future()
         finally:
             self.loop.remove_reader(fd)
+            self.loop = None  # a send from now on (at shutdown) schedules no more reads
 
     def send_multipart(self, frames: list[bytes]) -> None:
         """At once, without blocking; raises zmq.ZMQError (zmq.Again when the peer's queue is full)."""
@@ -58,6 +59,8 @@ class DrainedSocket:
 
     def _drain(self) -> None:
         self._check_scheduled = False
+        if self.loop is None:  # stopped serving: the socket may be closed already
+            return
         raw, handle = self.raw, self.handle
         for _ in range(BURST):
             # reading EVENTS also re-arms the descriptor, so a message that comes later wakes the loop
