@@ -16,6 +16,7 @@ import gc
 
 def freeze_startup_heap() -> None:
     """Collect what start-up left behind, then move every surviving object out of the collector's
-    reach. Call once, when the process is about to serve."""
+    reach. Called as a server's serving loop starts (workers, router, frontends), whatever
+    command started it."""
     gc.collect()
     gc.freeze()

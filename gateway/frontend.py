@@ -17,6 +17,7 @@ import zmq.asyncio
 from splitserve.common import protocol as P
 from splitserve.common.builtin_models import resolve_model
 from splitserve.common.curve import guard_clients
+from splitserve.common.heap import freeze_startup_heap
 from splitserve.common.model_config import load_model_config
 from splitserve.common.service_config import derive_limits
 from splitserve.common.tokenizer import Tokenizer
@@ -97,6 +98,7 @@ class Frontend:
 
     async def run(self) -> None:
         """This frontend alone in its process (the gateway runs its loops beside its router's)."""
+        freeze_startup_heap()
         tasks = [asyncio.create_task(c) for c in self.loops()]
         try:
             await self._stop.wait()

@@ -50,6 +50,7 @@ class Gateway:
         return self.frontend.http_url
 
     async def run(self) -> None:
+        freeze_startup_heap()
         tasks = [asyncio.create_task(c) for c in (*self.frontend.loops(), *self.router.loops())]
         try:
             await self._stop.wait()
@@ -80,6 +81,7 @@ class RouterServer:
         return self.router.worker_endpoint
 
     async def run(self) -> None:
+        freeze_startup_heap()
         tasks = [asyncio.create_task(c) for c in self.router.loops()]
         served = asyncio.create_task(self.http.serve()) if self.http else None
         try:
@@ -144,10 +146,12 @@ def _serve(main) -> int:
     return 0
 
 
-def _on_signals(stop) -> None:
+async def _run_until_stopped(server: Gateway | RouterServer | Frontend) -> None:
+    """Serve until SIGINT or SIGTERM."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
+        loop.add_signal_handler(sig, server.stop)
+    await server.run()
 
 
 def run_gateway(opts: GatewayOptions) -> int:
@@ -155,9 +159,7 @@ def run_gateway(opts: GatewayOptions) -> int:
         gw = Gateway(opts)
         log.info("gateway: clients at %s, HTTP and WebSocket at %s, workers at %s", gw.zmq_endpoint, gw.http_url,
                  gw.worker_endpoint)
-        _on_signals(gw.stop)
-        freeze_startup_heap()
-        await gw.run()
+        await _run_until_stopped(gw)
 
     return _serve(main)
 
@@ -167,9 +169,7 @@ def run_router(opts: RouterOptions) -> int:
         server = RouterServer(opts)
         log.info("router: workers at %s, frontends at %s%s", server.worker_endpoint, server.router.frontend_endpoint,
                  f", /health and /metrics on port {server.http.port}" if server.http else "")
-        _on_signals(server.stop)
-        freeze_startup_heap()
-        await server.run()
+        await _run_until_stopped(server)
 
     return _serve(main)
 
@@ -179,9 +179,7 @@ def run_frontend(opts: FrontendOptions) -> int:
         frontend = Frontend(opts, zmq.asyncio.Context())
         log.info("frontend %s: clients at %s, HTTP and WebSocket at %s, tokens at %s, router at %s", frontend.id,
                  frontend.zmq_endpoint, frontend.http_url, frontend.token_endpoint, opts.router)
-        _on_signals(frontend.stop)
-        freeze_startup_heap()
-        await frontend.run()
+        await _run_until_stopped(frontend)
         if frontend.refused:
             raise SystemExit(1)
 
