@@ -43,12 +43,14 @@ class Books:
     def sync(self) -> None:
         if "f1" in self.router.frontends:
             self.frontend.on_router(self.router.fleet(self.router.frontends["f1"]))
+        check_open_counts(self.router)
 
     def _to_frontend(self, front, msg) -> None:
         self.frontend.on_router(msg)
 
     def _to_router(self, msg) -> None:
         self.router.on_frontend(self.router.frontends["f1"], msg)
+        check_open_counts(self.router)
 
     def register(self, role: str, wid: str, capacity: int, holding: tuple[P.Held, ...] = (), **kw) -> None:
         assert self.registry.register(wid.encode(), registration(role, wid, capacity, **kw)) == ""
@@ -61,6 +63,16 @@ class Books:
             self.frontend.on_tokens(msg)
         else:
             self.router.on_worker(self.registry.workers[wid], msg)
+        check_open_counts(self.router)
+
+
+def check_open_counts(router: RouterCore) -> None:
+    """The router keeps its counts of open attempts as they change; they must equal a count over its books."""
+    by_frontend: dict[str, int] = {}
+    for a in router.attempts.values():
+        if not a.closed_at and a.frontend is not None:
+            by_frontend[a.frontend] = by_frontend.get(a.frontend, 0) + 1
+    assert router.open == by_frontend and router.live() == sum(by_frontend.values())
 
 
 @pytest.fixture
@@ -210,7 +222,7 @@ def test_adopted_work_no_frontend_claims_is_cancelled_and_claims_no_worker_holds
     out: list = []
     gid = books.frontend.submit("c", generate(1), out.append)
     books.frontend.streams[gid].admitted = True
-    books.router.attempts.pop(gid)  # as if the router had restarted before any worker took it
+    books.router._remove(gid)  # as if the router had restarted before any worker took it
     books.registry.workers["d"].assigned.discard(gid)
     books.router.waiting.clear()
     books.join(live=(gid,))
@@ -221,6 +233,7 @@ def test_adopted_work_no_frontend_claims_is_cancelled_and_claims_no_worker_holds
     for peer in (books.router.frontends["f1"], *books.registry.workers.values()):
         peer.last_seen = later
     books.router.tick()
+    check_open_counts(books.router)
     assert ("d", P.Cancel("orphan")) in books.sent
     # the claimed request was resumed as a new attempt and dispatched
     resumed = [m for _, m in books.sent if isinstance(m, P.Prefill)]
