@@ -28,7 +28,9 @@ the last token received):
   would otherwise each carry more of them), and per transport the
   two frontends' CPU per token together against one frontend's (1.0: the work divides, at no
   cost of its own). Together, because the kernel spreads HTTP connections over the frontends
-  unevenly and no client knows which frontend holds its connection.
+  unevenly and no client knows which frontend holds its connection. From the two, what a
+  frontend pays per decode step whatever the step holds (`wake_us`) and per token (`token_us`):
+  a second frontend pays the wake again for half the tokens.
 - `--repeat N` runs every fleet N times, in turn (1, 2, 1, 2, ...); `results` then holds each
   point's median (the rows of every run are in `runs`): on shared cores one run's CPU figures
   move by 10-20%.
@@ -265,10 +267,15 @@ def split(results: list[dict]) -> list[dict]:
     return rows
 
 
-def checks(results: list[dict], c: int, n: int) -> dict:
+def checks(results: list[dict], c: int, n: int, step_ms: float) -> dict:
     """The issue's targets, from the runs at `c` clients and `n` tokens (and the shorter requests beside them):
     the router's CPU per request at long and short requests (it should not grow with tokens), and
-    per transport the CPU per token of two frontends together against one frontend's."""
+    per transport the CPU per token of two frontends together against one frontend's.
+
+    What a second frontend adds is solved as well. Each decode step reaches each frontend as one
+    message, so a frontend's CPU per step is `wake` (waking for the step's message, whatever it
+    holds: the kernel, ZMQ's I/O thread, the event loop) plus `token` for each of the step's tokens it
+    relays: one frontend pays wake + T * token per step of T tokens, two together 2 * wake + T * token."""
     out: dict = {"router_us_per_request": [], "frontend_us_per_token": []}
     for frontends, transport in dict.fromkeys((r["frontends"], r["transport"]) for r in results):
         mine = {r["new_tokens"]: r for r in results
@@ -286,8 +293,12 @@ def checks(results: list[dict], c: int, n: int) -> dict:
         if 1 in at and 2 in at:
             one = at[1]["us_per_token"]["frontend-0"]
             two = at[2]["us_per_token"]["frontend-0"] + at[2]["us_per_token"]["frontend-1"]
+            per_step = at[2]["tokens_per_s"] * step_ms / 1e3  # tokens a decode step makes
+            wake = (two - one) * per_step
             out["frontend_us_per_token"].append({"transport": transport, "one": one, "two_together": round(two, 3),
-                                                 "ratio": round(two / one, 3)})
+                                                 "ratio": round(two / one, 3), "tokens_per_step": round(per_step, 1),
+                                                 "wake_us": round(wake, 1),
+                                                 "token_us": round(one - wake / per_step, 2)})
     return out
 
 
@@ -316,7 +327,8 @@ def format_table(doc: dict) -> str:
                      f"requests {row['ratio']:.2f}x, idle CPU taken out (target within 10%)")
     for row in doc["checks"]["frontend_us_per_token"]:
         lines.append(f"frontends, {row['transport']}: two together at {row['ratio']:.2f}x one's CPU per token "
-                     f"(target within 10%)")
+                     f"(target within 10%); a frontend's CPU per decode step: {row['wake_us']:.0f} µs to wake + "
+                     f"{row['token_us']:.1f} µs per token")
     return "\n".join(lines)
 
 
@@ -398,7 +410,7 @@ def run(args: argparse.Namespace) -> int:
         "concurrency": args.concurrency, "duration_s": args.duration, "ws_encoding": args.ws_encoding,
         "servers": servers, "targets_us": TARGETS_US, "target_load": target_load,
         "repeat": repeat, "results": results, "runs": runs, "split": split(results),
-        "checks": checks(results, args.concurrency, max(args.new_tokens)),
+        "checks": checks(results, args.concurrency, max(args.new_tokens), args.step_ms),
     }
     print(format_table(doc))
     save(doc, args.json, args.plot_dir, "gateway-cpu", plot_gateway)

@@ -10,6 +10,8 @@ import sys
 
 from bench_support import processes_mentioning
 
+from splitserve.bench.gateway_bench import checks
+
 
 def test_quick_gateway_bench(tiny_dir, home, tmp_path):
     out = tmp_path / "gateway.json"
@@ -40,3 +42,16 @@ def test_the_command_and_the_synthetic_workers_load_without_torch():
     code = ("import sys, splitserve.bench.gateway_bench, splitserve.bench.synthetic_workers; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_checks_solve_a_frontends_wake_per_step_and_its_cost_per_token():
+    # 64 streams, a step every 5 ms: one frontend wakes for each step (100 µs) and spends 2 µs per token
+    def row(frontends: int, per_frontend_us: float) -> dict:
+        return {"frontends": frontends, "transport": "zmq", "concurrency": 64, "new_tokens": 200, "requests": 64,
+                "tokens_per_s": 64 * 200.0,
+                "us_per_token": {f"frontend-{i}": per_frontend_us for i in range(frontends)}}
+
+    one, two = (100 + 64 * 2) / 64, (100 + 32 * 2) / 64  # per token of all tokens, for each frontend
+    (got,) = checks([row(1, one), row(2, two)], 64, 200, 5.0)["frontend_us_per_token"]
+    assert got["tokens_per_step"] == 64 and got["wake_us"] == 100 and got["token_us"] == 2
+    assert got["ratio"] == round(2 * two / one, 3)
