@@ -145,6 +145,17 @@ def test_a_step_takes_the_smallest_buckets_that_hold_it(lm):
         StepRunner(lm.weights, d.kv, d.tokens, d.positions, [8], [64])
 
 
+def test_eager_steps_keep_the_views_of_the_latest_shapes(lm, monkeypatch):
+    monkeypatch.setattr("splitserve.decode_worker.step_runner.EAGER_SHAPES", 2)
+    d = admitted(lm, [70, 3])
+    runner, made = d.runner, []
+    eager = runner._eager
+    monkeypatch.setattr(runner, "_eager", lambda b, k: made.append((b, k)) or eager(b, k))
+    for longest in (71, 90, 71, 100, 71):  # key buckets 72, 96, 72 (kept), 104 (72 made first: out), 72
+        runner.run(2, longest)
+    assert made == [(2, 72), (2, 96), (2, 104), (2, 72)] and runner.shapes == [(2, 104), (2, 72)]
+
+
 # ---- the CPU twin: padded, static buffers, run eagerly --------------------------------------
 
 
