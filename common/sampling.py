@@ -105,7 +105,8 @@ class SamplingTensors:
             name: torch.from_numpy(host[name].copy()).to(device)  # copy: fields are strided
             for name in host.dtype.names
         }
-        return cls(**tensors, seed_key=_seed_keys(tensors["seed"]), **_flags(host), _host=host)
+        keys = torch.tensor([_seed_key(int(s)) for s in host["seed"]], dtype=torch.int64).to(device)
+        return cls(**tensors, seed_key=keys, **_flags(host), _host=host)
 
     @classmethod
     def empty(cls, n: int, device: torch.device | str) -> SamplingTensors:
@@ -118,7 +119,7 @@ class SamplingTensors:
         self._host[i] = row
         for name, value in zip(self._host.dtype.names, row):
             getattr(self, name)[i] = value
-        self.seed_key[i : i + 1] = _seed_keys(self.seed[i : i + 1])
+        self.seed_key[i] = _seed_key(int(self._host["seed"][i]))
         for name, value in _flags(self._host).items():
             setattr(self, name, value)
         self._views.clear()
@@ -263,10 +264,20 @@ def _neg_gumbel(seed_key: torch.Tensor, positions: torch.Tensor, vocab: int) -> 
     return u.log_().neg_().log_()
 
 
-def _seed_keys(seed: torch.Tensor) -> torch.Tensor:
-    """[B] 32-bit keys from both halves of 63-bit seeds."""
-    key = _mix32_((seed & _M32) ^ _SEED_SALT)
-    return _mix32_(key ^ torch.bitwise_right_shift(seed, 32))
+def _seed_key(seed: int) -> int:
+    """A seed's 32-bit key, from both halves of its 64 bits: made on the host once per request,
+    where the same hash over a one-element tensor took ~20 tensor ops (each a kernel on a GPU)."""
+    key = _mix32((seed & _M32) ^ _SEED_SALT)
+    return _mix32(key ^ (seed >> 32))  # >>: arithmetic, as on int64 tensors
+
+
+def _mix32(x: int) -> int:
+    """`_mix32_` on one Python int: the same low 32 bits, for an x of any sign."""
+    x ^= x >> 16
+    x = (x * _MUL1) & _M32
+    x ^= x >> 15
+    x = (x * _MUL2) & _M32
+    return x ^ (x >> 16)
 
 
 @functools.lru_cache(maxsize=8)

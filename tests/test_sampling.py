@@ -301,6 +301,21 @@ def test_pool_rows_sample_like_freshly_built_ones():
     assert torch.equal(sample(logits, pool.view(3), positions).tokens, expected)
 
 
+def test_seed_keys_made_on_the_host_are_the_tensor_hash_of_the_seed():
+    # The key as it was made on the device before, by the hash that turns it into noise every step
+    from splitserve.common.sampling import _M32, _SEED_SALT, _mix32_, _seed_key
+
+    seeds = [0, 1, 5, 77, (1 << 32) - 1, 1 << 32, 1 << 50, (1 << 63) - 1, -1, -(1 << 63), random_seed(), derive_seed(9, 2)]
+    seeds += torch.randint(-(1 << 63), (1 << 63) - 1, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    t = torch.tensor(seeds, dtype=torch.int64)
+    on_device = _mix32_(_mix32_((t & _M32) ^ _SEED_SALT) ^ torch.bitwise_right_shift(t, 32))
+    assert [_seed_key(s) for s in seeds] == on_device.tolist()
+    pool = SamplingTensors.empty(2, "cpu")
+    pool.set_row(1, SamplingParams(do_sample=True, seed=1 << 50))
+    assert pool.seed_key.tolist() == [_seed_key(0), _seed_key(1 << 50)] == st_of(SamplingParams(), SamplingParams(
+        do_sample=True, seed=1 << 50)).seed_key.tolist()
+
+
 def test_build_accepts_objects_and_validates():
     class Req:
         temperature = 0.5
