@@ -72,7 +72,7 @@ def infill_router(ctx: ApiContext) -> APIRouter:
         replies = Replies(ctx.door, INFILL_PATH, [job.msg])  # a refusal is an HTTP error, before any stream starts
         completion = Completion(job, started)
         if body.stream:
-            return EventStream(_events(ctx, completion, replies), replies)
+            return EventStream(_events(ctx, completion, replies), replies, lambda e: _sse(infill_error(e)[1]))
         await _complete(completion, replies, request)
         return Json(completion.final(ctx, stream=False))
 
@@ -276,17 +276,14 @@ async def _complete(completion: Completion, replies: Replies, request: Request) 
 
 
 async def _events(ctx: ApiContext, completion: Completion, replies: Replies):
-    try:
-        async for _, batch in replies:
-            text, ids = completion.add(batch)
-            if not completion.prefill_only:
-                yield _sse(completion.partial(text, ids))
-            if completion.done:
-                replies.close("ok")
-                break
-        yield _sse(completion.final(ctx, stream=True))
-    except ApiError as e:
-        yield _sse(infill_error(e)[1])
+    async for _, batch in replies:
+        text, ids = completion.add(batch)
+        if not completion.prefill_only:
+            yield _sse(completion.partial(text, ids))
+        if completion.done:
+            replies.close("ok")
+            break
+    yield _sse(completion.final(ctx, stream=True))
 
 
 def _sse(data: dict) -> bytes:

@@ -21,7 +21,7 @@ from splitserve.common.fim import Fim
 from splitserve.common.params import MAX_TOP_N, SEED_LIMIT, ValidationError, derive_seed, random_seed
 
 from .api_context import ApiContext
-from .api_errors import ApiError, invalid, openai_error
+from .api_errors import invalid, openai_error
 from .chat_template import render_chat
 from .openai_schema import MAX_N, ChatRequest, CompletionRequest, OpenAIError, SamplingFields
 from .replies import Answer, EventStream, Replies, gather
@@ -207,7 +207,8 @@ async def _respond(ctx: ApiContext, body: SamplingFields, request: Request, fano
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         head = {"id": rid, "object": shape.chunk_object, "created": created, "model": ctx.model_id}
-        return EventStream(_chunks(ctx, fanout, replies, head, usage, shape), replies)
+        return EventStream(_chunks(ctx, fanout, replies, head, usage, shape), replies,
+                           lambda e: _sse(openai_error(e)[1]) + DONE)
     answers = await gather(replies, len(fanout.msgs), request)
     return {"id": rid, "object": shape.object, "created": created, "model": ctx.model_id,
             "choices": [shape.choice(ctx, fanout, k, a) for k, a in enumerate(answers)], "usage": _usage(fanout, answers)}
@@ -217,18 +218,18 @@ async def _chunks(ctx: ApiContext, fanout: Fanout, replies: Replies, head: dict,
                   shape: Shape) -> AsyncIterator[bytes]:
     extra = {"usage": None} if include_usage else {}
     answers = [Answer() for _ in fanout.msgs]
-    try:
-        async for k, batch in replies:
-            first, offset = not answers[k].tokens, answers[k].chars
-            answers[k].add(batch)
-            choice = {"index": k, **shape.delta(ctx, fanout, k, batch, first, offset),
-                      "finish_reason": FINISH.get(batch.finish_reason)}
-            yield _sse({**head, "choices": [choice], **extra})
-        if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(fanout, answers)})
-    except ApiError as e:
-        yield _sse(openai_error(e)[1])
-    yield b"data: [DONE]\n\n"
+    async for k, batch in replies:
+        first, offset = not answers[k].tokens, answers[k].chars
+        answers[k].add(batch)
+        choice = {"index": k, **shape.delta(ctx, fanout, k, batch, first, offset),
+                  "finish_reason": FINISH.get(batch.finish_reason)}
+        yield _sse({**head, "choices": [choice], **extra})
+    if include_usage:
+        yield _sse({**head, "choices": [], "usage": _usage(fanout, answers)})
+    yield DONE
+
+
+DONE = b"data: [DONE]\n\n"  # the last event of every stream, an error's too
 
 
 def _sse(data: dict) -> bytes:

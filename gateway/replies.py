@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -160,26 +160,38 @@ class EventStream(Response):
     """Server-sent events; the requests behind them are cancelled when the client disconnects
     or the stream ends any other way.
 
+    The response starts with its first event. An ApiError before it (the router refusing what the
+    frontend's own check let through, a prefill that failed) leaves `__call__` before anything was
+    sent, for the app's handler to answer as an HTTP error in the API's shape, as it would have
+    been before the stream; one after it goes out as the event `error_event(e)`.
+
     The response's start goes through the middlewares' `send` (they learn that the response has
     started), the events through the server's own (`with_raw_send`): each middleware wraps `send`
     in a coroutine of its own, a hop per event per stream for nothing."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[bytes], replies: Replies):
+    def __init__(self, events: AsyncIterator[bytes], replies: Replies, error_event: Callable[[ApiError], bytes]):
         # no Response.__init__: it would render an empty body and declare its length, 0
         self.status_code, self.background = 200, None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.events, self.replies = events, replies
+        self.events, self.replies, self.error_event = events, replies, error_event
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = scope.get(RAW_SEND, send)
         # uvicorn (ASGI 2.3) drops what is sent after a disconnect: the disconnect is heard on receive
         watcher = asyncio.create_task(close_on_disconnect(receive, self.replies))
+        events = aiter(self.events)
         try:
+            first = await anext(events, None)  # an ApiError here is the app handler's
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            async for chunk in self.events:
-                await raw({"type": "http.response.body", "body": chunk, "more_body": True})
+            try:
+                if first is not None:
+                    await raw({"type": "http.response.body", "body": first, "more_body": True})
+                    async for chunk in events:
+                        await raw({"type": "http.response.body", "body": chunk, "more_body": True})
+            except ApiError as e:
+                await raw({"type": "http.response.body", "body": self.error_event(e), "more_body": True})
             await raw({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # a server whose send raises on a disconnect (ASGI 2.4)
             pass

@@ -13,7 +13,7 @@ from splitserve.common import protocol as P
 from splitserve.common.params import MAX_STOP_SEQUENCES, MAX_TOP_N, SEED_LIMIT
 
 from .api_context import ApiContext
-from .api_errors import ApiError, invalid, tgi_error
+from .api_errors import invalid, tgi_error
 from .replies import Answer, EventStream, Json, Replies, gather
 from .tgi_schema import TgiCompatRequest, TgiError, TgiInfo, TgiParameters, TgiRequest, TgiResponse, TgiStreamEvent
 
@@ -79,14 +79,11 @@ def _stream(ctx: ApiContext, body: TgiRequest, route: str) -> EventStream:
 
     async def events():
         answer = Answer()
-        try:
-            async for _, batch in replies:
-                answer.add(batch)
-                yield _batch_events(ctx, job, answer, batch)
-        except ApiError as e:
-            yield _sse(tgi_error(e)[1])
+        async for _, batch in replies:
+            answer.add(batch)
+            yield _batch_events(ctx, job, answer, batch)
 
-    return EventStream(events(), replies)
+    return EventStream(events(), replies, lambda e: _sse(tgi_error(e)[1]))
 
 
 def _sse(data: dict) -> bytes:

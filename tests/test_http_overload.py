@@ -105,3 +105,19 @@ def test_connections_past_the_limit_get_503_until_one_closes(home, tiny_dir):
         idle.pop().close()  # one idle and the asking one: two, at the limit
         wait_for(lambda: httpx.get(f"{c.url}/metrics").status_code == 200, 30, "a connection to be free again")
         idle.pop().close()
+
+
+def test_a_refusal_before_a_streams_first_event_is_an_http_error_in_the_apis_shape(home, tiny_dir):
+    # The frontend's own check passes (both workers are there); the router then finds that the pair
+    # cannot hand KV over (it was told tcp, the decode worker offers shm) and refuses the admission.
+    with Cluster(home, kv_transport="tcp") as c, httpx.Client(base_url=c.url, timeout=60) as http:
+        c.add_worker("prefill")
+        c.add_worker("decode", "--num-slots", "4", "--kv-transport", "shm")
+        c.wait_registered()
+        wait_for(lambda: (http_json(c.port, "/health") or {}).get("status") == "ok", 60, "the HTTP front")
+        r = http.post("/generate_stream", json={"inputs": PROMPT})
+        assert r.status_code == 503 and r.json()["error_type"] == "unavailable", r.text
+        assert "the decode worker offers shm" in r.json()["error"]
+        r = http.post("/v1/completions", json={"prompt": PROMPT, "stream": True})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable", r.text
+        assert c.metric("splitserve_requests_total", route="/generate_stream", outcome="unavailable") == 1

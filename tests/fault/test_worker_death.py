@@ -6,10 +6,12 @@ greedy and seeded sampled requests alike (tiny-random, fp32: exact equality hold
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
 
+import httpx
 import pytest
 
 from cluster import Cluster, http_json, wait_for
@@ -117,6 +119,19 @@ def test_decode_worker_killed_mid_generation_resumes_elsewhere(home, tiny_dir):
         c.wait_registered(c.add_worker("decode", "--num-slots", "4"))
         wait_for(lambda: http_json(c.port, "/health").get("decode_workers") == 1, 30, "the new decode worker")
         assert _undisturbed(client) == expected
+
+
+def test_an_event_stream_whose_worker_is_lost_for_good_ends_with_an_error_event(home, tiny_dir):
+    c, (decode,) = _cluster(home, 1)
+    with c:
+        wait_for(lambda: (http_json(c.port, "/health") or {}).get("status") == "ok", 30, "the HTTP front")
+        with httpx.stream("POST", f"{c.url}/generate_stream", timeout=60,
+                          json={"inputs": "def f(x):", "parameters": {"max_new_tokens": LONG}}) as sse:
+            events = (json.loads(line[5:]) for line in sse.iter_lines() if line.startswith("data:"))
+            assert next(events)["token"]  # the stream has started: what goes wrong now is an event of it
+            c.workers[decode]["proc"].send_signal(signal.SIGKILL)
+            *_, last = events
+    assert sse.status_code == 200 and last["error_type"] == "generation" and "no worker is left" in last["error"]
 
 
 def test_prefill_worker_lost_with_queued_work_is_resent(home, tiny_dir):
