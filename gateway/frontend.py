@@ -31,7 +31,7 @@ from .frontend_core import FrontendCore
 from .http_app import HttpServer, build_app
 from .metrics import GatewayMetrics
 from .options import FrontendOptions
-from .zmq_drain import DrainedSocket
+from .zmq_drain import DrainedSocket, router_messages
 from .zmq_replies import ZmqReplies
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,9 @@ class Frontend:
         # that is how the frontend learns the client is gone and stops its requests.
         self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.zmq_port = bind_endpoint(self.front, opts.host, opts.zmq_port)
-        self.front_port = DrainedSocket(self.front, self._on_client, multipart=True)
+        self.front_port = DrainedSocket(self.front, router_messages(P.ClientMessage, "client", self._on_client,
+                                                                    self._on_malformed), multipart=True)
         self.replies = ZmqReplies(self.front_port.send_multipart, self._client_gone)
-        self._client_decoder = P.decoder(P.ClientMessage)
         self.token_endpoint = tcp_endpoint(opts.advertise_host, self.token_port)
         self.core = FrontendCore(self.tokenizer, self.limits, self._send_router, self.token_endpoint)
         # Every front end submits through the door, which meters each request.
@@ -224,16 +224,10 @@ class Frontend:
     async def _front_loop(self) -> None:
         await self.front_port.serve()
 
-    def _on_client(self, frames: list[bytes]) -> None:
-        if len(frames) < 2:
-            return
-        identity = frames[0]
-        try:
-            msg = P.decode(self._client_decoder, frames[1])
-        except P.DecodeError as e:
-            log.warning("dropped a malformed frame on the client port: %s", e)
-            self._reply(identity, P.Error("", "validation", f"malformed message: {e}"))
-            return
+    def _on_malformed(self, identity: bytes, e: P.DecodeError) -> None:
+        self._reply(identity, P.Error("", "validation", f"malformed message: {e}"))
+
+    def _on_client(self, identity: bytes, msg) -> None:
         try:
             if isinstance(msg, P.Generate):
                 self._on_generate(identity, msg)

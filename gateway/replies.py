@@ -147,7 +147,7 @@ RAW_SEND = "splitserve.raw_send"  # the scope key under which `with_raw_send` le
 
 
 def with_raw_send(app: ASGIApp) -> ASGIApp:
-    """`app` with the server's own `send` in every scope, for EventStream's events."""
+    """`app` with the server's own `send` in every scope, for EventStream's events and WebSocket frames."""
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
         scope[RAW_SEND] = send

@@ -22,7 +22,7 @@ from splitserve.common.zmq_util import bind_endpoint, make_socket, tcp_endpoint
 from .options import RouterOptions
 from .router_core import Frontend, RouterCore
 from .workers import Expectations, Worker, WorkerRegistry
-from .zmq_drain import DrainedSocket
+from .zmq_drain import DrainedSocket, router_messages
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,11 @@ class Router:
         self.frontend_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.worker_port = bind_endpoint(self.worker_sock, opts.host, opts.worker_port)
         self.frontend_port = bind_endpoint(self.frontend_sock, opts.host, opts.frontend_port)
-        self.workers_link = DrainedSocket(self.worker_sock, _receiver(P.WorkerToGateway, "worker", self._on_worker),
-                                          multipart=True)
+        self.workers_link = DrainedSocket(self.worker_sock,
+                                          router_messages(P.WorkerToGateway, "worker", self._on_worker), multipart=True)
         self.frontends_link = DrainedSocket(self.frontend_sock,
-                                            _receiver(P.FrontendToRouter, "frontend", self._on_frontend), multipart=True)
+                                            router_messages(P.FrontendToRouter, "frontend", self._on_frontend),
+                                            multipart=True)
         self.core = RouterCore(self.registry, self._send_worker, self._send_frontend, opts.max_concurrent_requests,
                                opts.link.heartbeat_timeout, fingerprint)
         self.instance = secrets.token_hex(8)  # tells a frontend whether this is the router it joined
@@ -152,27 +153,6 @@ class Router:
             except Exception:
                 log.exception("router tick failed")
             self._tell_frontends()  # also the frontends' heartbeat
-
-
-def _receiver(kinds, port: str, handle):
-    """A DrainedSocket's handler for a ROUTER socket's messages of `kinds`: (identity, message) to
-    `handle`; a malformed frame is logged and dropped, and a failing handler takes nothing down."""
-    dec = P.decoder(kinds)
-
-    def receive(frames: list[bytes]) -> None:
-        if len(frames) < 2:
-            return
-        try:
-            msg = P.decode(dec, frames[1])
-        except P.DecodeError as e:
-            log.warning("dropped a malformed frame on the %s port: %s", port, e)
-            return
-        try:
-            handle(frames[0], msg)
-        except Exception:  # one bad message must not take the router down
-            log.exception("failed to handle a %s message %s", port, type(msg).__name__)
-
-    return receive
 
 
 def _send(link: DrainedSocket, identity: bytes, msg) -> None:

@@ -17,10 +17,15 @@ use the socket.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 import zmq
 import zmq.asyncio
+
+from splitserve.common import protocol as P
+
+log = logging.getLogger(__name__)
 
 # Messages read per wake-up before the loop's other work (HTTP, other sockets) gets a turn.
 BURST = 64
@@ -74,3 +79,28 @@ class DrainedSocket:
         if not self._check_scheduled:  # more may be waiting: back after the loop's other callbacks
             self._check_scheduled = True
             self.loop.call_soon(self._drain)
+
+
+def router_messages(kinds, port: str, handle: Callable[[bytes, object], None],
+                    malformed: Callable[[bytes, P.DecodeError], None] | None = None) -> Callable[[list[bytes]], None]:
+    """A DrainedSocket's handler (multipart) for a ROUTER socket's messages of `kinds`: (identity,
+    message) to `handle`. A malformed frame is logged and dropped, after `malformed` (identity,
+    error) when given; a failing `handle` is logged and takes nothing down."""
+    dec = P.decoder(kinds)
+
+    def receive(frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            return
+        try:
+            msg = P.decode(dec, frames[1])
+        except P.DecodeError as e:
+            log.warning("dropped a malformed frame on the %s port: %s", port, e)
+            if malformed is not None:
+                malformed(frames[0], e)
+            return
+        try:
+            handle(frames[0], msg)
+        except Exception:  # one bad message must not take the process down
+            log.exception("failed to handle a %s message %s", port, type(msg).__name__)
+
+    return receive
