@@ -30,7 +30,12 @@ the last token received):
   cost of its own). Together, because the kernel spreads HTTP connections over the frontends
   unevenly and no client knows which frontend holds its connection. From the two, what a
   frontend pays per decode step whatever the step holds (`wake_us`) and per token (`token_us`):
-  a second frontend pays the wake again for half the tokens.
+  a second frontend pays the wake again for half the tokens; `wake_budget_us`, the wake at which
+  two frontends would stay within 10% of one.
+- `wake_floor_us`: what an idle process on this machine spends to take in one message per step
+  and nothing else, over ZMQ (two threads wake: ZMQ's I/O thread, then the loop's) and over a
+  plain TCP stream (one), measured before the fleets start (wake_floor.py): the floor under
+  `wake_us`.
 - `--repeat N` runs every fleet N times, in turn (1, 2, 1, 2, ...); `results` then holds each
   point's median (the rows of every run are in `runs`): on shared cores one run's CPU figures
   move by 10-20%.
@@ -60,6 +65,7 @@ from .gateway_clients import open_connections
 from .output import save
 from .serve_bench import CpuMeter, cpu_seconds, summary, terminate
 from .server_state import http_json, log_tails
+from .wake_floor import measure as measure_wake
 
 TRANSPORTS = ("sse", "ws", "zmq")
 # CPU per token the gateway should spend at 64 streams x 200 tokens (issue 16), by transport
@@ -295,10 +301,12 @@ def checks(results: list[dict], c: int, n: int, step_ms: float) -> dict:
             two = at[2]["us_per_token"]["frontend-0"] + at[2]["us_per_token"]["frontend-1"]
             per_step = at[2]["tokens_per_s"] * step_ms / 1e3  # tokens a decode step makes
             wake = (two - one) * per_step
+            token = one - wake / per_step
             out["frontend_us_per_token"].append({"transport": transport, "one": one, "two_together": round(two, 3),
                                                  "ratio": round(two / one, 3), "tokens_per_step": round(per_step, 1),
-                                                 "wake_us": round(wake, 1),
-                                                 "token_us": round(one - wake / per_step, 2)})
+                                                 "wake_us": round(wake, 1), "token_us": round(token, 2),
+                                                 # (2 w + T t) / (w + T t) <= 1.1 while w <= T t / 9
+                                                 "wake_budget_us": round(per_step * token / 9, 1)})
     return out
 
 
@@ -328,7 +336,10 @@ def format_table(doc: dict) -> str:
     for row in doc["checks"]["frontend_us_per_token"]:
         lines.append(f"frontends, {row['transport']}: two together at {row['ratio']:.2f}x one's CPU per token "
                      f"(target within 10%); a frontend's CPU per decode step: {row['wake_us']:.0f} µs to wake + "
-                     f"{row['token_us']:.1f} µs per token")
+                     f"{row['token_us']:.1f} µs per token; within 10% takes a wake under {row['wake_budget_us']:.0f} µs")
+    floor = doc["wake_floor_us"]
+    lines.append(f"an idle process taking one message every {doc['step_ms']:g} ms: {floor['zmq']:.0f} µs of CPU per "
+                 f"message over ZMQ, {floor['tcp']:.0f} µs over a plain TCP stream (the floor under a wake)")
     return "\n".join(lines)
 
 
@@ -388,6 +399,10 @@ def run(args: argparse.Namespace) -> int:
     repeat = 1 if args.quick else max(1, args.repeat)
     bar = tqdm(total=len(points) * len(args.frontends) * repeat, desc="bench gateway", unit="point", file=sys.stderr)
     try:
+        floor = {}
+        for transport in ("zmq", "tcp"):
+            bar.set_postfix_str(f"an idle process's wake over {transport}", refresh=True)
+            floor[transport] = measure_wake(transport, args.step_ms, 30 if args.quick else 1000)
         for rep in range(repeat):
             for frontends in args.frontends:
                 bar.set_postfix_str(f"starting a router and {frontends} frontend(s)", refresh=True)
@@ -409,7 +424,7 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model, "cpus": len(os.sched_getaffinity(0)), "step_ms": args.step_ms,
         "concurrency": args.concurrency, "duration_s": args.duration, "ws_encoding": args.ws_encoding,
         "servers": servers, "targets_us": TARGETS_US, "target_load": target_load,
-        "repeat": repeat, "results": results, "runs": runs, "split": split(results),
+        "repeat": repeat, "wake_floor_us": floor, "results": results, "runs": runs, "split": split(results),
         "checks": checks(results, args.concurrency, max(args.new_tokens), args.step_ms),
     }
     print(format_table(doc))

@@ -8,9 +8,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 from bench_support import processes_mentioning
 
 from splitserve.bench.gateway_bench import checks
+from splitserve.bench.wake_floor import measure
 
 
 def test_quick_gateway_bench(tiny_dir, home, tmp_path):
@@ -35,6 +37,8 @@ def test_quick_gateway_bench(tiny_dir, home, tmp_path):
                                                                  (2, ["router", "frontend-0", "frontend-1"]))
         for p in procs}
     assert len(doc["checks"]["router_us_per_request"]) == 6 and len(doc["checks"]["frontend_us_per_token"]) == 3
+    assert doc["wake_floor_us"]["zmq"] > 0 and doc["wake_floor_us"]["tcp"] > 0
+    assert "an idle process taking one message" in done.stdout
     assert (tmp_path / "gateway.png").stat().st_size > 0
 
 
@@ -54,4 +58,11 @@ def test_the_checks_solve_a_frontends_wake_per_step_and_its_cost_per_token():
     one, two = (100 + 64 * 2) / 64, (100 + 32 * 2) / 64  # per token of all tokens, for each frontend
     (got,) = checks([row(1, one), row(2, two)], 64, 200, 5.0)["frontend_us_per_token"]
     assert got["tokens_per_step"] == 64 and got["wake_us"] == 100 and got["token_us"] == 2
+    assert got["wake_budget_us"] == round(64 * 2 / 9, 1)  # at that wake, two together are 1.1x one
     assert got["ratio"] == round(2 * two / one, 3)
+
+
+@pytest.mark.parametrize("transport", ["zmq", "tcp"])
+def test_the_wake_floor_counts_every_message_of_a_receiving_process(transport):
+    # 20 messages a millisecond apart: the receiver answers only once it has taken them all
+    assert measure(transport, step_ms=1.0, messages=20) > 0
