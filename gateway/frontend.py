@@ -31,7 +31,7 @@ from .frontend_core import FrontendCore
 from .http_app import HttpServer, build_app
 from .metrics import GatewayMetrics
 from .options import FrontendOptions
-from .zmq_drain import DrainedSocket, router_messages
+from .zmq_drain import DrainedSocket, messages, router_messages
 from .zmq_replies import ZmqReplies
 
 log = logging.getLogger(__name__)
@@ -127,21 +127,7 @@ class Frontend:
     # ---- tokens -----------------------------------------------------------------------------
 
     async def _token_loop(self) -> None:
-        dec = P.decoder(P.WorkerToFrontend)
-        core = self.core
-
-        def handle(frame: zmq.Frame) -> None:
-            try:
-                msg = P.decode(dec, frame.buffer)
-            except P.DecodeError as e:
-                log.warning("dropped a malformed frame on the token port: %s", e)
-                return
-            try:
-                core.on_tokens(msg)
-            except Exception:  # one bad message must not stop every stream
-                log.exception("failed to handle %s", type(msg).__name__)
-
-        await DrainedSocket(self.token_sock, handle).serve()
+        await DrainedSocket(self.token_sock, messages(P.WorkerToFrontend, "token", self.core.on_tokens)).serve()
 
     # ---- the router ---------------------------------------------------------------------------
 

@@ -81,25 +81,41 @@ class DrainedSocket:
             self.loop.call_soon(self._drain)
 
 
+def messages(kinds, port: str, handle: Callable[[object], None]) -> Callable[[zmq.Frame], None]:
+    """A DrainedSocket's handler (single frames) for messages of `kinds`, each to `handle`. A
+    malformed frame is logged and dropped; a failing `handle` is logged and takes nothing down."""
+    receive = _decoding(kinds, port, handle)
+    return lambda frame: receive(frame.buffer)
+
+
 def router_messages(kinds, port: str, handle: Callable[[bytes, object], None],
                     malformed: Callable[[bytes, P.DecodeError], None] | None = None) -> Callable[[list[bytes]], None]:
     """A DrainedSocket's handler (multipart) for a ROUTER socket's messages of `kinds`: (identity,
-    message) to `handle`. A malformed frame is logged and dropped, after `malformed` (identity,
-    error) when given; a failing `handle` is logged and takes nothing down."""
+    message) to `handle`. As `messages`, and a malformed frame goes to `malformed` (identity, error)
+    when given."""
+    receive = _decoding(kinds, port, handle, malformed)
+
+    def on_frames(frames: list[bytes]) -> None:
+        if len(frames) >= 2:
+            receive(frames[1], frames[0])
+
+    return on_frames
+
+
+def _decoding(kinds, port: str, handle: Callable, malformed: Callable | None = None) -> Callable:
+    """(data, *sender) -> `handle(*sender, message)`, or `malformed(*sender, error)`."""
     dec = P.decoder(kinds)
 
-    def receive(frames: list[bytes]) -> None:
-        if len(frames) < 2:
-            return
+    def receive(data, *sender) -> None:
         try:
-            msg = P.decode(dec, frames[1])
+            msg = P.decode(dec, data)
         except P.DecodeError as e:
             log.warning("dropped a malformed frame on the %s port: %s", port, e)
             if malformed is not None:
-                malformed(frames[0], e)
+                malformed(*sender, e)
             return
         try:
-            handle(frames[0], msg)
+            handle(*sender, msg)
         except Exception:  # one bad message must not take the process down
             log.exception("failed to handle a %s message %s", port, type(msg).__name__)
 
