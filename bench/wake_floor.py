@@ -17,6 +17,9 @@ import time
 
 import zmq
 
+from splitserve.common import protocol as P
+from splitserve.common.zmq_util import make_socket
+
 UNTIMED = 10  # messages before the clock starts: connections made, code paths warm
 HEADER = 4  # a TCP frame's length, little-endian
 
@@ -50,7 +53,7 @@ def measure(transport: str, step_ms: float, messages: int, size: int = 1024, tim
 def _sender(transport: str, port: int):
     if transport == "zmq":
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.PUSH)
+        sock = make_socket(ctx, zmq.PUSH, P.MAX_CONTROL_BYTES)
         sock.connect(f"tcp://127.0.0.1:{port}")
 
         def close() -> None:
@@ -83,7 +86,7 @@ async def _serve(transport: str, messages: int, conn) -> None:
             done.set_result(1e6 * (time.process_time() - started) / messages)
 
     if transport == "zmq":
-        sock = zmq.Context.instance().socket(zmq.PULL)
+        sock = make_socket(zmq.Context.instance(), zmq.PULL, P.MAX_CONTROL_BYTES)  # as a frontend's token port
         conn.send(sock.bind_to_random_port("tcp://127.0.0.1"))
 
         def drain() -> None:  # as gateway/zmq_drain.py reads a frontend's token socket
