@@ -35,59 +35,56 @@ log = logging.getLogger(__name__)
 
 class Output:
     """Fed in order by the decode loop: `admit` each request, then `step` after each step;
-    releases come back on `released`. `inline`: the caller's thread does the work (see the
-    module's doc), else a thread of its own."""
+    releases come back on `released`. `inline`: the caller's thread does each item at once (see
+    the module's doc), else a thread of its own takes them from a queue, in the same order."""
 
     def __init__(self, ctx: zmq.Context, tokenizer: Tokenizer, curve: CurveKeys | None = None, inline: bool = False):
-        self.ctx, self.tokenizer, self.curve = ctx, tokenizer, curve
+        self.tokenizer = tokenizer
         # (slot, request id, finish reason) to free
         self.released: queue.SimpleQueue = queue.SimpleQueue()
         self.streams: dict[int, TextStream] = {}
-        self.inbox: queue.SimpleQueue | None = None
-        self.thread: threading.Thread | None = None
         if inline:
-            self.links = FrontendLinks(ctx, curve)
+            links = FrontendLinks(ctx, curve)
+            self._do = lambda item: self._handle(links, item)
+            self._stop = links.close
         else:
-            self.inbox = queue.SimpleQueue()
-            self.thread = threading.Thread(target=self._run, name="decode-output", daemon=True)
-            self.thread.start()
+            inbox: queue.SimpleQueue = queue.SimpleQueue()
+            thread = threading.Thread(target=self._run, args=(inbox, ctx, curve), name="decode-output", daemon=True)
+            thread.start()
+            self._do = inbox.put
+
+            def stop() -> None:
+                inbox.put(None)
+                thread.join(timeout=10)
+
+            self._stop = stop
 
     def admit(self, slot: int, request: GenerateRequest, first_token: int, first_text: str) -> None:
-        if self.inbox is None:
-            self._admit(slot, request, first_token, first_text)
-        else:
-            self.inbox.put(("admit", slot, request, first_token, first_text))
+        self._do(("admit", slot, request, first_token, first_text))
 
     def step(self, out: StepOutput) -> None:
-        if self.inbox is None:
-            self._send(self.links, out)
-        else:
-            self.inbox.put(("step", out))
+        self._do(("step", out))
 
     def stop(self) -> None:
-        if self.inbox is None:
-            self.links.close()
-        else:
-            self.inbox.put(("stop",))
-            self.thread.join(timeout=10)
+        self._stop()
 
-    def _run(self) -> None:
+    def _run(self, inbox: queue.SimpleQueue, ctx: zmq.Context, curve: CurveKeys | None) -> None:
         # Sockets of its own, since ZMQ sockets belong to one thread.
-        links = FrontendLinks(self.ctx, self.curve)
+        links = FrontendLinks(ctx, curve)
         try:
-            while True:
-                item = self.inbox.get()
-                if item[0] == "stop":
-                    return
-                if item[0] == "admit":
-                    self._admit(*item[1:])
-                else:
-                    self._send(links, item[1])
+            while (item := inbox.get()) is not None:
+                self._handle(links, item)
         except Exception:
             log.exception("the output thread failed")
             raise
         finally:
             links.close()
+
+    def _handle(self, links: FrontendLinks, item: tuple) -> None:
+        if item[0] == "admit":
+            self._admit(*item[1:])
+        else:
+            self._send(links, item[1])
 
     def _send(self, links: FrontendLinks, out: StepOutput) -> None:
         for endpoint, entries in self._entries(out).items():
