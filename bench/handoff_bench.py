@@ -259,9 +259,10 @@ def receiver(transport: str, layout: str, dtype_name: str, max_len: int) -> None
             try:
                 kv.filler(arrival)(pool[:, :, 0, :, :n])
             except Exception as e:  # reported to the sender, which fails the run
-                kv.release(arrival, ok=False, message=str(e))
+                kv.answer(arrival, ok=False, message=str(e))
                 continue
-            kv.release(arrival)
+            kv.copied(arrival)
+        kv.send_releases()  # the copies are synchronous here (CPU)
     kv.close()
     ctx.term()
 

@@ -275,16 +275,19 @@ class KvSender:
 
 @dataclass
 class Arrival:
-    """A prompt's KV, ready to copy into a slot; answer it with KvReceiver.release."""
+    """A prompt's KV, ready to copy into a slot; answer it with KvReceiver.copied or .answer."""
 
     peer: bytes  # the sender's socket
     ready: P.KvReady
     frames: list  # the KV itself on tcp
+    received: float  # time.perf_counter() when it came
 
 
 class KvReceiver:
     """The decode worker's KV endpoint: opens each sender's staging once and hands out the KV of one
-    prompt at a time. On cuda_ipc the copy out of staging is asynchronous: `release` waits for it."""
+    prompt at a time. A copy into a slot is released once it has completed (`send_releases`): on a
+    GPU the copy runs on the stream, and an event after the latest one tells when, so that an
+    admission never waits for its copy (the step's own sync, or a later loop turn, sees it done)."""
 
     def __init__(self, ctx: zmq.Context, host: str, port: int, advertise_host: str, curve: CurveKeys | None,
                  device: torch.device, dtype: torch.dtype, nixl: NixlAgent | None = None):
@@ -295,6 +298,9 @@ class KvReceiver:
         self.sock = make_socket(ctx, zmq.ROUTER, P.MAX_KV_BYTES, curve=curve)
         self.endpoint = tcp_endpoint(advertise_host, bind_endpoint(self.sock, host, port))
         self._decoder = P.decoder(P.KvToDecode)
+        self._unreleased: list[Arrival] = []  # copied, or copying, into a slot
+        # completes once every copy queued so far has: the stream runs them in order
+        self._copies_done = torch.cuda.Event() if device.type == "cuda" else None
 
     @property
     def public_key(self) -> str:
@@ -323,7 +329,7 @@ class KvReceiver:
                 except Exception as e:  # a bad description fails the handoffs that use it, nothing else
                     log.warning("could not open the staging of %s: %s", msg.prefill_worker, e)
             else:
-                arrivals.append(Arrival(frames[0].bytes, msg, [f.buffer for f in frames[2:]]))
+                arrivals.append(Arrival(frames[0].bytes, msg, [f.buffer for f in frames[2:]], time.perf_counter()))
 
     def kv(self, arrival: Arrival) -> torch.Tensor:
         """The prompt's KV [n_layer, 2, n, KVH, D]: a view of the sender's staging (valid until
@@ -343,10 +349,32 @@ class KvReceiver:
         kv = self.kv(arrival)
         return lambda dst: dst.copy_(kv.transpose(2, 3))
 
-    def release(self, arrival: Arrival, ok: bool = True, message: str = "") -> None:
-        """Tell the sender its region is free: after the copy out of it has completed."""
-        if ok and self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+    def copied(self, arrival: Arrival) -> None:
+        """The KV of `arrival` is queued into a slot (the filler ran): release it once that copy has
+        completed. Its frames (tcp) stay referenced until then."""
+        if self._copies_done is not None:
+            self._copies_done.record(torch.cuda.current_stream(self.device))
+        self._unreleased.append(arrival)
+
+    @property
+    def unreleased(self) -> bool:
+        """Copies wait to be released."""
+        return bool(self._unreleased)
+
+    def send_releases(self) -> list[tuple[Arrival, float]]:
+        """Release every copy once they have all completed (without waiting for them);
+        -> each released arrival with its seconds from arrival to release."""
+        if not self._unreleased or (self._copies_done is not None and not self._copies_done.query()):
+            return []
+        released, self._unreleased = self._unreleased, []
+        now = time.perf_counter()
+        for arrival in released:
+            self.answer(arrival)
+        return [(arrival, now - arrival.received) for arrival in released]
+
+    def answer(self, arrival: Arrival, ok: bool = True, message: str = "") -> None:
+        """Tell the sender its region is free now: a failed copy, or one never made (the request
+        ended before its KV came)."""
         self.sock.send_multipart([arrival.peer, P.encode(P.KvRelease(arrival.ready.request.id,
                                                                      arrival.ready.location.offset, ok, message))])
 

@@ -85,15 +85,16 @@ class DecodeWorker(WorkerLoop):
         return [self.kv.sock]
 
     def busy(self) -> bool:
-        return bool(self.running)
+        return bool(self.running) or self.kv.unreleased
 
     def load(self) -> int:
         return len(self.running)
 
     def idle(self) -> bool:
-        return not self.running
+        return not self.running and not self.kv.unreleased
 
     def housekeeping(self) -> None:
+        self._send_releases()
         while not self.output.released.empty():  # slots the output stopped on a stop string
             slot, rid, reason = self.output.released.get()
             if rid in self.running and self.running[rid].slot == slot:
@@ -123,6 +124,12 @@ class DecodeWorker(WorkerLoop):
             if code:  # the engine has freed the slot already
                 del self.running[rid]
                 self.link.send(P.Finished(rid, Finish(code).reason))
+        self._send_releases()  # the step's sync has seen every earlier copy complete
+
+    def _send_releases(self) -> None:
+        for arrival, seconds in self.kv.send_releases():
+            self.metrics.observe_handoff(arrival.ready.location.length * self.token_bytes, seconds,
+                                         arrival.ready.transport)
 
     def holding(self) -> list[P.Held]:
         return [P.Held(rid, self.opts.worker_id) for rid in self.running]
@@ -160,18 +167,17 @@ class DecodeWorker(WorkerLoop):
         ready = arrival.ready
         rid = ready.request.id
         if self.tombstones.pop(rid, None) is not None:
-            self.kv.release(arrival)
+            self.kv.answer(arrival)
             self.link.send(P.Finished(rid, "cancelled"))
             return
-        received = time.perf_counter()
-        n = ready.location.length
         try:
-            slot = self.engine.admit_with(ready.request, n, ready.first_token, self.kv.filler(arrival))
+            slot = self.engine.admit_with(ready.request, ready.location.length, ready.first_token,
+                                          self.kv.filler(arrival))
         except Exception as e:
             log.warning("handoff of %s over %s failed: %s", rid, ready.transport, e)
             if getattr(e, "slot_unsafe", False):
                 log.error("a NIXL read into a slot could not be cancelled: that slot is retired")
-            self.kv.release(arrival, ok=False, message=str(e))
+            self.kv.answer(arrival, ok=False, message=str(e))
             if getattr(e, "disconnected", False):
                 # The sender is gone (its agent disconnected): no retry will come, and the gateway,
                 # which has the first token already, would not resume the request for a prefill
@@ -179,10 +185,9 @@ class DecodeWorker(WorkerLoop):
                 self.kv.forget(arrival)
                 self.link.send(P.Finished(rid, "shutdown"))
             return
-        self.kv.release(arrival)  # after the copy into the slot has completed
+        self.kv.copied(arrival)
         self.running[rid] = Running(slot, ready.deadline)
         self.admitted += 1
-        self.metrics.observe_handoff(n * self.token_bytes, time.perf_counter() - received, ready.transport)
         self.output.admit(slot, ready.request, ready.first_token, ready.first_text)
 
 

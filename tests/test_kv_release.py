@@ -1,0 +1,101 @@
+"""The decode side's KvRelease: a copy into a slot frees the sender's staging region only once it has
+completed, and the decode worker never waits for it (no host sync per admission). A real sender
+and receiver in one process, over real sockets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import zmq
+
+from cluster import wait_for
+from splitserve.common import protocol as P
+from splitserve.common.kv_handoff import KvReceiver, KvSender
+from splitserve.common.kv_transport import allocate_staging
+from splitserve.common.request import GenerateRequest
+
+torch.set_num_threads(1)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+N_LAYER, KVH, D, BUDGET = 2, 2, 8, 16
+SHAPE = (N_LAYER, 2, BUDGET, KVH, D)  # staging [n_layer, 2, budget, KVH, D]
+
+
+@pytest.fixture
+def pair(request):
+    """(sender, receiver, pool, transport): shm staging on the CPU (tcp frames to a GPU receiver),
+    and a decode pool [n_layer, 2, slots, KVH, L, D] on the receiver's device."""
+    device = torch.device(getattr(request, "param", "cpu"))
+    transport = "shm" if device.type == "cpu" else "tcp"
+    ctx = zmq.Context()
+    staging = allocate_staging(SHAPE, torch.float32, "cpu", transport, "p")
+    staging.tensor.copy_(torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)))
+    sender = KvSender(ctx, staging, "p", None)
+    receiver = KvReceiver(ctx, "127.0.0.1", 0, "127.0.0.1", None, device, torch.float32)
+    pool = torch.zeros(N_LAYER, 2, 2, KVH, BUDGET, D, device=device)
+    try:
+        yield sender, receiver, pool, transport
+    finally:
+        sender.close()
+        receiver.close()
+        ctx.term()
+
+
+def hand_off(sender: KvSender, receiver: KvReceiver, transport: str, rid: str, n: int) -> None:
+    request = GenerateRequest(rid, tuple(range(n)), 4)
+    offset = sender.regions.alloc(n)
+    sender.send(P.Prefill(request, "d", receiver.endpoint, transport), request, 1, "x", offset, n)
+
+
+def arrivals(receiver: KvReceiver, count: int):
+    got = []
+    wait_for(lambda: got.extend(receiver.receive()) or len(got) >= count, 10, f"{count} arrivals")
+    return got
+
+
+def handoffs_left(sender: KvSender) -> set[str]:
+    """The sender's handoffs not yet released, after taking every release that came (none failed)."""
+    failed, _ = sender.receive(sender.sockets[0])
+    assert not failed
+    return set(sender.handoffs)
+
+
+def test_copies_are_released_once_sent_and_answers_at_once(pair):
+    sender, receiver, pool, transport = pair
+    for rid, n in (("a", 5), ("b", 3), ("c", 4)):
+        hand_off(sender, receiver, transport, rid, n)
+    a, b, c = arrivals(receiver, 3)
+    for slot, arrival in enumerate((a, b)):
+        receiver.filler(arrival)(pool[:, :, slot, :, : arrival.ready.location.length])
+        receiver.copied(arrival)
+    assert receiver.unreleased
+    receiver.answer(c)  # a request cancelled before its KV came: its region is free at once
+    wait_for(lambda: handoffs_left(sender) == {"a", "b"}, 10, "c's release")
+    assert sender.regions.free_tokens == BUDGET - 8  # the copies wait for send_releases
+
+    out = receiver.send_releases()
+    assert [arrival.ready.request.id for arrival, _ in out] == ["a", "b"] and all(s >= 0 for _, s in out)
+    assert not receiver.unreleased and receiver.send_releases() == []
+    wait_for(lambda: not handoffs_left(sender), 10, "the copies' releases")
+    assert sender.regions.free_tokens == BUDGET
+    staged = sender.staging.tensor
+    assert torch.equal(pool[:, :, 0, :, :5].cpu(), staged[:, :, 0:5].transpose(2, 3))
+    assert torch.equal(pool[:, :, 1, :, :3].cpu(), staged[:, :, 5:8].transpose(2, 3))
+
+
+@needs_cuda
+@pytest.mark.parametrize("pair", ["cuda"], indirect=True)
+def test_on_a_gpu_a_release_waits_for_the_stream_and_the_host_does_not(pair):
+    sender, receiver, pool, transport = pair
+    hand_off(sender, receiver, transport, "a", 5)
+    (a,) = arrivals(receiver, 1)
+    receiver.filler(a)(pool[:, :, 0, :, :5])
+    torch.cuda._sleep(500_000_000)  # the stream stays busy well after the copy is queued
+    receiver.copied(a)
+    assert receiver.send_releases() == []  # returned at once, nothing released
+    assert receiver.unreleased
+    torch.cuda.synchronize()
+    assert [arrival.ready.request.id for arrival, _ in receiver.send_releases()] == ["a"]
+    wait_for(lambda: not handoffs_left(sender), 10, "the release")
+    assert torch.equal(pool[:, :, 0, :, :5].cpu(), sender.staging.tensor[:, :, 0:5].transpose(2, 3))
