@@ -7,10 +7,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
+from polling import wait_for
 from splitserve.bench.server_state import http_json
 from splitserve.bench.traffic import PROMPTS
 from splitserve.client import Client
@@ -21,14 +21,6 @@ from splitserve.common.zmq_util import free_port
 from splitserve.engine import Engine, EngineOptions
 
 START_TIMEOUT_S = 120.0
-def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 class Cluster:

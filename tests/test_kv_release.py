@@ -8,7 +8,7 @@ import pytest
 import torch
 import zmq
 
-from cluster import wait_for
+from polling import wait_for
 from splitserve.common import protocol as P
 from splitserve.common.kv_handoff import KvReceiver, KvSender
 from splitserve.common.kv_transport import allocate_staging

@@ -62,6 +62,7 @@ CORRECTNESS = (
     "tests/test_cuda_graphs.py::test_padded_static_step_gives_the_exact_steps_tokens",
     "tests/test_cuda.py",
     "tests/test_kv_transport.py::test_cuda_ipc_handoff_between_processes",
+    "tests/test_kv_release.py",
 )
 # Imported by the stages (tests included) beyond PyTorch and transformers: the setup stage names
 # any missing, before a later stage fails on it.
