@@ -93,6 +93,8 @@ def _describe(e: RequestValidationError) -> str:
     """Pydantic's errors as one line, e.g. `parameters.temperature`: Input should be a valid number (given 'x')."""
     by_field: dict[str, list[str]] = {}  # field -> the union members it failed, or its one message
     for err in e.errors():
+        if err["type"] == "json_invalid":  # no field: the body stops being JSON at character loc[-1]
+            return f"the request body is not valid JSON ({err['ctx']['error']} at character {err['loc'][-1]})"
         field = [str(p) for p in err["loc"] if p != "body"]
         # a union's members appear in the location as type names: fold them into one message
         cut = next((i for i, p in enumerate(field) if i > 0 and _is_type_name(p)), None)
@@ -117,7 +119,10 @@ def _is_type_name(part: str) -> bool:
 
 
 def _param(e: RequestValidationError) -> str | None:
-    loc = [str(p) for p in e.errors()[0]["loc"] if p != "body"] if e.errors() else []
+    errors = e.errors()
+    if not errors or errors[0]["type"] == "json_invalid":
+        return None
+    loc = [str(p) for p in errors[0]["loc"] if p != "body"]
     return loc[0] if loc else None
 
 

@@ -313,13 +313,16 @@ def test_tgi_rejects_each_bad_parameter_with_422(http, parameters, says):
     ("/generate", {"inputs": LONG}, "at most 2047 are allowed (max_input_tokens)"),
     ("/generate", {"inputs": ""}, "the prompt is empty"),
     ("/generate", {"parameters": {}}, "`inputs`: Field required"),
-    ("/generate", "not json", "`body`"),
+    ("/generate", "not json", "the request body is not valid JSON (Expecting value at character 0)"),
+    ("/generate", '{"inputs": "x",}', "the request body is not valid JSON (Expecting property name enclosed in double "
+                                      "quotes at character 15)"),
     ("/generate_stream", {"inputs": PROMPT, "parameters": {"decoder_input_details": True}},
      "not supported when streaming"),
     ("/", {"inputs": PROMPT, "stream": True, "parameters": {"top_k": -1}}, "`top_k` must be strictly positive"),
 ])
 def test_tgi_rejects_bad_requests_with_422(http, path, body, says):
-    r = http.post(path, **({"json": body} if isinstance(body, dict) else {"content": body}))
+    r = http.post(path, **({"json": body} if isinstance(body, dict)
+                           else {"content": body, "headers": {"content-type": "application/json"}}))
     assert r.status_code == 422 and r.json()["error_type"] == "validation", r.text
     assert says in r.json()["error"]
 
@@ -359,6 +362,13 @@ def test_openai_rejects_each_bad_parameter_with_400(http, body, param, says):
     assert error["type"] == "invalid_request_error" and error["code"] == "validation" and says in error["message"]
     if param is not None:
         assert error["param"] == param
+
+
+def test_openai_answers_a_body_that_is_not_json_with_400(http):
+    r = http.post("/v1/completions", content='{"prompt": "x"', headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == {"message": "the request body is not valid JSON (Expecting ',' delimiter at character 14)",
+                                 "type": "invalid_request_error", "param": None, "code": "validation"}
 
 
 def test_chat_without_a_chat_template_is_a_clear_400(http):
