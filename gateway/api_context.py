@@ -5,13 +5,19 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Callable, TypeVar
+
+from starlette.requests import Request
 
 from splitserve.common.fim import Fim, find_fim
 from splitserve.common.params import Limits
 from splitserve.common.tokenizer import Tokenizer
 
+from . import off_loop
 from .auth import ApiKey
 from .frontdoor import FrontDoor
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -36,6 +42,12 @@ class ApiContext:
 
     def _is_special(self, token_id: int) -> bool:
         return self._piece(token_id) != "" and self.tokenizer.decode([token_id], skip_special_tokens=True) == ""
+
+    async def prepare(self, request: Request, build: Callable[..., T], *args) -> T:
+        """build(*args), a request's validation and tokenization: on the tokenizer thread when its
+        body is long (off_loop), or of a length not given (chunked)."""
+        size = int(request.headers.get("content-length", off_loop.LONG_TEXT + 1))
+        return await off_loop.start(build, *args) if off_loop.is_long(size) else build(*args)
 
     @property
     def core(self):

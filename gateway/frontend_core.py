@@ -11,6 +11,7 @@ have, and messages still in flight for the old id are simply unknown.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import secrets
@@ -25,6 +26,7 @@ from splitserve.common.prefix_blocks import block_hashes
 from splitserve.common.request import GenerateRequest
 from splitserve.common.tokenizer import Tokenizer
 
+from . import off_loop
 from .validation import build_request
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,8 @@ class FrontendCore:
         # A fill-in-the-middle prompt's request also stops at its layout's end tokens.
         self.server_stop_ids = frozenset(fim.end_ids if fim is not None else ())
         self.streams: dict[str, Stream] = {}  # by the current attempt's id
+        # gateway id -> (client id, sink) of a request whose long prompt text the tokenizer thread has
+        self.tokenizing: dict[str, tuple[str, Sink]] = {}
         self.attempt_of: dict[str, str] = {}  # gateway id -> current attempt's id
         self.unsent: list[str] = []  # submitted with dispatch=False, admitted by the next dispatch()
         self.fleet: P.Fleet | None = None  # None while the router is out of reach
@@ -86,18 +90,50 @@ class FrontendCore:
         """Validate and admit a request; errors go to the sink. Returns the gateway's id.
 
         `fork_of`: the id of a request submitted just before with `dispatch=False`; when both
-        have the same prompt, they share its prefill."""
+        have the same prompt, they share its prefill. A long prompt text is tokenized on the
+        tokenizer thread (off_loop): its id is returned at once, and the request admitted when it
+        is done; errors still go to the sink."""
         reject = self.rejection()
         if reject:
             sink(P.Error(client_id, *reject))
             return None
         gid = f"{self._id_prefix}{next(self._ids)}"
+        deadline = time.time() + msg.timeout_s if msg.timeout_s else None
+        build = (gid, msg, self.tokenizer, self.limits, self.server_stop_ids, self.token_endpoint)
+        if msg.prompt is not None and off_loop.is_long(len(msg.prompt)):
+            # admitted once the tokenizer thread is done with it, unless it was cancelled meanwhile
+            self.tokenizing[gid] = client_id, sink
+            off_loop.start(build_request, *build).add_done_callback(
+                lambda built: self._built(gid, built, deadline, fork_of))
+            return gid
         try:
-            request = build_request(gid, msg, self.tokenizer, self.limits, self.server_stop_ids, self.token_endpoint)
+            request = build_request(*build)
         except ValidationError as e:
             sink(P.Error(client_id, "validation", str(e)))
             return None
-        deadline = time.time() + msg.timeout_s if msg.timeout_s else None
+        self._open(gid, client_id, request, sink, deadline, fork_of, dispatch)
+        return gid
+
+    def _built(self, gid: str, built: asyncio.Future, deadline: float | None, fork_of: str | None) -> None:
+        """A long prompt's request, built on the tokenizer thread: admitted (at once, as the dispatch
+        its front end asked for may have run meanwhile), or its error to the client."""
+        waiting = self.tokenizing.pop(gid, None)
+        if waiting is None:  # cancelled while it was tokenized
+            return
+        client_id, sink = waiting
+        try:
+            request = built.result()
+        except ValidationError as e:
+            sink(P.Error(client_id, "validation", str(e)))
+            return
+        except Exception as e:
+            log.exception("preparing %s failed", gid)
+            sink(P.Error(client_id, "generation", f"the gateway could not prepare it: {e}"))
+            return
+        self._open(gid, client_id, request, sink, deadline, fork_of, dispatch=True)
+
+    def _open(self, gid: str, client_id: str, request: GenerateRequest, sink: Sink, deadline: float | None,
+              fork_of: str | None, dispatch: bool) -> None:
         stream = self.streams[gid] = Stream(gid, client_id, request, sink, deadline)
         self.attempt_of[gid] = gid
         leader = self.streams.get(fork_of) if fork_of is not None else None
@@ -107,14 +143,13 @@ class FrontendCore:
             self.unsent.append(gid)
         if dispatch:
             self.dispatch()
-        return gid
 
     def running(self, gid: str) -> bool:
         """Whether the request is still streaming (not answered in full, not refused)."""
-        return gid in self.attempt_of
+        return gid in self.attempt_of or gid in self.tokenizing
 
     def live(self) -> int:
-        return len(self.streams)
+        return len(self.streams) + len(self.tokenizing)
 
     def rejection(self) -> tuple[str, str] | None:
         """(error type, message) of the refusal a request arriving now would get, or None. The
@@ -156,13 +191,14 @@ class FrontendCore:
 
     def cancel(self, gid: str, reason: str | None = None, error: P.Error | None = None) -> None:
         """End a request from the frontend side (client gone, deadline); the router stops its workers."""
+        waiting = self.tokenizing.pop(gid, None)
+        if waiting is not None:  # nothing admitted yet
+            _tell_end(*waiting, reason, error)
+            return
         stream = self.streams.get(self.attempt_of.get(gid, ""))
         if stream is None:
             return
-        if error is not None:
-            stream.sink(error)
-        elif reason is not None:
-            stream.sink(P.TokenBatch(stream.client_id, [], reason))
+        _tell_end(stream.client_id, stream.sink, reason, error)
         self._end(stream)
         if stream.admitted:
             self.send_router(P.Cancel(stream.request.id))
@@ -290,6 +326,15 @@ class FrontendCore:
         else:  # the first batch says what the request's prompt was
             stream.sink(P.TokenBatch(stream.client_id, tokens, finish, stream.prompt_tokens, seed,
                                      stream.prompt_logprobs, stream.cached_tokens))
+
+
+def _tell_end(client_id: str, sink: Sink, reason: str | None, error: P.Error | None) -> None:
+    """What a request ended from the frontend side tells its client: the error, or the finish reason
+    (none when the client itself is gone)."""
+    if error is not None:
+        sink(error)
+    elif reason is not None:
+        sink(P.TokenBatch(client_id, [], reason))
 
 
 def resumed_request(original: GenerateRequest, attempt_id: str, generated: list[int]) -> GenerateRequest:

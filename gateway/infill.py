@@ -67,7 +67,7 @@ def infill_router(ctx: ApiContext) -> APIRouter:
     @router.post(INFILL_PATH, summary="Fill in the middle for editors, as llama.cpp's server (llama.vim, "
                  "llama.vscode); `stream` answers with server-sent events", responses=ERRORS)
     async def infill(body: InfillRequest, request: Request):
-        job = infill_job(ctx, prompts, body)
+        job = await ctx.prepare(request, infill_job, ctx, prompts, body)
         started = time.perf_counter()
         replies = Replies(ctx.door, INFILL_PATH, [job.msg])  # a refusal is an HTTP error, before any stream starts
         completion = Completion(job, started)

@@ -54,12 +54,12 @@ def openai_router(ctx: ApiContext) -> APIRouter:
 
     @router.post("/completions", summary="Complete a prompt; `suffix` makes it fill-in-the-middle", responses=ERRORS)
     async def completions(body: CompletionRequest, request: Request):
-        return await _respond(ctx, body, request, completion_fanout(ctx, body), COMPLETION)
+        return await _respond(ctx, body, request, await ctx.prepare(request, completion_fanout, ctx, body), COMPLETION)
 
     @router.post("/chat/completions", summary="Chat, when the model's tokenizer ships a chat template",
                  responses=ERRORS)
     async def chat_completions(body: ChatRequest, request: Request):
-        return await _respond(ctx, body, request, chat_fanout(ctx, body), CHAT)
+        return await _respond(ctx, body, request, await ctx.prepare(request, chat_fanout, ctx, body), CHAT)
 
     @router.get("/models", summary="The model served")
     async def models() -> dict:

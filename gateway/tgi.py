@@ -41,14 +41,14 @@ def tgi_router(ctx: ApiContext) -> APIRouter:
 
     @router.post("/generate_stream", summary="Generate text, streamed as server-sent events",
                  responses={**STREAM_DOC, **ERRORS})
-    async def generate_stream(body: TgiRequest) -> EventStream:
-        return _stream(ctx, body, "/generate_stream")
+    async def generate_stream(body: TgiRequest, request: Request) -> EventStream:
+        return _stream(ctx, await ctx.prepare(request, tgi_job, ctx, body, True), "/generate_stream")
 
     @router.post("/", summary="TGI's compatibility route: /generate (as a one-element list) or, with "
                  "`stream: true`, /generate_stream", responses={200: {"model": list[TgiResponse]}, **ERRORS})
     async def compat(body: TgiCompatRequest, request: Request):
         if body.stream:
-            return _stream(ctx, body, "/")
+            return _stream(ctx, await ctx.prepare(request, tgi_job, ctx, body, True), "/")
         return Json([await _answer(ctx, body, request, "/")])
 
     @router.get("/info", summary="Model and limits", response_model=TgiInfo)
@@ -64,7 +64,7 @@ def tgi_router(ctx: ApiContext) -> APIRouter:
 
 
 async def _answer(ctx: ApiContext, body: TgiRequest, request: Request, route: str) -> dict:
-    job = tgi_job(ctx, body, stream=False)
+    job = await ctx.prepare(request, tgi_job, ctx, body, False)
     (answer,) = await gather(Replies(ctx.door, route, [job.msg]), 1, request)
     text = body.inputs + answer.text if job.params.return_full_text else answer.text
     out = {"generated_text": text}
@@ -73,8 +73,7 @@ async def _answer(ctx: ApiContext, body: TgiRequest, request: Request, route: st
     return out
 
 
-def _stream(ctx: ApiContext, body: TgiRequest, route: str) -> EventStream:
-    job = tgi_job(ctx, body, stream=True)
+def _stream(ctx: ApiContext, job: TgiJob, route: str) -> EventStream:
     replies = Replies(ctx.door, route, [job.msg])  # a refusal is an HTTP error, before the stream starts
 
     async def events():

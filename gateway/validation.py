@@ -28,14 +28,13 @@ FLOAT_PARAMS = ("temperature", "top_p", "typical_p", "repetition_penalty", "freq
 
 
 def check_prompt_ids(ids: list[int], vocab: int) -> None:
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
+    if ids and (min(ids) < 0 or max(ids) >= vocab):  # in C: a long prompt's ids are checked in the event loop
+        bad = [t for t in ids if not 0 <= t < vocab]
         raise ValidationError(f"prompt_ids must be in [0, {vocab}); got {bad[:3]}")
 
 
 def tokenize_prompt(msg: P.Generate, tokenizer: Tokenizer) -> list[int]:
     if msg.prompt_ids is not None:
-        check_prompt_ids(msg.prompt_ids, tokenizer.vocab_size)
         return list(msg.prompt_ids)
     if msg.prompt is None:
         raise ValidationError("give a prompt (text) or prompt_ids")
@@ -149,6 +148,8 @@ def build_request(rid: str, msg: P.Generate, tokenizer: Tokenizer, limits: Limit
     if not 0 <= p.top_n_tokens <= MAX_TOP_N:
         raise ValidationError(f"top_n_tokens must be in [0, {MAX_TOP_N}], got {p.top_n_tokens}")
     limits.check(len(ids), p.max_new_tokens)
+    if msg.prompt_ids is not None:  # after the length: a prompt far too long is refused without a look at each id
+        check_prompt_ids(ids, tokenizer.vocab_size)
     return GenerateRequest(
         id=rid, prompt_ids=tuple(ids), max_new_tokens=p.max_new_tokens, sampling=sampling_params(p),
         stop_token_ids=tuple(p.stop_token_ids), stop=tuple(p.stop), strip_stop=p.strip_stop,

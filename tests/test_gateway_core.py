@@ -4,11 +4,15 @@ a request resumed after its worker died, a frontend's death, a router's restart.
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from splitserve.common import protocol as P
 from splitserve.common.params import Limits
 from splitserve.common.tokenizer import Tokenizer
+from splitserve.gateway import off_loop
 from splitserve.gateway.frontend_core import FrontendCore
 from splitserve.gateway.router_core import RouterCore
 from splitserve.gateway.workers import Expectations, NoTransport, WorkerRegistry, transport_between
@@ -102,6 +106,37 @@ def test_choices_with_one_prompt_share_one_prefill(books):
     assert books.registry.workers["d"].assigned == set(gids)
     # the shared prompt is queued once
     assert books.registry.workers["p"].queued_tokens == len(msg.request.prompt_ids)
+
+
+def test_a_long_prompt_text_is_admitted_once_the_tokenizer_thread_is_done(books):
+    """Past off_loop.LONG_TEXT a prompt's text is tokenized off the event loop: the request is running
+    from its submit, admitted when its ids are ready, ended there by a cancel meanwhile, and refused
+    through its sink when too long."""
+    books.register("prefill", "p", 2048)
+    books.register("decode", "d", 4)
+    front = books.frontend
+    long = "#" * (off_loop.LONG_TEXT + 1000)  # few tokens, many characters
+    out: list = []
+
+    async def run() -> None:
+        kept = front.submit("c1", generate(1, long), out.append)
+        cancelled = front.submit("c2", generate(2, long), out.append)
+        too_long = front.submit("c3", generate(3, "a" * (off_loop.LONG_TEXT + 1000)), out.append)
+        assert all(front.running(g) for g in (kept, cancelled, too_long)) and front.live() == 3
+        assert not books.sent  # nothing admitted before its ids are known
+        front.cancel(cancelled, reason="cancelled")
+        assert out == [P.TokenBatch("c2", [], "cancelled")] and not front.running(cancelled)
+        deadline = time.monotonic() + 30
+        while front.tokenizing and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert not front.tokenizing
+        (worker, msg), = books.sent
+        assert worker == "p" and msg.request.id == kept and list(msg.request.prompt_ids) == front.tokenizer.encode(long)
+        assert front.running(kept) and not front.running(too_long) and front.live() == 1
+        (error,) = out[1:]
+        assert error.id == "c3" and error.error_type == "validation" and "max_input_tokens" in error.message
+
+    asyncio.run(run())
 
 
 def test_a_group_too_big_for_any_decode_worker_runs_as_separate_requests(books):

@@ -5,9 +5,11 @@ pickles here would create a directory if anything loaded them. Every process kee
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pickle
 import struct
+import time
 
 import httpx
 import msgspec
@@ -17,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from cluster import Cluster
-from splitserve.client import Client, WebSocketClient
+from splitserve.client import AsyncClient, Client, ValidationError, WebSocketClient
 from splitserve.common import protocol as P
 
 PROMPT = "def fibonacci(n):\n    "
@@ -148,6 +150,50 @@ def test_oversized_messages_are_refused_everywhere(cluster):
         still_serving(cluster)
     finally:
         ctx.destroy(linger=0)
+
+
+def test_a_huge_prompt_is_refused_while_the_other_streams_flow(cluster):
+    """A 2 MB prompt keeps the tokenizer busy for most of a second, on the frontend's tokenizer
+    thread: its event loop streams on meanwhile (in the loop it stopped every stream for as long).
+    Over TGI, OpenAI and ZMQ, each refused as too long, while a stream over ZMQ runs beside it."""
+    huge = "a" * 2_000_000
+
+    async def tgi(http: httpx.AsyncClient, _) -> None:
+        r = await http.post("/generate", json={"inputs": huge})
+        assert r.status_code == 422 and "at most 2047 are allowed" in r.json()["error"], r.text
+
+    async def openai(http: httpx.AsyncClient, _) -> None:
+        r = await http.post("/v1/completions", json={"prompt": huge, "max_tokens": 4})
+        assert r.status_code == 400 and "at most 2047 are allowed" in r.json()["error"]["message"], r.text
+
+    async def over_zmq(_, client: AsyncClient) -> None:
+        with pytest.raises(ValidationError, match="at most 2047 are allowed"):
+            await client.generate(huge, max_new_tokens=4)
+
+    async def beside(send) -> tuple[list[float], float, float]:
+        """(the stream's token times, when the huge request went, when its answer came)"""
+        stamps: list[float] = []
+        async with AsyncClient(cluster.endpoint) as client, httpx.AsyncClient(base_url=cluster.url, timeout=60) as http:
+
+            async def stream() -> None:
+                async for _ in client.stream(PROMPT, max_new_tokens=2000, ignore_eos=True):
+                    stamps.append(time.perf_counter())
+
+            streaming = asyncio.create_task(stream())
+            while len(stamps) < 8:  # flowing
+                await asyncio.sleep(0.01)
+            start = time.perf_counter()
+            await send(http, client)
+            end = time.perf_counter()
+            await streaming
+        return stamps, start, end
+
+    for send in (tgi, openai, over_zmq):
+        stamps, start, end = asyncio.run(beside(send))
+        assert stamps[-1] > end, f"{send.__name__}: the stream ended before the huge request's answer"
+        gaps = [b - a for a, b in zip(stamps, stamps[1:]) if b > start and a < end]
+        assert max(gaps) < (end - start) / 4, f"{send.__name__}: a gap of {max(gaps):.3f} s in {end - start:.3f} s"
+    still_serving(cluster)
 
 
 def dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
