@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -132,12 +133,14 @@ def test_streams_keep_flowing_while_the_router_restarts(home, tiny_dir, lm):
         assert stream_all(c.endpoints, specs) == want
 
 
-def test_serve_with_two_frontends_shares_the_http_port_and_lists_both_zmq_ports(home, tiny_dir):
+def test_serve_with_two_frontends_shares_the_http_port_lists_both_zmq_ports_and_drains(home, tiny_dir):
+    """... and on SIGTERM finishes a stream in flight, then exits once its workers have: not after
+    the drain timeout (60 s here), as it did while it waited for frontends to exit by themselves."""
     zmq_port = free_port()
     env = dict(os.environ, SPLITSERVE_HOME=str(home), PYTHONUNBUFFERED="1", SPLITSERVE_LOG_LEVEL="WARNING")
     serve = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "serve", "--model", "tiny-random",
                               "--frontends", "2", "--zmq-port", str(zmq_port), "--worker-port", "0", "--port", "0",
-                              "--threads", "2"], env=env, stdout=subprocess.PIPE, text=True)
+                              "--threads", "2", "--drain-timeout", "60"], env=env, stdout=subprocess.PIPE, text=True)
     try:
         lines: list[str] = []
         wait_for(lambda: lines.append(serve.stdout.readline()) or "ZMQ clients" in lines[-1], 180,
@@ -149,8 +152,15 @@ def test_serve_with_two_frontends_shares_the_http_port_and_lists_both_zmq_ports(
         with Client(listed) as client:
             outs = [client.generate("def f(x):", max_new_tokens=4, ignore_eos=True, timeout=60) for _ in range(4)]
         assert len({tuple(o.token_ids) for o in outs}) == 1
-        serve.send_signal(signal.SIGTERM)
+        with Client(listed) as client:
+            stream = client.stream("def f(x):", max_new_tokens=300, ignore_eos=True)
+            first = next(iter(stream))
+            serve.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            rest = list(stream)
+        assert 1 + len(rest) == 300 and rest[-1].finish_reason == "length" and first.index == 0
         assert serve.wait(timeout=60) == 0
+        assert time.monotonic() - signalled < 30
     finally:
         if serve.poll() is None:
             serve.kill()

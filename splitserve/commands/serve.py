@@ -105,8 +105,13 @@ def frontend_command(args: argparse.Namespace, index: int, router: str, zmq_port
 class Supervisor:
     def __init__(self, args: argparse.Namespace, gw: Gateway | RouterServer):
         self.args, self.gw = args, gw
-        self.children: list[subprocess.Popen] = []
+        self.workers: list[subprocess.Popen] = []
+        self.frontends: list[subprocess.Popen] = []  # with --frontends > 1: processes of their own
         self.stopping = False
+
+    @property
+    def children(self) -> list[subprocess.Popen]:
+        return self.workers + self.frontends
 
     def start_workers(self) -> None:
         a = self.args
@@ -115,13 +120,13 @@ class Supervisor:
             for i in range(count):
                 cmd = worker_command(a, role, i, self.gw.worker_endpoint, threads)
                 # A session of their own: a terminal's Ctrl-C reaches `serve`, which drains them.
-                self.children.append(subprocess.Popen(cmd, preexec_fn=die_with_parent(), start_new_session=True))
+                self.workers.append(subprocess.Popen(cmd, preexec_fn=die_with_parent(), start_new_session=True))
         if a.frontends > 1:
             router = self.gw.router
             ports = frontend_zmq_ports(a.zmq_port, a.frontends, {router.worker_port, router.frontend_port})
             for i, port in enumerate(ports):
                 cmd = frontend_command(a, i, router.frontend_endpoint, port)
-                self.children.append(subprocess.Popen(cmd, preexec_fn=die_with_parent(), start_new_session=True))
+                self.frontends.append(subprocess.Popen(cmd, preexec_fn=die_with_parent(), start_new_session=True))
 
     async def wait_ready(self) -> bool:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -138,11 +143,14 @@ class Supervisor:
         return False
 
     async def drain(self) -> None:
-        """Stop admitting, let workers finish (they exit when drained), then make sure they did."""
+        """Stop admitting, let workers finish (they exit when drained), then make sure they did, and
+        stop the frontends: the workers' last tokens have reached them, and a frontend lets its
+        HTTP answers finish before it exits. (Frontends never exit by themselves: waiting for them
+        too held every Ctrl-C for the whole drain timeout.)"""
         timeout = self.args.drain_timeout
         self.gw.drain(timeout)
         deadline = time.monotonic() + timeout + EXIT_GRACE_S
-        while time.monotonic() < deadline and any(c.poll() is None for c in self.children):
+        while time.monotonic() < deadline and any(c.poll() is None for c in self.workers):
             await asyncio.sleep(0.1)
         self.kill_all()
 
