@@ -28,13 +28,15 @@ from .auth import UNAUTHORIZED, admits
 from .chat_template import load_chat_template
 from .frontdoor import FrontDoor
 from .frontend_core import FrontendCore
-from .http_app import HttpServer, build_app
+from .http_app import HttpServer, build_app, ops_app
 from .metrics import GatewayMetrics
 from .options import FrontendOptions
 from .zmq_drain import DrainedSocket, messages, router_messages
 from .zmq_replies import ZmqReplies
 
 log = logging.getLogger(__name__)
+
+OPS_CONNECTIONS = 64  # on --metrics-port: probes and scrapers
 
 
 class Frontend:
@@ -68,6 +70,7 @@ class Frontend:
         api = ApiContext(self.door, self.tokenizer, self.limits, opts.model.model, load_chat_template(path),
                          opts.api_key)
         self.http = HttpServer(build_app(api), opts.host, opts.port, opts.max_connections, reuse_port)
+        self.ops = HttpServer(ops_app(api), opts.host, opts.metrics_port, OPS_CONNECTIONS) if opts.metrics_port else None
         self.client_ids: dict[tuple[bytes, str], str] = {}  # (client identity, its id) -> gateway id
         self.router_sock: zmq.asyncio.Socket | None = None
         self.router_id = ""
@@ -88,7 +91,10 @@ class Frontend:
     # ---- loops ----------------------------------------------------------------------------
 
     def loops(self) -> list:
-        return [self._token_loop(), self._router_loop(), self._front_loop(), self._tick_loop(), self._serve_http()]
+        """The HTTP server's last (close() stops it first, gracefully)."""
+        ops = [self.ops.serve()] if self.ops is not None else []  # from the start: /health says why not ready
+        return [self._token_loop(), self._router_loop(), self._front_loop(), self._tick_loop(), *ops,
+                self._serve_http()]
 
     async def _serve_http(self) -> None:
         # Not before the router has told the fleet's state: until then every answer, /health's
@@ -118,6 +124,8 @@ class Frontend:
         for t in tasks[:-1]:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.ops is not None:
+            self.ops.socket.close()
         for sock in (self.token_sock, self.front, self.router_sock):
             if sock is not None:
                 sock.close(0)

@@ -11,7 +11,7 @@ import socket
 from importlib.metadata import version
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -46,20 +46,7 @@ def build_app(ctx: ApiContext) -> FastAPI:
     app.include_router(openai_router(ctx))
     app.include_router(infill_router(ctx))
     app.include_router(websocket_router(ctx))
-
-    @app.get("/health", tags=["Operations"], summary="200 while prefill and decode workers are registered")
-    async def health() -> Json:
-        fleet = ctx.core.fleet
-        if fleet is None:
-            return Json({"status": "no router", "prefill_workers": 0, "decode_workers": 0}, status_code=503)
-        counts = {"prefill_workers": fleet.prefill_workers, "decode_workers": fleet.decode_workers}
-        ok = all(counts.values()) and not fleet.draining
-        status = "ok" if ok else ("draining" if fleet.draining else "no workers")
-        return Json({"status": status, **counts}, status_code=200 if ok else 503)
-
-    @app.get("/metrics", tags=["Operations"], summary="Prometheus metrics", response_class=Response)
-    async def metrics() -> Response:
-        return Response(ctx.door.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    app.include_router(ops_router(ctx))
 
     def error_response(path: str, e: ApiError) -> Json:
         # refused before reaching the core; a path that is no route is no request to count
@@ -86,6 +73,36 @@ def build_app(ctx: ApiContext) -> FastAPI:
     paths = frozenset(app.openapi()["paths"])
     app.add_middleware(LoadShed, rejection=ctx.door.rejection, refuse=error_response)  # inside the guard: keys first
     app.add_middleware(HttpGuard, api_key=ctx.api_key, max_body_bytes=MAX_BODY_BYTES, refuse=error_response)
+    return app
+
+
+def ops_router(ctx: ApiContext) -> APIRouter:
+    """/health and /metrics: on the API's port, and alone on a frontend's own --metrics-port."""
+    router = APIRouter(tags=["Operations"])
+
+    @router.get("/health", summary="200 while prefill and decode workers are registered")
+    async def health() -> Json:
+        fleet = ctx.core.fleet
+        if fleet is None:
+            return Json({"status": "no router", "prefill_workers": 0, "decode_workers": 0}, status_code=503)
+        counts = {"prefill_workers": fleet.prefill_workers, "decode_workers": fleet.decode_workers}
+        ok = all(counts.values()) and not fleet.draining
+        status = "ok" if ok else ("draining" if fleet.draining else "no workers")
+        return Json({"status": status, **counts}, status_code=200 if ok else 503)
+
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(ctx.door.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+def ops_app(ctx: ApiContext) -> FastAPI:
+    """A frontend's own /health and /metrics (--metrics-port): this frontend's alone, where the
+    shared --port reaches whichever frontend the kernel chose for the connection."""
+    app = FastAPI(title="splitserve frontend", docs_url=None, redoc_url=None, openapi_url=None,
+                  default_response_class=Json)
+    app.include_router(ops_router(ctx))
     return app
 
 

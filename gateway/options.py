@@ -62,6 +62,7 @@ class FrontendOptions:
     max_connections: int  # HTTP and WebSocket, of this frontend
     api_key: ApiKey | None  # required of HTTP, WebSocket and ZMQ clients when set (auth.py)
     frontend_id: str = ""  # unique name (default: a random one)
+    metrics_port: int = 0  # /health and /metrics of this frontend alone (0: off)
 
 
 @dataclass(frozen=True)
@@ -107,11 +108,14 @@ def _add_frontend_flags(p: argparse.ArgumentParser) -> None:
     add_api_key_args(p)
 
 
+def add_metrics_port_arg(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--metrics-port", type=int, default=int(env("SPLITSERVE_METRICS_PORT", "0")), help=help)
+
+
 def add_router_args(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     _add_router_flags(p, DEFAULT_FRONTEND_PORT)
-    p.add_argument("--metrics-port", type=int, default=int(env("SPLITSERVE_METRICS_PORT", "0")),
-                   help="serve the router's /health, /metrics and /info on this port (0: off)")
+    add_metrics_port_arg(p, "serve the router's /health, /metrics and /info on this port (0: off)")
 
 
 def add_frontend_args(p: argparse.ArgumentParser) -> None:
@@ -120,6 +124,8 @@ def add_frontend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router", default=env("SPLITSERVE_ROUTER", f"tcp://127.0.0.1:{DEFAULT_FRONTEND_PORT}"),
                    help="the router's frontend endpoint")
     p.add_argument("--frontend-id", default="", help="unique name (default: a random one)")
+    add_metrics_port_arg(p, "serve this frontend's own /health and /metrics on this port (0: off); the shared "
+                            "--port reaches whichever frontend the kernel chose")
 
 
 def add_gateway_args(p: argparse.ArgumentParser) -> None:
@@ -147,7 +153,7 @@ def router_options(ns: argparse.Namespace) -> RouterOptions:
 def frontend_options(ns: argparse.Namespace, router: str | None = None) -> FrontendOptions:
     return FrontendOptions(model_options(ns), limit_options(ns), link_options(ns), ns.host, _advertised(ns), ns.port,
                            ns.zmq_port, ns.token_port, router or ns.router, ns.max_connections, api_key_option(ns),
-                           getattr(ns, "frontend_id", ""))
+                           getattr(ns, "frontend_id", ""), getattr(ns, "metrics_port", 0))
 
 
 def gateway_options(ns: argparse.Namespace) -> GatewayOptions:

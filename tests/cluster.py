@@ -141,6 +141,7 @@ class SplitCluster(Cluster):
         self.worker_port, self.frontend_port, self.router_port, self.port = (free_port() for _ in range(4))
         self.router = self.start_router()
         self.frontends: list[tuple[subprocess.Popen, int]] = []  # (process, its ZMQ port)
+        self.frontend_metrics_ports: list[int] = []  # each frontend's own /health and /metrics
         for _ in range(frontends):
             self.add_frontend()
         self.zmq_port = self.frontends[0][1]
@@ -152,11 +153,12 @@ class SplitCluster(Cluster):
         return self.router
 
     def add_frontend(self) -> int:
-        zmq_port = free_port()
+        zmq_port, metrics_port = free_port(), free_port()
         proc = self._spawn("frontend", "--router", f"tcp://127.0.0.1:{self.frontend_port}", "--port", str(self.port),
-                           "--zmq-port", str(zmq_port), "--heartbeat-timeout", str(self.heartbeat_timeout),
-                           *self.flags)
+                           "--zmq-port", str(zmq_port), "--metrics-port", str(metrics_port),
+                           "--heartbeat-timeout", str(self.heartbeat_timeout), *self.flags)
         self.frontends.append((proc, zmq_port))
+        self.frontend_metrics_ports.append(metrics_port)
         return zmq_port
 
     @property

@@ -4,9 +4,12 @@ does not stop the streams already on live workers; a frontend joins at run time.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -43,6 +46,16 @@ def sse_tokens(port: int, spec: dict) -> list[int]:
         return [t["id"] for t in json.load(r)["details"]["tokens"]]
 
 
+def frontend_requests(metrics_port: int) -> float:
+    """ZMQ requests a frontend answered in full, from its own /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        families = text_string_to_metric_families(r.read().decode())
+        return sum(s.value for f in families for s in f.samples
+                   if s.name == "splitserve_requests_total" and s.labels == {"route": "zmq", "outcome": "ok"})
+
+
 def test_every_front_end_of_two_frontends_matches_offline(split, lm):
     specs = request_specs(12)
     want = offline(lm, specs)
@@ -52,8 +65,13 @@ def test_every_front_end_of_two_frontends_matches_offline(split, lm):
     assert stream_all(info["zmq_endpoints"], specs) == want
     # HTTP: both frontends serve the one port; the kernel spreads the connections
     assert [sse_tokens(split.port, s) for s in specs] == want
-    for proc, port in split.frontends:
-        assert Client(f"tcp://127.0.0.1:{port}").generate("def f(x):", max_new_tokens=3).token_ids
+    # each frontend's own --metrics-port counts its own requests alone (the shared port reaches either)
+    before = [frontend_requests(p) for p in split.frontend_metrics_ports]
+    for i, (proc, port) in enumerate(split.frontends):
+        for _ in range(i + 1):
+            assert Client(f"tcp://127.0.0.1:{port}").generate("def f(x):", max_new_tokens=3).token_ids
+    assert [frontend_requests(p) - b for p, b in zip(split.frontend_metrics_ports, before)] == [1, 2]
+    assert all(http_json(p, "/health")["status"] == "ok" for p in split.frontend_metrics_ports)
     split.wait_idle()
     assert split.metric("splitserve_decode_slots_reserved") == 0
 
@@ -133,19 +151,54 @@ def test_streams_keep_flowing_while_the_router_restarts(home, tiny_dir, lm):
         assert stream_all(c.endpoints, specs) == want
 
 
+def free_ports_in_a_row(n: int) -> int:
+    """The first of n consecutive ports free now."""
+    for _ in range(100):
+        first = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first + 1, first + n):
+                    held.enter_context(socket.create_server(("127.0.0.1", port)))
+            except OSError:
+                continue
+        return first
+    raise RuntimeError(f"no {n} free ports in a row")
+
+
+def test_metrics_ports_go_from_the_router_or_gateway_through_frontends_to_workers():
+    from splitserve.commands.serve import metrics_ports
+
+    def ports(port: int, frontends: int) -> dict:
+        return metrics_ports(argparse.Namespace(metrics_port=port, frontends=frontends, prefill_workers=2,
+                                                decode_workers=1))
+
+    assert ports(9000, 1) == {"router": [9000], "frontend": [], "prefill": [9001, 9002], "decode": [9003]}
+    assert ports(9000, 3) == {"router": [9000], "frontend": [9001, 9002, 9003], "prefill": [9004, 9005],
+                              "decode": [9006]}
+    assert ports(0, 3) == {"router": [0], "frontend": [0, 0, 0], "prefill": [0, 0], "decode": [0]}
+
+
 def test_serve_with_two_frontends_shares_the_http_port_lists_both_zmq_ports_and_drains(home, tiny_dir):
     """... and on SIGTERM finishes a stream in flight, then exits once its workers have: not after
     the drain timeout (60 s here), as it did while it waited for frontends to exit by themselves."""
-    zmq_port = free_port()
+    zmq_port, metrics = free_port(), free_ports_in_a_row(5)
     env = dict(os.environ, SPLITSERVE_HOME=str(home), PYTHONUNBUFFERED="1", SPLITSERVE_LOG_LEVEL="WARNING")
     serve = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "serve", "--model", "tiny-random",
                               "--frontends", "2", "--zmq-port", str(zmq_port), "--worker-port", "0", "--port", "0",
-                              "--threads", "2", "--drain-timeout", "60"], env=env, stdout=subprocess.PIPE, text=True)
+                              "--threads", "2", "--drain-timeout", "60", "--metrics-port", str(metrics)],
+                             env=env, stdout=subprocess.PIPE, text=True)
     try:
         lines: list[str] = []
         wait_for(lambda: lines.append(serve.stdout.readline()) or "ZMQ clients" in lines[-1], 180,
                  "serve to be ready", interval=0)
         listed = lines[-1].split("ZMQ clients:")[1].strip().split(", ")
+        lines += [serve.stdout.readline(), serve.stdout.readline()]
+        assert lines[-1].strip() == (f"/health and /metrics on ports of their own: router {metrics}, frontends "
+                                     f"{metrics + 1}-{metrics + 2}, prefill workers {metrics + 3}, decode workers "
+                                     f"{metrics + 4}")
+        health = [http_json(metrics + i, "/health") for i in range(5)]
+        assert health[0]["frontends"] == 2 and health[1]["status"] == health[2]["status"] == "ok"
+        assert [h["role"] for h in health[3:]] == ["prefill", "decode"]
         assert sorted(listed) == [f"tcp://127.0.0.1:{zmq_port}", f"tcp://127.0.0.1:{zmq_port + 1}"]
         port = int(next(line for line in lines if "HTTP" in line).split("127.0.0.1:")[1].split()[0])
         assert http_json(port, "/info")["zmq_endpoints"] == sorted(listed)

@@ -26,6 +26,7 @@ from splitserve.common.service_config import WILDCARD_HOSTS, add_engine_args, wo
 from splitserve.common.zmq_util import free_port
 from splitserve.gateway.options import (
     add_gateway_args,
+    add_metrics_port_arg,
     frontend_argv,
     frontend_flag_names,
     gateway_options,
@@ -50,6 +51,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frontends", type=int, default=default_frontends(),
                    help="frontend processes sharing the HTTP port (default: 1 below 8 cores, else cores // 8, at "
                         "most 8)")
+    add_metrics_port_arg(p, "/health and /metrics of every process on a port of its own, from this one up (0: off): "
+                            "the router (the gateway, with one frontend), each frontend, each prefill worker, each "
+                            "decode worker; the shared --port reaches whichever frontend the kernel chose")
 
 
 def default_frontends(cores: int | None = None) -> int:
@@ -67,10 +71,11 @@ def curve_worker_flags(secret_file: str) -> dict[str, str]:
 
 def worker_command(args: argparse.Namespace, role: str, index: int, gateway: str, threads: int) -> list[str]:
     """Every flag of serve's that a worker takes too (model, limits, link, engine, ...) passes on;
-    the gateway, the threads, the worker's name and its CURVE keys are set here."""
+    the gateway, the threads, the worker's name, metrics port and CURVE keys are set here."""
     names = worker_flag_names(role)
     values = {name: value for name, value in vars(args).items() if name in names}
-    values |= {"gateway": gateway, "threads": threads, "worker_id": f"{role}-{index}-{os.getpid()}"}
+    values |= {"gateway": gateway, "threads": threads, "worker_id": f"{role}-{index}-{os.getpid()}",
+               "metrics_port": metrics_ports(args)[role][index]}
     if args.curve_secret_file:
         values |= curve_worker_flags(args.curve_secret_file)
     return [sys.executable, "-m", "splitserve.cli", role, *worker_argv(role, values)]
@@ -94,11 +99,37 @@ def frontend_zmq_ports(first: int, count: int, taken: set[int]) -> list[int]:
     return ports
 
 
+def metrics_ports(args: argparse.Namespace) -> dict[str, list[int]]:
+    """--metrics-port P: its own /health and /metrics port for every process, in order from P: the
+    router (with one frontend, the gateway: both in one process), each frontend when there are
+    several, each prefill worker, each decode worker. All 0 when off."""
+    counts = {"router": 1, "frontend": args.frontends if args.frontends > 1 else 0,
+              "prefill": args.prefill_workers, "decode": args.decode_workers}
+    ports, port = {}, args.metrics_port
+    for kind, count in counts.items():
+        ports[kind] = list(range(port, port + count)) if args.metrics_port else [0] * count
+        port += count
+    return ports
+
+
+def _metrics_line(args: argparse.Namespace) -> str:
+    """The ready message's line for --metrics-port, or nothing."""
+    if not args.metrics_port:
+        return ""
+    named = {"router": "router" if args.frontends > 1 else "gateway", "frontend": "frontends",
+             "prefill": "prefill workers", "decode": "decode workers"}
+    spans = [f"{named[kind]} {ports[0]}" + (f"-{ports[-1]}" if len(ports) > 1 else "")
+             for kind, ports in metrics_ports(args).items() if ports]
+    return "\n  /health and /metrics on ports of their own: " + ", ".join(spans)
+
+
 def frontend_command(args: argparse.Namespace, index: int, router: str, zmq_port: int) -> list[str]:
-    """Every flag of serve's that a frontend takes passes on; its router, name and client port are set here."""
+    """Every flag of serve's that a frontend takes passes on; its router, name, client port and
+    metrics port are set here."""
     names = frontend_flag_names()
     values = {name: value for name, value in vars(args).items() if name in names}
-    values |= {"router": router, "frontend_id": f"frontend-{index}-{os.getpid()}", "zmq_port": zmq_port}
+    values |= {"router": router, "frontend_id": f"frontend-{index}-{os.getpid()}", "zmq_port": zmq_port,
+               "metrics_port": metrics_ports(args)["frontend"][index]}
     return [sys.executable, "-m", "splitserve.cli", "frontend", *frontend_argv(values)]
 
 
@@ -220,7 +251,7 @@ async def _serve(args: argparse.Namespace) -> int:
             print(f"splitserve ready: model {args.model}, {args.prefill_workers} prefill + {args.decode_workers} "
                   f"decode workers, {args.frontends} frontend(s)\n  HTTP (TGI, OpenAI) and WebSocket: {http}  "
                   f"(API docs: {http}/docs)\n  ZMQ clients: {zmq_endpoints}\n  workers register at: "
-                  f"{gw.worker_endpoint}", flush=True)
+                  f"{gw.worker_endpoint}{_metrics_line(args)}", flush=True)
             await stop.wait()
         log.info("shutting down: draining in-flight requests (up to %.0f s)", args.drain_timeout)
         await sup.drain()
