@@ -12,6 +12,7 @@ from typing import Generic, TypeVar
 from uuid import uuid4
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from splitserve.common import protocol as P
 from splitserve.common.protocol import Error, Generate, GenerateParams, TokenBatch
@@ -19,6 +20,12 @@ from splitserve.common.protocol import Error, Generate, GenerateParams, TokenBat
 from .errors import GenerationTimeout, error_from
 
 MAX_MESSAGE_BYTES = 64 * 2**20
+# ZMTP heartbeats: a gateway that vanished without closing the connection (its host gone) is
+# found within the timeout, as a closed connection is at once
+HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 1000, 3000
+# What a connection's monitor reports: up (its handshake done), or down (lost, or a connect that
+# failed): its requests then end with an error, as the gateway's side let them go too
+_UP, _DOWN = zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 
 
 @dataclass(frozen=True)
@@ -95,12 +102,25 @@ def new_generate(prompt: str | None = None, *, max_new_tokens: int = 20, tempera
                     batched_replies=True)
 
 
-def dealer(ctx: zmq.Context, endpoint: str, max_message_bytes: int) -> zmq.Socket:
+def dealer(ctx: zmq.Context, endpoint: str, max_message_bytes: int) -> tuple[zmq.Socket, zmq.Socket]:
+    """A connection to `endpoint`, and its monitor (see connection_event), watching before it connects."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    watch = sock.get_monitor_socket(_UP | _DOWN)
     sock.connect(endpoint)
-    return sock
+    return sock, watch
+
+
+def connection_event(frames: list[bytes]) -> bool:
+    """A monitor's message: True for a connection up, False for one down."""
+    return not parse_monitor_message(frames)["event"] & _DOWN
+
+
+def lost(endpoint: str) -> str:
+    return f"the connection to {endpoint} was lost, or could not be made: its requests ended"
 
 
 _replies = P.decoder(P.GatewayToClient)
@@ -137,16 +157,18 @@ def endpoints(endpoint: str | Sequence[str]) -> list[str]:
 
 class Routes(Generic[Inbox]):
     """The requests in flight: each one's inbox and the connection it went over. With several
-    connections (a gateway's frontends) a new request takes the one with the fewest in flight,
-    and its cancel follows it there."""
+    connections (a gateway's frontends) a new request takes the one up with the fewest in flight
+    (any one, when none is up), and its cancel follows it there."""
 
     def __init__(self, connections: int = 1):
         self._requests: dict[str, tuple[Inbox, int]] = {}
         self._load = [0] * connections
+        self.up = [True] * connections  # as each connection's monitor said last (see connection_event)
 
     def add(self, request_id: str, inbox: Inbox) -> int:
         """Route a new request; -> the connection to send it over."""
-        connection = min(range(len(self._load)), key=self._load.__getitem__)
+        up = [c for c, is_up in enumerate(self.up) if is_up] or range(len(self._load))
+        connection = min(up, key=self._load.__getitem__)
         self._load[connection] += 1
         self._requests[request_id] = inbox, connection
         return connection

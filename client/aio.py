@@ -11,7 +11,8 @@ import zmq.asyncio
 
 from splitserve.common.protocol import Cancel, Error, Generate, encode
 
-from ._core import MAX_MESSAGE_BYTES, Response, Routes, StreamBase, dealer, decode_replies, endpoints, new_generate
+from ._core import (MAX_MESSAGE_BYTES, Response, Routes, StreamBase, connection_event, dealer, decode_replies,
+                    endpoints, lost, new_generate)
 from .errors import UnavailableError
 
 
@@ -115,10 +116,13 @@ class AsyncClient(AsyncClientBase):
                  max_message_bytes: int = MAX_MESSAGE_BYTES):
         self._api_key = api_key
         self._ctx = zmq.asyncio.Context()
-        self._socks = [dealer(self._ctx, e, max_message_bytes) for e in endpoints(endpoint)]
+        self._endpoints = endpoints(endpoint)
+        connections = [dealer(self._ctx, e, max_message_bytes) for e in self._endpoints]
+        self._socks = [sock for sock, _ in connections]
+        self._watches = [watch for _, watch in connections]
         self._routes: Routes[asyncio.Queue] = Routes(len(self._socks))
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: list[asyncio.Task] = []  # a reader per connection
+        self._tasks: list[asyncio.Task] = []  # a reader and a watcher per connection
         self._closed = False
 
     def _start(self, msg: Generate, inbox: asyncio.Queue) -> None:
@@ -130,7 +134,8 @@ class AsyncClient(AsyncClientBase):
             self._loop = asyncio.get_running_loop()
             for r in self._tasks:
                 r.cancel()
-            self._tasks = [self._loop.create_task(self._read(i)) for i in range(len(self._socks))]
+            self._tasks = [self._loop.create_task(task(i)) for task in (self._read, self._watch)
+                           for i in range(len(self._socks))]
 
     async def _read(self, connection: int) -> None:
         try:
@@ -143,6 +148,13 @@ class AsyncClient(AsyncClientBase):
                     await asyncio.sleep(0)
         finally:
             self._deliver(Error("", "unavailable", "the client was closed"), connection)
+
+    async def _watch(self, connection: int) -> None:
+        while True:
+            up = connection_event(await self._watches[connection].recv_multipart())
+            self._routes.up[connection] = up
+            if not up:
+                self._deliver(Error("", "unavailable", lost(self._endpoints[connection])), connection)
 
     def _deliver(self, msg, connection: int) -> None:
         for inbox in self._routes.deliver(msg, connection):
@@ -163,7 +175,7 @@ class AsyncClient(AsyncClientBase):
             self._send(request_id, encode(Cancel(request_id)), connection)
 
     async def _release(self) -> None:
-        for sock in self._socks:
+        for sock in self._socks + self._watches:
             sock.close(linger=0)
         self._ctx.term()
 

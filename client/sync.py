@@ -12,7 +12,8 @@ import zmq
 
 from splitserve.common.protocol import Cancel, Error, Generate, encode
 
-from ._core import MAX_MESSAGE_BYTES, Response, Routes, StreamBase, dealer, decode_replies, endpoints, new_generate
+from ._core import (MAX_MESSAGE_BYTES, Response, Routes, StreamBase, connection_event, dealer, decode_replies,
+                    endpoints, lost, new_generate)
 from .errors import UnavailableError
 
 
@@ -59,15 +60,17 @@ class _IOLoop:
     """The IO thread: the only code that touches the DEALER sockets (one per endpoint) and the
     table of requests."""
 
-    def __init__(self, socks: list[zmq.Socket], mailbox: _Mailbox):
-        self._socks = socks
+    def __init__(self, endpoints: list[str], connections: list[tuple[zmq.Socket, zmq.Socket]], mailbox: _Mailbox):
+        self._endpoints = endpoints
+        self._socks = [sock for sock, _ in connections]
+        self._watches = [watch for _, watch in connections]
         self._mailbox = mailbox
-        self._routes: Routes[queue.SimpleQueue] = Routes(len(socks))
+        self._routes: Routes[queue.SimpleQueue] = Routes(len(connections))
         self._running = True
 
     def run(self) -> None:
         poller = zmq.Poller()
-        for sock in self._socks:
+        for sock in self._socks + self._watches:
             poller.register(sock, zmq.POLLIN)
         wake = self._mailbox.wake.fileno()  # a plain socket comes back from poll() as its fd
         poller.register(wake, zmq.POLLIN)
@@ -77,12 +80,24 @@ class _IOLoop:
                     if item == wake:
                         for command in self._mailbox.take_all():
                             command(self)
+                    elif item in self._watches:
+                        self._watched(self._watches.index(item))
                     else:
                         self._receive(self._socks.index(item))
         finally:
             self._deliver(Error("", "unavailable", "the client was closed"))
-            for sock in self._socks:
+            for sock in self._socks + self._watches:
                 sock.close(linger=0)
+
+    def _watched(self, connection: int) -> None:
+        while True:
+            try:
+                up = connection_event(self._watches[connection].recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            self._routes.up[connection] = up
+            if not up:
+                self._deliver(Error("", "unavailable", lost(self._endpoints[connection])), connection)
 
     def _receive(self, connection: int) -> None:
         while True:
@@ -189,7 +204,8 @@ class Client(SyncClientBase):
         self._api_key = api_key
         self._ctx = zmq.Context()
         self._mailbox = _Mailbox()
-        io = _IOLoop([dealer(self._ctx, e, max_message_bytes) for e in endpoints(endpoint)], self._mailbox)
+        found = endpoints(endpoint)
+        io = _IOLoop(found, [dealer(self._ctx, e, max_message_bytes) for e in found], self._mailbox)
         self._thread = threading.Thread(target=io.run, name="splitserve-client-io", daemon=True)
         self._thread.start()
         self._lock = threading.Lock()  # orders close() after every start it has to fail

@@ -5,6 +5,7 @@ does not stop the streams already on live workers; a frontend joins at run time.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -21,7 +22,7 @@ import pytest
 from cluster import SplitCluster, offline, request_specs, stream_all, wait_for
 from conftest import load_cpu
 from splitserve.bench.server_state import http_json
-from splitserve.client import Client, SplitserveError
+from splitserve.client import AsyncClient, Client, SplitserveError, UnavailableError
 from splitserve.common.zmq_util import free_port
 
 
@@ -76,6 +77,19 @@ def test_every_front_end_of_two_frontends_matches_offline(split, lm):
     assert split.metric("splitserve_decode_slots_reserved") == 0
 
 
+async def around_a_dead_frontend(endpoints: list[str]) -> list[str]:
+    """Eight requests one after the other; -> each one's outcome ("ok" or the error's class)."""
+    outcomes = []
+    async with AsyncClient(endpoints) as client:
+        for _ in range(8):
+            try:
+                await client.generate("def f(x):", max_new_tokens=3, timeout=30)
+                outcomes.append("ok")
+            except SplitserveError as e:
+                outcomes.append(type(e).__name__)
+    return outcomes
+
+
 def test_a_dead_frontend_frees_its_slots_and_the_other_streams_on(home, tiny_dir, lm):
     with SplitCluster(home, frontends=2) as c:
         c.start_pipeline(16)
@@ -84,23 +98,32 @@ def test_a_dead_frontend_frees_its_slots_and_the_other_streams_on(home, tiny_dir
         for s in specs:
             s["max_new_tokens"] = 200
         started = threading.Event()
+        ended: list = []
 
         def doomed_streams() -> None:
-            with Client(doomed) as client:
-                streams = [client.stream(**s, timeout=60) for s in specs]
+            with Client(doomed) as client:  # no timeout: only the lost connection can end them
+                streams = [client.stream(**s) for s in specs]
                 next(iter(streams[0]))
                 started.set()
-                try:
-                    for st in streams:
+                for st in streams:
+                    try:
                         list(st)
-                except SplitserveError:  # its frontend is gone: an error or a timeout
-                    pass
+                    except SplitserveError as e:
+                        ended.append(e)
 
         t = threading.Thread(target=doomed_streams, daemon=True)
         t.start()
         assert started.wait(60)
         wait_for(lambda: c.metric("splitserve_decode_slots_reserved") >= len(specs), 30, "the doomed streams to run")
         c.frontends[0][0].send_signal(signal.SIGKILL)
+        # its clients learn it at once (the connection closes), not at a timeout or never
+        t.join(30)
+        assert not t.is_alive() and len(ended) == len(specs)
+        assert all(isinstance(e, UnavailableError) and f"the connection to {doomed} was lost" in str(e) for e in ended)
+        # a client given both endpoints sends around the dead one: at most its first request, sent
+        # before the failed connect was seen, ends with the same error
+        outcomes = asyncio.run(around_a_dead_frontend([doomed, survivor]))
+        assert set(outcomes[:1]) <= {"ok", "UnavailableError"} and outcomes[1:] == ["ok"] * 7, outcomes
         # the survivor's clients are served meanwhile, exactly
         short = request_specs(4)
         assert stream_all([survivor], short) == offline(lm, short)
