@@ -103,7 +103,7 @@ def new_generate(prompt: str | None = None, *, max_new_tokens: int = 20, tempera
 
 
 def dealer(ctx: zmq.Context, endpoint: str, max_message_bytes: int) -> tuple[zmq.Socket, zmq.Socket]:
-    """A connection to `endpoint`, and its monitor (see connection_event), watching before it connects."""
+    """A connection to `endpoint`, and its monitor (see Routes.watched), watching before it connects."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     sock.setsockopt(zmq.LINGER, 0)
@@ -112,15 +112,6 @@ def dealer(ctx: zmq.Context, endpoint: str, max_message_bytes: int) -> tuple[zmq
     watch = sock.get_monitor_socket(_UP | _DOWN)
     sock.connect(endpoint)
     return sock, watch
-
-
-def connection_event(frames: list[bytes]) -> bool:
-    """A monitor's message: True for a connection up, False for one down."""
-    return not parse_monitor_message(frames)["event"] & _DOWN
-
-
-def lost(endpoint: str) -> str:
-    return f"the connection to {endpoint} was lost, or could not be made: its requests ended"
 
 
 _replies = P.decoder(P.GatewayToClient)
@@ -163,7 +154,7 @@ class Routes(Generic[Inbox]):
     def __init__(self, connections: int = 1):
         self._requests: dict[str, tuple[Inbox, int]] = {}
         self._load = [0] * connections
-        self.up = [True] * connections  # as each connection's monitor said last (see connection_event)
+        self.up = [True] * connections  # as each connection's monitor said last
 
     def add(self, request_id: str, inbox: Inbox) -> int:
         """Route a new request; -> the connection to send it over."""
@@ -172,6 +163,15 @@ class Routes(Generic[Inbox]):
         self._load[connection] += 1
         self._requests[request_id] = inbox, connection
         return connection
+
+    def watched(self, connection: int, event: list[bytes], endpoint: str) -> Error | None:
+        """A message of `connection`'s monitor; -> the error that its requests end with when it
+        went down (then `deliver` it over that connection)."""
+        self.up[connection] = up = not parse_monitor_message(event)["event"] & _DOWN
+        if up:
+            return None
+        return Error("", "unavailable", f"the connection to {endpoint} was lost, or could not be made: its "
+                                        "requests ended")
 
     def pop(self, request_id: str) -> int | None:
         """Forget a request; -> its connection, or None if it had already ended."""

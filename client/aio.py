@@ -11,8 +11,7 @@ import zmq.asyncio
 
 from splitserve.common.protocol import Cancel, Error, Generate, encode
 
-from ._core import (MAX_MESSAGE_BYTES, Response, Routes, StreamBase, connection_event, dealer, decode_replies,
-                    endpoints, lost, new_generate)
+from ._core import MAX_MESSAGE_BYTES, Response, Routes, StreamBase, dealer, decode_replies, endpoints, new_generate
 from .errors import UnavailableError
 
 
@@ -151,10 +150,10 @@ class AsyncClient(AsyncClientBase):
 
     async def _watch(self, connection: int) -> None:
         while True:
-            up = connection_event(await self._watches[connection].recv_multipart())
-            self._routes.up[connection] = up
-            if not up:
-                self._deliver(Error("", "unavailable", lost(self._endpoints[connection])), connection)
+            event = await self._watches[connection].recv_multipart()
+            down = self._routes.watched(connection, event, self._endpoints[connection])
+            if down is not None:
+                self._deliver(down, connection)
 
     def _deliver(self, msg, connection: int) -> None:
         for inbox in self._routes.deliver(msg, connection):

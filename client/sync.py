@@ -12,8 +12,7 @@ import zmq
 
 from splitserve.common.protocol import Cancel, Error, Generate, encode
 
-from ._core import (MAX_MESSAGE_BYTES, Response, Routes, StreamBase, connection_event, dealer, decode_replies,
-                    endpoints, lost, new_generate)
+from ._core import MAX_MESSAGE_BYTES, Response, Routes, StreamBase, dealer, decode_replies, endpoints, new_generate
 from .errors import UnavailableError
 
 
@@ -92,12 +91,12 @@ class _IOLoop:
     def _watched(self, connection: int) -> None:
         while True:
             try:
-                up = connection_event(self._watches[connection].recv_multipart(zmq.NOBLOCK))
+                event = self._watches[connection].recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._routes.up[connection] = up
-            if not up:
-                self._deliver(Error("", "unavailable", lost(self._endpoints[connection])), connection)
+            down = self._routes.watched(connection, event, self._endpoints[connection])
+            if down is not None:
+                self._deliver(down, connection)
 
     def _receive(self, connection: int) -> None:
         while True:
