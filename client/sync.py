@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from operator import methodcaller
 
 import zmq
@@ -89,21 +89,13 @@ class _IOLoop:
                 sock.close(linger=0)
 
     def _watched(self, connection: int) -> None:
-        while True:
-            try:
-                event = self._watches[connection].recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for event in _waiting(self._watches[connection]):
             down = self._routes.watched(connection, event, self._endpoints[connection])
             if down is not None:
                 self._deliver(down, connection)
 
     def _receive(self, connection: int) -> None:
-        while True:
-            try:
-                frames = self._socks[connection].recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in _waiting(self._socks[connection]):
             for msg in decode_replies(frames):
                 self._deliver(msg, connection)
 
@@ -131,6 +123,15 @@ class _IOLoop:
 
     def stop(self) -> None:
         self._running = False
+
+
+def _waiting(sock: zmq.Socket) -> Iterator[list[bytes]]:
+    """Every message waiting on `sock`, without blocking."""
+    while True:
+        try:
+            yield sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
 
 
 class Stream(StreamBase):
