@@ -116,9 +116,10 @@ def test_a_dead_frontend_frees_its_slots_and_the_other_streams_on(home, tiny_dir
         assert started.wait(60)
         wait_for(lambda: c.metric("splitserve_decode_slots_reserved") >= len(specs), 30, "the doomed streams to run")
         c.frontends[0][0].send_signal(signal.SIGKILL)
-        # its clients learn it at once (the connection closes), not at a timeout or never
+        # its clients learn it at once (the connection closes), not at a timeout or never: every
+        # stream has ended (one that finished first would end well)
         t.join(30)
-        assert not t.is_alive() and len(ended) == len(specs)
+        assert not t.is_alive() and ended
         assert all(isinstance(e, UnavailableError) and f"the connection to {doomed} was lost" in str(e) for e in ended)
         # a client given both endpoints sends around the dead one: at most its first request, sent
         # before the failed connect was seen, ends with the same error
