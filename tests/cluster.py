@@ -23,6 +23,16 @@ from splitserve.engine import Engine, EngineOptions
 START_TIMEOUT_S = 120.0
 
 
+def metric_at(port: int, name: str, **labels: str) -> float:
+    """The samples of `name` with `labels` in the /metrics on `port`, summed (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+
 class Cluster:
     """A gateway and workers as separate processes, each with one PyTorch thread."""
 
@@ -46,15 +56,9 @@ class Cluster:
         return f"http://127.0.0.1:{self.port}"
 
     def metric(self, name: str, worker_id: str | None = None, **labels: str) -> float:
-        """A sample of the gateway's /metrics, or a worker's (0 when absent), e.g.
-        metric("splitserve_requests_total", route="/ws"); a worker's samples of that name summed."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        port = self.port if worker_id is None else self.workers[worker_id]["metrics_port"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-                   if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+        """A sample of the gateway's /metrics, or a worker's (see metric_at), e.g.
+        metric("splitserve_requests_total", route="/ws")."""
+        return metric_at(self.port if worker_id is None else self.workers[worker_id]["metrics_port"], name, **labels)
 
     def _spawn(self, command: str, *args: str) -> subprocess.Popen:
         # SPLITSERVE_PORT=0: a gateway started without --port takes any free HTTP port, not the default one
@@ -172,12 +176,7 @@ class SplitCluster(Cluster):
         """As Cluster.metric; without a worker, the router's /metrics."""
         if worker_id is not None:
             return super().metric(name, worker_id, **labels)
-        from prometheus_client.parser import text_string_to_metric_families
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.router_port}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-                   if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+        return metric_at(self.router_port, name, **labels)
 
     def start_pipeline(self, num_slots: int, *worker_args: str) -> None:
         self.add_worker("prefill", *worker_args)

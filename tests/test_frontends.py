@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from cluster import SplitCluster, offline, request_specs, stream_all, wait_for
+from cluster import SplitCluster, metric_at, offline, request_specs, stream_all, wait_for
 from conftest import load_cpu
 from splitserve.bench.server_state import http_json
 from splitserve.client import AsyncClient, Client, SplitserveError, UnavailableError
@@ -49,12 +49,7 @@ def sse_tokens(port: int, spec: dict) -> list[int]:
 
 def frontend_requests(metrics_port: int) -> float:
     """ZMQ requests a frontend answered in full, from its own /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-        families = text_string_to_metric_families(r.read().decode())
-        return sum(s.value for f in families for s in f.samples
-                   if s.name == "splitserve_requests_total" and s.labels == {"route": "zmq", "outcome": "ok"})
+    return metric_at(metrics_port, "splitserve_requests_total", route="zmq", outcome="ok")
 
 
 def test_every_front_end_of_two_frontends_matches_offline(split, lm):
