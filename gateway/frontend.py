@@ -37,6 +37,10 @@ from .zmq_replies import ZmqReplies
 log = logging.getLogger(__name__)
 
 OPS_CONNECTIONS = 64  # on --metrics-port: probes and scrapers
+DRAIN_POLL_S = 0.05  # how often a draining frontend looks whether its requests have ended
+# At close, how long the client and router sockets may take to send what is queued: the last
+# replies of a drain, and its cancels (a peer that is reachable takes them at once)
+CLOSE_LINGER_MS = 1000
 
 
 class Frontend:
@@ -77,7 +81,8 @@ class Frontend:
         self.refused = ""  # the router's reason, when it refused this frontend
         self._router_heard = 0.0
         self._joined = asyncio.Event()  # set by the router's first Fleet: HTTP is served from then on
-        self._stop = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self._drain_until = 0.0  # time.monotonic() at which the drain ends what is still running
 
     @property
     def zmq_endpoint(self) -> str:
@@ -107,15 +112,19 @@ class Frontend:
         freeze_startup_heap()
         tasks = [asyncio.create_task(c) for c in self.loops()]
         try:
-            await self._stop.wait()
+            await self.stopping.wait()
         finally:
             await self.close(tasks)
             self.ctx.term()
 
     def stop(self) -> None:
-        self._stop.set()
+        """Shut down (SIGTERM, Ctrl-C) once the requests in flight have finished (see _drain); a
+        second call ends the drain at once."""
+        self._drain_until = 0.0 if self.stopping.is_set() else time.monotonic() + self.opts.link.drain_timeout
+        self.stopping.set()
 
     async def close(self, tasks: list[asyncio.Task]) -> None:
+        await self._drain()
         if self._joined.is_set():
             await self.http.stop(tasks[-1])
         else:
@@ -126,11 +135,29 @@ class Frontend:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.ops is not None:
             self.ops.socket.close()
-        for sock in (self.token_sock, self.front, self.router_sock):
+        self.token_sock.close(0)
+        for sock in (self.front, self.router_sock):
             if sock is not None:
-                sock.close(0)
+                sock.close(CLOSE_LINGER_MS)
         if self.zap is not None:
             self.zap.stop()
+
+    async def _drain(self) -> None:
+        """Refuse new requests (HTTP stops listening, so that the port's other frontends take new
+        connections) and let those in flight finish, for up to --drain-timeout; then end the rest
+        with an error, which frees their workers' slots at once (the router hears their cancels).
+        Tokens, the router and deadlines are served meanwhile: every loop still runs."""
+        core = self.core
+        core.draining = True
+        self.http.stop_listening()
+        if core.live():
+            log.info("draining: %d requests in flight get up to %.0f s to finish", core.live(),
+                     self.opts.link.drain_timeout)
+        while core.live() and time.monotonic() < self._drain_until:
+            await asyncio.sleep(DRAIN_POLL_S)
+        if core.live():
+            log.warning("ending the %d requests still running", core.live())
+            core.end_all("unavailable", "the frontend shut down before the request finished (its --drain-timeout)")
 
     # ---- tokens -----------------------------------------------------------------------------
 

@@ -78,6 +78,7 @@ class FrontendCore:
         self.attempt_of: dict[str, str] = {}  # gateway id -> current attempt's id
         self.unsent: list[str] = []  # submitted with dispatch=False, admitted by the next dispatch()
         self.fleet: P.Fleet | None = None  # None while the router is out of reach
+        self.draining = False  # this frontend is shutting down: its streams finish, new requests go elsewhere
         # Ids differ across frontend processes, so a worker or router still holding an earlier
         # process's attempt (or its cancel) can never mistake it for a new one.
         self._ids = itertools.count()
@@ -154,6 +155,8 @@ class FrontendCore:
     def rejection(self) -> tuple[str, str] | None:
         """(error type, message) of the refusal a request arriving now would get, or None. The
         router has the last word (it admits for every frontend); this spares it what it would refuse."""
+        if self.draining:
+            return "unavailable", "this frontend is shutting down: send the request to another one"
         fleet = self.fleet
         if fleet is None:
             return "unavailable", "the router is out of reach"
@@ -208,6 +211,13 @@ class FrontendCore:
             for s in self.streams.values():
                 if gid in s.forks:
                     s.forks.remove(gid)
+
+    def end_all(self, error_type: str, message: str) -> None:
+        """End every request still running with this error (a frontend that stops)."""
+        for gid, (client_id, _) in list(self.tokenizing.items()):
+            self.cancel(gid, error=P.Error(client_id, error_type, message))
+        for stream in list(self.streams.values()):
+            self.cancel(stream.gid, error=P.Error(stream.client_id, error_type, message))
 
     def _end(self, stream: Stream) -> None:
         self.streams.pop(stream.request.id, None)

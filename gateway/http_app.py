@@ -86,8 +86,9 @@ def ops_router(ctx: ApiContext) -> APIRouter:
         if fleet is None:
             return Json({"status": "no router", "prefill_workers": 0, "decode_workers": 0}, status_code=503)
         counts = {"prefill_workers": fleet.prefill_workers, "decode_workers": fleet.decode_workers}
-        ok = all(counts.values()) and not fleet.draining
-        status = "ok" if ok else ("draining" if fleet.draining else "no workers")
+        draining = fleet.draining or ctx.core.draining
+        ok = all(counts.values()) and not draining
+        status = "ok" if ok else ("draining" if draining else "no workers")
         return Json({"status": status, **counts}, status_code=200 if ok else 503)
 
     @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
@@ -197,6 +198,15 @@ class HttpServer:
 
     async def serve(self) -> None:
         await self.server.serve(sockets=[self.socket])
+
+    def stop_listening(self) -> None:
+        """Take no new connection (the port's other frontends get them, SO_REUSEPORT) and close idle
+        HTTP ones (a client's next request opens one there); responses and WebSockets go on."""
+        for listening in getattr(self.server, "servers", ()):  # uvicorn's, once it has started
+            listening.close()
+        for connection in list(self.server.server_state.connections):
+            if type(connection).__module__.startswith("uvicorn.protocols.http."):
+                connection.shutdown()  # closes it now if idle, else after its response
 
     async def stop(self, task: asyncio.Task) -> None:
         self.server.should_exit = True

@@ -35,7 +35,6 @@ class Gateway:
         # one /metrics for both: the frontend's requests and the router's books
         self.frontend.door.metrics.registry.register(RouterCollector(self.router.core))
         self.registry = self.router.registry
-        self._stop = asyncio.Event()
 
     @property
     def worker_endpoint(self) -> str:
@@ -53,13 +52,14 @@ class Gateway:
         freeze_startup_heap()
         tasks = [asyncio.create_task(c) for c in (*self.frontend.loops(), *self.router.loops())]
         try:
-            await self._stop.wait()
+            await self.frontend.stopping.wait()
         finally:
             await self.frontend.close(tasks[: len(tasks) - 3])
             await _end(tasks, self.router)
 
     def stop(self) -> None:
-        self._stop.set()
+        """As Frontend.stop: the frontend drains, then both stop."""
+        self.frontend.stop()
 
     def drain(self, timeout_s: float) -> None:
         self.router.drain(timeout_s)

@@ -17,12 +17,13 @@ import threading
 import time
 import urllib.request
 
+import httpx
 import pytest
 
 from cluster import SplitCluster, metric_at, offline, request_specs, stream_all, wait_for
 from conftest import load_cpu
 from splitserve.bench.server_state import http_json
-from splitserve.client import AsyncClient, Client, SplitserveError, UnavailableError
+from splitserve.client import AsyncClient, AsyncWebSocketClient, Client, SplitserveError, UnavailableError
 from splitserve.common.zmq_util import free_port
 
 
@@ -237,3 +238,89 @@ def test_serve_with_two_frontends_shares_the_http_port_lists_both_zmq_ports_and_
         if serve.poll() is None:
             serve.kill()
             serve.wait()
+
+
+async def sse_stream(port: int, spec: dict, tokens: list[int]) -> None:
+    """TGI's /generate_stream, greedy, its token ids appended to `tokens` as they come (an error
+    event as it is, last)."""
+    body = {"inputs": spec["prompt"], "parameters": {"max_new_tokens": spec["max_new_tokens"], "details": False}}
+    async with httpx.AsyncClient(timeout=120) as http:
+        async with http.stream("POST", f"http://127.0.0.1:{port}/generate_stream", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data:"):
+                    event = json.loads(line[5:])
+                    tokens.append(event["token"]["id"] if "token" in event else event)
+
+
+async def drain_a_frontend(c: SplitCluster, spec: dict, second_signal: bool) -> tuple[list, list]:
+    """Streams over ZMQ, WebSocket and HTTP on the cluster's only frontend, which is SIGTERMed once
+    each has tokens; -> (what each stream gave: its token ids or its error, what new requests got
+    during the drain). `second_signal`: SIGTERM it again then."""
+    proc, _ = c.frontends[-1]
+    ws_url = f"ws://127.0.0.1:{c.port}/ws"
+    async with AsyncClient(c.endpoints) as zmq_client, AsyncWebSocketClient(ws_url) as ws_client:
+        got: list[list[int]] = [[], [], []]
+
+        async def streamed(client, tokens: list[int]) -> None:
+            async for ev in client.stream(**spec):
+                tokens.append(ev.token_id)
+
+        async def outcome(run) -> object:
+            try:
+                await run
+            except SplitserveError as e:
+                return e
+            return None
+
+        runs = [asyncio.ensure_future(outcome(r)) for r in
+                (streamed(zmq_client, got[0]), streamed(ws_client, got[1]), sse_stream(c.port, spec, got[2]))]
+        await async_wait_for(lambda: all(len(g) >= 5 for g in got), 60, "every stream's first tokens")
+        proc.send_signal(signal.SIGTERM)
+        await async_wait_for(lambda: (http_json(c.frontend_metrics_ports[-1], "/health") or {}).get("status")
+                             == "draining", 10, "/health to say draining")
+        refused = [await outcome(client.generate("def g():", max_new_tokens=2)) for client in (zmq_client, ws_client)]
+        with pytest.raises(httpx.ConnectError):  # no frontend listens on the port any more
+            httpx.post(f"http://127.0.0.1:{c.port}/generate", json={"inputs": "def g():"}, timeout=10)
+        if second_signal:
+            proc.send_signal(signal.SIGTERM)
+        ends = await asyncio.gather(*runs)
+    return [e or g for e, g in zip(ends, got)], refused
+
+
+async def async_wait_for(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def test_a_frontend_drains_on_sigterm_and_ends_the_drain_on_a_second(home, tiny_dir, lm):
+    """SIGTERM: the streams in flight over ZMQ, WebSocket and HTTP finish whole while new requests
+    are refused (a new HTTP connection goes to the port's other frontends, here none) and /health
+    says draining; the frontend exits once they have, not at its drain timeout (60 s). A second
+    SIGTERM ends the drain at once: what still runs ends with UnavailableError, its slots freed."""
+    with SplitCluster(home, 1, "tiny-random", 2.0, "--drain-timeout", "60") as c:
+        c.start_pipeline(16)
+        spec = {"prompt": "def f(x):", "max_new_tokens": 300, "ignore_eos": True}
+        want = offline(lm, [spec])[0]
+        answers, refused = asyncio.run(drain_a_frontend(c, spec, second_signal=False))
+        signalled_exit = time.monotonic()
+        assert answers == [want] * 3
+        assert all(isinstance(e, UnavailableError) and "frontend is shutting down" in str(e) for e in refused), refused
+        assert c.frontends[-1][0].wait(timeout=30) == 0 and time.monotonic() - signalled_exit < 10
+        wait_for(lambda: c.router_state().get("frontends") == 0, 30, "the router to forget the frontend")
+
+        # a new frontend, asked twice to stop: its streams end at the second signal
+        c.add_frontend()
+        c.wait_ready()
+        spec["max_new_tokens"] = 1900  # seconds of work: still running at the second signal
+        answers, refused = asyncio.run(drain_a_frontend(c, spec, second_signal=True))
+        assert all(isinstance(a, UnavailableError) and "shut down before the request finished" in str(a)
+                   for a in answers[:2]), answers
+        assert answers[2][-1]["error_type"] == "unavailable" and len(answers[2]) < spec["max_new_tokens"]
+        assert len(refused) == 2
+        assert c.frontends[-1][0].wait(timeout=30) == 0
+        # the router heard the cancels: no reservation waits for the heartbeat timeout
+        wait_for(lambda: c.metric("splitserve_decode_slots_reserved") == 0, 10, "the slots to be freed")
+        c.wait_idle()
