@@ -148,33 +148,62 @@ def endpoints(endpoint: str | Sequence[str]) -> list[str]:
 
 class Routes(Generic[Inbox]):
     """The requests in flight: each one's inbox and the connection it went over. With several
-    connections (a gateway's frontends) a new request takes the one up with the fewest in flight
-    (any one, when none is up), and its cancel follows it there."""
+    connections (a gateway's frontends) a new request takes the one up with the fewest in flight,
+    avoiding a frontend that is shutting down (any one, when none is up), and its cancel follows it
+    there. A request that a frontend refuses as it shuts down goes to another (see redirect)."""
 
     def __init__(self, connections: int = 1):
         self._requests: dict[str, tuple[Inbox, int]] = {}
+        self._unanswered: dict[str, bytes] = {}  # request id -> its Generate, until its first reply
         self._load = [0] * connections
         self.up = [True] * connections  # as each connection's monitor said last
+        # its frontend refused a request as it shuts down: none goes there until it connects again
+        self.leaving = [False] * connections
 
-    def add(self, request_id: str, inbox: Inbox) -> int:
-        """Route a new request; -> the connection to send it over."""
-        up = [c for c, is_up in enumerate(self.up) if is_up] or range(len(self._load))
-        connection = min(up, key=self._load.__getitem__)
+    def add(self, request_id: str, inbox: Inbox, frame: bytes = b"") -> int:
+        """Route a new request; -> the connection to send it over. `frame`: its Generate message,
+        kept for redirect until the request's first reply."""
+        up = [c for c, is_up in enumerate(self.up) if is_up]
+        connection = min(self._open(-1) or up or range(len(self._load)), key=self._load.__getitem__)
         self._load[connection] += 1
         self._requests[request_id] = inbox, connection
+        if frame:
+            self._unanswered[request_id] = frame
         return connection
+
+    def _open(self, besides: int) -> list[int]:
+        """The connections up whose frontend is not shutting down, but `besides`."""
+        return [c for c, is_up in enumerate(self.up) if is_up and not self.leaving[c] and c != besides]
+
+    def redirect(self, msg: TokenBatch | Error, connection: int | None) -> tuple[bytes, int] | None:
+        """Where a request goes that a frontend shutting down refused (`msg`, over `connection`):
+        -> (its Generate, the connection to send it over again), when another one is open; None
+        otherwise, or for any other message: then `deliver` it."""
+        if not (isinstance(msg, Error) and msg.draining and connection is not None):
+            return None
+        self.leaving[connection] = True
+        found, frame, others = self._requests.get(msg.id), self._unanswered.get(msg.id), self._open(connection)
+        if found is None or frame is None or not others:
+            return None
+        again = min(others, key=self._load.__getitem__)
+        self._load[connection] -= 1
+        self._load[again] += 1
+        self._requests[msg.id] = found[0], again
+        return frame, again
 
     def watched(self, connection: int, event: list[bytes], endpoint: str) -> Error | None:
         """A message of `connection`'s monitor; -> the error that its requests end with when it
         went down (then `deliver` it over that connection)."""
         self.up[connection] = up = not parse_monitor_message(event)["event"] & _DOWN
         if up:
+            self.leaving[connection] = False  # connected anew: a new frontend
             return None
         return Error("", "unavailable", f"the connection to {endpoint} was lost, or could not be made: its "
                                         "requests ended")
 
     def pop(self, request_id: str) -> int | None:
         """Forget a request; -> its connection, or None if it had already ended."""
+        self._unanswered.pop(request_id, None)
         found = self._requests.pop(request_id, None)
         if found is None:
             return None
@@ -195,6 +224,8 @@ class Routes(Generic[Inbox]):
             return []
         if isinstance(msg, Error) or msg.finish_reason is not None:
             self.pop(msg.id)
+        else:
+            self._unanswered.pop(msg.id, None)  # it runs: never sent again
         return [found[0]]
 
 

@@ -126,7 +126,8 @@ class AsyncClient(AsyncClientBase):
 
     def _start(self, msg: Generate, inbox: asyncio.Queue) -> None:
         self._start_readers()
-        self._send(msg.id, encode(msg), self._routes.add(msg.id, inbox))
+        frame = encode(msg)
+        self._send(msg.id, frame, self._routes.add(msg.id, inbox, frame))
 
     def _start_readers(self) -> None:
         if not self._tasks or any(r.done() for r in self._tasks):  # done: one died; new requests need it
@@ -156,6 +157,10 @@ class AsyncClient(AsyncClientBase):
                 self._deliver(down, connection)
 
     def _deliver(self, msg, connection: int) -> None:
+        again = self._routes.redirect(msg, connection)
+        if again is not None:
+            self._send(msg.id, *again)
+            return
         for inbox in self._routes.deliver(msg, connection):
             inbox.put_nowait(msg)
 

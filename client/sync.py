@@ -100,6 +100,10 @@ class _IOLoop:
                 self._deliver(msg, connection)
 
     def _deliver(self, msg, connection: int | None = None) -> None:
+        again = self._routes.redirect(msg, connection)
+        if again is not None:
+            self._send(msg.id, *again)
+            return
         for inbox in self._routes.deliver(msg, connection):
             inbox.put(msg)
 
@@ -114,7 +118,7 @@ class _IOLoop:
     # ---- commands (run in this thread, put by _Mailbox) ----
 
     def start(self, request_id: str, frame: bytes, inbox: queue.SimpleQueue) -> None:
-        self._send(request_id, frame, self._routes.add(request_id, inbox))
+        self._send(request_id, frame, self._routes.add(request_id, inbox, frame))
 
     def cancel(self, request_id: str) -> None:
         connection = self._routes.pop(request_id)

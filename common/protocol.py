@@ -135,6 +135,10 @@ class Error(msgspec.Struct, **_STRUCT):
     id: str  # the request's id ("" for an error about the connection itself)
     error_type: str
     message: str
+    # Refused by a frontend that is shutting down: never started, so another frontend may take it
+    # (the client library sends it there). Last, with a default: a client older than its gateway
+    # reads this message without it, and a newer one reads an older gateway's.
+    draining: bool = False
 
 
 ClientMessage = Union[Generate, Cancel]

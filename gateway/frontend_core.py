@@ -96,7 +96,7 @@ class FrontendCore:
         is done; errors still go to the sink."""
         reject = self.rejection()
         if reject:
-            sink(P.Error(client_id, *reject))
+            sink(P.Error(client_id, *reject, draining=self.draining))  # rejection() names draining first
             return None
         gid = f"{self._id_prefix}{next(self._ids)}"
         deadline = time.time() + msg.timeout_s if msg.timeout_s else None

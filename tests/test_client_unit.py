@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ import zmq
 
 from splitserve.client import (AsyncClient, Client, GenerationError, GenerationTimeout, OverloadedError,
                                SplitserveError, UnauthorizedError, UnavailableError, ValidationError)
-from splitserve.client._core import decode_replies
+from splitserve.client._core import Routes, decode_replies
 from splitserve.common import protocol as P
 
 # ---- the wire ----------------------------------------------------------------------------
@@ -35,6 +36,45 @@ def test_the_client_reads_what_the_gateway_sends_and_drops_the_rest():
     assert decode_replies([]) == []
     assert decode_replies([P.encode(P.Cancel("r1"))]) == []  # a client message, not a reply
     assert decode_replies([b"\xc1", P.encode(error)]) == [error]
+
+
+def test_an_error_reads_the_same_in_clients_older_and_newer_than_its_gateway():
+    class Older(msgspec.Struct, tag="Error", tag_field="kind", array_like=True):  # before `draining`
+        id: str
+        error_type: str
+        message: str
+
+    refusal = P.Error("r1", "unavailable", "shutting down", draining=True)
+    assert msgspec.msgpack.decode(P.encode(refusal), type=Older) == Older("r1", "unavailable", "shutting down")
+    assert decode_replies([msgspec.msgpack.encode(Older("r1", "validation", "bad"))]) == [P.Error("r1", "validation", "bad")]
+
+
+def _monitor(event: int) -> list[bytes]:
+    return [struct.pack("=hi", event, 0), b"tcp://127.0.0.1:1"]
+
+
+def test_a_request_a_frontend_refuses_as_it_shuts_down_goes_to_another():
+    routes: Routes[str] = Routes(3)
+    assert [routes.add(r, f"inbox-{r}", f"frame-{r}".encode()) for r in "ab"] == [0, 1]
+    # refused over connection 1: sent again over the open one with the fewest in flight
+    assert routes.redirect(P.Error("b", "unavailable", "shutting down", draining=True), 1) == (b"frame-b", 2)
+    assert routes.add("c", "inbox-c", b"frame-c") == 0  # 1 takes nothing new; 0 and 2 carry one each
+    assert routes.pop("b") == 2  # its cancel follows it
+    # a request that has had a reply runs: never sent again, its refusal is its answer
+    assert routes.deliver(P.TokenBatch("a", [], None), 0) == ["inbox-a"]
+    refused_a = P.Error("a", "unavailable", "shutting down", draining=True)
+    assert routes.redirect(refused_a, 0) is None and routes.deliver(refused_a, 0) == ["inbox-a"]
+    # with no other connection open, the refusal is the answer too
+    routes.watched(2, _monitor(zmq.EVENT_DISCONNECTED), "tcp://127.0.0.1:1")
+    refused_c = P.Error("c", "unavailable", "shutting down", draining=True)
+    assert routes.redirect(refused_c, 0) is None and routes.deliver(refused_c, 0) == ["inbox-c"]
+    # every connection left or down: a new request still goes somewhere (to fail there); a
+    # connection made anew (a new frontend) is open again
+    assert routes.add("d", "inbox-d") in (0, 1)
+    routes.watched(1, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:1")
+    assert routes.add("e", "inbox-e") == 1
+    # any other error is delivered as it is, and leaves its connection open
+    assert routes.redirect(P.Error("e", "overloaded", "busy"), 1) is None and routes.add("f", "inbox-f") == 1
 
 
 def test_websocket_messages_carry_the_zmq_ones_by_name():

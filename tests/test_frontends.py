@@ -324,3 +324,30 @@ def test_a_frontend_drains_on_sigterm_and_ends_the_drain_on_a_second(home, tiny_
         # the router heard the cancels: no reservation waits for the heartbeat timeout
         wait_for(lambda: c.metric("splitserve_decode_slots_reserved") == 0, 10, "the slots to be freed")
         c.wait_idle()
+
+
+def test_a_client_of_two_frontends_sends_around_one_that_drains(home, tiny_dir, lm):
+    """A frontend shutting down refuses new requests as `draining`: a client given both frontends
+    sends such a request to the other one, and the next ones there straight, while the stream it
+    has on the draining frontend finishes whole."""
+    with SplitCluster(home, frontends=2) as c:
+        c.start_pipeline(16)
+        long = {"prompt": "def f(x):", "max_new_tokens": 1500, "ignore_eos": True}  # seconds: running throughout
+        short = request_specs(6)
+        want = offline(lm, [long, *short])
+        with Client(c.endpoints) as client:
+            # one stream on each frontend (equal loads: the first connection first), then SIGTERM the first
+            streams = [iter(client.stream(**long)) for _ in range(2)]
+            firsts = [next(s).token_id for s in streams]
+            c.frontends[0][0].send_signal(signal.SIGTERM)
+            wait_for(lambda: (http_json(c.frontend_metrics_ports[0], "/health") or {}).get("status") == "draining",
+                     10, "the first frontend to drain")
+            answers = [client.generate(**s, timeout=60).token_ids for s in short]
+            # the first short request went to the draining frontend, which refused it; the other
+            # frontend answered it and every one after it
+            refused = metric_at(c.frontend_metrics_ports[0], "splitserve_requests_total", route="zmq",
+                                outcome="unavailable")
+            whole = [[first, *(ev.token_id for ev in s)] for first, s in zip(firsts, streams)]
+        assert answers == want[1:] and whole == [want[0]] * 2
+        assert refused == 1 and frontend_requests(c.frontend_metrics_ports[1]) == 1 + len(short)
+        assert c.frontends[0][0].wait(timeout=30) == 0
