@@ -272,8 +272,9 @@ class Reregister(msgspec.Struct, **_STRUCT):
 class Heartbeat(msgspec.Struct, **_STRUCT):
     # worker -> gateway: prefill: queued prompt tokens; decode: active slots.
     # gateway -> worker: work routed to that worker and not yet done (reservations, prompts).
+    # frontend -> router: the requests it streams.
     load: int = 0
-    draining: bool = False
+    draining: bool = False  # the sender is shutting down: it finishes what it has and takes nothing new
 
 
 class Prefill(msgspec.Struct, **_STRUCT):

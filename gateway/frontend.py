@@ -150,6 +150,8 @@ class Frontend:
         core = self.core
         core.draining = True
         self.http.stop_listening()
+        if self._joined.is_set():  # the router lists it no more (/info's zmq_endpoints)
+            self._send_router(P.Heartbeat(core.live(), True))
         if core.live():
             log.info("draining: %d requests in flight get up to %.0f s to finish", core.live(),
                      self.opts.link.drain_timeout)
@@ -234,7 +236,7 @@ class Frontend:
                 self._router_heard = now
                 self._hello()
             else:
-                self._send_router(P.Heartbeat(self.core.live()))
+                self._send_router(P.Heartbeat(self.core.live(), self.core.draining))
             try:
                 self.core.tick()
             except Exception:

@@ -40,6 +40,7 @@ class Frontend:
     token_endpoint: str
     zmq_endpoint: str
     last_seen: float
+    draining: bool = False  # shutting down: its streams run to their end, and no client is sent to it
 
 
 @dataclass
@@ -149,13 +150,17 @@ class RouterCore:
         a.frontend = frontend
         self._count(a, 1)
 
+    def client_endpoints(self) -> list[str]:
+        """The ZMQ client ports of the frontends that take new requests (/info's zmq_endpoints)."""
+        return sorted(f.zmq_endpoint for f in self.frontends.values() if not f.draining)
+
     def fleet(self, front: Frontend) -> P.Fleet:
         """What `front` reads: in_flight counts the other frontends' attempts (it knows its own)."""
         workers = self.registry.workers.values()
         return P.Fleet(
             prefill_workers=len(self.registry.of_role("prefill")), decode_workers=len(self.registry.of_role("decode")),
             draining=self.draining, in_flight=self.live() - self.live(front.id), max_concurrent=self.max_concurrent,
-            zmq_endpoints=sorted(f.zmq_endpoint for f in self.frontends.values()),
+            zmq_endpoints=self.client_endpoints(),
             block_sizes=sorted({w.info.prefix_block_tokens for w in self.registry.of_role("prefill")
                                 if w.info.prefix_blocks}),
             dtype=self.registry.dtype, device=next((w.info.device for w in workers), None))
@@ -241,8 +246,10 @@ class RouterCore:
     # ---- ends -----------------------------------------------------------------------------
 
     def on_frontend(self, front: Frontend, msg) -> None:
-        """A joined frontend's Admit, Cancel or Done."""
-        if isinstance(msg, P.Admit):
+        """A joined frontend's Admit, Cancel, Done or Heartbeat."""
+        if isinstance(msg, P.Heartbeat):
+            front.draining = msg.draining
+        elif isinstance(msg, P.Admit):
             self.admit(front, msg)
         elif isinstance(msg, P.Cancel):
             self.cancel(msg.id)
@@ -376,7 +383,11 @@ class RouterCore:
             self.worker_left(worker)
         now = time.monotonic()
         for front in [f for f in self.frontends.values() if now - f.last_seen > self.timeout]:
-            log.warning("frontend %s silent for %.1f s: its requests are cancelled", front.id, now - front.last_seen)
+            if front.draining and not self.live(front.id):
+                log.info("frontend %s drained and left", front.id)
+            else:
+                log.warning("frontend %s silent for %.1f s: its requests are cancelled", front.id,
+                            now - front.last_seen)
             self.frontend_left(front)
         settle = 2 * self.timeout  # long enough for every worker and frontend to come back to a new router
         for attempt in list(self.attempts.values()):

@@ -129,7 +129,7 @@ def router_app(router: Router, model_id: str) -> FastAPI:
     async def info() -> Json:
         core = router.core
         return Json({"model_id": model_id, "max_concurrent_requests": core.max_concurrent,
-                     "zmq_endpoints": sorted(f.zmq_endpoint for f in core.frontends.values()),
+                     "zmq_endpoints": core.client_endpoints(),
                      "frontends": sorted(core.frontends)})
 
     return app

@@ -329,7 +329,7 @@ def test_a_frontend_drains_on_sigterm_and_ends_the_drain_on_a_second(home, tiny_
 def test_a_client_of_two_frontends_sends_around_one_that_drains(home, tiny_dir, lm):
     """A frontend shutting down refuses new requests as `draining`: a client given both frontends
     sends such a request to the other one, and the next ones there straight, while the stream it
-    has on the draining frontend finishes whole."""
+    has on the draining frontend finishes whole. The router's /info lists it no more."""
     with SplitCluster(home, frontends=2) as c:
         c.start_pipeline(16)
         long = {"prompt": "def f(x):", "max_new_tokens": 1500, "ignore_eos": True}  # seconds: running throughout
@@ -342,6 +342,8 @@ def test_a_client_of_two_frontends_sends_around_one_that_drains(home, tiny_dir, 
             c.frontends[0][0].send_signal(signal.SIGTERM)
             wait_for(lambda: (http_json(c.frontend_metrics_ports[0], "/health") or {}).get("status") == "draining",
                      10, "the first frontend to drain")
+            # the router lists it no more
+            wait_for(lambda: c.router_state("/info").get("zmq_endpoints") == c.endpoints[1:], 10, "/info to drop it")
             answers = [client.generate(**s, timeout=60).token_ids for s in short]
             # the first short request went to the draining frontend, which refused it; the other
             # frontend answered it and every one after it

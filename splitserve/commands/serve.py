@@ -247,7 +247,7 @@ async def _serve(args: argparse.Namespace) -> int:
                 return 1
         else:
             http = gw.http_url if args.frontends == 1 else f"http://{args.host}:{args.port}"
-            zmq_endpoints = ", ".join(sorted(f.zmq_endpoint for f in gw.router.core.frontends.values()))
+            zmq_endpoints = ", ".join(gw.router.core.client_endpoints())
             print(f"splitserve ready: model {args.model}, {args.prefill_workers} prefill + {args.decode_workers} "
                   f"decode workers, {args.frontends} frontend(s)\n  HTTP (TGI, OpenAI) and WebSocket: {http}  "
                   f"(API docs: {http}/docs)\n  ZMQ clients: {zmq_endpoints}\n  workers register at: "
