@@ -433,6 +433,11 @@ def test_k8s_manifests_validate(overlay, parser, monkeypatch):
     assert annotations["prometheus.io/port"] == str(ns.port)
     for probe, path in (("readinessProbe", "/health"), ("livenessProbe", "/metrics"), ("startupProbe", "/metrics")):
         assert frontend[probe]["httpGet"] == {"path": path, "port": "http"}
+    # on a scale-down it keeps listening until the Service has let go of it, then drains: the pod
+    # is given the time of both
+    _, pause = frontend["lifecycle"]["preStop"]["exec"]["command"]
+    grace = frontend_deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert int(pause) + ns.drain_timeout < grace
     clients = services["splitserve-frontend"]
     assert selects(clients, frontend_deployment) and not selects(clients, router_deployment)
     assert service_ports(clients) == {"http": (8080, "http"), "zmq": (5555, "zmq")}  # tokens: pod IP alone
