@@ -60,33 +60,45 @@ CONNECTION_LOST = "the connection to the gateway closed"
 class WebSocketClient(SyncClientBase):
     """A connection to a gateway's /ws, usable from many threads at once. A reader thread hands each
     reply to its request; a writer thread sends, so that a stream dropped anywhere (its __del__
-    cancels it) never sends on the socket itself."""
+    cancels it) never sends on the socket itself. A connection that is lost (its frontend stopped,
+    say) ends the requests it carried with UnavailableError; the next request connects again."""
 
     def __init__(self, url: str, api_key: str | None = None, *, encoding: str = "msgpack",
                  open_timeout: float = 10.0, max_message_bytes: int = MAX_MESSAGE_BYTES):
         self._binary = _check_encoding(encoding)
-        self._api_key = api_key
-        self._stack = contextlib.ExitStack()
-        try:
-            self._conn = self._stack.enter_context(connect(url, open_timeout=open_timeout, max_size=max_message_bytes,
-                                                           compression=None, proxy=None))
-        except (OSError, WebSocketException, TimeoutError) as e:
-            raise UnavailableError(f"cannot connect to {url}: {e}") from e
+        self._url, self._api_key = url, api_key
+        self._connect_options = dict(open_timeout=open_timeout, max_size=max_message_bytes, compression=None,
+                                     proxy=None)
         self._routes: Routes[queue.SimpleQueue] = Routes()
-        self._lock = threading.Lock()  # the routes, shared by callers and the two threads
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()  # the routes and the connection, shared by callers and the threads
         self._closed = False
-        self._lost = False  # the connection is gone: later requests fail at once
-        self._threads = [threading.Thread(target=f, name=f"splitserve-ws-{f.__name__.strip('_')}", daemon=True)
-                         for f in (self._read, self._write)]
+        self._stack: contextlib.ExitStack | None = None  # holds the connection
+        self._connect()
+
+    def _connect(self) -> None:
+        """A connection and its reader and writer threads, which hold it and its outbox: the threads
+        of a lost one never touch the next."""
+        stack = contextlib.ExitStack()
+        try:
+            conn = stack.enter_context(connect(self._url, **self._connect_options))
+        except (OSError, WebSocketException, TimeoutError) as e:
+            raise UnavailableError(f"cannot connect to {self._url}: {e}") from e
+        if self._stack is not None:
+            self._stack.close()  # the lost connection's
+        self._stack, self._outbox, self._lost = stack, queue.SimpleQueue(), False
+        self._threads = [threading.Thread(target=f, args=(conn, self._outbox), daemon=True,
+                                          name=f"splitserve-ws-{f.__name__.strip('_')}") for f in (self._read, self._write)]
         for t in self._threads:
             t.start()
 
     def _start(self, msg: Generate, inbox: queue.SimpleQueue) -> None:
         # the caller holds the lock, so the reader's end cannot slip between the check and the route
         if self._lost:
-            inbox.put(Error(msg.id, "unavailable", CONNECTION_LOST))
-            return
+            try:
+                self._connect()
+            except UnavailableError as e:
+                inbox.put(Error(msg.id, "unavailable", str(e)))
+                return
         self._routes.add(msg.id, inbox)
         self._outbox.put(_frame(P.WsGenerate.of(msg), self._binary))
 
@@ -94,19 +106,24 @@ class WebSocketClient(SyncClientBase):
         # only a queue put: this runs from __del__ too, maybe while this thread holds the lock
         self._outbox.put(("cancel", request_id))
 
-    def _read(self) -> None:
+    def _read(self, conn, outbox: queue.SimpleQueue) -> None:
         try:
-            for frame in self._conn:
+            for frame in conn:
                 msg = _decode(frame)
                 if msg is not None:
                     self._deliver(msg)
         except (OSError, WebSocketException):
             pass
         finally:
+            # its requests end and the next request connects again, both under the lock: no
+            # request routed to the next connection is ended here
+            closed = Error("", "unavailable", CONNECTION_LOST)
             with self._lock:
                 self._lost = True
-            self._deliver(Error("", "unavailable", CONNECTION_LOST))
-            self._outbox.put(None)
+                ended = self._routes.deliver(closed)
+            for inbox in ended:
+                inbox.put(closed)
+            outbox.put(None)
 
     def _deliver(self, msg) -> None:
         with self._lock:
@@ -114,8 +131,8 @@ class WebSocketClient(SyncClientBase):
         for inbox in inboxes:
             inbox.put(msg)
 
-    def _write(self) -> None:
-        while (item := self._outbox.get()) is not None:
+    def _write(self, conn, outbox: queue.SimpleQueue) -> None:
+        while (item := outbox.get()) is not None:
             if isinstance(item, tuple):
                 with self._lock:
                     running = self._routes.pop(item[1]) is not None
@@ -123,7 +140,7 @@ class WebSocketClient(SyncClientBase):
                     continue
                 item = _frame(P.WsCancel(item[1]), self._binary)
             try:
-                self._conn.send(item)
+                conn.send(item)
             except (OSError, WebSocketException):
                 return
 
@@ -147,7 +164,8 @@ class WebSocketClient(SyncClientBase):
 
 class AsyncWebSocketClient(AsyncClientBase):
     """A connection to a gateway's /ws for asyncio code; `await AsyncWebSocketClient.connect(url)`
-    or `async with AsyncWebSocketClient(url) as client`."""
+    or `async with AsyncWebSocketClient(url) as client`. As with WebSocketClient, a request after
+    a lost connection connects again (waiting in the new connection's outbox meanwhile)."""
 
     def __init__(self, url: str, api_key: str | None = None, *, encoding: str = "msgpack",
                  open_timeout: float = 10.0, max_message_bytes: int = MAX_MESSAGE_BYTES):
@@ -155,13 +173,13 @@ class AsyncWebSocketClient(AsyncClientBase):
         self._binary = _check_encoding(encoding)
         self._connect_options = dict(open_timeout=open_timeout, max_size=max_message_bytes, compression=None,
                                      proxy=None)
-        self._stack = contextlib.AsyncExitStack()
         self._routes: Routes[asyncio.Queue] = Routes()
-        self._outbox: asyncio.Queue = asyncio.Queue()
-        self._tasks: list[asyncio.Task] = []
+        self._conn = None  # the current connection
+        self._outbox: asyncio.Queue = asyncio.Queue()  # the current connection's
+        self._tasks: list[asyncio.Task] = []  # one per connection, while it lasts
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
-        self._lost = False  # the connection is gone: later requests fail at once
+        self._lost = False  # the connection is gone: the next request connects again
 
     @classmethod
     async def connect(cls, url: str, api_key: str | None = None, **options) -> AsyncWebSocketClient:
@@ -170,12 +188,17 @@ class AsyncWebSocketClient(AsyncClientBase):
         return client
 
     async def _open(self) -> None:
+        """The first connection: failing to make it is the caller's error."""
+        self._loop = asyncio.get_running_loop()
+        conn = await self._connect()
+        self._tasks = [self._loop.create_task(self._serve(conn, self._outbox))]
+
+    async def _connect(self):
         try:
-            self._conn = await self._stack.enter_async_context(aconnect(self._url, **self._connect_options))
+            self._conn = await aconnect(self._url, **self._connect_options)
         except (OSError, WebSocketException, TimeoutError) as e:
             raise UnavailableError(f"cannot connect to {self._url}: {e}") from e
-        self._loop = asyncio.get_running_loop()
-        self._tasks = [self._loop.create_task(self._read()), self._loop.create_task(self._write())]
+        return self._conn
 
     def _check_open(self) -> None:
         super()._check_open()
@@ -184,18 +207,30 @@ class AsyncWebSocketClient(AsyncClientBase):
 
     def _start(self, msg: Generate, inbox: asyncio.Queue) -> None:
         if self._lost:
-            inbox.put_nowait(Error(msg.id, "unavailable", CONNECTION_LOST))
-        else:
-            self._routes.add(msg.id, inbox)
-            self._outbox.put_nowait(_frame(P.WsGenerate.of(msg), self._binary))
+            self._lost = False
+            self._outbox = asyncio.Queue()
+            self._tasks = [t for t in self._tasks if not t.done()]
+            self._tasks.append(self._loop.create_task(self._reconnect(self._outbox)))
+        self._routes.add(msg.id, inbox)
+        self._outbox.put_nowait(_frame(P.WsGenerate.of(msg), self._binary))
 
     def _cancel(self, request_id: str) -> None:
         if self._routes.pop(request_id) is not None and not self._closed:  # else it has already ended
             self._outbox.put_nowait(_frame(P.WsCancel(request_id), self._binary))
 
-    async def _read(self) -> None:
+    async def _reconnect(self, outbox: asyncio.Queue) -> None:
         try:
-            async for frame in self._conn:
+            conn = await self._connect()
+        except UnavailableError as e:
+            self._end_all(str(e))  # the requests that waited for it
+            return
+        await self._serve(conn, outbox)
+
+    async def _serve(self, conn, outbox: asyncio.Queue) -> None:
+        """Read one connection's replies while its writer sends; when it is lost, its requests end."""
+        writer = asyncio.create_task(self._write(conn, outbox))
+        try:
+            async for frame in conn:
                 msg = _decode(frame)
                 if msg is not None:
                     for inbox in self._routes.deliver(msg):
@@ -203,21 +238,28 @@ class AsyncWebSocketClient(AsyncClientBase):
         except (OSError, WebSocketException):
             pass
         finally:
-            self._lost = True
-            closed = Error("", "unavailable", CONNECTION_LOST)
-            for inbox in self._routes.deliver(closed):
-                inbox.put_nowait(closed)
+            writer.cancel()
+            self._end_all(CONNECTION_LOST)
 
-    async def _write(self) -> None:
+    def _end_all(self, message: str) -> None:
+        """The connection is gone, or could not be made: its requests end, and the next request
+        connects again."""
+        self._lost = True
+        closed = Error("", "unavailable", message)
+        for inbox in self._routes.deliver(closed):
+            inbox.put_nowait(closed)
+
+    async def _write(self, conn, outbox: asyncio.Queue) -> None:
         while True:
-            frame = await self._outbox.get()
+            frame = await outbox.get()
             try:
-                await self._conn.send(frame)
+                await conn.send(frame)
             except (OSError, WebSocketException):
                 return
 
     async def _release(self) -> None:
-        await self._stack.aclose()
+        if self._conn is not None:
+            await self._conn.close()
 
     async def __aenter__(self) -> AsyncWebSocketClient:
         if self._loop is None:

@@ -3,6 +3,8 @@ submits is metered from arrival to its last reply, and cancelling one records wh
 
 from __future__ import annotations
 
+import asyncio
+
 from splitserve.common import protocol as P
 
 from .frontend_core import FrontendCore, Sink
@@ -13,6 +15,12 @@ class FrontDoor:
     def __init__(self, core: FrontendCore, metrics: GatewayMetrics):
         self.core, self.metrics = core, metrics
         self._meters: dict[str, Meter] = {}  # gateway id -> the meter of a request still running
+        self.draining = asyncio.Event()  # the frontend is shutting down (its WebSockets close once idle)
+
+    def drain(self) -> None:
+        """Refuse new requests from now on; those running go on."""
+        self.core.draining = True
+        self.draining.set()
 
     def submit(self, route: str, msg: P.Generate, sink: Sink, fork_of: str | None = None,
                dispatch: bool = True) -> str | None:

@@ -148,7 +148,7 @@ class Frontend:
         with an error, which frees their workers' slots at once (the router hears their cancels).
         Tokens, the router and deadlines are served meanwhile: every loop still runs."""
         core = self.core
-        core.draining = True
+        self.door.drain()
         self.http.stop_listening()
         if self._joined.is_set():  # the router lists it no more (/info's zmq_endpoints)
             self._send_router(P.Heartbeat(core.live(), True))

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 OUTBOX_LIMIT_BYTES = 8 * 2**20
 SLOW_READER_CODE = 1013  # RFC 6455 "try again later"
+SERVICE_RESTART = 1012  # RFC 6455: a frontend shutting down; the client connects again, to another
 POLICY_VIOLATION = 1008  # RFC 6455; a wrong API key
 
 
@@ -114,16 +115,18 @@ class Session:
         self.api_key = api_key  # each generate message must carry it (None: none needs to)
         self.gids: dict[str, str] = {}  # client's id -> gateway id, while running
         # Frames the writer has yet to send; it waits on `wake` only while this is empty, so a
-        # frame costs an append, not a queue's bookkeeping and a wake-up each.
-        self.outbox: deque[bytes | str] = deque()
+        # frame costs an append, not a queue's bookkeeping and a wake-up each. None: close.
+        self.outbox: deque[bytes | str | None] = deque()
         self.wake: asyncio.Future | None = None
         self.backlog = 0  # bytes in the outbox
         self.writer: asyncio.Task | None = None
         self.dropped = False
         self.closing: asyncio.Task | None = None
+        self.leaving = False  # its frontend is shutting down: it closes after its last reply
 
     async def run(self) -> None:
         self.writer = asyncio.create_task(self._write())
+        drained = asyncio.create_task(self._leave_when_drained())
         try:
             while True:
                 frame = await self.websocket.receive()
@@ -149,6 +152,19 @@ class Session:
                 self.door.cancel(gid)
             self.gids.clear()
             self.writer.cancel()
+            drained.cancel()
+
+    async def _leave_when_drained(self) -> None:
+        await self.door.draining.wait()
+        self._leave_if_idle()
+
+    def _leave_if_idle(self) -> None:
+        """Once its frontend is shutting down, the connection closes as soon as its requests have
+        ended, after their last replies: the client connects again, and reaches another frontend.
+        (Those still running hold it open; a new request meanwhile is refused.)"""
+        if not self.gids and self.door.draining.is_set() and not self.leaving:
+            self.leaving = True
+            self._push(None)
 
     def _generate(self, ws_msg: P.WsGenerate, binary: bool) -> None:
         rid = ws_msg.id
@@ -165,6 +181,7 @@ class Session:
             self._send(out, binary)
             if isinstance(out, P.Error) or out.finish_reason is not None:
                 self.gids.pop(rid, None)
+                self._leave_if_idle()
 
         gid = self.door.submit("/ws", msg, sink)
         if gid is not None and self.door.core.running(gid):
@@ -176,13 +193,16 @@ class Session:
             self.door.cancel(gid, reason="cancelled")
 
     def _send(self, out, binary: bool) -> None:
-        if self.dropped:
+        if self.dropped or self.leaving:
             return
         frame = encode(ws_reply(out), binary)
         self.backlog += len(frame)
         if self.backlog > OUTBOX_LIMIT_BYTES:
             self._drop_slow_reader()
             return
+        self._push(frame)
+
+    def _push(self, frame: bytes | str | None) -> None:
         self.outbox.append(frame)
         if self.wake is not None and not self.wake.done():
             self.wake.set_result(None)
@@ -215,6 +235,9 @@ class Session:
                 self.wake = loop.create_future()
                 await self.wake
             frame = self.outbox.popleft()
+            if frame is None:  # every reply before it has gone
+                await self._close(SERVICE_RESTART, "the frontend is shutting down")
+                return
             self.backlog -= len(frame)
             try:
                 await send({"type": "websocket.send", "bytes": frame} if isinstance(frame, bytes)

@@ -19,11 +19,13 @@ import urllib.request
 
 import httpx
 import pytest
+import websockets
 
 from cluster import SplitCluster, metric_at, offline, request_specs, stream_all, wait_for
 from conftest import load_cpu
 from splitserve.bench.server_state import http_json
-from splitserve.client import AsyncClient, AsyncWebSocketClient, Client, SplitserveError, UnavailableError
+from splitserve.client import (AsyncClient, AsyncWebSocketClient, Client, SplitserveError, UnavailableError,
+                               WebSocketClient)
 from splitserve.common.zmq_util import free_port
 
 
@@ -256,10 +258,12 @@ async def sse_stream(port: int, spec: dict, tokens: list[int]) -> None:
 async def drain_a_frontend(c: SplitCluster, spec: dict, second_signal: bool) -> tuple[list, list]:
     """Streams over ZMQ, WebSocket and HTTP on the cluster's only frontend, which is SIGTERMed once
     each has tokens; -> (what each stream gave: its token ids or its error, what new requests got
-    during the drain). `second_signal`: SIGTERM it again then."""
+    during the drain). `second_signal`: SIGTERM it again then. A WebSocket with no request running
+    is closed at once (1012: connect again), while the streams still run."""
     proc, _ = c.frontends[-1]
     ws_url = f"ws://127.0.0.1:{c.port}/ws"
-    async with AsyncClient(c.endpoints) as zmq_client, AsyncWebSocketClient(ws_url) as ws_client:
+    async with AsyncClient(c.endpoints) as zmq_client, AsyncWebSocketClient(ws_url) as ws_client, \
+            websockets.connect(ws_url) as idle:
         got: list[list[int]] = [[], [], []]
 
         async def streamed(client, tokens: list[int]) -> None:
@@ -279,6 +283,8 @@ async def drain_a_frontend(c: SplitCluster, spec: dict, second_signal: bool) -> 
         proc.send_signal(signal.SIGTERM)
         await async_wait_for(lambda: (http_json(c.frontend_metrics_ports[-1], "/health") or {}).get("status")
                              == "draining", 10, "/health to say draining")
+        await asyncio.wait_for(idle.wait_closed(), 10)
+        assert idle.close_code == 1012 and not any(r.done() for r in runs)
         refused = [await outcome(client.generate("def g():", max_new_tokens=2)) for client in (zmq_client, ws_client)]
         with pytest.raises(httpx.ConnectError):  # no frontend listens on the port any more
             httpx.post(f"http://127.0.0.1:{c.port}/generate", json={"inputs": "def g():"}, timeout=10)
@@ -298,22 +304,30 @@ async def async_wait_for(check, timeout: float, what: str) -> None:
 def test_a_frontend_drains_on_sigterm_and_ends_the_drain_on_a_second(home, tiny_dir, lm):
     """SIGTERM: the streams in flight over ZMQ, WebSocket and HTTP finish whole while new requests
     are refused (a new HTTP connection goes to the port's other frontends, here none) and /health
-    says draining; the frontend exits once they have, not at its drain timeout (60 s). A second
-    SIGTERM ends the drain at once: what still runs ends with UnavailableError, its slots freed."""
+    says draining, and an idle WebSocket is closed (its client connects again for its next
+    request: here to a new frontend); the frontend exits once they have, not at its drain timeout
+    (60 s). A second SIGTERM ends the drain at once: what still runs ends with UnavailableError,
+    its slots freed."""
     with SplitCluster(home, 1, "tiny-random", 2.0, "--drain-timeout", "60") as c:
         c.start_pipeline(16)
         spec = {"prompt": "def f(x):", "max_new_tokens": 300, "ignore_eos": True}
         want = offline(lm, [spec])[0]
+        reconnecting = WebSocketClient(f"ws://127.0.0.1:{c.port}/ws")  # idle through the drain
         answers, refused = asyncio.run(drain_a_frontend(c, spec, second_signal=False))
         signalled_exit = time.monotonic()
         assert answers == [want] * 3
         assert all(isinstance(e, UnavailableError) and "frontend is shutting down" in str(e) for e in refused), refused
         assert c.frontends[-1][0].wait(timeout=30) == 0 and time.monotonic() - signalled_exit < 10
         wait_for(lambda: c.router_state().get("frontends") == 0, 30, "the router to forget the frontend")
+        with pytest.raises(UnavailableError, match="cannot connect"):  # its frontend closed it; none listens
+            reconnecting.generate("def g():", max_new_tokens=2)
 
         # a new frontend, asked twice to stop: its streams end at the second signal
         c.add_frontend()
         c.wait_ready()
+        # the WebSocket client connects again, to it
+        assert len(reconnecting.generate("def g():", max_new_tokens=3, ignore_eos=True).token_ids) == 3
+        reconnecting.close()
         spec["max_new_tokens"] = 1900  # seconds of work: still running at the second signal
         answers, refused = asyncio.run(drain_a_frontend(c, spec, second_signal=True))
         assert all(isinstance(a, UnavailableError) and "shut down before the request finished" in str(a)
