@@ -224,6 +224,9 @@ class AsyncWebSocketClient(AsyncClientBase):
         except UnavailableError as e:
             self._end_all(str(e))  # the requests that waited for it
             return
+        except asyncio.CancelledError:  # closed meanwhile
+            self._end_all(CONNECTION_LOST)
+            raise
         await self._serve(conn, outbox)
 
     async def _serve(self, conn, outbox: asyncio.Queue) -> None:
