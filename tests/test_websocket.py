@@ -145,29 +145,39 @@ def in_flight_is_zero(c: Cluster) -> None:
     wait_for(lambda: c.metric("splitserve_requests_in_flight") == 0, 30, "no request in flight")
 
 
-def test_requests_after_the_connection_died_fail_at_once(home, tiny_dir):
+def test_requests_after_the_connection_died_fail_at_once_then_connect_again(home, tiny_dir):
     """Whether a request starts before or after the reader sees the close, it fails with
-    UnavailableError, not after its own timeout."""
+    UnavailableError, not after its own timeout; once a gateway listens again, the next request
+    reaches it over a new connection (this one has no workers: it refuses as such)."""
     with Cluster(home) as c:
-        wait_for(lambda: http_json(c.port, "/health"), 60, "the HTTP front")
         ws_url = c.url.replace("http", "ws") + "/ws"
+
+        def restart() -> None:
+            c.gateway = c._spawn("gateway", "--zmq-port", str(c.zmq_port), "--worker-port", str(c.worker_port),
+                                 "--port", str(c.port))
+            wait_for(lambda: http_json(c.port, "/health"), 60, "the HTTP front")
+
+        wait_for(lambda: http_json(c.port, "/health"), 60, "the HTTP front")
         with WebSocketClient(ws_url) as client:
             c.gateway.kill()
             c.gateway.wait()
             for _ in range(2):  # the second surely after the close was seen
                 with pytest.raises(UnavailableError):
                     client.generate("def f():", max_new_tokens=2, timeout=600)
+            restart()
+            with pytest.raises(UnavailableError, match="no prefill worker"):
+                client.generate("def f():", max_new_tokens=2, timeout=600)
 
         async def run_async() -> None:
-            c.gateway = c._spawn("gateway", "--zmq-port", str(c.zmq_port), "--worker-port", str(c.worker_port),
-                                 "--port", str(c.port))
-            wait_for(lambda: http_json(c.port, "/health"), 60, "the HTTP front")
             async with AsyncWebSocketClient(ws_url) as client:
                 c.gateway.kill()
                 c.gateway.wait()
                 for _ in range(2):
                     with pytest.raises(UnavailableError):
                         await client.generate("def f():", max_new_tokens=2, timeout=600)
+                restart()
+                with pytest.raises(UnavailableError, match="no prefill worker"):
+                    await client.generate("def f():", max_new_tokens=2, timeout=600)
 
         asyncio.run(asyncio.wait_for(run_async(), 120))
 
