@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 from uuid import uuid4
@@ -154,15 +154,16 @@ class Routes(Generic[Inbox]):
 
     def __init__(self, connections: int = 1):
         self._requests: dict[str, tuple[Inbox, int]] = {}
-        self._unanswered: dict[str, bytes] = {}  # request id -> its Generate, until its first reply
+        # request id -> its Generate message (a ZMQ frame, a WebSocket one), until its first reply
+        self._unanswered: dict[str, bytes | str] = {}
         self._load = [0] * connections
         self.up = [True] * connections  # as each connection's monitor said last
         # its frontend refused a request as it shuts down: none goes there until it connects again
         self.leaving = [False] * connections
 
-    def add(self, request_id: str, inbox: Inbox, frame: bytes = b"") -> int:
+    def add(self, request_id: str, inbox: Inbox, frame: bytes | str = b"") -> int:
         """Route a new request; -> the connection to send it over. `frame`: its Generate message,
-        kept for redirect until the request's first reply."""
+        kept until the request's first reply, should it have to go over another connection."""
         up = [c for c, is_up in enumerate(self.up) if is_up]
         connection = min(self._open(-1) or up or range(len(self._load)), key=self._load.__getitem__)
         self._load[connection] += 1
@@ -175,7 +176,7 @@ class Routes(Generic[Inbox]):
         """The connections up whose frontend is not shutting down, but `besides`."""
         return [c for c, is_up in enumerate(self.up) if is_up and not self.leaving[c] and c != besides]
 
-    def redirect(self, msg: TokenBatch | Error, connection: int | None) -> tuple[bytes, int] | None:
+    def redirect(self, msg: TokenBatch | Error, connection: int | None) -> tuple[bytes | str, int] | None:
         """Where a request goes that a frontend shutting down refused (`msg`, over `connection`):
         -> (its Generate, the connection to send it over again), when another one is open; None
         otherwise, or for any other message: then `deliver` it."""
@@ -210,12 +211,18 @@ class Routes(Generic[Inbox]):
         self._load[found[1]] -= 1
         return found[1]
 
-    def deliver(self, msg: TokenBatch | Error, connection: int | None = None) -> list[Inbox]:
+    def unanswered(self, among: Collection[str] | None = None) -> dict[str, bytes | str]:
+        """Request id -> Generate message of the requests (of those `among`) that have had no reply."""
+        return {rid: frame for rid, frame in self._unanswered.items() if among is None or rid in among}
+
+    def deliver(self, msg: TokenBatch | Error, connection: int | None = None, keep: Collection[str] = ()) -> list[Inbox]:
         """The inboxes that get `msg`, which came over `connection` (None: every one). A request is
         forgotten with its last message, so that replies after it (or for requests this client
-        never made) are dropped."""
+        never made) are dropped. An error about the connection itself ends its requests but those
+        to `keep`."""
         if isinstance(msg, Error) and not msg.id:  # about the connection itself: its requests fail
-            ended = [(rid, inbox) for rid, (inbox, c) in self._requests.items() if connection is None or c == connection]
+            ended = [(rid, inbox) for rid, (inbox, c) in self._requests.items()
+                     if (connection is None or c == connection) and rid not in keep]
             for rid, _ in ended:
                 self.pop(rid)
             return [inbox for _, inbox in ended]

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import queue
 import threading
+from collections.abc import Collection
 
 import msgspec
 from websockets.asyncio.client import connect as aconnect
@@ -60,8 +61,10 @@ CONNECTION_LOST = "the connection to the gateway closed"
 class WebSocketClient(SyncClientBase):
     """A connection to a gateway's /ws, usable from many threads at once. A reader thread hands each
     reply to its request; a writer thread sends, so that a stream dropped anywhere (its __del__
-    cancels it) never sends on the socket itself. A connection that is lost (its frontend stopped,
-    say) ends the requests it carried with UnavailableError; the next request connects again."""
+    cancels it) never sends on the socket itself. A connection that is lost ends the requests it
+    carried with UnavailableError, and the next request connects again; but a request that never
+    started, which a frontend shutting down says (it refuses the request as `draining`, or closes
+    the connection with WS_RESTART), goes over a new connection at once."""
 
     def __init__(self, url: str, api_key: str | None = None, *, encoding: str = "msgpack",
                  open_timeout: float = 10.0, max_message_bytes: int = MAX_MESSAGE_BYTES):
@@ -72,6 +75,7 @@ class WebSocketClient(SyncClientBase):
         self._routes: Routes[queue.SimpleQueue] = Routes()
         self._lock = threading.Lock()  # the routes and the connection, shared by callers and the threads
         self._closed = False
+        self._held: set[str] = set()  # refused as `draining`: sent again over the next connection
         self._stack: contextlib.ExitStack | None = None  # holds the connection
         self._connect()
 
@@ -99,8 +103,9 @@ class WebSocketClient(SyncClientBase):
             except UnavailableError as e:
                 inbox.put(Error(msg.id, "unavailable", str(e)))
                 return
-        self._routes.add(msg.id, inbox)
-        self._outbox.put(_frame(P.WsGenerate.of(msg), self._binary))
+        frame = _frame(P.WsGenerate.of(msg), self._binary)
+        self._routes.add(msg.id, inbox, frame)
+        self._outbox.put(frame)
 
     def _cancel(self, request_id: str) -> None:
         # only a queue put: this runs from __del__ too, maybe while this thread holds the lock
@@ -115,18 +120,35 @@ class WebSocketClient(SyncClientBase):
         except (OSError, WebSocketException):
             pass
         finally:
-            # its requests end and the next request connects again, both under the lock: no
-            # request routed to the next connection is ended here
+            # Under the lock, so that no request routed to the next connection is ended here: the
+            # requests that never started go over a new connection, the others end.
             closed = Error("", "unavailable", CONNECTION_LOST)
             with self._lock:
                 self._lost = True
-                ended = self._routes.deliver(closed)
-            for inbox in ended:
-                inbox.put(closed)
+                again = self._routes.unanswered(None if conn.close_code == P.WS_RESTART else self._held)
+                self._held = set()
+                for inbox in self._routes.deliver(closed, keep=again):
+                    inbox.put(closed)
+                if again and not self._closed:
+                    self._send_again(again)
             outbox.put(None)
+
+    def _send_again(self, frames: dict[str, bytes | str]) -> None:
+        try:
+            self._connect()
+        except UnavailableError as e:
+            failed = Error("", "unavailable", str(e))
+            for inbox in self._routes.deliver(failed):
+                inbox.put(failed)
+            return
+        for frame in frames.values():
+            self._outbox.put(frame)
 
     def _deliver(self, msg) -> None:
         with self._lock:
+            if isinstance(msg, Error) and msg.draining:  # it never started: see _read's end
+                self._held.add(msg.id)
+                return
             inboxes = self._routes.deliver(msg)
         for inbox in inboxes:
             inbox.put(msg)
@@ -164,8 +186,8 @@ class WebSocketClient(SyncClientBase):
 
 class AsyncWebSocketClient(AsyncClientBase):
     """A connection to a gateway's /ws for asyncio code; `await AsyncWebSocketClient.connect(url)`
-    or `async with AsyncWebSocketClient(url) as client`. As with WebSocketClient, a request after
-    a lost connection connects again (waiting in the new connection's outbox meanwhile)."""
+    or `async with AsyncWebSocketClient(url) as client`. Connections come and go as for
+    WebSocketClient; a request waits in a new connection's outbox while it is made."""
 
     def __init__(self, url: str, api_key: str | None = None, *, encoding: str = "msgpack",
                  open_timeout: float = 10.0, max_message_bytes: int = MAX_MESSAGE_BYTES):
@@ -180,6 +202,7 @@ class AsyncWebSocketClient(AsyncClientBase):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._lost = False  # the connection is gone: the next request connects again
+        self._held: set[str] = set()  # refused as `draining`: sent again over the next connection
 
     @classmethod
     async def connect(cls, url: str, api_key: str | None = None, **options) -> AsyncWebSocketClient:
@@ -207,12 +230,16 @@ class AsyncWebSocketClient(AsyncClientBase):
 
     def _start(self, msg: Generate, inbox: asyncio.Queue) -> None:
         if self._lost:
-            self._lost = False
-            self._outbox = asyncio.Queue()
-            self._tasks = [t for t in self._tasks if not t.done()]
-            self._tasks.append(self._loop.create_task(self._reconnect(self._outbox)))
-        self._routes.add(msg.id, inbox)
-        self._outbox.put_nowait(_frame(P.WsGenerate.of(msg), self._binary))
+            self._new_connection()
+        frame = _frame(P.WsGenerate.of(msg), self._binary)
+        self._routes.add(msg.id, inbox, frame)
+        self._outbox.put_nowait(frame)
+
+    def _new_connection(self) -> None:
+        self._lost = False
+        self._outbox = asyncio.Queue()
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(self._loop.create_task(self._reconnect(self._outbox)))
 
     def _cancel(self, request_id: str) -> None:
         if self._routes.pop(request_id) is not None and not self._closed:  # else it has already ended
@@ -235,21 +262,32 @@ class AsyncWebSocketClient(AsyncClientBase):
         try:
             async for frame in conn:
                 msg = _decode(frame)
-                if msg is not None:
-                    for inbox in self._routes.deliver(msg):
-                        inbox.put_nowait(msg)
+                if msg is None:
+                    continue
+                if isinstance(msg, Error) and msg.draining:  # it never started: see below
+                    self._held.add(msg.id)
+                    continue
+                for inbox in self._routes.deliver(msg):
+                    inbox.put_nowait(msg)
         except (OSError, WebSocketException):
             pass
         finally:
             writer.cancel()
-            self._end_all(CONNECTION_LOST)
+            # the requests that never started go over a new connection, the others end
+            again = self._routes.unanswered(None if conn.close_code == P.WS_RESTART else self._held)
+            self._held = set()
+            self._end_all(CONNECTION_LOST, keep=again)
+            if again and not self._closed:
+                self._new_connection()
+                for frame in again.values():
+                    self._outbox.put_nowait(frame)
 
-    def _end_all(self, message: str) -> None:
-        """The connection is gone, or could not be made: its requests end, and the next request
-        connects again."""
+    def _end_all(self, message: str, keep: Collection[str] = ()) -> None:
+        """The connection is gone, or could not be made: its requests (but those to `keep`) end,
+        and the next request connects again."""
         self._lost = True
         closed = Error("", "unavailable", message)
-        for inbox in self._routes.deliver(closed):
+        for inbox in self._routes.deliver(closed, keep=keep):
             inbox.put_nowait(closed)
 
     async def _write(self, conn, outbox: asyncio.Queue) -> None:

@@ -200,6 +200,10 @@ WsTokens = _by_name(TokenBatch, tag="tokens", tokens=list[WsToken])
 WsError = _by_name(Error, tag="error")
 WsRequest = Union[WsGenerate, WsCancel]
 WsReply = Union[WsTokens, WsError]
+# The close code (RFC 6455's "service restart") of a frontend that shuts down: it closes a
+# WebSocket once none of its requests runs, so a request still unanswered there never started
+# and the client sends it again over a new connection.
+WS_RESTART = 1012
 
 
 def ws_reply(out: TokenBatch | Error) -> msgspec.Struct:

@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 
 OUTBOX_LIMIT_BYTES = 8 * 2**20
 SLOW_READER_CODE = 1013  # RFC 6455 "try again later"
-SERVICE_RESTART = 1012  # RFC 6455: a frontend shutting down; the client connects again, to another
 POLICY_VIOLATION = 1008  # RFC 6455; a wrong API key
 
 
@@ -236,7 +235,7 @@ class Session:
                 await self.wake
             frame = self.outbox.popleft()
             if frame is None:  # every reply before it has gone
-                await self._close(SERVICE_RESTART, "the frontend is shutting down")
+                await self._close(P.WS_RESTART, "the frontend is shutting down")
                 return
             self.backlog -= len(frame)
             try:

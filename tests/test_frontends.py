@@ -257,9 +257,9 @@ async def sse_stream(port: int, spec: dict, tokens: list[int]) -> None:
 
 async def drain_a_frontend(c: SplitCluster, spec: dict, second_signal: bool) -> tuple[list, list]:
     """Streams over ZMQ, WebSocket and HTTP on the cluster's only frontend, which is SIGTERMed once
-    each has tokens; -> (what each stream gave: its token ids or its error, what new requests got
-    during the drain). `second_signal`: SIGTERM it again then. A WebSocket with no request running
-    is closed at once (1012: connect again), while the streams still run."""
+    each has tokens; -> (what each stream gave: its token ids or its error, what a new request got
+    during the drain over ZMQ and over the busy WebSocket). `second_signal`: SIGTERM it again then.
+    A WebSocket with no request running is closed at once (1012), while the streams still run."""
     proc, _ = c.frontends[-1]
     ws_url = f"ws://127.0.0.1:{c.port}/ws"
     async with AsyncClient(c.endpoints) as zmq_client, AsyncWebSocketClient(ws_url) as ws_client, \
@@ -285,12 +285,15 @@ async def drain_a_frontend(c: SplitCluster, spec: dict, second_signal: bool) -> 
                              == "draining", 10, "/health to say draining")
         await asyncio.wait_for(idle.wait_closed(), 10)
         assert idle.close_code == 1012 and not any(r.done() for r in runs)
-        refused = [await outcome(client.generate("def g():", max_new_tokens=2)) for client in (zmq_client, ws_client)]
+        # the WebSocket's request waits for its connection to close, to go over a new one
+        refused = [await outcome(zmq_client.generate("def g():", max_new_tokens=2)),
+                   asyncio.ensure_future(outcome(ws_client.generate("def g():", max_new_tokens=2)))]
         with pytest.raises(httpx.ConnectError):  # no frontend listens on the port any more
             httpx.post(f"http://127.0.0.1:{c.port}/generate", json={"inputs": "def g():"}, timeout=10)
         if second_signal:
             proc.send_signal(signal.SIGTERM)
         ends = await asyncio.gather(*runs)
+        refused[1] = await refused[1]
     return [e or g for e, g in zip(ends, got)], refused
 
 
@@ -316,7 +319,10 @@ def test_a_frontend_drains_on_sigterm_and_ends_the_drain_on_a_second(home, tiny_
         answers, refused = asyncio.run(drain_a_frontend(c, spec, second_signal=False))
         signalled_exit = time.monotonic()
         assert answers == [want] * 3
-        assert all(isinstance(e, UnavailableError) and "frontend is shutting down" in str(e) for e in refused), refused
+        # over ZMQ refused; over the WebSocket sent again once its connection closed, and no
+        # frontend listens
+        assert isinstance(refused[0], UnavailableError) and "frontend is shutting down" in str(refused[0])
+        assert isinstance(refused[1], UnavailableError) and "cannot connect" in str(refused[1]), refused
         assert c.frontends[-1][0].wait(timeout=30) == 0 and time.monotonic() - signalled_exit < 10
         wait_for(lambda: c.router_state().get("frontends") == 0, 30, "the router to forget the frontend")
         with pytest.raises(UnavailableError, match="cannot connect"):  # its frontend closed it; none listens
@@ -325,6 +331,7 @@ def test_a_frontend_drains_on_sigterm_and_ends_the_drain_on_a_second(home, tiny_
         # a new frontend, asked twice to stop: its streams end at the second signal
         c.add_frontend()
         c.wait_ready()
+        wait_for(lambda: http_json(c.port, "/health"), 30, "its HTTP port")
         # the WebSocket client connects again, to it
         assert len(reconnecting.generate("def g():", max_new_tokens=3, ignore_eos=True).token_ids) == 3
         reconnecting.close()
@@ -333,37 +340,46 @@ def test_a_frontend_drains_on_sigterm_and_ends_the_drain_on_a_second(home, tiny_
         assert all(isinstance(a, UnavailableError) and "shut down before the request finished" in str(a)
                    for a in answers[:2]), answers
         assert answers[2][-1]["error_type"] == "unavailable" and len(answers[2]) < spec["max_new_tokens"]
-        assert len(refused) == 2
+        assert "frontend is shutting down" in str(refused[0]) and "cannot connect" in str(refused[1]), refused
         assert c.frontends[-1][0].wait(timeout=30) == 0
         # the router heard the cancels: no reservation waits for the heartbeat timeout
         wait_for(lambda: c.metric("splitserve_decode_slots_reserved") == 0, 10, "the slots to be freed")
         c.wait_idle()
 
 
-def test_a_client_of_two_frontends_sends_around_one_that_drains(home, tiny_dir, lm):
-    """A frontend shutting down refuses new requests as `draining`: a client given both frontends
-    sends such a request to the other one, and the next ones there straight, while the stream it
-    has on the draining frontend finishes whole. The router's /info lists it no more."""
-    with SplitCluster(home, frontends=2) as c:
+def test_clients_send_around_a_frontend_that_drains(home, tiny_dir, lm):
+    """A frontend shutting down refuses new requests as `draining` and closes each WebSocket once
+    none of its requests runs. The ZMQ client given both frontends sends such a request to the
+    other one, and the next ones there straight; the WebSocket client sends it over a new
+    connection, which reaches the other frontend. Their streams on the draining frontend finish
+    whole, and no request fails. The router's /info lists the draining frontend no more."""
+    with SplitCluster(home, frontends=1) as c:
         c.start_pipeline(16)
+        ws = WebSocketClient(f"ws://127.0.0.1:{c.port}/ws")  # on the first frontend, the only one yet
+        c.add_frontend()
+        c.wait_ready()
         long = {"prompt": "def f(x):", "max_new_tokens": 1500, "ignore_eos": True}  # seconds: running throughout
         short = request_specs(6)
         want = offline(lm, [long, *short])
-        with Client(c.endpoints) as client:
-            # one stream on each frontend (equal loads: the first connection first), then SIGTERM the first
-            streams = [iter(client.stream(**long)) for _ in range(2)]
+        with Client(c.endpoints) as client, ws:
+            # a ZMQ stream on each frontend (equal loads: the first connection first) and the
+            # WebSocket's, then SIGTERM the first frontend
+            streams = [iter(client.stream(**long)) for _ in range(2)] + [iter(ws.stream(**long))]
             firsts = [next(s).token_id for s in streams]
             c.frontends[0][0].send_signal(signal.SIGTERM)
             wait_for(lambda: (http_json(c.frontend_metrics_ports[0], "/health") or {}).get("status") == "draining",
                      10, "the first frontend to drain")
-            # the router lists it no more
             wait_for(lambda: c.router_state("/info").get("zmq_endpoints") == c.endpoints[1:], 10, "/info to drop it")
             answers = [client.generate(**s, timeout=60).token_ids for s in short]
             # the first short request went to the draining frontend, which refused it; the other
             # frontend answered it and every one after it
             refused = metric_at(c.frontend_metrics_ports[0], "splitserve_requests_total", route="zmq",
                                 outcome="unavailable")
+            # sent while the WebSocket's stream runs on the draining frontend: refused there, then
+            # sent again once that stream has ended and the connection closed
+            ws_answers = [ws.generate(**s, timeout=60).token_ids for s in short[:2]]
             whole = [[first, *(ev.token_id for ev in s)] for first, s in zip(firsts, streams)]
-        assert answers == want[1:] and whole == [want[0]] * 2
+        assert answers == want[1:] and whole == [want[0]] * 3 and ws_answers == want[1:3]
         assert refused == 1 and frontend_requests(c.frontend_metrics_ports[1]) == 1 + len(short)
+        assert metric_at(c.frontend_metrics_ports[1], "splitserve_requests_total", route="/ws", outcome="ok") == 2
         assert c.frontends[0][0].wait(timeout=30) == 0
