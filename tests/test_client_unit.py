@@ -389,3 +389,64 @@ def test_the_websocket_fast_path_writes_what_the_protocol_does():
     assert {f.name for f in msgspec.structs.fields(P.TokenBatch)} == {"id", "tokens", "finish_reason", "prompt_tokens",
                                                                       "seed", "prompt_logprobs", "cached_tokens"}, \
         "a new TokenBatch field: gateway/websocket.py's ws_reply must carry it"
+
+
+class ScriptedWebSocket:
+    """A /ws server whose n-th connection plays the n-th script: given each request, "close 1012"
+    or "close 1011" (close without an answer), "drain" (refuse it as `draining`, then close
+    normally, 1000), or "answer" (one token and the end)."""
+
+    def __init__(self, scripts: list[str]):
+        from websockets.sync.server import serve
+
+        self.scripts, self.connections = list(scripts), 0
+        self.server = serve(self._handle, "127.0.0.1", 0)
+        self.url = f"ws://127.0.0.1:{self.server.socket.getsockname()[1]}/ws"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _handle(self, ws) -> None:
+        script = self.scripts[self.connections]
+        self.connections += 1
+        request = msgspec.json.decode(ws.recv())  # the JSON encoding, so that the test reads it
+        if script == "answer":
+            batch = P.TokenBatch(request["id"], [P.Token(0, 5, "ok")], "length", 3)
+            ws.send(msgspec.json.encode(P.ws_reply(batch)).decode())
+        elif script == "drain":
+            refusal = P.Error(request["id"], "unavailable", "shutting down", draining=True)
+            ws.send(msgspec.json.encode(P.ws_reply(refusal)).decode())
+            ws.close(1000)
+        else:
+            ws.close(int(script.split()[1]))
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.mark.parametrize("scripts, sent", [(["close 1012", "answer"], 2), (["drain", "answer"], 2),
+                                           (["close 1011"], 1)])
+async def test_a_websocket_request_that_never_started_goes_over_a_new_connection(scripts, sent):
+    """A request left unanswered by a close with 1012 (its frontend shut down with nothing of the
+    connection running), or refused as `draining`, is sent again over a new connection, by both
+    WebSocket clients; any other close ends it with UnavailableError."""
+    from splitserve.client import AsyncWebSocketClient, WebSocketClient
+
+    def sync_run():
+        with WebSocketClient(server.url, encoding="json") as client:
+            return client.generate("def f():", max_new_tokens=1, timeout=10)
+
+    async def async_run():
+        async with AsyncWebSocketClient(server.url, encoding="json") as client:
+            return await client.generate("def f():", max_new_tokens=1, timeout=10)
+
+    for run in (sync_run, async_run):
+        server = ScriptedWebSocket(scripts)
+        try:
+            if scripts[-1] == "answer":
+                got = await run() if run is async_run else await asyncio.to_thread(run)
+                assert (got.text, got.token_ids, got.finish_reason) == ("ok", [5], "length")
+            else:
+                with pytest.raises(UnavailableError, match="closed"):
+                    await run() if run is async_run else await asyncio.to_thread(run)
+            assert server.connections == sent
+        finally:
+            server.close()
