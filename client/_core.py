@@ -150,7 +150,8 @@ class Routes(Generic[Inbox]):
     """The requests in flight: each one's inbox and the connection it went over. With several
     connections (a gateway's frontends) a new request takes the one up with the fewest in flight,
     avoiding a frontend that is shutting down (any one, when none is up), and its cancel follows it
-    there. A request that a frontend refuses as it shuts down goes to another (see redirect)."""
+    there. A request that a frontend refuses as it shuts down goes to another open connection (see
+    redirect), or waits for its own to connect anew (see watched)."""
 
     def __init__(self, connections: int = 1):
         self._requests: dict[str, tuple[Inbox, int]] = {}
@@ -160,6 +161,13 @@ class Routes(Generic[Inbox]):
         self.up = [True] * connections  # as each connection's monitor said last
         # its frontend refused a request as it shuts down: none goes there until it connects again
         self.leaving = [False] * connections
+        # request id -> connection: refused as `draining` with no other connection open, it waits
+        # to be sent again over its own once that connects anew (through a load balancer, to another
+        # frontend), and fails if it cannot
+        self._held: dict[str, int] = {}
+        # its connection dropped: the CONNECT_RETRIED that follows a DISCONNECTED is ZMQ saying when
+        # it will connect again, not that a try failed
+        self._dropped = [False] * connections
 
     def add(self, request_id: str, inbox: Inbox, frame: bytes | str = b"") -> int:
         """Route a new request; -> the connection to send it over. `frame`: its Generate message,
@@ -192,19 +200,33 @@ class Routes(Generic[Inbox]):
         self._requests[msg.id] = found[0], again
         return frame, again
 
-    def watched(self, connection: int, event: list[bytes], endpoint: str) -> Error | None:
-        """A message of `connection`'s monitor; -> the error that its requests end with when it
-        went down (then `deliver` it over that connection)."""
-        self.up[connection] = up = not parse_monitor_message(event)["event"] & _DOWN
-        if up:
-            self.leaving[connection] = False  # connected anew: a new frontend
-            return None
-        return Error("", "unavailable", f"the connection to {endpoint} was lost, or could not be made: its "
+    def watched(self, connection: int, event: list[bytes], endpoint: str) \
+            -> tuple[Error, list[Inbox], list[tuple[str, bytes | str]]]:
+        """A message of `connection`'s monitor; -> (the error that its requests end with when it went
+        down, their inboxes, the held requests to send over it again now that it is up: (id, Generate))."""
+        kind = parse_monitor_message(event)["event"]
+        self.up[connection] = not kind & _DOWN
+        down = Error("", "unavailable", f"the connection to {endpoint} was lost, or could not be made: its "
                                         "requests ended")
+        if self.up[connection]:
+            self.leaving[connection] = False  # connected anew: a new frontend
+            return down, [], self.take_held(connection)
+        if kind & zmq.EVENT_CONNECT_RETRIED and not self._dropped[connection]:
+            self.take_held(connection)  # a try failed: nothing listens there now, so what waited ends too
+        self._dropped[connection] = bool(kind & zmq.EVENT_DISCONNECTED)
+        return down, self.deliver(down, connection, keep=self._held), []
+
+    def take_held(self, connection: int) -> list[tuple[str, bytes | str]]:
+        """The requests held for `connection` (see redirect), no longer held: (id, Generate)."""
+        taken = [rid for rid, c in self._held.items() if c == connection]
+        for rid in taken:
+            del self._held[rid]
+        return [(rid, self._unanswered[rid]) for rid in taken]
 
     def pop(self, request_id: str) -> int | None:
         """Forget a request; -> its connection, or None if it had already ended."""
         self._unanswered.pop(request_id, None)
+        self._held.pop(request_id, None)
         found = self._requests.pop(request_id, None)
         if found is None:
             return None
@@ -228,6 +250,9 @@ class Routes(Generic[Inbox]):
             return [inbox for _, inbox in ended]
         found = self._requests.get(msg.id)
         if found is None:
+            return []
+        if isinstance(msg, Error) and msg.draining and msg.id in self._unanswered and connection is not None:
+            self._held[msg.id] = connection  # it never started, and redirect found no other way
             return []
         if isinstance(msg, Error) or msg.finish_reason is not None:
             self.pop(msg.id)

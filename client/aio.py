@@ -152,9 +152,11 @@ class AsyncClient(AsyncClientBase):
     async def _watch(self, connection: int) -> None:
         while True:
             event = await self._watches[connection].recv_multipart()
-            down = self._routes.watched(connection, event, self._endpoints[connection])
-            if down is not None:
-                self._deliver(down, connection)
+            down, ended, again = self._routes.watched(connection, event, self._endpoints[connection])
+            for inbox in ended:
+                inbox.put_nowait(down)
+            for request_id, frame in again:
+                self._send(request_id, frame, connection)
 
     def _deliver(self, msg, connection: int) -> None:
         again = self._routes.redirect(msg, connection)

@@ -90,9 +90,11 @@ class _IOLoop:
 
     def _watched(self, connection: int) -> None:
         for event in _waiting(self._watches[connection]):
-            down = self._routes.watched(connection, event, self._endpoints[connection])
-            if down is not None:
-                self._deliver(down, connection)
+            down, ended, again = self._routes.watched(connection, event, self._endpoints[connection])
+            for inbox in ended:
+                inbox.put(down)
+            for request_id, frame in again:
+                self._send(request_id, frame, connection)
 
     def _receive(self, connection: int) -> None:
         for frames in _waiting(self._socks[connection]):

@@ -58,6 +58,14 @@ def _check_encoding(encoding: str) -> bool:
 CONNECTION_LOST = "the connection to the gateway closed"
 
 
+def _never_started(routes: Routes, close_code: int | None) -> dict[str, bytes | str]:
+    """At a connection's end, the requests it carried that never started, to send over a new one:
+    those refused as `draining` (held), and every one unanswered when its frontend closed it as it
+    shut down (which it does once none of them runs)."""
+    held = dict(routes.take_held(0))
+    return routes.unanswered() if close_code == P.WS_RESTART else held
+
+
 class WebSocketClient(SyncClientBase):
     """A connection to a gateway's /ws, usable from many threads at once. A reader thread hands each
     reply to its request; a writer thread sends, so that a stream dropped anywhere (its __del__
@@ -75,7 +83,6 @@ class WebSocketClient(SyncClientBase):
         self._routes: Routes[queue.SimpleQueue] = Routes()
         self._lock = threading.Lock()  # the routes and the connection, shared by callers and the threads
         self._closed = False
-        self._held: set[str] = set()  # refused as `draining`: sent again over the next connection
         self._stack: contextlib.ExitStack | None = None  # holds the connection
         self._connect()
 
@@ -125,8 +132,7 @@ class WebSocketClient(SyncClientBase):
             closed = Error("", "unavailable", CONNECTION_LOST)
             with self._lock:
                 self._lost = True
-                again = self._routes.unanswered(None if conn.close_code == P.WS_RESTART else self._held)
-                self._held = set()
+                again = _never_started(self._routes, conn.close_code)
                 for inbox in self._routes.deliver(closed, keep=again):
                     inbox.put(closed)
                 if again and not self._closed:
@@ -146,10 +152,7 @@ class WebSocketClient(SyncClientBase):
 
     def _deliver(self, msg) -> None:
         with self._lock:
-            if isinstance(msg, Error) and msg.draining:  # it never started: see _read's end
-                self._held.add(msg.id)
-                return
-            inboxes = self._routes.deliver(msg)
+            inboxes = self._routes.deliver(msg, 0)  # a refusal as `draining` is held: see _read's end
         for inbox in inboxes:
             inbox.put(msg)
 
@@ -202,7 +205,6 @@ class AsyncWebSocketClient(AsyncClientBase):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._lost = False  # the connection is gone: the next request connects again
-        self._held: set[str] = set()  # refused as `draining`: sent again over the next connection
 
     @classmethod
     async def connect(cls, url: str, api_key: str | None = None, **options) -> AsyncWebSocketClient:
@@ -262,20 +264,15 @@ class AsyncWebSocketClient(AsyncClientBase):
         try:
             async for frame in conn:
                 msg = _decode(frame)
-                if msg is None:
-                    continue
-                if isinstance(msg, Error) and msg.draining:  # it never started: see below
-                    self._held.add(msg.id)
-                    continue
-                for inbox in self._routes.deliver(msg):
-                    inbox.put_nowait(msg)
+                if msg is not None:
+                    for inbox in self._routes.deliver(msg, 0):  # a refusal as `draining` is held
+                        inbox.put_nowait(msg)
         except (OSError, WebSocketException):
             pass
         finally:
             writer.cancel()
             # the requests that never started go over a new connection, the others end
-            again = self._routes.unanswered(None if conn.close_code == P.WS_RESTART else self._held)
-            self._held = set()
+            again = _never_started(self._routes, conn.close_code)
             self._end_all(CONNECTION_LOST, keep=again)
             if again and not self._closed:
                 self._new_connection()

@@ -30,11 +30,12 @@ class WorkerLoop:
     def __init__(self, opts: WorkerOptions, model: LoadedModel, limits: Limits):
         self.opts, self.model, self.limits = opts, model, limits
         self.ctx = zmq.Context()
-        self.metrics = WorkerMetrics(self.role, opts.metrics_port, self.health, opts.host)
         self.draining = False
         self.drain_started = 0.0
         self.drain_deadline = float("inf")
         self.link: GatewayLink | None = None  # connected by start(), once the worker's own sockets exist
+        # last: its HTTP server answers /health (which reads the fields above) from here on
+        self.metrics = WorkerMetrics(self.role, opts.metrics_port, self.health, opts.host)
 
     def start(self, kv_transports: list[P.Transport], capacity: int, kv_endpoint: str = "",
               kv_public_key: str = "", prefix_blocks: int = 0, prefix_block_tokens: int = 0) -> None:

@@ -64,13 +64,26 @@ def test_a_request_a_frontend_refuses_as_it_shuts_down_goes_to_another():
     assert routes.deliver(P.TokenBatch("a", [], None), 0) == ["inbox-a"]
     refused_a = P.Error("a", "unavailable", "shutting down", draining=True)
     assert routes.redirect(refused_a, 0) is None and routes.deliver(refused_a, 0) == ["inbox-a"]
-    # with no other connection open, the refusal is the answer too
+    # with no other connection open, it waits for its own: the frontend leaves, and once the
+    # connection is up anew (a load balancer's next frontend) it goes over it again
     routes.watched(2, _monitor(zmq.EVENT_DISCONNECTED), "tcp://127.0.0.1:1")
+    assert routes.add("d", "inbox-d") in (0, 1)  # every connection left or down: it goes somewhere
+    routes.pop("d")
     refused_c = P.Error("c", "unavailable", "shutting down", draining=True)
-    assert routes.redirect(refused_c, 0) is None and routes.deliver(refused_c, 0) == ["inbox-c"]
-    # every connection left or down: a new request still goes somewhere (to fail there); a
-    # connection made anew (a new frontend) is open again
-    assert routes.add("d", "inbox-d") in (0, 1)
+    assert routes.redirect(refused_c, 0) is None and routes.deliver(refused_c, 0) == []
+    down, ended, again = routes.watched(0, _monitor(zmq.EVENT_DISCONNECTED), "tcp://127.0.0.1:1")
+    assert ended == [] and again == [] and down.error_type == "unavailable"
+    assert routes.watched(0, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:1")[1:] == ([], [("c", b"frame-c")])
+    assert routes.pop("c") == 0  # its cancel follows it
+    # ... unless nothing listens there any more: then it ends
+    assert routes.add("g", "inbox-g", b"frame-g") == 0
+    refused_g = P.Error("g", "unavailable", "shutting down", draining=True)
+    assert routes.redirect(refused_g, 0) is None and routes.deliver(refused_g, 0) == []
+    assert routes.watched(0, _monitor(zmq.EVENT_DISCONNECTED), "tcp://127.0.0.1:1")[1] == []
+    # (ZMQ tells when it will connect again, then that the try failed)
+    assert routes.watched(0, _monitor(zmq.EVENT_CONNECT_RETRIED), "tcp://127.0.0.1:1")[1] == []
+    assert routes.watched(0, _monitor(zmq.EVENT_CONNECT_RETRIED), "tcp://127.0.0.1:1")[1] == ["inbox-g"]
+    # a connection made anew (a new frontend) is open again
     routes.watched(1, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:1")
     assert routes.add("e", "inbox-e") == 1
     # any other error is delivered as it is, and leaves its connection open

@@ -257,8 +257,8 @@ async def sse_stream(port: int, spec: dict, tokens: list[int]) -> None:
 
 async def drain_a_frontend(c: SplitCluster, spec: dict, second_signal: bool) -> tuple[list, list]:
     """Streams over ZMQ, WebSocket and HTTP on the cluster's only frontend, which is SIGTERMed once
-    each has tokens; -> (what each stream gave: its token ids or its error, what a new request got
-    during the drain over ZMQ and over the busy WebSocket). `second_signal`: SIGTERM it again then.
+    each has tokens; -> (what each stream gave: its token ids or its error, what a new request sent
+    during the drain got over ZMQ and over the busy WebSocket). `second_signal`: SIGTERM it again then.
     A WebSocket with no request running is closed at once (1012), while the streams still run."""
     proc, _ = c.frontends[-1]
     ws_url = f"ws://127.0.0.1:{c.port}/ws"
@@ -285,15 +285,15 @@ async def drain_a_frontend(c: SplitCluster, spec: dict, second_signal: bool) -> 
                              == "draining", 10, "/health to say draining")
         await asyncio.wait_for(idle.wait_closed(), 10)
         assert idle.close_code == 1012 and not any(r.done() for r in runs)
-        # the WebSocket's request waits for its connection to close, to go over a new one
-        refused = [await outcome(zmq_client.generate("def g():", max_new_tokens=2)),
-                   asyncio.ensure_future(outcome(ws_client.generate("def g():", max_new_tokens=2)))]
+        # refused, each waits for its connection to the frontend to end, to go over a new one
+        refused = [asyncio.ensure_future(outcome(client.generate("def g():", max_new_tokens=2)))
+                   for client in (zmq_client, ws_client)]
         with pytest.raises(httpx.ConnectError):  # no frontend listens on the port any more
             httpx.post(f"http://127.0.0.1:{c.port}/generate", json={"inputs": "def g():"}, timeout=10)
         if second_signal:
             proc.send_signal(signal.SIGTERM)
         ends = await asyncio.gather(*runs)
-        refused[1] = await refused[1]
+        refused = await asyncio.gather(*refused)
     return [e or g for e, g in zip(ends, got)], refused
 
 
@@ -319,10 +319,9 @@ def test_a_frontend_drains_on_sigterm_and_ends_the_drain_on_a_second(home, tiny_
         answers, refused = asyncio.run(drain_a_frontend(c, spec, second_signal=False))
         signalled_exit = time.monotonic()
         assert answers == [want] * 3
-        # over ZMQ refused; over the WebSocket sent again once its connection closed, and no
-        # frontend listens
-        assert isinstance(refused[0], UnavailableError) and "frontend is shutting down" in str(refused[0])
-        assert isinstance(refused[1], UnavailableError) and "cannot connect" in str(refused[1]), refused
+        # refused, they waited to go over a new connection, which none could make: no frontend listens
+        assert all(isinstance(e, UnavailableError) for e in refused), refused
+        assert "could not be made" in str(refused[0]) and "cannot connect" in str(refused[1]), refused
         assert c.frontends[-1][0].wait(timeout=30) == 0 and time.monotonic() - signalled_exit < 10
         wait_for(lambda: c.router_state().get("frontends") == 0, 30, "the router to forget the frontend")
         with pytest.raises(UnavailableError, match="cannot connect"):  # its frontend closed it; none listens
@@ -340,7 +339,7 @@ def test_a_frontend_drains_on_sigterm_and_ends_the_drain_on_a_second(home, tiny_
         assert all(isinstance(a, UnavailableError) and "shut down before the request finished" in str(a)
                    for a in answers[:2]), answers
         assert answers[2][-1]["error_type"] == "unavailable" and len(answers[2]) < spec["max_new_tokens"]
-        assert "frontend is shutting down" in str(refused[0]) and "cannot connect" in str(refused[1]), refused
+        assert "could not be made" in str(refused[0]) and "cannot connect" in str(refused[1]), refused
         assert c.frontends[-1][0].wait(timeout=30) == 0
         # the router heard the cancels: no reservation waits for the heartbeat timeout
         wait_for(lambda: c.metric("splitserve_decode_slots_reserved") == 0, 10, "the slots to be freed")
@@ -383,3 +382,64 @@ def test_clients_send_around_a_frontend_that_drains(home, tiny_dir, lm):
         assert refused == 1 and frontend_requests(c.frontend_metrics_ports[1]) == 1 + len(short)
         assert metric_at(c.frontend_metrics_ports[1], "splitserve_requests_total", route="/ws", outcome="ok") == 2
         assert c.frontends[0][0].wait(timeout=30) == 0
+
+
+class ServiceProxy:
+    """A load balancer in front of frontends' ZMQ ports, as a Kubernetes Service is: each new
+    connection goes to the first of `ports` that accepts it, byte for byte, until either side closes."""
+
+    def __init__(self, ports: list[int]):
+        self.ports = ports
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self.sock.accept()
+            for port in self.ports:
+                with contextlib.suppress(OSError):
+                    upstream = socket.create_connection(("127.0.0.1", port), timeout=5)
+                    break
+            else:
+                client.close()
+                continue
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_client_behind_a_load_balancer_sends_what_a_draining_frontend_refused_to_the_next(home, tiny_dir, lm):
+    """Through one endpoint (a load balancer, as a Kubernetes Service is), a ZMQ client's request
+    that a draining frontend refuses waits for the connection to end, then goes over the next one,
+    which reaches another frontend: no error, while its stream on the draining frontend finishes whole."""
+    with SplitCluster(home, frontends=2) as c:
+        c.start_pipeline(16)
+        proxy = ServiceProxy([port for _, port in c.frontends])  # to the first frontend while it listens
+        long = {"prompt": "def f(x):", "max_new_tokens": 600, "ignore_eos": True}
+        short = request_specs(2)
+        want = offline(lm, [long, *short])
+        try:
+            with Client(f"tcp://127.0.0.1:{proxy.port}") as client:
+                stream = iter(client.stream(**long))
+                first = next(stream).token_id
+                c.frontends[0][0].send_signal(signal.SIGTERM)
+                wait_for(lambda: (http_json(c.frontend_metrics_ports[0], "/health") or {}).get("status")
+                         == "draining", 10, "the first frontend to drain")
+                answers = [client.generate(**s, timeout=60).token_ids for s in short]
+                whole = [first, *(ev.token_id for ev in stream)]
+        finally:
+            proxy.close()
+        assert whole == want[0] and answers == want[1:]
+        assert frontend_requests(c.frontend_metrics_ports[1]) == len(short)
