@@ -217,7 +217,7 @@ class Routes(Generic[Inbox]):
         return down, self.deliver(down, connection, keep=self._held), []
 
     def take_held(self, connection: int) -> list[tuple[str, bytes | str]]:
-        """The requests held for `connection` (see redirect), no longer held: (id, Generate)."""
+        """The requests held for `connection` (see deliver), no longer held: (id, Generate)."""
         taken = [rid for rid, c in self._held.items() if c == connection]
         for rid in taken:
             del self._held[rid]

@@ -132,10 +132,10 @@ class WebSocketClient(SyncClientBase):
             closed = Error("", "unavailable", CONNECTION_LOST)
             with self._lock:
                 self._lost = True
-                again = _never_started(self._routes, conn.close_code)
+                again = {} if self._closed else _never_started(self._routes, conn.close_code)
                 for inbox in self._routes.deliver(closed, keep=again):
                     inbox.put(closed)
-                if again and not self._closed:
+                if again:
                     self._send_again(again)
             outbox.put(None)
 
@@ -272,9 +272,9 @@ class AsyncWebSocketClient(AsyncClientBase):
         finally:
             writer.cancel()
             # the requests that never started go over a new connection, the others end
-            again = _never_started(self._routes, conn.close_code)
+            again = {} if self._closed else _never_started(self._routes, conn.close_code)
             self._end_all(CONNECTION_LOST, keep=again)
-            if again and not self._closed:
+            if again:
                 self._new_connection()
                 for frame in again.values():
                     self._outbox.put_nowait(frame)
