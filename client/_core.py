@@ -26,6 +26,9 @@ HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 1000, 3000
 # What a connection's monitor reports: up (its handshake done), or down (lost, or a connect that
 # failed): its requests then end with an error, as the gateway's side let them go too
 _UP, _DOWN = zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+# A request that a connection made could not take now (its pipe not ready yet, its queue full) is
+# tried again after this long
+HELD_RETRY_MS = 10
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,10 @@ def dealer(ctx: zmq.Context, endpoint: str, max_message_bytes: int) -> tuple[zmq
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     sock.setsockopt(zmq.LINGER, 0)
+    # Messages go only to a connection that is made: sent while there is none, a request would wait
+    # in ZMQ's queue after the client gave up on it, and reach whichever frontend came up next. The
+    # client holds it instead (Routes.hold), until the connection is made or cannot be.
+    sock.setsockopt(zmq.IMMEDIATE, 1)
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     watch = sock.get_monitor_socket(_UP | _DOWN)
@@ -147,27 +154,36 @@ def endpoints(endpoint: str | Sequence[str]) -> list[str]:
 
 
 class Routes(Generic[Inbox]):
-    """The requests in flight: each one's inbox and the connection it went over. With several
-    connections (a gateway's frontends) a new request takes the one up with the fewest in flight,
-    avoiding a frontend that is shutting down (any one, when none is up), and its cancel follows it
-    there. A request that a frontend refuses as it shuts down goes to another open connection (see
-    redirect), or waits for its own to connect anew (see watched)."""
+    """The requests in flight: each one's inbox and the connection it went over, and until its first
+    reply its Generate message. With several connections (a gateway's frontends) a new request
+    takes the one up with the fewest in flight, avoiding a frontend that is shutting down (any one,
+    when none is up), and its cancel follows it there.
+
+    A request that never ran goes again, to another connection made, or over its own once that is
+    made (anew: through a load balancer, another frontend), and ends only when none can be: one
+    sent while its connection was not made (hold), one a frontend shutting down refused
+    (redirect, deliver), and, once, one its connection dropped before any answer (watched: the
+    frontend exited, or died, before or after taking it; the client gets one answer either way)."""
 
     def __init__(self, connections: int = 1):
         self._requests: dict[str, tuple[Inbox, int]] = {}
         # request id -> its Generate message (a ZMQ frame, a WebSocket one), until its first reply
         self._unanswered: dict[str, bytes | str] = {}
         self._load = [0] * connections
-        self.up = [True] * connections  # as each connection's monitor said last
+        self.up = [False] * connections  # as each connection's monitor said last (up: its handshake done)
         # its frontend refused a request as it shuts down: none goes there until it connects again
         self.leaving = [False] * connections
-        # request id -> connection: refused as `draining` with no other connection open, it waits
-        # to be sent again over its own once that connects anew (through a load balancer, to another
-        # frontend), and fails if it cannot
+        # request id -> connection: sent while that was not made, or refused as `draining` with no
+        # other connection open, it waits to go over it once that is made (again: through a load
+        # balancer, to another frontend), and fails if that cannot be
         self._held: dict[str, int] = {}
         # its connection dropped: the CONNECT_RETRIED that follows a DISCONNECTED is ZMQ saying when
         # it will connect again, not that a try failed
         self._dropped = [False] * connections
+        self._heard = [False] * connections  # whether its monitor has said anything yet
+        # sent again once after a connection dropped with them unanswered: never twice, so that a
+        # request that kills frontends cannot take them all
+        self._resent: set[str] = set()
 
     def add(self, request_id: str, inbox: Inbox, frame: bytes | str = b"") -> int:
         """Route a new request; -> the connection to send it over. `frame`: its Generate message,
@@ -191,30 +207,87 @@ class Routes(Generic[Inbox]):
         if not (isinstance(msg, Error) and msg.draining and connection is not None):
             return None
         self.leaving[connection] = True
-        found, frame, others = self._requests.get(msg.id), self._unanswered.get(msg.id), self._open(connection)
-        if found is None or frame is None or not others:
+        frame = self._unanswered.get(msg.id)
+        if msg.id not in self._requests or frame is None:
             return None
-        again = min(others, key=self._load.__getitem__)
-        self._load[connection] -= 1
-        self._load[again] += 1
-        self._requests[msg.id] = found[0], again
-        return frame, again
+        again = self._move(msg.id, connection)
+        return None if again is None else (frame, again)
 
     def watched(self, connection: int, event: list[bytes], endpoint: str) \
-            -> tuple[Error, list[Inbox], list[tuple[str, bytes | str]]]:
+            -> tuple[Error, list[Inbox], list[tuple[str, bytes | str, int]]]:
         """A message of `connection`'s monitor; -> (the error that its requests end with when it went
-        down, their inboxes, the held requests to send over it again now that it is up: (id, Generate))."""
+        down, their inboxes, the requests to send again now: (id, Generate, connection)).
+
+        Up: what was held for it goes. Dropped: a request that had no answer there yet goes (once)
+        to another open connection, or is held for this one (a frontend that exits, or dies, took
+        it or not: the client gets one answer either way); the others end. A try to connect again
+        that fails ends what was held."""
         kind = parse_monitor_message(event)["event"]
         self.up[connection] = not kind & _DOWN
+        self._heard[connection] = True
         down = Error("", "unavailable", f"the connection to {endpoint} was lost, or could not be made: its "
                                         "requests ended")
         if self.up[connection]:
             self.leaving[connection] = False  # connected anew: a new frontend
-            return down, [], self.take_held(connection)
+            return down, [], [(rid, frame, connection) for rid, frame in self.take_held(connection)]
+        again = []
         if kind & zmq.EVENT_CONNECT_RETRIED and not self._dropped[connection]:
-            self.take_held(connection)  # a try failed: nothing listens there now, so what waited ends too
+            # a try failed, nothing listens there now: what was held goes to another connection
+            # made, or waits for one still being made, or ends
+            for rid, frame in self.take_held(connection):
+                if (target := self._move(rid, connection)) is not None:
+                    again.append((rid, frame, target))
+                elif (target := self._move(rid, connection, self._unheard())) is not None:
+                    self._held[rid] = target
+        elif kind & zmq.EVENT_DISCONNECTED:
+            again = self._unanswered_elsewhere(connection)
         self._dropped[connection] = bool(kind & zmq.EVENT_DISCONNECTED)
-        return down, self.deliver(down, connection, keep=self._held), []
+        return down, self.deliver(down, connection, keep=self._held), again
+
+    def _unanswered_elsewhere(self, connection: int) -> list[tuple[str, bytes | str, int]]:
+        """The requests `connection` dropped with no answer, not sent again before: -> those that go
+        to another open connection (id, Generate, connection); the rest are held for this one."""
+        moved = []
+        for rid, (_, c) in list(self._requests.items()):
+            if c != connection or rid not in self._unanswered or rid in self._held or rid in self._resent:
+                continue
+            self._resent.add(rid)
+            target = self._move(rid, connection)
+            if target is None:
+                self._held[rid] = connection
+            else:
+                moved.append((rid, self._unanswered[rid], target))
+        return moved
+
+    def _unheard(self) -> list[int]:
+        """The connections whose monitor has said nothing yet: being made."""
+        return [c for c, heard in enumerate(self._heard) if not heard]
+
+    def _move(self, rid: str, connection: int, among: list[int] | None = None) -> int | None:
+        """Route a request of `connection` to the open one (or the one `among`) with the fewest in
+        flight; -> it, or None."""
+        others = [c for c in among if c != connection] if among is not None else self._open(connection)
+        if not others:
+            return None
+        target = min(others, key=self._load.__getitem__)
+        self._load[connection] -= 1
+        self._load[target] += 1
+        self._requests[rid] = self._requests[rid][0], target
+        return target
+
+    def hold(self, request_id: str, connection: int) -> bool:
+        """A request that could not be sent over `connection` (no connection made, or, made,
+        not ready yet or its queue full): held for it, if it is still running; -> whether it is.
+        It goes once the connection is made (watched), or, made already, at the client's next try
+        (held_up)."""
+        if request_id not in self._unanswered:
+            return False
+        self._held[request_id] = connection
+        return True
+
+    def held_up(self) -> list[int]:
+        """The connections that are up with requests held for them: to try again shortly."""
+        return sorted({c for c in self._held.values() if self.up[c]})
 
     def take_held(self, connection: int) -> list[tuple[str, bytes | str]]:
         """The requests held for `connection` (see deliver), no longer held: (id, Generate)."""
@@ -227,6 +300,7 @@ class Routes(Generic[Inbox]):
         """Forget a request; -> its connection, or None if it had already ended."""
         self._unanswered.pop(request_id, None)
         self._held.pop(request_id, None)
+        self._resent.discard(request_id)
         found = self._requests.pop(request_id, None)
         if found is None:
             return None

@@ -11,7 +11,8 @@ import zmq.asyncio
 
 from splitserve.common.protocol import Cancel, Error, Generate, encode
 
-from ._core import MAX_MESSAGE_BYTES, Response, Routes, StreamBase, dealer, decode_replies, endpoints, new_generate
+from ._core import (HELD_RETRY_MS, MAX_MESSAGE_BYTES, Response, Routes, StreamBase, dealer, decode_replies, endpoints,
+                    new_generate)
 from .errors import UnavailableError
 
 
@@ -155,8 +156,8 @@ class AsyncClient(AsyncClientBase):
             down, ended, again = self._routes.watched(connection, event, self._endpoints[connection])
             for inbox in ended:
                 inbox.put_nowait(down)
-            for request_id, frame in again:
-                self._send(request_id, frame, connection)
+            for request_id, frame, target in again:
+                self._send(request_id, frame, target)
 
     def _deliver(self, msg, connection: int) -> None:
         again = self._routes.redirect(msg, connection)
@@ -167,13 +168,24 @@ class AsyncClient(AsyncClientBase):
             inbox.put_nowait(msg)
 
     def _send(self, request_id: str, frame: bytes, connection: int) -> None:
-        # not awaited: the message is queued in order at once, and a stream can cancel from close()
-        sent = self._socks[connection].send(frame)
+        # NOBLOCK: queued in order at once, or not at all (Again: no connection made, or a full
+        # queue), never later, when the client may have given up on it
+        sent = self._socks[connection].send(frame, zmq.NOBLOCK)
         sent.add_done_callback(partial(self._sent, request_id, connection))
 
     def _sent(self, request_id: str, connection: int, done: asyncio.Future) -> None:
-        if not done.cancelled() and done.exception() is not None:
-            self._deliver(Error(request_id, "unavailable", f"could not send: {done.exception()}"), connection)
+        if done.cancelled() or done.exception() is None:
+            return
+        if isinstance(done.exception(), zmq.Again) and self._routes.hold(request_id, connection):
+            if self._routes.up[connection]:  # made, but not ready yet or full: again shortly
+                self._loop.call_later(HELD_RETRY_MS / 1000, self._send_held, connection)
+            return  # else once it is made (_watch)
+        self._deliver(Error(request_id, "unavailable", f"could not send: {done.exception()}"), connection)
+
+    def _send_held(self, connection: int) -> None:
+        if not self._closed and self._routes.up[connection]:
+            for request_id, frame in self._routes.take_held(connection):
+                self._send(request_id, frame, connection)
 
     def _cancel(self, request_id: str) -> None:
         connection = self._routes.pop(request_id)

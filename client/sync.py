@@ -12,7 +12,8 @@ import zmq
 
 from splitserve.common.protocol import Cancel, Error, Generate, encode
 
-from ._core import MAX_MESSAGE_BYTES, Response, Routes, StreamBase, dealer, decode_replies, endpoints, new_generate
+from ._core import (HELD_RETRY_MS, MAX_MESSAGE_BYTES, Response, Routes, StreamBase, dealer, decode_replies, endpoints,
+                    new_generate)
 from .errors import UnavailableError
 
 
@@ -75,7 +76,8 @@ class _IOLoop:
         poller.register(wake, zmq.POLLIN)
         try:
             while self._running:
-                for item, _ in poller.poll():
+                # requests held for a connection that is up are tried again shortly (Routes.hold)
+                for item, _ in poller.poll(HELD_RETRY_MS if self._routes.held_up() else None):
                     if item == wake:
                         for command in self._mailbox.take_all():
                             command(self)
@@ -83,6 +85,9 @@ class _IOLoop:
                         self._watched(self._watches.index(item))
                     else:
                         self._receive(self._socks.index(item))
+                for connection in self._routes.held_up():
+                    for request_id, frame in self._routes.take_held(connection):
+                        self._send(request_id, frame, connection)
         finally:
             self._deliver(Error("", "unavailable", "the client was closed"))
             for sock in self._socks + self._watches:
@@ -93,8 +98,8 @@ class _IOLoop:
             down, ended, again = self._routes.watched(connection, event, self._endpoints[connection])
             for inbox in ended:
                 inbox.put(down)
-            for request_id, frame in again:
-                self._send(request_id, frame, connection)
+            for request_id, frame, target in again:
+                self._send(request_id, frame, target)
 
     def _receive(self, connection: int) -> None:
         for frames in _waiting(self._socks[connection]):
@@ -113,9 +118,9 @@ class _IOLoop:
         try:
             self._socks[connection].send(frame, zmq.NOBLOCK)
         except zmq.Again:
-            # the gateway has been unreachable long enough to fill the send queue: fail the
-            # request rather than block this thread, which every other request needs
-            self._deliver(Error(request_id, "unavailable", "the gateway is unreachable (send queue full)"))
+            # not sent now (no connection made, or its queue full): held, rather than block this
+            # thread, which every other request needs
+            self._routes.hold(request_id, connection)
 
     # ---- commands (run in this thread, put by _Mailbox) ----
 

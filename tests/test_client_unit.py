@@ -53,8 +53,53 @@ def _monitor(event: int) -> list[bytes]:
     return [struct.pack("=hi", event, 0), b"tcp://127.0.0.1:1"]
 
 
+def test_a_request_sent_before_its_connection_is_made_waits_for_it():
+    routes: Routes[str] = Routes(2)
+    assert routes.add("a", "inbox-a", b"frame-a") == 0 and routes.add("b", "inbox-b", b"frame-b") == 1
+    assert routes.hold("a", 0) and routes.hold("b", 1)  # the sends found no connection made
+    # made: sent over it then; never made (a try failed): to another one made, or it ends
+    assert routes.watched(0, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:1")[1:] == ([], [("a", b"frame-a", 0)])
+    assert routes.watched(1, _monitor(zmq.EVENT_CONNECT_RETRIED), "tcp://127.0.0.1:2")[1:] == ([], [("b", b"frame-b", 0)])
+    assert routes.pop("b") == 0  # its cancel follows it
+    lone: Routes[str] = Routes(1)
+    assert lone.add("x", "inbox-x", b"frame-x") == 0 and lone.hold("x", 0)
+    assert lone.watched(0, _monitor(zmq.EVENT_CONNECT_RETRIED), "tcp://127.0.0.1:1")[1:] == (["inbox-x"], [])
+    # (another still being made: it waits for that one)
+    pair: Routes[str] = Routes(2)
+    assert pair.add("y", "inbox-y", b"frame-y") == 0 and pair.hold("y", 0)
+    assert pair.watched(0, _monitor(zmq.EVENT_CONNECT_RETRIED), "tcp://127.0.0.1:1")[1:] == ([], [])
+    assert pair.watched(1, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:2")[2] == [("y", b"frame-y", 1)]
+    # a connection made that could not take it now: tried again shortly; a cancelled one is not held
+    assert routes.held_up() == [] and routes.hold("a", 0) and routes.held_up() == [0]
+    assert routes.take_held(0) == [("a", b"frame-a")] and routes.held_up() == []
+    routes.pop("a")
+    assert not routes.hold("a", 1)
+
+
+def test_a_request_a_dropped_connection_left_unanswered_goes_again_once():
+    """... to another open connection, or over its own once made again; one that was answered
+    (it ran) ends with the connection."""
+    routes: Routes[str] = Routes(2)
+    for c in range(2):
+        routes.watched(c, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:1")
+    assert [routes.add(r, f"inbox-{r}", f"frame-{r}".encode()) for r in ("ran", "new", "lone")] == [0, 1, 0]
+    assert routes.deliver(P.TokenBatch("ran", [], None), 0) == ["inbox-ran"]
+    down, ended, again = routes.watched(0, _monitor(zmq.EVENT_DISCONNECTED), "tcp://127.0.0.1:1")
+    assert ended == ["inbox-ran"] and again == [("lone", b"frame-lone", 1)]
+    # with no other connection open, held for its own; and only once ("lone" went again already)
+    down, ended, again = routes.watched(1, _monitor(zmq.EVENT_DISCONNECTED), "tcp://127.0.0.1:2")
+    assert ended == ["inbox-lone"] and again == []
+    assert routes.watched(1, _monitor(zmq.EVENT_CONNECT_RETRIED), "tcp://127.0.0.1:2")[1] == []  # (scheduled)
+    again = routes.watched(1, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:2")[2]
+    assert again == [("new", b"frame-new", 1)]
+    down, ended, again = routes.watched(1, _monitor(zmq.EVENT_DISCONNECTED), "tcp://127.0.0.1:2")
+    assert ended == ["inbox-new"] and again == []
+
+
 def test_a_request_a_frontend_refuses_as_it_shuts_down_goes_to_another():
     routes: Routes[str] = Routes(3)
+    for c in range(3):
+        routes.watched(c, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:1")
     assert [routes.add(r, f"inbox-{r}", f"frame-{r}".encode()) for r in "ab"] == [0, 1]
     # refused over connection 1: sent again over the open one with the fewest in flight
     assert routes.redirect(P.Error("b", "unavailable", "shutting down", draining=True), 1) == (b"frame-b", 2)
@@ -73,7 +118,7 @@ def test_a_request_a_frontend_refuses_as_it_shuts_down_goes_to_another():
     assert routes.redirect(refused_c, 0) is None and routes.deliver(refused_c, 0) == []
     down, ended, again = routes.watched(0, _monitor(zmq.EVENT_DISCONNECTED), "tcp://127.0.0.1:1")
     assert ended == [] and again == [] and down.error_type == "unavailable"
-    assert routes.watched(0, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:1")[1:] == ([], [("c", b"frame-c")])
+    assert routes.watched(0, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:1")[1:] == ([], [("c", b"frame-c", 0)])
     assert routes.pop("c") == 0  # its cancel follows it
     # ... unless nothing listens there any more: then it ends
     assert routes.add("g", "inbox-g", b"frame-g") == 0
