@@ -252,6 +252,16 @@ class KvSender:
                 failed.append((msg.id, f"KV handoff failed twice: {msg.message}"))
                 self._end(msg.id)
 
+    def drop(self, rid: str) -> bool:
+        """Let go of the KV handed off for `rid` (cancelled: its client left, or its decode worker
+        died before taking it): its staging serves other prompts at once. A decode worker still
+        reading it reads garbage into the slot of a request it is about to drop; no other request's
+        KV is touched. -> whether there was one."""
+        if rid not in self.handoffs:
+            return False
+        self._end(rid)
+        return True
+
     def expire(self) -> list[tuple[str, str]]:
         """End the handoffs whose release is overdue (the decode worker is gone)."""
         now = time.monotonic()

@@ -148,6 +148,8 @@ class PrefillWorker(WorkerLoop):
             self.metrics.observe_handoff(nbytes, seconds, transport)
 
     def _cancel(self, rid: str) -> None:
+        if self.kv.drop(rid):  # prefilled already: its staging comes free now, not at the handoff timeout
+            return
         for queued in self.queue:
             job = queued.job
             if job.request.id == rid:

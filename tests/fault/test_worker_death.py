@@ -121,6 +121,31 @@ def test_decode_worker_killed_mid_generation_resumes_elsewhere(home, tiny_dir):
         assert _undisturbed(client) == expected
 
 
+def test_kv_handed_to_a_decode_worker_found_dead_frees_its_staging_then(home, tiny_dir):
+    """A prefill worker lets go of the KV it handed to a decode worker that never took it (frozen,
+    then found dead) once the router finds out (its Cancel), not at the handoff timeout (30 s): its
+    staging serves other prompts again, and a drain is not held up. The requests resume on the
+    other decode worker, exactly."""
+    c, (frozen, _) = _cluster(home, 2)
+    prefill = next(w for w, info in c.workers.items() if info["role"] == "prefill")
+    with c, Client(c.endpoint) as client:
+        expected = _undisturbed(client)
+        c.workers[frozen]["proc"].send_signal(signal.SIGSTOP)
+        try:
+            running = _start(client)  # alternates between the two: some KV goes to the frozen one
+            wait_for(lambda: (c.health(prefill) or {}).get("handoffs", 0) >= 1, 30, "KV handed to the frozen worker")
+            assert _texts(running) == expected
+            health = {}
+
+            def freed() -> bool:
+                health.update(c.health(prefill) or {})
+                return health.get("handoffs") == 0 and health.get("staging_free_tokens") == health.get("staging_tokens")
+
+            wait_for(freed, NOTICE_MARGIN_S, "the frozen worker's staging to come free")
+        finally:
+            c.workers[frozen]["proc"].send_signal(signal.SIGKILL)
+
+
 def test_an_event_stream_whose_worker_is_lost_for_good_ends_with_an_error_event(home, tiny_dir):
     c, (decode,) = _cluster(home, 1)
     with c:
