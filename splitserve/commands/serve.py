@@ -2,9 +2,10 @@
 With `--frontends K` above 1 this process runs the router alone and K frontend processes share
 the HTTP port (each its own ZMQ client port: --zmq-port + i).
 
-Waits until every worker has registered, prints where to connect, and on Ctrl-C or SIGTERM
-drains: the gateway stops admitting, workers finish what they hold (up to --drain-timeout) and
-exit, and every child is gone before this process returns.
+Waits until every worker has registered, prints where to connect, starts again any worker or
+frontend that dies while it runs, and on Ctrl-C or SIGTERM drains: the gateway stops admitting,
+workers finish what they hold (up to --drain-timeout) and exit, and every child is gone before
+this process returns.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from splitserve.common.child_process import die_with_parent
@@ -41,6 +45,11 @@ log = logging.getLogger("splitserve.serve")
 
 READY_TIMEOUT_S = 600.0
 EXIT_GRACE_S = 10.0
+# A child that dies while serve runs is started again after RESTART_DELAY_S, doubled for each
+# exit in a row that came within STABLE_S of its start (up to MAX_RESTART_DELAY_S): a crash loop
+# (a bad GPU, say) costs little, and one crash is mended at once.
+RESTART_DELAY_S, MAX_RESTART_DELAY_S, STABLE_S = 1.0, 60.0, 60.0
+WATCH_INTERVAL_S = 0.5
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -69,12 +78,19 @@ def curve_worker_flags(secret_file: str) -> dict[str, str]:
     return {"curve_secret_file": secret_file, "curve_server_key": public.decode()}
 
 
-def worker_command(args: argparse.Namespace, role: str, index: int, gateway: str, threads: int) -> list[str]:
+def child_name(kind: str, index: int, restarts: int) -> str:
+    """A worker's or frontend's id: a process started again is a new one to the router, which let
+    go of the one that died (its requests resumed elsewhere, or ended)."""
+    return f"{kind}-{index}-{os.getpid()}" + (f"-r{restarts}" if restarts else "")
+
+
+def worker_command(args: argparse.Namespace, role: str, index: int, gateway: str, threads: int,
+                   restarts: int = 0) -> list[str]:
     """Every flag of serve's that a worker takes too (model, limits, link, engine, ...) passes on;
     the gateway, the threads, the worker's name, metrics port and CURVE keys are set here."""
     names = worker_flag_names(role)
     values = {name: value for name, value in vars(args).items() if name in names}
-    values |= {"gateway": gateway, "threads": threads, "worker_id": f"{role}-{index}-{os.getpid()}",
+    values |= {"gateway": gateway, "threads": threads, "worker_id": child_name(role, index, restarts),
                "metrics_port": metrics_ports(args)[role][index]}
     if args.curve_secret_file:
         values |= curve_worker_flags(args.curve_secret_file)
@@ -123,41 +139,81 @@ def _metrics_line(args: argparse.Namespace) -> str:
     return "\n  /health and /metrics on ports of their own: " + ", ".join(spans)
 
 
-def frontend_command(args: argparse.Namespace, index: int, router: str, zmq_port: int) -> list[str]:
+def frontend_command(args: argparse.Namespace, index: int, router: str, zmq_port: int, restarts: int = 0) -> list[str]:
     """Every flag of serve's that a frontend takes passes on; its router, name, client port and
     metrics port are set here."""
     names = frontend_flag_names()
     values = {name: value for name, value in vars(args).items() if name in names}
-    values |= {"router": router, "frontend_id": f"frontend-{index}-{os.getpid()}", "zmq_port": zmq_port,
+    values |= {"router": router, "frontend_id": child_name("frontend", index, restarts), "zmq_port": zmq_port,
                "metrics_port": metrics_ports(args)["frontend"][index]}
     return [sys.executable, "-m", "splitserve.cli", "frontend", *frontend_argv(values)]
+
+
+@dataclass
+class Child:
+    """A process serve started, and how to start it again should it die."""
+
+    name: str  # for the log: "decode worker 0", "frontend 1"
+    argv: Callable[[int], list[str]]  # its command line, given how many times it was started again
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    restarts: int = 0
+    quick_exits: int = 0  # exits in a row, each within STABLE_S of its start
+    due: float = 0.0  # once it has died: when to start it again
+
+    def start(self) -> Child:
+        # A session of its own: a terminal's Ctrl-C reaches `serve`, which drains it.
+        self.proc = subprocess.Popen(self.argv(self.restarts), preexec_fn=die_with_parent(), start_new_session=True)
+        self.started = time.monotonic()
+        return self
 
 
 class Supervisor:
     def __init__(self, args: argparse.Namespace, gw: Gateway | RouterServer):
         self.args, self.gw = args, gw
-        self.workers: list[subprocess.Popen] = []
-        self.frontends: list[subprocess.Popen] = []  # with --frontends > 1: processes of their own
+        self.workers: list[Child] = []
+        self.frontends: list[Child] = []  # with --frontends > 1: processes of their own
         self.stopping = False
 
     @property
     def children(self) -> list[subprocess.Popen]:
-        return self.workers + self.frontends
+        return [c.proc for c in self.workers + self.frontends]
 
     def start_workers(self) -> None:
         a = self.args
         threads = threads_per_worker(a.threads, a.prefill_workers + a.decode_workers)
         for role, count in (("prefill", a.prefill_workers), ("decode", a.decode_workers)):
             for i in range(count):
-                cmd = worker_command(a, role, i, self.gw.worker_endpoint, threads)
-                # A session of their own: a terminal's Ctrl-C reaches `serve`, which drains them.
-                self.workers.append(subprocess.Popen(cmd, preexec_fn=die_with_parent(), start_new_session=True))
+                argv = partial(worker_command, a, role, i, self.gw.worker_endpoint, threads)
+                self.workers.append(Child(f"{role} worker {i}", argv).start())
         if a.frontends > 1:
             router = self.gw.router
             ports = frontend_zmq_ports(a.zmq_port, a.frontends, {router.worker_port, router.frontend_port})
             for i, port in enumerate(ports):
-                cmd = frontend_command(a, i, router.frontend_endpoint, port)
-                self.frontends.append(subprocess.Popen(cmd, preexec_fn=die_with_parent(), start_new_session=True))
+                argv = partial(frontend_command, a, i, router.frontend_endpoint, port)
+                self.frontends.append(Child(f"frontend {i}", argv).start())
+
+    async def watch(self) -> None:
+        """Until serve stops: start again each child that exits, after a pause that grows while it
+        keeps dying. Meanwhile the router resumes a dead worker's requests on the others (or ends
+        them), and a dead frontend's clients reconnect to its ZMQ port, which it takes again."""
+        while not self.stopping:
+            now = time.monotonic()
+            for child in self.workers + self.frontends:
+                if child.proc.poll() is None:
+                    continue
+                if not child.due:
+                    ran = now - child.started
+                    child.quick_exits = child.quick_exits + 1 if ran < STABLE_S else 0
+                    delay = min(MAX_RESTART_DELAY_S, RESTART_DELAY_S * 2 ** max(0, child.quick_exits - 1))
+                    child.due = now + delay
+                    log.error("%s exited (code %s) after %.0f s: starting it again in %.0f s", child.name,
+                              child.proc.returncode, ran, delay)
+                elif now >= child.due:
+                    child.due, child.restarts = 0.0, child.restarts + 1
+                    child.start()
+                    log.info("%s started again (restart %d)", child.name, child.restarts)
+            await asyncio.sleep(WATCH_INTERVAL_S)
 
     async def wait_ready(self) -> bool:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -181,7 +237,7 @@ class Supervisor:
         timeout = self.args.drain_timeout
         self.gw.drain(timeout)
         deadline = time.monotonic() + timeout + EXIT_GRACE_S
-        while time.monotonic() < deadline and any(c.poll() is None for c in self.workers):
+        while time.monotonic() < deadline and any(c.proc.poll() is None for c in self.workers):
             await asyncio.sleep(0.1)
         self.kill_all()
 
@@ -252,7 +308,9 @@ async def _serve(args: argparse.Namespace) -> int:
                   f"decode workers, {args.frontends} frontend(s)\n  HTTP (TGI, OpenAI) and WebSocket: {http}  "
                   f"(API docs: {http}/docs)\n  ZMQ clients: {zmq_endpoints}\n  workers register at: "
                   f"{gw.worker_endpoint}{_metrics_line(args)}", flush=True)
+            watch = asyncio.create_task(sup.watch())
             await stop.wait()
+            watch.cancel()
         log.info("shutting down: draining in-flight requests (up to %.0f s)", args.drain_timeout)
         await sup.drain()
         return 0
