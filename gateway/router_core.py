@@ -233,6 +233,13 @@ class RouterCore:
                                                       leader.deadline, [a.request for a in group[1:]],
                                                       decode.kv_public_key))
 
+    def _refuse_waiting(self, error_type: str, message: str) -> None:
+        while self.waiting:
+            leader = self.attempts.get(self.waiting.popleft())
+            if leader is not None:
+                self._refuse([leader, *(self.attempts[a] for a in leader.forks if a in self.attempts)], error_type,
+                             message)
+
     def _refuse(self, attempts: list[Attempt], error_type: str, message: str) -> None:
         for a in attempts:
             self._remove(a.id)
@@ -378,9 +385,14 @@ class RouterCore:
     # ---- time -----------------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Periodic: dead workers and frontends, unclaimed adoptions, unheld claims, stale cancels."""
+        """Periodic: dead workers and frontends, unclaimed adoptions, unheld claims, stale cancels,
+        and, in a drain, work that can no longer start."""
         for worker in self.registry.expire():
             self.worker_left(worker)
+        if self.draining and self.waiting and not all(self.registry.of_role(r) for r in ("prefill", "decode")):
+            # every worker of a role drains or is gone: what waits for a slot would wait for good
+            # (and hold its frontend's drain that long)
+            self._refuse_waiting("unavailable", "the server shut down before the request could start")
         now = time.monotonic()
         for front in [f for f in self.frontends.values() if now - f.last_seen > self.timeout]:
             if front.draining and not self.live(front.id):

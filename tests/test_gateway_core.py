@@ -160,6 +160,25 @@ def test_the_first_of_a_waiting_group_leaving_hands_the_group_on(books):
     assert msg.request.id == gids[1] and [f.id for f in msg.forks] == [gids[2]]
 
 
+def test_in_a_drain_what_waits_for_a_slot_ends_once_no_worker_can_take_it(books):
+    """While a worker of each role takes work, a drain lets waiting requests wait (a worker that
+    registers takes them); once every worker of a role drains, they end at the next tick, rather
+    than holding their frontend's drain until its timeout."""
+    books.register("prefill", "p", 2048)
+    books.register("decode", "d", 4)
+    books.registry.workers["d"].assigned.update({"x1", "x2", "x3", "x4"})  # full: the group waits
+    out: list = []
+    gids = submit_group(books, 2, out)
+    books.router.draining = True
+    books.router.tick()
+    assert list(books.router.waiting) == [gids[0]] and out == []
+    books.registry.seen(b"d", draining=True)
+    books.router.tick()
+    assert not books.router.waiting and not books.frontend.streams
+    assert [(e.error_type, e.message) for e in out] == [("unavailable", "the server shut down before the request "
+                                                         "could start")] * 2
+
+
 def test_a_request_whose_decode_worker_died_resumes_with_what_the_client_has(books):
     books.register("prefill", "p", 2048)
     books.register("decode", "d1", 4)
