@@ -232,11 +232,14 @@ class Routes(Generic[Inbox]):
             return down, [], [(rid, frame, connection) for rid, frame in self.take_held(connection)]
         again = []
         if kind & zmq.EVENT_CONNECT_RETRIED and not self._dropped[connection]:
-            # a try failed, nothing listens there now: what was held goes to another connection
-            # made, or waits for one still being made, or ends
-            for rid, frame in self.take_held(connection):
+            # A try failed, nothing listens there now, and nothing went over it since it was last
+            # made (a send finds no connection: ZMQ_IMMEDIATE): each of its requests, held or not
+            # yet (its send's outcome may still be on its way), goes to another connection made, or
+            # waits for one still being made, or ends.
+            for rid in [r for r, (_, c) in self._requests.items() if c == connection and r in self._unanswered]:
+                self._held.pop(rid, None)
                 if (target := self._move(rid, connection)) is not None:
-                    again.append((rid, frame, target))
+                    again.append((rid, self._unanswered[rid], target))
                 elif (target := self._move(rid, connection, self._unheard())) is not None:
                     self._held[rid] = target
         elif kind & zmq.EVENT_DISCONNECTED:
@@ -277,10 +280,11 @@ class Routes(Generic[Inbox]):
 
     def hold(self, request_id: str, connection: int) -> bool:
         """A request that could not be sent over `connection` (no connection made, or, made,
-        not ready yet or its queue full): held for it, if it is still running; -> whether it is.
-        It goes once the connection is made (watched), or, made already, at the client's next try
-        (held_up)."""
-        if request_id not in self._unanswered:
+        not ready yet or its queue full): held for it, if it is still running there (not ended, nor
+        sent elsewhere meanwhile); -> whether it is. It goes once the connection is made
+        (watched), or, made already, at the client's next try (held_up)."""
+        found = self._requests.get(request_id)
+        if request_id not in self._unanswered or found is None or found[1] != connection:
             return False
         self._held[request_id] = connection
         return True

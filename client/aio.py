@@ -176,10 +176,11 @@ class AsyncClient(AsyncClientBase):
     def _sent(self, request_id: str, connection: int, done: asyncio.Future) -> None:
         if done.cancelled() or done.exception() is None:
             return
-        if isinstance(done.exception(), zmq.Again) and self._routes.hold(request_id, connection):
-            if self._routes.up[connection]:  # made, but not ready yet or full: again shortly
+        if isinstance(done.exception(), zmq.Again):  # not sent: held (or ended, or sent elsewhere, meanwhile)
+            if self._routes.hold(request_id, connection) and self._routes.up[connection]:
+                # made, but not ready yet or full: again shortly; else once it is made (_watch)
                 self._loop.call_later(HELD_RETRY_MS / 1000, self._send_held, connection)
-            return  # else once it is made (_watch)
+            return
         self._deliver(Error(request_id, "unavailable", f"could not send: {done.exception()}"), connection)
 
     def _send_held(self, connection: int) -> None:

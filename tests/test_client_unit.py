@@ -64,11 +64,15 @@ def test_a_request_sent_before_its_connection_is_made_waits_for_it():
     lone: Routes[str] = Routes(1)
     assert lone.add("x", "inbox-x", b"frame-x") == 0 and lone.hold("x", 0)
     assert lone.watched(0, _monitor(zmq.EVENT_CONNECT_RETRIED), "tcp://127.0.0.1:1")[1:] == (["inbox-x"], [])
-    # (another still being made: it waits for that one)
+    # (another still being made: it waits for that one; so does one whose send's outcome has not
+    # come yet, which once it comes does not hold it for the connection it left)
     pair: Routes[str] = Routes(2)
-    assert pair.add("y", "inbox-y", b"frame-y") == 0 and pair.hold("y", 0)
+    assert pair.add("y", "inbox-y", b"frame-y") == 0 and pair.hold("y", 0) and pair.add("z", "inbox-z", b"frame-z") == 1
+    assert pair.add("w", "inbox-w", b"frame-w") == 0
     assert pair.watched(0, _monitor(zmq.EVENT_CONNECT_RETRIED), "tcp://127.0.0.1:1")[1:] == ([], [])
-    assert pair.watched(1, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:2")[2] == [("y", b"frame-y", 1)]
+    assert not pair.hold("w", 0) and pair.hold("z", 1)
+    again = pair.watched(1, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:2")[2]
+    assert sorted(again) == [("w", b"frame-w", 1), ("y", b"frame-y", 1), ("z", b"frame-z", 1)]
     # a connection made that could not take it now: tried again shortly; a cancelled one is not held
     assert routes.held_up() == [] and routes.hold("a", 0) and routes.held_up() == [0]
     assert routes.take_held(0) == [("a", b"frame-a")] and routes.held_up() == []
