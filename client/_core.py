@@ -220,8 +220,8 @@ class Routes(Generic[Inbox]):
 
         Up: what was held for it goes. Dropped: a request that had no answer there yet goes (once)
         to another open connection, or is held for this one (a frontend that exits, or dies, took
-        it or not: the client gets one answer either way); the others end. A try to connect again
-        that fails ends what was held."""
+        it or not: the client gets one answer either way); the others end. A try to connect that
+        fails sends its requests to another connection, or ends them."""
         kind = parse_monitor_message(event)["event"]
         self.up[connection] = not kind & _DOWN
         self._heard[connection] = True
