@@ -156,8 +156,8 @@ def endpoints(endpoint: str | Sequence[str]) -> list[str]:
 class Routes(Generic[Inbox]):
     """The requests in flight: each one's inbox and the connection it went over, and until its first
     reply its Generate message. With several connections (a gateway's frontends) a new request
-    takes the one up with the fewest in flight, avoiding a frontend that is shutting down (any one,
-    when none is up), and its cancel follows it there.
+    takes the one up (or still being made) with the fewest in flight, avoiding a frontend that is
+    shutting down (any one, when none is up), and its cancel follows it there.
 
     A request that never ran goes again, to another connection made, or over its own once that is
     made (anew: through a load balancer, another frontend), and ends only when none can be: one
@@ -188,8 +188,9 @@ class Routes(Generic[Inbox]):
     def add(self, request_id: str, inbox: Inbox, frame: bytes | str = b"") -> int:
         """Route a new request; -> the connection to send it over. `frame`: its Generate message,
         kept until the request's first reply, should it have to go over another connection."""
+        # connections still being made count as open: a request sent there waits for it (hold)
         up = [c for c, is_up in enumerate(self.up) if is_up]
-        connection = min(self._open(-1) or up or range(len(self._load)), key=self._load.__getitem__)
+        connection = min(self._open(-1) + self._unheard() or up or range(len(self._load)), key=self._load.__getitem__)
         self._load[connection] += 1
         self._requests[request_id] = inbox, connection
         if frame:
@@ -310,6 +311,13 @@ class Routes(Generic[Inbox]):
             return None
         self._load[found[1]] -= 1
         return found[1]
+
+    def unanswered_once(self) -> dict[str, bytes | str]:
+        """Request id -> Generate message of the requests with no reply yet, lost with their
+        connection, that were not sent again before (they are marked so now: never twice)."""
+        again = {rid: frame for rid, frame in self._unanswered.items() if rid not in self._resent}
+        self._resent.update(again)
+        return again
 
     def unanswered(self, among: Collection[str] | None = None) -> dict[str, bytes | str]:
         """Request id -> Generate message of the requests (of those `among`) that have had no reply."""

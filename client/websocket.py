@@ -59,11 +59,12 @@ CONNECTION_LOST = "the connection to the gateway closed"
 
 
 def _never_started(routes: Routes, close_code: int | None) -> dict[str, bytes | str]:
-    """At a connection's end, the requests it carried that never started, to send over a new one:
-    those refused as `draining` (held), and every one unanswered when its frontend closed it as it
-    shut down (which it does once none of them runs)."""
+    """At a connection's end, the requests it carried to send over a new one: those refused as
+    `draining` (held) and every one unanswered when its frontend closed it as it shut down (which
+    it does once none of them runs): they never started; and, once, any other unanswered (its
+    frontend took it or not: the client gets one answer either way), as the ZMQ clients do."""
     held = dict(routes.take_held(0))
-    return routes.unanswered() if close_code == P.WS_RESTART else held
+    return routes.unanswered() if close_code == P.WS_RESTART else held | routes.unanswered_once()
 
 
 class WebSocketClient(SyncClientBase):
