@@ -53,6 +53,7 @@ class Router:
         self.core = RouterCore(self.registry, self._send_worker, self._send_frontend, opts.max_concurrent_requests,
                                opts.link.heartbeat_timeout, fingerprint)
         self.instance = secrets.token_hex(8)  # tells a frontend whether this is the router it joined
+        self._drain_until = 0.0  # time.monotonic() at which a drain's workers hand back what they hold
 
     @property
     def worker_endpoint(self) -> str:
@@ -87,6 +88,7 @@ class Router:
         """Admit nothing more, and tell every worker to finish what it holds (for up to `timeout_s`)
         and exit; what a worker has not finished by then it hands back."""
         self.core.draining = True
+        self._drain_until = time.monotonic() + timeout_s
         for worker in list(self.registry.workers.values()):
             self._send_worker(worker, P.Drain(timeout_s))
         self._tell_frontends()
@@ -104,6 +106,8 @@ class Router:
             if not reason:
                 self.core.registered(self.registry.workers[msg.worker_id], msg.holding)
                 self._tell_frontends()
+                if self.core.draining:  # one that joins a drain (started again just before it) drains too
+                    self._to_worker(identity, P.Drain(max(0.0, self._drain_until - time.monotonic())))
             return
         worker = self.registry.seen(identity, msg.draining if isinstance(msg, P.Heartbeat) else None)
         if worker is None and isinstance(msg, P.Heartbeat):

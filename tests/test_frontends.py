@@ -466,3 +466,42 @@ def test_a_client_behind_a_load_balancer_sends_what_a_draining_frontend_refused_
             proxy.close()
         assert whole == want[0] and answers == want[1:]
         assert frontend_requests(c.frontend_metrics_ports[1]) == len(short)
+
+
+def test_serve_drains_a_worker_started_again_that_registers_during_its_drain(home, tiny_dir):
+    """A decode worker that died is started again; if serve is stopped before the new one has
+    registered, the router tells it to drain as it registers, and serve exits at once, not when
+    the drain timeout (60 s here) and its grace have run out."""
+    zmq_port = free_port()
+    env = dict(os.environ, SPLITSERVE_HOME=str(home), PYTHONUNBUFFERED="1", SPLITSERVE_LOG_LEVEL="WARNING")
+    serve = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "serve", "--model", "tiny-random",
+                              "--zmq-port", str(zmq_port), "--worker-port", "0", "--port", "0", "--threads", "2",
+                              "--drain-timeout", "60"], env=env, stdout=subprocess.PIPE, text=True)
+    restarted = None
+    try:
+        wait_for(lambda: "ZMQ clients" in serve.stdout.readline(), 180, "serve to be ready", interval=0)
+        os.kill(child_pid(serve.pid, "decode"), signal.SIGKILL)
+        restarted = wait_for_value(lambda: child_pid(serve.pid, "-r1"), 30, "the decode worker to start again")
+        os.kill(restarted, signal.SIGSTOP)  # held before it registers ...
+        serve.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        time.sleep(1.0)  # ... until serve's drain has begun
+        os.kill(restarted, signal.SIGCONT)
+        assert serve.wait(timeout=50) == 0 and time.monotonic() - signalled < 30
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+
+
+def wait_for_value(get, timeout: float, what: str):
+    """What `get` returns once it raises LookupError no more."""
+    found: list = []
+
+    def ready() -> bool:
+        with contextlib.suppress(LookupError):
+            found.append(get())
+        return bool(found)
+
+    wait_for(ready, timeout, what, interval=0.01)
+    return found[0]
