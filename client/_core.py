@@ -319,9 +319,9 @@ class Routes(Generic[Inbox]):
         self._resent.update(again)
         return again
 
-    def unanswered(self, among: Collection[str] | None = None) -> dict[str, bytes | str]:
-        """Request id -> Generate message of the requests (of those `among`) that have had no reply."""
-        return {rid: frame for rid, frame in self._unanswered.items() if among is None or rid in among}
+    def unanswered(self) -> dict[str, bytes | str]:
+        """Request id -> Generate message of the requests that have had no reply."""
+        return dict(self._unanswered)
 
     def deliver(self, msg: TokenBatch | Error, connection: int | None = None, keep: Collection[str] = ()) -> list[Inbox]:
         """The inboxes that get `msg`, which came over `connection` (None: every one). A request is

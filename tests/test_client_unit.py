@@ -14,6 +14,7 @@ import msgspec
 import pytest
 import zmq
 
+from polling import async_wait_for
 from splitserve.client import (AsyncClient, Client, GenerationError, GenerationTimeout, OverloadedError,
                                SplitserveError, UnauthorizedError, UnavailableError, ValidationError)
 from splitserve.client._core import Routes, decode_replies
@@ -370,14 +371,6 @@ async def test_async_generate(gateway):
     assert [r.text for r in many] == [f"many:{i}!" for i in range(MANY)]
 
 
-async def eventually(predicate, timeout=5.0):
-    """Wait without blocking the loop, which may still have a Cancel to send."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.01)
-
-
 async def test_async_stream(gateway):
     async with AsyncClient(gateway.endpoint) as c:
         events = [ev async for ev in c.stream("hello")]
@@ -385,10 +378,10 @@ async def test_async_stream(gateway):
         async for _ in stream:
             break
         await stream.aclose()
-        await eventually(lambda: gateway.cancelled(stream.id))
+        await async_wait_for(lambda: gateway.cancelled(stream.id), 5, "the cancel")
         async for _ in c.stream("hang"):
             break  # and the stream is dropped
-        await eventually(lambda: gateway.cancelled(gateway.generates("hang")[-1].id))
+        await async_wait_for(lambda: gateway.cancelled(gateway.generates("hang")[-1].id), 5, "the cancel")
     assert [(e.index, e.text, e.finish_reason) for e in events] == [(0, "Hel", None), (1, "lo", None), (2, "!", "length")]
 
 
@@ -399,7 +392,7 @@ async def test_async_errors_and_timeout(gateway):
         with pytest.raises(GenerationTimeout):
             await c.generate("hang", timeout=0.3)
         (sent,) = gateway.generates("hang")
-        await eventually(lambda: gateway.cancelled(sent.id))
+        await async_wait_for(lambda: gateway.cancelled(sent.id), 5, "the cancel")
 
 
 # ---- several endpoints (a gateway's frontends) ------------------------------------------------
@@ -436,7 +429,7 @@ async def test_async_requests_spread_over_endpoints(two_gateways):
         await stream.__anext__()
         await stream.aclose()
         owner = a if a.generates("hang") else b
-        await eventually(lambda: owner.cancelled(stream.id))
+        await async_wait_for(lambda: owner.cancelled(stream.id), 5, "the cancel")
     assert [r.text for r in many] == [f"many:{i}!" for i in range(2 * MANY)]
 
 
