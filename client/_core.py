@@ -7,10 +7,11 @@ import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 from uuid import uuid4
 
+import msgspec
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
@@ -145,6 +146,33 @@ def decode_replies(frames: list) -> list[TokenBatch | Error]:
 Inbox = TypeVar("Inbox")
 
 
+@dataclass(slots=True)
+class _Flight(Generic[Inbox]):
+    """A request in flight."""
+
+    inbox: Inbox
+    connection: int
+    msg: Generate
+    since: float  # time.monotonic() when it was sent: its timeout counts from there
+    # its replies so far: should its connection drop, it goes on elsewhere after their tokens
+    replies: list[TokenBatch] = field(default_factory=list)
+
+    def resumed(self) -> Generate:
+        """The request as it goes on over another connection: the tokens it has as `resume`, the
+        seed the gateway reported (a sampled request then draws what it would have), what is
+        left of its timeout."""
+        got = {t.index: t.token_id for r in self.replies for t in r.tokens}
+        resume: list[int] = []
+        while len(resume) in got:
+            resume.append(got[len(resume)])
+        seed = next((r.seed for r in self.replies if r.seed is not None), self.msg.params.seed)
+        left = None
+        if self.msg.timeout_s:  # 0: none
+            left = max(self.msg.timeout_s - (time.monotonic() - self.since), 1e-3)
+        return msgspec.structs.replace(self.msg, params=msgspec.structs.replace(self.msg.params, seed=seed),
+                                       timeout_s=left, resume=resume)
+
+
 def endpoints(endpoint: str | Sequence[str]) -> list[str]:
     """One endpoint, or several: a gateway's frontends, each with a client port of its own."""
     found = [endpoint] if isinstance(endpoint, str) else list(endpoint)
@@ -154,19 +182,23 @@ def endpoints(endpoint: str | Sequence[str]) -> list[str]:
 
 
 class Routes(Generic[Inbox]):
-    """The requests in flight: each one's inbox and the connection it went over, and until its first
-    reply its Generate message. With several connections (a gateway's frontends) a new request
-    takes the one up (or still being made) with the fewest in flight, avoiding a frontend that is
-    shutting down (any one, when none is up), and its cancel follows it there.
+    """The requests in flight: each one's inbox, the connection it went over, and until its first
+    reply its Generate message as sent (a frame). With several connections (a gateway's
+    frontends) a new request takes the one up (or still being made) with the fewest in flight,
+    avoiding a frontend that is shutting down (any one, when none is up), and its cancel follows
+    it there.
 
     A request that never ran goes again, to another connection made, or over its own once that is
     made (anew: through a load balancer, another frontend), and ends only when none can be: one
     sent while its connection was not made (hold), one a frontend shutting down refused
-    (redirect, deliver), and, once, one its connection dropped before any answer (watched: the
-    frontend exited, or died, before or after taking it; the client gets one answer either way)."""
+    (redirect, deliver). A request whose connection dropped goes again once (watched; the
+    frontend exited, or died): as it was if it had no answer yet (the frontend took it or not:
+    the client gets one answer either way), else resumed after the tokens it has, so that its
+    stream goes on where it stopped, as the one it would have been."""
 
-    def __init__(self, connections: int = 1):
-        self._requests: dict[str, tuple[Inbox, int]] = {}
+    def __init__(self, connections: int = 1, encode: Callable[[Generate], bytes | str] = P.encode):
+        self._encode = encode  # a Generate as the connections carry it
+        self._requests: dict[str, _Flight[Inbox]] = {}
         # request id -> its Generate message (a ZMQ frame, a WebSocket one), until its first reply
         self._unanswered: dict[str, bytes | str] = {}
         self._load = [0] * connections
@@ -181,20 +213,19 @@ class Routes(Generic[Inbox]):
         # it will connect again, not that a try failed
         self._dropped = [False] * connections
         self._heard = [False] * connections  # whether its monitor has said anything yet
-        # sent again once after a connection dropped with them unanswered: never twice, so that a
-        # request that kills frontends cannot take them all
+        # sent again once after a connection dropped with them: never twice, so that a request that
+        # kills frontends cannot take them all
         self._resent: set[str] = set()
 
-    def add(self, request_id: str, inbox: Inbox, frame: bytes | str = b"") -> int:
-        """Route a new request; -> the connection to send it over. `frame`: its Generate message,
-        kept until the request's first reply, should it have to go over another connection."""
+    def add(self, msg: Generate, inbox: Inbox, frame: bytes | str) -> int:
+        """Route a new request; -> the connection to send it over. `frame`: `msg` encoded, kept
+        until the request's first reply, should it have to go over another connection."""
         # connections still being made count as open: a request sent there waits for it (hold)
         up = [c for c, is_up in enumerate(self.up) if is_up]
         connection = min(self._open(-1) + self._unheard() or up or range(len(self._load)), key=self._load.__getitem__)
         self._load[connection] += 1
-        self._requests[request_id] = inbox, connection
-        if frame:
-            self._unanswered[request_id] = frame
+        self._requests[msg.id] = _Flight(inbox, connection, msg, time.monotonic())
+        self._unanswered[msg.id] = frame
         return connection
 
     def _open(self, besides: int) -> list[int]:
@@ -219,10 +250,9 @@ class Routes(Generic[Inbox]):
         """A message of `connection`'s monitor; -> (the error that its requests end with when it went
         down, their inboxes, the requests to send again now: (id, Generate, connection)).
 
-        Up: what was held for it goes. Dropped: a request that had no answer there yet goes (once)
-        to another open connection, or is held for this one (a frontend that exits, or dies, took
-        it or not: the client gets one answer either way); the others end. A try to connect that
-        fails sends its requests to another connection, or ends them."""
+        Up: what was held for it goes. Dropped: each of its requests goes again (once; see the
+        class) to another open connection, or is held for this one; those sent again before end.
+        A try to connect that fails sends its requests to another connection, or ends them."""
         kind = parse_monitor_message(event)["event"]
         self.up[connection] = not kind & _DOWN
         self._heard[connection] = True
@@ -237,31 +267,42 @@ class Routes(Generic[Inbox]):
             # made (a send finds no connection: ZMQ_IMMEDIATE): each of its requests, held or not
             # yet (its send's outcome may still be on its way), goes to another connection made, or
             # waits for one still being made, or ends.
-            for rid in [r for r, (_, c) in self._requests.items() if c == connection and r in self._unanswered]:
+            for rid in [r for r, f in self._requests.items() if f.connection == connection and r in self._unanswered]:
                 self._held.pop(rid, None)
                 if (target := self._move(rid, connection)) is not None:
                     again.append((rid, self._unanswered[rid], target))
                 elif (target := self._move(rid, connection, self._unheard())) is not None:
                     self._held[rid] = target
         elif kind & zmq.EVENT_DISCONNECTED:
-            again = self._unanswered_elsewhere(connection)
+            again = self._elsewhere(connection)
         self._dropped[connection] = bool(kind & zmq.EVENT_DISCONNECTED)
         return down, self.deliver(down, connection, keep=self._held), again
 
-    def _unanswered_elsewhere(self, connection: int) -> list[tuple[str, bytes | str, int]]:
-        """The requests `connection` dropped with no answer, not sent again before: -> those that go
-        to another open connection (id, Generate, connection); the rest are held for this one."""
+    def _elsewhere(self, connection: int) -> list[tuple[str, bytes | str, int]]:
+        """The requests `connection` dropped that were not sent again before, each as it goes again
+        (see lost_once): -> those that go to another open connection (id, Generate, connection);
+        the rest are held for this one."""
+        ours = [rid for rid, f in self._requests.items() if f.connection == connection and rid not in self._held]
         moved = []
-        for rid, (_, c) in list(self._requests.items()):
-            if c != connection or rid not in self._unanswered or rid in self._held or rid in self._resent:
-                continue
-            self._resent.add(rid)
+        for rid, frame in self._again_once(ours).items():
             target = self._move(rid, connection)
             if target is None:
                 self._held[rid] = connection
             else:
-                moved.append((rid, self._unanswered[rid], target))
+                moved.append((rid, frame, target))
         return moved
+
+    def _again_once(self, rids: Collection[str]) -> dict[str, bytes | str]:
+        """Request id -> its Generate as it goes again, for those of `rids` not sent again before
+        (they are marked so now, and have no answer over the new connection yet)."""
+        again = {}
+        for rid in rids:
+            if rid in self._resent:
+                continue
+            self._resent.add(rid)
+            frame = self._unanswered.get(rid)
+            again[rid] = self._unanswered[rid] = frame or self._encode(self._requests[rid].resumed())
+        return again
 
     def _unheard(self) -> list[int]:
         """The connections whose monitor has said nothing yet: being made."""
@@ -276,7 +317,7 @@ class Routes(Generic[Inbox]):
         target = min(others, key=self._load.__getitem__)
         self._load[connection] -= 1
         self._load[target] += 1
-        self._requests[rid] = self._requests[rid][0], target
+        self._requests[rid].connection = target
         return target
 
     def hold(self, request_id: str, connection: int) -> bool:
@@ -285,7 +326,7 @@ class Routes(Generic[Inbox]):
         sent elsewhere meanwhile); -> whether it is. It goes once the connection is made
         (watched), or, made already, at the client's next try (held_up)."""
         found = self._requests.get(request_id)
-        if request_id not in self._unanswered or found is None or found[1] != connection:
+        if request_id not in self._unanswered or found is None or found.connection != connection:
             return False
         self._held[request_id] = connection
         return True
@@ -309,15 +350,15 @@ class Routes(Generic[Inbox]):
         found = self._requests.pop(request_id, None)
         if found is None:
             return None
-        self._load[found[1]] -= 1
-        return found[1]
+        self._load[found.connection] -= 1
+        return found.connection
 
-    def unanswered_once(self) -> dict[str, bytes | str]:
-        """Request id -> Generate message of the requests with no reply yet, lost with their
-        connection, that were not sent again before (they are marked so now: never twice)."""
-        again = {rid: frame for rid, frame in self._unanswered.items() if rid not in self._resent}
-        self._resent.update(again)
-        return again
+    def lost_once(self) -> dict[str, bytes | str]:
+        """Request id -> Generate message of the requests lost with their connection (the only
+        one) that were not sent again before, each as it goes again over a new one: as it was
+        if it had no answer, else resumed after the tokens it has (they are marked so now: never
+        twice)."""
+        return self._again_once(list(self._requests))
 
     def unanswered(self) -> dict[str, bytes | str]:
         """Request id -> Generate message of the requests that have had no reply."""
@@ -329,8 +370,8 @@ class Routes(Generic[Inbox]):
         never made) are dropped. An error about the connection itself ends its requests but those
         to `keep`."""
         if isinstance(msg, Error) and not msg.id:  # about the connection itself: its requests fail
-            ended = [(rid, inbox) for rid, (inbox, c) in self._requests.items()
-                     if (connection is None or c == connection) and rid not in keep]
+            ended = [(rid, f.inbox) for rid, f in self._requests.items()
+                     if (connection is None or f.connection == connection) and rid not in keep]
             for rid, _ in ended:
                 self.pop(rid)
             return [inbox for _, inbox in ended]
@@ -343,8 +384,9 @@ class Routes(Generic[Inbox]):
         if isinstance(msg, Error) or msg.finish_reason is not None:
             self.pop(msg.id)
         else:
-            self._unanswered.pop(msg.id, None)  # it runs: never sent again
-        return [found[0]]
+            self._unanswered.pop(msg.id, None)  # it runs: should it go again, it goes on after its tokens
+            found.replies.append(msg)
+        return [found.inbox]
 
 
 class StreamBase:

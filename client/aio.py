@@ -128,7 +128,7 @@ class AsyncClient(AsyncClientBase):
     def _start(self, msg: Generate, inbox: asyncio.Queue) -> None:
         self._start_readers()
         frame = encode(msg)
-        self._send(msg.id, frame, self._routes.add(msg.id, inbox, frame))
+        self._send(msg.id, frame, self._routes.add(msg, inbox, frame))
 
     def _start_readers(self) -> None:
         if not self._tasks or any(r.done() for r in self._tasks):  # done: one died; new requests need it

@@ -124,8 +124,8 @@ class _IOLoop:
 
     # ---- commands (run in this thread, put by _Mailbox) ----
 
-    def start(self, request_id: str, frame: bytes, inbox: queue.SimpleQueue) -> None:
-        self._send(request_id, frame, self._routes.add(request_id, inbox, frame))
+    def start(self, msg: Generate, frame: bytes, inbox: queue.SimpleQueue) -> None:
+        self._send(msg.id, frame, self._routes.add(msg, inbox, frame))
 
     def cancel(self, request_id: str) -> None:
         connection = self._routes.pop(request_id)
@@ -223,7 +223,7 @@ class Client(SyncClientBase):
         self._closed = False
 
     def _start(self, msg: Generate, inbox: queue.SimpleQueue) -> None:
-        self._mailbox.put(methodcaller("start", msg.id, encode(msg), inbox))
+        self._mailbox.put(methodcaller("start", msg, encode(msg), inbox))
 
     def _cancel(self, request_id: str) -> None:
         self._mailbox.put(methodcaller("cancel", request_id))

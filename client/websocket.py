@@ -17,6 +17,7 @@ import contextlib
 import queue
 import threading
 from collections.abc import Collection
+from functools import partial
 
 import msgspec
 from websockets.asyncio.client import connect as aconnect
@@ -40,6 +41,10 @@ def _frame(message: msgspec.Struct, binary: bool) -> bytes | str:
     return msgspec.msgpack.encode(message) if binary else msgspec.json.encode(message).decode()
 
 
+def _generate_frame(binary: bool, msg: Generate) -> bytes | str:
+    return _frame(P.WsGenerate.of(msg), binary)
+
+
 def _decode(frame: bytes | str) -> TokenBatch | Error | None:
     """The reply in a frame as the ZMQ client's message types, or None for anything malformed."""
     try:
@@ -58,22 +63,23 @@ def _check_encoding(encoding: str) -> bool:
 CONNECTION_LOST = "the connection to the gateway closed"
 
 
-def _never_started(routes: Routes, close_code: int | None) -> dict[str, bytes | str]:
+def _again(routes: Routes, close_code: int | None) -> dict[str, bytes | str]:
     """At a connection's end, the requests it carried to send over a new one: those refused as
     `draining` (held) and every one unanswered when its frontend closed it as it shut down (which
-    it does once none of them runs): they never started; and, once, any other unanswered (its
-    frontend took it or not: the client gets one answer either way), as the ZMQ clients do."""
+    it does once none of them runs): they never started; and, once, any other (its frontend took
+    it or not: the client gets one answer either way; one that streamed goes on after the tokens
+    it has), as the ZMQ clients do."""
     held = dict(routes.take_held(0))
-    return routes.unanswered() if close_code == P.WS_RESTART else held | routes.unanswered_once()
+    return routes.unanswered() if close_code == P.WS_RESTART else held | routes.lost_once()
 
 
 class WebSocketClient(SyncClientBase):
     """A connection to a gateway's /ws, usable from many threads at once. A reader thread hands each
     reply to its request; a writer thread sends, so that a stream dropped anywhere (its __del__
-    cancels it) never sends on the socket itself. A connection that is lost ends the requests it
-    carried with UnavailableError, and the next request connects again; but a request that never
-    started, which a frontend shutting down says (it refuses the request as `draining`, or closes
-    the connection with WS_RESTART), goes over a new connection at once."""
+    cancels it) never sends on the socket itself. The requests a lost connection carried go over
+    a new one at once: as often as a frontend shutting down says they never started (it refuses
+    them as `draining`, or closes the connection with WS_RESTART), else once (see _again); the
+    others end with UnavailableError, and the next request connects again."""
 
     def __init__(self, url: str, api_key: str | None = None, *, encoding: str = "msgpack",
                  open_timeout: float = 10.0, max_message_bytes: int = MAX_MESSAGE_BYTES):
@@ -81,7 +87,7 @@ class WebSocketClient(SyncClientBase):
         self._url, self._api_key = url, api_key
         self._connect_options = dict(open_timeout=open_timeout, max_size=max_message_bytes, compression=None,
                                      proxy=None)
-        self._routes: Routes[queue.SimpleQueue] = Routes()
+        self._routes: Routes[queue.SimpleQueue] = Routes(encode=partial(_generate_frame, self._binary))
         self._lock = threading.Lock()  # the routes and the connection, shared by callers and the threads
         self._closed = False
         self._stack: contextlib.ExitStack | None = None  # holds the connection
@@ -111,8 +117,8 @@ class WebSocketClient(SyncClientBase):
             except UnavailableError as e:
                 inbox.put(Error(msg.id, "unavailable", str(e)))
                 return
-        frame = _frame(P.WsGenerate.of(msg), self._binary)
-        self._routes.add(msg.id, inbox, frame)
+        frame = _generate_frame(self._binary, msg)
+        self._routes.add(msg, inbox, frame)
         self._outbox.put(frame)
 
     def _cancel(self, request_id: str) -> None:
@@ -129,11 +135,11 @@ class WebSocketClient(SyncClientBase):
             pass
         finally:
             # Under the lock, so that no request routed to the next connection is ended here: the
-            # requests that never started go over a new connection, the others end.
+            # requests that go again go over a new connection, the others end.
             closed = Error("", "unavailable", CONNECTION_LOST)
             with self._lock:
                 self._lost = True
-                again = {} if self._closed else _never_started(self._routes, conn.close_code)
+                again = {} if self._closed else _again(self._routes, conn.close_code)
                 for inbox in self._routes.deliver(closed, keep=again):
                     inbox.put(closed)
                 if again:
@@ -199,7 +205,7 @@ class AsyncWebSocketClient(AsyncClientBase):
         self._binary = _check_encoding(encoding)
         self._connect_options = dict(open_timeout=open_timeout, max_size=max_message_bytes, compression=None,
                                      proxy=None)
-        self._routes: Routes[asyncio.Queue] = Routes()
+        self._routes: Routes[asyncio.Queue] = Routes(encode=partial(_generate_frame, self._binary))
         self._conn = None  # the current connection
         self._outbox: asyncio.Queue = asyncio.Queue()  # the current connection's
         self._tasks: list[asyncio.Task] = []  # one per connection, while it lasts
@@ -234,8 +240,8 @@ class AsyncWebSocketClient(AsyncClientBase):
     def _start(self, msg: Generate, inbox: asyncio.Queue) -> None:
         if self._lost:
             self._new_connection()
-        frame = _frame(P.WsGenerate.of(msg), self._binary)
-        self._routes.add(msg.id, inbox, frame)
+        frame = _generate_frame(self._binary, msg)
+        self._routes.add(msg, inbox, frame)
         self._outbox.put_nowait(frame)
 
     def _new_connection(self) -> None:
@@ -272,8 +278,8 @@ class AsyncWebSocketClient(AsyncClientBase):
             pass
         finally:
             writer.cancel()
-            # the requests that never started go over a new connection, the others end
-            again = {} if self._closed else _never_started(self._routes, conn.close_code)
+            # the requests that go again go over a new connection, the others end
+            again = {} if self._closed else _again(self._routes, conn.close_code)
             self._end_all(CONNECTION_LOST, keep=again)
             if again:
                 self._new_connection()

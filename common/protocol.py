@@ -102,6 +102,11 @@ class Generate(msgspec.Struct, **_STRUCT):
     # the client reads Replies: replies to its requests that are ready together (one decode
     # step's) come as one message, encoded at once
     batched_replies: bool = False
+    # The token ids the client already has of this request, streamed by a frontend it lost: the
+    # frontend streams the rest, from output index len(resume), as it resumes a request whose worker
+    # died (a sampled request's `seed` is the one reported). Last, with a default: a gateway older
+    # than its client ignores it, and streams the whole answer again.
+    resume: list[int] = []
 
 
 class Cancel(msgspec.Struct, **_STRUCT):
@@ -173,22 +178,26 @@ def _by_name(cls: type[msgspec.Struct], tag: str | None = None, strict: bool = F
 WsParameters = _by_name(GenerateParams, strict=True)
 
 
-class WsGenerate(msgspec.Struct, tag="generate", tag_field="type", forbid_unknown_fields=True):
+# omit_defaults: a field left at its default is not sent, so that a gateway older than its client,
+# which refuses the fields it does not know, takes every request that uses none of the new ones
+class WsGenerate(msgspec.Struct, tag="generate", tag_field="type", forbid_unknown_fields=True, omit_defaults=True):
     id: str
     prompt: str | None = None
     prompt_ids: list[int] | None = None
     parameters: WsParameters = msgspec.field(default_factory=WsParameters)
     timeout_s: float | None = None
     api_key: str | None = None
+    resume: list[int] = []  # see Generate.resume
 
     def generate(self) -> Generate:
         params = GenerateParams(**msgspec.structs.asdict(self.parameters))
-        return Generate(self.id, self.prompt, self.prompt_ids, params, self.timeout_s, self.api_key)
+        return Generate(self.id, self.prompt, self.prompt_ids, params, self.timeout_s, self.api_key,
+                        resume=self.resume)
 
     @classmethod
     def of(cls, msg: Generate) -> WsGenerate:
         return cls(msg.id, msg.prompt, msg.prompt_ids, WsParameters(**msgspec.structs.asdict(msg.params)),
-                   msg.timeout_s, msg.api_key)
+                   msg.timeout_s, msg.api_key, msg.resume)
 
 
 class WsCancel(msgspec.Struct, tag="cancel", tag_field="type"):

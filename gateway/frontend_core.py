@@ -43,8 +43,8 @@ class Stream:
     original: GenerateRequest
     sink: Sink
     deadline: float | None  # time.time()
-    request: GenerateRequest = None  # the current attempt
-    next_index: int = 0
+    request: GenerateRequest = field(init=False)  # the current attempt
+    next_index: int = field(init=False, default=0)  # of the next token to send the client
     pending: dict[int, tuple[P.Token, str | None]] = field(default_factory=dict)
     generated: list[int] = field(default_factory=list)  # token ids the client has, in order
     prompt_logprobs: list | None = None
@@ -57,7 +57,10 @@ class Stream:
     admitted: bool = False
 
     def __post_init__(self):
-        self.request = self.request or self.original
+        # a client that lost the frontend streaming it resumes it here (Generate.resume): it has
+        # `generated` already
+        self.request = resumed_request(self.original, self.gid, self.generated)
+        self.next_index = len(self.generated)
 
     @property
     def prompt_tokens(self) -> int:
@@ -105,17 +108,18 @@ class FrontendCore:
             # admitted once the tokenizer thread is done with it, unless it was cancelled meanwhile
             self.tokenizing[gid] = client_id, sink
             off_loop.start(build_request, *build).add_done_callback(
-                lambda built: self._built(gid, built, deadline, fork_of))
+                lambda built: self._built(gid, built, deadline, fork_of, msg.resume))
             return gid
         try:
             request = build_request(*build)
         except ValidationError as e:
             sink(P.Error(client_id, "validation", str(e)))
             return None
-        self._open(gid, client_id, request, sink, deadline, fork_of, dispatch)
+        self._open(gid, client_id, request, sink, deadline, fork_of, dispatch, msg.resume)
         return gid
 
-    def _built(self, gid: str, built: asyncio.Future, deadline: float | None, fork_of: str | None) -> None:
+    def _built(self, gid: str, built: asyncio.Future, deadline: float | None, fork_of: str | None,
+               resume: list[int]) -> None:
         """A long prompt's request, built on the tokenizer thread: admitted (at once, as the dispatch
         its front end asked for may have run meanwhile), or its error to the client."""
         waiting = self.tokenizing.pop(gid, None)
@@ -131,11 +135,11 @@ class FrontendCore:
             log.exception("preparing %s failed", gid)
             sink(P.Error(client_id, "generation", f"the gateway could not prepare it: {e}"))
             return
-        self._open(gid, client_id, request, sink, deadline, fork_of, dispatch=True)
+        self._open(gid, client_id, request, sink, deadline, fork_of, True, resume)
 
     def _open(self, gid: str, client_id: str, request: GenerateRequest, sink: Sink, deadline: float | None,
-              fork_of: str | None, dispatch: bool) -> None:
-        stream = self.streams[gid] = Stream(gid, client_id, request, sink, deadline)
+              fork_of: str | None, dispatch: bool, resume: list[int]) -> None:
+        stream = self.streams[gid] = Stream(gid, client_id, request, sink, deadline, generated=list(resume))
         self.attempt_of[gid] = gid
         leader = self.streams.get(fork_of) if fork_of is not None else None
         if leader is not None and not leader.admitted and leader.request.prompt_ids == request.prompt_ids:

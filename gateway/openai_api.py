@@ -25,7 +25,7 @@ from .api_errors import invalid, openai_error
 from .chat_template import render_chat
 from .openai_schema import MAX_N, ChatRequest, CompletionRequest, OpenAIError, SamplingFields
 from .replies import Answer, EventStream, Replies, gather
-from .validation import check_prompt_ids
+from .validation import check_token_ids
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's, for completions
 FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
@@ -160,7 +160,7 @@ def _prompt_ids(ctx: ApiContext, prompt, encode: Callable[[str], list[int]]) -> 
         encode(p) if isinstance(p, str) else list(p) for p in prompt]
     try:
         for ids in prompts:  # token ids are echoed and decoded before the core would check them
-            check_prompt_ids(ids, ctx.tokenizer.vocab_size)
+            check_token_ids("prompt_ids", ids, ctx.tokenizer.vocab_size)
     except ValidationError as e:
         raise invalid(str(e)) from None
     return prompts

@@ -27,10 +27,10 @@ from splitserve.common.tokenizer import Tokenizer
 FLOAT_PARAMS = ("temperature", "top_p", "typical_p", "repetition_penalty", "frequency_penalty")
 
 
-def check_prompt_ids(ids: list[int], vocab: int) -> None:
+def check_token_ids(name: str, ids: list[int], vocab: int) -> None:
     if ids and (min(ids) < 0 or max(ids) >= vocab):  # in C: a long prompt's ids are checked in the event loop
         bad = [t for t in ids if not 0 <= t < vocab]
-        raise ValidationError(f"prompt_ids must be in [0, {vocab}); got {bad[:3]}")
+        raise ValidationError(f"{name} must be in [0, {vocab}); got {bad[:3]}")
 
 
 def tokenize_prompt(msg: P.Generate, tokenizer: Tokenizer) -> list[int]:
@@ -112,9 +112,7 @@ def check_numbers(msg: P.Generate, vocab: int) -> None:
             raise ValidationError(f"{name} must be a finite number of at most {FLOAT32_MAX:.4g} in size, got {value}")
     if not 0 <= p.top_k <= MAX_TOP_K:
         raise ValidationError(f"top_k must be in [0, {MAX_TOP_K}], got {p.top_k}")
-    bad = [t for t in p.stop_token_ids if not 0 <= t < vocab]
-    if bad:
-        raise ValidationError(f"stop_token_ids must be in [0, {vocab}); got {bad[:3]}")
+    check_token_ids("stop_token_ids", p.stop_token_ids, vocab)
     if msg.timeout_s is not None and not (math.isfinite(msg.timeout_s) and msg.timeout_s >= 0):
         raise ValidationError(f"timeout_s must be a number of seconds >= 0 (0: none), got {msg.timeout_s}")
 
@@ -149,7 +147,12 @@ def build_request(rid: str, msg: P.Generate, tokenizer: Tokenizer, limits: Limit
         raise ValidationError(f"top_n_tokens must be in [0, {MAX_TOP_N}], got {p.top_n_tokens}")
     limits.check(len(ids), p.max_new_tokens)
     if msg.prompt_ids is not None:  # after the length: a prompt far too long is refused without a look at each id
-        check_prompt_ids(ids, tokenizer.vocab_size)
+        check_token_ids("prompt_ids", ids, tokenizer.vocab_size)
+    if msg.resume:
+        if len(msg.resume) >= p.max_new_tokens:
+            raise ValidationError(f"resume has {len(msg.resume)} tokens: the request has {p.max_new_tokens} "
+                                  "(max_new_tokens), so nothing would be left to generate")
+        check_token_ids("resume", msg.resume, tokenizer.vocab_size)
     return GenerateRequest(
         id=rid, prompt_ids=tuple(ids), max_new_tokens=p.max_new_tokens, sampling=sampling_params(p),
         stop_token_ids=tuple(p.stop_token_ids), stop=tuple(p.stop), strip_stop=p.strip_stop,

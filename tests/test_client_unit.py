@@ -50,26 +50,31 @@ def test_an_error_reads_the_same_in_clients_older_and_newer_than_its_gateway():
     assert decode_replies([msgspec.msgpack.encode(Older("r1", "validation", "bad"))]) == [P.Error("r1", "validation", "bad")]
 
 
+def _add(routes: Routes, rid: str) -> int:
+    """Route request `rid`, whose inbox is "inbox-<rid>" and Generate frame b"frame-<rid>"."""
+    return routes.add(P.Generate(rid), f"inbox-{rid}", f"frame-{rid}".encode())
+
+
 def _monitor(event: int) -> list[bytes]:
     return [struct.pack("=hi", event, 0), b"tcp://127.0.0.1:1"]
 
 
 def test_a_request_sent_before_its_connection_is_made_waits_for_it():
     routes: Routes[str] = Routes(2)
-    assert routes.add("a", "inbox-a", b"frame-a") == 0 and routes.add("b", "inbox-b", b"frame-b") == 1
+    assert _add(routes, "a") == 0 and _add(routes, "b") == 1
     assert routes.hold("a", 0) and routes.hold("b", 1)  # the sends found no connection made
     # made: sent over it then; never made (a try failed): to another one made, or it ends
     assert routes.watched(0, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:1")[1:] == ([], [("a", b"frame-a", 0)])
     assert routes.watched(1, _monitor(zmq.EVENT_CONNECT_RETRIED), "tcp://127.0.0.1:2")[1:] == ([], [("b", b"frame-b", 0)])
     assert routes.pop("b") == 0  # its cancel follows it
     lone: Routes[str] = Routes(1)
-    assert lone.add("x", "inbox-x", b"frame-x") == 0 and lone.hold("x", 0)
+    assert _add(lone, "x") == 0 and lone.hold("x", 0)
     assert lone.watched(0, _monitor(zmq.EVENT_CONNECT_RETRIED), "tcp://127.0.0.1:1")[1:] == (["inbox-x"], [])
     # (another still being made: it waits for that one; so does one whose send's outcome has not
     # come yet, which once it comes does not hold it for the connection it left)
     pair: Routes[str] = Routes(2)
-    assert pair.add("y", "inbox-y", b"frame-y") == 0 and pair.hold("y", 0) and pair.add("z", "inbox-z", b"frame-z") == 1
-    assert pair.add("w", "inbox-w", b"frame-w") == 0
+    assert _add(pair, "y") == 0 and pair.hold("y", 0) and _add(pair, "z") == 1
+    assert _add(pair, "w") == 0
     assert pair.watched(0, _monitor(zmq.EVENT_CONNECT_RETRIED), "tcp://127.0.0.1:1")[1:] == ([], [])
     assert not pair.hold("w", 0) and pair.hold("z", 1)
     again = pair.watched(1, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:2")[2]
@@ -81,19 +86,30 @@ def test_a_request_sent_before_its_connection_is_made_waits_for_it():
     assert not routes.hold("a", 1)
 
 
-def test_a_request_a_dropped_connection_left_unanswered_goes_again_once():
-    """... to another open connection, or over its own once made again; one that was answered
-    (it ran) ends with the connection."""
+def test_a_request_a_dropped_connection_carried_goes_again_once():
+    """... to another open connection, or over its own once made again: as it was if it had no
+    answer, else resumed after the tokens it has, with the seed the gateway reported and what is
+    left of its timeout (the gateway streams the rest, as the one answer it would have given)."""
     routes: Routes[str] = Routes(2)
     for c in range(2):
         routes.watched(c, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:1")
-    assert [routes.add(r, f"inbox-{r}", f"frame-{r}".encode()) for r in ("ran", "new", "lone")] == [0, 1, 0]
-    assert routes.deliver(P.TokenBatch("ran", [], None), 0) == ["inbox-ran"]
+    ran = P.Generate("ran", "def f():", params=P.GenerateParams(max_new_tokens=9, do_sample=True), timeout_s=30.0)
+    assert routes.add(ran, "inbox-ran", P.encode(ran)) == 0
+    assert [_add(routes, r) for r in ("new", "lone")] == [1, 0]
+    # its replies, the second with a token sent twice (only each index's first counts)
+    for batch in (P.TokenBatch("ran", [P.Token(0, 5, "a"), P.Token(1, 6, "b")], None, 3, 1234),
+                  P.TokenBatch("ran", [P.Token(1, 6, "b"), P.Token(2, 7, "c")], None, 0, 1234)):
+        assert routes.deliver(batch, 0) == ["inbox-ran"]
     down, ended, again = routes.watched(0, _monitor(zmq.EVENT_DISCONNECTED), "tcp://127.0.0.1:1")
-    assert ended == ["inbox-ran"] and again == [("lone", b"frame-lone", 1)]
-    # with no other connection open, held for its own; and only once ("lone" went again already)
+    assert ended == [] and [(rid, c) for rid, _, c in again] == [("ran", 1), ("lone", 1)]
+    assert again[1][1] == b"frame-lone"
+    resumed = msgspec.msgpack.decode(again[0][1], type=P.Generate)
+    assert resumed.resume == [5, 6, 7] and resumed.params.seed == 1234 and 29 < resumed.timeout_s <= 30
+    assert msgspec.structs.replace(resumed, resume=[], timeout_s=30.0,
+                                   params=msgspec.structs.replace(resumed.params, seed=None)) == ran
+    # with no other connection open, held for its own; and only once ("ran" and "lone" went again already)
     down, ended, again = routes.watched(1, _monitor(zmq.EVENT_DISCONNECTED), "tcp://127.0.0.1:2")
-    assert ended == ["inbox-lone"] and again == []
+    assert sorted(ended) == ["inbox-lone", "inbox-ran"] and again == []
     assert routes.watched(1, _monitor(zmq.EVENT_CONNECT_RETRIED), "tcp://127.0.0.1:2")[1] == []  # (scheduled)
     again = routes.watched(1, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:2")[2]
     assert again == [("new", b"frame-new", 1)]
@@ -105,10 +121,10 @@ def test_a_request_a_frontend_refuses_as_it_shuts_down_goes_to_another():
     routes: Routes[str] = Routes(3)
     for c in range(3):
         routes.watched(c, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:1")
-    assert [routes.add(r, f"inbox-{r}", f"frame-{r}".encode()) for r in "ab"] == [0, 1]
+    assert [_add(routes, r) for r in "ab"] == [0, 1]
     # refused over connection 1: sent again over the open one with the fewest in flight
     assert routes.redirect(P.Error("b", "unavailable", "shutting down", draining=True), 1) == (b"frame-b", 2)
-    assert routes.add("c", "inbox-c", b"frame-c") == 0  # 1 takes nothing new; 0 and 2 carry one each
+    assert _add(routes, "c") == 0  # 1 takes nothing new; 0 and 2 carry one each
     assert routes.pop("b") == 2  # its cancel follows it
     # a request that has had a reply runs: never sent again, its refusal is its answer
     assert routes.deliver(P.TokenBatch("a", [], None), 0) == ["inbox-a"]
@@ -117,7 +133,7 @@ def test_a_request_a_frontend_refuses_as_it_shuts_down_goes_to_another():
     # with no other connection open, it waits for its own: the frontend leaves, and once the
     # connection is up anew (a load balancer's next frontend) it goes over it again
     routes.watched(2, _monitor(zmq.EVENT_DISCONNECTED), "tcp://127.0.0.1:1")
-    assert routes.add("d", "inbox-d") in (0, 1)  # every connection left or down: it goes somewhere
+    assert _add(routes, "d") in (0, 1)  # every connection left or down: it goes somewhere
     routes.pop("d")
     refused_c = P.Error("c", "unavailable", "shutting down", draining=True)
     assert routes.redirect(refused_c, 0) is None and routes.deliver(refused_c, 0) == []
@@ -126,7 +142,7 @@ def test_a_request_a_frontend_refuses_as_it_shuts_down_goes_to_another():
     assert routes.watched(0, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:1")[1:] == ([], [("c", b"frame-c", 0)])
     assert routes.pop("c") == 0  # its cancel follows it
     # ... unless nothing listens there any more: then it ends
-    assert routes.add("g", "inbox-g", b"frame-g") == 0
+    assert _add(routes, "g") == 0
     refused_g = P.Error("g", "unavailable", "shutting down", draining=True)
     assert routes.redirect(refused_g, 0) is None and routes.deliver(refused_g, 0) == []
     assert routes.watched(0, _monitor(zmq.EVENT_DISCONNECTED), "tcp://127.0.0.1:1")[1] == []
@@ -135,9 +151,9 @@ def test_a_request_a_frontend_refuses_as_it_shuts_down_goes_to_another():
     assert routes.watched(0, _monitor(zmq.EVENT_CONNECT_RETRIED), "tcp://127.0.0.1:1")[1] == ["inbox-g"]
     # a connection made anew (a new frontend) is open again
     routes.watched(1, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:1")
-    assert routes.add("e", "inbox-e") == 1
+    assert _add(routes, "e") == 1
     # any other error is delivered as it is, and leaves its connection open
-    assert routes.redirect(P.Error("e", "overloaded", "busy"), 1) is None and routes.add("f", "inbox-f") == 1
+    assert routes.redirect(P.Error("e", "overloaded", "busy"), 1) is None and _add(routes, "f") == 1
 
 
 def test_websocket_messages_carry_the_zmq_ones_by_name():
@@ -145,6 +161,10 @@ def test_websocket_messages_carry_the_zmq_ones_by_name():
     ws = msgspec.json.decode(msgspec.json.encode(P.WsGenerate.of(msg)))
     assert ws["type"] == "generate" and ws["parameters"]["top_n_tokens"] == 2
     assert msgspec.json.decode(msgspec.json.encode(ws), type=P.WsGenerate).generate() == msg
+    # a field at its default is not sent: a gateway older than its client takes the request
+    assert "resume" not in ws and "timeout_s" not in msgspec.json.decode(msgspec.json.encode(P.WsGenerate("r2")))
+    resumed = msgspec.structs.replace(msg, resume=[4, 5])
+    assert msgspec.json.decode(msgspec.json.encode(P.WsGenerate.of(resumed)), type=P.WsGenerate).generate() == resumed
     batch = P.TokenBatch("r1", [P.Token(**TOKEN)], "stop_sequence", 3, None, None)
     assert P.from_ws_reply(msgspec.json.decode(msgspec.json.encode(P.ws_reply(batch)), type=P.WsReply)) == batch
 

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -136,6 +137,74 @@ def test_a_dead_frontend_frees_its_slots_and_the_other_streams_on(home, tiny_dir
         wait_for(lambda: c.router_state().get("frontends") == 2, 60, "the new frontend to join")
         wait_for(lambda: (http_json(c.port, "/health") or {}).get("status") == "ok", 60, "the frontends' health")
         assert stream_all([f"tcp://127.0.0.1:{port}"], short) == offline(lm, short)
+
+
+LONG = 400  # tokens: still streaming when their frontend dies
+
+
+async def streams_through_a_frontend_death(c: SplitCluster, specs: list[dict]) -> tuple[list, float]:
+    """Each spec streamed twice by a ZMQ client and an AsyncClient given both frontends (a request
+    goes to the one with the fewer in flight: half of them, each spec's once, to the first) and
+    once by a WebSocketClient and an AsyncWebSocketClient connected while the first frontend was
+    the only one; it is SIGKILLed once every stream has a token. -> (the answers, ZMQ's then the
+    WebSockets', the number of streams the first frontend had when it died)."""
+    url = f"ws://127.0.0.1:{c.port}/ws"
+    ws_sync, ws_async = WebSocketClient(url), await AsyncWebSocketClient.connect(url)
+    c.add_frontend()
+    await asyncio.to_thread(c.wait_ready)
+    started: list[int] = []
+
+    def sync_answer(stream):
+        with stream:
+            next(stream)
+            started.append(1)
+            return stream.response()
+
+    async def async_answer(stream):
+        async with stream:
+            await stream.__anext__()
+            started.append(1)
+            return await stream.response()
+
+    loop = asyncio.get_running_loop()
+    with Client(c.endpoints) as zmq_sync, ws_sync, ThreadPoolExecutor(3 * len(specs)) as threads:
+        async with AsyncClient(c.endpoints) as zmq_async, ws_async:
+            twice = [*specs, *specs]
+            runs = [*(loop.run_in_executor(threads, sync_answer, zmq_sync.stream(**s)) for s in twice),
+                    *(async_answer(zmq_async.stream(**s)) for s in twice),
+                    *(loop.run_in_executor(threads, sync_answer, ws_sync.stream(**s)) for s in specs),
+                    *(async_answer(ws_async.stream(**s)) for s in specs)]
+            answers = asyncio.gather(*runs)
+            await async_wait_for(lambda: len(started) == len(runs), 60, "every stream's first token")
+            streaming = metric_at(c.frontend_metrics_ports[0], "splitserve_frontend_streams")
+            c.frontends[0][0].send_signal(signal.SIGKILL)
+            return await asyncio.wait_for(answers, 120), streaming
+
+
+def test_the_client_libraries_resume_the_streams_of_a_dead_frontend_at_another(home, tiny_dir):
+    """A frontend dies (SIGKILL) while it streams requests of the client libraries: each goes on
+    at another frontend after the tokens its client has (ZMQ: to the client's other endpoint;
+    WebSocket: over a new connection to the shared port), and every answer, text and tokens, is
+    the undisturbed one: greedy, seeded, and sampled with the seed the gateway chose."""
+    specs = [{"prompt": "def f(x):", "max_new_tokens": LONG, "ignore_eos": True, "details": True},
+             {"prompt": "import os\n", "max_new_tokens": LONG, "ignore_eos": True, "details": True,
+              "temperature": 0.8, "top_k": 50, "seed": 7},
+             {"prompt": "class A:", "max_new_tokens": LONG, "ignore_eos": True, "details": True,
+              "temperature": 1.0}]  # its seed the gateway's
+    with SplitCluster(home, frontends=1) as c:
+        c.start_pipeline(32)
+        answers, streaming = asyncio.run(streams_through_a_frontend_death(c, specs))
+        # half of the ZMQ streams and all of the WebSocket ones were on the frontend that died
+        assert streaming == 2 * len(specs) + 2 * len(specs)
+        sent = [*specs, *specs, *specs, *specs, *specs, *specs]
+        assert [len(a.token_ids) for a in answers] == [LONG] * len(sent)
+        undisturbed = [dict(s, seed=a.details.seed) if "temperature" in s else s for s, a in zip(sent, answers)]
+        with Client(c.endpoints) as client:
+            again = [client.generate(**s, timeout=60) for s in undisturbed]
+        assert [(a.text, a.token_ids) for a in answers] == [(a.text, a.token_ids) for a in again]
+        assert len({a.details.seed for a in answers[2::3]}) == len(sent) // 3  # each its own seed
+        wait_for(lambda: c.metric("splitserve_decode_slots_reserved") == 0, 30, "the dead frontend's slots to be freed")
+        c.wait_idle()
 
 
 def test_streams_keep_flowing_while_the_router_restarts(home, tiny_dir, lm):

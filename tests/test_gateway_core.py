@@ -200,6 +200,36 @@ def test_a_request_whose_decode_worker_died_resumes_with_what_the_client_has(boo
     assert books.sent[-2:] == [("p", P.Cancel(resumed.request.id)), ("d2", P.Cancel(resumed.request.id))]
 
 
+def test_a_request_a_client_resumes_goes_on_after_the_tokens_it_has(books):
+    """A client whose frontend died sends the request again with the tokens it has (resume): it
+    runs as a request resumed after a worker death does, its tokens going on from there; a resume
+    that leaves nothing to generate, or names a token the vocabulary lacks, is refused."""
+    books.register("prefill", "p", 2048)
+    books.register("decode", "d1", 4)
+    out: list = []
+    msg = generate(9)
+    msg.resume = [11, 12]
+    gid = books.frontend.submit("c", msg, out.append)
+    prefill = books.sent[-1][1]
+    assert prefill.request.prompt_ids[-2:] == (11, 12) and prefill.request.resumed == 2
+    assert prefill.request.max_new_tokens == 6 and prefill.request.sampling.seed == 9
+    books.worker("p", P.FirstToken(gid, P.Token(2, 13, "c")))
+    assert out == [P.TokenBatch("c", [P.Token(2, 13, "c")], None, 0, 9)]  # (the prompt's count came before)
+    # its worker dies: resumed again, with every token its client has
+    books.worker("d1", P.StepTokens([P.StepEntry(gid, P.Token(3, 14, "d"))]))
+    books.register("decode", "d2", 4)
+    books.router.worker_left(books.registry.workers.pop("d1"))
+    books.router.dispatch()
+    again = books.sent[-1][1].request
+    assert again.prompt_ids == (*prefill.request.prompt_ids, 13, 14) and again.resumed == 4
+    assert again.max_new_tokens == 4
+    for resume, why in (([1] * 8, "nothing would be left"), ([10**6], "resume must be in")):
+        msg = generate(10)
+        msg.resume = resume
+        assert books.frontend.submit("bad", msg, out.append) is None
+        assert out[-1].error_type == "validation" and why in out[-1].message
+
+
 def test_the_router_frees_a_slot_at_the_workers_end_and_never_sees_a_token(books):
     books.register("prefill", "p", 2048)
     books.register("decode", "d", 4)
