@@ -531,6 +531,25 @@ def test_a_client_behind_a_load_balancer_sends_what_a_draining_frontend_refused_
         assert frontend_requests(c.frontend_metrics_ports[1]) == len(short)
 
 
+def test_a_client_behind_a_load_balancer_resumes_what_a_dead_frontend_streamed_at_the_next(home, tiny_dir, lm):
+    """Through one endpoint (a load balancer), a ZMQ client's stream whose frontend dies goes on
+    over the connection made anew, which reaches another frontend: the whole answer, no error."""
+    with SplitCluster(home, frontends=2) as c:
+        c.start_pipeline(16)
+        proxy = ServiceProxy([port for _, port in c.frontends])  # to the first frontend while it listens
+        long = {"prompt": "def f(x):", "max_new_tokens": 600, "ignore_eos": True}
+        try:
+            with Client(f"tcp://127.0.0.1:{proxy.port}") as client:
+                stream = iter(client.stream(**long, timeout=60))
+                first = next(stream).token_id
+                c.frontends[0][0].send_signal(signal.SIGKILL)
+                whole = [first, *(ev.token_id for ev in stream)]
+        finally:
+            proxy.close()
+        assert whole == offline(lm, [long])[0]
+        assert frontend_requests(c.frontend_metrics_ports[1]) == 1
+
+
 def test_serve_drains_a_worker_started_again_that_registers_during_its_drain(home, tiny_dir):
     """A decode worker that died is started again; if serve is stopped before the new one has
     registered, the router tells it to drain as it registers, and serve exits at once, not when
