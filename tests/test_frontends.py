@@ -207,6 +207,26 @@ def test_the_client_libraries_resume_the_streams_of_a_dead_frontend_at_another(h
         c.wait_idle()
 
 
+def test_a_zmq_client_resumes_the_streams_of_a_frozen_frontend_at_another(home, tiny_dir, lm):
+    """A frontend that stops answering (SIGSTOP: its process, sockets and all) is found by the ZMQ
+    client's heartbeats within 3 s: its streams go on at the other frontend, whole and exact."""
+    with SplitCluster(home, frontends=2) as c:
+        c.start_pipeline(16)
+        specs = [dict(s, max_new_tokens=LONG) for s in request_specs(4)]
+        want = offline(lm, specs)
+        frozen = c.frontends[0][0]
+        try:
+            with Client(c.endpoints) as client:  # requests 0 and 2 on the first frontend, 1 and 3 on the other
+                streams = [iter(client.stream(**s, timeout=60)) for s in specs]
+                firsts = [next(s).token_id for s in streams]
+                frozen.send_signal(signal.SIGSTOP)
+                whole = [[first, *(ev.token_id for ev in s)] for first, s in zip(firsts, streams)]
+        finally:
+            frozen.send_signal(signal.SIGCONT)
+        assert whole == want
+        wait_for(lambda: c.metric("splitserve_decode_slots_reserved") == 0, 30, "the frozen frontend's slots to be freed")
+
+
 def test_streams_keep_flowing_while_the_router_restarts(home, tiny_dir, lm):
     with SplitCluster(home, frontends=1) as c:
         c.start_pipeline(16)
