@@ -191,10 +191,11 @@ class Routes(Generic[Inbox]):
     A request that never ran goes again, to another connection made, or over its own once that is
     made (anew: through a load balancer, another frontend), and ends only when none can be: one
     sent while its connection was not made (hold), one a frontend shutting down refused
-    (redirect, deliver). A request whose connection dropped goes again once (watched; the
-    frontend exited, or died): as it was if it had no answer yet (the frontend took it or not:
-    the client gets one answer either way), else resumed after the tokens it has, so that its
-    stream goes on where it stopped, as the one it would have been."""
+    (redirect, deliver; given one endpoint, over a second connection to it, the spare). A
+    request whose connection dropped goes again once (watched; the frontend exited, or died): as
+    it was if it had no answer yet (the frontend took it or not: the client gets one answer
+    either way), else resumed after the tokens it has, so that its stream goes on where it
+    stopped, as the one it would have been."""
 
     def __init__(self, connections: int = 1, encode: Callable[[Generate], bytes | str] = P.encode):
         self._encode = encode  # a Generate as the connections carry it
@@ -216,6 +217,11 @@ class Routes(Generic[Inbox]):
         # sent again once after a connection dropped with them: never twice, so that a request that
         # kills frontends cannot take them all
         self._resent: set[str] = set()
+        # Given one endpoint (a load balancer), a second connection to it, the spare, opened when
+        # the frontend on the first refused a request as it shuts down and no other connection
+        # was open: reaching another frontend, it takes that request and the new ones at once,
+        # rather than after the old frontend's last stream.
+        self._one_endpoint = connections == 1
 
     def add(self, msg: Generate, inbox: Inbox, frame: bytes | str) -> int:
         """Route a new request; -> the connection to send it over. `frame`: `msg` encoded, kept
@@ -243,7 +249,23 @@ class Routes(Generic[Inbox]):
         if msg.id not in self._requests or frame is None:
             return None
         again = self._move(msg.id, connection)
+        if again is None and self._one_endpoint and connection == 0:
+            again = self._move(msg.id, 0, [self._spare_connection()])
         return None if again is None else (frame, again)
+
+    def _spare_connection(self) -> int:
+        """The spare (connection 1), added now if it is not there yet."""
+        if len(self._load) == 1:
+            for row, value in ((self._load, 0), (self.up, False), (self.leaving, False), (self._dropped, False),
+                               (self._heard, False)):
+                row.append(value)
+        return 1
+
+    @property
+    def connections(self) -> int:
+        """How many connections there are, the spare included: the client opens one it has not yet
+        (to its one endpoint)."""
+        return len(self._load)
 
     def watched(self, connection: int, event: list[bytes], endpoint: str) \
             -> tuple[Error, list[Inbox], list[tuple[str, bytes | str, int]]]:

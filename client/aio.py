@@ -116,14 +116,23 @@ class AsyncClient(AsyncClientBase):
                  max_message_bytes: int = MAX_MESSAGE_BYTES):
         self._api_key = api_key
         self._ctx = zmq.asyncio.Context()
-        self._endpoints = endpoints(endpoint)
-        connections = [dealer(self._ctx, e, max_message_bytes) for e in self._endpoints]
-        self._socks = [sock for sock, _ in connections]
-        self._watches = [watch for _, watch in connections]
-        self._routes: Routes[asyncio.Queue] = Routes(len(self._socks))
+        self._max_message_bytes = max_message_bytes
+        found = endpoints(endpoint)
+        self._endpoints: list[str] = []  # per connection
+        self._socks: list[zmq.asyncio.Socket] = []
+        self._watches: list[zmq.asyncio.Socket] = []
+        self._routes: Routes[asyncio.Queue] = Routes(len(found))
+        for e in found:
+            self._open(e)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task] = []  # a reader and a watcher per connection
         self._closed = False
+
+    def _open(self, endpoint: str) -> None:
+        sock, watch = dealer(self._ctx, endpoint, self._max_message_bytes)
+        self._socks.append(sock)
+        self._watches.append(watch)
+        self._endpoints.append(endpoint)
 
     def _start(self, msg: Generate, inbox: asyncio.Queue) -> None:
         self._start_readers()
@@ -162,6 +171,9 @@ class AsyncClient(AsyncClientBase):
     def _deliver(self, msg, connection: int) -> None:
         again = self._routes.redirect(msg, connection)
         if again is not None:
+            if len(self._socks) < self._routes.connections:  # the spare, to open now, with its tasks
+                self._open(self._endpoints[0])
+                self._tasks += [self._loop.create_task(task(len(self._socks) - 1)) for task in (self._read, self._watch)]
             self._send(msg.id, *again)
             return
         for inbox in self._routes.deliver(msg, connection):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import queue
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from operator import methodcaller
 
 import zmq
@@ -57,21 +58,31 @@ class _Mailbox:
 
 
 class _IOLoop:
-    """The IO thread: the only code that touches the DEALER sockets (one per endpoint) and the
-    table of requests."""
+    """The IO thread: the only code that touches the DEALER sockets (one per endpoint, and the
+    spare: see Routes) and the table of requests."""
 
-    def __init__(self, endpoints: list[str], connections: list[tuple[zmq.Socket, zmq.Socket]], mailbox: _Mailbox):
-        self._endpoints = endpoints
-        self._socks = [sock for sock, _ in connections]
-        self._watches = [watch for _, watch in connections]
+    def __init__(self, endpoints: list[str], connect: Callable[[str], tuple[zmq.Socket, zmq.Socket]],
+                 mailbox: _Mailbox):
+        self._connect = connect
+        self._endpoints: list[str] = []  # per connection
+        self._socks: list[zmq.Socket] = []
+        self._watches: list[zmq.Socket] = []
+        self._poller = zmq.Poller()
         self._mailbox = mailbox
-        self._routes: Routes[queue.SimpleQueue] = Routes(len(connections))
+        self._routes: Routes[queue.SimpleQueue] = Routes(len(endpoints))
+        for endpoint in endpoints:
+            self._open(endpoint)
         self._running = True
 
+    def _open(self, endpoint: str) -> None:
+        sock, watch = self._connect(endpoint)
+        for s, into in ((sock, self._socks), (watch, self._watches)):
+            into.append(s)
+            self._poller.register(s, zmq.POLLIN)
+        self._endpoints.append(endpoint)
+
     def run(self) -> None:
-        poller = zmq.Poller()
-        for sock in self._socks + self._watches:
-            poller.register(sock, zmq.POLLIN)
+        poller = self._poller
         wake = self._mailbox.wake.fileno()  # a plain socket comes back from poll() as its fd
         poller.register(wake, zmq.POLLIN)
         try:
@@ -109,6 +120,8 @@ class _IOLoop:
     def _deliver(self, msg, connection: int | None = None) -> None:
         again = self._routes.redirect(msg, connection)
         if again is not None:
+            if len(self._socks) < self._routes.connections:  # the spare, to open now
+                self._open(self._endpoints[0])
             self._send(msg.id, *again)
             return
         for inbox in self._routes.deliver(msg, connection):
@@ -216,7 +229,7 @@ class Client(SyncClientBase):
         self._ctx = zmq.Context()
         self._mailbox = _Mailbox()
         found = endpoints(endpoint)
-        io = _IOLoop(found, [dealer(self._ctx, e, max_message_bytes) for e in found], self._mailbox)
+        io = _IOLoop(found, partial(dealer, self._ctx, max_message_bytes=max_message_bytes), self._mailbox)
         self._thread = threading.Thread(target=io.run, name="splitserve-client-io", daemon=True)
         self._thread.start()
         self._lock = threading.Lock()  # orders close() after every start it has to fail

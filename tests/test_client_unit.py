@@ -156,6 +156,32 @@ def test_a_request_a_frontend_refuses_as_it_shuts_down_goes_to_another():
     assert routes.redirect(P.Error("e", "overloaded", "busy"), 1) is None and _add(routes, "f") == 1
 
 
+def test_a_request_refused_as_draining_with_no_other_connection_open_takes_a_spare():
+    """One endpoint (a load balancer): a new connection to it, the spare, takes the refused request
+    and the new ones, while the old connection's streams finish; a spare refusing too has none of
+    its own: the request waits for it to be made anew. (Given several endpoints, a client has
+    no spare: each endpoint is a frontend of its own, whose new connection reaches it again.)"""
+    routes: Routes[str] = Routes(1)
+    routes.watched(0, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:1")
+    assert [_add(routes, r) for r in "ab"] == [0, 0]
+    assert routes.deliver(P.TokenBatch("a", [P.Token(0, 5, "x")], None), 0) == ["inbox-a"]  # a streams there
+    refused = P.Error("b", "unavailable", "shutting down", draining=True)
+    assert routes.redirect(refused, 0) == (b"frame-b", 1)
+    assert routes.connections == 2  # the client opens connection 1 to its endpoint
+    assert not routes.hold("a", 1) and routes.hold("b", 1)  # not made yet: b waits for it
+    assert _add(routes, "c") == 1  # new requests too
+    assert routes.watched(1, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:1")[2] == [("b", b"frame-b", 1)]
+    assert _add(routes, "d") == 1
+    # the spare reached the same frontend (no load balancer): refused there too, held for it
+    assert routes.redirect(P.Error("d", "unavailable", "shutting down", draining=True), 1) is None
+    assert routes.connections == 2
+    assert routes.deliver(P.Error("d", "unavailable", "shutting down", draining=True), 1) == []
+    down, ended, again = routes.watched(1, _monitor(zmq.EVENT_DISCONNECTED), "tcp://127.0.0.1:1")
+    assert ended == [] and again == []  # b and c, unanswered, go again once: held for it, as d is
+    again = routes.watched(1, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:1")[2]
+    assert sorted(again) == [("b", b"frame-b", 1), ("c", b"frame-c", 1), ("d", b"frame-d", 1)]
+
+
 def test_websocket_messages_carry_the_zmq_ones_by_name():
     msg = P.Generate("r1", "def f():", [1, 2], P.GenerateParams(**PARAMS), 2.5, "key")
     ws = msgspec.json.decode(msgspec.json.encode(P.WsGenerate.of(msg)))

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -492,10 +493,12 @@ def test_clients_send_around_a_frontend_that_drains(home, tiny_dir, lm):
 
 class ServiceProxy:
     """A load balancer in front of frontends' ZMQ ports, as a Kubernetes Service is: each new
-    connection goes to the first of `ports` that accepts it, byte for byte, until either side closes."""
+    connection goes to the first of `ports` that is ready and accepts it, byte for byte, until
+    either side closes. `ready(i)`: whether `ports[i]` may take new connections (a Service's
+    readiness probe, on a frontend's /health: not while it drains); None: every port is."""
 
-    def __init__(self, ports: list[int]):
-        self.ports = ports
+    def __init__(self, ports: list[int], ready: Callable[[int], bool] | None = None):
+        self.ports, self.ready = ports, ready
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -503,7 +506,9 @@ class ServiceProxy:
     def _accept(self) -> None:
         while True:
             client, _ = self.sock.accept()
-            for port in self.ports:
+            for i, port in enumerate(self.ports):
+                if self.ready is not None and not self.ready(i):
+                    continue
                 with contextlib.suppress(OSError):
                     upstream = socket.create_connection(("127.0.0.1", port), timeout=5)
                     break
@@ -526,25 +531,54 @@ class ServiceProxy:
         self.sock.close()
 
 
-def test_a_client_behind_a_load_balancer_sends_what_a_draining_frontend_refused_to_the_next(home, tiny_dir, lm):
+async def around_a_drain(c: SplitCluster, endpoint: str, long: dict, short: list[dict], asynchronous: bool) \
+        -> tuple[list[int], list[list[int]]]:
+    """A stream of `long` on the first frontend, which is SIGTERMed once it has a token; then the
+    `short` requests, answered (asserted) while the first frontend still streams `long`.
+    -> (the long answer, the short ones), by the ZMQ client or the AsyncClient."""
+    def draining() -> None:
+        c.frontends[0][0].send_signal(signal.SIGTERM)
+        wait_for(lambda: (http_json(c.frontend_metrics_ports[0], "/health") or {}).get("status") == "draining",
+                 10, "the first frontend to drain")
+
+    def still_streaming() -> None:
+        assert c.frontends[0][0].poll() is None, "answered only once the draining frontend had exited"
+        assert metric_at(c.frontend_metrics_ports[0], "splitserve_frontend_streams") == 1
+
+    if not asynchronous:
+        with Client(endpoint) as client:
+            stream = iter(client.stream(**long))
+            first = next(stream).token_id
+            draining()
+            answers = [client.generate(**s, timeout=60).token_ids for s in short]
+            still_streaming()
+            return [first, *(ev.token_id for ev in stream)], answers
+    async with AsyncClient(endpoint) as client:
+        stream = client.stream(**long)
+        first = (await stream.__anext__()).token_id
+        await asyncio.to_thread(draining)
+        answers = [(await client.generate(**s, timeout=60)).token_ids for s in short]
+        still_streaming()
+        return [first, *[ev.token_id async for ev in stream]], answers
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["Client", "AsyncClient"])
+def test_a_client_behind_a_load_balancer_sends_what_a_draining_frontend_refused_to_the_next(home, tiny_dir, lm,
+                                                                                             asynchronous):
     """Through one endpoint (a load balancer, as a Kubernetes Service is), a ZMQ client's request
-    that a draining frontend refuses waits for the connection to end, then goes over the next one,
-    which reaches another frontend: no error, while its stream on the draining frontend finishes whole."""
+    that a draining frontend refuses goes over a second connection, which reaches another frontend,
+    as do the next ones: no error, no wait for the draining frontend's streams, while its stream
+    there finishes whole."""
     with SplitCluster(home, frontends=2) as c:
         c.start_pipeline(16)
-        proxy = ServiceProxy([port for _, port in c.frontends])  # to the first frontend while it listens
-        long = {"prompt": "def f(x):", "max_new_tokens": 600, "ignore_eos": True}
+        # to the first frontend while it is ready (not once it drains: /health says so)
+        proxy = ServiceProxy([port for _, port in c.frontends], lambda i: (http_json(
+            c.frontend_metrics_ports[i], "/health") or {}).get("status") == "ok")
+        long = {"prompt": "def f(x):", "max_new_tokens": 1500, "ignore_eos": True}  # seconds of work
         short = request_specs(2)
         want = offline(lm, [long, *short])
         try:
-            with Client(f"tcp://127.0.0.1:{proxy.port}") as client:
-                stream = iter(client.stream(**long))
-                first = next(stream).token_id
-                c.frontends[0][0].send_signal(signal.SIGTERM)
-                wait_for(lambda: (http_json(c.frontend_metrics_ports[0], "/health") or {}).get("status")
-                         == "draining", 10, "the first frontend to drain")
-                answers = [client.generate(**s, timeout=60).token_ids for s in short]
-                whole = [first, *(ev.token_id for ev in stream)]
+            whole, answers = asyncio.run(around_a_drain(c, f"tcp://127.0.0.1:{proxy.port}", long, short, asynchronous))
         finally:
             proxy.close()
         assert whole == want[0] and answers == want[1:]
