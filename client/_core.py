@@ -156,6 +156,9 @@ class _Flight(Generic[Inbox]):
     since: float  # time.monotonic() when it was sent: its timeout counts from there
     # its replies so far: should its connection drop, it goes on elsewhere after their tokens
     replies: list[TokenBatch] = field(default_factory=list)
+    # sent again after a connection dropped with it: never twice, so that a request that kills
+    # frontends cannot take them all
+    resent: bool = False
 
     def resumed(self) -> Generate:
         """The request as it goes on over another connection: the tokens it has as `resume`, the
@@ -214,9 +217,6 @@ class Routes(Generic[Inbox]):
         # it will connect again, not that a try failed
         self._dropped = [False] * connections
         self._heard = [False] * connections  # whether its monitor has said anything yet
-        # sent again once after a connection dropped with them: never twice, so that a request that
-        # kills frontends cannot take them all
-        self._resent: set[str] = set()
         # Given one endpoint (a load balancer), a second connection to it, the spare, opened when
         # the frontend on the first refused a request as it shuts down and no other connection
         # was open: reaching another frontend, it takes that request and the new ones at once,
@@ -319,11 +319,11 @@ class Routes(Generic[Inbox]):
         (they are marked so now, and have no answer over the new connection yet)."""
         again = {}
         for rid in rids:
-            if rid in self._resent:
+            flight = self._requests[rid]
+            if flight.resent:
                 continue
-            self._resent.add(rid)
-            frame = self._unanswered.get(rid)
-            again[rid] = self._unanswered[rid] = frame or self._encode(self._requests[rid].resumed())
+            flight.resent = True
+            again[rid] = self._unanswered[rid] = self._unanswered.get(rid) or self._encode(flight.resumed())
         return again
 
     def _unheard(self) -> list[int]:
@@ -368,12 +368,24 @@ class Routes(Generic[Inbox]):
         """Forget a request; -> its connection, or None if it had already ended."""
         self._unanswered.pop(request_id, None)
         self._held.pop(request_id, None)
-        self._resent.discard(request_id)
         found = self._requests.pop(request_id, None)
         if found is None:
             return None
         self._load[found.connection] -= 1
         return found.connection
+
+    def hand_over(self, request_id: str) -> _Flight[Inbox]:
+        """Forget a running request, which goes on over a connection that other Routes keep (a
+        WebSocket client's next connection: see take_over); -> what it needs there."""
+        flight = self._requests[request_id]
+        self.pop(request_id)
+        return flight
+
+    def take_over(self, flight: _Flight[Inbox], frame: bytes | str) -> None:
+        """Route a request that other Routes handed over, to go as `frame`: what it had there (its
+        replies, whether it went again once) it keeps."""
+        flight.connection = self.add(flight.msg, flight.inbox, frame)
+        self._requests[flight.msg.id] = flight
 
     def lost_once(self) -> dict[str, bytes | str]:
         """Request id -> Generate message of the requests lost with their connection (the only

@@ -173,7 +173,8 @@ class AsyncClient(AsyncClientBase):
         if again is not None:
             if len(self._socks) < self._routes.connections:  # the spare, to open now, with its tasks
                 self._open(self._endpoints[0])
-                self._tasks += [self._loop.create_task(task(len(self._socks) - 1)) for task in (self._read, self._watch)]
+                spare = len(self._socks) - 1
+                self._tasks += [self._loop.create_task(task(spare)) for task in (self._read, self._watch)]
             self._send(msg.id, *again)
             return
         for inbox in self._routes.deliver(msg, connection):

@@ -16,12 +16,13 @@ import asyncio
 import contextlib
 import queue
 import threading
-from collections.abc import Collection
+import time
+from collections.abc import Callable, Collection
 from functools import partial
 
 import msgspec
 from websockets.asyncio.client import connect as aconnect
-from websockets.exceptions import WebSocketException
+from websockets.exceptions import InvalidMessage, WebSocketException
 from websockets.sync.client import connect
 
 from splitserve.common import protocol as P
@@ -61,6 +62,17 @@ def _check_encoding(encoding: str) -> bool:
 
 
 CONNECTION_LOST = "the connection to the gateway closed"
+# A connection refused or cut as it is made is tried again after these waits: a frontend that has
+# just died may have taken it into the queue of its listening socket, which shares its port with
+# the other frontends'. (Not one that timed out: it has waited its open_timeout already.)
+CONNECT_RETRIES_S = (0.05, 0.2)
+
+
+def _connect_failed(url: str, e: Exception, retries_left: bool) -> UnavailableError | None:
+    """The error a failed try to connect ends with; None when it is to be tried again."""
+    if retries_left and isinstance(e, (OSError, InvalidMessage)) and not isinstance(e, TimeoutError):
+        return None
+    return UnavailableError(f"cannot connect to {url}: {e}")
 
 
 def _again(routes: Routes, close_code: int | None) -> dict[str, bytes | str]:
@@ -73,13 +85,35 @@ def _again(routes: Routes, close_code: int | None) -> dict[str, bytes | str]:
     return routes.unanswered() if close_code == P.WS_RESTART else held | routes.lost_once()
 
 
+class _Connection:
+    """One of a client's WebSocket connections: the requests it carries, and its outbox (frames to
+    send; the sync client's writer also takes ("cancel", id), sent if that request runs here, and
+    None: stop). A connection whose frontend shuts down (it refused a request as `draining`)
+    retires: its streams finish, and new requests go over a new connection, which reaches another
+    frontend (the draining one no longer listens), rather than wait for them."""
+
+    def __init__(self, binary: bool, outbox):
+        self.routes: Routes = Routes(encode=partial(_generate_frame, binary))
+        self.outbox = outbox
+        self.ws = None  # the websocket, once made
+        self.lost = False  # closed, or never made
+        self.retiring = False
+        self.close: Callable[[], None] = lambda: None  # the sync client's: closes the websocket
+        self.threads: list[threading.Thread] = []  # the sync client's reader and writer
+
+    @property
+    def takes_new(self) -> bool:
+        return not (self.lost or self.retiring)
+
+
 class WebSocketClient(SyncClientBase):
     """A connection to a gateway's /ws, usable from many threads at once. A reader thread hands each
     reply to its request; a writer thread sends, so that a stream dropped anywhere (its __del__
     cancels it) never sends on the socket itself. The requests a lost connection carried go over
     a new one at once: as often as a frontend shutting down says they never started (it refuses
     them as `draining`, or closes the connection with WS_RESTART), else once (see _again); the
-    others end with UnavailableError, and the next request connects again."""
+    others end with UnavailableError, and the next request connects again. A connection whose
+    frontend shuts down retires (see _Connection)."""
 
     def __init__(self, url: str, api_key: str | None = None, *, encoding: str = "msgpack",
                  open_timeout: float = 10.0, max_message_bytes: int = MAX_MESSAGE_BYTES):
@@ -87,105 +121,128 @@ class WebSocketClient(SyncClientBase):
         self._url, self._api_key = url, api_key
         self._connect_options = dict(open_timeout=open_timeout, max_size=max_message_bytes, compression=None,
                                      proxy=None)
-        self._routes: Routes[queue.SimpleQueue] = Routes(encode=partial(_generate_frame, self._binary))
-        self._lock = threading.Lock()  # the routes and the connection, shared by callers and the threads
+        self._lock = threading.Lock()  # the connections and their routes, shared by callers and the threads
         self._closed = False
-        self._stack: contextlib.ExitStack | None = None  # holds the connection
+        self._conns: list[_Connection] = []  # open, the newest (where new requests go) last
         self._connect()
 
-    def _connect(self) -> None:
-        """A connection and its reader and writer threads, which hold it and its outbox: the threads
-        of a lost one never touch the next."""
-        stack = contextlib.ExitStack()
-        try:
-            conn = stack.enter_context(connect(self._url, **self._connect_options))
-        except (OSError, WebSocketException, TimeoutError) as e:
-            raise UnavailableError(f"cannot connect to {self._url}: {e}") from e
-        if self._stack is not None:
-            self._stack.close()  # the lost connection's
-        self._stack, self._outbox, self._lost = stack, queue.SimpleQueue(), False
-        self._threads = [threading.Thread(target=f, args=(conn, self._outbox), daemon=True,
-                                          name=f"splitserve-ws-{f.__name__.strip('_')}") for f in (self._read, self._write)]
-        for t in self._threads:
+    def _connect(self) -> _Connection:
+        """A new connection, where new requests go from now on, and its reader and writer threads."""
+        for wait in (*CONNECT_RETRIES_S, None):
+            stack = contextlib.ExitStack()
+            try:
+                ws = stack.enter_context(connect(self._url, **self._connect_options))
+                break
+            except (OSError, WebSocketException, TimeoutError) as e:
+                failed = _connect_failed(self._url, e, wait is not None)
+                if failed is not None:
+                    raise failed from e
+            time.sleep(wait)
+        c = _Connection(self._binary, queue.SimpleQueue())
+        c.ws, c.close = ws, stack.close
+        self._conns.append(c)
+        c.threads = [threading.Thread(target=f, args=(c,), daemon=True, name=f"splitserve-ws-{f.__name__.strip('_')}")
+                     for f in (self._read, self._write)]
+        for t in c.threads:
             t.start()
+        return c
+
+    def _current(self) -> _Connection:
+        """Where a new request goes: the newest connection, or a new one when it takes none."""
+        return self._conns[-1] if self._conns and self._conns[-1].takes_new else self._connect()
 
     def _start(self, msg: Generate, inbox: queue.SimpleQueue) -> None:
-        # the caller holds the lock, so the reader's end cannot slip between the check and the route
-        if self._lost:
-            try:
-                self._connect()
-            except UnavailableError as e:
-                inbox.put(Error(msg.id, "unavailable", str(e)))
-                return
+        # the caller holds the lock, so a reader's end cannot slip between the choice and the route
+        try:
+            c = self._current()
+        except UnavailableError as e:
+            inbox.put(Error(msg.id, "unavailable", str(e)))
+            return
         frame = _generate_frame(self._binary, msg)
-        self._routes.add(msg, inbox, frame)
-        self._outbox.put(frame)
+        c.routes.add(msg, inbox, frame)
+        c.outbox.put(frame)
 
     def _cancel(self, request_id: str) -> None:
-        # only a queue put: this runs from __del__ too, maybe while this thread holds the lock
-        self._outbox.put(("cancel", request_id))
+        # only queue puts: this runs from __del__ too, maybe while this thread holds the lock; the
+        # writer of the connection that carries the request sends the cancel
+        for c in list(self._conns):
+            c.outbox.put(("cancel", request_id))
 
-    def _read(self, conn, outbox: queue.SimpleQueue) -> None:
+    def _read(self, c: _Connection) -> None:
         try:
-            for frame in conn:
+            for frame in c.ws:
                 msg = _decode(frame)
                 if msg is not None:
-                    self._deliver(msg)
+                    self._deliver(c, msg)
         except (OSError, WebSocketException):
             pass
         finally:
-            # Under the lock, so that no request routed to the next connection is ended here: the
-            # requests that go again go over a new connection, the others end.
+            # Under the lock, so that no request is routed to this connection meanwhile: the
+            # requests that go again go over another connection, the others end.
             closed = Error("", "unavailable", CONNECTION_LOST)
             with self._lock:
-                self._lost = True
-                again = {} if self._closed else _again(self._routes, conn.close_code)
-                for inbox in self._routes.deliver(closed, keep=again):
+                c.lost = True
+                self._conns.remove(c)
+                again = {} if self._closed else _again(c.routes, c.ws.close_code)
+                for inbox in c.routes.deliver(closed, keep=again):
                     inbox.put(closed)
                 if again:
-                    self._send_again(again)
-            outbox.put(None)
+                    self._elsewhere(c, again)
+            c.outbox.put(None)
+            c.close()
 
-    def _send_again(self, frames: dict[str, bytes | str]) -> None:
-        try:
-            self._connect()
-        except UnavailableError as e:
-            failed = Error("", "unavailable", str(e))
-            for inbox in self._routes.deliver(failed):
-                inbox.put(failed)
-            return
-        for frame in frames.values():
-            self._outbox.put(frame)
-
-    def _deliver(self, msg) -> None:
+    def _deliver(self, c: _Connection, msg) -> None:
         with self._lock:
-            inboxes = self._routes.deliver(msg, 0)  # a refusal as `draining` is held: see _read's end
+            inboxes = c.routes.deliver(msg, 0)  # a refusal as `draining` is held: it goes elsewhere
+            if isinstance(msg, Error) and msg.draining and not self._closed:
+                c.retiring = True
+                self._elsewhere(c, dict(c.routes.take_held(0)))
         for inbox in inboxes:
             inbox.put(msg)
 
-    def _write(self, conn, outbox: queue.SimpleQueue) -> None:
-        while (item := outbox.get()) is not None:
+    def _elsewhere(self, c: _Connection, frames: dict[str, bytes | str]) -> None:
+        """Send requests of `c` (id -> Generate frame) over the connection that new requests take;
+        they end if none can be made."""
+        if not frames:
+            return
+        try:
+            target = self._current()
+        except UnavailableError as e:
+            for rid in frames:
+                failed = Error(rid, "unavailable", str(e))
+                for inbox in c.routes.deliver(failed):
+                    inbox.put(failed)
+            return
+        for rid, frame in frames.items():
+            target.routes.take_over(c.routes.hand_over(rid), frame)
+            target.outbox.put(frame)
+
+    def _write(self, c: _Connection) -> None:
+        while (item := c.outbox.get()) is not None:
             if isinstance(item, tuple):
                 with self._lock:
-                    running = self._routes.pop(item[1]) is not None
-                if not running:  # it has already ended
+                    running = c.routes.pop(item[1]) is not None
+                if not running:  # it has already ended, or runs over another connection
                     continue
                 item = _frame(P.WsCancel(item[1]), self._binary)
             try:
-                conn.send(item)
+                c.ws.send(item)
             except (OSError, WebSocketException):
                 return
 
     def close(self) -> None:
-        """Close the connection; requests still running fail with UnavailableError."""
+        """Close the connections; requests still running fail with UnavailableError."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        self._outbox.put(None)
-        self._stack.close()
-        for t in self._threads:
-            t.join()
+            conns = list(self._conns)
+        for c in conns:
+            c.outbox.put(None)
+            c.close()  # its reader ends, and ends its requests
+        for c in conns:
+            for t in c.threads:
+                t.join()
 
     def __enter__(self) -> WebSocketClient:
         return self
@@ -205,13 +262,10 @@ class AsyncWebSocketClient(AsyncClientBase):
         self._binary = _check_encoding(encoding)
         self._connect_options = dict(open_timeout=open_timeout, max_size=max_message_bytes, compression=None,
                                      proxy=None)
-        self._routes: Routes[asyncio.Queue] = Routes(encode=partial(_generate_frame, self._binary))
-        self._conn = None  # the current connection
-        self._outbox: asyncio.Queue = asyncio.Queue()  # the current connection's
+        self._conns: list[_Connection] = []  # the newest (where new requests go) last; lost ones until the next
         self._tasks: list[asyncio.Task] = []  # one per connection, while it lasts
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
-        self._lost = False  # the connection is gone: the next request connects again
 
     @classmethod
     async def connect(cls, url: str, api_key: str | None = None, **options) -> AsyncWebSocketClient:
@@ -222,89 +276,112 @@ class AsyncWebSocketClient(AsyncClientBase):
     async def _open(self) -> None:
         """The first connection: failing to make it is the caller's error."""
         self._loop = asyncio.get_running_loop()
-        conn = await self._connect()
-        self._tasks = [self._loop.create_task(self._serve(conn, self._outbox))]
+        c = _Connection(self._binary, asyncio.Queue())
+        c.ws = await self._connect()
+        self._conns.append(c)
+        self._tasks.append(self._loop.create_task(self._serve(c)))
 
     async def _connect(self):
-        try:
-            self._conn = await aconnect(self._url, **self._connect_options)
-        except (OSError, WebSocketException, TimeoutError) as e:
-            raise UnavailableError(f"cannot connect to {self._url}: {e}") from e
-        return self._conn
+        for wait in (*CONNECT_RETRIES_S, None):
+            try:
+                return await aconnect(self._url, **self._connect_options)
+            except (OSError, WebSocketException, TimeoutError) as e:
+                failed = _connect_failed(self._url, e, wait is not None)
+                if failed is not None:
+                    raise failed from e
+            await asyncio.sleep(wait)
 
     def _check_open(self) -> None:
         super()._check_open()
         if self._loop is None:
             raise UnavailableError("the client is not connected")
 
-    def _start(self, msg: Generate, inbox: asyncio.Queue) -> None:
-        if self._lost:
-            self._new_connection()
-        frame = _generate_frame(self._binary, msg)
-        self._routes.add(msg, inbox, frame)
-        self._outbox.put_nowait(frame)
-
-    def _new_connection(self) -> None:
-        self._lost = False
-        self._outbox = asyncio.Queue()
+    def _current(self) -> _Connection:
+        """Where a new request goes: the newest connection, or a new one (being made) when it takes none."""
+        if self._conns and self._conns[-1].takes_new:
+            return self._conns[-1]
+        c = _Connection(self._binary, asyncio.Queue())
+        self._conns = [*(other for other in self._conns if not other.lost), c]
         self._tasks = [t for t in self._tasks if not t.done()]
-        self._tasks.append(self._loop.create_task(self._reconnect(self._outbox)))
+        self._tasks.append(self._loop.create_task(self._reconnect(c)))
+        return c
+
+    def _start(self, msg: Generate, inbox: asyncio.Queue) -> None:
+        c = self._current()
+        frame = _generate_frame(self._binary, msg)
+        c.routes.add(msg, inbox, frame)
+        c.outbox.put_nowait(frame)
 
     def _cancel(self, request_id: str) -> None:
-        if self._routes.pop(request_id) is not None and not self._closed:  # else it has already ended
-            self._outbox.put_nowait(_frame(P.WsCancel(request_id), self._binary))
+        for c in self._conns:
+            if c.routes.pop(request_id) is not None:  # else it has already ended, or runs elsewhere
+                if not self._closed:
+                    c.outbox.put_nowait(_frame(P.WsCancel(request_id), self._binary))
+                return
 
-    async def _reconnect(self, outbox: asyncio.Queue) -> None:
+    async def _reconnect(self, c: _Connection) -> None:
         try:
-            conn = await self._connect()
+            c.ws = await self._connect()
         except UnavailableError as e:
-            self._end_all(str(e))  # the requests that waited for it
+            self._end(c, str(e))  # the requests that waited for it
             return
         except asyncio.CancelledError:  # closed meanwhile
-            self._end_all(CONNECTION_LOST)
+            self._end(c, CONNECTION_LOST)
             raise
-        await self._serve(conn, outbox)
+        await self._serve(c)
 
-    async def _serve(self, conn, outbox: asyncio.Queue) -> None:
-        """Read one connection's replies while its writer sends; when it is lost, its requests end."""
-        writer = asyncio.create_task(self._write(conn, outbox))
+    async def _serve(self, c: _Connection) -> None:
+        """Read one connection's replies while its writer sends; when it is lost, its requests go
+        again (see _again) or end."""
+        writer = asyncio.create_task(self._write(c))
         try:
-            async for frame in conn:
+            async for frame in c.ws:
                 msg = _decode(frame)
                 if msg is not None:
-                    for inbox in self._routes.deliver(msg, 0):  # a refusal as `draining` is held
-                        inbox.put_nowait(msg)
+                    self._deliver(c, msg)
         except (OSError, WebSocketException):
             pass
         finally:
             writer.cancel()
-            # the requests that go again go over a new connection, the others end
-            again = {} if self._closed else _again(self._routes, conn.close_code)
-            self._end_all(CONNECTION_LOST, keep=again)
-            if again:
-                self._new_connection()
-                for frame in again.values():
-                    self._outbox.put_nowait(frame)
+            again = {} if self._closed else _again(c.routes, c.ws.close_code)
+            self._end(c, CONNECTION_LOST, keep=again)
+            self._elsewhere(c, again)
 
-    def _end_all(self, message: str, keep: Collection[str] = ()) -> None:
-        """The connection is gone, or could not be made: its requests (but those to `keep`) end,
-        and the next request connects again."""
-        self._lost = True
+    def _deliver(self, c: _Connection, msg) -> None:
+        for inbox in c.routes.deliver(msg, 0):  # a refusal as `draining` is held: it goes elsewhere
+            inbox.put_nowait(msg)
+        if isinstance(msg, Error) and msg.draining and not self._closed:
+            c.retiring = True
+            self._elsewhere(c, dict(c.routes.take_held(0)))
+
+    def _elsewhere(self, c: _Connection, frames: dict[str, bytes | str]) -> None:
+        """Send requests of `c` (id -> Generate frame) over the connection that new requests take."""
+        if not frames:
+            return
+        target = self._current()
+        for rid, frame in frames.items():
+            target.routes.take_over(c.routes.hand_over(rid), frame)
+            target.outbox.put_nowait(frame)
+
+    def _end(self, c: _Connection, message: str, keep: Collection[str] = ()) -> None:
+        """`c` is gone, or could not be made: its requests (but those to `keep`) end."""
+        c.lost = True
         closed = Error("", "unavailable", message)
-        for inbox in self._routes.deliver(closed, keep=keep):
+        for inbox in c.routes.deliver(closed, keep=keep):
             inbox.put_nowait(closed)
 
-    async def _write(self, conn, outbox: asyncio.Queue) -> None:
+    async def _write(self, c: _Connection) -> None:
         while True:
-            frame = await outbox.get()
+            frame = await c.outbox.get()
             try:
-                await conn.send(frame)
+                await c.ws.send(frame)
             except (OSError, WebSocketException):
                 return
 
     async def _release(self) -> None:
-        if self._conn is not None:
-            await self._conn.close()
+        for c in self._conns:
+            if c.ws is not None:
+                await c.ws.close()
 
     async def __aenter__(self) -> AsyncWebSocketClient:
         if self._loop is None:

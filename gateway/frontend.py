@@ -80,7 +80,7 @@ class Frontend:
         self.router_id = ""
         self.refused = ""  # the router's reason, when it refused this frontend
         self._router_heard = 0.0
-        self._joined = asyncio.Event()  # set by the router's first Fleet: HTTP is served from then on
+        self._joined = asyncio.Event()  # set by the router's first Fleet: HTTP and ZMQ clients are served from then on
         self.stopping = asyncio.Event()
         self._drain_until = 0.0  # time.monotonic() at which the drain ends what is still running
 
@@ -245,6 +245,9 @@ class Frontend:
     # ---- ZMQ clients --------------------------------------------------------------------------
 
     async def _front_loop(self) -> None:
+        # As HTTP (_serve_http): a request would be refused as "the router is out of reach" in the
+        # moment before the router's first word; clients' requests wait in the socket meanwhile.
+        await self._joined.wait()
         await self.front_port.serve()
 
     def _on_malformed(self, identity: bytes, e: P.DecodeError) -> None:

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import websockets
 
-from cluster import SplitCluster, metric_at, offline, request_specs, stream_all, wait_for
+from cluster import START_TIMEOUT_S, SplitCluster, metric_at, offline, request_specs, stream_all, wait_for
 from polling import async_wait_for
 from conftest import load_cpu
 from splitserve.bench.server_state import http_json
@@ -278,6 +278,28 @@ def free_ports_in_a_row(n: int) -> int:
     raise RuntimeError(f"no {n} free ports in a row")
 
 
+def test_a_new_frontend_answers_what_zmq_clients_sent_before_it_joined_its_router(home, tiny_dir, lm):
+    """A frontend serves its ZMQ client port, as HTTP, once the router has told it the fleet's
+    state: a request that comes before waits for that (a new frontend, or one started again,
+    listens from its start), rather than being refused as "the router is out of reach"."""
+    with SplitCluster(home, frontends=1) as c:
+        c.start_pipeline(16)
+        spec = request_specs(1)[0]
+        c.router.send_signal(signal.SIGSTOP)  # the new frontend cannot join it yet
+        try:
+            port = c.add_frontend()
+            wait_for(lambda: (http_json(c.frontend_metrics_ports[-1], "/health") or {}).get("status") == "no router",
+                     START_TIMEOUT_S, "the new frontend to start")
+            with Client(f"tcp://127.0.0.1:{port}") as client:
+                stream = client.stream(**spec, timeout=60)
+                time.sleep(0.5)  # at the frontend by now
+                c.router.send_signal(signal.SIGCONT)
+                answer = [ev.token_id for ev in stream]
+        finally:
+            c.router.send_signal(signal.SIGCONT)
+        assert answer == offline(lm, [spec])[0]
+
+
 def test_metrics_ports_go_from_the_router_or_gateway_through_frontends_to_workers():
     from splitserve.commands.serve import metrics_ports
 
@@ -457,11 +479,23 @@ def test_clients_send_around_a_frontend_that_drains(home, tiny_dir, lm):
     """A frontend shutting down refuses new requests as `draining` and closes each WebSocket once
     none of its requests runs. The ZMQ client given both frontends sends such a request to the
     other one, and the next ones there straight; the WebSocket client sends it over a new
-    connection, which reaches the other frontend. Their streams on the draining frontend finish
-    whole, and no request fails. The router's /info lists the draining frontend no more."""
+    connection at once, which reaches the other frontend, while its stream on the draining
+    frontend goes on over the old one (both WebSocket clients). Their streams there finish whole,
+    and no request fails. The router's /info lists the draining frontend no more."""
+    loop = asyncio.new_event_loop()  # the AsyncWebSocketClient's
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    def on_loop(coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(60)
+
+    async def streamed(client, spec: dict) -> list[int]:
+        return [ev.token_id async for ev in client.stream(**spec)]
+
     with SplitCluster(home, frontends=1) as c:
         c.start_pipeline(16)
-        ws = WebSocketClient(f"ws://127.0.0.1:{c.port}/ws")  # on the first frontend, the only one yet
+        url = f"ws://127.0.0.1:{c.port}/ws"
+        # on the first frontend, the only one yet
+        ws, aws = WebSocketClient(url), on_loop(AsyncWebSocketClient.connect(url))
         c.add_frontend()
         c.wait_ready()
         long = {"prompt": "def f(x):", "max_new_tokens": 1500, "ignore_eos": True}  # seconds: running throughout
@@ -471,9 +505,17 @@ def test_clients_send_around_a_frontend_that_drains(home, tiny_dir, lm):
             # a ZMQ stream on each frontend and the WebSocket's, then SIGTERM the first frontend
             streams = [iter(on_first.stream(**long)), iter(on_second.stream(**long)), iter(ws.stream(**long))]
             firsts = [next(s).token_id for s in streams]
+            async_long = asyncio.run_coroutine_threadsafe(streamed(aws, long), loop)
+            wait_for(lambda: metric_at(c.frontend_metrics_ports[0], "splitserve_frontend_streams") == 3, 10,
+                     "the AsyncWebSocketClient's stream")
             c.frontends[0][0].send_signal(signal.SIGTERM)
             wait_for(lambda: (http_json(c.frontend_metrics_ports[0], "/health") or {}).get("status") == "draining",
                      10, "the first frontend to drain")
+            # refused on the draining frontend, they go over a new connection at once (the WebSocket's
+            # retires), answered while both long streams still run there
+            ws_answers = [ws.generate(**s, timeout=60).token_ids for s in short[:2]]
+            ws_answers += [on_loop(aws.generate(**s, timeout=60)).token_ids for s in short[:2]]
+            assert metric_at(c.frontend_metrics_ports[0], "splitserve_frontend_streams") == 3
             wait_for(lambda: c.router_state("/info").get("zmq_endpoints") == c.endpoints[1:], 10, "/info to drop it")
             answers = [client.generate(**s, timeout=60).token_ids for s in short]
             # the first short request went to the draining frontend (both connections made by
@@ -481,13 +523,13 @@ def test_clients_send_around_a_frontend_that_drains(home, tiny_dir, lm):
             # answered it and every one after it
             refused = metric_at(c.frontend_metrics_ports[0], "splitserve_requests_total", route="zmq",
                                 outcome="unavailable")
-            # sent while the WebSocket's stream runs on the draining frontend: refused there, then
-            # sent again once that stream has ended and the connection closed
-            ws_answers = [ws.generate(**s, timeout=60).token_ids for s in short[:2]]
             whole = [[first, *(ev.token_id for ev in s)] for first, s in zip(firsts, streams)]
-        assert answers == want[1:] and whole == [want[0]] * 3 and ws_answers == want[1:3]
+            whole.append(async_long.result(60))
+        on_loop(aws.close())
+        loop.call_soon_threadsafe(loop.stop)
+        assert answers == want[1:] and whole == [want[0]] * 4 and ws_answers == want[1:3] * 2
         assert refused == 1 and frontend_requests(c.frontend_metrics_ports[1]) == 1 + len(short)
-        assert metric_at(c.frontend_metrics_ports[1], "splitserve_requests_total", route="/ws", outcome="ok") == 2
+        assert metric_at(c.frontend_metrics_ports[1], "splitserve_requests_total", route="/ws", outcome="ok") == 4
         assert c.frontends[0][0].wait(timeout=30) == 0
 
 
