@@ -508,9 +508,7 @@ def test_clients_send_around_a_frontend_that_drains(home, tiny_dir, lm):
             async_long = asyncio.run_coroutine_threadsafe(streamed(aws, long), loop)
             wait_for(lambda: metric_at(c.frontend_metrics_ports[0], "splitserve_frontend_streams") == 3, 10,
                      "the AsyncWebSocketClient's stream")
-            c.frontends[0][0].send_signal(signal.SIGTERM)
-            wait_for(lambda: (http_json(c.frontend_metrics_ports[0], "/health") or {}).get("status") == "draining",
-                     10, "the first frontend to drain")
+            drain_the_first(c)
             # refused on the draining frontend, they go over a new connection at once (the WebSocket's
             # retires), answered while both long streams still run there
             ws_answers = [ws.generate(**s, timeout=60).token_ids for s in short[:2]]
@@ -573,34 +571,39 @@ class ServiceProxy:
         self.sock.close()
 
 
-async def around_a_drain(c: SplitCluster, endpoint: str, long: dict, short: list[dict], asynchronous: bool) \
-        -> tuple[list[int], list[list[int]]]:
+def drain_the_first(c: SplitCluster) -> None:
+    c.frontends[0][0].send_signal(signal.SIGTERM)
+    wait_for(lambda: (http_json(c.frontend_metrics_ports[0], "/health") or {}).get("status") == "draining",
+             10, "the first frontend to drain")
+
+
+def still_streaming_on_the_first(c: SplitCluster) -> None:
+    assert c.frontends[0][0].poll() is None, "answered only once the draining frontend had exited"
+    assert metric_at(c.frontend_metrics_ports[0], "splitserve_frontend_streams") == 1
+
+
+def around_a_drain(c: SplitCluster, endpoint: str, long: dict, short: list[dict]) -> tuple[list[int], list[list[int]]]:
     """A stream of `long` on the first frontend, which is SIGTERMed once it has a token; then the
     `short` requests, answered (asserted) while the first frontend still streams `long`.
-    -> (the long answer, the short ones), by the ZMQ client or the AsyncClient."""
-    def draining() -> None:
-        c.frontends[0][0].send_signal(signal.SIGTERM)
-        wait_for(lambda: (http_json(c.frontend_metrics_ports[0], "/health") or {}).get("status") == "draining",
-                 10, "the first frontend to drain")
+    -> (the long answer, the short ones), by the ZMQ client."""
+    with Client(endpoint) as client:
+        stream = iter(client.stream(**long))
+        first = next(stream).token_id
+        drain_the_first(c)
+        answers = [client.generate(**s, timeout=60).token_ids for s in short]
+        still_streaming_on_the_first(c)
+        return [first, *(ev.token_id for ev in stream)], answers
 
-    def still_streaming() -> None:
-        assert c.frontends[0][0].poll() is None, "answered only once the draining frontend had exited"
-        assert metric_at(c.frontend_metrics_ports[0], "splitserve_frontend_streams") == 1
 
-    if not asynchronous:
-        with Client(endpoint) as client:
-            stream = iter(client.stream(**long))
-            first = next(stream).token_id
-            draining()
-            answers = [client.generate(**s, timeout=60).token_ids for s in short]
-            still_streaming()
-            return [first, *(ev.token_id for ev in stream)], answers
+async def around_a_drain_async(c: SplitCluster, endpoint: str, long: dict, short: list[dict]) \
+        -> tuple[list[int], list[list[int]]]:
+    """As around_a_drain, by the AsyncClient."""
     async with AsyncClient(endpoint) as client:
         stream = client.stream(**long)
         first = (await stream.__anext__()).token_id
-        await asyncio.to_thread(draining)
+        await asyncio.to_thread(drain_the_first, c)
         answers = [(await client.generate(**s, timeout=60)).token_ids for s in short]
-        still_streaming()
+        still_streaming_on_the_first(c)
         return [first, *[ev.token_id async for ev in stream]], answers
 
 
@@ -620,7 +623,9 @@ def test_a_client_behind_a_load_balancer_sends_what_a_draining_frontend_refused_
         short = request_specs(2)
         want = offline(lm, [long, *short])
         try:
-            whole, answers = asyncio.run(around_a_drain(c, f"tcp://127.0.0.1:{proxy.port}", long, short, asynchronous))
+            endpoint = f"tcp://127.0.0.1:{proxy.port}"
+            whole, answers = asyncio.run(around_a_drain_async(c, endpoint, long, short)) if asynchronous \
+                else around_a_drain(c, endpoint, long, short)
         finally:
             proxy.close()
         assert whole == want[0] and answers == want[1:]
