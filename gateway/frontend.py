@@ -80,7 +80,8 @@ class Frontend:
         self.router_id = ""
         self.refused = ""  # the router's reason, when it refused this frontend
         self._router_heard = 0.0
-        self._joined = asyncio.Event()  # set by the router's first Fleet: HTTP and ZMQ clients are served from then on
+        # set by the router's first Fleet: HTTP and ZMQ clients are served from then on
+        self._joined = asyncio.Event()
         self.stopping = asyncio.Event()
         self._drain_until = 0.0  # time.monotonic() at which the drain ends what is still running
 

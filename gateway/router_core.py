@@ -206,7 +206,7 @@ class RouterCore:
             if leader is None:
                 self.waiting.popleft()
                 continue
-            group = [leader, *(self.attempts[a] for a in leader.forks if a in self.attempts)]
+            group = self._group(leader)
             request = leader.request
             try:
                 # a prompt whose logprobs need every position computed, or whose client asked for no
@@ -233,12 +233,15 @@ class RouterCore:
                                                       leader.deadline, [a.request for a in group[1:]],
                                                       decode.kv_public_key))
 
+    def _group(self, leader: Attempt) -> list[Attempt]:
+        """A waiting leader and the forks still with it (OpenAI's `n`: one prefill for all)."""
+        return [leader, *(self.attempts[a] for a in leader.forks if a in self.attempts)]
+
     def _refuse_waiting(self, error_type: str, message: str) -> None:
         while self.waiting:
             leader = self.attempts.get(self.waiting.popleft())
             if leader is not None:
-                self._refuse([leader, *(self.attempts[a] for a in leader.forks if a in self.attempts)], error_type,
-                             message)
+                self._refuse(self._group(leader), error_type, message)
 
     def _refuse(self, attempts: list[Attempt], error_type: str, message: str) -> None:
         for a in attempts:
