@@ -21,9 +21,9 @@ from splitserve.common.protocol import Error, Generate, GenerateParams, TokenBat
 from .errors import GenerationTimeout, error_from
 
 MAX_MESSAGE_BYTES = 64 * 2**20
-# ZMTP heartbeats: a gateway that vanished without closing the connection (its host gone) is
-# found within the timeout, as a closed connection is at once
-HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 1000, 3000
+# Heartbeats (ZMTP's; WebSocket pings): a gateway that vanished without closing the connection
+# (its host gone, its process frozen) is found within the timeout, as a closed connection is at once
+HEARTBEAT_IVL_S, HEARTBEAT_TIMEOUT_S = 1.0, 3.0
 # What a connection's monitor reports: up (its handshake done), or down (lost, or a connect that
 # failed): its requests then end with an error, as the gateway's side let them go too
 _UP, _DOWN = zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
@@ -115,8 +115,8 @@ def dealer(ctx: zmq.Context, endpoint: str, max_message_bytes: int) -> tuple[zmq
     # in ZMQ's queue after the client gave up on it, and reach whichever frontend came up next. The
     # client holds it instead (Routes.hold), until the connection is made or cannot be.
     sock.setsockopt(zmq.IMMEDIATE, 1)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_IVL_S * 1000))
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(HEARTBEAT_TIMEOUT_S * 1000))
     watch = sock.get_monitor_socket(_UP | _DOWN)
     sock.connect(endpoint)
     return sock, watch

@@ -28,7 +28,7 @@ from websockets.sync.client import connect
 from splitserve.common import protocol as P
 from splitserve.common.protocol import Error, Generate, TokenBatch
 
-from ._core import MAX_MESSAGE_BYTES, Routes
+from ._core import HEARTBEAT_IVL_S, HEARTBEAT_TIMEOUT_S, MAX_MESSAGE_BYTES, Routes
 from .aio import AsyncClientBase
 from .errors import UnavailableError
 from .sync import SyncClientBase
@@ -62,17 +62,47 @@ def _check_encoding(encoding: str) -> bool:
 
 
 CONNECTION_LOST = "the connection to the gateway closed"
-# A connection refused or cut as it is made is tried again after these waits: a frontend that has
-# just died may have taken it into the queue of its listening socket, which shares its port with
-# the other frontends'. (Not one that timed out: it has waited its open_timeout already.)
+# A connection refused or cut as it is made is tried again after these waits
 CONNECT_RETRIES_S = (0.05, 0.2)
+# A try to make one that has no answer after this long is given up for a new one (see _Tries):
+# a peer silent that long is taken for gone, as by the heartbeats
+TRY_TIMEOUT_S = HEARTBEAT_TIMEOUT_S
 
 
-def _connect_failed(url: str, e: Exception, retries_left: bool) -> UnavailableError | None:
-    """The error a failed try to connect ends with; None when it is to be tried again."""
-    if retries_left and isinstance(e, (OSError, InvalidMessage)) and not isinstance(e, TimeoutError):
-        return None
-    return UnavailableError(f"cannot connect to {url}: {e}")
+def _connect_options(max_message_bytes: int) -> dict:
+    # Pings as often as the ZMQ clients' heartbeats: a frontend that stops answering (frozen, its
+    # host gone) is found within seconds, and its requests go on over a new connection (see
+    # _again). A connection the pings find dead is closed after close_timeout: 1 s, not the
+    # library's 10 (a live peer answers a close at once). With the library's defaults, 50 s.
+    return dict(max_size=max_message_bytes, compression=None, proxy=None, ping_interval=HEARTBEAT_IVL_S,
+                ping_timeout=HEARTBEAT_TIMEOUT_S, close_timeout=HEARTBEAT_IVL_S)
+
+
+class _Tries:
+    """The tries to make one connection, all within open_timeout. The frontends of a host share its
+    port, and the kernel gives each new connection to one of their listening sockets: one whose
+    frontend has just died refuses or cuts it, one whose frontend is frozen holds it unanswered. A
+    new try, from another local port, may reach another: so each try has at most TRY_TIMEOUT_S,
+    and one refused or cut is made again after a short wait."""
+
+    def __init__(self, url: str, open_timeout: float):
+        self.url, self.deadline, self.waits = url, time.monotonic() + open_timeout, iter(CONNECT_RETRIES_S)
+
+    def timeout(self) -> float:
+        """The next try's open_timeout."""
+        return max(0.0, min(TRY_TIMEOUT_S, self.deadline - time.monotonic()))
+
+    def wait_after(self, e: Exception) -> float:
+        """How long to wait for the next try after a try failed with `e`; UnavailableError when none is left."""
+        if isinstance(e, TimeoutError):
+            wait = 0.0
+        elif isinstance(e, (OSError, InvalidMessage)):
+            wait = next(self.waits, None)
+        else:
+            wait = None
+        if wait is None or time.monotonic() + wait >= self.deadline:
+            raise UnavailableError(f"cannot connect to {self.url}: {e}") from e
+        return wait
 
 
 def _again(routes: Routes, close_code: int | None) -> dict[str, bytes | str]:
@@ -118,9 +148,8 @@ class WebSocketClient(SyncClientBase):
     def __init__(self, url: str, api_key: str | None = None, *, encoding: str = "msgpack",
                  open_timeout: float = 10.0, max_message_bytes: int = MAX_MESSAGE_BYTES):
         self._binary = _check_encoding(encoding)
-        self._url, self._api_key = url, api_key
-        self._connect_options = dict(open_timeout=open_timeout, max_size=max_message_bytes, compression=None,
-                                     proxy=None)
+        self._url, self._api_key, self._open_timeout = url, api_key, open_timeout
+        self._connect_options = _connect_options(max_message_bytes)
         self._lock = threading.Lock()  # the connections and their routes, shared by callers and the threads
         self._closed = False
         self._conns: list[_Connection] = []  # open, the newest (where new requests go) last
@@ -128,16 +157,14 @@ class WebSocketClient(SyncClientBase):
 
     def _connect(self) -> _Connection:
         """A new connection, where new requests go from now on, and its reader and writer threads."""
-        for wait in (*CONNECT_RETRIES_S, None):
+        tries = _Tries(self._url, self._open_timeout)
+        while True:
             stack = contextlib.ExitStack()
             try:
-                ws = stack.enter_context(connect(self._url, **self._connect_options))
+                ws = stack.enter_context(connect(self._url, open_timeout=tries.timeout(), **self._connect_options))
                 break
-            except (OSError, WebSocketException, TimeoutError) as e:
-                failed = _connect_failed(self._url, e, wait is not None)
-                if failed is not None:
-                    raise failed from e
-            time.sleep(wait)
+            except (OSError, WebSocketException) as e:
+                time.sleep(tries.wait_after(e))
         c = _Connection(self._binary, queue.SimpleQueue())
         c.ws, c.close = ws, stack.close
         self._conns.append(c)
@@ -258,10 +285,9 @@ class AsyncWebSocketClient(AsyncClientBase):
 
     def __init__(self, url: str, api_key: str | None = None, *, encoding: str = "msgpack",
                  open_timeout: float = 10.0, max_message_bytes: int = MAX_MESSAGE_BYTES):
-        self._url, self._api_key = url, api_key
+        self._url, self._api_key, self._open_timeout = url, api_key, open_timeout
         self._binary = _check_encoding(encoding)
-        self._connect_options = dict(open_timeout=open_timeout, max_size=max_message_bytes, compression=None,
-                                     proxy=None)
+        self._connect_options = _connect_options(max_message_bytes)
         self._conns: list[_Connection] = []  # the newest (where new requests go) last; lost ones until the next
         self._tasks: list[asyncio.Task] = []  # one per connection, while it lasts
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -282,14 +308,12 @@ class AsyncWebSocketClient(AsyncClientBase):
         self._tasks.append(self._loop.create_task(self._serve(c)))
 
     async def _connect(self):
-        for wait in (*CONNECT_RETRIES_S, None):
+        tries = _Tries(self._url, self._open_timeout)
+        while True:
             try:
-                return await aconnect(self._url, **self._connect_options)
-            except (OSError, WebSocketException, TimeoutError) as e:
-                failed = _connect_failed(self._url, e, wait is not None)
-                if failed is not None:
-                    raise failed from e
-            await asyncio.sleep(wait)
+                return await aconnect(self._url, open_timeout=tries.timeout(), **self._connect_options)
+            except (OSError, WebSocketException) as e:
+                await asyncio.sleep(tries.wait_after(e))
 
     def _check_open(self) -> None:
         super()._check_open()

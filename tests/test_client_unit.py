@@ -15,8 +15,9 @@ import pytest
 import zmq
 
 from polling import async_wait_for
-from splitserve.client import (AsyncClient, Client, GenerationError, GenerationTimeout, OverloadedError,
-                               SplitserveError, UnauthorizedError, UnavailableError, ValidationError)
+from splitserve.client import (AsyncClient, AsyncWebSocketClient, Client, GenerationError, GenerationTimeout,
+                               OverloadedError, SplitserveError, UnauthorizedError, UnavailableError, ValidationError,
+                               WebSocketClient)
 from splitserve.client._core import Routes, decode_replies
 from splitserve.common import protocol as P
 
@@ -193,6 +194,53 @@ def test_websocket_messages_carry_the_zmq_ones_by_name():
     assert msgspec.json.decode(msgspec.json.encode(P.WsGenerate.of(resumed)), type=P.WsGenerate).generate() == resumed
     batch = P.TokenBatch("r1", [P.Token(**TOKEN)], "stop_sequence", 3, None, None)
     assert P.from_ws_reply(msgspec.json.decode(msgspec.json.encode(P.ws_reply(batch)), type=P.WsReply)) == batch
+
+
+@pytest.fixture
+def held_listener(monkeypatch):
+    """A WebSocket server that holds unanswered the handshakes numbered in its `held` set, as the
+    listening socket of a frozen frontend does (the kernel took the connection; nobody reads it)
+    -> (its URL, how many handshakes it has read, the held set). The clients' tries get 0.3 s
+    each here, not 3 s."""
+    from websockets.sync.server import serve
+
+    import splitserve.client.websocket as ws_client
+
+    monkeypatch.setattr(ws_client, "TRY_TIMEOUT_S", 0.3)
+    seen, held, release = [0], set(), threading.Event()
+
+    def process_request(connection, request):
+        seen[0] += 1
+        if seen[0] in held:
+            release.wait(10)
+
+    with serve(lambda ws: ws.recv(), "127.0.0.1", 0, process_request=process_request) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        yield f"ws://127.0.0.1:{server.socket.getsockname()[1]}/ws", seen, held
+        release.set()
+        server.shutdown()
+
+
+def test_a_websocket_handshake_held_unanswered_is_tried_again_on_a_new_connection(held_listener):
+    """A try to connect that gets no answer within TRY_TIMEOUT_S is made again, from a new
+    connection (which the kernel may give to another frontend's listening socket on a shared
+    port), within open_timeout; once that has passed, the client says it cannot connect."""
+    url, seen, held = held_listener
+
+    async def connect_async() -> None:
+        client = await AsyncWebSocketClient.connect(url)
+        await client.close()
+
+    held.update((1, 3))
+    WebSocketClient(url).close()
+    assert seen[0] == 2  # the first try held, the second answered
+    asyncio.run(connect_async())
+    assert seen[0] == 4
+    held.update(range(5, 50))
+    t0 = time.monotonic()
+    with pytest.raises(UnavailableError, match="cannot connect"):
+        WebSocketClient(url, open_timeout=1.0)
+    assert time.monotonic() - t0 >= 1.0 and seen[0] - 4 >= 3  # tries of 0.3 s until open_timeout
 
 
 @pytest.mark.parametrize("module", ["splitserve.client", "splitserve.common.protocol", "splitserve.gateway.server",

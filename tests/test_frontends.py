@@ -16,8 +16,9 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import httpx
 import pytest
@@ -228,6 +229,85 @@ def test_a_zmq_client_resumes_the_streams_of_a_frozen_frontend_at_another(home, 
         wait_for(lambda: c.metric("splitserve_decode_slots_reserved") == 0, 30, "the frozen frontend's slots to be freed")
 
 
+async def through_a_frozen_frontend(port: int, frontend_metrics: list[int], frozen_pid: int,
+                                    spec: dict) -> tuple[list, float]:
+    """Long streams of WebSocket clients, sync and async, at least one of each on the first of two
+    frontends sharing `port` (their /metrics on `frontend_metrics`), which is SIGSTOPped once every
+    stream has a token -> (their answers, how many the first streamed then). (The kernel chooses
+    the frontend of a new connection: a client is opened for the first until a request of its is
+    answered there.)"""
+    url = f"ws://127.0.0.1:{port}/ws"
+
+    def answered() -> list[float]:
+        return [metric_at(p, "splitserve_requests_total", route="/ws", outcome="ok") for p in frontend_metrics]
+
+    clients: list[WebSocketClient | AsyncWebSocketClient] = []
+    try:
+        for make in (partial(asyncio.to_thread, WebSocketClient, url), partial(AsyncWebSocketClient.connect, url)):
+            for _ in range(30):
+                before = answered()
+                clients.append(client := await make())
+                if isinstance(client, WebSocketClient):
+                    await asyncio.to_thread(client.generate, "def f(x):", max_new_tokens=1)
+                else:
+                    await client.generate("def f(x):", max_new_tokens=1)
+                await async_wait_for(lambda: sum(answered()) > sum(before), 10, "the probe to be counted")
+                if answered()[0] > before[0]:
+                    break
+        started: list[int] = []
+
+        def sync_answer(stream):
+            with stream:
+                next(stream)
+                started.append(1)
+                return stream.response()
+
+        async def async_answer(stream):
+            async with stream:
+                await stream.__anext__()
+                started.append(1)
+                return await stream.response()
+
+        runs = [asyncio.to_thread(sync_answer, c.stream(**spec)) if isinstance(c, WebSocketClient)
+                else async_answer(c.stream(**spec)) for c in clients]
+        answers = asyncio.gather(*runs)
+        await async_wait_for(lambda: len(started) == len(runs), 60, "every stream's first token")
+        streaming = metric_at(frontend_metrics[0], "splitserve_frontend_streams")
+        os.kill(frozen_pid, signal.SIGSTOP)
+        # the pings find it in 4-5 s, not the websockets library's 50 s
+        return await asyncio.wait_for(answers, 30), streaming
+    finally:
+        for c in clients:
+            await (asyncio.to_thread(c.close) if isinstance(c, WebSocketClient) else c.close())
+
+
+FROZEN_SPEC = {"prompt": "def f(x):", "max_new_tokens": 1500, "ignore_eos": True}  # still streaming when frozen
+
+
+def test_websocket_clients_resume_the_streams_of_a_frozen_frontend_at_another(home, tiny_dir, lm, monkeypatch):
+    """A frontend that stops answering (SIGSTOP) is found by the WebSocket clients' pings within
+    4-5 s, not the websockets library's 50, and their streams on it go on over new connections,
+    whole and exact. A new connection may reach the frozen frontend's listening socket, which
+    shares the port and holds it unanswered: the try is given up after TRY_TIMEOUT_S and made
+    again, which the kernel may give to the other (before: it waited out open_timeout, 10 s, and
+    the requests ended with an error). Tries of 0.5 s here: each reaches the frozen one or not as
+    the kernel's hash falls, and 3 s tries would leave a run of three misses (1 in 8) no time."""
+    import splitserve.client.websocket as ws_client
+
+    monkeypatch.setattr(ws_client, "TRY_TIMEOUT_S", 0.5)
+    with SplitCluster(home, frontends=2) as c:
+        c.start_pipeline(16)
+        frozen = c.frontends[0][0]
+        try:
+            answers, streaming = asyncio.run(through_a_frozen_frontend(c.port, c.frontend_metrics_ports, frozen.pid,
+                                                                       FROZEN_SPEC))
+        finally:
+            frozen.send_signal(signal.SIGCONT)
+        assert streaming >= 2
+        assert [a.token_ids for a in answers] == offline(lm, [FROZEN_SPEC]) * len(answers)
+        wait_for(lambda: c.metric("splitserve_decode_slots_reserved") == 0, 30, "the frozen frontend's slots to be freed")
+
+
 def test_streams_keep_flowing_while_the_router_restarts(home, tiny_dir, lm):
     with SplitCluster(home, frontends=1) as c:
         c.start_pipeline(16)
@@ -323,20 +403,38 @@ def child_pid(parent: int, part: str) -> int | None:
     return None
 
 
-def test_serve_with_two_frontends_shares_the_http_port_lists_both_zmq_ports_and_drains(home, tiny_dir):
-    """... starts again a worker or frontend that dies, and on SIGTERM finishes a stream in flight,
-    then exits once its workers have: not after the drain timeout (60 s here), as it did while it
-    waited for frontends to exit by themselves."""
-    zmq_port, metrics = free_port(), free_ports_in_a_row(5)
+@contextlib.contextmanager
+def serve_process(home, *flags: str) -> Iterator[tuple[subprocess.Popen, list[str]]]:
+    """`splitserve serve` on tiny-random with `flags` (its ports chosen here unless given), once
+    ready -> (the process, the lines it printed by then); killed at the end if it still runs."""
     env = dict(os.environ, SPLITSERVE_HOME=str(home), PYTHONUNBUFFERED="1", SPLITSERVE_LOG_LEVEL="WARNING")
-    serve = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "serve", "--model", "tiny-random",
-                              "--frontends", "2", "--zmq-port", str(zmq_port), "--worker-port", "0", "--port", "0",
-                              "--threads", "2", "--drain-timeout", "60", "--metrics-port", str(metrics)],
+    ports = {"--zmq-port": str(free_port()), "--worker-port": "0", "--port": "0"}
+    argv = [*(x for flag, port in ports.items() if flag not in flags for x in (flag, port)), "--threads", "2", *flags]
+    serve = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "serve", "--model", "tiny-random", *argv],
                              env=env, stdout=subprocess.PIPE, text=True)
     try:
         lines: list[str] = []
         wait_for(lambda: lines.append(serve.stdout.readline()) or "ZMQ clients" in lines[-1], 180,
                  "serve to be ready", interval=0)
+        yield serve, lines
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+
+
+def http_port(lines: list[str]) -> int:
+    """The HTTP port in serve's ready message."""
+    return int(next(line for line in lines if "HTTP" in line).split("127.0.0.1:")[1].split()[0])
+
+
+def test_serve_with_two_frontends_shares_the_http_port_lists_both_zmq_ports_and_drains(home, tiny_dir):
+    """... starts again a worker or frontend that dies, and on SIGTERM finishes a stream in flight,
+    then exits once its workers have: not after the drain timeout (60 s here), as it did while it
+    waited for frontends to exit by themselves."""
+    zmq_port, metrics = free_port(), free_ports_in_a_row(5)
+    with serve_process(home, "--frontends", "2", "--zmq-port", str(zmq_port), "--drain-timeout", "60",
+                       "--metrics-port", str(metrics)) as (serve, lines):
         listed = lines[-1].split("ZMQ clients:")[1].strip().split(", ")
         lines += [serve.stdout.readline(), serve.stdout.readline()]
         assert lines[-1].strip() == (f"/health and /metrics on ports of their own: router {metrics}, frontends "
@@ -346,8 +444,7 @@ def test_serve_with_two_frontends_shares_the_http_port_lists_both_zmq_ports_and_
         assert health[0]["frontends"] == 2 and health[1]["status"] == health[2]["status"] == "ok"
         assert [h["role"] for h in health[3:]] == ["prefill", "decode"]
         assert sorted(listed) == [f"tcp://127.0.0.1:{zmq_port}", f"tcp://127.0.0.1:{zmq_port + 1}"]
-        port = int(next(line for line in lines if "HTTP" in line).split("127.0.0.1:")[1].split()[0])
-        assert http_json(port, "/info")["zmq_endpoints"] == sorted(listed)
+        assert http_json(http_port(lines), "/info")["zmq_endpoints"] == sorted(listed)
         with Client(listed) as client:
             outs = [client.generate("def f(x):", max_new_tokens=4, ignore_eos=True, timeout=60) for _ in range(4)]
         assert len({tuple(o.token_ids) for o in outs}) == 1
@@ -372,10 +469,31 @@ def test_serve_with_two_frontends_shares_the_http_port_lists_both_zmq_ports_and_
         assert 1 + len(rest) == 300 and rest[-1].finish_reason == "length" and first.index == 0
         assert serve.wait(timeout=60) == 0
         assert time.monotonic() - signalled < 30
-    finally:
-        if serve.poll() is None:
-            serve.kill()
-            serve.wait()
+
+
+def test_serve_kills_a_frozen_frontend_and_websocket_clients_resume_its_streams(home, tiny_dir, lm):
+    """A frontend of serve's that stops answering (SIGSTOP) is found by the WebSocket clients'
+    pings within seconds, and their streams on it go on over new connections, whole and exact.
+    Serve kills it once the router has been without word from it for three heartbeat timeouts, and
+    starts it again: before, it stayed, and the new connections the kernel gave its listening
+    socket (the shared port's: half of them) waited on it for good, resumed streams' included."""
+    metrics = free_ports_in_a_row(5)  # router, two frontends, two workers
+    want = offline(lm, [FROZEN_SPEC])[0]
+    with serve_process(home, "--frontends", "2", "--metrics-port", str(metrics)) as (serve, lines):
+        port, frozen = http_port(lines), child_pid(serve.pid, "frontend-0-")
+        try:
+            answers, streaming = asyncio.run(through_a_frozen_frontend(port, [metrics + 1, metrics + 2], frozen,
+                                                                       FROZEN_SPEC))
+            assert streaming >= 2 and [a.token_ids for a in answers] == [want] * len(answers)
+            wait_for(lambda: not os.path.exists(f"/proc/{frozen}"), 30, "serve to kill the frozen frontend (and reap it)")
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # a stopped process ignores its parent's death
+                os.kill(frozen, signal.SIGCONT)
+        wait_for(lambda: child_pid(serve.pid, "frontend-0-") not in (None, frozen), 30, "the frontend to start again")
+        wait_for(lambda: (http_json(metrics + 1, "/health") or {}).get("status") == "ok", 60, "it to serve")
+        short = dict(FROZEN_SPEC, max_new_tokens=8)
+        for _ in range(8):  # new connections: each reaches a live frontend
+            assert sse_tokens(port, short) == want[:8]
 
 
 async def sse_stream(port: int, spec: dict, tokens: list[int]) -> None:
@@ -655,13 +773,7 @@ def test_serve_drains_a_worker_started_again_that_registers_during_its_drain(hom
     """A decode worker that died is started again; if serve is stopped before the new one has
     registered, the router tells it to drain as it registers, and serve exits at once, not when
     the drain timeout (60 s here) and its grace have run out."""
-    zmq_port = free_port()
-    env = dict(os.environ, SPLITSERVE_HOME=str(home), PYTHONUNBUFFERED="1", SPLITSERVE_LOG_LEVEL="WARNING")
-    serve = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "serve", "--model", "tiny-random",
-                              "--zmq-port", str(zmq_port), "--worker-port", "0", "--port", "0", "--threads", "2",
-                              "--drain-timeout", "60"], env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: "ZMQ clients" in serve.stdout.readline(), 180, "serve to be ready", interval=0)
+    with serve_process(home, "--drain-timeout", "60") as (serve, _):
         os.kill(wait_for(lambda: child_pid(serve.pid, "decode"), 10, "the decode worker"), signal.SIGKILL)
         restarted = wait_for(lambda: child_pid(serve.pid, "-r1"), 30, "the decode worker to start again", interval=0.01)
         os.kill(restarted, signal.SIGSTOP)  # held before it registers ...
@@ -670,7 +782,3 @@ def test_serve_drains_a_worker_started_again_that_registers_during_its_drain(hom
         time.sleep(1.0)  # ... until serve's drain has begun
         os.kill(restarted, signal.SIGCONT)
         assert serve.wait(timeout=50) == 0 and time.monotonic() - signalled < 30
-    finally:
-        if serve.poll() is None:
-            serve.kill()
-            serve.wait()

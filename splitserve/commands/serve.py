@@ -50,6 +50,9 @@ EXIT_GRACE_S = 10.0
 # (a bad GPU, say) costs little, and one crash is mended at once.
 RESTART_DELAY_S, MAX_RESTART_DELAY_S, STABLE_S = 1.0, 60.0, 60.0
 WATCH_INTERVAL_S = 0.5
+# A frontend the router has not heard from for this many heartbeat timeouts, while its process
+# runs, is hung (see Supervisor.kill_hung)
+HUNG_AFTER_TIMEOUTS = 3
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -155,16 +158,18 @@ class Child:
 
     name: str  # for the log: "decode worker 0", "frontend 1"
     argv: Callable[[int], list[str]]  # its command line, given how many times it was started again
+    router_id: Callable[[int], str] | None = None  # a frontend's: the id it has at the router, likewise
     proc: subprocess.Popen | None = None
     started: float = 0.0
     restarts: int = 0
     quick_exits: int = 0  # exits in a row, each within STABLE_S of its start
     due: float = 0.0  # once it has died: when to start it again
+    heard: float = 0.0  # when the router last heard from it (monotonic), once it has
 
     def start(self) -> Child:
         # A session of its own: a terminal's Ctrl-C reaches `serve`, which drains it.
         self.proc = subprocess.Popen(self.argv(self.restarts), preexec_fn=die_with_parent(), start_new_session=True)
-        self.started = time.monotonic()
+        self.started, self.heard = time.monotonic(), 0.0
         return self
 
 
@@ -191,14 +196,17 @@ class Supervisor:
             ports = frontend_zmq_ports(a.zmq_port, a.frontends, {router.worker_port, router.frontend_port})
             for i, port in enumerate(ports):
                 argv = partial(frontend_command, a, i, router.frontend_endpoint, port)
-                self.frontends.append(Child(f"frontend {i}", argv).start())
+                self.frontends.append(Child(f"frontend {i}", argv, partial(child_name, "frontend", i)).start())
 
     async def watch(self) -> None:
         """Until serve stops: start again each child that exits, after a pause that grows while it
         keeps dying. Meanwhile the router resumes a dead worker's requests on the others (or ends
-        them), and a dead frontend's clients reconnect to its ZMQ port, which it takes again."""
+        them), and a dead frontend's clients reconnect to its ZMQ port, which it takes again.
+        A hung frontend is killed first (see kill_hung)."""
         while not self.stopping:
             now = time.monotonic()
+            for child in self.frontends:
+                self.kill_hung(child, now)
             for child in self.workers + self.frontends:
                 if child.proc.poll() is None:
                     continue
@@ -214,6 +222,23 @@ class Supervisor:
                     child.start()
                     log.info("%s started again (restart %d)", child.name, child.restarts)
             await asyncio.sleep(WATCH_INTERVAL_S)
+
+    def kill_hung(self, frontend: Child, now: float) -> None:
+        """Kill a frontend the router has long been without word from (it let it go, and its
+        requests, after one heartbeat timeout) while its process runs: it is hung (stopped,
+        deadlocked), and its listening socket still takes its share of the HTTP port's new
+        connections, which would wait on it for good. Killed, it is started again as one that died,
+        and the connections queued on it are refused, so that clients connect again, to a live one.
+        (Workers are left be: a long step on the CPU silences one as long, and the router only
+        routes around it meanwhile.)"""
+        front = self.gw.router.core.frontends.get(frontend.router_id(frontend.restarts))
+        if front is not None:
+            frontend.heard = front.last_seen
+        elif frontend.heard and now - frontend.heard > HUNG_AFTER_TIMEOUTS * self.args.heartbeat_timeout \
+                and frontend.proc.poll() is None:
+            log.error("%s has been silent for %.0f s: killing it", frontend.name, now - frontend.heard)
+            frontend.proc.kill()
+            frontend.heard = 0.0
 
     async def wait_ready(self) -> bool:
         deadline = time.monotonic() + READY_TIMEOUT_S
