@@ -144,6 +144,21 @@ def test_a_dead_frontend_frees_its_slots_and_the_other_streams_on(home, tiny_dir
 LONG = 400  # tokens: still streaming when their frontend dies
 
 
+def streamed_answer(stream, started: list[int]):
+    """A stream's response; `started` gets a 1 at its first token."""
+    with stream:
+        next(stream)
+        started.append(1)
+        return stream.response()
+
+
+async def streamed_answer_async(stream, started: list[int]):
+    async with stream:
+        await stream.__anext__()
+        started.append(1)
+        return await stream.response()
+
+
 async def streams_through_a_frontend_death(c: SplitCluster, specs: list[dict]) -> tuple[list, float]:
     """Each spec streamed twice by a ZMQ client and an AsyncClient given both frontends (a request
     goes to the one with the fewer in flight: half of them, each spec's once, to the first) and
@@ -155,27 +170,14 @@ async def streams_through_a_frontend_death(c: SplitCluster, specs: list[dict]) -
     c.add_frontend()
     await asyncio.to_thread(c.wait_ready)
     started: list[int] = []
-
-    def sync_answer(stream):
-        with stream:
-            next(stream)
-            started.append(1)
-            return stream.response()
-
-    async def async_answer(stream):
-        async with stream:
-            await stream.__anext__()
-            started.append(1)
-            return await stream.response()
-
     loop = asyncio.get_running_loop()
     with Client(c.endpoints) as zmq_sync, ws_sync, ThreadPoolExecutor(3 * len(specs)) as threads:
         async with AsyncClient(c.endpoints) as zmq_async, ws_async:
             twice = [*specs, *specs]
-            runs = [*(loop.run_in_executor(threads, sync_answer, zmq_sync.stream(**s)) for s in twice),
-                    *(async_answer(zmq_async.stream(**s)) for s in twice),
-                    *(loop.run_in_executor(threads, sync_answer, ws_sync.stream(**s)) for s in specs),
-                    *(async_answer(ws_async.stream(**s)) for s in specs)]
+            runs = [*(loop.run_in_executor(threads, streamed_answer, zmq_sync.stream(**s), started) for s in twice),
+                    *(streamed_answer_async(zmq_async.stream(**s), started) for s in twice),
+                    *(loop.run_in_executor(threads, streamed_answer, ws_sync.stream(**s), started) for s in specs),
+                    *(streamed_answer_async(ws_async.stream(**s), started) for s in specs)]
             answers = asyncio.gather(*runs)
             await async_wait_for(lambda: len(started) == len(runs), 60, "every stream's first token")
             streaming = metric_at(c.frontend_metrics_ports[0], "splitserve_frontend_streams")
@@ -255,21 +257,8 @@ async def through_a_frozen_frontend(port: int, frontend_metrics: list[int], froz
                 if answered()[0] > before[0]:
                     break
         started: list[int] = []
-
-        def sync_answer(stream):
-            with stream:
-                next(stream)
-                started.append(1)
-                return stream.response()
-
-        async def async_answer(stream):
-            async with stream:
-                await stream.__anext__()
-                started.append(1)
-                return await stream.response()
-
-        runs = [asyncio.to_thread(sync_answer, c.stream(**spec)) if isinstance(c, WebSocketClient)
-                else async_answer(c.stream(**spec)) for c in clients]
+        runs = [asyncio.to_thread(streamed_answer, c.stream(**spec), started) if isinstance(c, WebSocketClient)
+                else streamed_answer_async(c.stream(**spec), started) for c in clients]
         answers = asyncio.gather(*runs)
         await async_wait_for(lambda: len(started) == len(runs), 60, "every stream's first token")
         streaming = metric_at(frontend_metrics[0], "splitserve_frontend_streams")
@@ -485,7 +474,7 @@ def test_serve_kills_a_frozen_frontend_and_websocket_clients_resume_its_streams(
             answers, streaming = asyncio.run(through_a_frozen_frontend(port, [metrics + 1, metrics + 2], frozen,
                                                                        FROZEN_SPEC))
             assert streaming >= 2 and [a.token_ids for a in answers] == [want] * len(answers)
-            wait_for(lambda: not os.path.exists(f"/proc/{frozen}"), 30, "serve to kill the frozen frontend (and reap it)")
+            wait_for(lambda: not os.path.exists(f"/proc/{frozen}"), 30, "serve to kill the frozen frontend")
         finally:
             with contextlib.suppress(ProcessLookupError):  # a stopped process ignores its parent's death
                 os.kill(frozen, signal.SIGCONT)
