@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import threading
 import time
@@ -22,7 +23,7 @@ from functools import partial
 
 import msgspec
 from websockets.asyncio.client import connect as aconnect
-from websockets.exceptions import InvalidMessage, WebSocketException
+from websockets.exceptions import ConnectionClosed, InvalidMessage, WebSocketException
 from websockets.sync.client import connect
 
 from splitserve.common import protocol as P
@@ -69,13 +70,26 @@ CONNECT_RETRIES_S = (0.05, 0.2)
 TRY_TIMEOUT_S = HEARTBEAT_TIMEOUT_S
 
 
+class _LostIsNoError(logging.Filter):
+    """The sync websockets connection logs "keepalive ping failed" as an error, with a traceback,
+    when its pings find the peer gone and it closes the connection: the client's own business (the
+    requests go on over a new connection, or end with an error of their own), not the caller's log's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], ConnectionClosed))
+
+
+_connection_log = logging.getLogger("splitserve.client.websocket")
+_connection_log.addFilter(_LostIsNoError())
+
+
 def _connect_options(max_message_bytes: int) -> dict:
     # Pings as often as the ZMQ clients' heartbeats: a frontend that stops answering (frozen, its
     # host gone) is found within seconds, and its requests go on over a new connection (see
     # _again). A connection the pings find dead is closed after close_timeout: 1 s, not the
     # library's 10 (a live peer answers a close at once). With the library's defaults, 50 s.
     return dict(max_size=max_message_bytes, compression=None, proxy=None, ping_interval=HEARTBEAT_IVL_S,
-                ping_timeout=HEARTBEAT_TIMEOUT_S, close_timeout=HEARTBEAT_IVL_S)
+                ping_timeout=HEARTBEAT_TIMEOUT_S, close_timeout=HEARTBEAT_IVL_S, logger=_connection_log)
 
 
 class _Tries:
