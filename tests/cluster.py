@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from polling import wait_for
@@ -31,6 +34,55 @@ def metric_at(port: int, name: str, **labels: str) -> float:
         text = r.read().decode()
     return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+
+def free_ports_in_a_row(n: int) -> int:
+    """The first of n consecutive ports free now."""
+    for _ in range(100):
+        first = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first + 1, first + n):
+                    held.enter_context(socket.create_server(("127.0.0.1", port)))
+            except OSError:
+                continue
+        return first
+    raise RuntimeError(f"no {n} free ports in a row")
+
+
+def child_pid(parent: int, part: str) -> int | None:
+    """The child process of `parent` whose command line holds `part`, if there is one."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+            if ppid == parent and part in open(f"/proc/{pid}/cmdline").read():
+                return int(pid)
+    return None
+
+
+@contextlib.contextmanager
+def serve_process(home, *flags: str) -> Iterator[tuple[subprocess.Popen, list[str]]]:
+    """`splitserve serve` on tiny-random with `flags` (its ports chosen here unless given), once
+    ready -> (the process, the lines it printed by then); killed at the end if it still runs."""
+    env = dict(os.environ, SPLITSERVE_HOME=str(home), PYTHONUNBUFFERED="1", SPLITSERVE_LOG_LEVEL="WARNING")
+    ports = {"--zmq-port": str(free_port()), "--worker-port": "0", "--port": "0"}
+    argv = [*(x for flag, port in ports.items() if flag not in flags for x in (flag, port)), "--threads", "2", *flags]
+    serve = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "serve", "--model", "tiny-random", *argv],
+                             env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        lines: list[str] = []
+        wait_for(lambda: lines.append(serve.stdout.readline()) or "ZMQ clients" in lines[-1], 180,
+                 "serve to be ready", interval=0)
+        yield serve, lines
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+
+
+def http_port(lines: list[str]) -> int:
+    """The HTTP port in serve's ready message."""
+    return int(next(line for line in lines if "HTTP" in line).split("127.0.0.1:")[1].split()[0])
 
 
 class Cluster:

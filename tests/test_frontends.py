@@ -12,12 +12,10 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -25,7 +23,8 @@ import httpx
 import pytest
 import websockets
 
-from cluster import START_TIMEOUT_S, SplitCluster, metric_at, offline, request_specs, stream_all, wait_for
+from cluster import (START_TIMEOUT_S, SplitCluster, child_pid, free_ports_in_a_row, http_port, metric_at, offline,
+                     request_specs, serve_process, stream_all, wait_for)
 from polling import async_wait_for
 from conftest import load_cpu
 from splitserve.bench.server_state import http_json
@@ -337,20 +336,6 @@ def test_streams_keep_flowing_while_the_router_restarts(home, tiny_dir, lm):
         assert stream_all(c.endpoints, specs) == want
 
 
-def free_ports_in_a_row(n: int) -> int:
-    """The first of n consecutive ports free now."""
-    for _ in range(100):
-        first = free_port()
-        with contextlib.ExitStack() as held:
-            try:
-                for port in range(first + 1, first + n):
-                    held.enter_context(socket.create_server(("127.0.0.1", port)))
-            except OSError:
-                continue
-        return first
-    raise RuntimeError(f"no {n} free ports in a row")
-
-
 def test_a_new_frontend_answers_what_zmq_clients_sent_before_it_joined_its_router(home, tiny_dir, lm):
     """A frontend serves its ZMQ client port, as HTTP, once the router has told it the fleet's
     state: a request that comes before waits for that (a new frontend, or one started again,
@@ -384,41 +369,6 @@ def test_metrics_ports_go_from_the_router_or_gateway_through_frontends_to_worker
     assert ports(9000, 3) == {"router": [9000], "frontend": [9001, 9002, 9003], "prefill": [9004, 9005],
                               "decode": [9006]}
     assert ports(0, 3) == {"router": [0], "frontend": [0, 0, 0], "prefill": [0, 0], "decode": [0]}
-
-
-def child_pid(parent: int, part: str) -> int | None:
-    """The child process of `parent` whose command line holds `part`, if there is one."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-            if ppid == parent and part in open(f"/proc/{pid}/cmdline").read():
-                return int(pid)
-    return None
-
-
-@contextlib.contextmanager
-def serve_process(home, *flags: str) -> Iterator[tuple[subprocess.Popen, list[str]]]:
-    """`splitserve serve` on tiny-random with `flags` (its ports chosen here unless given), once
-    ready -> (the process, the lines it printed by then); killed at the end if it still runs."""
-    env = dict(os.environ, SPLITSERVE_HOME=str(home), PYTHONUNBUFFERED="1", SPLITSERVE_LOG_LEVEL="WARNING")
-    ports = {"--zmq-port": str(free_port()), "--worker-port": "0", "--port": "0"}
-    argv = [*(x for flag, port in ports.items() if flag not in flags for x in (flag, port)), "--threads", "2", *flags]
-    serve = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "serve", "--model", "tiny-random", *argv],
-                             env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        lines: list[str] = []
-        wait_for(lambda: lines.append(serve.stdout.readline()) or "ZMQ clients" in lines[-1], 180,
-                 "serve to be ready", interval=0)
-        yield serve, lines
-    finally:
-        if serve.poll() is None:
-            serve.kill()
-            serve.wait()
-
-
-def http_port(lines: list[str]) -> int:
-    """The HTTP port in serve's ready message."""
-    return int(next(line for line in lines if "HTTP" in line).split("127.0.0.1:")[1].split()[0])
 
 
 def test_serve_with_two_frontends_shares_the_http_port_lists_both_zmq_ports_and_drains(home, tiny_dir):
