@@ -42,8 +42,9 @@ from .request import GenerateRequest
 
 # 4: router and frontends: tokens go from workers to the request's frontend (reply_to), the worker
 # link carries per-request events only (Prefilled, Finished for every end) and a registering worker
-# lists what it holds (a restarted router adopts it).
-PROTOCOL_VERSION = 4
+# lists what it holds (a restarted router adopts it). 5: the router's heartbeat to a worker says
+# whether it knows the worker drains (a draining worker waits for that before it exits).
+PROTOCOL_VERSION = 5
 
 # Maximum message sizes per socket kind (ZMQ_MAXMSGSIZE): control traffic is small; a KV frame
 # over tcp carries a whole prompt's cache.
@@ -287,7 +288,9 @@ class Heartbeat(msgspec.Struct, **_STRUCT):
     # gateway -> worker: work routed to that worker and not yet done (reservations, prompts).
     # frontend -> router: the requests it streams.
     load: int = 0
-    draining: bool = False  # the sender is shutting down: it finishes what it has and takes nothing new
+    # the sender is shutting down: it finishes what it has and takes nothing new. Gateway -> worker:
+    # the gateway knows that the worker drains, and routes nothing more to it.
+    draining: bool = False
 
 
 class Prefill(msgspec.Struct, **_STRUCT):

@@ -44,9 +44,11 @@ class GatewayLink:
         self.registered = False
         self.refused = ""  # the router's reason, when it refused this worker
         # Work the gateway has routed to this worker that may still be on its way (reservations,
-        # prompts not yet prefilled), and when the gateway said so: a draining worker waits for 0.
+        # prompts not yet prefilled), when the gateway said so, and whether it knew then that this
+        # worker drains: a draining worker waits for 0 from a gateway that knows.
         self.gateway_load = 0
         self.load_heard_at = 0.0
+        self.gateway_knows_draining = False
         self._last_heard = self._last_sent = self._last_tick = 0.0
         self.connect()
 
@@ -95,6 +97,7 @@ class GatewayLink:
                 self._register()
             elif isinstance(msg, P.Heartbeat):
                 self.gateway_load, self.load_heard_at = msg.load, self._last_heard
+                self.gateway_knows_draining = msg.draining
             else:
                 out.append(msg)
 
@@ -119,10 +122,12 @@ class GatewayLink:
             self.send(P.Heartbeat(load, draining))
 
     def nothing_on_the_way(self, since: float) -> bool:
-        """The gateway, in a heartbeat sent after `since`, had nothing more routed to us; or the
-        gateway is gone, and nothing more can come."""
+        """The gateway, in a heartbeat sent after `since` (the drain's start) and once it knew that
+        this worker drains, had nothing more routed to us; or the gateway is gone, and nothing more
+        can come. (A heartbeat from before it knew says nothing of what it routes here next: a
+        worker that exited on one lost that, which the gateway resumed only after its silence.)"""
         gone = time.monotonic() - self._last_heard > self.timeout_s
-        return gone or (self.gateway_load == 0 and self.load_heard_at > since)
+        return gone or (self.gateway_knows_draining and self.gateway_load == 0 and self.load_heard_at > since)
 
     def close(self) -> None:
         if self.sock is not None:

@@ -48,6 +48,10 @@ class WorkerLoop:
             slot_len=self.limits.max_total_tokens, pid=os.getpid(), pid_namespace=pid_namespace(),
             kv_public_key=kv_public_key, prefix_blocks=prefix_blocks, prefix_block_tokens=prefix_block_tokens,
         )
+        # Start-up's garbage goes before the Register does: the router counts this worker's silence
+        # from it, and a collection of a heap with PyTorch in it, on busy cores, took seconds
+        # (found in a storm: a worker started again was dropped as silent right after it registered).
+        freeze_startup_heap()
         self.link = GatewayLink(self.ctx, o.gateway, register, self.holding, o.link.heartbeat_s,
                                 o.link.heartbeat_timeout, curve=o.link.curve)
 
@@ -117,7 +121,6 @@ class WorkerLoop:
             signal.signal(sig, lambda *_: self.start_drain(self.opts.link.drain_timeout))
         link = self.link
         poller, polled = zmq.Poller(), None
-        freeze_startup_heap()
         try:
             while not (self.draining and self._drained()):
                 if link.refused:

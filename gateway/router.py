@@ -149,8 +149,10 @@ class Router:
                     front.last_seen += now - last - interval
             last = now
             for worker in list(self.registry.workers.values()):
-                # The load tells a draining worker whether work routed to it is still on its way.
-                beat = P.Heartbeat(len(worker.assigned) if worker.info.role == "decode" else worker.queued_tokens)
+                # The load tells a draining worker whether work routed to it is still on its way,
+                # once the router knows it drains (it routes nothing more there from then on).
+                beat = P.Heartbeat(len(worker.assigned) if worker.info.role == "decode" else worker.queued_tokens,
+                                   worker.draining)
                 self._send_worker(worker, beat)
             try:
                 self.core.tick()

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import zmq
@@ -16,6 +17,8 @@ from cluster import Cluster, offline, request_specs, stream_all, wait_for
 from conftest import load_cpu
 from splitserve.bench.traffic import PROMPTS
 from splitserve.client import Client, GenerationError, GenerationTimeout
+from splitserve.common import protocol as P
+from splitserve.common.worker_link import GatewayLink
 from splitserve.common.zmq_util import free_port
 
 
@@ -225,6 +228,27 @@ def test_a_silent_decode_worker_is_dropped_and_traffic_goes_on(home, tiny_dir):
                 assert all(served() for _ in range(6))
         finally:
             c.workers[stopped]["proc"].send_signal(signal.SIGCONT)
+
+
+def test_a_draining_worker_hears_that_nothing_more_comes_only_from_a_router_that_knows_it_drains(cluster, lm):
+    """A worker's drain ends once the router, in a heartbeat, has no work of its own on its way to
+    it. A heartbeat sent before the router had heard the worker say it drains does not count: the
+    router could route it a prompt right after, which the worker, gone, would lose (found in a
+    storm: such prompts were resumed only after the worker's silence, 2 s later)."""
+    register = P.Register("prefill", f"prefill-probe-{os.getpid()}", P.PROTOCOL_VERSION, "host", [], "cpu", "", ["shm"],
+                          1 << 20, lm.fingerprint(), "float32", 0, os.getpid(), "pid:0")
+    ctx = zmq.Context()
+    link = GatewayLink(ctx, f"tcp://127.0.0.1:{cluster.worker_port}", register, list, 0.5, 60)
+    try:
+        wait_for(lambda: link.receive() == [] and link.registered, 30, "the router to register the probe")
+        since = time.monotonic()  # the drain begins; the router does not know yet
+        wait_for(lambda: link.receive() == [] and link.load_heard_at > since, 10, "a router heartbeat")
+        assert link.gateway_load == 0 and not link.nothing_on_the_way(since)
+        link.send(P.Heartbeat(0, draining=True))
+        wait_for(lambda: link.receive() == [] and link.nothing_on_the_way(since), 10, "the router to know it drains")
+    finally:
+        link.close()
+        ctx.term()
 
 
 @pytest.mark.parametrize("role", ["prefill", "decode"])

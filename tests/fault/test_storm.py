@@ -1,8 +1,8 @@
 """A storm: `serve` with two frontends, two prefill and two decode workers streams requests of every
 client library (ZMQ and WebSocket, sync and async; greedy, seeded and gateway-seeded sampled) while
-its processes are killed (SIGKILL) or frozen (SIGSTOP) one after another: every kind of process,
-both ways. Every answer equals an undisturbed rerun of its request, none fails, and nothing stays
-held afterwards."""
+its processes are killed (SIGKILL), frozen (SIGSTOP) or stopped (SIGTERM: they drain) one after
+another: every kind of process, each way. Every answer equals an undisturbed rerun of its request,
+none fails, and nothing stays held afterwards."""
 
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ from splitserve.client import AsyncClient, AsyncWebSocketClient, Client, Splitse
 # One at a time, each once the fleet is whole again: a request can then lose its process only once,
 # and two processes of a role are never down together (either would end requests with an error).
 # A frozen worker thaws after FROZEN_S (the router has let it go meanwhile, and it registers
-# again); a frozen frontend stays frozen until serve kills it.
+# again); a frozen frontend stays frozen until serve kills it. SIGTERM: it drains, and exits.
 FAULTS = [("frontend-0-", signal.SIGKILL), ("decode-1-", signal.SIGSTOP), ("prefill-0-", signal.SIGKILL),
-          ("frontend-1-", signal.SIGSTOP), ("decode-0-", signal.SIGKILL), ("prefill-1-", signal.SIGSTOP)]
+          ("frontend-1-", signal.SIGSTOP), ("decode-0-", signal.SIGKILL), ("prefill-1-", signal.SIGSTOP),
+          ("frontend-0-", signal.SIGTERM), ("decode-1-", signal.SIGTERM)]
 FROZEN_S = 4.0
 # After a kill (or a frontend's freeze), the router has let go of the process within its heartbeat
 # timeout (2 s): only then does its count say whether the one serve started in its place is in
@@ -66,8 +67,10 @@ def storm(serve_pid: int, router_metrics: int, done: threading.Event, errors: li
             if sig == signal.SIGSTOP and not part.startswith("frontend"):
                 time.sleep(FROZEN_S)
                 os.kill(pid, signal.SIGCONT)
-            else:
-                time.sleep(GONE_S)
+                continue
+            if sig == signal.SIGTERM:
+                wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 60, f"{part} to drain and exit")
+            time.sleep(GONE_S)
         wait_for(lambda: whole(router_metrics), 60, "the fleet to be whole")
     except Exception as e:  # noqa: BLE001 - the test's thread asserts on it
         errors.append(e)
