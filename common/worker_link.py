@@ -49,7 +49,8 @@ class GatewayLink:
         self.gateway_load = 0
         self.load_heard_at = 0.0
         self.gateway_knows_draining = False
-        self._last_heard = self._last_sent = self._last_tick = 0.0
+        self._last_heard = self._last_beat = self._last_tick = 0.0
+        self._beat_draining = False  # what the last heartbeat said
         self.connect()
 
     def connect(self) -> None:
@@ -73,7 +74,6 @@ class GatewayLink:
                 self.sock.send(P.encode(msg), flags=zmq.NOBLOCK)
         except zmq.Again:
             log.warning("gateway link is backed up; dropped a %s", type(msg).__name__)
-        self._last_sent = time.monotonic()
 
     def receive(self) -> list:
         """Every message waiting on the link (never blocks); malformed frames are dropped."""
@@ -118,8 +118,13 @@ class GatewayLink:
         if now - self._last_heard > self.timeout_s:
             log.warning("no word from the gateway for %.1f s; reconnecting", now - self._last_heard)
             self.connect()
-        elif now - self._last_sent >= self.heartbeat_s:
+        elif now - self._last_beat >= self.heartbeat_s or draining != self._beat_draining:
+            # Every interval, however much else goes out: only a heartbeat tells the load and the
+            # drain, and a drain at once (a busy worker that skipped its beats while its other
+            # messages flowed kept the router from ever hearing of its drain: it was routed new
+            # prompts until its drain timed out, and ended them as it left).
             self.send(P.Heartbeat(load, draining))
+            self._last_beat, self._beat_draining = now, draining
 
     def nothing_on_the_way(self, since: float) -> bool:
         """The gateway, in a heartbeat sent after `since` (the drain's start) and once it knew that

@@ -25,7 +25,7 @@ from splitserve.client import AsyncClient, AsyncWebSocketClient, Client, Splitse
 # again); a frozen frontend stays frozen until serve kills it. SIGTERM: it drains, and exits.
 FAULTS = [("frontend-0-", signal.SIGKILL), ("decode-1-", signal.SIGSTOP), ("prefill-0-", signal.SIGKILL),
           ("frontend-1-", signal.SIGSTOP), ("decode-0-", signal.SIGKILL), ("prefill-1-", signal.SIGSTOP),
-          ("frontend-0-", signal.SIGTERM), ("decode-1-", signal.SIGTERM)]
+          ("frontend-0-", signal.SIGTERM), ("decode-1-", signal.SIGTERM), ("prefill-0-", signal.SIGTERM)]
 FROZEN_S = 4.0
 # After a kill (or a frontend's freeze), the router has let go of the process within its heartbeat
 # timeout (2 s): only then does its count say whether the one serve started in its place is in
