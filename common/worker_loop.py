@@ -49,8 +49,9 @@ class WorkerLoop:
             kv_public_key=kv_public_key, prefix_blocks=prefix_blocks, prefix_block_tokens=prefix_block_tokens,
         )
         # Start-up's garbage goes before the Register does: the router counts this worker's silence
-        # from it, and a collection of a heap with PyTorch in it, on busy cores, took seconds
-        # (found in a storm: a worker started again was dropped as silent right after it registered).
+        # from it, and a full collection of a heap with PyTorch in it is slow on busy cores (found
+        # in a storm on an overloaded machine: a worker started again went silent for 2.4 s right
+        # after it registered, and was dropped).
         freeze_startup_heap()
         self.link = GatewayLink(self.ctx, o.gateway, register, self.holding, o.link.heartbeat_s,
                                 o.link.heartbeat_timeout, curve=o.link.curve)
