@@ -110,7 +110,8 @@ class _Tries:
         """How long to wait for the next try after a try failed with `e`; UnavailableError when none is left."""
         if isinstance(e, TimeoutError):
             wait = 0.0
-        elif isinstance(e, (OSError, InvalidMessage)):
+        elif isinstance(e, (OSError, InvalidMessage, ConnectionClosed)):
+            # refused, or cut (the sync client says ConnectionClosed for a reset before its request went)
             wait = next(self.waits, None)
         else:
             wait = None

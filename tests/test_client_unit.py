@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import msgspec
 import pytest
 import zmq
+from websockets.exceptions import InvalidMessage
 
 from polling import async_wait_for
 from splitserve.client import (AsyncClient, AsyncWebSocketClient, Client, GenerationError, GenerationTimeout,
@@ -601,3 +602,25 @@ async def test_a_websocket_request_that_never_started_goes_over_a_new_connection
             assert server.connections == sent
         finally:
             server.close()
+
+
+
+def test_a_websocket_connection_cut_as_it_is_made_is_made_again():
+    """Refused, reset, cut before an HTTP answer: made again after a short wait; the sync client
+    says ConnectionClosed for a connection reset before its request went (found in a storm of
+    killed frontends: it gave up at once). Timed out: made again at once. Anything else, or past
+    open_timeout: an error."""
+    from websockets.exceptions import ConnectionClosedError, InvalidURI
+
+    from splitserve.client.websocket import CONNECT_RETRIES_S, _Tries
+
+    tries = _Tries("ws://x", 10.0)
+    cut = [ConnectionRefusedError(), ConnectionClosedError(None, None), InvalidMessage("no HTTP answer")]
+    assert [tries.wait_after(e) for e in cut[:2]] == list(CONNECT_RETRIES_S)
+    assert tries.wait_after(TimeoutError()) == 0.0
+    with pytest.raises(UnavailableError, match="cannot connect to ws://x"):
+        tries.wait_after(cut[2])  # the retries after cuts are spent
+    with pytest.raises(UnavailableError):
+        _Tries("ws://x", 10.0).wait_after(InvalidURI("ws://x", "bad"))
+    with pytest.raises(UnavailableError):
+        _Tries("ws://x", 0.0).wait_after(TimeoutError())
