@@ -125,8 +125,8 @@ class Decode:
         self.kv_endpoint = self.kv_sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.kv_decoder = P.decoder(P.KvToDecode)
         self.active: dict[str, tuple[GenerateRequest, int]] = {}  # id -> (request, next output index)
-        self.cancelled: list[GenerateRequest] = []
-        self.tombstones: set[str] = set()  # cancelled before their KvReady came
+        self.cancelled: list[str] = []  # ids whose Finished goes at the next step
+        self.tombstones: set[str] = set()  # cancelled while not active here: their KvReady is refused
         self.period = args.step_ms / 1e3
         self.next_step = time.monotonic()
 
@@ -135,11 +135,9 @@ class Decode:
 
     def on_gateway(self, msg) -> None:
         if isinstance(msg, P.Cancel):
-            found = self.active.pop(msg.id, None)
-            if found is None:
+            if self.active.pop(msg.id, None) is None:
                 self.tombstones.add(msg.id)
-            else:
-                self.cancelled.append(found[0])
+            self.cancelled.append(msg.id)  # ended either way, as the decode worker does
 
     def on_socket(self, sock: zmq.Socket) -> None:
         while sock.poll(0):
@@ -150,7 +148,6 @@ class Decode:
             sock.send_multipart([peer, P.encode(P.KvRelease(msg.request.id, msg.location.offset))])
             if msg.request.id in self.tombstones:
                 self.tombstones.discard(msg.request.id)
-                self.cancelled.append(msg.request)
             else:
                 self.active[msg.request.id] = (msg.request, 1)
 
@@ -182,8 +179,8 @@ class Decode:
             self.outputs.send(destination, P.StepTokens(entries))
         for rid in ended:
             self.link.send(P.Finished(rid, "length"))
-        for request in self.cancelled:
-            self.link.send(P.Finished(request.id, "cancelled"))
+        for rid in self.cancelled:
+            self.link.send(P.Finished(rid, "cancelled"))
         self.cancelled.clear()
 
     def close(self) -> None:

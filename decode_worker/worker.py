@@ -29,7 +29,7 @@ from .output import Output
 
 log = logging.getLogger(__name__)
 
-TOMBSTONE_S = 120.0  # a Cancel that arrived before its KvReady is remembered this long
+TOMBSTONE_S = 120.0  # a Cancel of a request not running here is remembered this long (its KV may come)
 ORPHAN_CHECK_S = 5.0  # how often to look for stagings whose prefill worker died
 
 
@@ -63,7 +63,7 @@ class DecodeWorker(WorkerLoop):
                              model.device, model.dtype, nixl)
         self.output = Output(self.ctx, model.tokenizer, curve=curve, inline=model.device.type != "cuda")
         self.running: dict[str, Running] = {}  # by request id
-        self.tombstones: dict[str, float] = {}  # request id -> when its Cancel came, before its KV did
+        self.tombstones: dict[str, float] = {}  # request id -> when its Cancel came while it was not running here
         self.orphans_checked = 0.0
         self.admitted = 0
         self.metrics.set(slots_total=num_slots)
@@ -149,7 +149,11 @@ class DecodeWorker(WorkerLoop):
             if msg.id in self.running:
                 self._end(msg.id, "cancelled")
             else:
+                # Its KV may be on its way (refused when it comes), it may have ended here already, or
+                # never come: the router hears its end now in each case, so that a reservation held
+                # for a request this worker will never run is freed at once, not after a grace.
                 self.tombstones[msg.id] = time.monotonic()
+                self.link.send(P.Finished(msg.id, "cancelled"))
 
     def _forget(self, rid: str) -> None:
         self.engine.release(self.running.pop(rid).slot)
@@ -166,9 +170,8 @@ class DecodeWorker(WorkerLoop):
     def _admit(self, arrival: Arrival) -> None:
         ready = arrival.ready
         rid = ready.request.id
-        if self.tombstones.pop(rid, None) is not None:
+        if self.tombstones.pop(rid, None) is not None:  # its end went with the Cancel
             self.kv.answer(arrival)
-            self.link.send(P.Finished(rid, "cancelled"))
             return
         try:
             slot = self.engine.admit_with(ready.request, ready.location.length, ready.first_token,

@@ -79,6 +79,9 @@ class RouterCore:
         self.waiting: deque[str] = deque()  # leaders admitted, waiting for a free decode slot
         self.claims: dict[str, tuple[str, float]] = {}  # attempt -> (frontend, when): streamed, not (yet) held
         self.draining = False
+        self.started = time.monotonic()
+        # long enough for every worker and frontend to come back to a new router
+        self.settle = 2 * heartbeat_timeout
 
     # ---- frontends ----------------------------------------------------------------------
 
@@ -359,10 +362,14 @@ class RouterCore:
 
     def registered(self, worker: Worker, holding: list[P.Held]) -> None:
         """A worker (re)joined: its reservations stand, and what it holds that these books do not
-        (a restarted router, a worker that was taken for dead) is adopted."""
+        (a restarted router, a worker that was taken for dead) is adopted. Once this router has
+        settled, what a worker holds that these books do not and no frontend claims was freed here
+        already (its worker taken for dead, its end heard): nobody streams it, and it is cancelled
+        at once, its reservation held until the workers' end says it is free."""
         now = time.monotonic()
         if worker.info.role == "decode":
             worker.assigned.update(a.id for a in self.attempts.values() if a.decode == worker.id)
+        stale = []
         for held in holding:
             attempt = self.attempts.get(held.id)
             if attempt is None:
@@ -371,12 +378,19 @@ class RouterCore:
                                   adopted_at=now)
                 self._add(attempt)
                 attempt.awaiting_first = False
+                if claim is None and now - self.started > self.settle:
+                    stale.append(attempt.id)
             if worker.info.role == "prefill" and not held.prefilled and not attempt.awaiting_first:
                 attempt.prefill, attempt.awaiting_first, attempt.queued_tokens = worker.id, True, held.queued_tokens
                 worker.queued_tokens += held.queued_tokens
             decode = self.registry.workers.get(held.decode_worker)
             if decode is not None:
                 decode.assigned.add(held.id)
+        if stale:
+            log.info("%s worker %s holds %d requests freed here already: cancelled", worker.info.role, worker.id,
+                     len(stale))
+        for attempt_id in stale:
+            self.cancel(attempt_id)
         self.dispatch()
 
     def worker_left(self, worker: Worker) -> None:
@@ -404,14 +418,13 @@ class RouterCore:
                 log.warning("frontend %s silent for %.1f s: its requests are cancelled", front.id,
                             now - front.last_seen)
             self.frontend_left(front)
-        settle = 2 * self.timeout  # long enough for every worker and frontend to come back to a new router
         for attempt in list(self.attempts.values()):
             if attempt.closed_at and now - attempt.closed_at > CLOSING_GRACE_S:
                 self.release(attempt.id)
-            elif attempt.frontend is None and not attempt.closed_at and now - attempt.adopted_at > settle:
+            elif attempt.frontend is None and not attempt.closed_at and now - attempt.adopted_at > self.settle:
                 self.cancel(attempt.id)  # no frontend streams it: nobody reads its tokens
         for attempt_id, (fid, since) in list(self.claims.items()):
-            if now - since > settle:
+            if now - since > self.settle:
                 del self.claims[attempt_id]
                 if fid in self.frontends:
                     self.send_frontend(self.frontends[fid], P.Lost(attempt_id, "the router restarted"))

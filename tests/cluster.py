@@ -85,6 +85,16 @@ def http_port(lines: list[str]) -> int:
     return int(next(line for line in lines if "HTTP" in line).split("127.0.0.1:")[1].split()[0])
 
 
+def spawn(home: Path, command: str, *args: str) -> subprocess.Popen:
+    """`splitserve <command> <args>` with one PyTorch thread."""
+    # SPLITSERVE_PORT=0: a gateway started without --port takes any free HTTP port, not the default one
+    env = dict(os.environ, SPLITSERVE_HOME=str(home), PYTHONUNBUFFERED="1",
+               SPLITSERVE_LOG_LEVEL=os.environ.get("SPLITSERVE_LOG_LEVEL", "WARNING"), SPLITSERVE_PORT="0")
+    cmd = [sys.executable, "-m", "splitserve.cli", command, "--threads", "1", *args]
+    # SIGKILL when the test process exits, however: a test failing before its cleanup leaves no server
+    return subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent(signal.SIGKILL))
+
+
 class Cluster:
     """A gateway and workers as separate processes, each with one PyTorch thread."""
 
@@ -113,12 +123,7 @@ class Cluster:
         return metric_at(self.port if worker_id is None else self.workers[worker_id]["metrics_port"], name, **labels)
 
     def _spawn(self, command: str, *args: str) -> subprocess.Popen:
-        # SPLITSERVE_PORT=0: a gateway started without --port takes any free HTTP port, not the default one
-        env = dict(os.environ, SPLITSERVE_HOME=str(self.home), PYTHONUNBUFFERED="1", SPLITSERVE_LOG_LEVEL=os.environ.get("SPLITSERVE_LOG_LEVEL", "WARNING"),
-                   SPLITSERVE_PORT="0")
-        cmd = [sys.executable, "-m", "splitserve.cli", command, "--model", self.model, "--threads", "1", *args]
-        # SIGKILL when the test process exits, however: a test failing before its cleanup leaves no server
-        proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent(signal.SIGKILL))
+        proc = spawn(self.home, command, "--model", self.model, *args)
         self.procs.append(proc)
         return proc
 

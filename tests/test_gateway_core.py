@@ -324,6 +324,30 @@ def test_adopted_work_no_frontend_claims_is_cancelled_and_claims_no_worker_holds
     assert [m.request.id for m in resumed] == [f"{gid}.2"]
 
 
+def test_what_a_worker_taken_for_dead_still_holds_is_cancelled_at_once_when_it_comes_back(books):
+    """A prefill worker frozen past its heartbeat timeout comes back holding the KV of a prompt
+    whose attempt the router freed and resumed elsewhere, and whose decode worker has ended it
+    already (its Cancel came first). Nobody streams it: the router, settled long ago, cancels it
+    when the worker registers, and the decode worker's end frees the reservation at once (found in
+    a storm: adopted as if the router had restarted, it held a decode slot for 2 minutes)."""
+    books.router.started -= books.router.settle  # a router up for long
+    for wid in ("p1", "p2"):
+        books.register("prefill", wid, 2048)
+    books.register("decode", "d", 4)
+    gid = books.frontend.submit("c", generate(1), [].append)
+    assert books.sent[-1][0] == "p1"
+    books.router.worker_left(books.registry.workers.pop("p1"))  # silent: its prompt resumes on p2
+    resumed = books.sent[-1][1].request.id
+    assert books.sent[-2:] == [("d", P.Cancel(gid)), ("p2", books.sent[-1][1])] and resumed == f"{gid}.2"
+    books.worker("d", P.Finished(gid, "cancelled"))  # the decode worker's end: heard before p1 is back
+    books.sent.clear()
+    books.register("prefill", "p1", 2048, holding=(P.Held(gid, "d"),))  # its KV's release not read yet
+    assert books.sent == [("d", P.Cancel(gid))] and books.registry.workers["d"].assigned == {gid, resumed}
+    books.worker("d", P.Finished(gid, "cancelled"))
+    assert books.registry.workers["d"].assigned == {resumed} and list(books.router.attempts) == [resumed]
+    assert books.router.live() == 1 and books.frontend.streams[resumed].gid == gid
+
+
 # ---- how KV moves between two workers ---------------------------------------------------------
 
 GPU_A, GPU_B = "uuid-a", "uuid-b"

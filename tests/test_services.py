@@ -13,11 +13,12 @@ import time
 import pytest
 import zmq
 
-from cluster import Cluster, offline, request_specs, stream_all, wait_for
+from cluster import Cluster, offline, request_specs, spawn, stream_all, wait_for
 from conftest import load_cpu
 from splitserve.bench.traffic import PROMPTS
 from splitserve.client import Client, GenerationError, GenerationTimeout
 from splitserve.common import protocol as P
+from splitserve.common.request import GenerateRequest
 from splitserve.common.worker_link import GatewayLink
 from splitserve.common.zmq_util import free_port
 
@@ -285,6 +286,50 @@ def test_a_busy_worker_beats_every_interval_and_tells_its_drain_at_once():
         assert wait_for(beats, 1, "the drain's heartbeat") == [P.Heartbeat(3, True)]
     finally:
         link.close()
+        router.close(0)
+        ctx.term()
+
+
+def test_a_decode_worker_ends_at_once_a_cancelled_request_it_is_not_running(home):
+    """The router frees a decode reservation when the worker says the request ended. A Cancel of
+    a request the worker is not running (its KV on the way, ended already, or never to come) is
+    ended at once; its KV, should it come, is refused, with no second end. Before, such a Cancel
+    had no answer, and the router's reservation stayed held for its 2-minute grace."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    decoder = P.decoder(P.WorkerToGateway)
+    heard: list = []
+
+    def hear(want):
+        def found():
+            while router.poll(0):
+                frames = router.recv_multipart()
+                heard.append((frames[0], P.decode(decoder, frames[1])))
+            return next((h for h in heard if want(h[1])), None)
+        return found
+
+    worker = spawn(home, "decode", "--model", "tiny-random", "--gateway", f"tcp://127.0.0.1:{port}",
+                   "--worker-id", "d", "--num-slots", "2", "--heartbeat-timeout", "60")
+    kv = ctx.socket(zmq.DEALER)
+    try:
+        identity, register = wait_for(hear(lambda m: isinstance(m, P.Register)), 120, "the worker to register")
+        router.send_multipart([identity, P.encode(P.Registered(True))])
+        router.send_multipart([identity, P.encode(P.Cancel("ghost"))])
+        wait_for(hear(lambda m: m == P.Finished("ghost", "cancelled")), 30, "the cancel's end")
+        kv.connect(register.kv_endpoint)
+        request = GenerateRequest("ghost", (1, 2, 3), 4, reply_to="tcp://127.0.0.1:1")
+        kv.send(P.encode(P.KvReady(request, 5, "x", P.KvLocation(0, 3, "staging"), "tcp", "p")))
+        assert wait_for(lambda: kv.poll(0) and P.decode(P.decoder(P.KvRelease), kv.recv()), 30,
+                        "the KV's release") == P.KvRelease("ghost", 0)
+        router.send_multipart([identity, P.encode(P.Cancel("marker"))])  # its end comes after any for ghost
+        wait_for(hear(lambda m: isinstance(m, P.Finished) and m.id == "marker"), 30, "the marker's end")
+        assert [m for _, m in heard if isinstance(m, P.Finished)] == [P.Finished("ghost", "cancelled"),
+                                                                      P.Finished("marker", "cancelled")]
+    finally:
+        worker.kill()
+        worker.wait()
+        kv.close(0)
         router.close(0)
         ctx.term()
 
