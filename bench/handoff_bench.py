@@ -211,9 +211,9 @@ class Pair:
                 if failed:
                     raise RuntimeError(f"{self.name} handoff failed: {failed}")
                 if done:
-                    if done[0][2] != self.transport:
-                        raise RuntimeError(f"a {self.name} handoff went over {done[0][2]}")
-                    return done[0][1]
+                    if done[0].transport != self.transport:
+                        raise RuntimeError(f"a {self.name} handoff went over {done[0].transport}")
+                    return done[0].seconds
         raise TimeoutError(f"no {self.name} release in 60 s")
 
     def close(self) -> None:

@@ -1,9 +1,9 @@
 """Synthetic prefill and decode workers for `splitserve bench gateway`: processes that speak the
 real worker protocol (they register and heartbeat through the workers' own GatewayLink, answer
-Prefill with a FirstToken to the request's frontend and a Prefilled to the router, hand the
-request to the decode worker with KvReady, send one StepTokens per step to each frontend and a
-Finished per ended request to the router) but run no model and import no torch, so that all the
-CPU a benchmark sees in the router and the frontends is their own.
+Prefill with a FirstToken to the request's frontend, hand the request to the decode worker with
+KvReady and tell the router Prefilled at its KvRelease, send one StepTokens per step to each
+frontend and a Finished per ended request to the router) but run no model and import no torch, so
+that all the CPU a benchmark sees in the router and the frontends is their own.
 
 Every token's text is the time it was sent, in microseconds since `--epoch-us` (the host clock,
 `time.time_ns`), so that a client on the same host can tell how long the token took to reach it.
@@ -67,6 +67,7 @@ class Prefill:
         self.outputs = FrontendLinks(ctx)
         self.link: GatewayLink | None = None  # set once registered
         self.kv: dict[str, zmq.Socket] = {}  # decode endpoint -> the socket KvReady goes over
+        self.release_decoder = P.decoder(P.KvRelease)
 
     def sockets(self) -> list[zmq.Socket]:
         return list(self.kv.values())
@@ -78,8 +79,9 @@ class Prefill:
             ends = request.max_new_tokens <= 1
             first = token(0, self.clock.stamp())
             self.outputs.send(request.reply_to, P.FirstToken(request.id, first, "length" if ends else None))
-            self.link.send(P.Prefilled(request.id, "length" if ends else None))
-            if not ends:
+            if ends:
+                self.link.send(P.Prefilled(request.id, "length"))
+            else:  # Prefilled once the decode worker has it (on_socket)
                 self._kv_socket(msg.decode_endpoint).send(P.encode(P.KvReady(
                     request, first.token_id, first.text, P.KvLocation(0, len(request.prompt_ids), "synthetic"),
                     msg.transport, self.worker_id, msg.deadline)))
@@ -93,7 +95,8 @@ class Prefill:
 
     def on_socket(self, sock: zmq.Socket) -> None:
         while sock.poll(0):
-            sock.recv_multipart()  # KvRelease: there is no staging to free
+            release = P.decode(self.release_decoder, sock.recv_multipart()[0])  # there is no staging to free
+            self.link.send(P.Prefilled(release.id))
 
     def load(self) -> int:
         return 0

@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import zmq
@@ -144,6 +145,15 @@ class StagingRegions:
         self._free = merged
 
 
+class Handed(NamedTuple):
+    """A handoff the decode worker has completed: its KV is in a slot and its region is free."""
+
+    id: str  # the request's
+    nbytes: int
+    seconds: float  # from its KvReady to the release
+    transport: P.Transport
+
+
 @dataclass
 class Handoff:
     ready: P.KvReady
@@ -217,9 +227,8 @@ class KvSender:
         for desc in self.staging.exports():
             sock.send(P.encode(P.KvStaging(self.worker_id, desc)))
 
-    def receive(self, sock: zmq.Socket) -> tuple[list[tuple[str, str]], list[tuple[int, float, str]]]:
-        """Every release waiting on `sock`: (failed handoffs as (request id, message), completed
-        ones as (bytes, seconds, transport))."""
+    def receive(self, sock: zmq.Socket) -> tuple[list[tuple[str, str]], list[Handed]]:
+        """Every release waiting on `sock`: (failed handoffs as (request id, message), completed ones)."""
         failed, done = [], []
         while True:
             try:
@@ -235,8 +244,8 @@ class KvSender:
             if h is None or h.ready.location.offset != msg.offset:
                 continue
             if msg.ok:
-                done.append((h.ready.location.length * self.token_bytes, time.monotonic() - h.sent_at,
-                             h.ready.transport))
+                done.append(Handed(msg.id, h.ready.location.length * self.token_bytes, time.monotonic() - h.sent_at,
+                                   h.ready.transport))
                 self._end(msg.id)
             elif h.tries < HANDOFF_TRIES:
                 if h.ready.transport == "nixl":  # a failed or late read: the frames go over the KV link instead

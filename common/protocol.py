@@ -43,8 +43,9 @@ from .request import GenerateRequest
 # 4: router and frontends: tokens go from workers to the request's frontend (reply_to), the worker
 # link carries per-request events only (Prefilled, Finished for every end) and a registering worker
 # lists what it holds (a restarted router adopts it). 5: the router's heartbeat to a worker says
-# whether it knows the worker drains (a draining worker waits for that before it exits).
-PROTOCOL_VERSION = 5
+# whether it knows the worker drains (a draining worker waits for that before it exits). 6: Prefilled
+# goes once the decode worker has the KV, and Held lists no `prefilled`.
+PROTOCOL_VERSION = 6
 
 # Maximum message sizes per socket kind (ZMQ_MAXMSGSIZE): control traffic is small; a KV frame
 # over tcp carries a whole prompt's cache.
@@ -240,12 +241,12 @@ Role = Literal["prefill", "decode"]
 
 class Held(msgspec.Struct, array_like=True):
     """A request a worker holds, listed when it registers: a restarted router rebuilds its books
-    from these (the reservation on `decode_worker`, the prompt tokens queued for prefill)."""
+    from these (the reservation on `decode_worker`; a prefill worker's: the prompt tokens it has
+    still to compute, and that its death loses the request)."""
 
     id: str
     decode_worker: str  # where its KV goes or is
-    queued_tokens: int = 0  # prefill: prompt tokens still to compute
-    prefilled: bool = True  # false while it waits in a prefill worker's queue
+    queued_tokens: int = 0  # prefill: prompt tokens still to compute (0 once its KV waits for the decode worker)
 
 
 class Register(msgspec.Struct, **_STRUCT):
@@ -330,8 +331,9 @@ class StepTokens(msgspec.Struct, **_STRUCT):
 
 
 class Prefilled(msgspec.Struct, **_STRUCT):
-    """Prefill worker -> router: a request's prompt is done (its queue share is free); with a
-    finish reason when the request ended at its first token."""
+    """Prefill worker -> router: a request's KV is with its decode worker (its queue share is
+    free, and the prefill worker's death no longer touches it), or, with a finish reason, the
+    request ended at its first token."""
 
     id: str
     finish_reason: FinishReason | None = None

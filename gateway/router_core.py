@@ -51,7 +51,8 @@ class Attempt:
     deadline: float | None = None
     prefill: str | None = None
     decode: str | None = None
-    awaiting_first: bool = True  # its prompt tokens count in the prefill worker's queue
+    # not yet Prefilled: its prompt counts in the prefill worker's queue, and that worker's death loses it
+    at_prefill: bool = True
     queued_tokens: int = 0  # what it adds to that queue (0 for a fork)
     # OpenAI's `n`: attempts with one prompt share one prefill; while waiting the leader holds the others
     forks: list[str] = field(default_factory=list)
@@ -331,8 +332,8 @@ class RouterCore:
             self.release(msg.id)
 
     def _prefilled(self, attempt: Attempt) -> None:
-        if attempt.awaiting_first:
-            attempt.awaiting_first = False
+        if attempt.at_prefill:
+            attempt.at_prefill = False
             prefill = self.registry.workers.get(attempt.prefill)
             if prefill is not None:
                 prefill.queued_tokens -= attempt.queued_tokens
@@ -377,11 +378,11 @@ class RouterCore:
                 attempt = Attempt(held.id, claim[0] if claim else None, None, decode=held.decode_worker,
                                   adopted_at=now)
                 self._add(attempt)
-                attempt.awaiting_first = False
+                attempt.at_prefill = False
                 if claim is None and now - self.started > self.settle:
                     stale.append(attempt.id)
-            if worker.info.role == "prefill" and not held.prefilled and not attempt.awaiting_first:
-                attempt.prefill, attempt.awaiting_first, attempt.queued_tokens = worker.id, True, held.queued_tokens
+            if worker.info.role == "prefill" and not attempt.at_prefill:
+                attempt.prefill, attempt.at_prefill, attempt.queued_tokens = worker.id, True, held.queued_tokens
                 worker.queued_tokens += held.queued_tokens
             decode = self.registry.workers.get(held.decode_worker)
             if decode is not None:
@@ -396,7 +397,7 @@ class RouterCore:
     def worker_left(self, worker: Worker) -> None:
         """A worker is gone (silent past its heartbeat timeout): its unfinished work is lost."""
         for attempt in list(self.attempts.values()):
-            if attempt.decode == worker.id or (attempt.prefill == worker.id and attempt.awaiting_first):
+            if attempt.decode == worker.id or (attempt.prefill == worker.id and attempt.at_prefill):
                 self.lost(attempt.id, f"{worker.info.role} worker {worker.id} stopped responding")
 
     # ---- time -----------------------------------------------------------------------------------

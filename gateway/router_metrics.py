@@ -23,8 +23,8 @@ class RouterCollector:
         reserved = GaugeMetricFamily("splitserve_decode_slots_reserved", "decode slots reserved by the router",
                                      labels=["worker"])
         capacity = GaugeMetricFamily("splitserve_decode_slots", "decode slots a worker has", labels=["worker"])
-        queued = GaugeMetricFamily("splitserve_prefill_queued_tokens", "prompt tokens sent and not yet prefilled",
-                                   labels=["worker"])
+        queued = GaugeMetricFamily("splitserve_prefill_queued_tokens",
+                                   "prompt tokens sent and not yet prefilled and handed off", labels=["worker"])
         for role in ("prefill", "decode"):
             workers.add_metric([role], len(core.registry.of_role(role, routable=False)))
         for w in core.registry.workers.values():

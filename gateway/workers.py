@@ -20,7 +20,7 @@ class Worker:
     last_seen: float
     draining: bool = False
     assigned: set[str] = field(default_factory=set)  # decode: requests holding a reservation
-    queued_tokens: int = 0  # prefill: prompt tokens sent and not yet prefilled, to compute
+    queued_tokens: int = 0  # prefill: prompt tokens to compute, of prompts sent and not yet Prefilled
     # prefill: the block hashes of the prompts sent here, most recent last, as many as its prefix
     # cache holds: what it likely has cached (its own cache evicts in the same order)
     prefixes: OrderedDict[bytes, None] = field(default_factory=OrderedDict)

@@ -1,6 +1,6 @@
 """The prefill worker process: queue prompts, prefill them in packed batches, send each first
-token to its request's frontend (and a Prefilled to the router), and hand each prompt's KV to the
-decode worker the router named.
+token to its request's frontend, hand each prompt's KV to the decode worker the router named, and
+tell the router (Prefilled) once that worker has it.
 
 One thread: poll the sockets, run a batch when there is work and staging room, repeat. A batch
 blocks the loop for its duration, which the heartbeat timeout comfortably allows.
@@ -114,8 +114,8 @@ class PrefillWorker(WorkerLoop):
         held = []
         for queued in self.queue:
             job = queued.job
-            held.append(P.Held(job.request.id, job.decode_worker, queued.compute, prefilled=False))
-            held += [P.Held(f.id, job.decode_worker, 0, prefilled=False) for f in job.forks]
+            held.append(P.Held(job.request.id, job.decode_worker, queued.compute))
+            held += [P.Held(f.id, job.decode_worker, 0) for f in job.forks]
         held += [P.Held(rid, h.decode_worker) for rid, h in self.kv.handoffs.items()]
         return held
 
@@ -144,8 +144,9 @@ class PrefillWorker(WorkerLoop):
         failed, done = self.kv.receive(sock)
         for rid, message in failed:
             self.link.send(P.WorkerError(rid, message))
-        for nbytes, seconds, transport in done:
-            self.metrics.observe_handoff(nbytes, seconds, transport)
+        for handed in done:
+            self.link.send(P.Prefilled(handed.id))
+            self.metrics.observe_handoff(handed.nbytes, handed.seconds, handed.transport)
 
     def _cancel(self, rid: str) -> None:
         if self.kv.drop(rid):  # prefilled already: its staging comes free now, not at the handoff timeout
@@ -217,10 +218,13 @@ class PrefillWorker(WorkerLoop):
         reason = "cancelled" if self.cancelled.pop(request.id, None) is not None else ev.finish.reason
         token = P.Token(ev.index, ev.token_id, ev.text, ev.logprob, res.top_tokens)
         self.frontends.send(request.reply_to, P.FirstToken(request.id, token, reason, res.prompt_logprobs, res.cached))
-        self.link.send(P.Prefilled(request.id, reason))
         if reason is None:
+            # Prefilled goes once the decode worker has the KV (on_socket): this worker's death
+            # before then ends the request's attempt here, and it resumes; it never waits for KV
+            # that died with this worker.
             self.kv.send(job, request, res.first_token, ev.text, res.kv_offset, res.kv_len)
         else:
+            self.link.send(P.Prefilled(request.id, reason))
             self.kv.regions.release(res.kv_offset, res.kv_len)
 
 

@@ -278,15 +278,9 @@ def test_a_restarted_router_adopts_what_workers_hold_and_frontends_stream(books,
     queued = books.frontend.submit("c2", generate(2), out.append)
     books.worker("p", P.FirstToken(streaming, P.Token(0, 11, "a")))
     # a new router: empty books; the decode worker holds one request, the prefill worker the other
-    fresh = Books.__new__(Books)
-    fresh.sent = []
-    fresh.registry = WorkerRegistry(Expectations("fp", 64), heartbeat_timeout=60)
-    fresh.router = RouterCore(fresh.registry, lambda w, msg: fresh.sent.append((w.id, msg)), fresh._to_frontend, 16,
-                              60.0, "fp")
-    fresh.frontend = books.frontend
-    books.frontend.send_router = fresh._to_router
+    fresh = restarted(books)
     fresh.register("decode", "d", 4, holding=(P.Held(streaming, "d"),))
-    fresh.register("prefill", "p", 2048, holding=(P.Held(queued, "d", 5, prefilled=False),))
+    fresh.register("prefill", "p", 2048, holding=(P.Held(queued, "d", 5),))
     fresh.join(live=tuple(books.frontend.streams))
     assert fresh.registry.workers["d"].assigned == {streaming, queued}
     assert fresh.registry.workers["p"].queued_tokens == 5
@@ -298,6 +292,38 @@ def test_a_restarted_router_adopts_what_workers_hold_and_frontends_stream(books,
     # a cancel reaches the workers that hold the adopted request
     books.frontend.cancel(queued, "cancelled")
     assert sorted(w for w, m in fresh.sent if isinstance(m, P.Cancel)) == ["d", "p"]
+
+
+def restarted(books: Books) -> Books:
+    """A new router, its books empty, for the frontend of `books`."""
+    fresh = Books.__new__(Books)
+    fresh.sent = []
+    fresh.registry = WorkerRegistry(Expectations("fp", 64), heartbeat_timeout=60)
+    fresh.router = RouterCore(fresh.registry, lambda w, msg: fresh.sent.append((w.id, msg)), fresh._to_frontend, 16,
+                              60.0, "fp")
+    fresh.frontend = books.frontend
+    books.frontend.send_router = fresh._to_router
+    return fresh
+
+
+def test_a_restarted_router_resumes_what_a_prefill_worker_held_when_that_worker_dies(books):
+    """A prefill worker lists the prompts whose KV waits for its decode worker's release: until
+    that release the prefill worker's death loses the request (its KV may never have left), and it
+    resumes elsewhere."""
+    books.register("prefill", "p", 2048)
+    books.register("decode", "d", 4)
+    out: list = []
+    gid = books.frontend.submit("c", generate(1), out.append)
+    books.worker("p", P.FirstToken(gid, P.Token(0, 11, "a")))
+    fresh = restarted(books)
+    fresh.register("decode", "d", 4)
+    fresh.register("prefill", "p", 2048, holding=(P.Held(gid, "d"),))
+    fresh.register("prefill", "p2", 2048)
+    fresh.join(live=tuple(books.frontend.streams))
+    fresh.router.worker_left(fresh.registry.workers.pop("p"))
+    resumed = fresh.sent[-1]
+    assert fresh.sent[-2:] == [("d", P.Cancel(gid)), resumed] and resumed[0] == "p2"
+    assert resumed[1].request.id == f"{gid}.2" and resumed[1].request.resumed == 1
 
 
 def test_adopted_work_no_frontend_claims_is_cancelled_and_claims_no_worker_holds_are_lost(books, monkeypatch):
@@ -342,7 +368,8 @@ def test_what_a_worker_taken_for_dead_still_holds_is_cancelled_at_once_when_it_c
     books.worker("d", P.Finished(gid, "cancelled"))  # the decode worker's end: heard before p1 is back
     books.sent.clear()
     books.register("prefill", "p1", 2048, holding=(P.Held(gid, "d"),))  # its KV's release not read yet
-    assert books.sent == [("d", P.Cancel(gid))] and books.registry.workers["d"].assigned == {gid, resumed}
+    assert books.sent == [("p1", P.Cancel(gid)), ("d", P.Cancel(gid))]
+    assert books.registry.workers["d"].assigned == {gid, resumed}
     books.worker("d", P.Finished(gid, "cancelled"))
     assert books.registry.workers["d"].assigned == {resumed} and list(books.router.attempts) == [resumed]
     assert books.router.live() == 1 and books.frontend.streams[resumed].gid == gid

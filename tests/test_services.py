@@ -290,47 +290,110 @@ def test_a_busy_worker_beats_every_interval_and_tells_its_drain_at_once():
         ctx.term()
 
 
+class ProbeRouter:
+    """The router's end of the worker link, driven by a test: a worker process registers with it."""
+
+    def __init__(self, ctx: zmq.Context):
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.endpoint = f"tcp://127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1')}"
+        self.decoder = P.decoder(P.WorkerToGateway)
+        self.heard: list = []  # every message from the worker, in order
+        self.identity = b""
+
+    def read(self) -> list:
+        """Every message heard from the worker so far."""
+        while self.sock.poll(0):
+            frames = self.sock.recv_multipart()
+            self.heard.append(P.decode(self.decoder, frames[1]))
+            self.identity = frames[0]
+        return self.heard
+
+    def hear(self, want):
+        """A condition for wait_for: the first message heard that `want` accepts."""
+        return lambda: next((m for m in self.read() if want(m)), None)
+
+    def register(self) -> P.Register:
+        register = wait_for(self.hear(lambda m: isinstance(m, P.Register)), 120, "the worker to register")
+        self.send(P.Registered(True))
+        return register
+
+    def send(self, msg) -> None:
+        self.sock.send_multipart([self.identity, P.encode(msg)])
+
+
 def test_a_decode_worker_ends_at_once_a_cancelled_request_it_is_not_running(home):
     """The router frees a decode reservation when the worker says the request ended. A Cancel of
     a request the worker is not running (its KV on the way, ended already, or never to come) is
     ended at once; its KV, should it come, is refused, with no second end. Before, such a Cancel
     had no answer, and the router's reservation stayed held for its 2-minute grace."""
     ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    decoder = P.decoder(P.WorkerToGateway)
-    heard: list = []
-
-    def hear(want):
-        def found():
-            while router.poll(0):
-                frames = router.recv_multipart()
-                heard.append((frames[0], P.decode(decoder, frames[1])))
-            return next((h for h in heard if want(h[1])), None)
-        return found
-
-    worker = spawn(home, "decode", "--model", "tiny-random", "--gateway", f"tcp://127.0.0.1:{port}",
-                   "--worker-id", "d", "--num-slots", "2", "--heartbeat-timeout", "60")
+    router = ProbeRouter(ctx)
+    worker = spawn(home, "decode", "--model", "tiny-random", "--gateway", router.endpoint, "--worker-id", "d",
+                   "--num-slots", "2", "--heartbeat-timeout", "60")
     kv = ctx.socket(zmq.DEALER)
     try:
-        identity, register = wait_for(hear(lambda m: isinstance(m, P.Register)), 120, "the worker to register")
-        router.send_multipart([identity, P.encode(P.Registered(True))])
-        router.send_multipart([identity, P.encode(P.Cancel("ghost"))])
-        wait_for(hear(lambda m: m == P.Finished("ghost", "cancelled")), 30, "the cancel's end")
+        register = router.register()
+        router.send(P.Cancel("ghost"))
+        wait_for(router.hear(lambda m: m == P.Finished("ghost", "cancelled")), 30, "the cancel's end")
         kv.connect(register.kv_endpoint)
         request = GenerateRequest("ghost", (1, 2, 3), 4, reply_to="tcp://127.0.0.1:1")
         kv.send(P.encode(P.KvReady(request, 5, "x", P.KvLocation(0, 3, "staging"), "tcp", "p")))
         assert wait_for(lambda: kv.poll(0) and P.decode(P.decoder(P.KvRelease), kv.recv()), 30,
                         "the KV's release") == P.KvRelease("ghost", 0)
-        router.send_multipart([identity, P.encode(P.Cancel("marker"))])  # its end comes after any for ghost
-        wait_for(hear(lambda m: isinstance(m, P.Finished) and m.id == "marker"), 30, "the marker's end")
-        assert [m for _, m in heard if isinstance(m, P.Finished)] == [P.Finished("ghost", "cancelled"),
-                                                                      P.Finished("marker", "cancelled")]
+        router.send(P.Cancel("marker"))  # its end comes after any for ghost
+        wait_for(router.hear(lambda m: m == P.Finished("marker", "cancelled")), 30, "the marker's end")
+        assert [m for m in router.heard if isinstance(m, P.Finished)] == [P.Finished("ghost", "cancelled"),
+                                                                          P.Finished("marker", "cancelled")]
     finally:
         worker.kill()
         worker.wait()
         kv.close(0)
-        router.close(0)
+        router.sock.close(0)
+        ctx.term()
+
+
+def test_a_prefill_worker_tells_the_router_prefilled_once_the_decode_worker_has_the_kv(home, lm):
+    """Until the router hears Prefilled, a prefill worker's death loses the request, which then
+    resumes exactly. So Prefilled goes once the decode worker has released the KV, not when the
+    first token goes: a prefill worker killed in between (its KvReady never sent, or unread)
+    left the request waiting for KV that had died with it, and its decode slot held, for good."""
+    ctx = zmq.Context()
+    router = ProbeRouter(ctx)
+    decode = ctx.socket(zmq.ROUTER)  # the decode worker's KV endpoint
+    decode_endpoint = f"tcp://127.0.0.1:{decode.bind_to_random_port('tcp://127.0.0.1')}"
+    front = ctx.socket(zmq.PULL)  # the frontend's token endpoint
+    front_endpoint = f"tcp://127.0.0.1:{front.bind_to_random_port('tcp://127.0.0.1')}"
+    worker = spawn(home, "prefill", "--model", "tiny-random", "--gateway", router.endpoint, "--worker-id", "p",
+                   "--kv-transport", "tcp", "--heartbeat-interval", "0.1", "--heartbeat-timeout", "60")
+    kinds = P.decoder(P.KvToDecode)
+    try:
+        router.register()
+        request = GenerateRequest("r", tuple(lm.tokenizer.encode("def f(x):")), 4, reply_to=front_endpoint)
+        router.send(P.Prefill(request, "d", decode_endpoint, "tcp"))
+        first = wait_for(lambda: front.poll(0) and P.decode(P.decoder(P.WorkerToFrontend), front.recv()), 60,
+                         "the first token")
+        assert first.id == "r" and first.finish_reason is None
+
+        def ready():
+            while decode.poll(0):
+                peer, frame, *_ = decode.recv_multipart()
+                msg = P.decode(kinds, frame)
+                if isinstance(msg, P.KvReady):
+                    return peer, msg
+            return None
+
+        peer, kv_ready = wait_for(ready, 30, "the KV")
+        beats = lambda: sum(isinstance(m, P.Heartbeat) for m in router.read())  # noqa: E731
+        after = beats() + 3  # the last of them sent a few intervals after the KV went
+        wait_for(lambda: beats() >= after, 30, "heartbeats")
+        assert not any(isinstance(m, P.Prefilled) for m in router.heard)
+        decode.send_multipart([peer, P.encode(P.KvRelease("r", kv_ready.location.offset))])
+        wait_for(router.hear(lambda m: m == P.Prefilled("r")), 30, "Prefilled")
+    finally:
+        worker.kill()
+        worker.wait()
+        for sock in (router.sock, decode, front):
+            sock.close(0)
         ctx.term()
 
 
