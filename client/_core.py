@@ -30,6 +30,11 @@ _UP, _DOWN = zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_DISCONNECTED | zmq.EVENT_C
 # A request that a connection made could not take now (its pipe not ready yet, its queue full) is
 # tried again after this long
 HELD_RETRY_MS = 10
+# A request that went again after its connection dropped (resumed after the tokens it has) waits
+# this long for a connection to be made again, when none is open: its frontend may be starting
+# again (serve starts one within seconds; a supervisor, or Kubernetes, one at the same address).
+# A new request fails at once instead: its caller can send it again as well as this client can.
+RECONNECT_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -217,6 +222,7 @@ class Routes(Generic[Inbox]):
         # it will connect again, not that a try failed
         self._dropped = [False] * connections
         self._heard = [False] * connections  # whether its monitor has said anything yet
+        self._down_since = [time.monotonic()] * connections  # when it was last lost
         # Given one endpoint (a load balancer), a second connection to it, the spare, opened when
         # the frontend on the first refused a request as it shuts down and no other connection
         # was open: reaching another frontend, it takes that request and the new ones at once,
@@ -257,7 +263,7 @@ class Routes(Generic[Inbox]):
         """The spare (connection 1), added now if it is not there yet."""
         if len(self._load) == 1:
             for row, value in ((self._load, 0), (self.up, False), (self.leaving, False), (self._dropped, False),
-                               (self._heard, False)):
+                               (self._heard, False), (self._down_since, time.monotonic())):
                 row.append(value)
         return 1
 
@@ -274,7 +280,8 @@ class Routes(Generic[Inbox]):
 
         Up: what was held for it goes. Dropped: each of its requests goes again (once; see the
         class) to another open connection, or is held for this one; those sent again before end.
-        A try to connect that fails sends its requests to another connection, or ends them."""
+        A try to connect that fails sends its requests to another connection, or ends them, but
+        those sent again after a drop, which wait for this one for up to RECONNECT_WAIT_S."""
         kind = parse_monitor_message(event)["event"]
         self.up[connection] = not kind & _DOWN
         self._heard[connection] = True
@@ -289,13 +296,17 @@ class Routes(Generic[Inbox]):
             # made (a send finds no connection: ZMQ_IMMEDIATE): each of its requests, held or not
             # yet (its send's outcome may still be on its way), goes to another connection made, or
             # waits for one still being made, or ends.
+            patient = time.monotonic() - self._down_since[connection] < RECONNECT_WAIT_S
             for rid in [r for r, f in self._requests.items() if f.connection == connection and r in self._unanswered]:
                 self._held.pop(rid, None)
                 if (target := self._move(rid, connection)) is not None:
                     again.append((rid, self._unanswered[rid], target))
                 elif (target := self._move(rid, connection, self._unheard())) is not None:
                     self._held[rid] = target
+                elif patient and self._requests[rid].resent:
+                    self._held[rid] = connection
         elif kind & zmq.EVENT_DISCONNECTED:
+            self._down_since[connection] = time.monotonic()
             again = self._elsewhere(connection)
         self._dropped[connection] = bool(kind & zmq.EVENT_DISCONNECTED)
         return down, self.deliver(down, connection, keep=self._held), again

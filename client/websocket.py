@@ -29,7 +29,7 @@ from websockets.sync.client import connect
 from splitserve.common import protocol as P
 from splitserve.common.protocol import Error, Generate, TokenBatch
 
-from ._core import HEARTBEAT_IVL_S, HEARTBEAT_TIMEOUT_S, MAX_MESSAGE_BYTES, Routes
+from ._core import HEARTBEAT_IVL_S, HEARTBEAT_TIMEOUT_S, MAX_MESSAGE_BYTES, RECONNECT_WAIT_S, Routes
 from .aio import AsyncClientBase
 from .errors import UnavailableError
 from .sync import SyncClientBase
@@ -63,7 +63,8 @@ def _check_encoding(encoding: str) -> bool:
 
 
 CONNECTION_LOST = "the connection to the gateway closed"
-# A connection refused or cut as it is made is tried again after these waits
+# A connection refused or cut as it is made is tried again after these waits (the last again and
+# again for up to RECONNECT_WAIT_S when it is to carry requests resumed after a connection was lost)
 CONNECT_RETRIES_S = (0.05, 0.2)
 # A try to make one that has no answer after this long is given up for a new one (see _Tries):
 # a peer silent that long is taken for gone, as by the heartbeats
@@ -97,10 +98,15 @@ class _Tries:
     port, and the kernel gives each new connection to one of their listening sockets: one whose
     frontend has just died refuses or cuts it, one whose frontend is frozen holds it unanswered. A
     new try, from another local port, may reach another: so each try has at most TRY_TIMEOUT_S,
-    and one refused or cut is made again after a short wait."""
+    and one refused or cut is made again after a short wait. A connection for requests resumed
+    after theirs was lost (`patient`) is tried for up to RECONNECT_WAIT_S, as long as a frontend
+    starting again takes: the ZMQ clients' resumed requests wait as long."""
 
-    def __init__(self, url: str, open_timeout: float):
-        self.url, self.deadline, self.waits = url, time.monotonic() + open_timeout, iter(CONNECT_RETRIES_S)
+    def __init__(self, url: str, open_timeout: float, patient: bool = False):
+        now = time.monotonic()
+        self.url, self.waits = url, iter(CONNECT_RETRIES_S)
+        self.patient_until = now + (RECONNECT_WAIT_S if patient else 0.0)
+        self.deadline = max(now + open_timeout, self.patient_until)
 
     def timeout(self) -> float:
         """The next try's open_timeout."""
@@ -112,7 +118,7 @@ class _Tries:
             wait = 0.0
         elif isinstance(e, (OSError, InvalidMessage, ConnectionClosed)):
             # refused, or cut (the sync client says ConnectionClosed for a reset before its request went)
-            wait = next(self.waits, None)
+            wait = next(self.waits, CONNECT_RETRIES_S[-1] if time.monotonic() < self.patient_until else None)
         else:
             wait = None
         if wait is None or time.monotonic() + wait >= self.deadline:
@@ -170,9 +176,9 @@ class WebSocketClient(SyncClientBase):
         self._conns: list[_Connection] = []  # open, the newest (where new requests go) last
         self._connect()
 
-    def _connect(self) -> _Connection:
+    def _connect(self, patient: bool = False) -> _Connection:
         """A new connection, where new requests go from now on, and its reader and writer threads."""
-        tries = _Tries(self._url, self._open_timeout)
+        tries = _Tries(self._url, self._open_timeout, patient)
         while True:
             stack = contextlib.ExitStack()
             try:
@@ -189,9 +195,9 @@ class WebSocketClient(SyncClientBase):
             t.start()
         return c
 
-    def _current(self) -> _Connection:
+    def _current(self, patient: bool = False) -> _Connection:
         """Where a new request goes: the newest connection, or a new one when it takes none."""
-        return self._conns[-1] if self._conns and self._conns[-1].takes_new else self._connect()
+        return self._conns[-1] if self._conns and self._conns[-1].takes_new else self._connect(patient)
 
     def _start(self, msg: Generate, inbox: queue.SimpleQueue) -> None:
         # the caller holds the lock, so a reader's end cannot slip between the choice and the route
@@ -229,7 +235,7 @@ class WebSocketClient(SyncClientBase):
                 for inbox in c.routes.deliver(closed, keep=again):
                     inbox.put(closed)
                 if again:
-                    self._elsewhere(c, again)
+                    self._elsewhere(c, again, patient=True)
             c.outbox.put(None)
             c.close()
 
@@ -242,13 +248,13 @@ class WebSocketClient(SyncClientBase):
         for inbox in inboxes:
             inbox.put(msg)
 
-    def _elsewhere(self, c: _Connection, frames: dict[str, bytes | str]) -> None:
+    def _elsewhere(self, c: _Connection, frames: dict[str, bytes | str], patient: bool = False) -> None:
         """Send requests of `c` (id -> Generate frame) over the connection that new requests take;
-        they end if none can be made."""
+        they end if none can be made (`patient`: within RECONNECT_WAIT_S, `c` having been lost)."""
         if not frames:
             return
         try:
-            target = self._current()
+            target = self._current(patient)
         except UnavailableError as e:
             for rid in frames:
                 failed = Error(rid, "unavailable", str(e))
@@ -322,8 +328,8 @@ class AsyncWebSocketClient(AsyncClientBase):
         self._conns.append(c)
         self._tasks.append(self._loop.create_task(self._serve(c)))
 
-    async def _connect(self):
-        tries = _Tries(self._url, self._open_timeout)
+    async def _connect(self, patient: bool = False):
+        tries = _Tries(self._url, self._open_timeout, patient)
         while True:
             try:
                 return await aconnect(self._url, open_timeout=tries.timeout(), **self._connect_options)
@@ -335,14 +341,14 @@ class AsyncWebSocketClient(AsyncClientBase):
         if self._loop is None:
             raise UnavailableError("the client is not connected")
 
-    def _current(self) -> _Connection:
+    def _current(self, patient: bool = False) -> _Connection:
         """Where a new request goes: the newest connection, or a new one (being made) when it takes none."""
         if self._conns and self._conns[-1].takes_new:
             return self._conns[-1]
         c = _Connection(self._binary, asyncio.Queue())
         self._conns = [*(other for other in self._conns if not other.lost), c]
         self._tasks = [t for t in self._tasks if not t.done()]
-        self._tasks.append(self._loop.create_task(self._reconnect(c)))
+        self._tasks.append(self._loop.create_task(self._reconnect(c, patient)))
         return c
 
     def _start(self, msg: Generate, inbox: asyncio.Queue) -> None:
@@ -358,9 +364,9 @@ class AsyncWebSocketClient(AsyncClientBase):
                     c.outbox.put_nowait(_frame(P.WsCancel(request_id), self._binary))
                 return
 
-    async def _reconnect(self, c: _Connection) -> None:
+    async def _reconnect(self, c: _Connection, patient: bool) -> None:
         try:
-            c.ws = await self._connect()
+            c.ws = await self._connect(patient)
         except UnavailableError as e:
             self._end(c, str(e))  # the requests that waited for it
             return
@@ -384,7 +390,7 @@ class AsyncWebSocketClient(AsyncClientBase):
             writer.cancel()
             again = {} if self._closed else _again(c.routes, c.ws.close_code)
             self._end(c, CONNECTION_LOST, keep=again)
-            self._elsewhere(c, again)
+            self._elsewhere(c, again, patient=True)
 
     def _deliver(self, c: _Connection, msg) -> None:
         for inbox in c.routes.deliver(msg, 0):  # a refusal as `draining` is held: it goes elsewhere
@@ -393,11 +399,12 @@ class AsyncWebSocketClient(AsyncClientBase):
             c.retiring = True
             self._elsewhere(c, dict(c.routes.take_held(0)))
 
-    def _elsewhere(self, c: _Connection, frames: dict[str, bytes | str]) -> None:
-        """Send requests of `c` (id -> Generate frame) over the connection that new requests take."""
+    def _elsewhere(self, c: _Connection, frames: dict[str, bytes | str], patient: bool = False) -> None:
+        """Send requests of `c` (id -> Generate frame) over the connection that new requests take
+        (`patient`: made within RECONNECT_WAIT_S, `c` having been lost)."""
         if not frames:
             return
-        target = self._current()
+        target = self._current(patient)
         for rid, frame in frames.items():
             target.routes.take_over(c.routes.hand_over(rid), frame)
             target.outbox.put_nowait(frame)

@@ -97,7 +97,7 @@ class FrontendCore:
         have the same prompt, they share its prefill. A long prompt text is tokenized on the
         tokenizer thread (off_loop): its id is returned at once, and the request admitted when it
         is done; errors still go to the sink."""
-        reject = self.rejection()
+        reject = self.rejection(resumed=bool(msg.resume))
         if reject:
             sink(P.Error(client_id, *reject, draining=self.draining))  # rejection() names draining first
             return None
@@ -156,9 +156,11 @@ class FrontendCore:
     def live(self) -> int:
         return len(self.streams) + len(self.tokenizing)
 
-    def rejection(self) -> tuple[str, str] | None:
+    def rejection(self, resumed: bool = False) -> tuple[str, str] | None:
         """(error type, message) of the refusal a request arriving now would get, or None. The
-        router has the last word (it admits for every frontend); this spares it what it would refuse."""
+        router has the last word (it admits for every frontend); this spares it what it would refuse.
+        A request its client resumes (`resumed`) waits for workers a router just started has not
+        heard from yet: its stream was running before the restart."""
         if self.draining:
             return "unavailable", "this frontend is shutting down: send the request to another one"
         fleet = self.fleet
@@ -167,7 +169,7 @@ class FrontendCore:
         if fleet.draining:
             return "unavailable", "the server is shutting down"
         for role, count in (("prefill", fleet.prefill_workers), ("decode", fleet.decode_workers)):
-            if not count:
+            if not count and not (resumed and fleet.starting):
                 return "unavailable", f"no {role} worker is available"
         live = fleet.in_flight + self.live()
         if live >= fleet.max_concurrent:

@@ -167,17 +167,23 @@ class RouterCore:
             zmq_endpoints=self.client_endpoints(),
             block_sizes=sorted({w.info.prefix_block_tokens for w in self.registry.of_role("prefill")
                                 if w.info.prefix_blocks}),
-            dtype=self.registry.dtype, device=next((w.info.device for w in workers), None))
+            dtype=self.registry.dtype, device=next((w.info.device for w in workers), None), starting=self.starting())
 
     # ---- admission ----------------------------------------------------------------------
 
+    def starting(self) -> bool:
+        """Whether this router started so lately that workers may be registering yet."""
+        return time.monotonic() - self.started < self.settle
+
     def rejection(self, extra: int = 0, resume: bool = False) -> tuple[str, str] | None:
         """(error type, message) of the refusal `extra` more attempts would get now, or None. A
-        resumed attempt was admitted long ago: only a missing worker stops it."""
+        resumed attempt was admitted long ago: only a missing worker stops it. While starting, a
+        missing worker stops nothing: the attempt waits for one (the frontends let through only
+        what clients resume: see P.Fleet.starting)."""
         if self.draining and not resume:
             return "unavailable", "the server is shutting down"
         for role in ("prefill", "decode"):
-            if not self.registry.of_role(role):
+            if not self.registry.of_role(role) and not self.starting():
                 return "unavailable", f"no {role} worker is available"
         live = self.live()
         if not resume and live + extra > self.max_concurrent:
@@ -195,9 +201,9 @@ class RouterCore:
         for a in attempts:
             self._add(a)
             self.claims.pop(a.id, None)
-        # a group must fit one decode worker's slots, or it would wait forever
-        largest = max((w.info.capacity for w in self.registry.of_role("decode")), default=0)
-        groups = [attempts[i:i + largest] for i in range(0, len(attempts), max(largest, 1))]
+        # a group must fit one decode worker's slots, or it would wait forever (none known yet: one each)
+        size = max((w.info.capacity for w in self.registry.of_role("decode")), default=1)
+        groups = [attempts[i:i + size] for i in range(0, len(attempts), size)]
         for group in groups if not msg.resume else reversed(groups):
             group[0].forks = [a.id for a in group[1:]]
             (self.waiting.appendleft if msg.resume else self.waiting.append)(group[0].id)

@@ -106,8 +106,13 @@ class Cluster:
         self.workers: dict[str, dict] = {}  # worker id -> {"proc", "metrics_port", "role"}
         self.heartbeat_timeout = heartbeat_timeout
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in gateway_flags.items()]
-        self.gateway = self._spawn("gateway", "--zmq-port", str(self.zmq_port), "--worker-port", str(self.worker_port),
-                                   "--port", str(self.port), "--heartbeat-timeout", str(heartbeat_timeout), *flags)
+        self._gateway_argv = ["--zmq-port", str(self.zmq_port), "--worker-port", str(self.worker_port),
+                              "--port", str(self.port), "--heartbeat-timeout", str(heartbeat_timeout), *flags]
+        self.start_gateway()
+
+    def start_gateway(self) -> None:
+        """The gateway, on its ports (again, after a test killed it: as its supervisor would)."""
+        self.gateway = self._spawn("gateway", *self._gateway_argv)
 
     @property
     def endpoint(self) -> str:

@@ -119,6 +119,27 @@ def test_a_request_a_dropped_connection_carried_goes_again_once():
     assert ended == ["inbox-new"] and again == []
 
 
+def test_a_request_its_dropped_connection_carried_waits_for_it_to_be_made_again(monkeypatch):
+    """A lone connection drops (its frontend died, and may be starting again): a request it
+    carried goes again over it once it is made again, however many tries fail meanwhile, for up to
+    RECONNECT_WAIT_S; a new request sent while it is down ends at the first try that fails."""
+    lone: Routes[str] = Routes(1)
+    lone.watched(0, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:1")
+    _add(lone, "a")
+    assert lone.watched(0, _monitor(zmq.EVENT_DISCONNECTED), "tcp://127.0.0.1:1")[1:] == ([], [])
+    assert _add(lone, "new") == 0 and lone.hold("new", 0)
+    ended = [lone.watched(0, _monitor(zmq.EVENT_CONNECT_RETRIED), "tcp://127.0.0.1:1")[1] for _ in range(4)]
+    assert ended == [[], ["inbox-new"], [], []]  # (the first: ZMQ telling when it will try again)
+    assert lone.watched(0, _monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED), "tcp://127.0.0.1:1")[2] == [("a", b"frame-a", 0)]
+    lone.pop("a")
+    # past RECONNECT_WAIT_S it ends
+    monkeypatch.setattr("splitserve.client._core.RECONNECT_WAIT_S", 0.0)
+    _add(lone, "b")
+    lone.watched(0, _monitor(zmq.EVENT_DISCONNECTED), "tcp://127.0.0.1:1")
+    ended = [lone.watched(0, _monitor(zmq.EVENT_CONNECT_RETRIED), "tcp://127.0.0.1:1")[1] for _ in range(2)]
+    assert ended == [[], ["inbox-b"]]
+
+
 def test_a_request_a_frontend_refuses_as_it_shuts_down_goes_to_another():
     routes: Routes[str] = Routes(3)
     for c in range(3):
@@ -605,14 +626,15 @@ async def test_a_websocket_request_that_never_started_goes_over_a_new_connection
 
 
 
-def test_a_websocket_connection_cut_as_it_is_made_is_made_again():
+def test_a_websocket_connection_cut_as_it_is_made_is_made_again(monkeypatch):
     """Refused, reset, cut before an HTTP answer: made again after a short wait; the sync client
     says ConnectionClosed for a connection reset before its request went (found in a storm of
     killed frontends: it gave up at once). Timed out: made again at once. Anything else, or past
-    open_timeout: an error."""
+    open_timeout: an error. One that carries requests resumed after their connection was lost is
+    made again, refused or not, for up to RECONNECT_WAIT_S (a frontend starting again)."""
     from websockets.exceptions import ConnectionClosedError, InvalidURI
 
-    from splitserve.client.websocket import CONNECT_RETRIES_S, _Tries
+    from splitserve.client.websocket import CONNECT_RETRIES_S, TRY_TIMEOUT_S, _Tries
 
     tries = _Tries("ws://x", 10.0)
     cut = [ConnectionRefusedError(), ConnectionClosedError(None, None), InvalidMessage("no HTTP answer")]
@@ -624,3 +646,12 @@ def test_a_websocket_connection_cut_as_it_is_made_is_made_again():
         _Tries("ws://x", 10.0).wait_after(InvalidURI("ws://x", "bad"))
     with pytest.raises(UnavailableError):
         _Tries("ws://x", 0.0).wait_after(TimeoutError())
+    # a connection for requests resumed after theirs was lost: tried for up to RECONNECT_WAIT_S
+    patient = _Tries("ws://x", 1.0, patient=True)
+    assert [patient.wait_after(cut[0]) for _ in range(6)] == [*CONNECT_RETRIES_S, *[CONNECT_RETRIES_S[-1]] * 4]
+    assert patient.timeout() == TRY_TIMEOUT_S
+    monkeypatch.setattr("splitserve.client.websocket.RECONNECT_WAIT_S", 0.0)
+    spent = _Tries("ws://x", 1.0, patient=True)
+    assert [spent.wait_after(cut[0]) for _ in range(2)] == list(CONNECT_RETRIES_S)
+    with pytest.raises(UnavailableError):
+        spent.wait_after(cut[0])

@@ -23,8 +23,8 @@ import httpx
 import pytest
 import websockets
 
-from cluster import (START_TIMEOUT_S, SplitCluster, child_pid, free_ports_in_a_row, http_port, metric_at, offline,
-                     request_specs, serve_process, stream_all, wait_for)
+from cluster import (START_TIMEOUT_S, Cluster, SplitCluster, child_pid, free_ports_in_a_row, http_port, metric_at,
+                     offline, request_specs, serve_process, stream_all, wait_for)
 from polling import async_wait_for
 from conftest import load_cpu
 from splitserve.bench.server_state import http_json
@@ -492,6 +492,40 @@ async def drain_a_frontend(c: SplitCluster, spec: dict, second_signal: bool) -> 
         ends = await asyncio.gather(*runs)
         refused = await asyncio.gather(*refused)
     return [e or g for e, g in zip(ends, got)], refused
+
+
+async def streams_through_a_restart(c: Cluster, spec: dict) -> list:
+    """`spec` streamed by each client library given the gateway's one endpoint (its ZMQ port, its
+    URL); once every stream has a token the gateway is SIGKILLed and, a second later, started
+    again on its ports, as its supervisor would. -> their responses."""
+    url = f"ws://127.0.0.1:{c.port}/ws"
+    started: list[int] = []
+    loop = asyncio.get_running_loop()
+    with Client(c.endpoint) as zmq_sync, WebSocketClient(url) as ws_sync, ThreadPoolExecutor(2) as threads:
+        async with AsyncClient(c.endpoint) as zmq_async, await AsyncWebSocketClient.connect(url) as ws_async:
+            runs = [*(loop.run_in_executor(threads, streamed_answer, client.stream(**spec), started)
+                      for client in (zmq_sync, ws_sync)),
+                    *(streamed_answer_async(client.stream(**spec), started) for client in (zmq_async, ws_async))]
+            answers = asyncio.gather(*runs)
+            await async_wait_for(lambda: len(started) == len(runs), 60, "every stream's first token")
+            c.gateway.kill()
+            await asyncio.to_thread(c.gateway.wait)
+            await asyncio.sleep(1.0)
+            c.start_gateway()
+            return await asyncio.wait_for(answers, 120)
+
+
+def test_clients_of_a_lone_gateway_go_on_when_it_is_started_again(home, tiny_dir, lm):
+    """The gateway (one router and frontend: a client has its one endpoint) dies while it streams,
+    and its supervisor starts it again on its ports: the stream of every client library goes on
+    there after the tokens it has, exact. Before, their tries to connect again gave up within a
+    quarter of a second, and the streams failed."""
+    spec = {"prompt": "def f(x):", "max_new_tokens": 400, "ignore_eos": True, "timeout": 60}
+    with Cluster(home) as c:
+        c.start_pipeline(8)
+        answers = asyncio.run(streams_through_a_restart(c, spec))
+        assert [a.token_ids for a in answers] == offline(lm, [spec]) * 4
+        c.wait_idle()
 
 
 def test_a_frontend_drains_on_sigterm_and_ends_the_drain_on_a_second(home, tiny_dir, lm):

@@ -230,6 +230,27 @@ def test_a_request_a_client_resumes_goes_on_after_the_tokens_it_has(books):
         assert out[-1].error_type == "validation" and why in out[-1].message
 
 
+def test_a_request_a_client_resumes_waits_for_the_workers_of_a_router_just_started(books):
+    """A restarted gateway's workers register again within moments: a request that a client resumes
+    (it was streaming when the gateway died) is admitted meanwhile and goes once they have, while a
+    new one is refused (503, as of any server that is not ready). A router long up refuses both."""
+    resumed, new = generate(9), generate(10)
+    resumed.resume = [11, 12]
+    out: list = []
+    gid = books.frontend.submit("c", resumed, out.append)
+    assert books.frontend.submit("new", new, out.append) is None and books.sent == []
+    assert [(e.id, e.message) for e in out] == [("new", "no prefill worker is available")]
+    books.register("prefill", "p", 2048)
+    books.register("decode", "d", 4)
+    assert [(w, m.request.id, m.request.resumed) for w, m in books.sent] == [("p", gid, 2)]
+    books.router.started -= books.router.settle  # long up
+    books.sync()
+    books.router.worker_left(books.registry.workers.pop("p"))
+    books.sync()
+    assert books.frontend.submit("c2", resumed, out.append) is None
+    assert [(e.id, e.message) for e in out[2:]] == [("c2", "no prefill worker is available")]
+
+
 def test_the_router_frees_a_slot_at_the_workers_end_and_never_sees_a_token(books):
     books.register("prefill", "p", 2048)
     books.register("decode", "d", 4)

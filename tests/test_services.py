@@ -203,8 +203,7 @@ def test_workers_register_again_after_a_gateway_restart(home, tiny_dir):
         c.gateway.wait()
         wait_for(lambda: not any((c.health(w) or {}).get("registered") for w in c.workers), 30,
                  "workers to notice the gateway is gone")
-        c.gateway = c._spawn("gateway", "--zmq-port", str(c.zmq_port), "--worker-port", str(c.worker_port),
-                             "--heartbeat-timeout", "1.0")
+        c.start_gateway()
         c.wait_registered()
         with Client(c.endpoint) as client:
             assert len(client.generate("def f(x):", max_new_tokens=5, ignore_eos=True, timeout=60).token_ids) == 5

@@ -153,8 +153,7 @@ def test_requests_after_the_connection_died_fail_at_once_then_connect_again(home
         ws_url = c.url.replace("http", "ws") + "/ws"
 
         def restart() -> None:
-            c.gateway = c._spawn("gateway", "--zmq-port", str(c.zmq_port), "--worker-port", str(c.worker_port),
-                                 "--port", str(c.port))
+            c.start_gateway()
             wait_for(lambda: http_json(c.port, "/health"), 60, "the HTTP front")
 
         wait_for(lambda: http_json(c.port, "/health"), 60, "the HTTP front")

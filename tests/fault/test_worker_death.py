@@ -199,8 +199,7 @@ def test_gateway_restart_frees_the_work_it_routed(home, tiny_dir):
             wait_for(lambda: c.health(decode)["slots_used"] > 0, 30, "the decode worker to hold the requests")
             c.gateway.send_signal(signal.SIGKILL)
             c.gateway.wait()
-        c.gateway = c._spawn("gateway", "--zmq-port", str(c.zmq_port), "--worker-port", str(c.worker_port),
-                             "--port", str(c.port), "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT))
+        c.start_gateway()
         wait_for(lambda: (http_json(c.port, "/health") or {}).get("status") == "ok", 60,
                  "the workers to register with the new gateway")
         c.wait_idle()  # the slots the old gateway's requests held are free
