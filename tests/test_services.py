@@ -391,6 +391,8 @@ def test_a_prefill_worker_tells_the_router_prefilled_once_the_decode_worker_has_
     finally:
         worker.kill()
         worker.wait()
+        for name in [f for f in os.listdir("/dev/shm") if f"-{worker.pid}-" in f]:  # its staging, killed
+            os.unlink(f"/dev/shm/{name}")
         for sock in (router.sock, decode, front):
             sock.close(0)
         ctx.term()
