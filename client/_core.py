@@ -353,6 +353,9 @@ class Routes(Generic[Inbox]):
         self._requests[rid].connection = target
         return target
 
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._requests
+
     def hold(self, request_id: str, connection: int) -> bool:
         """A request that could not be sent over `connection` (no connection made, or, made,
         not ready yet or its queue full): held for it, if it is still running there (not ended, nor

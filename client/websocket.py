@@ -174,6 +174,9 @@ class WebSocketClient(SyncClientBase):
         self._lock = threading.Lock()  # the connections and their routes, shared by callers and the threads
         self._closed = False
         self._conns: list[_Connection] = []  # open, the newest (where new requests go) last
+        # cancelled, and the cancel not sent yet: such a request that goes to another connection
+        # meanwhile (one made after the cancel was queued, which that never reaches) is dropped
+        self._cancels: set[str] = set()
         self._connect()
 
     def _connect(self, patient: bool = False) -> _Connection:
@@ -211,8 +214,9 @@ class WebSocketClient(SyncClientBase):
         c.outbox.put(frame)
 
     def _cancel(self, request_id: str) -> None:
-        # only queue puts: this runs from __del__ too, maybe while this thread holds the lock; the
-        # writer of the connection that carries the request sends the cancel
+        # only a set's add and queue puts: this runs from __del__ too, maybe while this thread holds
+        # the lock; the writer of the connection that carries the request sends the cancel
+        self._cancels.add(request_id)
         for c in list(self._conns):
             c.outbox.put(("cancel", request_id))
 
@@ -262,6 +266,10 @@ class WebSocketClient(SyncClientBase):
                     inbox.put(failed)
             return
         for rid, frame in frames.items():
+            if rid in self._cancels:  # cancelled meanwhile (target may be newer than its cancel): dropped
+                self._cancels.discard(rid)
+                c.routes.pop(rid)
+                continue
             target.routes.take_over(c.routes.hand_over(rid), frame)
             target.outbox.put(frame)
 
@@ -270,6 +278,8 @@ class WebSocketClient(SyncClientBase):
             if isinstance(item, tuple):
                 with self._lock:
                     running = c.routes.pop(item[1]) is not None
+                    if running or not any(item[1] in o.routes for o in self._conns):
+                        self._cancels.discard(item[1])  # sent now, or it has ended
                 if not running:  # it has already ended, or runs over another connection
                     continue
                 item = _frame(P.WsCancel(item[1]), self._binary)

@@ -528,6 +528,30 @@ def test_clients_of_a_lone_gateway_go_on_when_it_is_started_again(home, tiny_dir
         c.wait_idle()
 
 
+def test_a_stream_closed_while_its_websocket_is_made_again_is_not_sent_again(home, tiny_dir):
+    """The sync WebSocket client makes a lost connection again (here for seconds: nothing
+    listens) while its caller closes a stream it carried: the request is not sent again over the
+    new connection, which its cancel, queued before that connection was there, would never reach
+    (before, it ran there to its end, read by nobody)."""
+    long = {"prompt": "def f(x):", "max_new_tokens": 1500, "ignore_eos": True, "timeout": 120}
+    with Cluster(home) as c:
+        c.start_pipeline(8)
+        decode = next(w for w, info in c.workers.items() if info["role"] == "decode")
+        with WebSocketClient(f"ws://127.0.0.1:{c.port}/ws") as client:
+            stream = client.stream(**long)
+            next(iter(stream))
+            wait_for(lambda: c.health(decode)["admitted"] == 1, 30, "the decode worker to take it")
+            c.gateway.kill()
+            c.gateway.wait()
+            time.sleep(0.5)  # the client is making its connection again, and nothing listens
+            stream.close()
+            c.start_gateway()
+            wait_for(lambda: (http_json(c.port, "/health") or {}).get("status") == "ok", 60, "the workers")
+            assert len(client.generate("def g():", max_new_tokens=4, ignore_eos=True, timeout=60).token_ids) == 4
+            # the short one only (the long one, sent again, would have gone first over the connection)
+            assert c.health(decode)["admitted"] == 2
+
+
 def test_a_frontend_drains_on_sigterm_and_ends_the_drain_on_a_second(home, tiny_dir, lm):
     """SIGTERM: the streams in flight over ZMQ, WebSocket and HTTP finish whole while new requests
     are refused (a new HTTP connection goes to the port's other frontends, here none) and /health
