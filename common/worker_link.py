@@ -44,7 +44,7 @@ class GatewayLink:
         self.registered = False
         self.refused = ""  # the router's reason, when it refused this worker
         # Work the gateway has routed to this worker that may still be on its way (reservations,
-        # prompts not yet prefilled), when the gateway said so, and whether it knew then that this
+        # prompts not yet handed off), when the gateway said so, and whether it knew then that this
         # worker drains: a draining worker waits for 0 from a gateway that knows.
         self.gateway_load = 0
         self.load_heard_at = 0.0

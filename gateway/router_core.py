@@ -382,9 +382,8 @@ class RouterCore:
             if attempt is None:
                 claim = self.claims.pop(held.id, None)
                 attempt = Attempt(held.id, claim[0] if claim else None, None, decode=held.decode_worker,
-                                  adopted_at=now)
+                                  at_prefill=False, adopted_at=now)
                 self._add(attempt)
-                attempt.at_prefill = False
                 if claim is None and now - self.started > self.settle:
                     stale.append(attempt.id)
             if worker.info.role == "prefill" and not attempt.at_prefill:
