@@ -17,7 +17,7 @@ Sockets and who speaks on them:
 - WebSocket (/ws on the frontends' HTTP port): the same as objects, WsGenerate, WsCancel;
   WsTokens, WsError.
 - worker link (router ROUTER, `--worker-port`) <-> each worker's DEALER:
-  worker: Register, Heartbeat, Prefilled (prefill), Finished (every end), WorkerError;
+  worker: Register, Heartbeat, Prefilled (prefill), Finished (every end), WorkerError, Goodbye;
   router: Registered, Reregister, Heartbeat, Prefill (to prefill workers), Cancel, Drain.
 - token link (a frontend's PULL, its token endpoint) <- workers' PUSH: FirstToken (prefill),
   StepTokens (decode: one message per step per frontend). A request names its frontend's
@@ -44,8 +44,9 @@ from .request import GenerateRequest
 # link carries per-request events only (Prefilled, Finished for every end) and a registering worker
 # lists what it holds (a restarted router adopts it). 5: the router's heartbeat to a worker says
 # whether it knows the worker drains (a draining worker waits for that before it exits). 6: Prefilled
-# goes once the decode worker has the KV, and Held lists no `prefilled`.
-PROTOCOL_VERSION = 6
+# goes once the decode worker has the KV, and Held lists no `prefilled`. 7: a drained worker says
+# Goodbye as it exits.
+PROTOCOL_VERSION = 7
 
 # Maximum message sizes per socket kind (ZMQ_MAXMSGSIZE): control traffic is small; a KV frame
 # over tcp carries a whole prompt's cache.
@@ -358,7 +359,12 @@ class Drain(msgspec.Struct, **_STRUCT):
     timeout_s: float
 
 
-WorkerToGateway = Union[Register, Heartbeat, Prefilled, Finished, WorkerError]
+class Goodbye(msgspec.Struct, **_STRUCT):
+    """Worker -> router: drained (what it could not finish was handed back), and exiting now: off
+    the books at once, not at its heartbeat timeout, taken for a silent worker."""
+
+
+WorkerToGateway = Union[Register, Heartbeat, Prefilled, Finished, WorkerError, Goodbye]
 GatewayToWorker = Union[Registered, Reregister, Heartbeat, Prefill, Cancel, Drain]
 WorkerToFrontend = Union[FirstToken, StepTokens]
 

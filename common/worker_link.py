@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 # A draining worker whose gateway never confirms that nothing more is on its way exits this
 # long after its drain timeout.
 DRAIN_GRACE_S = 5.0
+# How long a leaving worker waits for its Goodbye to go out (a gateway that is gone never takes it:
+# it finds the worker silent instead).
+GOODBYE_LINGER_MS = 500
 
 
 def pid_namespace() -> str:
@@ -51,6 +54,7 @@ class GatewayLink:
         self.gateway_knows_draining = False
         self._last_heard = self._last_beat = self._last_tick = 0.0
         self._beat_draining = False  # what the last heartbeat said
+        self._linger_ms = 0  # what is unsent at close is dropped, but a goodbye
         self.connect()
 
     def connect(self) -> None:
@@ -134,6 +138,11 @@ class GatewayLink:
         gone = time.monotonic() - self._last_heard > self.timeout_s
         return gone or (self.gateway_knows_draining and self.gateway_load == 0 and self.load_heard_at > since)
 
+    def goodbye(self) -> None:
+        """Tell the gateway this worker leaves; close() then lingers to deliver it."""
+        self.send(P.Goodbye())
+        self._linger_ms = GOODBYE_LINGER_MS
+
     def close(self) -> None:
         if self.sock is not None:
-            self.sock.close(0)
+            self.sock.close(self._linger_ms)

@@ -143,6 +143,7 @@ class WorkerLoop:
                     self.end_unfinished()
                 self.housekeeping()
                 self.work()
+            link.goodbye()
             return 0
         finally:
             self.close()

@@ -113,6 +113,11 @@ class Router:
         if worker is None and isinstance(msg, P.Heartbeat):
             # A worker of an earlier router process (or one expired as silent) is still beating.
             self._to_worker(identity, P.Reregister())
+        elif isinstance(msg, P.Goodbye):
+            if worker is not None:
+                log.info("%s worker %s drained and left", worker.info.role, worker.id)
+                self.core.worker_left(self.registry.remove(worker), "shut down")
+                self._tell_frontends()
         elif worker is not None and not isinstance(msg, P.Heartbeat):
             self.core.on_worker(worker, msg)
 

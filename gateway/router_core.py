@@ -399,11 +399,12 @@ class RouterCore:
             self.cancel(attempt_id)
         self.dispatch()
 
-    def worker_left(self, worker: Worker) -> None:
-        """A worker is gone (silent past its heartbeat timeout): its unfinished work is lost."""
+    def worker_left(self, worker: Worker, how: str = "stopped responding") -> None:
+        """A worker is gone (silent past its heartbeat timeout, or it said goodbye): its unfinished
+        work is lost."""
         for attempt in list(self.attempts.values()):
             if attempt.decode == worker.id or (attempt.prefill == worker.id and attempt.at_prefill):
-                self.lost(attempt.id, f"{worker.info.role} worker {worker.id} stopped responding")
+                self.lost(attempt.id, f"{worker.info.role} worker {worker.id} {how}")
 
     # ---- time -----------------------------------------------------------------------------------
 

@@ -177,9 +177,13 @@ class WorkerRegistry:
         dead = [w for w in self.workers.values() if now - w.last_seen > self.timeout]
         for w in dead:
             log.warning("%s worker %s silent for %.1f s: removed", w.info.role, w.id, now - w.last_seen)
-            del self.workers[w.id]
-            self.by_identity.pop(w.identity, None)
+            self.remove(w)
         return dead
+
+    def remove(self, worker: Worker) -> Worker:
+        del self.workers[worker.id]
+        self.by_identity.pop(worker.identity, None)
+        return worker
 
     def of_role(self, role: str, routable: bool = True) -> list[Worker]:
         return [w for w in self.workers.values() if w.info.role == role and not (routable and w.draining)]

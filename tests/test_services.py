@@ -251,6 +251,19 @@ def test_a_draining_worker_hears_that_nothing_more_comes_only_from_a_router_that
         ctx.term()
 
 
+def test_a_drained_worker_leaves_the_router_s_books_as_it_exits(home, tiny_dir):
+    """A worker that finishes its drain says goodbye: the router drops it at once, not at its
+    heartbeat timeout (here 60 s) as a silent one, which it logged as a warning on every shutdown."""
+    with Cluster(home, heartbeat_timeout=60) as c:
+        worker_id = c.add_worker("decode", "--num-slots", "2")
+        c.wait_registered()
+        wait_for(lambda: c.metric("splitserve_workers", role="decode") == 1, 30, "the router to count the worker")
+        proc = c.workers[worker_id]["proc"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        wait_for(lambda: c.metric("splitserve_workers", role="decode") == 0, 10, "the router to drop the worker")
+
+
 class ProbeRouter:
     """The router's end of the worker link, driven by a test: a worker process registers with it."""
 
