@@ -177,38 +177,75 @@ class WebSocketClient(SyncClientBase):
         # cancelled, and the cancel not sent yet: such a request that goes to another connection
         # meanwhile (one made after the cancel was queued, which that never reaches) is dropped
         self._cancels: set[str] = set()
-        self._connect()
+        c = _Connection(self._binary, queue.SimpleQueue())  # the first: failing to make it is the caller's error
+        c.ws, c.close = self._make(_Tries(url, open_timeout))
+        self._conns.append(c)
+        self._run(c)
 
-    def _connect(self, patient: bool = False) -> _Connection:
-        """A new connection, where new requests go from now on, and its reader and writer threads."""
-        tries = _Tries(self._url, self._open_timeout, patient)
+    def _make(self, tries: _Tries):
+        """A websocket made within `tries`, and what closes it."""
         while True:
             stack = contextlib.ExitStack()
             try:
-                ws = stack.enter_context(connect(self._url, open_timeout=tries.timeout(), **self._connect_options))
-                break
+                return stack.enter_context(connect(self._url, open_timeout=tries.timeout(), **self._connect_options)), \
+                    stack.close
             except (OSError, WebSocketException) as e:
-                time.sleep(tries.wait_after(e))
-        c = _Connection(self._binary, queue.SimpleQueue())
-        c.ws, c.close = ws, stack.close
-        self._conns.append(c)
+                wait = tries.wait_after(e)
+                if self._closed:
+                    raise UnavailableError(CONNECTION_LOST) from e
+                time.sleep(wait)
+
+    def _run(self, c: _Connection) -> None:
+        """Start the reader and the writer of `c`, made."""
         c.threads = [threading.Thread(target=f, args=(c,), daemon=True, name=f"splitserve-ws-{f.__name__.strip('_')}")
                      for f in (self._read, self._write)]
         for t in c.threads:
             t.start()
-        return c
 
     def _current(self, patient: bool = False) -> _Connection:
-        """Where a new request goes: the newest connection, or a new one when it takes none."""
-        return self._conns[-1] if self._conns and self._conns[-1].takes_new else self._connect(patient)
+        """Where a new request goes: the newest connection, or a new one when it takes none. A
+        thread of its own makes a new one (for up to RECONNECT_WAIT_S when `patient`), not the
+        caller, who holds the lock that the other connections' readers need meanwhile: their
+        streams go on, and close() does not wait for it. Its requests wait in its outbox."""
+        if self._conns and self._conns[-1].takes_new:
+            return self._conns[-1]
+        c = _Connection(self._binary, queue.SimpleQueue())
+        self._conns.append(c)
+        tries = _Tries(self._url, self._open_timeout, patient)
+        threading.Thread(target=self._connect, args=(c, tries), daemon=True, name="splitserve-ws-connect").start()
+        return c
+
+    def _connect(self, c: _Connection, tries: _Tries) -> None:
+        try:
+            ws, close = self._make(tries)
+        except UnavailableError as e:
+            with self._lock:
+                if not c.lost:  # else the client closed meanwhile, which ended its requests
+                    self._lost(c, str(e))
+            return
+        with self._lock:
+            made = not c.lost
+            if made:
+                c.ws, c.close = ws, close
+                self._run(c)
+        if not made:
+            close()
+
+    def _lost(self, c: _Connection, message: str, keep: Collection[str] = ()) -> None:
+        """`c` is gone, or could not be made: its requests (but those to `keep`) end. The caller
+        holds the lock."""
+        c.lost = True
+        self._conns.remove(c)
+        closed = Error("", "unavailable", message)
+        for inbox in c.routes.deliver(closed, keep=keep):
+            inbox.put(closed)
+        # a cancel queued here is never taken from the outbox: forgotten if its request has ended
+        self._cancels.difference_update([rid for rid in list(self._cancels)
+                                         if rid not in c.routes and not any(rid in o.routes for o in self._conns)])
 
     def _start(self, msg: Generate, inbox: queue.SimpleQueue) -> None:
         # the caller holds the lock, so a reader's end cannot slip between the choice and the route
-        try:
-            c = self._current()
-        except UnavailableError as e:
-            inbox.put(Error(msg.id, "unavailable", str(e)))
-            return
+        c = self._current()
         frame = _generate_frame(self._binary, msg)
         c.routes.add(msg, inbox, frame)
         c.outbox.put(frame)
@@ -231,15 +268,10 @@ class WebSocketClient(SyncClientBase):
         finally:
             # Under the lock, so that no request is routed to this connection meanwhile: the
             # requests that go again go over another connection, the others end.
-            closed = Error("", "unavailable", CONNECTION_LOST)
             with self._lock:
-                c.lost = True
-                self._conns.remove(c)
                 again = {} if self._closed else _again(c.routes, c.ws.close_code)
-                for inbox in c.routes.deliver(closed, keep=again):
-                    inbox.put(closed)
-                if again:
-                    self._elsewhere(c, again, patient=True)
+                self._lost(c, CONNECTION_LOST, keep=again)
+                self._elsewhere(c, again, patient=True)
             c.outbox.put(None)
             c.close()
 
@@ -257,14 +289,7 @@ class WebSocketClient(SyncClientBase):
         they end if none can be made (`patient`: within RECONNECT_WAIT_S, `c` having been lost)."""
         if not frames:
             return
-        try:
-            target = self._current(patient)
-        except UnavailableError as e:
-            for rid in frames:
-                failed = Error(rid, "unavailable", str(e))
-                for inbox in c.routes.deliver(failed):
-                    inbox.put(failed)
-            return
+        target = self._current(patient)
         for rid, frame in frames.items():
             if rid in self._cancels:  # cancelled meanwhile (target may be newer than its cancel): dropped
                 self._cancels.discard(rid)
@@ -294,7 +319,9 @@ class WebSocketClient(SyncClientBase):
             if self._closed:
                 return
             self._closed = True
-            conns = list(self._conns)
+            conns = [c for c in self._conns if c.ws is not None]
+            for c in [c for c in self._conns if c.ws is None]:  # being made: given up
+                self._lost(c, CONNECTION_LOST)
         for c in conns:
             c.outbox.put(None)
             c.close()  # its reader ends, and ends its requests

@@ -15,7 +15,7 @@ import pytest
 import zmq
 from websockets.exceptions import InvalidMessage
 
-from polling import async_wait_for
+from polling import async_wait_for, wait_for
 from splitserve.client import (AsyncClient, AsyncWebSocketClient, Client, GenerationError, GenerationTimeout,
                                OverloadedError, SplitserveError, UnauthorizedError, UnavailableError, ValidationError,
                                WebSocketClient)
@@ -263,6 +263,35 @@ def test_a_websocket_handshake_held_unanswered_is_tried_again_on_a_new_connectio
     with pytest.raises(UnavailableError, match="cannot connect"):
         WebSocketClient(url, open_timeout=1.0)
     assert time.monotonic() - t0 >= 1.0 and seen[0] - 4 >= 3  # tries of 0.3 s until open_timeout
+
+
+def test_the_sync_websocket_client_makes_a_connection_again_without_holding_up_its_callers(held_listener):
+    """A request whose connection was lost goes again over a new one, tried for up to
+    RECONNECT_WAIT_S while no frontend answers. A thread of its own makes it: a new request's
+    caller and close() do not wait for it (before: it was made under the client's lock, and
+    close(), a new request and the other connections' streams waited up to 10 s)."""
+    url, seen, held = held_listener  # its handler reads one request, then closes the connection
+    held.update(range(2, 100))
+    client = WebSocketClient(url)
+    outcome: list = []
+
+    def generate() -> None:
+        try:
+            client.generate("def f():", max_new_tokens=1, timeout=60)
+        except Exception as e:  # noqa: BLE001 (what it raised is the test's)
+            outcome.append(e)
+
+    caller = threading.Thread(target=generate)
+    caller.start()
+    wait_for(lambda: seen[0] >= 3, 10, "the client to try connecting again")  # a try held, and the next
+    t0 = time.monotonic()
+    second = client.stream("def g():", max_new_tokens=1)  # waits for the same new connection
+    client.close()
+    assert time.monotonic() - t0 < 1.0
+    caller.join(5)
+    assert len(outcome) == 1 and isinstance(outcome[0], UnavailableError)
+    with pytest.raises(UnavailableError):
+        list(second)
 
 
 @pytest.mark.parametrize("module", ["splitserve.client", "splitserve.common.protocol", "splitserve.gateway.server",
