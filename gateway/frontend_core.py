@@ -139,7 +139,7 @@ class FrontendCore:
 
     def _open(self, gid: str, client_id: str, request: GenerateRequest, sink: Sink, deadline: float | None,
               fork_of: str | None, dispatch: bool, resume: list[int]) -> None:
-        stream = self.streams[gid] = Stream(gid, client_id, request, sink, deadline, generated=list(resume))
+        self.streams[gid] = Stream(gid, client_id, request, sink, deadline, generated=list(resume))
         self.attempt_of[gid] = gid
         leader = self.streams.get(fork_of) if fork_of is not None else None
         if leader is not None and not leader.admitted and leader.request.prompt_ids == request.prompt_ids:

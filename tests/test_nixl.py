@@ -26,11 +26,11 @@ import zmq
 from cluster import Cluster, offline, request_specs, stream_all, wait_for
 from pair_child import pair_child
 from splitserve.common import protocol as P
-from splitserve.common.kv_handoff import HANDOFF_TRIES, KvSender, offered_transports
-from splitserve.common.kv_transport import KvImporter, allocate_staging, nixl_runs, tensor_runs, ucx_net_devices
+from splitserve.common.kv_handoff import KvSender, offered_transports
+from splitserve.common.kv_transport import allocate_staging, nixl_runs, tensor_runs, ucx_net_devices
 from splitserve.common.loading import load_model
 from splitserve.common.request import GenerateRequest
-from splitserve.common.service_config import NIXL_MISSING, NIXL_UNENCRYPTED, check_kv_transport, nixl_modules
+from splitserve.common.service_config import NIXL_UNENCRYPTED, check_kv_transport, nixl_modules
 from splitserve.common.zmq_util import free_port
 from splitserve.gateway.workers import NoTransport, transport_between
 
