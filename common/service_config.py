@@ -173,6 +173,7 @@ class WorkerOptions:
     cpus: tuple[int, ...]  # CPU affinity (empty: any)
     cuda_graphs: bool  # decode: replay captured graphs (CUDA only)
     graph_key_step: int  # decode: key-length bucket under graphs
+    watchdog_timeout: float  # a unit of work running longer is taken for a hang
 
 
 def add_worker_args(p: argparse.ArgumentParser, role: str) -> None:
@@ -211,6 +212,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="decode: CUDA graphs at power-of-two batch sizes (ignored on CPU)")
     p.add_argument("--graph-key-step", type=int, default=256, help="decode: key-length bucket under CUDA graphs")
+    p.add_argument("--watchdog-timeout", type=float, default=float(_env("WATCHDOG_TIMEOUT", "300")),
+                   help="a prefill batch or decode step running longer than this is taken for a hang: the worker "
+                        "stops its heartbeats, and the router resumes its requests elsewhere (until then a thread "
+                        "beats while the worker computes, however much longer than --heartbeat-timeout)")
 
 
 WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]", "*"}
@@ -229,6 +234,7 @@ def worker_options(ns: argparse.Namespace) -> WorkerOptions:
         kv_cache_memory_mb=ns.kv_cache_memory_mb, key_bucket=ns.key_bucket, staging_tokens=ns.staging_tokens,
         prefix_cache_mb=ns.prefix_cache_mb, prefix_block_tokens=ns.prefix_block_tokens,
         cpus=parse_cpus(ns.cpus), cuda_graphs=ns.cuda_graphs, graph_key_step=ns.graph_key_step,
+        watchdog_timeout=ns.watchdog_timeout,
     )
 
 

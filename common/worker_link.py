@@ -2,13 +2,19 @@
 
 A router that restarts (or that lost this worker) gets the worker's registration again, with the
 requests it holds: the new router rebuilds its books from them, and their tokens, which go to the
-frontends directly, keep flowing meanwhile."""
+frontends directly, keep flowing meanwhile.
+
+The loop beats between units of work; while one runs (a prefill batch or a decode step, which can
+take longer than the heartbeat timeout: a long prompt on a CPU), a thread beats for it, up to the
+watchdog timeout, past which the worker falls silent and is taken for hung."""
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from contextlib import contextmanager
 from collections.abc import Callable
 
 import msgspec
@@ -38,9 +44,9 @@ def pid_namespace() -> str:
 
 class GatewayLink:
     def __init__(self, ctx: zmq.Context, endpoint: str, register: P.Register, holding: Callable[[], list[P.Held]],
-                 heartbeat_s: float, timeout_s: float, curve: CurveKeys | None = None):
+                 heartbeat_s: float, timeout_s: float, curve: CurveKeys | None = None, watchdog_s: float = 0.0):
         self.ctx, self.endpoint, self.register, self.holding, self.curve = ctx, endpoint, register, holding, curve
-        self.heartbeat_s, self.timeout_s = heartbeat_s, timeout_s
+        self.heartbeat_s, self.timeout_s, self.watchdog_s = heartbeat_s, timeout_s, watchdog_s
         self.decoder = P.decoder(P.GatewayToWorker)
         self.sock: zmq.Socket | None = None
         self.generation = 0  # bumped on every reconnect, so pollers know to pick up the new socket
@@ -53,9 +59,16 @@ class GatewayLink:
         self.load_heard_at = 0.0
         self.gateway_knows_draining = False
         self._last_heard = self._last_beat = self._last_tick = 0.0
-        self._beat_draining = False  # what the last heartbeat said
+        self._beat_load, self._beat_draining = 0, False  # what the last heartbeat said
         self._linger_ms = 0  # what is unsent at close is dropped, but a goodbye
+        # The socket is the loop's, and, while a unit of work runs (`working_since` set), the beat
+        # thread's too: both send under the lock, and the loop touches it otherwise only outside work.
+        self._lock = threading.Lock()
+        self._working_since: float | None = None
+        self._closing = threading.Event()
         self.connect()
+        if watchdog_s > 0:
+            threading.Thread(target=self._beat_while_working, daemon=True, name="heartbeat").start()
 
     def connect(self) -> None:
         if self.sock is not None:
@@ -72,12 +85,36 @@ class GatewayLink:
 
     def send(self, msg, *frames) -> None:
         try:
-            if frames:
-                self.sock.send_multipart([P.encode(msg), *frames], copy=False, flags=zmq.NOBLOCK)
-            else:
-                self.sock.send(P.encode(msg), flags=zmq.NOBLOCK)
+            with self._lock:
+                if frames:
+                    self.sock.send_multipart([P.encode(msg), *frames], copy=False, flags=zmq.NOBLOCK)
+                else:
+                    self.sock.send(P.encode(msg), flags=zmq.NOBLOCK)
         except zmq.Again:
             log.warning("gateway link is backed up; dropped a %s", type(msg).__name__)
+
+    @contextmanager
+    def working(self):
+        """Around a unit of work: the beat thread beats meanwhile (see the module's docstring)."""
+        with self._lock:
+            self._working_since = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._working_since = None
+
+    def _beat_while_working(self) -> None:
+        while not self._closing.wait(self.heartbeat_s / 2):
+            with self._lock:
+                now = time.monotonic()
+                if (self._working_since is not None and now - self._working_since < self.watchdog_s
+                        and now - self._last_beat >= self.heartbeat_s):
+                    try:
+                        self.sock.send(P.encode(P.Heartbeat(self._beat_load, self._beat_draining)), flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        continue
+                    self._last_beat = now
 
     def receive(self) -> list:
         """Every message waiting on the link (never blocks); malformed frames are dropped."""
@@ -128,7 +165,7 @@ class GatewayLink:
             # messages flowed kept the router from ever hearing of its drain: it was routed new
             # prompts until its drain timed out, and ended them as it left).
             self.send(P.Heartbeat(load, draining))
-            self._last_beat, self._beat_draining = now, draining
+            self._last_beat, self._beat_load, self._beat_draining = now, load, draining
 
     def nothing_on_the_way(self, since: float) -> bool:
         """The gateway, in a heartbeat sent after `since` (the drain's start) and once it knew that
@@ -144,5 +181,8 @@ class GatewayLink:
         self._linger_ms = GOODBYE_LINGER_MS
 
     def close(self) -> None:
+        self._closing.set()
+        with self._lock:  # the beat thread sends no more
+            self._working_since = None
         if self.sock is not None:
             self.sock.close(self._linger_ms)

@@ -54,7 +54,7 @@ class WorkerLoop:
         # after it registered, and was dropped).
         freeze_startup_heap()
         self.link = GatewayLink(self.ctx, o.gateway, register, self.holding, o.link.heartbeat_s,
-                                o.link.heartbeat_timeout, curve=o.link.curve)
+                                o.link.heartbeat_timeout, curve=o.link.curve, watchdog_s=o.watchdog_timeout)
 
     # ---- what each worker fills in ---------------------------------------------------------
 
@@ -142,7 +142,8 @@ class WorkerLoop:
                 if self.draining and time.monotonic() > self.drain_deadline:
                     self.end_unfinished()
                 self.housekeeping()
-                self.work()
+                with link.working():
+                    self.work()
             link.goodbye()
             return 0
         finally:

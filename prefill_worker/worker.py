@@ -3,7 +3,8 @@ token to its request's frontend, hand each prompt's KV to the decode worker the 
 tell the router (Prefilled) once that worker has it.
 
 One thread: poll the sockets, run a batch when there is work and staging room, repeat. A batch
-blocks the loop for its duration, which the heartbeat timeout comfortably allows.
+blocks the loop for its duration (seconds, for a long prompt on a CPU): the link's beat thread
+keeps the router's heartbeats going meanwhile.
 """
 
 from __future__ import annotations

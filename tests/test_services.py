@@ -251,6 +251,58 @@ def test_a_draining_worker_hears_that_nothing_more_comes_only_from_a_router_that
         ctx.term()
 
 
+def test_a_prefill_longer_than_the_heartbeat_timeout_is_not_taken_for_a_dead_worker(home, tiny_dir, tmp_path):
+    """A prefill batch blocks the worker's loop for as long as it computes: a long prompt on a CPU,
+    seconds. A thread beats meanwhile; before, the router dropped the worker as silent after its
+    heartbeat timeout (2 s by default) and the request failed with "stopped responding" (found
+    serving a 150M-parameter model on this machine: every prompt of 1,900 tokens failed so)."""
+    import json
+
+    from splitserve.common.random_checkpoint import write_random_checkpoint
+
+    config = json.loads((tiny_dir / "config.json").read_text()) | dict(n_embd=768, n_layer=8)
+    write_random_checkpoint(tmp_path, config, seed=0, progress=False)
+    beats = ("--heartbeat-interval", "0.1")
+    with Cluster(home, model=str(tmp_path), heartbeat_timeout=0.6, heartbeat_interval=0.1) as c:
+        c.start_pipeline(2, *beats)
+        with Client(c.endpoint) as client:
+            t0 = time.monotonic()
+            got = client.generate(PROMPTS[0] * 190, max_new_tokens=2, ignore_eos=True, timeout=120)
+            took = time.monotonic() - t0
+        assert got.finish_reason == "length" and len(got.token_ids) == 2
+        assert took > 2 * c.heartbeat_timeout, "the prefill was too short to test anything"
+
+
+def test_a_link_beats_while_its_worker_works_until_the_watchdog_timeout():
+    """While the loop runs a unit of work, a thread beats for it every interval; once that work has
+    run past the watchdog timeout the beats stop, and the router takes the worker for hung."""
+    ctx = zmq.Context()
+    router = ProbeRouter(ctx)
+    register = P.Register("decode", "slow", P.PROTOCOL_VERSION, "host", [], "cpu", "", ["shm"], 1, "fp", "float32", 0,
+                          os.getpid(), "pid:0")
+    link = GatewayLink(ctx, router.endpoint, register, list, 0.1, 60, watchdog_s=0.6)
+    heard_at: list[float] = []  # when each heartbeat came, from the work's start
+    try:
+        router.register()
+        link.receive()
+        link.tick(1, False)
+        seen = len(router.read())
+        with link.working():
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 2.0:  # the work: the loop sends nothing meanwhile
+                new = router.read()[seen:]
+                seen += len(new)
+                heard_at += [time.monotonic() - t0 for m in new if isinstance(m, P.Heartbeat)]
+                time.sleep(0.01)
+        assert len([t for t in heard_at if t < 1.0]) >= 3, heard_at
+        assert not [t for t in heard_at if t > 1.2], heard_at  # silent once past the watchdog (0.6 s)
+        assert all(m == P.Heartbeat(1, False) for m in router.heard if isinstance(m, P.Heartbeat))
+    finally:
+        link.close()
+        router.sock.close(0)
+        ctx.term()
+
+
 def test_a_drained_worker_leaves_the_router_s_books_as_it_exits(home, tiny_dir):
     """A worker that finishes its drain says goodbye: the router drops it at once, not at its
     heartbeat timeout (here 60 s) as a silent one, which it logged as a warning on every shutdown."""
