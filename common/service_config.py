@@ -199,9 +199,11 @@ def add_worker_args(p: argparse.ArgumentParser, role: str) -> None:
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """How the workers' engines are sized and run (`serve` takes them too, for its workers)."""
     p.add_argument("--num-slots", type=int, default=int(_env("NUM_SLOTS", "0")),
-                   help="decode: KV slots (0: 64 on CPU, 256 on CUDA, capped by --kv-cache-memory-mb)")
+                   help="decode: KV slots of --max-total-tokens each (0: as many as fit in --kv-cache-memory-mb, "
+                        "at most 256 on CUDA, 64 on CPU)")
     p.add_argument("--kv-cache-memory-mb", type=int, default=int(_env("KV_CACHE_MEMORY_MB", "0")),
-                   help="decode: memory for the KV pool (0: no cap besides --num-slots)")
+                   help="decode: memory for the KV pool (0: 80%% of what the GPU has free once the model is loaded, "
+                        "50%% of the host's free memory on CPU)")
     p.add_argument("--key-bucket", type=int, default=8, help="decode: key length rounding (a multiple of 8)")
     p.add_argument("--staging-tokens", type=int, default=0, help="prefill: staging buffer tokens (0: twice the budget)")
     p.add_argument("--prefix-cache-mb", type=int, default=int(_env("PREFIX_CACHE_MB", "-1")),

@@ -13,14 +13,36 @@ def slot_bytes(cfg: ModelConfig, slot_len: int, dtype: torch.dtype) -> int:
     return cfg.n_layer * 2 * cfg.kv_dim * slot_len * torch.finfo(dtype).bits // 8
 
 
-def slots_for_budget(cfg: ModelConfig, slot_len: int, dtype: torch.dtype, budget_bytes: int, max_slots: int) -> int:
-    fit = budget_bytes // slot_bytes(cfg, slot_len, dtype)
+# --num-slots 0: at most this many
+DEFAULT_SLOTS = {"cuda": 256, "cpu": 64}
+# --kv-cache-memory-mb 0: the pool takes this share of the memory free once the model is loaded. The
+# rest: on a GPU the step's activations and logits and the CUDA graphs; on the host its other
+# processes (prefill workers, frontends), which may still be starting.
+FREE_SHARE = {"cuda": 0.8, "cpu": 0.5}
+SHORTER = "--max-total-tokens (a slot's length) or --num-slots lower"
+
+
+def pool_slots(per_slot: int, slot_len: int, free: int, device_type: str, num_slots: int, budget_mb: int) -> int:
+    """How many slots of `per_slot` bytes the pool gets, `free` bytes being free on its device:
+    --num-slots, capped by --kv-cache-memory-mb when given; else as many as that budget holds, or
+    FREE_SHARE of `free`, up to DEFAULT_SLOTS. A model whose slots are long (32k tokens: a few GiB
+    each at 7B) gets fewer slots rather than a pool that cannot be allocated; flags asking for
+    more than is free get an error that says so, rather than the allocator's."""
+    mib = lambda n: f"{n / 2**20:,.0f} MiB"  # noqa: E731
+    if budget_mb:
+        fit, where = budget_mb * 2**20 // per_slot, f"--kv-cache-memory-mb {budget_mb}"
+    elif num_slots:
+        fit, where = num_slots, ""
+    else:
+        fit = int(free * FREE_SHARE[device_type]) // per_slot
+        where = f"{FREE_SHARE[device_type]:.0%} of the {mib(free)} free"
     if fit < 1:
-        raise ValueError(
-            f"a KV memory budget of {budget_bytes / 2**20:.0f} MiB holds no slot of {slot_len} tokens "
-            f"({slot_bytes(cfg, slot_len, dtype) / 2**20:.1f} MiB each)"
-        )
-    return min(fit, max_slots)
+        raise ValueError(f"{where} holds no KV slot of {slot_len} tokens ({mib(per_slot)} each): set {SHORTER}")
+    slots = min(fit, num_slots or DEFAULT_SLOTS[device_type])
+    if slots * per_slot > free:
+        raise ValueError(f"{slots} KV slots of {slot_len} tokens need {mib(slots * per_slot)}; {mib(free)} is free: "
+                         f"set {SHORTER}")
+    return slots
 
 
 def allocate_pool(cfg: ModelConfig, num_slots: int, slot_len: int, dtype: torch.dtype, device) -> torch.Tensor:

@@ -19,12 +19,13 @@ from splitserve.common import protocol as P
 from splitserve.common.curve import CurveKeys
 from splitserve.common.kv_handoff import Arrival, KvReceiver, nixl_agent_for, offered_transports
 from splitserve.common.loading import LoadedModel
+from splitserve.common.memory import available_bytes
 from splitserve.common.params import Finish, Limits
 from splitserve.common.service_config import WorkerOptions, derive_limits
 from splitserve.common.worker_loop import WorkerLoop
 
 from .engine import DecodeEngine
-from .kv_pool import slots_for_budget
+from .kv_pool import pool_slots, slot_bytes
 from .output import Output
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,8 @@ class DecodeWorker(WorkerLoop):
     def __init__(self, opts: WorkerOptions, model: LoadedModel, limits: Limits):
         super().__init__(opts, model, limits)
         slot_len = limits.max_total_tokens
-        num_slots = opts.num_slots or (256 if model.device.type == "cuda" else 64)
-        if opts.kv_cache_memory_mb:
-            num_slots = slots_for_budget(model.cfg, slot_len, model.dtype, opts.kv_cache_memory_mb * 2**20, num_slots)
+        per_slot, free = slot_bytes(model.cfg, slot_len, model.dtype), available_bytes(model.device)
+        num_slots = pool_slots(per_slot, slot_len, free, model.device.type, opts.num_slots, opts.kv_cache_memory_mb)
         self.engine = DecodeEngine(model, num_slots, slot_len, opts.key_bucket,
                                    graphs=opts.cuda_graphs and model.device.type == "cuda",
                                    graph_key_step=opts.graph_key_step)
@@ -71,8 +71,8 @@ class DecodeWorker(WorkerLoop):
         self.token_bytes = kv.shape[0] * kv.shape[1] * kv.shape[3] * kv.shape[5] * kv.element_size()
         self.start(offered_transports(opts.kv_transport, model.device, nixl is not None), num_slots,
                    self.kv.endpoint, self.kv.public_key)
-        log.info("decode worker %s: %d slots of %d tokens, KV endpoint %s", opts.worker_id, num_slots, slot_len,
-                 self.kv.endpoint)
+        log.info("decode worker %s: %d slots of %d tokens (%.1f GiB; %.1f GiB was free), KV endpoint %s",
+                 opts.worker_id, num_slots, slot_len, num_slots * per_slot / 2**30, free / 2**30, self.kv.endpoint)
 
     def details(self) -> dict:
         return {"slots_used": len(self.running), "slots_total": self.engine.num_slots,
