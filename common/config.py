@@ -27,7 +27,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=env("SPLITSERVE_DTYPE", "auto"),
                         choices=["auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"],
                         help="compute dtype; auto = float32 on CPU, bfloat16 (or the checkpoint's half dtype) on CUDA")
-    parser.add_argument("--device", default=env("SPLITSERVE_DEVICE", "auto"), help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--device", default=env("SPLITSERVE_DEVICE", "auto"),
+                        help="auto (the first CUDA device, else the CPU), auto:N (the Nth, modulo their count), cpu, "
+                             "cuda or cuda:N")
     parser.add_argument("--threads", type=int, default=int(env("SPLITSERVE_THREADS", "0")),
                         help="PyTorch threads for this process (0: PyTorch's default)")
     parser.add_argument("--home", type=Path, default=default_home(),

@@ -14,9 +14,12 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 
 
 def resolve_device(flag: str) -> torch.device:
-    """`auto` is the first CUDA device when there is one, else the CPU."""
-    if flag == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    """`auto` is the first CUDA device when there is one, else the CPU; `auto:N` the Nth, modulo
+    how many there are (how serve spreads its workers over the GPUs)."""
+    if flag == "auto" or flag.startswith("auto:"):
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(flag.partition(":")[2] or 0) % torch.cuda.device_count())
     device = torch.device(flag)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {flag}: CUDA is not available in this process")

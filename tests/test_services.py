@@ -13,7 +13,7 @@ import time
 import pytest
 import zmq
 
-from cluster import Cluster, offline, request_specs, spawn, stream_all, wait_for
+from cluster import Cluster, offline, request_specs, serve_process, spawn, stream_all, wait_for
 from conftest import load_cpu
 from splitserve.bench.traffic import PROMPTS
 from splitserve.client import Client, GenerationError, GenerationTimeout
@@ -161,6 +161,50 @@ def live_children(pid: int) -> list[int]:
             except OSError:
                 continue
     return out
+
+
+def test_serve_gives_each_worker_a_gpu_of_its_own_while_there_are_enough(monkeypatch):
+    """--device auto spreads serve's workers (prefill first) over the GPUs; before, all of them took
+    the first GPU and the others idled. A device the flag names is every worker's."""
+    import torch
+
+    from splitserve.commands.serve import visible_gpus, worker_devices
+    from splitserve.common.runtime import resolve_device
+
+    assert worker_devices("auto", 8, 3) == ["auto:0", "auto:1", "auto:2"]
+    assert worker_devices("auto", 2, 3) == ["auto:0", "auto:1", "auto:0"]
+    assert worker_devices("auto", 0, 2) == ["auto", "auto"]
+    assert worker_devices("cuda:3", 8, 2) == ["cuda:3", "cuda:3"]
+    assert worker_devices("cpu", 8, 2) == ["cpu", "cpu"]
+    assert resolve_device("auto:1") == torch.device("cuda", 1 % torch.cuda.device_count()) \
+        if torch.cuda.is_available() else torch.device("cpu")
+    for listed, count in (("2,5", 2), ("0,-1,3", 1), ("-1", 0), ("", 0), ("GPU-8f2e,GPU-11aa", 2)):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", listed)
+        assert visible_gpus() == count, listed
+
+
+def test_workers_sharing_a_gpu_start_one_after_another():
+    """Each sizes its memory from what the GPU has free as it starts: started together, they would
+    each count the others' share as their own."""
+    from splitserve.commands.serve import next_in_turn
+
+    one_gpu = [("auto:0", False, False), ("auto:0", False, False)]
+    assert next_in_turn(one_gpu) == [0]
+    assert next_in_turn([("auto:0", True, False), ("auto:0", False, False)]) == []  # the first not registered yet
+    assert next_in_turn([("auto:0", True, True), ("auto:0", False, False)]) == [1]
+    assert next_in_turn([("auto:0", False, False), ("auto:1", False, False), ("auto:0", False, False)]) == [0, 1]
+    assert next_in_turn([("cuda", False, False), ("cuda", False, False)]) == [0]
+    assert next_in_turn([("auto", False, False), ("cpu", False, False), ("cpu", False, False)]) == [0, 1, 2]
+
+
+def test_serve_starts_workers_sharing_a_gpu_in_turn(home, tiny_dir, monkeypatch):
+    """One GPU to serve's eyes (here PyTorch finds none, and `auto:0` is the CPU): its prefill and
+    decode workers start one after the other, and serve is ready and answers."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with serve_process(home) as (_, lines):
+        endpoint = next(line for line in lines if "ZMQ clients" in line).split()[-1]
+        with Client(endpoint) as client:
+            assert client.generate("def f():", max_new_tokens=3).finish_reason in ("length", "eos_token")
 
 
 def test_serve_drains_on_sigterm_and_leaves_no_child(home, tiny_dir):

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from itertools import takewhile
 from typing import TYPE_CHECKING
 
 from splitserve.common.child_process import die_with_parent
@@ -87,17 +88,56 @@ def child_name(kind: str, index: int, restarts: int) -> str:
     return f"{kind}-{index}-{os.getpid()}" + (f"-r{restarts}" if restarts else "")
 
 
-def worker_command(args: argparse.Namespace, role: str, index: int, gateway: str, threads: int,
+def worker_command(args: argparse.Namespace, role: str, index: int, gateway: str, threads: int, device: str,
                    restarts: int = 0) -> list[str]:
     """Every flag of serve's that a worker takes too (model, limits, link, engine, ...) passes on;
-    the gateway, the threads, the worker's name, metrics port and CURVE keys are set here."""
+    the gateway, the threads, the device (see worker_devices), the worker's name, metrics port and
+    CURVE keys are set here."""
     names = worker_flag_names(role)
     values = {name: value for name, value in vars(args).items() if name in names}
     values |= {"gateway": gateway, "threads": threads, "worker_id": child_name(role, index, restarts),
                "metrics_port": metrics_ports(args)[role][index]}
+    values["device"] = device
     if args.curve_secret_file:
         values |= curve_worker_flags(args.curve_secret_file)
     return [sys.executable, "-m", "splitserve.cli", role, *worker_argv(role, values)]
+
+
+def visible_gpus() -> int:
+    """How many CUDA devices the workers will see, known without PyTorch (which this process does
+    not load): CUDA_VISIBLE_DEVICES's list when it is set, else the /dev/nvidiaN files (a container
+    has those of its own GPUs only)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        # CUDA stops at the first entry that is not a device ("-1" hides them all)
+        return len(list(takewhile(lambda d: d.strip() and not d.strip().startswith("-"), listed.split(","))))
+    return len(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def worker_devices(flag: str, gpus: int, workers: int) -> list[str]:
+    """Each worker's --device (prefill workers first). `auto` spreads them over the GPUs, one each
+    while there are enough (before, every worker took the first GPU, and the others idled): the
+    k-th gets `auto:k`, the CPU should PyTorch find no GPU after all. Any other flag is every
+    worker's."""
+    if flag == "auto" and gpus:
+        return [f"auto:{k % gpus}" for k in range(workers)]
+    return [flag] * workers
+
+
+def next_in_turn(workers: list[tuple[str, bool, bool]]) -> list[int]:
+    """Which of `workers` (--device, started, registered) to start now: at once, but those sharing
+    a GPU one after another, each once the one before it there has registered. It has its memory
+    by then, and the next one sizes its KV pool (and prefix cache) from what is left; started
+    together, each would count the same free memory as its own."""
+    gpu = lambda device: device.startswith(("cuda", "auto:"))  # noqa: E731
+    busy = {device for device, started, registered in workers if gpu(device) and started and not registered}
+    start = []
+    for k, (device, started, _) in enumerate(workers):
+        if not started and device not in busy:
+            start.append(k)
+            if gpu(device):
+                busy.add(device)
+    return start
 
 
 def threads_per_worker(total: int, workers: int) -> int:
@@ -159,7 +199,8 @@ class Child:
     name: str  # for the log: "decode worker 0", "frontend 1"
     argv: Callable[[int], list[str]]  # its command line, given how many times it was started again
     router_id: Callable[[int], str] | None = None  # a frontend's: the id it has at the router, likewise
-    proc: subprocess.Popen | None = None
+    device: str = ""  # a worker's --device (see worker_devices)
+    proc: subprocess.Popen | None = None  # None until started (see next_in_turn)
     started: float = 0.0
     restarts: int = 0
     quick_exits: int = 0  # exits in a row, each within STABLE_S of its start
@@ -182,15 +223,18 @@ class Supervisor:
 
     @property
     def children(self) -> list[subprocess.Popen]:
-        return [c.proc for c in self.workers + self.frontends]
+        return [c.proc for c in self.workers + self.frontends if c.proc is not None]
 
     def start_workers(self) -> None:
         a = self.args
         threads = threads_per_worker(a.threads, a.prefill_workers + a.decode_workers)
+        devices = iter(worker_devices(a.device, visible_gpus(), a.prefill_workers + a.decode_workers))
         for role, count in (("prefill", a.prefill_workers), ("decode", a.decode_workers)):
             for i in range(count):
-                argv = partial(worker_command, a, role, i, self.gw.worker_endpoint, threads)
-                self.workers.append(Child(f"{role} worker {i}", argv).start())
+                device = next(devices)
+                argv = partial(worker_command, a, role, i, self.gw.worker_endpoint, threads, device)
+                self.workers.append(Child(f"{role} worker {i}", argv, partial(child_name, role, i), device))
+        self.start_in_turn()
         if a.frontends > 1:
             router = self.gw.router
             ports = frontend_zmq_ports(a.zmq_port, a.frontends, {router.worker_port, router.frontend_port})
@@ -229,8 +273,8 @@ class Supervisor:
         deadlocked), and its listening socket still takes its share of the HTTP port's new
         connections, which would wait on it for good. Killed, it is started again as one that died,
         and the connections queued on it are refused, so that clients connect again, to a live one.
-        (Workers are left be: a long step on the CPU silences one as long, and the router only
-        routes around it meanwhile.)"""
+        (Workers are left be: the router resumes a silent one's requests elsewhere, and takes it
+        back when it answers again.)"""
         front = self.gw.router.core.frontends.get(frontend.router_id(frontend.restarts))
         if front is not None:
             frontend.heard = front.last_seen
@@ -240,10 +284,18 @@ class Supervisor:
             frontend.proc.kill()
             frontend.heard = 0.0
 
+    def start_in_turn(self) -> None:
+        """Start the workers whose turn has come (see next_in_turn)."""
+        registered = self.gw.registry.workers
+        for k in next_in_turn([(c.device, c.proc is not None, c.router_id(c.restarts) in registered)
+                               for c in self.workers]):
+            self.workers[k].start()
+
     async def wait_ready(self) -> bool:
         deadline = time.monotonic() + READY_TIMEOUT_S
         want = {"prefill": self.args.prefill_workers, "decode": self.args.decode_workers}
         while time.monotonic() < deadline and not self.stopping:
+            self.start_in_turn()
             if all(len(self.gw.registry.of_role(r)) >= n for r, n in want.items()) \
                     and len(self.gw.router.core.frontends) >= self.args.frontends:
                 return True
@@ -262,7 +314,7 @@ class Supervisor:
         timeout = self.args.drain_timeout
         self.gw.drain(timeout)
         deadline = time.monotonic() + timeout + EXIT_GRACE_S
-        while time.monotonic() < deadline and any(c.proc.poll() is None for c in self.workers):
+        while time.monotonic() < deadline and any(c.proc is not None and c.proc.poll() is None for c in self.workers):
             await asyncio.sleep(0.1)
         self.kill_all()
 
