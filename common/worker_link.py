@@ -14,8 +14,8 @@ import logging
 import os
 import threading
 import time
-from contextlib import contextmanager
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import msgspec
 import zmq

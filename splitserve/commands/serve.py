@@ -95,9 +95,8 @@ def worker_command(args: argparse.Namespace, role: str, index: int, gateway: str
     CURVE keys are set here."""
     names = worker_flag_names(role)
     values = {name: value for name, value in vars(args).items() if name in names}
-    values |= {"gateway": gateway, "threads": threads, "worker_id": child_name(role, index, restarts),
+    values |= {"gateway": gateway, "threads": threads, "device": device, "worker_id": child_name(role, index, restarts),
                "metrics_port": metrics_ports(args)[role][index]}
-    values["device"] = device
     if args.curve_secret_file:
         values |= curve_worker_flags(args.curve_secret_file)
     return [sys.executable, "-m", "splitserve.cli", role, *worker_argv(role, values)]
@@ -198,7 +197,7 @@ class Child:
 
     name: str  # for the log: "decode worker 0", "frontend 1"
     argv: Callable[[int], list[str]]  # its command line, given how many times it was started again
-    router_id: Callable[[int], str] | None = None  # a frontend's: the id it has at the router, likewise
+    router_id: Callable[[int], str] | None = None  # the id it has at the router, likewise
     device: str = ""  # a worker's --device (see worker_devices)
     proc: subprocess.Popen | None = None  # None until started (see next_in_turn)
     started: float = 0.0
