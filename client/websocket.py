@@ -218,10 +218,11 @@ class WebSocketClient(SyncClientBase):
     def _connect(self, c: _Connection, tries: _Tries) -> None:
         try:
             ws, close = self._make(tries)
-        except UnavailableError as e:
+        except Exception as e:  # UnavailableError, or anything else: in this thread, its requests' end
+            message = str(e) if isinstance(e, UnavailableError) else f"cannot connect to {self._url}: {e!r}"
             with self._lock:
                 if not c.lost:  # else the client closed meanwhile, which ended its requests
-                    self._lost(c, str(e))
+                    self._lost(c, message)
             return
         with self._lock:
             made = not c.lost
