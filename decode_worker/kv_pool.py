@@ -20,6 +20,9 @@ DEFAULT_SLOTS = {"cuda": 256, "cpu": 64}
 # processes (prefill workers, frontends), which may still be starting.
 FREE_SHARE = {"cuda": 0.8, "cpu": 0.5}
 SHORTER = "--max-total-tokens (a slot's length) or --num-slots lower"
+# A model's full context (16k-32k tokens) is far longer than most completions need: a pool that
+# memory holds to fewer slots than DEFAULT_SLOTS says how many slots of this length would fit.
+SHORT_SLOT = 8192
 
 
 def pool_slots(per_slot: int, slot_len: int, free: int, device_type: str, num_slots: int, budget_mb: int) -> int:
@@ -43,6 +46,15 @@ def pool_slots(per_slot: int, slot_len: int, free: int, device_type: str, num_sl
         raise ValueError(f"{slots} KV slots of {slot_len} tokens need {mib(slots * per_slot)}; {mib(free)} is free: "
                          f"set {SHORTER}")
     return slots
+
+
+def slots_if_shorter(num_slots: int, slot_len: int, device_type: str) -> int:
+    """How many slots of SHORT_SLOT tokens the memory of `num_slots` of `slot_len` would hold (up
+    to DEFAULT_SLOTS), when that is more; else 0."""
+    most = DEFAULT_SLOTS[device_type]
+    if num_slots >= most or slot_len <= SHORT_SLOT:
+        return 0
+    return min(most, num_slots * slot_len // SHORT_SLOT)
 
 
 def allocate_pool(cfg: ModelConfig, num_slots: int, slot_len: int, dtype: torch.dtype, device) -> torch.Tensor:

@@ -25,7 +25,7 @@ from splitserve.common.service_config import WorkerOptions, derive_limits
 from splitserve.common.worker_loop import WorkerLoop
 
 from .engine import DecodeEngine
-from .kv_pool import pool_slots, slot_bytes
+from .kv_pool import SHORT_SLOT, pool_slots, slot_bytes, slots_if_shorter
 from .output import Output
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,9 @@ class DecodeWorker(WorkerLoop):
                    self.kv.endpoint, self.kv.public_key)
         log.info("decode worker %s: %d slots of %d tokens (%.1f GiB; %.1f GiB was free), KV endpoint %s",
                  opts.worker_id, num_slots, slot_len, num_slots * per_slot / 2**30, free / 2**30, self.kv.endpoint)
+        if not opts.num_slots and (more := slots_if_shorter(num_slots, slot_len, model.device.type)):
+            log.warning("at most %d requests decode at once here: --max-total-tokens %d would give %d slots",
+                        num_slots, SHORT_SLOT, more)
 
     def details(self) -> dict:
         return {"slots_used": len(self.running), "slots_total": self.engine.num_slots,

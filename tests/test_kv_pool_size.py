@@ -9,7 +9,7 @@ import torch
 
 from splitserve.common.memory import host_available_bytes
 from splitserve.common.model_config import model_config_from_dict
-from splitserve.decode_worker.kv_pool import DEFAULT_SLOTS, pool_slots, slot_bytes
+from splitserve.decode_worker.kv_pool import DEFAULT_SLOTS, pool_slots, slot_bytes, slots_if_shorter
 
 GiB = 2**30
 
@@ -30,6 +30,13 @@ def test_by_default_the_pool_takes_a_share_of_the_free_memory_up_to_the_default_
     assert pool_slots(slot, 32768, 20 * GiB, "cpu", 0, 0) == 5  # half of the host's free memory
     with pytest.raises(ValueError, match="holds no KV slot of 32768 tokens.*--max-total-tokens"):
         pool_slots(slot, 32768, 2 * GiB, "cuda", 0, 0)
+
+
+def test_a_pool_of_few_long_slots_says_how_many_shorter_ones_would_fit():
+    assert slots_if_shorter(27, 32768, "cuda") == 108  # Qwen2.5-Coder-7B on an H100: 8k-token slots
+    assert slots_if_shorter(100, 32768, "cuda") == DEFAULT_SLOTS["cuda"]
+    assert slots_if_shorter(DEFAULT_SLOTS["cpu"], 32768, "cpu") == 0  # as many as ever
+    assert slots_if_shorter(5, 8192, "cpu") == 0  # no longer than the suggestion
 
 
 def test_the_flags_set_the_pool():
