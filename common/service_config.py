@@ -216,8 +216,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graph-key-step", type=int, default=256, help="decode: key-length bucket under CUDA graphs")
     p.add_argument("--watchdog-timeout", type=float, default=float(_env("WATCHDOG_TIMEOUT", "300")),
                    help="a prefill batch or decode step running longer than this is taken for a hang: the worker "
-                        "stops its heartbeats, and the router resumes its requests elsewhere (until then a thread "
-                        "beats while the worker computes, however much longer than --heartbeat-timeout)")
+                        "exits (serve starts it again) and its requests resume elsewhere; until then it keeps "
+                        "its heartbeats going, however much longer than --heartbeat-timeout it computes (0: no "
+                        "limit)")
 
 
 WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]", "*"}

@@ -6,7 +6,8 @@ frontends directly, keep flowing meanwhile.
 
 The loop beats between units of work; while one runs (a prefill batch or a decode step, which can
 take longer than the heartbeat timeout: a long prompt on a CPU), a thread beats for it, up to the
-watchdog timeout, past which the worker falls silent and is taken for hung."""
+watchdog timeout: past it the work is taken for hung, the beats stop, and `on_hung` is called (a
+worker exits: see WorkerLoop)."""
 
 from __future__ import annotations
 
@@ -44,9 +45,12 @@ def pid_namespace() -> str:
 
 class GatewayLink:
     def __init__(self, ctx: zmq.Context, endpoint: str, register: P.Register, holding: Callable[[], list[P.Held]],
-                 heartbeat_s: float, timeout_s: float, curve: CurveKeys | None = None, watchdog_s: float = 0.0):
+                 heartbeat_s: float, timeout_s: float, curve: CurveKeys | None = None,
+                 watchdog_s: float | None = None, on_hung: Callable[[float], None] = lambda seconds: None):
+        """`watchdog_s`: None, no beats while working (the loop's own only); 0, beats however long
+        a unit of work runs; else beats for up to that long."""
         self.ctx, self.endpoint, self.register, self.holding, self.curve = ctx, endpoint, register, holding, curve
-        self.heartbeat_s, self.timeout_s, self.watchdog_s = heartbeat_s, timeout_s, watchdog_s
+        self.heartbeat_s, self.timeout_s, self.watchdog_s, self.on_hung = heartbeat_s, timeout_s, watchdog_s, on_hung
         self.decoder = P.decoder(P.GatewayToWorker)
         self.sock: zmq.Socket | None = None
         self.generation = 0  # bumped on every reconnect, so pollers know to pick up the new socket
@@ -67,7 +71,7 @@ class GatewayLink:
         self._working_since: float | None = None
         self._closing = threading.Event()
         self.connect()
-        if watchdog_s > 0:
+        if watchdog_s is not None:
             threading.Thread(target=self._beat_while_working, daemon=True, name="heartbeat").start()
 
     def connect(self) -> None:
@@ -105,16 +109,23 @@ class GatewayLink:
                 self._working_since = None
 
     def _beat_while_working(self) -> None:
+        hung = None  # the start of the unit of work found hung
         while not self._closing.wait(self.heartbeat_s / 2):
             with self._lock:
-                now = time.monotonic()
-                if (self._working_since is not None and now - self._working_since < self.watchdog_s
-                        and now - self._last_beat >= self.heartbeat_s):
-                    try:
-                        self.sock.send(P.encode(P.Heartbeat(self._beat_load, self._beat_draining)), flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        continue
-                    self._last_beat = now
+                now, since = time.monotonic(), self._working_since
+                if since is None or since == hung:
+                    continue
+                if not self.watchdog_s or now - since < self.watchdog_s:
+                    if now - self._last_beat >= self.heartbeat_s:
+                        try:
+                            self.sock.send(P.encode(P.Heartbeat(self._beat_load, self._beat_draining)),
+                                           flags=zmq.NOBLOCK)
+                            self._last_beat = now
+                        except zmq.Again:
+                            pass
+                    continue
+                hung = since
+            self.on_hung(now - since)  # outside the lock: it may not return
 
     def receive(self) -> list:
         """Every message waiting on the link (never blocks); malformed frames are dropped."""

@@ -23,6 +23,8 @@ from .worker_link import DRAIN_GRACE_S, GatewayLink, pid_namespace
 
 log = logging.getLogger(__name__)
 
+EXIT_HUNG = 3  # the exit status of a worker its watchdog found hung
+
 
 class WorkerLoop:
     role: P.Role
@@ -54,7 +56,8 @@ class WorkerLoop:
         # after it registered, and was dropped).
         freeze_startup_heap()
         self.link = GatewayLink(self.ctx, o.gateway, register, self.holding, o.link.heartbeat_s,
-                                o.link.heartbeat_timeout, curve=o.link.curve, watchdog_s=o.watchdog_timeout)
+                                o.link.heartbeat_timeout, curve=o.link.curve, watchdog_s=o.watchdog_timeout,
+                                on_hung=self._hung)
 
     # ---- what each worker fills in ---------------------------------------------------------
 
@@ -111,6 +114,17 @@ class WorkerLoop:
     def details(self) -> dict:
         """What /health adds for this kind of worker once it has started."""
         return {}
+
+    def _hung(self, seconds: float) -> None:
+        """The beat thread found a unit of work running past --watchdog-timeout: exit, as SGLang's
+        watchdog does. A process stuck in a kernel or a collective keeps its memory, and its health
+        and metrics endpoints answer from their own thread: alive it would never be started again
+        (by serve, or a Kubernetes liveness probe). Its requests resume elsewhere, as for any death;
+        a SIGKILL's leftovers (a staging file) are swept as for one."""
+        log.critical("a %s has run for %.1f s, past --watchdog-timeout %g s: taken for hung, exiting",
+                     "prefill batch" if self.role == "prefill" else "decode step", seconds,
+                     self.opts.watchdog_timeout)
+        os._exit(EXIT_HUNG)
 
     def close_own(self) -> None:
         """Close what the worker opened itself."""

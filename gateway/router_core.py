@@ -83,6 +83,7 @@ class RouterCore:
         self.started = time.monotonic()
         # long enough for every worker and frontend to come back to a new router
         self.settle = 2 * heartbeat_timeout
+        self.unstaffed_since: float | None = None  # since when a role has had no worker taking work
 
     # ---- frontends ----------------------------------------------------------------------
 
@@ -413,11 +414,18 @@ class RouterCore:
         and, in a drain, work that can no longer start."""
         for worker in self.registry.expire():
             self.worker_left(worker)
-        if self.draining and self.waiting and not all(self.registry.of_role(r) for r in ("prefill", "decode")):
-            # every worker of a role drains or is gone: what waits for a slot would wait for good
-            # (and hold its frontend's drain that long)
-            self._refuse_waiting("unavailable", "the server shut down before the request could start")
         now = time.monotonic()
+        missing = [r for r in ("prefill", "decode") if not self.registry.of_role(r)]
+        self.unstaffed_since = (self.unstaffed_since or now) if missing else None
+        if self.waiting and missing:
+            # Every worker of a role drains or is gone: what waits would wait for good, and a request
+            # without a deadline never end (in a drain, it would hold its frontend's drain until its
+            # timeout). Out of a drain, one that comes (back) within the settle time (started again,
+            # or registering with a router just started) takes it.
+            if self.draining:
+                self._refuse_waiting("unavailable", "the server shut down before the request could start")
+            elif now - self.unstaffed_since >= self.settle:
+                self._refuse_waiting("unavailable", f"no {missing[0]} worker is available")
         for front in [f for f in self.frontends.values() if now - f.last_seen > self.timeout]:
             if front.draining and not self.live(front.id):
                 log.info("frontend %s drained and left", front.id)

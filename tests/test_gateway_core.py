@@ -251,6 +251,29 @@ def test_a_request_a_client_resumes_waits_for_the_workers_of_a_router_just_start
     assert [(e.id, e.message) for e in out[2:]] == [("c2", "no prefill worker is available")]
 
 
+def test_what_waits_ends_once_a_role_has_had_no_worker_for_the_settle_time(books):
+    """A request waiting for a decode slot, or resumed after its worker died, waits for a worker
+    started again within the settle time; past it, it ends (503, or 424 for one that was running),
+    rather than waiting for good (before: until its client's timeout, or for ever)."""
+    books.register("prefill", "p", 2048)
+    books.register("decode", "d", 1)
+    out: list = []
+    books.frontend.submit("a", generate(3), out.append)
+    waiting = books.frontend.submit("b", generate(4), out.append)  # the one slot is taken
+    assert list(books.router.waiting) == [waiting]
+    books.router.worker_left(books.registry.workers.pop("d"))
+    books.sync()
+    books.router.tick()
+    # the running one resumed (a new attempt), both wait: a worker may come back yet
+    assert len(books.router.waiting) == 2 and waiting in books.router.waiting and out == []
+    books.router.unstaffed_since -= books.router.settle
+    books.router.tick()
+    assert not books.router.waiting and not books.frontend.streams
+    assert sorted((e.id, e.error_type, e.message) for e in out) == [
+        ("a", "generation", "decode worker d stopped responding; no worker is left to resume it"),
+        ("b", "unavailable", "no decode worker is available")]
+
+
 def test_the_router_frees_a_slot_at_the_workers_end_and_never_sees_a_token(books):
     books.register("prefill", "p", 2048)
     books.register("decode", "d", 4)

@@ -295,36 +295,63 @@ def test_a_draining_worker_hears_that_nothing_more_comes_only_from_a_router_that
         ctx.term()
 
 
-def test_a_prefill_longer_than_the_heartbeat_timeout_is_not_taken_for_a_dead_worker(home, tiny_dir, tmp_path):
-    """A prefill batch blocks the worker's loop for as long as it computes: a long prompt on a CPU,
-    seconds. A thread beats meanwhile; before, the router dropped the worker as silent after its
-    heartbeat timeout (2 s by default) and the request failed with "stopped responding" (found
-    serving a 150M-parameter model on this machine: every prompt of 1,900 tokens failed so)."""
+@pytest.fixture(scope="module")
+def slow_model(tiny_dir, tmp_path_factory):
+    """A random GPTBigCode of 768 x 8 layers: a prompt of SLOW_PROMPT takes it seconds to prefill
+    on one thread here."""
     import json
 
     from splitserve.common.random_checkpoint import write_random_checkpoint
 
-    config = json.loads((tiny_dir / "config.json").read_text()) | dict(n_embd=768, n_layer=8)
-    write_random_checkpoint(tmp_path, config, seed=0, progress=False)
+    path = tmp_path_factory.mktemp("slow-model")
+    write_random_checkpoint(path, json.loads((tiny_dir / "config.json").read_text()) | dict(n_embd=768, n_layer=8),
+                            seed=0, progress=False)
+    return path
+
+
+SLOW_PROMPT = PROMPTS[0] * 190  # 1,900 tokens
+
+
+def test_a_prefill_longer_than_the_heartbeat_timeout_is_not_taken_for_a_dead_worker(home, slow_model):
+    """A prefill batch blocks the worker's loop for as long as it computes: a long prompt on a CPU,
+    seconds. A thread beats meanwhile; before, the router dropped the worker as silent after its
+    heartbeat timeout (2 s by default) and the request failed with "stopped responding" (found
+    serving a 150M-parameter model on this machine: every prompt of 1,900 tokens failed so)."""
     beats = ("--heartbeat-interval", "0.1")
-    with Cluster(home, model=str(tmp_path), heartbeat_timeout=0.6, heartbeat_interval=0.1) as c:
+    with Cluster(home, model=str(slow_model), heartbeat_timeout=0.6, heartbeat_interval=0.1) as c:
         c.start_pipeline(2, *beats)
         with Client(c.endpoint) as client:
             t0 = time.monotonic()
-            got = client.generate(PROMPTS[0] * 190, max_new_tokens=2, ignore_eos=True, timeout=120)
+            got = client.generate(SLOW_PROMPT, max_new_tokens=2, ignore_eos=True, timeout=120)
             took = time.monotonic() - t0
         assert got.finish_reason == "length" and len(got.token_ids) == 2
         assert took > 2 * c.heartbeat_timeout, "the prefill was too short to test anything"
 
 
-def test_a_link_beats_while_its_worker_works_until_the_watchdog_timeout():
+def test_a_worker_whose_work_runs_past_its_watchdog_exits(home, slow_model):
+    """Taken for hung, it exits: alive, a worker stuck in a kernel would keep its memory and answer
+    its probes from their own thread, and nobody would start it again."""
+    from splitserve.common.worker_loop import EXIT_HUNG
+
+    with Cluster(home, model=str(slow_model)) as c:
+        c.start_pipeline(2, "--watchdog-timeout", "0.3")
+        prefill = next(w["proc"] for w in c.workers.values() if w["role"] == "prefill")
+        with Client(c.endpoint) as client:
+            with pytest.raises(GenerationError, match="prefill worker"):
+                client.generate(SLOW_PROMPT, max_new_tokens=2, timeout=30)
+        assert prefill.wait(timeout=30) == EXIT_HUNG
+
+
+@pytest.mark.parametrize("watchdog", [0.6, 0])
+def test_a_link_beats_while_its_worker_works_until_the_watchdog_timeout(watchdog):
     """While the loop runs a unit of work, a thread beats for it every interval; once that work has
-    run past the watchdog timeout the beats stop, and the router takes the worker for hung."""
+    run past the watchdog timeout the beats stop and `on_hung` is called, once (0: no limit)."""
     ctx = zmq.Context()
     router = ProbeRouter(ctx)
     register = P.Register("decode", "slow", P.PROTOCOL_VERSION, "host", [], "cpu", "", ["shm"], 1, "fp", "float32", 0,
                           os.getpid(), "pid:0")
-    link = GatewayLink(ctx, router.endpoint, register, list, 0.1, 60, watchdog_s=0.6)
+    hung: list[float] = []
+    link = GatewayLink(ctx, router.endpoint, register, list, 0.1, 60, watchdog_s=watchdog, on_hung=hung.append)
     heard_at: list[float] = []  # when each heartbeat came, from the work's start
     try:
         router.register()
@@ -339,8 +366,12 @@ def test_a_link_beats_while_its_worker_works_until_the_watchdog_timeout():
                 heard_at += [time.monotonic() - t0 for m in new if isinstance(m, P.Heartbeat)]
                 time.sleep(0.01)
         assert len([t for t in heard_at if t < 1.0]) >= 3, heard_at
-        assert not [t for t in heard_at if t > 1.2], heard_at  # silent once past the watchdog (0.6 s)
         assert all(m == P.Heartbeat(1, False) for m in router.heard if isinstance(m, P.Heartbeat))
+        if watchdog:
+            assert not [t for t in heard_at if t > 1.2], heard_at  # silent once past the watchdog
+            assert len(hung) == 1 and hung[0] >= watchdog
+        else:
+            assert len([t for t in heard_at if t > 1.5]) >= 2 and not hung, heard_at
     finally:
         link.close()
         router.sock.close(0)
