@@ -411,7 +411,7 @@ class RouterCore:
 
     def tick(self) -> None:
         """Periodic: dead workers and frontends, unclaimed adoptions, unheld claims, stale cancels,
-        and, in a drain, work that can no longer start."""
+        and work that can no longer start (a role without workers)."""
         for worker in self.registry.expire():
             self.worker_left(worker)
         now = time.monotonic()
