@@ -173,14 +173,23 @@ class RouterCore:
     # ---- admission ----------------------------------------------------------------------
 
     def starting(self) -> bool:
-        """Whether this router started so lately that workers may be registering yet."""
-        return time.monotonic() - self.started < self.settle
+        """Whether workers may be registering yet: this router started lately (a restarted
+        router's come back), or a role lost its last worker lately (serve starts it again)."""
+        now = time.monotonic()
+        return now - self.started < self.settle or (
+            self.unstaffed_since is not None and now - self.unstaffed_since < self.settle)
+
+    def _unstaffed(self) -> list[str]:
+        """The roles without a worker taking work, noting since when one has been so."""
+        missing = [r for r in ("prefill", "decode") if not self.registry.of_role(r)]
+        self.unstaffed_since = (self.unstaffed_since or time.monotonic()) if missing else None
+        return missing
 
     def rejection(self, extra: int = 0, resume: bool = False) -> tuple[str, str] | None:
         """(error type, message) of the refusal `extra` more attempts would get now, or None. A
         resumed attempt was admitted long ago: only a missing worker stops it. While starting, a
         missing worker stops nothing: the attempt waits for one (the frontends let through only
-        what clients resume: see P.Fleet.starting)."""
+        what they or their clients resume: see P.Fleet.starting), up to the settle time (tick)."""
         if self.draining and not resume:
             return "unavailable", "the server is shutting down"
         for role in ("prefill", "decode"):
@@ -402,7 +411,9 @@ class RouterCore:
 
     def worker_left(self, worker: Worker, how: str = "stopped responding") -> None:
         """A worker is gone (silent past its heartbeat timeout, or it said goodbye): its unfinished
-        work is lost."""
+        work is lost, and resumes; on a worker started again in its place, should it be the last
+        of its role (see starting)."""
+        self._unstaffed()
         for attempt in list(self.attempts.values()):
             if attempt.decode == worker.id or (attempt.prefill == worker.id and attempt.at_prefill):
                 self.lost(attempt.id, f"{worker.info.role} worker {worker.id} {how}")
@@ -415,8 +426,7 @@ class RouterCore:
         for worker in self.registry.expire():
             self.worker_left(worker)
         now = time.monotonic()
-        missing = [r for r in ("prefill", "decode") if not self.registry.of_role(r)]
-        self.unstaffed_since = (self.unstaffed_since or now) if missing else None
+        missing = self._unstaffed()
         if self.waiting and missing:
             # Every worker of a role drains or is gone: what waits would wait for good, and a request
             # without a deadline never end (in a drain, it would hold its frontend's drain until its

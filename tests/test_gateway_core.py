@@ -246,9 +246,30 @@ def test_a_request_a_client_resumes_waits_for_the_workers_of_a_router_just_start
     books.router.started -= books.router.settle  # long up
     books.sync()
     books.router.worker_left(books.registry.workers.pop("p"))
+    books.router.unstaffed_since -= books.router.settle  # and its prefill worker long gone
     books.sync()
     assert books.frontend.submit("c2", resumed, out.append) is None
-    assert [(e.id, e.message) for e in out[2:]] == [("c2", "no prefill worker is available")]
+    assert [(e.id, e.message) for e in out if e.id == "c2"] == [("c2", "no prefill worker is available")]
+
+
+def test_a_request_whose_only_worker_of_a_role_died_waits_for_one_started_again(books):
+    """serve starts a dead worker again within seconds: a request it was running resumes on the
+    new one, as it would on another (before, with no other worker of its role, it ended at once
+    with "no worker is left to resume it"). Past the settle time it ends so (see the test above)."""
+    books.router.started -= books.router.settle  # long up
+    books.register("prefill", "p", 2048)
+    books.register("decode", "d", 4)
+    out: list = []
+    gid = books.frontend.submit("c", generate(3), out.append)
+    books.worker("p", P.FirstToken(gid, P.Token(0, 11, "a")))
+    books.worker("p", P.Prefilled(gid))
+    books.router.worker_left(books.registry.workers.pop("d"))
+    books.sync()
+    books.router.tick()
+    assert [e.error_type for e in out if isinstance(e, P.Error)] == [] and len(books.router.waiting) == 1
+    books.register("decode", "d-r1", 4)
+    resumed = books.sent[-1][1]
+    assert books.sent[-1][0] == "p" and resumed.decode_worker == "d-r1" and resumed.request.resumed == 1
 
 
 def test_what_waits_ends_once_a_role_has_had_no_worker_for_the_settle_time(books):
