@@ -404,8 +404,9 @@ class Fleet(msgspec.Struct, **_STRUCT):
     block_sizes: list[int] = msgspec.field(default_factory=list)  # the prefill workers' prefix blocks
     dtype: str | None = None
     device: str | None = None
-    # The router started moments ago (a restart): its workers may be registering yet, so a request a
-    # client resumes (its frontend or gateway lost) waits for them rather than be refused.
+    # Workers may be registering yet (the router started moments ago, or a role lost its last
+    # worker moments ago, which serve starts again): a request a client resumes (its frontend or
+    # gateway lost) waits for them rather than be refused.
     starting: bool = False
 
 
