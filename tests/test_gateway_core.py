@@ -252,17 +252,24 @@ def test_a_request_a_client_resumes_waits_for_the_workers_of_a_router_just_start
     assert [(e.id, e.message) for e in out if e.id == "c2"] == [("c2", "no prefill worker is available")]
 
 
-def test_a_request_whose_only_worker_of_a_role_died_waits_for_one_started_again(books):
-    """serve starts a dead worker again within seconds: a request it was running resumes on the
-    new one, as it would on another (before, with no other worker of its role, it ended at once
-    with "no worker is left to resume it"). Past the settle time it ends so (see the test above)."""
-    books.router.started -= books.router.settle  # long up
+def decoding(books: Books) -> tuple[str, list]:
+    """A prefill worker p, a decode worker d of 4 slots, and a request prefilled and handed to d:
+    -> its id, and the list its replies go to."""
     books.register("prefill", "p", 2048)
     books.register("decode", "d", 4)
     out: list = []
     gid = books.frontend.submit("c", generate(3), out.append)
     books.worker("p", P.FirstToken(gid, P.Token(0, 11, "a")))
     books.worker("p", P.Prefilled(gid))
+    return gid, out
+
+
+def test_a_request_whose_only_worker_of_a_role_died_waits_for_one_started_again(books):
+    """serve starts a dead worker again within seconds: a request it was running resumes on the
+    new one, as it would on another (before, with no other worker of its role, it ended at once
+    with "no worker is left to resume it"). Past the settle time it ends so (see the test above)."""
+    books.router.started -= books.router.settle  # long up
+    gid, out = decoding(books)
     books.router.worker_left(books.registry.workers.pop("d"))
     books.sync()
     books.router.tick()
@@ -296,12 +303,7 @@ def test_what_waits_ends_once_a_role_has_had_no_worker_for_the_settle_time(books
 
 
 def test_the_router_frees_a_slot_at_the_workers_end_and_never_sees_a_token(books):
-    books.register("prefill", "p", 2048)
-    books.register("decode", "d", 4)
-    out: list = []
-    gid = books.frontend.submit("c", generate(3), out.append)
-    books.worker("p", P.FirstToken(gid, P.Token(0, 11, "a")))
-    books.worker("p", P.Prefilled(gid))
+    gid, out = decoding(books)
     assert books.registry.workers["p"].queued_tokens == 0 and books.registry.workers["d"].assigned == {gid}
     books.worker("d", P.StepTokens([P.StepEntry(gid, P.Token(1, 12, "b"), "length")]))
     assert out[-1].finish_reason == "length" and not books.frontend.streams
