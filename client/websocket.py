@@ -156,6 +156,13 @@ class _Connection:
     def takes_new(self) -> bool:
         return not (self.lost or self.retiring)
 
+    def end(self, message: str, keep: Collection[str] = ()) -> None:
+        """This connection is gone, or could not be made: its requests (but those to `keep`) end."""
+        self.lost = True
+        closed = Error("", "unavailable", message)
+        for inbox in self.routes.deliver(closed, keep=keep):
+            inbox.put_nowait(closed)
+
 
 class WebSocketClient(SyncClientBase):
     """A connection to a gateway's /ws, usable from many threads at once. A reader thread hands each
@@ -233,13 +240,10 @@ class WebSocketClient(SyncClientBase):
             close()
 
     def _lost(self, c: _Connection, message: str, keep: Collection[str] = ()) -> None:
-        """`c` is gone, or could not be made: its requests (but those to `keep`) end. The caller
-        holds the lock."""
-        c.lost = True
+        """`c` is gone, or could not be made: it ends (see _Connection.end), and leaves the
+        client. The caller holds the lock."""
+        c.end(message, keep)
         self._conns.remove(c)
-        closed = Error("", "unavailable", message)
-        for inbox in c.routes.deliver(closed, keep=keep):
-            inbox.put(closed)
         # a cancel queued here is never taken from the outbox: forgotten if its request has ended
         self._cancels.difference_update([rid for rid in list(self._cancels)
                                          if rid not in c.routes and not any(rid in o.routes for o in self._conns)])
@@ -406,10 +410,10 @@ class AsyncWebSocketClient(AsyncClientBase):
         try:
             c.ws = await self._connect(patient)
         except UnavailableError as e:
-            self._end(c, str(e))  # the requests that waited for it
+            c.end(str(e))  # the requests that waited for it
             return
         except asyncio.CancelledError:  # closed meanwhile
-            self._end(c, CONNECTION_LOST)
+            c.end(CONNECTION_LOST)
             raise
         await self._serve(c)
 
@@ -427,7 +431,7 @@ class AsyncWebSocketClient(AsyncClientBase):
         finally:
             writer.cancel()
             again = {} if self._closed else _again(c.routes, c.ws.close_code)
-            self._end(c, CONNECTION_LOST, keep=again)
+            c.end(CONNECTION_LOST, keep=again)
             self._elsewhere(c, again, patient=True)
 
     def _deliver(self, c: _Connection, msg) -> None:
@@ -446,13 +450,6 @@ class AsyncWebSocketClient(AsyncClientBase):
         for rid, frame in frames.items():
             target.routes.take_over(c.routes.hand_over(rid), frame)
             target.outbox.put_nowait(frame)
-
-    def _end(self, c: _Connection, message: str, keep: Collection[str] = ()) -> None:
-        """`c` is gone, or could not be made: its requests (but those to `keep`) end."""
-        c.lost = True
-        closed = Error("", "unavailable", message)
-        for inbox in c.routes.deliver(closed, keep=keep):
-            inbox.put_nowait(closed)
 
     async def _write(self, c: _Connection) -> None:
         while True:
