@@ -159,8 +159,9 @@ class FrontendCore:
     def rejection(self, resumed: bool = False) -> tuple[str, str] | None:
         """(error type, message) of the refusal a request arriving now would get, or None. The
         router has the last word (it admits for every frontend); this spares it what it would refuse.
-        A request its client resumes (`resumed`) waits for workers a router just started has not
-        heard from yet: its stream was running before the restart."""
+        A request its client resumes (`resumed`) waits for workers that may be registering yet (a
+        router just started, or a role's last worker just lost: see P.Fleet.starting): its stream
+        was running before."""
         if self.draining:
             return "unavailable", "this frontend is shutting down: send the request to another one"
         fleet = self.fleet

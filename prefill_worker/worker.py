@@ -22,6 +22,7 @@ from splitserve.common.frontend_links import FrontendLinks
 from splitserve.common.kv_handoff import KvSender, nixl_agent_for, offered_transports
 from splitserve.common.kv_transport import allocate_staging, sweep_orphan_staging
 from splitserve.common.loading import LoadedModel
+from splitserve.common.memory import available_bytes
 from splitserve.common.params import Limits
 from splitserve.common.service_config import WorkerOptions, derive_limits
 from splitserve.common.text_stream import TextStream, first_token_finish
@@ -289,8 +290,7 @@ def prefix_cache(opts: WorkerOptions, model: LoadedModel) -> PrefixCache | None:
     if mb < 0:
         mb = CPU_CACHE_MB
         if model.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(model.device)
-            mb = min(GPU_CACHE_MB, int(free * GPU_FREE_SHARE) // 2**20)
+            mb = min(GPU_CACHE_MB, int(available_bytes(model.device) * GPU_FREE_SHARE) // 2**20)
     blocks = mb * 2**20 // block_bytes
     if blocks < 1:
         return None

@@ -272,8 +272,8 @@ class Supervisor:
         deadlocked), and its listening socket still takes its share of the HTTP port's new
         connections, which would wait on it for good. Killed, it is started again as one that died,
         and the connections queued on it are refused, so that clients connect again, to a live one.
-        (Workers are left be: the router resumes a silent one's requests elsewhere, and takes it
-        back when it answers again.)"""
+        (Workers are left be: the router resumes a silent one's requests elsewhere and takes it
+        back when it answers again, and one hung past its --watchdog-timeout exits by itself.)"""
         front = self.gw.router.core.frontends.get(frontend.router_id(frontend.restarts))
         if front is not None:
             frontend.heard = front.last_seen
