@@ -34,6 +34,7 @@ class WorkerMetrics:
         self.registry = CollectorRegistry()
         self.gauges = {name: Gauge(f"splitserve_{role}_{name}", help_text, registry=self.registry)
                        for name, help_text in GAUGES[role].items()}
+        # prefill: prompts whose prefill a pass finished (a pass with only a piece of a long prompt: none)
         self.batch_size = Histogram(f"splitserve_{role}_batch_size", "requests per batch", registry=self.registry,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.batch_tokens = Counter(f"splitserve_{role}_tokens", "tokens processed", registry=self.registry)
@@ -59,7 +60,8 @@ class WorkerMetrics:
             self.gauges[name].set(value)
 
     def observe_batch(self, size: int, tokens: int) -> None:
-        self.batch_size.observe(size)
+        if size:
+            self.batch_size.observe(size)
         self.batch_tokens.inc(tokens)
 
     def observe_prefix_cache(self, looked_up: int, found: int, nbytes: int) -> None:

@@ -170,6 +170,7 @@ class WorkerOptions:
     staging_tokens: int  # prefill: staging buffer size (0: twice the prefill budget)
     prefix_cache_mb: int  # prefill: memory for the prefix cache (0: off; -1: 1 GiB on CPU, up to 8 GiB on a GPU)
     prefix_block_tokens: int  # prefill: tokens per prefix-cache block
+    prefill_chunk_tokens: int  # prefill: most prompt tokens a pass computes, longer prompts in pieces (0: whole)
     cpus: tuple[int, ...]  # CPU affinity (empty: any)
     cuda_graphs: bool  # decode: replay captured graphs (CUDA only)
     graph_key_step: int  # decode: key-length bucket under graphs
@@ -211,6 +212,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "(0: off; -1: 1024 on the CPU, on a GPU up to 8192 of what the model and staging leave free)")
     p.add_argument("--prefix-block-tokens", type=int, default=DEFAULT_BLOCK_TOKENS,
                    help="prefill: the prefix cache keeps and finds prompts in blocks of this many tokens")
+    p.add_argument("--prefill-chunk-tokens", type=int, default=int(_env("PREFILL_CHUNK_TOKENS", "8192")),
+                   help="prefill: the most prompt tokens one prefill pass computes: a longer prompt is prefilled in "
+                        "pieces over several passes, and prompts that came after it are prefilled between them, "
+                        "so that one long file does not hold up the first token of every prompt behind it (0: "
+                        "every prompt in one pass, as is always a prompt whose prompt logprobs were asked for)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="decode: CUDA graphs at power-of-two batch sizes (ignored on CPU)")
     p.add_argument("--graph-key-step", type=int, default=256, help="decode: key-length bucket under CUDA graphs")
@@ -228,6 +234,8 @@ def worker_options(ns: argparse.Namespace) -> WorkerOptions:
     if not ns.advertise_host and ns.host in WILDCARD_HOSTS:
         # Peers would be told to dial 0.0.0.0, which reaches only themselves.
         raise ValueError(f"--host {ns.host} binds every interface; give --advertise-host, the address peers dial")
+    if ns.prefill_chunk_tokens < 0:
+        raise ValueError(f"--prefill-chunk-tokens {ns.prefill_chunk_tokens}: give 0 (off) or a number of tokens")
     host_id = ns.host_id or default_host_id()
     worker_id = ns.worker_id or f"{ns.role}-{socket.gethostname()}-{os.getpid()}"
     return WorkerOptions(
@@ -236,8 +244,8 @@ def worker_options(ns: argparse.Namespace) -> WorkerOptions:
         kv_port=ns.kv_port, metrics_port=ns.metrics_port, worker_id=worker_id, num_slots=ns.num_slots,
         kv_cache_memory_mb=ns.kv_cache_memory_mb, key_bucket=ns.key_bucket, staging_tokens=ns.staging_tokens,
         prefix_cache_mb=ns.prefix_cache_mb, prefix_block_tokens=ns.prefix_block_tokens,
-        cpus=parse_cpus(ns.cpus), cuda_graphs=ns.cuda_graphs, graph_key_step=ns.graph_key_step,
-        watchdog_timeout=ns.watchdog_timeout,
+        prefill_chunk_tokens=ns.prefill_chunk_tokens, cpus=parse_cpus(ns.cpus), cuda_graphs=ns.cuda_graphs,
+        graph_key_step=ns.graph_key_step, watchdog_timeout=ns.watchdog_timeout,
     )
 
 

@@ -24,7 +24,7 @@ class PrefillResult:
     first_token: int
     kv_offset: int  # the prompt's KV is staging[:, :, kv_offset : kv_offset + kv_len]
     kv_len: int
-    cached: int = 0  # of its tokens, how many came from the prefix cache (not computed)
+    cached: int = 0  # of its tokens, how many were staged before (a prefix cache hit; earlier pieces), not computed
     logprob: float | None = None
     top_tokens: list[tuple[int, float]] | None = None
     prompt_logprobs: list[float | None] | None = None  # None for the first prompt token
@@ -94,6 +94,19 @@ class PrefillEngine:
             for res, i in zip(results, group):
                 res.prompt_logprobs = results[leaders[i]].prompt_logprobs if res.request.prompt_logprobs else None
         return results
+
+    def extend(self, request: GenerateRequest, staging_offset: int, past: int, upto: int) -> None:
+        """A piece of a prompt prefilled over several passes: the K/V of its tokens [past, upto),
+        after those of its first `past` tokens, already at staging[:, :, staging_offset:]. Nothing
+        reaches the LM head; the last piece is `run` with `past`, which samples the first token."""
+        if upto - past > self.token_budget or staging_offset + upto > self.staging.shape[2]:
+            raise ValueError(f"a piece of {upto - past} tokens at offset {staging_offset} + {past} does not fit the "
+                             f"budget ({self.token_budget}) or the staging buffer ({self.staging.shape[2]})")
+        dev = self.model.device
+        ids = torch.tensor(request.prompt_ids[past:upto], dtype=torch.long, device=dev)  # [n]
+        prefill(self.model.weights, ids, torch.arange(past, upto, device=dev), [upto - past], self.attn,
+                kv_out=self.staging[:, :, staging_offset:], logit_index=torch.empty(0, dtype=torch.long, device=dev),
+                past=[past])
 
     def _logit_rows(self, batch, new: list[int]):
         """Rows of the packed new tokens that reach the LM head: the last of each prompt, or every

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import zmq
@@ -42,7 +42,21 @@ CPU_CACHE_MB, GPU_CACHE_MB, GPU_FREE_SHARE = 1024, 8192, 0.8
 @dataclass
 class Queued:
     job: P.Prefill
-    compute: int  # prompt tokens to compute, those the prefix cache held when it came left out
+    compute: int  # prompt tokens left to compute (when it came, those the prefix cache held left out)
+    # a prompt prefilled in pieces, from its first on: its staging region, and the tokens staged there
+    offset: int | None = None
+    done: int = 0
+    cached: int = 0  # of those, the ones its first piece found in the prefix cache
+
+
+@dataclass
+class Pass:
+    """A prefill pass's work: prompts prefilled whole, packed back to back from `offset` (with
+    their cached blocks, `found`), then the next pieces (prompt, tokens) of prompts in pieces."""
+    whole: list[Queued] = field(default_factory=list)
+    found: list[list[int]] = field(default_factory=list)
+    offset: int | None = None
+    pieces: list[tuple[Queued, int]] = field(default_factory=list)
 
 
 class PrefillWorker(WorkerLoop):
@@ -90,7 +104,9 @@ class PrefillWorker(WorkerLoop):
         return self.kv.sockets_made
 
     def busy(self) -> bool:
-        return bool(self.queue) and self.kv.regions.largest_free() > 0
+        # new prompts need staging room; a prompt in pieces goes on in the region it holds
+        return bool(self.queue) and (self.kv.regions.largest_free() > 0
+                                     or any(q.offset is not None for q in self.queue))
 
     def load(self) -> int:
         return self.queued_tokens
@@ -168,6 +184,8 @@ class PrefillWorker(WorkerLoop):
     def _drop(self, queued: Queued, reason: P.FinishReason) -> None:
         self.queue.remove(queued)
         self.queued_tokens -= queued.compute
+        if queued.offset is not None:
+            self.kv.regions.free(queued.offset, len(queued.job.request.prompt_ids))
         self._finish_all(queued.job, reason)
 
     def _finish_all(self, job: P.Prefill, reason: P.FinishReason) -> None:
@@ -182,33 +200,144 @@ class PrefillWorker(WorkerLoop):
         now = time.time()
         for queued in [q for q in self.queue if q.job.deadline is not None and q.job.deadline < now]:
             self._drop(queued, "timeout")
-        batch, found = self._take_batch()
-        if not batch:
-            return
-        total = sum(len(j.request.prompt_ids) for j in batch)
-        regions = self.kv.regions
-        offset = regions.alloc(total)
-        past = [0] * len(batch)
+        with torch.inference_mode():
+            plan = self._plan()
+        done = [self._prefill_whole(plan)] if plan.whole else []
+        done += [self._prefill_piece(queued, n) for queued, n in plan.pieces]
+        if done:
+            self.metrics.observe_batch(sum(prompts for prompts, _ in done), sum(tokens for _, tokens in done))
+
+    def _plan(self) -> Pass:
+        """This pass's work, at most --prefill-chunk-tokens computed (without it, the budget).
+        Prompts not started go first, in arrival order, each whole while its tokens to compute fit
+        what is left and its K/V the staging room. The first that does not fit starts in pieces, if
+        what is left is worth a piece, and the prompts after it wait. One prompt is in pieces at a
+        time (its staging region is held meanwhile), and gets the rest of each pass, at least half
+        the chunk: it moves on every pass, and prompts that came while it is prefilled get their
+        first tokens without waiting for its last."""
+        budget = self.limits.prefill_token_budget
+        chunk = min(self.opts.prefill_chunk_tokens or budget, budget)
+        current = next((q for q in self.queue if q.offset is not None), None)  # the prompt in pieces
+        reserve = min(current.compute, max(1, chunk // 2)) if current else 0
+        left, room, packed = chunk - reserve, self.kv.regions.largest_free(), 0
+        plan = Pass()
+        for queued in self.queue:
+            if left <= 0:
+                break
+            if queued.offset is not None:
+                continue
+            request = queued.job.request
+            need = len(request.prompt_ids) - self._cached(request)
+            # a prompt that cannot go in pieces (its prompt logprobs) goes whole, first in its pass
+            fits = need <= left or (not plan.whole and not self._in_pieces(request))
+            if fits and packed + len(request.prompt_ids) <= room:
+                plan.whole.append(queued)
+                plan.found.append(self.cache.lookup(request.prompt_ids) if self._looks_up(request) else [])
+                left, packed = left - need, packed + len(request.prompt_ids)
+                continue
+            if fits:
+                break  # no staging room: it and the prompts after it wait
+            if current:
+                continue  # one prompt in pieces at a time: it waits for that one, those after it that fit go
+            if self._in_pieces(request) and left >= max(1, chunk // 4):
+                if plan.whole:  # their region first: it was counted in the room
+                    plan.offset = self.kv.regions.alloc(packed)
+                if self._start_pieces(queued):
+                    plan.pieces.append((queued, min(queued.compute, left)))
+                    left -= plan.pieces[-1][1]
+            break
+        if plan.whole and plan.offset is None:
+            plan.offset = self.kv.regions.alloc(packed)
+        if current:
+            plan.pieces.append((current, min(current.compute, max(left, 0) + reserve)))
+        return plan
+
+    def _in_pieces(self, request) -> bool:
+        """Whether a prompt may be prefilled in pieces: not when its prompt logprobs were asked for
+        (every position's logits come from one pass)."""
+        return self.opts.prefill_chunk_tokens > 0 and not request.prompt_logprobs
+
+    def _start_pieces(self, queued: Queued) -> bool:
+        """Give a prompt prefilled in pieces its staging region, its cached blocks staged there
+        (now: the prompts of this pass go into the cache, and could evict them); False if the
+        staging has no room for it."""
+        request = queued.job.request
+        n = len(request.prompt_ids)
+        offset = self.kv.regions.alloc(n)
+        if offset is None:
+            return False
+        blocks = self.cache.lookup(request.prompt_ids) if self._looks_up(request) else []
+        if blocks:
+            self.cache.copy_out(blocks, self.kv.staging.tensor[:, :, offset : offset + n])
+        queued.offset = offset
+        queued.done = queued.cached = len(blocks) * (self.cache.block_tokens if self.cache else 0)
+        self._computed(queued, queued.compute - (n - queued.done))  # what it needs now, not when it came
+        return True
+
+    def _computed(self, queued: Queued, n: int) -> None:
+        queued.compute -= n
+        self.queued_tokens -= n
+
+    def _prefill_whole(self, plan: Pass) -> tuple[int, int]:
+        """The pass's whole prompts, packed in one forward; -> (prompts, tokens) prefilled."""
+        batch = [q.job for q in plan.whole]
+        for queued in plan.whole:
+            self.queue.remove(queued)
+            self.queued_tokens -= queued.compute
+        offset, total = plan.offset, sum(len(j.request.prompt_ids) for j in batch)
         try:
             with torch.inference_mode():
-                past = self._stage_cached(batch, found, offset)
+                past = self._stage_cached(batch, plan.found, offset)
                 results = self.engine.run([j.request for j in batch], offset, [j.forks for j in batch], past)
                 self._keep_prompts(batch, offset)
             self.kv.staging.record_write()
         except Exception as e:  # a failing batch ends its requests, the worker lives on
             log.exception("prefill batch failed")
-            regions.free(offset, total)
-            for job in batch:
-                for request in (job.request, *job.forks):
-                    self.link.send(P.WorkerError(request.id, f"prefill failed: {e}"))
-            return
-        self.metrics.observe_batch(len(batch), total - sum(past))
+            self._fail(batch, offset, total, e)
+            return 0, 0
         for job in batch:
-            regions.share(offset, 1 + len(job.forks))
+            self.kv.regions.share(offset, 1 + len(job.forks))
             offset += len(job.request.prompt_ids)
         jobs = [j for j in batch for _ in range(1 + len(j.forks))]
         for job, res in zip(jobs, results):
             self._after_prefill(job, res)
+        return len(batch), total - sum(past)
+
+    def _prefill_piece(self, queued: Queued, n: int) -> tuple[int, int]:
+        """The next `n` tokens of a prompt prefilled in pieces; the last piece samples its first
+        token. -> (prompts, tokens) prefilled: (1, n) for the last piece."""
+        job = queued.job
+        last = n == queued.compute
+        try:
+            with torch.inference_mode():
+                if not last:
+                    self.engine.extend(job.request, queued.offset, queued.done, queued.done + n)
+                else:
+                    results = self.engine.run([job.request], queued.offset, [job.forks], [queued.done])
+                    self._keep_prompts([job], queued.offset)
+            if last:
+                self.kv.staging.record_write()
+        except Exception as e:
+            log.exception("prefill of a prompt's piece failed")
+            self.queue.remove(queued)
+            self.queued_tokens -= queued.compute
+            self._fail([job], queued.offset, len(job.request.prompt_ids), e)
+            return 0, 0
+        self._computed(queued, n)
+        queued.done += n
+        if last:
+            self.queue.remove(queued)
+            self.kv.regions.share(queued.offset, 1 + len(job.forks))
+            for res in results:
+                res.cached = queued.cached  # not the earlier pieces'
+                self._after_prefill(job, res)
+        return int(last), n
+
+    def _fail(self, batch: list[P.Prefill], offset: int, n: int, e: Exception) -> None:
+        self.kv.regions.free(offset, n)
+        for job in batch:
+            for request in (job.request, *job.forks):
+                self.link.send(P.WorkerError(request.id, f"prefill failed: {e}"))
 
     def _after_prefill(self, job: P.Prefill, res: PrefillResult) -> None:
         """The first token goes to the frontend at once (time to first token); the KV to decode,
@@ -242,25 +371,6 @@ class PrefillWorker(WorkerLoop):
         if not self._looks_up(request):
             return 0
         return len(self.cache.match(request.prompt_ids)[0]) * self.cache.block_tokens
-
-    def _take_batch(self) -> tuple[list[P.Prefill], list[list[int]]]:
-        """Prompts in arrival order while the tokens they compute fit the prefill budget and their
-        whole K/V the largest free staging region; each prompt's cached blocks, looked up now."""
-        batch, found, compute, total = [], [], 0, 0
-        room = self.kv.regions.largest_free()
-        while self.queue:
-            queued = self.queue[0]
-            request = queued.job.request
-            blocks = self.cache.lookup(request.prompt_ids) if self._looks_up(request) else []
-            need = len(request.prompt_ids) - len(blocks) * (self.cache.block_tokens if self.cache else 0)
-            if compute + need > self.limits.prefill_token_budget or total + len(request.prompt_ids) > room:
-                break
-            self.queue.popleft()
-            self.queued_tokens -= queued.compute
-            batch.append(queued.job)
-            found.append(blocks)
-            compute, total = compute + need, total + len(request.prompt_ids)
-        return batch, found
 
     def _stage_cached(self, batch: list[P.Prefill], found: list[list[int]], offset: int) -> list[int]:
         """Copy each prompt's cached blocks to the start of its staging region; -> cached tokens each."""

@@ -22,6 +22,7 @@ from splitserve.common.params import SamplingParams
 from splitserve.common.request import GenerateRequest
 from splitserve.common.tokenizer import write_tokenizer_files
 from splitserve.engine import Engine, EngineOptions
+from splitserve.prefill_worker.engine import PrefillEngine
 
 torch.set_num_threads(TEST_THREADS)
 
@@ -147,6 +148,27 @@ def test_a_prefill_after_a_cached_prefix_equals_the_whole_prompts(checkpoint):
     torch.testing.assert_close(kv, whole, rtol=0, atol=1e-5)
 
 
+@torch.inference_mode()
+def test_a_prompt_prefilled_in_pieces_equals_it_whole(checkpoint):
+    """A long prompt prefilled over several passes (the prefill worker's --prefill-chunk-tokens),
+    in a staging region not at the buffer's start: each piece's rotary positions and windows go on
+    from the pieces before it, and its K/V, first token and that token's log-probabilities are
+    those of the prompt prefilled whole."""
+    model = load_model(checkpoint, torch.float32, torch.device("cpu"))
+    request = GenerateRequest("r", tuple(prompts([90], seed=5)[0]), 4, logprobs=True, top_n_tokens=3)
+    whole, pieces = PrefillEngine(model, 256), PrefillEngine(model, 256)
+    want = whole.run([request])[0]
+    offset, bounds = 7, [0, 13, 40, 71]  # pieces of 13, 27 and 31 tokens (longer than the windows), then 19
+    for past, upto in zip(bounds, bounds[1:]):
+        pieces.extend(request, offset, past, upto)
+    got = pieces.run([request], offset, past=[bounds[-1]])[0]
+    assert (got.first_token, got.kv_offset, got.kv_len, got.cached) == (want.first_token, offset, 90, 71)
+    assert [t for t, _ in got.top_tokens] == [t for t, _ in want.top_tokens]
+    torch.testing.assert_close(torch.tensor([got.logprob, *(lp for _, lp in got.top_tokens)]),
+                               torch.tensor([want.logprob, *(lp for _, lp in want.top_tokens)]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(pieces.staging[:, :, offset : offset + 90], whole.staging[:, :, :90], rtol=0, atol=1e-5)
+
+
 def generate(model, requests: list[GenerateRequest]) -> list[list[int]]:
     engine = Engine(model, EngineOptions(num_slots=4))
     return [r.token_ids for r in engine.generate(requests)]
@@ -219,15 +241,17 @@ def served_checkpoint(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("served-qwen2"), model_type, fields)
 
 
-@pytest.mark.parametrize("transport", ["shm", "tcp"])
-def test_a_served_llama_shaped_model_equals_the_engine(home, served_checkpoint, transport):
+@pytest.mark.parametrize("transport, chunk", [("shm", "8192"), ("tcp", "8192"), ("shm", "7")],
+                         ids=["shm", "tcp", "shm-in-pieces"])
+def test_a_served_llama_shaped_model_equals_the_engine(home, served_checkpoint, transport, chunk):
     """Gateway and worker processes on a Llama-shaped checkpoint: several KV heads cross the
     handoff (the multi-query `tiny` would hide a layout mistake), windows and rotary positions
-    hold in the decode worker; greedy and seeded sampled requests equal the in-process engine's."""
+    hold in the decode worker; greedy and seeded sampled requests equal the in-process engine's,
+    also with their prompts prefilled in pieces of 7 tokens."""
     specs = request_specs(9)
     model = load_model(served_checkpoint, torch.float32, torch.device("cpu"))
     with Cluster(home, model=str(served_checkpoint), kv_transport=transport) as c:
-        c.add_worker("prefill", "--kv-transport", transport)
+        c.add_worker("prefill", "--kv-transport", transport, "--prefill-chunk-tokens", chunk)
         c.add_worker("decode", "--kv-transport", transport, "--num-slots", "8")
         c.wait_registered()
         assert stream_all(c.endpoint, specs) == offline(model, specs)

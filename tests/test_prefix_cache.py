@@ -112,11 +112,16 @@ def test_prompts_go_where_their_prefix_is_cached(home, tiny_dir):
         c.wait_idle()
 
 
-def test_typing_speed_requests_each_cancelling_the_last_leave_nothing_held(home, tiny_dir):
+PIECES = pytest.mark.parametrize("chunk", ["8192", "16"], ids=["whole", "in-pieces"])  # --prefill-chunk-tokens
+
+
+@PIECES
+def test_typing_speed_requests_each_cancelling_the_last_leave_nothing_held(home, tiny_dir, chunk):
     """An editor sends a request per keystroke and cancels the one before: every request but the
-    last is cut short at some stage (queued, prefilling, decoding); the last is answered in full."""
+    last is cut short at some stage (queued, prefilling whole or between its pieces, decoding); the
+    last is answered in full."""
     with Cluster(home) as c:
-        c.start_pipeline(4)
+        c.start_pipeline(4, "--prefill-chunk-tokens", chunk)
         with Client(c.endpoint) as client:
             stream, text = None, list(FILE)
             for i in range(30):
@@ -135,11 +140,13 @@ def test_typing_speed_requests_each_cancelling_the_last_leave_nothing_held(home,
         wait_for(lambda: c.metric("splitserve_requests_in_flight") == 0, 10, "the gateway to hold nothing")
 
 
-def test_openai_usage_reports_the_cached_prompt_tokens(home, tiny_dir):
+@PIECES
+def test_openai_usage_reports_the_cached_prompt_tokens(home, tiny_dir, chunk):
+    """Those the prefix cache held, not those an earlier piece of the prompt computed."""
     import httpx
 
     with Cluster(home) as c:
-        c.start_pipeline(4)
+        c.start_pipeline(4, "--prefill-chunk-tokens", chunk)
         body = {"prompt": list(FILE) + [5], "max_tokens": 2, "temperature": 0}
         usage = [httpx.post(f"{c.url}/v1/completions", json=body, timeout=60).json()["usage"] for _ in range(2)]
         assert [u["prompt_tokens_details"]["cached_tokens"] for u in usage] == [0, 576]

@@ -328,6 +328,53 @@ def test_a_prefill_longer_than_the_heartbeat_timeout_is_not_taken_for_a_dead_wor
         assert took > 2 * c.heartbeat_timeout, "the prefill was too short to test anything"
 
 
+def test_a_long_prompt_in_pieces_lets_the_prompts_after_it_through(home, slow_model):
+    """--prefill-chunk-tokens: a long prompt is prefilled over several passes, and a short prompt
+    sent while it is gets its whole answer before the long one's first token (before, one pass
+    computed the long prompt whole and the short one waited for it); both answers are the
+    engine's. A long prompt cancelled between its pieces leaves no staging held; one whose prompt
+    logprobs are asked for is prefilled whole."""
+    short = {"prompt": PROMPTS[1], "max_new_tokens": 3, "ignore_eos": True}
+    long = {"prompt": SLOW_PROMPT, "max_new_tokens": 2, "ignore_eos": True}
+    with Cluster(home, model=str(slow_model)) as c:
+        c.start_pipeline(2, "--prefill-chunk-tokens", "128")
+        prefill = next(wid for wid, w in c.workers.items() if w["role"] == "prefill")
+
+        def in_pieces() -> bool:  # its first piece ran (its staging region is held), not its last
+            h = c.health(prefill) or {}
+            held = h.get("staging_free_tokens", 0) < h.get("staging_tokens", 0)
+            return h.get("queued_tokens", 0) > 0 and held and not h["handoffs"]
+
+        with Client(c.endpoint) as client:
+            long_stream = client.stream(**long, timeout=120)
+            long_tokens: list[tuple[float, int]] = []
+            reader = threading.Thread(target=lambda: long_tokens.extend((time.monotonic(), ev.token_id)
+                                                                        for ev in long_stream))
+            reader.start()
+            wait_for(in_pieces, 60, "the long prompt's first piece")
+            short_tokens = client.generate(**short, timeout=60).token_ids
+            short_done = time.monotonic()
+            reader.join(120)
+            assert long_tokens and short_done < long_tokens[0][0], "the short prompt waited for the long one"
+            cancelled = client.stream(**long | {"prompt": PROMPTS[1] * 190}, timeout=120)  # 1,329 tokens, none cached
+            wait_for(in_pieces, 60, "the cancelled prompt's first piece")
+            cancelled.close()
+            # a prompt whose prompt logprobs are asked for is computed whole, in a pass of its own
+            with_logprobs = client.generate(PROMPTS[0] * 30, max_new_tokens=1, prompt_logprobs=True, timeout=60)
+            logprobs = with_logprobs.details.prompt_logprobs
+            assert len(logprobs) == 300 and logprobs[0] is None and None not in logprobs[1:]
+        c.wait_idle()
+    model = load_cpu(slow_model)
+    assert [[t for _, t in long_tokens], short_tokens] == offline(model, [long, short])
+
+
+def test_a_negative_chunk_is_refused():
+    from splitserve.common.service_config import worker_options, worker_parser
+
+    with pytest.raises(ValueError, match="--prefill-chunk-tokens -1: give 0"):
+        worker_options(worker_parser("prefill").parse_args(["--prefill-chunk-tokens", "-1"]))
+
+
 def test_a_worker_whose_work_runs_past_its_watchdog_exits(home, slow_model):
     """Taken for hung, it exits: alive, a worker stuck in a kernel would keep its memory and answer
     its probes from their own thread, and nobody would start it again."""
