@@ -208,18 +208,18 @@ class PrefillWorker(WorkerLoop):
             self.metrics.observe_batch(sum(prompts for prompts, _ in done), sum(tokens for _, tokens in done))
 
     def _plan(self) -> Pass:
-        """This pass's work, at most --prefill-chunk-tokens computed (without it, the budget).
-        Prompts not started go first, in arrival order, each whole while its tokens to compute fit
-        what is left and its K/V the staging room. The first that does not fit starts in pieces, if
-        what is left is worth a piece, and the prompts after it wait. One prompt is in pieces at a
-        time (its staging region is held meanwhile), and gets the rest of each pass, at least half
-        the chunk: it moves on every pass, and prompts that came while it is prefilled get their
-        first tokens without waiting for its last."""
+        """This pass's work. Prompts not started go in arrival order, each whole while its tokens to
+        compute fit what is left of --prefill-chunk-tokens (without it, of the budget) and its K/V
+        the staging room; one that would fit a pass of its own waits for the next, and the prompts
+        after it too. A longer prompt is prefilled in pieces, one such prompt at a time (its staging
+        region is held meanwhile; the others wait their turn, the prompts after them that fit go):
+        each pass gives it what the whole prompts left, at least a quarter of the chunk. So a prompt
+        that fits a chunk waits for one pass at most, not for a long prompt's last piece, and the
+        long prompt moves on every pass; a pass computes at most a chunk and a quarter."""
         budget = self.limits.prefill_token_budget
         chunk = min(self.opts.prefill_chunk_tokens or budget, budget)
         current = next((q for q in self.queue if q.offset is not None), None)  # the prompt in pieces
-        reserve = min(current.compute, max(1, chunk // 2)) if current else 0
-        left, room, packed = chunk - reserve, self.kv.regions.largest_free(), 0
+        left, room, packed = chunk, self.kv.regions.largest_free(), 0
         plan = Pass()
         for queued in self.queue:
             if left <= 0:
@@ -229,27 +229,24 @@ class PrefillWorker(WorkerLoop):
             request = queued.job.request
             need = len(request.prompt_ids) - self._cached(request)
             # a prompt that cannot go in pieces (its prompt logprobs) goes whole, first in its pass
-            fits = need <= left or (not plan.whole and not self._in_pieces(request))
-            if fits and packed + len(request.prompt_ids) <= room:
+            if need <= left or (not plan.whole and not self._in_pieces(request)):
+                if packed + len(request.prompt_ids) > room:
+                    break  # no staging room: it and the prompts after it wait
                 plan.whole.append(queued)
                 plan.found.append(self.cache.lookup(request.prompt_ids) if self._looks_up(request) else [])
                 left, packed = left - need, packed + len(request.prompt_ids)
-                continue
-            if fits:
-                break  # no staging room: it and the prompts after it wait
-            if current:
-                continue  # one prompt in pieces at a time: it waits for that one, those after it that fit go
-            if self._in_pieces(request) and left >= max(1, chunk // 4):
+            elif need <= chunk or not self._in_pieces(request):
+                break  # whole in the next pass
+            elif current is None:
                 if plan.whole:  # their region first: it was counted in the room
                     plan.offset = self.kv.regions.alloc(packed)
                 if self._start_pieces(queued):
-                    plan.pieces.append((queued, min(queued.compute, left)))
-                    left -= plan.pieces[-1][1]
-            break
+                    current = queued
+                break  # the prompts after it go in the next pass
         if plan.whole and plan.offset is None:
             plan.offset = self.kv.regions.alloc(packed)
-        if current:
-            plan.pieces.append((current, min(current.compute, max(left, 0) + reserve)))
+        if current is not None:
+            plan.pieces.append((current, min(current.compute, max(left, chunk // 4, 1))))
         return plan
 
     def _in_pieces(self, request) -> bool:
