@@ -24,13 +24,13 @@ def processes_mentioning(text: str, program: str = "splitserve.cli") -> list[str
     return found
 
 
-def run_quick_bench(kind: str, home: Path, tmp_path: Path, printed: str, timeout: float) -> dict:
-    """`splitserve bench KIND --quick` on the test threads, its JSON (KIND.json) and plot written to
+def run_quick_bench(kind: str, home: Path, tmp_path: Path, printed: str, timeout: float, *flags: str) -> dict:
+    """`splitserve bench KIND --quick [flags]` on the test threads, its JSON (KIND.json) and plot written to
     tmp_path: asserts that it succeeds, prints `printed` and leaves no pipeline process behind
     (`home`: the SPLITSERVE_HOME its processes were started with); returns the JSON document."""
     out = tmp_path / f"{kind}.json"
     cmd = [sys.executable, "-m", "splitserve.cli", "bench", kind, "--quick", "--threads", str(TEST_THREADS),
-           "--json", str(out), "--plot-dir", str(tmp_path)]
+           "--json", str(out), "--plot-dir", str(tmp_path), *flags]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)  # SPLITSERVE_HOME from `home`
     assert done.returncode == 0, done.stdout + done.stderr
     assert printed in done.stdout

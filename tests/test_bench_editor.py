@@ -27,6 +27,17 @@ def test_quick_editor_bench(tiny_dir, home, tmp_path):
     assert (tmp_path / "editor.png").stat().st_size > 0
 
 
+def test_quick_editor_bench_with_long_prompts_in_pieces_and_whole(tiny_dir, home, tmp_path):
+    doc = run_quick_bench("editor", home, tmp_path, "long_ttft_p50", 120, "--compare", "chunk", "--chunk-tokens", "64")
+    assert doc["compare"] == "chunk" and doc["flags"] == {"pieces": ["--prefill-chunk-tokens", "64"],
+                                                          "whole": ["--prefill-chunk-tokens", "0"]}
+    for c in doc["conditions"].values():  # every long prompt answered on both, none failing
+        assert c["errors"] == 0 and c["long"]["requests"] == c["long"]["answered"] >= 1 and c["long"]["errors"] == 0
+    assert doc["replay"]["differing"] == 0
+    assert set(doc["ratios"]) == set(doc["targets"]) == {"ttft_p90", "long_ttft_p50"}
+    assert (tmp_path / "editor.png").stat().st_size > 0
+
+
 def test_the_command_loads_without_torch():
     code = "import sys, splitserve.bench.editor_bench; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
