@@ -1,8 +1,9 @@
-"""The prefill worker process: queue prompts, prefill them in packed batches, send each first
-token to its request's frontend, hand each prompt's KV to the decode worker the router named, and
-tell the router (Prefilled) once that worker has it.
+"""The prefill worker process: queue prompts, prefill them in packed batches (a prompt longer
+than --prefill-chunk-tokens in pieces, over several), send each first token to its request's
+frontend, hand each prompt's KV to the decode worker the router named, and tell the router
+(Prefilled) once that worker has it.
 
-One thread: poll the sockets, run a batch when there is work and staging room, repeat. A batch
+One thread: poll the sockets, run a pass when there is work and staging room, repeat. A pass
 blocks the loop for its duration (seconds, for a long prompt on a CPU): the link's beat thread
 keeps the router's heartbeats going meanwhile.
 """
@@ -52,11 +53,11 @@ class Queued:
 @dataclass
 class Pass:
     """A prefill pass's work: prompts prefilled whole, packed back to back from `offset` (with
-    their cached blocks, `found`), then the next pieces (prompt, tokens) of prompts in pieces."""
+    their cached blocks, `found`), then the next piece (prompt, tokens) of the prompt in pieces."""
     whole: list[Queued] = field(default_factory=list)
     found: list[list[int]] = field(default_factory=list)
     offset: int | None = None
-    pieces: list[tuple[Queued, int]] = field(default_factory=list)
+    piece: tuple[Queued, int] | None = None
 
 
 class PrefillWorker(WorkerLoop):
@@ -200,10 +201,11 @@ class PrefillWorker(WorkerLoop):
         now = time.time()
         for queued in [q for q in self.queue if q.job.deadline is not None and q.job.deadline < now]:
             self._drop(queued, "timeout")
-        with torch.inference_mode():
+        with torch.inference_mode():  # a prompt's first piece stages its cached blocks as it is planned
             plan = self._plan()
         done = [self._prefill_whole(plan)] if plan.whole else []
-        done += [self._prefill_piece(queued, n) for queued, n in plan.pieces]
+        if plan.piece:
+            done.append(self._prefill_piece(*plan.piece))
         if done:
             self.metrics.observe_batch(sum(prompts for prompts, _ in done), sum(tokens for _, tokens in done))
 
@@ -246,7 +248,7 @@ class PrefillWorker(WorkerLoop):
         if plan.whole and plan.offset is None:
             plan.offset = self.kv.regions.alloc(packed)
         if current is not None:
-            plan.pieces.append((current, min(current.compute, max(left, chunk // 4, 1))))
+            plan.piece = current, min(current.compute, max(left, chunk // 4, 1))
         return plan
 
     def _in_pieces(self, request) -> bool:

@@ -329,12 +329,12 @@ def test_a_prefill_longer_than_the_heartbeat_timeout_is_not_taken_for_a_dead_wor
 
 
 def test_a_long_prompt_in_pieces_lets_the_prompts_after_it_through(home, slow_model):
-    """--prefill-chunk-tokens: a long prompt is prefilled over several passes, and a short prompt
-    sent while it is gets its whole answer before the long one's first token (before, one pass
-    computed the long prompt whole and the short one waited for it); both answers are the
-    engine's. A long prompt cancelled between its pieces leaves no staging held; one whose prompt
+    """--prefill-chunk-tokens: a long prompt is prefilled over several passes, and a prompt that
+    fits most of a chunk, sent while it is, gets its whole answer before the long one's first token
+    (before, one pass computed the long prompt whole and the other waited for it); both answers are
+    the engine's. A long prompt cancelled between its pieces leaves no staging held; one whose prompt
     logprobs are asked for is prefilled whole."""
-    short = {"prompt": PROMPTS[1], "max_new_tokens": 3, "ignore_eos": True}
+    short = {"prompt": PROMPTS[1] * 16, "max_new_tokens": 3, "ignore_eos": True}  # 111 tokens
     long = {"prompt": SLOW_PROMPT, "max_new_tokens": 2, "ignore_eos": True}
     with Cluster(home, model=str(slow_model)) as c:
         c.start_pipeline(2, "--prefill-chunk-tokens", "128")
