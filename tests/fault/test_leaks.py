@@ -2,12 +2,15 @@
 not), ending in full, on stop strings, by explicit cancels and by clients that vanish mid-way,
 leave every KV slot, reservation and staging region free, as the gateway's and the workers'
 /metrics report them; and no process's resident memory grows by 5% or more from the end of the
-first tenth of the run to its end."""
+first tenth of the run to its end. Again with prompts prefilled in pieces of 16 tokens, cut short
+between their pieces too."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
+
+import pytest
 
 from cluster import Cluster
 from splitserve.bench.server_state import rss_kib, wait_all_free
@@ -34,9 +37,10 @@ def assert_all_free(c: Cluster) -> None:
     assert not left, f"still held {FREE_TIMEOUT_S:.0f} s after the last request: {left}"
 
 
-def test_a_thousand_mixed_requests_leave_nothing_held(home, tiny_dir):
+@pytest.mark.parametrize("chunk", ["8192", "16"], ids=["whole", "in-pieces"])  # --prefill-chunk-tokens
+def test_a_thousand_mixed_requests_leave_nothing_held(home, tiny_dir, chunk):
     with Cluster(home) as c:
-        c.start_pipeline(32)
+        c.start_pipeline(32, "--prefill-chunk-tokens", chunk)
         procs = {"gateway": c.gateway, **{worker_id: w["proc"] for worker_id, w in c.workers.items()}}
 
         # The first tenth warms every path up (batch shapes, connections, caches); memory is then
