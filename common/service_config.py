@@ -214,10 +214,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="prefill: the prefix cache keeps and finds prompts in blocks of this many tokens")
     p.add_argument("--prefill-chunk-tokens", type=int, default=int(_env("PREFILL_CHUNK_TOKENS", "8192")),
                    help="prefill: the most prompt tokens one prefill pass computes of prompts prefilled whole: a "
-                        "longer prompt is prefilled in pieces over several passes, one such prompt at a time, "
-                        "taking what the others leave of each pass (at least a quarter of it), so that one long "
-                        "file does not hold up the first token of every prompt behind it (0: every prompt in one "
-                        "pass, as is always a prompt whose prompt logprobs were asked for)")
+                        "longer prompt is prefilled in pieces over several passes, taking what the others leave "
+                        "of each pass (at least a quarter of it), so that one long file does not hold up the "
+                        "first token of every prompt behind it; a second one, needing at most half of what the "
+                        "first has left, may go in pieces beside it (0: every prompt in one pass, as is always a "
+                        "prompt whose prompt logprobs were asked for)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="decode: CUDA graphs at power-of-two batch sizes (ignored on CPU)")
     p.add_argument("--graph-key-step", type=int, default=256, help="decode: key-length bucket under CUDA graphs")

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 CANCELLED_MEMORY_S = 60.0
 # --prefix-cache-mb -1: this much on the CPU; on a GPU up to GPU_CACHE_MB of what is free
 CPU_CACHE_MB, GPU_CACHE_MB, GPU_FREE_SHARE = 1024, 8192, 0.8
+# Prompts in pieces at once, each holding its staging region from its first piece to its last
+IN_PIECES_MAX = 2
 
 
 @dataclass
@@ -53,11 +55,11 @@ class Queued:
 @dataclass
 class Pass:
     """A prefill pass's work: prompts prefilled whole, packed back to back from `offset` (with
-    their cached blocks, `found`), then the next piece (prompt, tokens) of the prompt in pieces."""
+    their cached blocks, `found`), then the next pieces (prompt, tokens) of the prompts in pieces."""
     whole: list[Queued] = field(default_factory=list)
     found: list[list[int]] = field(default_factory=list)
     offset: int | None = None
-    piece: tuple[Queued, int] | None = None
+    pieces: list[tuple[Queued, int]] = field(default_factory=list)
 
 
 class PrefillWorker(WorkerLoop):
@@ -204,8 +206,7 @@ class PrefillWorker(WorkerLoop):
         with torch.inference_mode():  # a prompt's first piece stages its cached blocks as it is planned
             plan = self._plan()
         done = [self._prefill_whole(plan)] if plan.whole else []
-        if plan.piece:
-            done.append(self._prefill_piece(*plan.piece))
+        done += [self._prefill_piece(queued, n) for queued, n in plan.pieces]
         if done:
             self.metrics.observe_batch(sum(prompts for prompts, _ in done), sum(tokens for _, tokens in done))
 
@@ -213,14 +214,16 @@ class PrefillWorker(WorkerLoop):
         """This pass's work. Prompts not started go in arrival order, each whole while its tokens to
         compute fit what is left of --prefill-chunk-tokens (without it, of the budget) and its K/V
         the staging room; one that would fit a pass of its own waits for the next, and the prompts
-        after it too. A longer prompt is prefilled in pieces, one such prompt at a time (its staging
-        region is held meanwhile; the others wait their turn, the prompts after them that fit go):
-        each pass gives it what the whole prompts left, at least a quarter of the chunk. So a prompt
-        that fits a chunk waits for one pass at most, not for a long prompt's last piece, and the
-        long prompt moves on every pass; a pass computes at most a chunk and a quarter."""
+        after it too. A longer prompt is prefilled in pieces (holding its staging region from its
+        first piece to its last), each pass giving it what the whole prompts left, at least a
+        quarter of the chunk: a prompt that fits a chunk waits for one pass at most, not for a long
+        prompt's last piece, the long prompt moves on every pass, and a pass computes at most a
+        chunk and a quarter. One more prompt may go in pieces beside it if it needs at most half of
+        what that one has left (a file beside a repository): the two share the pieces' part of each
+        pass. Other long prompts wait their turn; the prompts after them that fit go."""
         budget = self.limits.prefill_token_budget
         chunk = min(self.opts.prefill_chunk_tokens or budget, budget)
-        current = next((q for q in self.queue if q.offset is not None), None)  # the prompt in pieces
+        started = [q for q in self.queue if q.offset is not None]  # the prompts in pieces
         left, room, packed = chunk, self.kv.regions.largest_free(), 0
         plan = Pass()
         for queued in self.queue:
@@ -239,16 +242,20 @@ class PrefillWorker(WorkerLoop):
                 left, packed = left - need, packed + len(request.prompt_ids)
             elif need <= chunk or not self._in_pieces(request):
                 break  # whole in the next pass
-            elif current is None:
+            elif not started or (len(started) < IN_PIECES_MAX and 2 * need <= min(q.compute for q in started)):
                 if plan.whole:  # their region first: it was counted in the room
                     plan.offset = self.kv.regions.alloc(packed)
                 if self._start_pieces(queued):
-                    current = queued
+                    started.append(queued)
                 break  # the prompts after it go in the next pass
         if plan.whole and plan.offset is None:
             plan.offset = self.kv.regions.alloc(packed)
-        if current is not None:
-            plan.piece = current, min(current.compute, max(left, chunk // 4, 1))
+        # what the whole prompts left, shared: the shorter prompt's share of it that it does not
+        # need goes to the other
+        rest = max(left, chunk // 4, len(started))
+        for i, queued in enumerate(sorted(started, key=lambda q: q.compute)):
+            plan.pieces.append((queued, min(queued.compute, rest // (len(started) - i))))
+            rest -= plan.pieces[-1][1]
         return plan
 
     def _in_pieces(self, request) -> bool:

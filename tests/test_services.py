@@ -329,12 +329,13 @@ def test_a_prefill_longer_than_the_heartbeat_timeout_is_not_taken_for_a_dead_wor
 
 
 def test_a_long_prompt_in_pieces_lets_the_prompts_after_it_through(home, slow_model):
-    """--prefill-chunk-tokens: a long prompt is prefilled over several passes, and a prompt that
-    fits most of a chunk, sent while it is, gets its whole answer before the long one's first token
-    (before, one pass computed the long prompt whole and the other waited for it); both answers are
-    the engine's. A long prompt cancelled between its pieces leaves no staging held; one whose prompt
-    logprobs are asked for is prefilled whole."""
+    """--prefill-chunk-tokens: a long prompt is prefilled over several passes; a prompt that fits
+    most of a chunk and one that takes a few pieces, sent while it is, get their whole answers
+    before the long one's first token (before, one pass computed the long prompt whole and the
+    others waited for it); the answers are the engine's. A long prompt cancelled between its
+    pieces leaves no staging held; one whose prompt logprobs are asked for is prefilled whole."""
     short = {"prompt": PROMPTS[1] * 16, "max_new_tokens": 3, "ignore_eos": True}  # 111 tokens
+    medium = {"prompt": PROMPTS[3] * 14, "max_new_tokens": 3, "ignore_eos": True}  # 294 tokens
     long = {"prompt": SLOW_PROMPT, "max_new_tokens": 2, "ignore_eos": True}
     with Cluster(home, model=str(slow_model)) as c:
         c.start_pipeline(2, "--prefill-chunk-tokens", "128")
@@ -352,10 +353,20 @@ def test_a_long_prompt_in_pieces_lets_the_prompts_after_it_through(home, slow_mo
                                                                         for ev in long_stream))
             reader.start()
             wait_for(in_pieces, 60, "the long prompt's first piece")
-            short_tokens = client.generate(**short, timeout=60).token_ids
-            short_done = time.monotonic()
-            reader.join(120)
-            assert long_tokens and short_done < long_tokens[0][0], "the short prompt waited for the long one"
+            answers: dict[str, tuple[float, list[int]]] = {}
+
+            def answer(name: str, spec: dict) -> None:
+                tokens = client.generate(**spec, timeout=60).token_ids
+                answers[name] = time.monotonic(), tokens
+
+            others = [threading.Thread(target=answer, args=item) for item in (("short", short), ("medium", medium))]
+            for t in others:
+                t.start()
+            for t in others + [reader]:
+                t.join(120)
+            assert long_tokens and set(answers) == {"short", "medium"}
+            waited = [name for name, (done, _) in answers.items() if done > long_tokens[0][0]]
+            assert not waited, f"waited for the long prompt: {waited}"
             cancelled = client.stream(**long | {"prompt": PROMPTS[1] * 190}, timeout=120)  # 1,329 tokens, none cached
             wait_for(in_pieces, 60, "the cancelled prompt's first piece")
             cancelled.close()
@@ -365,7 +376,8 @@ def test_a_long_prompt_in_pieces_lets_the_prompts_after_it_through(home, slow_mo
             assert len(logprobs) == 300 and logprobs[0] is None and None not in logprobs[1:]
         c.wait_idle()
     model = load_cpu(slow_model)
-    assert [[t for _, t in long_tokens], short_tokens] == offline(model, [long, short])
+    got = [[t for _, t in long_tokens], answers["short"][1], answers["medium"][1]]
+    assert got == offline(model, [long, short, medium])
 
 
 def test_a_negative_chunk_is_refused():
