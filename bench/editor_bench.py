@@ -37,8 +37,8 @@ long prompt comes every `--long-every` seconds (a file of `--long-tokens`, sent 
 /generate_stream, none alike, the same on both pipelines): a teammate's editor opening a large
 file, an agent sending one. Its figures: the editors' TTFT p90, target 0.5x at most (a request
 that comes while a long prompt is prefilled waits for all of it, or for one pass; with a long
-prompt every 2 s about one request in ten does, so it is the p90 that shows them: the p99 is set
-by the editors' own largest prompts, with or without long ones), and the long prompts' own median
+prompt every 2 s about one request in ten does, so it is the p90 that shows them: the p99 is
+high with no long prompt at all), and the long prompts' own median
 TTFT (what going second costs them), 1.25x at most; the replay as above (`on`: in pieces).
 `--chunk-tokens` 512 is a quarter of the built-in model's 2,048 positions, as the flag's default
 8192 is of Qwen2.5-Coder's 32k.

@@ -367,7 +367,8 @@ def test_a_long_prompt_in_pieces_lets_the_prompts_after_it_through(home, slow_mo
             assert long_tokens and set(answers) == {"short", "medium"}
             waited = [name for name, (done, _) in answers.items() if done > long_tokens[0][0]]
             assert not waited, f"waited for the long prompt: {waited}"
-            cancelled = client.stream(**long | {"prompt": PROMPTS[1] * 190}, timeout=120)  # 1,329 tokens, none cached
+            # 1,329 tokens, of which the short prompt's 96 are cached
+            cancelled = client.stream(**long | {"prompt": PROMPTS[1] * 190}, timeout=120)
             wait_for(in_pieces, 60, "the cancelled prompt's first piece")
             cancelled.close()
             # a prompt whose prompt logprobs are asked for is computed whole, in a pass of its own
