@@ -37,9 +37,9 @@ long prompt comes every `--long-every` seconds (a file of `--long-tokens`, sent 
 /generate_stream, none alike, the same on both pipelines): a teammate's editor opening a large
 file, an agent sending one. Its figures: the editors' TTFT p90, target 0.5x at most (a request
 that comes while a long prompt is prefilled waits for all of it, or for one pass; with a long
-prompt every 2 s about one request in ten does, so it is the p90 that shows them: the p99 is
-high with no long prompt at all), and the long prompts' own median
-TTFT (what going second costs them), 1.25x at most; the replay as above (`on`: in pieces).
+prompt every 2 s about one request in ten does, so it is the p90 that shows them: the p99 is high
+with no long prompt at all), and the long prompts' own median TTFT (what going second costs
+them), 1.25x at most; the replay as above (`on`: in pieces).
 `--chunk-tokens` 512 is a quarter of the built-in model's 2,048 positions, as the flag's default
 8192 is of Qwen2.5-Coder's 32k.
 """
@@ -402,7 +402,7 @@ def ttft_p50_bounds(traces: list[Trace]) -> list[float | None]:
 
 
 def _long_stats(traces: list[Trace]) -> dict:
-    """The long prompts', each answered in full (none is cancelled)."""
+    """The long prompts', each meant to be answered in full (no editor cancels them)."""
     answered = [1e3 * (t.first - t.sent) for t in traces if t.first is not None]
     return {"requests": len(traces), "answered": len(answered), "errors": sum(t.error is not None for t in traces),
             "ttft_ms": summary(answered), "ttft_cdf_ms": quantiles(answered, CDF_LEVELS)}
