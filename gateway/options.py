@@ -46,6 +46,7 @@ class RouterOptions:
     kv_transport: TransportChoice
     max_concurrent_requests: int  # for the whole gateway: the router admits
     metrics_port: int  # /health, /metrics and /info of the router alone (0: off)
+    worker_restart_timeout: float  # how long work waits for a role's last worker to come back (0: the settle time)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,12 @@ def _add_router_flags(p: argparse.ArgumentParser, frontend_port: int) -> None:
     add_kv_transport_arg(p)
     p.add_argument("--max-concurrent-requests", type=int, default=int(env("SPLITSERVE_MAX_CONCURRENT", "512")),
                    help="requests in flight over all frontends (running or waiting); beyond it, an overload error")
+    p.add_argument("--worker-restart-timeout", type=float,
+                   default=float(env("SPLITSERVE_WORKER_RESTART_TIMEOUT", "0")),
+                   help="once a role has lost its last worker, how long the requests it was running (and those "
+                        "waiting for a decode slot) wait for a worker of that role to register, started again "
+                        "by serve or Kubernetes, before they fail; new requests are refused meanwhile. Give more "
+                        "than the model takes to load (0: twice --heartbeat-timeout, enough for the built-in one)")
 
 
 def _add_frontend_flags(p: argparse.ArgumentParser) -> None:
@@ -147,7 +154,8 @@ def _advertised(ns: argparse.Namespace) -> str:
 
 def router_options(ns: argparse.Namespace) -> RouterOptions:
     return RouterOptions(model_options(ns), limit_options(ns), link_options(ns), ns.host, ns.worker_port,
-                         ns.frontend_port, ns.kv_transport, ns.max_concurrent_requests, getattr(ns, "metrics_port", 0))
+                         ns.frontend_port, ns.kv_transport, ns.max_concurrent_requests, getattr(ns, "metrics_port", 0),
+                         ns.worker_restart_timeout)
 
 
 def frontend_options(ns: argparse.Namespace, router: str | None = None) -> FrontendOptions:

@@ -51,7 +51,7 @@ class Router:
                                             router_messages(P.FrontendToRouter, "frontend", self._on_frontend),
                                             multipart=True)
         self.core = RouterCore(self.registry, self._send_worker, self._send_frontend, opts.max_concurrent_requests,
-                               opts.link.heartbeat_timeout, fingerprint)
+                               opts.link.heartbeat_timeout, fingerprint, opts.worker_restart_timeout)
         self.instance = secrets.token_hex(8)  # tells a frontend whether this is the router it joined
         self._drain_until = 0.0  # time.monotonic() at which a drain's workers hand back what they hold
 

@@ -69,7 +69,7 @@ class Attempt:
 class RouterCore:
     def __init__(self, registry: WorkerRegistry, send_worker: Callable[[Worker, object], None],
                  send_frontend: Callable[[Frontend, object], None], max_concurrent: int, heartbeat_timeout: float,
-                 fingerprint: str):
+                 fingerprint: str, restart_wait: float = 0.0):
         self.registry, self.send_worker, self.send_frontend = registry, send_worker, send_frontend
         self.max_concurrent, self.timeout, self.fingerprint = max_concurrent, heartbeat_timeout, fingerprint
         self.frontends: dict[str, Frontend] = {}
@@ -84,6 +84,8 @@ class RouterCore:
         # long enough for every worker and frontend to come back to a new router
         self.settle = 2 * heartbeat_timeout
         self.unstaffed_since: float | None = None  # since when a role has had no worker taking work
+        # how long what a role's last worker ran waits for one started again (--worker-restart-timeout)
+        self.restart_wait = max(self.settle, restart_wait)
 
     # ---- frontends ----------------------------------------------------------------------
 
@@ -177,7 +179,7 @@ class RouterCore:
         router's come back), or a role lost its last worker lately (serve starts it again)."""
         now = time.monotonic()
         return now - self.started < self.settle or (
-            self.unstaffed_since is not None and now - self.unstaffed_since < self.settle)
+            self.unstaffed_since is not None and now - self.unstaffed_since < self.restart_wait)
 
     def _unstaffed(self) -> list[str]:
         """The roles without a worker taking work, noting since when one has been so."""
@@ -189,7 +191,8 @@ class RouterCore:
         """(error type, message) of the refusal `extra` more attempts would get now, or None. A
         resumed attempt was admitted long ago: only a missing worker stops it. While starting, a
         missing worker stops nothing: the attempt waits for one (the frontends let through only
-        what they or their clients resume: see P.Fleet.starting), up to the settle time (tick)."""
+        what they or their clients resume: see P.Fleet.starting), up to --worker-restart-timeout,
+        at least the settle time (tick)."""
         if self.draining and not resume:
             return "unavailable", "the server is shutting down"
         for role in ("prefill", "decode"):
@@ -430,11 +433,11 @@ class RouterCore:
         if self.waiting and missing:
             # Every worker of a role drains or is gone: what waits would wait for good, and a request
             # without a deadline never end (in a drain, it would hold its frontend's drain until its
-            # timeout). Out of a drain, one that comes (back) within the settle time (started again,
-            # or registering with a router just started) takes it.
+            # timeout). Out of a drain, one that comes (back) within --worker-restart-timeout, at
+            # least the settle time (started again, or registering with a router just started), takes it.
             if self.draining:
                 self._refuse_waiting("unavailable", "the server shut down before the request could start")
-            elif now - self.unstaffed_since >= self.settle:
+            elif now - self.unstaffed_since >= self.restart_wait:
                 self._refuse_waiting("unavailable", f"no {missing[0]} worker is available")
         for front in [f for f in self.frontends.values() if now - f.last_seen > self.timeout]:
             if front.draining and not self.live(front.id):

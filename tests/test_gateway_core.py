@@ -30,12 +30,12 @@ class Books:
     """A router and one frontend whose messages to each other are delivered at once; what goes to
     workers is collected in `sent` as (worker id, message)."""
 
-    def __init__(self, tokenizer: Tokenizer, router: RouterCore | None = None):
+    def __init__(self, tokenizer: Tokenizer, router: RouterCore | None = None, restart_wait: float = 0.0):
         self.sent: list = []
         self.registry = WorkerRegistry(Expectations("fp", 64), heartbeat_timeout=60) if router is None \
             else router.registry
         self.router = router or RouterCore(self.registry, lambda w, msg: self.sent.append((w.id, msg)),
-                                           self._to_frontend, 16, 60.0, "fp")
+                                           self._to_frontend, 16, 60.0, "fp", restart_wait)
         self.frontend = FrontendCore(tokenizer, Limits.derive(2048, 64), self._to_router, "tcp://front:1")
         self.join()
 
@@ -300,6 +300,27 @@ def test_what_waits_ends_once_a_role_has_had_no_worker_for_the_settle_time(books
     assert sorted((e.id, e.error_type, e.message) for e in out) == [
         ("a", "generation", "decode worker d stopped responding; no worker is left to resume it"),
         ("b", "unavailable", "no decode worker is available")]
+
+
+def test_a_longer_worker_restart_timeout_keeps_resumed_work_waiting_for_a_slow_start(tiny_dir):
+    """--worker-restart-timeout: a worker that takes long to load (a large model) after serve or
+    Kubernetes started it again still takes the request its predecessor was running, past the
+    settle time; past the timeout the request ends, as it does past the settle time without it."""
+    for comes_back in (True, False):
+        books = Books(Tokenizer.from_dir(tiny_dir), restart_wait=600.0)
+        books.router.started -= books.router.settle  # long up
+        _, out = decoding(books)
+        books.router.worker_left(books.registry.workers.pop("d"))
+        books.router.unstaffed_since -= 2 * books.router.settle  # the settle time is long past
+        books.router.tick()
+        assert [e for e in out if isinstance(e, P.Error)] == [] and len(books.router.waiting) == 1
+        if comes_back:
+            books.register("decode", "d-r1", 4)
+            assert books.sent[-1][0] == "p" and books.sent[-1][1].decode_worker == "d-r1"
+        else:
+            books.router.unstaffed_since -= books.router.restart_wait
+            books.router.tick()
+            assert [e.error_type for e in out if isinstance(e, P.Error)] == ["generation"]
 
 
 def test_the_router_frees_a_slot_at_the_workers_end_and_never_sees_a_token(books):

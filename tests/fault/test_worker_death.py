@@ -80,8 +80,8 @@ def _worst_gap_after(running, t0: float) -> float:
     return max(gaps, default=0.0)
 
 
-def _cluster(home, decode_workers: int, prefill_workers: int = 1, *decode_args: str):
-    c = Cluster(home, heartbeat_timeout=HEARTBEAT_TIMEOUT)
+def _cluster(home, decode_workers: int, prefill_workers: int = 1, *decode_args: str, **gateway_flags):
+    c = Cluster(home, heartbeat_timeout=HEARTBEAT_TIMEOUT, **gateway_flags)
     for _ in range(prefill_workers):
         c.add_worker("prefill")
     decodes = [c.add_worker("decode", "--num-slots", "4", *decode_args) for _ in range(decode_workers)]
@@ -119,6 +119,24 @@ def test_decode_worker_killed_mid_generation_resumes_elsewhere(home, tiny_dir):
         c.wait_registered(c.add_worker("decode", "--num-slots", "4"))
         wait_for(lambda: http_json(c.port, "/health").get("decode_workers") == 1, 30, "the new decode worker")
         assert _undisturbed(client) == expected
+
+
+def test_the_last_decode_worker_s_requests_wait_for_one_started_again_within_the_restart_timeout(home, tiny_dir):
+    """--worker-restart-timeout: the lone decode worker dies and another registers in its place long
+    after the settle time (two heartbeat timeouts), as one loading a large model would: the requests
+    it was running resume on the new one, whole and equal to the undisturbed run (without the flag
+    they end with "no worker is left to resume it", as above)."""
+    c, (decode,) = _cluster(home, 1, worker_restart_timeout=60)
+    with c, Client(c.endpoint) as client:
+        expected = _undisturbed(client)
+        running = _start(client)
+        _wait_for_tokens(running, 5)
+        c.workers[decode]["proc"].send_signal(signal.SIGKILL)
+        wait_for(lambda: http_json(c.port, "/health").get("decode_workers") == 0, 30, "the router to drop it")
+        time.sleep(3 * HEARTBEAT_TIMEOUT)  # the point: no decode worker for longer than the settle time
+        c.wait_registered(c.add_worker("decode", "--num-slots", "4"))
+        assert _texts(running) == expected
+        c.wait_idle()
 
 
 def test_kv_handed_to_a_decode_worker_found_dead_frees_its_staging_then(home, tiny_dir):
