@@ -40,6 +40,9 @@ TOKEN_PORT = 5600  # frontend i's token port is TOKEN_PORT + i, its ZMQ client p
 MAX_FRONTENDS = 32  # so that the ZMQ client ports stay below the token ports
 FRONTENDS = "frontend"  # the service whose network namespace the frontends share, and whose ports it publishes
 HOST_ID = "compose-node"  # one node: every container claims the same machine
+# A worker Docker starts again may load its model for this long (the health checks' start period):
+# the requests of a role's last worker wait that long for it (--worker-restart-timeout)
+START_PERIOD_S = 300
 MODELS_DIR = "/models"  # where a checkpoint from the host is mounted, read-only
 # The CPU profile's image: Ubuntu without CUDA, and PyTorch's CPU wheels (a tenth of the size).
 CPU_BUILD_ARGS = {"BUILD_BASE": "ubuntu:24.04", "RUNTIME_BASE": "ubuntu:24.04",
@@ -164,7 +167,7 @@ def _router(model: str, volumes: list[str]) -> dict:
     """The router: no port on the host; workers and frontends reach it on the compose network,
     its /health, /metrics and /info answer on METRICS_PORT."""
     flags = {"model": model, "host": "0.0.0.0", "worker_port": WORKER_PORT, "frontend_port": FRONTEND_PORT,
-             "metrics_port": METRICS_PORT}
+             "metrics_port": METRICS_PORT, "worker_restart_timeout": START_PERIOD_S}
     return {"command": ["router", *router_argv(flags)], **_common(METRICS_PORT, volumes)}
 
 
@@ -270,7 +273,7 @@ def _with_secrets(service: dict, flags: list[str], secrets: list) -> dict:
 def _common(health_port: int, volumes: list[str]) -> dict:
     common = {
         "healthcheck": {"test": ["CMD", "python", "/opt/splitserve/healthcheck.py", str(health_port)],
-                        "interval": "10s", "timeout": "3s", "retries": 3, "start_period": "300s"},
+                        "interval": "10s", "timeout": "3s", "retries": 3, "start_period": f"{START_PERIOD_S}s"},
         "restart": "unless-stopped",
         # SIGTERM drains (up to --drain-timeout, 30 s): Docker's default 10 s would cut it short
         "stop_grace_period": "45s",
