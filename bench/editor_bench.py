@@ -185,7 +185,7 @@ def comparison(args: argparse.Namespace) -> tuple[dict[str, tuple[str, ...]], di
     return {"on": (), "off": ("--prefix-cache-mb", "0")}, {"ttft_p50": 0.35, "prefill_tokens_per_request": 0.2}
 
 
-async def infill_stream(port: int, trace: Trace, path: str = "/infill") -> None:
+async def post_stream(port: int, trace: Trace, path: str = "/infill") -> None:
     """One streamed request (/infill, or TGI's /generate_stream for a long prompt) on a connection
     of its own, closed when the task is cancelled (the server then cancels the request). A client
     this light keeps its own share of the cores small."""
@@ -230,7 +230,7 @@ async def type_session(port: int, session: Session, args: argparse.Namespace, of
             tasks[-1].cancel()
         trace = Trace(session.body((k + 1) * args.every), time.perf_counter())
         traces.append(trace)
-        tasks.append(asyncio.create_task(infill_stream(port, trace)))
+        tasks.append(asyncio.create_task(post_stream(port, trace)))
     await asyncio.wait(tasks[-1:], timeout=GRACE_S)
     tasks[-1].cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -243,7 +243,7 @@ async def send_longs(port: int, texts: list[str], every: float, traces: list[Tra
         await asyncio.sleep(max(0.0, start + (k + 0.5) * every - time.perf_counter()))
         trace = Trace({"inputs": text, "parameters": {"max_new_tokens": N_PREDICT}}, time.perf_counter())
         traces.append(trace)
-        tasks.append(asyncio.create_task(infill_stream(port, trace, "/generate_stream")))
+        tasks.append(asyncio.create_task(post_stream(port, trace, "/generate_stream")))
     if tasks:
         await asyncio.wait(tasks, timeout=GRACE_S)
     for task in tasks:

@@ -55,9 +55,10 @@ class PrefixCache:
             found.append(block.index)
         return found, hashes
 
-    def lookup(self, ids: tuple[int, ...]) -> list[int]:
-        """As `match`, counted in the metrics and refreshed in the LRU order."""
-        found, hashes = self.match(ids)
+    def lookup(self, ids: tuple[int, ...], matched: tuple[list[int], list[bytes]] | None = None) -> list[int]:
+        """As `match` (or what it gave for `ids`, `matched`, the cache unchanged since), counted in the
+        metrics and refreshed in the LRU order."""
+        found, hashes = matched or self.match(ids)
         self.looked_up += len(ids)
         self.found += len(found) * self.block_tokens
         self._touch(hashes[: len(found)])

@@ -155,7 +155,7 @@ class PrefillWorker(WorkerLoop):
             if msg.request.id in self.cancelled:
                 self._finish_all(msg, "cancelled")
             else:
-                queued = Queued(msg, len(msg.request.prompt_ids) - self._cached(msg.request))
+                queued = Queued(msg, len(msg.request.prompt_ids) - self._tokens(self._match(msg.request)[0]))
                 self.queue.append(queued)
                 self.queued_tokens += queued.compute
         elif isinstance(msg, P.Cancel):
@@ -232,20 +232,21 @@ class PrefillWorker(WorkerLoop):
             if queued.offset is not None:
                 continue
             request = queued.job.request
-            need = len(request.prompt_ids) - self._cached(request)
+            matched = self._match(request)
+            need = len(request.prompt_ids) - self._tokens(matched[0])
             # a prompt that cannot go in pieces (its prompt logprobs) goes whole, first in its pass
             if need <= left or (not plan.whole and not self._in_pieces(request)):
                 if packed + len(request.prompt_ids) > room:
                     break  # no staging room: it and the prompts after it wait
                 plan.whole.append(queued)
-                plan.found.append(self.cache.lookup(request.prompt_ids) if self._looks_up(request) else [])
+                plan.found.append(self._lookup(request, matched))
                 left, packed = left - need, packed + len(request.prompt_ids)
             elif need <= chunk or not self._in_pieces(request):
                 break  # whole in the next pass
             elif not started or (len(started) < IN_PIECES_MAX and 2 * need <= min(q.compute for q in started)):
                 if plan.whole:  # their region first: it was counted in the room
                     plan.offset = self.kv.regions.alloc(packed)
-                if self._start_pieces(queued):
+                if self._start_pieces(queued, matched):
                     started.append(queued)
                 break  # the prompts after it go in the next pass
         if plan.whole and plan.offset is None:
@@ -263,20 +264,20 @@ class PrefillWorker(WorkerLoop):
         (every position's logits come from one pass)."""
         return self.opts.prefill_chunk_tokens > 0 and not request.prompt_logprobs
 
-    def _start_pieces(self, queued: Queued) -> bool:
-        """Give a prompt prefilled in pieces its staging region, its cached blocks staged there
-        (now: the prompts of this pass go into the cache, and could evict them); False if the
+    def _start_pieces(self, queued: Queued, matched: tuple[list[int], list[bytes]]) -> bool:
+        """Give a prompt prefilled in pieces its staging region, its cached blocks (`matched`) staged
+        there (now: the prompts of this pass go into the cache, and could evict them); False if the
         staging has no room for it."""
         request = queued.job.request
         n = len(request.prompt_ids)
         offset = self.kv.regions.alloc(n)
         if offset is None:
             return False
-        blocks = self.cache.lookup(request.prompt_ids) if self._looks_up(request) else []
+        blocks = self._lookup(request, matched)
         if blocks:
             self.cache.copy_out(blocks, self.kv.staging.tensor[:, :, offset : offset + n])
         queued.offset = offset
-        queued.done = queued.cached = len(blocks) * (self.cache.block_tokens if self.cache else 0)
+        queued.done = queued.cached = self._tokens(blocks)
         self._computed(queued, queued.compute - (n - queued.done))  # what it needs now, not when it came
         return True
 
@@ -372,11 +373,17 @@ class PrefillWorker(WorkerLoop):
         logprobs need every position computed, nor when its client asked for none (cache_prompt)."""
         return self.cache is not None and request.cache_prompt and not request.prompt_logprobs
 
-    def _cached(self, request) -> int:
-        """Prompt tokens the prefix cache holds for `request` now."""
-        if not self._looks_up(request):
-            return 0
-        return len(self.cache.match(request.prompt_ids)[0]) * self.cache.block_tokens
+    def _match(self, request) -> tuple[list[int], list[bytes]]:
+        """The prefix cache's blocks for `request` now, and its block hashes (PrefixCache.match);
+        none where it takes none."""
+        return self.cache.match(request.prompt_ids) if self._looks_up(request) else ([], [])
+
+    def _lookup(self, request, matched: tuple[list[int], list[bytes]]) -> list[int]:
+        """`matched` for a prompt about to be prefilled, counted in the cache's metrics."""
+        return self.cache.lookup(request.prompt_ids, matched) if self._looks_up(request) else []
+
+    def _tokens(self, blocks: list[int]) -> int:
+        return len(blocks) * self.cache.block_tokens if blocks else 0
 
     def _stage_cached(self, batch: list[P.Prefill], found: list[list[int]], offset: int) -> list[int]:
         """Copy each prompt's cached blocks to the start of its staging region; -> cached tokens each."""
@@ -385,7 +392,7 @@ class PrefillWorker(WorkerLoop):
             n = len(job.request.prompt_ids)
             if blocks:
                 self.cache.copy_out(blocks, self.kv.staging.tensor[:, :, offset : offset + n])
-            past.append(len(blocks) * (self.cache.block_tokens if self.cache else 0))
+            past.append(self._tokens(blocks))
             offset += n
         return past
 
