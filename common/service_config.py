@@ -216,9 +216,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="prefill: the most prompt tokens one prefill pass computes of prompts prefilled whole: a "
                         "longer prompt is prefilled in pieces over several passes, taking what the others leave "
                         "of each pass (at least a quarter of it), so that one long file does not hold up the "
-                        "first token of every prompt behind it; a second one, needing at most half of what the "
-                        "first has left, may go in pieces beside it (0: every prompt in one pass, as is always a "
-                        "prompt whose prompt logprobs were asked for)")
+                        "first token of every prompt behind it; a second one, needing less than the first has "
+                        "left, may go in pieces beside it, taking three quarters of their part (0: every prompt "
+                        "in one pass, as is always a prompt whose prompt logprobs were asked for)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="decode: CUDA graphs at power-of-two batch sizes (ignored on CPU)")
     p.add_argument("--graph-key-step", type=int, default=256, help="decode: key-length bucket under CUDA graphs")

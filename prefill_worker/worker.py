@@ -218,9 +218,11 @@ class PrefillWorker(WorkerLoop):
         first piece to its last), each pass giving it what the whole prompts left, at least a
         quarter of the chunk: a prompt that fits a chunk waits for one pass at most, not for a long
         prompt's last piece, the long prompt moves on every pass, and a pass computes at most a
-        chunk and a quarter. One more prompt may go in pieces beside it if it needs at most half of
-        what that one has left (a file beside a repository): the two share the pieces' part of each
-        pass. Other long prompts wait their turn; the prompts after them that fit go."""
+        chunk and a quarter. One more prompt may go in pieces beside it if it needs less than what
+        that one has left (a file beside a repository, an editor's file its prefix cache lost): the
+        shorter takes three quarters of the pieces' part of each pass, so that it ends first, and the
+        other a quarter, so that it never stalls. Other long prompts wait their turn; the prompts
+        after them that fit go."""
         budget = self.limits.prefill_token_budget
         chunk = min(self.opts.prefill_chunk_tokens or budget, budget)
         started = [q for q in self.queue if q.offset is not None]  # the prompts in pieces
@@ -243,7 +245,7 @@ class PrefillWorker(WorkerLoop):
                 left, packed = left - need, packed + len(request.prompt_ids)
             elif need <= chunk or not self._in_pieces(request):
                 break  # whole in the next pass
-            elif not started or (len(started) < IN_PIECES_MAX and 2 * need <= min(q.compute for q in started)):
+            elif not started or (len(started) < IN_PIECES_MAX and need < min(q.compute for q in started)):
                 if plan.whole:  # their region first: it was counted in the room
                     plan.offset = self.kv.regions.alloc(packed)
                 if self._start_pieces(queued, matched):
@@ -251,11 +253,12 @@ class PrefillWorker(WorkerLoop):
                 break  # the prompts after it go in the next pass
         if plan.whole and plan.offset is None:
             plan.offset = self.kv.regions.alloc(packed)
-        # what the whole prompts left, shared: the shorter prompt's share of it that it does not
-        # need goes to the other
+        # what the whole prompts left, the shortest first: each longer one keeps a quarter of it,
+        # and what the shorter does not need goes to the others
         rest = max(left, chunk // 4, len(started))
+        keep = max(1, rest // 4)
         for i, queued in enumerate(sorted(started, key=lambda q: q.compute)):
-            plan.pieces.append((queued, min(queued.compute, rest // (len(started) - i))))
+            plan.pieces.append((queued, min(queued.compute, rest - keep * (len(started) - 1 - i))))
             rest -= plan.pieces[-1][1]
         return plan
 
@@ -319,6 +322,10 @@ class PrefillWorker(WorkerLoop):
             with torch.inference_mode():
                 if not last:
                     self.engine.extend(job.request, queued.offset, queued.done, queued.done + n)
+                    # its full blocks so far, at once: a cancel before its last piece (an editor's
+                    # next keystroke) leaves them to the prompt that follows, and a prompt alike
+                    # that comes meanwhile finds them
+                    self._keep_start(job.request.prompt_ids[: queued.done + n], queued.offset)
                 else:
                     results = self.engine.run([job.request], queued.offset, [job.forks], [queued.done])
                     self._keep_prompts([job], queued.offset)
@@ -399,10 +406,13 @@ class PrefillWorker(WorkerLoop):
     def _keep_prompts(self, batch: list[P.Prefill], offset: int) -> None:
         """Put the batch's prompts into the prefix cache, from the K/V just staged."""
         for job in batch:
-            n = len(job.request.prompt_ids)
-            if self.cache is not None:
-                self.cache.insert(job.request.prompt_ids, self.kv.staging.tensor[:, :, offset : offset + n])
-            offset += n
+            self._keep_start(job.request.prompt_ids, offset)
+            offset += len(job.request.prompt_ids)
+
+    def _keep_start(self, ids: tuple[int, ...], offset: int) -> None:
+        """Put a prompt's start `ids`, staged from `offset`, into the prefix cache."""
+        if self.cache is not None:
+            self.cache.insert(ids, self.kv.staging.tensor[:, :, offset : offset + len(ids)])
 
 
 def prefix_cache(opts: WorkerOptions, model: LoadedModel) -> PrefixCache | None:

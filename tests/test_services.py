@@ -330,12 +330,16 @@ def test_a_prefill_longer_than_the_heartbeat_timeout_is_not_taken_for_a_dead_wor
 
 def test_a_long_prompt_in_pieces_lets_the_prompts_after_it_through(home, slow_model):
     """--prefill-chunk-tokens: a long prompt is prefilled over several passes; a prompt that fits
-    most of a chunk and one that takes a few pieces, sent while it is, get their whole answers
-    before the long one's first token (before, one pass computed the long prompt whole and the
-    others waited for it); the answers are the engine's. A long prompt cancelled between its
-    pieces leaves no staging held; one whose prompt logprobs are asked for is prefilled whole."""
+    most of a chunk, one that takes a few pieces and one that takes more than half of what the long
+    one has left, sent while it is, get their whole answers before the long one's first token
+    (before, one pass computed the long prompt whole and the others waited for it; then the
+    largest of them waited for its last piece); the answers are the engine's. A long prompt's
+    pieces go into the prefix cache as they are computed, and stay there when it is cancelled
+    between them (an editor's next keystroke reuses them); it leaves no staging held. A prompt
+    whose prompt logprobs are asked for is prefilled whole."""
     short = {"prompt": PROMPTS[1] * 16, "max_new_tokens": 3, "ignore_eos": True}  # 111 tokens
     medium = {"prompt": PROMPTS[3] * 14, "max_new_tokens": 3, "ignore_eos": True}  # 294 tokens
+    large = {"prompt": PROMPTS[4] * 55, "max_new_tokens": 3, "ignore_eos": True}  # 1,045 tokens
     long = {"prompt": SLOW_PROMPT, "max_new_tokens": 2, "ignore_eos": True}
     with Cluster(home, model=str(slow_model)) as c:
         c.start_pipeline(2, "--prefill-chunk-tokens", "128")
@@ -359,26 +363,35 @@ def test_a_long_prompt_in_pieces_lets_the_prompts_after_it_through(home, slow_mo
                 tokens = client.generate(**spec, timeout=60).token_ids
                 answers[name] = time.monotonic(), tokens
 
-            others = [threading.Thread(target=answer, args=item) for item in (("short", short), ("medium", medium))]
+            others = [threading.Thread(target=answer, args=item)
+                      for item in (("short", short), ("medium", medium), ("large", large))]
             for t in others:
                 t.start()
             for t in others + [reader]:
                 t.join(120)
-            assert long_tokens and set(answers) == {"short", "medium"}
+            assert long_tokens and set(answers) == {"short", "medium", "large"}
             waited = [name for name, (done, _) in answers.items() if done > long_tokens[0][0]]
             assert not waited, f"waited for the long prompt: {waited}"
+
+            def cached_blocks() -> int:
+                return c.health(prefill)["prefix_cache_blocks"]
+
             # 1,329 tokens, of which the short prompt's 96 are cached
+            before = cached_blocks()
             cancelled = client.stream(**long | {"prompt": PROMPTS[1] * 190}, timeout=120)
-            wait_for(in_pieces, 60, "the cancelled prompt's first piece")
+            wait_for(lambda: in_pieces() and cached_blocks() > before, 60,
+                     "the cancelled prompt's first pieces in the prefix cache before its last")
             cancelled.close()
+            wait_for(lambda: c.health(prefill)["queued_tokens"] == 0, 60, "the cancel")
+            assert cached_blocks() > before, "its pieces left the prefix cache"
             # a prompt whose prompt logprobs are asked for is computed whole, in a pass of its own
             with_logprobs = client.generate(PROMPTS[0] * 30, max_new_tokens=1, prompt_logprobs=True, timeout=60)
             logprobs = with_logprobs.details.prompt_logprobs
             assert len(logprobs) == 300 and logprobs[0] is None and None not in logprobs[1:]
         c.wait_idle()
     model = load_cpu(slow_model)
-    got = [[t for _, t in long_tokens], answers["short"][1], answers["medium"][1]]
-    assert got == offline(model, [long, short, medium])
+    got = [[t for _, t in long_tokens], answers["short"][1], answers["medium"][1], answers["large"][1]]
+    assert got == offline(model, [long, short, medium, large])
 
 
 def test_a_negative_chunk_is_refused():
