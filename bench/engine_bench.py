@@ -60,6 +60,17 @@ SHAPES = {
         num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944,
         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151643,
         eos_token_id=151643),
+    # llama-tiny's attention with 8 experts, 2 per token, in every layer
+    "qwen3-moe-tiny": dict(
+        model_type="qwen3_moe", vocab_size=8192, max_position_embeddings=2048, hidden_size=256, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=32, intermediate_size=688, num_experts=8,
+        num_experts_per_tok=2, moe_intermediate_size=128, norm_topk_prob=True, bos_token_id=0, eos_token_id=0),
+    "qwen3-coder-30b-a3b": dict(
+        model_type="qwen3_moe", vocab_size=151936, max_position_embeddings=262144, hidden_size=2048,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
+        num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+        rope_theta=10000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151643,
+        eos_token_id=151645),
 }
 
 

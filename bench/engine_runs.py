@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from splitserve.common.families import family_of
 from splitserve.common.loading import LoadedModel
-from splitserve.common.model import ModelWeights, linear, prepare_weights
+from splitserve.common.model import ModelWeights, experts, linear, prepare_weights
 from splitserve.common.model_config import model_config_from_dict
 from splitserve.common.request import GenerateRequest
 from splitserve.common.tokenizer import TINY_TOKENIZER_PATH, Tokenizer
@@ -182,8 +182,26 @@ def model_over(hf, path: Path, tokenizer: Tokenizer, device: torch.device, dtype
         raw["model_type"] = hf.config.model_type
     cfg = model_config_from_dict(raw)
     prefix = family_of(cfg.model_type).PREFIX
-    weights = {name.removeprefix(prefix): t for name, t in hf.state_dict().items()}
+    weights = checkpoint_layout({name.removeprefix(prefix): t for name, t in hf.state_dict().items()})
     return LoadedModel(path, cfg, prepare_weights(weights, cfg), tokenizer, device, dtype)
+
+
+def checkpoint_layout(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5 holds a mixture's experts fused (experts.gate_up_proj [X, 2*I, E],
+    experts.down_proj [X, E, I]) and saves them one by one under the names checkpoints have, which
+    are what the loader reads: the same tensors under those names, as views."""
+    out = {}
+    for name, t in weights.items():
+        base, _, kind = name.rpartition("experts.")
+        if kind == "gate_up_proj":
+            i = t.shape[1] // 2
+            for j in range(t.shape[0]):
+                out[f"{base}experts.{j}.gate_proj.weight"], out[f"{base}experts.{j}.up_proj.weight"] = t[j, :i], t[j, i:]
+        elif kind == "down_proj":
+            out |= {f"{base}experts.{j}.down_proj.weight": t[j] for j in range(t.shape[0])}
+        else:
+            out[name] = t
+    return out
 
 
 def random_model(fields: dict, device: torch.device, dtype: torch.dtype):
@@ -212,7 +230,8 @@ def random_prompts(lens: tuple[int, ...], vocab: int, device: torch.device) -> l
 
 def floor(w: ModelWeights, tokens: int, rows: int, device: torch.device, times: int = 1) -> Measurement:
     """A forward's weight matrix products alone, back to back: each layer's four (q/k/v, the
-    attention output, the MLP's up or gate/up, its down) on `tokens` rows, the LM head on `rows`
+    attention output, the MLP's up or gate/up, its down; a mixture of experts whole, its router and
+    the products of the experts its rows chose) on `tokens` rows, the LM head on `rows`
     (one per sequence): for decode, the time to read the weights. A sample runs them `times` over,
     as a decode sample runs its steps: one short run alone would find the weights evicted by the
     other systems."""
@@ -226,8 +245,11 @@ def floor(w: ModelWeights, tokens: int, rows: int, device: torch.device, times: 
             for layer in w.layers:
                 linear(x, layer.qkv_wt, layer.qkv_b)
                 linear(attn, layer.out_wt, layer.out_b)
-                linear(x, layer.up_wt, layer.up_b)
-                linear(inner, layer.down_wt, layer.down_b)
+                if layer.router_wt is None:
+                    linear(x, layer.up_wt, layer.up_b)
+                    linear(inner, layer.down_wt, layer.down_b)
+                else:
+                    experts(w, layer, x)
             torch.mm(x[:rows], w.lm_head_t)
 
     m = timing(products, device)

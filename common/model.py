@@ -6,7 +6,7 @@ layer has: LayerNorm or RMSNorm, learned positions or rotary ones, multi-query, 
 multi-head attention with an optional sliding window, q/k norms, a plain or a gated MLP, biases.
 Shapes: T packed prompt tokens, B decode rows, E = n_embd, H query heads, KVH key/value heads,
 G = H / KVH, D head dim, Q = H * D, KV = KVH * D, I the MLP width, S slots, L slot length,
-V vocabulary.
+V vocabulary, X experts (k of them per token) of width I.
 """
 
 from __future__ import annotations
@@ -37,11 +37,15 @@ class Layer(NamedTuple):
     out_b: torch.Tensor | None
     norm2_w: torch.Tensor
     norm2_b: torch.Tensor | None
-    up_wt: torch.Tensor  # [E, I], or [E, 2*I] with columns gate | up for a gated MLP
+    up_wt: torch.Tensor | None  # [E, I], or [E, 2*I] with columns gate | up for a gated MLP; None: experts
     up_b: torch.Tensor | None
-    down_wt: torch.Tensor  # [I, E]
+    down_wt: torch.Tensor | None  # [I, E]
     down_b: torch.Tensor | None
     window: int  # attend only the last `window` keys; 0: every key
+    # a mixture of experts in place of the MLP (cfg.experts), else None
+    router_wt: torch.Tensor | None = None  # [E, X]
+    experts_up: torch.Tensor | None = None  # [X, E, 2*I], each expert's columns gate | up
+    experts_down: torch.Tensor | None = None  # [X, I, E]
 
 
 class ModelWeights(NamedTuple):
@@ -60,15 +64,23 @@ class ModelWeights(NamedTuple):
 
 def prepare_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> ModelWeights:
     """Turn a checkpoint's tensors (names less the family's prefix) into what the forward uses:
-    q/k/v and gate/up fused, linear weights transposed, rotary tables made."""
-    get = weights.__getitem__
+    q/k/v and gate/up fused, experts stacked, linear weights transposed, rotary tables made.
+    Takes the tensors out of `weights` as it goes, so that each one is freed once its fused copy is
+    made: loading never holds the model twice."""
+    get = weights.pop
     layers = []
     for i in range(cfg.n_layer):
         t = layer_tensors(get, cfg, i)
+        up, down = t.get("up", (None, None)), t.get("down", (None, None))
         layers.append(Layer(
             *t["norm1"], t["qkv"][0].t(), t["qkv"][1], t["q_norm"], t["k_norm"], t["out"][0].t(), t["out"][1],
-            *t["norm2"], t["up"][0].t(), t["up"][1], t["down"][0].t(), t["down"][1], cfg.windows[i],
+            *t["norm2"], _t(up[0]), up[1], _t(down[0]), down[1], cfg.windows[i],
+            router_wt=_t(t.get("router")),
+            experts_up=t["experts_up"].transpose(1, 2) if "experts_up" in t else None,
+            experts_down=t["experts_down"].transpose(1, 2) if "experts_down" in t else None,
         ))
+    if cfg.experts is not None:
+        check_grouped_mm(layers[0].norm1_w.device, layers[0].norm1_w.dtype)
     top = top_tensors(get, cfg)
     wte = top["embed"]
     tables = rope_tables(cfg, wte.dtype, wte.device)
@@ -80,6 +92,22 @@ def prepare_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> Model
     )
 
 
+def _t(w: torch.Tensor | None) -> torch.Tensor | None:
+    return None if w is None else w.t()
+
+
+def check_grouped_mm(device: torch.device, dtype: torch.dtype) -> None:
+    """Mixtures of experts run on torch._grouped_mm; say plainly where this PyTorch has none for
+    the device and dtype (on CUDA it wants a recent GPU and bfloat16)."""
+    x = torch.zeros(8, 8, device=device, dtype=dtype)
+    try:
+        torch._grouped_mm(x, torch.zeros(2, 8, 8, device=device, dtype=dtype),
+                          offs=torch.tensor([4, 8], device=device, dtype=torch.int32))
+    except RuntimeError as e:
+        raise RuntimeError(f"mixture-of-experts layers need torch._grouped_mm, which this PyTorch lacks for {dtype} "
+                           f"on {device}: {e}") from None
+
+
 def linear(x: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
     return torch.mm(x, wt, out=out) if b is None else torch.addmm(b, x, wt, out=out)
 
@@ -87,6 +115,8 @@ def linear(x: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None, out: torch
 def mlp(w: ModelWeights, layer: Layer, x: torch.Tensor, up: torch.Tensor | None = None,
         inner: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [N, E] -> [N, E]; `up` [N, I or 2*I], `inner` [N, I] and `out` [N, E]: buffers to write."""
+    if layer.router_wt is not None:
+        return experts(w, layer, x, out)
     hidden = linear(x, layer.up_wt, layer.up_b, out=up)
     if w.cfg.mlp == "gated":
         n = w.cfg.n_inner
@@ -94,6 +124,31 @@ def mlp(w: ModelWeights, layer: Layer, x: torch.Tensor, up: torch.Tensor | None 
     else:
         hidden = w.act(hidden)
     return linear(hidden, layer.down_wt, layer.down_b, out=out)
+
+
+def experts(w: ModelWeights, layer: Layer, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A mixture of experts: x [N, E] -> [N, E], each row the sum of its k chosen experts' gated
+    MLPs weighted by the router. The N*k (row, expert) pairs are sorted by expert, and each
+    expert's run of rows goes through its weights in one grouped matrix product: no host sync and
+    shapes fixed by N, so a decode step captures into a CUDA graph as a dense one does; no expert's
+    weights are read for rows that did not choose it."""
+    moe = w.cfg.experts
+    n, k, inner = x.shape[0], moe.per_token, moe.inner
+    probs = torch.softmax(torch.mm(x, layer.router_wt), -1, dtype=torch.float32)  # [N, X]
+    weights, chosen = torch.topk(probs, k)  # [N, k]
+    if moe.norm_top:
+        weights = weights / weights.sum(-1, keepdim=True)
+    by_expert, order = torch.sort(chosen.view(-1), stable=True)  # [N*k]
+    # [X]: where each expert's run of pairs ends
+    ends = torch.searchsorted(by_expert, torch.arange(moe.count, device=x.device), right=True).to(torch.int32)
+    rows = torch.index_select(x, 0, order // k)  # [N*k, E]
+    gate_up = torch._grouped_mm(rows, layer.experts_up, offs=ends)  # [N*k, 2*I]
+    hidden = w.act(gate_up[:, :inner]) * gate_up[:, inner:]  # [N*k, I]
+    done = torch._grouped_mm(hidden, layer.experts_down, offs=ends)  # [N*k, E]
+    # back to (row, choice) order, then each row's k outputs weighted and summed
+    done = torch.empty_like(done).index_copy_(0, order, done).view(n, k, -1)  # [N, k, E]
+    summed = None if out is None else out.view(n, 1, -1)
+    return torch.bmm(weights.to(x.dtype)[:, None], done, out=summed).view(n, -1)
 
 
 def prefill(

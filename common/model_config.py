@@ -49,6 +49,18 @@ class Rope:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts MLP (Qwen3-MoE): a router picks `per_token` of `count` gated MLPs of
+    width `inner` for each token and weights their outputs."""
+
+    count: int
+    per_token: int
+    inner: int
+    norm_top: bool  # the chosen experts' weights renormalized to sum to 1
+    layers: tuple[bool, ...]  # per layer: experts (True) or the dense MLP of n_inner
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     model_type: str
     vocab_size: int
@@ -71,6 +83,7 @@ class ModelConfig:
     windows: tuple[int, ...]  # per layer: attend only the last W keys (0: every key)
     tie_word_embeddings: bool
     scale_attn_weights: bool = True
+    experts: Experts | None = None  # mixture-of-experts MLPs, in the layers it names
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()  # any of them ends a sequence
 
@@ -89,16 +102,6 @@ class ModelConfig:
     @property
     def attn_scale(self) -> float:
         return self.head_dim**-0.5 if self.scale_attn_weights else 1.0
-
-    def num_params(self) -> int:
-        e, i, q, kv = self.n_embd, self.n_inner, self.q_dim, self.kv_dim
-        norms = (2 if self.norm == "layer" else 1) * e
-        attn = e * (q + 2 * kv) + self.qkv_bias * (q + 2 * kv) + q * e + self.out_bias * e
-        mlp = (2 if self.mlp == "gated" else 1) * (e * i + self.mlp_bias * i) + i * e + self.mlp_bias * e
-        per_layer = 2 * norms + attn + mlp + self.qk_norm * 2 * self.head_dim
-        positions = self.n_positions * e if self.rope is None else 0
-        head = 0 if self.tie_word_embeddings else self.vocab_size * e
-        return self.vocab_size * e + positions + self.n_layer * per_layer + norms + head
 
     def fingerprint(self, vocab_size: int) -> str:
         """Identifies the model shape and the tokenizer's vocabulary, so that processes can refuse a

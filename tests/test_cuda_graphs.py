@@ -31,30 +31,36 @@ def lm(tiny_dir):
     return load_cpu(tiny_dir)
 
 
-def gqa_model(device: str, dtype: torch.dtype) -> LoadedModel:
-    """The grouped-query, rotary families' path: random weights of engine_bench's llama-tiny shape
-    (8 query and 2 KV heads), large enough that the logits are not flat."""
+def shaped_model(device: str, dtype: torch.dtype, shape: str = "llama-tiny") -> LoadedModel:
+    """Random weights of one of engine_bench's shapes, large enough that the logits are not flat:
+    llama-tiny for the grouped-query, rotary families' path (8 query and 2 KV heads), qwen3-moe-tiny
+    for a mixture of experts."""
     from splitserve.bench.engine_bench import SHAPES
     from splitserve.common.families import checkpoint_shapes
     from splitserve.common.model import prepare_weights
     from splitserve.common.model_config import model_config_from_dict
     from splitserve.common.tokenizer import TINY_TOKENIZER_PATH, Tokenizer
 
-    cfg = model_config_from_dict(SHAPES["llama-tiny"])
+    cfg = model_config_from_dict(SHAPES[shape])
     gen = torch.Generator().manual_seed(7)
-    weights = {name: (0.08 * torch.randn(shape, generator=gen) if len(shape) == 2  # norms near 1
-                      else 1 + 0.1 * torch.randn(shape, generator=gen)).to(device, dtype)
-               for name, shape in checkpoint_shapes(cfg).items()}
+    weights = {name: (0.08 * torch.randn(dims, generator=gen) if len(dims) == 2  # norms near 1
+                      else 1 + 0.1 * torch.randn(dims, generator=gen)).to(device, dtype)
+               for name, dims in checkpoint_shapes(cfg).items()}
     with torch.inference_mode():
         prepared = prepare_weights(weights, cfg)
     tokenizer = Tokenizer.from_file(TINY_TOKENIZER_PATH)
-    return LoadedModel(Path("llama-tiny-shape"), cfg, prepared, tokenizer, torch.device(device), dtype)
+    return LoadedModel(Path(f"{shape}-shape"), cfg, prepared, tokenizer, torch.device(device), dtype)
 
 
-@pytest.fixture(scope="module", params=["gpt_bigcode", "llama-gqa"])
+MOE = "qwen3-moe-tiny"
+
+
+@pytest.fixture(scope="module", params=["gpt_bigcode", "llama-gqa", MOE])
 def lm_family(request, tiny_dir):
-    """fp32 on the CPU: the tiny multi-query model, and the grouped-query rotary one."""
-    return load_cpu(tiny_dir) if request.param == "gpt_bigcode" else gqa_model("cpu", torch.float32)
+    """fp32 on the CPU: the tiny multi-query model, the grouped-query rotary one, and one with experts."""
+    if request.param == "gpt_bigcode":
+        return load_cpu(tiny_dir)
+    return shaped_model("cpu", torch.float32, "llama-tiny" if request.param == "llama-gqa" else MOE)
 
 
 def sampled(i: int, n: int, new: int, **kw) -> GenerateRequest:
@@ -219,7 +225,8 @@ def lm_cuda(tiny_dir):
         pytest.skip("needs CUDA")
     models = {dtype: load_model(tiny_dir, dtype, torch.device("cuda"), progress=False)
               for dtype in (torch.float32, torch.bfloat16)}
-    models["llama-gqa"] = gqa_model("cuda", torch.bfloat16)
+    models["llama-gqa"] = shaped_model("cuda", torch.bfloat16)
+    models[MOE] = shaped_model("cuda", torch.bfloat16, MOE)
     return models
 
 
@@ -238,7 +245,7 @@ def test_every_shape_is_captured_largest_first_in_one_pool(lm_cuda, record_prope
 
 
 @needs_cuda
-@pytest.mark.parametrize("family", [torch.bfloat16, "llama-gqa"], ids=["gpt_bigcode", "llama-gqa"])
+@pytest.mark.parametrize("family", [torch.bfloat16, "llama-gqa", MOE], ids=["gpt_bigcode", "llama-gqa", MOE])
 @pytest.mark.parametrize("schedule", [GREEDY_SCHEDULE, MIXED_SCHEDULE], ids=["greedy", "mixed"])
 def test_graph_replay_gives_the_eager_tokens(lm_cuda, family, schedule, record_property):
     lm = lm_cuda[family]
@@ -273,12 +280,17 @@ def count_host_reads(monkeypatch) -> list[str]:
     return calls
 
 
+@pytest.mark.parametrize("family", ["tiny", MOE])
 @pytest.mark.parametrize("steps", ["eager", pytest.param("graphs", marks=needs_cuda)])
-def test_a_decode_step_syncs_with_the_host_once(request, steps, monkeypatch, record_property):
+def test_a_decode_step_syncs_with_the_host_once(request, steps, family, monkeypatch, record_property):
     """Counted twice on CUDA: the synchronizing operations that torch's sync debug mode reports,
-    and the host reads of tensor values; on the CPU (the padded steps run eagerly) the latter."""
+    and the host reads of tensor values; on the CPU (the padded steps run eagerly) the latter. A
+    mixture of experts routes its rows on the device too."""
     cuda = torch.cuda.is_available()
-    model = request.getfixturevalue("lm_cuda")[torch.bfloat16] if cuda else request.getfixturevalue("lm")
+    if family == MOE:
+        model = request.getfixturevalue("lm_cuda")[MOE] if cuda else shaped_model("cpu", torch.float32, MOE)
+    else:
+        model = request.getfixturevalue("lm_cuda")[torch.bfloat16] if cuda else request.getfixturevalue("lm")
     engine = engine_for(model, steps)
     for i in range(3):
         engine.submit(req(i, 20 + i, 40))

@@ -50,6 +50,12 @@ VARIANTS = {
     "qwen3-bias-window": ("qwen3", dict(head_dim=16, attention_bias=True, use_sliding_window=True,
                                         sliding_window=WINDOW, max_window_layers=0)),
     "starcoder2-window": ("starcoder2", dict(sliding_window=WINDOW, norm_epsilon=1e-5)),
+    "qwen3moe-norm-top": ("qwen3_moe", dict(head_dim=16, num_experts=8, num_experts_per_tok=2,
+                                            moe_intermediate_size=32, norm_topk_prob=True)),
+    # layer 1 has experts; 0 and 2 dense MLPs (off the sparse step), 3 too (named dense); a window
+    "qwen3moe-dense-layers-window": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=3, moe_intermediate_size=48,
+                                                       num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3],
+                                                       use_sliding_window=True, sliding_window=WINDOW)),
 }
 
 
@@ -225,7 +231,9 @@ def test_eos_ids_are_config_and_generation_config_together(tmp_path):
     ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "unsupported rope_type 'longrope'"),
     ({"quantization_config": {"quant_method": "gptq"}}, "quantized checkpoints \\(gptq\\)"),
     ({"num_key_value_heads": 3}, "8 attention heads are not divisible by 3 key/value heads"),
-    ({"model_type": "qwen3_moe"}, "unsupported model_type 'qwen3_moe'.*mixture-of-experts"),
+    ({"model_type": "mixtral"}, "unsupported model_type 'mixtral': splitserve runs .*qwen3_moe"),
+    ({"model_type": "qwen3_moe", "moe_intermediate_size": 20}, "moe_intermediate_size 20 must be multiples of 8"),
+    ({"model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 5}, "num_experts_per_tok 5 of 4 experts"),
 ])
 def test_bad_configs_get_clear_errors(tmp_path, fields, message):
     raw = {"model_type": "llama", **SHAPE, **fields}
@@ -235,19 +243,30 @@ def test_bad_configs_get_clear_errors(tmp_path, fields, message):
 
 
 @pytest.fixture(scope="module")
-def served_checkpoint(tmp_path_factory) -> Path:
-    """Qwen2-shaped: grouped-query, q/k/v biases, a tied head, a window on its later layers."""
-    model_type, fields = VARIANTS["qwen2-bias-tied-window"]
-    return make_checkpoint(tmp_path_factory.mktemp("served-qwen2"), model_type, fields)
+def served_checkpoints(tmp_path_factory):
+    """variant -> its checkpoint, made once for the module."""
+    made: dict[str, Path] = {}
+
+    def get(variant: str) -> Path:
+        if variant not in made:
+            made[variant] = make_checkpoint(tmp_path_factory.mktemp(f"served-{variant}"), *VARIANTS[variant])
+        return made[variant]
+
+    return get
 
 
-@pytest.mark.parametrize("transport, chunk", [("shm", "8192"), ("tcp", "8192"), ("shm", "7")],
-                         ids=["shm", "tcp", "shm-in-pieces"])
-def test_a_served_llama_shaped_model_equals_the_engine(home, served_checkpoint, transport, chunk):
+# Qwen2-shaped: grouped-query, q/k/v biases, a tied head, a window on its later layers; and a
+# mixture of experts (the transports move K/V alike whatever the MLP)
+@pytest.mark.parametrize("variant, transport, chunk", [
+    ("qwen2-bias-tied-window", "shm", "8192"), ("qwen2-bias-tied-window", "tcp", "8192"),
+    ("qwen2-bias-tied-window", "shm", "7"), ("qwen3moe-norm-top", "shm", "7")],
+    ids=["shm", "tcp", "shm-in-pieces", "experts-shm-in-pieces"])
+def test_a_served_llama_shaped_model_equals_the_engine(home, served_checkpoints, variant, transport, chunk):
     """Gateway and worker processes on a Llama-shaped checkpoint: several KV heads cross the
     handoff (the multi-query `tiny` would hide a layout mistake), windows and rotary positions
-    hold in the decode worker; greedy and seeded sampled requests equal the in-process engine's,
-    also with their prompts prefilled in pieces of 7 tokens."""
+    hold in the decode worker, as do the experts of a mixture; greedy and seeded sampled requests
+    equal the in-process engine's, also with their prompts prefilled in pieces of 7 tokens."""
+    served_checkpoint = served_checkpoints(variant)
     specs = request_specs(9)
     model = load_model(served_checkpoint, torch.float32, torch.device("cpu"))
     with Cluster(home, model=str(served_checkpoint), kv_transport=transport) as c:

@@ -12,9 +12,10 @@ from types import ModuleType
 from typing import Callable
 
 from ..model_config import ModelConfig, ModelConfigError
-from . import gpt_bigcode, llama, mistral, qwen2, qwen3, starcoder2
+from . import gpt_bigcode, llama, mistral, qwen2, qwen3, qwen3_moe, starcoder2
 
-FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (gpt_bigcode, llama, mistral, qwen2, qwen3, starcoder2)}
+FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (gpt_bigcode, llama, mistral, qwen2, qwen3, qwen3_moe,
+                                                             starcoder2)}
 # Each family module has:
 #   MODEL_TYPE, config(raw: dict) -> ModelConfig
 #   PREFIX: what the base model's tensor names begin with in a checkpoint ("model.", "transformer.")
@@ -22,14 +23,18 @@ FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (gpt_bigcode, llama,
 #   LAYER: the name of layer i's tensors, "layers.{i}.", and LAYER_ROLES: role -> name after it, roles
 #   among norm1, qkv (fused) or q/k/v, q_norm, k_norm, out, norm2, up (the plain MLP's first
 #   projection) or gate/up, down
-# and may have regroup_qkv(weight_or_bias, cfg) for a fused qkv whose rows are not q | k | v.
+# and may have regroup_qkv(weight_or_bias, cfg) for a fused qkv whose rows are not q | k | v, and
+# EXPERTS: a mixture-of-experts layer's tensor names after LAYER, the router's ("router") and
+# expert j's ("gate", "up", "down" with {j}), used in place of the MLP roles where cfg.experts says.
+
+MLP_ROLES = ("up", "gate", "down")
 
 
 def family_of(model_type) -> ModuleType:
     family = FAMILIES.get(model_type)
     if family is None:
         raise ModelConfigError(f"unsupported model_type {model_type!r}: splitserve runs {', '.join(FAMILIES)} "
-                               "checkpoints (mixture-of-experts models are not supported)")
+                               "checkpoints")
     return family
 
 
@@ -43,6 +48,9 @@ def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     for i in range(cfg.n_layer):
         prefix = family.LAYER.format(i=i)
         roles = _layer_shapes(cfg, family.LAYER_ROLES)
+        if sparse(cfg, i):
+            roles = {role: shape for role, shape in roles.items() if role not in MLP_ROLES}
+            shapes |= _expert_shapes(cfg, prefix, family.EXPERTS)
         for role in (role for role in family.LAYER_ROLES if role in roles):  # in the checkpoint's order
             out_dim, in_dim, bias = roles[role]
             name = prefix + family.LAYER_ROLES[role]
@@ -72,6 +80,20 @@ def _layer_shapes(cfg: ModelConfig, roles: dict[str, str]) -> dict[str, tuple[in
     return shapes
 
 
+def sparse(cfg: ModelConfig, i: int) -> bool:
+    """Whether layer i's MLP is a mixture of experts."""
+    return cfg.experts is not None and cfg.experts.layers[i]
+
+
+def _expert_shapes(cfg: ModelConfig, prefix: str, names: dict[str, str]) -> dict[str, tuple[int, ...]]:
+    x, e, i = cfg.experts.count, cfg.n_embd, cfg.experts.inner
+    shapes = {_name(prefix + names["router"], "weight"): (x, e)}
+    for j in range(x):
+        for role, shape in (("gate", (i, e)), ("up", (i, e)), ("down", (e, i))):
+            shapes[_name(prefix + names[role].format(j=j), "weight")] = shape
+    return shapes
+
+
 def _norm_shapes(cfg: ModelConfig, name: str) -> dict[str, tuple[int, ...]]:
     shapes = {_name(name, "weight"): (cfg.n_embd,)}
     if cfg.norm == "layer":
@@ -88,7 +110,9 @@ Get = Callable[[str], object]  # canonical name -> tensor
 
 def layer_tensors(get: Get, cfg: ModelConfig, i: int) -> dict:
     """Layer i's tensors by role, as the checkpoint stores them ([out, in]); q/k/v fused into qkv
-    (rows q | k | v) and gate/up into up (rows gate | up). Missing biases are None."""
+    (rows q | k | v) and gate/up into up (rows gate | up). Missing biases are None. A mixture of
+    experts has no up and down but a router [X, E] and its experts stacked: experts_up [X, 2*I, E]
+    (rows gate | up) and experts_down [X, E, I]."""
     import torch  # the gateway reads configs through this package, without torch
 
     family = family_of(cfg.model_type)
@@ -106,16 +130,31 @@ def layer_tensors(get: Get, cfg: ModelConfig, i: int) -> dict:
     up_parts = ("gate", "up") if cfg.mlp == "gated" else ("up",)
     regroup = getattr(family, "regroup_qkv", lambda t, cfg: t)
     qkv_w, qkv_b = fused(qkv_parts, "weight"), fused(qkv_parts, "bias")
-    return {
+    mlp = _experts(get, cfg, prefix, family.EXPERTS) if sparse(cfg, i) else {
+        "up": (fused(up_parts, "weight"), fused(up_parts, "bias")),
+        "down": (tensor("down"), tensor("down", "bias")),
+    }
+    return mlp | {
         "norm1": (tensor("norm1"), tensor("norm1", "bias")),
         "qkv": (regroup(qkv_w, cfg), None if qkv_b is None else regroup(qkv_b, cfg)),
         "q_norm": tensor("q_norm") if cfg.qk_norm else None,
         "k_norm": tensor("k_norm") if cfg.qk_norm else None,
         "out": (tensor("out"), tensor("out", "bias")),
         "norm2": (tensor("norm2"), tensor("norm2", "bias")),
-        "up": (fused(up_parts, "weight"), fused(up_parts, "bias")),
-        "down": (tensor("down"), tensor("down", "bias")),
     }
+
+
+def _experts(get: Get, cfg: ModelConfig, prefix: str, names: dict[str, str]) -> dict:
+    """A sparse layer's router and experts, each expert's tensors copied into the stacks one by one
+    (with a `get` that hands each tensor over, the checkpoint's copies go as the stacks fill)."""
+    x, i = cfg.experts.count, cfg.experts.inner
+    router = get(_name(prefix + names["router"], "weight"))
+    up = router.new_empty(x, 2 * i, cfg.n_embd)
+    down = router.new_empty(x, cfg.n_embd, i)
+    for j in range(x):
+        name = lambda role: _name(prefix + names[role].format(j=j), "weight")  # noqa: E731
+        up[j, :i], up[j, i:], down[j] = get(name("gate")), get(name("up")), get(name("down"))
+    return {"router": router, "experts_up": up, "experts_down": down}
 
 
 def _has_bias(cfg: ModelConfig, role: str) -> bool:
