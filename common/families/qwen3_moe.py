@@ -1,9 +1,10 @@
-"""Qwen3-MoE: Qwen3-Coder-30B-A3B and -480B-A35B. Qwen3's attention (q/k norms, a head dimension
-of its own) with a mixture of experts for the MLP: a router (`mlp.gate`) picks
-`num_experts_per_tok` of `num_experts` SwiGLU experts for each token and weights their outputs,
-renormalized over the chosen ones where `norm_topk_prob` is set. A layer named in
-`mlp_only_layers`, or off every `decoder_sparse_step`-th, keeps a dense MLP of
-`intermediate_size`; a sliding window, where `use_sliding_window` is set, covers every layer."""
+"""Qwen3-MoE: Qwen3-Coder-30B-A3B (-480B-A35B has the same layout, but no single GPU holds it and a
+worker does not shard a model). Qwen3's attention (q/k norms, a head dimension of its own) with a
+mixture of experts for the MLP: a router (`mlp.gate`) picks `num_experts_per_tok` of
+`num_experts` SwiGLU experts for each token and weights their outputs, renormalized over the
+chosen ones where `norm_topk_prob` is set. A layer named in `mlp_only_layers`, or off every
+`decoder_sparse_step`-th, keeps a dense MLP of `intermediate_size`; a sliding window, where
+`use_sliding_window` is set, covers every layer."""
 
 from __future__ import annotations
 
