@@ -46,11 +46,12 @@ LAYOUTS = (
     # SantaCoder spells StarCoder's markers with hyphens.
     FimLayout("santacoder", ("<fim-prefix>",), ("<fim-suffix>",), ("<fim-middle>",),
               ends=("<|endoftext|>",)),  # the end of the file
-    # Qwen2.5-Coder: <|fim_prefix|>P<|fim_suffix|>S<|fim_middle|>
+    # Qwen2.5-Coder, and CodeGemma, which spells its markers alike: <|fim_prefix|>P<|fim_suffix|>S<|fim_middle|>
     FimLayout("qwen", ("<|fim_prefix|>",), ("<|fim_suffix|>",), ("<|fim_middle|>",),
               ends=("<|endoftext|>",  # the end of the file: the FIM samples' own end
                     "<|fim_pad|>",  # padding of FIM samples: nothing of the answer follows
-                    "<|file_sep|>", "<|repo_name|>"),  # a repository-level sample's next file or repository
+                    "<|file_sep|>", "<|repo_name|>",  # a repository-level sample's next file or repository
+                    "<|file_separator|>"),  # CodeGemma: the end of the file (and the start of the next)
               repo=("<|repo_name|>", "<|file_sep|>")),
     # DeepSeek-Coder: <｜fim▁begin｜>P<｜fim▁hole｜>S<｜fim▁end｜> (fullwidth bars, ▁ for spaces)
     FimLayout("deepseek", ("<｜fim▁begin｜>",), ("<｜fim▁hole｜>",), ("<｜fim▁end｜>",),

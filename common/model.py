@@ -60,6 +60,9 @@ class ModelWeights(NamedTuple):
     upcast_softmax: bool  # half precision scores are softmaxed in fp32, as transformers does
     rope_cos: torch.Tensor | None  # [n_positions, D / 2], rotary embeddings
     rope_sin: torch.Tensor | None
+    # the embeddings' multiplier as the weights' dtype rounds it (transformers multiplies by a
+    # tensor of that dtype); None: 1
+    embed_scale: float | None = None
 
 
 def prepare_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> ModelWeights:
@@ -72,9 +75,10 @@ def prepare_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> Model
     for i in range(cfg.n_layer):
         t = layer_tensors(get, cfg, i)
         up, down = t.get("up", (None, None)), t.get("down", (None, None))
+        n1, n2, qn, kn = (_offset(n, cfg) for n in (t["norm1"][0], t["norm2"][0], t["q_norm"], t["k_norm"]))
         layers.append(Layer(
-            *t["norm1"], t["qkv"][0].t(), t["qkv"][1], t["q_norm"], t["k_norm"], t["out"][0].t(), t["out"][1],
-            *t["norm2"], _t(up[0]), up[1], _t(down[0]), down[1], cfg.windows[i],
+            n1, t["norm1"][1], t["qkv"][0].t(), t["qkv"][1], qn, kn, t["out"][0].t(), t["out"][1],
+            n2, t["norm2"][1], _t(up[0]), up[1], _t(down[0]), down[1], cfg.windows[i],
             router_wt=_t(t.get("router")),
             experts_up=t["experts_up"].transpose(1, 2) if "experts_up" in t else None,
             experts_down=t["experts_down"].transpose(1, 2) if "experts_down" in t else None,
@@ -84,12 +88,18 @@ def prepare_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> Model
     top = top_tensors(get, cfg)
     wte = top["embed"]
     tables = rope_tables(cfg, wte.dtype, wte.device)
+    scale = None if cfg.embed_scale == 1 else torch.tensor(cfg.embed_scale, dtype=wte.dtype).item()
     return ModelWeights(
-        cfg=cfg, wte=wte, wpe=top["positions"], layers=tuple(layers), normf_w=top["final_norm"][0],
+        cfg=cfg, wte=wte, wpe=top["positions"], layers=tuple(layers), normf_w=_offset(top["final_norm"][0], cfg),
         normf_b=top["final_norm"][1], lm_head_t=top["lm_head"].t(), act=ACTIVATION_FNS[cfg.activation],
         upcast_softmax=wte.dtype != torch.float32, rope_cos=tables[0] if tables else None,
-        rope_sin=tables[1] if tables else None,
+        rope_sin=tables[1] if tables else None, embed_scale=scale,
     )
+
+
+def _offset(norm: torch.Tensor | None, cfg: ModelConfig) -> torch.Tensor | None:
+    """An RMSNorm's weight as torch.rms_norm multiplies by it: Gemma stores it less one."""
+    return norm if norm is None or not cfg.norm_offset else norm + cfg.norm_offset
 
 
 def _t(w: torch.Tensor | None) -> torch.Tensor | None:
@@ -180,6 +190,8 @@ def prefill(
         dest = torch.cat([torch.arange(s + p, s + p + n) for s, p, n in zip(packed.cu_k.tolist(), past, seqlens)])
         dest, keys = dest.to(input_ids.device), sum(packed.seqlens_k)
     h = torch.embedding(w.wte, input_ids)  # [T, E]
+    if w.embed_scale is not None:
+        h = h * w.embed_scale
     if w.wpe is not None:
         h = h + torch.embedding(w.wpe, positions)
     rope = w.rope_cos is not None
@@ -344,6 +356,8 @@ def decode_step(
     threads = torch.get_num_threads()
     serial = threads > 1 and scores.is_cpu and scores.numel() < SERIAL_ATTENTION_SCORES
     torch.index_select(w.wte, 0, input_ids, out=h)  # [B, E]
+    if w.embed_scale is not None:
+        h.mul_(w.embed_scale)
     rope = bufs.rope
     if rope is not None:
         cos, sin = w.rope_cos[positions][:, None], w.rope_sin[positions][:, None]  # [B, 1, D/2]

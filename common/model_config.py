@@ -84,6 +84,8 @@ class ModelConfig:
     tie_word_embeddings: bool
     scale_attn_weights: bool = True
     experts: Experts | None = None  # mixture-of-experts MLPs, in the layers it names
+    embed_scale: float = 1.0  # the embeddings' multiplier on the way in (Gemma: sqrt(n_embd))
+    norm_offset: float = 0.0  # RMSNorm multiplies by offset + weight (Gemma: 1)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()  # any of them ends a sequence
 

@@ -50,6 +50,8 @@ VARIANTS = {
     "qwen3-bias-window": ("qwen3", dict(head_dim=16, attention_bias=True, use_sliding_window=True,
                                         sliding_window=WINDOW, max_window_layers=0)),
     "starcoder2-window": ("starcoder2", dict(sliding_window=WINDOW, norm_epsilon=1e-5)),
+    "gemma-mqa": ("gemma", dict(head_dim=16, num_key_value_heads=1)),
+    "gemma-gqa-untied": ("gemma", dict(head_dim=32, tie_word_embeddings=False)),
     "qwen3moe-norm-top": ("qwen3_moe", dict(head_dim=16, num_experts=8, num_experts_per_tok=2,
                                             moe_intermediate_size=32, norm_topk_prob=True)),
     # layer 1 has experts; 0 and 2 dense MLPs (off the sparse step), 3 too (named dense); a window
@@ -219,6 +221,16 @@ def test_old_and_new_rope_fields_read_alike(tmp_path):
     raw["rope_scaling"] = {"type" if k == "rope_type" else k: v for k, v in params.items()}
     (path / "config.json").write_text(json.dumps(raw))
     assert load_model_config(path) == new and new.rope.rope_type == "llama3" and new.rope.factor == 8.0
+
+
+def test_a_gemma_config_saying_gelu_means_its_tanh_approximation(tmp_path):
+    """CodeGemma's config.json says "gelu"; transformers reads it as gelu_pytorch_tanh (and writes
+    that), and so do we."""
+    path = make_checkpoint(tmp_path / "gemma", "gemma", VARIANTS["gemma-mqa"][1])
+    raw = json.loads((path / "config.json").read_text())
+    assert raw["hidden_act"] == "gelu_pytorch_tanh"
+    (path / "config.json").write_text(json.dumps(raw | {"hidden_act": "gelu"}))
+    assert load_model_config(path).activation == "gelu_tanh"
 
 
 def test_eos_ids_are_config_and_generation_config_together(tmp_path):

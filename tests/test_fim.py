@@ -87,6 +87,17 @@ def test_codellama_markers_may_be_spelled_without_the_space():
     assert [fim.prefix_id, fim.suffix_id, fim.middle_id, fim.end_ids] == [4, 5, 6, (7, 3)]  # <EOT>, </s>
 
 
+def test_codegemma_takes_qwens_markers_and_ends_at_its_file_separator():
+    """CodeGemma's markers are spelled as Qwen2.5-Coder's; its middle ends with <|file_separator|>
+    (or <eos>, the config's end of sequence)."""
+    specials = ["<pad>", "<eos>", "<bos>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|file_separator|>"]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
+    tok.add_special_tokens(specials)
+    fim = find_fim(Tokenizer(tok))
+    assert fim.layout.name == "qwen"
+    assert [fim.prefix_id, fim.suffix_id, fim.middle_id, fim.end_ids, fim.repo_ids] == [5, 7, 6, (8,), {}]
+
+
 def test_codestral_layout_is_mistrals_suffix_first(family_dirs, tokenizers_):
     """mistral_common's encode_fim: BOS, [SUFFIX], the suffix without dummy prefix, [PREFIX], the
     prefix with it; Mistral's documentation writes it "<s>[SUFFIX]suffix[PREFIX] prefix"."""
