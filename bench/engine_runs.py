@@ -181,26 +181,31 @@ def model_over(hf, path: Path, tokenizer: Tokenizer, device: torch.device, dtype
     if "model_type" not in raw:  # to_dict leaves out class attributes in some transformers versions
         raw["model_type"] = hf.config.model_type
     cfg = model_config_from_dict(raw)
-    prefix = family_of(cfg.model_type).PREFIX
-    weights = checkpoint_layout({name.removeprefix(prefix): t for name, t in hf.state_dict().items()})
+    family = family_of(cfg.model_type)
+    weights = checkpoint_layout({name.removeprefix(family.PREFIX): t for name, t in hf.state_dict().items()}, family)
     return LoadedModel(path, cfg, prepare_weights(weights, cfg), tokenizer, device, dtype)
 
 
-def checkpoint_layout(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers 5 holds a mixture's experts fused (experts.gate_up_proj [X, 2*I, E],
-    experts.down_proj [X, E, I]) and saves them one by one under the names checkpoints have, which
-    are what the loader reads: the same tensors under those names, as views."""
+def checkpoint_layout(weights: dict[str, torch.Tensor], family) -> dict[str, torch.Tensor]:
+    """transformers 5 holds a mixture as mlp.gate and its experts fused (mlp.experts.gate_up_proj
+    [X, 2*I, E], mlp.experts.down_proj [X, E, I]) and saves them one by one under the names
+    checkpoints have (the family's EXPERTS), which are what the loader reads: the same tensors
+    under those names, as views."""
     out = {}
     for name, t in weights.items():
-        base, _, kind = name.rpartition("experts.")
-        if kind == "gate_up_proj":
+        layer, _, kind = name.partition(".mlp.")  # "layers.{i}", what follows
+        if kind not in ("gate.weight", "experts.gate_up_proj", "experts.down_proj") or not hasattr(family, "EXPERTS"):
+            out[name] = t
+            continue
+        named = lambda role, j=0: f"{layer}.{family.EXPERTS[role].format(j=j)}.weight"  # noqa: E731
+        if kind == "gate.weight":
+            out[named("router")] = t
+        elif kind == "experts.gate_up_proj":
             i = t.shape[1] // 2
             for j in range(t.shape[0]):
-                out[f"{base}experts.{j}.gate_proj.weight"], out[f"{base}experts.{j}.up_proj.weight"] = t[j, :i], t[j, i:]
-        elif kind == "down_proj":
-            out |= {f"{base}experts.{j}.down_proj.weight": t[j] for j in range(t.shape[0])}
+                out[named("gate", j)], out[named("up", j)] = t[j, :i], t[j, i:]
         else:
-            out[name] = t
+            out |= {named("down", j): t[j] for j in range(t.shape[0])}
     return out
 
 

@@ -59,6 +59,13 @@ class Experts:
     norm_top: bool  # the chosen experts' weights renormalized to sum to 1
     layers: tuple[bool, ...]  # per layer: experts (True) or the dense MLP of n_inner
 
+    def check(self, n_embd: int) -> Experts:
+        if not 0 < self.per_token <= self.count:
+            raise ModelConfigError(f"num_experts_per_tok {self.per_token} of {self.count} experts")
+        if n_embd % 8 or self.inner % 8:  # the grouped matrix product wants rows of 16-byte multiples
+            raise ModelConfigError(f"hidden_size {n_embd} and the experts' width {self.inner} must be multiples of 8")
+        return self
+
 
 @dataclass(frozen=True)
 class ModelConfig:

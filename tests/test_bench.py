@@ -1,11 +1,16 @@
 """The engine benchmark runs end to end: `splitserve bench engine --quick` on the tiny model writes
-its JSON and plot (the device pass's benchmark stages run on the CPU in test_device_pass.py)."""
+its JSON and plot (the device pass's benchmark stages run on the CPU in test_device_pass.py); its
+model over transformers' own tensors reads a mixture's experts as transformers holds them."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+import torch
 
 from conftest import TEST_THREADS
 
@@ -36,3 +41,29 @@ def test_quick_engine_bench_writes_json_and_plot(tiny_dir, tmp_path):
     assert len(mixed) == 2 and all(r["prompt_len"] == 2080 and r["batch_size"] == 8 for r in mixed)
     assert (tmp_path / "x.png").stat().st_size > 0
 
+
+
+@pytest.mark.parametrize("model_type, fields", [
+    ("mixtral", dict(intermediate_size=32, num_local_experts=4)),
+    ("qwen3_moe", dict(intermediate_size=96, moe_intermediate_size=32, head_dim=16, num_experts=4)),
+])
+def test_the_bench_reads_transformers_experts_as_they_are_in_memory(model_type, fields):
+    """transformers 5 holds a mixture's experts fused, under names of its own; the benchmark runs our
+    forward over those very tensors (model_over), and gets transformers' logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from splitserve.bench.engine_runs import model_over
+    from splitserve.common.attention import sdpa_prefill
+    from splitserve.common.model import prefill
+    from splitserve.common.tokenizer import TINY_TOKENIZER_PATH, Tokenizer
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=8192, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, **fields)
+    hf = AutoModelForCausalLM.from_config(config).eval()
+    model = model_over(hf, Path(model_type), Tokenizer.from_file(TINY_TOKENIZER_PATH), torch.device("cpu"),
+                       torch.float32)
+    ids = torch.randint(3, 8192, (20,))
+    with torch.inference_mode():
+        ours = prefill(model.weights, ids, torch.arange(20), [20], sdpa_prefill, logit_index=torch.arange(20))
+        torch.testing.assert_close(ours, hf(ids[None]).logits[0], rtol=0, atol=1e-5)

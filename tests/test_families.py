@@ -52,6 +52,7 @@ VARIANTS = {
     "starcoder2-window": ("starcoder2", dict(sliding_window=WINDOW, norm_epsilon=1e-5)),
     "gemma-mqa": ("gemma", dict(head_dim=16, num_key_value_heads=1)),
     "gemma-gqa-untied": ("gemma", dict(head_dim=32, tie_word_embeddings=False)),
+    "mixtral-window": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)),
     "qwen3moe-norm-top": ("qwen3_moe", dict(head_dim=16, num_experts=8, num_experts_per_tok=2,
                                             moe_intermediate_size=32, norm_topk_prob=True)),
     # layer 1 has experts; 0 and 2 dense MLPs (off the sparse step), 3 too (named dense); a window
@@ -243,8 +244,8 @@ def test_eos_ids_are_config_and_generation_config_together(tmp_path):
     ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "unsupported rope_type 'longrope'"),
     ({"quantization_config": {"quant_method": "gptq"}}, "quantized checkpoints \\(gptq\\)"),
     ({"num_key_value_heads": 3}, "8 attention heads are not divisible by 3 key/value heads"),
-    ({"model_type": "mixtral"}, "unsupported model_type 'mixtral': splitserve runs .*qwen3_moe"),
-    ({"model_type": "qwen3_moe", "moe_intermediate_size": 20}, "moe_intermediate_size 20 must be multiples of 8"),
+    ({"model_type": "deepseek_v2"}, "unsupported model_type 'deepseek_v2': splitserve runs .*qwen3_moe"),
+    ({"model_type": "qwen3_moe", "moe_intermediate_size": 20}, "the experts. width 20 must be multiples of 8"),
     ({"model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 5}, "num_experts_per_tok 5 of 4 experts"),
 ])
 def test_bad_configs_get_clear_errors(tmp_path, fields, message):

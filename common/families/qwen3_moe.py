@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..model_config import Experts, ModelConfig, ModelConfigError
+from ..model_config import Experts, ModelConfig
 from .llama import LAYER, LAYER_ROLES, PREFIX, TOP, _field, llama_shaped
 
 __all__ = ["EXPERTS", "LAYER", "LAYER_ROLES", "PREFIX", "TOP", "config"]
@@ -40,8 +40,4 @@ def config(raw: dict) -> ModelConfig:
     sparse = tuple(count > 0 and i not in dense and (i + 1) % step == 0 for i in range(layers))
     if not any(sparse):
         return cfg
-    if not 0 < per_token <= count:
-        raise ModelConfigError(f"num_experts_per_tok {per_token} of {count} experts")
-    if cfg.n_embd % 8 or inner % 8:  # the grouped matrix product wants rows of 16-byte multiples
-        raise ModelConfigError(f"hidden_size {cfg.n_embd} and moe_intermediate_size {inner} must be multiples of 8")
-    return replace(cfg, experts=Experts(count, per_token, inner, bool(get("norm_topk_prob")), sparse))
+    return replace(cfg, experts=Experts(count, per_token, inner, bool(get("norm_topk_prob")), sparse).check(cfg.n_embd))
