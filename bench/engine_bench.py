@@ -67,7 +67,7 @@ SHAPES = {
         num_experts_per_tok=2, moe_intermediate_size=128, norm_topk_prob=True, bos_token_id=0, eos_token_id=0),
     "qwen3-coder-30b-a3b": dict(
         model_type="qwen3_moe", vocab_size=151936, max_position_embeddings=262144, hidden_size=2048,
-        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=5472,
         num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
         rope_theta=10000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151643,
         eos_token_id=151645),

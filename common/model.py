@@ -154,11 +154,11 @@ def experts(w: ModelWeights, layer: Layer, x: torch.Tensor, out: torch.Tensor | 
     rows = torch.index_select(x, 0, order // k)  # [N*k, E]
     gate_up = torch._grouped_mm(rows, layer.experts_up, offs=ends)  # [N*k, 2*I]
     hidden = w.act(gate_up[:, :inner]) * gate_up[:, inner:]  # [N*k, I]
-    done = torch._grouped_mm(hidden, layer.experts_down, offs=ends)  # [N*k, E]
+    by_pair = torch._grouped_mm(hidden, layer.experts_down, offs=ends)  # [N*k, E]
     # back to (row, choice) order, then each row's k outputs weighted and summed
-    done = torch.empty_like(done).index_copy_(0, order, done).view(n, k, -1)  # [N, k, E]
+    by_row = torch.empty_like(by_pair).index_copy_(0, order, by_pair).view(n, k, -1)  # [N, k, E]
     summed = None if out is None else out.view(n, 1, -1)
-    return torch.bmm(weights.to(x.dtype)[:, None], done, out=summed).view(n, -1)
+    return torch.bmm(weights.to(x.dtype)[:, None], by_row, out=summed).view(n, -1)
 
 
 def prefill(

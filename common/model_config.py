@@ -50,7 +50,7 @@ class Rope:
 
 @dataclass(frozen=True)
 class Experts:
-    """A mixture-of-experts MLP (Qwen3-MoE): a router picks `per_token` of `count` gated MLPs of
+    """A mixture-of-experts MLP (Qwen3-MoE, Mixtral): a router picks `per_token` of `count` gated MLPs of
     width `inner` for each token and weights their outputs."""
 
     count: int
@@ -60,6 +60,7 @@ class Experts:
     layers: tuple[bool, ...]  # per layer: experts (True) or the dense MLP of n_inner
 
     def check(self, n_embd: int) -> Experts:
+        """Itself, if the forward can run it with a hidden width of n_embd; else a clear error."""
         if not 0 < self.per_token <= self.count:
             raise ModelConfigError(f"num_experts_per_tok {self.per_token} of {self.count} experts")
         if n_embd % 8 or self.inner % 8:  # the grouped matrix product wants rows of 16-byte multiples

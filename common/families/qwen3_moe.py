@@ -34,10 +34,10 @@ def config(raw: dict) -> ModelConfig:
                        windows=(window,) * layers)
     # transformers 5 writes the expert count as num_local_experts
     count = int(raw.get("num_experts") or raw.get("num_local_experts") or DEFAULTS["num_experts"])
-    per_token, inner, step = int(get("num_experts_per_tok")), int(get("moe_intermediate_size")), \
-        int(get("decoder_sparse_step"))
-    dense = set(raw.get("mlp_only_layers") or ())
+    step, dense = int(get("decoder_sparse_step")), set(raw.get("mlp_only_layers") or ())
     sparse = tuple(count > 0 and i not in dense and (i + 1) % step == 0 for i in range(layers))
     if not any(sparse):
         return cfg
-    return replace(cfg, experts=Experts(count, per_token, inner, bool(get("norm_topk_prob")), sparse).check(cfg.n_embd))
+    experts = Experts(count, int(get("num_experts_per_tok")), int(get("moe_intermediate_size")),
+                      bool(get("norm_topk_prob")), sparse)
+    return replace(cfg, experts=experts.check(cfg.n_embd))
