@@ -110,9 +110,9 @@ def check_grouped_mm(device: torch.device, dtype: torch.dtype) -> None:
     """Mixtures of experts run on torch._grouped_mm; say plainly where this PyTorch has none for
     the device and dtype (on CUDA it wants a recent GPU and bfloat16)."""
     x = torch.zeros(8, 8, device=device, dtype=dtype)
+    w = torch.zeros(2, 8, 8, device=device, dtype=dtype).transpose(1, 2)  # laid out as experts_up is
     try:
-        torch._grouped_mm(x, torch.zeros(2, 8, 8, device=device, dtype=dtype),
-                          offs=torch.tensor([4, 8], device=device, dtype=torch.int32))
+        torch._grouped_mm(x, w, offs=torch.tensor([4, 8], device=device, dtype=torch.int32))
     except RuntimeError as e:
         raise RuntimeError(f"mixture-of-experts layers need torch._grouped_mm, which this PyTorch lacks for {dtype} "
                            f"on {device}: {e}") from None
