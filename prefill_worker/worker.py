@@ -185,11 +185,15 @@ class PrefillWorker(WorkerLoop):
         self.cancelled[rid] = time.monotonic()
 
     def _drop(self, queued: Queued, reason: P.FinishReason) -> None:
-        self.queue.remove(queued)
-        self.queued_tokens -= queued.compute
+        self._dequeue(queued)
         if queued.offset is not None:
             self.kv.regions.free(queued.offset, len(queued.job.request.prompt_ids))
         self._finish_all(queued.job, reason)
+
+    def _dequeue(self, queued: Queued) -> None:
+        """Out of the queue, its tokens still to compute no longer counted."""
+        self.queue.remove(queued)
+        self.queued_tokens -= queued.compute
 
     def _finish_all(self, job: P.Prefill, reason: P.FinishReason) -> None:
         for request in (job.request, *job.forks):
@@ -276,11 +280,8 @@ class PrefillWorker(WorkerLoop):
         offset = self.kv.regions.alloc(n)
         if offset is None:
             return False
-        blocks = self._lookup(request, matched)
-        if blocks:
-            self.cache.copy_out(blocks, self.kv.staging.tensor[:, :, offset : offset + n])
         queued.offset = offset
-        queued.done = queued.cached = self._tokens(blocks)
+        queued.done = queued.cached = self._stage_cached([queued.job], [self._lookup(request, matched)], offset)[0]
         self._computed(queued, queued.compute - (n - queued.done))  # what it needs now, not when it came
         return True
 
@@ -292,8 +293,7 @@ class PrefillWorker(WorkerLoop):
         """The pass's whole prompts, packed in one forward; -> (prompts, tokens) prefilled."""
         batch = [q.job for q in plan.whole]
         for queued in plan.whole:
-            self.queue.remove(queued)
-            self.queued_tokens -= queued.compute
+            self._dequeue(queued)
         offset, total = plan.offset, sum(len(j.request.prompt_ids) for j in batch)
         try:
             with torch.inference_mode():
@@ -333,14 +333,13 @@ class PrefillWorker(WorkerLoop):
                 self.kv.staging.record_write()
         except Exception as e:
             log.exception("prefill of a prompt's piece failed")
-            self.queue.remove(queued)
-            self.queued_tokens -= queued.compute
+            self._dequeue(queued)
             self._fail([job], queued.offset, len(job.request.prompt_ids), e)
             return 0, 0
         self._computed(queued, n)
         queued.done += n
         if last:
-            self.queue.remove(queued)
+            self._dequeue(queued)  # nothing left to compute
             self.kv.regions.share(queued.offset, 1 + len(job.forks))
             for res in results:
                 res.cached = queued.cached  # not the earlier pieces'
