@@ -71,6 +71,20 @@ SHAPES = {
         num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
         rope_theta=10000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151643,
         eos_token_id=151645),
+    # latent attention (a cache of 64 + 16 per token and layer) and DeepSeek's experts, at llama-tiny's size
+    "deepseek-v2-tiny": dict(
+        model_type="deepseek_v2", vocab_size=8192, max_position_embeddings=2048, hidden_size=256, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=8, kv_lora_rank=64, q_lora_rank=None, qk_nope_head_dim=32,
+        qk_rope_head_dim=16, v_head_dim=32, intermediate_size=688, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, moe_intermediate_size=128, first_k_dense_replace=1, bos_token_id=0, eos_token_id=0),
+    "deepseek-coder-v2-lite": dict(
+        model_type="deepseek_v2", vocab_size=102400, max_position_embeddings=163840, hidden_size=2048,
+        num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, kv_lora_rank=512, q_lora_rank=None,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, intermediate_size=10944, n_routed_experts=64,
+        num_experts_per_tok=6, n_shared_experts=2, moe_intermediate_size=1408, first_k_dense_replace=1,
+        rope_theta=10000, rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                        "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+        rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=100000, eos_token_id=100001),
 }
 
 

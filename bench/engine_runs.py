@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from splitserve.common.families import family_of
 from splitserve.common.loading import LoadedModel
-from splitserve.common.model import ModelWeights, experts, linear, prepare_weights
+from splitserve.common.model import ModelWeights, linear, mlp, prepare_weights
 from splitserve.common.model_config import model_config_from_dict
 from splitserve.common.request import GenerateRequest
 from splitserve.common.tokenizer import TINY_TOKENIZER_PATH, Tokenizer
@@ -235,26 +235,38 @@ def random_prompts(lens: tuple[int, ...], vocab: int, device: torch.device) -> l
 
 def floor(w: ModelWeights, tokens: int, rows: int, device: torch.device, times: int = 1) -> Measurement:
     """A forward's weight matrix products alone, back to back: each layer's four (q/k/v, the
-    attention output, the MLP's up or gate/up, its down; a mixture of experts whole, its router and
-    the products of the experts its rows chose) on `tokens` rows, the LM head on `rows`
+    attention output, the MLP's up or gate/up, its down; latent attention's up-projections too; a
+    mixture of experts whole, its router, the products of the experts its rows chose and of the
+    shared ones) on `tokens` rows, the LM head on `rows`
     (one per sequence): for decode, the time to read the weights. A sample runs them `times` over,
     as a decode sample runs its steps: one short run alone would find the weights evicted by the
     other systems."""
     cfg = w.cfg
     x = torch.randn(tokens, cfg.n_embd, dtype=w.wte.dtype, device=device)  # [T, E]
-    attn = torch.randn(tokens, cfg.q_dim, dtype=w.wte.dtype, device=device)  # [T, Q]
     inner = torch.randn(tokens, cfg.n_inner, dtype=w.wte.dtype, device=device)  # [T, I]
+    lat = cfg.latent
+    if lat is None:
+        attn = torch.randn(tokens, cfg.q_dim, dtype=w.wte.dtype, device=device)  # [T, Q]
+    else:
+        attn = torch.randn(tokens, cfg.n_head * lat.v_dim, dtype=w.wte.dtype, device=device)  # [T, H*Vd]
+        q_down = torch.randn(tokens, lat.q_rank, dtype=w.wte.dtype, device=device)  # [T, q_rank]
+        per_head = torch.randn(cfg.n_head, tokens, max(lat.nope_dim, lat.kv_rank), dtype=w.wte.dtype, device=device)
 
     def products():
         for _ in range(times):
             for layer in w.layers:
                 linear(x, layer.qkv_wt, layer.qkv_b)
+                if layer.k_up is not None:
+                    if layer.q_up_wt is not None:
+                        torch.mm(q_down, layer.q_up_wt)
+                    torch.bmm(per_head[:, :, : lat.nope_dim], layer.k_up)
+                    torch.bmm(per_head[:, :, : lat.kv_rank], layer.v_up)
                 linear(attn, layer.out_wt, layer.out_b)
                 if layer.router_wt is None:
                     linear(x, layer.up_wt, layer.up_b)
                     linear(inner, layer.down_wt, layer.down_b)
                 else:
-                    experts(w, layer, x)
+                    mlp(w, layer, x)
             torch.mm(x[:rows], w.lm_head_t)
 
     m = timing(products, device)

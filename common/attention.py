@@ -1,7 +1,8 @@
 """Attention kernels: packed variable-length causal prefill, and decode over a static KV pool.
 
 Prefill picks, once, the fastest kernel the process has: the `flash-attn` package's
-varlen kernel, PyTorch's bundled FlashAttention varlen op on CUDA, else SDPA per prompt (CPU).
+varlen kernel, PyTorch's bundled FlashAttention varlen op on CUDA, else SDPA per prompt (CPU, and
+heads wider than FlashAttention takes).
 Decode always uses batched matmuls over the pool's contiguous slot prefix: the G query heads of
 each key/value head make one row block, so `q @ kᵀ` is one batched GEMM per layer and the cache
 is read in place, without repeating K/V per query head.
@@ -133,8 +134,12 @@ def _torch_varlen_prefill() -> PrefillAttention | None:
     return prefill
 
 
-def choose_prefill_attention(device: torch.device) -> tuple[str, PrefillAttention]:
-    if device.type == "cuda":
+# The FlashAttention kernels take heads up to this wide; latent attention's (DeepSeek-V2: 576) go to SDPA.
+FLASH_MAX_HEAD_DIM = 256
+
+
+def choose_prefill_attention(device: torch.device, head_dim: int) -> tuple[str, PrefillAttention]:
+    if device.type == "cuda" and head_dim <= FLASH_MAX_HEAD_DIM:
         for name, make in (("flash-attn varlen", _flash_attn_prefill), ("torch varlen", _torch_varlen_prefill)):
             fn = make()
             if fn is not None:

@@ -93,18 +93,18 @@ def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 def rope_tables(cfg: ModelConfig, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """cos and sin [n_positions, D / 2] of every position, in the compute dtype (transformers
+    """cos and sin [n_positions, R / 2] of every position (R the rotary width, cfg.rope_dim), in the compute dtype (transformers
     computes them in float32 and casts before use); None for a model without rotary embeddings."""
     if cfg.rope is None:
         return None
     rope, positions = cfg.rope, torch.arange(cfg.n_positions, dtype=torch.float32)[:, None]
-    freqs, scale = inv_freq(rope, cfg.head_dim, cfg.n_positions)
+    freqs, scale = inv_freq(rope, cfg.rope_dim, cfg.n_positions)
     angles = positions * freqs[None, :]  # [P, D / 2]
     if rope.rope_type == "dynamic" and cfg.n_positions > rope.original_max_positions:
         # transformers recomputes dynamic NTK scaling for each forward from that forward's length,
         # which a KV cache cannot follow. Within the pretraining length, where the two agree, the
         # plain frequencies; past it the scaling at the longest length served, as vLLM does.
-        plain, _ = inv_freq(replace(rope, rope_type="default"), cfg.head_dim, cfg.n_positions)
+        plain, _ = inv_freq(replace(rope, rope_type="default"), cfg.rope_dim, cfg.n_positions)
         within = positions < rope.original_max_positions
         angles = torch.where(within, positions * plain[None, :], angles)
     return (angles.cos() * scale).to(device, dtype), (angles.sin() * scale).to(device, dtype)

@@ -6,7 +6,9 @@ layer has: LayerNorm or RMSNorm, learned positions or rotary ones, multi-query, 
 multi-head attention with an optional sliding window, q/k norms, a plain or a gated MLP, biases.
 Shapes: T packed prompt tokens, B decode rows, E = n_embd, H query heads, KVH key/value heads,
 G = H / KVH, D head dim, Q = H * D, KV = KVH * D, I the MLP width, S slots, L slot length,
-V vocabulary, X experts (k of them per token) of width I.
+V vocabulary, X experts (k of them per token) of width I. Latent attention (DeepSeek-V2): R the
+compressed K/V width, P the rotary width, Dn and Dv the per-head key (without positions) and
+value widths; its cache is one head (KVH = 1) of D = R + P.
 """
 
 from __future__ import annotations
@@ -46,6 +48,13 @@ class Layer(NamedTuple):
     router_wt: torch.Tensor | None = None  # [E, X]
     experts_up: torch.Tensor | None = None  # [X, E, 2*I], each expert's columns gate | up
     experts_down: torch.Tensor | None = None  # [X, I, E]
+    # latent attention (cfg.latent), else None; qkv_wt is then [E, Qin + R + P], columns the queries'
+    # projection [H*(Dn+P)] (or their compression [q_rank]) | the compressed K/V | the rotary key
+    q_up_wt: torch.Tensor | None = None  # [q_rank, H*(Dn+P)]: the queries from their compression
+    q_down_norm_w: torch.Tensor | None = None  # [q_rank]
+    kv_norm_w: torch.Tensor | None = None  # [R]
+    k_up: torch.Tensor | None = None  # [H, Dn, R]: each head's key up-projection, which its query takes
+    v_up: torch.Tensor | None = None  # [H, R, Dv]: each head's value up-projection, which its output takes
 
 
 class ModelWeights(NamedTuple):
@@ -82,6 +91,7 @@ def prepare_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> Model
             router_wt=_t(t.get("router")),
             experts_up=t["experts_up"].transpose(1, 2) if "experts_up" in t else None,
             experts_down=t["experts_down"].transpose(1, 2) if "experts_down" in t else None,
+            **_latent_weights(t, cfg),
         ))
     if cfg.experts is not None:
         check_grouped_mm(layers[0].norm1_w.device, layers[0].norm1_w.dtype)
@@ -95,6 +105,16 @@ def prepare_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> Model
         upcast_softmax=wte.dtype != torch.float32, rope_cos=tables[0] if tables else None,
         rope_sin=tables[1] if tables else None, embed_scale=scale,
     )
+
+
+def _latent_weights(t: dict, cfg: ModelConfig) -> dict:
+    """A layer's latent-attention fields from its tensors (families.layer_tensors), if it has them."""
+    if cfg.latent is None:
+        return {}
+    lat = cfg.latent
+    kv_up = t["kv_up"].view(cfg.n_head, lat.nope_dim + lat.v_dim, lat.kv_rank)  # [H, Dn + Dv, R]
+    return dict(q_up_wt=_t(t["q_up"]), q_down_norm_w=t["q_down_norm"], kv_norm_w=t["kv_norm"],
+                k_up=kv_up[:, : lat.nope_dim].contiguous(), v_up=kv_up[:, lat.nope_dim :].transpose(1, 2).contiguous())
 
 
 def _offset(norm: torch.Tensor | None, cfg: ModelConfig) -> torch.Tensor | None:
@@ -124,12 +144,19 @@ def linear(x: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None, out: torch
 
 def mlp(w: ModelWeights, layer: Layer, x: torch.Tensor, up: torch.Tensor | None = None,
         inner: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [N, E] -> [N, E]; `up` [N, I or 2*I], `inner` [N, I] and `out` [N, E]: buffers to write."""
+    """x [N, E] -> [N, E]; `up` [N, I or 2*I], `inner` [N, I] and `out` [N, E]: buffers to write.
+    A mixture of experts with shared experts adds their MLP (up_wt, down_wt) to the routed one."""
     if layer.router_wt is not None:
-        return experts(w, layer, x, out)
+        routed = experts(w, layer, x, out)
+        return routed if layer.up_wt is None else routed.add_(_dense(w, layer, x))
+    return _dense(w, layer, x, up, inner, out)
+
+
+def _dense(w: ModelWeights, layer: Layer, x: torch.Tensor, up: torch.Tensor | None = None,
+           inner: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     hidden = linear(x, layer.up_wt, layer.up_b, out=up)
     if w.cfg.mlp == "gated":
-        n = w.cfg.n_inner
+        n = layer.down_wt.shape[0]
         hidden = torch.mul(w.act(hidden[:, :n]), hidden[:, n:], out=inner)
     else:
         hidden = w.act(hidden)
@@ -145,9 +172,16 @@ def experts(w: ModelWeights, layer: Layer, x: torch.Tensor, out: torch.Tensor | 
     moe = w.cfg.experts
     n, k, inner = x.shape[0], moe.per_token, moe.inner
     probs = torch.softmax(torch.mm(x, layer.router_wt), -1, dtype=torch.float32)  # [N, X]
+    if moe.groups is not None:  # only the experts of each row's best groups stay candidates
+        groups, kept = moe.groups
+        best = torch.topk(probs.view(n, groups, -1).amax(-1), kept).indices  # [N, kept]
+        in_best = torch.zeros(n, groups, dtype=torch.bool, device=x.device).scatter_(1, best, True)
+        probs = probs.masked_fill(~in_best.repeat_interleave(moe.count // groups, 1), 0.0)
     weights, chosen = torch.topk(probs, k)  # [N, k]
     if moe.norm_top:
         weights = weights / weights.sum(-1, keepdim=True)
+    if moe.scale != 1.0:
+        weights = weights * moe.scale
     by_expert, order = torch.sort(chosen.view(-1), stable=True)  # [N*k]
     # [X]: where each expert's run of pairs ends
     ends = torch.searchsorted(by_expert, torch.arange(moe.count, device=x.device), right=True).to(torch.int32)
@@ -159,6 +193,41 @@ def experts(w: ModelWeights, layer: Layer, x: torch.Tensor, out: torch.Tensor | 
     by_row = torch.empty_like(by_pair).index_copy_(0, order, by_pair).view(n, k, -1)  # [N, k, E]
     summed = None if out is None else out.view(n, 1, -1)
     return torch.bmm(weights.to(x.dtype)[:, None], by_row, out=summed).view(n, -1)
+
+
+# DeepSeek's RMSNorms over the compressed queries and K/V keep their class's epsilon, not the config's
+LATENT_NORM_EPS = 1e-6
+
+
+def latent_qk(w: ModelWeights, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              q: torch.Tensor | None = None, k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent attention's queries and cache entries for x [N, E], at the positions of cos, sin
+    [N, 1, P/2]: k [N, 1, R + P], the normalized compressed K/V and the rotated rotary key, is what
+    the cache holds, for keys and values alike; q [N, H, R + P] is each head's query over it: the
+    query's part without positions taken through the head's key up-projection (so that the keys
+    are never expanded per head), and its rotated rotary part. `q`, `k`: buffers to write."""
+    lat, n, heads = w.cfg.latent, x.shape[0], w.cfg.n_head
+    r, p, nope = lat.kv_rank, lat.rope_dim, lat.nope_dim
+    proj = linear(x, layer.qkv_wt, layer.qkv_b)  # [N, Qin + R + P]
+    q_in = proj[:, : -(r + p)]
+    if layer.q_up_wt is not None:
+        q_in = torch.mm(torch.rms_norm(q_in, (lat.q_rank,), layer.q_down_norm_w, LATENT_NORM_EPS), layer.q_up_wt)
+    q_in = q_in.view(n, heads, nope + p)  # [N, H, Dn + P]
+    q = x.new_empty(n, heads, r + p) if q is None else q
+    k = x.new_empty(n, 1, r + p) if k is None else k
+    q[:, :, :r] = torch.bmm(q_in[:, :, :nope].transpose(0, 1), layer.k_up).transpose(0, 1)  # [N, H, R]
+    rotate_halves(*halves(q_in[:, :, nope:]), cos, sin, *halves(q[:, :, r:]))
+    kv = proj[:, -(r + p) :]  # [N, R + P]
+    k[:, 0, :r] = torch.rms_norm(kv[:, :r], (r,), layer.kv_norm_w, LATENT_NORM_EPS)
+    rotate_halves(*halves(kv[:, None, r:]), cos, sin, *halves(k[:, :, r:]))
+    return q, k
+
+
+def latent_out(w: ModelWeights, layer: Layer, a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Latent attention's output: a [N, H, R + P], each head's weighted sum of the cached vectors ->
+    [N, E], its compressed part through the head's value up-projection, then the output projection."""
+    v = torch.bmm(a[:, :, : w.cfg.latent.kv_rank].transpose(0, 1), layer.v_up)  # [H, N, Dv]
+    return linear(v.transpose(0, 1).reshape(a.shape[0], -1), layer.out_wt, layer.out_b, out=out)
 
 
 def prefill(
@@ -199,14 +268,18 @@ def prefill(
         cos, sin = w.rope_cos[positions][:, None], w.rope_sin[positions][:, None]  # [T, 1, D/2]
     for i, layer in enumerate(w.layers):
         x = norm(h, layer.norm1_w, layer.norm1_b, eps)
-        qkv = linear(x, layer.qkv_wt, layer.qkv_b)  # [T, Q + 2*KV]
-        q = qkv[:, :q_dim].view(t, cfg.n_head, d)
-        k = qkv[:, q_dim : q_dim + kv_dim].view(t, kvh, d)
-        v = qkv[:, q_dim + kv_dim :].view(t, kvh, d)
-        if layer.q_norm_w is not None:
-            q, k = torch.rms_norm(q, (d,), layer.q_norm_w, eps), torch.rms_norm(k, (d,), layer.k_norm_w, eps)
-        if rope:
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if layer.k_up is not None:  # latent attention: the cached vector is key and value
+            q, k = latent_qk(w, layer, x, cos, sin)
+            v = k
+        else:
+            qkv = linear(x, layer.qkv_wt, layer.qkv_b)  # [T, Q + 2*KV]
+            q = qkv[:, :q_dim].view(t, cfg.n_head, d)
+            k = qkv[:, q_dim : q_dim + kv_dim].view(t, kvh, d)
+            v = qkv[:, q_dim + kv_dim :].view(t, kvh, d)
+            if layer.q_norm_w is not None:
+                q, k = torch.rms_norm(q, (d,), layer.q_norm_w, eps), torch.rms_norm(k, (d,), layer.k_norm_w, eps)
+            if rope:
+                q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if packed.cu_k is not packed.cu_q:  # the prompts' keys: cached prefixes and new tokens together
             kv_out[i, 0].index_copy_(0, dest, k)
             kv_out[i, 1].index_copy_(0, dest, v)
@@ -215,7 +288,10 @@ def prefill(
             kv_out[i, 0, :t] = k
             kv_out[i, 1, :t] = v
         a = attn(q, k, v, packed, cfg.attn_scale, layer.window)  # [T, H, D]
-        h = h + linear(a.reshape(t, q_dim), layer.out_wt, layer.out_b)
+        if layer.k_up is not None:
+            h = h + latent_out(w, layer, a)
+        else:
+            h = h + linear(a.reshape(t, q_dim), layer.out_wt, layer.out_b)
         h = h + mlp(w, layer, norm(h, layer.norm2_w, layer.norm2_b, eps))
     # Gather before the final norm and the LM head, so unwanted positions cost nothing there.
     h = h[packed.cu_q[1:].long() - 1 if logit_index is None else logit_index]  # [B or R, E]
@@ -302,7 +378,9 @@ def decode_buffers(cfg: ModelConfig, kv: torch.Tensor, scratch: torch.Tensor, b:
         start += _aligned(s * width)
     h, qkv, q_rot, new_kv, scores, attn, up, inner, out, logits = pieces
     rope = None
-    if cfg.rope is not None:
+    if cfg.latent is not None:  # latent_qk writes the queries and the new cache entries into them
+        q = q_rot
+    elif cfg.rope is not None:
         q_dim, kv_dim, heads = cfg.q_dim, cfg.kv_dim, cfg.n_head
         q_in, k_in, v_in = qkv[:, :q_dim], qkv[:, q_dim : q_dim + kv_dim], qkv[:, q_dim + kv_dim :]
         rope = RopeViews(halves(q_in.view(b, heads, d)), halves(k_in.view(b, kvh, d)), v_in.view(b, kvh, d),
@@ -359,25 +437,30 @@ def decode_step(
     if w.embed_scale is not None:
         h.mul_(w.embed_scale)
     rope = bufs.rope
-    if rope is not None:
+    if w.rope_cos is not None:
         cos, sin = w.rope_cos[positions][:, None], w.rope_sin[positions][:, None]  # [B, 1, D/2]
     elif w.wpe is not None:
         h.add_(torch.embedding(w.wpe, positions))
     try:
         for layer, write, keys_t, values, mask in zip(w.layers, bufs.write, bufs.keys_t, bufs.values, masks):
             x = norm(h, layer.norm1_w, layer.norm1_b, eps)
-            linear(x, layer.qkv_wt, layer.qkv_b, out=qkv)  # [B, Q + 2*KV]
-            if rope is not None:
-                q_in, k_in = rope.q, rope.k
-                if layer.q_norm_w is not None:
-                    q_in = halves(torch.rms_norm(qkv[:, :q_dim].view(b, cfg.n_head, d), (d,), layer.q_norm_w, eps))
-                    k_in = halves(torch.rms_norm(qkv[:, q_dim : q_dim + kv_dim].view(b, cfg.kv_heads, d), (d,),
-                                                 layer.k_norm_w, eps))
-                rotate_halves(*q_in, cos, sin, *rope.q_out)
-                rotate_halves(*k_in, cos, sin, *rope.k_out)
-                rope.v_out.copy_(rope.v)
-            elif bufs.q is None:
-                q, new_kv = split_qkv(qkv, cfg)
+            if layer.k_up is not None:  # latent attention: the new cached vector is key and value
+                latent_qk(w, layer, x, cos, sin, q=q.view(b, cfg.n_head, d), k=new_kv[0].view(b, 1, d))
+                new_kv[1].copy_(new_kv[0])
+            else:
+                linear(x, layer.qkv_wt, layer.qkv_b, out=qkv)  # [B, Q + 2*KV]
+                if rope is not None:
+                    q_in, k_in = rope.q, rope.k
+                    if layer.q_norm_w is not None:
+                        q_in = halves(torch.rms_norm(qkv[:, :q_dim].view(b, cfg.n_head, d), (d,), layer.q_norm_w,
+                                                     eps))
+                        k_in = halves(torch.rms_norm(qkv[:, q_dim : q_dim + kv_dim].view(b, cfg.kv_heads, d), (d,),
+                                                     layer.k_norm_w, eps))
+                    rotate_halves(*q_in, cos, sin, *rope.q_out)
+                    rotate_halves(*k_in, cos, sin, *rope.k_out)
+                    rope.v_out.copy_(rope.v)
+                elif bufs.q is None:
+                    q, new_kv = split_qkv(qkv, cfg)
             write.index_copy_(1, write_index, new_kv)
             if serial:
                 torch.set_num_threads(1)
@@ -389,7 +472,10 @@ def decode_step(
             torch.bmm(probs, values, out=attn)  # [B*KVH, G, D]
             if serial:
                 torch.set_num_threads(threads)
-            h.add_(linear(bufs.attn_rows, layer.out_wt, layer.out_b, out=out))
+            if layer.k_up is not None:
+                h.add_(latent_out(w, layer, attn, out=out))
+            else:
+                h.add_(linear(bufs.attn_rows, layer.out_wt, layer.out_b, out=out))
             x = norm(h, layer.norm2_w, layer.norm2_b, eps)
             h.add_(mlp(w, layer, x, up=bufs.up, inner=bufs.inner, out=out))
     finally:  # a failed step must not leave the process on one thread

@@ -50,14 +50,19 @@ class Rope:
 
 @dataclass(frozen=True)
 class Experts:
-    """A mixture-of-experts MLP (Qwen3-MoE, Mixtral): a router picks `per_token` of `count` gated MLPs of
-    width `inner` for each token and weights their outputs."""
+    """A mixture-of-experts MLP (Qwen3-MoE, Mixtral, DeepSeek-V2): a router picks `per_token` of
+    `count` gated MLPs of width `inner` for each token and weights their outputs."""
 
     count: int
     per_token: int
     inner: int
     norm_top: bool  # the chosen experts' weights renormalized to sum to 1
     layers: tuple[bool, ...]  # per layer: experts (True) or the dense MLP of n_inner
+    scale: float = 1.0  # the chosen experts' weights multiplied by this (after any renormalizing)
+    shared: int = 0  # the width of a gated MLP every token goes through beside its experts; 0: none
+    # (groups, kept): experts fall into `groups` groups and a token chooses among the `kept` groups
+    # holding its best scores only (DeepSeek's group-limited routing); None: among all
+    groups: tuple[int, int] | None = None
 
     def check(self, n_embd: int) -> Experts:
         """Itself, if the forward can run it with a hidden width of n_embd; else a clear error."""
@@ -65,7 +70,29 @@ class Experts:
             raise ModelConfigError(f"num_experts_per_tok {self.per_token} of {self.count} experts")
         if n_embd % 8 or self.inner % 8:  # the grouped matrix product wants rows of 16-byte multiples
             raise ModelConfigError(f"hidden_size {n_embd} and the experts' width {self.inner} must be multiples of 8")
+        if self.groups is not None:
+            groups, kept = self.groups
+            if groups < 1 or self.count % groups or not 0 < kept <= groups or kept * self.count // groups < self.per_token:
+                raise ModelConfigError(f"{self.count} experts in {groups} groups, {kept} kept, cannot give "
+                                       f"{self.per_token} experts per token")
         return self
+
+
+@dataclass(frozen=True)
+class Latent:
+    """Multi-head latent attention (DeepSeek-V2): each token's keys and values come from one
+    compressed vector of `kv_rank` (normalized) and one rotary key of `rope_dim` shared by every
+    head, and only those are cached: the KV cache holds one "head" of kv_rank + rope_dim per token.
+    Each head's key is (its up-projection of the vector, the rotary key), its value another
+    up-projection; the forward folds those projections into the query and the output instead of
+    expanding the cache (common/model.py latent_qk, latent_out)."""
+
+    kv_rank: int
+    q_rank: int  # queries from a compressed vector of this width (normalized); 0: from the hidden state
+    nope_dim: int  # per head: the query and key width without positions
+    rope_dim: int  # per head: the rotary width
+    v_dim: int  # per head: the value width
+    scale: float  # the attention's softmax scale
 
 
 @dataclass(frozen=True)
@@ -92,6 +119,8 @@ class ModelConfig:
     tie_word_embeddings: bool
     scale_attn_weights: bool = True
     experts: Experts | None = None  # mixture-of-experts MLPs, in the layers it names
+    # multi-head latent attention; then kv_heads is 1 and head_dim kv_rank + rope_dim, the cache's
+    latent: Latent | None = None
     embed_scale: float = 1.0  # the embeddings' multiplier on the way in (Gemma: sqrt(n_embd))
     norm_offset: float = 0.0  # RMSNorm multiplies by offset + weight (Gemma: 1)
     bos_token_id: int | None = None
@@ -111,7 +140,14 @@ class ModelConfig:
 
     @property
     def attn_scale(self) -> float:
+        if self.latent is not None:
+            return self.latent.scale
         return self.head_dim**-0.5 if self.scale_attn_weights else 1.0
+
+    @property
+    def rope_dim(self) -> int:
+        """The width each head's rotary embedding turns."""
+        return self.head_dim if self.latent is None else self.latent.rope_dim
 
     def fingerprint(self, vocab_size: int) -> str:
         """Identifies the model shape and the tokenizer's vocabulary, so that processes can refuse a

@@ -45,7 +45,7 @@ class PrefillEngine:
         cfg = model.cfg
         self.model = model
         self.token_budget = token_budget
-        self.attn_name, self.attn = ("custom", attn) if attn else choose_prefill_attention(model.device)
+        self.attn_name, self.attn = ("custom", attn) if attn else choose_prefill_attention(model.device, cfg.head_dim)
         # [n_layer, 2, >= budget, KVH, D]: prompts' KV packed back to back. A worker passes one
         # its KV transport can export; the in-process engine owns a plain one.
         if staging is None:

@@ -46,6 +46,9 @@ def test_quick_engine_bench_writes_json_and_plot(tiny_dir, tmp_path):
 @pytest.mark.parametrize("model_type, fields", [
     ("mixtral", dict(intermediate_size=32, num_local_experts=4)),
     ("qwen3_moe", dict(intermediate_size=96, moe_intermediate_size=32, head_dim=16, num_experts=4)),
+    ("deepseek_v2", dict(intermediate_size=96, moe_intermediate_size=32, n_routed_experts=4, first_k_dense_replace=1,
+                         num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8,
+                         qk_rope_head_dim=8, v_head_dim=8)),
 ])
 def test_the_bench_reads_transformers_experts_as_they_are_in_memory(model_type, fields):
     """transformers 5 holds a mixture's experts fused, under names of its own; the benchmark runs our
@@ -59,7 +62,7 @@ def test_the_bench_reads_transformers_experts_as_they_are_in_memory(model_type, 
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, vocab_size=8192, hidden_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, **fields)
+                                  num_attention_heads=4, num_experts_per_tok=2, **{"num_key_value_heads": 2, **fields})
     hf = AutoModelForCausalLM.from_config(config).eval()
     model = model_over(hf, Path(model_type), Tokenizer.from_file(TINY_TOKENIZER_PATH), torch.device("cpu"),
                        torch.float32)

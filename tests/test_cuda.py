@@ -53,9 +53,11 @@ def kernels() -> list:
 
 @needs_cuda
 def test_a_cuda_kernel_is_chosen(record_property):
-    name, _ = choose_prefill_attention(torch.device("cuda"))
+    name, _ = choose_prefill_attention(torch.device("cuda"), head_dim=128)
     record_property("kernel", name)
     assert name != "sdpa"
+    # latent attention's cached vectors are wider than FlashAttention's heads go
+    assert choose_prefill_attention(torch.device("cuda"), head_dim=576)[0] == "sdpa"
     print(f"\nprefill attention on torch {torch.__version__}: {name}")
 
 
@@ -100,7 +102,7 @@ def test_model_prefill_with_the_chosen_kernel_matches_sdpa(tiny_dir, record_prop
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(5, lm.cfg.vocab_size, (sum(SEQLENS),), generator=gen).cuda()
     positions = torch.cat([torch.arange(n) for n in SEQLENS]).cuda()
-    _, attn = choose_prefill_attention(lm.device)
+    _, attn = choose_prefill_attention(lm.device, lm.cfg.head_dim)
     with torch.inference_mode():
         got = prefill(lm.weights, ids, positions, SEQLENS, attn)  # [B, V]
         want = prefill(lm.weights, ids, positions, SEQLENS, sdpa_prefill)

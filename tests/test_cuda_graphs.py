@@ -34,7 +34,7 @@ def lm(tiny_dir):
 def shaped_model(device: str, dtype: torch.dtype, shape: str = "llama-tiny") -> LoadedModel:
     """Random weights of one of engine_bench's shapes, large enough that the logits are not flat:
     llama-tiny for the grouped-query, rotary families' path (8 query and 2 KV heads), qwen3-moe-tiny
-    for a mixture of experts."""
+    for a mixture of experts, deepseek-v2-tiny for latent attention (and shared experts)."""
     from splitserve.bench.engine_bench import SHAPES
     from splitserve.common.families import checkpoint_shapes
     from splitserve.common.model import prepare_weights
@@ -52,15 +52,16 @@ def shaped_model(device: str, dtype: torch.dtype, shape: str = "llama-tiny") -> 
     return LoadedModel(Path(f"{shape}-shape"), cfg, prepared, tokenizer, torch.device(device), dtype)
 
 
-MOE = "qwen3-moe-tiny"
+MOE, LATENT = "qwen3-moe-tiny", "deepseek-v2-tiny"
 
 
-@pytest.fixture(scope="module", params=["gpt_bigcode", "llama-gqa", MOE])
+@pytest.fixture(scope="module", params=["gpt_bigcode", "llama-gqa", MOE, LATENT])
 def lm_family(request, tiny_dir):
-    """fp32 on the CPU: the tiny multi-query model, the grouped-query rotary one, and one with experts."""
+    """fp32 on the CPU: the tiny multi-query model, the grouped-query rotary one, one with experts,
+    one with latent attention."""
     if request.param == "gpt_bigcode":
         return load_cpu(tiny_dir)
-    return shaped_model("cpu", torch.float32, "llama-tiny" if request.param == "llama-gqa" else MOE)
+    return shaped_model("cpu", torch.float32, "llama-tiny" if request.param == "llama-gqa" else request.param)
 
 
 def sampled(i: int, n: int, new: int, **kw) -> GenerateRequest:
@@ -227,6 +228,7 @@ def lm_cuda(tiny_dir):
               for dtype in (torch.float32, torch.bfloat16)}
     models["llama-gqa"] = shaped_model("cuda", torch.bfloat16)
     models[MOE] = shaped_model("cuda", torch.bfloat16, MOE)
+    models[LATENT] = shaped_model("cuda", torch.bfloat16, LATENT)
     return models
 
 
@@ -245,7 +247,8 @@ def test_every_shape_is_captured_largest_first_in_one_pool(lm_cuda, record_prope
 
 
 @needs_cuda
-@pytest.mark.parametrize("family", [torch.bfloat16, "llama-gqa", MOE], ids=["gpt_bigcode", "llama-gqa", MOE])
+@pytest.mark.parametrize("family", [torch.bfloat16, "llama-gqa", MOE, LATENT],
+                         ids=["gpt_bigcode", "llama-gqa", MOE, LATENT])
 @pytest.mark.parametrize("schedule", [GREEDY_SCHEDULE, MIXED_SCHEDULE], ids=["greedy", "mixed"])
 def test_graph_replay_gives_the_eager_tokens(lm_cuda, family, schedule, record_property):
     lm = lm_cuda[family]
@@ -280,15 +283,15 @@ def count_host_reads(monkeypatch) -> list[str]:
     return calls
 
 
-@pytest.mark.parametrize("family", ["tiny", MOE])
+@pytest.mark.parametrize("family", ["tiny", MOE, LATENT])
 @pytest.mark.parametrize("steps", ["eager", pytest.param("graphs", marks=needs_cuda)])
 def test_a_decode_step_syncs_with_the_host_once(request, steps, family, monkeypatch, record_property):
     """Counted twice on CUDA: the synchronizing operations that torch's sync debug mode reports,
     and the host reads of tensor values; on the CPU (the padded steps run eagerly) the latter. A
-    mixture of experts routes its rows on the device too."""
+    mixture of experts routes its rows on the device too, latent attention has no reads of its own."""
     cuda = torch.cuda.is_available()
-    if family == MOE:
-        model = request.getfixturevalue("lm_cuda")[MOE] if cuda else shaped_model("cpu", torch.float32, MOE)
+    if family != "tiny":
+        model = request.getfixturevalue("lm_cuda")[family] if cuda else shaped_model("cpu", torch.float32, family)
     else:
         model = request.getfixturevalue("lm_cuda")[torch.bfloat16] if cuda else request.getfixturevalue("lm")
     engine = engine_for(model, steps)

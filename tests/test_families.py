@@ -30,6 +30,10 @@ VOCAB = 8192  # the tiny tokenizer's, written beside each checkpoint
 SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8,
              num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
 WINDOW = 24  # shorter than the long prompts below
+# DeepSeek-V2's latent attention and experts, at SHAPE's size (its configs name as many K/V heads as
+# query heads, and transformers' reference takes no other number)
+LATENT = dict(num_key_value_heads=8, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+              num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1)
 
 # name -> (model_type, config fields beyond SHAPE)
 VARIANTS = {
@@ -59,6 +63,15 @@ VARIANTS = {
     "qwen3moe-dense-layers-window": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=3, moe_intermediate_size=48,
                                                        num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3],
                                                        use_sliding_window=True, sliding_window=WINDOW)),
+    # latent attention as DeepSeek-Coder-V2-Lite has it: queries uncompressed, YaRN with mscale on
+    # the softmax too, a dense first layer, shared experts
+    "deepseekv2-lite-yarn": ("deepseek_v2", dict(**LATENT, q_lora_rank=None, first_k_dense_replace=1, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 0.707, "mscale_all_dim": 0.707, "rope_theta": 10000.0})),
+    # compressed queries (DeepSeek-Coder-V2), group-limited routing, scaled routed weights
+    "deepseekv2-q-rank-groups": ("deepseek_v2", {**LATENT, **dict(q_lora_rank=24, topk_method="group_limited_greedy",
+                                                                  n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                                                                  n_shared_experts=2)}),
 }
 
 
@@ -244,7 +257,12 @@ def test_eos_ids_are_config_and_generation_config_together(tmp_path):
     ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "unsupported rope_type 'longrope'"),
     ({"quantization_config": {"quant_method": "gptq"}}, "quantized checkpoints \\(gptq\\)"),
     ({"num_key_value_heads": 3}, "8 attention heads are not divisible by 3 key/value heads"),
-    ({"model_type": "deepseek_v2"}, "unsupported model_type 'deepseek_v2': splitserve runs .*qwen3_moe"),
+    ({"model_type": "deepseek_v3"}, "unsupported model_type 'deepseek_v3': splitserve runs .*qwen3_moe"),
+    ({"model_type": "deepseek_v2", **LATENT, "topk_method": "noaux_tc"}, "a softmax, greedy or group_limited_greedy"),
+    ({"model_type": "deepseek_v2", **LATENT, "attention_bias": True}, "deepseek_v2 with attention_bias"),
+    ({"model_type": "deepseek_v2", **LATENT, "topk_method": "group_limited_greedy", "n_group": 3, "topk_group": 1},
+     "8 experts in 3 groups, 1 kept"),
+    ({"model_type": "deepseek_v2", **LATENT, "qk_rope_head_dim": 7}, "qk_rope_head_dim 7 is odd"),
     ({"model_type": "qwen3_moe", "moe_intermediate_size": 20}, "the experts. width 20 must be multiples of 8"),
     ({"model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 5}, "num_experts_per_tok 5 of 4 experts"),
 ])
@@ -272,12 +290,13 @@ def served_checkpoints(tmp_path_factory):
 # mixture of experts (the transports move K/V alike whatever the MLP)
 @pytest.mark.parametrize("variant, transport, chunk", [
     ("qwen2-bias-tied-window", "shm", "8192"), ("qwen2-bias-tied-window", "tcp", "8192"),
-    ("qwen2-bias-tied-window", "shm", "7"), ("qwen3moe-norm-top", "shm", "7")],
-    ids=["shm", "tcp", "shm-in-pieces", "experts-shm-in-pieces"])
+    ("qwen2-bias-tied-window", "shm", "7"), ("qwen3moe-norm-top", "shm", "7"), ("deepseekv2-lite-yarn", "tcp", "7")],
+    ids=["shm", "tcp", "shm-in-pieces", "experts-shm-in-pieces", "latent-tcp-in-pieces"])
 def test_a_served_llama_shaped_model_equals_the_engine(home, served_checkpoints, variant, transport, chunk):
     """Gateway and worker processes on a Llama-shaped checkpoint: several KV heads cross the
     handoff (the multi-query `tiny` would hide a layout mistake), windows and rotary positions
-    hold in the decode worker, as do the experts of a mixture; greedy and seeded sampled requests
+    hold in the decode worker, as do the experts of a mixture and latent attention's cached
+    vectors (one head of the compressed K/V and the rotary key); greedy and seeded sampled requests
     equal the in-process engine's, also with their prompts prefilled in pieces of 7 tokens."""
     served_checkpoint = served_checkpoints(variant)
     specs = request_specs(9)

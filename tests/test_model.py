@@ -116,8 +116,8 @@ def test_half_precision_close_to_fp32(tiny_dir, dtype):
 
 
 def test_other_architectures_are_refused():
-    with pytest.raises(ModelConfigError, match="unsupported model_type 'deepseek_v2'.*gemma, gpt_bigcode, llama"):
-        model_config_from_dict({"model_type": "deepseek_v2", "hidden_size": 8})
+    with pytest.raises(ModelConfigError, match="unsupported model_type 'deepseek_v3'.*deepseek_v2, gemma, gpt_bigcode"):
+        model_config_from_dict({"model_type": "deepseek_v3", "hidden_size": 8})
 
 
 def run_cli(*args: str) -> str:

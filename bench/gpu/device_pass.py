@@ -256,7 +256,7 @@ def stage_setup(args: argparse.Namespace, log: Log) -> int:
     info["flash_attention_forward"] = str(op.default._schema) if op is not None else None
     from splitserve.common.attention import choose_prefill_attention
 
-    info["prefill_attention"] = choose_prefill_attention(device)[0]
+    info["prefill_attention"] = choose_prefill_attention(device, head_dim=128)[0]  # what most families' heads get
     for name in ("transformers", "flash-attn", "triton", "numpy", "msgspec", "pyzmq", "matplotlib", "pytest"):
         try:
             info[name] = importlib.metadata.version(name)

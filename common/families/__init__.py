@@ -12,20 +12,22 @@ from types import ModuleType
 from typing import Callable
 
 from ..model_config import ModelConfig, ModelConfigError
-from . import gemma, gpt_bigcode, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, starcoder2
+from . import deepseek_v2, gemma, gpt_bigcode, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, starcoder2
 
-FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (gemma, gpt_bigcode, llama, mistral, mixtral, qwen2,
-                                                             qwen3, qwen3_moe, starcoder2)}
+FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (deepseek_v2, gemma, gpt_bigcode, llama, mistral, mixtral,
+                                                             qwen2, qwen3, qwen3_moe, starcoder2)}
 # Each family module has:
 #   MODEL_TYPE, config(raw: dict) -> ModelConfig
 #   PREFIX: what the base model's tensor names begin with in a checkpoint ("model.", "transformer.")
 #   TOP: {"embed", "positions", "final_norm"} -> name (positions: None without learned positions)
 #   LAYER: the name of layer i's tensors, "layers.{i}.", and LAYER_ROLES: role -> name after it, roles
 #   among norm1, qkv (fused) or q/k/v, q_norm, k_norm, out, norm2, up (the plain MLP's first
-#   projection) or gate/up, down
+#   projection) or gate/up, down; with latent attention (cfg.latent) q or q_a/q_a_norm/q_b, and
+#   kv_a, kv_a_norm, kv_b in place of q/k/v
 # and may have regroup_qkv(weight_or_bias, cfg) for a fused qkv whose rows are not q | k | v, and
-# EXPERTS: a mixture-of-experts layer's tensor names after LAYER, the router's ("router") and
-# expert j's ("gate", "up", "down" with {j}), used in place of the MLP roles where cfg.experts says.
+# EXPERTS: a mixture-of-experts layer's tensor names after LAYER, the router's ("router"), expert
+# j's ("gate", "up", "down" with {j}) and the shared experts' ("shared_gate", "shared_up",
+# "shared_down") where cfg.experts.shared, used in place of the MLP roles where cfg.experts says.
 
 MLP_ROLES = ("up", "gate", "down")
 
@@ -69,7 +71,9 @@ def _layer_shapes(cfg: ModelConfig, roles: dict[str, str]) -> dict[str, tuple[in
     layer_norm = cfg.norm == "layer"
     shapes = {"norm1": (e, 0, layer_norm), "out": (e, q, cfg.out_bias), "norm2": (e, 0, layer_norm),
               "up": (i, e, cfg.mlp_bias), "down": (e, i, cfg.mlp_bias)}
-    if "qkv" in roles:
+    if cfg.latent is not None:
+        shapes |= _latent_shapes(cfg)
+    elif "qkv" in roles:
         shapes["qkv"] = (q + 2 * kv, e, cfg.qkv_bias)
     else:
         shapes |= {"q": (q, e, cfg.qkv_bias), "k": (kv, e, cfg.qkv_bias), "v": (kv, e, cfg.qkv_bias)}
@@ -78,6 +82,16 @@ def _layer_shapes(cfg: ModelConfig, roles: dict[str, str]) -> dict[str, tuple[in
     if cfg.qk_norm:
         shapes |= {"q_norm": (d, 0, False), "k_norm": (d, 0, False)}
     return shapes
+
+
+def _latent_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int, bool]]:
+    lat, e, h = cfg.latent, cfg.n_embd, cfg.n_head
+    q = h * (lat.nope_dim + lat.rope_dim)
+    shapes = {"kv_a": (lat.kv_rank + lat.rope_dim, e, False), "kv_a_norm": (lat.kv_rank, 0, False),
+              "kv_b": (h * (lat.nope_dim + lat.v_dim), lat.kv_rank, False), "out": (e, h * lat.v_dim, cfg.out_bias)}
+    if lat.q_rank:
+        return shapes | {"q_a": (lat.q_rank, e, False), "q_a_norm": (lat.q_rank, 0, False), "q_b": (q, lat.q_rank, False)}
+    return shapes | {"q": (q, e, False)}
 
 
 def sparse(cfg: ModelConfig, i: int) -> bool:
@@ -91,6 +105,9 @@ def _expert_shapes(cfg: ModelConfig, prefix: str, names: dict[str, str]) -> dict
     for j in range(x):
         for role, shape in (("gate", (i, e)), ("up", (i, e)), ("down", (e, i))):
             shapes[_name(prefix + names[role].format(j=j), "weight")] = shape
+    if s := cfg.experts.shared:
+        for role, shape in (("shared_gate", (s, e)), ("shared_up", (s, e)), ("shared_down", (e, s))):
+            shapes[_name(prefix + names[role], "weight")] = shape
     return shapes
 
 
@@ -111,8 +128,8 @@ Get = Callable[[str], object]  # canonical name -> tensor
 def layer_tensors(get: Get, cfg: ModelConfig, i: int) -> dict:
     """Layer i's tensors by role, as the checkpoint stores them ([out, in]); q/k/v fused into qkv
     (rows q | k | v) and gate/up into up (rows gate | up). Missing biases are None. A mixture of
-    experts has no up and down but a router [X, E] and its experts stacked: experts_up [X, 2*I, E]
-    (rows gate | up) and experts_down [X, E, I]."""
+    experts has a router [X, E] and its experts stacked: experts_up [X, 2*I, E] (rows gate | up)
+    and experts_down [X, E, I]; up and down only for shared experts. Latent attention: see _latent."""
     import torch  # the gateway reads configs through this package, without torch
 
     family = family_of(cfg.model_type)
@@ -129,14 +146,17 @@ def layer_tensors(get: Get, cfg: ModelConfig, i: int) -> dict:
     qkv_parts = ("qkv",) if "qkv" in roles else ("q", "k", "v")
     up_parts = ("gate", "up") if cfg.mlp == "gated" else ("up",)
     regroup = getattr(family, "regroup_qkv", lambda t, cfg: t)
-    qkv_w, qkv_b = fused(qkv_parts, "weight"), fused(qkv_parts, "bias")
     mlp = _experts(get, cfg, prefix, family.EXPERTS) if sparse(cfg, i) else {
         "up": (fused(up_parts, "weight"), fused(up_parts, "bias")),
         "down": (tensor("down"), tensor("down", "bias")),
     }
-    return mlp | {
+    if cfg.latent is not None:
+        attention = _latent(tensor, cfg)
+    else:
+        qkv_w, qkv_b = fused(qkv_parts, "weight"), fused(qkv_parts, "bias")
+        attention = {"qkv": (regroup(qkv_w, cfg), None if qkv_b is None else regroup(qkv_b, cfg))}
+    return mlp | attention | {
         "norm1": (tensor("norm1"), tensor("norm1", "bias")),
-        "qkv": (regroup(qkv_w, cfg), None if qkv_b is None else regroup(qkv_b, cfg)),
         "q_norm": tensor("q_norm") if cfg.qk_norm else None,
         "k_norm": tensor("k_norm") if cfg.qk_norm else None,
         "out": (tensor("out"), tensor("out", "bias")),
@@ -144,9 +164,41 @@ def layer_tensors(get: Get, cfg: ModelConfig, i: int) -> dict:
     }
 
 
+def _latent(tensor: Callable[..., object], cfg: ModelConfig) -> dict:
+    """Latent attention's tensors: qkv [Qin + R + P, E], rows the queries' projection [H*(Dn+P)]
+    (or their compression [q_rank]) | the compressed K/V [R] | the rotary key [P]; q_up
+    [H*(Dn+P), q_rank] and q_down_norm [q_rank] where queries are compressed, else None; kv_norm
+    [R]; kv_up [H*(Dn+Dv), R]. DeepSeek rotates interleaved pairs (x0, x1), (x2, x3)...: the rotary
+    rows are put in the order of the halves the shared forward pairs (even ones first). Queries and
+    keys reordered alike, their products are unchanged."""
+    import torch
+
+    lat = cfg.latent
+    p, per_head = lat.rope_dim, lat.nope_dim + lat.rope_dim
+    halves = torch.cat([torch.arange(0, p, 2), torch.arange(1, p, 2)])  # [P]
+
+    def rotary_halves(w, starts):
+        """w's rows with each rotary block (P rows from each of `starts`) in halves order."""
+        rows = torch.arange(w.shape[0])
+        for start in starts:
+            rows[start : start + p] = start + halves
+        return w[rows]
+
+    q = rotary_halves(tensor("q_b") if lat.q_rank else tensor("q"),
+                      [h * per_head + lat.nope_dim for h in range(cfg.n_head)])
+    kv_a = rotary_halves(tensor("kv_a"), [lat.kv_rank])
+    if lat.q_rank:
+        return {"qkv": (torch.cat([tensor("q_a"), kv_a]), None), "q_up": q, "q_down_norm": tensor("q_a_norm"),
+                "kv_norm": tensor("kv_a_norm"), "kv_up": tensor("kv_b")}
+    return {"qkv": (torch.cat([q, kv_a]), None), "q_up": None, "q_down_norm": None, "kv_norm": tensor("kv_a_norm"),
+            "kv_up": tensor("kv_b")}
+
+
 def _experts(get: Get, cfg: ModelConfig, prefix: str, names: dict[str, str]) -> dict:
     """A sparse layer's router and experts, each expert's tensors copied into the stacks one by one
     (with a `get` that hands each tensor over, the checkpoint's copies go as the stacks fill)."""
+    import torch
+
     x, i = cfg.experts.count, cfg.experts.inner
     router = get(_name(prefix + names["router"], "weight"))
     up = router.new_empty(x, 2 * i, cfg.n_embd)
@@ -154,7 +206,12 @@ def _experts(get: Get, cfg: ModelConfig, prefix: str, names: dict[str, str]) -> 
     for j in range(x):
         name = lambda role: _name(prefix + names[role].format(j=j), "weight")  # noqa: E731
         up[j, :i], up[j, i:], down[j] = get(name("gate")), get(name("up")), get(name("down"))
-    return {"router": router, "experts_up": up, "experts_down": down}
+    stacked = {"router": router, "experts_up": up, "experts_down": down}
+    if not cfg.experts.shared:
+        return stacked
+    shared = lambda role: get(_name(prefix + names[role], "weight"))  # noqa: E731
+    return stacked | {"up": (torch.cat([shared("shared_gate"), shared("shared_up")]), None),
+                      "down": (shared("shared_down"), None)}
 
 
 def _has_bias(cfg: ModelConfig, role: str) -> bool:
