@@ -7,8 +7,9 @@ multi-head attention with an optional sliding window, q/k norms, a plain or a ga
 Shapes: T packed prompt tokens, B decode rows, E = n_embd, H query heads, KVH key/value heads,
 G = H / KVH, D head dim, Q = H * D, KV = KVH * D, I the MLP width, S slots, L slot length,
 V vocabulary, X experts (k of them per token) of width I. Latent attention (DeepSeek-V2): R the
-compressed K/V width, P the rotary width, Dn and Dv the per-head key (without positions) and
-value widths; its cache is one head (KVH = 1) of D = R + P.
+compressed K/V width, P the rotary width, W = R + P the cached vector's, Dn and Dv the per-head key
+(without positions) and value widths; its cache is one head (KVH = 1) of D = W / 2 in each plane,
+the vector's first half as "keys", its second as "values".
 """
 
 from __future__ import annotations
@@ -200,12 +201,13 @@ LATENT_NORM_EPS = 1e-6
 
 
 def latent_qk(w: ModelWeights, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              q: torch.Tensor | None = None, k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Latent attention's queries and cache entries for x [N, E], at the positions of cos, sin
-    [N, 1, P/2]: k [N, 1, R + P], the normalized compressed K/V and the rotated rotary key, is what
-    the cache holds, for keys and values alike; q [N, H, R + P] is each head's query over it: the
-    query's part without positions taken through the head's key up-projection (so that the keys
-    are never expanded per head), and its rotated rotary part. `q`, `k`: buffers to write."""
+    [N, 1, P/2]: k [N, 1, W], the normalized compressed K/V and the rotated rotary key, is what
+    the cache holds (in halves) and attention reads as keys and values alike; q [N, H, W] is each
+    head's query over it: the query's part without positions taken through the head's key
+    up-projection (so that the keys are never expanded per head), and its rotated rotary part.
+    `q`: a buffer to write it into."""
     lat, n, heads = w.cfg.latent, x.shape[0], w.cfg.n_head
     r, p, nope = lat.kv_rank, lat.rope_dim, lat.nope_dim
     proj = linear(x, layer.qkv_wt, layer.qkv_b)  # [N, Qin + R + P]
@@ -214,7 +216,7 @@ def latent_qk(w: ModelWeights, layer: Layer, x: torch.Tensor, cos: torch.Tensor,
         q_in = torch.mm(torch.rms_norm(q_in, (lat.q_rank,), layer.q_down_norm_w, LATENT_NORM_EPS), layer.q_up_wt)
     q_in = q_in.view(n, heads, nope + p)  # [N, H, Dn + P]
     q = x.new_empty(n, heads, r + p) if q is None else q
-    k = x.new_empty(n, 1, r + p) if k is None else k
+    k = x.new_empty(n, 1, r + p)
     q[:, :, :r] = torch.bmm(q_in[:, :, :nope].transpose(0, 1), layer.k_up).transpose(0, 1)  # [N, H, R]
     rotate_halves(*halves(q_in[:, :, nope:]), cos, sin, *halves(q[:, :, r:]))
     kv = proj[:, -(r + p) :]  # [N, R + P]
@@ -224,7 +226,7 @@ def latent_qk(w: ModelWeights, layer: Layer, x: torch.Tensor, cos: torch.Tensor,
 
 
 def latent_out(w: ModelWeights, layer: Layer, a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Latent attention's output: a [N, H, R + P], each head's weighted sum of the cached vectors ->
+    """Latent attention's output: a [N, H, W], each head's weighted sum of the cached vectors ->
     [N, E], its compressed part through the head's value up-projection, then the output projection."""
     v = torch.bmm(a[:, :, : w.cfg.latent.kv_rank].transpose(0, 1), layer.v_up)  # [H, N, Dv]
     return linear(v.transpose(0, 1).reshape(a.shape[0], -1), layer.out_wt, layer.out_b, out=out)
@@ -268,9 +270,9 @@ def prefill(
         cos, sin = w.rope_cos[positions][:, None], w.rope_sin[positions][:, None]  # [T, 1, D/2]
     for i, layer in enumerate(w.layers):
         x = norm(h, layer.norm1_w, layer.norm1_b, eps)
-        if layer.k_up is not None:  # latent attention: the cached vector is key and value
-            q, k = latent_qk(w, layer, x, cos, sin)
-            v = k
+        if layer.k_up is not None:  # latent attention: the cache's planes hold the vector's halves
+            q, vector = latent_qk(w, layer, x, cos, sin)  # [T, H, W], [T, 1, W]
+            k, v = vector[..., :d], vector[..., d:]
         else:
             qkv = linear(x, layer.qkv_wt, layer.qkv_b)  # [T, Q + 2*KV]
             q = qkv[:, :q_dim].view(t, cfg.n_head, d)
@@ -287,7 +289,9 @@ def prefill(
         elif kv_out is not None:
             kv_out[i, 0, :t] = k
             kv_out[i, 1, :t] = v
-        a = attn(q, k, v, packed, cfg.attn_scale, layer.window)  # [T, H, D]
+        if layer.k_up is not None:  # attention reads the whole vector, as key and as value
+            k = v = vector if packed.cu_k is packed.cu_q else torch.cat((k, v), -1)  # [K, 1, W]
+        a = attn(q, k, v, packed, cfg.attn_scale, layer.window)  # [T, H, D] (latent: [T, H, W])
         if layer.k_up is not None:
             h = h + latent_out(w, layer, a)
         else:
@@ -329,10 +333,11 @@ class DecodeBuffers(NamedTuple):
     qkv: torch.Tensor  # [B, Q + 2*KV]
     # [B*KVH, G, D] and the new K/V [2, B*KVH, D]: with rotary embeddings, buffers they are rotated
     # into; without, views of qkv where those can be (multi-query), else None (split per layer).
+    # Latent attention: q [B, H, W], a buffer; new_kv unused (the new vectors are written whole).
     q: torch.Tensor | None
     new_kv: torch.Tensor | None
     scores: torch.Tensor  # [B*KVH, G, key_len]
-    attn: torch.Tensor  # [B*KVH, G, D]
+    attn: torch.Tensor  # [B*KVH, G, D]; latent attention: [B, H, W]
     attn_rows: torch.Tensor  # [B, Q]: attn's memory
     up: torch.Tensor  # [B, I] or [B, 2*I]
     inner: torch.Tensor  # [B, I]: a gated MLP's product
@@ -345,8 +350,9 @@ def _scratch_widths(cfg: ModelConfig, slot_len: int) -> tuple[int, ...]:
     """Elements per row of each scratch piece: h, qkv, rotated q, new K/V, scores, attn, up, inner,
     out, logits."""
     e, q, kv, i = cfg.n_embd, cfg.q_dim, cfg.kv_dim, cfg.n_inner
+    heads = cfg.n_head * cfg.attention_width  # q and attn: latent attention's span both planes
     gated = cfg.mlp == "gated"
-    return (e, q + 2 * kv, q, 2 * kv, cfg.n_head * slot_len, q, (2 if gated else 1) * i, i if gated else 0, e,
+    return (e, q + 2 * kv, heads, 2 * kv, cfg.n_head * slot_len, heads, (2 if gated else 1) * i, i if gated else 0, e,
             cfg.vocab_size)
 
 
@@ -368,9 +374,9 @@ def decode_buffers(cfg: ModelConfig, kv: torch.Tensor, scratch: torch.Tensor, b:
     write = [layer.view(2, s * kvh * length, d) for layer in kv]
     keys_t = [layer[0, :b, :, :key_len].view(b * kvh, key_len, d).transpose(1, 2) for layer in kv]
     values = [layer[1, :b, :, :key_len].view(b * kvh, key_len, d) for layer in kv]
-    e, g, i = cfg.n_embd, cfg.n_head // kvh, cfg.n_inner
-    shapes = ((b, e), (b, cfg.q_dim + 2 * cfg.kv_dim), (b * kvh, g, d), (2, b * kvh, d), (b * kvh, g, key_len),
-              (b * kvh, g, d), (b, (2 if cfg.mlp == "gated" else 1) * i), (b, i if cfg.mlp == "gated" else 0),
+    e, g, i, width = cfg.n_embd, cfg.n_head // kvh, cfg.n_inner, cfg.attention_width
+    shapes = ((b, e), (b, cfg.q_dim + 2 * cfg.kv_dim), (b * kvh, g, width), (2, b * kvh, d), (b * kvh, g, key_len),
+              (b * kvh, g, width), (b, (2 if cfg.mlp == "gated" else 1) * i), (b, i if cfg.mlp == "gated" else 0),
               (b, e), (b, cfg.vocab_size))
     pieces, start = [], 0
     for width, shape in zip(_scratch_widths(cfg, length), shapes):
@@ -378,7 +384,7 @@ def decode_buffers(cfg: ModelConfig, kv: torch.Tensor, scratch: torch.Tensor, b:
         start += _aligned(s * width)
     h, qkv, q_rot, new_kv, scores, attn, up, inner, out, logits = pieces
     rope = None
-    if cfg.latent is not None:  # latent_qk writes the queries and the new cache entries into them
+    if cfg.latent is not None:  # latent_qk writes the queries into it
         q = q_rot
     elif cfg.rope is not None:
         q_dim, kv_dim, heads = cfg.q_dim, cfg.kv_dim, cfg.n_head
@@ -390,8 +396,8 @@ def decode_buffers(cfg: ModelConfig, kv: torch.Tensor, scratch: torch.Tensor, b:
         q, new_kv = split_qkv(qkv, cfg)
     else:
         q = new_kv = None
-    return DecodeBuffers(write, keys_t, values, h, qkv, q, new_kv, scores, attn, attn.view(b, cfg.q_dim), up, inner,
-                         out, logits, rope)
+    return DecodeBuffers(write, keys_t, values, h, qkv, q, new_kv, scores, attn, attn.view(b, -1), up, inner, out,
+                         logits, rope)
 
 
 def split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -444,9 +450,10 @@ def decode_step(
     try:
         for layer, write, keys_t, values, mask in zip(w.layers, bufs.write, bufs.keys_t, bufs.values, masks):
             x = norm(h, layer.norm1_w, layer.norm1_b, eps)
-            if layer.k_up is not None:  # latent attention: the new cached vector is key and value
-                latent_qk(w, layer, x, cos, sin, q=q.view(b, cfg.n_head, d), k=new_kv[0].view(b, 1, d))
-                new_kv[1].copy_(new_kv[0])
+            latent = layer.k_up is not None
+            if latent:  # the new vector's halves go to the two planes
+                _, vector = latent_qk(w, layer, x, cos, sin, q=q)  # [B, 1, W]
+                write.index_copy_(1, write_index, vector.view(b, 2, d).transpose(0, 1))
             else:
                 linear(x, layer.qkv_wt, layer.qkv_b, out=qkv)  # [B, Q + 2*KV]
                 if rope is not None:
@@ -461,18 +468,26 @@ def decode_step(
                     rope.v_out.copy_(rope.v)
                 elif bufs.q is None:
                     q, new_kv = split_qkv(qkv, cfg)
-            write.index_copy_(1, write_index, new_kv)
+                write.index_copy_(1, write_index, new_kv)
             if serial:
                 torch.set_num_threads(1)
-            torch.baddbmm(mask, q, keys_t, alpha=scale, out=scores)  # [B*KVH, G, key_len]
+            if latent:  # the query against the whole vector, plane by plane
+                torch.baddbmm(mask, q[:, :, :d], keys_t, alpha=scale, out=scores)  # [B, H, key_len]
+                scores.baddbmm_(q[:, :, d:], values.transpose(1, 2), alpha=scale)
+            else:
+                torch.baddbmm(mask, q, keys_t, alpha=scale, out=scores)  # [B*KVH, G, key_len]
             if upcast:
                 probs = torch.softmax(scores, -1, dtype=torch.float32).to(scores.dtype)
             else:
                 probs = torch.softmax(scores, -1)
-            torch.bmm(probs, values, out=attn)  # [B*KVH, G, D]
+            if latent:  # the weighted vectors [B, H, W], plane by plane
+                torch.bmm(probs, keys_t.transpose(1, 2), out=attn[:, :, :d])
+                torch.bmm(probs, values, out=attn[:, :, d:])
+            else:
+                torch.bmm(probs, values, out=attn)  # [B*KVH, G, D]
             if serial:
                 torch.set_num_threads(threads)
-            if layer.k_up is not None:
+            if latent:
                 h.add_(latent_out(w, layer, attn, out=out))
             else:
                 h.add_(linear(bufs.attn_rows, layer.out_wt, layer.out_b, out=out))

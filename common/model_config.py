@@ -82,10 +82,11 @@ class Experts:
 class Latent:
     """Multi-head latent attention (DeepSeek-V2): each token's keys and values come from one
     compressed vector of `kv_rank` (normalized) and one rotary key of `rope_dim` shared by every
-    head, and only those are cached: the KV cache holds one "head" of kv_rank + rope_dim per token.
-    Each head's key is (its up-projection of the vector, the rotary key), its value another
-    up-projection; the forward folds those projections into the query and the output instead of
-    expanding the cache (common/model.py latent_qk, latent_out)."""
+    head, and only those are cached: kv_rank + rope_dim values per token, split in two halves
+    that the cache's key and value planes hold (one "head" of half that width each). Each head's
+    key is (its up-projection of the vector, the rotary key), its value another up-projection; the
+    forward folds those projections into the query and the output instead of expanding the cache
+    (common/model.py latent_qk, latent_out)."""
 
     kv_rank: int
     q_rank: int  # queries from a compressed vector of this width (normalized); 0: from the hidden state
@@ -119,7 +120,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     scale_attn_weights: bool = True
     experts: Experts | None = None  # mixture-of-experts MLPs, in the layers it names
-    # multi-head latent attention; then kv_heads is 1 and head_dim kv_rank + rope_dim, the cache's
+    # multi-head latent attention; then kv_heads is 1 and head_dim half of kv_rank + rope_dim
     latent: Latent | None = None
     embed_scale: float = 1.0  # the embeddings' multiplier on the way in (Gemma: sqrt(n_embd))
     norm_offset: float = 0.0  # RMSNorm multiplies by offset + weight (Gemma: 1)
@@ -143,6 +144,12 @@ class ModelConfig:
         if self.latent is not None:
             return self.latent.scale
         return self.head_dim**-0.5 if self.scale_attn_weights else 1.0
+
+    @property
+    def attention_width(self) -> int:
+        """The width of each query head's products with the keys: head_dim, or latent attention's
+        whole cached vector (both planes)."""
+        return self.head_dim if self.latent is None else 2 * self.head_dim
 
     @property
     def rope_dim(self) -> int:

@@ -45,7 +45,10 @@ class PrefillEngine:
         cfg = model.cfg
         self.model = model
         self.token_budget = token_budget
-        self.attn_name, self.attn = ("custom", attn) if attn else choose_prefill_attention(model.device, cfg.head_dim)
+        if attn is None:
+            self.attn_name, self.attn = choose_prefill_attention(model.device, cfg.attention_width)
+        else:
+            self.attn_name, self.attn = "custom", attn
         # [n_layer, 2, >= budget, KVH, D]: prompts' KV packed back to back. A worker passes one
         # its KV transport can export; the in-process engine owns a plain one.
         if staging is None:

@@ -102,7 +102,7 @@ def test_model_prefill_with_the_chosen_kernel_matches_sdpa(tiny_dir, record_prop
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(5, lm.cfg.vocab_size, (sum(SEQLENS),), generator=gen).cuda()
     positions = torch.cat([torch.arange(n) for n in SEQLENS]).cuda()
-    _, attn = choose_prefill_attention(lm.device, lm.cfg.head_dim)
+    _, attn = choose_prefill_attention(lm.device, lm.cfg.attention_width)
     with torch.inference_mode():
         got = prefill(lm.weights, ids, positions, SEQLENS, attn)  # [B, V]
         want = prefill(lm.weights, ids, positions, SEQLENS, sdpa_prefill)

@@ -17,7 +17,7 @@ from conftest import TEST_THREADS
 from splitserve.common.attention import sdpa_prefill
 from splitserve.common.loading import load_model
 from splitserve.common.model import prefill
-from splitserve.common.model_config import ModelConfigError, load_model_config
+from splitserve.common.model_config import ModelConfigError, load_model_config, model_config_from_dict
 from splitserve.common.params import SamplingParams
 from splitserve.common.request import GenerateRequest
 from splitserve.common.tokenizer import write_tokenizer_files
@@ -247,6 +247,17 @@ def test_a_gemma_config_saying_gelu_means_its_tanh_approximation(tmp_path):
     assert load_model_config(path).activation == "gelu_tanh"
 
 
+def test_latent_attention_caches_each_tokens_vector_once():
+    """DeepSeek-Coder-V2-Lite caches 512 + 64 values per token and layer: the two planes of the KV
+    pool hold halves of that vector, not a copy each (nor 16 expanded heads of 192 + 128)."""
+    from splitserve.bench.engine_bench import SHAPES
+    from splitserve.decode_worker.kv_pool import slot_bytes
+
+    cfg = model_config_from_dict(SHAPES["deepseek-coder-v2-lite"])
+    assert (cfg.kv_heads, cfg.head_dim, cfg.attention_width) == (1, 288, 576)
+    assert slot_bytes(cfg, 1, torch.bfloat16) == 27 * 576 * 2
+
+
 def test_eos_ids_are_config_and_generation_config_together(tmp_path):
     path = make_checkpoint(tmp_path / "qwen", "qwen2", dict(eos_token_id=[2, 5]))
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 9], "bos_token_id": 1}))
@@ -262,7 +273,7 @@ def test_eos_ids_are_config_and_generation_config_together(tmp_path):
     ({"model_type": "deepseek_v2", **LATENT, "attention_bias": True}, "deepseek_v2 with attention_bias"),
     ({"model_type": "deepseek_v2", **LATENT, "topk_method": "group_limited_greedy", "n_group": 3, "topk_group": 1},
      "8 experts in 3 groups, 1 kept"),
-    ({"model_type": "deepseek_v2", **LATENT, "qk_rope_head_dim": 7}, "qk_rope_head_dim 7 is odd"),
+    ({"model_type": "deepseek_v2", **LATENT, "qk_rope_head_dim": 7}, "qk_rope_head_dim 7 and kv_lora_rank 32 must be even"),
     ({"model_type": "qwen3_moe", "moe_intermediate_size": 20}, "the experts. width 20 must be multiples of 8"),
     ({"model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 5}, "num_experts_per_tok 5 of 4 experts"),
 ])

@@ -219,10 +219,12 @@ def test_bos_comes_from_the_families_that_add_it(family_dirs):
     ("GPT2Tokenizer", "starcoder2", True, "GPT2Tokenizer"),
     ("LlamaTokenizerFast", "llama", False, "LlamaTokenizer"),
     ("LlamaTokenizerFast", "llama", True, ""),  # DeepSeek-Coder: byte-level under Llama's name
+    ("LlamaTokenizerFast", "deepseek_v2", True, ""),  # DeepSeek-Coder-V2 alike
     ("LlamaTokenizer", "mistral", False, ""),
     ("CodeLlamaTokenizer", "llama", False, "CodeLlamaTokenizer"),
     ("PreTrainedTokenizerFast", "qwen2", True, "Qwen2Tokenizer"),  # Qwen2's class wins over any
     ("Qwen2TokenizerFast", "qwen3", True, "Qwen2Tokenizer"),
+    (None, "qwen3_moe", True, "Qwen2Tokenizer"),  # Qwen3-Coder's, where tokenizer_config.json names none
     (None, "starcoder2", True, "GPT2Tokenizer"),
     (None, None, True, ""),
 ])

@@ -61,18 +61,19 @@ def config(raw: dict) -> ModelConfig:
     if rope.rope_type == "dynamic":
         raise ModelConfigError(f"{MODEL_TYPE} with dynamic rotary scaling is not supported")
     nope, rope_dim = int(get("qk_nope_head_dim")), int(get("qk_rope_head_dim"))
-    if rope_dim % 2:
-        raise ModelConfigError(f"qk_rope_head_dim {rope_dim} is odd")
+    kv_rank = int(get("kv_lora_rank"))
+    if rope_dim % 2 or kv_rank % 2:  # rotated in halves; the cached vector split in halves
+        raise ModelConfigError(f"qk_rope_head_dim {rope_dim} and kv_lora_rank {kv_rank} must be even")
     scale = (nope + rope_dim) ** -0.5
     if rope.rope_type != "default" and rope.mscale_all_dim and rope.factor > 1:  # YaRN's on the softmax
         scale *= (0.1 * rope.mscale_all_dim * math.log(rope.factor) + 1.0) ** 2
     # an explicit null means no compression of the queries (DeepSeek-V2-Lite); transformers' default is 1536
     q_rank = int(raw["q_lora_rank"] or 0) if "q_lora_rank" in raw else 1536
-    latent = Latent(kv_rank=int(get("kv_lora_rank")), q_rank=q_rank, nope_dim=nope, rope_dim=rope_dim,
+    latent = Latent(kv_rank=kv_rank, q_rank=q_rank, nope_dim=nope, rope_dim=rope_dim,
                     v_dim=int(get("v_head_dim")), scale=scale)
     cfg = ModelConfig(
         model_type=MODEL_TYPE, vocab_size=int(get("vocab_size")), n_positions=positions, n_embd=hidden,
-        n_layer=layers, n_head=heads, kv_heads=1, head_dim=latent.kv_rank + rope_dim,
+        n_layer=layers, n_head=heads, kv_heads=1, head_dim=(kv_rank + rope_dim) // 2,
         n_inner=int(raw["intermediate_size"]), norm="rms", layer_norm_epsilon=float(get("rms_norm_eps")), mlp="gated",
         activation=ACTIVATIONS[activation], qkv_bias=False, out_bias=False, mlp_bias=False, qk_norm=False, rope=rope,
         windows=(0,) * layers, tie_word_embeddings=bool(get("tie_word_embeddings")), latent=latent,
