@@ -134,7 +134,7 @@ def _torch_varlen_prefill() -> PrefillAttention | None:
     return prefill
 
 
-# The FlashAttention kernels take heads up to this wide; latent attention's (DeepSeek-V2: 576) go to SDPA.
+# The FlashAttention kernels take heads up to this wide; a config's wider heads go to SDPA.
 FLASH_MAX_HEAD_DIM = 256
 
 

@@ -36,7 +36,7 @@ class Layer(NamedTuple):
     qkv_b: torch.Tensor | None
     q_norm_w: torch.Tensor | None  # [D], RMSNorm over each query head (Qwen3)
     k_norm_w: torch.Tensor | None
-    out_wt: torch.Tensor  # [Q, E]
+    out_wt: torch.Tensor  # [Q, E]; latent attention [H*Dv, E]
     out_b: torch.Tensor | None
     norm2_w: torch.Tensor
     norm2_b: torch.Tensor | None
@@ -54,8 +54,11 @@ class Layer(NamedTuple):
     q_up_wt: torch.Tensor | None = None  # [q_rank, H*(Dn+P)]: the queries from their compression
     q_down_norm_w: torch.Tensor | None = None  # [q_rank]
     kv_norm_w: torch.Tensor | None = None  # [R]
-    k_up: torch.Tensor | None = None  # [H, Dn, R]: each head's key up-projection, which its query takes
-    v_up: torch.Tensor | None = None  # [H, R, Dv]: each head's value up-projection, which its output takes
+    # each head's key and value up-projections: [R, H*(Dn+Dv)] as prefill expands the cached vectors
+    # with them, and per head as decode folds them into its queries and outputs ([H, Dn, R], [H, R, Dv])
+    kv_up_wt: torch.Tensor | None = None
+    k_up: torch.Tensor | None = None
+    v_up: torch.Tensor | None = None
 
 
 class ModelWeights(NamedTuple):
@@ -115,7 +118,8 @@ def _latent_weights(t: dict, cfg: ModelConfig) -> dict:
     lat = cfg.latent
     kv_up = t["kv_up"].view(cfg.n_head, lat.nope_dim + lat.v_dim, lat.kv_rank)  # [H, Dn + Dv, R]
     return dict(q_up_wt=_t(t["q_up"]), q_down_norm_w=t["q_down_norm"], kv_norm_w=t["kv_norm"],
-                k_up=kv_up[:, : lat.nope_dim].contiguous(), v_up=kv_up[:, lat.nope_dim :].transpose(1, 2).contiguous())
+                kv_up_wt=t["kv_up"].t(), k_up=kv_up[:, : lat.nope_dim].contiguous(),
+                v_up=kv_up[:, lat.nope_dim :].transpose(1, 2).contiguous())
 
 
 def _offset(norm: torch.Tensor | None, cfg: ModelConfig) -> torch.Tensor | None:
@@ -200,14 +204,11 @@ def experts(w: ModelWeights, layer: Layer, x: torch.Tensor, out: torch.Tensor | 
 LATENT_NORM_EPS = 1e-6
 
 
-def latent_qk(w: ModelWeights, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_qk(w: ModelWeights, layer: Layer, x: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Latent attention's queries and cache entries for x [N, E], at the positions of cos, sin
-    [N, 1, P/2]: k [N, 1, W], the normalized compressed K/V and the rotated rotary key, is what
-    the cache holds (in halves) and attention reads as keys and values alike; q [N, H, W] is each
-    head's query over it: the query's part without positions taken through the head's key
-    up-projection (so that the keys are never expanded per head), and its rotated rotary part.
-    `q`: a buffer to write it into."""
+    [N, 1, P/2]: q [N, H, Dn + P], each head's query with its rotary part rotated, and k [N, 1, W],
+    the normalized compressed K/V and the rotated rotary key: what the cache holds (in halves)."""
     lat, n, heads = w.cfg.latent, x.shape[0], w.cfg.n_head
     r, p, nope = lat.kv_rank, lat.rope_dim, lat.nope_dim
     proj = linear(x, layer.qkv_wt, layer.qkv_b)  # [N, Qin + R + P]
@@ -215,20 +216,44 @@ def latent_qk(w: ModelWeights, layer: Layer, x: torch.Tensor, cos: torch.Tensor,
     if layer.q_up_wt is not None:
         q_in = torch.mm(torch.rms_norm(q_in, (lat.q_rank,), layer.q_down_norm_w, LATENT_NORM_EPS), layer.q_up_wt)
     q_in = q_in.view(n, heads, nope + p)  # [N, H, Dn + P]
-    q = x.new_empty(n, heads, r + p) if q is None else q
-    k = x.new_empty(n, 1, r + p)
-    q[:, :, :r] = torch.bmm(q_in[:, :, :nope].transpose(0, 1), layer.k_up).transpose(0, 1)  # [N, H, R]
-    rotate_halves(*halves(q_in[:, :, nope:]), cos, sin, *halves(q[:, :, r:]))
+    q, k = torch.empty_like(q_in), x.new_empty(n, 1, r + p)
+    q[:, :, :nope] = q_in[:, :, :nope]
+    rotate_halves(*halves(q_in[:, :, nope:]), cos, sin, *halves(q[:, :, nope:]))
     kv = proj[:, -(r + p) :]  # [N, R + P]
     k[:, 0, :r] = torch.rms_norm(kv[:, :r], (r,), layer.kv_norm_w, LATENT_NORM_EPS)
     rotate_halves(*halves(kv[:, None, r:]), cos, sin, *halves(k[:, :, r:]))
     return q, k
 
 
+def latent_absorb(w: ModelWeights, layer: Layer, q: torch.Tensor, out: torch.Tensor) -> None:
+    """Decode: the queries q [B, H, Dn + P] over the cached vectors themselves, into out [B, H, W]:
+    each head's part without positions through its key up-projection (so that a step never
+    expands the cache per head), its rotary part as it is."""
+    r, nope = w.cfg.latent.kv_rank, w.cfg.latent.nope_dim
+    out[:, :, :r] = torch.bmm(q[:, :, :nope].transpose(0, 1), layer.k_up).transpose(0, 1)  # [B, H, R]
+    out[:, :, r:] = q[:, :, nope:]
+
+
+def latent_expand(w: ModelWeights, layer: Layer, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill: the cached vectors [K, 1, W] expanded into each head's keys [K, H, Dn + P] (its
+    up-projection of the vector, the shared rotary key) and values [K, H, Dn + P] (its other
+    up-projection, zero-padded to the keys' width, the one width the varlen kernels take): a
+    prompt's many queries then attend over heads of Dn + P, not the vector's W, and FlashAttention
+    takes them."""
+    lat, k_len, heads = w.cfg.latent, vectors.shape[0], w.cfg.n_head
+    r, nope, width = lat.kv_rank, lat.nope_dim, lat.nope_dim + lat.rope_dim
+    kv = torch.mm(vectors[:, 0, :r], layer.kv_up_wt).view(k_len, heads, nope + lat.v_dim)  # [K, H, Dn + Dv]
+    k = vectors.new_empty(k_len, heads, width)
+    k[:, :, :nope] = kv[:, :, :nope]
+    k[:, :, nope:] = vectors[:, :, r:]
+    v = kv[:, :, nope:] if lat.v_dim == width else torch.nn.functional.pad(kv[:, :, nope:], (0, width - lat.v_dim))
+    return k, v
+
+
 def latent_out(w: ModelWeights, layer: Layer, a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Latent attention's output: a [N, H, W], each head's weighted sum of the cached vectors ->
-    [N, E], its compressed part through the head's value up-projection, then the output projection."""
-    v = torch.bmm(a[:, :, : w.cfg.latent.kv_rank].transpose(0, 1), layer.v_up)  # [H, N, Dv]
+    """Decode: a [B, H, W], each head's weighted sum of the cached vectors -> [B, E], its
+    compressed part through the head's value up-projection, then the output projection."""
+    v = torch.bmm(a[:, :, : w.cfg.latent.kv_rank].transpose(0, 1), layer.v_up)  # [H, B, Dv]
     return linear(v.transpose(0, 1).reshape(a.shape[0], -1), layer.out_wt, layer.out_b, out=out)
 
 
@@ -271,8 +296,8 @@ def prefill(
     for i, layer in enumerate(w.layers):
         x = norm(h, layer.norm1_w, layer.norm1_b, eps)
         if layer.k_up is not None:  # latent attention: the cache's planes hold the vector's halves
-            q, vector = latent_qk(w, layer, x, cos, sin)  # [T, H, W], [T, 1, W]
-            k, v = vector[..., :d], vector[..., d:]
+            q, vectors = latent_qk(w, layer, x, cos, sin)  # [T, H, Dn + P], [T, 1, W]
+            k, v = vectors[..., :d], vectors[..., d:]
         else:
             qkv = linear(x, layer.qkv_wt, layer.qkv_b)  # [T, Q + 2*KV]
             q = qkv[:, :q_dim].view(t, cfg.n_head, d)
@@ -289,11 +314,12 @@ def prefill(
         elif kv_out is not None:
             kv_out[i, 0, :t] = k
             kv_out[i, 1, :t] = v
-        if layer.k_up is not None:  # attention reads the whole vector, as key and as value
-            k = v = vector if packed.cu_k is packed.cu_q else torch.cat((k, v), -1)  # [K, 1, W]
-        a = attn(q, k, v, packed, cfg.attn_scale, layer.window)  # [T, H, D] (latent: [T, H, W])
+        if layer.k_up is not None:  # every key's vector, expanded into heads
+            k, v = latent_expand(w, layer, vectors if packed.cu_k is packed.cu_q else torch.cat((k, v), -1))
+        a = attn(q, k, v, packed, cfg.attn_scale, layer.window)  # [T, H, D] (latent: [T, H, Dn + P])
         if layer.k_up is not None:
-            h = h + latent_out(w, layer, a)
+            v_dim = cfg.latent.v_dim
+            h = h + linear(a[:, :, :v_dim].reshape(t, cfg.n_head * v_dim), layer.out_wt, layer.out_b)
         else:
             h = h + linear(a.reshape(t, q_dim), layer.out_wt, layer.out_b)
         h = h + mlp(w, layer, norm(h, layer.norm2_w, layer.norm2_b, eps))
@@ -350,7 +376,7 @@ def _scratch_widths(cfg: ModelConfig, slot_len: int) -> tuple[int, ...]:
     """Elements per row of each scratch piece: h, qkv, rotated q, new K/V, scores, attn, up, inner,
     out, logits."""
     e, q, kv, i = cfg.n_embd, cfg.q_dim, cfg.kv_dim, cfg.n_inner
-    heads = cfg.n_head * cfg.attention_width  # q and attn: latent attention's span both planes
+    heads = cfg.n_head * cfg.decode_width  # q and attn: latent attention's span both planes
     gated = cfg.mlp == "gated"
     return (e, q + 2 * kv, heads, 2 * kv, cfg.n_head * slot_len, heads, (2 if gated else 1) * i, i if gated else 0, e,
             cfg.vocab_size)
@@ -374,7 +400,7 @@ def decode_buffers(cfg: ModelConfig, kv: torch.Tensor, scratch: torch.Tensor, b:
     write = [layer.view(2, s * kvh * length, d) for layer in kv]
     keys_t = [layer[0, :b, :, :key_len].view(b * kvh, key_len, d).transpose(1, 2) for layer in kv]
     values = [layer[1, :b, :, :key_len].view(b * kvh, key_len, d) for layer in kv]
-    e, g, i, width = cfg.n_embd, cfg.n_head // kvh, cfg.n_inner, cfg.attention_width
+    e, g, i, width = cfg.n_embd, cfg.n_head // kvh, cfg.n_inner, cfg.decode_width
     shapes = ((b, e), (b, cfg.q_dim + 2 * cfg.kv_dim), (b * kvh, g, width), (2, b * kvh, d), (b * kvh, g, key_len),
               (b * kvh, g, width), (b, (2 if cfg.mlp == "gated" else 1) * i), (b, i if cfg.mlp == "gated" else 0),
               (b, e), (b, cfg.vocab_size))
@@ -384,7 +410,7 @@ def decode_buffers(cfg: ModelConfig, kv: torch.Tensor, scratch: torch.Tensor, b:
         start += _aligned(s * width)
     h, qkv, q_rot, new_kv, scores, attn, up, inner, out, logits = pieces
     rope = None
-    if cfg.latent is not None:  # latent_qk writes the queries into it
+    if cfg.latent is not None:  # latent_absorb writes the queries into it
         q = q_rot
     elif cfg.rope is not None:
         q_dim, kv_dim, heads = cfg.q_dim, cfg.kv_dim, cfg.n_head
@@ -452,8 +478,9 @@ def decode_step(
             x = norm(h, layer.norm1_w, layer.norm1_b, eps)
             latent = layer.k_up is not None
             if latent:  # the new vector's halves go to the two planes
-                _, vector = latent_qk(w, layer, x, cos, sin, q=q)  # [B, 1, W]
-                write.index_copy_(1, write_index, vector.view(b, 2, d).transpose(0, 1))
+                q_heads, vectors = latent_qk(w, layer, x, cos, sin)  # [B, H, Dn + P], [B, 1, W]
+                latent_absorb(w, layer, q_heads, q)
+                write.index_copy_(1, write_index, vectors.view(b, 2, d).transpose(0, 1))
             else:
                 linear(x, layer.qkv_wt, layer.qkv_b, out=qkv)  # [B, Q + 2*KV]
                 if rope is not None:

@@ -146,10 +146,16 @@ class ModelConfig:
         return self.head_dim**-0.5 if self.scale_attn_weights else 1.0
 
     @property
-    def attention_width(self) -> int:
-        """The width of each query head's products with the keys: head_dim, or latent attention's
-        whole cached vector (both planes)."""
+    def decode_width(self) -> int:
+        """The width of each query head's products with the cache in a decode step: head_dim, or
+        latent attention's whole cached vector (both planes)."""
         return self.head_dim if self.latent is None else 2 * self.head_dim
+
+    @property
+    def prefill_width(self) -> int:
+        """The width of each head in prefill attention: head_dim, or latent attention's heads
+        expanded from the cached vectors (key width without positions + rotary width)."""
+        return self.head_dim if self.latent is None else self.latent.nope_dim + self.latent.rope_dim
 
     @property
     def rope_dim(self) -> int:

@@ -46,7 +46,7 @@ class PrefillEngine:
         self.model = model
         self.token_budget = token_budget
         if attn is None:
-            self.attn_name, self.attn = choose_prefill_attention(model.device, cfg.attention_width)
+            self.attn_name, self.attn = choose_prefill_attention(model.device, cfg.prefill_width)
         else:
             self.attn_name, self.attn = "custom", attn
         # [n_layer, 2, >= budget, KVH, D]: prompts' KV packed back to back. A worker passes one

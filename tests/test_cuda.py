@@ -56,7 +56,7 @@ def test_a_cuda_kernel_is_chosen(record_property):
     name, _ = choose_prefill_attention(torch.device("cuda"), head_dim=128)
     record_property("kernel", name)
     assert name != "sdpa"
-    # latent attention's cached vectors are wider than FlashAttention's heads go
+    # heads wider than FlashAttention's go to SDPA
     assert choose_prefill_attention(torch.device("cuda"), head_dim=576)[0] == "sdpa"
     print(f"\nprefill attention on torch {torch.__version__}: {name}")
 
@@ -94,15 +94,22 @@ def test_torchs_flash_op_takes_fewer_kv_heads_as_they_are(h, kvh, record_propert
 
 
 @needs_cuda
-def test_model_prefill_with_the_chosen_kernel_matches_sdpa(tiny_dir, record_property):
+@pytest.mark.parametrize("family", ["tiny", "deepseek-v2-tiny"])
+def test_model_prefill_with_the_chosen_kernel_matches_sdpa(tiny_dir, family, record_property):
+    """The tiny model, and latent attention's heads expanded from the cached vectors (values
+    zero-padded to the keys' width)."""
     from splitserve.common.loading import load_model
     from splitserve.common.model import prefill
+    from test_cuda_graphs import shaped_model
 
-    lm = load_model(tiny_dir, torch.bfloat16, torch.device("cuda"), progress=False)
+    if family == "tiny":
+        lm = load_model(tiny_dir, torch.bfloat16, torch.device("cuda"), progress=False)
+    else:
+        lm = shaped_model("cuda", torch.bfloat16, family)
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(5, lm.cfg.vocab_size, (sum(SEQLENS),), generator=gen).cuda()
     positions = torch.cat([torch.arange(n) for n in SEQLENS]).cuda()
-    _, attn = choose_prefill_attention(lm.device, lm.cfg.attention_width)
+    _, attn = choose_prefill_attention(lm.device, lm.cfg.prefill_width)
     with torch.inference_mode():
         got = prefill(lm.weights, ids, positions, SEQLENS, attn)  # [B, V]
         want = prefill(lm.weights, ids, positions, SEQLENS, sdpa_prefill)

@@ -254,7 +254,7 @@ def test_latent_attention_caches_each_tokens_vector_once():
     from splitserve.decode_worker.kv_pool import slot_bytes
 
     cfg = model_config_from_dict(SHAPES["deepseek-coder-v2-lite"])
-    assert (cfg.kv_heads, cfg.head_dim, cfg.attention_width) == (1, 288, 576)
+    assert (cfg.kv_heads, cfg.head_dim, cfg.decode_width, cfg.prefill_width) == (1, 288, 576, 192)
     assert slot_bytes(cfg, 1, torch.bfloat16) == 27 * 576 * 2
 
 
