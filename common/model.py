@@ -80,13 +80,14 @@ class ModelWeights(NamedTuple):
 
 def prepare_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> ModelWeights:
     """Turn a checkpoint's tensors (names less the family's prefix) into what the forward uses:
-    q/k/v and gate/up fused, experts stacked, linear weights transposed, rotary tables made.
-    Takes the tensors out of `weights` as it goes, so that each one is freed once its fused copy is
+    q/k/v and gate/up fused, experts stacked, linear weights transposed, rotary tables made, and
+    Granite's residual and logits multipliers folded into the weights that make those outputs (the
+    forward then has no multiply of its own for them). Takes the tensors out of `weights` as it goes, so that each one is freed once its fused copy is
     made: loading never holds the model twice."""
     get = weights.pop
     layers = []
     for i in range(cfg.n_layer):
-        t = layer_tensors(get, cfg, i)
+        t = _residual_scaled(layer_tensors(get, cfg, i), cfg.residual_scale)
         up, down = t.get("up", (None, None)), t.get("down", (None, None))
         n1, n2, qn, kn = (_offset(n, cfg) for n in (t["norm1"][0], t["norm2"][0], t["q_norm"], t["k_norm"]))
         layers.append(Layer(
@@ -103,12 +104,27 @@ def prepare_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> Model
     wte = top["embed"]
     tables = rope_tables(cfg, wte.dtype, wte.device)
     scale = None if cfg.embed_scale == 1 else torch.tensor(cfg.embed_scale, dtype=wte.dtype).item()
+    # logits / s: the final norm's output (its weight and bias) / s, whether or not the head is tied
+    normf_w, normf_b = _offset(top["final_norm"][0], cfg), top["final_norm"][1]
+    if cfg.logits_scale != 1:
+        normf_w, normf_b = normf_w / cfg.logits_scale, None if normf_b is None else normf_b / cfg.logits_scale
     return ModelWeights(
-        cfg=cfg, wte=wte, wpe=top["positions"], layers=tuple(layers), normf_w=_offset(top["final_norm"][0], cfg),
-        normf_b=top["final_norm"][1], lm_head_t=top["lm_head"].t(), act=ACTIVATION_FNS[cfg.activation],
+        cfg=cfg, wte=wte, wpe=top["positions"], layers=tuple(layers), normf_w=normf_w, normf_b=normf_b, lm_head_t=top["lm_head"].t(), act=ACTIVATION_FNS[cfg.activation],
         upcast_softmax=wte.dtype != torch.float32, rope_cos=tables[0] if tables else None,
         rope_sin=tables[1] if tables else None, embed_scale=scale,
     )
+
+
+def _residual_scaled(t: dict, scale: float) -> dict:
+    """A layer's tensors with the projections whose outputs join the residual stream (attention
+    output, MLP or experts down, biases included) times `scale`."""
+    if scale == 1:
+        return t
+    scaled = {role: (t[role][0] * scale, None if t[role][1] is None else t[role][1] * scale)
+              for role in ("out", "down") if role in t}
+    if "experts_down" in t:
+        scaled["experts_down"] = t["experts_down"] * scale
+    return t | scaled
 
 
 def _latent_weights(t: dict, cfg: ModelConfig) -> dict:

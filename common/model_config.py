@@ -93,7 +93,6 @@ class Latent:
     nope_dim: int  # per head: the query and key width without positions
     rope_dim: int  # per head: the rotary width
     v_dim: int  # per head: the value width
-    scale: float  # the attention's softmax scale
 
 
 @dataclass(frozen=True)
@@ -119,11 +118,16 @@ class ModelConfig:
     windows: tuple[int, ...]  # per layer: attend only the last W keys (0: every key)
     tie_word_embeddings: bool
     scale_attn_weights: bool = True
+    # the attention's softmax scale where the family sets its own (Granite's attention_multiplier,
+    # DeepSeek-V2's over its heads of nope + rope); None: 1 / sqrt(head_dim), or 1 without scale_attn_weights
+    softmax_scale: float | None = None
     experts: Experts | None = None  # mixture-of-experts MLPs, in the layers it names
     # multi-head latent attention; then kv_heads is 1 and head_dim half of kv_rank + rope_dim
     latent: Latent | None = None
     embed_scale: float = 1.0  # the embeddings' multiplier on the way in (Gemma: sqrt(n_embd))
     norm_offset: float = 0.0  # RMSNorm multiplies by offset + weight (Gemma: 1)
+    residual_scale: float = 1.0  # each sublayer's output joins the residual stream times this (Granite)
+    logits_scale: float = 1.0  # the logits are divided by this (Granite)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()  # any of them ends a sequence
 
@@ -141,8 +145,8 @@ class ModelConfig:
 
     @property
     def attn_scale(self) -> float:
-        if self.latent is not None:
-            return self.latent.scale
+        if self.softmax_scale is not None:
+            return self.softmax_scale
         return self.head_dim**-0.5 if self.scale_attn_weights else 1.0
 
     @property

@@ -54,6 +54,10 @@ VARIANTS = {
     "qwen3-bias-window": ("qwen3", dict(head_dim=16, attention_bias=True, use_sliding_window=True,
                                         sliding_window=WINDOW, max_window_layers=0)),
     "starcoder2-window": ("starcoder2", dict(sliding_window=WINDOW, norm_epsilon=1e-5)),
+    # Granite 3.x's multipliers (8B's values), a tied head, biases
+    "granite-multipliers": ("granite", dict(embedding_multiplier=12.0, residual_multiplier=0.22,
+                                            attention_multiplier=0.0078125 * 8, logits_scaling=16.0,
+                                            tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
     "gemma-mqa": ("gemma", dict(head_dim=16, num_key_value_heads=1)),
     "gemma-gqa-untied": ("gemma", dict(head_dim=32, tie_word_embeddings=False)),
     "mixtral-window": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)),

@@ -12,10 +12,10 @@ from types import ModuleType
 from typing import Callable
 
 from ..model_config import ModelConfig, ModelConfigError
-from . import deepseek_v2, gemma, gpt_bigcode, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, starcoder2
+from . import deepseek_v2, gemma, gpt_bigcode, granite, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, starcoder2
 
-FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (deepseek_v2, gemma, gpt_bigcode, llama, mistral, mixtral,
-                                                             qwen2, qwen3, qwen3_moe, starcoder2)}
+FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (deepseek_v2, gemma, gpt_bigcode, granite, llama, mistral,
+                                                             mixtral, qwen2, qwen3, qwen3_moe, starcoder2)}
 # Each family module has:
 #   MODEL_TYPE, config(raw: dict) -> ModelConfig
 #   PREFIX: what the base model's tensor names begin with in a checkpoint ("model.", "transformer.")

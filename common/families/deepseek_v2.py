@@ -70,13 +70,14 @@ def config(raw: dict) -> ModelConfig:
     # an explicit null means no compression of the queries (DeepSeek-V2-Lite); transformers' default is 1536
     q_rank = int(raw["q_lora_rank"] or 0) if "q_lora_rank" in raw else 1536
     latent = Latent(kv_rank=kv_rank, q_rank=q_rank, nope_dim=nope, rope_dim=rope_dim,
-                    v_dim=int(get("v_head_dim")), scale=scale)
+                    v_dim=int(get("v_head_dim")))
     cfg = ModelConfig(
         model_type=MODEL_TYPE, vocab_size=int(get("vocab_size")), n_positions=positions, n_embd=hidden,
         n_layer=layers, n_head=heads, kv_heads=1, head_dim=(kv_rank + rope_dim) // 2,
         n_inner=int(raw["intermediate_size"]), norm="rms", layer_norm_epsilon=float(get("rms_norm_eps")), mlp="gated",
         activation=ACTIVATIONS[activation], qkv_bias=False, out_bias=False, mlp_bias=False, qk_norm=False, rope=rope,
         windows=(0,) * layers, tie_word_embeddings=bool(get("tie_word_embeddings")), latent=latent,
+        softmax_scale=scale,
     )
     count, first, every = int(get("n_routed_experts") or 0), int(get("first_k_dense_replace")), int(get("moe_layer_freq"))
     sparse = tuple(count > 0 and i >= first and i % every == 0 for i in range(layers))
