@@ -248,7 +248,7 @@ def floor(w: ModelWeights, tokens: int, rows: int, device: torch.device, times: 
     if lat is None:
         attn = torch.randn(tokens, cfg.q_dim, dtype=w.wte.dtype, device=device)  # [T, Q]
     else:
-        attn = torch.randn(tokens, cfg.n_head * lat.v_dim, dtype=w.wte.dtype, device=device)  # [T, H*Vd]
+        attn = torch.randn(tokens, cfg.n_head * lat.v_dim, dtype=w.wte.dtype, device=device)  # [T, H*Dv]
         q_down = torch.randn(tokens, lat.q_rank, dtype=w.wte.dtype, device=device)  # [T, q_rank]
         per_head = torch.randn(cfg.n_head, tokens, max(lat.nope_dim, lat.kv_rank), dtype=w.wte.dtype, device=device)
 

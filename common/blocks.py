@@ -93,8 +93,9 @@ def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 def rope_tables(cfg: ModelConfig, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """cos and sin [n_positions, R / 2] of every position (R the rotary width, cfg.rope_dim), in the compute dtype (transformers
-    computes them in float32 and casts before use); None for a model without rotary embeddings."""
+    """cos and sin [n_positions, R / 2] of every position (R the rotary width, cfg.rope_dim), in the
+    compute dtype (transformers computes them in float32 and casts before use); None for a model
+    without rotary embeddings."""
     if cfg.rope is None:
         return None
     rope, positions = cfg.rope, torch.arange(cfg.n_positions, dtype=torch.float32)[:, None]

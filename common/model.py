@@ -82,8 +82,9 @@ def prepare_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> Model
     """Turn a checkpoint's tensors (names less the family's prefix) into what the forward uses:
     q/k/v and gate/up fused, experts stacked, linear weights transposed, rotary tables made, and
     Granite's residual and logits multipliers folded into the weights that make those outputs (the
-    forward then has no multiply of its own for them). Takes the tensors out of `weights` as it goes, so that each one is freed once its fused copy is
-    made: loading never holds the model twice."""
+    forward then has no multiply of its own for them). Takes the tensors out of `weights` as it
+    goes, so that each one is freed once its fused copy is made: loading never holds the model
+    twice."""
     get = weights.pop
     layers = []
     for i in range(cfg.n_layer):
@@ -109,9 +110,9 @@ def prepare_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> Model
     if cfg.logits_scale != 1:
         normf_w, normf_b = normf_w / cfg.logits_scale, None if normf_b is None else normf_b / cfg.logits_scale
     return ModelWeights(
-        cfg=cfg, wte=wte, wpe=top["positions"], layers=tuple(layers), normf_w=normf_w, normf_b=normf_b, lm_head_t=top["lm_head"].t(), act=ACTIVATION_FNS[cfg.activation],
-        upcast_softmax=wte.dtype != torch.float32, rope_cos=tables[0] if tables else None,
-        rope_sin=tables[1] if tables else None, embed_scale=scale,
+        cfg=cfg, wte=wte, wpe=top["positions"], layers=tuple(layers), normf_w=normf_w, normf_b=normf_b,
+        lm_head_t=top["lm_head"].t(), act=ACTIVATION_FNS[cfg.activation], upcast_softmax=wte.dtype != torch.float32,
+        rope_cos=tables[0] if tables else None, rope_sin=tables[1] if tables else None, embed_scale=scale,
     )
 
 

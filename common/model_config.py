@@ -72,7 +72,8 @@ class Experts:
             raise ModelConfigError(f"hidden_size {n_embd} and the experts' width {self.inner} must be multiples of 8")
         if self.groups is not None:
             groups, kept = self.groups
-            if groups < 1 or self.count % groups or not 0 < kept <= groups or kept * self.count // groups < self.per_token:
+            if groups < 1 or self.count % groups or not 0 < kept <= groups or \
+                    kept * self.count // groups < self.per_token:
                 raise ModelConfigError(f"{self.count} experts in {groups} groups, {kept} kept, cannot give "
                                        f"{self.per_token} experts per token")
         return self

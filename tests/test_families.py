@@ -32,8 +32,8 @@ SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_
 WINDOW = 24  # shorter than the long prompts below
 # DeepSeek-V2's latent attention and experts, at SHAPE's size (its configs name as many K/V heads as
 # query heads, and transformers' reference takes no other number)
-LATENT = dict(num_key_value_heads=8, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
-              num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1)
+LATENT = dict(num_key_value_heads=8, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+              n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1)
 
 # name -> (model_type, config fields beyond SHAPE)
 VARIANTS = {
@@ -277,7 +277,8 @@ def test_eos_ids_are_config_and_generation_config_together(tmp_path):
     ({"model_type": "deepseek_v2", **LATENT, "attention_bias": True}, "deepseek_v2 with attention_bias"),
     ({"model_type": "deepseek_v2", **LATENT, "topk_method": "group_limited_greedy", "n_group": 3, "topk_group": 1},
      "8 experts in 3 groups, 1 kept"),
-    ({"model_type": "deepseek_v2", **LATENT, "qk_rope_head_dim": 7}, "qk_rope_head_dim 7 and kv_lora_rank 32 must be even"),
+    ({"model_type": "deepseek_v2", **LATENT, "qk_rope_head_dim": 7},
+     "qk_rope_head_dim 7 and kv_lora_rank 32 must be even"),
     ({"model_type": "qwen3_moe", "moe_intermediate_size": 20}, "the experts. width 20 must be multiples of 8"),
     ({"model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 5}, "num_experts_per_tok 5 of 4 experts"),
 ])

@@ -90,7 +90,8 @@ def _latent_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int, bool]]:
     shapes = {"kv_a": (lat.kv_rank + lat.rope_dim, e, False), "kv_a_norm": (lat.kv_rank, 0, False),
               "kv_b": (h * (lat.nope_dim + lat.v_dim), lat.kv_rank, False), "out": (e, h * lat.v_dim, cfg.out_bias)}
     if lat.q_rank:
-        return shapes | {"q_a": (lat.q_rank, e, False), "q_a_norm": (lat.q_rank, 0, False), "q_b": (q, lat.q_rank, False)}
+        return shapes | {"q_a": (lat.q_rank, e, False), "q_a_norm": (lat.q_rank, 0, False),
+                         "q_b": (q, lat.q_rank, False)}
     return shapes | {"q": (q, e, False)}
 
 

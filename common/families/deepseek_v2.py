@@ -79,7 +79,8 @@ def config(raw: dict) -> ModelConfig:
         windows=(0,) * layers, tie_word_embeddings=bool(get("tie_word_embeddings")), latent=latent,
         softmax_scale=scale,
     )
-    count, first, every = int(get("n_routed_experts") or 0), int(get("first_k_dense_replace")), int(get("moe_layer_freq"))
+    count, first = int(get("n_routed_experts") or 0), int(get("first_k_dense_replace"))
+    every = int(get("moe_layer_freq"))
     sparse = tuple(count > 0 and i >= first and i % every == 0 for i in range(layers))
     if not any(sparse):
         return cfg

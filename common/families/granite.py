@@ -24,5 +24,6 @@ def config(raw: dict) -> ModelConfig:
     get = lambda name: _field(raw, DEFAULTS, name)  # noqa: E731
     bias = get("attention_bias")
     cfg = llama_shaped(raw, DEFAULTS, MODEL_TYPE, qkv_bias=bias, out_bias=bias, mlp_bias=get("mlp_bias"))
-    return replace(cfg, embed_scale=float(get("embedding_multiplier")), residual_scale=float(get("residual_multiplier")),
+    return replace(cfg, embed_scale=float(get("embedding_multiplier")),
+                   residual_scale=float(get("residual_multiplier")),
                    softmax_scale=float(get("attention_multiplier")), logits_scale=float(get("logits_scaling")))
