@@ -417,9 +417,9 @@ def decode_buffers(cfg: ModelConfig, kv: torch.Tensor, scratch: torch.Tensor, b:
     write = [layer.view(2, s * kvh * length, d) for layer in kv]
     keys_t = [layer[0, :b, :, :key_len].view(b * kvh, key_len, d).transpose(1, 2) for layer in kv]
     values = [layer[1, :b, :, :key_len].view(b * kvh, key_len, d) for layer in kv]
-    e, g, i, width = cfg.n_embd, cfg.n_head // kvh, cfg.n_inner, cfg.decode_width
-    shapes = ((b, e), (b, cfg.q_dim + 2 * cfg.kv_dim), (b * kvh, g, width), (2, b * kvh, d), (b * kvh, g, key_len),
-              (b * kvh, g, width), (b, (2 if cfg.mlp == "gated" else 1) * i), (b, i if cfg.mlp == "gated" else 0),
+    e, g, i, span = cfg.n_embd, cfg.n_head // kvh, cfg.n_inner, cfg.decode_width
+    shapes = ((b, e), (b, cfg.q_dim + 2 * cfg.kv_dim), (b * kvh, g, span), (2, b * kvh, d), (b * kvh, g, key_len),
+              (b * kvh, g, span), (b, (2 if cfg.mlp == "gated" else 1) * i), (b, i if cfg.mlp == "gated" else 0),
               (b, e), (b, cfg.vocab_size))
     pieces, start = [], 0
     for width, shape in zip(_scratch_widths(cfg, length), shapes):
