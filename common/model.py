@@ -54,8 +54,9 @@ class Layer(NamedTuple):
     q_up_wt: torch.Tensor | None = None  # [q_rank, H*(Dn+P)]: the queries from their compression
     q_down_norm_w: torch.Tensor | None = None  # [q_rank]
     kv_norm_w: torch.Tensor | None = None  # [R]
-    # each head's key and value up-projections: [R, H*(Dn+Dv)] as prefill expands the cached vectors
-    # with them, and per head as decode folds them into its queries and outputs ([H, Dn, R], [H, R, Dv])
+    # each head's key and value up-projections, views of one tensor: [R, H*(Dn+Dv)] as prefill expands
+    # the cached vectors with them, and per head as decode folds them into its queries and outputs
+    # ([H, Dn, R], [H, R, Dv])
     kv_up_wt: torch.Tensor | None = None
     k_up: torch.Tensor | None = None
     v_up: torch.Tensor | None = None
@@ -135,8 +136,7 @@ def _latent_weights(t: dict, cfg: ModelConfig) -> dict:
     lat = cfg.latent
     kv_up = t["kv_up"].view(cfg.n_head, lat.nope_dim + lat.v_dim, lat.kv_rank)  # [H, Dn + Dv, R]
     return dict(q_up_wt=_t(t["q_up"]), q_down_norm_w=t["q_down_norm"], kv_norm_w=t["kv_norm"],
-                kv_up_wt=t["kv_up"].t(), k_up=kv_up[:, : lat.nope_dim].contiguous(),
-                v_up=kv_up[:, lat.nope_dim :].transpose(1, 2).contiguous())
+                kv_up_wt=t["kv_up"].t(), k_up=kv_up[:, : lat.nope_dim], v_up=kv_up[:, lat.nope_dim :].transpose(1, 2))
 
 
 def _offset(norm: torch.Tensor | None, cfg: ModelConfig) -> torch.Tensor | None:

@@ -102,8 +102,9 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: Repea
 
 def weight_bytes(w: ModelWeights) -> int:
     """Bytes a decode step reads of the weights: every layer, the final norm and the LM head (the
-    embedding tables only at B rows, which the bound leaves out)."""
-    tensors = [t for layer in w.layers for t in layer] + [w.normf_w, w.normf_b, w.lm_head_t]
+    embedding tables only at B rows, which the bound leaves out). Latent attention's kv_up_wt is
+    prefill's view of what k_up and v_up hold: counted once, as them."""
+    tensors = [t for layer in w.layers for t in layer._replace(kv_up_wt=None)] + [w.normf_w, w.normf_b, w.lm_head_t]
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 

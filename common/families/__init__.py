@@ -188,10 +188,9 @@ def _latent(tensor: Callable[..., object], cfg: ModelConfig) -> dict:
     q = rotary_halves(tensor("q_b") if lat.q_rank else tensor("q"),
                       [h * per_head + lat.nope_dim for h in range(cfg.n_head)])
     kv_a = rotary_halves(tensor("kv_a"), [lat.kv_rank])
-    if lat.q_rank:
-        return {"qkv": (torch.cat([tensor("q_a"), kv_a]), None), "q_up": q, "q_down_norm": tensor("q_a_norm"),
-                "kv_norm": tensor("kv_a_norm"), "kv_up": tensor("kv_b")}
-    return {"qkv": (torch.cat([q, kv_a]), None), "q_up": None, "q_down_norm": None, "kv_norm": tensor("kv_a_norm"),
+    compressed = bool(lat.q_rank)
+    return {"qkv": (torch.cat([tensor("q_a") if compressed else q, kv_a]), None), "q_up": q if compressed else None,
+            "q_down_norm": tensor("q_a_norm") if compressed else None, "kv_norm": tensor("kv_a_norm"),
             "kv_up": tensor("kv_b")}
 
 

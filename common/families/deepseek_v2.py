@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from ..model_config import ACTIVATIONS, Experts, Latent, ModelConfig, ModelConfigError
-from .llama import PREFIX, TOP, _field, rope_of
+from ..model_config import Experts, Latent, ModelConfig, ModelConfigError
+from .llama import PREFIX, TOP, _field, llama_shaped
 
 __all__ = ["EXPERTS", "LAYER", "LAYER_ROLES", "PREFIX", "TOP", "config"]
 
@@ -52,12 +52,9 @@ def config(raw: dict) -> ModelConfig:
     if get("scoring_func") != "softmax" or get("topk_method") not in TOPK_METHODS:
         raise ModelConfigError(f"{MODEL_TYPE} routes with a softmax, {' or '.join(TOPK_METHODS)}; this config says "
                                f"{get('scoring_func')}, {get('topk_method')}")
-    activation = get("hidden_act")
-    if activation not in ACTIVATIONS:
-        raise ModelConfigError(f"unsupported hidden_act {activation!r}; supported: {', '.join(ACTIVATIONS)}")
-    hidden, heads, layers = int(raw["hidden_size"]), int(raw["num_attention_heads"]), int(raw["num_hidden_layers"])
-    positions = int(get("max_position_embeddings"))
-    rope = rope_of(raw, positions)
+    # Llama's fields, then the attention's shape of its own: one cached "head" of half the vector
+    cfg = llama_shaped(raw, DEFAULTS, MODEL_TYPE, qkv_bias=False, out_bias=False)
+    rope = cfg.rope
     if rope.rope_type == "dynamic":
         raise ModelConfigError(f"{MODEL_TYPE} with dynamic rotary scaling is not supported")
     nope, rope_dim = int(get("qk_nope_head_dim")), int(get("qk_rope_head_dim"))
@@ -71,17 +68,10 @@ def config(raw: dict) -> ModelConfig:
     q_rank = int(raw["q_lora_rank"] or 0) if "q_lora_rank" in raw else 1536
     latent = Latent(kv_rank=kv_rank, q_rank=q_rank, nope_dim=nope, rope_dim=rope_dim,
                     v_dim=int(get("v_head_dim")))
-    cfg = ModelConfig(
-        model_type=MODEL_TYPE, vocab_size=int(get("vocab_size")), n_positions=positions, n_embd=hidden,
-        n_layer=layers, n_head=heads, kv_heads=1, head_dim=(kv_rank + rope_dim) // 2,
-        n_inner=int(raw["intermediate_size"]), norm="rms", layer_norm_epsilon=float(get("rms_norm_eps")), mlp="gated",
-        activation=ACTIVATIONS[activation], qkv_bias=False, out_bias=False, mlp_bias=False, qk_norm=False, rope=rope,
-        windows=(0,) * layers, tie_word_embeddings=bool(get("tie_word_embeddings")), latent=latent,
-        softmax_scale=scale,
-    )
+    cfg = replace(cfg, kv_heads=1, head_dim=(kv_rank + rope_dim) // 2, latent=latent, softmax_scale=scale)
     count, first = int(get("n_routed_experts") or 0), int(get("first_k_dense_replace"))
     every = int(get("moe_layer_freq"))
-    sparse = tuple(count > 0 and i >= first and i % every == 0 for i in range(layers))
+    sparse = tuple(count > 0 and i >= first and i % every == 0 for i in range(cfg.n_layer))
     if not any(sparse):
         return cfg
     if raw.get("num_experts_per_tok") is None:
@@ -93,4 +83,4 @@ def config(raw: dict) -> ModelConfig:
     experts = Experts(count, int(raw["num_experts_per_tok"]), inner, bool(get("norm_topk_prob")), sparse,
                       scale=float(get("routed_scaling_factor")), shared=inner * int(get("n_shared_experts") or 0),
                       groups=groups)
-    return replace(cfg, experts=experts.check(hidden))
+    return replace(cfg, experts=experts.check(cfg.n_embd))
