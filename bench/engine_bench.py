@@ -71,6 +71,23 @@ SHAPES = {
         num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
         rope_theta=10000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151643,
         eos_token_id=151645),
+    # llama-tiny's size as Phi-4-mini is laid out: fused projections, rotary embeddings on 24 of each
+    # head's 32 values, LongRoPE's long factors past 1,024 positions
+    "phi3-tiny": dict(
+        model_type="phi3", vocab_size=8192, max_position_embeddings=2048, original_max_position_embeddings=1024,
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, intermediate_size=688,
+        partial_rotary_factor=0.75, rope_scaling={"type": "longrope", "short_factor": [1 + i / 20 for i in range(12)],
+                                                  "long_factor": [1 + i / 2 for i in range(12)]},
+        bos_token_id=0, eos_token_id=0),
+    "phi-4": dict(
+        model_type="phi3", vocab_size=100352, max_position_embeddings=16384, hidden_size=5120, num_hidden_layers=40,
+        num_attention_heads=40, num_key_value_heads=10, intermediate_size=17920, rope_theta=250000.0,
+        rms_norm_eps=1e-5, sliding_window=None, tie_word_embeddings=False, bos_token_id=100257, eos_token_id=100265),
+    "stable-code-3b": dict(
+        model_type="stablelm", vocab_size=50304, max_position_embeddings=16384, hidden_size=2560, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, intermediate_size=6912, partial_rotary_factor=0.25,
+        rope_theta=1000000.0, layer_norm_eps=1e-5, use_qkv_bias=False, tie_word_embeddings=False, bos_token_id=0,
+        eos_token_id=0),
     # latent attention (a cache of 64 + 16 per token and layer) and DeepSeek's experts, at llama-tiny's size
     "deepseek-v2-tiny": dict(
         model_type="deepseek_v2", vocab_size=8192, max_position_embeddings=2048, hidden_size=256, num_hidden_layers=4,

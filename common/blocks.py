@@ -5,7 +5,6 @@ embeddings. Plain functions; numerics as transformers' (the reference) computes 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -48,7 +47,22 @@ def inv_freq(rope: Rope, dim: int, max_positions: int) -> tuple[torch.Tensor, fl
         return _llama3(freqs, rope), 1.0
     if rope.rope_type == "yarn":
         return _yarn(rope, dim, exponents)
+    if rope.rope_type == "longrope":
+        return _longrope(rope, exponents, max_positions)
     return freqs, 1.0
+
+
+def _longrope(rope: Rope, exponents: torch.Tensor, max_positions: int) -> tuple[torch.Tensor, float]:
+    # Each frequency divided by its own factor: the long ones where the model serves past its
+    # pretraining length (rope_tables keeps the short ones within it), the short ones otherwise.
+    # cos and sin are scaled at every position alike, by the extension's factor.
+    old = rope.original_max_positions
+    factors = torch.tensor(rope.long_factor if max_positions > old else rope.short_factor, dtype=torch.float32)
+    if rope.attention_factor is not None:
+        scale = rope.attention_factor
+    else:
+        scale = 1.0 if rope.factor <= 1 else math.sqrt(1 + math.log(rope.factor) / math.log(old))
+    return 1.0 / (factors * rope.theta**exponents), scale
 
 
 def _llama3(freqs: torch.Tensor, rope: Rope) -> torch.Tensor:
@@ -93,7 +107,7 @@ def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 def rope_tables(cfg: ModelConfig, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """cos and sin [n_positions, R / 2] of every position (R the rotary width, cfg.rope_dim), in the
+    """cos and sin [n_positions, P / 2] of every position (P the rotary width, cfg.rope_dim), in the
     compute dtype (transformers computes them in float32 and casts before use); None for a model
     without rotary embeddings."""
     if cfg.rope is None:
@@ -101,11 +115,14 @@ def rope_tables(cfg: ModelConfig, dtype: torch.dtype, device) -> tuple[torch.Ten
     rope, positions = cfg.rope, torch.arange(cfg.n_positions, dtype=torch.float32)[:, None]
     freqs, scale = inv_freq(rope, cfg.rope_dim, cfg.n_positions)
     angles = positions * freqs[None, :]  # [P, D / 2]
-    if rope.rope_type == "dynamic" and cfg.n_positions > rope.original_max_positions:
-        # transformers recomputes dynamic NTK scaling for each forward from that forward's length,
-        # which a KV cache cannot follow. Within the pretraining length, where the two agree, the
-        # plain frequencies; past it the scaling at the longest length served, as vLLM does.
-        plain, _ = inv_freq(replace(rope, rope_type="default"), cfg.rope_dim, cfg.n_positions)
+    if rope.rope_type in ("dynamic", "longrope") and cfg.n_positions > rope.original_max_positions:
+        # transformers picks these frequencies for each forward from that forward's length, which a
+        # KV cache cannot follow: keys cached earlier keep theirs. Within the pretraining length,
+        # where the two agree, that length's frequencies; past it dynamic NTK's at the longest
+        # length served (as vLLM does) and longrope's long factors. A longrope request growing past
+        # the pretraining length thus goes on as transformers' own cached generation does; only a
+        # prompt longer than it, which transformers turns all with the long factors, differs.
+        plain, _ = inv_freq(rope, cfg.rope_dim, rope.original_max_positions)
         within = positions < rope.original_max_positions
         angles = torch.where(within, positions * plain[None, :], angles)
     return (angles.cos() * scale).to(device, dtype), (angles.sin() * scale).to(device, dtype)
@@ -118,9 +135,13 @@ def halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The rotary embedding of x [..., heads, D] at the positions of cos, sin [..., 1, D / 2]."""
+    """The rotary embedding of x [..., heads, D] at the positions of cos, sin [..., 1, P / 2]: its
+    first P values turned, the rest (partial rotary embeddings) as they are."""
+    p = 2 * cos.shape[-1]
     out = torch.empty_like(x)
-    rotate_halves(*halves(x), cos, sin, *halves(out))
+    rotate_halves(*halves(x[..., :p]), cos, sin, *halves(out[..., :p]))
+    if p < x.shape[-1]:
+        out[..., p:] = x[..., p:]
     return out
 
 

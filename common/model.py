@@ -6,8 +6,9 @@ layer has: LayerNorm or RMSNorm, learned positions or rotary ones, multi-query, 
 multi-head attention with an optional sliding window, q/k norms, a plain or a gated MLP, biases.
 Shapes: T packed prompt tokens, B decode rows, E = n_embd, H query heads, KVH key/value heads,
 G = H / KVH, D head dim, Q = H * D, KV = KVH * D, I the MLP width, S slots, L slot length,
-V vocabulary, X experts (k of them per token) of width I. Latent attention (DeepSeek-V2): R the
-compressed K/V width, P the rotary width, W = R + P the cached vector's, Dn and Dv the per-head key
+V vocabulary, P the rotary width (cfg.rope_dim: D, or the part partial rotary embeddings turn),
+X experts (k of them per token) of width I. Latent attention (DeepSeek-V2): R the
+compressed K/V width, P the rotary part's, W = R + P the cached vector's, Dn and Dv the per-head key
 (without positions) and value widths; its cache is one head (KVH = 1) of D = W / 2 in each plane,
 the vector's first half as "keys", its second as "values".
 """
@@ -72,7 +73,7 @@ class ModelWeights(NamedTuple):
     lm_head_t: torch.Tensor  # [E, V]; a view of wte when tied
     act: Callable[[torch.Tensor], torch.Tensor]
     upcast_softmax: bool  # half precision scores are softmaxed in fp32, as transformers does
-    rope_cos: torch.Tensor | None  # [n_positions, D / 2], rotary embeddings
+    rope_cos: torch.Tensor | None  # [n_positions, P / 2], rotary embeddings
     rope_sin: torch.Tensor | None
     # the embeddings' multiplier as the weights' dtype rounds it (transformers multiplies by a
     # tensor of that dtype); None: 1
@@ -309,7 +310,7 @@ def prefill(
         h = h + torch.embedding(w.wpe, positions)
     rope = w.rope_cos is not None
     if rope:
-        cos, sin = w.rope_cos[positions][:, None], w.rope_sin[positions][:, None]  # [T, 1, D/2]
+        cos, sin = w.rope_cos[positions][:, None], w.rope_sin[positions][:, None]  # [T, 1, P/2]
     for i, layer in enumerate(w.layers):
         x = norm(h, layer.norm1_w, layer.norm1_b, eps)
         if layer.k_up is not None:  # latent attention: the cache's planes hold the vector's halves
@@ -352,14 +353,16 @@ SERIAL_ATTENTION_SCORES = 32768
 
 
 class RopeViews(NamedTuple):
-    """Where a decode step reads q, k and v from qkv and writes them rotated, made once per shape."""
+    """Where a decode step reads q, k and v from qkv and writes them rotated, made once per shape.
+    The first P values of each head turn, the rest are copied (partial rotary embeddings;
+    families with q/k norms turn whole heads)."""
 
-    q: tuple[torch.Tensor, torch.Tensor]  # qkv's q [B, H, D] in halves
-    k: tuple[torch.Tensor, torch.Tensor]  # qkv's k [B, KVH, D] in halves
-    v: torch.Tensor  # qkv's v [B, KVH, D]
-    q_out: tuple[torch.Tensor, torch.Tensor]  # the rotated q buffer, as [B, H, D], in halves
-    k_out: tuple[torch.Tensor, torch.Tensor]  # new_kv[0] as [B, KVH, D], in halves
-    v_out: torch.Tensor  # new_kv[1] as [B, KVH, D]
+    q: tuple[torch.Tensor, torch.Tensor]  # qkv's q [B, H, P] in halves
+    k: tuple[torch.Tensor, torch.Tensor]  # qkv's k [B, KVH, P] in halves
+    q_out: tuple[torch.Tensor, torch.Tensor]  # the rotated q buffer, as [B, H, P], in halves
+    k_out: tuple[torch.Tensor, torch.Tensor]  # new_kv[0] as [B, KVH, P], in halves
+    # (from qkv, to the buffers) as they are: v [B, KVH, D]; q's and k's values past P, if any
+    copies: tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
 class DecodeBuffers(NamedTuple):
@@ -431,9 +434,14 @@ def decode_buffers(cfg: ModelConfig, kv: torch.Tensor, scratch: torch.Tensor, b:
         q = q_rot
     elif cfg.rope is not None:
         q_dim, kv_dim, heads = cfg.q_dim, cfg.kv_dim, cfg.n_head
-        q_in, k_in, v_in = qkv[:, :q_dim], qkv[:, q_dim : q_dim + kv_dim], qkv[:, q_dim + kv_dim :]
-        rope = RopeViews(halves(q_in.view(b, heads, d)), halves(k_in.view(b, kvh, d)), v_in.view(b, kvh, d),
-                         halves(q_rot.view(b, heads, d)), halves(new_kv[0].view(b, kvh, d)), new_kv[1].view(b, kvh, d))
+        p = cfg.rope_dim
+        q_in, k_in = qkv[:, :q_dim].view(b, heads, d), qkv[:, q_dim : q_dim + kv_dim].view(b, kvh, d)
+        q_out, k_out = q_rot.view(b, heads, d), new_kv[0].view(b, kvh, d)
+        copies = ((qkv[:, q_dim + kv_dim :].view(b, kvh, d), new_kv[1].view(b, kvh, d)),)
+        if p < d:
+            copies += ((q_in[..., p:], q_out[..., p:]), (k_in[..., p:], k_out[..., p:]))
+        rope = RopeViews(halves(q_in[..., :p]), halves(k_in[..., :p]), halves(q_out[..., :p]),
+                         halves(k_out[..., :p]), copies)
         q = q_rot
     elif kvh == 1:
         q, new_kv = split_qkv(qkv, cfg)
@@ -487,7 +495,7 @@ def decode_step(
         h.mul_(w.embed_scale)
     rope = bufs.rope
     if w.rope_cos is not None:
-        cos, sin = w.rope_cos[positions][:, None], w.rope_sin[positions][:, None]  # [B, 1, D/2]
+        cos, sin = w.rope_cos[positions][:, None], w.rope_sin[positions][:, None]  # [B, 1, P/2]
     elif w.wpe is not None:
         h.add_(torch.embedding(w.wpe, positions))
     try:
@@ -509,7 +517,8 @@ def decode_step(
                                                      layer.k_norm_w, eps))
                     rotate_halves(*q_in, cos, sin, *rope.q_out)
                     rotate_halves(*k_in, cos, sin, *rope.k_out)
-                    rope.v_out.copy_(rope.v)
+                    for source, dest in rope.copies:
+                        dest.copy_(source)
                 elif bufs.q is None:
                     q, new_kv = split_qkv(qkv, cfg)
                 write.index_copy_(1, write_index, new_kv)

@@ -34,7 +34,7 @@ class Rope:
     """Rotary position embeddings: the frequencies of one scaling (`rope_type`) and its parameters,
     as transformers' ROPE_INIT_FUNCTIONS compute them (common/blocks.py rope_tables)."""
 
-    rope_type: Literal["default", "linear", "dynamic", "llama3", "yarn"]
+    rope_type: Literal["default", "linear", "dynamic", "llama3", "yarn", "longrope"]
     theta: float
     factor: float = 1.0
     original_max_positions: int = 0  # llama3, yarn, dynamic: the pretraining length
@@ -46,6 +46,10 @@ class Rope:
     mscale: float = 0.0  # yarn
     mscale_all_dim: float = 0.0  # yarn
     truncate: bool = True  # yarn: round the correction range to whole dimensions
+    dim: int = 0  # the width of each head that is turned (partial_rotary_factor); 0: all of it
+    # longrope: per-frequency divisors [dim / 2] within the pretraining length, and past it
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -164,8 +168,11 @@ class ModelConfig:
 
     @property
     def rope_dim(self) -> int:
-        """The width each head's rotary embedding turns."""
-        return self.head_dim if self.latent is None else self.latent.rope_dim
+        """The width each head's rotary embedding turns: its first rope_dim values (latent
+        attention: its rotary part)."""
+        if self.latent is not None:
+            return self.latent.rope_dim
+        return self.rope.dim if self.rope is not None and self.rope.dim else self.head_dim
 
     def fingerprint(self, vocab_size: int) -> str:
         """Identifies the model shape and the tokenizer's vocabulary, so that processes can refuse a

@@ -35,6 +35,11 @@ WINDOW = 24  # shorter than the long prompts below
 LATENT = dict(num_key_value_heads=8, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
               n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1)
 
+# LongRoPE's per-frequency factors for SHAPE's heads of 8 (4 frequencies), within and past 128 positions
+LONGROPE_ORIGINAL = 128
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.2, 1.9, 3.1],
+            "long_factor": [1.1, 2.5, 6.0, 17.0]}
+
 # name -> (model_type, config fields beyond SHAPE)
 VARIANTS = {
     "llama": ("llama", {}),
@@ -58,6 +63,15 @@ VARIANTS = {
     "granite-multipliers": ("granite", dict(embedding_multiplier=12.0, residual_multiplier=0.22,
                                             attention_multiplier=0.0078125 * 8, logits_scaling=16.0,
                                             tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
+    # Stable Code 3B's layout: LayerNorms, rotary embeddings on the first quarter of each head (4 of
+    # 16 values, transformers' default share); q/k/v biases as StableLM 2 1.6B has them
+    "stablelm-partial-bias": ("stablelm", dict(num_attention_heads=4, use_qkv_bias=True)),
+    # Phi-3's fused q/k/v and gate/up projections, Phi-3-mini-4k's window, Phi-4-mini's partial rotary
+    "phi3-window-partial": ("phi3", dict(sliding_window=WINDOW, partial_rotary_factor=0.5, pad_token_id=0)),
+    # Phi-3.5-mini's LongRoPE (its pretraining length 128 here: every test prompt fits within it;
+    # test_longrope_goes_past_its_pretraining_length_as_transformers_does goes past), a tied head
+    "phi3-longrope-tied": ("phi3", dict(tie_word_embeddings=True, original_max_position_embeddings=LONGROPE_ORIGINAL,
+                                        rope_parameters=LONGROPE, pad_token_id=0)),
     "gemma-mqa": ("gemma", dict(head_dim=16, num_key_value_heads=1)),
     "gemma-gqa-untied": ("gemma", dict(head_dim=32, tie_word_embeddings=False)),
     "mixtral-window": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)),
@@ -228,6 +242,26 @@ def test_seeded_sampling_resumes_exactly(checkpoint):
     assert rest == whole[12:]
 
 
+@torch.inference_mode()
+def test_longrope_goes_past_its_pretraining_length_as_transformers_does(tmp_path):
+    """A request whose prompt fits the pretraining length and whose answer runs past it: the tokens
+    within keep the short factors and those past it take the long ones, as in transformers' own
+    cached generation (which picks the factors for each step from its length, while the keys
+    already cached keep theirs). Checked step by step against transformers with its KV cache."""
+    path = make_checkpoint(tmp_path / "phi3-longrope", *VARIANTS["phi3-longrope-tied"])
+    model, ref = load_model(path, torch.float32, torch.device("cpu")), reference(path)
+    assert model.cfg.rope.rope_type == "longrope" and model.cfg.n_positions == SHAPE["max_position_embeddings"]
+    prompt = prompts([LONGROPE_ORIGINAL - 20], seed=6)[0]
+    ours = generate(model, [GenerateRequest("long", tuple(prompt), 60, ignore_eos=True)])[0]
+    out = ref(torch.tensor([prompt]), use_cache=True)
+    for i, token in enumerate(ours):
+        top2 = out.logits[0, -1].topk(2)
+        best, second = top2.values.tolist()
+        if token != top2.indices[0]:
+            assert best - second < 1e-4 and token == top2.indices[1], f"step {i}: {token} vs {top2.indices[0]}"
+        out = ref(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+
+
 def test_old_and_new_rope_fields_read_alike(tmp_path):
     """transformers 5 writes `rope_parameters`; configs on the hub carry `rope_theta` and
     `rope_scaling` (with `type` or `rope_type`)."""
@@ -269,7 +303,13 @@ def test_eos_ids_are_config_and_generation_config_together(tmp_path):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "unsupported rope_type 'longrope'"),
+    ({"rope_parameters": {"rope_type": "mrope", "rope_theta": 1e4}}, "unsupported rope_type 'mrope'"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4}},
+     "longrope's long_factor must list 4 positive numbers"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5. are not supported for 'llama'"),
+    ({"model_type": "phi3", "partial_rotary_factor": 0.375}, "turns 3 of each head's 8 values"),
+    ({"model_type": "stablelm", "qk_layernorm": True}, "StableLM with per-head q/k LayerNorms"),
+    ({"model_type": "stablelm", "use_parallel_residual": True}, "StableLM with parallel residuals"),
     ({"quantization_config": {"quant_method": "gptq"}}, "quantized checkpoints \\(gptq\\)"),
     ({"num_key_value_heads": 3}, "8 attention heads are not divisible by 3 key/value heads"),
     ({"model_type": "deepseek_v3"}, "unsupported model_type 'deepseek_v3': splitserve runs .*qwen3_moe"),

@@ -19,7 +19,8 @@ PAIRS = [  # (prefix, suffix): code with indentation, leading spaces, unicode, o
 ]
 # The spellings of each family's markers and ends, for reading a prompt back.
 LAYOUT = {"starcoder2": "starcoder", "starcoder": "starcoder", "santacoder": "santacoder", "qwen2.5-coder": "qwen",
-          "qwen3": "qwen", "deepseek-coder": "deepseek", "codellama": "codellama", "codestral": "codestral"}
+          "qwen3": "qwen", "deepseek-coder": "deepseek", "codellama": "codellama", "codestral": "codestral",
+          "stable-code": "starcoder", "granite": "starcoder"}
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +35,11 @@ def fim_prompt(tok: Tokenizer, prefix: str, suffix: str, room: int = 1000) -> li
 
 def test_each_family_gets_its_layout(tokenizers_):
     found = {name: fim.layout.name if (fim := find_fim(tok)) else None for name, tok in tokenizers_.items()}
-    assert found == {**LAYOUT, "llama": None, "mistral": None}
+    assert found == {**LAYOUT, "llama": None, "mistral": None, "phi-3": None, "phi-4": None}
 
 
 @pytest.mark.parametrize("family", ["starcoder2", "starcoder", "santacoder", "qwen2.5-coder", "qwen3",
-                                    "deepseek-coder"])
+                                    "deepseek-coder", "stable-code", "granite"])
 def test_psm_layout_is_the_families_markers_around_the_code(family_dirs, tokenizers_, family):
     """<prefix>P<suffix>S<middle>, BOS first where the tokenizer adds one (DeepSeek-Coder): what the
     family's transformers tokenizer gives for the prompt text, and what its model cards write."""

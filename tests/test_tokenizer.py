@@ -209,7 +209,7 @@ def test_transformers_rebuilds_these_families_pipelines(family_dirs, family):
 
 def test_bos_comes_from_the_families_that_add_it(family_dirs):
     bos_first = {name for name in FAMILIES if Tokenizer.from_dir(family_dirs[name]).leading_special_ids}
-    assert bos_first == {"llama", "codellama", "mistral", "codestral", "deepseek-coder"}
+    assert bos_first == {"llama", "codellama", "mistral", "codestral", "deepseek-coder", "phi-3"}
 
 
 @pytest.mark.parametrize("declared, model_type, byte_level, built", [
@@ -226,6 +226,10 @@ def test_bos_comes_from_the_families_that_add_it(family_dirs):
     ("Qwen2TokenizerFast", "qwen3", True, "Qwen2Tokenizer"),
     (None, "qwen3_moe", True, "Qwen2Tokenizer"),  # Qwen3-Coder's, where tokenizer_config.json names none
     (None, "starcoder2", True, "GPT2Tokenizer"),
+    ("LlamaTokenizer", "phi3", False, ""),  # Phi-3: transformers overrides the class the hub names
+    ("GPT2Tokenizer", "phi3", True, ""),  # Phi-4
+    ("GPTNeoXTokenizer", "stablelm", True, ""),  # Stable Code 3B
+    ("GPT2Tokenizer", "granite", True, ""),  # Granite 3.x
     (None, None, True, ""),
 ])
 def test_transformers_class(declared, model_type, byte_level, built):

@@ -12,24 +12,26 @@ from types import ModuleType
 from typing import Callable
 
 from ..model_config import ModelConfig, ModelConfigError
-from . import deepseek_v2, gemma, gpt_bigcode, granite, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, starcoder2
+from . import (deepseek_v2, gemma, gpt_bigcode, granite, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe,
+               stablelm, starcoder2)
 
 FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (deepseek_v2, gemma, gpt_bigcode, granite, llama, mistral,
-                                                             mixtral, qwen2, qwen3, qwen3_moe, starcoder2)}
+                                                             mixtral, phi3, qwen2, qwen3, qwen3_moe, stablelm,
+                                                             starcoder2)}
 # Each family module has:
 #   MODEL_TYPE, config(raw: dict) -> ModelConfig
 #   PREFIX: what the base model's tensor names begin with in a checkpoint ("model.", "transformer.")
 #   TOP: {"embed", "positions", "final_norm"} -> name (positions: None without learned positions)
 #   LAYER: the name of layer i's tensors, "layers.{i}.", and LAYER_ROLES: role -> name after it, roles
 #   among norm1, qkv (fused) or q/k/v, q_norm, k_norm, out, norm2, up (the plain MLP's first
-#   projection) or gate/up, down; with latent attention (cfg.latent) q or q_a/q_a_norm/q_b, and
-#   kv_a, kv_a_norm, kv_b in place of q/k/v
+#   projection) or gate/up or gate_up (fused, rows gate | up), down; with latent attention
+#   (cfg.latent) q or q_a/q_a_norm/q_b, and kv_a, kv_a_norm, kv_b in place of q/k/v
 # and may have regroup_qkv(weight_or_bias, cfg) for a fused qkv whose rows are not q | k | v, and
 # EXPERTS: a mixture-of-experts layer's tensor names after LAYER, the router's ("router"), expert
 # j's ("gate", "up", "down" with {j}) and the shared experts' ("shared_gate", "shared_up",
 # "shared_down") where cfg.experts.shared, used in place of the MLP roles where cfg.experts says.
 
-MLP_ROLES = ("up", "gate", "down")
+MLP_ROLES = ("up", "gate", "gate_up", "down")
 
 
 def family_of(model_type) -> ModuleType:
@@ -79,6 +81,7 @@ def _layer_shapes(cfg: ModelConfig, roles: dict[str, str]) -> dict[str, tuple[in
         shapes |= {"q": (q, e, cfg.qkv_bias), "k": (kv, e, cfg.qkv_bias), "v": (kv, e, cfg.qkv_bias)}
     if cfg.mlp == "gated":
         shapes["gate"] = (i, e, cfg.mlp_bias)
+        shapes["gate_up"] = (2 * i, e, cfg.mlp_bias)
     if cfg.qk_norm:
         shapes |= {"q_norm": (d, 0, False), "k_norm": (d, 0, False)}
     return shapes
@@ -145,7 +148,7 @@ def layer_tensors(get: Get, cfg: ModelConfig, i: int) -> dict:
         return None if pieces[0] is None else torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
     qkv_parts = ("qkv",) if "qkv" in roles else ("q", "k", "v")
-    up_parts = ("gate", "up") if cfg.mlp == "gated" else ("up",)
+    up_parts = ("gate_up",) if "gate_up" in roles else ("gate", "up") if cfg.mlp == "gated" else ("up",)
     regroup = getattr(family, "regroup_qkv", lambda t, cfg: t)
     mlp = _experts(get, cfg, prefix, family.EXPERTS) if sparse(cfg, i) else {
         "up": (fused(up_parts, "weight"), fused(up_parts, "bias")),
@@ -221,7 +224,7 @@ def _has_bias(cfg: ModelConfig, role: str) -> bool:
         return cfg.qkv_bias
     if role == "out":
         return cfg.out_bias
-    return role in ("gate", "up", "down") and cfg.mlp_bias
+    return role in ("gate", "up", "gate_up", "down") and cfg.mlp_bias
 
 
 def top_tensors(get: Get, cfg: ModelConfig) -> dict:

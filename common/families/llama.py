@@ -19,7 +19,7 @@ LAYER_ROLES = {"norm1": "input_layernorm", "q": "self_attn.q_proj", "k": "self_a
 DEFAULTS = {"vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "hidden_act": "silu",
             "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False}
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 def config(raw: dict) -> ModelConfig:
@@ -30,15 +30,17 @@ def config(raw: dict) -> ModelConfig:
 
 def llama_shaped(raw: dict, defaults: dict, model_type: str, *, qkv_bias: bool, out_bias: bool, mlp_bias: bool = False,
                  qk_norm: bool = False, windows: tuple[int, ...] | None = None, norm: str = "rms", mlp: str = "gated",
-                 eps_field: str = "rms_norm_eps") -> ModelConfig:
-    """The config of a Llama-shaped family; what differs between them comes as arguments."""
+                 eps_field: str = "rms_norm_eps", partial_rotary: float | None = None) -> ModelConfig:
+    """The config of a Llama-shaped family; what differs between them comes as arguments.
+    partial_rotary: the default share of each head that rotary embeddings turn, for a family whose
+    heads may turn in part (`partial_rotary_factor`); None where whole heads turn."""
     get = lambda name: _field(raw, defaults, name)  # noqa: E731
     hidden, heads, layers = int(raw["hidden_size"]), int(raw["num_attention_heads"]), int(raw["num_hidden_layers"])
     head_dim = int(get("head_dim") or hidden // heads)
     activation = get("hidden_act")
     if activation not in ACTIVATIONS:
         raise ModelConfigError(f"unsupported hidden_act {activation!r}; supported: {', '.join(ACTIVATIONS)}")
-    rope = rope_of(raw, int(get("max_position_embeddings")))
+    rope = rope_of(raw, int(get("max_position_embeddings")), head_dim, partial_rotary)
     positions = int(get("max_position_embeddings"))
     if rope.rope_type == "dynamic":  # extends the model past the length it was trained at
         positions = int(positions * rope.factor)
@@ -59,23 +61,45 @@ def _field(raw: dict, defaults: dict, name: str):
     return defaults.get(name) if value is None else value
 
 
-def rope_of(raw: dict, max_positions: int) -> Rope:
+def rope_of(raw: dict, max_positions: int, head_dim: int, partial: float | None = None) -> Rope:
     """Rotary parameters from `rope_parameters` (configs written by transformers 5) or `rope_theta`
-    and `rope_scaling` (earlier ones); both say the same."""
+    and `rope_scaling` (earlier ones); both say the same. partial: as llama_shaped's partial_rotary."""
     params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
     theta = float(params.get("rope_theta") or raw.get("rope_theta") or 10000.0)
     rope_type = params.get("rope_type") or params.get("type") or "default"
     if rope_type not in ROPE_TYPES:
         raise ModelConfigError(f"unsupported rope_type {rope_type!r}: splitserve computes {', '.join(ROPE_TYPES)}")
-    if float(params.get("partial_rotary_factor") or raw.get("partial_rotary_factor") or 1.0) != 1.0:
-        raise ModelConfigError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
+    share = params.get("partial_rotary_factor") or raw.get("partial_rotary_factor")
+    if partial is None and float(share or 1.0) != 1.0:
+        raise ModelConfigError(f"partial rotary embeddings (partial_rotary_factor {share}) are not supported for "
+                               f"{raw.get('model_type')!r}")
+    dim = int(head_dim * float(share or partial or 1.0))  # as transformers rounds it
+    if dim <= 0 or dim % 2 or dim > head_dim:
+        raise ModelConfigError(f"partial_rotary_factor {share} turns {dim} of each head's {head_dim} values: "
+                               "a positive even number up to the head is needed")
     # transformers' dynamic scaling always counts from max_position_embeddings
     original = max_positions if rope_type == "dynamic" else int(
         params.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings") or max_positions)
     optional = {key: params[key] for key in ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
                                              "attention_factor", "mscale", "mscale_all_dim", "truncate")
                 if params.get(key) is not None}
-    return Rope(rope_type, theta, float(params.get("factor") or 1.0), original, **optional)
+    factor = float(params.get("factor") or 1.0)
+    if rope_type == "longrope":
+        optional |= _longrope_factors(params, dim)
+        # the extension's factor, which scales cos and sin, from the lengths where the config names none
+        factor = float(params.get("factor") or max_positions / original)
+    return Rope(rope_type, theta, factor, original, dim=0 if dim == head_dim else dim, **optional)
+
+
+def _longrope_factors(params: dict, dim: int) -> dict:
+    factors = {}
+    for key in ("short_factor", "long_factor"):
+        value = params.get(key)
+        if not isinstance(value, list) or len(value) != dim // 2 or \
+                not all(isinstance(x, (int, float)) and x > 0 for x in value):
+            raise ModelConfigError(f"longrope's {key} must list {dim // 2} positive numbers, one per rotary frequency")
+        factors[key] = tuple(float(x) for x in value)
+    return factors
 
 
 def sliding_windows(raw: dict, defaults: dict, layers: int) -> tuple[int, ...]:
