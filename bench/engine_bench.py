@@ -78,7 +78,7 @@ SHAPES = {
         hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, intermediate_size=688,
         partial_rotary_factor=0.75, rope_scaling={"type": "longrope", "short_factor": [1 + i / 20 for i in range(12)],
                                                   "long_factor": [1 + i / 2 for i in range(12)]},
-        bos_token_id=0, eos_token_id=0),
+        bos_token_id=0, eos_token_id=0, pad_token_id=0),
     "phi-4": dict(
         model_type="phi3", vocab_size=100352, max_position_embeddings=16384, hidden_size=5120, num_hidden_layers=40,
         num_attention_heads=40, num_key_value_heads=10, intermediate_size=17920, rope_theta=250000.0,

@@ -72,6 +72,8 @@ VARIANTS = {
     # test_longrope_goes_past_its_pretraining_length_as_transformers_does goes past), a tied head
     "phi3-longrope-tied": ("phi3", dict(tie_word_embeddings=True, original_max_position_embeddings=LONGROPE_ORIGINAL,
                                         rope_parameters=LONGROPE, pad_token_id=0)),
+    # Seed-OSS: q/k/v biases by default, the output projection's and the MLP's on too
+    "seedoss-biases": ("seed_oss", dict(head_dim=16, attention_out_bias=True, mlp_bias=True)),
     "gemma-mqa": ("gemma", dict(head_dim=16, num_key_value_heads=1)),
     "gemma-gqa-untied": ("gemma", dict(head_dim=32, tie_word_embeddings=False)),
     "mixtral-window": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)),

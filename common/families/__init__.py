@@ -13,11 +13,11 @@ from typing import Callable
 
 from ..model_config import ModelConfig, ModelConfigError
 from . import (deepseek_v2, gemma, gpt_bigcode, granite, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe,
-               stablelm, starcoder2)
+               seed_oss, stablelm, starcoder2)
 
 FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (deepseek_v2, gemma, gpt_bigcode, granite, llama, mistral,
-                                                             mixtral, phi3, qwen2, qwen3, qwen3_moe, stablelm,
-                                                             starcoder2)}
+                                                             mixtral, phi3, qwen2, qwen3, qwen3_moe, seed_oss,
+                                                             stablelm, starcoder2)}
 # Each family module has:
 #   MODEL_TYPE, config(raw: dict) -> ModelConfig
 #   PREFIX: what the base model's tensor names begin with in a checkpoint ("model.", "transformer.")
