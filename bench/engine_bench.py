@@ -79,6 +79,16 @@ SHAPES = {
         partial_rotary_factor=0.75, rope_scaling={"type": "longrope", "short_factor": [1 + i / 20 for i in range(12)],
                                                   "long_factor": [1 + i / 2 for i in range(12)]},
         bos_token_id=0, eos_token_id=0, pad_token_id=0),
+    # llama-tiny's size as GLM-4-0414 is laid out: sandwich norms, interleaved rotary pairs on half of each head
+    "glm4-tiny": dict(
+        model_type="glm4", vocab_size=8192, max_position_embeddings=2048, hidden_size=256, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=32, intermediate_size=688, partial_rotary_factor=0.5,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0),
+    "glm-4-9b-0414": dict(
+        model_type="glm4", vocab_size=151552, max_position_embeddings=32768, hidden_size=4096, num_hidden_layers=40,
+        num_attention_heads=32, num_key_value_heads=2, head_dim=128, intermediate_size=13696, partial_rotary_factor=0.5,
+        rope_theta=10000.0, rms_norm_eps=1e-5, attention_bias=True, tie_word_embeddings=False,
+        eos_token_id=[151329, 151336, 151338], pad_token_id=151329),
     "phi-4": dict(
         model_type="phi3", vocab_size=100352, max_position_embeddings=16384, hidden_size=5120, num_hidden_layers=40,
         num_attention_heads=40, num_key_value_heads=10, intermediate_size=17920, rope_theta=250000.0,

@@ -61,6 +61,12 @@ class Layer(NamedTuple):
     kv_up_wt: torch.Tensor | None = None
     k_up: torch.Tensor | None = None
     v_up: torch.Tensor | None = None
+    # sandwich norms (cfg.sandwich_norms), else None: the attention's and the MLP's outputs normalized
+    # before they join the residual stream
+    attn_out_norm_w: torch.Tensor | None = None
+    attn_out_norm_b: torch.Tensor | None = None
+    mlp_out_norm_w: torch.Tensor | None = None
+    mlp_out_norm_b: torch.Tensor | None = None
 
 
 class ModelWeights(NamedTuple):
@@ -92,6 +98,7 @@ def prepare_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> Model
     for i in range(cfg.n_layer):
         t = _residual_scaled(layer_tensors(get, cfg, i), cfg.residual_scale)
         up, down = t.get("up", (None, None)), t.get("down", (None, None))
+        attn_out_norm, mlp_out_norm = t.get("attn_out_norm", (None, None)), t.get("mlp_out_norm", (None, None))
         n1, n2, qn, kn = (_offset(n, cfg) for n in (t["norm1"][0], t["norm2"][0], t["q_norm"], t["k_norm"]))
         layers.append(Layer(
             n1, t["norm1"][1], t["qkv"][0].t(), t["qkv"][1], qn, kn, t["out"][0].t(), t["out"][1],
@@ -99,6 +106,8 @@ def prepare_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> Model
             router_wt=_t(t.get("router")),
             experts_up=t["experts_up"].transpose(1, 2) if "experts_up" in t else None,
             experts_down=t["experts_down"].transpose(1, 2) if "experts_down" in t else None,
+            attn_out_norm_w=_offset(attn_out_norm[0], cfg), attn_out_norm_b=attn_out_norm[1],
+            mlp_out_norm_w=_offset(mlp_out_norm[0], cfg), mlp_out_norm_b=mlp_out_norm[1],
             **_latent_weights(t, cfg),
         ))
     if cfg.experts is not None:
@@ -159,6 +168,12 @@ def check_grouped_mm(device: torch.device, dtype: torch.dtype) -> None:
     except RuntimeError as e:
         raise RuntimeError(f"mixture-of-experts layers need torch._grouped_mm, which this PyTorch lacks for {dtype} "
                            f"on {device}: {e}") from None
+
+
+def joining(x: torch.Tensor, norm_w: torch.Tensor | None, norm_b: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """A sublayer's output as it joins the residual stream: normalized first where the family has
+    sandwich norms (norm_w; else None)."""
+    return x if norm_w is None else norm(x, norm_w, norm_b, eps)
 
 
 def linear(x: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -337,10 +352,12 @@ def prefill(
         a = attn(q, k, v, packed, cfg.attn_scale, layer.window)  # [T, H, D] (latent: [T, H, Dn + P])
         if layer.k_up is not None:
             v_dim = cfg.latent.v_dim
-            h = h + linear(a[:, :, :v_dim].reshape(t, cfg.n_head * v_dim), layer.out_wt, layer.out_b)
+            o = linear(a[:, :, :v_dim].reshape(t, cfg.n_head * v_dim), layer.out_wt, layer.out_b)
         else:
-            h = h + linear(a.reshape(t, q_dim), layer.out_wt, layer.out_b)
-        h = h + mlp(w, layer, norm(h, layer.norm2_w, layer.norm2_b, eps))
+            o = linear(a.reshape(t, q_dim), layer.out_wt, layer.out_b)
+        h = h + joining(o, layer.attn_out_norm_w, layer.attn_out_norm_b, eps)
+        o = mlp(w, layer, norm(h, layer.norm2_w, layer.norm2_b, eps))
+        h = h + joining(o, layer.mlp_out_norm_w, layer.mlp_out_norm_b, eps)
     # Gather before the final norm and the LM head, so unwanted positions cost nothing there.
     h = h[packed.cu_q[1:].long() - 1 if logit_index is None else logit_index]  # [B or R, E]
     return torch.mm(norm(h, w.normf_w, w.normf_b, eps), w.lm_head_t)
@@ -541,11 +558,13 @@ def decode_step(
             if serial:
                 torch.set_num_threads(threads)
             if latent:
-                h.add_(latent_out(w, layer, attn, out=out))
+                o = latent_out(w, layer, attn, out=out)
             else:
-                h.add_(linear(bufs.attn_rows, layer.out_wt, layer.out_b, out=out))
+                o = linear(bufs.attn_rows, layer.out_wt, layer.out_b, out=out)
+            h.add_(joining(o, layer.attn_out_norm_w, layer.attn_out_norm_b, eps))
             x = norm(h, layer.norm2_w, layer.norm2_b, eps)
-            h.add_(mlp(w, layer, x, up=bufs.up, inner=bufs.inner, out=out))
+            o = mlp(w, layer, x, up=bufs.up, inner=bufs.inner, out=out)
+            h.add_(joining(o, layer.mlp_out_norm_w, layer.mlp_out_norm_b, eps))
     finally:  # a failed step must not leave the process on one thread
         if serial:
             torch.set_num_threads(threads)

@@ -46,6 +46,9 @@ class Rope:
     mscale: float = 0.0  # yarn
     mscale_all_dim: float = 0.0  # yarn
     truncate: bool = True  # yarn: round the correction range to whole dimensions
+    # each head's rotary values turn in pairs (x0, x1), (x2, x3)... (GLM); else (x0, x(P/2)), ...
+    # (rotate_half's halves). Loading reorders the q and k rows into halves, so the forward has one way.
+    interleaved: bool = False
     dim: int = 0  # the width of each head that is turned (partial_rotary_factor); 0: all of it
     # longrope: per-frequency divisors [dim / 2] within the pretraining length, and past it
     short_factor: tuple[float, ...] = ()
@@ -133,6 +136,9 @@ class ModelConfig:
     norm_offset: float = 0.0  # RMSNorm multiplies by offset + weight (Gemma: 1)
     residual_scale: float = 1.0  # each sublayer's output joins the residual stream times this (Granite)
     logits_scale: float = 1.0  # the logits are divided by this (Granite)
+    # each sublayer's output normalized (its own RMSNorm or LayerNorm) before it joins the residual
+    # stream (GLM-4); no family has these and residual_scale both
+    sandwich_norms: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()  # any of them ends a sequence
 

@@ -35,7 +35,7 @@ def shaped_model(device: str, dtype: torch.dtype, shape: str = "llama-tiny") -> 
     """Random weights of one of engine_bench's shapes, large enough that the logits are not flat:
     llama-tiny for the grouped-query, rotary families' path (8 query and 2 KV heads), qwen3-moe-tiny
     for a mixture of experts, deepseek-v2-tiny for latent attention (and shared experts), phi3-tiny
-    for rotary embeddings that turn part of each head (and LongRoPE)."""
+    for rotary embeddings that turn part of each head (and LongRoPE), glm4-tiny for sandwich norms."""
     from splitserve.bench.engine_bench import SHAPES
     from splitserve.common.families import checkpoint_shapes
     from splitserve.common.model import prepare_weights
@@ -53,13 +53,13 @@ def shaped_model(device: str, dtype: torch.dtype, shape: str = "llama-tiny") -> 
     return LoadedModel(Path(f"{shape}-shape"), cfg, prepared, tokenizer, torch.device(device), dtype)
 
 
-MOE, LATENT, PARTIAL = "qwen3-moe-tiny", "deepseek-v2-tiny", "phi3-tiny"
+MOE, LATENT, PARTIAL, SANDWICH = "qwen3-moe-tiny", "deepseek-v2-tiny", "phi3-tiny", "glm4-tiny"
 
 
-@pytest.fixture(scope="module", params=["gpt_bigcode", "llama-gqa", MOE, LATENT, PARTIAL])
+@pytest.fixture(scope="module", params=["gpt_bigcode", "llama-gqa", MOE, LATENT, PARTIAL, SANDWICH])
 def lm_family(request, tiny_dir):
     """fp32 on the CPU: the tiny multi-query model, the grouped-query rotary one, one with experts,
-    one with latent attention, one with partial rotary embeddings."""
+    one with latent attention, one with partial rotary embeddings, one with sandwich norms."""
     if request.param == "gpt_bigcode":
         return load_cpu(tiny_dir)
     return shaped_model("cpu", torch.float32, "llama-tiny" if request.param == "llama-gqa" else request.param)
@@ -231,6 +231,7 @@ def lm_cuda(tiny_dir):
     models[MOE] = shaped_model("cuda", torch.bfloat16, MOE)
     models[LATENT] = shaped_model("cuda", torch.bfloat16, LATENT)
     models[PARTIAL] = shaped_model("cuda", torch.bfloat16, PARTIAL)
+    models[SANDWICH] = shaped_model("cuda", torch.bfloat16, SANDWICH)
     return models
 
 
@@ -249,8 +250,8 @@ def test_every_shape_is_captured_largest_first_in_one_pool(lm_cuda, record_prope
 
 
 @needs_cuda
-@pytest.mark.parametrize("family", [torch.bfloat16, "llama-gqa", MOE, LATENT, PARTIAL],
-                         ids=["gpt_bigcode", "llama-gqa", MOE, LATENT, PARTIAL])
+@pytest.mark.parametrize("family", [torch.bfloat16, "llama-gqa", MOE, LATENT, PARTIAL, SANDWICH],
+                         ids=["gpt_bigcode", "llama-gqa", MOE, LATENT, PARTIAL, SANDWICH])
 @pytest.mark.parametrize("schedule", [GREEDY_SCHEDULE, MIXED_SCHEDULE], ids=["greedy", "mixed"])
 def test_graph_replay_gives_the_eager_tokens(lm_cuda, family, schedule, record_property):
     lm = lm_cuda[family]

@@ -74,6 +74,10 @@ VARIANTS = {
                                         rope_parameters=LONGROPE, pad_token_id=0)),
     # Seed-OSS: q/k/v biases by default, the output projection's and the MLP's on too
     "seedoss-biases": ("seed_oss", dict(head_dim=16, attention_out_bias=True, mlp_bias=True)),
+    # GLM-4-0414: sandwich norms, interleaved rotary pairs on half of each head, fused gate/up, q/k/v biases
+    "glm4-sandwich": ("glm4", dict(head_dim=16, pad_token_id=0)),
+    # GLM-4-9B (hf): the same without sandwich norms, multi-query, a tied head
+    "glm-mqa-tied": ("glm", dict(head_dim=16, num_key_value_heads=1, tie_word_embeddings=True, pad_token_id=0)),
     "gemma-mqa": ("gemma", dict(head_dim=16, num_key_value_heads=1)),
     "gemma-gqa-untied": ("gemma", dict(head_dim=32, tie_word_embeddings=False)),
     "mixtral-window": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)),

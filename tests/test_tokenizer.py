@@ -230,6 +230,7 @@ def test_bos_comes_from_the_families_that_add_it(family_dirs):
     ("GPT2Tokenizer", "phi3", True, ""),  # Phi-4
     ("GPTNeoXTokenizer", "stablelm", True, ""),  # Stable Code 3B
     ("GPT2Tokenizer", "granite", True, ""),  # Granite 3.x
+    ("PreTrainedTokenizerFast", "glm4", True, ""),  # GLM-4-0414
     (None, None, True, ""),
 ])
 def test_transformers_class(declared, model_type, byte_level, built):

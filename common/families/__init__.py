@@ -12,11 +12,11 @@ from types import ModuleType
 from typing import Callable
 
 from ..model_config import ModelConfig, ModelConfigError
-from . import (deepseek_v2, gemma, gpt_bigcode, granite, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe,
-               seed_oss, stablelm, starcoder2)
+from . import (deepseek_v2, gemma, glm, glm4, gpt_bigcode, granite, llama, mistral, mixtral, phi3, qwen2, qwen3,
+               qwen3_moe, seed_oss, stablelm, starcoder2)
 
-FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (deepseek_v2, gemma, gpt_bigcode, granite, llama, mistral,
-                                                             mixtral, phi3, qwen2, qwen3, qwen3_moe, seed_oss,
+FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (deepseek_v2, gemma, glm, glm4, gpt_bigcode, granite, llama,
+                                                             mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe, seed_oss,
                                                              stablelm, starcoder2)}
 # Each family module has:
 #   MODEL_TYPE, config(raw: dict) -> ModelConfig
@@ -24,7 +24,8 @@ FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (deepseek_v2, gemma,
 #   TOP: {"embed", "positions", "final_norm"} -> name (positions: None without learned positions)
 #   LAYER: the name of layer i's tensors, "layers.{i}.", and LAYER_ROLES: role -> name after it, roles
 #   among norm1, qkv (fused) or q/k/v, q_norm, k_norm, out, norm2, up (the plain MLP's first
-#   projection) or gate/up or gate_up (fused, rows gate | up), down; with latent attention
+#   projection) or gate/up or gate_up (fused, rows gate | up), down, and attn_out_norm and
+#   mlp_out_norm where cfg.sandwich_norms; with latent attention
 #   (cfg.latent) q or q_a/q_a_norm/q_b, and kv_a, kv_a_norm, kv_b in place of q/k/v
 # and may have regroup_qkv(weight_or_bias, cfg) for a fused qkv whose rows are not q | k | v, and
 # EXPERTS: a mixture-of-experts layer's tensor names after LAYER, the router's ("router"), expert
@@ -84,6 +85,8 @@ def _layer_shapes(cfg: ModelConfig, roles: dict[str, str]) -> dict[str, tuple[in
         shapes["gate_up"] = (2 * i, e, cfg.mlp_bias)
     if cfg.qk_norm:
         shapes |= {"q_norm": (d, 0, False), "k_norm": (d, 0, False)}
+    if cfg.sandwich_norms:
+        shapes |= {"attn_out_norm": (e, 0, layer_norm), "mlp_out_norm": (e, 0, layer_norm)}
     return shapes
 
 
@@ -157,8 +160,15 @@ def layer_tensors(get: Get, cfg: ModelConfig, i: int) -> dict:
     if cfg.latent is not None:
         attention = _latent(tensor, cfg)
     else:
-        qkv_w, qkv_b = fused(qkv_parts, "weight"), fused(qkv_parts, "bias")
-        attention = {"qkv": (regroup(qkv_w, cfg), None if qkv_b is None else regroup(qkv_b, cfg))}
+        qkv = [fused(qkv_parts, kind) for kind in ("weight", "bias")]
+        qkv = [t if t is None else regroup(t, cfg) for t in qkv]
+        if cfg.rope is not None and cfg.rope.interleaved:  # each q and k head's rotary rows into halves
+            d = cfg.head_dim
+            starts = [h * d for h in range(cfg.n_head)] + [cfg.q_dim + h * d for h in range(cfg.kv_heads)]
+            qkv = [t if t is None else _rotary_halves(t, starts, cfg.rope_dim) for t in qkv]
+        attention = {"qkv": tuple(qkv)}
+    if cfg.sandwich_norms:
+        attention |= {role: (tensor(role), tensor(role, "bias")) for role in ("attn_out_norm", "mlp_out_norm")}
     return mlp | attention | {
         "norm1": (tensor("norm1"), tensor("norm1", "bias")),
         "q_norm": tensor("q_norm") if cfg.qk_norm else None,
@@ -172,29 +182,32 @@ def _latent(tensor: Callable[..., object], cfg: ModelConfig) -> dict:
     """Latent attention's tensors: qkv [Qin + R + P, E], rows the queries' projection [H*(Dn+P)]
     (or their compression [q_rank]) | the compressed K/V [R] | the rotary key [P]; q_up
     [H*(Dn+P), q_rank] and q_down_norm [q_rank] where queries are compressed, else None; kv_norm
-    [R]; kv_up [H*(Dn+Dv), R]. DeepSeek rotates interleaved pairs (x0, x1), (x2, x3)...: the rotary
-    rows are put in the order of the halves the shared forward pairs (even ones first). Queries and
-    keys reordered alike, their products are unchanged."""
+    [R]; kv_up [H*(Dn+Dv), R]. DeepSeek rotates interleaved pairs: the rotary rows are put in
+    halves order (_rotary_halves)."""
     import torch
 
     lat = cfg.latent
     p, per_head = lat.rope_dim, lat.nope_dim + lat.rope_dim
-    halves = torch.cat([torch.arange(0, p, 2), torch.arange(1, p, 2)])  # [P]
-
-    def rotary_halves(w, starts):
-        """w's rows with each rotary block (P rows from each of `starts`) in halves order."""
-        rows = torch.arange(w.shape[0])
-        for start in starts:
-            rows[start : start + p] = start + halves
-        return w[rows]
-
-    q = rotary_halves(tensor("q_b") if lat.q_rank else tensor("q"),
-                      [h * per_head + lat.nope_dim for h in range(cfg.n_head)])
-    kv_a = rotary_halves(tensor("kv_a"), [lat.kv_rank])
+    q = _rotary_halves(tensor("q_b") if lat.q_rank else tensor("q"),
+                       [h * per_head + lat.nope_dim for h in range(cfg.n_head)], p)
+    kv_a = _rotary_halves(tensor("kv_a"), [lat.kv_rank], p)
     compressed = bool(lat.q_rank)
     return {"qkv": (torch.cat([tensor("q_a") if compressed else q, kv_a]), None), "q_up": q if compressed else None,
             "q_down_norm": tensor("q_a_norm") if compressed else None, "kv_norm": tensor("kv_a_norm"),
             "kv_up": tensor("kv_b")}
+
+
+def _rotary_halves(w, starts: list[int], p: int):
+    """w's rows (a weight's or a bias's) with each rotary block, P rows from each of `starts`, turned
+    from interleaved pairs (x0, x1), (x2, x3)... into the halves the shared forward pairs (even
+    ones first). Queries and keys reordered alike, their products are unchanged."""
+    import torch
+
+    halves = torch.cat([torch.arange(0, p, 2), torch.arange(1, p, 2)])  # [P]
+    rows = torch.arange(w.shape[0])
+    for start in starts:
+        rows[start : start + p] = start + halves
+    return w[rows]
 
 
 def _experts(get: Get, cfg: ModelConfig, prefix: str, names: dict[str, str]) -> dict:
@@ -218,7 +231,7 @@ def _experts(get: Get, cfg: ModelConfig, prefix: str, names: dict[str, str]) -> 
 
 
 def _has_bias(cfg: ModelConfig, role: str) -> bool:
-    if role in ("norm1", "norm2"):
+    if role in ("norm1", "norm2", "attn_out_norm", "mlp_out_norm"):
         return cfg.norm == "layer"
     if role in ("qkv", "q", "k", "v"):
         return cfg.qkv_bias
