@@ -89,6 +89,16 @@ SHAPES = {
         num_attention_heads=32, num_key_value_heads=2, head_dim=128, intermediate_size=13696, partial_rotary_factor=0.5,
         rope_theta=10000.0, rms_norm_eps=1e-5, attention_bias=True, tie_word_embeddings=False,
         eos_token_id=[151329, 151336, 151338], pad_token_id=151329),
+    # llama-tiny's size as Gemma 2 is laid out: capped scores and logits, sandwich norms, a window on every other layer
+    "gemma2-tiny": dict(
+        model_type="gemma2", vocab_size=8192, max_position_embeddings=2048, hidden_size=256, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=32, intermediate_size=688, query_pre_attn_scalar=32,
+        sliding_window=64, bos_token_id=0, eos_token_id=0, pad_token_id=0),
+    "gemma-2-9b": dict(
+        model_type="gemma2", vocab_size=256000, max_position_embeddings=8192, hidden_size=3584, num_hidden_layers=42,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=256, intermediate_size=14336,
+        query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+        bos_token_id=2, eos_token_id=1, pad_token_id=0),
     "phi-4": dict(
         model_type="phi3", vocab_size=100352, max_position_embeddings=16384, hidden_size=5120, num_hidden_layers=40,
         num_attention_heads=40, num_key_value_heads=10, intermediate_size=17920, rope_theta=250000.0,

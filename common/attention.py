@@ -46,11 +46,12 @@ def packing(seqlens: list[int], past: list[int] | None, device) -> Packed:
     return Packed(cu_q, cu_q if past is None else cumulative(lens_k), seqlens, lens_k, max(seqlens), max(lens_k))
 
 
-# (q [Tq, H, D], k [Tk, KVH, D], v [Tk, KVH, D], Packed, scale, window) -> [Tq, H, D]
+# (q [Tq, H, D], k [Tk, KVH, D], v [Tk, KVH, D], Packed, scale, window, softcap) -> [Tq, H, D]
+# softcap: scores s become softcap * tanh(s / softcap) before the mask (Gemma 2); 0: none
 PrefillAttention = Callable[..., torch.Tensor]
 
 
-def sdpa_prefill(q, k, v, packed: Packed, scale: float, window: int = 0) -> torch.Tensor:
+def sdpa_prefill(q, k, v, packed: Packed, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """One causal SDPA call per prompt: the CPU twin of the varlen kernels."""
     out = torch.empty_like(q)  # [Tq, H, D]
     heads = q.shape[1]
@@ -59,17 +60,24 @@ def sdpa_prefill(q, k, v, packed: Packed, scale: float, window: int = 0) -> torc
         plain = n == m and not 0 < window < n  # causal from the top left is causal from the bottom right
         # 4-D with K/V repeated for every query head of a group (a view for multi-query): on the
         # CPU this takes SDPA's fused kernel, several times faster than its enable_gqa path.
-        o = F.scaled_dot_product_attention(
-            q[q_start : q_start + n].transpose(0, 1)[None],  # [1, H, n, D]
-            _per_query_head(k[k_start : k_start + m], heads),  # [1, H, m, D]
-            _per_query_head(v[k_start : k_start + m], heads),
-            attn_mask=None if plain else causal_mask(n, m, window, q.device),
-            is_causal=plain,
-            scale=scale,
-        )
+        qh = q[q_start : q_start + n].transpose(0, 1)[None]  # [1, H, n, D]
+        kh, vh = _per_query_head(k[k_start : k_start + m], heads), _per_query_head(v[k_start : k_start + m], heads)
+        mask = None if plain and not softcap else causal_mask(n, m, window, q.device)
+        if softcap:
+            o = _softcapped(qh, kh, vh, mask, scale, softcap)
+        else:
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=plain, scale=scale)  # [1, H, n, D]
         out[q_start : q_start + n] = o[0].transpose(0, 1)
         q_start, k_start = q_start + n, k_start + m
     return out
+
+
+def _softcapped(q, k, v, allowed: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
+    """Attention with capped scores, which SDPA has no form of: q [1, H, n, D], k and v [1, H, m, D],
+    allowed [n, m] -> [1, H, n, D]. The scores are made whole, as transformers' eager kernel does."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale / softcap).tanh_().mul_(softcap)  # [1, H, n, m]
+    scores.masked_fill_(~allowed, float("-inf"))
+    return torch.matmul(torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype), v)
 
 
 def _per_query_head(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -93,12 +101,12 @@ def _flash_attn_prefill() -> PrefillAttention | None:
     except ImportError:
         return None
 
-    def prefill(q, k, v, packed: Packed, scale, window=0):
+    def prefill(q, k, v, packed: Packed, scale, window=0, softcap=0.0):
         # flash-attn takes fewer K/V heads than query heads natively (MQA/GQA), and aligns causal
         # attention to the bottom right when a prompt has more keys than queries (a cached prefix).
         return flash_attn_varlen_func(
             q, k, v, packed.cu_q, packed.cu_k, packed.max_q, packed.max_k, softmax_scale=scale, causal=True,
-            window_size=(window - 1 if window else -1, 0),
+            window_size=(window - 1 if window else -1, 0), softcap=softcap,
         )
 
     return prefill
@@ -138,9 +146,13 @@ def _torch_varlen_prefill() -> PrefillAttention | None:
 FLASH_MAX_HEAD_DIM = 256
 
 
-def choose_prefill_attention(device: torch.device, head_dim: int) -> tuple[str, PrefillAttention]:
+def choose_prefill_attention(device: torch.device, head_dim: int,
+                             softcap: bool = False) -> tuple[str, PrefillAttention]:
+    """softcap: the model caps its attention scores, which PyTorch's bundled kernel cannot (the
+    flash-attn package can; without it, SDPA's twin computes the scores whole)."""
     if device.type == "cuda" and head_dim <= FLASH_MAX_HEAD_DIM:
-        for name, make in (("flash-attn varlen", _flash_attn_prefill), ("torch varlen", _torch_varlen_prefill)):
+        kernels = (("flash-attn varlen", _flash_attn_prefill), ("torch varlen", _torch_varlen_prefill))
+        for name, make in kernels[:1] if softcap else kernels:
             fn = make()
             if fn is not None:
                 log.info("prefill attention: %s", name)

@@ -326,6 +326,7 @@ def prefill(
     rope = w.rope_cos is not None
     if rope:
         cos, sin = w.rope_cos[positions][:, None], w.rope_sin[positions][:, None]  # [T, 1, P/2]
+    softcap = (cfg.attn_softcap,) if cfg.attn_softcap else ()  # the kernels that cannot cap take none
     for i, layer in enumerate(w.layers):
         x = norm(h, layer.norm1_w, layer.norm1_b, eps)
         if layer.k_up is not None:  # latent attention: the cache's planes hold the vector's halves
@@ -349,7 +350,7 @@ def prefill(
             kv_out[i, 1, :t] = v
         if layer.k_up is not None:  # every key's vector, expanded into heads
             k, v = latent_expand(w, layer, vectors if packed.cu_k is packed.cu_q else torch.cat((k, v), -1))
-        a = attn(q, k, v, packed, cfg.attn_scale, layer.window)  # [T, H, D] (latent: [T, H, Dn + P])
+        a = attn(q, k, v, packed, cfg.attn_scale, layer.window, *softcap)  # [T, H, D] (latent: [T, H, Dn + P])
         if layer.k_up is not None:
             v_dim = cfg.latent.v_dim
             o = linear(a[:, :, :v_dim].reshape(t, cfg.n_head * v_dim), layer.out_wt, layer.out_b)
@@ -360,7 +361,12 @@ def prefill(
         h = h + joining(o, layer.mlp_out_norm_w, layer.mlp_out_norm_b, eps)
     # Gather before the final norm and the LM head, so unwanted positions cost nothing there.
     h = h[packed.cu_q[1:].long() - 1 if logit_index is None else logit_index]  # [B or R, E]
-    return torch.mm(norm(h, w.normf_w, w.normf_b, eps), w.lm_head_t)
+    return capped(torch.mm(norm(h, w.normf_w, w.normf_b, eps), w.lm_head_t), cfg.logits_softcap)
+
+
+def capped(x: torch.Tensor, softcap: float) -> torch.Tensor:
+    """x as softcap * tanh(x / softcap), in place (Gemma 2's scores and logits); as it is for 0."""
+    return x.div_(softcap).tanh_().mul_(softcap) if softcap else x
 
 
 # Decode attention over fewer scores than this runs on one CPU thread: MKL's batched GEMM and the
@@ -502,7 +508,7 @@ def decode_step(
     the Python wrappers, views and allocations cost as much as the layers' matrix products.
     """
     cfg = w.cfg
-    eps, scale, upcast = cfg.layer_norm_epsilon, cfg.attn_scale, w.upcast_softmax
+    eps, scale, upcast, softcap = cfg.layer_norm_epsilon, cfg.attn_scale, w.upcast_softmax, cfg.attn_softcap
     b, q_dim, kv_dim, d = input_ids.shape[0], cfg.q_dim, cfg.kv_dim, cfg.head_dim
     h, qkv, q, new_kv, scores, attn, out = bufs.h, bufs.qkv, bufs.q, bufs.new_kv, bufs.scores, bufs.attn, bufs.out
     threads = torch.get_num_threads()
@@ -544,6 +550,8 @@ def decode_step(
             if latent:  # the query against the whole vector, plane by plane
                 torch.baddbmm(mask, q[:, :, :d], keys_t, alpha=scale, out=scores)  # [B, H, key_len]
                 scores.baddbmm_(q[:, :, d:], values.transpose(1, 2), alpha=scale)
+            elif softcap:  # capped before the mask
+                capped(torch.bmm(q, keys_t, out=scores).mul_(scale), softcap).add_(mask)
             else:
                 torch.baddbmm(mask, q, keys_t, alpha=scale, out=scores)  # [B*KVH, G, key_len]
             if upcast:
@@ -568,4 +576,4 @@ def decode_step(
     finally:  # a failed step must not leave the process on one thread
         if serial:
             torch.set_num_threads(threads)
-    return torch.mm(norm(h, w.normf_w, w.normf_b, eps), w.lm_head_t, out=bufs.logits)
+    return capped(torch.mm(norm(h, w.normf_w, w.normf_b, eps), w.lm_head_t, out=bufs.logits), cfg.logits_softcap)

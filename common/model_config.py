@@ -137,8 +137,11 @@ class ModelConfig:
     residual_scale: float = 1.0  # each sublayer's output joins the residual stream times this (Granite)
     logits_scale: float = 1.0  # the logits are divided by this (Granite)
     # each sublayer's output normalized (its own RMSNorm or LayerNorm) before it joins the residual
-    # stream (GLM-4); no family has these and residual_scale both
+    # stream (GLM-4, Gemma 2); no family has these and residual_scale both
     sandwich_norms: bool = False
+    # scores / logits s become c * tanh(s / c) (Gemma 2's attn_logit_ and final_logit_softcapping); 0: none
+    attn_softcap: float = 0.0
+    logits_softcap: float = 0.0
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()  # any of them ends a sequence
 

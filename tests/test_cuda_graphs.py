@@ -35,7 +35,8 @@ def shaped_model(device: str, dtype: torch.dtype, shape: str = "llama-tiny") -> 
     """Random weights of one of engine_bench's shapes, large enough that the logits are not flat:
     llama-tiny for the grouped-query, rotary families' path (8 query and 2 KV heads), qwen3-moe-tiny
     for a mixture of experts, deepseek-v2-tiny for latent attention (and shared experts), phi3-tiny
-    for rotary embeddings that turn part of each head (and LongRoPE), glm4-tiny for sandwich norms."""
+    for rotary embeddings that turn part of each head (and LongRoPE), glm4-tiny for sandwich norms,
+    gemma2-tiny for capped attention scores and logits (and windows on every other layer)."""
     from splitserve.bench.engine_bench import SHAPES
     from splitserve.common.families import checkpoint_shapes
     from splitserve.common.model import prepare_weights
@@ -53,13 +54,14 @@ def shaped_model(device: str, dtype: torch.dtype, shape: str = "llama-tiny") -> 
     return LoadedModel(Path(f"{shape}-shape"), cfg, prepared, tokenizer, torch.device(device), dtype)
 
 
-MOE, LATENT, PARTIAL, SANDWICH = "qwen3-moe-tiny", "deepseek-v2-tiny", "phi3-tiny", "glm4-tiny"
+MOE, LATENT, PARTIAL, SANDWICH, CAPPED = "qwen3-moe-tiny", "deepseek-v2-tiny", "phi3-tiny", "glm4-tiny", "gemma2-tiny"
+FAMILIES = ["llama-gqa", MOE, LATENT, PARTIAL, SANDWICH, CAPPED]
 
 
-@pytest.fixture(scope="module", params=["gpt_bigcode", "llama-gqa", MOE, LATENT, PARTIAL, SANDWICH])
+@pytest.fixture(scope="module", params=["gpt_bigcode", *FAMILIES])
 def lm_family(request, tiny_dir):
-    """fp32 on the CPU: the tiny multi-query model, the grouped-query rotary one, one with experts,
-    one with latent attention, one with partial rotary embeddings, one with sandwich norms."""
+    """fp32 on the CPU: the tiny multi-query model, the grouped-query rotary one, and one each with
+    experts, latent attention, partial rotary embeddings, sandwich norms, capped scores."""
     if request.param == "gpt_bigcode":
         return load_cpu(tiny_dir)
     return shaped_model("cpu", torch.float32, "llama-tiny" if request.param == "llama-gqa" else request.param)
@@ -228,10 +230,8 @@ def lm_cuda(tiny_dir):
     models = {dtype: load_model(tiny_dir, dtype, torch.device("cuda"), progress=False)
               for dtype in (torch.float32, torch.bfloat16)}
     models["llama-gqa"] = shaped_model("cuda", torch.bfloat16)
-    models[MOE] = shaped_model("cuda", torch.bfloat16, MOE)
-    models[LATENT] = shaped_model("cuda", torch.bfloat16, LATENT)
-    models[PARTIAL] = shaped_model("cuda", torch.bfloat16, PARTIAL)
-    models[SANDWICH] = shaped_model("cuda", torch.bfloat16, SANDWICH)
+    for family in FAMILIES[1:]:
+        models[family] = shaped_model("cuda", torch.bfloat16, family)
     return models
 
 
@@ -250,8 +250,7 @@ def test_every_shape_is_captured_largest_first_in_one_pool(lm_cuda, record_prope
 
 
 @needs_cuda
-@pytest.mark.parametrize("family", [torch.bfloat16, "llama-gqa", MOE, LATENT, PARTIAL, SANDWICH],
-                         ids=["gpt_bigcode", "llama-gqa", MOE, LATENT, PARTIAL, SANDWICH])
+@pytest.mark.parametrize("family", [torch.bfloat16, *FAMILIES], ids=["gpt_bigcode", *FAMILIES])
 @pytest.mark.parametrize("schedule", [GREEDY_SCHEDULE, MIXED_SCHEDULE], ids=["greedy", "mixed"])
 def test_graph_replay_gives_the_eager_tokens(lm_cuda, family, schedule, record_property):
     lm = lm_cuda[family]

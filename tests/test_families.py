@@ -80,6 +80,10 @@ VARIANTS = {
     "glm-mqa-tied": ("glm", dict(head_dim=16, num_key_value_heads=1, tie_word_embeddings=True, pad_token_id=0)),
     "gemma-mqa": ("gemma", dict(head_dim=16, num_key_value_heads=1)),
     "gemma-gqa-untied": ("gemma", dict(head_dim=32, tie_word_embeddings=False)),
+    # Gemma 2: sandwich norms, capped scores and logits (caps low enough to bite here), its own softmax
+    # scale, a window on every other layer
+    "gemma2-softcap-window": ("gemma2", dict(head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=24,
+                                             attn_logit_softcapping=10.0, final_logit_softcapping=15.0)),
     "mixtral-window": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)),
     "qwen3moe-norm-top": ("qwen3_moe", dict(head_dim=16, num_experts=8, num_experts_per_tok=2,
                                             moe_intermediate_size=32, norm_topk_prob=True)),
