@@ -99,6 +99,18 @@ SHAPES = {
         num_attention_heads=16, num_key_value_heads=8, head_dim=256, intermediate_size=14336,
         query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
         bos_token_id=2, eos_token_id=1, pad_token_id=0),
+    # llama-tiny's size as Gemma 3 is laid out: q/k norms, windowed layers with their own rotary base
+    "gemma3-tiny": dict(
+        model_type="gemma3_text", vocab_size=8192, max_position_embeddings=2048, hidden_size=256, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=32, intermediate_size=688, query_pre_attn_scalar=32,
+        sliding_window=64, sliding_window_pattern=2, rope_theta=1e6, rope_local_base_freq=1e4,
+        rope_scaling={"rope_type": "linear", "factor": 8.0}, bos_token_id=2, eos_token_id=1, pad_token_id=0),
+    # the text model of the multimodal checkpoint
+    "gemma-3-12b": dict(
+        model_type="gemma3_text", vocab_size=262208, max_position_embeddings=131072, hidden_size=3840,
+        num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=8, head_dim=256, intermediate_size=15360,
+        query_pre_attn_scalar=256, sliding_window=1024, rope_scaling={"rope_type": "linear", "factor": 8.0},
+        bos_token_id=2, eos_token_id=[1, 106], pad_token_id=0),
     "phi-4": dict(
         model_type="phi3", vocab_size=100352, max_position_embeddings=16384, hidden_size=5120, num_hidden_layers=40,
         num_attention_heads=40, num_key_value_heads=10, intermediate_size=17920, rope_theta=250000.0,

@@ -106,13 +106,15 @@ def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def rope_tables(cfg: ModelConfig, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+def rope_tables(cfg: ModelConfig, dtype: torch.dtype, device,
+                rope: Rope | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """cos and sin [n_positions, P / 2] of every position (P the rotary width, cfg.rope_dim), in the
-    compute dtype (transformers computes them in float32 and casts before use); None for a model
-    without rotary embeddings."""
-    if cfg.rope is None:
+    compute dtype (transformers computes them in float32 and casts before use), of `rope` (default:
+    cfg.rope); None for a model without rotary embeddings."""
+    rope = rope or cfg.rope
+    if rope is None:
         return None
-    rope, positions = cfg.rope, torch.arange(cfg.n_positions, dtype=torch.float32)[:, None]
+    positions = torch.arange(cfg.n_positions, dtype=torch.float32)[:, None]
     freqs, scale = inv_freq(rope, cfg.rope_dim, cfg.n_positions)
     angles = positions * freqs[None, :]  # [P, D / 2]
     if rope.rope_type in ("dynamic", "longrope") and cfg.n_positions > rope.original_max_positions:

@@ -156,17 +156,20 @@ def _open(path: Path) -> Iterator:
         raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None
 
 
-def _plan(files: list[Path], shapes: dict[str, tuple[int, ...]], prefix: str) -> dict[str, _Source]:
-    """Find each expected tensor in the file headers and check its shape and dtype.
+def _plan(files: list[Path], shapes: dict[str, tuple[int, ...]],
+          prefix: str | tuple[str, ...]) -> dict[str, _Source]:
+    """Find each expected tensor in the file headers and check its shape and dtype. `prefix`: the
+    family's, or several (a multimodal checkpoint's text model, as transformers 4 and 5 name it).
 
     The files themselves are searched rather than trusting the index's weight_map,
     so a stale index can only cause a clear error, never a silently wrong tensor.
     """
+    prefixes = (prefix,) if isinstance(prefix, str) else prefix
     sources: dict[str, _Source] = {}
     for path in files:
         with _open(path) as f:
             for key in f.keys():
-                name = key.removeprefix(prefix)
+                name = next((key.removeprefix(p) for p in prefixes if key.startswith(p)), key)
                 if name not in shapes:
                     _note_ignored(name, key, path)
                     continue

@@ -46,6 +46,7 @@ class Layer(NamedTuple):
     down_wt: torch.Tensor | None  # [I, E]
     down_b: torch.Tensor | None
     window: int  # attend only the last `window` keys; 0: every key
+    local_rope: bool  # its rotary embeddings are cfg.local_rope's (ModelWeights.local_cos)
     # a mixture of experts in place of the MLP (cfg.experts), else None
     router_wt: torch.Tensor | None = None  # [E, X]
     experts_up: torch.Tensor | None = None  # [X, E, 2*I], each expert's columns gate | up
@@ -81,6 +82,8 @@ class ModelWeights(NamedTuple):
     upcast_softmax: bool  # half precision scores are softmaxed in fp32, as transformers does
     rope_cos: torch.Tensor | None  # [n_positions, P / 2], rotary embeddings
     rope_sin: torch.Tensor | None
+    local_cos: torch.Tensor | None  # the same of cfg.local_rope, for the layers with local_rope
+    local_sin: torch.Tensor | None
     # the embeddings' multiplier as the weights' dtype rounds it (transformers multiplies by a
     # tensor of that dtype); None: 1
     embed_scale: float | None = None
@@ -103,6 +106,7 @@ def prepare_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> Model
         layers.append(Layer(
             n1, t["norm1"][1], t["qkv"][0].t(), t["qkv"][1], qn, kn, t["out"][0].t(), t["out"][1],
             n2, t["norm2"][1], _t(up[0]), up[1], _t(down[0]), down[1], cfg.windows[i],
+            cfg.local_rope is not None and cfg.local_layers[i],
             router_wt=_t(t.get("router")),
             experts_up=t["experts_up"].transpose(1, 2) if "experts_up" in t else None,
             experts_down=t["experts_down"].transpose(1, 2) if "experts_down" in t else None,
@@ -115,6 +119,7 @@ def prepare_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> Model
     top = top_tensors(get, cfg)
     wte = top["embed"]
     tables = rope_tables(cfg, wte.dtype, wte.device)
+    local = rope_tables(cfg, wte.dtype, wte.device, cfg.local_rope) if cfg.local_rope else (None, None)
     scale = None if cfg.embed_scale == 1 else torch.tensor(cfg.embed_scale, dtype=wte.dtype).item()
     # logits / s: the final norm's output (its weight and bias) / s, whether or not the head is tied
     normf_w, normf_b = _offset(top["final_norm"][0], cfg), top["final_norm"][1]
@@ -123,7 +128,8 @@ def prepare_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> Model
     return ModelWeights(
         cfg=cfg, wte=wte, wpe=top["positions"], layers=tuple(layers), normf_w=normf_w, normf_b=normf_b,
         lm_head_t=top["lm_head"].t(), act=ACTIVATION_FNS[cfg.activation], upcast_softmax=wte.dtype != torch.float32,
-        rope_cos=tables[0] if tables else None, rope_sin=tables[1] if tables else None, embed_scale=scale,
+        rope_cos=tables[0] if tables else None, rope_sin=tables[1] if tables else None, local_cos=local[0],
+        local_sin=local[1], embed_scale=scale,
     )
 
 
@@ -168,6 +174,11 @@ def check_grouped_mm(device: torch.device, dtype: torch.dtype) -> None:
     except RuntimeError as e:
         raise RuntimeError(f"mixture-of-experts layers need torch._grouped_mm, which this PyTorch lacks for {dtype} "
                            f"on {device}: {e}") from None
+
+
+def _at(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of rotary tables [n_positions, P/2] at positions [N]: [N, 1, P/2] each."""
+    return cos[positions][:, None], sin[positions][:, None]
 
 
 def joining(x: torch.Tensor, norm_w: torch.Tensor | None, norm_b: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -325,7 +336,8 @@ def prefill(
         h = h + torch.embedding(w.wpe, positions)
     rope = w.rope_cos is not None
     if rope:
-        cos, sin = w.rope_cos[positions][:, None], w.rope_sin[positions][:, None]  # [T, 1, P/2]
+        cos, sin = _at(w.rope_cos, w.rope_sin, positions)  # [T, 1, P/2]
+        ropes = ((cos, sin), _at(w.local_cos, w.local_sin, positions) if w.local_cos is not None else (cos, sin))
     softcap = (cfg.attn_softcap,) if cfg.attn_softcap else ()  # the kernels that cannot cap take none
     for i, layer in enumerate(w.layers):
         x = norm(h, layer.norm1_w, layer.norm1_b, eps)
@@ -340,7 +352,8 @@ def prefill(
             if layer.q_norm_w is not None:
                 q, k = torch.rms_norm(q, (d,), layer.q_norm_w, eps), torch.rms_norm(k, (d,), layer.k_norm_w, eps)
             if rope:
-                q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+                c, s = ropes[layer.local_rope]
+                q, k = rotate(q, c, s), rotate(k, c, s)
         if packed.cu_k is not packed.cu_q:  # the prompts' keys: cached prefixes and new tokens together
             kv_out[i, 0].index_copy_(0, dest, k)
             kv_out[i, 1].index_copy_(0, dest, v)
@@ -518,7 +531,8 @@ def decode_step(
         h.mul_(w.embed_scale)
     rope = bufs.rope
     if w.rope_cos is not None:
-        cos, sin = w.rope_cos[positions][:, None], w.rope_sin[positions][:, None]  # [B, 1, P/2]
+        cos, sin = _at(w.rope_cos, w.rope_sin, positions)  # [B, 1, P/2]
+        ropes = ((cos, sin), _at(w.local_cos, w.local_sin, positions) if w.local_cos is not None else (cos, sin))
     elif w.wpe is not None:
         h.add_(torch.embedding(w.wpe, positions))
     try:
@@ -538,8 +552,9 @@ def decode_step(
                                                      eps))
                         k_in = halves(torch.rms_norm(qkv[:, q_dim : q_dim + kv_dim].view(b, cfg.kv_heads, d), (d,),
                                                      layer.k_norm_w, eps))
-                    rotate_halves(*q_in, cos, sin, *rope.q_out)
-                    rotate_halves(*k_in, cos, sin, *rope.k_out)
+                    c, s = ropes[layer.local_rope]
+                    rotate_halves(*q_in, c, s, *rope.q_out)
+                    rotate_halves(*k_in, c, s, *rope.k_out)
                     for source, dest in rope.copies:
                         dest.copy_(source)
                 elif bufs.q is None:

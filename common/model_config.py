@@ -142,6 +142,10 @@ class ModelConfig:
     # scores / logits s become c * tanh(s / c) (Gemma 2's attn_logit_ and final_logit_softcapping); 0: none
     attn_softcap: float = 0.0
     logits_softcap: float = 0.0
+    # the rotary embeddings of the layers local_layers names, where they differ from `rope` (Gemma 3's
+    # sliding-window layers turn at their own base frequency); None: every layer's are `rope`
+    local_rope: Rope | None = None
+    local_layers: tuple[bool, ...] = ()
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()  # any of them ends a sequence
 
@@ -216,8 +220,10 @@ def model_config_from_dict(raw: dict, generation: dict | None = None) -> ModelCo
         raise ModelConfigError(f"config.json lacks the field {e.args[0]!r}") from None
     if cfg.n_head % cfg.kv_heads:
         raise ModelConfigError(f"{cfg.n_head} attention heads are not divisible by {cfg.kv_heads} key/value heads")
-    eos = eos_ids(raw.get("eos_token_id"), (generation or {}).get("eos_token_id"))
-    return replace(cfg, eos_token_ids=eos, bos_token_id=raw.get("bos_token_id"))
+    # the family's own (a multimodal checkpoint's text model's) where config.json's top level names none
+    eos = eos_ids(raw.get("eos_token_id"), (generation or {}).get("eos_token_id"), list(cfg.eos_token_ids))
+    bos = raw["bos_token_id"] if raw.get("bos_token_id") is not None else cfg.bos_token_id
+    return replace(cfg, eos_token_ids=eos, bos_token_id=bos)
 
 
 def load_model_config(model_dir: str | Path) -> ModelConfig:

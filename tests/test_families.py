@@ -35,6 +35,13 @@ WINDOW = 24  # shorter than the long prompts below
 LATENT = dict(num_key_value_heads=8, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
               n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1)
 
+# a SigLIP tower for the multimodal checkpoints (gemma3), as small as its shapes allow
+TINY_VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                   num_attention_heads=2, image_size=28, patch_size=14)
+GEMMA3 = dict(head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=16,
+              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+              rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
 # LongRoPE's per-frequency factors for SHAPE's heads of 8 (4 frequencies), within and past 128 positions
 LONGROPE_ORIGINAL = 128
 LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.2, 1.9, 3.1],
@@ -84,6 +91,10 @@ VARIANTS = {
     # scale, a window on every other layer
     "gemma2-softcap-window": ("gemma2", dict(head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=24,
                                              attn_logit_softcapping=10.0, final_logit_softcapping=15.0)),
+    # Gemma 3: q/k norms, the windowed layers' own rotary base, the full layer's scaled (linear x8)
+    "gemma3text-local-rope": ("gemma3_text", GEMMA3),
+    # the text model of a multimodal Gemma 3 checkpoint (a vision tower beside it), its head untied
+    "gemma3-multimodal-untied": ("gemma3", GEMMA3 | dict(tie_word_embeddings=False)),
     "mixtral-window": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)),
     "qwen3moe-norm-top": ("qwen3_moe", dict(head_dim=16, num_experts=8, num_experts_per_tok=2,
                                             moe_intermediate_size=32, norm_topk_prob=True)),
@@ -108,7 +119,12 @@ def make_checkpoint(path: Path, model_type: str, fields: dict) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(sum(map(ord, path.name)))
-    config = AutoConfig.for_model(model_type, **{**SHAPE, **fields})
+    if model_type == "gemma3":  # multimodal: the text model's fields in text_config, a tiny vision tower
+        config = AutoConfig.for_model(model_type, text_config={**SHAPE, **fields}, vision_config=TINY_VISION,
+                                      mm_tokens_per_image=4,
+                                      tie_word_embeddings=fields.get("tie_word_embeddings", True))
+    else:
+        config = AutoConfig.for_model(model_type, **{**SHAPE, **fields})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -270,6 +286,39 @@ def test_longrope_goes_past_its_pretraining_length_as_transformers_does(tmp_path
         if token != top2.indices[0]:
             assert best - second < 1e-4 and token == top2.indices[1], f"step {i}: {token} vs {top2.indices[0]}"
         out = ref(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+
+
+@torch.inference_mode()
+def test_a_multimodal_gemma3_loads_under_either_transformers_naming(tmp_path):
+    """transformers writes the text model's tensors as language_model.model.* and the head as
+    language_model.lm_head (the released checkpoints' names, which transformers 5 still saves); its
+    own modules are model.language_model.* and lm_head. Renamed so, the logits are the same."""
+    from safetensors.torch import load_file, save_file
+
+    path = make_checkpoint(tmp_path / "gemma3", *VARIANTS["gemma3-multimodal-untied"])
+    file = path / "model.safetensors"
+    prompt = packed(prompts([40], seed=7))
+    want = prefill(load_model(path, torch.float32, torch.device("cpu")).weights, *prompt, sdpa_prefill)
+    tensors = load_file(file)
+    assert "language_model.lm_head.weight" in tensors and "language_model.model.norm.weight" in tensors
+    renamed = {k.replace("language_model.model.", "model.language_model.").replace("language_model.lm_head", "lm_head"):
+               t for k, t in tensors.items()}
+    save_file(renamed, file)
+    got = prefill(load_model(path, torch.float32, torch.device("cpu")).weights, *prompt, sdpa_prefill)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_gemma3_configs_before_transformers_5_read_alike(tmp_path):
+    """Released Gemma 3 configs carry rope_theta, rope_local_base_freq and the full layers' scaling
+    in rope_scaling; transformers 5 writes rope_parameters per layer type."""
+    path = make_checkpoint(tmp_path / "gemma3", *VARIANTS["gemma3text-local-rope"])
+    new = load_model_config(path)
+    raw = json.loads((path / "config.json").read_text())
+    params = raw.pop("rope_parameters")
+    raw |= {"rope_theta": params["full_attention"]["rope_theta"], "rope_local_base_freq": 1e4,
+            "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
+    (path / "config.json").write_text(json.dumps(raw))
+    assert load_model_config(path) == new and new.local_rope.theta == 1e4 and new.rope.factor == 8.0
 
 
 def test_old_and_new_rope_fields_read_alike(tmp_path):

@@ -12,15 +12,16 @@ from types import ModuleType
 from typing import Callable
 
 from ..model_config import ModelConfig, ModelConfigError
-from . import (deepseek_v2, gemma, gemma2, glm, glm4, gpt_bigcode, granite, llama, mistral, mixtral, phi3, qwen2,
-               qwen3, qwen3_moe, seed_oss, stablelm, starcoder2)
+from . import (deepseek_v2, gemma, gemma2, gemma3, gemma3_text, glm, glm4, gpt_bigcode, granite, llama, mistral,
+               mixtral, phi3, qwen2, qwen3, qwen3_moe, seed_oss, stablelm, starcoder2)
 
-FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (deepseek_v2, gemma, gemma2, glm, glm4, gpt_bigcode,
-                                                             granite, llama, mistral, mixtral, phi3, qwen2, qwen3,
-                                                             qwen3_moe, seed_oss, stablelm, starcoder2)}
+FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (deepseek_v2, gemma, gemma2, gemma3, gemma3_text, glm, glm4,
+                                                             gpt_bigcode, granite, llama, mistral, mixtral, phi3, qwen2,
+                                                             qwen3, qwen3_moe, seed_oss, stablelm, starcoder2)}
 # Each family module has:
 #   MODEL_TYPE, config(raw: dict) -> ModelConfig
-#   PREFIX: what the base model's tensor names begin with in a checkpoint ("model.", "transformer.")
+#   PREFIX: what the base model's tensor names begin with in a checkpoint ("model.", "transformer."),
+#   or a tuple of the names it may begin with
 #   TOP: {"embed", "positions", "final_norm"} -> name (positions: None without learned positions)
 #   LAYER: the name of layer i's tensors, "layers.{i}.", and LAYER_ROLES: role -> name after it, roles
 #   among norm1, qkv (fused) or q/k/v, q_norm, k_norm, out, norm2, up (the plain MLP's first
