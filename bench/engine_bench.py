@@ -111,6 +111,14 @@ SHAPES = {
         num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=8, head_dim=256, intermediate_size=15360,
         query_pre_attn_scalar=256, sliding_window=1024, rope_scaling={"rope_type": "linear", "factor": 8.0},
         bos_token_id=2, eos_token_id=[1, 106], pad_token_id=0),
+    # llama-tiny's size as Ministral 3 is laid out: YaRN past 64 positions, and Llama 4's attention
+    # temperature from there on
+    "ministral3-tiny": dict(
+        model_type="ministral3", vocab_size=8192, max_position_embeddings=2048, hidden_size=256, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=32, intermediate_size=688,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 32.0, "original_max_position_embeddings": 64,
+                         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "llama_4_scaling_beta": 0.1}, bos_token_id=1, eos_token_id=2, pad_token_id=0),
     "phi-4": dict(
         model_type="phi3", vocab_size=100352, max_position_embeddings=16384, hidden_size=5120, num_hidden_layers=40,
         num_attention_heads=40, num_key_value_heads=10, intermediate_size=17920, rope_theta=250000.0,

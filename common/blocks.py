@@ -130,6 +130,16 @@ def rope_tables(cfg: ModelConfig, dtype: torch.dtype, device,
     return (angles.cos() * scale).to(device, dtype), (angles.sin() * scale).to(device, dtype)
 
 
+def query_scales(cfg: ModelConfig, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """[n_positions]: each position's query multiplier under Llama 4's attention temperature
+    (Rope.llama4_scaling_beta), as transformers computes it; None without one."""
+    if cfg.rope is None or not cfg.rope.llama4_scaling_beta:
+        return None
+    positions = torch.arange(cfg.n_positions)
+    scales = 1 + cfg.rope.llama4_scaling_beta * torch.log(1 + torch.floor(positions / cfg.rope.original_max_positions))
+    return scales.to(device, dtype)
+
+
 def halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The two halves of x's last dimension, which transformers' rotate_half convention pairs."""
     half = x.shape[-1] // 2

@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .attention import PrefillAttention, packing
-from .blocks import ACTIVATION_FNS, halves, norm, rope_tables, rotate, rotate_halves
+from .blocks import ACTIVATION_FNS, halves, norm, query_scales, rope_tables, rotate, rotate_halves
 from .families import layer_tensors, top_tensors
 from .model_config import ModelConfig
 
@@ -84,6 +84,7 @@ class ModelWeights(NamedTuple):
     rope_sin: torch.Tensor | None
     local_cos: torch.Tensor | None  # the same of cfg.local_rope, for the layers with local_rope
     local_sin: torch.Tensor | None
+    q_scales: torch.Tensor | None  # [n_positions]: each position's query multiplier (Llama 4's temperature)
     # the embeddings' multiplier as the weights' dtype rounds it (transformers multiplies by a
     # tensor of that dtype); None: 1
     embed_scale: float | None = None
@@ -129,7 +130,7 @@ def prepare_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> Model
         cfg=cfg, wte=wte, wpe=top["positions"], layers=tuple(layers), normf_w=normf_w, normf_b=normf_b,
         lm_head_t=top["lm_head"].t(), act=ACTIVATION_FNS[cfg.activation], upcast_softmax=wte.dtype != torch.float32,
         rope_cos=tables[0] if tables else None, rope_sin=tables[1] if tables else None, local_cos=local[0],
-        local_sin=local[1], embed_scale=scale,
+        local_sin=local[1], q_scales=query_scales(cfg, wte.dtype, wte.device), embed_scale=scale,
     )
 
 
@@ -354,6 +355,8 @@ def prefill(
             if rope:
                 c, s = ropes[layer.local_rope]
                 q, k = rotate(q, c, s), rotate(k, c, s)
+                if w.q_scales is not None:
+                    q = q * w.q_scales[positions][:, None, None]
         if packed.cu_k is not packed.cu_q:  # the prompts' keys: cached prefixes and new tokens together
             kv_out[i, 0].index_copy_(0, dest, k)
             kv_out[i, 1].index_copy_(0, dest, v)
@@ -533,6 +536,7 @@ def decode_step(
     if w.rope_cos is not None:
         cos, sin = _at(w.rope_cos, w.rope_sin, positions)  # [B, 1, P/2]
         ropes = ((cos, sin), _at(w.local_cos, w.local_sin, positions) if w.local_cos is not None else (cos, sin))
+        q_scales = None if w.q_scales is None else w.q_scales[positions][:, None]  # [B, 1]
     elif w.wpe is not None:
         h.add_(torch.embedding(w.wpe, positions))
     try:
@@ -557,6 +561,8 @@ def decode_step(
                     rotate_halves(*k_in, c, s, *rope.k_out)
                     for source, dest in rope.copies:
                         dest.copy_(source)
+                    if q_scales is not None:
+                        q.view(b, -1).mul_(q_scales)
                 elif bufs.q is None:
                     q, new_kv = split_qkv(qkv, cfg)
                 write.index_copy_(1, write_index, new_kv)

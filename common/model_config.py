@@ -53,6 +53,9 @@ class Rope:
     # longrope: per-frequency divisors [dim / 2] within the pretraining length, and past it
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
+    # the queries at position p times 1 + beta * log(1 + floor(p / original_max_positions)): Llama
+    # 4's attention temperature (`llama_4_scaling_beta`, Ministral 3); 0: none
+    llama4_scaling_beta: float = 0.0
 
 
 @dataclass(frozen=True)

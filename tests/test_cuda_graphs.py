@@ -37,7 +37,8 @@ def shaped_model(device: str, dtype: torch.dtype, shape: str = "llama-tiny") -> 
     for a mixture of experts, deepseek-v2-tiny for latent attention (and shared experts), phi3-tiny
     for rotary embeddings that turn part of each head (and LongRoPE), glm4-tiny for sandwich norms,
     gemma2-tiny for capped attention scores and logits (and windows on every other layer), gemma3-tiny
-    for windowed layers with rotary embeddings of their own."""
+    for windowed layers with rotary embeddings of their own, ministral3-tiny for queries scaled by
+    position (Llama 4's attention temperature)."""
     from splitserve.bench.engine_bench import SHAPES
     from splitserve.common.families import checkpoint_shapes
     from splitserve.common.model import prepare_weights
@@ -56,15 +57,15 @@ def shaped_model(device: str, dtype: torch.dtype, shape: str = "llama-tiny") -> 
 
 
 MOE, LATENT, PARTIAL, SANDWICH, CAPPED = "qwen3-moe-tiny", "deepseek-v2-tiny", "phi3-tiny", "glm4-tiny", "gemma2-tiny"
-LOCAL_ROPE = "gemma3-tiny"
-FAMILIES = ["llama-gqa", MOE, LATENT, PARTIAL, SANDWICH, CAPPED, LOCAL_ROPE]
+LOCAL_ROPE, TEMPERATURE = "gemma3-tiny", "ministral3-tiny"
+FAMILIES = ["llama-gqa", MOE, LATENT, PARTIAL, SANDWICH, CAPPED, LOCAL_ROPE, TEMPERATURE]
 
 
 @pytest.fixture(scope="module", params=["gpt_bigcode", *FAMILIES])
 def lm_family(request, tiny_dir):
     """fp32 on the CPU: the tiny multi-query model, the grouped-query rotary one, and one each with
     experts, latent attention, partial rotary embeddings, sandwich norms, capped scores, two rotary
-    embeddings."""
+    embeddings, scaled queries."""
     if request.param == "gpt_bigcode":
         return load_cpu(tiny_dir)
     return shaped_model("cpu", torch.float32, "llama-tiny" if request.param == "llama-gqa" else request.param)

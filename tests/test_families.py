@@ -35,13 +35,18 @@ WINDOW = 24  # shorter than the long prompts below
 LATENT = dict(num_key_value_heads=8, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
               n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1)
 
-# a SigLIP tower for the multimodal checkpoints (gemma3), as small as its shapes allow
-TINY_VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                   num_attention_heads=2, image_size=28, patch_size=14)
+# the multimodal checkpoints' vision towers (SigLIP, Pixtral), as small as their shapes allow
+TINY_VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                   patch_size=14)
+MULTIMODAL = {"gemma3": dict(vision_config=TINY_VISION | dict(model_type="siglip_vision_model"), mm_tokens_per_image=4),
+              "mistral3": dict(vision_config=TINY_VISION | dict(model_type="pixtral", head_dim=16))}
 GEMMA3 = dict(head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=16,
               layer_types=["sliding_attention", "full_attention", "sliding_attention"],
               rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
                                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 32,
+                   "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                   "llama_4_scaling_beta": 0.5}
 # LongRoPE's per-frequency factors for SHAPE's heads of 8 (4 frequencies), within and past 128 positions
 LONGROPE_ORIGINAL = 128
 LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.2, 1.9, 3.1],
@@ -95,6 +100,11 @@ VARIANTS = {
     "gemma3text-local-rope": ("gemma3_text", GEMMA3),
     # the text model of a multimodal Gemma 3 checkpoint (a vision tower beside it), its head untied
     "gemma3-multimodal-untied": ("gemma3", GEMMA3 | dict(tie_word_embeddings=False)),
+    # Ministral 3: YaRN and Llama 4's attention temperature, which the prompts here reach (from 32 on)
+    "ministral3-temperature": ("ministral3", dict(head_dim=16, rope_parameters=MINISTRAL3_ROPE)),
+    # its multimodal checkpoint (Ministral 3, Devstral Small 2), a window
+    "mistral3-multimodal-ministral": ("mistral3", dict(model_type="ministral3", head_dim=16, sliding_window=WINDOW,
+                                                      rope_parameters=MINISTRAL3_ROPE)),
     "mixtral-window": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)),
     "qwen3moe-norm-top": ("qwen3_moe", dict(head_dim=16, num_experts=8, num_experts_per_tok=2,
                                             moe_intermediate_size=32, norm_topk_prob=True)),
@@ -116,16 +126,15 @@ VARIANTS = {
 
 def make_checkpoint(path: Path, model_type: str, fields: dict) -> Path:
     """A random checkpoint as transformers writes it, weights scaled up so that greedy paths are not flat."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     torch.manual_seed(sum(map(ord, path.name)))
-    if model_type == "gemma3":  # multimodal: the text model's fields in text_config, a tiny vision tower
-        config = AutoConfig.for_model(model_type, text_config={**SHAPE, **fields}, vision_config=TINY_VISION,
-                                      mm_tokens_per_image=4,
+    if model_type in MULTIMODAL:  # the text model's fields in text_config, a tiny vision tower
+        config = AutoConfig.for_model(model_type, text_config={**SHAPE, **fields}, **MULTIMODAL[model_type],
                                       tie_word_embeddings=fields.get("tie_word_embeddings", True))
     else:
         config = AutoConfig.for_model(model_type, **{**SHAPE, **fields})
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = auto_model(model_type).from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
@@ -144,9 +153,15 @@ def checkpoint(request, tmp_path_factory) -> Path:
 
 
 def reference(path: Path):
-    from transformers import AutoModelForCausalLM
+    model_type = json.loads((path / "config.json").read_text())["model_type"]
+    return auto_model(model_type).from_pretrained(path, dtype=torch.float32).eval()
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+def auto_model(model_type: str):
+    """transformers' auto class for the family: Mistral 3 is an image-text-to-text model only."""
+    import transformers
+
+    return transformers.AutoModelForImageTextToText if model_type == "mistral3" else transformers.AutoModelForCausalLM
 
 
 def prompts(lens: list[int], seed: int = 0) -> list[list[int]]:

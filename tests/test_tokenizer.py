@@ -231,6 +231,8 @@ def test_bos_comes_from_the_families_that_add_it(family_dirs):
     ("GPTNeoXTokenizer", "stablelm", True, ""),  # Stable Code 3B
     ("GPT2Tokenizer", "granite", True, ""),  # Granite 3.x
     ("PreTrainedTokenizerFast", "glm4", True, ""),  # GLM-4-0414
+    ("LlamaTokenizer", "mistral3", True, ""),  # Mistral Small 3.1: byte-level under Llama's name
+    (None, "ministral3", True, ""),
     (None, None, True, ""),
 ])
 def test_transformers_class(declared, model_type, byte_level, built):

@@ -1,4 +1,4 @@
-"""Gemma 3 (text): Gemma 3 1B and 270M (`gemma3_text`); the text model of the larger, multimodal
+"""Gemma 3 (text): Gemma 3 1B and 270M (`gemma3_text`), and the text model of the larger, multimodal
 checkpoints (common/families/gemma3.py). Gemma 2's layout with q/k RMSNorms, no caps by default,
 a window on five layers in six, and two rotary embeddings: the windowed layers turn at their own
 base frequency (`rope_local_base_freq`, 10,000), the others at `rope_theta` (1,000,000) with the
@@ -22,7 +22,7 @@ CAPS = {"attn_logit_softcapping": None, "final_logit_softcapping": None}
 THETAS = {"full_attention": ("rope_theta", 1e6), "sliding_attention": ("rope_local_base_freq", 1e4)}
 
 
-def config(raw: dict, model_type: str = MODEL_TYPE) -> ModelConfig:
+def config(raw: dict) -> ModelConfig:
     raw = DEFAULTS | raw
     if raw.get("use_bidirectional_attention"):
         raise ModelConfigError("Gemma 3 with bidirectional attention (an embedding model) is not supported")
@@ -36,5 +36,5 @@ def config(raw: dict, model_type: str = MODEL_TYPE) -> ModelConfig:
     head_dim, positions = int(raw["head_dim"]), int(raw["max_position_embeddings"])
     raw = raw | {"rope_parameters": ropes["full_attention"], "rope_scaling": None, "rope_theta": None}
     local = rope_of({"rope_parameters": ropes["sliding_attention"]}, positions, head_dim)
-    return gemma2_shaped(raw, DEFAULTS, model_type, CAPS, pattern=int(raw.get("sliding_window_pattern") or 6),
+    return gemma2_shaped(raw, DEFAULTS, MODEL_TYPE, CAPS, pattern=int(raw.get("sliding_window_pattern") or 6),
                          qk_norm=True, local_rope=local)

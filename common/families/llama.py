@@ -83,6 +83,8 @@ def rope_of(raw: dict, max_positions: int, head_dim: int, partial: float | None 
     optional = {key: params[key] for key in ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
                                              "attention_factor", "mscale", "mscale_all_dim", "truncate")
                 if params.get(key) is not None}
+    if params.get("llama_4_scaling_beta"):
+        optional["llama4_scaling_beta"] = float(params["llama_4_scaling_beta"])
     factor = float(params.get("factor") or 1.0)
     if rope_type == "longrope":
         optional |= _longrope_factors(params, dim)
