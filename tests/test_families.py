@@ -65,6 +65,10 @@ VARIANTS = {
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0})),
     "llama-dynamic": ("llama", dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})),
     "mistral-window-head-dim": ("mistral", dict(sliding_window=WINDOW, head_dim=16)),
+    # Meta's CWM: windows on layers 1 and 2 of 3 (its default pattern), Llama 3's scaling by default
+    "cwm-windows": ("cwm", dict(head_dim=16, sliding_window=WINDOW)),
+    # IQuest-Coder: a Llama with its own defaults
+    "iquestcoder": ("iquestcoder", dict(head_dim=16)),
     "qwen2-bias-tied-window": ("qwen2", dict(tie_word_embeddings=True, use_sliding_window=True,
                                              sliding_window=WINDOW, max_window_layers=1)),
     "qwen3-qk-norm": ("qwen3", dict(head_dim=32)),
@@ -368,6 +372,13 @@ def test_latent_attention_caches_each_tokens_vector_once():
     cfg = model_config_from_dict(SHAPES["deepseek-coder-v2-lite"])
     assert (cfg.kv_heads, cfg.head_dim, cfg.decode_width, cfg.prefill_width) == (1, 288, 576, 192)
     assert slot_bytes(cfg, 1, torch.bfloat16) == 27 * 576 * 2
+
+
+def test_a_family_s_default_eos_ids_hold_only_where_the_config_names_none():
+    """CWM's config class stands in Llama 3's three end ids for a missing eos_token_id."""
+    raw = {"model_type": "cwm", **SHAPE}
+    assert model_config_from_dict(raw).eos_token_ids == (2,)
+    assert model_config_from_dict(raw | {"eos_token_id": None}).eos_token_ids == (128001, 128008, 128009)
 
 
 def test_eos_ids_are_config_and_generation_config_together(tmp_path):

@@ -233,6 +233,7 @@ def test_bos_comes_from_the_families_that_add_it(family_dirs):
     ("PreTrainedTokenizerFast", "glm4", True, ""),  # GLM-4-0414
     ("LlamaTokenizer", "mistral3", True, ""),  # Mistral Small 3.1: byte-level under Llama's name
     (None, "ministral3", True, ""),
+    ("LlamaTokenizer", "iquestcoder", False, ""),  # transformers overrides the class the hub names
     (None, None, True, ""),
 ])
 def test_transformers_class(declared, model_type, byte_level, built):
