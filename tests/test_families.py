@@ -116,6 +116,14 @@ VARIANTS = {
     "qwen3moe-dense-layers-window": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=3, moe_intermediate_size=48,
                                                        num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3],
                                                        use_sliding_window=True, sliding_window=WINDOW)),
+    # Mellum: Qwen3-MoE's layers, a dense MLP in layer 0, windows with their own rotary base in 0 and 2
+    "mellum-windows-dense": ("mellum", dict(head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                            sliding_window=WINDOW, mlp_layer_types=["dense", "sparse", "sparse"],
+                                            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                            rope_parameters={"full_attention": {"rope_type": "default",
+                                                                                "rope_theta": 5e5},
+                                                             "sliding_attention": {"rope_type": "default",
+                                                                                   "rope_theta": 1e4}})),
     # latent attention as DeepSeek-Coder-V2-Lite has it: queries uncompressed, YaRN with mscale on
     # the softmax too, a dense first layer, shared experts
     "deepseekv2-lite-yarn": ("deepseek_v2", dict(**LATENT, q_lora_rank=None, first_k_dense_replace=1, rope_parameters={

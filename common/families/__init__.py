@@ -13,13 +13,13 @@ from typing import Callable
 
 from ..model_config import ModelConfig, ModelConfigError
 from . import (cwm, deepseek_v2, gemma, gemma2, gemma3, gemma3_text, glm, glm4, gpt_bigcode, granite, iquestcoder,
-               llama, ministral3, mistral, mistral3, mixtral, phi3, qwen2, qwen3, qwen3_moe, seed_oss, stablelm,
-               starcoder2)
+               llama, mellum, ministral3, mistral, mistral3, mixtral, phi3, qwen2, qwen3, qwen3_moe, seed_oss,
+               stablelm, starcoder2)
 
 FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (cwm, deepseek_v2, gemma, gemma2, gemma3, gemma3_text, glm,
-                                                             glm4, gpt_bigcode, granite, iquestcoder, llama, ministral3,
-                                                             mistral, mistral3, mixtral, phi3, qwen2, qwen3, qwen3_moe,
-                                                             seed_oss, stablelm, starcoder2)}
+                                                             glm4, gpt_bigcode, granite, iquestcoder, llama, mellum,
+                                                             ministral3, mistral, mistral3, mixtral, phi3, qwen2, qwen3,
+                                                             qwen3_moe, seed_oss, stablelm, starcoder2)}
 # Each family module has:
 #   MODEL_TYPE, config(raw: dict) -> ModelConfig
 #   PREFIX: what the base model's tensor names begin with in a checkpoint ("model.", "transformer."),
