@@ -393,9 +393,10 @@ SERIAL_ATTENTION_SCORES = 32768
 
 class RopeViews(NamedTuple):
     """Where a decode step reads q, k and v from qkv and writes them rotated, made once per shape.
-    The first P values of each head turn, the rest are copied (partial rotary embeddings;
-    families with q/k norms turn whole heads)."""
+    The first P values of each head turn, the rest are copied (partial rotary embeddings)."""
 
+    q_heads: torch.Tensor  # qkv's q [B, H, D]: q/k norms normalize it and k_heads in place
+    k_heads: torch.Tensor  # qkv's k [B, KVH, D]
     q: tuple[torch.Tensor, torch.Tensor]  # qkv's q [B, H, P] in halves
     k: tuple[torch.Tensor, torch.Tensor]  # qkv's k [B, KVH, P] in halves
     q_out: tuple[torch.Tensor, torch.Tensor]  # the rotated q buffer, as [B, H, P], in halves
@@ -479,7 +480,7 @@ def decode_buffers(cfg: ModelConfig, kv: torch.Tensor, scratch: torch.Tensor, b:
         copies = ((qkv[:, q_dim + kv_dim :].view(b, kvh, d), new_kv[1].view(b, kvh, d)),)
         if p < d:
             copies += ((q_in[..., p:], q_out[..., p:]), (k_in[..., p:], k_out[..., p:]))
-        rope = RopeViews(halves(q_in[..., :p]), halves(k_in[..., :p]), halves(q_out[..., :p]),
+        rope = RopeViews(q_in, k_in, halves(q_in[..., :p]), halves(k_in[..., :p]), halves(q_out[..., :p]),
                          halves(k_out[..., :p]), copies)
         q = q_rot
     elif kvh == 1:
@@ -525,7 +526,7 @@ def decode_step(
     """
     cfg = w.cfg
     eps, scale, upcast, softcap = cfg.layer_norm_epsilon, cfg.attn_scale, w.upcast_softmax, cfg.attn_softcap
-    b, q_dim, kv_dim, d = input_ids.shape[0], cfg.q_dim, cfg.kv_dim, cfg.head_dim
+    b, d = input_ids.shape[0], cfg.head_dim
     h, qkv, q, new_kv, scores, attn, out = bufs.h, bufs.qkv, bufs.q, bufs.new_kv, bufs.scores, bufs.attn, bufs.out
     threads = torch.get_num_threads()
     serial = threads > 1 and scores.is_cpu and scores.numel() < SERIAL_ATTENTION_SCORES
@@ -550,15 +551,12 @@ def decode_step(
             else:
                 linear(x, layer.qkv_wt, layer.qkv_b, out=qkv)  # [B, Q + 2*KV]
                 if rope is not None:
-                    q_in, k_in = rope.q, rope.k
-                    if layer.q_norm_w is not None:
-                        q_in = halves(torch.rms_norm(qkv[:, :q_dim].view(b, cfg.n_head, d), (d,), layer.q_norm_w,
-                                                     eps))
-                        k_in = halves(torch.rms_norm(qkv[:, q_dim : q_dim + kv_dim].view(b, cfg.kv_heads, d), (d,),
-                                                     layer.k_norm_w, eps))
+                    if layer.q_norm_w is not None:  # in place, where the views below read q and k
+                        rope.q_heads.copy_(torch.rms_norm(rope.q_heads, (d,), layer.q_norm_w, eps))
+                        rope.k_heads.copy_(torch.rms_norm(rope.k_heads, (d,), layer.k_norm_w, eps))
                     c, s = ropes[layer.local_rope]
-                    rotate_halves(*q_in, c, s, *rope.q_out)
-                    rotate_halves(*k_in, c, s, *rope.k_out)
+                    rotate_halves(*rope.q, c, s, *rope.q_out)
+                    rotate_halves(*rope.k, c, s, *rope.k_out)
                     for source, dest in rope.copies:
                         dest.copy_(source)
                     if q_scales is not None:

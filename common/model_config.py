@@ -37,7 +37,7 @@ class Rope:
     rope_type: Literal["default", "linear", "dynamic", "llama3", "yarn", "longrope"]
     theta: float
     factor: float = 1.0
-    original_max_positions: int = 0  # llama3, yarn, dynamic: the pretraining length
+    original_max_positions: int = 0  # llama3, yarn, dynamic, longrope, Llama 4's temperature: the pretraining length
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
     beta_fast: float = 32.0  # yarn

@@ -28,8 +28,8 @@ FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (cwm, deepseek_v2, g
 #   LAYER: the name of layer i's tensors, "layers.{i}.", and LAYER_ROLES: role -> name after it, roles
 #   among norm1, qkv (fused) or q/k/v, q_norm, k_norm, out, norm2, up (the plain MLP's first
 #   projection) or gate/up or gate_up (fused, rows gate | up), down, and attn_out_norm and
-#   mlp_out_norm where cfg.sandwich_norms; with latent attention
-#   (cfg.latent) q or q_a/q_a_norm/q_b, and kv_a, kv_a_norm, kv_b in place of q/k/v
+#   mlp_out_norm where cfg.sandwich_norms; with latent attention (cfg.latent) q or q_a/q_a_norm/q_b,
+#   and kv_a, kv_a_norm, kv_b in place of q/k/v
 # and may have regroup_qkv(weight_or_bias, cfg) for a fused qkv whose rows are not q | k | v, and
 # EXPERTS: a mixture-of-experts layer's tensor names after LAYER, the router's ("router"), expert
 # j's ("gate", "up", "down" with {j}) and the shared experts' ("shared_gate", "shared_up",

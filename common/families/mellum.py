@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..model_config import Experts, ModelConfig, ModelConfigError
+from ..model_config import Experts, ModelConfig
 from .llama import LAYER, LAYER_ROLES, PREFIX, TOP, _field, llama_shaped, rope_of
 from .qwen3_moe import EXPERTS
 
@@ -31,13 +31,10 @@ def config(raw: dict) -> ModelConfig:
     ropes = raw.get("rope_parameters") or ROPE
     bias = get("attention_bias")
     cfg = llama_shaped(raw | {"rope_parameters": ropes["full_attention"], "rope_scaling": None}, DEFAULTS, MODEL_TYPE,
-                       qkv_bias=bias, out_bias=bias, qk_norm=True, partial_rotary=1.0,
+                       qkv_bias=bias, out_bias=bias, qk_norm=True,
                        windows=tuple(window if sliding else 0 for sliding in local))
     if any(local):
-        local_rope = rope_of({"rope_parameters": ropes["sliding_attention"]}, cfg.n_positions, cfg.head_dim, 1.0)
-        if local_rope.dim != cfg.rope.dim:  # the decode step turns one width of each head
-            raise ModelConfigError("Mellum with partial rotary embeddings of different widths per layer type is "
-                                   "not supported")
+        local_rope = rope_of({"rope_parameters": ropes["sliding_attention"]}, cfg.n_positions, cfg.head_dim)
         cfg = replace(cfg, local_rope=local_rope, local_layers=local)
     count = int(raw.get("num_experts") or raw.get("num_local_experts") or DEFAULTS["num_experts"])
     sparse = tuple(t == "sparse" for t in raw.get("mlp_layer_types") or ["sparse"] * layers)
