@@ -403,6 +403,8 @@ def test_eos_ids_are_config_and_generation_config_together(tmp_path):
     ({"model_type": "phi3", "partial_rotary_factor": 0.375}, "turns 3 of each head's 8 values"),
     ({"model_type": "stablelm", "qk_layernorm": True}, "StableLM with per-head q/k LayerNorms"),
     ({"model_type": "stablelm", "use_parallel_residual": True}, "StableLM with parallel residuals"),
+    ({"model_type": "gemma3_text", "use_bidirectional_attention": True}, "Gemma 3 with bidirectional attention"),
+    ({"model_type": "mistral3", "text_config": {"model_type": "llama"}}, "Mistral 3 with a 'llama' text model"),
     ({"quantization_config": {"quant_method": "gptq"}}, "quantized checkpoints \\(gptq\\)"),
     ({"num_key_value_heads": 3}, "8 attention heads are not divisible by 3 key/value heads"),
     ({"model_type": "deepseek_v3"}, "unsupported model_type 'deepseek_v3': splitserve runs .*qwen3_moe"),
