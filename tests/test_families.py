@@ -312,7 +312,7 @@ def test_longrope_goes_past_its_pretraining_length_as_transformers_does(tmp_path
         best, second = top2.values.tolist()
         if token != top2.indices[0]:
             assert best - second < 1e-4 and token == top2.indices[1], f"step {i}: {token} vs {top2.indices[0]}"
-        out = ref(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+        out = ref(torch.tensor([[token]]), cache=out.past_key_values, use_cache=True)  # transformers 5's name
 
 
 @torch.inference_mode()
