@@ -119,6 +119,12 @@ SHAPES = {
         rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 32.0, "original_max_position_embeddings": 64,
                          "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                          "llama_4_scaling_beta": 0.1}, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "glm-4.7-flash": dict(
+        model_type="glm4_moe_lite", vocab_size=154880, max_position_embeddings=202752, hidden_size=2048,
+        num_hidden_layers=47, num_attention_heads=20, num_key_value_heads=20, kv_lora_rank=512, q_lora_rank=768,
+        qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256, intermediate_size=10240, n_routed_experts=64,
+        num_experts_per_tok=4, n_shared_experts=1, moe_intermediate_size=1536, routed_scaling_factor=1.8,
+        rope_theta=1000000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1),
     "phi-4": dict(
         model_type="phi3", vocab_size=100352, max_position_embeddings=16384, hidden_size=5120, num_hidden_layers=40,
         num_attention_heads=40, num_key_value_heads=10, intermediate_size=17920, rope_theta=250000.0,

@@ -49,6 +49,7 @@ class Layer(NamedTuple):
     local_rope: bool  # its rotary embeddings are cfg.local_rope's (ModelWeights.local_cos)
     # a mixture of experts in place of the MLP (cfg.experts), else None
     router_wt: torch.Tensor | None = None  # [E, X]
+    router_bias: torch.Tensor | None = None  # [X], added to the scores for the choice (cfg.experts.router_bias)
     experts_up: torch.Tensor | None = None  # [X, E, 2*I], each expert's columns gate | up
     experts_down: torch.Tensor | None = None  # [X, I, E]
     # latent attention (cfg.latent), else None; qkv_wt is then [E, Qin + R + P], columns the queries'
@@ -108,7 +109,7 @@ def prepare_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> Model
             n1, t["norm1"][1], t["qkv"][0].t(), t["qkv"][1], qn, kn, t["out"][0].t(), t["out"][1],
             n2, t["norm2"][1], _t(up[0]), up[1], _t(down[0]), down[1], cfg.windows[i],
             cfg.local_rope is not None and cfg.local_layers[i],
-            router_wt=_t(t.get("router")),
+            router_wt=_t(t.get("router")), router_bias=_float(t.get("router_bias")),
             experts_up=t["experts_up"].transpose(1, 2) if "experts_up" in t else None,
             experts_down=t["experts_down"].transpose(1, 2) if "experts_down" in t else None,
             attn_out_norm_w=_offset(attn_out_norm[0], cfg), attn_out_norm_b=attn_out_norm[1],
@@ -159,6 +160,11 @@ def _latent_weights(t: dict, cfg: ModelConfig) -> dict:
 def _offset(norm: torch.Tensor | None, cfg: ModelConfig) -> torch.Tensor | None:
     """An RMSNorm's weight as torch.rms_norm multiplies by it: Gemma stores it less one."""
     return norm if norm is None or not cfg.norm_offset else norm + cfg.norm_offset
+
+
+def _float(b: torch.Tensor | None) -> torch.Tensor | None:
+    # the router's choice bias stays fp32, as transformers keeps it: the scores it shifts are fp32
+    return None if b is None else b.float()
 
 
 def _t(w: torch.Tensor | None) -> torch.Tensor | None:
@@ -221,13 +227,21 @@ def experts(w: ModelWeights, layer: Layer, x: torch.Tensor, out: torch.Tensor | 
     weights are read for rows that did not choose it."""
     moe = w.cfg.experts
     n, k, inner = x.shape[0], moe.per_token, moe.inner
-    probs = torch.softmax(torch.mm(x, layer.router_wt), -1, dtype=torch.float32)  # [N, X]
-    if moe.groups is not None:  # only the experts of each row's best groups stay candidates
-        groups, kept = moe.groups
-        best = torch.topk(probs.view(n, groups, -1).amax(-1), kept).indices  # [N, kept]
-        in_best = torch.zeros(n, groups, dtype=torch.bool, device=x.device).scatter_(1, best, True)
-        probs = probs.masked_fill(~in_best.repeat_interleave(moe.count // groups, 1), 0.0)
-    weights, chosen = torch.topk(probs, k)  # [N, k]
+    logits = torch.mm(x, layer.router_wt)  # [N, X]
+    probs = torch.sigmoid(logits.float()) if moe.sigmoid else torch.softmax(logits, -1, dtype=torch.float32)
+    if moe.groups is None and layer.router_bias is None:
+        weights, chosen = torch.topk(probs, k)  # [N, k]
+    else:  # chosen by the biased scores among each row's best groups, weighted by the scores
+        choice = probs if layer.router_bias is None else probs + layer.router_bias
+        if moe.groups is not None:
+            groups, kept = moe.groups
+            by_group = choice.view(n, groups, -1)
+            score = by_group.amax(-1) if moe.group_score == "max" else by_group.topk(2).values.sum(-1)  # [N, groups]
+            best = torch.topk(score, kept).indices  # [N, kept]
+            in_best = torch.zeros(n, groups, dtype=torch.bool, device=x.device).scatter_(1, best, True)
+            choice = choice.masked_fill(~in_best.repeat_interleave(moe.count // groups, 1), float("-inf"))
+        chosen = torch.topk(choice, k).indices
+        weights = probs.gather(1, chosen)
     if moe.norm_top:
         weights = weights / weights.sum(-1, keepdim=True)
     if moe.scale != 1.0:

@@ -60,7 +60,7 @@ class Rope:
 
 @dataclass(frozen=True)
 class Experts:
-    """A mixture-of-experts MLP (Qwen3-MoE, Mixtral, DeepSeek-V2): a router picks `per_token` of
+    """A mixture-of-experts MLP (Qwen3-MoE, Mixtral, DeepSeek-V2/V3): a router picks `per_token` of
     `count` gated MLPs of width `inner` for each token and weights their outputs."""
 
     count: int
@@ -73,6 +73,11 @@ class Experts:
     # (groups, kept): experts fall into `groups` groups and a token chooses among the `kept` groups
     # holding its best scores only (DeepSeek's group-limited routing); None: among all
     groups: tuple[int, int] | None = None
+    group_score: Literal["max", "top2"] = "max"  # a group's score: its best expert's, or its best two's sum
+    # each expert scored by a sigmoid of its logit (DeepSeek-V3, GLM-4.7-Flash), else by a softmax over all
+    sigmoid: bool = False
+    # a per-expert bias (the router's e_score_correction_bias) added to the scores for the choice only
+    router_bias: bool = False
 
     def check(self, n_embd: int) -> Experts:
         """Itself, if the forward can run it with a hidden width of n_embd; else a clear error."""

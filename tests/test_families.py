@@ -129,6 +129,12 @@ VARIANTS = {
     "deepseekv2-lite-yarn": ("deepseek_v2", dict(**LATENT, q_lora_rank=None, first_k_dense_replace=1, rope_parameters={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
         "mscale": 0.707, "mscale_all_dim": 0.707, "rope_theta": 10000.0})),
+    # DeepSeek-V3's routing: sigmoid scores, a choice bias, groups by their best two (noaux_tc)
+    "deepseekv3-noaux": ("deepseek_v3", LATENT | dict(q_lora_rank=24, first_k_dense_replace=1, n_group=4, topk_group=2,
+                                                      routed_scaling_factor=2.5)),
+    # GLM-4.7-Flash: V3's routing in one group, rotary pairs in halves (rope_interleave off)
+    "glm4moelite-halves": ("glm4_moe_lite", LATENT | dict(q_lora_rank=24, rope_interleave=False,
+                                                          mlp_layer_types=["dense", "sparse", "sparse"])),
     # compressed queries (DeepSeek-Coder-V2), group-limited routing, scaled routed weights
     "deepseekv2-q-rank-groups": ("deepseek_v2", {**LATENT, **dict(q_lora_rank=24, topk_method="group_limited_greedy",
                                                                   n_group=4, topk_group=2, routed_scaling_factor=2.5,
@@ -153,6 +159,9 @@ def make_checkpoint(path: Path, model_type: str, fields: dict) -> Path:
                 p.mul_(4)
             else:  # norms and biases off their initial values, so that each one matters
                 p.add_(0.1 * torch.randn_like(p))
+        for name, b in model.named_buffers():  # DeepSeek-V3's routing bias starts at zero
+            if name.endswith("e_score_correction_bias"):
+                b.add_(0.1 * torch.randn_like(b))
     model.save_pretrained(path)
     write_tokenizer_files(path)
     return path
@@ -407,7 +416,8 @@ def test_eos_ids_are_config_and_generation_config_together(tmp_path):
     ({"model_type": "mistral3", "text_config": {"model_type": "llama"}}, "Mistral 3 with a 'llama' text model"),
     ({"quantization_config": {"quant_method": "gptq"}}, "quantized checkpoints \\(gptq\\)"),
     ({"num_key_value_heads": 3}, "8 attention heads are not divisible by 3 key/value heads"),
-    ({"model_type": "deepseek_v3"}, "unsupported model_type 'deepseek_v3': splitserve runs .*qwen3_moe"),
+    ({"model_type": "qwen3_next"}, "unsupported model_type 'qwen3_next': splitserve runs .*qwen3_moe"),
+    ({"model_type": "deepseek_v3", **LATENT, "topk_method": "greedy"}, "deepseek_v3 routes with a sigmoid and noaux"),
     ({"model_type": "deepseek_v2", **LATENT, "topk_method": "noaux_tc"}, "a softmax, greedy or group_limited_greedy"),
     ({"model_type": "deepseek_v2", **LATENT, "attention_bias": True}, "deepseek_v2 with attention_bias"),
     ({"model_type": "deepseek_v2", **LATENT, "topk_method": "group_limited_greedy", "n_group": 3, "topk_group": 1},

@@ -119,8 +119,8 @@ def test_other_architectures_are_refused():
     from splitserve.common.families import FAMILIES
 
     runs = ", ".join(FAMILIES)
-    with pytest.raises(ModelConfigError, match=f"unsupported model_type 'deepseek_v3': splitserve runs {runs} "):
-        model_config_from_dict({"model_type": "deepseek_v3", "hidden_size": 8})
+    with pytest.raises(ModelConfigError, match=f"unsupported model_type 'qwen3_next': splitserve runs {runs} "):
+        model_config_from_dict({"model_type": "qwen3_next", "hidden_size": 8})
 
 
 def run_cli(*args: str) -> str:

@@ -12,14 +12,15 @@ from types import ModuleType
 from typing import Callable
 
 from ..model_config import ModelConfig, ModelConfigError
-from . import (cwm, deepseek_v2, gemma, gemma2, gemma3, gemma3_text, glm, glm4, gpt_bigcode, granite, iquestcoder,
-               llama, mellum, ministral3, mistral, mistral3, mixtral, phi3, qwen2, qwen3, qwen3_moe, seed_oss,
-               stablelm, starcoder2)
+from . import (cwm, deepseek_v2, deepseek_v3, gemma, gemma2, gemma3, gemma3_text, glm, glm4, glm4_moe_lite,
+               gpt_bigcode, granite, iquestcoder, llama, mellum, ministral3, mistral, mistral3, mixtral, phi3, qwen2,
+               qwen3, qwen3_moe, seed_oss, stablelm, starcoder2)
 
-FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (cwm, deepseek_v2, gemma, gemma2, gemma3, gemma3_text, glm,
-                                                             glm4, gpt_bigcode, granite, iquestcoder, llama, mellum,
-                                                             ministral3, mistral, mistral3, mixtral, phi3, qwen2, qwen3,
-                                                             qwen3_moe, seed_oss, stablelm, starcoder2)}
+FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (cwm, deepseek_v2, deepseek_v3, gemma, gemma2, gemma3,
+                                                             gemma3_text, glm, glm4, glm4_moe_lite, gpt_bigcode,
+                                                             granite, iquestcoder, llama, mellum, ministral3, mistral,
+                                                             mistral3, mixtral, phi3, qwen2, qwen3, qwen3_moe, seed_oss,
+                                                             stablelm, starcoder2)}
 # Each family module has:
 #   MODEL_TYPE, config(raw: dict) -> ModelConfig
 #   PREFIX: what the base model's tensor names begin with in a checkpoint ("model.", "transformer."),
@@ -36,6 +37,8 @@ FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (cwm, deepseek_v2, g
 # "shared_down") where cfg.experts.shared, used in place of the MLP roles where cfg.experts says.
 
 MLP_ROLES = ("up", "gate", "gate_up", "down")
+# the router's per-expert bias for the choice (cfg.experts.router_bias), beside its weight
+ROUTER_BIAS = "e_score_correction_bias"
 
 
 def family_of(model_type) -> ModuleType:
@@ -112,6 +115,8 @@ def sparse(cfg: ModelConfig, i: int) -> bool:
 def _expert_shapes(cfg: ModelConfig, prefix: str, names: dict[str, str]) -> dict[str, tuple[int, ...]]:
     x, e, i = cfg.experts.count, cfg.n_embd, cfg.experts.inner
     shapes = {_name(prefix + names["router"], "weight"): (x, e)}
+    if cfg.experts.router_bias:
+        shapes[_name(prefix + names["router"], ROUTER_BIAS)] = (x,)
     for j in range(x):
         for role, shape in (("gate", (i, e)), ("up", (i, e)), ("down", (e, i))):
             shapes[_name(prefix + names[role].format(j=j), "weight")] = shape
@@ -185,15 +190,16 @@ def _latent(tensor: Callable[..., object], cfg: ModelConfig) -> dict:
     """Latent attention's tensors: qkv [Qin + R + P, E], rows the queries' projection [H*(Dn+P)]
     (or their compression [q_rank]) | the compressed K/V [R] | the rotary key [P]; q_up
     [H*(Dn+P), q_rank] and q_down_norm [q_rank] where queries are compressed, else None; kv_norm
-    [R]; kv_up [H*(Dn+Dv), R]. DeepSeek rotates interleaved pairs: the rotary rows are put in
-    halves order (_rotary_halves)."""
+    [R]; kv_up [H*(Dn+Dv), R]. Where the rotary pairs are interleaved (DeepSeek's), the rotary rows
+    are put in halves order (_rotary_halves)."""
     import torch
 
     lat = cfg.latent
     p, per_head = lat.rope_dim, lat.nope_dim + lat.rope_dim
-    q = _rotary_halves(tensor("q_b") if lat.q_rank else tensor("q"),
-                       [h * per_head + lat.nope_dim for h in range(cfg.n_head)], p)
-    kv_a = _rotary_halves(tensor("kv_a"), [lat.kv_rank], p)
+    halves = _rotary_halves if cfg.rope.interleaved else lambda w, starts, p: w  # noqa: E731
+    starts = [h * per_head + lat.nope_dim for h in range(cfg.n_head)]  # each head's rotary rows
+    q = halves(tensor("q_b") if lat.q_rank else tensor("q"), starts, p)
+    kv_a = halves(tensor("kv_a"), [lat.kv_rank], p)
     compressed = bool(lat.q_rank)
     return {"qkv": (torch.cat([tensor("q_a") if compressed else q, kv_a]), None), "q_up": q if compressed else None,
             "q_down_norm": tensor("q_a_norm") if compressed else None, "kv_norm": tensor("kv_a_norm"),
@@ -226,6 +232,8 @@ def _experts(get: Get, cfg: ModelConfig, prefix: str, names: dict[str, str]) -> 
         name = lambda role: _name(prefix + names[role].format(j=j), "weight")  # noqa: E731
         up[j, :i], up[j, i:], down[j] = get(name("gate")), get(name("up")), get(name("down"))
     stacked = {"router": router, "experts_up": up, "experts_down": down}
+    if cfg.experts.router_bias:
+        stacked["router_bias"] = get(_name(prefix + names["router"], ROUTER_BIAS))
     if not cfg.experts.shared:
         return stacked
     shared = lambda role: get(_name(prefix + names[role], "weight"))  # noqa: E731

@@ -40,23 +40,38 @@ DEFAULTS = {"vocab_size": 102400, "max_position_embeddings": 2048, "rms_norm_eps
             "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "first_k_dense_replace": 0,
             "kv_lora_rank": 512, "n_routed_experts": 64, "n_shared_experts": 2, "qk_nope_head_dim": 128,
             "qk_rope_head_dim": 64, "v_head_dim": 128, "routed_scaling_factor": 1.0, "topk_method": "greedy",
-            "norm_topk_prob": False, "moe_intermediate_size": 1407, "moe_layer_freq": 1, "scoring_func": "softmax"}
+            "norm_topk_prob": False, "moe_intermediate_size": 1407, "moe_layer_freq": 1, "scoring_func": "softmax",
+            "q_lora_rank": 1536}
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 
 
 def config(raw: dict) -> ModelConfig:
     get = lambda name: _field(raw, DEFAULTS, name)  # noqa: E731
-    for field in ("attention_bias", "mlp_bias"):  # no published checkpoint sets them
-        if get(field):
-            raise ModelConfigError(f"{MODEL_TYPE} with {field} is not supported")
     if get("scoring_func") != "softmax" or get("topk_method") not in TOPK_METHODS:
         raise ModelConfigError(f"{MODEL_TYPE} routes with a softmax, {' or '.join(TOPK_METHODS)}; this config says "
                                f"{get('scoring_func')}, {get('topk_method')}")
+    layers, first, every = int(raw["num_hidden_layers"]), int(get("first_k_dense_replace")), int(get("moe_layer_freq"))
+    groups = None
+    if get("topk_method") == "group_limited_greedy":
+        groups = (int(raw.get("n_group") or 1), int(raw.get("topk_group") or 1))
+    return latent_moe(raw, DEFAULTS, MODEL_TYPE, tuple(i >= first and i % every == 0 for i in range(layers)),
+                      groups=groups)
+
+
+def latent_moe(raw: dict, defaults: dict, model_type: str, sparse: tuple[bool, ...], *,
+               groups: tuple[int, int] | None, **routing) -> ModelConfig:
+    """The config of a family with DeepSeek's latent attention and experts in the `sparse` layers
+    (DeepSeek-V2 and V3, GLM-4.7-Flash); `routing`: Experts' scoring fields beyond the shared ones.
+    The rotary pairs are interleaved unless `rope_interleave` says otherwise."""
+    get = lambda name: _field(raw, defaults, name)  # noqa: E731
+    for field in ("attention_bias", "mlp_bias"):  # no published checkpoint sets them
+        if get(field):
+            raise ModelConfigError(f"{model_type} with {field} is not supported")
     # Llama's fields, then the attention's shape of its own: one cached "head" of half the vector
-    cfg = llama_shaped(raw, DEFAULTS, MODEL_TYPE, qkv_bias=False, out_bias=False)
+    cfg = llama_shaped(raw, defaults, model_type, qkv_bias=False, out_bias=False)
     rope = cfg.rope
     if rope.rope_type == "dynamic":
-        raise ModelConfigError(f"{MODEL_TYPE} with dynamic rotary scaling is not supported")
+        raise ModelConfigError(f"{model_type} with dynamic rotary scaling is not supported")
     nope, rope_dim = int(get("qk_nope_head_dim")), int(get("qk_rope_head_dim"))
     kv_rank = int(get("kv_lora_rank"))
     if rope_dim % 2 or kv_rank % 2:  # rotated in halves; the cached vector split in halves
@@ -64,23 +79,21 @@ def config(raw: dict) -> ModelConfig:
     scale = (nope + rope_dim) ** -0.5
     if rope.rope_type != "default" and rope.mscale_all_dim and rope.factor > 1:  # YaRN's on the softmax
         scale *= (0.1 * rope.mscale_all_dim * math.log(rope.factor) + 1.0) ** 2
-    # an explicit null means no compression of the queries (DeepSeek-V2-Lite); transformers' default is 1536
-    q_rank = int(raw["q_lora_rank"] or 0) if "q_lora_rank" in raw else 1536
+    # an explicit null means no compression of the queries (DeepSeek-V2-Lite)
+    q_rank = int(raw["q_lora_rank"] or 0) if "q_lora_rank" in raw else int(defaults["q_lora_rank"] or 0)
     latent = Latent(kv_rank=kv_rank, q_rank=q_rank, nope_dim=nope, rope_dim=rope_dim,
                     v_dim=int(get("v_head_dim")))
-    cfg = replace(cfg, kv_heads=1, head_dim=(kv_rank + rope_dim) // 2, latent=latent, softmax_scale=scale)
-    count, first = int(get("n_routed_experts") or 0), int(get("first_k_dense_replace"))
-    every = int(get("moe_layer_freq"))
-    sparse = tuple(count > 0 and i >= first and i % every == 0 for i in range(cfg.n_layer))
+    interleaved = raw.get("rope_interleave") is not False
+    cfg = replace(cfg, kv_heads=1, head_dim=(kv_rank + rope_dim) // 2, latent=latent, softmax_scale=scale,
+                  rope=replace(rope, interleaved=interleaved))
+    count = int(get("n_routed_experts") or 0)
+    sparse = tuple(count > 0 and s for s in sparse)
     if not any(sparse):
         return cfg
     if raw.get("num_experts_per_tok") is None:
         raise ModelConfigError("config.json lacks the field 'num_experts_per_tok'")
     inner = int(get("moe_intermediate_size"))
-    groups = None
-    if get("topk_method") == "group_limited_greedy":
-        groups = (int(raw.get("n_group") or 1), int(raw.get("topk_group") or 1))
     experts = Experts(count, int(raw["num_experts_per_tok"]), inner, bool(get("norm_topk_prob")), sparse,
                       scale=float(get("routed_scaling_factor")), shared=inner * int(get("n_shared_experts") or 0),
-                      groups=groups)
+                      groups=groups, **routing)
     return replace(cfg, experts=experts.check(cfg.n_embd))
