@@ -39,7 +39,7 @@ class Layer(NamedTuple):
     k_norm_w: torch.Tensor | None
     out_wt: torch.Tensor  # [Q, E]; latent attention [H*Dv, E]
     out_b: torch.Tensor | None
-    norm2_w: torch.Tensor
+    norm2_w: torch.Tensor | None  # None with parallel residual branches (the MLP reads norm1's output)
     norm2_b: torch.Tensor | None
     up_wt: torch.Tensor | None  # [E, I], or [E, 2*I] with columns gate | up for a gated MLP; None: experts
     up_b: torch.Tensor | None
@@ -79,6 +79,7 @@ class ModelWeights(NamedTuple):
     normf_w: torch.Tensor
     normf_b: torch.Tensor | None
     lm_head_t: torch.Tensor  # [E, V]; a view of wte when tied
+    lm_head_b: torch.Tensor | None  # [V]
     act: Callable[[torch.Tensor], torch.Tensor]
     upcast_softmax: bool  # half precision scores are softmaxed in fp32, as transformers does
     rope_cos: torch.Tensor | None  # [n_positions, P / 2], rotary embeddings
@@ -124,12 +125,13 @@ def prepare_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> Model
     local = rope_tables(cfg, wte.dtype, wte.device, cfg.local_rope) if cfg.local_rope else (None, None)
     scale = None if cfg.embed_scale == 1 else torch.tensor(cfg.embed_scale, dtype=wte.dtype).item()
     # logits / s: the final norm's output (its weight and bias) / s, whether or not the head is tied
-    normf_w, normf_b = _offset(top["final_norm"][0], cfg), top["final_norm"][1]
-    if cfg.logits_scale != 1:
-        normf_w, normf_b = normf_w / cfg.logits_scale, None if normf_b is None else normf_b / cfg.logits_scale
+    normf_w, normf_b, head_b = _offset(top["final_norm"][0], cfg), top["final_norm"][1], top["lm_head_bias"]
+    if cfg.logits_scale != 1:  # the head's bias, where it has one, likewise
+        normf_w, normf_b, head_b = (None if t is None else t / cfg.logits_scale for t in (normf_w, normf_b, head_b))
     return ModelWeights(
         cfg=cfg, wte=wte, wpe=top["positions"], layers=tuple(layers), normf_w=normf_w, normf_b=normf_b,
-        lm_head_t=top["lm_head"].t(), act=ACTIVATION_FNS[cfg.activation], upcast_softmax=wte.dtype != torch.float32,
+        lm_head_t=top["lm_head"].t(), lm_head_b=head_b, act=ACTIVATION_FNS[cfg.activation],
+        upcast_softmax=wte.dtype != torch.float32,
         rope_cos=tables[0] if tables else None, rope_sin=tables[1] if tables else None, local_cos=local[0],
         local_sin=local[1], q_scales=query_scales(cfg, wte.dtype, wte.device), embed_scale=scale,
     )
@@ -387,11 +389,11 @@ def prefill(
         else:
             o = linear(a.reshape(t, q_dim), layer.out_wt, layer.out_b)
         h = h + joining(o, layer.attn_out_norm_w, layer.attn_out_norm_b, eps)
-        o = mlp(w, layer, norm(h, layer.norm2_w, layer.norm2_b, eps))
+        o = mlp(w, layer, x if layer.norm2_w is None else norm(h, layer.norm2_w, layer.norm2_b, eps))
         h = h + joining(o, layer.mlp_out_norm_w, layer.mlp_out_norm_b, eps)
     # Gather before the final norm and the LM head, so unwanted positions cost nothing there.
     h = h[packed.cu_q[1:].long() - 1 if logit_index is None else logit_index]  # [B or R, E]
-    return capped(torch.mm(norm(h, w.normf_w, w.normf_b, eps), w.lm_head_t), cfg.logits_softcap)
+    return capped(linear(norm(h, w.normf_w, w.normf_b, eps), w.lm_head_t, w.lm_head_b), cfg.logits_softcap)
 
 
 def capped(x: torch.Tensor, softcap: float) -> torch.Tensor:
@@ -603,10 +605,12 @@ def decode_step(
             else:
                 o = linear(bufs.attn_rows, layer.out_wt, layer.out_b, out=out)
             h.add_(joining(o, layer.attn_out_norm_w, layer.attn_out_norm_b, eps))
-            x = norm(h, layer.norm2_w, layer.norm2_b, eps)
+            if layer.norm2_w is not None:  # else the MLP reads norm1's output too (parallel residual)
+                x = norm(h, layer.norm2_w, layer.norm2_b, eps)
             o = mlp(w, layer, x, up=bufs.up, inner=bufs.inner, out=out)
             h.add_(joining(o, layer.mlp_out_norm_w, layer.mlp_out_norm_b, eps))
     finally:  # a failed step must not leave the process on one thread
         if serial:
             torch.set_num_threads(threads)
-    return capped(torch.mm(norm(h, w.normf_w, w.normf_b, eps), w.lm_head_t, out=bufs.logits), cfg.logits_softcap)
+    logits = linear(norm(h, w.normf_w, w.normf_b, eps), w.lm_head_t, w.lm_head_b, out=bufs.logits)
+    return capped(logits, cfg.logits_softcap)

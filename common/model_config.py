@@ -147,6 +147,10 @@ class ModelConfig:
     # each sublayer's output normalized (its own RMSNorm or LayerNorm) before it joins the residual
     # stream (GLM-4, Gemma 2); no family has these and residual_scale both
     sandwich_norms: bool = False
+    # the attention and the MLP both read the first norm's output and join the residual stream
+    # together (Phi): no second norm
+    parallel_residual: bool = False
+    lm_head_bias: bool = False  # the LM head has a bias (Phi)
     # scores / logits s become c * tanh(s / c) (Gemma 2's attn_logit_ and final_logit_softcapping); 0: none
     attn_softcap: float = 0.0
     logits_softcap: float = 0.0

@@ -34,7 +34,7 @@ MODEL_TYPE_CLASSES = {"gpt_bigcode": "", "mistral": "", "mixtral": "", "qwen2": 
                       "qwen3": "Qwen2Tokenizer", "qwen3_moe": "Qwen2Tokenizer", "starcoder2": "GPT2Tokenizer",
                       "gpt2": "GPT2Tokenizer", "phi3": "", "stablelm": "", "granite": "",
                       "glm": "", "glm4": "", "mistral3": "", "ministral3": "",
-                      "iquestcoder": ""}
+                      "iquestcoder": "", "phi": "GPT2Tokenizer"}
 REGISTERED_CLASS_WINS = {"qwen2"}
 # Qwen2Tokenizer's pre-tokenizer split, as transformers writes it.
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"

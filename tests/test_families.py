@@ -82,6 +82,10 @@ VARIANTS = {
     # Stable Code 3B's layout: LayerNorms, rotary embeddings on the first quarter of each head (4 of
     # 16 values, transformers' default share); q/k/v biases as StableLM 2 1.6B has them
     "stablelm-partial-bias": ("stablelm", dict(num_attention_heads=4, use_qkv_bias=True)),
+    # phi-1/phi-2: parallel residual branches, biases everywhere (the LM head's too), phi-2's 0.4 of
+    # each head turned (4 of 10 values), multi-head
+    "phi-parallel": ("phi", dict(num_attention_heads=4, num_key_value_heads=4, hidden_size=40,
+                                 partial_rotary_factor=0.4)),
     # Phi-3's fused q/k/v and gate/up projections, Phi-3-mini-4k's window, Phi-4-mini's partial rotary
     "phi3-window-partial": ("phi3", dict(sliding_window=WINDOW, partial_rotary_factor=0.5, pad_token_id=0)),
     # Phi-3.5-mini's LongRoPE (its pretraining length 128 here: every test prompt fits within it;

@@ -13,14 +13,14 @@ from typing import Callable
 
 from ..model_config import ModelConfig, ModelConfigError
 from . import (cwm, deepseek_v2, deepseek_v3, gemma, gemma2, gemma3, gemma3_text, glm, glm4, glm4_moe_lite,
-               gpt_bigcode, granite, iquestcoder, llama, mellum, ministral3, mistral, mistral3, mixtral, phi3, qwen2,
-               qwen3, qwen3_moe, seed_oss, stablelm, starcoder2)
+               gpt_bigcode, granite, iquestcoder, llama, mellum, ministral3, mistral, mistral3, mixtral, phi, phi3,
+               qwen2, qwen3, qwen3_moe, seed_oss, stablelm, starcoder2)
 
 FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (cwm, deepseek_v2, deepseek_v3, gemma, gemma2, gemma3,
                                                              gemma3_text, glm, glm4, glm4_moe_lite, gpt_bigcode,
                                                              granite, iquestcoder, llama, mellum, ministral3, mistral,
-                                                             mistral3, mixtral, phi3, qwen2, qwen3, qwen3_moe, seed_oss,
-                                                             stablelm, starcoder2)}
+                                                             mistral3, mixtral, phi, phi3, qwen2, qwen3, qwen3_moe,
+                                                             seed_oss, stablelm, starcoder2)}
 # Each family module has:
 #   MODEL_TYPE, config(raw: dict) -> ModelConfig
 #   PREFIX: what the base model's tensor names begin with in a checkpoint ("model.", "transformer."),
@@ -71,6 +71,8 @@ def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes |= _norm_shapes(cfg, family.TOP["final_norm"])
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (v, e)
+    if cfg.lm_head_bias:
+        shapes["lm_head.bias"] = (v,)
     return shapes
 
 
@@ -182,7 +184,7 @@ def layer_tensors(get: Get, cfg: ModelConfig, i: int) -> dict:
         "q_norm": tensor("q_norm") if cfg.qk_norm else None,
         "k_norm": tensor("k_norm") if cfg.qk_norm else None,
         "out": (tensor("out"), tensor("out", "bias")),
-        "norm2": (tensor("norm2"), tensor("norm2", "bias")),
+        "norm2": (None, None) if cfg.parallel_residual else (tensor("norm2"), tensor("norm2", "bias")),
     }
 
 
@@ -253,7 +255,7 @@ def _has_bias(cfg: ModelConfig, role: str) -> bool:
 
 def top_tensors(get: Get, cfg: ModelConfig) -> dict:
     """The embeddings, the final norm (weight, bias or None) and the LM head [V, E] (the embedding
-    when tied)."""
+    when tied) and its bias or None."""
     top = family_of(cfg.model_type).TOP
     embed = get(_name(top["embed"], "weight"))
     final = top["final_norm"]
@@ -262,4 +264,5 @@ def top_tensors(get: Get, cfg: ModelConfig) -> dict:
         "positions": get(_name(top["positions"], "weight")) if cfg.rope is None else None,
         "final_norm": (get(_name(final, "weight")), get(_name(final, "bias")) if cfg.norm == "layer" else None),
         "lm_head": embed if cfg.tie_word_embeddings else get("lm_head.weight"),
+        "lm_head_bias": get("lm_head.bias") if cfg.lm_head_bias else None,
     }
