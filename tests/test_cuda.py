@@ -56,8 +56,11 @@ def test_a_cuda_kernel_is_chosen(record_property):
     name, _ = choose_prefill_attention(torch.device("cuda"), head_dim=128)
     record_property("kernel", name)
     assert name != "sdpa"
-    # heads wider than FlashAttention's go to SDPA
+    # heads wider than FlashAttention's go to SDPA, and capped scores (Gemma 2) to the flash-attn
+    # package's kernel or SDPA's twin, never PyTorch's bundled kernel, which has no cap
     assert choose_prefill_attention(torch.device("cuda"), head_dim=576)[0] == "sdpa"
+    assert choose_prefill_attention(torch.device("cuda"), head_dim=128, softcap=True)[0] in ("flash-attn varlen",
+                                                                                              "sdpa")
     print(f"\nprefill attention on torch {torch.__version__}: {name}")
 
 
