@@ -81,6 +81,20 @@ def test_varlen_prefill_matches_sdpa_on_a_packed_batch(attn, h, kvh, d, past, wi
 
 
 @needs_cuda
+@pytest.mark.skipif(_flash_attn_prefill() is None, reason="flash-attn varlen is not importable")
+@pytest.mark.parametrize("past, window", [(None, 0), (PAST, 100)], ids=["causal", "cached-prefix-window"])
+def test_flash_attn_caps_scores_as_the_sdpa_twin_does(past, window, record_property):
+    """Gemma 2's capped scores (c * tanh(s / c), here c = 5, low enough to bite) in the flash-attn
+    package's kernel against the CPU twin's whole scores, computed in fp32."""
+    q, k, v, pk = packed(8, 2, 128, past)
+    scale = 128**-0.5
+    got = _flash_attn_prefill()(q, k, v, pk, scale, window, 5.0)
+    want = sdpa_prefill(q.float(), k.float(), v.float(), pk, scale, window, 5.0)
+    record_property("max_abs_diff", (got.float() - want).abs().max().item())
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+@needs_cuda
 @pytest.mark.parametrize("h, kvh", [(16, 1), (8, 2)])
 def test_torchs_flash_op_takes_fewer_kv_heads_as_they_are(h, kvh, record_property):
     # What 2.11's path relies on: the op that varlen_attn wraps, given fewer K/V heads than query
