@@ -80,8 +80,8 @@ def test_varlen_prefill_matches_sdpa_on_a_packed_batch(attn, h, kvh, d, past, wi
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 
-@needs_cuda
 @pytest.mark.skipif(_flash_attn_prefill() is None, reason="flash-attn varlen is not importable")
+@needs_cuda  # nearest the function, so its reason is the one reported without CUDA (the device pass expects it)
 @pytest.mark.parametrize("past, window", [(None, 0), (PAST, 100)], ids=["causal", "cached-prefix-window"])
 def test_flash_attn_caps_scores_as_the_sdpa_twin_does(past, window, record_property):
     """Gemma 2's capped scores (c * tanh(s / c), here c = 5, low enough to bite) in the flash-attn
