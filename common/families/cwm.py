@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..model_config import ModelConfig, eos_ids
-from .llama import LAYER, LAYER_ROLES, PREFIX, TOP, _field, llama_shaped
+from .llama import LAYER, LAYER_ROLES, PREFIX, TOP, _field, llama_shaped, windows_of
 
 __all__ = ["LAYER", "LAYER_ROLES", "PREFIX", "TOP", "config"]
 
@@ -20,12 +20,9 @@ EOS = [128001, 128008, 128009]
 
 
 def config(raw: dict) -> ModelConfig:
-    raw = {"head_dim": 128} | raw
-    if not (raw.get("rope_parameters") or raw.get("rope_scaling")):
-        raw = raw | {"rope_parameters": ROPE}
     layers, window = int(raw["num_hidden_layers"]), int(_field(raw, DEFAULTS, "sliding_window") or 0)
     types = raw.get("layer_types") or ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(layers)]
     cfg = llama_shaped(raw, DEFAULTS, MODEL_TYPE, qkv_bias=False, out_bias=False,
-                       mlp_bias=_field(raw, DEFAULTS, "mlp_bias"),
-                       windows=tuple(window if t == "sliding_attention" else 0 for t in types))
+                       mlp_bias=_field(raw, DEFAULTS, "mlp_bias"), windows=windows_of(types, window), head_dim=128,
+                       rope=ROPE)
     return cfg if raw.get("eos_token_id") is not None else replace(cfg, eos_token_ids=eos_ids(EOS))

@@ -11,7 +11,7 @@ import math
 from dataclasses import replace
 
 from ..model_config import ModelConfig, Rope
-from .llama import PREFIX, TOP, _field, llama_shaped
+from .llama import PREFIX, TOP, _field, llama_shaped, windows_of
 
 __all__ = ["PREFIX", "TOP", "config"]
 
@@ -47,7 +47,7 @@ def gemma2_shaped(raw: dict, defaults: dict, model_type: str, caps: dict[str, fl
     local = tuple(t == "sliding_attention" for t in types)
     bias = get("attention_bias")
     cfg = llama_shaped(raw, defaults, model_type, qkv_bias=bias, out_bias=bias, qk_norm=qk_norm,
-                       windows=tuple(window if sliding else 0 for sliding in local))
+                       windows=windows_of(types, window))
     capped = {name: float(raw.get(name, default) or 0.0) for name, default in caps.items()}
     return replace(cfg, embed_scale=math.sqrt(cfg.n_embd), norm_offset=1.0, sandwich_norms=True,
                    softmax_scale=float(get("query_pre_attn_scalar")) ** -0.5,

@@ -26,7 +26,6 @@ PARTIAL_ROTARY = 0.5  # transformers' default where a config names none
 
 
 def config(raw: dict, model_type: str = MODEL_TYPE, sandwich_norms: bool = True) -> ModelConfig:
-    raw = {"head_dim": 128} | raw  # transformers' default; a head_dim of null means hidden_size / heads
     cfg = llama_shaped(raw, DEFAULTS, model_type, qkv_bias=_field(raw, DEFAULTS, "attention_bias"), out_bias=False,
-                       partial_rotary=PARTIAL_ROTARY)
+                       partial_rotary=PARTIAL_ROTARY, head_dim=128)
     return replace(cfg, rope=replace(cfg.rope, interleaved=True), sandwich_norms=sandwich_norms)

@@ -15,7 +15,6 @@ DEFAULTS = {"vocab_size": 76800, "max_position_embeddings": 131072, "rms_norm_ep
 
 
 def config(raw: dict) -> ModelConfig:
-    raw = {"head_dim": 128} | raw  # a head_dim of null means hidden_size / heads
     bias = _field(raw, DEFAULTS, "attention_bias")
     return llama_shaped(raw, DEFAULTS, MODEL_TYPE, qkv_bias=bias, out_bias=bias,
-                        mlp_bias=_field(raw, DEFAULTS, "mlp_bias"))
+                        mlp_bias=_field(raw, DEFAULTS, "mlp_bias"), head_dim=128)

@@ -30,10 +30,18 @@ def config(raw: dict) -> ModelConfig:
 
 def llama_shaped(raw: dict, defaults: dict, model_type: str, *, qkv_bias: bool, out_bias: bool, mlp_bias: bool = False,
                  qk_norm: bool = False, windows: tuple[int, ...] | None = None, norm: str = "rms", mlp: str = "gated",
-                 eps_field: str = "rms_norm_eps", partial_rotary: float | None = None) -> ModelConfig:
+                 eps_field: str = "rms_norm_eps", partial_rotary: float | None = None, head_dim: int | None = None,
+                 rope: dict | None = None) -> ModelConfig:
     """The config of a Llama-shaped family; what differs between them comes as arguments.
     partial_rotary: the default share of each head that rotary embeddings turn, for a family whose
-    heads may turn in part (`partial_rotary_factor`); None where whole heads turn."""
+    heads may turn in part (`partial_rotary_factor`); None where whole heads turn.
+    head_dim: the head width of a config without the field (transformers' default for the family; a
+    `head_dim` written as null means hidden_size / heads). rope: the rotary parameters of a config
+    that names none."""
+    if head_dim is not None:
+        raw = {"head_dim": head_dim} | raw
+    if rope is not None and not (raw.get("rope_parameters") or raw.get("rope_scaling")):
+        raw = raw | {"rope_parameters": rope}
     get = lambda name: _field(raw, defaults, name)  # noqa: E731
     hidden, heads, layers = int(raw["hidden_size"]), int(raw["num_attention_heads"]), int(raw["num_hidden_layers"])
     head_dim = int(get("head_dim") or hidden // heads)
@@ -111,4 +119,9 @@ def sliding_windows(raw: dict, defaults: dict, layers: int) -> tuple[int, ...]:
     types = raw.get("layer_types") or [
         "sliding_attention" if window is not None and i >= int(_field(raw, defaults, "max_window_layers"))
         else "full_attention" for i in range(layers)]
-    return tuple(int(window or 0) if t == "sliding_attention" else 0 for t in types)
+    return windows_of(types, int(window or 0))
+
+
+def windows_of(types: list[str], window: int) -> tuple[int, ...]:
+    """Each layer's window from its `layer_types` entry: `window` for a sliding one, 0 (every key) else."""
+    return tuple(window if t == "sliding_attention" else 0 for t in types)

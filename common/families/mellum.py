@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..model_config import Experts, ModelConfig
-from .llama import LAYER, LAYER_ROLES, PREFIX, TOP, _field, llama_shaped, rope_of
+from .llama import LAYER, LAYER_ROLES, PREFIX, TOP, _field, llama_shaped, rope_of, windows_of
 from .qwen3_moe import EXPERTS
 
 __all__ = ["EXPERTS", "LAYER", "LAYER_ROLES", "PREFIX", "TOP", "config"]
@@ -27,12 +27,13 @@ ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 500000.0},
 def config(raw: dict) -> ModelConfig:
     get = lambda name: _field(raw, DEFAULTS, name)  # noqa: E731
     layers, window = int(raw["num_hidden_layers"]), int(get("sliding_window") or 0)
-    local = tuple(t == "sliding_attention" for t in raw.get("layer_types") or ["full_attention"] * layers)
+    types = raw.get("layer_types") or ["full_attention"] * layers
+    local = tuple(t == "sliding_attention" for t in types)
     ropes = raw.get("rope_parameters") or ROPE
     bias = get("attention_bias")
     cfg = llama_shaped(raw | {"rope_parameters": ropes["full_attention"], "rope_scaling": None}, DEFAULTS, MODEL_TYPE,
                        qkv_bias=bias, out_bias=bias, qk_norm=True,
-                       windows=tuple(window if sliding else 0 for sliding in local))
+                       windows=windows_of(types, window))
     if any(local):
         local_rope = rope_of({"rope_parameters": ropes["sliding_attention"]}, cfg.n_positions, cfg.head_dim)
         cfg = replace(cfg, local_rope=local_rope, local_layers=local)

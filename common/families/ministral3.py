@@ -19,9 +19,7 @@ ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_po
 
 
 def config(raw: dict) -> ModelConfig:
-    raw = {"head_dim": 128, "num_key_value_heads": 8} | raw  # a head_dim of null means hidden_size / heads
-    if not (raw.get("rope_parameters") or raw.get("rope_scaling")):
-        raw = raw | {"rope_parameters": ROPE}
+    raw = {"num_key_value_heads": 8} | raw  # transformers' default; a null means one per query head
     window = int(raw.get("sliding_window") or 0)
     return llama_shaped(raw, DEFAULTS, MODEL_TYPE, qkv_bias=False, out_bias=False,
-                        windows=(window,) * int(raw["num_hidden_layers"]))
+                        windows=(window,) * int(raw["num_hidden_layers"]), head_dim=128, rope=ROPE)

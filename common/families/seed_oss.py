@@ -15,7 +15,6 @@ DEFAULTS = {"vocab_size": 155136, "max_position_embeddings": 524288, "rms_norm_e
 
 
 def config(raw: dict) -> ModelConfig:
-    raw = {"head_dim": 128} | raw  # transformers' default; a head_dim of null means hidden_size / heads
     get = lambda name: _field(raw, DEFAULTS, name)  # noqa: E731
     return llama_shaped(raw, DEFAULTS, MODEL_TYPE, qkv_bias=get("attention_bias"), out_bias=get("attention_out_bias"),
-                        mlp_bias=get("mlp_bias"))
+                        mlp_bias=get("mlp_bias"), head_dim=128)
