@@ -119,6 +119,17 @@ SHAPES = {
         rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 32.0, "original_max_position_embeddings": 64,
                          "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                          "llama_4_scaling_beta": 0.1}, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    # llama-tiny's size as gpt-oss is laid out: attention sinks, a window on every other layer, 8
+    # experts with biases and the clamped SwiGLU, 2 per token, in every layer
+    "gpt-oss-tiny": dict(
+        model_type="gpt_oss", vocab_size=8192, max_position_embeddings=2048, hidden_size=256, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=32, intermediate_size=128, num_local_experts=8,
+        num_experts_per_tok=2, sliding_window=64, bos_token_id=0, eos_token_id=0, pad_token_id=0),
+    "gpt-oss-20b": dict(
+        model_type="gpt_oss", vocab_size=201088, max_position_embeddings=131072, hidden_size=2880, num_hidden_layers=24,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, intermediate_size=2880, num_local_experts=32,
+        num_experts_per_tok=4, sliding_window=128, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=199998,
+        eos_token_id=200002, pad_token_id=199999),
     "glm-4.7-flash": dict(
         model_type="glm4_moe_lite", vocab_size=154880, max_position_embeddings=202752, hidden_size=2048,
         num_hidden_layers=47, num_attention_heads=20, num_key_value_heads=20, kv_lora_rank=512, q_lora_rank=768,

@@ -8,7 +8,8 @@ each key/value head make one row block, so `q @ kᵀ` is one batched GEMM per la
 is read in place, without repeating K/V per query head.
 
 A sliding window of W keys (StarCoder2, Mistral, some Qwen layers) lets a token at position p
-attend keys p - W + 1 ... p; window 0 means every earlier key.
+attend keys p - W + 1 ... p; window 0 means every earlier key. Attention sinks (gpt-oss): each
+query head's softmax also counts a learned logit of its own that has no value.
 """
 
 from __future__ import annotations
@@ -46,12 +47,21 @@ def packing(seqlens: list[int], past: list[int] | None, device) -> Packed:
     return Packed(cu_q, cu_q if past is None else cumulative(lens_k), seqlens, lens_k, max(seqlens), max(lens_k))
 
 
-# (q [Tq, H, D], k [Tk, KVH, D], v [Tk, KVH, D], Packed, scale, window, softcap) -> [Tq, H, D]
-# softcap: scores s become softcap * tanh(s / softcap) before the mask (Gemma 2); 0: none
+# (q [Tq, H, D], k [Tk, KVH, D], v [Tk, KVH, D], Packed, scale, window, softcap=, sinks=) -> [Tq, H, D]
+# softcap: scores s become softcap * tanh(s / softcap) before the mask (Gemma 2); 0: none. sinks:
+# [H] fp32, each head's sink logit; None: none. Only kernels that take them are passed them.
 PrefillAttention = Callable[..., torch.Tensor]
 
 
-def sdpa_prefill(q, k, v, packed: Packed, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+def sink_softmax(scores: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """The softmax of scores [..., K] with one more logit per row, sinks [..., 1] (fp32), that has
+    no value: the keys' weights [..., K] in fp32, summing to less than 1. Overwrites fp32 scores."""
+    s = scores.float()
+    return s.sub_(torch.logaddexp(torch.logsumexp(s, -1, keepdim=True), sinks)).exp_()
+
+
+def sdpa_prefill(q, k, v, packed: Packed, scale: float, window: int = 0, softcap: float = 0.0,
+                 sinks: torch.Tensor | None = None) -> torch.Tensor:
     """One causal SDPA call per prompt: the CPU twin of the varlen kernels."""
     out = torch.empty_like(q)  # [Tq, H, D]
     heads = q.shape[1]
@@ -62,9 +72,10 @@ def sdpa_prefill(q, k, v, packed: Packed, scale: float, window: int = 0, softcap
         # CPU this takes SDPA's fused kernel, several times faster than its enable_gqa path.
         qh = q[q_start : q_start + n].transpose(0, 1)[None]  # [1, H, n, D]
         kh, vh = _per_query_head(k[k_start : k_start + m], heads), _per_query_head(v[k_start : k_start + m], heads)
-        mask = None if plain and not softcap else causal_mask(n, m, window, q.device)
-        if softcap:
-            o = _softcapped(qh, kh, vh, mask, scale, softcap)
+        eager = bool(softcap) or sinks is not None
+        mask = None if plain and not eager else causal_mask(n, m, window, q.device)
+        if eager:
+            o = _eager(qh, kh, vh, mask, scale, softcap, sinks)
         else:
             o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=plain, scale=scale)  # [1, H, n, D]
         out[q_start : q_start + n] = o[0].transpose(0, 1)
@@ -72,12 +83,23 @@ def sdpa_prefill(q, k, v, packed: Packed, scale: float, window: int = 0, softcap
     return out
 
 
-def _softcapped(q, k, v, allowed: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
-    """Attention with capped scores, which SDPA has no form of: q [1, H, n, D], k and v [1, H, m, D],
-    allowed [n, m] -> [1, H, n, D]. The scores are made whole, as transformers' eager kernel does."""
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale / softcap).tanh_().mul_(softcap)  # [1, H, n, m]
+def _eager(q, k, v, allowed: torch.Tensor, scale: float, softcap: float, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Attention with capped scores or sinks, which SDPA has no form of: q [1, H, n, D], k and v
+    [1, H, m, D], allowed [n, m] -> [1, H, n, D]. The scores are made whole, as transformers' eager
+    kernel does."""
+    scores = torch.matmul(q, k.transpose(-1, -2))  # [1, H, n, m]
+    scores = capped(scores.mul_(scale), softcap)
     scores.masked_fill_(~allowed, float("-inf"))
-    return torch.matmul(torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype), v)
+    if sinks is None:
+        probs = torch.softmax(scores, -1, dtype=torch.float32)
+    else:
+        probs = sink_softmax(scores, sinks.view(1, -1, 1, 1))
+    return torch.matmul(probs.to(q.dtype), v)
+
+
+def capped(x: torch.Tensor, softcap: float) -> torch.Tensor:
+    """x as softcap * tanh(x / softcap), in place (Gemma 2's scores and logits); as it is for 0."""
+    return x.div_(softcap).tanh_().mul_(softcap) if softcap else x
 
 
 def _per_query_head(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -101,13 +123,19 @@ def _flash_attn_prefill() -> PrefillAttention | None:
     except ImportError:
         return None
 
-    def prefill(q, k, v, packed: Packed, scale, window=0, softcap=0.0):
+    def prefill(q, k, v, packed: Packed, scale, window=0, softcap=0.0, sinks=None):
         # flash-attn takes fewer K/V heads than query heads natively (MQA/GQA), and aligns causal
         # attention to the bottom right when a prompt has more keys than queries (a cached prefix).
-        return flash_attn_varlen_func(
+        out = flash_attn_varlen_func(
             q, k, v, packed.cu_q, packed.cu_k, packed.max_q, packed.max_k, softmax_scale=scale, causal=True,
-            window_size=(window - 1 if window else -1, 0), softcap=softcap,
+            window_size=(window - 1 if window else -1, 0), softcap=softcap, return_attn_probs=sinks is not None,
         )
+        if sinks is None:
+            return out
+        # the kernel's softmax without the sink, whose share of each row's weight is then taken off:
+        # sum_j e^(s_j) / (sum_j e^(s_j) + e^sink) = sigmoid(lse - sink)
+        out, lse = out[0], out[1]  # [Tq, H, D], [H, Tq] fp32
+        return out * torch.sigmoid(lse - sinks[:, None]).t()[:, :, None].to(out.dtype)
 
     return prefill
 
@@ -146,13 +174,14 @@ def _torch_varlen_prefill() -> PrefillAttention | None:
 FLASH_MAX_HEAD_DIM = 256
 
 
-def choose_prefill_attention(device: torch.device, head_dim: int,
-                             softcap: bool = False) -> tuple[str, PrefillAttention]:
-    """softcap: the model caps its attention scores, which PyTorch's bundled kernel cannot (the
-    flash-attn package can; without it, SDPA's twin computes the scores whole)."""
+def choose_prefill_attention(device: torch.device, head_dim: int, softcap: bool = False,
+                             sinks: bool = False) -> tuple[str, PrefillAttention]:
+    """softcap, sinks: the model caps its attention scores or has attention sinks, which PyTorch's
+    bundled kernel cannot take (the flash-attn package can; without it, SDPA's twin computes the
+    scores whole)."""
     if device.type == "cuda" and head_dim <= FLASH_MAX_HEAD_DIM:
         kernels = (("flash-attn varlen", _flash_attn_prefill), ("torch varlen", _torch_varlen_prefill))
-        for name, make in kernels[:1] if softcap else kernels:
+        for name, make in kernels[:1] if softcap or sinks else kernels:
             fn = make()
             if fn is not None:
                 log.info("prefill attention: %s", name)

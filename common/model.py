@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .attention import PrefillAttention, packing
+from .attention import PrefillAttention, capped, packing, sink_softmax
 from .blocks import ACTIVATION_FNS, halves, norm, query_scales, rope_tables, rotate, rotate_halves
 from .families import layer_tensors, top_tensors
 from .model_config import ModelConfig
@@ -52,6 +52,11 @@ class Layer(NamedTuple):
     router_bias: torch.Tensor | None = None  # [X], added to the scores for the choice (cfg.experts.router_bias)
     experts_up: torch.Tensor | None = None  # [X, E, 2*I], each expert's columns gate | up
     experts_down: torch.Tensor | None = None  # [X, I, E]
+    # the router's and the experts' biases where cfg.experts.biased: [X], [X, 2*I], [X, E]
+    router_b: torch.Tensor | None = None
+    experts_up_b: torch.Tensor | None = None
+    experts_down_b: torch.Tensor | None = None
+    sinks: torch.Tensor | None = None  # [KVH, G, 1] fp32: each query head's sink logit (cfg.attn_sinks)
     # latent attention (cfg.latent), else None; qkv_wt is then [E, Qin + R + P], columns the queries'
     # projection [H*(Dn+P)] (or their compression [q_rank]) | the compressed K/V | the rotary key
     q_up_wt: torch.Tensor | None = None  # [q_rank, H*(Dn+P)]: the queries from their compression
@@ -113,6 +118,8 @@ def prepare_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> Model
             router_wt=_t(t.get("router")), router_bias=_float(t.get("router_bias")),
             experts_up=t["experts_up"].transpose(1, 2) if "experts_up" in t else None,
             experts_down=t["experts_down"].transpose(1, 2) if "experts_down" in t else None,
+            router_b=t.get("router_b"), experts_up_b=t.get("experts_up_b"), experts_down_b=t.get("experts_down_b"),
+            sinks=None if t["sinks"] is None else t["sinks"].float().view(cfg.kv_heads, -1, 1),
             attn_out_norm_w=_offset(attn_out_norm[0], cfg), attn_out_norm_b=attn_out_norm[1],
             mlp_out_norm_w=_offset(mlp_out_norm[0], cfg), mlp_out_norm_b=mlp_out_norm[1],
             **_latent_weights(t, cfg),
@@ -229,7 +236,7 @@ def experts(w: ModelWeights, layer: Layer, x: torch.Tensor, out: torch.Tensor | 
     weights are read for rows that did not choose it."""
     moe = w.cfg.experts
     n, k, inner = x.shape[0], moe.per_token, moe.inner
-    logits = torch.mm(x, layer.router_wt)  # [N, X]
+    logits = linear(x, layer.router_wt, layer.router_b)  # [N, X]
     probs = torch.sigmoid(logits.float()) if moe.sigmoid else torch.softmax(logits, -1, dtype=torch.float32)
     if moe.groups is None and layer.router_bias is None:
         weights, chosen = torch.topk(probs, k)  # [N, k]
@@ -253,8 +260,16 @@ def experts(w: ModelWeights, layer: Layer, x: torch.Tensor, out: torch.Tensor | 
     ends = torch.searchsorted(by_expert, torch.arange(moe.count, device=x.device), right=True).to(torch.int32)
     rows = torch.index_select(x, 0, order // k)  # [N*k, E]
     gate_up = torch._grouped_mm(rows, layer.experts_up, offs=ends)  # [N*k, 2*I]
-    hidden = w.act(gate_up[:, :inner]) * gate_up[:, inner:]  # [N*k, I]
+    if layer.experts_up_b is not None:  # each pair's expert's bias
+        gate_up += torch.index_select(layer.experts_up_b, 0, by_expert)
+    if moe.clamp:  # gpt-oss's clamped SwiGLU
+        gate, up = gate_up[:, :inner].clamp(max=moe.clamp), gate_up[:, inner:].clamp(-moe.clamp, moe.clamp)
+        hidden = gate * torch.sigmoid(gate * moe.alpha) * (up + 1)
+    else:
+        hidden = w.act(gate_up[:, :inner]) * gate_up[:, inner:]  # [N*k, I]
     by_pair = torch._grouped_mm(hidden, layer.experts_down, offs=ends)  # [N*k, E]
+    if layer.experts_down_b is not None:
+        by_pair += torch.index_select(layer.experts_down_b, 0, by_expert)
     # back to (row, choice) order, then each row's k outputs weighted and summed
     by_row = torch.empty_like(by_pair).index_copy_(0, order, by_pair).view(n, k, -1)  # [N, k, E]
     summed = None if out is None else out.view(n, 1, -1)
@@ -355,7 +370,7 @@ def prefill(
     if rope:
         cos, sin = _at(w.rope_cos, w.rope_sin, positions)  # [T, 1, P/2]
         ropes = ((cos, sin), _at(w.local_cos, w.local_sin, positions) if w.local_cos is not None else (cos, sin))
-    softcap = (cfg.attn_softcap,) if cfg.attn_softcap else ()  # the kernels that cannot cap take none
+    softcap = {"softcap": cfg.attn_softcap} if cfg.attn_softcap else {}  # the kernels that cannot cap take none
     for i, layer in enumerate(w.layers):
         x = norm(h, layer.norm1_w, layer.norm1_b, eps)
         if layer.k_up is not None:  # latent attention: the cache's planes hold the vector's halves
@@ -382,7 +397,8 @@ def prefill(
             kv_out[i, 1, :t] = v
         if layer.k_up is not None:  # every key's vector, expanded into heads
             k, v = latent_expand(w, layer, vectors if packed.cu_k is packed.cu_q else torch.cat((k, v), -1))
-        a = attn(q, k, v, packed, cfg.attn_scale, layer.window, *softcap)  # [T, H, D] (latent: [T, H, Dn + P])
+        sinks = {} if layer.sinks is None else {"sinks": layer.sinks.view(-1)}
+        a = attn(q, k, v, packed, cfg.attn_scale, layer.window, **softcap, **sinks)  # [T, H, D] (latent: Dn + P)
         if layer.k_up is not None:
             v_dim = cfg.latent.v_dim
             o = linear(a[:, :, :v_dim].reshape(t, cfg.n_head * v_dim), layer.out_wt, layer.out_b)
@@ -394,11 +410,6 @@ def prefill(
     # Gather before the final norm and the LM head, so unwanted positions cost nothing there.
     h = h[packed.cu_q[1:].long() - 1 if logit_index is None else logit_index]  # [B or R, E]
     return capped(linear(norm(h, w.normf_w, w.normf_b, eps), w.lm_head_t, w.lm_head_b), cfg.logits_softcap)
-
-
-def capped(x: torch.Tensor, softcap: float) -> torch.Tensor:
-    """x as softcap * tanh(x / softcap), in place (Gemma 2's scores and logits); as it is for 0."""
-    return x.div_(softcap).tanh_().mul_(softcap) if softcap else x
 
 
 # Decode attention over fewer scores than this runs on one CPU thread: MKL's batched GEMM and the
@@ -589,7 +600,10 @@ def decode_step(
                 capped(torch.bmm(q, keys_t, out=scores).mul_(scale), softcap).add_(mask)
             else:
                 torch.baddbmm(mask, q, keys_t, alpha=scale, out=scores)  # [B*KVH, G, key_len]
-            if upcast:
+            if layer.sinks is not None:  # [B, KVH, G, key_len] against each head's sink
+                probs = sink_softmax(scores.view(b, *layer.sinks.shape[:2], -1), layer.sinks)
+                probs = probs.view(scores.shape).to(scores.dtype)
+            elif upcast:
                 probs = torch.softmax(scores, -1, dtype=torch.float32).to(scores.dtype)
             else:
                 probs = torch.softmax(scores, -1)

@@ -78,6 +78,12 @@ class Experts:
     sigmoid: bool = False
     # a per-expert bias (the router's e_score_correction_bias) added to the scores for the choice only
     router_bias: bool = False
+    # biases on the router's logits and on every expert's projections (gpt-oss)
+    biased: bool = False
+    # gpt-oss's clamped SwiGLU: gate capped at `clamp` and up clamped to +-clamp, then
+    # gate * sigmoid(alpha * gate) * (up + 1); 0: the model's activation of gate times up
+    clamp: float = 0.0
+    alpha: float = 1.0
 
     def check(self, n_embd: int) -> Experts:
         """Itself, if the forward can run it with a hidden width of n_embd; else a clear error."""
@@ -158,6 +164,9 @@ class ModelConfig:
     # sliding-window layers turn at their own base frequency); None: every layer's are `rope`
     local_rope: Rope | None = None
     local_layers: tuple[bool, ...] = ()
+    # each query head has a learned logit of its own in every softmax, a key with no value (gpt-oss's
+    # attention sinks): the weights of the real keys sum to less than 1
+    attn_sinks: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()  # any of them ends a sequence
 

@@ -47,7 +47,7 @@ class PrefillEngine:
         self.token_budget = token_budget
         if attn is None:
             self.attn_name, self.attn = choose_prefill_attention(model.device, cfg.prefill_width,
-                                                                 softcap=bool(cfg.attn_softcap))
+                                                                 softcap=bool(cfg.attn_softcap), sinks=cfg.attn_sinks)
         else:
             self.attn_name, self.attn = "custom", attn
         # [n_layer, 2, >= budget, KVH, D]: prompts' KV packed back to back. A worker passes one

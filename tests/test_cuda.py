@@ -57,10 +57,11 @@ def test_a_cuda_kernel_is_chosen(record_property):
     record_property("kernel", name)
     assert name != "sdpa"
     # heads wider than FlashAttention's go to SDPA, and capped scores (Gemma 2) to the flash-attn
-    # package's kernel or SDPA's twin, never PyTorch's bundled kernel, which has no cap
+    # package's kernel or SDPA's twin, never PyTorch's bundled kernel, which has no cap (nor sinks: gpt-oss)
     assert choose_prefill_attention(torch.device("cuda"), head_dim=576)[0] == "sdpa"
     assert choose_prefill_attention(torch.device("cuda"), head_dim=128, softcap=True)[0] in ("flash-attn varlen",
                                                                                               "sdpa")
+    assert choose_prefill_attention(torch.device("cuda"), head_dim=64, sinks=True)[0] in ("flash-attn varlen", "sdpa")
     print(f"\nprefill attention on torch {torch.__version__}: {name}")
 
 
@@ -90,6 +91,21 @@ def test_flash_attn_caps_scores_as_the_sdpa_twin_does(past, window, record_prope
     scale = 128**-0.5
     got = _flash_attn_prefill()(q, k, v, pk, scale, window, 5.0)
     want = sdpa_prefill(q.float(), k.float(), v.float(), pk, scale, window, 5.0)
+    record_property("max_abs_diff", (got.float() - want).abs().max().item())
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(_flash_attn_prefill() is None, reason="flash-attn varlen is not importable")
+@needs_cuda  # nearest the function, as above
+@pytest.mark.parametrize("past, window", [(None, 0), (PAST, 100)], ids=["causal", "cached-prefix-window"])
+def test_flash_attn_with_sinks_equals_the_sdpa_twin(past, window, record_property):
+    """gpt-oss's attention sinks: the flash-attn package's output scaled by each row's share without
+    the sink (from the kernel's log-sum-exp) against the CPU twin's whole scores with the sink
+    logit, computed in fp32; sinks from -2 to 4, some outweighing the keys."""
+    q, k, v, pk = packed(8, 2, 64, past)
+    scale, sinks = 64**-0.5, torch.linspace(-2.0, 4.0, 8, device="cuda")
+    got = _flash_attn_prefill()(q, k, v, pk, scale, window, sinks=sinks)
+    want = sdpa_prefill(q.float(), k.float(), v.float(), pk, scale, window, sinks=sinks)
     record_property("max_abs_diff", (got.float() - want).abs().max().item())
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 

@@ -38,7 +38,8 @@ def shaped_model(device: str, dtype: torch.dtype, shape: str = "llama-tiny") -> 
     for rotary embeddings that turn part of each head (and LongRoPE), glm4-tiny for sandwich norms,
     gemma2-tiny for capped attention scores and logits (and windows on every other layer), gemma3-tiny
     for windowed layers with rotary embeddings of their own, ministral3-tiny for queries scaled by
-    position (Llama 4's attention temperature)."""
+    position (Llama 4's attention temperature), gpt-oss-tiny for attention sinks (and experts with
+    biases and a clamped SwiGLU)."""
     from splitserve.bench.engine_bench import SHAPES
     from splitserve.common.families import checkpoint_shapes
     from splitserve.common.model import prepare_weights
@@ -47,7 +48,7 @@ def shaped_model(device: str, dtype: torch.dtype, shape: str = "llama-tiny") -> 
 
     cfg = model_config_from_dict(SHAPES[shape])
     gen = torch.Generator().manual_seed(7)
-    weights = {name: (0.08 * torch.randn(dims, generator=gen) if len(dims) == 2  # norms near 1
+    weights = {name: (0.08 * torch.randn(dims, generator=gen) if len(dims) >= 2  # norms near 1 (and 1-D biases)
                       else 1 + 0.1 * torch.randn(dims, generator=gen)).to(device, dtype)
                for name, dims in checkpoint_shapes(cfg).items()}
     with torch.inference_mode():
@@ -57,15 +58,15 @@ def shaped_model(device: str, dtype: torch.dtype, shape: str = "llama-tiny") -> 
 
 
 MOE, LATENT, PARTIAL, SANDWICH, CAPPED = "qwen3-moe-tiny", "deepseek-v2-tiny", "phi3-tiny", "glm4-tiny", "gemma2-tiny"
-LOCAL_ROPE, TEMPERATURE = "gemma3-tiny", "ministral3-tiny"
-FAMILIES = ["llama-gqa", MOE, LATENT, PARTIAL, SANDWICH, CAPPED, LOCAL_ROPE, TEMPERATURE]
+LOCAL_ROPE, TEMPERATURE, SINKS = "gemma3-tiny", "ministral3-tiny", "gpt-oss-tiny"
+FAMILIES = ["llama-gqa", MOE, LATENT, PARTIAL, SANDWICH, CAPPED, LOCAL_ROPE, TEMPERATURE, SINKS]
 
 
 @pytest.fixture(scope="module", params=["gpt_bigcode", *FAMILIES])
 def lm_family(request, tiny_dir):
     """fp32 on the CPU: the tiny multi-query model, the grouped-query rotary one, and one each with
     experts, latent attention, partial rotary embeddings, sandwich norms, capped scores, two rotary
-    embeddings, scaled queries."""
+    embeddings, scaled queries, attention sinks."""
     if request.param == "gpt_bigcode":
         return load_cpu(tiny_dir)
     return shaped_model("cpu", torch.float32, "llama-tiny" if request.param == "llama-gqa" else request.param)

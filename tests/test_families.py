@@ -128,6 +128,13 @@ VARIANTS = {
                                                                                 "rope_theta": 5e5},
                                                              "sliding_attention": {"rope_type": "default",
                                                                                    "rope_theta": 1e4}})),
+    # gpt-oss: attention sinks, windows on every other layer, biased experts with a clamp low enough to
+    # bite, YaRN reached by the long prompts
+    "gptoss-sinks-clamp": ("gpt_oss", dict(head_dim=16, num_local_experts=8, num_experts_per_tok=2,
+                                           sliding_window=WINDOW, swiglu_limit=1.5, rope_parameters={
+                                               "rope_type": "yarn", "factor": 8.0, "rope_theta": 1e4,
+                                               "original_max_position_embeddings": 32, "beta_fast": 32.0,
+                                               "beta_slow": 1.0, "truncate": False})),
     # latent attention as DeepSeek-Coder-V2-Lite has it: queries uncompressed, YaRN with mscale on
     # the softmax too, a dense first layer, shared experts
     "deepseekv2-lite-yarn": ("deepseek_v2", dict(**LATENT, q_lora_rank=None, first_k_dense_replace=1, rope_parameters={
@@ -159,9 +166,9 @@ def make_checkpoint(path: Path, model_type: str, fields: dict) -> Path:
     model = auto_model(model_type).from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() >= 2:
+            if p.dim() >= 2 and not name.endswith("_bias"):
                 p.mul_(4)
-            else:  # norms and biases off their initial values, so that each one matters
+            else:  # norms and biases (gpt-oss's experts' are 2-D) off their initial values, so that each one matters
                 p.add_(0.1 * torch.randn_like(p))
         for name, b in model.named_buffers():  # DeepSeek-V3's routing bias starts at zero
             if name.endswith("e_score_correction_bias"):

@@ -13,14 +13,14 @@ from typing import Callable
 
 from ..model_config import ModelConfig, ModelConfigError
 from . import (cwm, deepseek_v2, deepseek_v3, gemma, gemma2, gemma3, gemma3_text, glm, glm4, glm4_moe_lite,
-               gpt_bigcode, granite, iquestcoder, llama, mellum, ministral3, mistral, mistral3, mixtral, phi, phi3,
-               qwen2, qwen3, qwen3_moe, seed_oss, stablelm, starcoder2)
+               gpt_bigcode, gpt_oss, granite, iquestcoder, llama, mellum, ministral3, mistral, mistral3, mixtral, phi,
+               phi3, qwen2, qwen3, qwen3_moe, seed_oss, stablelm, starcoder2)
 
 FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (cwm, deepseek_v2, deepseek_v3, gemma, gemma2, gemma3,
                                                              gemma3_text, glm, glm4, glm4_moe_lite, gpt_bigcode,
-                                                             granite, iquestcoder, llama, mellum, ministral3, mistral,
-                                                             mistral3, mixtral, phi, phi3, qwen2, qwen3, qwen3_moe,
-                                                             seed_oss, stablelm, starcoder2)}
+                                                             gpt_oss, granite, iquestcoder, llama, mellum, ministral3,
+                                                             mistral, mistral3, mixtral, phi, phi3, qwen2, qwen3,
+                                                             qwen3_moe, seed_oss, stablelm, starcoder2)}
 # Each family module has:
 #   MODEL_TYPE, config(raw: dict) -> ModelConfig
 #   PREFIX: what the base model's tensor names begin with in a checkpoint ("model.", "transformer."),
@@ -30,11 +30,13 @@ FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (cwm, deepseek_v2, d
 #   among norm1, qkv (fused) or q/k/v, q_norm, k_norm, out, norm2, up (the plain MLP's first
 #   projection) or gate/up or gate_up (fused, rows gate | up), down, and attn_out_norm and
 #   mlp_out_norm where cfg.sandwich_norms; with latent attention (cfg.latent) q or q_a/q_a_norm/q_b,
-#   and kv_a, kv_a_norm, kv_b in place of q/k/v
+#   and kv_a, kv_a_norm, kv_b in place of q/k/v; sinks (a tensor's whole name) where cfg.attn_sinks
 # and may have regroup_qkv(weight_or_bias, cfg) for a fused qkv whose rows are not q | k | v, and
 # EXPERTS: a mixture-of-experts layer's tensor names after LAYER, the router's ("router"), expert
-# j's ("gate", "up", "down" with {j}) and the shared experts' ("shared_gate", "shared_up",
-# "shared_down") where cfg.experts.shared, used in place of the MLP roles where cfg.experts says.
+# j's ("gate", "up", "down" with {j}) or every expert's stacked ("stacked_gate_up" [X, E, 2*I] with
+# gate and up columns interleaved, "stacked_down" [X, I, E]: whole names, as gpt-oss stores them)
+# and the shared experts' ("shared_gate", "shared_up", "shared_down") where cfg.experts.shared, used
+# in place of the MLP roles where cfg.experts says.
 
 MLP_ROLES = ("up", "gate", "gate_up", "down")
 # the router's per-expert bias for the choice (cfg.experts.router_bias), beside its weight
@@ -68,6 +70,8 @@ def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[_name(name, "weight")] = (out_dim, in_dim) if in_dim else (out_dim,)
             if bias:
                 shapes[_name(name, "bias")] = (out_dim,)
+        if cfg.attn_sinks:
+            shapes[prefix + family.LAYER_ROLES["sinks"]] = (cfg.n_head,)
     shapes |= _norm_shapes(cfg, family.TOP["final_norm"])
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (v, e)
@@ -119,6 +123,14 @@ def _expert_shapes(cfg: ModelConfig, prefix: str, names: dict[str, str]) -> dict
     shapes = {_name(prefix + names["router"], "weight"): (x, e)}
     if cfg.experts.router_bias:
         shapes[_name(prefix + names["router"], ROUTER_BIAS)] = (x,)
+    if cfg.experts.biased:
+        shapes[_name(prefix + names["router"], "bias")] = (x,)
+    if "stacked_gate_up" in names:
+        up, down = prefix + names["stacked_gate_up"], prefix + names["stacked_down"]
+        shapes |= {up: (x, e, 2 * i), down: (x, i, e)}
+        if cfg.experts.biased:
+            shapes |= {f"{up}_bias": (x, 2 * i), f"{down}_bias": (x, e)}
+        return shapes
     for j in range(x):
         for role, shape in (("gate", (i, e)), ("up", (i, e)), ("down", (e, i))):
             shapes[_name(prefix + names[role].format(j=j), "weight")] = shape
@@ -146,7 +158,9 @@ def layer_tensors(get: Get, cfg: ModelConfig, i: int) -> dict:
     """Layer i's tensors by role, as the checkpoint stores them ([out, in]); q/k/v fused into qkv
     (rows q | k | v) and gate/up into up (rows gate | up). Missing biases are None. A mixture of
     experts has a router [X, E] and its experts stacked: experts_up [X, 2*I, E] (rows gate | up)
-    and experts_down [X, E, I]; up and down only for shared experts. Latent attention: see _latent."""
+    and experts_down [X, E, I], with router_b [X], experts_up_b [X, 2*I] and experts_down_b [X, E]
+    where cfg.experts.biased; up and down only for shared experts. Latent attention: see _latent.
+    sinks [H] where cfg.attn_sinks."""
     import torch  # the gateway reads configs through this package, without torch
 
     family = family_of(cfg.model_type)
@@ -181,6 +195,7 @@ def layer_tensors(get: Get, cfg: ModelConfig, i: int) -> dict:
         attention |= {role: (tensor(role), tensor(role, "bias")) for role in ("attn_out_norm", "mlp_out_norm")}
     return mlp | attention | {
         "norm1": (tensor("norm1"), tensor("norm1", "bias")),
+        "sinks": get(prefix + roles["sinks"]) if cfg.attn_sinks else None,
         "q_norm": tensor("q_norm") if cfg.qk_norm else None,
         "k_norm": tensor("k_norm") if cfg.qk_norm else None,
         "out": (tensor("out"), tensor("out", "bias")),
@@ -228,12 +243,18 @@ def _experts(get: Get, cfg: ModelConfig, prefix: str, names: dict[str, str]) -> 
 
     x, i = cfg.experts.count, cfg.experts.inner
     router = get(_name(prefix + names["router"], "weight"))
-    up = router.new_empty(x, 2 * i, cfg.n_embd)
-    down = router.new_empty(x, cfg.n_embd, i)
-    for j in range(x):
-        name = lambda role: _name(prefix + names[role].format(j=j), "weight")  # noqa: E731
-        up[j, :i], up[j, i:], down[j] = get(name("gate")), get(name("up")), get(name("down"))
-    stacked = {"router": router, "experts_up": up, "experts_down": down}
+    if "stacked_gate_up" in names:
+        stacked = _stacked_experts(get, cfg, prefix + names["stacked_gate_up"], prefix + names["stacked_down"])
+    else:
+        up = router.new_empty(x, 2 * i, cfg.n_embd)
+        down = router.new_empty(x, cfg.n_embd, i)
+        for j in range(x):
+            name = lambda role: _name(prefix + names[role].format(j=j), "weight")  # noqa: E731
+            up[j, :i], up[j, i:], down[j] = get(name("gate")), get(name("up")), get(name("down"))
+        stacked = {"experts_up": up, "experts_down": down}
+    stacked["router"] = router
+    if cfg.experts.biased:
+        stacked["router_b"] = get(_name(prefix + names["router"], "bias"))
     if cfg.experts.router_bias:
         stacked["router_bias"] = get(_name(prefix + names["router"], ROUTER_BIAS))
     if not cfg.experts.shared:
@@ -241,6 +262,20 @@ def _experts(get: Get, cfg: ModelConfig, prefix: str, names: dict[str, str]) -> 
     shared = lambda role: get(_name(prefix + names[role], "weight"))  # noqa: E731
     return stacked | {"up": (torch.cat([shared("shared_gate"), shared("shared_up")]), None),
                       "down": (shared("shared_down"), None)}
+
+
+def _stacked_experts(get: Get, cfg: ModelConfig, up_name: str, down_name: str) -> dict:
+    """Experts stored stacked, [X, in, out], gate and up columns interleaved (gpt-oss), as every
+    family's stacks are laid out: [X, out, in] contiguous, rows gate | up."""
+    import torch
+
+    i = cfg.experts.inner
+    halves = torch.cat([torch.arange(0, 2 * i, 2), torch.arange(1, 2 * i, 2)])  # gate columns, then up
+    stacked = {"experts_up": get(up_name).transpose(1, 2)[:, halves].contiguous(),
+               "experts_down": get(down_name).transpose(1, 2).contiguous()}
+    if cfg.experts.biased:
+        stacked |= {"experts_up_b": get(f"{up_name}_bias")[:, halves], "experts_down_b": get(f"{down_name}_bias")}
+    return stacked
 
 
 def _has_bias(cfg: ModelConfig, role: str) -> bool:
