@@ -39,6 +39,8 @@ AUTO_PROGRESS_BYTES = 256 * 2**20
 _BUFFER = re.compile(r"h\.\d+\.attn\.(masked_)?bias|layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# MXFP4's packed values and scales (gpt-oss's experts): read as stored, uint8, for the family to dequantize
+PACKED = ("_blocks", "_scales")
 
 
 class CheckpointError(ValueError):
@@ -80,7 +82,8 @@ def load_weights(
                 continue
             with _open(path) as f:
                 for name in names:
-                    weights[name] = f.get_tensor(sources[name].key).to(device=device, dtype=dtype)
+                    t = f.get_tensor(sources[name].key)
+                    weights[name] = t.to(device=device, dtype=None if name.endswith(PACKED) else dtype)
                     bar.update()
     return {name: weights[name] for name in shapes}
 
@@ -175,7 +178,7 @@ def _plan(files: list[Path], shapes: dict[str, tuple[int, ...]],
                     continue
                 if name in sources:
                     raise CheckpointError(f"tensor {name} is stored twice: as {sources[name].key} and {key} in {path}")
-                _check_tensor(f.get_slice(key), key, path, shapes[name])
+                _check_tensor(f.get_slice(key), key, path, shapes[name], packed=name.endswith(PACKED))
                 sources[name] = _Source(path, key)
     return sources
 
@@ -186,12 +189,15 @@ def _note_ignored(name: str, key: str, path: Path) -> None:
         log.debug("ignoring unexpected tensor %s in %s", key, path)
 
 
-def _check_tensor(tensor_slice, key: str, path: Path, expected: tuple[int, ...]) -> None:
+def _check_tensor(tensor_slice, key: str, path: Path, expected: tuple[int, ...], packed: bool) -> None:
     shape = tuple(tensor_slice.get_shape())
     if shape != expected:
         raise CheckpointError(f"tensor {key} in {path} has shape {shape}, expected {expected} from config.json")
     stored = tensor_slice.get_dtype()  # safetensors names: F32, F16, BF16, F8_E4M3, ..., I64, BOOL
-    if not (stored.startswith("F") or stored == "BF16"):
+    if packed:
+        if stored != "U8":
+            raise CheckpointError(f"tensor {key} in {path} has dtype {stored}; MXFP4 blocks and scales are U8")
+    elif not (stored.startswith("F") or stored == "BF16"):
         raise CheckpointError(f"tensor {key} in {path} has dtype {stored}; weights must be floating point")
 
 

@@ -84,6 +84,8 @@ class Experts:
     # gate * sigmoid(alpha * gate) * (up + 1); 0: the model's activation of gate times up
     clamp: float = 0.0
     alpha: float = 1.0
+    # the stacked experts' weights stored in MXFP4 (common/mxfp4.py; gpt-oss's released checkpoints)
+    mxfp4: bool = False
 
     def check(self, n_embd: int) -> Experts:
         """Itself, if the forward can run it with a hidden width of n_embd; else a clear error."""
@@ -91,6 +93,9 @@ class Experts:
             raise ModelConfigError(f"num_experts_per_tok {self.per_token} of {self.count} experts")
         if n_embd % 8 or self.inner % 8:  # the grouped matrix product wants rows of 16-byte multiples
             raise ModelConfigError(f"hidden_size {n_embd} and the experts' width {self.inner} must be multiples of 8")
+        if self.mxfp4 and (n_embd % 32 or self.inner % 32):  # each row of a weight whole blocks of 32
+            raise ModelConfigError(f"MXFP4 experts need hidden_size ({n_embd}) and their width ({self.inner}) in "
+                                   "multiples of 32")
         if self.groups is not None:
             groups, kept = self.groups
             if groups < 1 or self.count % groups or not 0 < kept <= groups or \
@@ -230,11 +235,12 @@ def model_config_from_dict(raw: dict, generation: dict | None = None) -> ModelCo
     sequence too."""
     from .families import family_of  # the family table imports this module
 
+    family = family_of(raw.get("model_type"))
     if raw.get("quantization_config"):
         method = raw["quantization_config"].get("quant_method", "?")
-        raise ModelConfigError(f"quantized checkpoints ({method}) are not supported: serve the unquantized weights "
-                               "(fp32, fp16 or bf16)")
-    family = family_of(raw.get("model_type"))
+        if method not in getattr(family, "QUANTIZED", ()):  # the family's own (gpt-oss's MXFP4 experts)
+            raise ModelConfigError(f"quantized checkpoints ({method}) are not supported for {raw.get('model_type')!r}: "
+                                   "serve the unquantized weights (fp32, fp16 or bf16)")
     try:
         cfg = family.config(raw)
     except KeyError as e:

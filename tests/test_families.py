@@ -7,6 +7,7 @@ scalings, tied and untied heads, q/k/v biases and q/k norms among the variants."
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -391,6 +392,39 @@ def test_a_gemma_config_saying_gelu_means_its_tanh_approximation(tmp_path):
     assert load_model_config(path).activation == "gelu_tanh"
 
 
+@torch.inference_mode()
+def test_an_mxfp4_gpt_oss_checkpoint_loads_as_transformers_dequantizes_it(tmp_path):
+    """gpt-oss's released format: the experts' weights as MXFP4 blocks and scales (random bytes
+    here), every other tensor as it is. Loaded, its logits are transformers' on the weights that
+    transformers' own dequantization makes of the same bytes."""
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    plain = make_checkpoint(tmp_path / "plain", *VARIANTS["gptoss-sinks-clamp"])
+    tensors, gen = load_file(plain / "model.safetensors"), torch.Generator().manual_seed(3)
+    quantized = dict(tensors)
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        x, width_in, width_out = tensors[name].shape
+        blocks = torch.randint(0, 256, (x, width_out, width_in // 32, 16), dtype=torch.uint8, generator=gen)
+        scales = torch.randint(120, 125, (x, width_out, width_in // 32), dtype=torch.uint8, generator=gen)
+        tensors[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [X, in, out]
+        del quantized[name]
+        quantized |= {f"{name}_blocks": blocks, f"{name}_scales": scales}
+    save_file(tensors, plain / "model.safetensors", metadata={"format": "pt"})
+    mxfp4 = shutil.copytree(plain, tmp_path / "mxfp4")
+    save_file(quantized, mxfp4 / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((mxfp4 / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (mxfp4 / "config.json").write_text(json.dumps(config))
+
+    model, ref = load_model(mxfp4, torch.float32, torch.device("cpu")), reference(plain)
+    assert model.cfg.experts.mxfp4
+    prompt = prompts([40])[0]
+    ours = prefill(model.weights, *packed([prompt]), sdpa_prefill, logit_index=torch.arange(len(prompt)))
+    torch.testing.assert_close(ours, ref(torch.tensor([prompt])).logits[0], rtol=0, atol=1e-4)
+
+
 def test_latent_attention_caches_each_tokens_vector_once():
     """DeepSeek-Coder-V2-Lite caches 512 + 64 values per token and layer: the two planes of the KV
     pool hold halves of that vector, not a copy each (nor 16 expanded heads of 192 + 128)."""
@@ -426,6 +460,9 @@ def test_eos_ids_are_config_and_generation_config_together(tmp_path):
     ({"model_type": "gemma3_text", "use_bidirectional_attention": True}, "Gemma 3 with bidirectional attention"),
     ({"model_type": "mistral3", "text_config": {"model_type": "llama"}}, "Mistral 3 with a 'llama' text model"),
     ({"quantization_config": {"quant_method": "gptq"}}, "quantized checkpoints \\(gptq\\)"),
+    ({"model_type": "gpt_oss", "quantization_config": {"quant_method": "gptq"}}, "quantized checkpoints \\(gptq\\)"),
+    ({"model_type": "gpt_oss", "quantization_config": {"quant_method": "mxfp4"}, "intermediate_size": 48},
+     "MXFP4 experts need hidden_size \\(64\\) and their width \\(48\\) in multiples of 32"),
     ({"num_key_value_heads": 3}, "8 attention heads are not divisible by 3 key/value heads"),
     ({"model_type": "qwen3_next"}, "unsupported model_type 'qwen3_next': splitserve runs .*qwen3_moe"),
     ({"model_type": "deepseek_v3", **LATENT, "topk_method": "greedy"}, "deepseek_v3 routes with a sigmoid and noaux"),

@@ -127,7 +127,11 @@ def _expert_shapes(cfg: ModelConfig, prefix: str, names: dict[str, str]) -> dict
         shapes[_name(prefix + names["router"], "bias")] = (x,)
     if "stacked_gate_up" in names:
         up, down = prefix + names["stacked_gate_up"], prefix + names["stacked_down"]
-        shapes |= {up: (x, e, 2 * i), down: (x, i, e)}
+        if cfg.experts.mxfp4:  # [X, out, in] in blocks of 32 values, 16 bytes, and a scale each
+            shapes |= {f"{up}_blocks": (x, 2 * i, e // 32, 16), f"{up}_scales": (x, 2 * i, e // 32),
+                       f"{down}_blocks": (x, e, i // 32, 16), f"{down}_scales": (x, e, i // 32)}
+        else:
+            shapes |= {up: (x, e, 2 * i), down: (x, i, e)}
         if cfg.experts.biased:
             shapes |= {f"{up}_bias": (x, 2 * i), f"{down}_bias": (x, e)}
         return shapes
@@ -244,7 +248,8 @@ def _experts(get: Get, cfg: ModelConfig, prefix: str, names: dict[str, str]) -> 
     x, i = cfg.experts.count, cfg.experts.inner
     router = get(_name(prefix + names["router"], "weight"))
     if "stacked_gate_up" in names:
-        stacked = _stacked_experts(get, cfg, prefix + names["stacked_gate_up"], prefix + names["stacked_down"])
+        stacked = _stacked_experts(get, cfg, prefix + names["stacked_gate_up"], prefix + names["stacked_down"],
+                                   router.dtype)
     else:
         up = router.new_empty(x, 2 * i, cfg.n_embd)
         down = router.new_empty(x, cfg.n_embd, i)
@@ -264,15 +269,22 @@ def _experts(get: Get, cfg: ModelConfig, prefix: str, names: dict[str, str]) -> 
                       "down": (shared("shared_down"), None)}
 
 
-def _stacked_experts(get: Get, cfg: ModelConfig, up_name: str, down_name: str) -> dict:
-    """Experts stored stacked, [X, in, out], gate and up columns interleaved (gpt-oss), as every
-    family's stacks are laid out: [X, out, in] contiguous, rows gate | up."""
+def _stacked_experts(get: Get, cfg: ModelConfig, up_name: str, down_name: str, dtype) -> dict:
+    """Experts stored stacked, [X, in, out] (or MXFP4's [X, out, in] in blocks), gate and up
+    interleaved (gpt-oss), as every family's stacks are laid out: [X, out, in] contiguous, rows
+    gate | up; MXFP4 dequantized into `dtype`, the serving one."""
     import torch
 
+    from ..mxfp4 import dequantize
+
+    def out_in(name: str):  # [X, out, in]
+        if cfg.experts.mxfp4:
+            return dequantize(get(f"{name}_blocks"), get(f"{name}_scales"), dtype)
+        return get(name).transpose(1, 2)
+
     i = cfg.experts.inner
-    halves = torch.cat([torch.arange(0, 2 * i, 2), torch.arange(1, 2 * i, 2)])  # gate columns, then up
-    stacked = {"experts_up": get(up_name).transpose(1, 2)[:, halves].contiguous(),
-               "experts_down": get(down_name).transpose(1, 2).contiguous()}
+    halves = torch.cat([torch.arange(0, 2 * i, 2), torch.arange(1, 2 * i, 2)])  # gate rows, then up
+    stacked = {"experts_up": out_in(up_name)[:, halves].contiguous(), "experts_down": out_in(down_name).contiguous()}
     if cfg.experts.biased:
         stacked |= {"experts_up_b": get(f"{up_name}_bias")[:, halves], "experts_down_b": get(f"{down_name}_bias")}
     return stacked

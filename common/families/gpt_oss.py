@@ -3,8 +3,8 @@ query head (`self_attn.sinks`), a sliding window on every other layer from the f
 (`layer_types`) and YaRN; every MLP a mixture of experts: a biased router whose chosen logits are
 softmaxed, experts with biases and a clamped SwiGLU (`swiglu_limit`, `swiglu_alpha`), their
 tensors stacked in the checkpoint (gate_up [X, E, 2*I], columns gate and up interleaved). The
-released checkpoints hold the experts in MXFP4, which model_config refuses as every quantized
-checkpoint: a bf16 copy of the weights serves."""
+released checkpoints hold the experts in MXFP4 (`quantization_config`), which loading dequantizes
+into the serving dtype (common/mxfp4.py); every other tensor is bf16."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .llama import LAYER, PREFIX, TOP, _field, llama_shaped, windows_of
 __all__ = ["EXPERTS", "LAYER", "LAYER_ROLES", "PREFIX", "TOP", "config"]
 
 MODEL_TYPE = "gpt_oss"
+QUANTIZED = ("mxfp4",)  # the quant_method of a quantization_config this family reads
 LAYER_ROLES = {"norm1": "input_layernorm", "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
                "out": "self_attn.o_proj", "sinks": "self_attn.sinks", "norm2": "post_attention_layernorm"}
 # the router (weight and bias) and the stacked experts, whose biases are named `{name}_bias`
@@ -39,5 +40,6 @@ def config(raw: dict) -> ModelConfig:
                        head_dim=64, rope=ROPE)
     experts = Experts(int(raw.get("num_experts") or get("num_local_experts")), int(get("num_experts_per_tok")),
                       cfg.n_inner, True, (True,) * layers, biased=True, clamp=float(get("swiglu_limit")),
-                      alpha=float(get("swiglu_alpha")))
+                      alpha=float(get("swiglu_alpha")),
+                      mxfp4=(raw.get("quantization_config") or {}).get("quant_method") == "mxfp4")
     return replace(cfg, experts=experts.check(cfg.n_embd), attn_sinks=True)
