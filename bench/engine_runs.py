@@ -190,11 +190,13 @@ def checkpoint_layout(weights: dict[str, torch.Tensor], family) -> dict[str, tor
     """transformers 5 holds a mixture as mlp.gate and its experts fused (mlp.experts.gate_up_proj
     [X, 2*I, E], mlp.experts.down_proj [X, E, I]) and saves them one by one under the names
     checkpoints have (the family's EXPERTS), which are what the loader reads: the same tensors
-    under those names, as views."""
+    under those names, as views. A family whose checkpoints stack them as transformers holds them
+    (gpt-oss) reads them as they are."""
     out = {}
+    one_by_one = "gate" in getattr(family, "EXPERTS", {})
     for name, t in weights.items():
         layer, _, kind = name.partition(".mlp.")  # "layers.{i}", what follows
-        if kind not in ("gate.weight", "experts.gate_up_proj", "experts.down_proj") or not hasattr(family, "EXPERTS"):
+        if kind not in ("gate.weight", "experts.gate_up_proj", "experts.down_proj") or not one_by_one:
             out[name] = t
             continue
         named = lambda role, j=0: f"{layer}.{family.EXPERTS[role].format(j=j)}.weight"  # noqa: E731
@@ -381,7 +383,10 @@ def measure(points: list[Point], model: LoadedModel, runners: dict, repeats: Rep
             peaks[system] = peak_mb(model.device)
         got = interleaved(jobs, repeats)
         floor_time = got.pop("floor")
-        results += [result_row(system, point, ms, floor_time, peaks[system]) for system, ms in got.items()]
+        # A decode time that comes out at or below zero is under that point's noise (transformers'
+        # eager prefill of long prompts varies more than the steps after it take): no row, not a
+        # negative one.
+        results += [result_row(system, point, ms, floor_time, peaks[system]) for system, ms in got.items() if ms > 0]
     return results
 
 

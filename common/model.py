@@ -115,7 +115,7 @@ def prepare_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> Model
             n1, t["norm1"][1], t["qkv"][0].t(), t["qkv"][1], qn, kn, t["out"][0].t(), t["out"][1],
             n2, t["norm2"][1], _t(up[0]), up[1], _t(down[0]), down[1], cfg.windows[i],
             cfg.local_rope is not None and cfg.local_layers[i],
-            router_wt=_t(t.get("router")), router_bias=_float(t.get("router_bias")),
+            router_wt=_router(t.get("router"), cfg), router_bias=_float(t.get("router_bias")),
             experts_up=t["experts_up"].transpose(1, 2) if "experts_up" in t else None,
             experts_down=t["experts_down"].transpose(1, 2) if "experts_down" in t else None,
             router_b=t.get("router_b"), experts_up_b=t.get("experts_up_b"), experts_down_b=t.get("experts_down_b"),
@@ -174,6 +174,14 @@ def _offset(norm: torch.Tensor | None, cfg: ModelConfig) -> torch.Tensor | None:
 def _float(b: torch.Tensor | None) -> torch.Tensor | None:
     # the router's choice bias stays fp32, as transformers keeps it: the scores it shifts are fp32
     return None if b is None else b.float()
+
+
+def _router(w: torch.Tensor | None, cfg: ModelConfig) -> torch.Tensor | None:
+    """The router's weight, transposed; fp32 for a sigmoid router (DeepSeek-V3's), whose logits
+    transformers computes in fp32 (a near tie between two experts then breaks as it does)."""
+    if w is None:
+        return None
+    return w.t().float() if cfg.experts.sigmoid else w.t()
 
 
 def _t(w: torch.Tensor | None) -> torch.Tensor | None:
@@ -236,7 +244,7 @@ def experts(w: ModelWeights, layer: Layer, x: torch.Tensor, out: torch.Tensor | 
     weights are read for rows that did not choose it."""
     moe = w.cfg.experts
     n, k, inner = x.shape[0], moe.per_token, moe.inner
-    logits = linear(x, layer.router_wt, layer.router_b)  # [N, X]
+    logits = linear(x if x.dtype == layer.router_wt.dtype else x.float(), layer.router_wt, layer.router_b)  # [N, X]
     probs = torch.sigmoid(logits.float()) if moe.sigmoid else torch.softmax(logits, -1, dtype=torch.float32)
     if moe.groups is None and layer.router_bias is None:
         weights, chosen = torch.topk(probs, k)  # [N, k]

@@ -425,6 +425,21 @@ def test_an_mxfp4_gpt_oss_checkpoint_loads_as_transformers_dequantizes_it(tmp_pa
     torch.testing.assert_close(ours, ref(torch.tensor([prompt])).logits[0], rtol=0, atol=1e-4)
 
 
+@torch.inference_mode()
+def test_a_sigmoid_router_scores_in_fp32_in_a_bf16_model(tmp_path):
+    """DeepSeek-V3's router (GLM-4.7-Flash's) computes its logits in fp32, as transformers does (it
+    casts the hidden states and the weight): in bf16 its choices are transformers' but for ties
+    closer than fp32's rounding. The bf16 model's logits stay near the fp32 one's."""
+    path = make_checkpoint(tmp_path / "v3", *VARIANTS["deepseekv3-noaux"])
+    half, full = (load_model(path, dtype, torch.device("cpu")) for dtype in (torch.bfloat16, torch.float32))
+    assert half.weights.layers[1].router_wt.dtype == torch.float32
+    assert half.weights.layers[1].experts_up.dtype == torch.bfloat16
+    prompt = prompts([30])[0]
+    got, want = (prefill(m.weights, *packed([prompt]), sdpa_prefill) for m in (half, full))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float().softmax(-1), want.softmax(-1), rtol=0, atol=0.02)
+
+
 def test_latent_attention_caches_each_tokens_vector_once():
     """DeepSeek-Coder-V2-Lite caches 512 + 64 values per token and layer: the two planes of the KV
     pool hold halves of that vector, not a copy each (nor 16 expanded heads of 192 + 128)."""
@@ -500,14 +515,16 @@ def served_checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("variant, transport, chunk", [
     ("qwen2-bias-tied-window", "shm", "8192"), ("qwen2-bias-tied-window", "tcp", "8192"),
     ("qwen2-bias-tied-window", "shm", "7"), ("qwen3moe-norm-top", "shm", "7"), ("deepseekv2-lite-yarn", "tcp", "7"),
-    ("gemma3-multimodal-untied", "shm", "7")],
-    ids=["shm", "tcp", "shm-in-pieces", "experts-shm-in-pieces", "latent-tcp-in-pieces", "multimodal-shm-in-pieces"])
+    ("gemma3-multimodal-untied", "shm", "7"), ("gptoss-sinks-clamp", "tcp", "7")],
+    ids=["shm", "tcp", "shm-in-pieces", "experts-shm-in-pieces", "latent-tcp-in-pieces", "multimodal-shm-in-pieces",
+         "sinks-tcp-in-pieces"])
 def test_a_served_llama_shaped_model_equals_the_engine(home, served_checkpoints, variant, transport, chunk):
     """Gateway and worker processes on a Llama-shaped checkpoint: several KV heads cross the
     handoff (the multi-query `tiny` would hide a layout mistake), windows and rotary positions
     hold in the decode worker, as do the experts of a mixture and latent attention's cached
-    vectors (one head of the compressed K/V and the rotary key), and every process reads a
-    multimodal checkpoint's text model (Gemma 3); greedy and seeded sampled requests
+    vectors (one head of the compressed K/V and the rotary key), every process reads a
+    multimodal checkpoint's text model (Gemma 3), and gpt-oss's sinks hold in the decode worker's
+    steps and the prefill worker's pieces; greedy and seeded sampled requests
     equal the in-process engine's, also with their prompts prefilled in pieces of 7 tokens."""
     served_checkpoint = served_checkpoints(variant)
     specs = request_specs(9)

@@ -4,7 +4,7 @@ query head (`self_attn.sinks`), a sliding window on every other layer from the f
 softmaxed, experts with biases and a clamped SwiGLU (`swiglu_limit`, `swiglu_alpha`), their
 tensors stacked in the checkpoint (gate_up [X, E, 2*I], columns gate and up interleaved). The
 released checkpoints hold the experts in MXFP4 (`quantization_config`), which loading dequantizes
-into the serving dtype (common/mxfp4.py); every other tensor is bf16."""
+into the serving dtype (common/mxfp4.py); every other tensor is stored as it is."""
 
 from __future__ import annotations
 
