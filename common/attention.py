@@ -69,6 +69,7 @@ def sdpa_prefill(q, k, v, packed: Packed, scale: float, window: int = 0, softcap
     """One causal SDPA call per prompt: the CPU twin of the varlen kernels."""
     out = torch.empty_like(q)  # [Tq, H, D]
     heads = q.shape[1]
+    eager = bool(softcap) or sinks is not None
     q_start = k_start = 0
     for n, m in zip(packed.seqlens_q, packed.seqlens_k):
         plain = n == m and not 0 < window < n  # causal from the top left is causal from the bottom right
@@ -76,7 +77,6 @@ def sdpa_prefill(q, k, v, packed: Packed, scale: float, window: int = 0, softcap
         # CPU this takes SDPA's fused kernel, several times faster than its enable_gqa path.
         qh = q[q_start : q_start + n].transpose(0, 1)[None]  # [1, H, n, D]
         kh, vh = _per_query_head(k[k_start : k_start + m], heads), _per_query_head(v[k_start : k_start + m], heads)
-        eager = bool(softcap) or sinks is not None
         mask = None if plain and not eager else causal_mask(n, m, window, q.device)
         if eager:
             o = _eager(qh, kh, vh, mask, scale, softcap, sinks)

@@ -378,6 +378,7 @@ def prefill(
     if rope:
         cos, sin = _at(w.rope_cos, w.rope_sin, positions)  # [T, 1, P/2]
         ropes = ((cos, sin), _at(w.local_cos, w.local_sin, positions) if w.local_cos is not None else (cos, sin))
+        q_scales = None if w.q_scales is None else w.q_scales[positions][:, None, None]  # [T, 1, 1]
     softcap = {"softcap": cfg.attn_softcap} if cfg.attn_softcap else {}  # the kernels that cannot cap take none
     for i, layer in enumerate(w.layers):
         x = norm(h, layer.norm1_w, layer.norm1_b, eps)
@@ -394,8 +395,8 @@ def prefill(
             if rope:
                 c, s = ropes[layer.local_rope]
                 q, k = rotate(q, c, s), rotate(k, c, s)
-                if w.q_scales is not None:
-                    q = q * w.q_scales[positions][:, None, None]
+                if q_scales is not None:
+                    q = q * q_scales
         if packed.cu_k is not packed.cu_q:  # the prompts' keys: cached prefixes and new tokens together
             kv_out[i, 0].index_copy_(0, dest, k)
             kv_out[i, 1].index_copy_(0, dest, v)

@@ -233,11 +233,18 @@ def _rotary_halves(w, starts: list[int], p: int):
     ones first). Queries and keys reordered alike, their products are unchanged."""
     import torch
 
-    halves = torch.cat([torch.arange(0, p, 2), torch.arange(1, p, 2)])  # [P]
+    halves = _evens_then_odds(p)  # [P]
     rows = torch.arange(w.shape[0])
     for start in starts:
         rows[start : start + p] = start + halves
     return w[rows]
+
+
+def _evens_then_odds(n: int):
+    """[n]: 0, 2, 4, ... then 1, 3, 5, ...: the order that puts pairs interleaved in n rows into halves."""
+    import torch
+
+    return torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)])
 
 
 def _experts(get: Get, cfg: ModelConfig, prefix: str, names: dict[str, str]) -> dict:
@@ -273,8 +280,6 @@ def _stacked_experts(get: Get, cfg: ModelConfig, up_name: str, down_name: str, d
     """Experts stored stacked, [X, in, out] (or MXFP4's [X, out, in] in blocks), gate and up
     interleaved (gpt-oss), as every family's stacks are laid out: [X, out, in] contiguous, rows
     gate | up; MXFP4 dequantized into `dtype`, the serving one."""
-    import torch
-
     from ..mxfp4 import dequantize
 
     def out_in(name: str):  # [X, out, in]
@@ -282,8 +287,7 @@ def _stacked_experts(get: Get, cfg: ModelConfig, up_name: str, down_name: str, d
             return dequantize(get(f"{name}_blocks"), get(f"{name}_scales"), dtype)
         return get(name).transpose(1, 2)
 
-    i = cfg.experts.inner
-    halves = torch.cat([torch.arange(0, 2 * i, 2), torch.arange(1, 2 * i, 2)])  # gate rows, then up
+    halves = _evens_then_odds(2 * cfg.experts.inner)  # gate rows, then up
     stacked = {"experts_up": out_in(up_name)[:, halves].contiguous(), "experts_down": out_in(down_name).contiguous()}
     if cfg.experts.biased:
         stacked |= {"experts_up_b": get(f"{up_name}_bias")[:, halves], "experts_down_b": get(f"{down_name}_bias")}

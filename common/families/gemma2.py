@@ -11,7 +11,7 @@ import math
 from dataclasses import replace
 
 from ..model_config import ModelConfig, Rope
-from .llama import PREFIX, TOP, _field, llama_shaped, windows_of
+from .llama import PREFIX, TOP, _field, every_nth_full, llama_shaped, windows_of
 
 __all__ = ["PREFIX", "TOP", "config"]
 
@@ -42,8 +42,7 @@ def gemma2_shaped(raw: dict, defaults: dict, model_type: str, caps: dict[str, fl
     get = lambda name: _field(raw, defaults, name)  # noqa: E731
     raw = raw | {"hidden_act": raw.get("hidden_activation") or get("hidden_act")}
     layers, window = int(raw["num_hidden_layers"]), int(get("sliding_window") or 0)
-    types = raw.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
-                                       for i in range(layers)]
+    types = raw.get("layer_types") or every_nth_full(layers, pattern)
     local = tuple(t == "sliding_attention" for t in types)
     bias = get("attention_bias")
     cfg = llama_shaped(raw, defaults, model_type, qkv_bias=bias, out_bias=bias, qk_norm=qk_norm,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..model_config import Experts, ModelConfig
-from .llama import LAYER, PREFIX, TOP, _field, llama_shaped, windows_of
+from .llama import LAYER, PREFIX, TOP, _field, every_nth_full, llama_shaped, windows_of
 
 __all__ = ["EXPERTS", "LAYER", "LAYER_ROLES", "PREFIX", "TOP", "config"]
 
@@ -34,7 +34,7 @@ def config(raw: dict) -> ModelConfig:
     get = lambda name: _field(raw, DEFAULTS, name)  # noqa: E731
     raw = {"rope_theta": ROPE["rope_theta"]} | raw  # the class's base where rope_parameters names none
     layers, window = int(raw["num_hidden_layers"]), int(get("sliding_window") or 0)
-    types = raw.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
+    types = raw.get("layer_types") or every_nth_full(layers, 2)
     bias = get("attention_bias")
     cfg = llama_shaped(raw, DEFAULTS, MODEL_TYPE, qkv_bias=bias, out_bias=bias, windows=windows_of(types, window),
                        head_dim=64, rope=ROPE)

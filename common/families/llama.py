@@ -122,6 +122,12 @@ def sliding_windows(raw: dict, defaults: dict, layers: int) -> tuple[int, ...]:
     return windows_of(types, int(window or 0))
 
 
+def every_nth_full(layers: int, n: int) -> list[str]:
+    """Layer types with every n-th layer (counting from 1) attending every key and the others a
+    window: Gemma 2's and 3's default, and gpt-oss's."""
+    return ["sliding_attention" if (i + 1) % n else "full_attention" for i in range(layers)]
+
+
 def windows_of(types: list[str], window: int) -> tuple[int, ...]:
     """Each layer's window from its `layer_types` entry: `window` for a sliding one, 0 (every key) else."""
     return tuple(window if t == "sliding_attention" else 0 for t in types)
