@@ -195,24 +195,31 @@ def choose_prefill_attention(device: torch.device, head_dim: int, softcap: bool 
 
 
 def decode_mask(positions: torch.Tensor, key_len: int, kv_heads: int, dtype: torch.dtype,
-                key_index: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
+                key_index: torch.Tensor | None = None, window: int = 0, ring: int = 0) -> torch.Tensor:
     """Additive mask hiding each row's keys past its own position (the key bucket's tail) and, with
-    a window, those W or more positions back.
+    a window, those W or more positions back. With a ring (model.kv_rings) the keys are its N =
+    min(key_len, ring) entries, entry j holding the newest position p' <= p with p' = j (mod ring):
+    one not yet written (j > p) or W or more back is hidden.
 
-    positions [B] -> [B * KVH, 1, key_len]. key_index: a cached arange of at least key_len.
+    positions [B] -> [B * KVH, 1, N]. key_index: a cached arange of at least key_len.
     """
+    n = min(key_len, ring) if ring else key_len
     if key_index is None:
-        key_index = torch.arange(key_len, device=positions.device)
-    keys, at = key_index[:key_len], positions[:, None, None]
-    hidden = keys > at  # [B, 1, key_len]
-    if window:
+        key_index = torch.arange(n, device=positions.device)
+    keys, at = key_index[:n], positions[:, None, None]
+    hidden = keys > at  # [B, 1, N]
+    if ring:
+        if ring > window:  # else every written entry is within the window
+            hidden |= torch.remainder(at - keys, ring) >= window
+    elif window:
         hidden |= keys <= at - window
     mask = torch.zeros(hidden.shape, dtype=dtype, device=positions.device).masked_fill_(hidden, float("-inf"))
     return mask.repeat_interleave(kv_heads, 0) if kv_heads > 1 else mask
 
 
 def decode_masks(positions: torch.Tensor, key_len: int, kv_heads: int, dtype: torch.dtype, key_index: torch.Tensor,
-                 windows: tuple[int, ...]) -> list[torch.Tensor]:
-    """decode_mask for each layer's window, each distinct window made once."""
-    made = {window: decode_mask(positions, key_len, kv_heads, dtype, key_index, window) for window in set(windows)}
-    return [made[window] for window in windows]
+                 windows: tuple[int, ...], rings: tuple[int, ...]) -> list[torch.Tensor]:
+    """decode_mask for each layer's window and ring, each distinct pair made once."""
+    layers = list(zip(windows, rings))
+    made = {pair: decode_mask(positions, key_len, kv_heads, dtype, key_index, *pair) for pair in set(layers)}
+    return [made[pair] for pair in layers]

@@ -449,8 +449,9 @@ class DecodeBuffers(NamedTuple):
     the OS on CPU, where glibc maps allocations that large, and a page fault per page)."""
 
     write: list[torch.Tensor]  # per layer [2, S*KVH*L, D]: new K/V land at write_index
-    keys_t: list[torch.Tensor]  # per layer [B*KVH, D, key_len], transposed views for q @ kᵀ
-    values: list[torch.Tensor]  # per layer [B*KVH, key_len, D]
+    # per layer over its keys N: key_len, or a windowed layer's ring where that is shorter (kv_rings)
+    keys_t: list[torch.Tensor]  # per layer [B*KVH, D, N], transposed views for q @ kᵀ
+    values: list[torch.Tensor]  # per layer [B*KVH, N, D]
     h: torch.Tensor  # [B, E], the residual stream
     qkv: torch.Tensor  # [B, Q + 2*KV]
     # [B*KVH, G, D] and the new K/V [2, B*KVH, D]: with rotary embeddings, buffers they are rotated
@@ -458,7 +459,7 @@ class DecodeBuffers(NamedTuple):
     # Latent attention: q [B, H, W], a buffer; new_kv unused (the new vectors are written whole).
     q: torch.Tensor | None
     new_kv: torch.Tensor | None
-    scores: torch.Tensor  # [B*KVH, G, key_len]
+    scores: list[torch.Tensor]  # per layer [B*KVH, G, N], views of one piece of the scratch buffer
     attn: torch.Tensor  # [B*KVH, G, D]; latent attention: [B, H, W]
     attn_rows: torch.Tensor  # [B, Q]: attn's memory
     up: torch.Tensor  # [B, I] or [B, 2*I]
@@ -490,21 +491,48 @@ def _aligned(n: int) -> int:
     return -(-n // 128) * 128
 
 
+def kv_rings(windows: tuple[int, ...], slot_len: int) -> tuple[int, ...]:
+    """Per layer, the ring a windowed layer keeps its keys in at the front of its slot: the window
+    rounded up to the key bucket (8), where that is shorter than the slot; 0 (keys at their
+    positions) for the rest. Position p's K/V sits at p % ring, so the step reads a ring's keys
+    however long the row has grown, as transformers' sliding cache does; `to_rings` puts a prompt's
+    K/V there at admission."""
+    return tuple(ring if window and (ring := -(-window // 8) * 8) < slot_len else 0 for window in windows)
+
+
+def ring_layers(rings: tuple[int, ...], device) -> dict[int, torch.Tensor]:
+    """Each ring length's layers, as the index `to_rings` takes (made once: a tensor made from a
+    list at admission would wait for the step running on a GPU)."""
+    return {ring: torch.tensor([i for i, r in enumerate(rings) if r == ring], device=device)
+            for ring in set(rings) - {0}}
+
+
+def to_rings(slot_kv: torch.Tensor, n: int, layers: dict[int, torch.Tensor]) -> None:
+    """slot_kv [n_layer, 2, KVH, L, D], a slot holding a prompt's n positions in order: each
+    ring's layers (from ring_layers) get the prompt's last `ring` positions at p % ring."""
+    for ring, index in layers.items():
+        if n > ring:
+            last = slot_kv[:, :, :, n - ring : n].index_select(0, index)  # a copy: it overlaps [:ring]
+            slot_kv[:, :, :, :ring].index_copy_(0, index, last.roll(n % ring, -2))
+
+
 def decode_buffers(cfg: ModelConfig, kv: torch.Tensor, scratch: torch.Tensor, b: int, key_len: int) -> DecodeBuffers:
     """kv: the pool [n_layer, 2, S, KVH, L, D]; scratch: from decode_scratch for that pool."""
     _, _, s, kvh, length, d = kv.shape
+    lens = [min(key_len, ring) if ring else key_len for ring in kv_rings(cfg.windows, length)]  # N per layer
     write = [layer.view(2, s * kvh * length, d) for layer in kv]
-    keys_t = [layer[0, :b, :, :key_len].view(b * kvh, key_len, d).transpose(1, 2) for layer in kv]
-    values = [layer[1, :b, :, :key_len].view(b * kvh, key_len, d) for layer in kv]
+    keys_t = [layer[0, :b, :, :n].view(b * kvh, n, d).transpose(1, 2) for layer, n in zip(kv, lens)]
+    values = [layer[1, :b, :, :n].view(b * kvh, n, d) for layer, n in zip(kv, lens)]
     e, g, i, span = cfg.n_embd, cfg.n_head // kvh, cfg.n_inner, cfg.decode_width
-    shapes = ((b, e), (b, cfg.q_dim + 2 * cfg.kv_dim), (b * kvh, g, span), (2, b * kvh, d), (b * kvh, g, key_len),
+    shapes = ((b, e), (b, cfg.q_dim + 2 * cfg.kv_dim), (b * kvh, g, span), (2, b * kvh, d), (b * kvh * g * key_len,),
               (b * kvh, g, span), (b, (2 if cfg.mlp == "gated" else 1) * i), (b, i if cfg.mlp == "gated" else 0),
               (b, e), (b, cfg.vocab_size))
     pieces, start = [], 0
     for width, shape in zip(_scratch_widths(cfg, length), shapes):
         pieces.append(scratch[start : start + math.prod(shape)].view(shape))
         start += _aligned(s * width)
-    h, qkv, q_rot, new_kv, scores, attn, up, inner, out, logits = pieces
+    h, qkv, q_rot, new_kv, flat_scores, attn, up, inner, out, logits = pieces
+    scores = [flat_scores[: b * kvh * g * n].view(b * kvh, g, n) for n in lens]
     rope = None
     if cfg.latent is not None:  # latent_absorb writes the queries into it
         q = q_rot
@@ -552,8 +580,8 @@ def decode_step(
     input_ids: torch.Tensor,  # [B] int64: each row's newest token
     positions: torch.Tensor,  # [B] int64: that token's position (= keys already cached)
     bufs: DecodeBuffers,  # for this B and key_len; the pool is written in place
-    write_index: torch.Tensor,  # [B*KVH] from decode_write_index
-    masks: list[torch.Tensor],  # per layer [B*KVH, 1, key_len] additive, from attention.decode_masks
+    write_index: list[torch.Tensor],  # per layer [B*KVH] from decode_write_index (a ring's own)
+    masks: list[torch.Tensor],  # per layer [B*KVH, 1, N] additive, from attention.decode_masks
 ) -> torch.Tensor:
     """One token for each of the first B slots of the pool; returns logits [B, V] (bufs.logits).
 
@@ -563,9 +591,9 @@ def decode_step(
     cfg = w.cfg
     eps, scale, upcast, softcap = cfg.layer_norm_epsilon, cfg.attn_scale, w.upcast_softmax, cfg.attn_softcap
     b, d = input_ids.shape[0], cfg.head_dim
-    h, qkv, q, new_kv, scores, attn, out = bufs.h, bufs.qkv, bufs.q, bufs.new_kv, bufs.scores, bufs.attn, bufs.out
+    h, qkv, q, new_kv, attn, out = bufs.h, bufs.qkv, bufs.q, bufs.new_kv, bufs.attn, bufs.out
     threads = torch.get_num_threads()
-    serial = threads > 1 and scores.is_cpu and scores.numel() < SERIAL_ATTENTION_SCORES
+    parallel, serial = threads > 1 and h.is_cpu, False
     torch.index_select(w.wte, 0, input_ids, out=h)  # [B, E]
     if w.embed_scale is not None:
         h.mul_(w.embed_scale)
@@ -577,13 +605,14 @@ def decode_step(
     elif w.wpe is not None:
         h.add_(torch.embedding(w.wpe, positions))
     try:
-        for layer, write, keys_t, values, mask in zip(w.layers, bufs.write, bufs.keys_t, bufs.values, masks):
+        for layer, write, index, keys_t, values, scores, mask in zip(w.layers, bufs.write, write_index, bufs.keys_t,
+                                                                     bufs.values, bufs.scores, masks):
             x = norm(h, layer.norm1_w, layer.norm1_b, eps)
             latent = layer.k_up is not None
             if latent:  # the new vector's halves go to the two planes
                 q_heads, vectors = latent_qk(w, layer, x, cos, sin)  # [B, H, Dn + P], [B, 1, W]
                 latent_absorb(w, layer, q_heads, q)
-                write.index_copy_(1, write_index, vectors.view(b, 2, d).transpose(0, 1))
+                write.index_copy_(1, index, vectors.view(b, 2, d).transpose(0, 1))
             else:
                 linear(x, layer.qkv_wt, layer.qkv_b, out=qkv)  # [B, Q + 2*KV]
                 if rope is not None:
@@ -599,17 +628,18 @@ def decode_step(
                         q.view(b, -1).mul_(q_scales)
                 elif bufs.q is None:
                     q, new_kv = split_qkv(qkv, cfg)
-                write.index_copy_(1, write_index, new_kv)
+                write.index_copy_(1, index, new_kv)
+            serial = parallel and scores.numel() < SERIAL_ATTENTION_SCORES
             if serial:
                 torch.set_num_threads(1)
             if latent:  # the query against the whole vector, plane by plane
-                torch.baddbmm(mask, q[:, :, :d], keys_t, alpha=scale, out=scores)  # [B, H, key_len]
+                torch.baddbmm(mask, q[:, :, :d], keys_t, alpha=scale, out=scores)  # [B, H, N]
                 scores.baddbmm_(q[:, :, d:], values.transpose(1, 2), alpha=scale)
             elif softcap:  # capped before the mask
                 capped(torch.bmm(q, keys_t, out=scores).mul_(scale), softcap).add_(mask)
             else:
-                torch.baddbmm(mask, q, keys_t, alpha=scale, out=scores)  # [B*KVH, G, key_len]
-            if layer.sinks is not None:  # [B, KVH, G, key_len] against each head's sink
+                torch.baddbmm(mask, q, keys_t, alpha=scale, out=scores)  # [B*KVH, G, N]
+            if layer.sinks is not None:  # [B, KVH, G, N] against each head's sink
                 probs = sink_softmax(scores.view(b, *layer.sinks.shape[:2], -1), layer.sinks)
                 probs = probs.view(scores.shape).to(scores.dtype)
             elif upcast:

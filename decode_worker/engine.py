@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from splitserve.common.loading import LoadedModel
+from splitserve.common.model import kv_rings, ring_layers, to_rings
 from splitserve.common.params import STOP_IDS_PER_REQUEST, Finish, SamplingParams
 from splitserve.common.request import GenerateRequest
 from splitserve.common.sampling import (
@@ -53,6 +54,7 @@ class DecodeEngine:
         self.model = model
         self.num_slots, self.slot_len, self.key_bucket = num_slots, slot_len, key_bucket
         self.kv = allocate_pool(cfg, num_slots, slot_len, model.dtype, dev)
+        self.ring_layers = ring_layers(kv_rings(cfg.windows, slot_len), dev)
         self.slots = SlotAllocator(num_slots)
         # Per-slot state, read by the step as views of the first B rows.
         self.tokens = torch.zeros(num_slots, dtype=torch.long, device=dev)  # newest token
@@ -96,7 +98,7 @@ class DecodeEngine:
         """As `admit`, the KV of the prompt's n tokens written by `fill(dst)` into the slot's
         [n_layer, 2, KVH, n, D] view (a NIXL read lands there directly). A fill that raises gives
         the slot back, unless the error says the slot may still be written to (`slot_unsafe`): such
-        a slot is never handed out again."""
+        a slot is never handed out again. A windowed layer's prompt K/V then moves into its ring."""
         if n + request.max_new_tokens > self.slot_len:
             raise ValueError(f"{n} prompt + {request.max_new_tokens} new tokens exceed the slot length {self.slot_len}")
         if len(request.stop_token_ids) > STOP_IDS_PER_REQUEST:
@@ -104,6 +106,7 @@ class DecodeEngine:
         slot = self.slots.take()
         try:
             fill(self.kv[:, :, slot, :, :n])
+            to_rings(self.kv[:, :, slot], n, self.ring_layers)
         except BaseException as e:
             if not getattr(e, "slot_unsafe", False):
                 self.slots.give_back(slot)

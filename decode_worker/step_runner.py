@@ -28,7 +28,7 @@ import torch
 
 from splitserve.common.attention import decode_masks
 from splitserve.common.model import (DecodeBuffers, ModelWeights, decode_buffers, decode_scratch, decode_step,
-                                     decode_write_index, row_offsets)
+                                     decode_write_index, kv_rings, row_offsets)
 
 EAGER_SHAPES = 64  # eager steps kept ready, each a few dozen views of the pool and the scratch buffer
 
@@ -64,6 +64,7 @@ class StepRunner:
         self.greedy = torch.zeros(num_slots, dtype=torch.long, device=dev)
         self._offsets = row_offsets(num_slots, cfg.kv_heads, slot_len, dev)
         self._key_index = torch.arange(slot_len, device=dev)
+        self._rings = kv_rings(cfg.windows, slot_len)
         # (B, key_len) -> (a step, the logits it writes): every shape once captured; eagerly the
         # EAGER_SHAPES made last: making a shape's views added 90-140 µs to a CPU step of 0.45-0.6
         # ms (the tiny model at batch 1, every 8th step and each request's first), and shapes
@@ -118,13 +119,15 @@ class StepRunner:
         return (lambda: self._step(b, key_len, bufs)), bufs.logits
 
     def _step(self, b: int, key_len: int, bufs: DecodeBuffers) -> None:
-        w = self.weights
+        w, rings = self.weights, self._rings
         kvh = w.cfg.kv_heads
         positions = self.positions[:b]
-        write_index = decode_write_index(self._offsets, positions, kvh)  # [B*KVH]
-        # per layer [B*KVH, 1, key_len]
-        masks = decode_masks(positions, key_len, kvh, self.kv.dtype, self._key_index, w.cfg.windows)
-        logits = decode_step(w, self.tokens[:b], positions, bufs, write_index, masks)  # [B, V]
+        # [B*KVH] per distinct ring, a ring's rows at their positions' entries
+        made = {ring: decode_write_index(self._offsets, torch.remainder(positions, ring) if ring else positions, kvh)
+                for ring in set(rings)}
+        # per layer [B*KVH, 1, N]
+        masks = decode_masks(positions, key_len, kvh, self.kv.dtype, self._key_index, w.cfg.windows, rings)
+        logits = decode_step(w, self.tokens[:b], positions, bufs, [made[ring] for ring in rings], masks)  # [B, V]
         if self.argmax:
             torch.argmax(logits, -1, out=self.greedy[:b])
 

@@ -15,6 +15,7 @@ import torch
 
 from conftest import load_cpu, req, run_staggered
 from splitserve.common.loading import LoadedModel, load_model
+from splitserve.common.model import decode_buffers
 from splitserve.common.request import GenerateRequest
 from splitserve.common.params import SamplingParams
 from splitserve.decode_worker.step_runner import StepRunner, batch_buckets, key_buckets
@@ -199,6 +200,19 @@ def test_padded_logits_equal_the_exact_ones(lm_family, record_property):
     record_property("max_abs_diff", (logits[:5] - exact).abs().max().item())
     torch.testing.assert_close(logits[:5], exact, rtol=1e-5, atol=1e-5)
     assert torch.equal(greedy[:5], exact.argmax(-1))
+
+
+def test_windowed_layers_read_only_their_ring():
+    """A windowed layer's step reads its ring (the window rounded up to 8) at any longer key bucket,
+    the other layers the whole bucket; the test above and tests/test_families.py check what the steps
+    compute."""
+    lm = shaped_model("cpu", torch.float32, SINKS)
+    assert set(lm.cfg.windows) == {0, 64}  # on every other layer
+    d = DecodeEngine(lm, 2, SLOT_LEN)
+    for key_len in (48, SLOT_LEN):
+        bufs = decode_buffers(lm.cfg, d.kv, d.runner.scratch, 2, key_len)
+        want = [min(key_len, 64) if window else key_len for window in lm.cfg.windows]
+        assert [k.shape[-1] for k in bufs.keys_t] == [s.shape[-1] for s in bufs.scores] == want
 
 
 def test_padded_static_step_gives_the_exact_steps_tokens(lm):

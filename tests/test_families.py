@@ -87,8 +87,9 @@ VARIANTS = {
     # each head turned (4 of 10 values), multi-head
     "phi-parallel": ("phi", dict(num_attention_heads=4, num_key_value_heads=4, hidden_size=40,
                                  partial_rotary_factor=0.4)),
-    # Phi-3's fused q/k/v and gate/up projections, Phi-3-mini-4k's window, Phi-4-mini's partial rotary
-    "phi3-window-partial": ("phi3", dict(sliding_window=WINDOW, partial_rotary_factor=0.5, pad_token_id=0)),
+    # Phi-3's fused q/k/v and gate/up projections, Phi-3-mini-4k's window (2,047: its ring is one longer),
+    # Phi-4-mini's partial rotary
+    "phi3-window-partial": ("phi3", dict(sliding_window=WINDOW - 1, partial_rotary_factor=0.5, pad_token_id=0)),
     # Phi-3.5-mini's LongRoPE (its pretraining length 128 here: every test prompt fits within it;
     # test_longrope_goes_past_its_pretraining_length_as_transformers_does goes past), a tied head
     "phi3-longrope-tied": ("phi3", dict(tie_word_embeddings=True, original_max_position_embeddings=LONGROPE_ORIGINAL,

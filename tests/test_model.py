@@ -88,8 +88,9 @@ def test_prefill_then_decode_equals_full_forward(checkpoint, threads):
             s.append(t)
         positions = torch.tensor([len(s) - 1 for s in seqs] + [0])
         key_len = (int(positions.max()) + 1 + 7) // 8 * 8
+        index = [decode_write_index(row_offsets(4, cfg.kv_heads, 64, 'cpu'), positions, cfg.kv_heads)] * cfg.n_layer
         step = decode_step(lm.weights, torch.cat([tokens, torch.zeros(1, dtype=torch.long)]), positions,
-                           decode_buffers(cfg, pool, scratch, 4, key_len), decode_write_index(row_offsets(4, cfg.kv_heads, 64, 'cpu'), positions, cfg.kv_heads),
+                           decode_buffers(cfg, pool, scratch, 4, key_len), index,
                            [decode_mask(positions, key_len, cfg.kv_heads, torch.float32)] * cfg.n_layer)
         assert torch.get_num_threads() == threads
         for s, row in zip(seqs, step):
@@ -98,8 +99,7 @@ def test_prefill_then_decode_equals_full_forward(checkpoint, threads):
     # a step that fails inside its attention still hands the threads back
     bad_mask = torch.zeros(4 * cfg.kv_heads, 1, key_len + 1)
     with pytest.raises(RuntimeError):
-        decode_step(lm.weights, tokens.new_zeros(4), positions, decode_buffers(cfg, pool, scratch, 4, key_len),
-                    decode_write_index(row_offsets(4, cfg.kv_heads, 64, 'cpu'), positions, cfg.kv_heads),
+        decode_step(lm.weights, tokens.new_zeros(4), positions, decode_buffers(cfg, pool, scratch, 4, key_len), index,
                     [bad_mask] * cfg.n_layer)
     assert torch.get_num_threads() == threads
 
