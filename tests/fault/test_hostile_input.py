@@ -171,13 +171,20 @@ def test_a_huge_prompt_is_refused_while_the_other_streams_flow(cluster):
             await client.generate(huge, max_new_tokens=4)
 
     async def beside(send) -> tuple[list[float], float, float]:
-        """(the stream's token times, when the huge request went, when its answer came)"""
+        """(the stream's token times, when the huge request went, when its answer came): the stream
+        is long enough to outlast the answer, and cancelled 8 tokens after it."""
         stamps: list[float] = []
+        answered = asyncio.Event()
         async with AsyncClient(cluster.endpoint) as client, httpx.AsyncClient(base_url=cluster.url, timeout=60) as http:
 
             async def stream() -> None:
-                async for _ in client.stream(PROMPT, max_new_tokens=2000, ignore_eos=True):
-                    stamps.append(time.perf_counter())
+                after = 0
+                async with client.stream(PROMPT, max_new_tokens=2000, ignore_eos=True) as events:
+                    async for _ in events:
+                        stamps.append(time.perf_counter())
+                        after += answered.is_set()
+                        if after == 8:
+                            return  # still flowing after the answer; leaving the block cancels it
 
             streaming = asyncio.create_task(stream())
             while len(stamps) < 8:  # flowing
@@ -185,6 +192,7 @@ def test_a_huge_prompt_is_refused_while_the_other_streams_flow(cluster):
             start = time.perf_counter()
             await send(http, client)
             end = time.perf_counter()
+            answered.set()
             await streaming
         return stamps, start, end
 
