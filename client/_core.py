@@ -72,7 +72,8 @@ def _given(value, default):
 
 def new_generate(prompt: str | None = None, *, max_new_tokens: int = 20, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, typical_p: float | None = None,
-                 repetition_penalty: float | None = None, frequency_penalty: float | None = None,
+                 min_p: float | None = None, repetition_penalty: float | None = None,
+                 frequency_penalty: float | None = None, presence_penalty: float | None = None,
                  seed: int | None = None, stop: str | Sequence[str] | None = None,
                  stop_token_ids: Sequence[int] | None = None, details: bool = False, top_n_tokens: int = 0,
                  ignore_eos: bool = False, strip_stop: bool = False, timeout: float | None = None,
@@ -81,12 +82,16 @@ def new_generate(prompt: str | None = None, *, max_new_tokens: int = 20, tempera
     """The Generate message of one request, under a fresh id. These are the options of
     `generate` and `stream` on both clients.
 
-    Sampling happens when any of temperature, top_k, top_p, typical_p or seed is given, as in the
-    CLI, and greedy decoding otherwise; temperature 0 is greedy. `details` asks for each token's
+    Sampling happens when any of temperature, top_k, top_p, typical_p, min_p or seed is given, as
+    in the CLI, and greedy decoding otherwise; temperature 0 is greedy. `details` asks for each token's
     logprob. `timeout` (seconds) bounds the wait on the client and is the gateway's deadline too.
     Give `prompt_ids` instead of `prompt` to skip tokenization.
     """
-    sampled = temperature != 0 and any(v is not None for v in (temperature, top_k, top_p, typical_p, seed))
+    sampled = temperature != 0 and any(v is not None for v in (temperature, top_k, top_p, typical_p, min_p, seed))
+    # the newer options only where given: a field at its default is not sent over WebSocket, so a
+    # gateway older than this client takes the request
+    newer = {name: value for name, value in (("min_p", min_p), ("presence_penalty", presence_penalty))
+             if value is not None}
     params = GenerateParams(
         max_new_tokens=max_new_tokens,
         do_sample=sampled,
@@ -106,6 +111,7 @@ def new_generate(prompt: str | None = None, *, max_new_tokens: int = 20, tempera
         top_n_tokens=top_n_tokens,
         prompt_logprobs=prompt_logprobs,
         truncate=truncate,
+        **newer,
     )
     return Generate(uuid4().hex, prompt, None if prompt_ids is None else list(prompt_ids), params, timeout,
                     batched_replies=True)

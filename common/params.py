@@ -117,6 +117,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # 0.0 = off
     seed: int = 0
     do_sample: bool = False
+    min_p: float = 0.0  # 0.0 = off
+    presence_penalty: float = 0.0  # 0.0 = off
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -127,6 +129,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 < self.typical_p <= 1:
             raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if not 0 <= self.seed < SEED_LIMIT:

@@ -45,8 +45,8 @@ from .request import GenerateRequest
 # lists what it holds (a restarted router adopts it). 5: the router's heartbeat to a worker says
 # whether it knows the worker drains (a draining worker waits for that before it exits). 6: Prefilled
 # goes once the decode worker has the KV, and Held lists no `prefilled`. 7: a drained worker says
-# Goodbye as it exits.
-PROTOCOL_VERSION = 7
+# Goodbye as it exits. 8: requests carry min_p and presence_penalty (an older worker would drop them).
+PROTOCOL_VERSION = 8
 
 # Maximum message sizes per socket kind (ZMQ_MAXMSGSIZE): control traffic is small; a KV frame
 # over tcp carries a whole prompt's cache.
@@ -93,6 +93,9 @@ class GenerateParams(msgspec.Struct, array_like=True, kw_only=True):
     # false: compute every prompt token, none taken from the prefill workers' prefix cache (llama.cpp's
     # `cache_prompt`); the answer is the same either way
     cache_prompt: bool = True
+    # last, with defaults: the arrays of older clients, which lack them, still decode
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
 
 
 class Generate(msgspec.Struct, **_STRUCT):
@@ -168,14 +171,15 @@ def _by_name(cls: type[msgspec.Struct], tag: str | None = None, strict: bool = F
              **types) -> type[msgspec.Struct]:
     """`cls` with the same fields and defaults, encoded as an object (tagged by "type" when `tag` is
     given); `types` replaces some fields' types. `strict`: unknown fields are refused (requests: a
-    misspelt parameter is an error, not a default), else ignored (replies: an older client reads a
-    newer gateway's)."""
+    misspelt parameter is an error, not a default) and fields at their defaults are not sent (so a
+    gateway older than its client takes every request that uses none of the newer fields), else
+    ignored (replies: an older client reads a newer gateway's)."""
     fields = []
     for f in msgspec.structs.fields(cls):
         default = f.default if f.default is not msgspec.NODEFAULT else msgspec.field(default_factory=f.default_factory)
         fields.append((f.name, types.get(f.name, f.type), default))
-    return msgspec.defstruct(f"Ws{cls.__name__}", fields, kw_only=True, forbid_unknown_fields=strict, tag=tag,
-                             tag_field="type" if tag else None)
+    return msgspec.defstruct(f"Ws{cls.__name__}", fields, kw_only=True, forbid_unknown_fields=strict,
+                             omit_defaults=strict, tag=tag, tag_field="type" if tag else None)
 
 
 WsParameters = _by_name(GenerateParams, strict=True)

@@ -1,4 +1,5 @@
-"""Batched next-token choice: penalties, temperature, top-k / top-p / typical-p, then Gumbel-max.
+"""Batched next-token choice: penalties, temperature, top-k / top-p / min-p / typical-p, then
+Gumbel-max.
 
 One call handles a whole prefill or decode batch with per-row parameters held in tensors; there
 is no Python loop over rows and no host sync inside `sample`.
@@ -35,9 +36,11 @@ _HOST_DTYPE = np.dtype(
         ("temperature", np.float32),
         ("top_k", np.int64),
         ("top_p", np.float32),
+        ("min_p", np.float32),
         ("typical_p", np.float32),
         ("repetition_penalty", np.float32),
         ("frequency_penalty", np.float32),
+        ("presence_penalty", np.float32),
         ("seed", np.int64),
         ("greedy", np.bool_),
     ]
@@ -48,14 +51,16 @@ def _host_row(p: SamplingParams) -> tuple:
     # Greedy rows get neutral temperature and filters so the batched math needs no per-row branch:
     # dividing by 1 and thresholds of -inf leave their (penalized) logits untouched.
     if p.greedy:
-        return (1.0, 0, 1.0, 1.0, p.repetition_penalty, p.frequency_penalty, p.seed, True)
+        return (1.0, 0, 1.0, 0.0, 1.0, p.repetition_penalty, p.frequency_penalty, p.presence_penalty, p.seed, True)
     return (
         p.temperature,
         p.top_k,
         p.top_p,
+        p.min_p,
         p.typical_p,
         p.repetition_penalty,
         p.frequency_penalty,
+        p.presence_penalty,
         p.seed,
         False,
     )
@@ -67,8 +72,10 @@ def _flags(host: np.ndarray) -> dict:
         any_top_k=bool((host["top_k"] > 0).any()),
         max_top_k=int(host["top_k"].max(initial=0)),
         any_top_p=bool((host["top_p"] < 1).any()),
+        any_min_p=bool((host["min_p"] > 0).any()),
         any_typical=bool((host["typical_p"] < 1).any()),
-        any_penalty=bool(((host["repetition_penalty"] != 1) | (host["frequency_penalty"] != 0)).any()),
+        any_penalty=bool(((host["repetition_penalty"] != 1) | (host["frequency_penalty"] != 0)
+                          | (host["presence_penalty"] != 0)).any()),
     )
 
 
@@ -83,9 +90,11 @@ class SamplingTensors:
     temperature: torch.Tensor  # [B] float32
     top_k: torch.Tensor  # [B] int64
     top_p: torch.Tensor  # [B] float32
+    min_p: torch.Tensor  # [B] float32
     typical_p: torch.Tensor  # [B] float32
     repetition_penalty: torch.Tensor  # [B] float32
     frequency_penalty: torch.Tensor  # [B] float32
+    presence_penalty: torch.Tensor  # [B] float32
     seed: torch.Tensor  # [B] int64
     greedy: torch.Tensor  # [B] bool
     seed_key: torch.Tensor  # [B] int64, 32-bit hash of seed: hashed once here, not every step
@@ -93,6 +102,7 @@ class SamplingTensors:
     any_top_k: bool = False
     max_top_k: int = 0
     any_top_p: bool = False
+    any_min_p: bool = False
     any_typical: bool = False
     any_penalty: bool = False
     _host: np.ndarray = field(default=None, repr=False, compare=False)
@@ -174,7 +184,8 @@ def sample(
 def process_logits(
     logits: torch.Tensor, st: SamplingTensors, token_counts: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Float32 logits after penalties, temperature, top-k, top-p and typical-p (filtered = -inf).
+    """Float32 logits after penalties, temperature, top-k, top-p, min-p and typical-p (filtered =
+    -inf), in transformers' order.
 
     May return `logits` itself when it is float32 and nothing applies; never writes into it.
     """
@@ -191,6 +202,8 @@ def process_logits(
         _top_k_(scores, st.top_k, st.max_top_k)
     if st.any_top_p:
         _top_p_(scores, st.top_p)
+    if st.any_min_p:
+        _min_p_(scores, st.min_p)
     if st.any_typical:
         _typical_(scores, st.typical_p)
     return scores
@@ -198,11 +211,14 @@ def process_logits(
 
 def _penalize(scores: torch.Tensor, st: SamplingTensors, counts: torch.Tensor) -> torch.Tensor:
     # Repetition penalty as transformers' RepetitionPenaltyLogitsProcessor (penalty 1 is exact
-    # identity), then frequency penalty as OpenAI's logit -= penalty * count.
+    # identity), then frequency and presence penalties as OpenAI's
+    # logit -= frequency * count + presence * (count > 0).
     rep = st.repetition_penalty[:, None]  # [B, 1]
+    seen = counts > 0  # [B, V]
     penalized = torch.where(scores < 0, scores * rep, scores / rep)  # [B, V]
-    scores = torch.where(counts > 0, penalized, scores)
-    return scores.sub_(counts * st.frequency_penalty[:, None])
+    scores = torch.where(seen, penalized, scores)
+    scores.sub_(counts * st.frequency_penalty[:, None])
+    return scores.sub_(seen * st.presence_penalty[:, None])
 
 
 def _top_k_(scores: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> None:
@@ -225,6 +241,14 @@ def _top_p_(scores: torch.Tensor, top_p: torch.Tensor) -> None:
     # cum is non-decreasing, so a binary search counts the entries <= cut without a [B, V] pass.
     n_drop = torch.searchsorted(cum, cut, right=True).clamp_(max=scores.shape[-1] - 1)  # [B, 1]
     scores.masked_fill_(scores < ascending.gather(1, n_drop), float("-inf"))
+
+
+def _min_p_(scores: torch.Tensor, min_p: torch.Tensor) -> None:
+    # transformers' MinPLogitsWarper keeps the tokens whose probability is at least min_p times
+    # the largest one's: on the logits, those within log(min_p) of the largest (no softmax needed).
+    # min_p 0 gives a -inf threshold; the largest is always kept.
+    cut = scores.amax(dim=-1, keepdim=True) + min_p.log()[:, None]  # [B, 1]
+    scores.masked_fill_(scores < cut, float("-inf"))
 
 
 def _typical_(scores: torch.Tensor, typical_p: torch.Tensor) -> None:

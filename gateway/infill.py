@@ -39,11 +39,13 @@ ERRORS = {status: {"model": InfillError} for status in (400, 429, 503)}
 LLAMA_ERRORS = {"validation": (400, "invalid_request_error"), "unauthorized": (401, "authentication_error"),
                 "payload_too_large": (413, "invalid_request_error"), "overloaded": (429, "unavailable_error"),
                 "unavailable": (503, "unavailable_error"), "timeout": (504, "server_error")}
-# llama.cpp's sampler names and letters -> the setting each applies; the others (infill, min_p, dry,
-# xtc, top_n_sigma) splitserve lacks and ignores
+# llama.cpp's sampler names and letters -> the setting each applies; the others (infill, dry, xtc,
+# top_n_sigma) splitserve lacks and ignores
 SAMPLERS = {"penalties": "penalties", "e": "penalties", "top_k": "top_k", "k": "top_k", "typ_p": "typ_p",
-            "y": "typ_p", "top_p": "top_p", "p": "top_p", "temperature": "temperature", "t": "temperature"}
-DEFAULT_SAMPLERS = ("penalties", "top_k", "typ_p", "top_p", "temperature")  # llama.cpp's default chain, in order
+            "y": "typ_p", "top_p": "top_p", "p": "top_p", "min_p": "min_p", "m": "min_p",
+            "temperature": "temperature", "t": "temperature"}
+# llama.cpp's default chain, in order (of those splitserve has)
+DEFAULT_SAMPLERS = ("penalties", "top_k", "typ_p", "top_p", "min_p", "temperature")
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # as -1: a random seed
 
 
@@ -100,8 +102,10 @@ def infill_job(ctx: ApiContext, prompts: InfillPrompts | None, body: InfillReque
         top_k=max(body.top_k, 0) if "top_k" in on else 0,  # llama.cpp: <= 0 is off, as >= 1 for top_p
         top_p=min(body.top_p, 1.0) if "top_p" in on else 1.0,
         typical_p=min(body.typical_p, 1.0) if "typ_p" in on else 1.0,
+        min_p=min(max(body.min_p, 0.0), 1.0) if "min_p" in on else 0.0,  # llama.cpp: <= 0 is off
         repetition_penalty=body.repeat_penalty if "penalties" in on else 1.0,
         frequency_penalty=body.frequency_penalty if "penalties" in on else 0.0,
+        presence_penalty=body.presence_penalty if "penalties" in on else 0.0,
         seed=None if body.seed < 0 or body.seed == LLAMA_DEFAULT_SEED else body.seed,
         stop=[s for s in body.stop if s], stop_token_ids=list(prompts.fim.end_ids),
         strip_stop=False,  # the stop string stays in the text, to be found there and cut (stopping_word)
@@ -223,8 +227,9 @@ class Completion:
         body, params = self.job.body, self.job.msg.params
         return {"n_predict": body.n_predict, "seed": self.seed if self.seed is not None else body.seed,
                 "temperature": body.temperature, "top_k": body.top_k, "top_p": body.top_p,
-                "typical_p": body.typical_p, "repeat_penalty": body.repeat_penalty,
-                "frequency_penalty": body.frequency_penalty, "stop": params.stop, "n_indent": body.n_indent,
+                "typical_p": body.typical_p, "min_p": body.min_p, "repeat_penalty": body.repeat_penalty,
+                "frequency_penalty": body.frequency_penalty, "presence_penalty": body.presence_penalty,
+                "stop": params.stop, "n_indent": body.n_indent,
                 "t_max_predict_ms": body.t_max_predict_ms, "cache_prompt": body.cache_prompt,
                 "stream": body.stream, "samplers": list(self.job.samplers), "n_ctx": ctx.limits.max_total_tokens}
 

@@ -2,7 +2,7 @@
 send it. Defaults are llama.cpp's; null means unset and unknown fields are ignored, as there. Fields
 llama.cpp takes that change nothing here are accepted and ignored: `t_max_prompt_ms` (a TODO in
 llama.cpp too), `id_slot` (splitserve has no slots), `n_cmpl` (one completion is answered),
-`model`, `lora`, `min_p`, `dry_*`, `xtc_*` and the rest."""
+`model`, `lora`, `dry_*`, `xtc_*` and the rest."""
 
 from __future__ import annotations
 
@@ -29,11 +29,14 @@ class InfillRequest(ClientBody):
     top_k: int = Field(40, description="<= 0 is off")
     top_p: float = Field(0.95, description=">= 1 is off", **schema(exclusiveMinimum=0))
     typical_p: float = Field(1.0, description=">= 1 is off", **schema(exclusiveMinimum=0))
+    min_p: float = Field(0.05, description="keep the tokens at least this share of the likeliest one's "
+                         "probability; <= 0 is off")
     repeat_penalty: float = Field(1.0, description="1 is off", **schema(exclusiveMinimum=0))
     frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     samplers: list[str] | str | None = Field(None, description="which of the sampling settings apply: names "
-                                             "(top_k, typ_p, top_p, temperature, penalties) or their letters "
-                                             "(kypte); others are ignored; default: all")
+                                             "(top_k, typ_p, top_p, min_p, temperature, penalties) or their "
+                                             "letters (kypmte); others are ignored; default: all")
     seed: int = Field(-1, description="-1: random")
     stop: list[str] = Field([], description="stop strings, at most 4; a matched one is cut from the content")
     n_indent: int = Field(0, description="stop at a line indented less than this (the line's start is kept)",

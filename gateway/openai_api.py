@@ -130,12 +130,12 @@ def _check_sampling(body: SamplingFields) -> None:
         ("n", body.n, lambda v: 1 <= v <= MAX_N, f"must be in [1, {MAX_N}]"),
         ("max_tokens", body.max_tokens, lambda v: v >= 1, "must be at least 1"),
         ("frequency_penalty", body.frequency_penalty, lambda v: -2 <= v <= 2, "must be in [-2, 2]"),
-        ("presence_penalty", body.presence_penalty, lambda v: v == 0,
-         "is not supported by this server (use frequency_penalty or repetition_penalty); it must be 0"),
+        ("presence_penalty", body.presence_penalty, lambda v: -2 <= v <= 2, "must be in [-2, 2]"),
         ("logit_bias", body.logit_bias, lambda v: not v, "is not supported by this server; it must be empty"),
         ("seed", body.seed, lambda v: 0 <= v < SEED_LIMIT, "must be in [0, 2**63)"),
         ("top_k", body.top_k, lambda v: v >= 0, "must be >= 0"),
         ("repetition_penalty", body.repetition_penalty, lambda v: v > 0, "must be > 0"),
+        ("min_p", body.min_p, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     ]
     for name, value, ok, rule in checks:
         if value is not None and not ok(value):
@@ -178,9 +178,9 @@ def _messages(body: SamplingFields, prompts: list[list[int]], max_tokens: int, *
             seed = None if base is None else base if body.n == 1 else derive_seed(base, i)
             params = P.GenerateParams(
                 max_new_tokens=max_tokens, do_sample=sampled, temperature=body.temperature if sampled else 1.0,
-                top_k=body.top_k, top_p=body.top_p, repetition_penalty=body.repetition_penalty,
-                frequency_penalty=body.frequency_penalty, seed=seed, stop=stop, stop_token_ids=list(stop_token_ids),
-                strip_stop=True, logprobs=logprobs,
+                top_k=body.top_k, top_p=body.top_p, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty, seed=seed,
+                stop=stop, stop_token_ids=list(stop_token_ids), strip_stop=True, logprobs=logprobs,
                 top_n_tokens=top_n, prompt_logprobs=prompt_logprobs)
             msgs.append(P.Generate(uuid4().hex, prompt_ids=ids, params=params))
     return msgs

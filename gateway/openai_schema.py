@@ -42,13 +42,17 @@ class SamplingFields(ClientBody):  # ClientBody: many OpenAI clients send null f
     stop: str | list[str] | None = Field(None, description="at most 4; a matched stop is cut from the text",
                                          **schema(maxItems=MAX_STOP_SEQUENCES))
     seed: int | None = Field(None, **schema(minimum=0, maximum=SEED_LIMIT - 1))
-    frequency_penalty: float = Field(0.0, description="in [-2, 2]", **schema(minimum=-2, maximum=2))
-    presence_penalty: float = Field(0.0, description="not supported: must be 0", **schema(minimum=0, maximum=0))
+    frequency_penalty: float = Field(0.0, description="in [-2, 2]: minus this times each token's count in the prompt "
+                                     "and the text so far", **schema(minimum=-2, maximum=2))
+    presence_penalty: float = Field(0.0, description="in [-2, 2]: minus this for each token in the prompt or the text "
+                                    "so far", **schema(minimum=-2, maximum=2))
     logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
     user: str | None = None
     # Extensions most OpenAI-compatible servers take.
     top_k: int = Field(0, description="extension: top-k sampling (0 is off)", **schema(minimum=0, maximum=MAX_TOP_K))
     repetition_penalty: float = Field(1.0, description="extension: > 0, 1 is off", **schema(exclusiveMinimum=0))
+    min_p: float = Field(0.0, description="extension: keep the tokens at least this share of the likeliest one's "
+                         "probability, in [0, 1] (0 is off)", **schema(minimum=0, maximum=1))
 
 
 class CompletionRequest(SamplingFields):

@@ -24,7 +24,8 @@ from splitserve.common.params import (
 from splitserve.common.request import GenerateRequest
 from splitserve.common.tokenizer import Tokenizer
 
-FLOAT_PARAMS = ("temperature", "top_p", "typical_p", "repetition_penalty", "frequency_penalty")
+FLOAT_PARAMS = ("temperature", "top_p", "typical_p", "min_p", "repetition_penalty", "frequency_penalty",
+                "presence_penalty")
 
 
 def check_token_ids(name: str, ids: list[int], vocab: int) -> None:
@@ -49,7 +50,8 @@ def sampling_params(p: P.GenerateParams) -> SamplingParams:
     seed = p.seed if p.seed is not None else (random_seed() if do_sample else 0)
     try:
         return SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, typical_p=p.typical_p,
-                              repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty,
+                              min_p=p.min_p, repetition_penalty=p.repetition_penalty,
+                              frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
                               seed=seed, do_sample=do_sample)
     except ValueError as e:
         raise ValidationError(str(e)) from None

@@ -105,6 +105,15 @@ def test_openai_client_gets_what_the_zmq_client_gets(pipeline, zmq, tokenizer):
     # a seeded sampled request samples as the same request does over ZMQ (and TGI)
     sampled = client.completions.create(model="x", prompt=PROMPT, max_tokens=10, temperature=0.9, seed=7)
     assert sampled.choices[0].text == zmq.generate(PROMPT, max_new_tokens=10, temperature=0.9, seed=7).text
+    # presence_penalty reaches the sampler as over ZMQ (greedy: no token of the prompt or the answer again)
+    apart = client.completions.create(model="x", prompt=PROMPT, max_tokens=10, temperature=0, presence_penalty=2)
+    want = zmq.generate(PROMPT, max_new_tokens=10, presence_penalty=2.0)
+    assert apart.choices[0].text == want.text and want.token_ids != ref.token_ids[:10]
+    # min_p 1 (OpenAI: an extension) leaves only the likeliest token: a sampled answer is greedy's
+    best = client.completions.create(model="x", prompt=PROMPT, max_tokens=10, temperature=0.9, seed=7,
+                                     extra_body={"min_p": 1.0})
+    assert best.choices[0].text == zmq.generate(PROMPT, max_new_tokens=10).text
+    assert zmq.generate(PROMPT, max_new_tokens=10, temperature=1.5, seed=7, min_p=1.0).token_ids == ref.token_ids[:10]
     assert [m.id for m in client.models.list().data] == ["tiny-random"]
 
 
@@ -343,7 +352,8 @@ def test_unknown_fields_are_ignored_and_null_is_unset(http):
     ({"n": 0}, "n", "`n` must be in [1, 128]"),
     ({"max_tokens": 0}, "max_tokens", "`max_tokens` must be at least 1"),
     ({"max_tokens": 5000}, None, "exceeds max_total_tokens 2048"),
-    ({"presence_penalty": 0.5}, "presence_penalty", "`presence_penalty` is not supported"),
+    ({"presence_penalty": 2.5}, "presence_penalty", "`presence_penalty` must be in [-2, 2]"),
+    ({"min_p": 1.5}, "min_p", "`min_p` must be in [0, 1]"),
     ({"logit_bias": {"12": 3}}, "logit_bias", "`logit_bias` is not supported"),
     ({"logprobs": 6}, "logprobs", "`logprobs` must be in [0, 5]"),
     ({"best_of": 3}, "best_of", "is not supported"),

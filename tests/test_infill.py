@@ -266,6 +266,18 @@ def test_stop_strings_are_cut_from_the_content(tiny):
     assert (d["content"], d["stop_type"], d["stopping_word"]) == (full[:full.index("\n")], "word", "\n")
 
 
+def test_min_p_is_among_llama_cpps_default_samplers(tiny):
+    """Without `samplers`, llama.cpp's default chain applies, min_p (0.05) in it. min_p 1 leaves only
+    the likeliest token: a sampled answer is then the greedy one (penalties alike)."""
+    sampled = {**GREEDY, "temperature": 1.5, "seed": 3, "n_predict": 16, "return_tokens": True}
+    settings = answer(tiny, sampled)["generation_settings"]
+    assert settings["samplers"] == ["penalties", "top_k", "typ_p", "top_p", "min_p", "temperature"]
+    assert settings["min_p"] == 0.05
+    only_best = answer(tiny, {**sampled, "min_p": 1.0, "samplers": "emt"})
+    assert only_best["generation_settings"]["samplers"] == ["penalties", "min_p", "temperature"]
+    assert only_best["tokens"] == answer(tiny, {**GREEDY, "n_predict": 16, "return_tokens": True})["tokens"]
+
+
 def test_streaming_sends_each_step_then_the_final_answer(tiny):
     whole = answer(tiny, GREEDY)
     got = events(tiny, {**GREEDY, "response_fields": ["content", "stop", "tokens_predicted", "timings/predicted_n"]})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers.generation.logits_process import (
+    MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -72,6 +73,7 @@ OTHER_PARAMS = [
     SamplingParams(do_sample=True, top_k=2, seed=4, repetition_penalty=1.5),
     SamplingParams(do_sample=True, typical_p=0.5, seed=5),
     SamplingParams(do_sample=True, top_p=0.3, top_k=40, seed=6, frequency_penalty=0.7),
+    SamplingParams(do_sample=True, min_p=0.2, seed=7, presence_penalty=0.5),
     SamplingParams(repetition_penalty=2.0),
 ]
 
@@ -83,6 +85,7 @@ OTHER_PARAMS = [
         SamplingParams(do_sample=True, seed=(1 << 63) - 1),
         SamplingParams(do_sample=True, typical_p=0.9, repetition_penalty=1.2, seed=9),
         SamplingParams(repetition_penalty=1.3, frequency_penalty=0.5),
+        SamplingParams(do_sample=True, temperature=1.2, min_p=0.1, presence_penalty=0.8, seed=10),
     ],
 )
 def test_row_result_does_not_depend_on_the_batch(params):
@@ -179,11 +182,18 @@ def test_typical_p_mask_matches_transformers(mass):
     assert torch.equal(torch.isinf(mine), hf_mask(TypicalLogitsWarper(mass), logits))
 
 
+@pytest.mark.parametrize("min_p", [0.01, 0.1, 0.5, 1.0])
+def test_min_p_mask_matches_transformers(min_p):
+    logits = torch.randn(8, 500, generator=torch.Generator().manual_seed(13)) * 3
+    mine = process_logits(logits, repeated(SamplingParams(do_sample=True, min_p=min_p), 8))
+    assert torch.equal(torch.isinf(mine), hf_mask(MinPLogitsWarper(min_p), logits))
+
+
 def test_filters_chain_in_transformers_order():
     logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(8)) * 2
-    params = SamplingParams(do_sample=True, temperature=0.7, top_k=50, top_p=0.8, typical_p=0.9)
+    params = SamplingParams(do_sample=True, temperature=0.7, top_k=50, top_p=0.8, min_p=0.05, typical_p=0.9)
     expected = logits / 0.7
-    for warper in (TopKLogitsWarper(50), TopPLogitsWarper(0.8), TypicalLogitsWarper(0.9)):
+    for warper in (TopKLogitsWarper(50), TopPLogitsWarper(0.8), MinPLogitsWarper(0.05), TypicalLogitsWarper(0.9)):
         expected = warper(None, expected)
     mine = process_logits(logits, repeated(params, 4))
     assert torch.equal(torch.isinf(mine), torch.isinf(expected))
@@ -193,7 +203,8 @@ def test_filters_chain_in_transformers_order():
 
 def test_filters_off_rows_are_untouched_in_a_filtering_batch():
     logits = torch.randn(2, 300, generator=torch.Generator().manual_seed(9))
-    st = st_of(SamplingParams(do_sample=True, top_k=3, top_p=0.5, typical_p=0.5), SamplingParams(do_sample=True))
+    st = st_of(SamplingParams(do_sample=True, top_k=3, top_p=0.5, min_p=0.2, typical_p=0.5),
+               SamplingParams(do_sample=True))
     assert torch.equal(process_logits(logits, st)[1], logits[1])
 
 
@@ -217,6 +228,16 @@ def test_frequency_penalty_scales_with_count():
     assert probs[0] == probs[4] and probs[0] > probs[1] > probs[2] > probs[3] > probs[5]
     with pytest.raises(ValueError):
         process_logits(logits, st_of(params))
+
+
+def test_presence_penalty_counts_each_seen_token_once_beside_frequency():
+    logits = torch.zeros(1, 6)
+    counts = torch.tensor([[0, 1, 2, 3, 0, 5]], dtype=torch.int32)
+    mine = process_logits(logits, st_of(SamplingParams(do_sample=True, presence_penalty=0.4)), counts)
+    assert torch.equal(mine, -0.4 * (counts > 0).float())
+    both = SamplingParams(do_sample=True, frequency_penalty=0.5, presence_penalty=-0.3)  # OpenAI's [-2, 2]
+    mine = process_logits(logits, st_of(both), counts)
+    assert torch.equal(mine, -0.5 * counts.float() + 0.3 * (counts > 0).float())
 
 
 def test_penalties_apply_to_greedy_rows():
@@ -324,7 +345,8 @@ def test_build_accepts_objects_and_validates():
 
     st = SamplingTensors.build([Req()], "cpu")
     assert st.temperature.tolist() == [0.5] and st.seed.tolist() == [3] and not st.all_greedy
-    for bad in (dict(top_p=0.0), dict(temperature=-1.0), dict(seed=1 << 63), dict(top_k=-1)):
+    for bad in (dict(top_p=0.0), dict(temperature=-1.0), dict(seed=1 << 63), dict(top_k=-1), dict(min_p=-0.1),
+                dict(min_p=1.5)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
 

@@ -16,6 +16,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None, help="sample at this temperature (greedy when no sampling flag is given)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None, help="keep tokens at least this share of the likeliest one's "
+                   "probability")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (random when not given)")
     p.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": "..."} of the new tokens')
 
@@ -25,11 +27,12 @@ def run(args: argparse.Namespace) -> int:
     from splitserve.runtime_setup import open_model
 
     model = open_model(model_options(args))
-    sampled = any(v is not None for v in (args.temperature, args.top_k, args.top_p, args.seed))
+    sampled = any(v is not None for v in (args.temperature, args.top_k, args.top_p, args.min_p, args.seed))
     sampling = SamplingParams(
         temperature=1.0 if args.temperature is None else args.temperature,
         top_k=args.top_k or 0,
         top_p=1.0 if args.top_p is None else args.top_p,
+        min_p=args.min_p or 0.0,
         seed=random_seed() if args.seed is None else args.seed,
         do_sample=sampled,
     )

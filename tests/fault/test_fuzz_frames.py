@@ -78,6 +78,8 @@ PARAMS = {
     "prompt_logprobs": (st.booleans(), st.booleans()),
     "truncate": (st.one_of(st.none(), st.integers(1, 200)), edge_ints),
     "cache_prompt": (st.booleans(), st.booleans()),
+    "min_p": (st.floats(0.0, 1.0), edge_floats),
+    "presence_penalty": (st.floats(-2.0, 2.0), edge_floats),
 }
 assert list(PARAMS) == [f.name for f in msgspec.structs.fields(P.GenerateParams)]
 DEFAULTS = msgspec.structs.asdict(P.GenerateParams())
