@@ -83,9 +83,11 @@ def new_generate(prompt: str | None = None, *, max_new_tokens: int = 20, tempera
     `generate` and `stream` on both clients.
 
     Sampling happens when any of temperature, top_k, top_p, typical_p, min_p or seed is given, as
-    in the CLI, and greedy decoding otherwise; temperature 0 is greedy. `details` asks for each token's
-    logprob. `timeout` (seconds) bounds the wait on the client and is the gateway's deadline too.
-    Give `prompt_ids` instead of `prompt` to skip tokenization.
+    in the CLI, and greedy decoding otherwise; temperature 0 is greedy. `min_p` keeps the tokens at
+    least that share of the likeliest one's probability; `frequency_penalty` and `presence_penalty`
+    lower each token by its count, or once, in the prompt and the answer so far. `details` asks for
+    each token's logprob. `timeout` (seconds) bounds the wait on the client and is the gateway's
+    deadline too. Give `prompt_ids` instead of `prompt` to skip tokenization.
     """
     sampled = temperature != 0 and any(v is not None for v in (temperature, top_k, top_p, typical_p, min_p, seed))
     # the newer options only where given: a field at its default is not sent over WebSocket, so a
