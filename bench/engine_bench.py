@@ -89,6 +89,12 @@ SHAPES = {
         num_attention_heads=32, num_key_value_heads=2, head_dim=128, intermediate_size=13696, partial_rotary_factor=0.5,
         rope_theta=10000.0, rms_norm_eps=1e-5, attention_bias=True, tie_word_embeddings=False,
         eos_token_id=[151329, 151336, 151338], pad_token_id=151329),
+    # llama-tiny's size as StarCoder2 is laid out: biases, LayerNorm, a gelu MLP, the same window on every
+    # layer (so a slot keeps only that ring of keys)
+    "starcoder2-tiny": dict(
+        model_type="starcoder2", vocab_size=8192, max_position_embeddings=2048, hidden_size=256, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, intermediate_size=688, sliding_window=64, bos_token_id=0,
+        eos_token_id=0),
     # llama-tiny's size as Gemma 2 is laid out: capped scores and logits, sandwich norms, a window on every other layer
     "gemma2-tiny": dict(
         model_type="gemma2", vocab_size=8192, max_position_embeddings=2048, hidden_size=256, num_hidden_layers=4,

@@ -500,6 +500,13 @@ def kv_rings(windows: tuple[int, ...], slot_len: int) -> tuple[int, ...]:
     return tuple(ring if window and (ring := -(-window // 8) * 8) < slot_len else 0 for window in windows)
 
 
+def slot_keys(rings: tuple[int, ...], slot_len: int) -> int:
+    """Keys a slot of the pool holds per layer: where every layer keeps one and the same ring
+    (StarCoder2: windows of 4,096 on all its layers), the ring, whatever the slot's length; else
+    the slot's length."""
+    return rings[0] if rings[0] and len(set(rings)) == 1 else slot_len
+
+
 def ring_layers(rings: tuple[int, ...], device) -> dict[int, torch.Tensor]:
     """Each ring length's layers, as the index `to_rings` takes (made once: a tensor made from a
     list at admission would wait for the step running on a GPU)."""
@@ -507,24 +514,28 @@ def ring_layers(rings: tuple[int, ...], device) -> dict[int, torch.Tensor]:
             for ring in set(rings) - {0}}
 
 
-def to_rings(slot_kv: torch.Tensor, n: int, layers: dict[int, torch.Tensor]) -> None:
-    """slot_kv [n_layer, 2, KVH, L, D], a slot holding a prompt's n positions in order: each
-    ring's layers (from ring_layers) get the prompt's last `ring` positions at p % ring."""
+def to_rings(slot_kv: torch.Tensor, n: int, layers: dict[int, torch.Tensor], held: int) -> None:
+    """slot_kv [n_layer, 2, KVH, L, D], a slot holding the last `held` of a prompt's n positions in
+    order from its start (all of them, or a ring-long slot's last ring): each ring's layers (from
+    ring_layers) get the prompt's last `ring` positions at p % ring."""
     for ring, index in layers.items():
         if n > ring:
-            last = slot_kv[:, :, :, n - ring : n].index_select(0, index)  # a copy: it overlaps [:ring]
+            last = slot_kv[:, :, :, held - ring : held].index_select(0, index)  # a copy: it overlaps [:ring]
             slot_kv[:, :, :, :ring].index_copy_(0, index, last.roll(n % ring, -2))
 
 
-def decode_buffers(cfg: ModelConfig, kv: torch.Tensor, scratch: torch.Tensor, b: int, key_len: int) -> DecodeBuffers:
-    """kv: the pool [n_layer, 2, S, KVH, L, D]; scratch: from decode_scratch for that pool."""
+def decode_buffers(cfg: ModelConfig, kv: torch.Tensor, scratch: torch.Tensor, b: int, key_len: int,
+                   rings: tuple[int, ...] | None = None) -> DecodeBuffers:
+    """kv: the pool [n_layer, 2, S, KVH, L, D]; scratch: from decode_scratch for that pool; rings:
+    kv_rings for the pool's slot length (by default L: a pool of whole slots)."""
     _, _, s, kvh, length, d = kv.shape
-    lens = [min(key_len, ring) if ring else key_len for ring in kv_rings(cfg.windows, length)]  # N per layer
+    rings = kv_rings(cfg.windows, length) if rings is None else rings
+    lens = [min(key_len, ring) if ring else key_len for ring in rings]  # N per layer
     write = [layer.view(2, s * kvh * length, d) for layer in kv]
     keys_t = [layer[0, :b, :, :n].view(b * kvh, n, d).transpose(1, 2) for layer, n in zip(kv, lens)]
     values = [layer[1, :b, :, :n].view(b * kvh, n, d) for layer, n in zip(kv, lens)]
     e, g, i, span = cfg.n_embd, cfg.n_head // kvh, cfg.n_inner, cfg.decode_width
-    shapes = ((b, e), (b, cfg.q_dim + 2 * cfg.kv_dim), (b * kvh, g, span), (2, b * kvh, d), (b * kvh * g * key_len,),
+    shapes = ((b, e), (b, cfg.q_dim + 2 * cfg.kv_dim), (b * kvh, g, span), (2, b * kvh, d), (b * kvh * g * max(lens),),
               (b * kvh, g, span), (b, (2 if cfg.mlp == "gated" else 1) * i), (b, i if cfg.mlp == "gated" else 0),
               (b, e), (b, cfg.vocab_size))
     pieces, start = [], 0

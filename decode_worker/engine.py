@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from splitserve.common.loading import LoadedModel
-from splitserve.common.model import kv_rings, ring_layers, to_rings
+from splitserve.common.model import kv_rings, ring_layers, slot_keys, to_rings
 from splitserve.common.params import STOP_IDS_PER_REQUEST, Finish, SamplingParams
 from splitserve.common.request import GenerateRequest
 from splitserve.common.sampling import (
@@ -53,8 +53,9 @@ class DecodeEngine:
             raise ValueError(f"CUDA graphs need a CUDA device, not {dev}")
         self.model = model
         self.num_slots, self.slot_len, self.key_bucket = num_slots, slot_len, key_bucket
-        self.kv = allocate_pool(cfg, num_slots, slot_len, model.dtype, dev)
-        self.ring_layers = ring_layers(kv_rings(cfg.windows, slot_len), dev)
+        rings = kv_rings(cfg.windows, slot_len)
+        self.kv = allocate_pool(cfg, num_slots, slot_keys(rings, slot_len), model.dtype, dev)
+        self.ring_layers = ring_layers(rings, dev)
         self.slots = SlotAllocator(num_slots)
         # Per-slot state, read by the step as views of the first B rows.
         self.tokens = torch.zeros(num_slots, dtype=torch.long, device=dev)  # newest token
@@ -82,8 +83,8 @@ class DecodeEngine:
         multiples of `graph_key_step`, or (None) eager steps over the exact slot prefix."""
         w = self.model.weights
         if graph_key_step is None:
-            return StepRunner.exact(w, self.kv, self.tokens, self.positions, self.key_bucket)
-        return StepRunner.graphs(w, self.kv, self.tokens, self.positions, graph_key_step)
+            return StepRunner.exact(w, self.kv, self.tokens, self.positions, self.key_bucket, self.slot_len)
+        return StepRunner.graphs(w, self.kv, self.tokens, self.positions, graph_key_step, slot_len=self.slot_len)
 
     @property
     def free_slots(self) -> int:
@@ -92,21 +93,25 @@ class DecodeEngine:
     def admit(self, request: GenerateRequest, kv: torch.Tensor, first_token: int) -> int:
         """Copy a prompt's KV ([n_layer, 2, n, KVH, D]) into the lowest free slot; the slot then
         decodes from `first_token`, which sits at position n."""
-        return self.admit_with(request, kv.shape[2], first_token, lambda dst: dst.copy_(kv.transpose(2, 3)))
+        return self.admit_with(request, kv.shape[2], first_token,
+                               lambda dst, skip: dst.copy_(kv[:, :, skip:].transpose(2, 3)))
 
     def admit_with(self, request: GenerateRequest, n: int, first_token: int, fill) -> int:
-        """As `admit`, the KV of the prompt's n tokens written by `fill(dst)` into the slot's
-        [n_layer, 2, KVH, n, D] view (a NIXL read lands there directly). A fill that raises gives
-        the slot back, unless the error says the slot may still be written to (`slot_unsafe`): such
-        a slot is never handed out again. A windowed layer's prompt K/V then moves into its ring."""
+        """As `admit`, the KV of the prompt's n tokens written by `fill(dst, skip)` into the slot's
+        [n_layer, 2, KVH, n - skip, D] view (a NIXL read lands there directly): all of them, or in a
+        ring-long slot (model.slot_keys) the last ring of them, skipping the first `skip`. A fill
+        that raises gives the slot back, unless the error says the slot may still be written to
+        (`slot_unsafe`): such a slot is never handed out again. A windowed layer's prompt K/V then
+        moves into its ring."""
         if n + request.max_new_tokens > self.slot_len:
             raise ValueError(f"{n} prompt + {request.max_new_tokens} new tokens exceed the slot length {self.slot_len}")
         if len(request.stop_token_ids) > STOP_IDS_PER_REQUEST:
             raise ValueError(f"at most {STOP_IDS_PER_REQUEST} stop token ids are supported")
         slot = self.slots.take()
         try:
-            fill(self.kv[:, :, slot, :, :n])
-            to_rings(self.kv[:, :, slot], n, self.ring_layers)
+            skip = max(0, n - self.kv.shape[4])
+            fill(self.kv[:, :, slot, :, : n - skip], skip)
+            to_rings(self.kv[:, :, slot], n, self.ring_layers, n - skip)
         except BaseException as e:
             if not getattr(e, "slot_unsafe", False):
                 self.slots.give_back(slot)

@@ -48,23 +48,26 @@ def key_buckets(slot_len: int, step: int) -> list[int]:
 
 class StepRunner:
     def __init__(self, weights: ModelWeights, kv: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-                 batch_sizes: list[int], key_lens: list[int], capture: bool = False, argmax: bool = False):
+                 batch_sizes: list[int], key_lens: list[int], capture: bool = False, argmax: bool = False,
+                 slot_len: int | None = None):
         """kv: the pool [n_layer, 2, S, KVH, L, D]; tokens, positions: the engine's per-slot [S]
         state, read in place by every step. `capture`: CUDA graphs of every shape; `argmax`: each
-        step also writes the greedy tokens (always under graphs)."""
+        step also writes the greedy tokens (always under graphs). slot_len: the tokens a slot takes,
+        L unless every layer keeps its keys in one ring (model.slot_keys): L is then the ring, and
+        a row past it steps at the last key bucket, its keys all in the ring."""
         cfg, dev = weights.cfg, kv.device
-        num_slots, slot_len = kv.shape[2], kv.shape[4]
-        if max(batch_sizes) > num_slots or max(key_lens) > slot_len:
+        num_slots, keys = kv.shape[2], kv.shape[4]
+        if max(batch_sizes) > num_slots or max(key_lens) > keys:
             raise ValueError(f"buckets up to {max(batch_sizes)} rows x {max(key_lens)} keys exceed the pool "
-                             f"({num_slots} slots of {slot_len})")
+                             f"({num_slots} slots of {keys})")
         self.weights, self.kv, self.tokens, self.positions = weights, kv, tokens, positions
         self.batch_sizes, self.key_lens = sorted(batch_sizes), sorted(key_lens)
         self.argmax = argmax or capture
         self.scratch = decode_scratch(cfg, kv)  # every shape's intermediates and logits, shared
         self.greedy = torch.zeros(num_slots, dtype=torch.long, device=dev)
-        self._offsets = row_offsets(num_slots, cfg.kv_heads, slot_len, dev)
-        self._key_index = torch.arange(slot_len, device=dev)
-        self._rings = kv_rings(cfg.windows, slot_len)
+        self._offsets = row_offsets(num_slots, cfg.kv_heads, keys, dev)
+        self._key_index = torch.arange(keys, device=dev)
+        self._rings = kv_rings(cfg.windows, slot_len or keys)
         # (B, key_len) -> (a step, the logits it writes): every shape once captured; eagerly the
         # EAGER_SHAPES made last: making a shape's views added 90-140 µs to a CPU step of 0.45-0.6
         # ms (the tiny model at batch 1, every 8th step and each request's first), and shapes
@@ -76,18 +79,19 @@ class StepRunner:
 
     @classmethod
     def exact(cls, weights: ModelWeights, kv: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-              key_bucket: int) -> StepRunner:
+              key_bucket: int, slot_len: int | None = None) -> StepRunner:
         """Eager steps over the exact slot prefix, keys rounded up to `key_bucket`."""
-        num_slots, slot_len = kv.shape[2], kv.shape[4]
-        return cls(weights, kv, tokens, positions, list(range(1, num_slots + 1)), key_buckets(slot_len, key_bucket))
+        num_slots, keys = kv.shape[2], kv.shape[4]
+        return cls(weights, kv, tokens, positions, list(range(1, num_slots + 1)), key_buckets(keys, key_bucket),
+                   slot_len=slot_len)
 
     @classmethod
     def graphs(cls, weights: ModelWeights, kv: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-               key_step: int, capture: bool = True) -> StepRunner:
+               key_step: int, capture: bool = True, slot_len: int | None = None) -> StepRunner:
         """Steps at power-of-two batch buckets and keys in multiples of `key_step`, as CUDA graphs."""
-        num_slots, slot_len = kv.shape[2], kv.shape[4]
-        return cls(weights, kv, tokens, positions, batch_buckets(num_slots), key_buckets(slot_len, key_step),
-                   capture=capture, argmax=True)
+        num_slots, keys = kv.shape[2], kv.shape[4]
+        return cls(weights, kv, tokens, positions, batch_buckets(num_slots), key_buckets(keys, key_step),
+                   capture=capture, argmax=True, slot_len=slot_len)
 
     @property
     def shapes(self) -> list[tuple[int, int]]:
@@ -98,7 +102,7 @@ class StepRunner:
         """(batch bucket, key bucket) of a step over `prefix` slots whose longest row needs
         `longest` keys."""
         return (self.batch_sizes[bisect_left(self.batch_sizes, prefix)],
-                self.key_lens[bisect_left(self.key_lens, longest)])
+                self.key_lens[bisect_left(self.key_lens, min(longest, self.key_lens[-1]))])
 
     def run(self, prefix: int, longest: int) -> tuple[int, torch.Tensor, torch.Tensor | None]:
         """One step; -> (B, logits [B, V], greedy tokens [B] or None), views of buffers that the next
@@ -115,7 +119,7 @@ class StepRunner:
 
     def _eager(self, b: int, key_len: int) -> tuple[Callable[[], None], torch.Tensor]:
         """A step at this shape, and the logits [B, V] it writes."""
-        bufs = decode_buffers(self.weights.cfg, self.kv, self.scratch, b, key_len)
+        bufs = decode_buffers(self.weights.cfg, self.kv, self.scratch, b, key_len, self._rings)
         return (lambda: self._step(b, key_len, bufs)), bufs.logits
 
     def _step(self, b: int, key_len: int, bufs: DecodeBuffers) -> None:

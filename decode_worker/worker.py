@@ -20,6 +20,7 @@ from splitserve.common.curve import CurveKeys
 from splitserve.common.kv_handoff import Arrival, KvReceiver, nixl_agent_for, offered_transports
 from splitserve.common.loading import LoadedModel
 from splitserve.common.memory import available_bytes
+from splitserve.common.model import kv_rings, slot_keys
 from splitserve.common.params import Finish, Limits
 from splitserve.common.service_config import WorkerOptions, derive_limits
 from splitserve.common.worker_loop import WorkerLoop
@@ -48,7 +49,9 @@ class DecodeWorker(WorkerLoop):
     def __init__(self, opts: WorkerOptions, model: LoadedModel, limits: Limits):
         super().__init__(opts, model, limits)
         slot_len = limits.max_total_tokens
-        per_slot, free = slot_bytes(model.cfg, slot_len, model.dtype), available_bytes(model.device)
+        # a model whose every layer has the same window keeps only that ring of keys per slot
+        keys = slot_keys(kv_rings(model.cfg.windows, slot_len), slot_len)
+        per_slot, free = slot_bytes(model.cfg, keys, model.dtype), available_bytes(model.device)
         num_slots = pool_slots(per_slot, slot_len, free, model.device.type, opts.num_slots, opts.kv_cache_memory_mb)
         self.engine = DecodeEngine(model, num_slots, slot_len, opts.key_bucket,
                                    graphs=opts.cuda_graphs and model.device.type == "cuda",
@@ -71,9 +74,10 @@ class DecodeWorker(WorkerLoop):
         self.token_bytes = kv.shape[0] * kv.shape[1] * kv.shape[3] * kv.shape[5] * kv.element_size()
         self.start(offered_transports(opts.kv_transport, model.device, nixl is not None), num_slots,
                    self.kv.endpoint, self.kv.public_key)
-        log.info("decode worker %s: %d slots of %d tokens (%.1f GiB; %.1f GiB was free), KV endpoint %s",
-                 opts.worker_id, num_slots, slot_len, num_slots * per_slot / 2**30, free / 2**30, self.kv.endpoint)
-        if not opts.num_slots and (more := slots_if_shorter(num_slots, slot_len, model.device.type)):
+        log.info("decode worker %s: %d slots of %d tokens%s (%.1f GiB; %.1f GiB was free), KV endpoint %s",
+                 opts.worker_id, num_slots, slot_len, f", each keeping its window's last {keys} keys"
+                 if keys < slot_len else "", num_slots * per_slot / 2**30, free / 2**30, self.kv.endpoint)
+        if not opts.num_slots and (more := slots_if_shorter(num_slots, keys, model.device.type)):
             log.warning("at most %d requests decode at once here: --max-total-tokens %d would give %d slots",
                         num_slots, SHORT_SLOT, more)
 

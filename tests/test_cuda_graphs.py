@@ -40,7 +40,8 @@ def shaped_model(device: str, dtype: torch.dtype, shape: str = "llama-tiny") -> 
     gemma2-tiny for capped attention scores and logits (and windows on every other layer), gemma3-tiny
     for windowed layers with rotary embeddings of their own, ministral3-tiny for queries scaled by
     position (Llama 4's attention temperature), gpt-oss-tiny for attention sinks (and experts with
-    biases and a clamped SwiGLU)."""
+    biases and a clamped SwiGLU), starcoder2-tiny for slots that keep only the ring of its window
+    on every layer."""
     from splitserve.bench.engine_bench import SHAPES
     from splitserve.common.families import checkpoint_shapes
     from splitserve.common.model import prepare_weights
@@ -59,15 +60,15 @@ def shaped_model(device: str, dtype: torch.dtype, shape: str = "llama-tiny") -> 
 
 
 MOE, LATENT, PARTIAL, SANDWICH, CAPPED = "qwen3-moe-tiny", "deepseek-v2-tiny", "phi3-tiny", "glm4-tiny", "gemma2-tiny"
-LOCAL_ROPE, TEMPERATURE, SINKS = "gemma3-tiny", "ministral3-tiny", "gpt-oss-tiny"
-FAMILIES = ["llama-gqa", MOE, LATENT, PARTIAL, SANDWICH, CAPPED, LOCAL_ROPE, TEMPERATURE, SINKS]
+LOCAL_ROPE, TEMPERATURE, SINKS, RING_SLOTS = "gemma3-tiny", "ministral3-tiny", "gpt-oss-tiny", "starcoder2-tiny"
+FAMILIES = ["llama-gqa", MOE, LATENT, PARTIAL, SANDWICH, CAPPED, LOCAL_ROPE, TEMPERATURE, SINKS, RING_SLOTS]
 
 
 @pytest.fixture(scope="module", params=["gpt_bigcode", *FAMILIES])
 def lm_family(request, tiny_dir):
     """fp32 on the CPU: the tiny multi-query model, the grouped-query rotary one, and one each with
     experts, latent attention, partial rotary embeddings, sandwich norms, capped scores, two rotary
-    embeddings, scaled queries, attention sinks."""
+    embeddings, scaled queries, attention sinks, ring-long slots."""
     if request.param == "gpt_bigcode":
         return load_cpu(tiny_dir)
     return shaped_model("cpu", torch.float32, "llama-tiny" if request.param == "llama-gqa" else request.param)
@@ -101,7 +102,8 @@ def engine_for(lm, steps: str) -> Engine:
         engine.decode = DecodeEngine(lm, SLOTS, SLOT_LEN, graphs=True, graph_key_step=KEY_STEP)
     elif steps == "eager":
         d = engine.decode
-        d.runner = StepRunner.graphs(lm.weights, d.kv, d.tokens, d.positions, KEY_STEP, capture=False)
+        d.runner = StepRunner.graphs(lm.weights, d.kv, d.tokens, d.positions, KEY_STEP, capture=False,
+                                     slot_len=d.slot_len)
     return engine
 
 
@@ -150,12 +152,12 @@ def test_buckets():
 
 def test_a_step_takes_the_smallest_buckets_that_hold_it(lm):
     d = DecodeEngine(lm, SLOTS, SLOT_LEN)
-    padded = StepRunner.graphs(lm.weights, d.kv, d.tokens, d.positions, KEY_STEP, capture=False)
+    padded = StepRunner.graphs(lm.weights, d.kv, d.tokens, d.positions, KEY_STEP, capture=False, slot_len=d.slot_len)
     assert padded.shape(1, 1) == (1, 64)
     assert padded.shape(3, 64) == (4, 64)
     assert padded.shape(5, 65) == (6, 128)
     assert padded.shape(6, SLOT_LEN) == (6, SLOT_LEN)
-    exact = StepRunner.exact(lm.weights, d.kv, d.tokens, d.positions, 8)
+    exact = StepRunner.exact(lm.weights, d.kv, d.tokens, d.positions, 8, d.slot_len)
     assert exact.shape(3, 64) == (3, 64) and exact.shape(5, 65) == (5, 72)
     with pytest.raises(ValueError, match="exceed the pool"):
         StepRunner(lm.weights, d.kv, d.tokens, d.positions, [8], [64])
@@ -193,10 +195,11 @@ def test_padded_logits_equal_the_exact_ones(lm_family, record_property):
     b, exact, greedy = d.runner.run(d.slots.prefix_len(), d.longest())
     assert b == 5 and greedy is None  # eager steps leave the argmax to sampling
     exact = exact.clone()  # [5, V]
-    padded = StepRunner.graphs(lm.weights, d.kv, d.tokens, d.positions, KEY_STEP, capture=False)
+    padded = StepRunner.graphs(lm.weights, d.kv, d.tokens, d.positions, KEY_STEP, capture=False, slot_len=d.slot_len)
     # Both write the same K/V at the same positions, so running one after the other is fair.
     b, logits, greedy = padded.run(d.slots.prefix_len(), d.longest())
-    assert b == 6 and padded.shape(5, d.longest()) == (6, 192)  # 130 keys, slot 3
+    # 130 keys, slot 3; a ring-long slot (a window on every layer) steps at its ring's bucket
+    assert b == 6 and padded.shape(5, d.longest()) == (6, 192 if d.kv.shape[4] == SLOT_LEN else 64)
     record_property("max_abs_diff", (logits[:5] - exact).abs().max().item())
     torch.testing.assert_close(logits[:5], exact, rtol=1e-5, atol=1e-5)
     assert torch.equal(greedy[:5], exact.argmax(-1))

@@ -516,17 +516,19 @@ def served_checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("variant, transport, chunk", [
     ("qwen2-bias-tied-window", "shm", "8192"), ("qwen2-bias-tied-window", "tcp", "8192"),
     ("qwen2-bias-tied-window", "shm", "7"), ("qwen3moe-norm-top", "shm", "7"), ("deepseekv2-lite-yarn", "tcp", "7"),
-    ("gemma3-multimodal-untied", "shm", "7"), ("gptoss-sinks-clamp", "tcp", "7")],
+    ("gemma3-multimodal-untied", "shm", "7"), ("gptoss-sinks-clamp", "tcp", "7"), ("starcoder2-window", "tcp", "8192")],
     ids=["shm", "tcp", "shm-in-pieces", "experts-shm-in-pieces", "latent-tcp-in-pieces", "multimodal-shm-in-pieces",
-         "sinks-tcp-in-pieces"])
+         "sinks-tcp-in-pieces", "ring-slots-tcp"])
 def test_a_served_llama_shaped_model_equals_the_engine(home, served_checkpoints, variant, transport, chunk):
     """Gateway and worker processes on a Llama-shaped checkpoint: several KV heads cross the
     handoff (the multi-query `tiny` would hide a layout mistake), windows and rotary positions
     hold in the decode worker, as do the experts of a mixture and latent attention's cached
     vectors (one head of the compressed K/V and the rotary key), every process reads a
-    multimodal checkpoint's text model (Gemma 3), and gpt-oss's sinks hold in the decode worker's
-    steps and the prefill worker's pieces; greedy and seeded sampled requests
-    equal the in-process engine's, also with their prompts prefilled in pieces of 7 tokens."""
+    multimodal checkpoint's text model (Gemma 3), gpt-oss's sinks hold in the decode worker's
+    steps and the prefill worker's pieces, and a model with a window on every layer (StarCoder2)
+    keeps ring-long slots that take each prompt's last ring of keys; greedy and seeded sampled
+    requests equal the in-process engine's, also with their prompts prefilled in pieces of 7
+    tokens."""
     served_checkpoint = served_checkpoints(variant)
     specs = request_specs(9)
     model = load_model(served_checkpoint, torch.float32, torch.device("cpu"))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from splitserve.common.memory import host_available_bytes
+from splitserve.common.model import kv_rings, slot_keys
 from splitserve.common.model_config import model_config_from_dict
 from splitserve.decode_worker.kv_pool import DEFAULT_SLOTS, pool_slots, slot_bytes, slots_if_shorter
 
@@ -19,6 +20,19 @@ def test_a_qwen_7b_slot_of_32k_tokens_takes_what_its_shape_says():
         model_type="qwen2", vocab_size=152064, max_position_embeddings=32768, hidden_size=3584, num_hidden_layers=28,
         num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944))
     assert slot_bytes(cfg, 32768, torch.bfloat16) == 28 * 2 * 4 * 128 * 32768 * 2  # 1.75 GiB
+
+
+def test_a_model_with_one_window_on_every_layer_keeps_only_that_ring_per_slot():
+    starcoder2_15b = model_config_from_dict(dict(
+        model_type="starcoder2", vocab_size=49152, max_position_embeddings=16384, hidden_size=6144,
+        num_hidden_layers=40, num_attention_heads=48, num_key_value_heads=4, intermediate_size=24576,
+        sliding_window=4096))
+    keys = slot_keys(kv_rings(starcoder2_15b.windows, 16384), 16384)
+    assert keys == 4096 and slot_bytes(starcoder2_15b, keys, torch.bfloat16) == 40 * 2 * 4 * 128 * 4096 * 2  # 320 MiB
+    assert slot_keys(kv_rings((4096,) * 40, 4096), 4096) == 4096  # a window as long as the slot: no ring
+    assert slot_keys(kv_rings((2047,) * 32, 4096), 4096) == 2048  # Phi-3-mini-4k: a ring one longer than its window
+    assert slot_keys(kv_rings((128, 0) * 12, 131072), 131072) == 131072  # gpt-oss: half its layers see every key
+    assert slot_keys(kv_rings((0,) * 28, 32768), 32768) == 32768
 
 
 def test_by_default_the_pool_takes_a_share_of_the_free_memory_up_to_the_default_slots():

@@ -292,6 +292,25 @@ def test_nixl_gives_exactly_the_outputs_of_shm_and_tcp(home, gqa_checkpoint):
 
 
 @needs_nixl
+def test_ring_long_slots_read_each_prompts_last_ring_over_nixl(home, tmp_path_factory):
+    """A model with the same window on every layer keeps only that ring of keys per slot
+    (model.slot_keys): over nixl the decode worker reads each prompt's last ring straight from the
+    sender's staging, and the answers are the engine's."""
+    from test_families import VARIANTS, WINDOW, make_checkpoint
+
+    checkpoint = make_checkpoint(tmp_path_factory.mktemp("nixl-ring"), *VARIANTS["starcoder2-window"])
+    model = load_model(checkpoint, torch.float32, torch.device("cpu"))
+    specs = request_specs(9)
+    assert max(len(model.tokenizer.encode(s["prompt"])) for s in specs) > WINDOW  # some prompts outgrow the ring
+    with Cluster(home, model=str(checkpoint), kv_transport="nixl") as c:
+        c.add_worker("prefill", "--kv-transport", "nixl")
+        c.add_worker("decode", "--kv-transport", "nixl", "--num-slots", "8")
+        c.wait_registered()
+        assert stream_all(c.endpoint, specs) == offline(model, specs)
+        c.wait_idle()
+
+
+@needs_nixl
 def test_two_host_rehearsal_moves_kv_over_nixl_with_auto(home, gqa_checkpoint):
     """Workers claiming different hosts, everything on auto: the gateway picks nixl (both have it,
     CURVE is off). The decode worker's KV endpoint is reached through a relay that counts bytes:

@@ -188,7 +188,7 @@ class GraphRunner(SplitserveRunner):
             self.graphed = None
         else:
             self.graphed = d.runner if cuda else StepRunner.graphs(model.weights, d.kv, d.tokens, d.positions,
-                                                                    key_step, capture=False)
+                                                                    key_step, capture=False, slot_len=d.slot_len)
         self.eager = d.make_runner(None)
 
     def graphs(self, on: bool) -> None:
