@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 from uuid import uuid4
@@ -74,6 +74,7 @@ def new_generate(prompt: str | None = None, *, max_new_tokens: int = 20, tempera
                  top_k: int | None = None, top_p: float | None = None, typical_p: float | None = None,
                  min_p: float | None = None, repetition_penalty: float | None = None,
                  frequency_penalty: float | None = None, presence_penalty: float | None = None,
+                 penalize_prompt: bool | None = None, logit_bias: Mapping[int, float] | None = None,
                  seed: int | None = None, stop: str | Sequence[str] | None = None,
                  stop_token_ids: Sequence[int] | None = None, details: bool = False, top_n_tokens: int = 0,
                  ignore_eos: bool = False, strip_stop: bool = False, timeout: float | None = None,
@@ -85,14 +86,18 @@ def new_generate(prompt: str | None = None, *, max_new_tokens: int = 20, tempera
     Sampling happens when any of temperature, top_k, top_p, typical_p, min_p or seed is given, as
     in the CLI, and greedy decoding otherwise; temperature 0 is greedy. `min_p` keeps the tokens at
     least that share of the likeliest one's probability; `frequency_penalty` and `presence_penalty`
-    lower each token by its count, or once, in the prompt and the answer so far. `details` asks for
-    each token's logprob. `timeout` (seconds) bounds the wait on the client and is the gateway's
-    deadline too. Give `prompt_ids` instead of `prompt` to skip tokenization.
+    lower each token by its count, or once, in the prompt and the answer so far (in the answer only
+    with `penalize_prompt=False`, as OpenAI's); `logit_bias` maps token ids to what is added to their
+    logits (in [-100, 100], or -inf: never that token). `details` asks for each token's logprob.
+    `timeout` (seconds) bounds the wait on the client and is the gateway's deadline too. Give
+    `prompt_ids` instead of `prompt` to skip tokenization.
     """
     sampled = temperature != 0 and any(v is not None for v in (temperature, top_k, top_p, typical_p, min_p, seed))
     # the newer options only where given: a field at its default is not sent over WebSocket, so a
     # gateway older than this client takes the request
-    newer = {name: value for name, value in (("min_p", min_p), ("presence_penalty", presence_penalty))
+    newer = {name: value for name, value in (("min_p", min_p), ("presence_penalty", presence_penalty),
+                                             ("penalize_prompt", penalize_prompt),
+                                             ("logit_bias", None if logit_bias is None else list(logit_bias.items())))
              if value is not None}
     params = GenerateParams(
         max_new_tokens=max_new_tokens,

@@ -25,6 +25,11 @@ SEED_LIMIT = 1 << 63
 # refused at the front door, where the client hears why, not on a worker mid-batch.
 FLOAT32_MAX = 3.4028234663852886e38
 MAX_TOP_K = 2**31 - 1
+# Token biases one request may give (OpenAI's logit_bias, llama.cpp's): each a (token id, bias) pair;
+# a bias is in [-MAX_LOGIT_BIAS_VALUE, MAX_LOGIT_BIAS_VALUE], as OpenAI's, or -inf (llama.cpp's `false`:
+# never this token).
+MAX_LOGIT_BIAS = 1024
+MAX_LOGIT_BIAS_VALUE = 100.0
 # A temperature this close to 0 divides logits past float32's range: greedy is its limit.
 MIN_TEMPERATURE = 1e-5
 
@@ -119,6 +124,10 @@ class SamplingParams:
     do_sample: bool = False
     min_p: float = 0.0  # 0.0 = off
     presence_penalty: float = 0.0  # 0.0 = off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), distinct ids
+    # False: the frequency and presence penalties count the answer's tokens only (OpenAI's); the
+    # repetition penalty counts the prompt's too either way (as transformers, TGI and vLLM)
+    penalize_prompt: bool = True
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -135,6 +144,7 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if not 0 <= self.seed < SEED_LIMIT:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        _check_logit_bias(self.logit_bias)
 
     @property
     def greedy(self) -> bool:
@@ -149,6 +159,19 @@ class SamplingParams:
         if isinstance(row, dict):
             return cls(**{n: row[n] for n in names if n in row})
         return cls(**{n: getattr(row, n) for n in names if hasattr(row, n)})
+
+
+def _check_logit_bias(pairs: tuple[tuple[int, float], ...]) -> None:
+    if len(pairs) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias may name at most {MAX_LOGIT_BIAS} tokens, got {len(pairs)}")
+    if len({t for t, _ in pairs}) < len(pairs):
+        raise ValueError("logit_bias names a token twice")
+    for token, bias in pairs:
+        if token < 0:
+            raise ValueError(f"logit_bias token ids must be >= 0, got {token}")
+        if not (abs(bias) <= MAX_LOGIT_BIAS_VALUE or bias == float("-inf")):
+            raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS_VALUE:g}, {MAX_LOGIT_BIAS_VALUE:g}] "
+                             f"or -inf, got {bias} for token {token}")
 
 
 _M64 = (1 << 64) - 1

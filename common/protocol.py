@@ -46,7 +46,8 @@ from .request import GenerateRequest
 # whether it knows the worker drains (a draining worker waits for that before it exits). 6: Prefilled
 # goes once the decode worker has the KV, and Held lists no `prefilled`. 7: a drained worker says
 # Goodbye as it exits. 8: requests carry min_p and presence_penalty (an older worker would drop them).
-PROTOCOL_VERSION = 8
+# 9: and logit_bias and penalize_prompt.
+PROTOCOL_VERSION = 9
 
 # Maximum message sizes per socket kind (ZMQ_MAXMSGSIZE): control traffic is small; a KV frame
 # over tcp carries a whole prompt's cache.
@@ -96,6 +97,9 @@ class GenerateParams(msgspec.Struct, array_like=True, kw_only=True):
     # last, with defaults: the arrays of older clients, which lack them, still decode
     min_p: float = 0.0
     presence_penalty: float = 0.0
+    logit_bias: list[tuple[int, float]] = []  # (token id, added to its logit; -inf: never)
+    # false: the frequency and presence penalties count the answer's tokens only, as OpenAI's
+    penalize_prompt: bool = True
 
 
 class Generate(msgspec.Struct, **_STRUCT):

@@ -1,5 +1,5 @@
-"""Batched next-token choice: penalties, temperature, top-k / top-p / min-p / typical-p, then
-Gumbel-max.
+"""Batched next-token choice: token biases, penalties, temperature, top-k / top-p / min-p / typical-p,
+then Gumbel-max.
 
 One call handles a whole prefill or decode batch with per-row parameters held in tensors; there
 is no Python loop over rows and no host sync inside `sample`.
@@ -28,6 +28,10 @@ _M32 = 0xFFFFFFFF
 _MUL1 = 0x7FEB352D
 _MUL2 = 0x846CA68B - (1 << 32)
 _SEED_SALT = 0x9E3779B9
+# In a row whose frequency and presence penalties count the answer only (OpenAI's), a prompt token's
+# count carries this mark: seen by the repetition penalty, which counts the prompt too, and masked off
+# for the other two. Real counts stay below it: a request has far fewer than 2**24 tokens.
+_PROMPT_MARK = 1 << 24
 
 
 # Host mirror of the per-row tensors; its field names are the tensor field names.
@@ -43,15 +47,18 @@ _HOST_DTYPE = np.dtype(
         ("presence_penalty", np.float32),
         ("seed", np.int64),
         ("greedy", np.bool_),
+        ("n_bias", np.int32),  # host only: the row's logit_bias pairs
     ]
 )
+_TENSOR_FIELDS = _HOST_DTYPE.names[:-1]
 
 
 def _host_row(p: SamplingParams) -> tuple:
     # Greedy rows get neutral temperature and filters so the batched math needs no per-row branch:
     # dividing by 1 and thresholds of -inf leave their (penalized) logits untouched.
     if p.greedy:
-        return (1.0, 0, 1.0, 0.0, 1.0, p.repetition_penalty, p.frequency_penalty, p.presence_penalty, p.seed, True)
+        return (1.0, 0, 1.0, 0.0, 1.0, p.repetition_penalty, p.frequency_penalty, p.presence_penalty, p.seed, True,
+                len(p.logit_bias))
     return (
         p.temperature,
         p.top_k,
@@ -63,6 +70,7 @@ def _host_row(p: SamplingParams) -> tuple:
         p.presence_penalty,
         p.seed,
         False,
+        len(p.logit_bias),
     )
 
 
@@ -76,7 +84,25 @@ def _flags(host: np.ndarray) -> dict:
         any_typical=bool((host["typical_p"] < 1).any()),
         any_penalty=bool(((host["repetition_penalty"] != 1) | (host["frequency_penalty"] != 0)
                           | (host["presence_penalty"] != 0)).any()),
+        any_bias=bool(host["n_bias"].any()),
     )
+
+
+def _bias_table(rows: list[SamplingParams], width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, width] token ids and [B, width] biases of the rows' logit_bias; padding adds 0 to token 0."""
+    ids = torch.zeros(len(rows), width, dtype=torch.int64)
+    values = torch.zeros(len(rows), width, dtype=torch.float32)
+    for i, p in enumerate(rows):
+        if p.logit_bias:
+            pairs = torch.tensor(p.logit_bias, dtype=torch.float64)  # [n, 2]: ids below 2**53 stay exact
+            ids[i, : len(pairs)] = pairs[:, 0].long()
+            values[i, : len(pairs)] = pairs[:, 1].float()
+    return ids.to(device), values.to(device)
+
+
+def _bias_width(n: int) -> int:
+    # a power of two: a pool grows its table a few times at most
+    return 1 << (n - 1).bit_length() if n else 0
 
 
 @dataclass
@@ -98,6 +124,8 @@ class SamplingTensors:
     seed: torch.Tensor  # [B] int64
     greedy: torch.Tensor  # [B] bool
     seed_key: torch.Tensor  # [B] int64, 32-bit hash of seed: hashed once here, not every step
+    bias_ids: torch.Tensor  # [B, K] int64 token ids of each row's logit_bias, K its widest row's (padded)
+    bias_values: torch.Tensor  # [B, K] float32 what each adds to its token's logit; 0 pads
     all_greedy: bool = True
     any_top_k: bool = False
     max_top_k: int = 0
@@ -105,18 +133,26 @@ class SamplingTensors:
     any_min_p: bool = False
     any_typical: bool = False
     any_penalty: bool = False
+    any_bias: bool = False
     _host: np.ndarray = field(default=None, repr=False, compare=False)
     _views: dict = field(default_factory=dict, repr=False, compare=False)
 
+    @property
+    def plain(self) -> bool:
+        """Greedy with nothing applied: every row's token is its raw logits' argmax."""
+        return self.all_greedy and not self.any_penalty and not self.any_bias
+
     @classmethod
     def build(cls, rows: list, device: torch.device | str) -> SamplingTensors:
-        host = np.array([_host_row(SamplingParams.of(r)) for r in rows], dtype=_HOST_DTYPE)
+        params = [SamplingParams.of(r) for r in rows]
+        host = np.array([_host_row(p) for p in params], dtype=_HOST_DTYPE)
         tensors = {
             name: torch.from_numpy(host[name].copy()).to(device)  # copy: fields are strided
-            for name in host.dtype.names
+            for name in _TENSOR_FIELDS
         }
         keys = torch.tensor([_seed_key(int(s)) for s in host["seed"]], dtype=torch.int64).to(device)
-        return cls(**tensors, seed_key=keys, **_flags(host), _host=host)
+        bias_ids, bias_values = _bias_table(params, _bias_width(int(host["n_bias"].max(initial=0))), device)
+        return cls(**tensors, seed_key=keys, bias_ids=bias_ids, bias_values=bias_values, **_flags(host), _host=host)
 
     @classmethod
     def empty(cls, n: int, device: torch.device | str) -> SamplingTensors:
@@ -125,14 +161,26 @@ class SamplingTensors:
 
     def set_row(self, i: int, params: Any) -> None:
         """Write one request's parameters into row i in place (host side: a few scalar fills)."""
-        row = _host_row(SamplingParams.of(params))
+        p = SamplingParams.of(params)
+        row = _host_row(p)
+        had_bias = self._host["n_bias"][i]
         self._host[i] = row
-        for name, value in zip(self._host.dtype.names, row):
+        for name, value in zip(_TENSOR_FIELDS, row):
             getattr(self, name)[i] = value
         self.seed_key[i] = _seed_key(int(self._host["seed"][i]))
+        if p.logit_bias or had_bias:
+            self._set_bias(i, p)
         for name, value in _flags(self._host).items():
             setattr(self, name, value)
         self._views.clear()
+
+    def _set_bias(self, i: int, p: SamplingParams) -> None:
+        grow = _bias_width(len(p.logit_bias)) - self.bias_ids.shape[1]
+        if grow > 0:  # pads add 0 to token 0
+            self.bias_ids = torch.nn.functional.pad(self.bias_ids, (0, grow))
+            self.bias_values = torch.nn.functional.pad(self.bias_values, (0, grow))
+        ids, values = _bias_table([p], self.bias_ids.shape[1], self.bias_ids.device)
+        self.bias_ids[i], self.bias_values[i] = ids[0], values[0]
 
     def view(self, b: int) -> SamplingTensors:
         """The first b rows: tensor views (no copies) with flags for just those rows. Kept until
@@ -140,7 +188,8 @@ class SamplingTensors:
         cached = self._views.get(b)
         if cached is None:
             host = self._host[:b]
-            tensors = {name: getattr(self, name)[:b] for name in (*host.dtype.names, "seed_key")}
+            names = (*_TENSOR_FIELDS, "seed_key", "bias_ids", "bias_values")
+            tensors = {name: getattr(self, name)[:b] for name in names}
             cached = self._views[b] = SamplingTensors(**tensors, **_flags(host), _host=host)
         return cached
 
@@ -163,15 +212,16 @@ def sample(
     """Choose one token per row of logits [B, V].
 
     positions: [B] integer, absolute position of the token being chosen (seeds the noise).
-    token_counts: [B, V] counts of tokens seen so far, read only when st.any_penalty.
+    token_counts: [B, V] counts of tokens seen so far (init_token_counts), read only when
+    st.any_penalty.
     want_logprobs: Python bool, True when any row wants details; they are then computed for every
-    row. Logprobs are log-softmax of the processed logits (after penalties, temperature and
+    row. Logprobs are log-softmax of the processed logits (after biases, penalties, temperature and
     filters, as TGI reports them) at the chosen token; top_n (<= 5) adds the n best of those.
     """
     if not 0 <= top_n <= MAX_TOP_N:
         raise ValueError(f"top_n must be in [0, {MAX_TOP_N}], got {top_n}")
     details = bool(want_logprobs) or top_n > 0
-    if st.all_greedy and not st.any_penalty and not details:
+    if st.plain and not details:
         return SampleOutput(logits.argmax(dim=-1))
     scores = process_logits(logits, st, token_counts)  # [B, V] float32
     logprobs = scores.log_softmax(dim=-1) if details else None  # [B, V]
@@ -184,12 +234,14 @@ def sample(
 def process_logits(
     logits: torch.Tensor, st: SamplingTensors, token_counts: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Float32 logits after penalties, temperature, top-k, top-p, min-p and typical-p (filtered =
-    -inf), in transformers' order.
+    """Float32 logits after token biases (first, as vLLM and llama.cpp apply them), penalties,
+    temperature, top-k, top-p, min-p and typical-p (filtered = -inf), in transformers' order.
 
     May return `logits` itself when it is float32 and nothing applies; never writes into it.
     """
     scores = logits.float()  # [B, V]
+    if st.any_bias:
+        scores = scores.scatter_add(1, st.bias_ids, st.bias_values)  # a fresh tensor
     if st.any_penalty:
         if token_counts is None:
             raise ValueError("token_counts is required when a row has a penalty")
@@ -211,14 +263,15 @@ def process_logits(
 
 def _penalize(scores: torch.Tensor, st: SamplingTensors, counts: torch.Tensor) -> torch.Tensor:
     # Repetition penalty as transformers' RepetitionPenaltyLogitsProcessor (penalty 1 is exact
-    # identity), then frequency and presence penalties as OpenAI's
-    # logit -= frequency * count + presence * (count > 0).
+    # identity) over every token seen, then frequency and presence penalties as OpenAI's
+    # logit -= frequency * count + presence * (count > 0) over the counts without the prompt's mark.
     rep = st.repetition_penalty[:, None]  # [B, 1]
     seen = counts > 0  # [B, V]
     penalized = torch.where(scores < 0, scores * rep, scores / rep)  # [B, V]
     scores = torch.where(seen, penalized, scores)
-    scores.sub_(counts * st.frequency_penalty[:, None])
-    return scores.sub_(seen * st.presence_penalty[:, None])
+    counted = counts & (_PROMPT_MARK - 1)  # [B, V]
+    scores.sub_(counted * st.frequency_penalty[:, None])
+    return scores.sub_((counted > 0) * st.presence_penalty[:, None])
 
 
 def _top_k_(scores: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> None:
@@ -336,11 +389,20 @@ def _with_details(tokens: torch.Tensor, logprobs: torch.Tensor | None, top_n: in
     return SampleOutput(tokens, chosen, top_ids, top_logprobs)
 
 
-def init_token_counts(prompt_ids: list[int], vocab: int, device: torch.device | str) -> torch.Tensor:
-    """[V] int32 counts of one row's prompt tokens, for the penalties."""
-    ids = torch.tensor(prompt_ids, dtype=torch.int64, device=device)
+def init_token_counts(ids: list[int], answer_from: int, penalize_prompt: bool, vocab: int,
+                      device: torch.device | str) -> torch.Tensor:
+    """[V] int32 counts of one row's tokens so far, for the penalties: `ids` are the prompt's and,
+    from `answer_from` on, the answer's (a resumed request's, its first token). Where the frequency
+    and presence penalties count the answer only (not `penalize_prompt`), a prompt token holds
+    _PROMPT_MARK (plus its count in the answer)."""
     counts = torch.zeros(vocab, dtype=torch.int32, device=device)
-    return counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+    prompt = torch.tensor(ids[:answer_from], dtype=torch.int64, device=device)
+    answer = torch.tensor(ids[answer_from:], dtype=torch.int64, device=device)
+    if penalize_prompt:
+        counts.index_add_(0, prompt, torch.ones_like(prompt, dtype=torch.int32))
+    else:
+        counts.index_fill_(0, prompt, _PROMPT_MARK)
+    return counts.index_add_(0, answer, torch.ones_like(answer, dtype=torch.int32))
 
 
 def update_token_counts(counts: torch.Tensor, rows_tokens: torch.Tensor) -> torch.Tensor:

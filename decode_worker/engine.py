@@ -136,8 +136,10 @@ class DecodeEngine:
         vocab = self.model.cfg.vocab_size
         if self.token_counts is None:
             self.token_counts = torch.zeros(self.num_slots, vocab, dtype=torch.int32, device=self.model.device)
-        ids = list(request.prompt_ids) + [first_token]
-        self.token_counts[slot] = init_token_counts(ids, vocab, self.model.device)
+        ids = [*request.prompt_ids, first_token]
+        answer_from = len(request.prompt_ids) - request.resumed
+        self.token_counts[slot] = init_token_counts(ids, answer_from, request.sampling.penalize_prompt, vocab,
+                                                    self.model.device)
 
     def release(self, slot: int) -> None:
         """Free a slot (finished, cancelled or stopped by a stop string)."""
@@ -166,7 +168,7 @@ class DecodeEngine:
         top_n = max((r.top_n_tokens for r in self.requests.values()), default=0) if self._details else 0
         next_pos = positions + 1
         st = self.sampling.view(b)
-        if greedy is not None and st.all_greedy and not st.any_penalty and not self._details:
+        if greedy is not None and st.plain and not self._details:
             out = SampleOutput(greedy)  # the graph's argmax: what sample's greedy fast path computes
         else:
             out = sample(logits, st, next_pos, counts, bool(self._details), top_n)

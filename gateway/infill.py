@@ -26,6 +26,7 @@ import msgspec
 from fastapi import APIRouter, Request
 
 from splitserve.common import protocol as P
+from splitserve.common.params import MAX_LOGIT_BIAS_VALUE
 
 from .api_context import ApiContext
 from .api_errors import ApiError, invalid
@@ -109,10 +110,28 @@ def infill_job(ctx: ApiContext, prompts: InfillPrompts | None, body: InfillReque
         seed=None if body.seed < 0 or body.seed == LLAMA_DEFAULT_SEED else body.seed,
         stop=[s for s in body.stop if s], stop_token_ids=list(prompts.fim.end_ids),
         strip_stop=False,  # the stop string stays in the text, to be found there and cut (stopping_word)
-        cache_prompt=body.cache_prompt,
+        cache_prompt=body.cache_prompt, logit_bias=_logit_bias(ctx, body.logit_bias),
     )
     applied = tuple(name for name in DEFAULT_SAMPLERS if name in on)
     return InfillJob(P.Generate(uuid4().hex, prompt_ids=ids, params=params), body, applied)
+
+
+def _logit_bias(ctx: ApiContext, given) -> list[tuple[int, float]]:
+    """llama.cpp's logit_bias as (id, bias) pairs: a token is an id (a string of digits too, as a key)
+    or a text whose tokens each get the bias; false is -inf; a token named twice gets the sum, as
+    llama.cpp applies each entry; the sums are clamped to OpenAI's range, [-100, 100]."""
+    pairs = given.items() if isinstance(given, dict) else given or ()
+    total: dict[int, float] = {}
+    for token, bias in pairs:
+        bias = float("-inf") if bias is False else bias
+        if isinstance(token, int) or token.isdecimal():
+            ids = [int(token)]
+        else:
+            ids = ctx.tokenizer.encode(token, add_special_tokens=False)
+        for t in ids:
+            total[t] = total.get(t, 0.0) + bias
+    return [(t, b if b == float("-inf") else min(max(b, -MAX_LOGIT_BIAS_VALUE), MAX_LOGIT_BIAS_VALUE))
+            for t, b in total.items()]
 
 
 class Completion:

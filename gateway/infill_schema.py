@@ -6,6 +6,8 @@ llama.cpp too), `id_slot` (splitserve has no slots), `n_cmpl` (one completion is
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 from .validation import ClientBody, schema
@@ -31,6 +33,9 @@ class InfillRequest(ClientBody):
     typical_p: float = Field(1.0, description=">= 1 is off", **schema(exclusiveMinimum=0))
     min_p: float = Field(0.05, description="keep the tokens at least this share of the likeliest one's "
                          "probability; <= 0 is off")
+    logit_bias: list[tuple[int | str, float | Literal[False]]] | dict[str, float | Literal[False]] | None = Field(
+        None, description="[[token, bias], ...] or {token: bias}: a token id, or a text whose tokens all get the "
+        "bias; added to the logit, clamped to [-100, 100]; false: never the token")
     repeat_penalty: float = Field(1.0, description="1 is off", **schema(exclusiveMinimum=0))
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0

@@ -18,7 +18,14 @@ from fastapi import APIRouter, Request
 
 from splitserve.common import protocol as P
 from splitserve.common.fim import Fim
-from splitserve.common.params import MAX_TOP_N, SEED_LIMIT, ValidationError, derive_seed, random_seed
+from splitserve.common.params import (
+    MAX_LOGIT_BIAS_VALUE,
+    MAX_TOP_N,
+    SEED_LIMIT,
+    ValidationError,
+    derive_seed,
+    random_seed,
+)
 
 from .api_context import ApiContext
 from .api_errors import invalid, openai_error
@@ -131,7 +138,6 @@ def _check_sampling(body: SamplingFields) -> None:
         ("max_tokens", body.max_tokens, lambda v: v >= 1, "must be at least 1"),
         ("frequency_penalty", body.frequency_penalty, lambda v: -2 <= v <= 2, "must be in [-2, 2]"),
         ("presence_penalty", body.presence_penalty, lambda v: -2 <= v <= 2, "must be in [-2, 2]"),
-        ("logit_bias", body.logit_bias, lambda v: not v, "is not supported by this server; it must be empty"),
         ("seed", body.seed, lambda v: 0 <= v < SEED_LIMIT, "must be in [0, 2**63)"),
         ("top_k", body.top_k, lambda v: v >= 0, "must be >= 0"),
         ("repetition_penalty", body.repetition_penalty, lambda v: v > 0, "must be > 0"),
@@ -140,6 +146,19 @@ def _check_sampling(body: SamplingFields) -> None:
     for name, value, ok, rule in checks:
         if value is not None and not ok(value):
             raise invalid(f"`{name}` {rule}. Given: {value}", name)
+
+
+def _logit_bias(body: SamplingFields) -> list[tuple[int, float]]:
+    """OpenAI's {"token id": bias} as (id, bias) pairs; a bias in [-100, 100]."""
+    pairs = []
+    for key, bias in (body.logit_bias or {}).items():
+        if not key.strip().isdecimal():
+            raise invalid(f"`logit_bias` keys must be token ids. Given: {key!r}", "logit_bias")
+        if not -MAX_LOGIT_BIAS_VALUE <= bias <= MAX_LOGIT_BIAS_VALUE:
+            raise invalid(f"`logit_bias` values must be in [-{MAX_LOGIT_BIAS_VALUE:g}, {MAX_LOGIT_BIAS_VALUE:g}]. "
+                          f"Given: {bias} for token {key}", "logit_bias")
+        pairs.append((int(key), bias))
+    return pairs
 
 
 def _fim(ctx: ApiContext) -> Fim:
@@ -171,6 +190,7 @@ def _messages(body: SamplingFields, prompts: list[list[int]], max_tokens: int, *
     sampled = body.temperature > 0
     base = body.seed if body.seed is not None or not sampled else random_seed()
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
+    bias = _logit_bias(body)
     msgs = []
     for ids in prompts:
         for i in range(body.n):
@@ -181,7 +201,8 @@ def _messages(body: SamplingFields, prompts: list[list[int]], max_tokens: int, *
                 top_k=body.top_k, top_p=body.top_p, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                 frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty, seed=seed,
                 stop=stop, stop_token_ids=list(stop_token_ids), strip_stop=True, logprobs=logprobs,
-                top_n_tokens=top_n, prompt_logprobs=prompt_logprobs)
+                top_n_tokens=top_n, prompt_logprobs=prompt_logprobs, logit_bias=bias,
+                penalize_prompt=False)
             msgs.append(P.Generate(uuid4().hex, prompt_ids=ids, params=params))
     return msgs
 

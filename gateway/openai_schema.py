@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, WithJsonSchema
 
-from splitserve.common.params import MAX_STOP_SEQUENCES, MAX_TOP_K, MAX_TOP_N, SEED_LIMIT
+from splitserve.common.params import MAX_LOGIT_BIAS, MAX_STOP_SEQUENCES, MAX_TOP_K, MAX_TOP_N, SEED_LIMIT
 
 from .validation import ClientBody, schema
 
@@ -42,15 +42,18 @@ class SamplingFields(ClientBody):  # ClientBody: many OpenAI clients send null f
     stop: str | list[str] | None = Field(None, description="at most 4; a matched stop is cut from the text",
                                          **schema(maxItems=MAX_STOP_SEQUENCES))
     seed: int | None = Field(None, **schema(minimum=0, maximum=SEED_LIMIT - 1))
-    frequency_penalty: float = Field(0.0, description="in [-2, 2]: minus this times each token's count in the prompt "
-                                     "and the text so far", **schema(minimum=-2, maximum=2))
-    presence_penalty: float = Field(0.0, description="in [-2, 2]: minus this for each token in the prompt or the text "
-                                    "so far", **schema(minimum=-2, maximum=2))
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
+    frequency_penalty: float = Field(0.0, description="in [-2, 2]: minus this times each token's count in the text "
+                                     "so far", **schema(minimum=-2, maximum=2))
+    presence_penalty: float = Field(0.0, description="in [-2, 2]: minus this for each token in the text so far",
+                                    **schema(minimum=-2, maximum=2))
+    logit_bias: dict[str, float] | None = Field(None, description="token id -> added to its logit, in [-100, 100]; "
+                                                f"at most {MAX_LOGIT_BIAS} tokens",
+                                                **schema(maxProperties=MAX_LOGIT_BIAS))
     user: str | None = None
     # Extensions most OpenAI-compatible servers take.
     top_k: int = Field(0, description="extension: top-k sampling (0 is off)", **schema(minimum=0, maximum=MAX_TOP_K))
-    repetition_penalty: float = Field(1.0, description="extension: > 0, 1 is off", **schema(exclusiveMinimum=0))
+    repetition_penalty: float = Field(1.0, description="extension: > 0, 1 is off; over the prompt's tokens and the "
+                                      "text so far", **schema(exclusiveMinimum=0))
     min_p: float = Field(0.0, description="extension: keep the tokens at least this share of the likeliest one's "
                          "probability, in [0, 1] (0 is off)", **schema(minimum=0, maximum=1))
 

@@ -52,7 +52,8 @@ def sampling_params(p: P.GenerateParams) -> SamplingParams:
         return SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, typical_p=p.typical_p,
                               min_p=p.min_p, repetition_penalty=p.repetition_penalty,
                               frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
-                              seed=seed, do_sample=do_sample)
+                              seed=seed, do_sample=do_sample, logit_bias=tuple(map(tuple, p.logit_bias)),
+                              penalize_prompt=p.penalize_prompt)
     except ValueError as e:
         raise ValidationError(str(e)) from None
 
@@ -115,6 +116,7 @@ def check_numbers(msg: P.Generate, vocab: int) -> None:
     if not 0 <= p.top_k <= MAX_TOP_K:
         raise ValidationError(f"top_k must be in [0, {MAX_TOP_K}], got {p.top_k}")
     check_token_ids("stop_token_ids", p.stop_token_ids, vocab)
+    check_token_ids("logit_bias token ids", [t for t, _ in p.logit_bias], vocab)
     if msg.timeout_s is not None and not (math.isfinite(msg.timeout_s) and msg.timeout_s >= 0):
         raise ValidationError(f"timeout_s must be a number of seconds >= 0 (0: none), got {msg.timeout_s}")
 

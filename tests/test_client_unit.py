@@ -27,7 +27,7 @@ from splitserve.common import protocol as P
 PARAMS = dict(max_new_tokens=7, do_sample=True, temperature=0.7, top_k=5, top_p=0.9, typical_p=0.8,
               repetition_penalty=1.2, frequency_penalty=0.3, seed=11, stop=["\n\n"], stop_token_ids=[0, 3],
               strip_stop=True, ignore_eos=True, logprobs=True, top_n_tokens=2, prompt_logprobs=True, truncate=100,
-              min_p=0.1, presence_penalty=0.2)
+              min_p=0.1, presence_penalty=0.2, logit_bias=[(5, -1.5), (9, 100.0)], penalize_prompt=False)
 TOKEN = dict(index=3, token_id=42, text="def", logprob=-0.25, top_tokens=[(42, -0.25), (7, -1.5)])
 
 
@@ -213,9 +213,11 @@ def test_websocket_messages_carry_the_zmq_ones_by_name():
     assert msgspec.json.decode(msgspec.json.encode(ws), type=P.WsGenerate).generate() == msg
     # a field at its default is not sent: a gateway older than its client takes the request
     assert "resume" not in ws and "timeout_s" not in msgspec.json.decode(msgspec.json.encode(P.WsGenerate("r2")))
-    for options, sent in (({}, set()), ({"min_p": 0.2, "presence_penalty": 0.5}, {"min_p", "presence_penalty"})):
+    newer = {"min_p": 0.2, "presence_penalty": 0.5, "logit_bias": {5: 2.0}, "penalize_prompt": False}
+    for options in ({}, newer):
         ws = msgspec.json.decode(msgspec.json.encode(P.WsGenerate.of(new_generate("x", temperature=0.5, **options))))
-        assert {"min_p", "presence_penalty"} & ws["parameters"].keys() == sent
+        assert newer.keys() & ws["parameters"].keys() == options.keys()
+    assert ws["parameters"]["logit_bias"] == [[5, 2.0]]
     resumed = msgspec.structs.replace(msg, resume=[4, 5])
     assert msgspec.json.decode(msgspec.json.encode(P.WsGenerate.of(resumed)), type=P.WsGenerate).generate() == resumed
     batch = P.TokenBatch("r1", [P.Token(**TOKEN)], "stop_sequence", 3, None, None)

@@ -105,10 +105,20 @@ def test_openai_client_gets_what_the_zmq_client_gets(pipeline, zmq, tokenizer):
     # a seeded sampled request samples as the same request does over ZMQ (and TGI)
     sampled = client.completions.create(model="x", prompt=PROMPT, max_tokens=10, temperature=0.9, seed=7)
     assert sampled.choices[0].text == zmq.generate(PROMPT, max_new_tokens=10, temperature=0.9, seed=7).text
-    # presence_penalty reaches the sampler as over ZMQ (greedy: no token of the prompt or the answer again)
+    # presence_penalty reaches the sampler as over ZMQ, counting the answer's tokens only, as OpenAI's
     apart = client.completions.create(model="x", prompt=PROMPT, max_tokens=10, temperature=0, presence_penalty=2)
-    want = zmq.generate(PROMPT, max_new_tokens=10, presence_penalty=2.0)
-    assert apart.choices[0].text == want.text and want.token_ids != ref.token_ids[:10]
+    want = zmq.generate(PROMPT, max_new_tokens=10, presence_penalty=2.0, penalize_prompt=False)
+    with_prompt = zmq.generate(PROMPT, max_new_tokens=10, presence_penalty=2.0)  # TGI's: no prompt token again
+    assert apart.choices[0].text == want.text
+    assert len({tuple(want.token_ids), tuple(with_prompt.token_ids), tuple(ref.token_ids[:10])}) == 3
+    # logit_bias: +100 makes a token every greedy choice, -100 keeps greedy's first choice out
+    token = ref.token_ids[3]
+    forced = client.completions.create(model="x", prompt=PROMPT, max_tokens=6, temperature=0,
+                                       logit_bias={str(token): 100})
+    assert forced.choices[0].text == zmq.generate(PROMPT, max_new_tokens=6, logit_bias={token: 100.0}).text
+    assert zmq.generate(PROMPT, max_new_tokens=6, logit_bias={token: 100.0}).token_ids == [token] * 6
+    avoided = zmq.generate(PROMPT, max_new_tokens=6, logit_bias={ref.token_ids[0]: -100.0})
+    assert ref.token_ids[0] not in avoided.token_ids
     # min_p 1 (OpenAI: an extension) leaves only the likeliest token: a sampled answer is greedy's
     best = client.completions.create(model="x", prompt=PROMPT, max_tokens=10, temperature=0.9, seed=7,
                                      extra_body={"min_p": 1.0})
@@ -354,7 +364,10 @@ def test_unknown_fields_are_ignored_and_null_is_unset(http):
     ({"max_tokens": 5000}, None, "exceeds max_total_tokens 2048"),
     ({"presence_penalty": 2.5}, "presence_penalty", "`presence_penalty` must be in [-2, 2]"),
     ({"min_p": 1.5}, "min_p", "`min_p` must be in [0, 1]"),
-    ({"logit_bias": {"12": 3}}, "logit_bias", "`logit_bias` is not supported"),
+    ({"logit_bias": {"x": 3}}, "logit_bias", "`logit_bias` keys must be token ids"),
+    ({"logit_bias": {"12": 101}}, "logit_bias", "`logit_bias` values must be in [-100, 100]"),
+    ({"logit_bias": {"99999": 1}}, None, "logit_bias token ids must be in [0, 8192)"),
+    ({"logit_bias": {"1": 1, "01": 2}}, None, "logit_bias names a token twice"),
     ({"logprobs": 6}, "logprobs", "`logprobs` must be in [0, 5]"),
     ({"best_of": 3}, "best_of", "is not supported"),
     ({"seed": -5}, "seed", "`seed` must be in [0, 2**63)"),

@@ -278,6 +278,20 @@ def test_min_p_is_among_llama_cpps_default_samplers(tiny):
     assert only_best["tokens"] == answer(tiny, {**GREEDY, "n_predict": 16, "return_tokens": True})["tokens"]
 
 
+def test_logit_bias_in_llama_cpps_shapes(tiny):
+    """logit_bias as llama.cpp takes it: [[token, bias], ...] or {token: bias}, a token an id (a key of
+    digits too) or a text whose tokens each get the bias; false: never that token."""
+    short = {**GREEDY, "n_predict": 8, "return_tokens": True}
+    plain = answer(tiny, short)["tokens"]
+    for ban in ([[plain[0], False]], {str(plain[0]): False}):
+        assert plain[0] not in answer(tiny, {**short, "logit_bias": ban})["tokens"]
+    word = Tokenizer.from_dir(SHIPPED_TINY).encode(" items", add_special_tokens=False)
+    forced = answer(tiny, {**short, "logit_bias": [[" items", 100]]})["tokens"]
+    assert forced and set(forced) <= set(word) and forced != plain
+    r = infill(tiny, {**short, "logit_bias": {"99999": 1}})
+    assert r.status_code == 400 and "logit_bias token ids must be in [0, " in r.json()["error"]["message"]
+
+
 def test_streaming_sends_each_step_then_the_final_answer(tiny):
     whole = answer(tiny, GREEDY)
     got = events(tiny, {**GREEDY, "response_fields": ["content", "stop", "tokens_predicted", "timings/predicted_n"]})

@@ -7,6 +7,7 @@ import torch
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
     TopKLogitsWarper,
     TopPLogitsWarper,
     TypicalLogitsWarper,
@@ -212,7 +213,7 @@ def test_repetition_penalty_matches_transformers():
     gen = torch.Generator().manual_seed(10)
     logits = torch.randn(3, V, generator=gen) * 4
     input_ids = torch.randint(0, V, (3, 20), generator=gen)
-    counts = torch.stack([init_token_counts(row.tolist(), V, "cpu") for row in input_ids])
+    counts = torch.stack([init_token_counts(row.tolist(), 20, True, V, "cpu") for row in input_ids])
     for params in (SamplingParams(repetition_penalty=1.7), SamplingParams(do_sample=True, repetition_penalty=0.6)):
         expected = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(input_ids, logits.clone())
         assert torch.equal(process_logits(logits, repeated(params, 3), counts), expected)
@@ -346,16 +347,71 @@ def test_build_accepts_objects_and_validates():
     st = SamplingTensors.build([Req()], "cpu")
     assert st.temperature.tolist() == [0.5] and st.seed.tolist() == [3] and not st.all_greedy
     for bad in (dict(top_p=0.0), dict(temperature=-1.0), dict(seed=1 << 63), dict(top_k=-1), dict(min_p=-0.1),
-                dict(min_p=1.5)):
+                dict(min_p=1.5), dict(logit_bias=((1, 100.5),)), dict(logit_bias=((1, float("nan")),)),
+                dict(logit_bias=((1, 1.0), (1, 2.0))), dict(logit_bias=((-1, 1.0),)),
+                dict(logit_bias=tuple((t, 1.0) for t in range(1025)))):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
 
 
 def test_token_counts_helpers():
-    counts = torch.stack([init_token_counts([1, 1, 3], 5, "cpu"), init_token_counts([], 5, "cpu")])
+    counts = torch.stack([init_token_counts([1, 1, 3], 3, True, 5, "cpu"), init_token_counts([], 0, True, 5, "cpu")])
     assert counts.dtype == torch.int32 and counts.tolist() == [[0, 2, 0, 1, 0], [0, 0, 0, 0, 0]]
     update_token_counts(counts, torch.tensor([3, 4]))
     assert counts.tolist() == [[0, 2, 0, 2, 0], [0, 0, 0, 0, 1]]
+
+
+def test_answer_only_penalties_are_vllms_and_survive_a_resume():
+    """penalize_prompt=False (OpenAI's): frequency and presence count the answer's tokens only, the
+    repetition penalty every token seen, as vLLM applies them (written out here from its formula).
+    A resumed request, whose prompt ends with answer tokens, counts as the undisturbed one."""
+    gen = torch.Generator().manual_seed(12)
+    logits = torch.randn(1, V, generator=gen) * 4
+    prompt, answer = torch.randint(0, V, (30,), generator=gen), torch.randint(0, V, (12,), generator=gen)
+    params = SamplingParams(repetition_penalty=1.4, frequency_penalty=0.5, presence_penalty=0.7,
+                            penalize_prompt=False)
+    out_counts = torch.bincount(answer, minlength=V)[None]  # [1, V]
+    seen = (torch.bincount(prompt, minlength=V)[None] > 0) | (out_counts > 0)
+    rep = torch.where(logits > 0, logits / 1.4, logits * 1.4)
+    expected = torch.where(seen, rep, logits) - 0.5 * out_counts - 0.7 * (out_counts > 0)
+    ids = prompt.tolist() + answer.tolist()
+    undisturbed = init_token_counts(ids[:31], 30, False, V, "cpu")[None]
+    for t in answer[1:]:
+        update_token_counts(undisturbed, t[None])
+    resumed = init_token_counts(ids, 30, False, V, "cpu")[None]  # resumed: its last 12 prompt ids are answer
+    assert torch.equal(undisturbed, resumed)
+    assert torch.allclose(process_logits(logits, st_of(params), resumed), expected, atol=1e-6)
+    # counting the prompt too (TGI's and the default) differs where a prompt token is not in the answer
+    counted = init_token_counts(ids, len(ids), True, V, "cpu")[None]
+    assert not torch.allclose(process_logits(logits, st_of(params), counted), expected)
+
+
+def test_logit_bias_matches_transformers_per_row():
+    gen = torch.Generator().manual_seed(13)
+    logits = torch.randn(3, V, generator=gen)
+    biases = [((5, 3.5), (9, -100.0), (60, 0.25)), (), ((5, float("-inf")),)]
+    st = st_of(*[SamplingParams(logit_bias=b) for b in biases])
+    assert st.any_bias and not st.plain and st.bias_ids.shape == (3, 4)  # padded to a power of two
+    mine = process_logits(logits, st)
+    assert torch.equal(mine[1], logits[1])
+    for row in (0, 2):
+        hf = SequenceBiasLogitsProcessor({(t,): v for t, v in biases[row]})
+        assert torch.equal(mine[row : row + 1], hf(torch.zeros(1, 1, dtype=torch.long), logits[row : row + 1].clone()))
+    assert sample(logits, st, torch.arange(3)).tokens.tolist()[0] == 5  # +3.5 over unit-normal logits
+    assert sample(logits, st, torch.arange(3)).tokens.tolist()[2] != 5
+
+
+def test_a_pool_widens_its_bias_table_and_clears_a_freed_row():
+    pool = SamplingTensors.empty(4, "cpu")
+    assert pool.bias_ids.shape == (4, 0) and pool.plain
+    pool.set_row(1, SamplingParams(logit_bias=((7, 2.0),)))
+    pool.set_row(3, SamplingParams(logit_bias=tuple((t, 1.0) for t in range(10, 15))))
+    assert pool.bias_ids.shape == (4, 8) and pool.bias_ids[1].tolist() == [7] + [0] * 7
+    assert not pool.view(1).any_bias and pool.view(2).any_bias
+    logits = torch.zeros(4, V)
+    assert sample(logits, pool.view(4), torch.arange(4)).tokens.tolist() == [0, 7, 0, 10]
+    pool.set_row(1, SamplingParams())
+    assert not pool.view(2).any_bias and pool.bias_values[1].abs().sum() == 0
 
 
 def test_derive_seed_is_deterministic_distinct_and_63_bit():

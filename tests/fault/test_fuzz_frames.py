@@ -80,6 +80,10 @@ PARAMS = {
     "cache_prompt": (st.booleans(), st.booleans()),
     "min_p": (st.floats(0.0, 1.0), edge_floats),
     "presence_penalty": (st.floats(-2.0, 2.0), edge_floats),
+    "logit_bias": (st.lists(st.tuples(st.integers(0, 1000), st.floats(-100.0, 100.0)), max_size=4,
+                            unique_by=lambda p: p[0]),
+                   st.lists(st.tuples(edge_ints, edge_floats), max_size=8)),
+    "penalize_prompt": (st.booleans(), st.booleans()),
 }
 assert list(PARAMS) == [f.name for f in msgspec.structs.fields(P.GenerateParams)]
 DEFAULTS = msgspec.structs.asdict(P.GenerateParams())
