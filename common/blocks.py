@@ -110,7 +110,8 @@ def rope_tables(cfg: ModelConfig, dtype: torch.dtype, device,
                 rope: Rope | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """cos and sin [n_positions, P / 2] of every position (P the rotary width, cfg.rope_dim), in the
     compute dtype (transformers computes them in float32 and casts before use), of `rope` (default:
-    cfg.rope); None for a model without rotary embeddings."""
+    cfg.rope); None for a model without rotary embeddings. LongRoPE served past its pretraining
+    length has [2 * n_positions, P / 2]: the rows of a long prompt follow (long_rope_prompt)."""
     rope = rope or cfg.rope
     if rope is None:
         return None
@@ -122,12 +123,22 @@ def rope_tables(cfg: ModelConfig, dtype: torch.dtype, device,
         # KV cache cannot follow: keys cached earlier keep theirs. Within the pretraining length,
         # where the two agree, that length's frequencies; past it dynamic NTK's at the longest
         # length served (as vLLM does) and longrope's long factors. A longrope request growing past
-        # the pretraining length thus goes on as transformers' own cached generation does; only a
-        # prompt longer than it, which transformers turns all with the long factors, differs.
+        # the pretraining length thus goes on as transformers' own cached generation does. A prompt
+        # longer than it transformers turns all with the long factors: the second half's rows.
         plain, _ = inv_freq(rope, cfg.rope_dim, rope.original_max_positions)
         within = positions < rope.original_max_positions
-        angles = torch.where(within, positions * plain[None, :], angles)
+        mixed = torch.where(within, positions * plain[None, :], angles)
+        angles = torch.cat([mixed, angles]) if rope.rope_type == "longrope" else mixed
     return (angles.cos() * scale).to(device, dtype), (angles.sin() * scale).to(device, dtype)
+
+
+def long_rope_prompt(cfg: ModelConfig, prompt_len: int) -> bool:
+    """Whether a prompt of `prompt_len` tokens (a resumed request's: the first attempt's) turns with
+    LongRoPE's long factors at every position, as transformers turns a prompt longer than the
+    pretraining length: its rows of rope_tables are its positions plus n_positions."""
+    rope = cfg.rope
+    return (rope is not None and rope.rope_type == "longrope" and cfg.n_positions > rope.original_max_positions
+            and prompt_len > rope.original_max_positions)
 
 
 def query_scales(cfg: ModelConfig, dtype: torch.dtype, device) -> torch.Tensor | None:

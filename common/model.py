@@ -87,7 +87,7 @@ class ModelWeights(NamedTuple):
     lm_head_b: torch.Tensor | None  # [V]
     act: Callable[[torch.Tensor], torch.Tensor]
     upcast_softmax: bool  # half precision scores are softmaxed in fp32, as transformers does
-    rope_cos: torch.Tensor | None  # [n_positions, P / 2], rotary embeddings
+    rope_cos: torch.Tensor | None  # [n_positions, P / 2], rotary embeddings (LongRoPE: see rope_tables)
     rope_sin: torch.Tensor | None
     local_cos: torch.Tensor | None  # the same of cfg.local_rope, for the layers with local_rope
     local_sin: torch.Tensor | None
@@ -350,6 +350,7 @@ def prefill(
     kv_out: torch.Tensor | None = None,  # [n_layer, 2, >=K, KVH, D]: each layer's K and V land here
     logit_index: torch.Tensor | None = None,  # [R] packed positions whose logits are wanted
     past: list[int] | None = None,  # per prompt, the tokens of a cached prefix whose K/V are in kv_out
+    rope_rows: torch.Tensor | None = None,  # [T] rows of the rotary tables, where not `positions` (long_rope_prompt)
 ) -> torch.Tensor:
     """Packed causal forward over several prompts' new tokens (`seqlens` of them each).
 
@@ -376,7 +377,7 @@ def prefill(
         h = h + torch.embedding(w.wpe, positions)
     rope = w.rope_cos is not None
     if rope:
-        cos, sin = _at(w.rope_cos, w.rope_sin, positions)  # [T, 1, P/2]
+        cos, sin = _at(w.rope_cos, w.rope_sin, positions if rope_rows is None else rope_rows)  # [T, 1, P/2]
         ropes = ((cos, sin), _at(w.local_cos, w.local_sin, positions) if w.local_cos is not None else (cos, sin))
         q_scales = None if w.q_scales is None else w.q_scales[positions][:, None, None]  # [T, 1, 1]
     softcap = {"softcap": cfg.attn_softcap} if cfg.attn_softcap else {}  # the kernels that cannot cap take none

@@ -13,10 +13,12 @@ DEFAULT_BLOCK_TOKENS = 32
 _DIGEST = 16
 
 
-def block_hashes(ids: Sequence[int], block_tokens: int) -> list[bytes]:
+def block_hashes(ids: Sequence[int], block_tokens: int, namespace: bytes = b"") -> list[bytes]:
     """The hash of each full block of `ids`: block i's covers ids[: (i + 1) * block_tokens], as
-    the hash of block i - 1's and the block's own ids. A trailing partial block has none."""
-    hashes, previous = [], b""
+    the hash of block i - 1's and the block's own ids. A trailing partial block has none. Blocks of
+    another `namespace` (the first block's "previous") never match: K/V that differ for the same ids
+    (a long LongRoPE prompt's)."""
+    hashes, previous = [], namespace
     pack = struct.Struct(f"<{block_tokens}i").pack
     for end in range(block_tokens, len(ids) + 1, block_tokens):
         previous = hashlib.blake2b(previous + pack(*ids[end - block_tokens : end]), digest_size=_DIGEST).digest()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from splitserve.common.blocks import long_rope_prompt
 from splitserve.common.attention import PrefillAttention, choose_prefill_attention
 from splitserve.common.loading import LoadedModel
 from splitserve.common.model import prefill
@@ -77,7 +78,8 @@ class PrefillEngine:
         positions = torch.cat([torch.arange(p, n) for n, p in zip(lens, past)]).to(dev)
         index, last_rows = self._logit_rows(batch, new)
         logits = prefill(self.model.weights, flat, positions, new, self.attn,
-                         kv_out=self.staging[:, :, staging_offset:], logit_index=index, past=past)
+                         kv_out=self.staging[:, :, staging_offset:], logit_index=index, past=past,
+                         rope_rows=self._rope_rows(batch, positions, new))
         last = logits if last_rows is None else logits[last_rows]  # [B, V]
         # one sampled row per request: a prompt's row repeated for each of its forks
         group = [i for i, fs in enumerate(forks or [[]] * len(batch)) for _ in range(1 + len(fs))]
@@ -108,9 +110,20 @@ class PrefillEngine:
                              f"budget ({self.token_budget}) or the staging buffer ({self.staging.shape[2]})")
         dev = self.model.device
         ids = torch.tensor(request.prompt_ids[past:upto], dtype=torch.long, device=dev)  # [n]
-        prefill(self.model.weights, ids, torch.arange(past, upto, device=dev), [upto - past], self.attn,
+        positions = torch.arange(past, upto, device=dev)
+        prefill(self.model.weights, ids, positions, [upto - past], self.attn,
                 kv_out=self.staging[:, :, staging_offset:], logit_index=torch.empty(0, dtype=torch.long, device=dev),
-                past=[past])
+                past=[past], rope_rows=self._rope_rows([request], positions, [upto - past]))
+
+    def _rope_rows(self, batch, positions: torch.Tensor, new: list[int]) -> torch.Tensor | None:
+        """[T] rows of the rotary tables of the packed tokens where a prompt's differ from their
+        positions (long_rope_prompt), else None."""
+        cfg = self.model.cfg
+        long = [long_rope_prompt(cfg, len(r.prompt_ids) - r.resumed) for r in batch]
+        if not any(long):
+            return None
+        shift = torch.tensor([cfg.n_positions * x for x in long]).repeat_interleave(torch.tensor(new))  # [T]
+        return positions + shift.to(positions.device)
 
     def _logit_rows(self, batch, new: list[int]):
         """Rows of the packed new tokens that reach the LM head: the last of each prompt, or every

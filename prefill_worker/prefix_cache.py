@@ -42,10 +42,11 @@ class PrefixCache:
     def block_bytes(self) -> int:
         return self.store[0].numel() * self.store.element_size()
 
-    def match(self, ids: tuple[int, ...]) -> tuple[list[int], list[bytes]]:
+    def match(self, ids: tuple[int, ...], namespace: bytes = b"") -> tuple[list[int], list[bytes]]:
         """The store indices of the longest cached prefix of `ids` that leaves at least one token to
-        compute (its last token's logits are what a prefill is for), and the prompt's block hashes."""
-        hashes = block_hashes(ids, self.block_tokens)
+        compute (its last token's logits are what a prefill is for), and the prompt's block hashes
+        (in `namespace`: see block_hashes)."""
+        hashes = block_hashes(ids, self.block_tokens, namespace)
         usable = (len(ids) - 1) // self.block_tokens
         found = []
         for i, h in enumerate(hashes[:usable]):
@@ -55,10 +56,11 @@ class PrefixCache:
             found.append(block.index)
         return found, hashes
 
-    def lookup(self, ids: tuple[int, ...], matched: tuple[list[int], list[bytes]] | None = None) -> list[int]:
+    def lookup(self, ids: tuple[int, ...], matched: tuple[list[int], list[bytes]] | None = None,
+               namespace: bytes = b"") -> list[int]:
         """As `match` (or what it gave for `ids`, `matched`, the cache unchanged since), counted in the
         metrics and refreshed in the LRU order."""
-        found, hashes = matched or self.match(ids)
+        found, hashes = matched or self.match(ids, namespace)
         self.looked_up += len(ids)
         self.found += len(found) * self.block_tokens
         self._touch(hashes[: len(found)])
@@ -71,10 +73,10 @@ class PrefixCache:
             n = len(found) * self.block_tokens
             region[:, :, :n] = blocks.permute(1, 2, 0, 3, 4, 5).reshape(*region.shape[:2], n, *region.shape[3:])
 
-    def insert(self, ids: tuple[int, ...], region: torch.Tensor) -> None:
+    def insert(self, ids: tuple[int, ...], region: torch.Tensor, namespace: bytes = b"") -> None:
         """Keep the full blocks of a prompt whose K/V are in `region` [n_layer, 2, len(ids), KVH, D],
         evicting the least recently used blocks for room."""
-        hashes = block_hashes(ids, self.block_tokens)
+        hashes = block_hashes(ids, self.block_tokens, namespace)
         b = self.block_tokens
         for i, h in enumerate(hashes):
             if h in self._blocks:

@@ -19,6 +19,7 @@ import torch
 import zmq
 
 from splitserve.common import protocol as P
+from splitserve.common.blocks import long_rope_prompt
 from splitserve.common.frontend_links import FrontendLinks
 from splitserve.common.kv_handoff import KvSender, nixl_agent_for, offered_transports
 from splitserve.common.kv_transport import allocate_staging, sweep_orphan_staging
@@ -325,7 +326,7 @@ class PrefillWorker(WorkerLoop):
                     # its full blocks so far, at once: a cancel before its last piece (an editor's
                     # next keystroke) leaves them to the prompt that follows, and a prompt alike
                     # that comes meanwhile finds them
-                    self._keep_start(job.request.prompt_ids[: queued.done + n], queued.offset)
+                    self._keep_start(job.request, queued.done + n, queued.offset)
                 else:
                     results = self.engine.run([job.request], queued.offset, [job.forks], [queued.done])
                     self._keep_prompts([job], queued.offset)
@@ -382,11 +383,16 @@ class PrefillWorker(WorkerLoop):
     def _match(self, request) -> tuple[list[int], list[bytes]]:
         """The prefix cache's blocks for `request` now, and its block hashes (PrefixCache.match);
         none where it takes none."""
-        return self.cache.match(request.prompt_ids) if self._looks_up(request) else ([], [])
+        return self.cache.match(request.prompt_ids, self._namespace(request)) if self._looks_up(request) else ([], [])
 
     def _lookup(self, request, matched: tuple[list[int], list[bytes]]) -> list[int]:
         """`matched` for a prompt about to be prefilled, counted in the cache's metrics."""
         return self.cache.lookup(request.prompt_ids, matched) if self._looks_up(request) else []
+
+    def _namespace(self, request) -> bytes:
+        """Where the prompt's blocks are kept: apart from other prompts' when its K/V differ for the same
+        ids (a long prompt's under LongRoPE, long_rope_prompt)."""
+        return b"long-rope" if long_rope_prompt(self.model.cfg, len(request.prompt_ids) - request.resumed) else b""
 
     def _tokens(self, blocks: list[int]) -> int:
         return len(blocks) * self.cache.block_tokens if blocks else 0
@@ -405,13 +411,14 @@ class PrefillWorker(WorkerLoop):
     def _keep_prompts(self, batch: list[P.Prefill], offset: int) -> None:
         """Put the batch's prompts into the prefix cache, from the K/V just staged."""
         for job in batch:
-            self._keep_start(job.request.prompt_ids, offset)
+            self._keep_start(job.request, len(job.request.prompt_ids), offset)
             offset += len(job.request.prompt_ids)
 
-    def _keep_start(self, ids: tuple[int, ...], offset: int) -> None:
-        """Put a prompt's start `ids`, staged from `offset`, into the prefix cache."""
+    def _keep_start(self, request, n: int, offset: int) -> None:
+        """Put the start of a prompt, its first `n` tokens staged from `offset`, into the prefix cache."""
         if self.cache is not None:
-            self.cache.insert(ids, self.kv.staging.tensor[:, :, offset : offset + len(ids)])
+            self.cache.insert(request.prompt_ids[:n], self.kv.staging.tensor[:, :, offset : offset + n],
+                              self._namespace(request))
 
 
 def prefix_cache(opts: WorkerOptions, model: LoadedModel) -> PrefixCache | None:

@@ -15,6 +15,7 @@ import torch
 
 from cluster import Cluster, offline, request_specs, stream_all
 from conftest import TEST_THREADS
+from splitserve.client import Client
 from splitserve.common.attention import sdpa_prefill
 from splitserve.common.loading import load_model
 from splitserve.common.model import prefill
@@ -338,6 +339,42 @@ def test_longrope_goes_past_its_pretraining_length_as_transformers_does(tmp_path
 
 
 @torch.inference_mode()
+def test_a_longrope_prompt_past_its_pretraining_length_turns_all_long_as_transformers_does(tmp_path):
+    """A prompt longer than the pretraining length: transformers turns every position of it with the
+    long factors (it picks them from the forward's length), and so do we, in one pass or in pieces;
+    its answer then matches transformers' cached generation step by step. A request resumed past the
+    pretraining length after a short prompt keeps the short factors of its first attempt."""
+    path = make_checkpoint(tmp_path / "phi3-longrope", *VARIANTS["phi3-longrope-tied"])
+    model, ref = load_model(path, torch.float32, torch.device("cpu")), reference(path)
+    prompt = prompts([LONGROPE_ORIGINAL + 30], seed=8)[0]
+    want = ref(torch.tensor([prompt])).logits[0, -1]
+    torch.testing.assert_close(prefill(model.weights, *packed([prompt]), sdpa_prefill,
+                                       rope_rows=torch.arange(len(prompt)) + model.cfg.n_positions)[0],
+                               want, rtol=0, atol=1e-4)
+    ours = generate(model, [GenerateRequest("long", tuple(prompt), 20, ignore_eos=True)])[0]
+    out = ref(torch.tensor([prompt]), use_cache=True)
+    for i, token in enumerate(ours):
+        best, second = out.logits[0, -1].topk(2).values.tolist()
+        if token != out.logits[0, -1].argmax():
+            assert best - second < 1e-4, f"step {i}"
+        out = ref(torch.tensor([[token]]), cache=out.past_key_values, use_cache=True)
+    request = GenerateRequest("long", tuple(prompt), 1, ignore_eos=True)
+    cfg = model.cfg
+    whole = PrefillEngine(model, 512)
+    pieces = PrefillEngine(model, 64, staging=torch.empty(cfg.n_layer, 2, 512, cfg.kv_heads, cfg.head_dim))
+    first = whole.run([request])[0].first_token
+    pieces.extend(request, 0, 0, 64)
+    pieces.extend(request, 0, 64, 128)
+    assert pieces.run([request], 0, past=[128])[0].first_token == first == ours[0]
+    n = len(prompt)
+    torch.testing.assert_close(pieces.staging[:, :, :n], whole.staging[:, :, :n], rtol=0, atol=1e-5)
+    short = prompts([LONGROPE_ORIGINAL - 10], seed=9)[0]
+    answer = generate(model, [GenerateRequest("short", tuple(short), 30, ignore_eos=True)])[0]
+    resumed = GenerateRequest("again", tuple(short + answer[:20]), 10, ignore_eos=True, resumed=20)
+    assert generate(model, [resumed])[0] == answer[20:]
+
+
+@torch.inference_mode()
 def test_a_multimodal_gemma3_loads_under_either_transformers_naming(tmp_path):
     """transformers writes the text model's tensors as language_model.model.* and the head as
     language_model.lm_head (the released checkpoints' names, which transformers 5 still saves); its
@@ -509,6 +546,25 @@ def served_checkpoints(tmp_path_factory):
         return made[variant]
 
     return get
+
+
+def test_a_served_longrope_model_keeps_long_prompts_apart_in_the_prefix_cache(home, served_checkpoints):
+    """A long prompt under LongRoPE turns every position with the long factors, so its start's K/V
+    differ from those of a short prompt with the same ids: the prefill worker's prefix cache keeps
+    them apart, whole or in pieces, and every answer equals the in-process engine's."""
+    path = served_checkpoints("phi3-longrope-tied")
+    model = load_model(path, torch.float32, torch.device("cpu"))
+    ids = prompts([LONGROPE_ORIGINAL + 40], seed=10)[0]
+    asks = [ids[:100], ids, ids[:LONGROPE_ORIGINAL + 20], ids[:110]]  # short, long, long (cached), short (cached)
+    want = generate(model, [GenerateRequest(f"r{i}", tuple(p), 8, ignore_eos=True) for i, p in enumerate(asks)])
+    with Cluster(home, model=str(path), kv_transport="tcp") as c:
+        c.add_worker("prefill", "--kv-transport", "tcp", "--prefill-chunk-tokens", "48")
+        c.add_worker("decode", "--kv-transport", "tcp", "--num-slots", "4")
+        c.wait_registered()
+        with Client(c.endpoint) as client:
+            got = [client.generate(prompt_ids=p, max_new_tokens=8, ignore_eos=True, timeout=120).token_ids
+                   for p in asks]
+    assert got == want
 
 
 # Qwen2-shaped: grouped-query, q/k/v biases, a tied head, a window on its later layers; and a
