@@ -149,7 +149,7 @@ def test_requests_after_the_connection_died_fail_at_once_then_connect_again(home
     """Whether a request starts before or after the reader sees the close, it fails with
     UnavailableError, not after its own timeout; once a gateway listens again, the next request
     reaches it over a new connection (this one has no workers: it refuses as such)."""
-    with Cluster(home) as c:
+    with Cluster(home, heartbeat_timeout=0.5) as c:  # no workers: a short settle before "no prefill worker"
         ws_url = c.url.replace("http", "ws") + "/ws"
 
         def restart() -> None:
