@@ -517,7 +517,8 @@ def run(args: argparse.Namespace) -> int:
 
     args = resolve(args)
     names, targets = comparison(args)
-    sessions = Sessions(Tokenizer.from_dir(resolve_model(args.model, args.home, progress=False)), args)
+    model_dir = resolve_model(args.model, args.home, progress=False, revision=args.revision)
+    sessions = Sessions(Tokenizer.from_dir(model_dir), args)
     bar = tqdm(total=2 * args.rounds, desc="bench editor", unit="phase", file=sys.stderr)
     try:
         phases, replay = measure(args, sessions, names, bar)

@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     threads = args.threads or all_cores()
     set_threads(threads)
     device = resolve_device(args.device)
-    path = None if args.shape else resolve_model(args.model, args.home)
+    path = None if args.shape else resolve_model(args.model, args.home, revision=args.revision)
     dtype = resolve_dtype(args.dtype, device, path)
     sweep = sweep_from_args(args, device.type == "cuda")
     hf, model = load_models(path, args.shape, device, dtype)

@@ -96,7 +96,8 @@ class Fleet:
         self.log_dir = Path(tempfile.mkdtemp(prefix="splitserve-bench-gateway-"))
         self.procs: dict[str, subprocess.Popen] = {}
         self.idle_per_s: dict[str, float] = {}
-        common = ["--model", args.model, "--home", str(args.home), "--threads", "1"]
+        common = ["--model", args.model, "--home", str(args.home), "--threads", "1",
+                  *(["--revision", args.revision] if args.revision else [])]
         self.commands = {"router": ["-m", "splitserve.cli", "router", *common, "--worker-port", str(self.worker_port),
                                     "--frontend-port", str(self.frontend_port), "--metrics-port", str(self.router_http),
                                     "--max-concurrent-requests", str(4 * args.concurrency + 64)]}
@@ -390,7 +391,7 @@ def run(args: argparse.Namespace) -> int:
     bad = set(args.transports) - set(TRANSPORTS)
     if bad:
         raise SystemExit(f"--transports: unknown {', '.join(sorted(bad))} (choose from {', '.join(TRANSPORTS)})")
-    path = resolve_model(args.model, args.home, progress=False)
+    path = resolve_model(args.model, args.home, progress=False, revision=args.revision)
     cfg = load_model_config(path)
     fingerprint = cfg.fingerprint(Tokenizer.from_dir(path).vocab_size)
     epoch_us = time.time_ns() // 1000

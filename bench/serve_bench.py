@@ -292,7 +292,7 @@ class LocalPipeline:
     def _spawn(self, name: str, command: str, *flags: str) -> subprocess.Popen:
         a = self.args
         cmd = [sys.executable, "-m", "splitserve.cli", command, "--model", a.model, "--dtype", a.dtype,
-               "--device", a.device, "--home", str(a.home), *flags]
+               "--device", a.device, "--home", str(a.home), *(["--revision", a.revision] if a.revision else []), *flags]
         env = dict(os.environ, PYTHONUNBUFFERED="1", SPLITSERVE_LOG_LEVEL="WARNING")
         with open(self.log_dir / f"{name}.log", "wb") as log:
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -662,7 +662,7 @@ def engine_runs(args, points: list[Load], warm: Jobs, bar: tqdm):
     """A function that runs one load on the in-process engine (loaded here and warmed up) -> its row."""
     import torch
 
-    opts = ModelOptions(args.model, args.dtype, args.device, args.engine_threads, args.home)
+    opts = ModelOptions(args.model, args.dtype, args.device, args.engine_threads, args.home, args.revision)
     bar.set_postfix_str("engine: loading", refresh=True)
     engine = open_engine(opts, args.num_slots)
     with torch.inference_mode():
@@ -688,7 +688,8 @@ def run(args: argparse.Namespace) -> int:
     from .serve_plots import plot_serve  # matplotlib only when a benchmark runs
 
     args = resolve(args)
-    vocab = load_model_config(resolve_model(args.model, args.home, progress=False)).vocab_size
+    model_dir = resolve_model(args.model, args.home, progress=False, revision=args.revision)
+    vocab = load_model_config(model_dir).vocab_size
     jobs = Jobs(args.prompt_len, args.new_tokens, vocab, args.seed)
     warm = Jobs(args.prompt_len, args.new_tokens, vocab, args.seed + 1)
     points = loads(args)

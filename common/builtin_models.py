@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .hub import fetch_checkpoint, is_repo_id
+
 # Bump when the recipe (TINY_HF_CONFIG, RANDOM_SEED, random_checkpoint.py) changes, so existing caches are rebuilt instead of reused.
 RECIPE_VERSION = 1
 MARKER = "splitserve-builtin.json"
@@ -55,19 +57,24 @@ def is_builtin(name: str) -> bool:
     return name in BUILTIN_MODELS
 
 
-def resolve_model(name_or_dir: str, home: Path | None = None, progress: bool = True) -> Path:
-    """A built-in name becomes its checkpoint directory (created if needed); a path is checked."""
+def resolve_model(name_or_dir: str, home: Path | None = None, progress: bool = True,
+                  revision: str | None = None) -> Path:
+    """A built-in name becomes its checkpoint directory (created if needed); a directory is taken as
+    it is; a Hugging Face Hub repository id (owner/name) its snapshot at `revision`, fetched where
+    missing (hub.py)."""
     if name_or_dir == "tiny":
         return SHIPPED_TINY
     if name_or_dir == "tiny-random":
         return ensure_builtin(name_or_dir, home or default_home(), progress)
     path = Path(name_or_dir).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"model {name_or_dir!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
-            "nor an existing directory"
-        )
-    return path
+    if path.is_dir():
+        return path
+    if is_repo_id(name_or_dir):
+        return fetch_checkpoint(name_or_dir, revision)
+    raise FileNotFoundError(
+        f"model {name_or_dir!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}), an existing "
+        "directory nor a Hugging Face Hub repository id (owner/name)"
+    )
 
 
 def ensure_builtin(name: str, home: Path, progress: bool = True) -> Path:

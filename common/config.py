@@ -13,17 +13,21 @@ from .builtin_models import default_home
 
 @dataclass(frozen=True)
 class ModelOptions:
-    model: str  # a built-in name or a checkpoint directory
+    model: str  # a built-in name, a checkpoint directory or a Hugging Face Hub repository id
     dtype: str  # auto | float32 | float16 | bfloat16
     device: str  # auto | cpu | cuda | cuda:N
     threads: int  # PyTorch threads for this process; 0 = PyTorch's default
     home: Path  # where built-in models are created
+    revision: str | None  # of a Hub repository: a branch, tag or commit (None: main)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
     parser.add_argument("--model", default=env("SPLITSERVE_MODEL", "tiny"),
-                        help="built-in model name (tiny, tiny-random) or a local checkpoint directory")
+                        help="built-in model name (tiny, tiny-random), a local checkpoint directory, or a Hugging "
+                             "Face Hub repository id (owner/name), fetched into the Hub's cache ($HF_HOME) on first use")
+    parser.add_argument("--revision", default=env("SPLITSERVE_REVISION"),
+                        help="with a Hub repository id: the branch, tag or commit to serve (default: main)")
     parser.add_argument("--dtype", default=env("SPLITSERVE_DTYPE", "auto"),
                         choices=["auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"],
                         help="compute dtype; auto = float32 on CPU, bfloat16 (or the checkpoint's half dtype) on CUDA")
@@ -37,4 +41,5 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def model_options(ns: argparse.Namespace) -> ModelOptions:
-    return ModelOptions(model=ns.model, dtype=ns.dtype, device=ns.device, threads=ns.threads, home=ns.home)
+    return ModelOptions(model=ns.model, dtype=ns.dtype, device=ns.device, threads=ns.threads, home=ns.home,
+                        revision=ns.revision)

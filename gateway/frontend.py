@@ -49,7 +49,7 @@ class Frontend:
     def __init__(self, opts: FrontendOptions, ctx: zmq.asyncio.Context, guard: bool = True, reuse_port: bool = True):
         self.opts, self.ctx = opts, ctx
         self.id = opts.frontend_id or f"frontend-{secrets.token_hex(4)}"
-        path = resolve_model(opts.model.model, opts.model.home)
+        path = resolve_model(opts.model.model, opts.model.home, revision=opts.model.revision)
         cfg = load_model_config(path)
         self.tokenizer = Tokenizer.from_dir(path)
         self.fingerprint = cfg.fingerprint(self.tokenizer.vocab_size)

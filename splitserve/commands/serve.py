@@ -26,7 +26,9 @@ from itertools import takewhile
 from typing import TYPE_CHECKING
 
 from splitserve.common.child_process import die_with_parent
+from splitserve.common.builtin_models import resolve_model
 from splitserve.common.curve import load_keypair
+from splitserve.common.hub import is_repo_id
 from splitserve.common.service_config import WILDCARD_HOSTS, add_engine_args, worker_argv, worker_flag_names
 from splitserve.common.zmq_util import free_port
 from splitserve.gateway.options import (
@@ -359,6 +361,11 @@ async def _serve(args: argparse.Namespace) -> int:
         args.port = free_port(args.host)
     if args.host in WILDCARD_HOSTS and not args.advertise_host:
         args.advertise_host = "127.0.0.1"  # every process of serve's is on this host
+    if is_repo_id(args.model) and not os.path.isdir(args.model):
+        # fetched here, once, with its progress: every process started then (and started again) reads
+        # that very commit from the cache, offline
+        args.revision = resolve_model(args.model, args.home, revision=args.revision).name
+        os.environ["HF_HUB_OFFLINE"] = "1"
     gw = Gateway(gateway_options(args)) if args.frontends == 1 else RouterServer(router_options(args))
     sup = Supervisor(args, gw)
     loop = asyncio.get_running_loop()
