@@ -13,7 +13,7 @@ import logging
 import re
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from . import fp8
 from .families import checkpoint_shapes, family_of
 from .model_config import ModelConfig
 
@@ -41,6 +42,7 @@ _BUFFER = re.compile(r"h\.\d+\.attn\.(masked_)?bias|layers\.\d+\.self_attn\.rota
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # MXFP4's packed values and scales (gpt-oss's experts): read as stored, uint8, for the family to dequantize
 PACKED = ("_blocks", "_scales")
+FP8_DTYPE = "F8_E4M3"  # safetensors' name of the float8 that FP8 checkpoints store (common/fp8.py)
 
 
 class CheckpointError(ValueError):
@@ -51,6 +53,7 @@ class CheckpointError(ValueError):
 class _Source:
     path: Path
     key: str  # the name as stored in the file
+    scale: _Source | None = None  # an FP8 weight's scales (common/fp8.py)
 
 
 def load_weights(
@@ -69,7 +72,7 @@ def load_weights(
         raise ValueError(f"weights can only be loaded as a floating dtype, not {dtype}")
     files = _checkpoint_files(Path(model_dir))
     shapes = checkpoint_shapes(config)
-    sources = _plan(files, shapes, family_of(config.model_type).PREFIX)
+    sources = _plan(files, shapes, family_of(config.model_type).PREFIX, config.fp8)
     _check_complete(Path(model_dir), shapes, sources)
 
     if progress is None:
@@ -82,7 +85,10 @@ def load_weights(
                 continue
             with _open(path) as f:
                 for name in names:
-                    t = f.get_tensor(sources[name].key)
+                    src = sources[name]
+                    t = f.get_tensor(src.key)
+                    if src.scale is not None:
+                        t = fp8.dequantize(t.to(device), _read(src.scale).to(device), config.fp8_block, dtype)
                     weights[name] = t.to(device=device, dtype=None if name.endswith(PACKED) else dtype)
                     bar.update()
     return {name: weights[name] for name in shapes}
@@ -160,27 +166,46 @@ def _open(path: Path) -> Iterator:
 
 
 def _plan(files: list[Path], shapes: dict[str, tuple[int, ...]],
-          prefix: str | tuple[str, ...]) -> dict[str, _Source]:
+          prefix: str | tuple[str, ...], fp8_checkpoint: bool = False) -> dict[str, _Source]:
     """Find each expected tensor in the file headers and check its shape and dtype. `prefix`: the
     family's, or several (a multimodal checkpoint's text model, as transformers 4 and 5 name it).
+    In an FP8 checkpoint a weight stored as FP8 takes the scales stored beside it.
 
     The files themselves are searched rather than trusting the index's weight_map,
     so a stale index can only cause a clear error, never a silently wrong tensor.
     """
     prefixes = (prefix,) if isinstance(prefix, str) else prefix
     sources: dict[str, _Source] = {}
+    scales: dict[str, _Source] = {}  # weight name -> its FP8 scales
+    quantized: set[str] = set()
     for path in files:
         with _open(path) as f:
             for key in f.keys():
                 name = next((key.removeprefix(p) for p in prefixes if key.startswith(p)), key)
+                if fp8_checkpoint and name.endswith(fp8.SCALE_SUFFIX) and name.removesuffix(fp8.SCALE_SUFFIX) in shapes:
+                    scales[name.removesuffix(fp8.SCALE_SUFFIX)] = _Source(path, key)
+                    continue
                 if name not in shapes:
                     _note_ignored(name, key, path)
                     continue
                 if name in sources:
                     raise CheckpointError(f"tensor {name} is stored twice: as {sources[name].key} and {key} in {path}")
-                _check_tensor(f.get_slice(key), key, path, shapes[name], packed=name.endswith(PACKED))
+                stored = _check_tensor(f.get_slice(key), key, path, shapes[name], packed=name.endswith(PACKED),
+                                       fp8_checkpoint=fp8_checkpoint)
+                if stored == FP8_DTYPE:
+                    quantized.add(name)
                 sources[name] = _Source(path, key)
+    for name in quantized:
+        if name not in scales:
+            raise CheckpointError(f"FP8 tensor {sources[name].key} in {sources[name].path} has no "
+                                  f"{sources[name].key}{fp8.SCALE_SUFFIX} beside it")
+        sources[name] = replace(sources[name], scale=scales[name])
     return sources
+
+
+def _read(src: _Source) -> torch.Tensor:
+    with _open(src.path) as f:
+        return f.get_tensor(src.key)
 
 
 def _note_ignored(name: str, key: str, path: Path) -> None:
@@ -189,7 +214,9 @@ def _note_ignored(name: str, key: str, path: Path) -> None:
         log.debug("ignoring unexpected tensor %s in %s", key, path)
 
 
-def _check_tensor(tensor_slice, key: str, path: Path, expected: tuple[int, ...], packed: bool) -> None:
+def _check_tensor(tensor_slice, key: str, path: Path, expected: tuple[int, ...], packed: bool,
+                  fp8_checkpoint: bool = False) -> str:
+    """The tensor's stored dtype, once its shape and dtype are checked."""
     shape = tuple(tensor_slice.get_shape())
     if shape != expected:
         raise CheckpointError(f"tensor {key} in {path} has shape {shape}, expected {expected} from config.json")
@@ -197,8 +224,12 @@ def _check_tensor(tensor_slice, key: str, path: Path, expected: tuple[int, ...],
     if packed:
         if stored != "U8":
             raise CheckpointError(f"tensor {key} in {path} has dtype {stored}; MXFP4 blocks and scales are U8")
+    elif stored.startswith("F8") and not (stored == FP8_DTYPE and fp8_checkpoint):
+        raise CheckpointError(f"tensor {key} in {path} has dtype {stored}; FP8 weights are read as {FP8_DTYPE} of a "
+                              "checkpoint whose config.json says so (quant_method fp8)")
     elif not (stored.startswith("F") or stored == "BF16"):
         raise CheckpointError(f"tensor {key} in {path} has dtype {stored}; weights must be floating point")
+    return stored
 
 
 def _check_complete(model_dir: Path, shapes: dict[str, tuple[int, ...]], sources: dict[str, _Source]) -> None:

@@ -174,6 +174,9 @@ class ModelConfig:
     attn_sinks: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()  # any of them ends a sequence
+    # an FP8 checkpoint's scale blocks [rows, columns] (common/fp8.py); None with one scale a weight
+    fp8_block: tuple[int, int] | None = None
+    fp8: bool = False  # its weights stored as FP8 are dequantized at load
 
     @property
     def q_dim(self) -> int:
@@ -236,11 +239,15 @@ def model_config_from_dict(raw: dict, generation: dict | None = None) -> ModelCo
     from .families import family_of  # the family table imports this module
 
     family = family_of(raw.get("model_type"))
-    if raw.get("quantization_config"):
-        method = raw["quantization_config"].get("quant_method", "?")
-        if method not in getattr(family, "QUANTIZED", ()):  # the family's own (gpt-oss's MXFP4 experts)
-            raise ModelConfigError(f"quantized checkpoints ({method}) are not supported for {raw.get('model_type')!r}: "
-                                   "serve the unquantized weights (fp32, fp16 or bf16)")
+    quant = raw.get("quantization_config") or {}
+    method = quant.get("quant_method", "?") if quant else None
+    if method is not None and method != "fp8" and method not in getattr(family, "QUANTIZED", ()):
+        # the family's own (gpt-oss's MXFP4 experts), or FP8 for every family
+        raise ModelConfigError(f"quantized checkpoints ({method}) are not supported for {raw.get('model_type')!r}: "
+                               "serve the unquantized weights (fp32, fp16 or bf16) or an FP8 checkpoint")
+    if method == "fp8" and quant.get("activation_scheme", "dynamic") != "dynamic":
+        raise ModelConfigError(f"FP8 checkpoints with {quant['activation_scheme']!r} activation scales are not "
+                               "supported: only dynamic ones (the weights are dequantized at load)")
     try:
         cfg = family.config(raw)
     except KeyError as e:
@@ -250,7 +257,15 @@ def model_config_from_dict(raw: dict, generation: dict | None = None) -> ModelCo
     # the family's own (a multimodal checkpoint's text model's) where config.json's top level names none
     eos = eos_ids(raw.get("eos_token_id"), (generation or {}).get("eos_token_id"), list(cfg.eos_token_ids))
     bos = raw["bos_token_id"] if raw.get("bos_token_id") is not None else cfg.bos_token_id
-    return replace(cfg, eos_token_ids=eos, bos_token_id=bos)
+    return replace(cfg, eos_token_ids=eos, bos_token_id=bos, **(_fp8(quant) if method == "fp8" else {}))
+
+
+def _fp8(quant: dict) -> dict:
+    block = quant.get("weight_block_size")
+    if block is not None and not (isinstance(block, list) and len(block) == 2
+                                  and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ModelConfigError(f"quantization_config's weight_block_size must be two positive integers, got {block!r}")
+    return {"fp8": True, "fp8_block": None if block is None else tuple(block)}
 
 
 def load_model_config(model_dir: str | Path) -> ModelConfig:

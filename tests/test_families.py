@@ -17,6 +17,8 @@ from cluster import Cluster, offline, request_specs, stream_all
 from conftest import TEST_THREADS
 from splitserve.client import Client
 from splitserve.common.attention import sdpa_prefill
+from splitserve.common import fp8
+from splitserve.common.checkpoint import CheckpointError
 from splitserve.common.loading import load_model
 from splitserve.common.model import prefill
 from splitserve.common.model_config import ModelConfigError, load_model_config, model_config_from_dict
@@ -372,6 +374,88 @@ def test_a_longrope_prompt_past_its_pretraining_length_turns_all_long_as_transfo
     answer = generate(model, [GenerateRequest("short", tuple(short), 30, ignore_eos=True)])[0]
     resumed = GenerateRequest("again", tuple(short + answer[:20]), 10, ignore_eos=True, resumed=20)
     assert generate(model, [resumed])[0] == answer[20:]
+
+
+def fp8_quantize(path: Path, block: list[int] | None) -> None:
+    """Rewrite a checkpoint as Qwen3's FP8 releases are laid out: every projection's weight float8
+    (e4m3) with random scales per block of `block` [rows, columns] (None: one a weight) beside it,
+    the config's quantization_config saying so; embeddings, norms and routers as they were."""
+    from safetensors.torch import load_file, save_file
+
+    gen = torch.Generator().manual_seed(5)
+    out = {}
+    for key, w in load_file(path / "model.safetensors").items():
+        if not key.endswith("proj.weight"):
+            out[key] = w
+            continue
+        grid = (1, 1) if block is None else (-(-w.shape[0] // block[0]), -(-w.shape[1] // block[1]))
+        scale = torch.rand(grid, generator=gen) * w.abs().max() / 200 + 1e-4
+        full = scale.repeat_interleave(w.shape[0] if block is None else block[0], 0)[: w.shape[0]]
+        full = full.repeat_interleave(w.shape[1] if block is None else block[1], 1)[:, : w.shape[1]]
+        out[key] = (w / full).clamp(-448, 448).to(torch.float8_e4m3fn)
+        out[key + "_scale_inv"] = scale.reshape(()) if block is None else scale
+    save_file(out, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     **({"weight_block_size": block} if block else {})}
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("variant, block", [("qwen3-qk-norm", [32, 32]), ("qwen3moe-norm-top", [16, 32]),
+                                            ("llama", None)])
+@torch.inference_mode()
+def test_an_fp8_checkpoint_loads_to_transformers_logits(tmp_path, variant, block):
+    """FP8 weights (per block, or one scale a weight) are dequantized at load as transformers
+    dequantizes them: logits within 1e-4, greedy tokens equal."""
+    from transformers import FineGrainedFP8Config
+
+    path = make_checkpoint(tmp_path / variant, *VARIANTS[variant])
+    fp8_quantize(path, block)
+    model = load_model(path, torch.float32, torch.device("cpu"))
+    assert model.cfg.fp8 and model.cfg.fp8_block == (None if block is None else tuple(block))
+    ref = auto_model(VARIANTS[variant][0]).from_pretrained(
+        path, dtype=torch.float32, quantization_config=FineGrainedFP8Config(dequantize=True, weight_block_size=block))
+    batch = prompts([40], seed=11)
+    want = ref(torch.tensor(batch)).logits[0, -1]
+    torch.testing.assert_close(prefill(model.weights, *packed(batch), sdpa_prefill)[0], want, rtol=0, atol=1e-4)
+    ours = generate(model, [GenerateRequest("fp8", tuple(batch[0]), 16, ignore_eos=True)])[0]
+    assert_greedy(ours, batch[0], ref)
+
+
+def test_fp8_blocks_short_at_the_edges_dequantize_as_transformers_does():
+    """Where a weight's rows or columns are no multiple of the block (DeepSeek-V3's kv_a_proj, 576
+    rows in blocks of 128), the last blocks are short: as transformers' own dequantization."""
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    gen = torch.Generator().manual_seed(3)
+    weight = (torch.randn(70, 100, generator=gen) * 50).to(torch.float8_e4m3fn)
+    scale = torch.rand(3, 4, generator=gen)  # blocks of [32, 32]: 70 rows and 100 columns end short
+    want = _dequantize_fp8_weight(weight, scale, [32, 32], torch.float32)
+    assert torch.equal(fp8.dequantize(weight, scale, (32, 32), torch.float32), want)
+    one = scale[:1, :1].reshape(())
+    assert torch.equal(fp8.dequantize(weight, one, None, torch.float32), weight.float() * one)
+
+
+def test_fp8_weights_need_their_scales_and_a_config_that_says_fp8(tmp_path):
+    path = make_checkpoint(tmp_path / "llama-fp8", *VARIANTS["llama"])
+    fp8_quantize(path, [32, 32])
+    config = json.loads((path / "config.json").read_text())
+    for quant, says in (({"quant_method": "fp8", "activation_scheme": "static"}, "'static' activation scales"),
+                        ({"quant_method": "fp8", "weight_block_size": [32]}, "weight_block_size must be two")):
+        (path / "config.json").write_text(json.dumps(config | {"quantization_config": quant}))
+        with pytest.raises(ModelConfigError, match=says):
+            load_model(path, torch.float32, torch.device("cpu"))
+    (path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "quantization_config"}))
+    with pytest.raises(CheckpointError, match="FP8 weights are read as F8_E4M3 of a checkpoint whose config.json"):
+        load_model(path, torch.float32, torch.device("cpu"))
+    from safetensors.torch import load_file, save_file
+
+    (path / "config.json").write_text(json.dumps(config))
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.0.mlp.up_proj.weight_scale_inv"]
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="up_proj.weight in .* has no .*up_proj.weight_scale_inv beside it"):
+        load_model(path, torch.float32, torch.device("cpu"))
 
 
 @torch.inference_mode()
