@@ -74,7 +74,8 @@ def new_generate(prompt: str | None = None, *, max_new_tokens: int = 20, tempera
                  top_k: int | None = None, top_p: float | None = None, typical_p: float | None = None,
                  min_p: float | None = None, repetition_penalty: float | None = None,
                  frequency_penalty: float | None = None, presence_penalty: float | None = None,
-                 penalize_prompt: bool | None = None, logit_bias: Mapping[int, float] | None = None,
+                 penalize_prompt: bool | None = None, penalty_last_n: int | None = None,
+                 logit_bias: Mapping[int, float] | None = None,
                  seed: int | None = None, stop: str | Sequence[str] | None = None,
                  stop_token_ids: Sequence[int] | None = None, details: bool = False, top_n_tokens: int = 0,
                  ignore_eos: bool = False, strip_stop: bool = False, timeout: float | None = None,
@@ -87,8 +88,9 @@ def new_generate(prompt: str | None = None, *, max_new_tokens: int = 20, tempera
     in the CLI, and greedy decoding otherwise; temperature 0 is greedy. `min_p` keeps the tokens at
     least that share of the likeliest one's probability; `frequency_penalty` and `presence_penalty`
     lower each token by its count, or once, in the prompt and the answer so far (in the answer only
-    with `penalize_prompt=False`, as OpenAI's); `logit_bias` maps token ids to what is added to their
-    logits (in [-100, 100], or -inf: never that token). `details` asks for each token's logprob.
+    with `penalize_prompt=False`, as OpenAI's; in the last `penalty_last_n` tokens only, as
+    llama.cpp's repeat_last_n); `logit_bias` maps token ids to what is added to their logits (in
+    [-100, 100], or -inf: never that token). `details` asks for each token's logprob.
     `timeout` (seconds) bounds the wait on the client and is the gateway's deadline too. Give
     `prompt_ids` instead of `prompt` to skip tokenization.
     """
@@ -96,7 +98,7 @@ def new_generate(prompt: str | None = None, *, max_new_tokens: int = 20, tempera
     # the newer options only where given: a field at its default is not sent over WebSocket, so a
     # gateway older than this client takes the request
     newer = {name: value for name, value in (("min_p", min_p), ("presence_penalty", presence_penalty),
-                                             ("penalize_prompt", penalize_prompt),
+                                             ("penalize_prompt", penalize_prompt), ("penalty_last_n", penalty_last_n),
                                              ("logit_bias", None if logit_bias is None else list(logit_bias.items())))
              if value is not None}
     params = GenerateParams(

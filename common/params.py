@@ -128,6 +128,9 @@ class SamplingParams:
     # False: the frequency and presence penalties count the answer's tokens only (OpenAI's); the
     # repetition penalty counts the prompt's too either way (as transformers, TGI and vLLM)
     penalize_prompt: bool = True
+    # > 0: the penalties count only the last this many tokens, of the prompt and the answer
+    # (llama.cpp's repeat_last_n); 0: all of them
+    penalty_last_n: int = 0
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -145,6 +148,10 @@ class SamplingParams:
         if not 0 <= self.seed < SEED_LIMIT:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         _check_logit_bias(self.logit_bias)
+        if self.penalty_last_n < 0:
+            raise ValueError(f"penalty_last_n must be >= 0 (0: every token), got {self.penalty_last_n}")
+        if self.penalty_last_n and not self.penalize_prompt:
+            raise ValueError("penalty_last_n counts the prompt's tokens too: it needs penalize_prompt")
 
     @property
     def greedy(self) -> bool:

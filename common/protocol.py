@@ -46,7 +46,7 @@ from .request import GenerateRequest
 # whether it knows the worker drains (a draining worker waits for that before it exits). 6: Prefilled
 # goes once the decode worker has the KV, and Held lists no `prefilled`. 7: a drained worker says
 # Goodbye as it exits. 8: requests carry min_p and presence_penalty (an older worker would drop them).
-# 9: and logit_bias and penalize_prompt.
+# 9: and logit_bias, penalize_prompt and penalty_last_n.
 PROTOCOL_VERSION = 9
 
 # Maximum message sizes per socket kind (ZMQ_MAXMSGSIZE): control traffic is small; a KV frame
@@ -100,6 +100,7 @@ class GenerateParams(msgspec.Struct, array_like=True, kw_only=True):
     logit_bias: list[tuple[int, float]] = []  # (token id, added to its logit; -inf: never)
     # false: the frequency and presence penalties count the answer's tokens only, as OpenAI's
     penalize_prompt: bool = True
+    penalty_last_n: int = 0  # > 0: the penalties count the last this many tokens only (llama.cpp's repeat_last_n)
 
 
 class Generate(msgspec.Struct, **_STRUCT):

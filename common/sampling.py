@@ -390,11 +390,14 @@ def _with_details(tokens: torch.Tensor, logprobs: torch.Tensor | None, top_n: in
 
 
 def init_token_counts(ids: list[int], answer_from: int, penalize_prompt: bool, vocab: int,
-                      device: torch.device | str) -> torch.Tensor:
+                      device: torch.device | str, last_n: int = 0) -> torch.Tensor:
     """[V] int32 counts of one row's tokens so far, for the penalties: `ids` are the prompt's and,
-    from `answer_from` on, the answer's (a resumed request's, its first token). Where the frequency
-    and presence penalties count the answer only (not `penalize_prompt`), a prompt token holds
+    from `answer_from` on, the answer's (a resumed request's, its first token); `last_n` > 0: of
+    the last that many only (penalty_last_n, which counts the prompt's). Where the frequency and
+    presence penalties count the answer only (not `penalize_prompt`), a prompt token holds
     _PROMPT_MARK (plus its count in the answer)."""
+    if last_n:
+        ids, answer_from = ids[-last_n:], 0
     counts = torch.zeros(vocab, dtype=torch.int32, device=device)
     prompt = torch.tensor(ids[:answer_from], dtype=torch.int64, device=device)
     answer = torch.tensor(ids[answer_from:], dtype=torch.int64, device=device)
@@ -409,3 +412,16 @@ def update_token_counts(counts: torch.Tensor, rows_tokens: torch.Tensor) -> torc
     """Count each row's new token: counts [B, V] += one_hot(rows_tokens [B]), in place."""
     index = rows_tokens[:, None]  # [B, 1]
     return counts.scatter_add_(1, index, torch.ones_like(index, dtype=counts.dtype))
+
+
+def slide_token_counts(counts: torch.Tensor, recent: torch.Tensor, windows: torch.Tensor, rows_tokens: torch.Tensor,
+                       positions: torch.Tensor) -> None:
+    """Before each row's new token (at `positions` [B]) is counted: a row with a window of n
+    (`windows` [B], 0: none) uncounts the token n back, which `recent` [B, >= n] holds at its
+    position mod n, and keeps the new one there in its place; in place."""
+    windowed = windows > 0  # [B]
+    at = torch.where(windowed, positions % windows.clamp(min=1), 0)[:, None]  # [B, 1]
+    leaving = recent.gather(1, at).long()  # [B, 1]: the token at position - n, once there is one
+    gone = (windowed & (positions >= windows)).to(counts.dtype)[:, None]  # [B, 1]
+    counts.scatter_add_(1, leaving, -gone)
+    recent.scatter_(1, at, torch.where(windowed, rows_tokens, leaving[:, 0]).to(recent.dtype)[:, None])

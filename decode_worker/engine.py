@@ -21,6 +21,7 @@ from splitserve.common.sampling import (
     SamplingTensors,
     init_token_counts,
     sample,
+    slide_token_counts,
     update_token_counts,
 )
 
@@ -70,6 +71,11 @@ class DecodeEngine:
         self.active = torch.zeros(num_slots, dtype=torch.long, device=dev)  # 0/1: added to positions
         self.sampling = SamplingTensors.empty(num_slots, dev)
         self.token_counts: torch.Tensor | None = None  # [S, V], made when a request needs penalties
+        # Rows whose penalties count their last n tokens only (penalty_last_n): n, else 0; and
+        # [S, >= n] int32 their last n tokens, each at its position mod n (made when one comes)
+        self.windows = torch.zeros(num_slots, dtype=torch.long, device=dev)
+        self.recent: torch.Tensor | None = None
+        self._windowed: set[int] = set()
         # Host mirrors, so that choosing B and the key bucket needs no sync.
         self.requests: dict[int, GenerateRequest] = {}
         self._offset: dict[int, int] = {}  # slot -> its position minus the step counter
@@ -138,8 +144,22 @@ class DecodeEngine:
             self.token_counts = torch.zeros(self.num_slots, vocab, dtype=torch.int32, device=self.model.device)
         ids = [*request.prompt_ids, first_token]
         answer_from = len(request.prompt_ids) - request.resumed
+        last_n = request.sampling.penalty_last_n if request.sampling.penalty_last_n < self.slot_len else 0
         self.token_counts[slot] = init_token_counts(ids, answer_from, request.sampling.penalize_prompt, vocab,
-                                                    self.model.device)
+                                                    self.model.device, last_n)
+        if last_n:
+            self._keep_recent(slot, ids, last_n)
+
+    def _keep_recent(self, slot: int, ids: list[int], n: int) -> None:
+        """The row's last n tokens, each at its position mod n, for slide_token_counts."""
+        width = 0 if self.recent is None else self.recent.shape[1]
+        if n > width:
+            self.recent = torch.zeros(self.num_slots, max(n, 2 * width), dtype=torch.int32, device=self.model.device) \
+                if self.recent is None else torch.nn.functional.pad(self.recent, (0, max(n, 2 * width) - width))
+        positions = range(max(0, len(ids) - n), len(ids))
+        self.recent[slot, [q % n for q in positions]] = torch.tensor([ids[q] for q in positions], dtype=torch.int32)
+        self.windows[slot] = n
+        self._windowed.add(slot)
 
     def release(self, slot: int) -> None:
         """Free a slot (finished, cancelled or stopped by a stop string)."""
@@ -151,6 +171,9 @@ class DecodeEngine:
         self.positions[slot] = 0
         self.end_pos[slot] = self.slot_len
         self.stop_ids[slot] = -1
+        if slot in self._windowed:
+            self._windowed.discard(slot)
+            self.windows[slot] = 0
         self.sampling.set_row(slot, GREEDY)  # so a free row never forces the sampled path
         self.slots.give_back(slot)
 
@@ -175,6 +198,8 @@ class DecodeEngine:
         new = out.tokens  # [B]
         finish = self._finish_codes(new, next_pos, b)
         if counts is not None:
+            if self._windowed:
+                slide_token_counts(counts, self.recent[:b], self.windows[:b], new, next_pos)
             update_token_counts(counts, new)
         # Free rows stay at position 0; finished rows are reset by release() after the sync.
         self.tokens[:b] = new

@@ -90,12 +90,16 @@ def infill_job(ctx: ApiContext, prompts: InfillPrompts | None, body: InfillReque
     if body.n_predict < -1:
         raise invalid(f"`n_predict` must be -1 (as many tokens as fit), 0 (the prompt only) or more. "
                       f"Given: {body.n_predict}", "n_predict")
+    if body.repeat_last_n < -1:
+        raise invalid(f"`repeat_last_n` must be -1 (every token), 0 (no penalties) or more. "
+                      f"Given: {body.repeat_last_n}", "repeat_last_n")
     max_new = max(body.n_predict, 1)  # 0: one token, sampled and dropped, so that the prompt is prefilled
     ids = prompts.ids(body.input_prefix, body.prompt, body.input_suffix, body.input_extra, max_new)
     if body.n_predict == -1:
         max_new = max(1, ctx.limits.max_total_tokens - len(ids))
     names = body.samplers if body.samplers is not None else DEFAULT_SAMPLERS
     on = {SAMPLERS[name] for name in names if name in SAMPLERS}  # a string is letters: each one a name
+    penalties = "penalties" in on and body.repeat_last_n != 0  # llama.cpp: no window, no penalties
     greedy = body.temperature <= 0
     params = P.GenerateParams(
         max_new_tokens=max_new, do_sample=not greedy,
@@ -104,9 +108,10 @@ def infill_job(ctx: ApiContext, prompts: InfillPrompts | None, body: InfillReque
         top_p=min(body.top_p, 1.0) if "top_p" in on else 1.0,
         typical_p=min(body.typical_p, 1.0) if "typ_p" in on else 1.0,
         min_p=min(max(body.min_p, 0.0), 1.0) if "min_p" in on else 0.0,  # llama.cpp: <= 0 is off
-        repetition_penalty=body.repeat_penalty if "penalties" in on else 1.0,
-        frequency_penalty=body.frequency_penalty if "penalties" in on else 0.0,
-        presence_penalty=body.presence_penalty if "penalties" in on else 0.0,
+        repetition_penalty=body.repeat_penalty if penalties else 1.0,
+        frequency_penalty=body.frequency_penalty if penalties else 0.0,
+        presence_penalty=body.presence_penalty if penalties else 0.0,
+        penalty_last_n=max(body.repeat_last_n, 0) if penalties else 0,  # -1: every token
         seed=None if body.seed < 0 or body.seed == LLAMA_DEFAULT_SEED else body.seed,
         stop=[s for s in body.stop if s], stop_token_ids=list(prompts.fim.end_ids),
         strip_stop=False,  # the stop string stays in the text, to be found there and cut (stopping_word)
@@ -247,7 +252,8 @@ class Completion:
         return {"n_predict": body.n_predict, "seed": self.seed if self.seed is not None else body.seed,
                 "temperature": body.temperature, "top_k": body.top_k, "top_p": body.top_p,
                 "typical_p": body.typical_p, "min_p": body.min_p, "repeat_penalty": body.repeat_penalty,
-                "frequency_penalty": body.frequency_penalty, "presence_penalty": body.presence_penalty,
+                "repeat_last_n": body.repeat_last_n, "frequency_penalty": body.frequency_penalty,
+                "presence_penalty": body.presence_penalty,
                 "stop": params.stop, "n_indent": body.n_indent,
                 "t_max_predict_ms": body.t_max_predict_ms, "cache_prompt": body.cache_prompt,
                 "stream": body.stream, "samplers": list(self.job.samplers), "n_ctx": ctx.limits.max_total_tokens}

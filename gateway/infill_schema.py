@@ -37,6 +37,8 @@ class InfillRequest(ClientBody):
         None, description="[[token, bias], ...] or {token: bias}: a token id, or a text whose tokens all get the "
         "bias; added to the logit, clamped to [-100, 100]; false: never the token")
     repeat_penalty: float = Field(1.0, description="1 is off", **schema(exclusiveMinimum=0))
+    repeat_last_n: int = Field(64, description="the penalties count the last this many tokens of the prompt and the "
+                               "answer; -1: all of them; 0: the penalties are off", **schema(minimum=-1))
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     samplers: list[str] | str | None = Field(None, description="which of the sampling settings apply: names "

@@ -53,7 +53,7 @@ def sampling_params(p: P.GenerateParams) -> SamplingParams:
                               min_p=p.min_p, repetition_penalty=p.repetition_penalty,
                               frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
                               seed=seed, do_sample=do_sample, logit_bias=tuple(map(tuple, p.logit_bias)),
-                              penalize_prompt=p.penalize_prompt)
+                              penalize_prompt=p.penalize_prompt, penalty_last_n=p.penalty_last_n)
     except ValueError as e:
         raise ValidationError(str(e)) from None
 

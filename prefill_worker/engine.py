@@ -140,7 +140,8 @@ class PrefillEngine:
     def _prompt_counts(self, batch) -> torch.Tensor:
         vocab, dev = self.model.cfg.vocab_size, self.model.device
         return torch.stack([init_token_counts(list(r.prompt_ids), len(r.prompt_ids) - r.resumed,
-                                              r.sampling.penalize_prompt, vocab, dev) for r in batch])
+                                              r.sampling.penalize_prompt, vocab, dev, r.sampling.penalty_last_n)
+                            for r in batch])
 
     @staticmethod
     def _fill_tokens(results: list[PrefillResult], out) -> None:

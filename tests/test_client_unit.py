@@ -27,7 +27,8 @@ from splitserve.common import protocol as P
 PARAMS = dict(max_new_tokens=7, do_sample=True, temperature=0.7, top_k=5, top_p=0.9, typical_p=0.8,
               repetition_penalty=1.2, frequency_penalty=0.3, seed=11, stop=["\n\n"], stop_token_ids=[0, 3],
               strip_stop=True, ignore_eos=True, logprobs=True, top_n_tokens=2, prompt_logprobs=True, truncate=100,
-              min_p=0.1, presence_penalty=0.2, logit_bias=[(5, -1.5), (9, 100.0)], penalize_prompt=False)
+              min_p=0.1, presence_penalty=0.2, logit_bias=[(5, -1.5), (9, 100.0)], penalize_prompt=False,
+              penalty_last_n=32)
 TOKEN = dict(index=3, token_id=42, text="def", logprob=-0.25, top_tokens=[(42, -0.25), (7, -1.5)])
 
 
@@ -213,7 +214,8 @@ def test_websocket_messages_carry_the_zmq_ones_by_name():
     assert msgspec.json.decode(msgspec.json.encode(ws), type=P.WsGenerate).generate() == msg
     # a field at its default is not sent: a gateway older than its client takes the request
     assert "resume" not in ws and "timeout_s" not in msgspec.json.decode(msgspec.json.encode(P.WsGenerate("r2")))
-    newer = {"min_p": 0.2, "presence_penalty": 0.5, "logit_bias": {5: 2.0}, "penalize_prompt": False}
+    newer = {"min_p": 0.2, "presence_penalty": 0.5, "logit_bias": {5: 2.0}, "penalize_prompt": False,
+             "penalty_last_n": 64}
     for options in ({}, newer):
         ws = msgspec.json.decode(msgspec.json.encode(P.WsGenerate.of(new_generate("x", temperature=0.5, **options))))
         assert newer.keys() & ws["parameters"].keys() == options.keys()

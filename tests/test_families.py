@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -318,6 +319,33 @@ def test_seeded_sampling_resumes_exactly(checkpoint):
     rest = generate(model, [GenerateRequest("t", tuple(prompt + whole[:12]), 18, sampling, ignore_eos=True,
                                             resumed=12)])[0]
     assert rest == whole[12:]
+
+
+@torch.inference_mode()
+def test_penalties_over_the_last_n_tokens_are_llama_cpps_and_resume_exactly(tmp_path):
+    """penalty_last_n (llama.cpp's repeat_last_n): the repetition, frequency and presence penalties
+    count only the last n tokens of the prompt and the answer, sliding as the answer grows (checked
+    step by step against transformers' logits with the penalties applied over that window); a
+    request resumed mid-answer goes on with the same tokens."""
+    path = make_checkpoint(tmp_path / "llama", *VARIANTS["llama"])
+    model, ref = load_model(path, torch.float32, torch.device("cpu")), reference(path)
+    prompt, n = prompts([30], seed=17)[0], 12
+    sampling = SamplingParams(repetition_penalty=1.6, frequency_penalty=0.4, presence_penalty=0.3, penalty_last_n=n)
+    ours = generate(model, [GenerateRequest("w", tuple(prompt), 40, sampling, ignore_eos=True)])[0]
+    for i, token in enumerate(ours):
+        ids = prompt + ours[:i]
+        logits = ref(torch.tensor([ids])).logits[0, -1]
+        counts = torch.bincount(torch.tensor(ids[-n:]), minlength=logits.shape[0])
+        seen = counts > 0
+        logits = torch.where(seen, torch.where(logits < 0, logits * 1.6, logits / 1.6), logits)
+        logits = logits - 0.4 * counts - 0.3 * seen
+        best, second = logits.topk(2).values.tolist()
+        assert token == logits.argmax() or best - second < 1e-4, f"step {i}"
+    whole = generate(model, [GenerateRequest("a", tuple(prompt), 40, replace(sampling, penalty_last_n=0),
+                                             ignore_eos=True)])[0]
+    assert whole != ours  # the window matters here
+    resumed = GenerateRequest("again", tuple(prompt + ours[:17]), 23, sampling, ignore_eos=True, resumed=17)
+    assert generate(model, [resumed])[0] == ours[17:]
 
 
 @torch.inference_mode()

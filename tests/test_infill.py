@@ -278,6 +278,19 @@ def test_min_p_is_among_llama_cpps_default_samplers(tiny):
     assert only_best["tokens"] == answer(tiny, {**GREEDY, "n_predict": 16, "return_tokens": True})["tokens"]
 
 
+def test_the_penalties_count_the_last_repeat_last_n_tokens(tiny):
+    """llama.cpp's repeat_last_n (64 by default): the penalties look back that many tokens (-1: all of
+    them; 0: the penalties are off, as with repeat_penalty 1)."""
+    short = {**GREEDY, "n_predict": 24, "return_tokens": True, "input_extra": CONTEXT}
+    default = answer(tiny, short)
+    assert default["generation_settings"]["repeat_last_n"] == 64
+    assert default["tokens"] == answer(tiny, {**short, "repeat_last_n": 64})["tokens"]
+    assert default["tokens"] != answer(tiny, {**short, "repeat_last_n": -1})["tokens"]
+    off = answer(tiny, {**short, "repeat_penalty": 1.0})["tokens"]
+    assert answer(tiny, {**short, "repeat_last_n": 0})["tokens"] == off
+    assert infill(tiny, {**short, "repeat_last_n": -2}).status_code == 400
+
+
 def test_logit_bias_in_llama_cpps_shapes(tiny):
     """logit_bias as llama.cpp takes it: [[token, bias], ...] or {token: bias}, a token an id (a key of
     digits too) or a text whose tokens each get the bias; false: never that token."""

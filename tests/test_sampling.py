@@ -19,6 +19,7 @@ from splitserve.common.sampling import (
     init_token_counts,
     process_logits,
     sample,
+    slide_token_counts,
     update_token_counts,
 )
 
@@ -349,7 +350,8 @@ def test_build_accepts_objects_and_validates():
     for bad in (dict(top_p=0.0), dict(temperature=-1.0), dict(seed=1 << 63), dict(top_k=-1), dict(min_p=-0.1),
                 dict(min_p=1.5), dict(logit_bias=((1, 100.5),)), dict(logit_bias=((1, float("nan")),)),
                 dict(logit_bias=((1, 1.0), (1, 2.0))), dict(logit_bias=((-1, 1.0),)),
-                dict(logit_bias=tuple((t, 1.0) for t in range(1025)))):
+                dict(logit_bias=tuple((t, 1.0) for t in range(1025))), dict(penalty_last_n=-1),
+                dict(penalty_last_n=8, penalize_prompt=False)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
 
@@ -359,6 +361,27 @@ def test_token_counts_helpers():
     assert counts.dtype == torch.int32 and counts.tolist() == [[0, 2, 0, 1, 0], [0, 0, 0, 0, 0]]
     update_token_counts(counts, torch.tensor([3, 4]))
     assert counts.tolist() == [[0, 2, 0, 2, 0], [0, 0, 0, 0, 1]]
+
+
+def test_a_window_of_counts_slides_with_each_token():
+    """penalty_last_n: counts of the last n tokens, kept as each new one is counted (slide_token_counts
+    and update_token_counts), equal counts made afresh from the last n; a row without a window keeps
+    counting every token beside it."""
+    gen = torch.Generator().manual_seed(14)
+    ids = torch.randint(0, 6, (2, 40), generator=gen).tolist()  # few distinct tokens: many repeats
+    n, start = 5, 9
+    counts = torch.stack([init_token_counts(ids[0][:start], start, True, 6, "cpu", n),
+                          init_token_counts(ids[1][:start], start, True, 6, "cpu")])
+    recent = torch.zeros(2, 8, dtype=torch.int32)
+    for q in range(start - n, start):
+        recent[0, q % n] = ids[0][q]
+    windows = torch.tensor([n, 0])
+    for p in range(start, 40):
+        new = torch.tensor([ids[0][p], ids[1][p]])
+        slide_token_counts(counts, recent, windows, new, torch.tensor([p, p]))
+        update_token_counts(counts, new)
+        assert counts[0].tolist() == init_token_counts(ids[0][: p + 1], 0, True, 6, "cpu", n).tolist()
+        assert counts[1].tolist() == init_token_counts(ids[1][: p + 1], 0, True, 6, "cpu").tolist()
 
 
 def test_answer_only_penalties_are_vllms_and_survive_a_resume():

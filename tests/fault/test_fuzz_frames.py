@@ -84,6 +84,7 @@ PARAMS = {
                             unique_by=lambda p: p[0]),
                    st.lists(st.tuples(edge_ints, edge_floats), max_size=8)),
     "penalize_prompt": (st.booleans(), st.booleans()),
+    "penalty_last_n": (st.integers(0, 100), edge_ints),
 }
 assert list(PARAMS) == [f.name for f in msgspec.structs.fields(P.GenerateParams)]
 DEFAULTS = msgspec.structs.asdict(P.GenerateParams())
