@@ -149,6 +149,11 @@ VARIANTS = {
     # DeepSeek-V3's routing: sigmoid scores, a choice bias, groups by their best two (noaux_tc)
     "deepseekv3-noaux": ("deepseek_v3", LATENT | dict(q_lora_rank=24, first_k_dense_replace=1, n_group=4, topk_group=2,
                                                       routed_scaling_factor=2.5)),
+    # GLM-4.5: grouped-query attention with biases, q/k norms and rotary on half of each head, V3's
+    # routing in groups with a shared expert, the first layer dense
+    "glm4moe-qk-norm-groups": ("glm4_moe", dict(head_dim=16, attention_bias=True, use_qk_norm=True, n_routed_experts=8,
+                                                num_experts_per_tok=2, moe_intermediate_size=32, n_group=4,
+                                                topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1)),
     # GLM-4.7-Flash: V3's routing in one group, rotary pairs in halves (rope_interleave off)
     "glm4moelite-halves": ("glm4_moe_lite", LATENT | dict(q_lora_rank=24, rope_interleave=False,
                                                           mlp_layer_types=["dense", "sparse", "sparse"])),

@@ -12,15 +12,15 @@ from types import ModuleType
 from typing import Callable
 
 from ..model_config import ModelConfig, ModelConfigError
-from . import (cwm, deepseek_v2, deepseek_v3, gemma, gemma2, gemma3, gemma3_text, glm, glm4, glm4_moe_lite,
-               gpt_bigcode, gpt_oss, granite, iquestcoder, llama, mellum, ministral3, mistral, mistral3, mixtral, phi,
-               phi3, qwen2, qwen3, qwen3_moe, seed_oss, stablelm, starcoder2)
+from . import (cwm, deepseek_v2, deepseek_v3, gemma, gemma2, gemma3, gemma3_text, glm, glm4, glm4_moe,
+               glm4_moe_lite, gpt_bigcode, gpt_oss, granite, iquestcoder, llama, mellum, ministral3, mistral, mistral3,
+               mixtral, phi, phi3, qwen2, qwen3, qwen3_moe, seed_oss, stablelm, starcoder2)
 
 FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (cwm, deepseek_v2, deepseek_v3, gemma, gemma2, gemma3,
-                                                             gemma3_text, glm, glm4, glm4_moe_lite, gpt_bigcode,
-                                                             gpt_oss, granite, iquestcoder, llama, mellum, ministral3,
-                                                             mistral, mistral3, mixtral, phi, phi3, qwen2, qwen3,
-                                                             qwen3_moe, seed_oss, stablelm, starcoder2)}
+                                                             gemma3_text, glm, glm4, glm4_moe, glm4_moe_lite,
+                                                             gpt_bigcode, gpt_oss, granite, iquestcoder, llama, mellum,
+                                                             ministral3, mistral, mistral3, mixtral, phi, phi3, qwen2,
+                                                             qwen3, qwen3_moe, seed_oss, stablelm, starcoder2)}
 # Each family module has:
 #   MODEL_TYPE, config(raw: dict) -> ModelConfig
 #   PREFIX: what the base model's tensor names begin with in a checkpoint ("model.", "transformer."),
