@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from splitserve.common.blocks import long_rope_prompt
 from splitserve.common.attention import PrefillAttention, choose_prefill_attention
+from splitserve.common.blocks import long_rope_prompt
 from splitserve.common.loading import LoadedModel
 from splitserve.common.model import prefill
 from splitserve.common.request import GenerateRequest
