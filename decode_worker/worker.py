@@ -135,8 +135,10 @@ class DecodeWorker(WorkerLoop):
 
     def _send_releases(self) -> None:
         for arrival, seconds in self.kv.send_releases():
-            self.metrics.observe_handoff(arrival.ready.location.length * self.token_bytes, seconds,
-                                         arrival.ready.transport)
+            n, transport = arrival.ready.location.length, arrival.ready.transport
+            # a ring-long slot reads the prompt's last ring only, but tcp has brought all of it
+            moved = n if transport == "tcp" else min(n, self.engine.kv.shape[4])
+            self.metrics.observe_handoff(moved * self.token_bytes, seconds, transport)
 
     def holding(self) -> list[P.Held]:
         return [P.Held(rid, self.opts.worker_id) for rid in self.running]

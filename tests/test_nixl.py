@@ -295,19 +295,22 @@ def test_nixl_gives_exactly_the_outputs_of_shm_and_tcp(home, gqa_checkpoint):
 def test_ring_long_slots_read_each_prompts_last_ring_over_nixl(home, tmp_path_factory):
     """A model with the same window on every layer keeps only that ring of keys per slot
     (model.slot_keys): over nixl the decode worker reads each prompt's last ring straight from the
-    sender's staging, and the answers are the engine's."""
+    sender's staging, and the answers are the engine's; its handoff metric counts those bytes."""
     from test_families import VARIANTS, WINDOW, make_checkpoint
 
     checkpoint = make_checkpoint(tmp_path_factory.mktemp("nixl-ring"), *VARIANTS["starcoder2-window"])
     model = load_model(checkpoint, torch.float32, torch.device("cpu"))
     specs = request_specs(9)
     assert max(len(model.tokenizer.encode(s["prompt"])) for s in specs) > WINDOW  # some prompts outgrow the ring
+    cfg, ring = model.cfg, -(-WINDOW // 8) * 8
+    read = sum(min(len(model.tokenizer.encode(s["prompt"])), ring) for s in specs)
     with Cluster(home, model=str(checkpoint), kv_transport="nixl") as c:
         c.add_worker("prefill", "--kv-transport", "nixl")
-        c.add_worker("decode", "--kv-transport", "nixl", "--num-slots", "8")
+        decode = c.add_worker("decode", "--kv-transport", "nixl", "--num-slots", "8")
         c.wait_registered()
         assert stream_all(c.endpoint, specs) == offline(model, specs)
         c.wait_idle()
+        assert handoff_bytes(c, decode)["nixl"] == read * cfg.n_layer * 2 * cfg.kv_heads * cfg.head_dim * 4
 
 
 @needs_nixl
