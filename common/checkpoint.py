@@ -87,8 +87,9 @@ def load_weights(
                 for name in names:
                     src = sources[name]
                     t = f.get_tensor(src.key)
-                    if src.scale is not None:
-                        t = fp8.dequantize(t.to(device), _read(src.scale).to(device), config.fp8_block, dtype)
+                    if src.scale is not None:  # in the same file, but for a rare shard boundary between them
+                        scale = f.get_tensor(src.scale.key) if src.scale.path == path else _read(src.scale)
+                        t = fp8.dequantize(t.to(device), scale.to(device), config.fp8_block, dtype)
                     weights[name] = t.to(device=device, dtype=None if name.endswith(PACKED) else dtype)
                     bar.update()
     return {name: weights[name] for name in shapes}

@@ -411,8 +411,9 @@ def test_a_longrope_prompt_past_its_pretraining_length_turns_all_long_as_transfo
 
 def fp8_quantize(path: Path, block: list[int] | None) -> None:
     """Rewrite a checkpoint as Qwen3's FP8 releases are laid out: every projection's weight float8
-    (e4m3) with random scales per block of `block` [rows, columns] (None: one a weight) beside it,
-    the config's quantization_config saying so; embeddings, norms and routers as they were."""
+    (e4m3) with random scales per block of `block` [rows, columns] (None: one a weight, and the scales
+    in a shard of their own) beside it, the config's quantization_config saying so; embeddings, norms
+    and routers as they were."""
     from safetensors.torch import load_file, save_file
 
     gen = torch.Generator().manual_seed(5)
@@ -427,7 +428,16 @@ def fp8_quantize(path: Path, block: list[int] | None) -> None:
         full = full.repeat_interleave(w.shape[1] if block is None else block[1], 1)[:, : w.shape[1]]
         out[key] = (w / full).clamp(-448, 448).to(torch.float8_e4m3fn)
         out[key + "_scale_inv"] = scale.reshape(()) if block is None else scale
-    save_file(out, path / "model.safetensors", metadata={"format": "pt"})
+    if block is None:  # two shards: a weight's scale read from the other file
+        (path / "model.safetensors").unlink()
+        shards = {f"model-0000{i}-of-00002.safetensors": {k: v for k, v in out.items() if k.endswith("_inv") == (i == 2)}
+                  for i in (1, 2)}
+        for name, tensors in shards.items():
+            save_file(tensors, path / name, metadata={"format": "pt"})
+        index = {"metadata": {}, "weight_map": {k: name for name, tensors in shards.items() for k in tensors}}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        save_file(out, path / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((path / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
                                      **({"weight_block_size": block} if block else {})}
