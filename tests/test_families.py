@@ -430,8 +430,8 @@ def fp8_quantize(path: Path, block: list[int] | None) -> None:
         out[key + "_scale_inv"] = scale.reshape(()) if block is None else scale
     if block is None:  # two shards: a weight's scale read from the other file
         (path / "model.safetensors").unlink()
-        shards = {f"model-0000{i}-of-00002.safetensors": {k: v for k, v in out.items() if k.endswith("_inv") == (i == 2)}
-                  for i in (1, 2)}
+        shards = {f"model-0000{i}-of-00002.safetensors":
+                  {k: v for k, v in out.items() if k.endswith("_inv") == (i == 2)} for i in (1, 2)}
         for name, tensors in shards.items():
             save_file(tensors, path / name, metadata={"format": "pt"})
         index = {"metadata": {}, "weight_map": {k: name for name, tensors in shards.items() for k in tensors}}
