@@ -48,9 +48,10 @@ _HOST_DTYPE = np.dtype(
         ("seed", np.int64),
         ("greedy", np.bool_),
         ("n_bias", np.int32),  # host only: the row's logit_bias pairs
+        ("answer_only", np.bool_),  # host only: its frequency and presence penalties skip the prompt
     ]
 )
-_TENSOR_FIELDS = _HOST_DTYPE.names[:-1]
+_TENSOR_FIELDS = _HOST_DTYPE.names[:-2]
 
 
 def _host_row(p: SamplingParams) -> tuple:
@@ -58,7 +59,7 @@ def _host_row(p: SamplingParams) -> tuple:
     # dividing by 1 and thresholds of -inf leave their (penalized) logits untouched.
     if p.greedy:
         return (1.0, 0, 1.0, 0.0, 1.0, p.repetition_penalty, p.frequency_penalty, p.presence_penalty, p.seed, True,
-                len(p.logit_bias))
+                len(p.logit_bias), not p.penalize_prompt)
     return (
         p.temperature,
         p.top_k,
@@ -71,6 +72,7 @@ def _host_row(p: SamplingParams) -> tuple:
         p.seed,
         False,
         len(p.logit_bias),
+        not p.penalize_prompt,
     )
 
 
@@ -85,6 +87,7 @@ def _flags(host: np.ndarray) -> dict:
         any_penalty=bool(((host["repetition_penalty"] != 1) | (host["frequency_penalty"] != 0)
                           | (host["presence_penalty"] != 0)).any()),
         any_bias=bool(host["n_bias"].any()),
+        any_answer_only=bool(host["answer_only"].any()),
     )
 
 
@@ -134,6 +137,7 @@ class SamplingTensors:
     any_typical: bool = False
     any_penalty: bool = False
     any_bias: bool = False
+    any_answer_only: bool = False
     _host: np.ndarray = field(default=None, repr=False, compare=False)
     _views: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -269,9 +273,11 @@ def _penalize(scores: torch.Tensor, st: SamplingTensors, counts: torch.Tensor) -
     seen = counts > 0  # [B, V]
     penalized = torch.where(scores < 0, scores * rep, scores / rep)  # [B, V]
     scores = torch.where(seen, penalized, scores)
-    counted = counts & (_PROMPT_MARK - 1)  # [B, V]
-    scores.sub_(counted * st.frequency_penalty[:, None])
-    return scores.sub_((counted > 0) * st.presence_penalty[:, None])
+    if st.any_answer_only:  # else no count carries the mark: two [B, V] passes saved
+        counts = counts & (_PROMPT_MARK - 1)  # [B, V]
+        seen = counts > 0
+    scores.sub_(counts * st.frequency_penalty[:, None])
+    return scores.sub_(seen * st.presence_penalty[:, None])
 
 
 def _top_k_(scores: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> None:
