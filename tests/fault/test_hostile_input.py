@@ -197,10 +197,15 @@ def test_a_huge_prompt_is_refused_while_the_other_streams_flow(cluster):
         return stamps, start, end
 
     for send in (tgi, openai, over_zmq):
-        stamps, start, end = asyncio.run(beside(send))
-        assert stamps[-1] > end, f"{send.__name__}: the stream ended before the huge request's answer"
-        gaps = [b - a for a, b in zip(stamps, stamps[1:]) if b > start and a < end]
-        assert max(gaps) < (end - start) / 4, f"{send.__name__}: a gap of {max(gaps):.3f} s in {end - start:.3f} s"
+        # a loop held by the tokenizer stops the stream every time; a stall of the shared machine's
+        # (once 0.56 s in a whole run of the suite here, where gaps are 0.05 s) does not come twice
+        for attempt in (1, 2):
+            stamps, start, end = asyncio.run(beside(send))
+            assert stamps[-1] > end, f"{send.__name__}: the stream ended before the huge request's answer"
+            gaps = [b - a for a, b in zip(stamps, stamps[1:]) if b > start and a < end]
+            if max(gaps) < (end - start) / 4:
+                break
+            assert attempt == 1, f"{send.__name__}: a gap of {max(gaps):.3f} s in {end - start:.3f} s, twice"
     still_serving(cluster)
 
 
