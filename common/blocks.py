@@ -132,15 +132,6 @@ def rope_tables(cfg: ModelConfig, dtype: torch.dtype, device,
     return (angles.cos() * scale).to(device, dtype), (angles.sin() * scale).to(device, dtype)
 
 
-def long_rope_prompt(cfg: ModelConfig, prompt_len: int) -> bool:
-    """Whether a prompt of `prompt_len` tokens (a resumed request's: the first attempt's) turns with
-    LongRoPE's long factors at every position, as transformers turns a prompt longer than the
-    pretraining length: its rows of rope_tables are its positions plus n_positions."""
-    rope = cfg.rope
-    return (rope is not None and rope.rope_type == "longrope" and cfg.n_positions > rope.original_max_positions
-            and prompt_len > rope.original_max_positions)
-
-
 def query_scales(cfg: ModelConfig, dtype: torch.dtype, device) -> torch.Tensor | None:
     """[n_positions]: each position's query multiplier under Llama 4's attention temperature
     (Rope.llama4_scaling_beta), as transformers computes it; None without one."""

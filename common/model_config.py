@@ -286,3 +286,12 @@ def _read_json(path: Path, required: bool) -> dict | None:
     if not isinstance(raw, dict):
         raise ModelConfigError(f"{path} holds no JSON object")
     return raw
+
+
+def long_rope_prompt(cfg: ModelConfig, prompt_len: int) -> bool:
+    """Whether a prompt of `prompt_len` tokens (a resumed request's: the first attempt's) turns with
+    LongRoPE's long factors at every position, as transformers turns a prompt longer than the
+    pretraining length: its rows of rope_tables are its positions plus n_positions."""
+    rope = cfg.rope
+    return (rope is not None and rope.rope_type == "longrope" and cfg.n_positions > rope.original_max_positions
+            and prompt_len > rope.original_max_positions)

@@ -46,8 +46,9 @@ from .request import GenerateRequest
 # whether it knows the worker drains (a draining worker waits for that before it exits). 6: Prefilled
 # goes once the decode worker has the KV, and Held lists no `prefilled`. 7: a drained worker says
 # Goodbye as it exits. 8: requests carry min_p and presence_penalty (an older worker would drop them).
-# 9: and logit_bias, penalize_prompt and penalty_last_n.
-PROTOCOL_VERSION = 9
+# 9: and logit_bias, penalize_prompt and penalty_last_n. 10: Admit carries the namespace of its
+# prompt's blocks (an older frontend would leave a long LongRoPE prompt's hashes in the plain one).
+PROTOCOL_VERSION = 10
 
 # Maximum message sizes per socket kind (ZMQ_MAXMSGSIZE): control traffic is small; a KV frame
 # over tcp carries a whole prompt's cache.
@@ -429,6 +430,7 @@ class Admit(msgspec.Struct, **_STRUCT):
     # the prompt's block hashes per prefix block size the fleet uses (Fleet.block_sizes), computed
     # here so that the router's per-request work stays small
     hashes: dict[int, list[bytes]] = msgspec.field(default_factory=dict)
+    namespace: bytes = b""  # of those blocks (prefix_blocks.block_namespace): for the sizes not sent
 
 
 class Refused(msgspec.Struct, **_STRUCT):

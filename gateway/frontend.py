@@ -10,6 +10,7 @@ import logging
 import secrets
 import time
 from dataclasses import replace
+from functools import partial
 
 import zmq
 import zmq.asyncio
@@ -19,6 +20,7 @@ from splitserve.common.builtin_models import resolve_model
 from splitserve.common.curve import guard_clients
 from splitserve.common.heap import freeze_startup_heap
 from splitserve.common.model_config import load_model_config
+from splitserve.common.prefix_blocks import block_namespace
 from splitserve.common.service_config import derive_limits
 from splitserve.common.tokenizer import Tokenizer
 from splitserve.common.zmq_util import bind_endpoint, make_socket, tcp_endpoint
@@ -68,7 +70,8 @@ class Frontend:
                                                                     self._on_malformed), multipart=True)
         self.replies = ZmqReplies(self.front_port.send_multipart, self._client_gone)
         self.token_endpoint = tcp_endpoint(opts.advertise_host, self.token_port)
-        self.core = FrontendCore(self.tokenizer, self.limits, self._send_router, self.token_endpoint)
+        self.core = FrontendCore(self.tokenizer, self.limits, self._send_router, self.token_endpoint,
+                                 partial(block_namespace, cfg))
         # Every front end submits through the door, which meters each request.
         self.door = FrontDoor(self.core, GatewayMetrics(self.core))
         api = ApiContext(self.door, self.tokenizer, self.limits, opts.model.model, load_chat_template(path),

@@ -69,8 +69,9 @@ class Stream:
 
 class FrontendCore:
     def __init__(self, tokenizer: Tokenizer, limits: Limits, send_router: Callable[[object], None],
-                 token_endpoint: str):
+                 token_endpoint: str, namespace: Callable[[GenerateRequest], bytes]):
         self.tokenizer, self.limits, self.send_router = tokenizer, limits, send_router
+        self.namespace = namespace  # of a prompt's blocks, as the prefill workers keep them (block_namespace)
         self.token_endpoint = token_endpoint
         fim = find_fim(tokenizer)
         # A fill-in-the-middle prompt's request also stops at its layout's end tokens.
@@ -193,9 +194,10 @@ class FrontendCore:
             s.admitted = True
         first = group[0].request
         sizes = self.fleet.block_sizes if self.fleet is not None else []
+        namespace = self.namespace(first)
         hashes = {} if first.prompt_logprobs or not first.cache_prompt else \
-            {b: block_hashes(first.prompt_ids, b) for b in sizes}
-        self.send_router(P.Admit([s.request for s in group], group[0].deadline, resume, hashes))
+            {b: block_hashes(first.prompt_ids, b, namespace) for b in sizes}
+        self.send_router(P.Admit([s.request for s in group], group[0].deadline, resume, hashes, namespace))
 
     # ---- ends from this side --------------------------------------------------------------
 

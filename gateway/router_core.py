@@ -57,12 +57,13 @@ class Attempt:
     # OpenAI's `n`: attempts with one prompt share one prefill; while waiting the leader holds the others
     forks: list[str] = field(default_factory=list)
     hashes: dict[int, list[bytes]] = field(default_factory=dict)  # the prompt's blocks by block size
+    namespace: bytes = b""  # of those blocks, as its frontend named it (prefix_blocks.block_namespace)
     closed_at: float = 0.0  # when its frontend let go (cancel, death): only the worker's end is awaited
     adopted_at: float = 0.0
 
     def block_hashes(self, block_tokens: int) -> list[bytes]:
         if block_tokens not in self.hashes:
-            self.hashes[block_tokens] = block_hashes(self.request.prompt_ids, block_tokens)
+            self.hashes[block_tokens] = block_hashes(self.request.prompt_ids, block_tokens, self.namespace)
         return self.hashes[block_tokens]
 
 
@@ -209,8 +210,8 @@ class RouterCore:
         if reject:
             self.send_frontend(front, P.Refused(ids, *reject))
             return
-        attempts = [Attempt(r.id, front.id, r, msg.deadline, hashes=msg.hashes) for r in msg.requests
-                    if r.id not in self.attempts]
+        attempts = [Attempt(r.id, front.id, r, msg.deadline, hashes=msg.hashes, namespace=msg.namespace)
+                    for r in msg.requests if r.id not in self.attempts]
         for a in attempts:
             self._add(a)
             self.claims.pop(a.id, None)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from splitserve.common.attention import PrefillAttention, choose_prefill_attention
-from splitserve.common.blocks import long_rope_prompt
 from splitserve.common.loading import LoadedModel
 from splitserve.common.model import prefill
+from splitserve.common.model_config import long_rope_prompt
 from splitserve.common.request import GenerateRequest
 from splitserve.common.sampling import SamplingTensors, init_token_counts, sample
 

@@ -19,13 +19,13 @@ import torch
 import zmq
 
 from splitserve.common import protocol as P
-from splitserve.common.blocks import long_rope_prompt
 from splitserve.common.frontend_links import FrontendLinks
 from splitserve.common.kv_handoff import KvSender, nixl_agent_for, offered_transports
 from splitserve.common.kv_transport import allocate_staging, sweep_orphan_staging
 from splitserve.common.loading import LoadedModel
 from splitserve.common.memory import available_bytes
 from splitserve.common.params import Limits
+from splitserve.common.prefix_blocks import block_namespace
 from splitserve.common.service_config import WorkerOptions, derive_limits
 from splitserve.common.text_stream import TextStream, first_token_finish
 from splitserve.common.worker_loop import WorkerLoop
@@ -383,16 +383,13 @@ class PrefillWorker(WorkerLoop):
     def _match(self, request) -> tuple[list[int], list[bytes]]:
         """The prefix cache's blocks for `request` now, and its block hashes (PrefixCache.match);
         none where it takes none."""
-        return self.cache.match(request.prompt_ids, self._namespace(request)) if self._looks_up(request) else ([], [])
+        if not self._looks_up(request):
+            return [], []
+        return self.cache.match(request.prompt_ids, block_namespace(self.model.cfg, request))
 
     def _lookup(self, request, matched: tuple[list[int], list[bytes]]) -> list[int]:
         """`matched` for a prompt about to be prefilled, counted in the cache's metrics."""
         return self.cache.lookup(request.prompt_ids, matched) if self._looks_up(request) else []
-
-    def _namespace(self, request) -> bytes:
-        """Where the prompt's blocks are kept: apart from other prompts' when its K/V differ for the same
-        ids (a long prompt's under LongRoPE, long_rope_prompt)."""
-        return b"long-rope" if long_rope_prompt(self.model.cfg, len(request.prompt_ids) - request.resumed) else b""
 
     def _tokens(self, blocks: list[int]) -> int:
         return len(blocks) * self.cache.block_tokens if blocks else 0
@@ -418,7 +415,7 @@ class PrefillWorker(WorkerLoop):
         """Put the start of a prompt, its first `n` tokens staged from `offset`, into the prefix cache."""
         if self.cache is not None:
             self.cache.insert(request.prompt_ids[:n], self.kv.staging.tensor[:, :, offset : offset + n],
-                              self._namespace(request))
+                              block_namespace(self.model.cfg, request))
 
 
 def prefix_cache(opts: WorkerOptions, model: LoadedModel) -> PrefixCache | None:

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
+from functools import partial
 
 import pytest
 
 from splitserve.common import protocol as P
+from splitserve.common.model_config import Rope, load_model_config
 from splitserve.common.params import Limits
+from splitserve.common.prefix_blocks import block_hashes, block_namespace
 from splitserve.common.tokenizer import Tokenizer
 from splitserve.gateway import off_loop
 from splitserve.gateway.frontend_core import FrontendCore
@@ -19,24 +23,27 @@ from splitserve.gateway.workers import Expectations, NoTransport, WorkerRegistry
 
 
 def registration(role: str, wid: str, capacity: int = 4, host: str = "h", gpus: tuple[str, ...] = (),
-                 transports: tuple[str, ...] = ("shm", "tcp"), pid_namespace: str = "ns") -> P.Register:
+                 transports: tuple[str, ...] = ("shm", "tcp"), pid_namespace: str = "ns",
+                 prefix_block_tokens: int = 0) -> P.Register:
     return P.Register(role=role, worker_id=wid, protocol=P.PROTOCOL_VERSION, host_id=host, gpu_uuids=list(gpus),
                       device="cuda" if gpus else "cpu", kv_endpoint=f"tcp://127.0.0.1:1/{wid}",
                       kv_transports=list(transports), capacity=capacity, model_fingerprint="fp", dtype="float32",
-                      slot_len=64, pid=1, pid_namespace=pid_namespace)
+                      slot_len=64, pid=1, pid_namespace=pid_namespace, prefix_blocks=64 if prefix_block_tokens else 0,
+                      prefix_block_tokens=prefix_block_tokens)
 
 
 class Books:
     """A router and one frontend whose messages to each other are delivered at once; what goes to
     workers is collected in `sent` as (worker id, message)."""
 
-    def __init__(self, tokenizer: Tokenizer, router: RouterCore | None = None, restart_wait: float = 0.0):
+    def __init__(self, tokenizer: Tokenizer, router: RouterCore | None = None, restart_wait: float = 0.0,
+                 namespace=lambda request: b""):
         self.sent: list = []
         self.registry = WorkerRegistry(Expectations("fp", 64), heartbeat_timeout=60) if router is None \
             else router.registry
         self.router = router or RouterCore(self.registry, lambda w, msg: self.sent.append((w.id, msg)),
                                            self._to_frontend, 16, 60.0, "fp", restart_wait)
-        self.frontend = FrontendCore(tokenizer, Limits.derive(2048, 64), self._to_router, "tcp://front:1")
+        self.frontend = FrontendCore(tokenizer, Limits.derive(2048, 64), self._to_router, "tcp://front:1", namespace)
         self.join()
 
     def join(self, live: tuple[str, ...] = ()) -> None:
@@ -106,6 +113,30 @@ def test_choices_with_one_prompt_share_one_prefill(books):
     assert books.registry.workers["d"].assigned == set(gids)
     # the shared prompt is queued once
     assert books.registry.workers["p"].queued_tokens == len(msg.request.prompt_ids)
+
+
+def test_a_long_longrope_prompt_keeps_its_blocks_namespace_at_the_router(tiny_dir):
+    """Past LongRoPE's pretraining length a prompt turns all with the long factors, so the prefill
+    worker keeps its blocks apart from a short prompt's with the same ids (block_namespace): the
+    frontend hashes them so, and the router too for a block size the frontend did not know, so that
+    a short prompt's blocks never draw a long one to their worker."""
+    cfg = replace(load_model_config(tiny_dir), rope=Rope("longrope", 1e4, original_max_positions=32))
+    books = Books(Tokenizer.from_dir(tiny_dir), namespace=partial(block_namespace, cfg))
+    books.register("prefill", "p", 4096, prefix_block_tokens=16)
+    books.register("decode", "d", 4)
+    line = "def f(x):\n    return x\n"
+    for text, namespace in ((line * 2, b""), (line * 5, b"long-rope")):
+        gid = books.frontend.submit("c", P.Generate("c", text, params=P.GenerateParams(max_new_tokens=4)), [].append)
+        attempt = books.router.attempts[gid]
+        ids = attempt.request.prompt_ids
+        assert (len(ids) > 32) == (namespace != b"") and len(ids) >= 16
+        assert block_namespace(cfg, attempt.request) == namespace  # the prefill worker's
+        assert attempt.hashes == {16: block_hashes(ids, 16, namespace)}  # from the frontend
+        assert attempt.block_hashes(8) == block_hashes(ids, 8, namespace)  # the router's own
+        assert set(attempt.hashes[16]) <= set(books.registry.workers["p"].prefixes)
+    # a resumed request keeps its first attempt's: its prompt ends with the answer's tokens
+    grown = replace(attempt.request, prompt_ids=ids[:30] + ids[:10], resumed=10)
+    assert block_namespace(cfg, grown) == b""
 
 
 def test_a_long_prompt_text_is_admitted_once_the_tokenizer_thread_is_done(books):
