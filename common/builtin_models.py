@@ -58,10 +58,10 @@ def is_builtin(name: str) -> bool:
 
 
 def resolve_model(name_or_dir: str, home: Path | None = None, progress: bool = True,
-                  revision: str | None = None) -> Path:
+                  revision: str | None = None, weights: bool = True) -> Path:
     """A built-in name becomes its checkpoint directory (created if needed); a directory is taken as
     it is; a Hugging Face Hub repository id (owner/name) its snapshot at `revision`, fetched where
-    missing (hub.py)."""
+    missing, its weights too unless `weights` is False (hub.py)."""
     if name_or_dir == "tiny":
         return SHIPPED_TINY
     if name_or_dir == "tiny-random":
@@ -70,7 +70,7 @@ def resolve_model(name_or_dir: str, home: Path | None = None, progress: bool = T
     if path.is_dir():
         return path
     if is_repo_id(name_or_dir):
-        return fetch_checkpoint(name_or_dir, revision)
+        return fetch_checkpoint(name_or_dir, revision, weights)
     raise FileNotFoundError(
         f"model {name_or_dir!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}), an existing "
         "directory nor a Hugging Face Hub repository id (owner/name)"

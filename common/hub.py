@@ -25,15 +25,18 @@ def is_repo_id(name: str) -> bool:
     return bool(_REPO_ID.fullmatch(name)) and ".." not in name
 
 
-def fetch_checkpoint(repo_id: str, revision: str | None = None) -> Path:
+def fetch_checkpoint(repo_id: str, revision: str | None = None, weights: bool = True) -> Path:
     """The local snapshot of `repo_id` at `revision` (a branch, tag or commit; None: main), fetched
-    where missing. With HF_HUB_OFFLINE=1 only the cache is read."""
+    where missing; without `weights` only its small files (what the router and frontends read: the
+    config and the tokenizer). With HF_HUB_OFFLINE=1 only the cache is read."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         # the small files first, and the commit they came from: the weights then come from that one
         snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_SMALL_FILES))
+        if not weights:
+            return snapshot
         index = snapshot / "model.safetensors.index.json"
         weights = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
             else ["model.safetensors"]

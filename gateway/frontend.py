@@ -51,7 +51,8 @@ class Frontend:
     def __init__(self, opts: FrontendOptions, ctx: zmq.asyncio.Context, guard: bool = True, reuse_port: bool = True):
         self.opts, self.ctx = opts, ctx
         self.id = opts.frontend_id or f"frontend-{secrets.token_hex(4)}"
-        path = resolve_model(opts.model.model, opts.model.home, revision=opts.model.revision)
+        # the config and the tokenizer: a frontend never reads the weights
+        path = resolve_model(opts.model.model, opts.model.home, revision=opts.model.revision, weights=False)
         cfg = load_model_config(path)
         self.tokenizer = Tokenizer.from_dir(path)
         self.fingerprint = cfg.fingerprint(self.tokenizer.vocab_size)

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 class Router:
     def __init__(self, opts: RouterOptions, ctx: zmq.asyncio.Context):
         self.opts, self.ctx = opts, ctx
-        path = resolve_model(opts.model.model, opts.model.home, revision=opts.model.revision)
+        # the config and the tokenizer: a router never reads the weights
+        path = resolve_model(opts.model.model, opts.model.home, revision=opts.model.revision, weights=False)
         cfg = load_model_config(path)
         fingerprint = cfg.fingerprint(Tokenizer.from_dir(path).vocab_size)
         self.limits = derive_limits(opts.limits, cfg.n_positions)

@@ -16,6 +16,12 @@ a CUDA IPC handle can only be opened by a process that sees the GPU it came from
 and `pid: host` let CUDA IPC (and, on CPU, the /dev/shm staging) work across containers, and
 all workers claim one `--host-id`, so the router treats the containers as one machine.
 
+A checkpoint is built into the image (the built-in models), a host directory mounted read-only, or
+a Hugging Face Hub repository: the one-shot `model` service fetches that into a named volume, the
+image's Hugging Face cache, and every other service starts once it has finished and reads the
+volume read-only and offline (the image's HF_HUB_OFFLINE), so all of them serve the one commit it
+fetched, restarted ones too. Router and frontends read only its config and tokenizer.
+
 An API key file and CURVE key pairs reach the containers as compose secrets (read-only bind
 mounts under /run/secrets), each container getting only the files it reads: the frontends the
 API key, the router and the frontends the router's key pair (`gateway.key*`: frontends serve
@@ -30,6 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from splitserve.common.builtin_models import is_builtin
+from splitserve.common.hub import is_repo_id
 from splitserve.common.service_config import worker_argv
 from splitserve.gateway.options import frontend_argv, router_argv
 
@@ -44,6 +51,9 @@ HOST_ID = "compose-node"  # one node: every container claims the same machine
 # the requests of a role's last worker wait that long for it (--worker-restart-timeout)
 START_PERIOD_S = 300
 MODELS_DIR = "/models"  # where a checkpoint from the host is mounted, read-only
+HF_HOME = "/opt/splitserve/hf"  # the image's Hugging Face cache ($HF_HOME), where a Hub model's volume is mounted
+HF_VOLUME = "hf-cache"  # the named volume that holds a Hub model
+FETCHER = "model"  # the one-shot service that fetches a Hub model before the others start
 # The CPU profile's image: Ubuntu without CUDA, and PyTorch's CPU wheels (a tenth of the size).
 CPU_BUILD_ARGS = {"BUILD_BASE": "ubuntu:24.04", "RUNTIME_BASE": "ubuntu:24.04",
                   "TORCH_INDEX_URL": "https://download.pytorch.org/whl/cpu"}
@@ -61,12 +71,13 @@ CURVE_CLIENTS = "curve-clients"  # --curve-clients of the router and frontends: 
 class NodeLayout:
     prefill: tuple[str, ...]  # one --device per prefill worker: cuda:N, or cpu
     decode: tuple[str, ...]
-    model: str  # a built-in name, or a checkpoint directory on the host
+    model: str  # a built-in name, a checkpoint directory on the host, or a Hub repository id
     threads: int  # PyTorch threads per worker
     bind: str  # host address the frontends' ports are published on
     api_key_file: Path | None = None  # on the host: the key the frontends ask every client for
     curve_dir: Path | None = None  # on the host: CURVE_FILES, for the links to and from workers
     frontends: int = 1  # frontend processes, one container each
+    revision: str = ""  # of a Hub repository: a branch, tag or commit ("": main)
 
 
 def parse_gpus(spec: str, flag: str) -> tuple[int, ...]:
@@ -129,16 +140,22 @@ def _curve_dir(spec: str) -> Path:
 def compose_file(layout: NodeLayout, out_dir: Path) -> dict:
     """The compose document; `out_dir` is where it will be written (build paths are relative to it)."""
     cpu = layout.prefill[0] == "cpu"
-    model_arg, volumes = _model(layout.model)
+    model, volumes = _model(layout.model, layout.revision)
     router_flags, router_secrets = _router_secrets(layout)
-    services = {"router": _with_secrets(_router(model_arg, volumes), router_flags, router_secrets)}
-    services |= _frontends(layout, model_arg, volumes)
+    services = {"router": _with_secrets(_router(model, volumes), router_flags, router_secrets)}
+    services |= _frontends(layout, model, volumes)
     for role, devices in (("prefill", layout.prefill), ("decode", layout.decode)):
         for i, device in enumerate(devices):
             # a GPU worker is named by its GPU, so that the file reads like the node
             name = f"{role}-{device.removeprefix('cuda:') if device.startswith('cuda:') else i}"
-            services[name] = _with_secrets(_worker(role, name, device, model_arg, volumes, layout.threads),
+            services[name] = _with_secrets(_worker(role, name, device, model, volumes, layout.threads),
                                            *_worker_secrets(layout, role))
+    hub = is_repo_id(model["model"])
+    if hub:
+        for service in services.values():
+            if volumes[0] in service.get("volumes", []):  # not the frontends' holder: it reads no model
+                service.setdefault("depends_on", {})[FETCHER] = {"condition": "service_completed_successfully"}
+        services = {FETCHER: _fetcher(model), **services}
     # Every service builds the same image (Docker's layer cache makes the repeats free), so that
     # `up` works with nothing built beforehand and no registry.
     for name, service in services.items():
@@ -146,27 +163,49 @@ def compose_file(layout: NodeLayout, out_dir: Path) -> dict:
         build = _build(out_dir, cpu)
         services[name] = {"image": CPU_IMAGE if cpu else IMAGE, **({"build": build} if build else {}), **service}
     doc = {"name": "splitserve-cpu" if cpu else "splitserve", "services": services}
+    if hub:
+        doc["volumes"] = {HF_VOLUME: {}}
     secrets = _secret_files(layout)
     if secrets:
         doc["secrets"] = secrets
     return doc
 
 
-def _model(model: str) -> tuple[str, list[str]]:
-    """The --model value inside the containers, and the read-only mount that provides it."""
-    if is_builtin(model):
-        return model, []  # created in the image at build time
+def _model(model: str, revision: str) -> tuple[dict[str, str], list[str]]:
+    """The model's flags inside the containers, and the read-only mount that provides it."""
     host_dir = Path(model).expanduser().resolve()
-    if not host_dir.is_dir():
-        raise ValueError(f"--model {model!r} is neither a built-in model nor a directory on this host")
-    inside = f"{MODELS_DIR}/{host_dir.name}"
-    return inside, [f"{host_dir}:{inside}:ro"]
+    if is_builtin(model):
+        flags, mounts = {"model": model}, []  # created in the image at build time
+    elif host_dir.is_dir():
+        inside = f"{MODELS_DIR}/{host_dir.name}"
+        flags, mounts = {"model": inside}, [f"{host_dir}:{inside}:ro"]
+    elif is_repo_id(model):
+        return {"model": model, **({"revision": revision} if revision else {})}, [f"{HF_VOLUME}:{HF_HOME}:ro"]
+    else:
+        raise ValueError(f"--model {model!r} is neither a built-in model, a directory on this host nor a Hugging "
+                         "Face Hub repository id (owner/name)")
+    if revision:
+        raise ValueError(f"--revision {revision!r} is for a Hugging Face Hub repository id, not --model {model!r}")
+    return flags, mounts
 
 
-def _router(model: str, volumes: list[str]) -> dict:
+def _fetcher(model: dict[str, str]) -> dict:
+    """The one-shot service that fetches a Hub model into HF_VOLUME (the only one writing it), once
+    each `up`, with huggingface_hub's progress; the others start when it has finished."""
+    revision = ["--revision", model["revision"]] if "revision" in model else []
+    return {
+        "command": ["model-path", model["model"], *revision],
+        # the image is offline; HF_TOKEN (gated repositories) passes through from compose's environment
+        "environment": ["HF_HUB_OFFLINE=0", "HF_TOKEN"],
+        "volumes": [f"{HF_VOLUME}:{HF_HOME}"],
+        "healthcheck": {"disable": True},
+    }
+
+
+def _router(model: dict[str, str], volumes: list[str]) -> dict:
     """The router: no port on the host; workers and frontends reach it on the compose network,
     its /health, /metrics and /info answer on METRICS_PORT."""
-    flags = {"model": model, "host": "0.0.0.0", "worker_port": WORKER_PORT, "frontend_port": FRONTEND_PORT,
+    flags = {**model, "host": "0.0.0.0", "worker_port": WORKER_PORT, "frontend_port": FRONTEND_PORT,
              "metrics_port": METRICS_PORT, "worker_restart_timeout": START_PERIOD_S}
     return {"command": ["router", *router_argv(flags)], **_common(METRICS_PORT, volumes)}
 
@@ -176,7 +215,7 @@ def frontend_names(frontends: int) -> list[str]:
     return [FRONTENDS] if frontends == 1 else [f"{FRONTENDS}-{i}" for i in range(frontends)]
 
 
-def _frontends(layout: NodeLayout, model: str, volumes: list[str]) -> dict[str, dict]:
+def _frontends(layout: NodeLayout, model: dict[str, str], volumes: list[str]) -> dict[str, dict]:
     k = layout.frontends
     # every frontend's HTTP port is the one shared port; ZMQ ports and token ports are one each
     ports = [f"{layout.bind}:{HTTP_PORT}:{HTTP_PORT}"]
@@ -184,7 +223,7 @@ def _frontends(layout: NodeLayout, model: str, volumes: list[str]) -> dict[str, 
     key_flags, secrets = _frontend_secrets(layout)
     services = {}
     for i, name in enumerate(frontend_names(k)):
-        flags = {"model": model, "router": f"tcp://router:{FRONTEND_PORT}", "host": "0.0.0.0",
+        flags = {**model, "router": f"tcp://router:{FRONTEND_PORT}", "host": "0.0.0.0",
                  # workers dial the token port by the name of the service whose network it is on
                  "advertise_host": FRONTENDS, "port": HTTP_PORT, "zmq_port": ZMQ_PORT + i,
                  "token_port": TOKEN_PORT + i}
@@ -204,8 +243,8 @@ def _frontends(layout: NodeLayout, model: str, volumes: list[str]) -> dict[str, 
     return services
 
 
-def _worker(role: str, name: str, device: str, model: str, volumes: list[str], threads: int) -> dict:
-    flags = {"model": model, "device": device, "threads": threads, "gateway": f"tcp://router:{WORKER_PORT}",
+def _worker(role: str, name: str, device: str, model: dict[str, str], volumes: list[str], threads: int) -> dict:
+    flags = {**model, "device": device, "threads": threads, "gateway": f"tcp://router:{WORKER_PORT}",
              "host": "0.0.0.0", "advertise_host": name, "host_id": HOST_ID, "worker_id": name,
              "metrics_port": METRICS_PORT}
     service = {

@@ -6,6 +6,7 @@ are strategic merge patches of a whole object named by kind and name or JSON pat
 operations on a `target` named by kind and name, and `replicas`. Any other key fails loudly. The
 strategic merge knows the merge keys of the fields the patches touch (containers, env, volumes,
 volumeMounts, ports); any other list is replaced, as Kubernetes does for lists without a merge key.
+Its deletions: a null value deletes its key, and `$patch: delete` the object or list item it is in.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import yaml
 
 SUPPORTED = {"apiVersion", "kind", "resources", "components", "patches", "replicas"}
+DELETE = "$patch"  # the strategic merge's directive key
 MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "volumes": "name",
               "volumeMounts": "mountPath", "ports": "containerPort"}
 
@@ -51,7 +53,10 @@ def apply_patch(objects: list[dict], directory: Path, patch: dict) -> None:
     elif set(patch) == {"path"}:
         for p in load_all(directory / patch["path"]):
             i = find(objects, p["kind"], p["metadata"]["name"])
-            objects[i] = merge(objects[i], p)
+            if p.get(DELETE) == "delete":
+                del objects[i]
+            else:
+                objects[i] = merge(objects[i], p)
     else:
         raise ValueError(f"{directory}: only patches given by path (and a target by kind and name) are rendered, "
                          f"not {patch}")
@@ -89,13 +94,18 @@ def merge(original, patch, field: str = ""):
     if isinstance(original, dict) and isinstance(patch, dict):
         out = dict(original)
         for key, value in patch.items():
-            out[key] = merge(original[key], value, key) if key in original else value
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = merge(original[key], value, key) if key in original else value
         return out
     key = MERGE_KEYS.get(field)
     if key and isinstance(original, list) and isinstance(patch, list):
         if not all(key in item for item in original + patch):
             raise ValueError(f"kustomize_lite merges {field} lists by {key}, which an item lacks")
-        patched = {item[key]: item for item in patch}
-        kept = [merge(item, patched.pop(item[key]), field) if item[key] in patched else item for item in original]
+        deleted = {item[key] for item in patch if item.get(DELETE) == "delete"}
+        patched = {item[key]: item for item in patch if item[key] not in deleted}
+        kept = [merge(item, patched.pop(item[key]), field) if item[key] in patched else item
+                for item in original if item[key] not in deleted]
         return kept + list(patched.values())
     return patch

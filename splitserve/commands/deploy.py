@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -19,7 +20,7 @@ from splitserve.compose import (
     with_frontends,
 )
 
-DEFAULTS = {"model": "tiny", "threads": 2, "bind": "127.0.0.1", "prefill_workers": 1, "decode_workers": 1,
+DEFAULTS = {"model": "tiny", "revision": "", "threads": 2, "bind": "127.0.0.1", "prefill_workers": 1, "decode_workers": 1,
             "frontends": 1, "api_key_file": "", "curve_dir": ""}
 FRONTENDS_NOTE = ("# frontend-0 .. frontend-{last} share the network namespace of `frontend`, which only holds it and\n"
                   "# publishes its ports: HTTP and WebSocket on 8080 for all (the kernel spreads the connections),\n"
@@ -39,7 +40,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--prefill-workers", type=int, default=DEFAULTS["prefill_workers"], help="with --cpu")
     c.add_argument("--decode-workers", type=int, default=DEFAULTS["decode_workers"], help="with --cpu")
     c.add_argument("--model", default=DEFAULTS["model"],
-                   help="a built-in model (in the image) or a checkpoint directory on the host, mounted read-only")
+                   help="a built-in model (in the image), a checkpoint directory on the host (mounted read-only), "
+                        "or a Hugging Face Hub repository id (owner/name: the `model` service fetches it into a "
+                        "volume before the others start)")
+    c.add_argument("--revision", default=DEFAULTS["revision"],
+                   help="with a Hub repository id: the branch, tag or commit (default: main when `up` runs)")
     c.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="PyTorch threads per worker")
     c.add_argument("--frontends", type=int, default=DEFAULTS["frontends"],
                    help=f"frontend processes (1 to {MAX_FRONTENDS}), one container each, sharing the HTTP port; "
@@ -72,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def layout_of(args: argparse.Namespace) -> NodeLayout:
-    return secured(with_frontends(split_of(args), args.frontends), args.api_key_file, args.curve_dir)
+    layout = secured(with_frontends(split_of(args), args.frontends), args.api_key_file, args.curve_dir)
+    return replace(layout, revision=args.revision)
 
 
 def split_of(args: argparse.Namespace) -> NodeLayout:
