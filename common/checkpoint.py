@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from . import fp8
+from . import awq, fp8
 from .families import checkpoint_shapes, family_of
 from .model_config import ModelConfig
 
@@ -53,7 +53,9 @@ class CheckpointError(ValueError):
 class _Source:
     path: Path
     key: str  # the name as stored in the file
-    scale: _Source | None = None  # an FP8 weight's scales (common/fp8.py)
+    # a quantized weight's other tensors by role: an FP8 weight's "scale" (common/fp8.py), an AWQ
+    # weight's "qzeros" and "scales" (common/awq.py; the source itself is its "qweight")
+    parts: tuple[tuple[str, _Source], ...] = ()
 
 
 def load_weights(
@@ -72,7 +74,7 @@ def load_weights(
         raise ValueError(f"weights can only be loaded as a floating dtype, not {dtype}")
     files = _checkpoint_files(Path(model_dir))
     shapes = checkpoint_shapes(config)
-    sources = _plan(files, shapes, family_of(config.model_type).PREFIX, config.fp8)
+    sources = _plan(files, shapes, config)
     _check_complete(Path(model_dir), shapes, sources)
 
     if progress is None:
@@ -87,9 +89,10 @@ def load_weights(
                 for name in names:
                     src = sources[name]
                     t = f.get_tensor(src.key)
-                    if src.scale is not None:  # in the same file, but for a rare shard boundary between them
-                        scale = f.get_tensor(src.scale.key) if src.scale.path == path else _read(src.scale)
-                        t = fp8.dequantize(t.to(device), scale.to(device), config.fp8_block, dtype)
+                    if src.parts:  # in the same file, but for a rare shard boundary between them
+                        parts = {role: (f.get_tensor(p.key) if p.path == path else _read(p)).to(device)
+                                 for role, p in src.parts}
+                        t = _dequantize(t.to(device), parts, config, dtype)
                     weights[name] = t.to(device=device, dtype=None if name.endswith(PACKED) else dtype)
                     bar.update()
     return {name: weights[name] for name in shapes}
@@ -166,42 +169,91 @@ def _open(path: Path) -> Iterator:
         raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None
 
 
-def _plan(files: list[Path], shapes: dict[str, tuple[int, ...]],
-          prefix: str | tuple[str, ...], fp8_checkpoint: bool = False) -> dict[str, _Source]:
-    """Find each expected tensor in the file headers and check its shape and dtype. `prefix`: the
-    family's, or several (a multimodal checkpoint's text model, as transformers 4 and 5 name it).
-    In an FP8 checkpoint a weight stored as FP8 takes the scales stored beside it.
+def _dequantize(t: torch.Tensor, parts: dict[str, torch.Tensor], config: ModelConfig,
+                dtype: torch.dtype) -> torch.Tensor:
+    if config.awq_group:
+        return awq.dequantize(t, parts.get("qzeros"), parts["scales"], config.awq_group, dtype)
+    return fp8.dequantize(t, parts["scale"], config.fp8_block, dtype)
+
+
+def _plan(files: list[Path], shapes: dict[str, tuple[int, ...]], config: ModelConfig) -> dict[str, _Source]:
+    """Find each expected tensor in the file headers and check its shape and dtype, under the
+    family's prefix or one of several (a multimodal checkpoint's text model, as transformers 4 and 5
+    name it). In an FP8 checkpoint a weight stored as FP8 takes the scales stored beside it; in an
+    AWQ checkpoint a weight stored as its qweight takes its scales and zero points.
 
     The files themselves are searched rather than trusting the index's weight_map,
     so a stale index can only cause a clear error, never a silently wrong tensor.
     """
+    prefix = family_of(config.model_type).PREFIX
     prefixes = (prefix,) if isinstance(prefix, str) else prefix
     sources: dict[str, _Source] = {}
-    scales: dict[str, _Source] = {}  # weight name -> its FP8 scales
+    parts: dict[str, dict[str, _Source]] = {}  # weight name -> its quantization's other tensors, by role
     quantized: set[str] = set()
     for path in files:
         with _open(path) as f:
             for key in f.keys():
                 name = next((key.removeprefix(p) for p in prefixes if key.startswith(p)), key)
-                if fp8_checkpoint and name.endswith(fp8.SCALE_SUFFIX) and name.removesuffix(fp8.SCALE_SUFFIX) in shapes:
-                    scales[name.removesuffix(fp8.SCALE_SUFFIX)] = _Source(path, key)
-                    continue
-                if name not in shapes:
+                part = _part_of(name, shapes, config)
+                if part is not None:
+                    weight, role = part
+                    if config.awq_group:
+                        _check_awq(f.get_slice(key), key, path, role, shapes[weight], config.awq_group)
+                    if role != "qweight":
+                        parts.setdefault(weight, {})[role] = _Source(path, key)
+                        continue
+                    name = weight
+                    quantized.add(name)
+                elif name not in shapes:
                     _note_ignored(name, key, path)
                     continue
                 if name in sources:
                     raise CheckpointError(f"tensor {name} is stored twice: as {sources[name].key} and {key} in {path}")
-                stored = _check_tensor(f.get_slice(key), key, path, shapes[name], packed=name.endswith(PACKED),
-                                       fp8_checkpoint=fp8_checkpoint)
-                if stored == FP8_DTYPE:
-                    quantized.add(name)
+                if part is None:
+                    stored = _check_tensor(f.get_slice(key), key, path, shapes[name], packed=name.endswith(PACKED),
+                                           fp8_checkpoint=config.fp8)
+                    if stored == FP8_DTYPE:
+                        quantized.add(name)
                 sources[name] = _Source(path, key)
+    needed = (("scales", "qzeros") if config.awq_zero_point else ("scales",)) if config.awq_group else ("scale",)
     for name in quantized:
-        if name not in scales:
-            raise CheckpointError(f"FP8 tensor {sources[name].key} in {sources[name].path} has no "
-                                  f"{sources[name].key}{fp8.SCALE_SUFFIX} beside it")
-        sources[name] = replace(sources[name], scale=scales[name])
+        src, have = sources[name], parts.get(name, {})
+        missing = [role for role in needed if role not in have]
+        if missing:
+            beside = ", ".join(f"{src.key.removesuffix('.qweight')}.{role}" if config.awq_group
+                               else f"{src.key}{fp8.SCALE_SUFFIX}" for role in missing)
+            raise CheckpointError(f"{'AWQ' if config.awq_group else 'FP8'} tensor {src.key} in {src.path} has no "
+                                  f"{beside} beside it")
+        sources[name] = replace(src, parts=tuple(sorted(have.items())))
     return sources
+
+
+def _part_of(name: str, shapes: dict[str, tuple[int, ...]], config: ModelConfig) -> tuple[str, str] | None:
+    """(the weight, its role) where the tensor `name` is part of a quantized weight, else None."""
+    if config.fp8 and name.endswith(fp8.SCALE_SUFFIX) and name.removesuffix(fp8.SCALE_SUFFIX) in shapes:
+        return name.removesuffix(fp8.SCALE_SUFFIX), "scale"
+    base, _, role = name.rpartition(".")
+    if config.awq_group and role in awq.PARTS and f"{base}.weight" in shapes:
+        return f"{base}.weight", role
+    return None
+
+
+def _check_awq(tensor_slice, key: str, path: Path, role: str, weight: tuple[int, ...], group: int) -> None:
+    """An AWQ tensor of the weight [O, I]: qweight int32 [I, O / 8], qzeros int32 [I / G, O / 8],
+    scales floating [I / G, O]."""
+    if len(weight) != 2 or weight[0] % 8:
+        raise CheckpointError(f"tensor {key} in {path}: an AWQ weight must be [O, I] with O a multiple of 8, "
+                              f"the config gives {weight}")
+    out, inputs = weight
+    groups = -(-inputs // group)
+    expected = {"qweight": (inputs, out // 8), "qzeros": (groups, out // 8), "scales": (groups, out)}[role]
+    shape, stored = tuple(tensor_slice.get_shape()), tensor_slice.get_dtype()
+    if shape != expected:
+        raise CheckpointError(f"tensor {key} in {path} has shape {shape}, expected {expected} for an AWQ {role} of a "
+                              f"{out} x {inputs} weight in groups of {group}")
+    if not (stored.startswith(("F", "BF")) if role == "scales" else stored == "I32"):
+        raise CheckpointError(f"tensor {key} in {path} has dtype {stored}: AWQ's qweight and qzeros are I32, its "
+                              "scales floating point")
 
 
 def _read(src: _Source) -> torch.Tensor:

@@ -177,6 +177,9 @@ class ModelConfig:
     # an FP8 checkpoint's scale blocks [rows, columns] (common/fp8.py); None with one scale a weight
     fp8_block: tuple[int, int] | None = None
     fp8: bool = False  # its weights stored as FP8 are dequantized at load
+    # an AWQ checkpoint's groups of input columns (common/awq.py); 0: not AWQ
+    awq_group: int = 0
+    awq_zero_point: bool = True  # each group has a zero point (else its values are centred on 8)
 
     @property
     def q_dim(self) -> int:
@@ -241,10 +244,10 @@ def model_config_from_dict(raw: dict, generation: dict | None = None) -> ModelCo
     family = family_of(raw.get("model_type"))
     quant = raw.get("quantization_config") or {}
     method = quant.get("quant_method", "?") if quant else None
-    if method is not None and method != "fp8" and method not in getattr(family, "QUANTIZED", ()):
-        # the family's own (gpt-oss's MXFP4 experts), or FP8 for every family
+    if method is not None and method not in ("fp8", "awq") and method not in getattr(family, "QUANTIZED", ()):
+        # the family's own (gpt-oss's MXFP4 experts), or FP8 and AWQ for every family
         raise ModelConfigError(f"quantized checkpoints ({method}) are not supported for {raw.get('model_type')!r}: "
-                               "serve the unquantized weights (fp32, fp16 or bf16) or an FP8 checkpoint")
+                               "serve the unquantized weights (fp32, fp16 or bf16), an FP8 or an AWQ checkpoint")
     if method == "fp8" and quant.get("activation_scheme", "dynamic") != "dynamic":
         raise ModelConfigError(f"FP8 checkpoints with {quant['activation_scheme']!r} activation scales are not "
                                "supported: only dynamic ones (the weights are dequantized at load)")
@@ -257,7 +260,8 @@ def model_config_from_dict(raw: dict, generation: dict | None = None) -> ModelCo
     # the family's own (a multimodal checkpoint's text model's) where config.json's top level names none
     eos = eos_ids(raw.get("eos_token_id"), (generation or {}).get("eos_token_id"), list(cfg.eos_token_ids))
     bos = raw["bos_token_id"] if raw.get("bos_token_id") is not None else cfg.bos_token_id
-    return replace(cfg, eos_token_ids=eos, bos_token_id=bos, **(_fp8(quant) if method == "fp8" else {}))
+    quantized = _fp8(quant) if method == "fp8" else _awq(quant) if method == "awq" else {}
+    return replace(cfg, eos_token_ids=eos, bos_token_id=bos, **quantized)
 
 
 def _fp8(quant: dict) -> dict:
@@ -266,6 +270,16 @@ def _fp8(quant: dict) -> dict:
                                   and all(isinstance(b, int) and b > 0 for b in block)):
         raise ModelConfigError(f"quantization_config's weight_block_size must be two positive integers, got {block!r}")
     return {"fp8": True, "fp8_block": None if block is None else tuple(block)}
+
+
+def _awq(quant: dict) -> dict:
+    version, bits, group = str(quant.get("version", "gemm")).lower(), quant.get("bits"), quant.get("group_size")
+    if version != "gemm" or bits != 4:
+        raise ModelConfigError(f"AWQ checkpoints are read in AutoAWQ's GEMM layout of 4-bit weights (version gemm, "
+                               f"bits 4), not version {version!r} with {bits!r} bits")
+    if not (isinstance(group, int) and group > 0):
+        raise ModelConfigError(f"quantization_config's group_size must be a positive integer, got {group!r}")
+    return {"awq_group": group, "awq_zero_point": bool(quant.get("zero_point", True))}
 
 
 def load_model_config(model_dir: str | Path) -> ModelConfig:

@@ -721,3 +721,99 @@ def test_a_served_llama_shaped_model_equals_the_engine(home, served_checkpoints,
         c.wait_registered()
         assert stream_all(c.endpoint, specs) == offline(model, specs)
         c.wait_idle()
+
+
+def awq_pack(q: torch.Tensor) -> torch.Tensor:
+    """[R, C] values in 0..15 -> [R, C / 8] int32 as AutoAWQ packs them: nibble j of each int32 holds
+    column 8c + [0, 2, 4, 6, 1, 3, 5, 7][j] (its packing order, for its GEMM kernel)."""
+    nibbles = q.reshape(q.shape[0], -1, 8)[..., [0, 2, 4, 6, 1, 3, 5, 7]].to(torch.int64)
+    packed = (nibbles << torch.arange(0, 32, 4)).sum(-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def awq_quantize(path: Path, group: int, zero_point: bool) -> Path:
+    """Rewrite a checkpoint as Qwen's AWQ releases are laid out (AutoAWQ's GEMM layout): every
+    projection's weight 4-bit, in groups of `group` input columns with a scale each and a zero point
+    (`zero_point`) or centred on 8, stored as qweight, qzeros and scales; embeddings, norms, biases
+    and routers as they were. -> a dense checkpoint of the dequantized weights beside it, as
+    compressed-tensors makes them: its converter from AutoAWQ's layout, then its decompression."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.entrypoints.convert.converters.autoawq import AutoAWQConverter
+    from safetensors.torch import load_file, save_file
+
+    dense_dir = shutil.copytree(path, path.parent / f"{path.name}-dense")
+    out = {}
+    for key, w in load_file(path / "model.safetensors").items():
+        if not key.endswith("proj.weight"):
+            out[key] = w
+            continue
+        rows, cols = w.shape
+        groups = w.reshape(rows, cols // group, group)
+        if zero_point:
+            lo, hi = groups.amin(-1, keepdim=True).clamp(max=0), groups.amax(-1, keepdim=True).clamp(min=0)
+            scale = (hi - lo).clamp(min=1e-5) / 15
+            zero = (-lo / scale).round()
+        else:
+            scale, zero = groups.abs().amax(-1, keepdim=True).clamp(min=1e-5) / 7, torch.full_like(groups[..., :1], 8)
+        q = ((groups / scale).round() + zero).clamp(0, 15).reshape(rows, cols)
+        base = key.removesuffix(".weight")
+        out[f"{base}.qweight"] = awq_pack(q.T)  # [I, O / 8]
+        if zero_point:
+            out[f"{base}.qzeros"] = awq_pack(zero.reshape(rows, -1).T)  # [I / G, O / 8]
+        out[f"{base}.scales"] = scale.reshape(rows, -1).T.contiguous()  # [I / G, O]
+    save_file(out, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group, "version": "gemm",
+                                     "zero_point": zero_point}
+    (path / "config.json").write_text(json.dumps(config))
+    converter = AutoAWQConverter(bits=4, group_size=group, zero_point=zero_point)
+    (scheme,) = converter.update_config(None).config_groups.values()
+    converted = converter.process(dict(out))
+    dense = {k: v for k, v in converted.items() if ".weight_" not in k}
+    for key in [k for k in converted if k.endswith(".weight_packed")]:
+        base = key.removesuffix(".weight_packed")
+        module = {k.removeprefix(f"{base}."): v for k, v in converted.items() if k.startswith(f"{base}.weight_")}
+        dense[f"{base}.weight"] = PackedQuantizationCompressor.decompress(module, scheme)["weight"]
+    save_file(dense, dense_dir / "model.safetensors", metadata={"format": "pt"})
+    return dense_dir
+
+
+@pytest.mark.parametrize("variant, group, zero_point", [("qwen2-bias-tied-window", 32, True), ("llama", 16, False),
+                                                        ("qwen3moe-norm-top", 32, True)])
+@torch.inference_mode()
+def test_an_awq_checkpoint_loads_to_the_logits_of_its_dequantized_weights(tmp_path, variant, group, zero_point):
+    """AWQ's 4-bit weights (AutoAWQ's GEMM layout; with zero points or centred on 8) are dequantized at
+    load as compressed-tensors dequantizes them: logits within 1e-4 of transformers' on those weights,
+    greedy tokens equal."""
+    path = make_checkpoint(tmp_path / variant, *VARIANTS[variant])
+    ref = reference(awq_quantize(path, group, zero_point))
+    model = load_model(path, torch.float32, torch.device("cpu"))
+    assert (model.cfg.awq_group, model.cfg.awq_zero_point) == (group, zero_point)
+    batch = prompts([40], seed=12)
+    want = ref(torch.tensor(batch)).logits[0, -1]
+    torch.testing.assert_close(prefill(model.weights, *packed(batch), sdpa_prefill)[0], want, rtol=0, atol=1e-4)
+    ours = generate(model, [GenerateRequest("awq", tuple(batch[0]), 16, ignore_eos=True)])[0]
+    assert_greedy(ours, batch[0], ref)
+
+
+def test_awq_weights_need_their_parts_and_the_layout_read(tmp_path):
+    path = make_checkpoint(tmp_path / "llama-awq", *VARIANTS["llama"])
+    awq_quantize(path, 32, True)
+    config = json.loads((path / "config.json").read_text())
+    awq_config = config["quantization_config"]
+    for quant, says in (({"bits": 8}, "4-bit weights .* not version 'gemm' with 8 bits"),
+                        ({"version": "gemv"}, "not version 'gemv'"), ({"group_size": 0}, "group_size must be")):
+        (path / "config.json").write_text(json.dumps(config | {"quantization_config": awq_config | quant}))
+        with pytest.raises(ModelConfigError, match=says):
+            load_model(path, torch.float32, torch.device("cpu"))
+    (path / "config.json").write_text(json.dumps(config | {"quantization_config": awq_config | {"group_size": 16}}))
+    with pytest.raises(CheckpointError, match=r"proj.q\w+ in .* has shape \(\d+, \d+\), expected .* groups of 16"):
+        load_model(path, torch.float32, torch.device("cpu"))
+    from safetensors.torch import load_file, save_file
+
+    (path / "config.json").write_text(json.dumps(config))
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.0.mlp.up_proj.qzeros"]
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="AWQ tensor .*up_proj.qweight in .* has no .*up_proj.qzeros beside it"):
+        load_model(path, torch.float32, torch.device("cpu"))
