@@ -10,10 +10,20 @@ from __future__ import annotations
 
 import torch
 
+from .model_config import IntQuant
+
 PARTS = ("qweight", "qzeros", "scales")  # what a quantized "x.weight" is stored as: "x.qweight", ...
 # nibble j of an int32 holds output column 8c + ORDER[j]: AutoAWQ's packing, which its GEMM kernel reads
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 _NIBBLE_OF_COLUMN = [ORDER.index(k) for k in range(8)]
+OPTIONAL: tuple[str, ...] = ()
+
+
+def part_shapes(out: int, inputs: int, quant: IntQuant) -> dict[str, tuple[int, ...]]:
+    """The stored shape of each part of a weight [out, inputs] (no qzeros without zero points)."""
+    groups = -(-inputs // quant.group)
+    shapes = {"qweight": (inputs, out // 8), "scales": (groups, out)}
+    return shapes | {"qzeros": (groups, out // 8)} if quant.zero_point else shapes
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
@@ -23,11 +33,11 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return nibbles[..., _NIBBLE_OF_COLUMN].reshape(packed.shape[0], -1)
 
 
-def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor | None, scales: torch.Tensor, group: int,
+def dequantize(qweight: torch.Tensor, parts: dict[str, torch.Tensor], quant: IntQuant,
                dtype: torch.dtype) -> torch.Tensor:
-    """qweight [I, O / 8], qzeros [I / G, O / 8] or None, scales [I / G, O] -> the weight [O, I] of dtype,
-    computed in float32."""
+    """qweight [I, O / 8], parts' qzeros [I / G, O / 8] (with zero points) and scales [I / G, O] -> the
+    weight [O, I] of dtype, computed in float32."""
     q = unpack(qweight).float()  # [I, O]
-    rows = q.shape[0]
-    zeros = unpack(qzeros).float().repeat_interleave(group, 0)[:rows] if qzeros is not None else 8.0
-    return ((q - zeros) * scales.float().repeat_interleave(group, 0)[:rows]).T.contiguous().to(dtype)
+    rows, group = q.shape[0], quant.group
+    zeros = unpack(parts["qzeros"]).float().repeat_interleave(group, 0)[:rows] if quant.zero_point else 8.0
+    return ((q - zeros) * parts["scales"].float().repeat_interleave(group, 0)[:rows]).T.contiguous().to(dtype)

@@ -22,9 +22,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from . import awq, fp8
+from . import awq, fp8, gptq
 from .families import checkpoint_shapes, family_of
-from .model_config import ModelConfig
+from .model_config import IntQuant, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ _BUFFER = re.compile(r"h\.\d+\.attn\.(masked_)?bias|layers\.\d+\.self_attn\.rota
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # MXFP4's packed values and scales (gpt-oss's experts): read as stored, uint8, for the family to dequantize
 PACKED = ("_blocks", "_scales")
+INT_FORMATS = {"awq": awq, "gptq": gptq}  # the checkpoints of integer weights, by quant_method
 FP8_DTYPE = "F8_E4M3"  # safetensors' name of the float8 that FP8 checkpoints store (common/fp8.py)
 
 
@@ -53,8 +54,8 @@ class CheckpointError(ValueError):
 class _Source:
     path: Path
     key: str  # the name as stored in the file
-    # a quantized weight's other tensors by role: an FP8 weight's "scale" (common/fp8.py), an AWQ
-    # weight's "qzeros" and "scales" (common/awq.py; the source itself is its "qweight")
+    # a quantized weight's other tensors by role: an FP8 weight's "scale" (common/fp8.py), an AWQ or
+    # GPTQ weight's "qzeros", "scales", "g_idx" (common/awq.py, gptq.py; the source is its "qweight")
     parts: tuple[tuple[str, _Source], ...] = ()
 
 
@@ -171,8 +172,8 @@ def _open(path: Path) -> Iterator:
 
 def _dequantize(t: torch.Tensor, parts: dict[str, torch.Tensor], config: ModelConfig,
                 dtype: torch.dtype) -> torch.Tensor:
-    if config.awq_group:
-        return awq.dequantize(t, parts.get("qzeros"), parts["scales"], config.awq_group, dtype)
+    if config.int_quant is not None:
+        return INT_FORMATS[config.int_quant.method].dequantize(t, parts, config.int_quant, dtype)
     return fp8.dequantize(t, parts["scale"], config.fp8_block, dtype)
 
 
@@ -180,7 +181,7 @@ def _plan(files: list[Path], shapes: dict[str, tuple[int, ...]], config: ModelCo
     """Find each expected tensor in the file headers and check its shape and dtype, under the
     family's prefix or one of several (a multimodal checkpoint's text model, as transformers 4 and 5
     name it). In an FP8 checkpoint a weight stored as FP8 takes the scales stored beside it; in an
-    AWQ checkpoint a weight stored as its qweight takes its scales and zero points.
+    AWQ or GPTQ checkpoint a weight stored as its qweight takes its scales and zero points.
 
     The files themselves are searched rather than trusting the index's weight_map,
     so a stale index can only cause a clear error, never a silently wrong tensor.
@@ -197,8 +198,8 @@ def _plan(files: list[Path], shapes: dict[str, tuple[int, ...]], config: ModelCo
                 part = _part_of(name, shapes, config)
                 if part is not None:
                     weight, role = part
-                    if config.awq_group:
-                        _check_awq(f.get_slice(key), key, path, role, shapes[weight], config.awq_group)
+                    if config.int_quant is not None:
+                        _check_int_part(f.get_slice(key), key, path, role, shapes[weight], config.int_quant)
                     if role != "qweight":
                         parts.setdefault(weight, {})[role] = _Source(path, key)
                         continue
@@ -215,17 +216,25 @@ def _plan(files: list[Path], shapes: dict[str, tuple[int, ...]], config: ModelCo
                     if stored == FP8_DTYPE:
                         quantized.add(name)
                 sources[name] = _Source(path, key)
-    needed = (("scales", "qzeros") if config.awq_zero_point else ("scales",)) if config.awq_group else ("scale",)
     for name in quantized:
         src, have = sources[name], parts.get(name, {})
-        missing = [role for role in needed if role not in have]
+        missing = [role for role in _needed(config, shapes[name]) if role not in have]
         if missing:
-            beside = ", ".join(f"{src.key.removesuffix('.qweight')}.{role}" if config.awq_group
-                               else f"{src.key}{fp8.SCALE_SUFFIX}" for role in missing)
-            raise CheckpointError(f"{'AWQ' if config.awq_group else 'FP8'} tensor {src.key} in {src.path} has no "
-                                  f"{beside} beside it")
+            beside = ", ".join(f"{src.key}{fp8.SCALE_SUFFIX}" if role == "scale"
+                               else f"{src.key.removesuffix('.qweight')}.{role}" for role in missing)
+            what = config.int_quant.method.upper() if config.int_quant is not None else "FP8"
+            raise CheckpointError(f"{what} tensor {src.key} in {src.path} has no {beside} beside it")
         sources[name] = replace(src, parts=tuple(sorted(have.items())))
     return sources
+
+
+def _needed(config: ModelConfig, weight: tuple[int, ...]) -> list[str]:
+    """The parts a quantized weight cannot do without."""
+    quant = config.int_quant
+    if quant is None:
+        return ["scale"]
+    fmt = INT_FORMATS[quant.method]
+    return [role for role in fmt.part_shapes(*weight, quant) if role != "qweight" and role not in fmt.OPTIONAL]
 
 
 def _part_of(name: str, shapes: dict[str, tuple[int, ...]], config: ModelConfig) -> tuple[str, str] | None:
@@ -233,27 +242,27 @@ def _part_of(name: str, shapes: dict[str, tuple[int, ...]], config: ModelConfig)
     if config.fp8 and name.endswith(fp8.SCALE_SUFFIX) and name.removesuffix(fp8.SCALE_SUFFIX) in shapes:
         return name.removesuffix(fp8.SCALE_SUFFIX), "scale"
     base, _, role = name.rpartition(".")
-    if config.awq_group and role in awq.PARTS and f"{base}.weight" in shapes:
+    if config.int_quant is not None and role in INT_FORMATS[config.int_quant.method].PARTS \
+            and f"{base}.weight" in shapes:
         return f"{base}.weight", role
     return None
 
 
-def _check_awq(tensor_slice, key: str, path: Path, role: str, weight: tuple[int, ...], group: int) -> None:
-    """An AWQ tensor of the weight [O, I]: qweight int32 [I, O / 8], qzeros int32 [I / G, O / 8],
-    scales floating [I / G, O]."""
-    if len(weight) != 2 or weight[0] % 8:
-        raise CheckpointError(f"tensor {key} in {path}: an AWQ weight must be [O, I] with O a multiple of 8, "
-                              f"the config gives {weight}")
-    out, inputs = weight
-    groups = -(-inputs // group)
-    expected = {"qweight": (inputs, out // 8), "qzeros": (groups, out // 8), "scales": (groups, out)}[role]
+def _check_int_part(tensor_slice, key: str, path: Path, role: str, weight: tuple[int, ...], quant: IntQuant) -> None:
+    """A part of an AWQ or GPTQ weight [O, I]: its shape (the format's part_shapes), int32 but for
+    the scales, which are floating point."""
+    fmt, per_word = INT_FORMATS[quant.method], 32 // quant.bits
+    if len(weight) != 2 or weight[0] % per_word or (quant.method == "gptq" and weight[1] % per_word):
+        raise CheckpointError(f"tensor {key} in {path}: {quant.method.upper()} packs {per_word} values an int32, which "
+                              f"the weight of {weight} from config.json does not divide into")
+    expected = fmt.part_shapes(*weight, quant).get(role)
     shape, stored = tuple(tensor_slice.get_shape()), tensor_slice.get_dtype()
     if shape != expected:
-        raise CheckpointError(f"tensor {key} in {path} has shape {shape}, expected {expected} for an AWQ {role} of a "
-                              f"{out} x {inputs} weight in groups of {group}")
+        raise CheckpointError(f"tensor {key} in {path} has shape {shape}, expected {expected} for the {role} of a "
+                              f"{quant.method.upper()} weight of {weight} in groups of {quant.group or weight[1]}")
     if not (stored.startswith(("F", "BF")) if role == "scales" else stored == "I32"):
-        raise CheckpointError(f"tensor {key} in {path} has dtype {stored}: AWQ's qweight and qzeros are I32, its "
-                              "scales floating point")
+        raise CheckpointError(f"tensor {key} in {path} has dtype {stored}: {quant.method.upper()}'s {role} is "
+                              f"{'floating point' if role == 'scales' else 'I32'}")
 
 
 def _read(src: _Source) -> torch.Tensor:

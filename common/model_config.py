@@ -30,6 +30,18 @@ ACTIVATIONS = {
 
 
 @dataclass(frozen=True)
+class IntQuant:
+    """How an AWQ or GPTQ checkpoint stores its projections' weights: integers of `bits` in groups of
+    `group` input columns, each group with a scale and a zero point."""
+
+    method: Literal["awq", "gptq"]
+    bits: int
+    group: int  # 0: one group of all the input columns (GPTQ's group_size -1)
+    zero_point: bool = True  # AWQ: each group has a zero point (else its values are centred on 8)
+    zeros_minus_one: bool = True  # GPTQ: its zeros stored one less (AutoGPTQ's format, not gptq_v2)
+
+
+@dataclass(frozen=True)
 class Rope:
     """Rotary position embeddings: the frequencies of one scaling (`rope_type`) and its parameters,
     as transformers' ROPE_INIT_FUNCTIONS compute them (common/blocks.py rope_tables)."""
@@ -177,9 +189,8 @@ class ModelConfig:
     # an FP8 checkpoint's scale blocks [rows, columns] (common/fp8.py); None with one scale a weight
     fp8_block: tuple[int, int] | None = None
     fp8: bool = False  # its weights stored as FP8 are dequantized at load
-    # an AWQ checkpoint's groups of input columns (common/awq.py); 0: not AWQ
-    awq_group: int = 0
-    awq_zero_point: bool = True  # each group has a zero point (else its values are centred on 8)
+    # an AWQ or GPTQ checkpoint's integer weights, dequantized at load (common/awq.py, common/gptq.py)
+    int_quant: IntQuant | None = None
 
     @property
     def q_dim(self) -> int:
@@ -244,10 +255,10 @@ def model_config_from_dict(raw: dict, generation: dict | None = None) -> ModelCo
     family = family_of(raw.get("model_type"))
     quant = raw.get("quantization_config") or {}
     method = quant.get("quant_method", "?") if quant else None
-    if method is not None and method not in ("fp8", "awq") and method not in getattr(family, "QUANTIZED", ()):
-        # the family's own (gpt-oss's MXFP4 experts), or FP8 and AWQ for every family
+    if method is not None and method not in ("fp8", "awq", "gptq") and method not in getattr(family, "QUANTIZED", ()):
+        # the family's own (gpt-oss's MXFP4 experts), or FP8, AWQ and GPTQ for every family
         raise ModelConfigError(f"quantized checkpoints ({method}) are not supported for {raw.get('model_type')!r}: "
-                               "serve the unquantized weights (fp32, fp16 or bf16), an FP8 or an AWQ checkpoint")
+                               "serve the unquantized weights (fp32, fp16 or bf16), an FP8, AWQ or GPTQ checkpoint")
     if method == "fp8" and quant.get("activation_scheme", "dynamic") != "dynamic":
         raise ModelConfigError(f"FP8 checkpoints with {quant['activation_scheme']!r} activation scales are not "
                                "supported: only dynamic ones (the weights are dequantized at load)")
@@ -260,7 +271,8 @@ def model_config_from_dict(raw: dict, generation: dict | None = None) -> ModelCo
     # the family's own (a multimodal checkpoint's text model's) where config.json's top level names none
     eos = eos_ids(raw.get("eos_token_id"), (generation or {}).get("eos_token_id"), list(cfg.eos_token_ids))
     bos = raw["bos_token_id"] if raw.get("bos_token_id") is not None else cfg.bos_token_id
-    quantized = _fp8(quant) if method == "fp8" else _awq(quant) if method == "awq" else {}
+    quantized = _fp8(quant) if method == "fp8" else {"int_quant": _int_quant(quant)} if method in ("awq", "gptq") \
+        else {}
     return replace(cfg, eos_token_ids=eos, bos_token_id=bos, **quantized)
 
 
@@ -272,14 +284,24 @@ def _fp8(quant: dict) -> dict:
     return {"fp8": True, "fp8_block": None if block is None else tuple(block)}
 
 
-def _awq(quant: dict) -> dict:
-    version, bits, group = str(quant.get("version", "gemm")).lower(), quant.get("bits"), quant.get("group_size")
-    if version != "gemm" or bits != 4:
-        raise ModelConfigError(f"AWQ checkpoints are read in AutoAWQ's GEMM layout of 4-bit weights (version gemm, "
-                               f"bits 4), not version {version!r} with {bits!r} bits")
-    if not (isinstance(group, int) and group > 0):
+def _int_quant(quant: dict) -> IntQuant:
+    method, bits, group = quant["quant_method"], quant.get("bits"), quant.get("group_size")
+    if method == "awq":
+        version = str(quant.get("version", "gemm")).lower()
+        if version != "gemm" or bits != 4:
+            raise ModelConfigError(f"AWQ checkpoints are read in AutoAWQ's GEMM layout of 4-bit weights (version "
+                                   f"gemm, bits 4), not version {version!r} with {bits!r} bits")
+    elif bits not in (4, 8):
+        raise ModelConfigError(f"GPTQ checkpoints are read with 4-bit or 8-bit weights, not {bits!r} bits")
+    if method == "gptq" and group == -1:
+        group = 0
+    elif not (isinstance(group, int) and group > 0):
         raise ModelConfigError(f"quantization_config's group_size must be a positive integer, got {group!r}")
-    return {"awq_group": group, "awq_zero_point": bool(quant.get("zero_point", True))}
+    fmt = str(quant.get("checkpoint_format", "gptq")).lower()
+    if method == "gptq" and fmt not in ("gptq", "gptq_v2"):
+        raise ModelConfigError(f"GPTQ checkpoints are read in the gptq or gptq_v2 format, not {fmt!r}")
+    return IntQuant(method, bits, group, zero_point=bool(quant.get("zero_point", True)),
+                    zeros_minus_one=fmt == "gptq")
 
 
 def load_model_config(model_dir: str | Path) -> ModelConfig:

@@ -22,7 +22,7 @@ from splitserve.common import fp8
 from splitserve.common.checkpoint import CheckpointError
 from splitserve.common.loading import load_model
 from splitserve.common.model import prefill
-from splitserve.common.model_config import ModelConfigError, load_model_config, model_config_from_dict
+from splitserve.common.model_config import IntQuant, ModelConfigError, load_model_config, model_config_from_dict
 from splitserve.common.params import SamplingParams
 from splitserve.common.request import GenerateRequest
 from splitserve.common.tokenizer import write_tokenizer_files
@@ -639,8 +639,13 @@ def test_eos_ids_are_config_and_generation_config_together(tmp_path):
     ({"model_type": "stablelm", "use_parallel_residual": True}, "StableLM with parallel residuals"),
     ({"model_type": "gemma3_text", "use_bidirectional_attention": True}, "Gemma 3 with bidirectional attention"),
     ({"model_type": "mistral3", "text_config": {"model_type": "llama"}}, "Mistral 3 with a 'llama' text model"),
-    ({"quantization_config": {"quant_method": "gptq"}}, "quantized checkpoints \\(gptq\\)"),
-    ({"model_type": "gpt_oss", "quantization_config": {"quant_method": "gptq"}}, "quantized checkpoints \\(gptq\\)"),
+    ({"quantization_config": {"quant_method": "bitsandbytes"}}, "quantized checkpoints \\(bitsandbytes\\)"),
+    ({"model_type": "gpt_oss", "quantization_config": {"quant_method": "bitsandbytes"}},
+     "quantized checkpoints \\(bitsandbytes\\)"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 3, "group_size": 128}}, "4-bit or 8-bit weights, not 3"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "marlin"}},
+     "gptq or gptq_v2 format, not 'marlin'"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 0}}, "group_size must be a positive"),
     ({"model_type": "gpt_oss", "quantization_config": {"quant_method": "mxfp4"}, "intermediate_size": 48},
      "MXFP4 experts need hidden_size \\(64\\) and their width \\(48\\) in multiples of 32"),
     ({"num_key_value_heads": 3}, "8 attention heads are not divisible by 3 key/value heads"),
@@ -788,7 +793,7 @@ def test_an_awq_checkpoint_loads_to_the_logits_of_its_dequantized_weights(tmp_pa
     path = make_checkpoint(tmp_path / variant, *VARIANTS[variant])
     ref = reference(awq_quantize(path, group, zero_point))
     model = load_model(path, torch.float32, torch.device("cpu"))
-    assert (model.cfg.awq_group, model.cfg.awq_zero_point) == (group, zero_point)
+    assert model.cfg.int_quant == IntQuant("awq", 4, group, zero_point)
     batch = prompts([40], seed=12)
     want = ref(torch.tensor(batch)).logits[0, -1]
     torch.testing.assert_close(prefill(model.weights, *packed(batch), sdpa_prefill)[0], want, rtol=0, atol=1e-4)
@@ -817,3 +822,81 @@ def test_awq_weights_need_their_parts_and_the_layout_read(tmp_path):
     save_file(tensors, path / "model.safetensors")
     with pytest.raises(CheckpointError, match="AWQ tensor .*up_proj.qweight in .* has no .*up_proj.qzeros beside it"):
         load_model(path, torch.float32, torch.device("cpu"))
+
+
+def gptq_pack(q: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Values in 0..2^bits - 1 -> int32, 32 / bits values each along `dim` (0: rows, 1: columns), the
+    first in the lowest bits: as AutoGPTQ's QuantLinear.pack writes qweight (along the input rows)
+    and qzeros (along the output columns)."""
+    per = 32 // bits
+    shifts = bits * torch.arange(per, dtype=torch.int64)
+    if dim == 0:
+        packed = (q.reshape(-1, per, q.shape[1]).to(torch.int64) << shifts.view(1, per, 1)).sum(1)
+    else:
+        packed = (q.reshape(q.shape[0], -1, per).to(torch.int64) << shifts).sum(-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def gptq_quantize(path: Path, bits: int, group: int, act_order: bool, v2: bool) -> Path:
+    """Rewrite a checkpoint as Qwen's GPTQ releases are laid out: every projection's weight as
+    `bits`-bit integers with a scale and a zero point per group of `group` input rows (-1: one group;
+    `act_order`: the rows of a group scattered, as desc_act leaves them, named by g_idx), stored as
+    qweight, qzeros (one less than the zero, but in GPTQModel's `v2` format), scales and g_idx.
+    -> a dense checkpoint of the weights those integers stand for, (q - z) * s, beside it."""
+    from safetensors.torch import load_file, save_file
+
+    dense_dir = shutil.copytree(path, path.parent / f"{path.name}-dense")
+    gen, top = torch.Generator().manual_seed(7), 2**bits - 1
+    out, dense = {}, {}
+    for key, w in load_file(path / "model.safetensors").items():
+        if not key.endswith("proj.weight"):
+            out[key] = dense[key] = w
+            continue
+        wt = w.T  # [I, O]
+        inputs = wt.shape[0]
+        size = group if group > 0 else inputs
+        order = torch.randperm(inputs, generator=gen) if act_order else torch.arange(inputs)
+        g_idx = (order // size).to(torch.int32)  # row i is in group g_idx[i]
+        groups = -(-inputs // size)
+        lo = torch.stack([wt[g_idx == g].amin(0) for g in range(groups)]).clamp(max=0)  # [groups, O]
+        hi = torch.stack([wt[g_idx == g].amax(0) for g in range(groups)]).clamp(min=0)
+        scale = (hi - lo).clamp(min=1e-5) / top
+        # AutoGPTQ's format cannot store a zero of 0 (one less is -1, which its packing spills into the
+        # next values): its zeros are 1 at least, as a symmetric checkpoint's (2^(bits - 1)) are
+        zero = (-lo / scale).round().clamp(0 if v2 else 1, top)
+        rows = g_idx.long()
+        q = ((wt / scale[rows]).round() + zero[rows]).clamp(0, top)
+        dense[key] = ((q - zero[rows]) * scale[rows]).T.contiguous()
+        base = key.removesuffix(".weight")
+        out[f"{base}.qweight"] = gptq_pack(q, bits, 0)  # [I * bits / 32, O]
+        out[f"{base}.qzeros"] = gptq_pack(zero - (0 if v2 else 1), bits, 1)  # [groups, O * bits / 32]
+        out[f"{base}.scales"] = scale
+        out[f"{base}.g_idx"] = g_idx
+    save_file(out, path / "model.safetensors", metadata={"format": "pt"})
+    save_file(dense, dense_dir / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": act_order,
+                                     "sym": False, "checkpoint_format": "gptq_v2" if v2 else "gptq"}
+    (path / "config.json").write_text(json.dumps(config))
+    return dense_dir
+
+
+@pytest.mark.parametrize("variant, bits, group, act_order, v2", [
+    ("qwen2-bias-tied-window", 4, 32, True, False), ("llama", 8, -1, False, True),
+    ("qwen3moe-norm-top", 4, 16, False, False)])
+@torch.inference_mode()
+def test_a_gptq_checkpoint_loads_to_the_logits_of_its_dequantized_weights(tmp_path, variant, bits, group, act_order,
+                                                                         v2):
+    """GPTQ's 4-bit and 8-bit weights (AutoGPTQ's packing; groups of input rows in order or scattered
+    by act-order's g_idx, or one group; zeros stored one less, or as they are in gptq_v2) are
+    dequantized at load to the weights they stand for: logits within 1e-4 of transformers' on
+    those, greedy tokens equal."""
+    path = make_checkpoint(tmp_path / variant, *VARIANTS[variant])
+    ref = reference(gptq_quantize(path, bits, group, act_order, v2))
+    model = load_model(path, torch.float32, torch.device("cpu"))
+    assert model.cfg.int_quant == IntQuant("gptq", bits, max(group, 0), zeros_minus_one=not v2)
+    batch = prompts([40], seed=13)
+    want = ref(torch.tensor(batch)).logits[0, -1]
+    torch.testing.assert_close(prefill(model.weights, *packed(batch), sdpa_prefill)[0], want, rtol=0, atol=1e-4)
+    ours = generate(model, [GenerateRequest("gptq", tuple(batch[0]), 16, ignore_eos=True)])[0]
+    assert_greedy(ours, batch[0], ref)

@@ -1,0 +1,48 @@
+"""GPTQ checkpoints as AutoGPTQ and GPTQModel write them and Qwen releases them
+(Qwen2.5-Coder-*-Instruct-GPTQ-Int4 and -Int8): `quantization_config` quant_method "gptq", 4-bit or
+8-bit weights in groups of `group_size` input columns (-1: one group), each group with a scale and a
+zero point. A linear layer's weight [O, I] is stored as `qweight` int32 [I * bits / 32, O] (32 / bits
+values an int32, along the input rows, the first in the lowest bits), `qzeros` int32
+[I / G, O * bits / 32] (along the output columns), `scales` [I / G, O] and `g_idx` int32 [I], each
+input row's group (act-order checkpoints, `desc_act`, put rows in other groups than row // G).
+AutoGPTQ's format ("gptq") stores each zero one less than it is; GPTQModel's "gptq_v2" as it is.
+Loading dequantizes into the serving dtype: (q - z) * s, row by row with its group's."""
+
+from __future__ import annotations
+
+import torch
+
+from .model_config import IntQuant
+
+PARTS = ("qweight", "qzeros", "scales", "g_idx")  # what a quantized "x.weight" is stored as: "x.qweight", ...
+OPTIONAL = ("g_idx",)  # without it, row i is in group i // G
+
+
+def part_shapes(out: int, inputs: int, quant: IntQuant) -> dict[str, tuple[int, ...]]:
+    """The stored shape of each part of a weight [out, inputs]."""
+    per_word, groups = 32 // quant.bits, -(-inputs // quant.group) if quant.group else 1
+    return {"qweight": (inputs // per_word, out), "qzeros": (groups, out // per_word), "scales": (groups, out),
+            "g_idx": (inputs,)}
+
+
+def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """int32 with 32 / bits values each along `dim` (0: rows, 1: columns), the first in the lowest
+    bits -> those values, unsigned, along that dimension in order."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+    values = (packed.unsqueeze(dim + 1) >> shifts.view((-1, 1) if dim == 0 else (1, 1, -1))) & ((1 << bits) - 1)
+    return values.flatten(dim, dim + 1)  # [R, per, C] or [R, C, per] -> that dimension times per
+
+
+def dequantize(qweight: torch.Tensor, parts: dict[str, torch.Tensor], quant: IntQuant,
+               dtype: torch.dtype) -> torch.Tensor:
+    """qweight [I * bits / 32, O] and parts' qzeros, scales and (where stored) g_idx -> the weight
+    [O, I] of dtype, computed in float32."""
+    q = unpack(qweight, quant.bits, 0).float()  # [I, O]
+    inputs = q.shape[0]
+    zeros = unpack(parts["qzeros"], quant.bits, 1).float() + float(quant.zeros_minus_one)  # [groups, O]
+    if "g_idx" in parts:
+        rows = parts["g_idx"].long()
+    else:
+        rows = torch.arange(inputs, device=q.device) // quant.group if quant.group else torch.zeros(
+            inputs, dtype=torch.long, device=q.device)
+    return ((q - zeros[rows]) * parts["scales"].float()[rows]).T.contiguous().to(dtype)
