@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .model_config import IntQuant
+from .model_config import WeightQuant
 
 PARTS = ("qweight", "qzeros", "scales")  # what a quantized "x.weight" is stored as: "x.qweight", ...
 # nibble j of an int32 holds output column 8c + ORDER[j]: AutoAWQ's packing, which its GEMM kernel reads
@@ -19,7 +19,7 @@ _NIBBLE_OF_COLUMN = [ORDER.index(k) for k in range(8)]
 OPTIONAL: tuple[str, ...] = ()
 
 
-def part_shapes(out: int, inputs: int, quant: IntQuant) -> dict[str, tuple[int, ...]]:
+def part_shapes(out: int, inputs: int, quant: WeightQuant) -> dict[str, tuple[int, ...]]:
     """The stored shape of each part of a weight [out, inputs] (no qzeros without zero points)."""
     groups = -(-inputs // quant.group)
     shapes = {"qweight": (inputs, out // 8), "scales": (groups, out)}
@@ -33,7 +33,7 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return nibbles[..., _NIBBLE_OF_COLUMN].reshape(packed.shape[0], -1)
 
 
-def dequantize(qweight: torch.Tensor, parts: dict[str, torch.Tensor], quant: IntQuant,
+def dequantize(qweight: torch.Tensor, parts: dict[str, torch.Tensor], quant: WeightQuant,
                dtype: torch.dtype) -> torch.Tensor:
     """qweight [I, O / 8], parts' qzeros [I / G, O / 8] (with zero points) and scales [I / G, O] -> the
     weight [O, I] of dtype, computed in float32."""
@@ -41,3 +41,8 @@ def dequantize(qweight: torch.Tensor, parts: dict[str, torch.Tensor], quant: Int
     rows, group = q.shape[0], quant.group
     zeros = unpack(parts["qzeros"]).float().repeat_interleave(group, 0)[:rows] if quant.zero_point else 8.0
     return ((q - zeros) * parts["scales"].float().repeat_interleave(group, 0)[:rows]).T.contiguous().to(dtype)
+
+
+def main(quant: WeightQuant) -> str:
+    """The part stored in the weight's place."""
+    return "qweight"

@@ -22,9 +22,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from . import awq, fp8, gptq
+from . import awq, compressed, fp8, gptq
 from .families import checkpoint_shapes, family_of
-from .model_config import IntQuant, ModelConfig
+from .model_config import ModelConfig, WeightQuant
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ _BUFFER = re.compile(r"h\.\d+\.attn\.(masked_)?bias|layers\.\d+\.self_attn\.rota
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # MXFP4's packed values and scales (gpt-oss's experts): read as stored, uint8, for the family to dequantize
 PACKED = ("_blocks", "_scales")
-INT_FORMATS = {"awq": awq, "gptq": gptq}  # the checkpoints of integer weights, by quant_method
+QUANT_FORMATS = {"awq": awq, "gptq": gptq, "compressed-tensors": compressed}  # by quant_method
 FP8_DTYPE = "F8_E4M3"  # safetensors' name of the float8 that FP8 checkpoints store (common/fp8.py)
 
 
@@ -54,8 +54,9 @@ class CheckpointError(ValueError):
 class _Source:
     path: Path
     key: str  # the name as stored in the file
-    # a quantized weight's other tensors by role: an FP8 weight's "scale" (common/fp8.py), an AWQ or
-    # GPTQ weight's "qzeros", "scales", "g_idx" (common/awq.py, gptq.py; the source is its "qweight")
+    # a quantized weight's other tensors by role: an FP8 weight's "scale" (common/fp8.py), an AWQ,
+    # GPTQ or compressed-tensors weight's (its format's PARTS: the source itself is its MAIN one, or
+    # the weight stored as int8 or float8)
     parts: tuple[tuple[str, _Source], ...] = ()
 
 
@@ -172,8 +173,8 @@ def _open(path: Path) -> Iterator:
 
 def _dequantize(t: torch.Tensor, parts: dict[str, torch.Tensor], config: ModelConfig,
                 dtype: torch.dtype) -> torch.Tensor:
-    if config.int_quant is not None:
-        return INT_FORMATS[config.int_quant.method].dequantize(t, parts, config.int_quant, dtype)
+    if config.weight_quant is not None:
+        return QUANT_FORMATS[config.weight_quant.method].dequantize(t, parts, config.weight_quant, dtype)
     return fp8.dequantize(t, parts["scale"], config.fp8_block, dtype)
 
 
@@ -198,9 +199,9 @@ def _plan(files: list[Path], shapes: dict[str, tuple[int, ...]], config: ModelCo
                 part = _part_of(name, shapes, config)
                 if part is not None:
                     weight, role = part
-                    if config.int_quant is not None:
-                        _check_int_part(f.get_slice(key), key, path, role, shapes[weight], config.int_quant)
-                    if role != "qweight":
+                    if config.weight_quant is not None:
+                        _check_quant_part(f.get_slice(key), key, path, role, shapes[weight], config.weight_quant)
+                    if role != _main_part(config):
                         parts.setdefault(weight, {})[role] = _Source(path, key)
                         continue
                     name = weight
@@ -212,8 +213,8 @@ def _plan(files: list[Path], shapes: dict[str, tuple[int, ...]], config: ModelCo
                     raise CheckpointError(f"tensor {name} is stored twice: as {sources[name].key} and {key} in {path}")
                 if part is None:
                     stored = _check_tensor(f.get_slice(key), key, path, shapes[name], packed=name.endswith(PACKED),
-                                           fp8_checkpoint=config.fp8)
-                    if stored == FP8_DTYPE:
+                                           quantized=_stored_quantized(config))
+                    if stored in _stored_quantized(config):
                         quantized.add(name)
                 sources[name] = _Source(path, key)
     for name in quantized:
@@ -221,8 +222,8 @@ def _plan(files: list[Path], shapes: dict[str, tuple[int, ...]], config: ModelCo
         missing = [role for role in _needed(config, shapes[name]) if role not in have]
         if missing:
             beside = ", ".join(f"{src.key}{fp8.SCALE_SUFFIX}" if role == "scale"
-                               else f"{src.key.removesuffix('.qweight')}.{role}" for role in missing)
-            what = config.int_quant.method.upper() if config.int_quant is not None else "FP8"
+                               else f"{src.key.rpartition('.')[0]}.{role}" for role in missing)
+            what = config.weight_quant.method.upper() if config.weight_quant is not None else "FP8"
             raise CheckpointError(f"{what} tensor {src.key} in {src.path} has no {beside} beside it")
         sources[name] = replace(src, parts=tuple(sorted(have.items())))
     return sources
@@ -230,11 +231,26 @@ def _plan(files: list[Path], shapes: dict[str, tuple[int, ...]], config: ModelCo
 
 def _needed(config: ModelConfig, weight: tuple[int, ...]) -> list[str]:
     """The parts a quantized weight cannot do without."""
-    quant = config.int_quant
+    quant = config.weight_quant
     if quant is None:
         return ["scale"]
-    fmt = INT_FORMATS[quant.method]
-    return [role for role in fmt.part_shapes(*weight, quant) if role != "qweight" and role not in fmt.OPTIONAL]
+    fmt = QUANT_FORMATS[quant.method]
+    return [role for role in fmt.part_shapes(*weight, quant) if role != _main_part(config) and role not in fmt.OPTIONAL]
+
+
+def _main_part(config: ModelConfig) -> str | None:
+    """The part of a quantized weight stored in its place (AWQ's qweight, ...); None for FP8's."""
+    quant = config.weight_quant
+    return QUANT_FORMATS[quant.method].main(quant) if quant is not None else None
+
+
+def _stored_quantized(config: ModelConfig) -> tuple[str, ...]:
+    """The dtypes of weights stored quantized in place, scaled by their parts: FP8's float8,
+    compressed-tensors' int8 (int-quantized) or float8 (float-quantized)."""
+    quant = config.weight_quant
+    if config.fp8 or (quant is not None and quant.method == "compressed-tensors" and not quant.packed):
+        return (FP8_DTYPE,) if config.fp8 or quant.floats else ("I8",)
+    return ()
 
 
 def _part_of(name: str, shapes: dict[str, tuple[int, ...]], config: ModelConfig) -> tuple[str, str] | None:
@@ -242,27 +258,31 @@ def _part_of(name: str, shapes: dict[str, tuple[int, ...]], config: ModelConfig)
     if config.fp8 and name.endswith(fp8.SCALE_SUFFIX) and name.removesuffix(fp8.SCALE_SUFFIX) in shapes:
         return name.removesuffix(fp8.SCALE_SUFFIX), "scale"
     base, _, role = name.rpartition(".")
-    if config.int_quant is not None and role in INT_FORMATS[config.int_quant.method].PARTS \
+    if config.weight_quant is not None and role in QUANT_FORMATS[config.weight_quant.method].PARTS \
             and f"{base}.weight" in shapes:
         return f"{base}.weight", role
     return None
 
 
-def _check_int_part(tensor_slice, key: str, path: Path, role: str, weight: tuple[int, ...], quant: IntQuant) -> None:
-    """A part of an AWQ or GPTQ weight [O, I]: its shape (the format's part_shapes), int32 but for
-    the scales, which are floating point."""
-    fmt, per_word = INT_FORMATS[quant.method], 32 // quant.bits
-    if len(weight) != 2 or weight[0] % per_word or (quant.method == "gptq" and weight[1] % per_word):
-        raise CheckpointError(f"tensor {key} in {path}: {quant.method.upper()} packs {per_word} values an int32, which "
-                              f"the weight of {weight} from config.json does not divide into")
+def _check_quant_part(tensor_slice, key: str, path: Path, role: str, weight: tuple[int, ...],
+                      quant: WeightQuant) -> None:
+    """A part of an AWQ, GPTQ or compressed-tensors weight [O, I]: its shape (the format's
+    part_shapes; one value where one is expected), integers but for the scales, floating point."""
+    fmt, per_word, name = QUANT_FORMATS[quant.method], 32 // quant.bits, quant.method.upper()
+    divides = len(weight) == 2 and (quant.method == "compressed-tensors" or (
+        weight[0] % per_word == 0 and (quant.method == "awq" or weight[1] % per_word == 0)))
+    if not divides:
+        raise CheckpointError(f"tensor {key} in {path}: {name} packs {per_word} values an int32, which the weight of "
+                              f"{weight} from config.json does not divide into")
     expected = fmt.part_shapes(*weight, quant).get(role)
     shape, stored = tuple(tensor_slice.get_shape()), tensor_slice.get_dtype()
-    if shape != expected:
-        raise CheckpointError(f"tensor {key} in {path} has shape {shape}, expected {expected} for the {role} of a "
-                              f"{quant.method.upper()} weight of {weight} in groups of {quant.group or weight[1]}")
-    if not (stored.startswith(("F", "BF")) if role == "scales" else stored == "I32"):
-        raise CheckpointError(f"tensor {key} in {path} has dtype {stored}: {quant.method.upper()}'s {role} is "
-                              f"{'floating point' if role == 'scales' else 'I32'}")
+    if shape != expected and not (expected == (1,) and shape == ()):
+        raise CheckpointError(f"tensor {key} in {path} has shape {shape}, expected {expected} for the {role} of the "
+                              f"{name} weight of {weight} (config.json's quantization_config)")
+    floating = role.endswith(("scales", "scale"))
+    if not (stored.startswith(("F", "BF")) if floating else stored.startswith(("I", "U"))):
+        raise CheckpointError(f"tensor {key} in {path} has dtype {stored}: {name}'s {role} is "
+                              f"{'floating point' if floating else 'integers'}")
 
 
 def _read(src: _Source) -> torch.Tensor:
@@ -277,7 +297,7 @@ def _note_ignored(name: str, key: str, path: Path) -> None:
 
 
 def _check_tensor(tensor_slice, key: str, path: Path, expected: tuple[int, ...], packed: bool,
-                  fp8_checkpoint: bool = False) -> str:
+                  quantized: tuple[str, ...] = ()) -> str:
     """The tensor's stored dtype, once its shape and dtype are checked."""
     shape = tuple(tensor_slice.get_shape())
     if shape != expected:
@@ -286,9 +306,12 @@ def _check_tensor(tensor_slice, key: str, path: Path, expected: tuple[int, ...],
     if packed:
         if stored != "U8":
             raise CheckpointError(f"tensor {key} in {path} has dtype {stored}; MXFP4 blocks and scales are U8")
-    elif stored.startswith("F8") and not (stored == FP8_DTYPE and fp8_checkpoint):
+    elif stored in quantized:  # scaled by its parts (_stored_quantized)
+        return stored
+    elif stored.startswith("F8"):
         raise CheckpointError(f"tensor {key} in {path} has dtype {stored}; FP8 weights are read as {FP8_DTYPE} of a "
-                              "checkpoint whose config.json says so (quant_method fp8)")
+                              "checkpoint whose config.json says so (quant_method fp8, or compressed-tensors' "
+                              "float-quantized)")
     elif not (stored.startswith("F") or stored == "BF16"):
         raise CheckpointError(f"tensor {key} in {path} has dtype {stored}; weights must be floating point")
     return stored

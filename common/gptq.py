@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from .model_config import IntQuant
+from .model_config import WeightQuant
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")  # what a quantized "x.weight" is stored as: "x.qweight", ...
 OPTIONAL = ("g_idx",)  # without it, row i is in group i // G
 
 
-def part_shapes(out: int, inputs: int, quant: IntQuant) -> dict[str, tuple[int, ...]]:
+def part_shapes(out: int, inputs: int, quant: WeightQuant) -> dict[str, tuple[int, ...]]:
     """The stored shape of each part of a weight [out, inputs]."""
     per_word, groups = 32 // quant.bits, -(-inputs // quant.group) if quant.group else 1
     return {"qweight": (inputs // per_word, out), "qzeros": (groups, out // per_word), "scales": (groups, out),
@@ -33,7 +33,7 @@ def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return values.flatten(dim, dim + 1)  # [R, per, C] or [R, C, per] -> that dimension times per
 
 
-def dequantize(qweight: torch.Tensor, parts: dict[str, torch.Tensor], quant: IntQuant,
+def dequantize(qweight: torch.Tensor, parts: dict[str, torch.Tensor], quant: WeightQuant,
                dtype: torch.dtype) -> torch.Tensor:
     """qweight [I * bits / 32, O] and parts' qzeros, scales and (where stored) g_idx -> the weight
     [O, I] of dtype, computed in float32."""
@@ -46,3 +46,8 @@ def dequantize(qweight: torch.Tensor, parts: dict[str, torch.Tensor], quant: Int
         rows = torch.arange(inputs, device=q.device) // quant.group if quant.group else torch.zeros(
             inputs, dtype=torch.long, device=q.device)
     return ((q - zeros[rows]) * parts["scales"].float()[rows]).T.contiguous().to(dtype)
+
+
+def main(quant: WeightQuant) -> str:
+    """The part stored in the weight's place."""
+    return "qweight"

@@ -30,15 +30,23 @@ ACTIVATIONS = {
 
 
 @dataclass(frozen=True)
-class IntQuant:
-    """How an AWQ or GPTQ checkpoint stores its projections' weights: integers of `bits` in groups of
-    `group` input columns, each group with a scale and a zero point."""
+class WeightQuant:
+    """How an AWQ, GPTQ or compressed-tensors checkpoint stores its projections' weights: values of
+    `bits` (integers, or compressed-tensors' float8) with scales (in groups of `group` input columns,
+    or per `strategy`) and, where `zero_point`, zero points."""
 
-    method: Literal["awq", "gptq"]
+    method: Literal["awq", "gptq", "compressed-tensors"]
     bits: int
-    group: int  # 0: one group of all the input columns (GPTQ's group_size -1)
-    zero_point: bool = True  # AWQ: each group has a zero point (else its values are centred on 8)
+    group: int  # 0: one group of all the input columns (GPTQ's group_size -1), or no groups
+    zero_point: bool = True  # AWQ, compressed-tensors: zero points stored (else centred: symmetric)
     zeros_minus_one: bool = True  # GPTQ: its zeros stored one less (AutoGPTQ's format, not gptq_v2)
+    # compressed-tensors: the scales' layout, "tensor" (one), "channel" (one an output row), "group"
+    # or "block" ([rows, columns] blocks: `block`); its values packed into int32s ("pack-quantized"),
+    # or the weight itself int8 ("int-quantized") or float8 e4m3 ("float-quantized", `floats`)
+    strategy: str = "group"
+    block: tuple[int, int] | None = None
+    packed: bool = True
+    floats: bool = False
 
 
 @dataclass(frozen=True)
@@ -190,7 +198,7 @@ class ModelConfig:
     fp8_block: tuple[int, int] | None = None
     fp8: bool = False  # its weights stored as FP8 are dequantized at load
     # an AWQ or GPTQ checkpoint's integer weights, dequantized at load (common/awq.py, common/gptq.py)
-    int_quant: IntQuant | None = None
+    weight_quant: WeightQuant | None = None
 
     @property
     def q_dim(self) -> int:
@@ -255,10 +263,11 @@ def model_config_from_dict(raw: dict, generation: dict | None = None) -> ModelCo
     family = family_of(raw.get("model_type"))
     quant = raw.get("quantization_config") or {}
     method = quant.get("quant_method", "?") if quant else None
-    if method is not None and method not in ("fp8", "awq", "gptq") and method not in getattr(family, "QUANTIZED", ()):
-        # the family's own (gpt-oss's MXFP4 experts), or FP8, AWQ and GPTQ for every family
+    if method is not None and method not in ("fp8", *WEIGHT_QUANT) and method not in getattr(family, "QUANTIZED", ()):
+        # the family's own (gpt-oss's MXFP4 experts), or FP8, AWQ, GPTQ and compressed-tensors for every family
         raise ModelConfigError(f"quantized checkpoints ({method}) are not supported for {raw.get('model_type')!r}: "
-                               "serve the unquantized weights (fp32, fp16 or bf16), an FP8, AWQ or GPTQ checkpoint")
+                               "serve the unquantized weights (fp32, fp16 or bf16), or an FP8, AWQ, GPTQ or "
+                               "compressed-tensors checkpoint")
     if method == "fp8" and quant.get("activation_scheme", "dynamic") != "dynamic":
         raise ModelConfigError(f"FP8 checkpoints with {quant['activation_scheme']!r} activation scales are not "
                                "supported: only dynamic ones (the weights are dequantized at load)")
@@ -271,8 +280,8 @@ def model_config_from_dict(raw: dict, generation: dict | None = None) -> ModelCo
     # the family's own (a multimodal checkpoint's text model's) where config.json's top level names none
     eos = eos_ids(raw.get("eos_token_id"), (generation or {}).get("eos_token_id"), list(cfg.eos_token_ids))
     bos = raw["bos_token_id"] if raw.get("bos_token_id") is not None else cfg.bos_token_id
-    quantized = _fp8(quant) if method == "fp8" else {"int_quant": _int_quant(quant)} if method in ("awq", "gptq") \
-        else {}
+    quantized = _fp8(quant) if method == "fp8" else {"weight_quant": WEIGHT_QUANT[method](quant)} \
+        if method in WEIGHT_QUANT else {}
     return replace(cfg, eos_token_ids=eos, bos_token_id=bos, **quantized)
 
 
@@ -284,7 +293,7 @@ def _fp8(quant: dict) -> dict:
     return {"fp8": True, "fp8_block": None if block is None else tuple(block)}
 
 
-def _int_quant(quant: dict) -> IntQuant:
+def _packed_ints(quant: dict) -> WeightQuant:
     method, bits, group = quant["quant_method"], quant.get("bits"), quant.get("group_size")
     if method == "awq":
         version = str(quant.get("version", "gemm")).lower()
@@ -300,8 +309,54 @@ def _int_quant(quant: dict) -> IntQuant:
     fmt = str(quant.get("checkpoint_format", "gptq")).lower()
     if method == "gptq" and fmt not in ("gptq", "gptq_v2"):
         raise ModelConfigError(f"GPTQ checkpoints are read in the gptq or gptq_v2 format, not {fmt!r}")
-    return IntQuant(method, bits, group, zero_point=bool(quant.get("zero_point", True)),
+    return WeightQuant(method, bits, group, zero_point=bool(quant.get("zero_point", True)),
                     zeros_minus_one=fmt == "gptq")
+
+
+# compressed-tensors' formats and their weights' types and sizes (its docs: "W4A16", "W8A8", "FP8")
+_COMPRESSED = {"pack-quantized": ("int", (4, 8)), "int-quantized": ("int", (8,)), "float-quantized": ("float", (8,))}
+
+
+def _compressed_tensors(quant: dict) -> WeightQuant:
+    """compressed-tensors' config (llm-compressor's checkpoints, RedHatAI's W4A16, W8A8 and FP8-dynamic
+    releases): one weight quantization for every group of targets; activations dynamic or none."""
+    status = quant.get("quantization_status", "compressed")
+    if status != "compressed":
+        raise ModelConfigError(f"compressed-tensors checkpoints are read compressed, not {status!r}")
+    groups = list((quant.get("config_groups") or {}).values())
+    weights = [g.get("weights") for g in groups]
+    formats = {g.get("format") or quant.get("format") for g in groups}
+    if not weights or None in weights or any(w != weights[0] for w in weights) or len(formats) != 1:
+        raise ModelConfigError("compressed-tensors checkpoints are read with one weight quantization and format for "
+                               "every group of their config_groups")
+    for g in groups:
+        for kind in ("input_activations", "output_activations"):
+            if g.get(kind) and not g[kind].get("dynamic"):
+                raise ModelConfigError(f"compressed-tensors checkpoints with static {kind} are not supported: only "
+                                       "dynamic ones or none (the weights are dequantized at load)")
+    (fmt,), w = formats, weights[0]
+    kind, bits, strategy = w.get("type", "int"), w.get("num_bits"), w.get("strategy")
+    if fmt not in _COMPRESSED or _COMPRESSED[fmt][0] != kind or bits not in _COMPRESSED[fmt][1]:
+        raise ModelConfigError(f"compressed-tensors checkpoints are read as pack-quantized 4- or 8-bit integers, "
+                               f"int-quantized int8 or float-quantized float8, not {fmt!r} {bits!r}-bit {kind!r}")
+    if strategy not in ("tensor", "channel", "group", "block") or (strategy == "block" and kind != "float"):
+        raise ModelConfigError(f"compressed-tensors weights are read with tensor, channel or group scales (and "
+                               f"float8 with block ones), not {strategy!r}")
+    if w.get("actorder") == "group":
+        raise ModelConfigError("compressed-tensors weights in act-order groups (actorder: group) are not supported")
+    group, block = w.get("group_size") or 0, w.get("block_structure")
+    if strategy == "group" and not (isinstance(group, int) and group > 0):
+        raise ModelConfigError(f"quantization_config's group_size must be a positive integer, got {group!r}")
+    if strategy == "block" and not (isinstance(block, list) and len(block) == 2
+                                    and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ModelConfigError(f"quantization_config's block_structure must be two positive integers, got {block!r}")
+    return WeightQuant("compressed-tensors", bits, group if strategy == "group" else 0,
+                       zero_point=not w.get("symmetric", True), strategy=strategy,
+                       block=tuple(block) if strategy == "block" else None, packed=fmt == "pack-quantized",
+                       floats=kind == "float")
+
+
+WEIGHT_QUANT = {"awq": _packed_ints, "gptq": _packed_ints, "compressed-tensors": _compressed_tensors}
 
 
 def load_model_config(model_dir: str | Path) -> ModelConfig:

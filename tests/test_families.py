@@ -22,7 +22,7 @@ from splitserve.common import fp8
 from splitserve.common.checkpoint import CheckpointError
 from splitserve.common.loading import load_model
 from splitserve.common.model import prefill
-from splitserve.common.model_config import IntQuant, ModelConfigError, load_model_config, model_config_from_dict
+from splitserve.common.model_config import WeightQuant, ModelConfigError, load_model_config, model_config_from_dict
 from splitserve.common.params import SamplingParams
 from splitserve.common.request import GenerateRequest
 from splitserve.common.tokenizer import write_tokenizer_files
@@ -646,6 +646,21 @@ def test_eos_ids_are_config_and_generation_config_together(tmp_path):
     ({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "marlin"}},
      "gptq or gptq_v2 format, not 'marlin'"),
     ({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 0}}, "group_size must be a positive"),
+    ({"quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {
+        "g": {"weights": {"num_bits": 4, "strategy": "group", "group_size": 32},
+              "input_activations": {"num_bits": 8}}}}},
+     "static input_activations are not supported"),
+    ({"quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {
+        "g": {"weights": {"num_bits": 4, "strategy": "group", "group_size": 32, "actorder": "group"}}}}},
+     "act-order groups"),
+    ({"quantization_config": {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "config_groups": {
+        "g": {"weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16}}}}},
+     "not 'nvfp4-pack-quantized' 4-bit 'float'"),
+    ({"quantization_config": {"quant_method": "compressed-tensors", "format": "int-quantized", "config_groups": {
+        "g": {"weights": {"num_bits": 8, "strategy": "block", "block_structure": [128, 128]}}}}}, "not 'block'"),
+    ({"quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {
+        "a": {"weights": {"num_bits": 4, "strategy": "group", "group_size": 32}},
+        "b": {"weights": {"num_bits": 8, "strategy": "channel"}}}}}, "one weight quantization and format for every"),
     ({"model_type": "gpt_oss", "quantization_config": {"quant_method": "mxfp4"}, "intermediate_size": 48},
      "MXFP4 experts need hidden_size \\(64\\) and their width \\(48\\) in multiples of 32"),
     ({"num_key_value_heads": 3}, "8 attention heads are not divisible by 3 key/value heads"),
@@ -793,7 +808,7 @@ def test_an_awq_checkpoint_loads_to_the_logits_of_its_dequantized_weights(tmp_pa
     path = make_checkpoint(tmp_path / variant, *VARIANTS[variant])
     ref = reference(awq_quantize(path, group, zero_point))
     model = load_model(path, torch.float32, torch.device("cpu"))
-    assert model.cfg.int_quant == IntQuant("awq", 4, group, zero_point)
+    assert model.cfg.weight_quant == WeightQuant("awq", 4, group, zero_point)
     batch = prompts([40], seed=12)
     want = ref(torch.tensor(batch)).logits[0, -1]
     torch.testing.assert_close(prefill(model.weights, *packed(batch), sdpa_prefill)[0], want, rtol=0, atol=1e-4)
@@ -812,7 +827,7 @@ def test_awq_weights_need_their_parts_and_the_layout_read(tmp_path):
         with pytest.raises(ModelConfigError, match=says):
             load_model(path, torch.float32, torch.device("cpu"))
     (path / "config.json").write_text(json.dumps(config | {"quantization_config": awq_config | {"group_size": 16}}))
-    with pytest.raises(CheckpointError, match=r"proj.q\w+ in .* has shape \(\d+, \d+\), expected .* groups of 16"):
+    with pytest.raises(CheckpointError, match=r"proj.q\w+ in .* has shape \(\d+, \d+\), expected .* of the AWQ weight"):
         load_model(path, torch.float32, torch.device("cpu"))
     from safetensors.torch import load_file, save_file
 
@@ -894,9 +909,94 @@ def test_a_gptq_checkpoint_loads_to_the_logits_of_its_dequantized_weights(tmp_pa
     path = make_checkpoint(tmp_path / variant, *VARIANTS[variant])
     ref = reference(gptq_quantize(path, bits, group, act_order, v2))
     model = load_model(path, torch.float32, torch.device("cpu"))
-    assert model.cfg.int_quant == IntQuant("gptq", bits, max(group, 0), zeros_minus_one=not v2)
+    assert model.cfg.weight_quant == WeightQuant("gptq", bits, max(group, 0), zeros_minus_one=not v2)
     batch = prompts([40], seed=13)
     want = ref(torch.tensor(batch)).logits[0, -1]
     torch.testing.assert_close(prefill(model.weights, *packed(batch), sdpa_prefill)[0], want, rtol=0, atol=1e-4)
     ours = generate(model, [GenerateRequest("gptq", tuple(batch[0]), 16, ignore_eos=True)])[0]
+    assert_greedy(ours, batch[0], ref)
+
+
+def observed(w: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight's min and max per scale of `args`' strategy, as compressed-tensors' observers give them."""
+    if args.strategy == "tensor":
+        return w.min().reshape(1), w.max().reshape(1)
+    if args.strategy == "channel":
+        return w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    if args.strategy == "group":
+        groups = w.reshape(w.shape[0], -1, args.group_size)
+        return groups.amin(-1), groups.amax(-1)
+    rows, cols = args.block_structure
+    blocks = w.reshape(w.shape[0] // rows, rows, w.shape[1] // cols, cols)
+    return blocks.amin((1, 3)), blocks.amax((1, 3))
+
+
+def compressed_tensors_quantize(path: Path, fmt: str, weights: dict, activations: dict | None) -> Path:
+    """Rewrite a checkpoint as llm-compressor writes one in compressed-tensors' `fmt` (RedHatAI's W4A16,
+    W8A8 and FP8-dynamic releases): every projection quantized by compressed-tensors itself with the
+    `weights` arguments, its scales and zero points from the weight's own min and max; embeddings,
+    norms, biases and routers as they were. -> a dense checkpoint beside it of the weights
+    compressed-tensors decompresses."""
+    from compressed_tensors.compressors.base import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from safetensors.torch import load_file, save_file
+
+    dense_dir = shutil.copytree(path, path.parent / f"{path.name}-dense")
+    args = QuantizationArgs(**weights)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, format=fmt)
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    kept = set(compressor.compression_param_names(scheme)) | {"weight"}
+    out, dense = {}, {}
+    for key, w in load_file(path / "model.safetensors").items():
+        if not key.endswith("proj.weight"):
+            out[key] = dense[key] = w
+            continue
+        scale, zero = calculate_qparams(*observed(w, args), args)
+        stored = compressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zero}, scheme)
+        base = key.removesuffix(".weight")
+        out |= {f"{base}.{name}": t for name, t in stored.items() if name in kept}
+        dense[key] = compressor.decompress(dict(stored), scheme)["weight"]
+    save_file(out, path / "model.safetensors", metadata={"format": "pt"})
+    save_file(dense, dense_dir / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": args.model_dump(mode="json"),
+                                      "input_activations": activations, "output_activations": None, "format": fmt}}}
+    (path / "config.json").write_text(json.dumps(config))
+    return dense_dir
+
+
+DYNAMIC = {"int": {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True, "symmetric": True},
+           "float": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True, "symmetric": True}}
+
+
+@pytest.mark.parametrize("variant, fmt, weights, activations", [
+    ("qwen2-bias-tied-window", "pack-quantized", dict(num_bits=4, strategy="group", group_size=32), None),
+    ("qwen3moe-norm-top", "pack-quantized", dict(num_bits=4, strategy="group", group_size=16, symmetric=False), None),
+    ("llama", "pack-quantized", dict(num_bits=8, strategy="channel", symmetric=False), None),
+    ("llama", "int-quantized", dict(num_bits=8, strategy="channel"), DYNAMIC["int"]),
+    ("qwen2-bias-tied-window", "float-quantized", dict(num_bits=8, type="float", strategy="channel"), DYNAMIC["float"]),
+    ("llama", "float-quantized", dict(num_bits=8, type="float", strategy="block", block_structure=[16, 32]),
+     DYNAMIC["float"]),
+    ("llama", "float-quantized", dict(num_bits=8, type="float", strategy="tensor"), None),
+], ids=["w4a16", "w4a16-asym-experts", "w8a16-asym", "w8a8", "fp8-dynamic", "fp8-block", "fp8-tensor"])
+@torch.inference_mode()
+def test_a_compressed_tensors_checkpoint_loads_to_the_logits_of_its_dequantized_weights(tmp_path, variant, fmt, weights,
+                                                                                      activations):
+    """compressed-tensors' formats (packed integers, int8 and float8 weights; tensor, channel, group
+    and block scales; with zero points or symmetric) are dequantized at load as compressed-tensors
+    decompresses them: logits within 1e-4 of transformers' on those weights, greedy tokens equal.
+    Activations stay unquantized."""
+    path = make_checkpoint(tmp_path / variant, *VARIANTS[variant])
+    ref = reference(compressed_tensors_quantize(path, fmt, weights, activations))
+    model = load_model(path, torch.float32, torch.device("cpu"))
+    quant = model.cfg.weight_quant
+    assert (quant.method, quant.packed, quant.floats, quant.strategy) == (
+        "compressed-tensors", fmt == "pack-quantized", fmt == "float-quantized", weights["strategy"])
+    batch = prompts([40], seed=14)
+    want = ref(torch.tensor(batch)).logits[0, -1]
+    torch.testing.assert_close(prefill(model.weights, *packed(batch), sdpa_prefill)[0], want, rtol=0, atol=1e-4)
+    ours = generate(model, [GenerateRequest("ct", tuple(batch[0]), 16, ignore_eos=True)])[0]
     assert_greedy(ours, batch[0], ref)
