@@ -16,7 +16,6 @@ PARTS = ("qweight", "qzeros", "scales")  # what a quantized "x.weight" is stored
 # nibble j of an int32 holds output column 8c + ORDER[j]: AutoAWQ's packing, which its GEMM kernel reads
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 _NIBBLE_OF_COLUMN = [ORDER.index(k) for k in range(8)]
-OPTIONAL: tuple[str, ...] = ()
 
 
 def part_shapes(out: int, inputs: int, quant: WeightQuant) -> dict[str, tuple[int, ...]]:
@@ -41,6 +40,11 @@ def dequantize(qweight: torch.Tensor, parts: dict[str, torch.Tensor], quant: Wei
     rows, group = q.shape[0], quant.group
     zeros = unpack(parts["qzeros"]).float().repeat_interleave(group, 0)[:rows] if quant.zero_point else 8.0
     return ((q - zeros) * parts["scales"].float().repeat_interleave(group, 0)[:rows]).T.contiguous().to(dtype)
+
+
+def optional(quant: WeightQuant) -> tuple[str, ...]:
+    """The parts a weight may lack."""
+    return ()
 
 
 def main(quant: WeightQuant) -> str:

@@ -55,8 +55,8 @@ class _Source:
     path: Path
     key: str  # the name as stored in the file
     # a quantized weight's other tensors by role: an FP8 weight's "scale" (common/fp8.py), an AWQ,
-    # GPTQ or compressed-tensors weight's (its format's PARTS: the source itself is its MAIN one, or
-    # the weight stored as int8 or float8)
+    # GPTQ or compressed-tensors weight's (its format's PARTS; the source itself is the part its
+    # format's `main` names, or the weight stored as int8 or float8)
     parts: tuple[tuple[str, _Source], ...] = ()
 
 
@@ -235,7 +235,8 @@ def _needed(config: ModelConfig, weight: tuple[int, ...]) -> list[str]:
     if quant is None:
         return ["scale"]
     fmt = QUANT_FORMATS[quant.method]
-    return [role for role in fmt.part_shapes(*weight, quant) if role != _main_part(config) and role not in fmt.OPTIONAL]
+    optional = fmt.optional(quant)
+    return [role for role in fmt.part_shapes(*weight, quant) if role != _main_part(config) and role not in optional]
 
 
 def _main_part(config: ModelConfig) -> str | None:

@@ -17,7 +17,6 @@ import torch
 from .model_config import WeightQuant
 
 PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")  # beside "x.weight", or for it
-OPTIONAL: tuple[str, ...] = ()
 
 
 def _scale_shape(out: int, inputs: int, quant: WeightQuant) -> tuple[int, ...]:
@@ -37,9 +36,8 @@ def part_shapes(out: int, inputs: int, quant: WeightQuant) -> dict[str, tuple[in
     shapes = {"weight_scale": scale}
     if quant.packed:
         shapes |= {"weight_packed": (out, -(-inputs * quant.bits // 32)), "weight_shape": (2,)}
-    if quant.zero_point:
-        packed_rows = quant.packed and quant.strategy in ("channel", "group")
-        shapes["weight_zero_point"] = (-(-out * quant.bits // 32), scale[1]) if packed_rows else scale
+    packed_rows = quant.packed and quant.strategy in ("channel", "group")
+    shapes["weight_zero_point"] = (-(-out * quant.bits // 32), scale[1]) if packed_rows else scale
     return shapes
 
 
@@ -77,6 +75,11 @@ def dequantize(stored: torch.Tensor, parts: dict[str, torch.Tensor], quant: Weig
             zero = unpack(zero.T.contiguous(), quant.bits, out).T
         w = w - _expand(zero.float(), out, inputs, quant)
     return (w * _expand(parts["weight_scale"].float(), out, inputs, quant)).to(dtype)
+
+
+def optional(quant: WeightQuant) -> tuple[str, ...]:
+    """The parts a weight may lack: a symmetric one's zero points (older checkpoints store zeros)."""
+    return () if quant.zero_point else ("weight_zero_point",)
 
 
 def main(quant: WeightQuant) -> str:

@@ -15,7 +15,6 @@ import torch
 from .model_config import WeightQuant
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")  # what a quantized "x.weight" is stored as: "x.qweight", ...
-OPTIONAL = ("g_idx",)  # without it, row i is in group i // G
 
 
 def part_shapes(out: int, inputs: int, quant: WeightQuant) -> dict[str, tuple[int, ...]]:
@@ -46,6 +45,11 @@ def dequantize(qweight: torch.Tensor, parts: dict[str, torch.Tensor], quant: Wei
         rows = torch.arange(inputs, device=q.device) // quant.group if quant.group else torch.zeros(
             inputs, dtype=torch.long, device=q.device)
     return ((q - zeros[rows]) * parts["scales"].float()[rows]).T.contiguous().to(dtype)
+
+
+def optional(quant: WeightQuant) -> tuple[str, ...]:
+    """The parts a weight may lack: g_idx (without it, row i is in group i // G)."""
+    return ("g_idx",)
 
 
 def main(quant: WeightQuant) -> str:

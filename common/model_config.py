@@ -197,7 +197,8 @@ class ModelConfig:
     # an FP8 checkpoint's scale blocks [rows, columns] (common/fp8.py); None with one scale a weight
     fp8_block: tuple[int, int] | None = None
     fp8: bool = False  # its weights stored as FP8 are dequantized at load
-    # an AWQ or GPTQ checkpoint's integer weights, dequantized at load (common/awq.py, common/gptq.py)
+    # an AWQ, GPTQ or compressed-tensors checkpoint's weights, dequantized at load (common/awq.py,
+    # gptq.py, compressed.py)
     weight_quant: WeightQuant | None = None
 
     @property
@@ -310,7 +311,7 @@ def _packed_ints(quant: dict) -> WeightQuant:
     if method == "gptq" and fmt not in ("gptq", "gptq_v2"):
         raise ModelConfigError(f"GPTQ checkpoints are read in the gptq or gptq_v2 format, not {fmt!r}")
     return WeightQuant(method, bits, group, zero_point=bool(quant.get("zero_point", True)),
-                    zeros_minus_one=fmt == "gptq")
+                       zeros_minus_one=fmt == "gptq")
 
 
 # compressed-tensors' formats and their weights' types and sizes (its docs: "W4A16", "W8A8", "FP8")

