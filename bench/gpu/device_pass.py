@@ -63,6 +63,7 @@ CORRECTNESS = (
     "tests/test_cuda.py",
     "tests/test_kv_transport.py::test_cuda_ipc_handoff_between_processes",
     "tests/test_kv_release.py",
+    "tests/test_cuda_quantized.py",
 )
 # Imported by the stages (tests included) beyond PyTorch and transformers: the setup stage names
 # any missing, before a later stage fails on it.
