@@ -410,6 +410,30 @@ def test_a_longrope_prompt_past_its_pretraining_length_turns_all_long_as_transfo
     assert generate(model, [resumed])[0] == answer[20:]
 
 
+def assert_loads_to(path: Path, ref, seed: int) -> None:
+    """The quantized checkpoint at `path` answers as `ref` (transformers on the weights a reference
+    dequantized): prefill logits within 1e-4, greedy tokens equal."""
+    model = load_model(path, torch.float32, torch.device("cpu"))
+    batch = prompts([40], seed=seed)
+    want = ref(torch.tensor(batch)).logits[0, -1]
+    torch.testing.assert_close(prefill(model.weights, *packed(batch), sdpa_prefill)[0], want, rtol=0, atol=1e-4)
+    ours = generate(model, [GenerateRequest("quantized", tuple(batch[0]), 16, ignore_eos=True)])[0]
+    assert_greedy(ours, batch[0], ref)
+
+
+def assert_refused_without(path: Path, config: dict, key: str, message: str) -> None:
+    """With `config` as config.json and the tensor `key` taken out of the checkpoint, loading fails
+    with `message`."""
+    from safetensors.torch import load_file, save_file
+
+    (path / "config.json").write_text(json.dumps(config))
+    tensors = load_file(path / "model.safetensors")
+    del tensors[key]
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=message):
+        load_model(path, torch.float32, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("variant, block", [("qwen3-qk-norm", [32, 32]), ("qwen3moe-norm-top", [16, 32]),
                                             ("llama", None)])
 @torch.inference_mode()
@@ -420,15 +444,11 @@ def test_an_fp8_checkpoint_loads_to_transformers_logits(tmp_path, variant, block
 
     path = make_checkpoint(tmp_path / variant, *VARIANTS[variant])
     fp8_quantize(path, block)
-    model = load_model(path, torch.float32, torch.device("cpu"))
-    assert model.cfg.fp8 and model.cfg.fp8_block == (None if block is None else tuple(block))
+    cfg = load_model_config(path)
+    assert cfg.fp8 and cfg.fp8_block == (None if block is None else tuple(block))
     ref = auto_model(VARIANTS[variant][0]).from_pretrained(
         path, dtype=torch.float32, quantization_config=FineGrainedFP8Config(dequantize=True, weight_block_size=block))
-    batch = prompts([40], seed=11)
-    want = ref(torch.tensor(batch)).logits[0, -1]
-    torch.testing.assert_close(prefill(model.weights, *packed(batch), sdpa_prefill)[0], want, rtol=0, atol=1e-4)
-    ours = generate(model, [GenerateRequest("fp8", tuple(batch[0]), 16, ignore_eos=True)])[0]
-    assert_greedy(ours, batch[0], ref)
+    assert_loads_to(path, ref, seed=11)
 
 
 def test_fp8_blocks_short_at_the_edges_dequantize_as_transformers_does():
@@ -457,14 +477,8 @@ def test_fp8_weights_need_their_scales_and_a_config_that_says_fp8(tmp_path):
     (path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "quantization_config"}))
     with pytest.raises(CheckpointError, match="FP8 weights are read as F8_E4M3 of a checkpoint whose config.json"):
         load_model(path, torch.float32, torch.device("cpu"))
-    from safetensors.torch import load_file, save_file
-
-    (path / "config.json").write_text(json.dumps(config))
-    tensors = load_file(path / "model.safetensors")
-    del tensors["model.layers.0.mlp.up_proj.weight_scale_inv"]
-    save_file(tensors, path / "model.safetensors")
-    with pytest.raises(CheckpointError, match="up_proj.weight in .* has no .*up_proj.weight_scale_inv beside it"):
-        load_model(path, torch.float32, torch.device("cpu"))
+    assert_refused_without(path, config, "model.layers.0.mlp.up_proj.weight_scale_inv",
+                           "up_proj.weight in .* has no .*up_proj.weight_scale_inv beside it")
 
 
 @torch.inference_mode()
@@ -718,13 +732,8 @@ def test_an_awq_checkpoint_loads_to_the_logits_of_its_dequantized_weights(tmp_pa
     greedy tokens equal."""
     path = make_checkpoint(tmp_path / variant, *VARIANTS[variant])
     ref = reference(awq_quantize(path, group, zero_point))
-    model = load_model(path, torch.float32, torch.device("cpu"))
-    assert model.cfg.weight_quant == WeightQuant("awq", 4, group, zero_point)
-    batch = prompts([40], seed=12)
-    want = ref(torch.tensor(batch)).logits[0, -1]
-    torch.testing.assert_close(prefill(model.weights, *packed(batch), sdpa_prefill)[0], want, rtol=0, atol=1e-4)
-    ours = generate(model, [GenerateRequest("awq", tuple(batch[0]), 16, ignore_eos=True)])[0]
-    assert_greedy(ours, batch[0], ref)
+    assert load_model_config(path).weight_quant == WeightQuant("awq", 4, group, zero_point)
+    assert_loads_to(path, ref, seed=12)
 
 
 def test_awq_weights_need_their_parts_and_the_layout_read(tmp_path):
@@ -740,14 +749,8 @@ def test_awq_weights_need_their_parts_and_the_layout_read(tmp_path):
     (path / "config.json").write_text(json.dumps(config | {"quantization_config": awq_config | {"group_size": 16}}))
     with pytest.raises(CheckpointError, match=r"proj.q\w+ in .* has shape \(\d+, \d+\), expected .* of the AWQ weight"):
         load_model(path, torch.float32, torch.device("cpu"))
-    from safetensors.torch import load_file, save_file
-
-    (path / "config.json").write_text(json.dumps(config))
-    tensors = load_file(path / "model.safetensors")
-    del tensors["model.layers.0.mlp.up_proj.qzeros"]
-    save_file(tensors, path / "model.safetensors")
-    with pytest.raises(CheckpointError, match="AWQ tensor .*up_proj.qweight in .* has no .*up_proj.qzeros beside it"):
-        load_model(path, torch.float32, torch.device("cpu"))
+    assert_refused_without(path, config, "model.layers.0.mlp.up_proj.qzeros",
+                           "AWQ tensor .*up_proj.qweight in .* has no .*up_proj.qzeros beside it")
 
 
 @pytest.mark.parametrize("variant, bits, group, act_order, v2", [
@@ -762,13 +765,8 @@ def test_a_gptq_checkpoint_loads_to_the_logits_of_its_dequantized_weights(tmp_pa
     those, greedy tokens equal."""
     path = make_checkpoint(tmp_path / variant, *VARIANTS[variant])
     ref = reference(gptq_quantize(path, bits, group, act_order, v2))
-    model = load_model(path, torch.float32, torch.device("cpu"))
-    assert model.cfg.weight_quant == WeightQuant("gptq", bits, max(group, 0), zeros_minus_one=not v2)
-    batch = prompts([40], seed=13)
-    want = ref(torch.tensor(batch)).logits[0, -1]
-    torch.testing.assert_close(prefill(model.weights, *packed(batch), sdpa_prefill)[0], want, rtol=0, atol=1e-4)
-    ours = generate(model, [GenerateRequest("gptq", tuple(batch[0]), 16, ignore_eos=True)])[0]
-    assert_greedy(ours, batch[0], ref)
+    assert load_model_config(path).weight_quant == WeightQuant("gptq", bits, max(group, 0), zeros_minus_one=not v2)
+    assert_loads_to(path, ref, seed=13)
 
 
 @pytest.mark.parametrize("variant, fmt, weights, activations", [
@@ -799,13 +797,8 @@ def test_a_compressed_tensors_checkpoint_loads_to_the_logits_of_its_dequantized_
 
         with safe_open(path / "model.safetensors", "pt") as f:
             assert any(k.endswith("weight_zero_point") for k in f.keys())
-    model = load_model(path, torch.float32, torch.device("cpu"))
-    quant = model.cfg.weight_quant
+    quant = load_model_config(path).weight_quant
     assert (quant.method, quant.packed, quant.floats, quant.strategy) == (
         "compressed-tensors", fmt == "pack-quantized", fmt == "float-quantized", weights["strategy"])
-    batch = prompts([40], seed=14)
-    want = ref(torch.tensor(batch)).logits[0, -1]
-    torch.testing.assert_close(prefill(model.weights, *packed(batch), sdpa_prefill)[0], want, rtol=0, atol=1e-4)
-    ours = generate(model, [GenerateRequest("ct", tuple(batch[0]), 16, ignore_eos=True)])[0]
-    assert_greedy(ours, batch[0], ref)
+    assert_loads_to(path, ref, seed=14)
 
