@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sys
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from . import awq, compressed, fp8, gptq
 from .families import checkpoint_shapes, family_of
+from .memory import available_bytes
 from .model_config import ModelConfig, WeightQuant
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,10 @@ def load_weights(
     shapes = checkpoint_shapes(config)
     sources = _plan(files, shapes, config)
     _check_complete(Path(model_dir), shapes, sources)
+    device = torch.device(device)
+    # only a GPU: on the host a checkpoint in the serving dtype is mapped from the page cache, not copied
+    if device.type == "cuda":
+        check_fits(config, dtype, str(device), available_bytes(device))
 
     if progress is None:
         progress = sum(p.stat().st_size for p in files) > AUTO_PROGRESS_BYTES
@@ -98,6 +104,20 @@ def load_weights(
                     weights[name] = t.to(device=device, dtype=None if name.endswith(PACKED) else dtype)
                     bar.update()
     return {name: weights[name] for name in shapes}
+
+
+def check_fits(config: ModelConfig, dtype: torch.dtype, device: str, free: int) -> None:
+    """Refuse, before a byte is read, weights that `free` bytes of `device` cannot hold: their size in
+    the serving dtype (a quantized checkpoint's dequantized), not an out-of-memory error minutes into
+    the load."""
+    need = sum(math.prod(shape) * (1 if name.endswith(PACKED) else dtype.itemsize)
+               for name, shape in checkpoint_shapes(config).items())
+    if need > free:
+        quant = "FP8" if config.fp8 else config.weight_quant.method if config.weight_quant else ""
+        why = f" (this {quant} checkpoint's weights are dequantized at load)" if quant else ""
+        raise CheckpointError(f"the weights take {need / 2**30:.1f} GiB as {str(dtype).removeprefix('torch.')}{why}, "
+                              f"more than the {free / 2**30:.1f} GiB free on {device}: serve them on a GPU with "
+                              "more memory, in a smaller dtype, or serve a smaller model")
 
 
 def save_weights(weights: dict[str, torch.Tensor], model_dir: str | Path, prefix: str,

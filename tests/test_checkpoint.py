@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
-from splitserve.common.checkpoint import CheckpointError, load_weights, save_weights
-from splitserve.common.model_config import load_model_config
+from splitserve.common.checkpoint import CheckpointError, check_fits, load_weights, save_weights
+from splitserve.common.model_config import WeightQuant, load_model_config
 
 torch.set_num_threads(1)
 
@@ -206,3 +206,19 @@ def test_garbage_file(tmp_path):
     saved(tiny_model(), tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 5)
     expect_error(tmp_path, "model.safetensors", "corrupt or truncated")
+
+
+def test_weights_a_gpu_cannot_hold_are_refused_before_the_load(tiny_dir):
+    """On a GPU the load first weighs the weights in the serving dtype (a quantized checkpoint's
+    dequantized) against the free memory: a clear error, not an out-of-memory error minutes in."""
+    from dataclasses import replace
+
+    cfg = load_model_config(tiny_dir)
+    size = sum(p.numel() for p in load_weights(tiny_dir, cfg, torch.float32).values())
+    check_fits(cfg, torch.bfloat16, "cuda:0", free=2 * size)
+    with pytest.raises(CheckpointError, match=rf"take {2 * size / 2**30:.1f} GiB as bfloat16, more than the "
+                                              r"0\.0 GiB free on cuda:1: serve them on a GPU with more memory"):
+        check_fits(cfg, torch.bfloat16, "cuda:1", free=2 * size - 1)
+    awq = replace(cfg, weight_quant=WeightQuant("awq", 4, 128))
+    with pytest.raises(CheckpointError, match=r"as float16 \(this awq checkpoint's weights are dequantized at load\)"):
+        check_fits(awq, torch.float16, "cuda:0", free=1)
