@@ -106,14 +106,24 @@ def load_weights(
     return {name: weights[name] for name in shapes}
 
 
+def weights_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
+    """The weights' size in the serving dtype (MXFP4's packed experts as stored: a lower bound)."""
+    return sum(math.prod(shape) * (1 if name.endswith(PACKED) else dtype.itemsize)
+               for name, shape in checkpoint_shapes(config).items())
+
+
+def quantization(config: ModelConfig) -> str:
+    """The quantized format the checkpoint stores its weights in ("FP8", "awq", ...), or ""."""
+    return "FP8" if config.fp8 else config.weight_quant.method if config.weight_quant else ""
+
+
 def check_fits(config: ModelConfig, dtype: torch.dtype, device: str, free: int) -> None:
     """Refuse, before a byte is read, weights that `free` bytes of `device` cannot hold: their size in
     the serving dtype (a quantized checkpoint's dequantized), not an out-of-memory error minutes into
     the load."""
-    need = sum(math.prod(shape) * (1 if name.endswith(PACKED) else dtype.itemsize)
-               for name, shape in checkpoint_shapes(config).items())
+    need = weights_bytes(config, dtype)
     if need > free:
-        quant = "FP8" if config.fp8 else config.weight_quant.method if config.weight_quant else ""
+        quant = quantization(config)
         why = f" (this {quant} checkpoint's weights are dequantized at load)" if quant else ""
         raise CheckpointError(f"the weights take {need / 2**30:.1f} GiB as {str(dtype).removeprefix('torch.')}{why}, "
                               f"more than the {free / 2**30:.1f} GiB free on {device}: serve them on a GPU with "

@@ -2,6 +2,7 @@
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
-from splitserve.common.checkpoint import CheckpointError, check_fits, load_weights, save_weights
+from splitserve.common.checkpoint import CheckpointError, check_fits, load_weights, quantization, save_weights
 from splitserve.common.model_config import WeightQuant, load_model_config
 
 torch.set_num_threads(1)
@@ -211,8 +212,6 @@ def test_garbage_file(tmp_path):
 def test_weights_a_gpu_cannot_hold_are_refused_before_the_load(tiny_dir):
     """On a GPU the load first weighs the weights in the serving dtype (a quantized checkpoint's
     dequantized) against the free memory: a clear error, not an out-of-memory error minutes in."""
-    from dataclasses import replace
-
     cfg = load_model_config(tiny_dir)
     size = sum(p.numel() for p in load_weights(tiny_dir, cfg, torch.float32).values())
     check_fits(cfg, torch.bfloat16, "cuda:0", free=2 * size)
@@ -222,3 +221,19 @@ def test_weights_a_gpu_cannot_hold_are_refused_before_the_load(tiny_dir):
     awq = replace(cfg, weight_quant=WeightQuant("awq", 4, 128))
     with pytest.raises(CheckpointError, match=r"as float16 \(this awq checkpoint's weights are dequantized at load\)"):
         check_fits(awq, torch.float16, "cuda:0", free=1)
+
+
+def test_a_process_says_what_it_loaded_and_its_size(tiny_dir, caplog):
+    """Each process that loads a model logs what, how (a quantized format dequantized), where, how
+    long it took and the weights' size: what an operator sizes a GPU by."""
+    from conftest import TEST_THREADS
+    from splitserve.common.config import ModelOptions
+    from splitserve.runtime_setup import open_model
+
+    with caplog.at_level(logging.INFO, "splitserve.runtime_setup"):
+        open_model(ModelOptions(str(tiny_dir), "float32", "cpu", TEST_THREADS, tiny_dir.parent, None))
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "splitserve.runtime_setup"]
+    assert line.startswith(f"loaded {tiny_dir} (gpt_bigcode) as float32 on cpu in ") and line.endswith(" GiB of weights")
+    cfg = load_model_config(tiny_dir)
+    assert quantization(cfg) == "" and quantization(replace(cfg, fp8=True)) == "FP8"
+    assert quantization(replace(cfg, weight_quant=WeightQuant("gptq", 4, 128))) == "gptq"
