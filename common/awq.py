@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from . import int_packing
 from .model_config import WeightQuant
 
 PARTS = ("qweight", "qzeros", "scales")  # what a quantized "x.weight" is stored as: "x.qweight", ...
@@ -27,8 +28,7 @@ def part_shapes(out: int, inputs: int, quant: WeightQuant) -> dict[str, tuple[in
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
     """[R, C / 8] int32 -> [R, C] int32, each value in 0..15, the columns in order."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
-    nibbles = (packed[..., None] >> shifts) & 0xF  # [R, C / 8, 8]: nibble j is column 8c + ORDER[j]
+    nibbles = int_packing.unpack(packed, 4, 1).view(packed.shape[0], -1, 8)  # nibble j is column 8c + ORDER[j]
     return nibbles[..., _NIBBLE_OF_COLUMN].reshape(packed.shape[0], -1)
 
 
@@ -50,3 +50,13 @@ def optional(quant: WeightQuant) -> tuple[str, ...]:
 def main(quant: WeightQuant) -> str:
     """The part stored in the weight's place."""
     return "qweight"
+
+
+def packs(out: int, inputs: int, quant: WeightQuant) -> bool:
+    """Whether a weight [out, inputs] packs into whole int32s: eight output columns a word."""
+    return out % 8 == 0
+
+
+def in_place(quant: WeightQuant) -> tuple[str, ...]:
+    """The safetensors dtypes of weights stored quantized in their own place."""
+    return ()

@@ -212,7 +212,8 @@ def _plan(files: list[Path], shapes: dict[str, tuple[int, ...]], config: ModelCo
     """Find each expected tensor in the file headers and check its shape and dtype, under the
     family's prefix or one of several (a multimodal checkpoint's text model, as transformers 4 and 5
     name it). In an FP8 checkpoint a weight stored as FP8 takes the scales stored beside it; in an
-    AWQ or GPTQ checkpoint a weight stored as its qweight takes its scales and zero points.
+    AWQ, GPTQ or compressed-tensors checkpoint a weight stored as its format's main part (or as int8
+    or float8 in place) takes its scales and zero points.
 
     The files themselves are searched rather than trusting the index's weight_map,
     so a stale index can only cause a clear error, never a silently wrong tensor.
@@ -222,6 +223,7 @@ def _plan(files: list[Path], shapes: dict[str, tuple[int, ...]], config: ModelCo
     sources: dict[str, _Source] = {}
     parts: dict[str, dict[str, _Source]] = {}  # weight name -> its quantization's other tensors, by role
     quantized: set[str] = set()
+    main, in_place = _main_part(config), _stored_quantized(config)
     for path in files:
         with _open(path) as f:
             for key in f.keys():
@@ -231,7 +233,7 @@ def _plan(files: list[Path], shapes: dict[str, tuple[int, ...]], config: ModelCo
                     weight, role = part
                     if config.weight_quant is not None:
                         _check_quant_part(f.get_slice(key), key, path, role, shapes[weight], config.weight_quant)
-                    if role != _main_part(config):
+                    if role != main:
                         parts.setdefault(weight, {})[role] = _Source(path, key)
                         continue
                     name = weight
@@ -243,8 +245,8 @@ def _plan(files: list[Path], shapes: dict[str, tuple[int, ...]], config: ModelCo
                     raise CheckpointError(f"tensor {name} is stored twice: as {sources[name].key} and {key} in {path}")
                 if part is None:
                     stored = _check_tensor(f.get_slice(key), key, path, shapes[name], packed=name.endswith(PACKED),
-                                           quantized=_stored_quantized(config))
-                    if stored in _stored_quantized(config):
+                                           quantized=in_place)
+                    if stored in in_place:
                         quantized.add(name)
                 sources[name] = _Source(path, key)
     for name in quantized:
@@ -276,12 +278,10 @@ def _main_part(config: ModelConfig) -> str | None:
 
 
 def _stored_quantized(config: ModelConfig) -> tuple[str, ...]:
-    """The dtypes of weights stored quantized in place, scaled by their parts: FP8's float8,
-    compressed-tensors' int8 (int-quantized) or float8 (float-quantized)."""
+    """The dtypes of weights stored quantized in place, scaled by their parts: FP8's float8, or the
+    format's (compressed-tensors' int8 or float8)."""
     quant = config.weight_quant
-    if config.fp8 or (quant is not None and quant.method == "compressed-tensors" and not quant.packed):
-        return (FP8_DTYPE,) if config.fp8 or quant.floats else ("I8",)
-    return ()
+    return (FP8_DTYPE,) if config.fp8 else QUANT_FORMATS[quant.method].in_place(quant) if quant else ()
 
 
 def _part_of(name: str, shapes: dict[str, tuple[int, ...]], config: ModelConfig) -> tuple[str, str] | None:
@@ -299,12 +299,10 @@ def _check_quant_part(tensor_slice, key: str, path: Path, role: str, weight: tup
                       quant: WeightQuant) -> None:
     """A part of an AWQ, GPTQ or compressed-tensors weight [O, I]: its shape (the format's
     part_shapes; one value where one is expected), integers but for the scales, floating point."""
-    fmt, per_word, name = QUANT_FORMATS[quant.method], 32 // quant.bits, quant.method.upper()
-    divides = len(weight) == 2 and (quant.method == "compressed-tensors" or (
-        weight[0] % per_word == 0 and (quant.method == "awq" or weight[1] % per_word == 0)))
-    if not divides:
-        raise CheckpointError(f"tensor {key} in {path}: {name} packs {per_word} values an int32, which the weight of "
-                              f"{weight} from config.json does not divide into")
+    fmt, name = QUANT_FORMATS[quant.method], quant.method.upper()
+    if len(weight) != 2 or not fmt.packs(*weight, quant):
+        raise CheckpointError(f"tensor {key} in {path}: {name} packs {32 // quant.bits} values an int32, which the "
+                              f"weight of {weight} from config.json does not divide into")
     expected = fmt.part_shapes(*weight, quant).get(role)
     shape, stored = tuple(tensor_slice.get_shape()), tensor_slice.get_dtype()
     if shape != expected and not (expected == (1,) and shape == ()):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from . import int_packing
 from .model_config import WeightQuant
 
 PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")  # beside "x.weight", or for it
@@ -41,12 +42,11 @@ def part_shapes(out: int, inputs: int, quant: WeightQuant) -> dict[str, tuple[in
     return shapes
 
 
-def unpack(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
-    """[R, W] int32 -> [R, columns] signed values: element i of a row at bits i * bits (bits dividing 32),
-    stored plus 2^(bits - 1)."""
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
-    values = (packed[..., None] >> shifts) & ((1 << bits) - 1)
-    return values.flatten(1)[:, :columns] - (1 << (bits - 1))
+def unpack(packed: torch.Tensor, bits: int, dim: int, length: int) -> torch.Tensor:
+    """int32 packed along `dim` (element i at bits i * bits, stored plus 2^(bits - 1)) -> the first
+    `length` signed values along it."""
+    values = int_packing.unpack(packed, bits, dim)
+    return values.narrow(dim, 0, length) - (1 << (bits - 1))
 
 
 def _expand(t: torch.Tensor, out: int, inputs: int, quant: WeightQuant) -> torch.Tensor:
@@ -64,7 +64,7 @@ def dequantize(stored: torch.Tensor, parts: dict[str, torch.Tensor], quant: Weig
     itself) and its parts."""
     if quant.packed:
         out, inputs = (int(n) for n in parts["weight_shape"].tolist())
-        q = unpack(stored, quant.bits, inputs).float()
+        q = unpack(stored, quant.bits, 1, inputs).float()
     else:
         q = stored.float()
         out, inputs = q.shape
@@ -72,7 +72,7 @@ def dequantize(stored: torch.Tensor, parts: dict[str, torch.Tensor], quant: Weig
     if "weight_zero_point" in parts:
         zero = parts["weight_zero_point"]
         if quant.packed and quant.strategy in ("channel", "group"):  # packed along the output rows
-            zero = unpack(zero.T.contiguous(), quant.bits, out).T
+            zero = unpack(zero, quant.bits, 0, out)
         w = w - _expand(zero.float(), out, inputs, quant)
     return (w * _expand(parts["weight_scale"].float(), out, inputs, quant)).to(dtype)
 
@@ -85,3 +85,13 @@ def optional(quant: WeightQuant) -> tuple[str, ...]:
 def main(quant: WeightQuant) -> str:
     """The part stored in the weight's place: weight_packed, or the weight itself (int8, float8)."""
     return "weight_packed" if quant.packed else "weight"
+
+
+def packs(out: int, inputs: int, quant: WeightQuant) -> bool:
+    """Whether a weight [out, inputs] packs: any does (a row's last word is padded)."""
+    return True
+
+
+def in_place(quant: WeightQuant) -> tuple[str, ...]:
+    """The safetensors dtypes of weights stored quantized in their own place."""
+    return () if quant.packed else ("F8_E4M3",) if quant.floats else ("I8",)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .int_packing import unpack
 from .model_config import WeightQuant
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")  # what a quantized "x.weight" is stored as: "x.qweight", ...
@@ -22,14 +23,6 @@ def part_shapes(out: int, inputs: int, quant: WeightQuant) -> dict[str, tuple[in
     per_word, groups = 32 // quant.bits, -(-inputs // quant.group) if quant.group else 1
     return {"qweight": (inputs // per_word, out), "qzeros": (groups, out // per_word), "scales": (groups, out),
             "g_idx": (inputs,)}
-
-
-def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """int32 with 32 / bits values each along `dim` (0: rows, 1: columns), the first in the lowest
-    bits -> those values, unsigned, along that dimension in order."""
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
-    values = (packed.unsqueeze(dim + 1) >> shifts.view((-1, 1) if dim == 0 else (1, 1, -1))) & ((1 << bits) - 1)
-    return values.flatten(dim, dim + 1)  # [R, per, C] or [R, C, per] -> that dimension times per
 
 
 def dequantize(qweight: torch.Tensor, parts: dict[str, torch.Tensor], quant: WeightQuant,
@@ -55,3 +48,13 @@ def optional(quant: WeightQuant) -> tuple[str, ...]:
 def main(quant: WeightQuant) -> str:
     """The part stored in the weight's place."""
     return "qweight"
+
+
+def packs(out: int, inputs: int, quant: WeightQuant) -> bool:
+    """Whether a weight [out, inputs] packs into whole int32s: rows and zeros' columns 32 / bits a word."""
+    return out % (32 // quant.bits) == 0 and inputs % (32 // quant.bits) == 0
+
+
+def in_place(quant: WeightQuant) -> tuple[str, ...]:
+    """The safetensors dtypes of weights stored quantized in their own place."""
+    return ()

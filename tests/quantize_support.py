@@ -48,12 +48,17 @@ def fp8_quantize(path: Path, block: list[int] | None) -> None:
     (path / "config.json").write_text(json.dumps(config))
 
 
+def as_int32(words: torch.Tensor) -> torch.Tensor:
+    """Unsigned 32-bit words held as int64 -> int32 with the same bits, as the formats store them."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
 def awq_pack(q: torch.Tensor) -> torch.Tensor:
     """[R, C] values in 0..15 -> [R, C / 8] int32 as AutoAWQ packs them: nibble j of each int32 holds
     column 8c + [0, 2, 4, 6, 1, 3, 5, 7][j] (its packing order, for its GEMM kernel)."""
     nibbles = q.reshape(q.shape[0], -1, 8)[..., [0, 2, 4, 6, 1, 3, 5, 7]].to(torch.int64)
     packed = (nibbles << torch.arange(0, 32, 4)).sum(-1)
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    return as_int32(packed)
 
 
 def awq_quantize(path: Path, group: int, zero_point: bool, reference: bool = True) -> Path | None:
@@ -117,7 +122,7 @@ def gptq_pack(q: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
         packed = (q.reshape(-1, per, q.shape[1]).to(torch.int64) << shifts.view(1, per, 1)).sum(1)
     else:
         packed = (q.reshape(q.shape[0], -1, per).to(torch.int64) << shifts).sum(-1)
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    return as_int32(packed)
 
 
 def gptq_quantize(path: Path, bits: int, group: int, act_order: bool, v2: bool) -> Path:
