@@ -357,18 +357,19 @@ class KvReceiver:
         return self.importer.view(ready.transport, loc.staging, loc.offset, loc.length, arrival.frames or None)
 
     def filler(self, arrival: Arrival) -> Callable[..., None]:
-        """What puts the prompt's KV into a slot, given the slot's [n_layer, 2, KVH, n - skip, D] view
-        and how many of the first positions to skip (a ring-long slot takes the last ring): a NIXL
-        read straight into it (nixl), else a copy from `kv` (head-major runs both sides)."""
+        """What puts the prompt's KV into a slot, given the slot's [n, 2, KVH, n - skip, D] view of
+        the model's `layers` (a slice) and how many of the first positions to skip (a windowed
+        layer's ring takes the last ring): a NIXL read straight into it (nixl), else a copy from
+        `kv` (head-major runs both sides)."""
         ready, loc = arrival.ready, arrival.ready.location
         if ready.transport == "nixl":
             if self.device.type == "cuda":
                 # the slot may be a free row of a step still running; the read does not queue behind it
                 torch.cuda.current_stream(self.device).synchronize()
-            return lambda dst, skip=0: self.importer.read(loc.staging, loc.offset + skip, loc.length - skip, dst,
-                                                          NIXL_READ_TIMEOUT_S)
+            return lambda dst, skip=0, layers=slice(None): self.importer.read(
+                loc.staging, loc.offset + skip, loc.length - skip, dst, NIXL_READ_TIMEOUT_S, layers)
         kv = self.kv(arrival)
-        return lambda dst, skip=0: dst.copy_(kv[:, :, skip:].transpose(2, 3))
+        return lambda dst, skip=0, layers=slice(None): dst.copy_(kv[layers, :, skip:].transpose(2, 3))
 
     def copied(self, arrival: Arrival) -> None:
         """The KV of `arrival` is queued into a slot (the filler ran): release it once that copy has

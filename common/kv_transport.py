@@ -381,11 +381,13 @@ class KvImporter:
             opened.peer = peer
         return opened.peer
 
-    def read(self, key: str, offset: int, length: int, dst: torch.Tensor, timeout_s: float) -> int:
-        """nixl: read staging[offset : offset + length] of the sender's staging straight into `dst`,
-        a [n_layer, 2, KVH, length, D] view of this worker's registered pool whose last two dims
-        are contiguous (a slot's first `length` tokens); one-sided, no copy in between. Returns
-        the bytes read; raises NixlError when the read fails or takes longer than `timeout_s`."""
+    def read(self, key: str, offset: int, length: int, dst: torch.Tensor, timeout_s: float,
+             layers: slice = slice(None)) -> int:
+        """nixl: read staging[offset : offset + length] of the sender's staging, for the model's
+        `layers`, straight into `dst`, a [n, 2, KVH, length, D] view of this worker's registered
+        pool whose last two dims are contiguous (a slot's first `length` tokens of those n layers);
+        one-sided, no copy in between. Returns the bytes read; raises NixlError when the read fails
+        or takes longer than `timeout_s`."""
         opened = self._opened.get(key)
         if opened is None:
             raise ValueError(f"KV staging {key!r} was never opened")
@@ -394,8 +396,9 @@ class KvImporter:
         n_layer, two, budget, kvh, d = opened.shape
         if offset < 0 or length < 1 or offset + length > budget:
             raise ValueError(f"KV region [{offset}, {offset + length}) is outside the staging's {budget} tokens")
-        if tuple(dst.shape) != (n_layer, two, kvh, length, d) or dst.dtype != opened.dtype:
-            raise ValueError(f"a read of {length} tokens lands in [{n_layer}, {two}, {kvh}, {length}, {d}] "
+        count = len(range(n_layer)[layers])
+        if tuple(dst.shape) != (count, two, kvh, length, d) or dst.dtype != opened.dtype:
+            raise ValueError(f"a read of {length} tokens lands in [{count}, {two}, {kvh}, {length}, {d}] "
                              f"{opened.dtype}, not {list(dst.shape)} {dst.dtype}")
         isz = opened.dtype.itemsize
         if opened.runs is None:
@@ -403,7 +406,7 @@ class KvImporter:
             # plus offset*D; made once per staging, as the slots' are once per slot
             opened.runs = nixl_runs(opened.nixl.address, (n_layer, two, kvh), (two * kvh * budget * d * isz,
                                     kvh * budget * d * isz, budget * d * isz), 0, opened.nixl.device)
-        src = opened.runs.copy()
+        src = opened.runs.reshape(n_layer, two * kvh, 3)[layers].reshape(-1, 3).copy()  # runs (l, c, h)
         src[:, 0] += np.uint64(offset * d * isz)
         src[:, 1] = length * d * isz
         return self.nixl.read(self._load_peer(opened), self._slot_runs(dst), src, opened.nixl.memory, timeout_s)

@@ -16,7 +16,7 @@ the vector's first half as "keys", its second as "values".
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -480,11 +480,12 @@ def _scratch_widths(cfg: ModelConfig, slot_len: int) -> tuple[int, ...]:
             cfg.vocab_size)
 
 
-def decode_scratch(cfg: ModelConfig, kv: torch.Tensor) -> torch.Tensor:
+def decode_scratch(cfg: ModelConfig, kv: Sequence[torch.Tensor]) -> torch.Tensor:
     """One flat buffer holding a decode step's intermediates at the pool's largest shape (every
-    slot, whole slots). kv: the pool [n_layer, 2, S, KVH, L, D]."""
-    s, length = kv.shape[2], kv.shape[4]
-    return torch.empty(sum(_aligned(s * w) for w in _scratch_widths(cfg, length)), dtype=kv.dtype, device=kv.device)
+    slot, its longest layer's keys). kv: the pool per layer [2, S, KVH, L, D] (L its own)."""
+    s, length = kv[0].shape[1], max(layer.shape[3] for layer in kv)
+    return torch.empty(sum(_aligned(s * w) for w in _scratch_widths(cfg, length)), dtype=kv[0].dtype,
+                       device=kv[0].device)
 
 
 def _aligned(n: int) -> int:
@@ -493,46 +494,30 @@ def _aligned(n: int) -> int:
 
 
 def kv_rings(windows: tuple[int, ...], slot_len: int) -> tuple[int, ...]:
-    """Per layer, the ring a windowed layer keeps its keys in at the front of its slot: the window
-    rounded up to the key bucket (8), where that is shorter than the slot; 0 (keys at their
-    positions) for the rest. Position p's K/V sits at p % ring, so the step reads a ring's keys
-    however long the row has grown, as transformers' sliding cache does; `to_rings` puts a prompt's
-    K/V there at admission."""
+    """Per layer, the ring a windowed layer keeps its keys in: the window rounded up to the key
+    bucket (8), where that is shorter than the slot; 0 (keys at their positions) for the rest.
+    Position p's K/V sits at p % ring, so the step reads a ring's keys however long the row has
+    grown, as transformers' sliding cache does."""
     return tuple(ring if window and (ring := -(-window // 8) * 8) < slot_len else 0 for window in windows)
 
 
-def slot_keys(rings: tuple[int, ...], slot_len: int) -> int:
-    """Keys a slot of the pool holds per layer: where every layer keeps one and the same ring
-    (StarCoder2: windows of 4,096 on all its layers), the ring, whatever the slot's length; else
-    the slot's length."""
-    return rings[0] if rings[0] and len(set(rings)) == 1 else slot_len
+def layer_keys(rings: tuple[int, ...], slot_len: int) -> tuple[int, ...]:
+    """Keys a slot of the pool holds in each layer: a windowed layer its ring (StarCoder2: 4,096 on
+    every layer; gpt-oss: 128 on every other one), whatever the slot's length; the others the
+    slot's length."""
+    return tuple(ring or slot_len for ring in rings)
 
 
-def ring_layers(rings: tuple[int, ...], device) -> dict[int, torch.Tensor]:
-    """Each ring length's layers, as the index `to_rings` takes (made once: a tensor made from a
-    list at admission would wait for the step running on a GPU)."""
-    return {ring: torch.tensor([i for i, r in enumerate(rings) if r == ring], device=device)
-            for ring in set(rings) - {0}}
-
-
-def to_rings(slot_kv: torch.Tensor, n: int, layers: dict[int, torch.Tensor], held: int) -> None:
-    """slot_kv [n_layer, 2, KVH, L, D], a slot holding the last `held` of a prompt's n positions in
-    order from its start (all of them, or a ring-long slot's last ring): each ring's layers (from
-    ring_layers) get the prompt's last `ring` positions at p % ring."""
-    for ring, index in layers.items():
-        if n > ring:
-            last = slot_kv[:, :, :, held - ring : held].index_select(0, index)  # a copy: it overlaps [:ring]
-            slot_kv[:, :, :, :ring].index_copy_(0, index, last.roll(n % ring, -2))
-
-
-def decode_buffers(cfg: ModelConfig, kv: torch.Tensor, scratch: torch.Tensor, b: int, key_len: int,
+def decode_buffers(cfg: ModelConfig, kv: Sequence[torch.Tensor], scratch: torch.Tensor, b: int, key_len: int,
                    rings: tuple[int, ...] | None = None) -> DecodeBuffers:
-    """kv: the pool [n_layer, 2, S, KVH, L, D]; scratch: from decode_scratch for that pool; rings:
-    kv_rings for the pool's slot length (by default L: a pool of whole slots)."""
-    _, _, s, kvh, length, d = kv.shape
+    """kv: the pool per layer [2, S, KVH, L, D], each layer's L its own (a pool tensor
+    [n_layer, 2, S, KVH, L, D] of whole slots is such a sequence); scratch: from decode_scratch for
+    that pool; rings: kv_rings for the pool's slot length (by default the longest L)."""
+    _, s, kvh, _, d = kv[0].shape
+    length = max(layer.shape[3] for layer in kv)
     rings = kv_rings(cfg.windows, length) if rings is None else rings
     lens = [min(key_len, ring) if ring else key_len for ring in rings]  # N per layer
-    write = [layer.view(2, s * kvh * length, d) for layer in kv]
+    write = [layer.view(2, s * kvh * layer.shape[3], d) for layer in kv]
     keys_t = [layer[0, :b, :, :n].view(b * kvh, n, d).transpose(1, 2) for layer, n in zip(kv, lens)]
     values = [layer[1, :b, :, :n].view(b * kvh, n, d) for layer, n in zip(kv, lens)]
     e, g, i, span = cfg.n_embd, cfg.n_head // kvh, cfg.n_inner, cfg.decode_width

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from splitserve.common.loading import LoadedModel
-from splitserve.common.model import kv_rings, ring_layers, slot_keys, to_rings
+from splitserve.common.model import kv_rings, layer_keys
 from splitserve.common.params import STOP_IDS_PER_REQUEST, Finish, SamplingParams
 from splitserve.common.request import GenerateRequest
 from splitserve.common.sampling import (
@@ -54,9 +54,7 @@ class DecodeEngine:
             raise ValueError(f"CUDA graphs need a CUDA device, not {dev}")
         self.model = model
         self.num_slots, self.slot_len, self.key_bucket = num_slots, slot_len, key_bucket
-        rings = kv_rings(cfg.windows, slot_len)
-        self.kv = allocate_pool(cfg, num_slots, slot_keys(rings, slot_len), model.dtype, dev)
-        self.ring_layers = ring_layers(rings, dev)
+        self.kv = allocate_pool(cfg, num_slots, layer_keys(kv_rings(cfg.windows, slot_len), slot_len), model.dtype, dev)
         self.slots = SlotAllocator(num_slots)
         # Per-slot state, read by the step as views of the first B rows.
         self.tokens = torch.zeros(num_slots, dtype=torch.long, device=dev)  # newest token
@@ -89,8 +87,8 @@ class DecodeEngine:
         multiples of `graph_key_step`, or (None) eager steps over the exact slot prefix."""
         w = self.model.weights
         if graph_key_step is None:
-            return StepRunner.exact(w, self.kv, self.tokens, self.positions, self.key_bucket, self.slot_len)
-        return StepRunner.graphs(w, self.kv, self.tokens, self.positions, graph_key_step, slot_len=self.slot_len)
+            return StepRunner.exact(w, self.kv.layers, self.tokens, self.positions, self.key_bucket, self.slot_len)
+        return StepRunner.graphs(w, self.kv.layers, self.tokens, self.positions, graph_key_step, slot_len=self.slot_len)
 
     @property
     def free_slots(self) -> int:
@@ -100,24 +98,30 @@ class DecodeEngine:
         """Copy a prompt's KV ([n_layer, 2, n, KVH, D]) into the lowest free slot; the slot then
         decodes from `first_token`, which sits at position n."""
         return self.admit_with(request, kv.shape[2], first_token,
-                               lambda dst, skip: dst.copy_(kv[:, :, skip:].transpose(2, 3)))
+                               lambda dst, skip, layers: dst.copy_(kv[layers, :, skip:].transpose(2, 3)))
 
     def admit_with(self, request: GenerateRequest, n: int, first_token: int, fill) -> int:
-        """As `admit`, the KV of the prompt's n tokens written by `fill(dst, skip)` into the slot's
-        [n_layer, 2, KVH, n - skip, D] view (a NIXL read lands there directly): all of them, or in a
-        ring-long slot (model.slot_keys) the last ring of them, skipping the first `skip`. A fill
-        that raises gives the slot back, unless the error says the slot may still be written to
-        (`slot_unsafe`): such a slot is never handed out again. A windowed layer's prompt K/V then
-        moves into its ring."""
+        """As `admit`, the KV of the prompt's n tokens written by `fill(dst, skip, layers)` into the
+        slot's [n, 2, KVH, n - skip, D] view of the model's `layers` (a slice; a NIXL read lands
+        there directly), run by run of each group of the pool (kv_pool.allocate_pool): all of them,
+        or in a windowed layer's ring the last ring of them, skipping the first `skip`, then turned
+        so that position p sits at p % ring. A fill that raises gives the slot back, unless the
+        error says the slot may still be written to (`slot_unsafe`): such a slot is never handed out
+        again."""
         if n + request.max_new_tokens > self.slot_len:
             raise ValueError(f"{n} prompt + {request.max_new_tokens} new tokens exceed the slot length {self.slot_len}")
         if len(request.stop_token_ids) > STOP_IDS_PER_REQUEST:
             raise ValueError(f"at most {STOP_IDS_PER_REQUEST} stop token ids are supported")
         slot = self.slots.take()
         try:
-            skip = max(0, n - self.kv.shape[4])
-            fill(self.kv[:, :, slot, :, : n - skip], skip)
-            to_rings(self.kv[:, :, slot], n, self.ring_layers, n - skip)
+            for group in self.kv.groups:
+                keys = group.kv.shape[4]
+                skip = max(0, n - keys)
+                for layers, at in group.runs:
+                    fill(group.kv[at, :, slot, :, : n - skip], skip, layers)
+                if skip:  # a ring's last keys in order from its start: position p to p % ring
+                    held = group.kv[:, :, slot]
+                    held.copy_(held.roll(n % keys, -2))
         except BaseException as e:
             if not getattr(e, "slot_unsafe", False):
                 self.slots.give_back(slot)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import heapq
+from typing import NamedTuple
 
 import torch
 
 from splitserve.common.model_config import ModelConfig
 
 
-def slot_bytes(cfg: ModelConfig, slot_len: int, dtype: torch.dtype) -> int:
-    return cfg.n_layer * 2 * cfg.kv_dim * slot_len * torch.finfo(dtype).bits // 8
+def slot_bytes(cfg: ModelConfig, keys: tuple[int, ...], dtype: torch.dtype) -> int:
+    """A slot's bytes, holding keys[i] keys in layer i (model.layer_keys)."""
+    return 2 * cfg.kv_dim * sum(keys) * torch.finfo(dtype).bits // 8
 
 
 # --num-slots 0: at most this many
@@ -48,19 +50,65 @@ def pool_slots(per_slot: int, slot_len: int, free: int, device_type: str, num_sl
     return slots
 
 
-def slots_if_shorter(num_slots: int, slot_len: int, device_type: str) -> int:
-    """How many slots of SHORT_SLOT tokens the memory of `num_slots` of `slot_len` would hold (up
-    to DEFAULT_SLOTS), when that is more; else 0."""
+def slots_if_shorter(num_slots: int, keys: tuple[int, ...], device_type: str) -> int:
+    """How many slots of SHORT_SLOT tokens the memory of `num_slots` slots holding keys[i] keys in
+    layer i would hold (up to DEFAULT_SLOTS; a windowed layer's ring is as long in either), when
+    that is more; else 0."""
     most = DEFAULT_SLOTS[device_type]
-    if num_slots >= most or slot_len <= SHORT_SLOT:
+    if num_slots >= most or max(keys) <= SHORT_SLOT:
         return 0
-    return min(most, num_slots * slot_len // SHORT_SLOT)
+    return min(most, num_slots * sum(keys) // sum(min(k, SHORT_SLOT) for k in keys))
 
 
-def allocate_pool(cfg: ModelConfig, num_slots: int, slot_len: int, dtype: torch.dtype, device) -> torch.Tensor:
-    # [n_layer, 2, S, KVH, L, D]: with S and KVH leading a slot's keys are one contiguous
-    # [L, D] block per head, so a step reads the first B slots as a strided view.
-    return torch.zeros(cfg.n_layer, 2, num_slots, cfg.kv_heads, slot_len, cfg.head_dim, dtype=dtype, device=device)
+class KvGroup(NamedTuple):
+    """The layers whose slots hold the same number of keys, L (model.layer_keys), in one tensor."""
+
+    kv: torch.Tensor  # [n, 2, S, KVH, L, D]
+    # (the layers' slice of the model's layers, the slice of kv's first dim they are): arithmetic
+    # runs, each one strided copy or NIXL read of a prompt's K/V (gpt-oss's windowed layers are
+    # 0, 2, 4, ...: one run)
+    runs: tuple[tuple[slice, slice], ...]
+
+
+class KvPool(NamedTuple):
+    """The decode worker's K/V: per group of layers, and per layer, views of one allocation."""
+
+    flat: torch.Tensor  # the one allocation every group is a view of (what NIXL registers)
+    groups: tuple[KvGroup, ...]
+    layers: tuple[torch.Tensor, ...]  # per layer [2, S, KVH, L, D], views of its group
+
+
+def allocate_pool(cfg: ModelConfig, num_slots: int, keys: tuple[int, ...], dtype: torch.dtype, device) -> KvPool:
+    """A pool whose slots hold keys[i] keys in layer i: windowed layers only their ring, so that a
+    model windowed on some layers (gpt-oss, Gemma 2 and 3) gets as many more slots as the rings
+    save. Each group of layers with the same L is a tensor [n, 2, S, KVH, L, D]: with S and KVH
+    leading a slot's keys are one contiguous [L, D] block per head, so a step reads the first B
+    slots as a strided view."""
+    per_key = 2 * num_slots * cfg.kv_heads * cfg.head_dim
+    flat = torch.zeros(per_key * sum(keys), dtype=dtype, device=device)
+    groups, layers, start = [], [None] * len(keys), 0
+    for length in sorted(set(keys), reverse=True):
+        ids = [i for i, k in enumerate(keys) if k == length]
+        size = per_key * length * len(ids)
+        kv = flat[start : start + size].view(len(ids), 2, num_slots, cfg.kv_heads, length, cfg.head_dim)
+        groups.append(KvGroup(kv, _runs(ids)))
+        for j, i in enumerate(ids):
+            layers[i] = kv[j]
+        start += size
+    return KvPool(flat, tuple(groups), tuple(layers))
+
+
+def _runs(ids: list[int]) -> tuple[tuple[slice, slice], ...]:
+    """Ascending layer ids as arithmetic runs: (their slice, the slice of positions in `ids`)."""
+    runs, at = [], 0
+    while at < len(ids):
+        end = at + 1
+        step = ids[at + 1] - ids[at] if at + 1 < len(ids) else 1
+        while end < len(ids) and ids[end] - ids[end - 1] == step:
+            end += 1
+        runs.append((slice(ids[at], ids[end - 1] + 1, step), slice(at, end)))
+        at = end
+    return tuple(runs)
 
 
 class SlotAllocator:

@@ -22,7 +22,7 @@ CPU tests check what a graph replays.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -47,16 +47,17 @@ def key_buckets(slot_len: int, step: int) -> list[int]:
 
 
 class StepRunner:
-    def __init__(self, weights: ModelWeights, kv: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-                 batch_sizes: list[int], key_lens: list[int], capture: bool = False, argmax: bool = False,
-                 slot_len: int | None = None):
-        """kv: the pool [n_layer, 2, S, KVH, L, D]; tokens, positions: the engine's per-slot [S]
-        state, read in place by every step. `capture`: CUDA graphs of every shape; `argmax`: each
-        step also writes the greedy tokens (always under graphs). slot_len: the tokens a slot takes,
-        L unless every layer keeps its keys in one ring (model.slot_keys): L is then the ring, and
-        a row past it steps at the last key bucket, its keys all in the ring."""
-        cfg, dev = weights.cfg, kv.device
-        num_slots, keys = kv.shape[2], kv.shape[4]
+    def __init__(self, weights: ModelWeights, kv: Sequence[torch.Tensor], tokens: torch.Tensor,
+                 positions: torch.Tensor, batch_sizes: list[int], key_lens: list[int], capture: bool = False,
+                 argmax: bool = False, slot_len: int | None = None):
+        """kv: the pool per layer [2, S, KVH, L, D] (kv_pool.KvPool.layers); tokens, positions: the
+        engine's per-slot [S] state, read in place by every step. `capture`: CUDA graphs of every
+        shape; `argmax`: each step also writes the greedy tokens (always under graphs). slot_len:
+        the tokens a slot takes, the longest L unless every layer keeps its keys in one ring
+        (model.layer_keys): L is then the ring, and a row past it steps at the last key bucket, its
+        keys all in the ring."""
+        cfg, dev = weights.cfg, kv[0].device
+        num_slots, keys = _pool_shape(kv)
         if max(batch_sizes) > num_slots or max(key_lens) > keys:
             raise ValueError(f"buckets up to {max(batch_sizes)} rows x {max(key_lens)} keys exceed the pool "
                              f"({num_slots} slots of {keys})")
@@ -65,9 +66,11 @@ class StepRunner:
         self.argmax = argmax or capture
         self.scratch = decode_scratch(cfg, kv)  # every shape's intermediates and logits, shared
         self.greedy = torch.zeros(num_slots, dtype=torch.long, device=dev)
-        self._offsets = row_offsets(num_slots, cfg.kv_heads, keys, dev)
         self._key_index = torch.arange(keys, device=dev)
         self._rings = kv_rings(cfg.windows, slot_len or keys)
+        # each layer's (ring, L), which its write index depends on; row_offsets per L
+        self._writes = [(ring, layer.shape[3]) for ring, layer in zip(self._rings, kv)]
+        self._offsets = {length: row_offsets(num_slots, cfg.kv_heads, length, dev) for _, length in self._writes}
         # (B, key_len) -> (a step, the logits it writes): every shape once captured; eagerly the
         # EAGER_SHAPES made last: making a shape's views added 90-140 µs to a CPU step of 0.45-0.6
         # ms (the tiny model at batch 1, every 8th step and each request's first), and shapes
@@ -78,18 +81,18 @@ class StepRunner:
             self._capture()
 
     @classmethod
-    def exact(cls, weights: ModelWeights, kv: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+    def exact(cls, weights: ModelWeights, kv: Sequence[torch.Tensor], tokens: torch.Tensor, positions: torch.Tensor,
               key_bucket: int, slot_len: int | None = None) -> StepRunner:
         """Eager steps over the exact slot prefix, keys rounded up to `key_bucket`."""
-        num_slots, keys = kv.shape[2], kv.shape[4]
+        num_slots, keys = _pool_shape(kv)
         return cls(weights, kv, tokens, positions, list(range(1, num_slots + 1)), key_buckets(keys, key_bucket),
                    slot_len=slot_len)
 
     @classmethod
-    def graphs(cls, weights: ModelWeights, kv: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+    def graphs(cls, weights: ModelWeights, kv: Sequence[torch.Tensor], tokens: torch.Tensor, positions: torch.Tensor,
                key_step: int, capture: bool = True, slot_len: int | None = None) -> StepRunner:
         """Steps at power-of-two batch buckets and keys in multiples of `key_step`, as CUDA graphs."""
-        num_slots, keys = kv.shape[2], kv.shape[4]
+        num_slots, keys = _pool_shape(kv)
         return cls(weights, kv, tokens, positions, batch_buckets(num_slots), key_buckets(keys, key_step),
                    capture=capture, argmax=True, slot_len=slot_len)
 
@@ -126,12 +129,14 @@ class StepRunner:
         w, rings = self.weights, self._rings
         kvh = w.cfg.kv_heads
         positions = self.positions[:b]
-        # [B*KVH] per distinct ring, a ring's rows at their positions' entries
-        made = {ring: decode_write_index(self._offsets, torch.remainder(positions, ring) if ring else positions, kvh)
-                for ring in set(rings)}
+        # [B*KVH] per distinct (ring, L), a ring's rows at their positions' entries
+        made = {(ring, length): decode_write_index(self._offsets[length],
+                                                   torch.remainder(positions, ring) if ring else positions, kvh)
+                for ring, length in set(self._writes)}
         # per layer [B*KVH, 1, N]
-        masks = decode_masks(positions, key_len, kvh, self.kv.dtype, self._key_index, w.cfg.windows, rings)
-        logits = decode_step(w, self.tokens[:b], positions, bufs, [made[ring] for ring in rings], masks)  # [B, V]
+        masks = decode_masks(positions, key_len, kvh, self.kv[0].dtype, self._key_index, w.cfg.windows, rings)
+        logits = decode_step(w, self.tokens[:b], positions, bufs, [made[write] for write in self._writes],
+                             masks)  # [B, V]
         if self.argmax:
             torch.argmax(logits, -1, out=self.greedy[:b])
 
@@ -140,7 +145,7 @@ class StepRunner:
         larger ones freed, so the pool grows to about the largest step's working set."""
         shapes = [(b, k) for b in reversed(self.batch_sizes) for k in reversed(self.key_lens)]
         eager = {shape: self._eager(*shape) for shape in shapes}
-        dev = self.kv.device
+        dev = self.kv[0].device
         with torch.inference_mode():
             # Warm-up on the stream the captures use, as torch.cuda.graph asks: the first run of a
             # shape loads its kernels, picks cuBLAS algorithms and makes the stream's cuBLAS
@@ -159,3 +164,8 @@ class StepRunner:
                 self._runs[shape] = graph.replay, logits
             torch.cuda.current_stream(dev).wait_stream(side)
         torch.cuda.synchronize(dev)
+
+
+def _pool_shape(kv: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """(slots, the most keys a layer's slot holds) of a pool given per layer [2, S, KVH, L, D]."""
+    return kv[0].shape[1], max(layer.shape[3] for layer in kv)

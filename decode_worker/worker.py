@@ -20,7 +20,7 @@ from splitserve.common.curve import CurveKeys
 from splitserve.common.kv_handoff import Arrival, KvReceiver, nixl_agent_for, offered_transports
 from splitserve.common.loading import LoadedModel
 from splitserve.common.memory import available_bytes
-from splitserve.common.model import kv_rings, slot_keys
+from splitserve.common.model import kv_rings, layer_keys
 from splitserve.common.params import Finish, Limits
 from splitserve.common.service_config import WorkerOptions, derive_limits
 from splitserve.common.worker_loop import WorkerLoop
@@ -49,8 +49,8 @@ class DecodeWorker(WorkerLoop):
     def __init__(self, opts: WorkerOptions, model: LoadedModel, limits: Limits):
         super().__init__(opts, model, limits)
         slot_len = limits.max_total_tokens
-        # a model whose every layer has the same window keeps only that ring of keys per slot
-        keys = slot_keys(kv_rings(model.cfg.windows, slot_len), slot_len)
+        # a windowed layer keeps only its ring of keys per slot
+        keys = layer_keys(kv_rings(model.cfg.windows, slot_len), slot_len)
         per_slot, free = slot_bytes(model.cfg, keys, model.dtype), available_bytes(model.device)
         num_slots = pool_slots(per_slot, slot_len, free, model.device.type, opts.num_slots, opts.kv_cache_memory_mb)
         self.engine = DecodeEngine(model, num_slots, slot_len, opts.key_bucket,
@@ -60,7 +60,7 @@ class DecodeWorker(WorkerLoop):
         # own key pair, whose public half reaches prefill workers only through the gateway.
         curve = opts.link.curve
         # nixl: prefill workers' KV is read straight into the pool, registered once here
-        nixl = nixl_agent_for(opts, lambda agent: agent.register_pool(self.engine.kv))
+        nixl = nixl_agent_for(opts, lambda agent: agent.register_pool(self.engine.kv.flat))
         self.kv = KvReceiver(self.ctx, opts.host, opts.kv_port, opts.advertise_host,
                              CurveKeys(curve.public, curve.secret) if curve is not None else None,
                              model.device, model.dtype, nixl)
@@ -70,13 +70,15 @@ class DecodeWorker(WorkerLoop):
         self.orphans_checked = 0.0
         self.admitted = 0
         self.metrics.set(slots_total=num_slots)
-        kv = self.engine.kv
-        self.token_bytes = kv.shape[0] * kv.shape[1] * kv.shape[3] * kv.shape[5] * kv.element_size()
+        self.layer_keys = keys
+        self.key_bytes = 2 * model.cfg.kv_dim * model.dtype.itemsize  # one layer's K/V of one token
         self.start(offered_transports(opts.kv_transport, model.device, nixl is not None), num_slots,
                    self.kv.endpoint, self.kv.public_key)
+        rings = ", ".join(map(str, sorted(set(keys) - {slot_len})))
+        windowed = sum(k < slot_len for k in keys)
         log.info("decode worker %s: %d slots of %d tokens%s (%.1f GiB; %.1f GiB was free), KV endpoint %s",
-                 opts.worker_id, num_slots, slot_len, f", each keeping its window's last {keys} keys"
-                 if keys < slot_len else "", num_slots * per_slot / 2**30, free / 2**30, self.kv.endpoint)
+                 opts.worker_id, num_slots, slot_len, f", {windowed} of {len(keys)} layers keeping their window's "
+                 f"last {rings} keys" if windowed else "", num_slots * per_slot / 2**30, free / 2**30, self.kv.endpoint)
         if not opts.num_slots and (more := slots_if_shorter(num_slots, keys, model.device.type)):
             log.warning("at most %d requests decode at once here: --max-total-tokens %d would give %d slots",
                         num_slots, SHORT_SLOT, more)
@@ -136,9 +138,9 @@ class DecodeWorker(WorkerLoop):
     def _send_releases(self) -> None:
         for arrival, seconds in self.kv.send_releases():
             n, transport = arrival.ready.location.length, arrival.ready.transport
-            # a ring-long slot reads the prompt's last ring only, but tcp has brought all of it
-            moved = n if transport == "tcp" else min(n, self.engine.kv.shape[4])
-            self.metrics.observe_handoff(moved * self.token_bytes, seconds, transport)
+            # a windowed layer reads the prompt's last ring only, but tcp has brought all of it
+            moved = n * len(self.layer_keys) if transport == "tcp" else sum(min(n, k) for k in self.layer_keys)
+            self.metrics.observe_handoff(moved * self.key_bytes, seconds, transport)
 
     def holding(self) -> list[P.Held]:
         return [P.Held(rid, self.opts.worker_id) for rid in self.running]

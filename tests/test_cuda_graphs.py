@@ -102,7 +102,7 @@ def engine_for(lm, steps: str) -> Engine:
         engine.decode = DecodeEngine(lm, SLOTS, SLOT_LEN, graphs=True, graph_key_step=KEY_STEP)
     elif steps == "eager":
         d = engine.decode
-        d.runner = StepRunner.graphs(lm.weights, d.kv, d.tokens, d.positions, KEY_STEP, capture=False,
+        d.runner = StepRunner.graphs(lm.weights, d.kv.layers, d.tokens, d.positions, KEY_STEP, capture=False,
                                      slot_len=d.slot_len)
     return engine
 
@@ -152,15 +152,16 @@ def test_buckets():
 
 def test_a_step_takes_the_smallest_buckets_that_hold_it(lm):
     d = DecodeEngine(lm, SLOTS, SLOT_LEN)
-    padded = StepRunner.graphs(lm.weights, d.kv, d.tokens, d.positions, KEY_STEP, capture=False, slot_len=d.slot_len)
+    padded = StepRunner.graphs(lm.weights, d.kv.layers, d.tokens, d.positions, KEY_STEP, capture=False,
+                               slot_len=d.slot_len)
     assert padded.shape(1, 1) == (1, 64)
     assert padded.shape(3, 64) == (4, 64)
     assert padded.shape(5, 65) == (6, 128)
     assert padded.shape(6, SLOT_LEN) == (6, SLOT_LEN)
-    exact = StepRunner.exact(lm.weights, d.kv, d.tokens, d.positions, 8, d.slot_len)
+    exact = StepRunner.exact(lm.weights, d.kv.layers, d.tokens, d.positions, 8, d.slot_len)
     assert exact.shape(3, 64) == (3, 64) and exact.shape(5, 65) == (5, 72)
     with pytest.raises(ValueError, match="exceed the pool"):
-        StepRunner(lm.weights, d.kv, d.tokens, d.positions, [8], [64])
+        StepRunner(lm.weights, d.kv.layers, d.tokens, d.positions, [8], [64])
 
 
 def test_eager_steps_keep_the_views_of_the_latest_shapes(lm, monkeypatch):
@@ -195,25 +196,30 @@ def test_padded_logits_equal_the_exact_ones(lm_family, record_property):
     b, exact, greedy = d.runner.run(d.slots.prefix_len(), d.longest())
     assert b == 5 and greedy is None  # eager steps leave the argmax to sampling
     exact = exact.clone()  # [5, V]
-    padded = StepRunner.graphs(lm.weights, d.kv, d.tokens, d.positions, KEY_STEP, capture=False, slot_len=d.slot_len)
+    padded = StepRunner.graphs(lm.weights, d.kv.layers, d.tokens, d.positions, KEY_STEP, capture=False,
+                               slot_len=d.slot_len)
     # Both write the same K/V at the same positions, so running one after the other is fair.
     b, logits, greedy = padded.run(d.slots.prefix_len(), d.longest())
     # 130 keys, slot 3; a ring-long slot (a window on every layer) steps at its ring's bucket
-    assert b == 6 and padded.shape(5, d.longest()) == (6, 192 if d.kv.shape[4] == SLOT_LEN else 64)
+    ring_long = max(k.shape[3] for k in d.kv.layers) < SLOT_LEN
+    assert b == 6 and padded.shape(5, d.longest()) == (6, 64 if ring_long else 192)
     record_property("max_abs_diff", (logits[:5] - exact).abs().max().item())
     torch.testing.assert_close(logits[:5], exact, rtol=1e-5, atol=1e-5)
     assert torch.equal(greedy[:5], exact.argmax(-1))
 
 
 def test_windowed_layers_read_only_their_ring():
-    """A windowed layer's step reads its ring (the window rounded up to 8) at any longer key bucket,
-    the other layers the whole bucket; the test above and tests/test_families.py check what the steps
-    compute."""
+    """A windowed layer's slots hold its ring (the window rounded up to 8), which its step reads at
+    any longer key bucket, the other layers the whole bucket; the test above and
+    tests/test_families.py check what the steps compute."""
     lm = shaped_model("cpu", torch.float32, SINKS)
     assert set(lm.cfg.windows) == {0, 64}  # on every other layer
     d = DecodeEngine(lm, 2, SLOT_LEN)
+    keys = [64 if window else SLOT_LEN for window in lm.cfg.windows]
+    assert [layer.shape[3] for layer in d.kv.layers] == keys
+    assert d.kv.flat.numel() == sum(keys) * 2 * 2 * lm.cfg.kv_dim  # 2 slots, K and V
     for key_len in (48, SLOT_LEN):
-        bufs = decode_buffers(lm.cfg, d.kv, d.runner.scratch, 2, key_len)
+        bufs = decode_buffers(lm.cfg, d.kv.layers, d.runner.scratch, 2, key_len)
         want = [min(key_len, 64) if window else key_len for window in lm.cfg.windows]
         assert [k.shape[-1] for k in bufs.keys_t] == [s.shape[-1] for s in bufs.scores] == want
 

@@ -593,7 +593,7 @@ def test_latent_attention_caches_each_tokens_vector_once():
 
     cfg = model_config_from_dict(SHAPES["deepseek-coder-v2-lite"])
     assert (cfg.kv_heads, cfg.head_dim, cfg.decode_width, cfg.prefill_width) == (1, 288, 576, 192)
-    assert slot_bytes(cfg, 1, torch.bfloat16) == 27 * 576 * 2
+    assert slot_bytes(cfg, (1,) * cfg.n_layer, torch.bfloat16) == 27 * 576 * 2
 
 
 def test_a_family_s_default_eos_ids_hold_only_where_the_config_names_none():

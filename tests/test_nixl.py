@@ -256,13 +256,17 @@ def gqa_checkpoint(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("nixl-qwen2"), model_type, fields)
 
 
-def kv_bytes_of(checkpoint: Path, specs: list[dict]) -> int:
+def kv_bytes_of(checkpoint: Path, specs: list[dict], rings: bool = False) -> int:
+    """The fp32 K/V of the prompts of `specs`, every layer's whole prompt; with `rings`, a windowed
+    layer's last ring only (what a decode worker reads over nixl or copies over shm)."""
+    from splitserve.common.model import kv_rings
     from splitserve.common.model_config import load_model_config
     from splitserve.common.tokenizer import Tokenizer
 
     cfg, tokenizer = load_model_config(checkpoint), Tokenizer.from_dir(checkpoint)
-    tokens = sum(len(tokenizer.encode(s["prompt"])) for s in specs)
-    return tokens * cfg.n_layer * 2 * cfg.kv_heads * cfg.head_dim * 4
+    kept = kv_rings(cfg.windows, 10**9) if rings else (0,) * cfg.n_layer
+    lengths = [len(tokenizer.encode(s["prompt"])) for s in specs]
+    return sum(min(n, ring) if ring else n for n in lengths for ring in kept) * 2 * cfg.kv_heads * cfg.head_dim * 4
 
 
 def handoff_bytes(c: Cluster, worker_id: str) -> dict[str, float]:
@@ -273,9 +277,11 @@ def handoff_bytes(c: Cluster, worker_id: str) -> dict[str, float]:
 @needs_nixl
 def test_nixl_gives_exactly_the_outputs_of_shm_and_tcp(home, gqa_checkpoint):
     """Greedy and seeded sampled requests over each transport; the handoff metrics show the KV went
-    over the transport asked for and no other, so a silent fallback cannot pass."""
+    over the transport asked for and no other, so a silent fallback cannot pass (the decode worker's
+    windowed layers take each prompt's last ring, where tcp has brought the whole of it)."""
     specs = request_specs(9)
-    want_bytes = kv_bytes_of(gqa_checkpoint, specs)
+    sent, read = kv_bytes_of(gqa_checkpoint, specs), kv_bytes_of(gqa_checkpoint, specs, rings=True)
+    assert read < sent
     outputs = {}
     for transport in ("nixl", "shm", "tcp"):
         with Cluster(home, model=str(gqa_checkpoint), kv_transport=transport) as c:
@@ -284,33 +290,34 @@ def test_nixl_gives_exactly_the_outputs_of_shm_and_tcp(home, gqa_checkpoint):
             c.wait_registered()
             outputs[transport] = stream_all(c.endpoint, specs)
             c.wait_idle()
-            for worker in (prefill, decode):
+            for worker, want in ((prefill, sent), (decode, sent if transport == "tcp" else read)):
                 moved = handoff_bytes(c, worker)
-                assert moved == {t: want_bytes if t == transport else 0 for t in P.TRANSPORTS}, (worker, moved)
+                assert moved == {t: want if t == transport else 0 for t in P.TRANSPORTS}, (worker, moved)
     model = load_model(gqa_checkpoint, torch.float32, torch.device("cpu"))
     assert outputs["nixl"] == outputs["shm"] == outputs["tcp"] == offline(model, specs)
 
 
 @needs_nixl
-def test_ring_long_slots_read_each_prompts_last_ring_over_nixl(home, tmp_path_factory):
-    """A model with the same window on every layer keeps only that ring of keys per slot
-    (model.slot_keys): over nixl the decode worker reads each prompt's last ring straight from the
-    sender's staging, and the answers are the engine's; its handoff metric counts those bytes."""
+@pytest.mark.parametrize("variant", ["starcoder2-window", "gptoss-sinks-clamp"], ids=["every-layer", "every-other"])
+def test_windowed_layers_read_each_prompts_last_ring_over_nixl(home, tmp_path_factory, variant):
+    """A windowed layer keeps only its ring of keys per slot (model.layer_keys), on every layer
+    (StarCoder2) or every other one (gpt-oss, whose other layers keep whole slots): over nixl the
+    decode worker reads each prompt's last ring straight from the sender's staging, the other
+    layers' whole prompt, and the answers are the engine's; its handoff metric counts those bytes."""
     from test_families import VARIANTS, WINDOW, make_checkpoint
 
-    checkpoint = make_checkpoint(tmp_path_factory.mktemp("nixl-ring"), *VARIANTS["starcoder2-window"])
+    checkpoint = make_checkpoint(tmp_path_factory.mktemp("nixl-ring"), *VARIANTS[variant])
     model = load_model(checkpoint, torch.float32, torch.device("cpu"))
     specs = request_specs(9)
     assert max(len(model.tokenizer.encode(s["prompt"])) for s in specs) > WINDOW  # some prompts outgrow the ring
-    cfg, ring = model.cfg, -(-WINDOW // 8) * 8
-    read = sum(min(len(model.tokenizer.encode(s["prompt"])), ring) for s in specs)
+    assert set(model.cfg.windows) == ({WINDOW} if variant == "starcoder2-window" else {0, WINDOW})
     with Cluster(home, model=str(checkpoint), kv_transport="nixl") as c:
         c.add_worker("prefill", "--kv-transport", "nixl")
         decode = c.add_worker("decode", "--kv-transport", "nixl", "--num-slots", "8")
         c.wait_registered()
         assert stream_all(c.endpoint, specs) == offline(model, specs)
         c.wait_idle()
-        assert handoff_bytes(c, decode)["nixl"] == read * cfg.n_layer * 2 * cfg.kv_heads * cfg.head_dim * 4
+        assert handoff_bytes(c, decode)["nixl"] == kv_bytes_of(checkpoint, specs, rings=True)
 
 
 @needs_nixl
@@ -321,7 +328,7 @@ def test_two_host_rehearsal_moves_kv_over_nixl_with_auto(home, gqa_checkpoint):
     from test_multihost import Relay
 
     specs = request_specs(6)
-    want_bytes = kv_bytes_of(gqa_checkpoint, specs)
+    sent, read = kv_bytes_of(gqa_checkpoint, specs), kv_bytes_of(gqa_checkpoint, specs, rings=True)
     port = free_port()
     relay = Relay(("127.0.0.2", port), ("127.0.0.1", port))
     try:
@@ -332,9 +339,9 @@ def test_two_host_rehearsal_moves_kv_over_nixl_with_auto(home, gqa_checkpoint):
             c.wait_registered()
             got = stream_all(c.endpoint, specs)
             c.wait_idle()
-            for worker in (prefill, decode):
-                assert handoff_bytes(c, worker) == {t: want_bytes if t == "nixl" else 0 for t in P.TRANSPORTS}
-            assert 0 < relay.forwarded < want_bytes / 4
+            for worker, want in ((prefill, sent), (decode, read)):
+                assert handoff_bytes(c, worker) == {t: want if t == "nixl" else 0 for t in P.TRANSPORTS}
+            assert 0 < relay.forwarded < read / 4
     finally:
         relay.close()
     assert got == offline(load_model(gqa_checkpoint, torch.float32, torch.device("cpu")), specs)

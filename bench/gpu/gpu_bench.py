@@ -187,7 +187,7 @@ class GraphRunner(SplitserveRunner):
         if self.capture_error:
             self.graphed = None
         else:
-            self.graphed = d.runner if cuda else StepRunner.graphs(model.weights, d.kv, d.tokens, d.positions,
+            self.graphed = d.runner if cuda else StepRunner.graphs(model.weights, d.kv.layers, d.tokens, d.positions,
                                                                     key_step, capture=False, slot_len=d.slot_len)
         self.eager = d.make_runner(None)
 
