@@ -300,7 +300,6 @@ class PrefillWorker(WorkerLoop):
             with torch.inference_mode():
                 past = self._stage_cached(batch, plan.found, offset)
                 results = self.engine.run([j.request for j in batch], offset, [j.forks for j in batch], past)
-                self._keep_prompts(batch, offset)
             self.kv.staging.record_write()
         except Exception as e:  # a failing batch ends its requests, the worker lives on
             log.exception("prefill batch failed")
@@ -312,6 +311,7 @@ class PrefillWorker(WorkerLoop):
         jobs = [j for j in batch for _ in range(1 + len(j.forks))]
         for job, res in zip(jobs, results):
             self._after_prefill(job, res)
+        self._keep_prompts(batch, plan.offset)
         return len(batch), total - sum(past)
 
     def _prefill_piece(self, queued: Queued, n: int) -> tuple[int, int]:
@@ -329,7 +329,6 @@ class PrefillWorker(WorkerLoop):
                     self._keep_start(job.request, queued.done + n, queued.offset)
                 else:
                     results = self.engine.run([job.request], queued.offset, [job.forks], [queued.done])
-                    self._keep_prompts([job], queued.offset)
             if last:
                 self.kv.staging.record_write()
         except Exception as e:
@@ -345,6 +344,7 @@ class PrefillWorker(WorkerLoop):
             for res in results:
                 res.cached = queued.cached  # not the earlier pieces'
                 self._after_prefill(job, res)
+            self._keep_prompts([job], queued.offset)
         return int(last), n
 
     def _fail(self, batch: list[P.Prefill], offset: int, n: int, e: Exception) -> None:
@@ -406,10 +406,19 @@ class PrefillWorker(WorkerLoop):
         return past
 
     def _keep_prompts(self, batch: list[P.Prefill], offset: int) -> None:
-        """Put the batch's prompts into the prefix cache, from the K/V just staged."""
-        for job in batch:
-            self._keep_start(job.request, len(job.request.prompt_ids), offset)
-            offset += len(job.request.prompt_ids)
+        """Put the batch's prompts into the prefix cache, from the K/V just staged, once their first
+        tokens and K/V have gone: hashing and copying a long prompt's blocks (a copy a block) would
+        otherwise delay its first token. Their staging is intact still, even where a request ended
+        at its first token and gave its region back: only a later prefill writes it, after these
+        copies (on the same stream, on a GPU). A failed insert costs the cache those blocks, no
+        request anything."""
+        try:
+            with torch.inference_mode():
+                for job in batch:
+                    self._keep_start(job.request, len(job.request.prompt_ids), offset)
+                    offset += len(job.request.prompt_ids)
+        except Exception:
+            log.exception("keeping prompts in the prefix cache failed")
 
     def _keep_start(self, request, n: int, offset: int) -> None:
         """Put the start of a prompt, its first `n` tokens staged from `offset`, into the prefix cache."""
