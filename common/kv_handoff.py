@@ -170,10 +170,16 @@ class KvSender:
     Failures come back from `receive` and `expire` as (request id, message) for the worker to report:
     a copy that failed twice, or a release that never came."""
 
-    def __init__(self, ctx: zmq.Context, staging: Staging, worker_id: str, curve: CurveKeys | None):
+    def __init__(self, ctx: zmq.Context, staging: Staging, worker_id: str, curve: CurveKeys | None,
+                 rings: tuple[int, ...] = ()):
+        """rings: per layer, the ring a windowed layer's keys are kept in at the decode side
+        (model.kv_rings), 0 for the others; empty: none. Over tcp a windowed layer sends only its
+        last ring."""
         self.ctx, self.staging, self.worker_id, self.curve = ctx, staging, worker_id, curve
         self.regions = StagingRegions(staging.tensor.shape[2])
-        self.token_bytes = staging.tensor[:, :, :1].numel() * staging.tensor.element_size()
+        self.n_layer = staging.tensor.shape[0]
+        self.key_bytes = staging.tensor[0, :, :1].numel() * staging.tensor.element_size()  # a layer's K/V of a token
+        self.rings = rings
         self.handoffs: dict[str, Handoff] = {}
         self._socks: dict[str, tuple[str, zmq.Socket]] = {}  # decode endpoint -> (its key, our socket)
         self.sockets_made = 0  # so that a poller follows a socket replaced at the same endpoint
@@ -193,8 +199,10 @@ class KvSender:
 
     def _send(self, h: Handoff) -> None:
         sock = self._socket(h.decode_endpoint, h.decode_key)
-        loc = h.ready.location
-        frames = self.staging.frames(loc.offset, loc.length) if h.ready.transport == "tcp" else []
+        loc, frames = h.ready.location, []
+        if h.ready.transport == "tcp":
+            h.ready.kept = self.kept(loc.length)
+            frames = self.staging.frames(loc.offset, loc.length, h.ready.kept)
         sock.send_multipart([P.encode(h.ready), *frames], copy=False)
         h.sent_at, h.tries = time.monotonic(), h.tries + 1
 
@@ -244,8 +252,8 @@ class KvSender:
             if h is None or h.ready.location.offset != msg.offset:
                 continue
             if msg.ok:
-                done.append(Handed(msg.id, h.ready.location.length * self.token_bytes, time.monotonic() - h.sent_at,
-                                   h.ready.transport))
+                keys = sum(h.ready.kept) or h.ready.location.length * self.n_layer
+                done.append(Handed(msg.id, keys * self.key_bytes, time.monotonic() - h.sent_at, h.ready.transport))
                 self._end(msg.id)
             elif h.tries < HANDOFF_TRIES:
                 if h.ready.transport == "nixl":  # a failed or late read: the frames go over the KV link instead
@@ -260,6 +268,12 @@ class KvSender:
             else:
                 failed.append((msg.id, f"KV handoff failed twice: {msg.message}"))
                 self._end(msg.id)
+
+    def kept(self, n: int) -> tuple[int, ...]:
+        """The tokens of each layer's K/V a tcp handoff of a prompt of n sends: a windowed layer's
+        last ring, where that is shorter; () when every layer sends all n."""
+        kept = tuple(min(n, ring) if ring else n for ring in self.rings)
+        return kept if any(k < n for k in kept) else ()
 
     def drop(self, rid: str) -> bool:
         """Let go of the KV handed off for `rid` (cancelled: its client left, or its decode worker
@@ -354,7 +368,8 @@ class KvReceiver:
         """The prompt's KV [n_layer, 2, n, KVH, D]: a view of the sender's staging (valid until
         released), or a tensor over the frames on tcp."""
         ready, loc = arrival.ready, arrival.ready.location
-        return self.importer.view(ready.transport, loc.staging, loc.offset, loc.length, arrival.frames or None)
+        return self.importer.view(ready.transport, loc.staging, loc.offset, loc.length, arrival.frames or None,
+                                  ready.kept)
 
     def filler(self, arrival: Arrival) -> Callable[..., None]:
         """What puts the prompt's KV into a slot, given the slot's [n, 2, KVH, n - skip, D] view of

@@ -149,19 +149,21 @@ class Staging:
             raise ValueError("this staging is not registered with a NIXL agent")
         return self._describe("nixl", self.nixl_key) | self._nixl_shared
 
-    def frames(self, offset: int, length: int) -> list:
+    def frames(self, offset: int, length: int, kept: tuple[int, ...] = ()) -> list:
         """The region's bytes as one contiguous CPU buffer for `send(copy=False)`, head-major
-        ([n_layer, 2, KVH, length, D]). Works for any staging, so a worker whose local peers use
-        shm or cuda_ipc can still serve a remote one. Always a copy: ZMQ may still be sending it
-        after the region is refilled."""
+        ([n_layer, 2, KVH, length, D]), or with `kept` layer l's last kept[l] tokens only, layer
+        after layer. Works for any staging, so a worker whose local peers use shm or cuda_ipc can
+        still serve a remote one. Always a copy: ZMQ may still be sending it after the region is
+        refilled."""
         region = _region(self.tensor, offset, length).transpose(2, 3)  # [n_layer, 2, KVH, length, D]
-        if region.is_cuda:
-            host = torch.empty(region.shape, dtype=region.dtype, pin_memory=True)
-            host.copy_(region)
-        else:
-            host = region.clone(memory_format=torch.contiguous_format)
+        pieces = [region[layer, :, :, length - k :] for layer, k in enumerate(kept)] if kept else [region]
+        host = torch.empty(sum(p.numel() for p in pieces), dtype=region.dtype, pin_memory=region.is_cuda)
+        at = 0
+        for piece in pieces:
+            host[at : at + piece.numel()].view(piece.shape).copy_(piece)
+            at += piece.numel()
         # numpy, because tensors lack the buffer protocol; uint8, because numpy lacks bfloat16
-        return [host.reshape(-1).view(torch.uint8).numpy()]
+        return [host.view(torch.uint8).numpy()]
 
     def record_write(self) -> None:
         """Call after the prefill's writes into staging were queued and before sending KvReady."""
@@ -423,14 +425,16 @@ class KvImporter:
         runs[:, 1] = dst.shape[-2] * dst.shape[-1] * dst.element_size()
         return runs
 
-    def view(self, transport: str, key: str, offset: int, length: int, frames: list | None = None) -> torch.Tensor:
+    def view(self, transport: str, key: str, offset: int, length: int, frames: list | None = None,
+             kept: tuple[int, ...] = ()) -> torch.Tensor:
         """[n_layer, 2, length, KVH, D]. shm, cuda_ipc: a view into the prefill worker's
-        staging, valid until KvRelease; tcp: a tensor over the frames, on this worker's device."""
+        staging, valid until KvRelease; tcp: a tensor over the frames, on this worker's device
+        (with `kept`, layer l's last kept[l] tokens; its others zeros, which no step reads)."""
         opened = self._opened.get(key)
         if opened is None:
             raise ValueError(f"KV staging {key!r} was never opened")
         if transport == "tcp":
-            return self._from_frames(opened, length, frames)
+            return self._from_frames(opened, length, frames, kept)
         if transport == "nixl":
             raise ValueError("nixl KV is read into its slot (KvImporter.read), never viewed")
         if transport != opened.transport:
@@ -464,17 +468,28 @@ class KvImporter:
             self.nixl.close()
             self.nixl = None
 
-    def _from_frames(self, opened: _Opened, length: int, frames: list | None) -> torch.Tensor:
+    def _from_frames(self, opened: _Opened, length: int, frames: list | None, kept: tuple[int, ...]) -> torch.Tensor:
         if not frames:
             raise ValueError("the tcp transport needs the KV frames")
         bufs = [getattr(f, "buffer", f) for f in frames]  # zmq.Frame -> its (writable) memoryview
         buf = bufs[0] if len(bufs) == 1 else bytearray().join(bufs)
         n_layer, two, _, kvh, d = opened.shape
         shape = (n_layer, two, kvh, length, d)  # head-major, as Staging.frames sends it
-        want = math.prod(shape) * opened.dtype.itemsize
+        if kept and (len(kept) != n_layer or not all(0 < k <= length for k in kept)):
+            raise ValueError(f"KV frames keep {list(kept)} tokens per layer; {n_layer} counts of 1 to {length} "
+                             "make sense")
+        want = (sum(kept) if kept else n_layer * length) * two * kvh * d * opened.dtype.itemsize
         if memoryview(buf).nbytes != want:
             raise ValueError(f"KV frames hold {memoryview(buf).nbytes} bytes, {length} tokens need {want}")
-        return _token_major(torch.frombuffer(buf, dtype=opened.dtype).view(shape).to(self.device))
+        flat = torch.frombuffer(buf, dtype=opened.dtype)
+        if not kept:
+            return _token_major(flat.view(shape).to(self.device))
+        kv, at = torch.zeros(shape, dtype=opened.dtype), 0
+        for layer, k in enumerate(kept):
+            piece = kv[layer, :, :, length - k :]
+            piece.copy_(flat[at : at + piece.numel()].view(piece.shape))
+            at += piece.numel()
+        return _token_major(kv.to(self.device))
 
     def _copy_streams(self, source: torch.device) -> list:
         # A copy between devices runs on the source device's current stream, one within a

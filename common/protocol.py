@@ -48,7 +48,7 @@ from .request import GenerateRequest
 # Goodbye as it exits. 8: requests carry min_p and presence_penalty (an older worker would drop them).
 # 9: and logit_bias, penalize_prompt and penalty_last_n. 10: Admit carries the namespace of its
 # prompt's blocks (an older frontend would leave a long LongRoPE prompt's hashes in the plain one).
-PROTOCOL_VERSION = 10
+PROTOCOL_VERSION = 11
 
 # Maximum message sizes per socket kind (ZMQ_MAXMSGSIZE): control traffic is small; a KV frame
 # over tcp carries a whole prompt's cache.
@@ -478,6 +478,9 @@ class KvReady(msgspec.Struct, **_STRUCT):
     transport: Transport
     prefill_worker: str
     deadline: float | None = None
+    # tcp: the tokens of each layer's K/V the frames hold, its last ones (a windowed layer's last
+    # ring: the decode worker keeps no more); empty: `location.length` in every layer
+    kept: tuple[int, ...] = ()
 
 
 class KvStaging(msgspec.Struct, **_STRUCT):

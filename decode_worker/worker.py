@@ -138,8 +138,8 @@ class DecodeWorker(WorkerLoop):
     def _send_releases(self) -> None:
         for arrival, seconds in self.kv.send_releases():
             n, transport = arrival.ready.location.length, arrival.ready.transport
-            # a windowed layer reads the prompt's last ring only, but tcp has brought all of it
-            moved = n * len(self.layer_keys) if transport == "tcp" else sum(min(n, k) for k in self.layer_keys)
+            # a windowed layer takes the prompt's last ring only (and tcp brings no more)
+            moved = sum(min(n, k) for k in self.layer_keys)
             self.metrics.observe_handoff(moved * self.key_bytes, seconds, transport)
 
     def holding(self) -> list[P.Held]:

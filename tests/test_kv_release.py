@@ -99,3 +99,35 @@ def test_on_a_gpu_a_release_waits_for_the_stream_and_the_host_does_not(pair):
     assert [arrival.ready.request.id for arrival, _ in receiver.send_releases()] == ["a"]
     wait_for(lambda: not handoffs_left(sender), 10, "the release")
     assert torch.equal(pool[:, :, 0, :, :5].cpu(), sender.staging.tensor[:, :, 0:5].transpose(2, 3))
+
+
+def test_over_tcp_a_windowed_layer_sends_only_its_last_ring():
+    """A layer whose keys the decode side keeps in a ring of 4 sends a prompt's last 4 tokens over
+    tcp, the other layer all 7; the receiver's view has them in place (the rest zeros, never read)
+    and both sides count what crossed. Frames that do not add up are refused."""
+    ctx = zmq.Context()
+    staging = allocate_staging(SHAPE, torch.float32, "cpu", "tcp", "p")
+    staging.tensor.copy_(torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)))
+    sender = KvSender(ctx, staging, "p", None, rings=(4, 0))
+    receiver = KvReceiver(ctx, "127.0.0.1", 0, "127.0.0.1", None, torch.device("cpu"), torch.float32)
+    try:
+        assert sender.kept(3) == () and sender.kept(7) == (4, 7)  # short prompts send every token
+        hand_off(sender, receiver, "tcp", "a", 7)
+        (a,) = arrivals(receiver, 1)
+        assert a.ready.kept == (4, 7) and sum(f.nbytes for f in a.frames) == 11 * 2 * KVH * D * 4
+        kv, staged = receiver.kv(a), staging.tensor[:, :, :7]  # [n_layer, 2, 7, KVH, D]
+        assert torch.equal(kv[0, :, 3:], staged[0, :, 3:]) and not kv[0, :, :3].any()
+        assert torch.equal(kv[1], staged[1])
+        receiver.copied(a)
+        receiver.send_releases()
+        done = []
+        wait_for(lambda: done.extend(sender.receive(sender.sockets[0])[1]) or done, 10, "the release")
+        assert done[0].nbytes == 11 * 2 * KVH * D * 4
+        for kept in ((4,), (8, 7), (0, 7), (4, 6)):
+            a.ready.kept = kept
+            with pytest.raises(ValueError, match="KV frames"):
+                receiver.kv(a)
+    finally:
+        sender.close()
+        receiver.close()
+        ctx.term()
