@@ -18,8 +18,8 @@ copies out of it, and each side writes only its own memory.
 Layout: staging is stored head-major, [n_layer, 2, KVH, budget, D], and `Staging.tensor` is the
 token-major view [n_layer, 2, budget, KVH, D] of it that the prefill writes through. A prompt's
 region is then, per (layer, K/V, KV head), one contiguous run of tokens, as in a decode slot of
-the pool ([n_layer, 2, S, KVH, L, D]): a NIXL read is n_layer * 2 * KVH descriptors, one per run,
-and every transport's copy into a slot moves whole runs.
+the pool (per group of layers [n, 2, S, KVH, L, D]): a NIXL read is n * 2 * KVH descriptors, one
+per run, and every transport's copy into a slot moves whole runs.
 
 `Staging.export()` describes a staging buffer with str/int/bool/bytes/lists only, so it travels
 as MessagePack. Importing this module never touches CUDA, nor NIXL.
