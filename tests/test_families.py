@@ -694,6 +694,22 @@ def test_a_served_longrope_model_keeps_long_prompts_apart_in_the_prefix_cache(ho
     assert got == want
 
 
+def test_a_decode_worker_sizes_its_pool_by_its_layers_rings(home, served_checkpoints):
+    """gpt-oss's windowed layers (every other one) keep a ring of 24 keys per slot: the memory a
+    decode worker is given holds as many slots as those rings leave room for, not as many whole
+    ones."""
+    path = served_checkpoints("gptoss-sinks-clamp")
+    cfg = load_model_config(path)
+    slot = cfg.n_positions
+    keys = [24 if window else slot for window in cfg.windows]
+    assert set(cfg.windows) == {0, WINDOW} and 24 in keys
+    per_slot, whole = 2 * cfg.kv_dim * sum(keys) * 4, 2 * cfg.kv_dim * slot * cfg.n_layer * 4  # fp32
+    with Cluster(home, model=str(path)) as c:
+        decode = c.add_worker("decode", "--max-total-tokens", str(slot), "--kv-cache-memory-mb", "1")
+        c.wait_registered()
+        assert c.health(decode)["slots_total"] == 2**20 // per_slot > 2**20 // whole
+
+
 # Qwen2-shaped: grouped-query, q/k/v biases, a tied head, a window on its later layers; and a
 # mixture of experts (the transports move K/V alike whatever the MLP)
 @pytest.mark.parametrize("variant, transport, chunk", [
