@@ -90,6 +90,12 @@ class Tokenizer:
         writes its own BOS (a chat template's): no BOS is added."""
         return _encode(self._tok, text, add_special_tokens)
 
+    def encode_with_spans(self, text: str) -> list[tuple[int, tuple[int, int]]]:
+        """encode(text) with each id's span of characters in `text` (an added special token's is
+        empty), as the tokenizer's offsets give them."""
+        enc = self._tok.encode_batch([text])[0]
+        return list(zip(enc.ids, enc.offsets))
+
     def encode_continuation(self, text: str) -> list[int]:
         """Ids for `text` as the continuation of a text, as SentencePiece's encoders do for an infill's
         suffix: no special tokens, and no dummy prefix (the ▁ that Llama-style tokenizers put before a

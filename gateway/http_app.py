@@ -27,6 +27,7 @@ from .infill import INFILL_PATH, infill_error, infill_router
 from .openai_api import openai_router
 from .replies import Json, with_raw_send
 from .tgi import tgi_router
+from .tokenizer_api import tokenize_router
 from .websocket import __doc__ as WEBSOCKET_DOC, websocket_router
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ def build_app(ctx: ApiContext) -> FastAPI:
     app.include_router(tgi_router(ctx))
     app.include_router(openai_router(ctx))
     app.include_router(infill_router(ctx))
+    app.include_router(tokenize_router(ctx))
     app.include_router(websocket_router(ctx))
     app.include_router(ops_router(ctx))
 

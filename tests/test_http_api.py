@@ -462,3 +462,33 @@ def test_chat_completions_with_logprobs(home, tiny_dir, tmp_path):
         r = http.post("/v1/chat/completions", json={**body, "logprobs": False})
         assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
         assert http.post("/v1/chat/completions", json={**body, "top_logprobs": 6}).status_code == 400
+
+
+def test_tokenize_and_detokenize_answer_in_each_servers_shape(http, tokenizer):
+    """/tokenize in TGI's shape (spans of `inputs`), llama.cpp's (`content`, pieces on request) and
+    vLLM's (`prompt`, with the length limit), each the tokenizer's ids; /detokenize gives the text
+    back under llama.cpp's and vLLM's names. A request naming no text, or two, and ids outside the
+    vocabulary get TGI's 422."""
+    text = PROMPT + "return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)  # ✓"
+    ids = tokenizer.encode(text)
+    tgi = http.post("/tokenize", json={"inputs": text}).json()
+    assert [t["id"] for t in tgi] == ids
+    # each token's characters (the three bytes of ✓ are three tokens of the same character)
+    assert all(t["text"] == text[t["start"]:t["stop"]] for t in tgi) and tgi[-1]["stop"] == len(text)
+    assert [t["start"] for t in tgi] == sorted(t["start"] for t in tgi) and tgi[-1]["text"] == "✓"
+    plain = tokenizer.encode(text, add_special_tokens=False)
+    assert http.post("/tokenize", json={"content": text}).json() == {"tokens": plain}
+    assert http.post("/tokenize", json={"content": text, "add_special": True}).json() == {"tokens": ids}
+    pieces = http.post("/tokenize", json={"content": text, "with_pieces": True}).json()["tokens"]
+    assert [p["id"] for p in pieces] == plain and [p["piece"] for p in pieces] == [tokenizer.decode([i]) for i in plain]
+    assert http.post("/tokenize", json={"prompt": text}).json() == {"count": len(ids), "max_model_len": MAX_TOTAL,
+                                                                     "tokens": ids}
+    assert http.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"] == plain
+    assert http.post("/detokenize", json={"tokens": ids}).json() == {"content": text, "prompt": text}
+    for body, says in (({}, "one of `inputs`"), ({"inputs": "a", "prompt": "b"}, "not inputs and prompt"),
+                       ({"content": 3}, "content")):
+        r = http.post("/tokenize", json=body)
+        assert r.status_code == 422 and says in r.json()["error"] and r.json()["error_type"] == "validation", r.text
+    for tokens in ([tokenizer.vocab_size], [-1], ["a"]):
+        r = http.post("/detokenize", json={"tokens": tokens})
+        assert r.status_code == 422 and r.json()["error_type"] == "validation", r.text
