@@ -579,6 +579,24 @@ def test_hub_overlay_fetches_the_model_in_each_pod(monkeypatch):
         assert c["args"] == container(gpu[name])["args"] and c["resources"] == container(gpu[name])["resources"]
 
 
+def test_hub_shared_overlay_fetches_one_copy_for_every_pod():
+    """The hub overlay with every pod's `models` volume one ReadWriteMany claim: pods fetch into
+    it and read from it; nothing else differs."""
+    objects = render(K8S / "overlays/hub-shared")
+    for obj in objects:
+        k8s_valid(obj)
+    (claim,) = by_name(objects, "PersistentVolumeClaim").values()
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    hub = by_name(render(K8S / "overlays/hub"), "Deployment")
+    deployments = by_name(objects, "Deployment")
+    assert sorted(deployments) == sorted(hub)
+    for name, d in deployments.items():
+        spec = d["spec"]["template"]["spec"]
+        assert spec["volumes"] == [{"name": "models", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}]
+        spec["volumes"] = hub[name]["spec"]["template"]["spec"]["volumes"]
+        assert d == hub[name]
+
+
 def k8s_secrets(deployment: dict, secrets: dict[str, dict[str, Path]]) -> dict[str, Path]:
     """The container's files from Secrets: its path for each -> the file it was made from
     (`secrets`: Secret -> key -> file, as `kubectl create secret generic NAME --from-file` makes them)."""
@@ -644,7 +662,8 @@ def normalized(objects: list[dict]) -> list[str]:
     return sorted(json.dumps(sort_lists(o), sort_keys=True) for o in objects)
 
 
-@pytest.mark.parametrize("overlay", ["base", "overlays/gpu", "overlays/cpu", "overlays/secure", "overlays/hub"])
+@pytest.mark.parametrize("overlay", ["base", "overlays/gpu", "overlays/cpu", "overlays/secure", "overlays/hub",
+                                     "overlays/hub-shared"])
 def test_kustomize_lite_renders_what_kustomize_does(overlay):
     kubectl = shutil.which("kubectl")
     if kubectl is None:
