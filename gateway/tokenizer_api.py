@@ -43,7 +43,6 @@ class DetokenizeResponse(BaseModel):
 
 def tokenize_router(ctx: ApiContext) -> APIRouter:
     router = APIRouter(tags=["tokenizer"])
-    tok = ctx.tokenizer
 
     @router.post("/tokenize", summary="Text to token ids, in TGI's, llama.cpp's or vLLM's shape (by the text's "
                  "field: `inputs`, `content` or `prompt`)")
@@ -56,15 +55,19 @@ def tokenize_router(ctx: ApiContext) -> APIRouter:
 
     @router.post("/detokenize", summary="Token ids to text (llama.cpp's `content`, vLLM's `prompt`)",
                  response_model=DetokenizeResponse)
-    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
-        vocab = tok.vocab_size
-        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise invalid(f"token id {bad} is not in the vocabulary of {vocab}", "tokens")
-        text = tok.decode(body.tokens)
+    async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+        text = await ctx.prepare(request, _text, ctx, body.tokens)  # a long list off the event loop too
         return DetokenizeResponse(content=text, prompt=text)
 
     return router
+
+
+def _text(ctx: ApiContext, tokens: list[int]) -> str:
+    vocab = ctx.tokenizer.vocab_size
+    bad = next((t for t in tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise invalid(f"token id {bad} is not in the vocabulary of {vocab}", "tokens")
+    return ctx.tokenizer.decode(tokens)
 
 
 def _answer(ctx: ApiContext, body: TokenizeRequest, field: str) -> list | dict:
