@@ -171,15 +171,14 @@ class KvSender:
     a copy that failed twice, or a release that never came."""
 
     def __init__(self, ctx: zmq.Context, staging: Staging, worker_id: str, curve: CurveKeys | None,
-                 rings: tuple[int, ...] = ()):
-        """rings: per layer, the ring a windowed layer's keys are kept in at the decode side
-        (model.kv_rings), 0 for the others; empty: none. Over tcp a windowed layer sends only its
-        last ring."""
+                 keys: tuple[int, ...] = ()):
+        """keys: per layer, the most keys of a prompt the decode side keeps (model.layer_keys: a
+        windowed layer's ring); empty: all of them. Over tcp a layer sends no more."""
         self.ctx, self.staging, self.worker_id, self.curve = ctx, staging, worker_id, curve
         self.regions = StagingRegions(staging.tensor.shape[2])
         self.n_layer = staging.tensor.shape[0]
         self.key_bytes = staging.tensor[0, :, :1].numel() * staging.tensor.element_size()  # a layer's K/V of a token
-        self.rings = rings
+        self.keys = keys
         self.handoffs: dict[str, Handoff] = {}
         self._socks: dict[str, tuple[str, zmq.Socket]] = {}  # decode endpoint -> (its key, our socket)
         self.sockets_made = 0  # so that a poller follows a socket replaced at the same endpoint
@@ -270,9 +269,9 @@ class KvSender:
                 self._end(msg.id)
 
     def kept(self, n: int) -> tuple[int, ...]:
-        """The tokens of each layer's K/V a tcp handoff of a prompt of n sends: a windowed layer's
-        last ring, where that is shorter; () when every layer sends all n."""
-        kept = tuple(min(n, ring) if ring else n for ring in self.rings)
+        """The tokens of each layer's K/V a tcp handoff of a prompt of n sends: its last keys[l], where
+        that is fewer; () when every layer sends all n."""
+        kept = tuple(min(n, k) for k in self.keys)
         return kept if any(k < n for k in kept) else ()
 
     def drop(self, rid: str) -> bool:

@@ -480,10 +480,15 @@ def _scratch_widths(cfg: ModelConfig, slot_len: int) -> tuple[int, ...]:
             cfg.vocab_size)
 
 
+def pool_shape(kv: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """(slots, the most keys a layer's slot holds) of a pool given per layer [2, S, KVH, L, D]."""
+    return kv[0].shape[1], max(layer.shape[3] for layer in kv)
+
+
 def decode_scratch(cfg: ModelConfig, kv: Sequence[torch.Tensor]) -> torch.Tensor:
     """One flat buffer holding a decode step's intermediates at the pool's largest shape (every
     slot, its longest layer's keys). kv: the pool per layer [2, S, KVH, L, D] (L its own)."""
-    s, length = kv[0].shape[1], max(layer.shape[3] for layer in kv)
+    s, length = pool_shape(kv)
     return torch.empty(sum(_aligned(s * w) for w in _scratch_widths(cfg, length)), dtype=kv[0].dtype,
                        device=kv[0].device)
 
@@ -513,8 +518,8 @@ def decode_buffers(cfg: ModelConfig, kv: Sequence[torch.Tensor], scratch: torch.
     """kv: the pool per layer [2, S, KVH, L, D], each layer's L its own (a pool tensor
     [n_layer, 2, S, KVH, L, D] of whole slots is such a sequence); scratch: from decode_scratch for
     that pool; rings: kv_rings for the pool's slot length (by default the longest L)."""
-    _, s, kvh, _, d = kv[0].shape
-    length = max(layer.shape[3] for layer in kv)
+    _, kvh, _, d = kv[0].shape[1:]
+    s, length = pool_shape(kv)
     rings = kv_rings(cfg.windows, length) if rings is None else rings
     lens = [min(key_len, ring) if ring else key_len for ring in rings]  # N per layer
     write = [layer.view(2, s * kvh * layer.shape[3], d) for layer in kv]

@@ -28,7 +28,7 @@ import torch
 
 from splitserve.common.attention import decode_masks
 from splitserve.common.model import (DecodeBuffers, ModelWeights, decode_buffers, decode_scratch, decode_step,
-                                     decode_write_index, kv_rings, row_offsets)
+                                     decode_write_index, kv_rings, pool_shape, row_offsets)
 
 EAGER_SHAPES = 64  # eager steps kept ready, each a few dozen views of the pool and the scratch buffer
 
@@ -57,7 +57,7 @@ class StepRunner:
         (model.layer_keys): L is then the ring, and a row past it steps at the last key bucket, its
         keys all in the ring."""
         cfg, dev = weights.cfg, kv[0].device
-        num_slots, keys = _pool_shape(kv)
+        num_slots, keys = pool_shape(kv)
         if max(batch_sizes) > num_slots or max(key_lens) > keys:
             raise ValueError(f"buckets up to {max(batch_sizes)} rows x {max(key_lens)} keys exceed the pool "
                              f"({num_slots} slots of {keys})")
@@ -84,7 +84,7 @@ class StepRunner:
     def exact(cls, weights: ModelWeights, kv: Sequence[torch.Tensor], tokens: torch.Tensor, positions: torch.Tensor,
               key_bucket: int, slot_len: int | None = None) -> StepRunner:
         """Eager steps over the exact slot prefix, keys rounded up to `key_bucket`."""
-        num_slots, keys = _pool_shape(kv)
+        num_slots, keys = pool_shape(kv)
         return cls(weights, kv, tokens, positions, list(range(1, num_slots + 1)), key_buckets(keys, key_bucket),
                    slot_len=slot_len)
 
@@ -92,7 +92,7 @@ class StepRunner:
     def graphs(cls, weights: ModelWeights, kv: Sequence[torch.Tensor], tokens: torch.Tensor, positions: torch.Tensor,
                key_step: int, capture: bool = True, slot_len: int | None = None) -> StepRunner:
         """Steps at power-of-two batch buckets and keys in multiples of `key_step`, as CUDA graphs."""
-        num_slots, keys = _pool_shape(kv)
+        num_slots, keys = pool_shape(kv)
         return cls(weights, kv, tokens, positions, batch_buckets(num_slots), key_buckets(keys, key_step),
                    capture=capture, argmax=True, slot_len=slot_len)
 
@@ -165,7 +165,3 @@ class StepRunner:
             torch.cuda.current_stream(dev).wait_stream(side)
         torch.cuda.synchronize(dev)
 
-
-def _pool_shape(kv: Sequence[torch.Tensor]) -> tuple[int, int]:
-    """(slots, the most keys a layer's slot holds) of a pool given per layer [2, S, KVH, L, D]."""
-    return kv[0].shape[1], max(layer.shape[3] for layer in kv)

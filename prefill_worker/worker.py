@@ -24,7 +24,7 @@ from splitserve.common.kv_handoff import KvSender, nixl_agent_for, offered_trans
 from splitserve.common.kv_transport import allocate_staging, sweep_orphan_staging
 from splitserve.common.loading import LoadedModel
 from splitserve.common.memory import available_bytes
-from splitserve.common.model import kv_rings
+from splitserve.common.model import kv_rings, layer_keys
 from splitserve.common.params import Limits
 from splitserve.common.prefix_blocks import block_namespace
 from splitserve.common.service_config import WorkerOptions, derive_limits
@@ -84,7 +84,9 @@ class PrefillWorker(WorkerLoop):
             raise
         transports = offered_transports(opts.kv_transport, model.device, nixl is not None)
         # a windowed layer's keys past its ring are never read: tcp sends its last ring only
-        self.kv = KvSender(self.ctx, staging, opts.worker_id, opts.link.curve, kv_rings(cfg.windows, cfg.n_positions))
+        longest = cfg.n_positions
+        self.kv = KvSender(self.ctx, staging, opts.worker_id, opts.link.curve,
+                           layer_keys(kv_rings(cfg.windows, longest), longest))
         self.frontends = FrontendLinks(self.ctx, opts.link.curve)  # first tokens, straight to each request's frontend
         self.engine = PrefillEngine(model, limits.prefill_token_budget, staging=staging.tensor)
         self.cache = prefix_cache(opts, model)

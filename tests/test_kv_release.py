@@ -108,7 +108,7 @@ def test_over_tcp_a_windowed_layer_sends_only_its_last_ring():
     ctx = zmq.Context()
     staging = allocate_staging(SHAPE, torch.float32, "cpu", "tcp", "p")
     staging.tensor.copy_(torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)))
-    sender = KvSender(ctx, staging, "p", None, rings=(4, 0))
+    sender = KvSender(ctx, staging, "p", None, keys=(4, BUDGET))
     receiver = KvReceiver(ctx, "127.0.0.1", 0, "127.0.0.1", None, torch.device("cpu"), torch.float32)
     try:
         assert sender.kept(3) == () and sender.kept(7) == (4, 7)  # short prompts send every token
